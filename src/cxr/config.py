@@ -1,0 +1,188 @@
+"""One frozen config for a run: defaults, overlaid by a YAML file, then by command-line flags.
+
+The resolved config is written to ``RUN_DIR/config.yaml`` and into every checkpoint, so a run can be
+repeated from either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cxr.errors import UsageError
+
+CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
+
+# Mean and std of ImageNet's three channels, averaged: the grey-level statistics that one-channel
+# ImageNet-pretrained weights (first convolution summed over RGB) expect.
+GRAY_MEAN = 0.449
+GRAY_STD = 0.226
+
+
+def default_cache_dir() -> str:
+    """Where decoded images are cached unless told otherwise (``$CXR_CACHE_DIR`` or the XDG cache)."""
+    if os.environ.get("CXR_CACHE_DIR"):
+        return os.environ["CXR_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cxr")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that decides what a training run does.
+
+    Groups: data and split, preprocessing and augmentation, model, optimisation, speed switches,
+    decision threshold. Every field can be set in YAML under its own name; the common ones also have flags.
+    """
+
+    # Data
+    data: str = ""
+    output: str = "runs/cxr"
+    cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
+    val_source: str = "carve"  # "carve": patient-disjoint split from train; "folder": the dataset's own val split
+    val_fraction: float = 0.15
+    split_seed: int = 0
+    max_pixels: int = 100_000_000
+    num_workers: int = 0  # DataLoader workers; batches come from the in-memory cache, so 0 is often fastest on CPU
+    draft: bool = False  # JPEG draft-mode decoding when building the cache (faster on big originals)
+
+    # Preprocessing and augmentation (training only)
+    image_size: int = 224
+    mean: float = GRAY_MEAN
+    std: float = GRAY_STD
+    rotation: float = 10.0  # degrees, uniform in [-rotation, rotation]
+    translate: float = 0.05  # fraction of the side
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    brightness: float = 0.2
+    contrast: float = 0.2
+    hflip: bool = False  # off: a mirrored chest (heart on the right) is not an image the model will ever be shown
+
+    # Model
+    arch: str = "densenet121"
+    weights: str = "none"  # "imagenet", "none", or a path to a local state dict
+
+    # Optimisation
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"  # "cosine" (linear warm-up, then cosine), "plateau" or "none"
+    warmup_epochs: float = 1.0
+    plateau_factor: float = 0.1
+    plateau_patience: int = 2
+    label_smoothing: float = 0.0
+    class_weights: bool = True
+    patience: int = 5  # early stopping on validation loss; 0 switches it off
+    min_delta: float = 0.0
+    max_train_batches: int = 0  # cap per epoch (0: no cap); for smoke tests and demos
+
+    # Speed switches: correctness is the default, speed is on where it helps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 where the device has fast bf16) | on | off
+    channels_last: str = "auto"  # auto (on for CUDA) | on | off
+    compile: bool = False
+    deterministic: bool = False
+    seed: int = 0
+    eval_batch_size: int = 64
+
+    # Decision threshold, chosen on validation after training
+    threshold_policy: str = "youden"  # "youden" or "sensitivity"
+    target_sensitivity: float = 0.97
+
+    def validate(self) -> Config:
+        """Raise UsageError naming the first field that makes no sense; return self otherwise."""
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.image_size >= 16, "image_size must be >= 16"),
+            (self.lr > 0, "lr must be > 0"),
+            (0.0 < self.val_fraction < 1.0, "val_fraction must be between 0 and 1"),
+            (self.val_source in ("carve", "folder"), "val_source must be 'carve' or 'folder'"),
+            (self.scheduler in ("cosine", "plateau", "none"), "scheduler must be cosine, plateau or none"),
+            (self.amp in ("auto", "on", "off"), "amp must be auto, on or off"),
+            (self.channels_last in ("auto", "on", "off"), "channels_last must be auto, on or off"),
+            (self.threshold_policy in ("youden", "sensitivity"), "threshold_policy must be youden or sensitivity"),
+            (0.0 < self.target_sensitivity <= 1.0, "target_sensitivity must be in (0, 1]"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
+            (0 < self.scale_min <= self.scale_max, "scale_min must be > 0 and <= scale_max"),
+            (self.std > 0, "std must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(f"invalid config: {message}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (YAML- and JSON-safe)."""
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a YAML or flag value to the type of the field's default, with a clear error."""
+    default = _FIELDS[name].default
+    if default is dataclasses.MISSING:
+        default = _FIELDS[name].default_factory()  # type: ignore[misc]
+    target = type(default)
+    if value is None or isinstance(value, target) and not (target is int and isinstance(value, bool)):
+        return value
+    try:
+        if target is bool:
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+            raise ValueError
+        if target is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return target(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"invalid config: {name} must be {target.__name__}, got {value!r}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                base: Config | None = None) -> Config:
+    """Build a Config from defaults (or ``base``), then a YAML file, then ``overrides`` (None values ignored).
+
+    Args:
+        path: YAML file whose top level is a mapping of field names to values.
+        overrides: values from flags; keys are field names.
+        base: start from this config instead of the defaults (used by ``--resume``).
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"{p}: not valid YAML ({e.__class__.__name__})") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"{p}: the top level must be a mapping of config fields")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise UsageError(f"unknown config field(s): {', '.join(unknown)}")
+    coerced = {k: _coerce(k, v) for k, v in values.items()}
+    cfg = dataclasses.replace(base, **coerced) if base is not None else Config(**coerced)
+    return cfg.validate()
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config saved by ``to_dict`` (unknown keys from other versions are dropped)."""
+    return load_config(overrides={k: v for k, v in d.items() if k in _FIELDS})
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML."""
+    from cxr.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

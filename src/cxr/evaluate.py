@@ -1,0 +1,169 @@
+"""Evaluation: probabilities from a model, a decision threshold chosen on validation, metrics, artifacts.
+
+Outputs of :func:`write_evaluation` (stable names, read by reports):
+
+* ``metrics.json``: one object per split with ``n``, ``accuracy``, ``precision``, ``recall`` (= sensitivity),
+  ``specificity``, ``f1``, ``auroc``, ``auprc``, ``threshold`` and ``confusion_matrix`` as ``[[TN, FP], [FN, TP]]``;
+* ``predictions_<split>.csv``: ``path, label, prob_pneumonia, predicted``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr.config import CLASS_NAMES
+from cxr.fileio import atomic_path, atomic_write_text
+from cxr.model import autocast, normalize
+
+
+@dataclass
+class SplitResult:
+    """Predictions for one split: paths, true labels (1 = PNEUMONIA) and P(PNEUMONIA)."""
+
+    name: str
+    paths: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, *, mean: float, std: float,
+                   device: torch.device, batch_size: int = 64, bf16: bool = False,
+                   channels_last: bool = False) -> torch.Tensor:
+    """Logits (N, 2) in float32 on the CPU for uint8 images (N, S, S), in batches, without augmentation."""
+    images = torch.as_tensor(images)
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].unsqueeze(1).to(device, non_blocking=True)
+        with autocast(device, bf16):
+            out.append(model(normalize(x, mean, std, channels_last)).float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, 2))
+
+
+def probabilities(logits: torch.Tensor) -> np.ndarray:
+    """P(PNEUMONIA) from two-class logits."""
+    return torch.softmax(logits.float(), dim=1)[:, 1].numpy().astype(np.float64)
+
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray, policy: str = "youden",
+                     target_sensitivity: float = 0.97) -> float:
+    """Decision threshold on P(PNEUMONIA) from validation predictions (predict PNEUMONIA when prob >= threshold).
+
+    ``youden`` maximises sensitivity + specificity - 1; ``sensitivity`` takes the highest threshold whose
+    sensitivity reaches ``target_sensitivity`` (the most specific such operating point).
+    """
+    from sklearn.metrics import roc_curve
+
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(labels, probs)
+    finite = np.isfinite(thresholds)
+    fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
+    if policy == "youden":
+        idx = int(np.argmax(tpr - fpr))
+    elif policy == "sensitivity":
+        idx = int(np.flatnonzero(tpr >= target_sensitivity)[0])
+    else:
+        raise ValueError(f"unknown threshold policy {policy!r}")
+    return float(thresholds[idx])
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
+    """Classification metrics at ``threshold`` plus threshold-free AUROC and AUPRC (None when undefined)."""
+    from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    pred = (probs >= threshold).astype(np.int64)
+    (tn, fp), (fn, tp) = confusion_matrix(labels, pred, labels=[0, 1])
+    n = len(labels)
+
+    def ratio(a: float, b: float) -> float | None:
+        return float(a / b) if b else None
+
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    both = len(np.unique(labels)) == 2
+    return {
+        "n": int(n),
+        "n_normal": int(tn + fp),
+        "n_pneumonia": int(fn + tp),
+        "accuracy": ratio(tp + tn, n),
+        "precision": precision,
+        "recall": recall,
+        "sensitivity": recall,
+        "specificity": ratio(tn, tn + fp),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "auroc": float(roc_auc_score(labels, probs)) if both else None,
+        "auprc": float(average_precision_score(labels, probs)) if both else None,
+        "threshold": float(threshold),
+        "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]],
+    }
+
+
+def write_predictions(path: str | os.PathLike, result: SplitResult, threshold: float) -> None:
+    """``predictions_<split>.csv``: path, true label, P(PNEUMONIA), predicted label."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "prob_pneumonia", "predicted"])
+        for p, y, prob in zip(result.paths, result.labels, result.probs, strict=True):
+            w.writerow([p, CLASS_NAMES[int(y)], f"{prob:.6f}", CLASS_NAMES[int(prob >= threshold)]])
+
+
+def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], threshold: float,
+                     extra: dict | None = None) -> dict:
+    """Write ``metrics.json`` and one ``predictions_<split>.csv`` per split; return the metrics."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {}
+    for r in results:
+        metrics[r.name] = compute_metrics(r.labels, r.probs, threshold)
+        if extra and r.name in extra:
+            metrics[r.name].update(extra[r.name])
+        write_predictions(out / f"predictions_{r.name}.csv", r, threshold)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
+                   threshold: float | None = None, device: str = "auto", cache_dir: str | None = None,
+                   batch_size: int = 64) -> dict:
+    """Evaluate a checkpoint (or run directory) on every split found at ``data``; write the artifacts to ``output``.
+
+    The decision threshold is the checkpoint's (chosen on validation at training time) unless ``threshold``
+    is given.
+    """
+    import dataclasses
+
+    from cxr.config import default_cache_dir
+    from cxr.data import prepare, scan
+    from cxr.model import load_checkpoint, resolve_device, use_bf16, use_channels_last
+
+    ckpt = load_checkpoint(model)
+    cfg = ckpt.config
+    # The cache is this machine's, not the one recorded by whoever trained the model.
+    cfg = dataclasses.replace(cfg, cache_dir=cache_dir or default_cache_dir(), device=device)
+    dev = resolve_device(device)
+    net = ckpt.build(dev)
+    if use_channels_last(cfg, dev):
+        net = net.to(memory_format=torch.channels_last)
+    splits = scan(data, require_both_classes=False)
+    t = ckpt.threshold if threshold is None else float(threshold)
+    results, failures = [], {}
+    for split in splits.values():
+        prepared = prepare(split, cfg)
+        logits = predict_logits(net, prepared.images, mean=cfg.mean, std=cfg.std, device=dev, batch_size=batch_size,
+                                bf16=use_bf16(cfg, dev), channels_last=use_channels_last(cfg, dev))
+        results.append(SplitResult(split.name, [s.path for s in prepared.samples], prepared.labels,
+                                   probabilities(logits)))
+        failures[split.name] = {"n_unreadable": len(prepared.failures)}
+    return write_evaluation(output, results, t, extra=failures)
+

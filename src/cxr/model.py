@@ -1,0 +1,277 @@
+"""The model: a torchvision backbone with a one-channel stem and a two-class head; checkpoints; devices.
+
+Inputs are one grey channel. With ImageNet weights the first convolution's RGB kernels are summed into
+one (as timm does for ``in_chans=1``), which gives the same output as feeding the grey image three times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cxr.config import CLASS_NAMES, Config, config_from_dict
+from cxr.errors import CheckpointError, CxrError, UsageError
+from cxr.fileio import atomic_path
+
+ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "resnet18", "resnet34", "resnet50")
+CHECKPOINT_FORMAT = "cxr-checkpoint"
+CHECKPOINT_VERSION = 1
+
+# torchvision's DenseNet files predate a module rename ("norm.1" -> "norm1"); torchvision remaps them on load.
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _stem_and_head(model: nn.Module) -> tuple[str, str]:
+    if hasattr(model, "features") and hasattr(model.features, "conv0"):
+        return "features.conv0", "classifier"
+    return "conv1", "fc"
+
+
+def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, name = dotted.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, name, module)
+
+
+def _to_one_channel(model: nn.Module) -> None:
+    stem_name, _ = _stem_and_head(model)
+    old: nn.Conv2d = model.get_submodule(stem_name)
+    new = nn.Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(old.weight.sum(dim=1, keepdim=True))
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    _set_module(model, stem_name, new)
+
+
+def _new_head(model: nn.Module, num_classes: int) -> None:
+    _, head_name = _stem_and_head(model)
+    old: nn.Linear = model.get_submodule(head_name)
+    _set_module(model, head_name, nn.Linear(old.in_features, num_classes))
+
+
+def _imagenet_model(arch: str) -> nn.Module:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    try:
+        return torchvision.models.get_model(arch, weights=weights)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad download fails the hash check
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        raise CxrError(
+            f"could not get ImageNet weights for {arch} ({e.__class__.__name__}: {e}). Without internet, copy "
+            f"{weights.url.rsplit('/', 1)[-1]} (from {weights.url}) into {hub}/, or pass --weights PATH to a local "
+            "state dict, or train from scratch with --weights none"
+        ) from None
+
+
+def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state dict from a ``.pth``/``.pt`` file (plain or wrapped in 'state_dict'/'model') without pickled code."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: weights file not found") from None
+    except Exception as e:  # torch raises many types for a file that is not a state dict
+        raise CheckpointError(f"{path}: not a readable state dict ({e.__class__.__name__})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_backbone(model: nn.Module, path: str) -> None:
+    state = read_state_dict_file(path)
+    state = {(_DENSENET_OLD_KEY.sub(r"\1\2", k)): v for k, v in state.items()}
+    stem_name, head_name = _stem_and_head(model)
+    stem_key = f"{stem_name}.weight"
+    if stem_key in state and state[stem_key].shape[1] == 3:
+        state[stem_key] = state[stem_key].sum(dim=1, keepdim=True)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith(head_name)}
+    missing = [k for k in own if k not in usable and not k.startswith(head_name)]
+    if missing:
+        raise CheckpointError(f"{path}: does not fit {type(model).__name__} ({len(missing)} of {len(own)} tensors "
+                              f"missing or mis-shaped, e.g. {missing[0]})")
+    model.load_state_dict(usable, strict=False)
+
+
+def build_model(arch: str = "densenet121", weights: str = "none", num_classes: int = len(CLASS_NAMES)) -> nn.Module:
+    """A torchvision classifier with a one-channel stem and a fresh ``num_classes`` head.
+
+    Args:
+        arch: one of :data:`ARCHS`.
+        weights: ``"imagenet"`` (torchvision's weights API: download or the torch hub cache), ``"none"``
+            (random initialisation), or a path to a local state dict such as torchvision's ``.pth`` file.
+    """
+    import torchvision
+
+    if arch not in ARCHS:
+        raise UsageError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    if weights == "imagenet":
+        model = _imagenet_model(arch)
+    else:
+        if weights != "none" and not Path(weights).is_file():
+            raise UsageError(f"--weights {weights!r}: expected 'imagenet', 'none' or the path of a state dict file")
+        model = torchvision.models.get_model(arch, weights=None)
+        if weights != "none":
+            _load_backbone(model, weights)
+    _to_one_channel(model)
+    _new_head(model, num_classes)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- devices
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu)")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX); without them bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    """bf16 autocast: on CUDA where supported, and on CPUs with bf16 instructions (1.8x faster training measured on
+    an AVX512-BF16 EPYC; see BENCHMARKS.md)."""
+    if cfg.amp != "auto":
+        return cfg.amp == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+def use_channels_last(cfg: Config, device: torch.device) -> bool:
+    """channels_last memory format: default on CUDA (tensor cores), off on CPU unless asked."""
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+
+
+def autocast(device: torch.device, enabled: bool):
+    """A bf16 autocast context, or a no-op."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def normalize(x: torch.Tensor, mean: float, std: float, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, 1, S, S) -> float32 normalised, on whatever device ``x`` is already on."""
+    x = (x.float().div_(255.0).sub_(mean)).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """What a model file holds: weights plus everything needed to use them the same way."""
+
+    arch: str
+    state_dict: dict[str, torch.Tensor]
+    config: Config
+    class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
+    threshold: float = 0.5
+    threshold_policy: str = "default"
+    epoch: int = 0
+    val_loss: float = float("nan")
+    extra: dict[str, Any] = field(default_factory=dict)  # training state for --resume (optimizer, counters)
+    path: str = ""
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """How an image must be prepared for this model."""
+        return {"image_size": self.config.image_size, "mean": self.config.mean, "std": self.config.std,
+                "channels": 1, "resize": "bicubic to a square, aspect ratio not kept", "input": "uint8 grey / 255"}
+
+    def build(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The model with these weights, in eval mode, on ``device``."""
+        model = build_model(self.arch, "none", num_classes=len(self.class_names))
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval()
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
+    """Write ``ckpt`` atomically as plain data (tensors, numbers, strings): loadable with ``weights_only=True``."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "arch": ckpt.arch,
+        "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
+        "config": ckpt.config.to_dict(),
+        "class_names": list(ckpt.class_names),
+        "preprocessing": ckpt.preprocessing,
+        "threshold": float(ckpt.threshold),
+        "threshold_policy": ckpt.threshold_policy,
+        "epoch": int(ckpt.epoch),
+        "val_loss": float(ckpt.val_loss),
+        "extra": ckpt.extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory (its ``best.pt``)."""
+    p = Path(model)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise CheckpointError(f"{p}: a folder without best.pt or last.pt, so not a run directory")
+    if not p.exists():
+        raise UsageError(f"{p}: no such model file or run directory")
+    return p
+
+
+def load_checkpoint(model: str | os.PathLike) -> Checkpoint:
+    """Load a checkpoint file or a run directory's best checkpoint, never unpickling code.
+
+    Raises:
+        CheckpointError: the file is not a cxr checkpoint, is damaged, or holds anything but plain data.
+    """
+    path = resolve_model_path(model)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = "refused: it holds objects other than tensors and plain data (possibly code)" \
+            if "weights_only" in str(e).lower() or "unsupported global" in str(e).lower() else "damaged or not one"
+        raise CheckpointError(f"{path}: not a cxr checkpoint ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a cxr checkpoint (unreadable: {e.__class__.__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a cxr checkpoint (a torch file, but without the cxr format marker)")
+    if obj.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer cxr (format {obj['format_version']}); upgrade cxr")
+    try:
+        return Checkpoint(
+            arch=obj["arch"], state_dict=obj["state_dict"], config=config_from_dict(obj["config"]),
+            class_names=list(obj["class_names"]), threshold=float(obj["threshold"]),
+            threshold_policy=obj.get("threshold_policy", "default"), epoch=int(obj.get("epoch", 0)),
+            val_loss=float(obj.get("val_loss", float("nan"))), extra=obj.get("extra", {}), path=str(path),
+        )
+    except (KeyError, TypeError, ValueError, CxrError) as e:
+        raise CheckpointError(f"{path}: damaged cxr checkpoint ({e.__class__.__name__}: {e})") from None

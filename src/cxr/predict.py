@@ -1,0 +1,92 @@
+"""Prediction on files and folders with a trained model: P(PNEUMONIA) and a label per readable file.
+
+Research software, not a medical device: a prediction is not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxr.errors import UsageError
+from cxr.fileio import atomic_path
+from cxr.images import IMAGE_EXTENSIONS, ImageError, load_image
+
+DISCLAIMER = "Research software, not a medical device: predictions are not a diagnosis."
+
+
+@dataclass
+class Prediction:
+    """One file's result; ``error`` is set (and the rest empty) when the file could not be read."""
+
+    path: str
+    prob_pneumonia: float | None = None
+    label: str | None = None
+    error: str | None = None
+
+
+def collect_files(paths: list[str | os.PathLike]) -> list[Path]:
+    """Files as given, and image files found recursively in folders (sorted; hidden files skipped)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                            and not f.name.startswith("."))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UsageError(f"{p}: no such file or directory")
+    return files
+
+
+def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, device: str = "auto",
+                  threshold: float | None = None, batch_size: int = 32) -> list[Prediction]:
+    """Predict every file under ``paths``. Unreadable files get an ``error`` instead of a prediction."""
+    from cxr.evaluate import predict_logits, probabilities
+    from cxr.model import load_checkpoint, resolve_device
+
+    files = collect_files(paths)
+    ckpt = load_checkpoint(model)
+    cfg = ckpt.config
+    dev = resolve_device(device)
+    net = ckpt.build(dev)
+    t = ckpt.threshold if threshold is None else float(threshold)
+    results: list[Prediction] = []
+    # Decoded a batch at a time, so memory stays flat however many files there are.
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images, good = [], []
+        for f in chunk:
+            try:
+                images.append(load_image(f, cfg.image_size, max_pixels=cfg.max_pixels))
+                good.append(f)
+            except ImageError as e:
+                results.append(Prediction(str(f), error=str(e)))
+        if images:
+            logits = predict_logits(net, np.stack(images), mean=cfg.mean, std=cfg.std, device=dev,
+                                    batch_size=batch_size)
+            for f, prob in zip(good, probabilities(logits), strict=True):
+                results.append(Prediction(str(f), float(prob), ckpt.class_names[int(prob >= t)]))
+    order = {str(f): i for i, f in enumerate(files)}
+    return sorted(results, key=lambda r: order[r.path])
+
+
+def write_predictions_file(path: str | os.PathLike, predictions: list[Prediction]) -> None:
+    """Write predictions as ``.csv`` or ``.json`` (by extension)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise UsageError(f"--output {path}: use a .csv or .json file name")
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        if suffix == ".json":
+            json.dump({"note": DISCLAIMER, "predictions": [asdict(p) for p in predictions]}, f, indent=2)
+        else:
+            w = csv.writer(f)
+            w.writerow(["path", "prob_pneumonia", "label", "error"])
+            for p in predictions:
+                prob = "" if p.prob_pneumonia is None else f"{p.prob_pneumonia:.6f}"
+                w.writerow([p.path, prob, p.label or "", p.error or ""])

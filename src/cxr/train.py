@@ -1,0 +1,377 @@
+"""Training: ``train(cfg)`` builds data, model and optimiser, runs epochs, keeps the best checkpoint, evaluates it.
+
+Run directory (``cfg.output``)::
+
+    config.yaml          resolved config
+    split.csv            which image went to train / val / test
+    history.csv          one row per epoch
+    last.pt              checkpoint after the latest epoch, with optimiser state (for --resume)
+    best.pt              checkpoint with the lowest validation loss, with the decision threshold
+    metrics.json         evaluation of best.pt on train, val (and test)
+    predictions_<split>.csv
+    summary.json         data counts, unreadable files, stop reason, wall time
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxr.config import CLASS_NAMES, Config, load_config, save_config
+from cxr.data import (Prepared, Sample, Split, XrayDataset, add_digests, carve_validation, prepare, read_split_csv,
+                      scan, train_transform, write_split_csv)
+from cxr.errors import CxrError, DataError, UsageError
+from cxr.evaluate import SplitResult, choose_threshold, predict_logits, probabilities, write_evaluation
+from cxr.fileio import atomic_path, atomic_write_text
+from cxr.model import (Checkpoint, autocast, build_model, load_checkpoint, normalize, resolve_device, save_checkpoint,
+                       use_bf16, use_channels_last)
+from cxr.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auroc", "seconds",
+                   "images_per_s")
+
+
+class TrainingError(CxrError):
+    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def _check_classes(name: str, samples: list[Sample]) -> None:
+    present = {s.label for s in samples}
+    if present != {0, 1}:
+        have = ", ".join(CLASS_NAMES[i] for i in sorted(present)) or "no images"
+        raise DataError(f"the {name} split must hold both NORMAL and PNEUMONIA images; it has {have}")
+
+
+def split_dataset(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Split]:
+    """Scan ``cfg.data`` and decide the train / val / test records; written to (or, on resume, read from) split.csv."""
+    found = scan(cfg.data)
+    if "train" not in found:
+        raise DataError(f"{cfg.data}: no train split (expected a train/ folder or train_images in the .npz)")
+    arrays = {name: s.images for name, s in found.items()}
+    split_csv = run_dir / "split.csv"
+    if resume and split_csv.is_file():
+        recorded = read_split_csv(split_csv)
+        by_path = {s.path: (name, i) for name, split in found.items() for i, s in enumerate(split.samples)}
+        missing = [s.path for samples in recorded.values() for s in samples if s.path not in by_path]
+        if missing:
+            raise DataError(f"{split_csv}: {len(missing)} recorded image(s) are gone, e.g. {missing[0]}")
+        splits = {}
+        for name, samples in recorded.items():
+            sources = [by_path[s.path] for s in samples]
+            images = None
+            if all(arrays[src] is not None for src, _ in sources):
+                images = np.stack([arrays[src][i] for src, i in sources]) if sources else None
+            splits[name] = Split(name, [found[src].samples[i] for src, i in sources], images)
+        return splits
+
+    train = add_digests(found["train"])
+    test = found.get("test")
+    if cfg.val_source == "folder":
+        if "val" not in found:
+            raise DataError(f"{cfg.data}: --val-source folder, but there is no val split")
+        splits = {"train": train, "val": add_digests(found["val"])}
+    else:
+        # The given val folder (16 images in the Kermany release) joins the pool the validation split is carved from.
+        pool = train.samples + (add_digests(found["val"]).samples if "val" in found else [])
+        images = None
+        if train.images is not None:
+            images = np.concatenate([train.images] + ([found["val"].images] if "val" in found else []))
+        index = {s.path: i for i, s in enumerate(pool)}
+        tr, va = carve_validation(pool, cfg.val_fraction, cfg.split_seed)
+        pick = (lambda samples: images[[index[s.path] for s in samples]]) if images is not None else (lambda _: None)
+        splits = {"train": Split("train", tr, pick(tr)), "val": Split("val", va, pick(va))}
+    if test is not None:
+        splits["test"] = add_digests(test)
+    _check_classes("train", splits["train"].samples)
+    _check_classes("val", splits["val"].samples)
+    write_split_csv(split_csv, {name: s.samples for name, s in splits.items()})
+    return splits
+
+
+# ------------------------------------------------------------------------------------------- optimisation
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warm-up to ``base_lr``, then cosine decay to zero, as a pure function of the step (exact on resume)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def class_weights(labels: np.ndarray) -> torch.Tensor:
+    """``n / (classes * count)`` per class (scikit-learn's "balanced"), so each class weighs the same in the loss."""
+    counts = np.bincount(labels, minlength=len(CLASS_NAMES)).astype(np.float64)
+    return torch.tensor(len(labels) / (len(CLASS_NAMES) * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer, *,
+                    cfg: Config, device: torch.device, bf16: bool, channels_last: bool, epoch: int,
+                    steps_per_epoch: int, total_steps: int) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss, accuracy, images/s and the share of time spent waiting for data."""
+    model.train()
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    loss_sum, correct, seen, wait = 0.0, 0, 0, 0.0
+    start = t_data = time.perf_counter()
+    with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch * cfg.batch_size, unit="img") as bar:
+        for step, (x, y) in enumerate(loader):
+            if step >= steps_per_epoch:
+                break
+            wait += time.perf_counter() - t_data
+            if cfg.scheduler == "cosine":
+                _set_lr(optimizer, cosine_lr(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr))
+            x = normalize(x.to(device, non_blocking=True), cfg.mean, cfg.std, channels_last)
+            y = y.to(device, non_blocking=True)
+            with autocast(device, bf16):
+                logits = model(x)
+                loss = criterion(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                    "stopped, keeping the last good checkpoint (try a lower --lr)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(y)
+            loss_sum += loss.item() * n
+            correct += int((logits.argmax(1) == y).sum())
+            seen += n
+            bar.advance(n, info=f"loss {loss_sum / seen:.4f}")
+            t_data = time.perf_counter()
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "seconds": seconds,
+            "images_per_s": seen / seconds if seconds else 0.0, "data_wait": wait / seconds if seconds else 0.0}
+
+
+def validate(model: nn.Module, val: Prepared, criterion: nn.CrossEntropyLoss, *, cfg: Config, device: torch.device,
+             bf16: bool, channels_last: bool) -> dict[str, float]:
+    """Validation loss (same class-weighted loss as training), accuracy at 0.5 and AUROC."""
+    from sklearn.metrics import roc_auc_score
+
+    logits = predict_logits(model, val.images, mean=cfg.mean, std=cfg.std, device=device,
+                            batch_size=cfg.eval_batch_size, bf16=bf16, channels_last=channels_last)
+    labels = torch.from_numpy(val.labels)
+    weight = criterion.weight.cpu() if criterion.weight is not None else None
+    loss = float(nn.functional.cross_entropy(logits, labels, weight=weight, label_smoothing=criterion.label_smoothing))
+    return {"val_loss": loss, "val_acc": float((logits.argmax(1) == labels).float().mean()),
+            "val_auroc": float(roc_auc_score(val.labels, probabilities(logits)))}
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for row in history:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config, Checkpoint | None]:
+    run_dir = Path(resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    changed = {k: v for k, v in overrides.items() if v is not None and k not in ("output", "device", "epochs")}
+    if changed:
+        raise UsageError(f"--resume continues a run as configured; only --epochs and --device may change "
+                         f"(got {', '.join(sorted(changed))})")
+    cfg = dataclasses.replace(cfg, output=str(run_dir), **{k: overrides[k] for k in ("device", "epochs")
+                                                            if overrides.get(k) is not None}).validate()
+    last = run_dir / "last.pt"
+    return cfg, (load_checkpoint(last) if last.is_file() else None)
+
+
+def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
+          overrides: dict | None = None) -> Path:
+    """Train, keep the best checkpoint by validation loss, choose the threshold on validation, evaluate.
+
+    Args:
+        cfg: the run's config (ignored with ``resume``).
+        resume: a run directory to continue from its ``last.pt`` (or from the start if it has none).
+        overrides: with ``resume``, flags that may change (``epochs``, ``device``).
+
+    Returns:
+        The run directory.
+    """
+    t_start = time.perf_counter()
+    state: Checkpoint | None = None
+    if resume is not None:
+        cfg, state = _resolve_resume(resume, overrides or {})
+    if cfg is None or not cfg.data:
+        raise UsageError("no data: pass --data DIR (a dataset folder or an .npz file)")
+    cfg.validate()
+    run_dir = Path(cfg.output)
+    if resume is None and (run_dir / "last.pt").exists():
+        raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    device = resolve_device(cfg.device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+    bf16, channels_last = use_bf16(cfg, device), use_channels_last(cfg, device)
+
+    splits = split_dataset(cfg, run_dir, resume is not None)
+    prepared = {name: prepare(split, cfg) for name, split in splits.items()}
+    for name in ("train", "val"):
+        if len(prepared[name].labels) == 0 or len(set(prepared[name].labels.tolist())) < 2:
+            raise DataError(f"the {name} split has too few readable images of each class "
+                            f"({len(prepared[name].failures)} unreadable)")
+    summary = {
+        "data": cfg.data,
+        "counts": {n: dict(zip(CLASS_NAMES, np.bincount(p.labels, minlength=2).tolist(), strict=True))
+                   for n, p in prepared.items()},
+        "unreadable": {n: [{"path": f, "reason": r} for f, r in p.failures] for n, p in prepared.items()},
+    }
+    log.info("data: %s", ", ".join(f"{n} {sum(c.values())} ({c['NORMAL']} NORMAL / {c['PNEUMONIA']} PNEUMONIA)"
+                                   for n, c in summary["counts"].items()))
+    n_bad = sum(len(v) for v in summary["unreadable"].values())
+    if n_bad:
+        log.warning("%d unreadable image(s) skipped (listed in summary.json)", n_bad)
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg.arch, cfg.weights).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.plateau_factor,
+                                                         patience=cfg.plateau_patience) \
+        if cfg.scheduler == "plateau" else None
+    weights = class_weights(prepared["train"].labels) if cfg.class_weights else None
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing).to(device)
+
+    history: list[dict] = []
+    start_epoch, best_loss, bad_epochs, stop_reason = 0, math.inf, 0, ""
+    if state is not None:
+        model.load_state_dict(state.state_dict)
+        optimizer.load_state_dict(state.extra["optimizer"])
+        if plateau is not None and "plateau" in state.extra:
+            plateau.load_state_dict(state.extra["plateau"])
+        history = list(state.extra["history"])
+        start_epoch = state.epoch
+        best_loss, bad_epochs = state.extra["best_val_loss"], state.extra["bad_epochs"]
+        stop_reason = state.extra.get("stop_reason", "")
+        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+    _write_history(run_dir / "history.csv", history)
+
+    dataset = XrayDataset(prepared["train"], train_transform(cfg))
+    drop_last = len(dataset) > cfg.batch_size  # a batch of one breaks batch norm
+    steps_per_epoch = len(dataset) // cfg.batch_size if drop_last else 1
+    if cfg.max_train_batches:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
+    total_steps = steps_per_epoch * cfg.epochs
+    step_model = torch.compile(model) if cfg.compile else model
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if stop_reason:
+            break
+        # Seeded per epoch, so a resumed run draws the same batches and augmentations as an uninterrupted one.
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_019 + epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last,
+                                             generator=generator, num_workers=cfg.num_workers,
+                                             pin_memory=device.type == "cuda",
+                                             persistent_workers=False)
+        row: dict = {"epoch": epoch + 1}
+        row.update(train_one_epoch(step_model, loader, criterion, optimizer, cfg=cfg, device=device, bf16=bf16,
+                                   channels_last=channels_last, epoch=epoch, steps_per_epoch=steps_per_epoch,
+                                   total_steps=total_steps))
+        row["lr"] = optimizer.param_groups[0]["lr"]  # at the epoch's last step
+        row.update(validate(model, prepared["val"], criterion, cfg=cfg, device=device, bf16=bf16,
+                            channels_last=channels_last))
+        if not math.isfinite(row["val_loss"]):
+            raise TrainingError(f"the validation loss is {row['val_loss']} after epoch {epoch + 1}; stopped, keeping "
+                                "the last good checkpoint")
+        if plateau is not None:
+            plateau.step(row["val_loss"])
+        history.append(row)
+        improved = row["val_loss"] < best_loss - cfg.min_delta
+        if improved:
+            best_loss, bad_epochs = row["val_loss"], 0
+        else:
+            bad_epochs += 1
+        if cfg.patience and bad_epochs >= cfg.patience:
+            stop_reason = f"early stopping: no better validation loss for {cfg.patience} epochs"
+        elif epoch + 1 == cfg.epochs:
+            stop_reason = f"finished {cfg.epochs} epochs"
+        weights_now = model.state_dict()
+        if improved:
+            save_checkpoint(Checkpoint(cfg.arch, weights_now, cfg, epoch=epoch + 1, val_loss=row["val_loss"]),
+                            run_dir / "best.pt")
+        extra = {"optimizer": optimizer.state_dict(), "history": history, "best_val_loss": best_loss,
+                 "bad_epochs": bad_epochs, "stop_reason": stop_reason}
+        if plateau is not None:
+            extra["plateau"] = plateau.state_dict()
+        save_checkpoint(Checkpoint(cfg.arch, weights_now, cfg, epoch=epoch + 1, val_loss=row["val_loss"],
+                                   extra=extra), run_dir / "last.pt")
+        _write_history(run_dir / "history.csv", history)
+        log.info("epoch %d/%d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc %.3f auroc %.3f  "
+                 "%.0f s  %.1f img/s  data wait %.0f%%%s", epoch + 1, cfg.epochs, row["lr"], row["train_loss"],
+                 row["train_acc"], row["val_loss"], row["val_acc"], row["val_auroc"], row["seconds"],
+                 row["images_per_s"], 100 * row["data_wait"], "  *best*" if improved else "")
+    if stop_reason:
+        log.info("%s", stop_reason)
+
+    metrics = finish(run_dir, prepared, cfg, device)
+    summary.update({"stop_reason": stop_reason, "epochs_run": len(history),
+                    "best_epoch": int(np.argmin([h["val_loss"] for h in history]) + 1) if history else None,
+                    "wall_seconds_this_session": round(time.perf_counter() - t_start, 1),
+                    "device": str(device), "bf16": bf16, "channels_last": channels_last})
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    val = metrics["val"]
+    log.info("best checkpoint (epoch %s): val accuracy %.3f, sensitivity %.3f, specificity %.3f, AUROC %.3f at "
+             "threshold %.3f -> %s", summary["best_epoch"], val["accuracy"], val["recall"], val["specificity"],
+             val["auroc"], val["threshold"], run_dir)
+    return run_dir
+
+
+def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config, device: torch.device) -> dict:
+    """Choose the threshold on validation with ``best.pt``, store it there, and evaluate it on every split."""
+    best = load_checkpoint(run_dir / "best.pt")
+    model = best.build(device)
+    bf16, channels_last = use_bf16(cfg, device), use_channels_last(cfg, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    results = []
+    for name, p in prepared.items():
+        logits = predict_logits(model, p.images, mean=cfg.mean, std=cfg.std, device=device,
+                                batch_size=cfg.eval_batch_size, bf16=bf16, channels_last=channels_last)
+        results.append(SplitResult(name, [s.path for s in p.samples], p.labels, probabilities(logits)))
+    val = next(r for r in results if r.name == "val")
+    best.threshold = choose_threshold(val.labels, val.probs, cfg.threshold_policy, cfg.target_sensitivity)
+    best.threshold_policy = cfg.threshold_policy if cfg.threshold_policy == "youden" else \
+        f"sensitivity>={cfg.target_sensitivity}"
+    save_checkpoint(best, run_dir / "best.pt")
+    return write_evaluation(run_dir, results, best.threshold)
+
