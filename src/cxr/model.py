@@ -10,7 +10,6 @@ import contextlib
 import os
 import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,13 +91,12 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _load_backbone(model: nn.Module, path: str) -> None:
     state = read_state_dict_file(path)
     state = {(_DENSENET_OLD_KEY.sub(r"\1\2", k)): v for k, v in state.items()}
-    stem_name, head_name = _stem_and_head(model)
-    stem_key = f"{stem_name}.weight"
-    if stem_key in state and state[stem_key].shape[1] == 3:
-        state[stem_key] = state[stem_key].sum(dim=1, keepdim=True)
+    _, head_name = _stem_and_head(model)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith(head_name)}
-    missing = [k for k in own if k not in usable and not k.startswith(head_name)]
+    # Old torchvision files predate BatchNorm's num_batches_tracked counter; its absence is harmless.
+    missing = [k for k in own if k not in usable and not k.startswith(head_name)
+               and not k.endswith("num_batches_tracked")]
     if missing:
         raise CheckpointError(f"{path}: does not fit {type(model).__name__} ({len(missing)} of {len(own)} tensors "
                               f"missing or mis-shaped, e.g. {missing[0]})")
@@ -260,7 +258,7 @@ def load_checkpoint(model: str | os.PathLike) -> Checkpoint:
         reason = "refused: it holds objects other than tensors and plain data (possibly code)" \
             if "weights_only" in str(e).lower() or "unsupported global" in str(e).lower() else "damaged or not one"
         raise CheckpointError(f"{path}: not a cxr checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+    except Exception as e:  # torch.load raises many types (KeyError, EOFError, RuntimeError...) on a foreign file
         raise CheckpointError(f"{path}: not a cxr checkpoint (unreadable: {e.__class__.__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a cxr checkpoint (a torch file, but without the cxr format marker)")

@@ -1,0 +1,255 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cxr import data
+from cxr.config import load_config
+from cxr.data import Sample, carve_validation, patient_id, prepare, read_split_csv, scan, write_split_csv
+from cxr.errors import DataError, UsageError
+from cxr.images import read_grayscale, resize_square
+
+from .conftest import SHARED_DATA
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("person1000_bacteria_2931.jpeg", "person1000"),
+    ("person1000_virus_1681.jpeg", "person1000"),
+    ("IM-0115-0001.jpeg", "IM-0115"),
+    ("NORMAL2-IM-1427-0001.jpeg", "NORMAL2-IM-1427"),
+    ("scan_42.png", "scan_42"),
+])
+def test_patient_id(name, expected):
+    assert patient_id(name) == expected
+
+
+def test_scan_dataset_root_case_insensitive(tmp_path, tiny_dataset):
+    (tiny_dataset / "train").rename(tiny_dataset / "Train")
+    (tiny_dataset / "Train" / "NORMAL").rename(tiny_dataset / "Train" / "normal")
+    splits = scan(tiny_dataset)
+    assert set(splits) == {"train", "test"}
+    assert splits["train"].counts() == {"NORMAL": 16, "PNEUMONIA": 16}
+    assert {s.label for s in splits["train"].samples if "/normal/" in s.path} == {0}
+
+
+def test_scan_single_split_folder_is_keyed_by_its_name(tiny_dataset):
+    splits = scan(tiny_dataset / "test")
+    assert list(splits) == ["test"]
+    assert splits["test"].counts() == {"NORMAL": 4, "PNEUMONIA": 4}
+
+
+def test_scan_ignores_non_image_extensions_and_hidden_files(tiny_dataset, caplog):
+    (tiny_dataset / "train" / "NORMAL" / "notes.txt").write_text("hello")
+    (tiny_dataset / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\0")
+    splits = scan(tiny_dataset)
+    assert splits["train"].counts()["NORMAL"] == 16
+    assert "notes.txt" in caplog.text
+
+
+def test_missing_class_folder_is_named(tiny_dataset):
+    shutil.rmtree(tiny_dataset / "train" / "PNEUMONIA")
+    with pytest.raises(DataError, match=r"PNEUMONIA/ is missing"):
+        scan(tiny_dataset)
+
+
+def test_empty_class_folder_is_named(tiny_dataset):
+    for f in (tiny_dataset / "train" / "NORMAL").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=r"train/NORMAL: class folder holds no image files"):
+        scan(tiny_dataset)
+
+
+def test_path_that_does_not_exist(tmp_path):
+    with pytest.raises(UsageError, match="no such file or directory"):
+        scan(tmp_path / "nope")
+
+
+def test_folder_without_layout(tmp_path):
+    (tmp_path / "stuff").mkdir()
+    with pytest.raises(DataError, match="neither split folders"):
+        scan(tmp_path)
+
+
+def test_scan_npz_any_subset_of_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mnist.npz"
+    np.savez(path, test_images=rng.integers(0, 255, (10, 28, 28), dtype=np.uint8),
+             test_labels=np.array([[0], [1]] * 5))
+    splits = scan(path)
+    assert list(splits) == ["test"]
+    assert splits["test"].images.shape == (10, 28, 28)
+    assert splits["test"].counts() == {"NORMAL": 5, "PNEUMONIA": 5}
+    prepared = prepare(splits["test"], load_config(overrides={"image_size": 64}))
+    assert prepared.images.shape == (10, 64, 64) and prepared.images.dtype == np.uint8
+
+
+def test_scan_npz_rejects_bad_labels(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.array([0, 3]))
+    with pytest.raises(DataError, match="must be 0"):
+        scan(path)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "pneumoniamnist-28-trainval.npz").exists(), reason="shared data absent")
+def test_scan_shared_pneumoniamnist():
+    splits = scan(SHARED_DATA / "pneumoniamnist-28-trainval.npz")
+    assert splits["train"].counts() == {"NORMAL": 1214, "PNEUMONIA": 3494}
+    assert splits["val"].counts() == {"NORMAL": 135, "PNEUMONIA": 389}
+
+
+def _pool(n_patients: int, per_patient: int) -> list[Sample]:
+    out = []
+    for p in range(n_patients):
+        label = int(p % 3 != 0)
+        for k in range(per_patient):
+            out.append(Sample(f"/x/person{p}_{k}.jpeg", label, f"person{p}", digest=f"{p:04d}{k:04d}"))
+    return out
+
+
+def test_carve_validation_is_patient_disjoint_stratified_and_seeded():
+    pool = _pool(60, 3)
+    train, val = carve_validation(pool, 0.2, seed=1)
+    assert len(train) + len(val) == len(pool)
+    assert not {s.patient for s in train} & {s.patient for s in val}
+    frac_val = np.mean([s.label for s in val])
+    frac_all = np.mean([s.label for s in pool])
+    assert abs(frac_val - frac_all) < 0.1
+    assert 0.1 < len(val) / len(pool) < 0.3
+    assert carve_validation(pool, 0.2, seed=1) == (train, val)
+    assert carve_validation(pool, 0.2, seed=2) != (train, val)
+
+
+def test_carve_validation_keeps_identical_images_together():
+    pool = _pool(40, 1)
+    # Two different "patients" with byte-identical images: must land on the same side for every seed.
+    pool[5] = Sample(pool[5].path, pool[7].label, pool[5].patient, digest=pool[7].digest)
+    for seed in range(10):
+        train, val = carve_validation(pool, 0.25, seed=seed)
+        sides = {s.path: "val" if s in val else "train" for s in train + val}
+        assert sides[pool[5].path] == sides[pool[7].path]
+
+
+def test_carve_validation_too_few_patients():
+    with pytest.raises(DataError, match="too few"):
+        carve_validation(_pool(3, 4), 0.2, seed=0)
+
+
+def test_split_csv_round_trip(tmp_path):
+    pool = _pool(10, 2)
+    write_split_csv(tmp_path / "split.csv", {"train": pool[:15], "val": pool[15:]})
+    back = read_split_csv(tmp_path / "split.csv")
+    assert back == {"train": pool[:15], "val": pool[15:]}
+
+
+def _count_decodes(monkeypatch) -> list[str]:
+    decoded: list[str] = []
+    real = data._decode_job
+
+    def spy(job):
+        decoded.append(job[0])
+        return real(job)
+
+    monkeypatch.setattr(data, "_decode_job", spy)
+    return decoded
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, tiny_dataset, monkeypatch):
+    cfg = load_config(overrides={"image_size": 48, "cache_dir": str(tmp_path / "cache")})
+    split = scan(tiny_dataset / "test")["test"]
+    decoded = _count_decodes(monkeypatch)
+
+    first = prepare(split, cfg, workers=1)
+    assert len(decoded) == 8 and first.images.shape == (8, 48, 48)
+    expected = resize_square(read_grayscale(split.samples[0].path), 48)
+    np.testing.assert_array_equal(first.images[0], expected)
+
+    decoded.clear()
+    again = prepare(split, cfg, workers=1)
+    assert decoded == []  # every image came from the cache
+    np.testing.assert_array_equal(again.images, first.images)
+
+    # A file whose content changed is decoded again; the others are not.
+    from PIL import Image, ImageOps
+
+    changed = Path(split.samples[0].path)
+    ImageOps.invert(Image.open(changed).convert("L")).save(changed, format="JPEG")
+    decoded.clear()
+    third = prepare(scan(tiny_dataset / "test")["test"], cfg, workers=1)
+    assert decoded == [str(changed)]
+    assert np.abs(third.images[0].astype(int) + first.images[0] - 255).mean() < 3  # the inverted image
+    np.testing.assert_array_equal(third.images[1:], first.images[1:])
+
+    # A renamed copy of a cached file is not decoded again (the key is the content, not the name).
+    shutil.copy(split.samples[1].path, changed.parent / "copy.jpeg")
+    decoded.clear()
+    prepare(scan(tiny_dataset / "test")["test"], cfg, workers=1)
+    assert decoded == []
+
+    # A changed preprocessing parameter starts over.
+    decoded.clear()
+    prepare(split, load_config(overrides={"image_size": 40, "cache_dir": str(tmp_path / "cache")}), workers=1)
+    assert len(decoded) == 8
+
+
+def test_cache_ignores_damaged_and_temporary_entries(tmp_path, tiny_dataset, monkeypatch):
+    cfg = load_config(overrides={"image_size": 48, "cache_dir": str(tmp_path / "cache")})
+    split = scan(tiny_dataset / "test")["test"]
+    prepare(split, cfg, workers=1)
+    entries = sorted((tmp_path / "cache").rglob("*.npy"))
+    assert len(entries) == 8
+    entries[0].write_bytes(entries[0].read_bytes()[:50])  # as if cut short by a crash
+    decoded = _count_decodes(monkeypatch)
+    prepare(split, cfg, workers=1)
+    assert len(decoded) == 1
+
+
+def test_cache_build_in_parallel_matches_serial(tmp_path):
+    root = tmp_path / "d"
+    from .conftest import make_dataset
+
+    make_dataset(root, per_class=20, test_per_class=0)
+    split = scan(root)["train"]
+    serial = prepare(split, load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "a")}), workers=1)
+    parallel = prepare(split, load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "b")}), workers=2)
+    np.testing.assert_array_equal(serial.images, parallel.images)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"])
+def test_unreadable_images_are_skipped_and_listed(tmp_path, tiny_dataset, content):
+    bad = tiny_dataset / "test" / "NORMAL" / "bad.jpeg"
+    if content == "truncated":
+        good = sorted((tiny_dataset / "test" / "NORMAL").glob("NORMAL2-*.jpeg"))[0].read_bytes()
+        content = good[: len(good) // 2]
+    bad.write_bytes(content)
+    prepared = prepare(scan(tiny_dataset / "test")["test"], load_config(overrides={"image_size": 32}))
+    assert len(prepared.labels) == 8
+    assert [f for f, _ in prepared.failures] == [str(bad)]
+    assert "bad.jpeg" in prepared.failures[0][1]
+
+
+def test_png_with_jpeg_extension_is_read_by_content(tmp_path, tiny_dataset):
+    from PIL import Image
+
+    src = next((tiny_dataset / "test" / "NORMAL").glob("*.jpeg"))
+    Image.open(src).convert("L").save(tiny_dataset / "test" / "NORMAL" / "really_a_png.jpeg", format="PNG")
+    prepared = prepare(scan(tiny_dataset / "test")["test"], load_config(overrides={"image_size": 32}))
+    assert prepared.failures == [] and len(prepared.labels) == 9
+
+
+def test_train_transform_keeps_shape_dtype_and_varies(tiny_dataset):
+    from cxr.data import XrayDataset, train_transform
+
+    cfg = load_config(overrides={"image_size": 64})
+    prepared = prepare(scan(tiny_dataset / "test")["test"], cfg)
+    ds = XrayDataset(prepared, train_transform(cfg))
+    torch.manual_seed(0)
+    a, y = ds[0]
+    b, _ = ds[0]
+    assert a.shape == (1, 64, 64) and a.dtype == torch.uint8 and int(y) == prepared.labels[0]
+    assert not torch.equal(a, b)
+    plain = XrayDataset(prepared)[0][0]
+    assert torch.equal(plain[0], torch.from_numpy(prepared.images[0]))

@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torchvision
+
+from cxr.config import load_config
+from cxr.errors import CheckpointError, CxrError, UsageError
+from cxr.model import Checkpoint, build_model, load_checkpoint, normalize, save_checkpoint
+
+
+@pytest.mark.parametrize("arch", ["densenet121", "resnet18"])
+def test_model_shape_no_nan_and_every_parameter_learns(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, "none")
+    x = torch.randn(4, 1, 64, 64)
+    out = model(x)
+    assert out.shape == (4, 2)
+    assert torch.isfinite(out).all()
+    torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 0, 1])).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+def test_unknown_arch():
+    with pytest.raises(UsageError, match="unknown arch"):
+        build_model("vgg11", "none")
+
+
+def test_local_torchvision_weights_become_one_channel(tmp_path):
+    torch.manual_seed(1)
+    reference = torchvision.models.densenet121(weights=None)
+    state = reference.state_dict()
+    # torchvision's published DenseNet files use the old key names ("norm.1"); loading must remap them.
+    old_style = {k.replace("norm1", "norm.1").replace("conv1", "conv.1") if "denselayer" in k else k: v
+                 for k, v in state.items()}
+    path = tmp_path / "densenet121.pth"
+    torch.save(old_style, path)
+    model = build_model("densenet121", str(path))
+    assert torch.equal(model.features.conv0.weight, state["features.conv0.weight"].sum(1, keepdim=True))
+    key = "features.denseblock2.denselayer3.norm1.weight"
+    assert torch.equal(model.state_dict()[key], state[key])
+    # Summing the RGB kernels is the same as feeding the grey image as three equal channels.
+    reference.eval(), model.eval()
+    x = torch.rand(2, 1, 64, 64)
+    ref_features = reference.features(x.expand(-1, 3, -1, -1))
+    torch.testing.assert_close(model.features(x), ref_features, atol=1e-4, rtol=1e-4)
+
+
+def test_weights_file_that_does_not_fit(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        build_model("densenet121", str(path))
+
+
+def test_weights_path_missing():
+    with pytest.raises(UsageError, match="expected 'imagenet', 'none' or the path"):
+        build_model("densenet121", "/no/such/weights.pth")
+
+
+def test_imagenet_weights_offline_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch cache
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(CxrError) as info:
+        build_model("densenet121", "imagenet")
+    message = str(info.value)
+    assert "densenet121-a639ec97.pth" in message and "--weights none" in message and str(tmp_path) in message
+
+
+def _checkpoint(tmp_path, **kw) -> Checkpoint:
+    cfg = load_config(overrides={"image_size": 32})
+    model = build_model("densenet121", "none")
+    return Checkpoint("densenet121", model.state_dict(), cfg, threshold=0.37, epoch=3, val_loss=0.25, **kw)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    ckpt = _checkpoint(tmp_path, extra={"history": [{"epoch": 1, "val_loss": 0.5}]})
+    save_checkpoint(ckpt, tmp_path / "a.pt")
+    back = load_checkpoint(tmp_path / "a.pt")
+    assert back.threshold == pytest.approx(0.37) and back.epoch == 3 and back.config == ckpt.config
+    assert back.class_names == ["NORMAL", "PNEUMONIA"]
+    assert back.preprocessing["image_size"] == 32
+    assert back.extra["history"][0]["val_loss"] == 0.5
+    for k, v in ckpt.state_dict.items():
+        assert torch.equal(back.state_dict[k], v)
+    # A run directory resolves to its best.pt.
+    os.replace(tmp_path / "a.pt", tmp_path / "best.pt")
+    assert load_checkpoint(tmp_path).epoch == 3
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    save_checkpoint(_checkpoint(tmp_path), path)
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError):
+        save_checkpoint(_checkpoint(tmp_path), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"PK\x03\x04 not really a zip"])
+def test_not_a_checkpoint(tmp_path, content):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a cxr checkpoint"):
+        load_checkpoint(path)
+
+
+def test_torch_file_without_marker(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="format marker"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['CXR_PWNED']}",))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("CXR_PWNED", str(marker))
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "cxr-checkpoint", "payload": _Exploit()}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    # The same file does run code when unpickled naively, so the refusal above is what kept it from running.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_normalize():
+    x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
+    out = normalize(x, 0.5, 0.25)
+    torch.testing.assert_close(out, torch.tensor([[[[-2.0, 2.0]]]]))
+    assert normalize(x, 0.5, 0.25, channels_last=True).is_contiguous(memory_format=torch.channels_last)
