@@ -41,3 +41,11 @@ def tiny_dataset(tmp_path) -> Path:
 # Small enough to train in seconds on two CPU cores, big enough for every stage to do real work.
 TINY_TRAIN = {"image_size": 32, "batch_size": 8, "epochs": 2, "val_fraction": 0.25, "weights": "none",
               "warmup_epochs": 0.5, "patience": 0, "device": "cpu", "eval_batch_size": 32}
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    """Rows of a CSV file as dicts."""
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -65,7 +65,7 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, policy: str = "youde
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
         return 0.5
-    fpr, tpr, thresholds = roc_curve(labels, probs)
+    fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
     finite = np.isfinite(thresholds)
     fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
     if policy == "youden":

@@ -26,7 +26,8 @@ CHECKPOINT_FORMAT = "cxr-checkpoint"
 CHECKPOINT_VERSION = 1
 
 # torchvision's DenseNet files predate a module rename ("norm.1" -> "norm1"); torchvision remaps them on load.
-_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 def _stem_and_head(model: nn.Module) -> tuple[str, str]:
@@ -73,7 +74,7 @@ def _imagenet_model(arch: str) -> nn.Module:
 
 
 def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state dict from a ``.pth``/``.pt`` file (plain or wrapped in 'state_dict'/'model') without pickled code."""
+    """Load a state dict from a ``.pth``/``.pt`` file (plain, or under 'state_dict'/'model') without pickled code."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

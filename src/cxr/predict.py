@@ -6,6 +6,7 @@ Research software, not a medical device: a prediction is not a diagnosis.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -47,14 +48,21 @@ def collect_files(paths: list[str | os.PathLike]) -> list[Path]:
 def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, device: str = "auto",
                   threshold: float | None = None, batch_size: int = 32) -> list[Prediction]:
     """Predict every file under ``paths``. Unreadable files get an ``error`` instead of a prediction."""
+    import torch
+
     from cxr.evaluate import predict_logits, probabilities
-    from cxr.model import load_checkpoint, resolve_device
+    from cxr.model import load_checkpoint, resolve_device, use_bf16, use_channels_last
 
     files = collect_files(paths)
     ckpt = load_checkpoint(model)
     cfg = ckpt.config
     dev = resolve_device(device)
     net = ckpt.build(dev)
+    # The same numerics as evaluation (bf16 where the device is fast at it), so both give the same probabilities.
+    cfg = dataclasses.replace(cfg, device=device)
+    bf16, channels_last = use_bf16(cfg, dev), use_channels_last(cfg, dev)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
     t = ckpt.threshold if threshold is None else float(threshold)
     results: list[Prediction] = []
     # Decoded a batch at a time, so memory stays flat however many files there are.
@@ -69,7 +77,7 @@ def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, d
                 results.append(Prediction(str(f), error=str(e)))
         if images:
             logits = predict_logits(net, np.stack(images), mean=cfg.mean, std=cfg.std, device=dev,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, bf16=bf16, channels_last=channels_last)
             for f, prob in zip(good, probabilities(logits), strict=True):
                 results.append(Prediction(str(f), float(prob), ckpt.class_names[int(prob >= t)]))
     order = {str(f): i for i, f in enumerate(files)}

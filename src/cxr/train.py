@@ -29,13 +29,33 @@ import torch
 from torch import nn
 
 from cxr.config import CLASS_NAMES, Config, load_config, save_config
-from cxr.data import (Prepared, Sample, Split, XrayDataset, add_digests, carve_validation, prepare, read_split_csv,
-                      scan, train_transform, write_split_csv)
+from cxr.data import (
+    Prepared,
+    Sample,
+    Split,
+    XrayDataset,
+    add_digests,
+    carve_validation,
+    prepare,
+    read_split_csv,
+    scan,
+    train_transform,
+    write_split_csv,
+)
 from cxr.errors import CxrError, DataError, UsageError
 from cxr.evaluate import SplitResult, choose_threshold, predict_logits, probabilities, write_evaluation
 from cxr.fileio import atomic_path, atomic_write_text
-from cxr.model import (Checkpoint, autocast, build_model, load_checkpoint, normalize, resolve_device, save_checkpoint,
-                       use_bf16, use_channels_last)
+from cxr.model import (
+    Checkpoint,
+    autocast,
+    build_model,
+    load_checkpoint,
+    normalize,
+    resolve_device,
+    save_checkpoint,
+    use_bf16,
+    use_channels_last,
+)
 from cxr.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -282,6 +302,8 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
         start_epoch = state.epoch
         best_loss, bad_epochs = state.extra["best_val_loss"], state.extra["bad_epochs"]
         stop_reason = state.extra.get("stop_reason", "")
+        if stop_reason.startswith("finished") and cfg.epochs > start_epoch:
+            stop_reason = ""  # resumed with a larger --epochs: train on (the cosine schedule stretches to the new end)
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     _write_history(run_dir / "history.csv", history)
 

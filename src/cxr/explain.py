@@ -1,0 +1,259 @@
+"""Heatmaps of where the model looked: Grad-CAM on the last convolutional block, and overlays on the X-ray.
+
+Grad-CAM (Selvaraju et al., 2017) weighs each channel of the last block's activations by the mean gradient of
+the class score with respect to it, sums the channels, keeps the positive part and upsamples the map to the
+input's size. The block is ``features`` for DenseNets (the output of ``norm5``, after the last dense block) and
+``layer4`` for ResNets.
+
+The score explained is the log-odds of the target class (its logit minus the other's), not its raw logit: with
+two classes that is what the decision depends on, and the maps of the two classes are then each other's
+complement instead of two near-copies of "where the lungs are".
+
+Research software, not a medical device: a heatmap is not a finding.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxr.fileio import atomic_path
+from cxr.images import ImageError, load_image, resize_square
+
+log = logging.getLogger(__name__)
+
+DISCLAIMER = "Research software, not a medical device: predictions and heatmaps are not a diagnosis."
+HEATMAP_CMAP = "viridis"  # perceptually uniform and readable with the common colour-vision deficiencies
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """The module whose output Grad-CAM explains: DenseNet ``features`` (norm5) or ResNet ``layer4``."""
+    if hasattr(model, "features") and hasattr(model.features, "norm5"):
+        return model.features
+    if hasattr(model, "layer4"):
+        return model.layer4
+    raise ValueError(f"no Grad-CAM layer known for {type(model).__name__} (expected a torchvision DenseNet or ResNet)")
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None = None,
+             layer: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM heatmaps for a batch of normalised inputs.
+
+    Args:
+        model: a two-class classifier; it is put in eval mode and its parameters get no gradients.
+        x: (B, 1, H, W) float input, normalised as for the model, on the model's device.
+        target: class index to explain (an int, or a (B,) tensor of indices); None explains each image's
+            predicted class (argmax of the logits).
+        layer: the block whose activations are weighed (default :func:`target_layer`).
+
+    Returns:
+        ``(heatmaps, logits)``: (B, H, W) float32 maps scaled to [0, 1] per image (all zeros where nothing
+        speaks for the target), and the (B, C) float32 logits of the same forward pass.
+    """
+    model.eval()
+    layer = layer if layer is not None else target_layer(model)
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        # Works when called under torch.inference_mode() or no_grad() too: this needs a graph.
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.detach().clone().requires_grad_(True)  # so the graph exists even with frozen parameters
+            logits = model(x).float()
+            activations = captured[-1]
+            if target is None:
+                idx = logits.argmax(dim=1)
+            else:
+                idx = torch.as_tensor(target, device=logits.device).long().expand(len(logits))
+            chosen = logits.gather(1, idx[:, None])[:, 0]
+            # Log-odds of the target against the other classes (see the module docstring).
+            others = (logits.sum(dim=1) - chosen) / max(logits.shape[1] - 1, 1)
+            score = (chosen - others).sum()
+            (grads,) = torch.autograd.grad(score, activations)
+    finally:
+        handle.remove()
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * activations).sum(dim=1, keepdim=True)).detach().float()
+    cam = nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
+    cam = torch.where(peak > 1e-12, cam / peak, torch.zeros_like(cam))
+    return cam.cpu().numpy().astype(np.float32), logits.detach().cpu().numpy().astype(np.float32)
+
+
+def heatmaps_for_images(model: nn.Module, images: np.ndarray, *, mean: float, std: float,
+                        target: int | np.ndarray | None = None, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM maps and P(PNEUMONIA) for uint8 model inputs (N, S, S), in batches.
+
+    Args:
+        target: the class to explain: one index for all, one per image (N,), or None for each argmax.
+
+    Returns:
+        ``(heatmaps (N, S, S) float32 in [0, 1], probs (N,) float64)``.
+    """
+    from cxr.model import normalize
+
+    device = next(model.parameters()).device
+    maps, probs = [], []
+    for start in range(0, len(images), batch_size):
+        x = torch.as_tensor(np.asarray(images[start:start + batch_size]))[:, None].to(device)
+        t = target if target is None or np.isscalar(target) else torch.as_tensor(target[start:start + batch_size])
+        cam, logits = grad_cam(model, normalize(x, mean, std), t)
+        maps.append(cam)
+        probs.append(torch.softmax(torch.from_numpy(logits), dim=1)[:, 1].double().numpy())
+    if not maps:
+        size = images.shape[-1] if np.ndim(images) == 3 else 0
+        return np.zeros((0, size, size), np.float32), np.zeros(0)
+    return np.concatenate(maps), np.concatenate(probs)
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray | None, *, alpha: float = 0.55, size: int | None = None,
+            cmap: str = HEATMAP_CMAP) -> np.ndarray:
+    """An RGB picture of a grey X-ray with the heatmap laid over it.
+
+    Each pixel's opacity grows with the heat, so cold regions show the plain X-ray and only what the model
+    weighed is coloured.
+
+    Args:
+        image: (H, W) uint8 grey image.
+        heatmap: (h, w) values in [0, 1] (resized to the image with bilinear interpolation); None: no overlay.
+        alpha: opacity where the heat is 1.
+        size: resize the result to (size, size) (bicubic for the image, bilinear for the heat).
+        cmap: a matplotlib colormap name.
+
+    Returns:
+        (H, W, 3) uint8 RGB array (or (size, size, 3)).
+    """
+    from matplotlib import colormaps
+    from PIL import Image
+
+    grey = resize_square(image, size) if size and image.shape != (size, size) else np.asarray(image)
+    base = np.repeat(grey[..., None].astype(np.float32) / 255.0, 3, axis=2)
+    if heatmap is None:
+        return (base * 255).round().astype(np.uint8)
+    heat = np.asarray(heatmap, np.float32)
+    if heat.shape != grey.shape:
+        heat = np.asarray(Image.fromarray(heat, mode="F").resize(grey.shape[::-1], Image.Resampling.BILINEAR))
+    heat = np.clip(heat, 0.0, 1.0)
+    colour = colormaps[cmap](heat)[..., :3].astype(np.float32)
+    a = (alpha * heat)[..., None]
+    return (((1 - a) * base + a * colour).clip(0, 1) * 255).round().astype(np.uint8)
+
+
+@dataclass
+class Explanation:
+    """One explained file: where its picture went, and what the model said."""
+
+    path: str
+    output: str
+    prob_pneumonia: float
+    predicted: str
+
+
+def _unique_name(path: Path, used: set[str]) -> str:
+    stem = path.stem
+    name, n = f"{stem}_gradcam.png", 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}_gradcam.png"
+    used.add(name)
+    return name
+
+
+def _explanation_figure(image: np.ndarray, heat: np.ndarray, *, title: str, path: Path, dpi: int = 110) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import cm, colors
+
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.6), layout="constrained")
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title("input")
+    axes[1].imshow(overlay(image, heat))
+    axes[1].set_title("Grad-CAM overlay")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(cm.ScalarMappable(colors.Normalize(0, 1), HEATMAP_CMAP), ax=axes[1], shrink=0.8,
+                 label="relative importance (Grad-CAM)")
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.5, 0.005, DISCLAIMER, ha="center", va="bottom", fontsize=7.5, color="#555555")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
+def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], output_dir: str | os.PathLike, *,
+                  device: str = "auto", target: str = "predicted", threshold: float | None = None,
+                  batch_size: int = 8) -> list[Path]:
+    """Write one Grad-CAM picture (input beside overlay, with the prediction) per readable image file.
+
+    Also writes ``explanations.csv`` (path, prob_pneumonia, predicted, output) in ``output_dir``. Unreadable
+    files are logged and skipped.
+
+    Args:
+        model: a checkpoint file or a run directory.
+        paths: image files, or folders searched recursively.
+        output_dir: where ``<stem>_gradcam.png`` files go.
+        device: auto | cpu | cuda.
+        target: which class the heatmap explains: ``predicted`` (each image's predicted class at the
+            model's threshold), ``PNEUMONIA`` or ``NORMAL``.
+        threshold: decision threshold (default: the checkpoint's).
+        batch_size: images per Grad-CAM pass.
+
+    Returns:
+        The written picture paths, in input order.
+    """
+    from cxr.errors import UsageError
+    from cxr.evaluate import predict_logits, probabilities
+    from cxr.model import load_checkpoint, resolve_device
+    from cxr.predict import collect_files
+
+    files = collect_files(list(paths))
+    ckpt = load_checkpoint(model)
+    names = [c.upper() for c in ckpt.class_names]
+    if target.upper() not in names and target != "predicted":
+        raise UsageError(f"--target {target!r}: use predicted, {' or '.join(ckpt.class_names)}")
+    cfg = ckpt.config
+    dev = resolve_device(device)
+    net = ckpt.build(dev)
+    t = ckpt.threshold if threshold is None else float(threshold)
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    done: list[Explanation] = []
+    for start in range(0, len(files), batch_size):
+        images, good = [], []
+        for f in files[start:start + batch_size]:
+            try:
+                images.append(load_image(f, cfg.image_size, max_pixels=cfg.max_pixels))
+                good.append(f)
+            except ImageError as e:
+                log.warning("skipping unreadable image: %s", e)
+        if not images:
+            continue
+        stack = np.stack(images)
+        # The prediction uses the checkpoint's threshold, so the explained class is the one the user is shown.
+        probs = probabilities(predict_logits(net, stack, mean=cfg.mean, std=cfg.std, device=dev))
+        predicted = (probs >= t).astype(np.int64)
+        classes = predicted if target == "predicted" else np.full(len(stack), names.index(target.upper()))
+        heats, _ = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=classes,
+                                       batch_size=batch_size)
+        for f, im, heat, prob, pred, cls in zip(good, stack, heats, probs, predicted, classes, strict=True):
+            out = out_dir / _unique_name(f, used)
+            title = (f"{f.name}\npredicted {ckpt.class_names[pred]}   P(pneumonia) = {prob:.3f}   "
+                     f"threshold {t:.3f}   heatmap: evidence for {ckpt.class_names[cls]}")
+            _explanation_figure(im, heat, title=title, path=out)
+            done.append(Explanation(str(f), str(out), float(prob), ckpt.class_names[pred]))
+    with atomic_path(out_dir / "explanations.csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "prob_pneumonia", "predicted", "output"])
+        for e in done:
+            w.writerow([e.path, f"{e.prob_pneumonia:.6f}", e.predicted, e.output])
+    return [Path(e.output) for e in done]

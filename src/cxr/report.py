@@ -1,0 +1,802 @@
+"""Pictures and one self-contained ``report.html`` from a run's saved artifacts (never by retraining).
+
+Reads what training and evaluation wrote (``config.yaml``, ``summary.json``, ``history.csv``, ``metrics.json``,
+``predictions_<split>.csv``; see :mod:`cxr.train` and :mod:`cxr.evaluate`) and writes, beside them::
+
+    report.html                  everything below embedded (base64), so the file opens offline on its own
+    report/history.png           loss, accuracy and learning rate per epoch, best epoch marked
+    report/confusion_<split>.png counts and row-normalised
+    report/roc_pr.png            ROC and precision-recall curves with the threshold's operating point
+    report/calibration.png       reliability diagram with the expected calibration error
+    report/grid_<split>.png      most confident right, most confident wrong and borderline images, with heatmaps
+    report/flythrough_<split>.mp4  each image in turn (see :mod:`cxr.video`)
+
+A section whose artifact is missing (an evaluation folder has no history; a run still training has no metrics)
+is left out. Heatmaps need the model (a run's ``best.pt``, or ``model=``); without one the images are shown plain.
+
+Research software, not a medical device.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime
+import html
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cxr.config import CLASS_NAMES
+from cxr.errors import UsageError
+from cxr.fileio import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+DISCLAIMER = ("Research software, not a medical device. These results describe a model on a data set; "
+              "they are not a diagnosis and must not be used for clinical decisions.")
+SPLIT_ORDER = ("train", "val", "test")
+
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies. Lines also differ in style and marker.
+OKABE_ITO = {"orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2",
+             "vermillion": "#D55E00", "purple": "#CC79A7", "black": "#000000", "grey": "#666666"}
+SPLIT_STYLE = {"train": (OKABE_ITO["orange"], "--", "o"), "val": (OKABE_ITO["blue"], "-", "s"),
+               "test": (OKABE_ITO["green"], "-.", "^")}
+RIGHT_COLOUR, WRONG_COLOUR = OKABE_ITO["blue"], OKABE_ITO["vermillion"]
+MATRIX_CMAP = "cividis"
+_RC = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5, "axes.grid": True,
+       "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False, "savefig.facecolor": "white"}
+
+
+# ------------------------------------------------------------------------------------------------ artifacts
+
+
+@dataclass
+class SplitPredictions:
+    """One ``predictions_<split>.csv``: paths, true labels (1 = PNEUMONIA) and P(PNEUMONIA)."""
+
+    name: str
+    paths: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+
+
+@dataclass
+class RunArtifacts:
+    """What a run directory or an evaluation folder holds; each part is None (or empty) when absent."""
+
+    root: Path
+    config: dict | None = None
+    summary: dict | None = None
+    history: list[dict[str, float]] | None = None
+    metrics: dict[str, dict] = field(default_factory=dict)
+    predictions: dict[str, SplitPredictions] = field(default_factory=dict)
+
+    @property
+    def splits(self) -> list[str]:
+        """Evaluated splits, train, val, test first."""
+        names = set(self.metrics) | set(self.predictions)
+        return sorted(names, key=lambda n: (SPLIT_ORDER.index(n) if n in SPLIT_ORDER else len(SPLIT_ORDER), n))
+
+    @property
+    def threshold(self) -> float | None:
+        """The decision threshold the predictions were made at (from ``metrics.json``)."""
+        for m in self.metrics.values():
+            if m.get("threshold") is not None:
+                return float(m["threshold"])
+        return None
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, float]]:
+    """``history.csv`` as one dict of floats per epoch (empty cells become NaN)."""
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append({k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()})
+    return rows
+
+
+def read_predictions(path: str | os.PathLike, name: str) -> SplitPredictions:
+    """One ``predictions_<split>.csv`` (columns path, label, prob_pneumonia, predicted)."""
+    paths, labels, probs = [], [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"path", "label", "prob_pneumonia"} - set(reader.fieldnames or [])
+        if missing:
+            raise UsageError(f"{path}: not a predictions file (no column {', '.join(sorted(missing))})")
+        for row in reader:
+            label = row["label"].strip().upper()
+            if label not in CLASS_NAMES:
+                raise UsageError(f"{path}: unknown label {row['label']!r} for {row['path']}")
+            paths.append(row["path"])
+            labels.append(CLASS_NAMES.index(label))
+            probs.append(float(row["prob_pneumonia"]))
+    return SplitPredictions(name, paths, np.array(labels, np.int64), np.array(probs, np.float64))
+
+
+def load_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
+    """Read every artifact present in a run directory or an evaluation output folder.
+
+    Raises:
+        UsageError: the folder does not exist or holds none of the artifacts.
+    """
+    import yaml
+
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise UsageError(f"{root}: no such run directory")
+    art = RunArtifacts(root)
+    if (root / "config.yaml").is_file():
+        art.config = yaml.safe_load((root / "config.yaml").read_text()) or {}
+    art.summary = _read_json(root / "summary.json")
+    if (root / "history.csv").is_file():
+        art.history = read_history(root / "history.csv") or None
+    art.metrics = _read_json(root / "metrics.json") or {}
+    for f in sorted(root.glob("predictions_*.csv")):
+        name = f.stem.removeprefix("predictions_")
+        art.predictions[name] = read_predictions(f, name)
+    if not (art.history or art.metrics or art.predictions):
+        raise UsageError(f"{root}: neither a run directory nor an evaluation folder (no history.csv, metrics.json "
+                         "or predictions_<split>.csv)")
+    return art
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
+    """ECE of P(PNEUMONIA): the count-weighted mean gap between mean probability and observed frequency over
+    ``n_bins`` equal-width bins (the last bin includes 1.0)."""
+    labels, probs = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
+    if len(labels) == 0:
+        return math.nan
+    bins = np.minimum((probs * n_bins).astype(np.int64), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            ece += sel.sum() / len(labels) * abs(labels[sel].mean() - probs[sel].mean())
+    return float(ece)
+
+
+def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> tuple[np.ndarray, ...]:
+    """Per non-empty bin: mean probability, observed frequency of PNEUMONIA, count."""
+    labels, probs = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
+    bins = np.minimum((probs * n_bins).astype(np.int64), n_bins - 1)
+    conf, freq, count = [], [], []
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            conf.append(probs[sel].mean())
+            freq.append(labels[sel].mean())
+            count.append(int(sel.sum()))
+    return np.array(conf), np.array(freq), np.array(count)
+
+
+def margin(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """How far each probability is from the threshold, as a share of the room on its side (0 on it, 1 at 0 or 1)."""
+    probs = np.asarray(probs, np.float64)
+    above = (probs - threshold) / max(1.0 - threshold, 1e-12)
+    below = (threshold - probs) / max(threshold, 1e-12)
+    return np.where(probs >= threshold, above, below)
+
+
+def select_examples(labels: np.ndarray, probs: np.ndarray, threshold: float,
+                    per_group: int = 4) -> dict[str, list[int]]:
+    """Indices of informative examples: most confident right, most confident wrong, borderline.
+
+    "Confident" is :func:`margin`. Right and wrong take half from each true class where they can, so one class
+    cannot fill the row; borderline are the images nearest the threshold not already chosen.
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
+    m = margin(probs, threshold)
+    right = (probs >= threshold).astype(np.int64) == labels
+
+    def confident(mask: np.ndarray) -> list[int]:
+        by_class = [[int(i) for i in np.flatnonzero(mask & (labels == c))[np.argsort(-m[mask & (labels == c)],
+                                                                                      kind="stable")]]
+                    for c in (0, 1)]
+        chosen = by_class[0][: per_group // 2] + by_class[1][: per_group - per_group // 2]
+        rest = sorted(set(by_class[0] + by_class[1]) - set(chosen), key=lambda i: -m[i])
+        chosen += rest[: per_group - len(chosen)]
+        return sorted(chosen, key=lambda i: -m[i])
+
+    groups = {"most confident right": confident(right), "most confident wrong": confident(~right)}
+    taken = {i for g in groups.values() for i in g}
+    near = [int(i) for i in np.argsort(m, kind="stable") if int(i) not in taken]
+    groups["borderline"] = near[:per_group]
+    return groups
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def _figure(**kwargs):
+    from matplotlib.figure import Figure
+
+    return Figure(layout="constrained", **kwargs)
+
+
+def _save(fig, path: Path, dpi: int = 110) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return path
+
+
+def _split_style(name: str) -> tuple[str, str, str]:
+    return SPLIT_STYLE.get(name, (OKABE_ITO["purple"], ":", "D"))
+
+
+def plot_history(history: list[dict[str, float]], best_epoch: int | None = None):
+    """Loss, accuracy (with validation AUROC) and learning rate per epoch; the best epoch marked on each."""
+    import matplotlib as mpl
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [int(h["epoch"]) for h in history]
+    with mpl.rc_context(_RC):
+        fig = _figure(figsize=(12.5, 3.9))
+        ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+        train_c, train_ls, train_m = _split_style("train")
+        val_c, val_ls, val_m = _split_style("val")
+        ax_loss.plot(epochs, [h["train_loss"] for h in history], train_ls, color=train_c, marker=train_m, label="train")
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], val_ls, color=val_c, marker=val_m, label="validation")
+        ax_loss.set(title="Loss per epoch", xlabel="epoch", ylabel="cross-entropy loss")
+        ax_acc.plot(epochs, [h["train_acc"] for h in history], train_ls, color=train_c, marker=train_m,
+                    label="train accuracy")
+        ax_acc.plot(epochs, [h["val_acc"] for h in history], val_ls, color=val_c, marker=val_m,
+                    label="validation accuracy")
+        if any(not math.isnan(h.get("val_auroc", math.nan)) for h in history):
+            ax_acc.plot(epochs, [h["val_auroc"] for h in history], ":", color=OKABE_ITO["green"], marker="^",
+                        label="validation AUROC")
+        ax_acc.set(title="Accuracy per epoch", xlabel="epoch", ylabel="accuracy (at 0.5) / AUROC")
+        ax_lr.plot(epochs, [h["lr"] for h in history], "-", color=OKABE_ITO["black"], marker=".",
+                   label="learning rate")
+        ax_lr.set(title="Learning rate (at epoch end)", xlabel="epoch", ylabel="learning rate")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        for ax in (ax_loss, ax_acc, ax_lr):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if best_epoch is not None:
+                ax.axvline(best_epoch, color=OKABE_ITO["purple"], linestyle=":", linewidth=2,
+                           label=f"best epoch ({best_epoch})")
+            if len(epochs) == 1:
+                ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+            ax.legend(loc="best")
+    return fig
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], split: str, class_names: Sequence[str] = CLASS_NAMES):
+    """Two panels for one split: counts, and row-normalised (each true class sums to 1)."""
+    import matplotlib as mpl
+
+    cm = np.asarray(matrix, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    cmap = mpl.colormaps[MATRIX_CMAP]
+    with mpl.rc_context({**_RC, "axes.grid": False}):
+        fig = _figure(figsize=(9.0, 3.9))
+        axes = fig.subplots(1, 2)
+        panels = ((cm, f"{split}: counts (n = {int(cm.sum())})", lambda i, j: f"{int(cm[i, j])}"),
+                  (norm, f"{split}: row-normalised", lambda i, j: f"{norm[i, j]:.1%}\n({int(cm[i, j])})"))
+        for ax, (values, title, text) in zip(axes, panels, strict=True):
+            vmax = values.max() if values.max() > 0 else 1
+            im = ax.imshow(values, cmap=cmap, vmin=0, vmax=1 if values is norm else vmax)
+            for i in range(2):
+                for j in range(2):
+                    r, g, b, _ = cmap(values[i, j] / (1 if values is norm else vmax))
+                    light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5
+                    ax.text(j, i, text(i, j), ha="center", va="center", fontsize=12,
+                            color="black" if light else "white")
+            ax.set_xticks([0, 1], [f"{c}" for c in class_names])
+            ax.set_yticks([0, 1], [f"{c}" for c in class_names])
+            ax.set(title=title, xlabel="predicted class", ylabel="true class")
+            fig.colorbar(im, ax=ax, shrink=0.85, label="share of true class" if values is norm else "images")
+    return fig
+
+
+def _operating_point(labels: np.ndarray, probs: np.ndarray, threshold: float) -> tuple[float, float, float]:
+    """(false-positive rate, recall, precision) at ``threshold``."""
+    pred = probs >= threshold
+    pos, neg = labels == 1, labels == 0
+    tpr = float(pred[pos].mean()) if pos.any() else math.nan
+    fpr = float(pred[neg].mean()) if neg.any() else math.nan
+    precision = float(labels[pred].mean()) if pred.any() else math.nan
+    return fpr, tpr, precision
+
+
+def plot_roc_pr(predictions: Sequence[SplitPredictions], threshold: float):
+    """ROC and precision-recall curves per split, AUROC and AUPRC in the legend, the threshold's operating point."""
+    import matplotlib as mpl
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    with mpl.rc_context(_RC):
+        fig = _figure(figsize=(11.5, 5.0))
+        ax_roc, ax_pr = fig.subplots(1, 2)
+        ax_roc.plot([0, 1], [0, 1], color=OKABE_ITO["grey"], linestyle=":", linewidth=1, label="chance")
+        for p in predictions:
+            if len(np.unique(p.labels)) < 2:
+                continue
+            colour, ls, marker = _split_style(p.name)
+            fpr, tpr, _ = roc_curve(p.labels, p.probs)
+            precision, recall, _ = precision_recall_curve(p.labels, p.probs)
+            auroc, auprc = roc_auc_score(p.labels, p.probs), average_precision_score(p.labels, p.probs)
+            ax_roc.plot(fpr, tpr, ls, color=colour, linewidth=2,
+                        label=f"{p.name}: AUROC {auroc:.3f} (n={len(p.labels)})")
+            ax_pr.plot(recall, precision, ls, color=colour, linewidth=2, drawstyle="steps-post",
+                       label=f"{p.name}: AUPRC {auprc:.3f} (n={len(p.labels)})")
+            ax_pr.axhline(p.labels.mean(), color=colour, linestyle=":", linewidth=1)
+            op_fpr, op_tpr, op_prec = _operating_point(p.labels, p.probs, threshold)
+            ax_roc.plot(op_fpr, op_tpr, marker, color=colour, markersize=10, markeredgecolor="black")
+            ax_pr.plot(op_tpr, op_prec, marker, color=colour, markersize=10, markeredgecolor="black")
+        for ax in (ax_roc, ax_pr):
+            ax.plot([], [], "o", color="white", markeredgecolor="black", markersize=9,
+                    label=f"operating point at threshold {threshold:.3f}")
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_aspect("equal")
+        ax_pr.plot([], [], ":", color=OKABE_ITO["grey"], label="chance (share of PNEUMONIA)")
+        ax_roc.set(title="ROC curve", xlabel="false-positive rate (1 - specificity)",
+                   ylabel="true-positive rate (sensitivity)")
+        ax_pr.set(title="Precision-recall curve (PNEUMONIA positive)", xlabel="recall (sensitivity)",
+                  ylabel="precision")
+        ax_roc.legend(loc="lower right")
+        ax_pr.legend(loc="lower left")
+    return fig
+
+
+def plot_calibration(predictions: Sequence[SplitPredictions], n_bins: int = 10):
+    """Reliability diagram of P(PNEUMONIA) per split with its ECE, and the histogram of probabilities below it."""
+    import matplotlib as mpl
+
+    with mpl.rc_context(_RC):
+        fig = _figure(figsize=(6.8, 7.4))
+        ax, ax_hist = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.3])
+        ax.plot([0, 1], [0, 1], color=OKABE_ITO["grey"], linestyle=":", label="perfectly calibrated")
+        edges = np.linspace(0, 1, n_bins + 1)
+        for p in predictions:
+            if not len(p.labels):
+                continue
+            colour, ls, marker = _split_style(p.name)
+            conf, freq, _ = reliability_bins(p.labels, p.probs, n_bins)
+            ece = expected_calibration_error(p.labels, p.probs, n_bins)
+            ax.plot(conf, freq, ls, color=colour, marker=marker, linewidth=2,
+                    label=f"{p.name}: ECE {ece:.3f} (n={len(p.labels)})")
+            ax_hist.hist(p.probs, bins=edges, histtype="step", color=colour, linestyle=ls, linewidth=2,
+                         weights=np.full(len(p.probs), 1 / len(p.probs)), label=p.name)
+        ax.set(title=f"Reliability diagram ({n_bins} equal-width bins)", ylabel="observed share of PNEUMONIA",
+               xlim=(0, 1), ylim=(-0.02, 1.02))
+        ax.legend(loc="upper left")
+        ax_hist.set(xlabel="predicted P(pneumonia)", ylabel="share of images")
+        ax_hist.legend(loc="upper center")
+    return fig
+
+
+@dataclass
+class GridTile:
+    """One image of the example grid."""
+
+    image: np.ndarray  # (S, S) uint8
+    heatmap: np.ndarray | None
+    label: int
+    prob: float
+    path: str
+
+
+def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, columns: int = 4):
+    """Rows of example images (one row per group, e.g. most confident right), each captioned with truth,
+    prediction and probability, framed blue when right and vermillion when wrong, heatmap overlaid."""
+    import matplotlib as mpl
+    from matplotlib import cm, colors
+
+    from cxr.explain import HEATMAP_CMAP, overlay
+
+    rows = [(name, tiles) for name, tiles in groups.items()]
+    heights = [max(1, math.ceil(len(t) / columns)) for _, t in rows]
+    with_heat = any(t.heatmap is not None for _, tiles in rows for t in tiles)
+    with mpl.rc_context({**_RC, "axes.grid": False}):
+        fig = _figure(figsize=(2.55 * columns + 0.4, 3.05 * sum(heights) + (0.9 if with_heat else 0.2)))
+        # One sub-figure per group (its own heading), and a thin one for the heatmap's colour scale.
+        ratios = [3.05 * h for h in heights] + ([0.75] if with_heat else [])
+        subfigs = list(np.atleast_1d(fig.subfigures(len(ratios), 1, height_ratios=ratios)))
+        for sub, (name, tiles) in zip(subfigs[:len(rows)], rows, strict=True):
+            sub.suptitle(f"{name} ({split})", fontsize=12, fontweight="bold", x=0.02, ha="left")
+            r = max(1, math.ceil(len(tiles) / columns))
+            axes = np.atleast_1d(sub.subplots(r, columns)).reshape(-1)
+            for ax in axes:
+                ax.set_axis_off()
+            if not tiles:
+                axes[0].text(0, 0.5, f"none: no {name.replace('most confident ', '')} predictions in {split}",
+                             transform=axes[0].transAxes, fontsize=10, va="center")
+            for ax, tile in zip(axes, tiles, strict=False):
+                pred = int(tile.prob >= threshold)
+                ok = pred == tile.label
+                colour = RIGHT_COLOUR if ok else WRONG_COLOUR
+                ax.set_axis_on()
+                ax.imshow(overlay(tile.image, tile.heatmap))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_visible(True)
+                    spine.set_color(colour)
+                    spine.set_linewidth(4)
+                ax.set_title(f"{'✓ right' if ok else '✗ wrong'}   P(pneu.) {tile.prob:.3f}\n"
+                             f"true {CLASS_NAMES[tile.label]} · pred {CLASS_NAMES[pred]}",
+                             fontsize=9.5, color=colour if not ok else "black")
+                ax.set_xlabel(_short(Path(tile.path).name, 30), fontsize=7.5, color=OKABE_ITO["grey"])
+        if with_heat:
+            cax = subfigs[-1].add_axes((0.3, 0.55, 0.4, 0.2))
+            subfigs[-1].colorbar(cm.ScalarMappable(colors.Normalize(0, 1), HEATMAP_CMAP), cax=cax,
+                                 orientation="horizontal",
+                                 label="heatmap: relative importance for the predicted class (Grad-CAM)")
+    return fig
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else "…" + text[-(n - 1):]
+
+
+# -------------------------------------------------------------------------------------------- images
+
+
+class _PixelSource:
+    """Load model inputs for prediction paths: image files, or ``file.npz#split/index`` array entries."""
+
+    def __init__(self, size: int, max_pixels: int = 100_000_000):
+        self.size, self.max_pixels = size, max_pixels
+        self._npz: dict[str, np.lib.npyio.NpzFile] = {}
+
+    def load(self, path: str) -> np.ndarray | None:
+        from cxr.images import ImageError, load_image, resize_square
+
+        try:
+            if "#" in path and path.split("#", 1)[0].lower().endswith(".npz"):
+                file, entry = path.split("#", 1)
+                split, index = entry.rsplit("/", 1)
+                if file not in self._npz:
+                    self._npz[file] = np.load(file, allow_pickle=False)
+                arr = np.asarray(self._npz[file][f"{split}_images"][int(index)])
+                if arr.ndim == 3:
+                    arr = arr.mean(axis=-1)
+                return resize_square(arr.astype(np.uint8), self.size)
+            return load_image(path, self.size, max_pixels=self.max_pixels)
+        except (ImageError, OSError, KeyError, ValueError, IndexError) as e:
+            log.warning("report: skipping an image that can no longer be read: %s (%s)", path, e)
+            return None
+
+    def close(self) -> None:
+        for f in self._npz.values():
+            f.close()
+
+
+@dataclass
+class _Explainer:
+    """The model and its preprocessing, for heatmaps (absent when no model is known)."""
+
+    net: object | None
+    size: int
+    mean: float
+    std: float
+    batch_size: int = 16
+
+    def heatmaps(self, images: np.ndarray, classes: np.ndarray) -> list[np.ndarray | None]:
+        if self.net is None or not len(images):
+            return [None] * len(images)
+        from cxr.explain import heatmaps_for_images
+
+        maps, _ = heatmaps_for_images(self.net, images, mean=self.mean, std=self.std, target=classes,
+                                      batch_size=self.batch_size)
+        return list(maps)
+
+
+def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, heatmaps: bool) -> _Explainer:
+    from cxr.model import load_checkpoint, resolve_device, resolve_model_path
+
+    size = int((art.config or {}).get("image_size", 224))
+    mean, std = float((art.config or {}).get("mean", 0.449)), float((art.config or {}).get("std", 0.226))
+    source = model
+    if source is None:
+        try:
+            source = resolve_model_path(art.root)
+        except Exception:  # an evaluation folder has no checkpoint: images are shown without heatmaps
+            source = None
+    if source is None:
+        if heatmaps:
+            log.info("report: no model found for %s, images are shown without heatmaps", art.root)
+        return _Explainer(None, size, mean, std)
+    ckpt = load_checkpoint(source)
+    cfg = ckpt.config
+    if art.config is None:
+        art.config = cfg.to_dict()
+    net = ckpt.build(resolve_device(device)) if heatmaps else None
+    return _Explainer(net, cfg.image_size, cfg.mean, cfg.std)
+
+
+def _gather(pred: SplitPredictions, indices: Sequence[int], pixels: _PixelSource, explainer: _Explainer,
+            threshold: float) -> list[GridTile]:
+    """Load the images at ``indices`` and their heatmaps (explaining the predicted class); unreadable ones dropped."""
+    loaded = [(i, pixels.load(pred.paths[i])) for i in indices]
+    loaded = [(i, im) for i, im in loaded if im is not None]
+    if not loaded:
+        return []
+    images = np.stack([im for _, im in loaded])
+    classes = np.array([int(pred.probs[i] >= threshold) for i, _ in loaded])
+    maps = explainer.heatmaps(images, classes)
+    return [GridTile(im, heat, int(pred.labels[i]), float(pred.probs[i]), pred.paths[i])
+            for (i, im), heat in zip(loaded, maps, strict=True)]
+
+
+def pick_video_indices(pred: SplitPredictions, threshold: float, select: str = "sample", max_images: int = 60,
+                       seed: int = 0) -> list[int]:
+    """Which images the video shows, in order.
+
+    ``sample``: up to ``max_images`` drawn at random (seeded), in random order, so the tally mixes both classes;
+    ``errors``: the wrong predictions, up to ``max_images``, in file order; ``all``: every image in file order.
+    """
+    n = len(pred.paths)
+    if select == "all":
+        return list(range(n))
+    if select == "errors":
+        wrong = np.flatnonzero((pred.probs >= threshold).astype(np.int64) != pred.labels)
+        return [int(i) for i in wrong[:max_images]]
+    if select == "sample":
+        rng = np.random.default_rng(seed)
+        return [int(i) for i in rng.permutation(n)[:max_images]]
+    raise UsageError(f"video selection {select!r}: use sample, errors or all")
+
+
+# -------------------------------------------------------------------------------------------------- HTML
+
+
+def _data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence], numeric_from: int = 1) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td class='{'num' if j >= numeric_from else ''}'>{_fmt(c)}</td>"
+                                    for j, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure_html(path: Path, alt: str, caption: str) -> str:
+    return (f"<figure><img src='{_data_uri(path, 'image/png')}' alt='{html.escape(alt)}'>"
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1b1b1b;
+background:#fafafa;line-height:1.45}
+main{max-width:1200px;margin:0 auto;padding:1.2rem 1.5rem 3rem}
+h1{font-size:1.6rem;margin:.2rem 0}h2{font-size:1.25rem;margin-top:2.2rem;border-bottom:1px solid #ddd;
+padding-bottom:.2rem}
+.note{background:#fff4e0;border-left:5px solid #E69F00;padding:.6rem .9rem;margin:.8rem 0;font-weight:600}
+.meta{color:#555;font-size:.9rem}
+table{border-collapse:collapse;margin:.6rem 0;background:white;font-size:.92rem}
+th,td{border:1px solid #ddd;padding:.3rem .6rem;text-align:left}th{background:#f0f0f0}td.num{text-align:right;
+font-variant-numeric:tabular-nums}
+figure{margin:1rem 0;background:white;border:1px solid #e3e3e3;padding:.6rem}
+figure img,figure video{max-width:100%;height:auto;display:block;margin:0 auto}
+figcaption{color:#444;font-size:.9rem;margin-top:.4rem}
+pre{background:#f3f3f3;padding:.7rem;overflow:auto;font-size:.85rem}
+.cm{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:.6rem}
+"""
+
+
+def _html(art: RunArtifacts, sections: list[tuple[str, str, str]], model_note: str) -> str:
+    title = f"cxr report: {art.root.name}"
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    nav = " · ".join(f"<a href='#{sid}'>{html.escape(name)}</a>" for sid, name, _ in sections)
+    body = "".join(f"<section id='{sid}'><h2>{html.escape(name)}</h2>{content}</section>"
+                   for sid, name, content in sections)
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><main><h1>{html.escape(title)}</h1>"
+            f"<p class='note' role='note'>{html.escape(DISCLAIMER)}</p>"
+            f"<p class='meta'>{html.escape(str(art.root.resolve()))} · generated {html.escape(now)} · "
+            f"{html.escape(model_note)}</p><nav class='meta'>{nav}</nav>{body}"
+            f"<p class='note'>{html.escape(DISCLAIMER)}</p></main></body></html>")
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None = None,
+                model: str | os.PathLike | None = None, video: bool = True, heatmaps: bool = True,
+                grid_split: str | None = None, grid_per_group: int = 4, video_split: str | None = None,
+                video_select: str = "sample", video_max_images: int = 60, seconds_per_image: float = 1.0,
+                frame_size: tuple[int, int] = (640, 360), fps: float = 5.0, device: str = "auto",
+                seed: int = 0) -> Path:
+    """Make every picture of a run (or an evaluation folder) from its artifacts, and ``report.html`` with them.
+
+    Args:
+        run_dir: a training run directory, or an evaluation output folder (metrics.json + predictions).
+        output: where ``report.html`` and ``report/`` go (default ``run_dir``).
+        model: checkpoint or run directory for the heatmaps (default: ``run_dir``'s best.pt, if any).
+        video: write the fly-through MP4 and embed it.
+        heatmaps: overlay Grad-CAM heatmaps on the grid and the video (needs a model).
+        grid_split, video_split: which split's images to show (default test, else val, else the last one).
+        grid_per_group: images per grid row group (most confident right / wrong, borderline).
+        video_select: ``sample`` | ``errors`` | ``all`` (see :func:`pick_video_indices`).
+        video_max_images: at most this many images in the video (``sample`` and ``errors``).
+        seconds_per_image, frame_size, fps: the video's timing and (width, height) in pixels.
+        device: where the model runs for the heatmaps.
+        seed: for the video's random sample.
+
+    Returns:
+        The path of ``report.html``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from cxr.video import VideoItem, even_frame_size, write_flythrough
+
+    if video:
+        frame_size = even_frame_size(*frame_size)  # fail before minutes of work, not after
+    art = load_artifacts(run_dir)
+    out = Path(output) if output is not None else art.root
+    pics = out / "report"
+    pics.mkdir(parents=True, exist_ok=True)
+    explainer = _explainer(art, model, device, heatmaps)
+    threshold = art.threshold if art.threshold is not None else 0.5
+    splits = art.splits
+    preds = [art.predictions[s] for s in splits if s in art.predictions]
+    sections: list[tuple[str, str, str]] = []  # (id, title, html)
+
+    def default_split(asked: str | None) -> str | None:
+        if asked is not None:
+            if asked not in art.predictions:
+                raise UsageError(f"split {asked!r} has no predictions in {art.root} (have: "
+                                 f"{', '.join(art.predictions) or 'none'})")
+            return asked
+        for name in ("test", "val"):
+            if name in art.predictions:
+                return name
+        return next(reversed(art.predictions), None)
+
+    # Data and metrics tables.
+    summary = art.summary or {}
+    counts = summary.get("counts") or {s: {"NORMAL": m.get("n_normal"), "PNEUMONIA": m.get("n_pneumonia")}
+                                       for s, m in art.metrics.items()}
+    unreadable = summary.get("unreadable") or {}
+    rows = [[s, c.get("NORMAL"), c.get("PNEUMONIA"), (c.get("NORMAL") or 0) + (c.get("PNEUMONIA") or 0),
+             len(unreadable.get(s, [])) if s in unreadable else art.metrics.get(s, {}).get("n_unreadable")]
+            for s, c in counts.items()]
+    facts = []
+    for key, name in (("stop_reason", "stopped"), ("epochs_run", "epochs run"), ("best_epoch", "best epoch"),
+                      ("device", "device"), ("wall_seconds_this_session", "wall time (s)"), ("data", "data")):
+        if summary.get(key) is not None:
+            facts.append(f"<li>{html.escape(name)}: {_fmt(summary[key])}</li>")
+    data_html = _table(["split", "NORMAL", "PNEUMONIA", "total", "unreadable"], rows) if rows else \
+        "<p>No data counts recorded.</p>"
+    bad = [(s, u) for s, items in unreadable.items() for u in items]
+    if bad:
+        data_html += "<details><summary>unreadable files (" + str(len(bad)) + ")</summary><ul>" + "".join(
+            f"<li>{html.escape(s)}: {html.escape(u.get('path', ''))}: {html.escape(u.get('reason', ''))}</li>"
+            for s, u in bad) + "</ul></details>"
+    sections.append(("data", "Data", data_html + (f"<ul>{''.join(facts)}</ul>" if facts else "")))
+
+    if art.metrics:
+        cols = ("n", "accuracy", "recall", "specificity", "precision", "f1", "auroc", "auprc")
+        metric_rows = []
+        for s in splits:
+            m = art.metrics.get(s)
+            if m is None:
+                continue
+            ece = expected_calibration_error(art.predictions[s].labels, art.predictions[s].probs) \
+                if s in art.predictions else None
+            metric_rows.append([s, *[m.get(c) for c in cols], ece])
+        header = ["split", "n", "accuracy", "sensitivity", "specificity", "precision", "F1", "AUROC", "AUPRC", "ECE"]
+        sections.append(("metrics", "Metrics", _table(header, metric_rows) +
+                         f"<p class='meta'>At decision threshold P(pneumonia) ≥ {threshold:.3f}, chosen on "
+                         "validation. Sensitivity = recall of PNEUMONIA, specificity = recall of NORMAL; AUROC and "
+                         "AUPRC do not depend on the threshold; ECE = expected calibration error (10 bins).</p>"))
+
+    if art.history:
+        best = summary.get("best_epoch")
+        if best is None:
+            losses = [h["val_loss"] for h in art.history]
+            best = int(art.history[int(np.nanargmin(losses))]["epoch"]) if not all(map(math.isnan, losses)) else None
+        path = _save(plot_history(art.history, best), pics / "history.png")
+        sections.append(("training", "Training curves", _figure_html(
+            path, "loss, accuracy and learning rate per epoch",
+            "Loss and accuracy per epoch on train (dashed) and validation (solid), with the learning rate; the dotted "
+            "line marks the best epoch (lowest validation loss), whose weights are the model. Training accuracy is "
+            "measured on augmented images while the weights change, validation after the epoch.")))
+
+    cms = []
+    for s in splits:
+        m = art.metrics.get(s)
+        if m and "confusion_matrix" in m:
+            path = _save(plot_confusion(m["confusion_matrix"], s), pics / f"confusion_{s}.png")
+            cms.append(_figure_html(path, f"confusion matrix for {s}",
+                                    f"{html.escape(s)}: rows are the true class, columns the prediction at threshold "
+                                    f"{threshold:.3f}. Row-normalised: the diagonal is specificity (NORMAL) and "
+                                    "sensitivity (PNEUMONIA)."))
+    if cms:
+        sections.append(("confusion", "Confusion matrices", f"<div class='cm'>{''.join(cms)}</div>"))
+
+    if preds:
+        path = _save(plot_roc_pr(preds, threshold), pics / "roc_pr.png")
+        sections.append(("curves", "ROC and precision-recall", _figure_html(
+            path, "ROC and precision-recall curves",
+            f"One curve per split; the large markers are the operating point at threshold {threshold:.3f}. The "
+            "dotted horizontal lines in the precision-recall panel are each split's share of PNEUMONIA (what a model "
+            "that guesses gets).")))
+        path = _save(plot_calibration(preds), pics / "calibration.png")
+        sections.append(("calibration", "Calibration", _figure_html(
+            path, "reliability diagram",
+            "Points on the diagonal mean that a predicted probability p comes true a share p of the time; the "
+            "expected calibration error (ECE) is the count-weighted mean distance from it. Below: how the predicted "
+            "probabilities are spread.")))
+
+    pixels = _PixelSource(explainer.size)
+    model_note = "heatmaps: Grad-CAM" if explainer.net is not None else "no model: images shown without heatmaps"
+    try:
+        gsplit = default_split(grid_split)
+        if gsplit is not None:
+            p = art.predictions[gsplit]
+            groups = select_examples(p.labels, p.probs, threshold, grid_per_group)
+            tiles = {name: _gather(p, idx, pixels, explainer, threshold) for name, idx in groups.items()}
+            path = _save(plot_grid(tiles, threshold, gsplit, columns=grid_per_group), pics / f"grid_{gsplit}.png")
+            sections.append(("examples", "Examples", _figure_html(
+                path, f"example images from {gsplit}",
+                f"Images from {html.escape(gsplit)}: the most confident right and wrong predictions (half from each "
+                "true class where possible) and the ones nearest the threshold. Blue frame and ✓: right; vermillion "
+                "frame and ✗: wrong. " + ("The heatmap (Grad-CAM on the last convolutional block, explaining the "
+                                          "predicted class) shows which regions raised that class's score; it is not "
+                                          "a segmentation of disease." if explainer.net is not None else ""))))
+
+        vsplit = default_split(video_split)
+        if video and vsplit is not None:
+            p = art.predictions[vsplit]
+            idx = pick_video_indices(p, threshold, video_select, video_max_images, seed)
+            items = []
+            for start in range(0, len(idx), 32):  # loaded in chunks: memory stays flat with select="all"
+                for t in _gather(p, idx[start:start + 32], pixels, explainer, threshold):
+                    items.append(VideoItem(t.path, t.label, t.prob, t.image, t.heatmap))
+            if items:
+                path = write_flythrough(items, pics / f"flythrough_{vsplit}.mp4", threshold=threshold,
+                                        frame_size=frame_size, seconds_per_image=seconds_per_image, fps=fps,
+                                        title=vsplit)
+                size_mb = path.stat().st_size / 1e6
+                sections.append(("video", "Fly-through video", (
+                    f"<figure><video controls muted playsinline preload='metadata' width='{frame_size[0]}' "
+                    f"src='{_data_uri(path, 'video/mp4')}'></video><figcaption>{len(items)} images from "
+                    f"{html.escape(vsplit)} ({html.escape(video_select)}), {seconds_per_image:g} s each, with heatmap, "
+                    f"prediction, probability, truth and a running tally. Also saved as "
+                    f"{html.escape(str(path.relative_to(out)))} ({size_mb:.1f} MB).</figcaption></figure>")))
+    finally:
+        pixels.close()
+
+    if art.config:
+        import yaml
+
+        sections.append(("config", "Configuration", "<details><summary>resolved config (config.yaml)</summary>"
+                         f"<pre>{html.escape(yaml.safe_dump(art.config, sort_keys=False))}</pre></details>"))
+
+    report = out / "report.html"
+    atomic_write_text(report, _html(art, sections, model_note))
+    log.info("wrote %s", report)
+    return report

@@ -1,0 +1,232 @@
+"""A fly-through video: each evaluated image in turn with its heatmap, prediction, probability, truth and a tally.
+
+The video is MP4 with H.264 in yuv420p (what browsers and common players decode), written by the ffmpeg that the
+``imageio-ffmpeg`` package ships, so nothing has to be installed on the system. Frames are drawn with PIL; every
+image is shown for ``seconds_per_image`` by repeating its frame, which H.264 stores almost for free.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from cxr.config import CLASS_NAMES
+from cxr.errors import UsageError
+from cxr.explain import HEATMAP_CMAP, overlay
+from cxr.fileio import atomic_path
+from cxr.progress import progress_bar
+
+# Okabe-Ito colours, the light variants that read well on the dark frame; right/wrong also differ in symbol and word.
+RIGHT_COLOUR = (86, 180, 233)  # sky blue
+WRONG_COLOUR = (230, 159, 0)  # orange
+THRESHOLD_COLOUR = (204, 121, 167)  # reddish purple
+BACKGROUND = (24, 24, 24)
+TEXT = (240, 240, 240)
+DIM = (170, 170, 170)
+MIN_FRAME = (320, 180)
+
+
+@dataclass
+class VideoItem:
+    """One image of the video: its model input, heatmap and what the model said about it."""
+
+    path: str
+    label: int  # 1 = PNEUMONIA
+    prob: float  # P(PNEUMONIA)
+    image: np.ndarray  # (S, S) uint8
+    heatmap: np.ndarray | None = None  # (S, S) in [0, 1]
+
+
+def even_frame_size(width: int, height: int) -> tuple[int, int]:
+    """The frame size rounded down to even numbers (yuv420p halves the chroma planes), checked against a minimum."""
+    width, height = int(width) - int(width) % 2, int(height) - int(height) % 2
+    if width < MIN_FRAME[0] or height < MIN_FRAME[1]:
+        raise UsageError(f"video frame size {width}x{height} is too small (at least {MIN_FRAME[0]}x{MIN_FRAME[1]})")
+    if width < height:
+        raise UsageError(f"video frame size {width}x{height}: use a landscape frame (width >= height)")
+    return width, height
+
+
+@lru_cache(maxsize=32)
+def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
+    # DejaVu ships with matplotlib, so the same font (with the check and cross glyphs) is there on every machine.
+    from matplotlib import font_manager
+
+    path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans", weight="bold" if bold else "normal"))
+    return ImageFont.truetype(path, size)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+    """``text`` shortened from the left with an ellipsis until it fits ``width`` pixels (file names keep their end)."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while len(text) > 1 and draw.textlength("…" + text, font=font) > width:
+        text = text[1:]
+    return "…" + text
+
+
+def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: int, threshold: float,
+                 history: Sequence[bool], size: tuple[int, int] = (640, 360), title: str = "") -> np.ndarray:
+    """Draw one frame.
+
+    Args:
+        item: the image and its prediction.
+        index: 0-based position of this image in the video.
+        total: number of images in the video.
+        right, wrong: tally including this image.
+        threshold: decision threshold on P(PNEUMONIA).
+        history: right (True) or wrong (False) for every image so far, this one included (the strip at the bottom).
+        size: (width, height), even.
+        title: shown above the counter, e.g. the split's name.
+
+    Returns:
+        (height, width, 3) uint8 RGB array.
+    """
+    w, h = size
+    im = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(im)
+    margin = max(6, round(h * 0.035))
+    strip_h = max(6, round(h * 0.03))
+    side = min(h - 2 * margin - strip_h - margin // 2, int(w * 0.56))
+    predicted = int(item.prob >= threshold)
+    ok = predicted == item.label
+    colour = RIGHT_COLOUR if ok else WRONG_COLOUR
+
+    # The X-ray with its heatmap, framed in the verdict's colour.
+    picture = Image.fromarray(overlay(item.image, item.heatmap, size=side))
+    border = max(2, side // 90)
+    draw.rectangle([margin - border, margin - border, margin + side + border - 1, margin + side + border - 1],
+                   fill=colour)
+    im.paste(picture, (margin, margin))
+
+    # The text panel.
+    x0 = margin * 2 + side + border
+    panel_w = w - x0 - margin
+    unit = max(9, min(round(h / 20), round(panel_w / 13)))
+    small, normal, big = _font(max(8, round(unit * 0.75))), _font(unit), _font(round(unit * 1.5), bold=True)
+    bold = _font(unit, bold=True)
+    y = margin
+    head = f"{title}  ·  image {index + 1} of {total}" if title else f"image {index + 1} of {total}"
+    draw.text((x0, y), head, font=small, fill=DIM)
+    y += round(unit * 1.05)
+    draw.text((x0, y), _fit(draw, Path(item.path).name, small, panel_w), font=small, fill=DIM)
+    y += round(unit * 1.6)
+    label_w = max(draw.textlength("predicted ", font=normal), draw.textlength("truth ", font=normal))
+    for name, value in (("truth", CLASS_NAMES[item.label]), ("predicted", CLASS_NAMES[predicted])):
+        draw.text((x0, y), name, font=normal, fill=DIM)
+        draw.text((x0 + label_w, y), value, font=bold, fill=TEXT)
+        y += round(unit * 1.3)
+    draw.text((x0, y), f"P(pneumonia) {item.prob:.3f}", font=normal, fill=TEXT)
+    y += round(unit * 1.3)
+
+    # Probability bar with the threshold marked.
+    bar_w, bar_h = panel_w, max(5, unit // 2)
+    draw.rectangle([x0, y, x0 + bar_w, y + bar_h], outline=DIM, width=1)
+    draw.rectangle([x0, y, x0 + round(bar_w * float(np.clip(item.prob, 0, 1))), y + bar_h], fill=TEXT)
+    tx = x0 + round(bar_w * threshold)
+    draw.line([tx, y - 3, tx, y + bar_h + 3], fill=THRESHOLD_COLOUR, width=2)
+    y += bar_h + 4
+    draw.text((x0, y), f"threshold {threshold:.3f}", font=small, fill=THRESHOLD_COLOUR)
+    y += round(unit * 1.4)
+
+    verdict = "✓ RIGHT" if ok else "✗ WRONG"
+    draw.text((x0, y), verdict, font=big, fill=colour)
+    y += round(unit * 2.0)
+    seen = right + wrong
+    draw.text((x0, y), f"so far: {right} right, {wrong} wrong", font=normal, fill=TEXT)
+    y += round(unit * 1.2)
+    draw.text((x0, y), f"accuracy {right / seen:.1%}" if seen else "", font=small, fill=DIM)
+
+    # Heatmap legend, bottom of the panel.
+    legend_y = margin + side - round(unit * 3.4)
+    from matplotlib import colormaps
+
+    ramp = (colormaps[HEATMAP_CMAP](np.linspace(0, 1, max(2, panel_w // 2)))[:, :3] * 255).astype(np.uint8)
+    strip = Image.fromarray(np.repeat(ramp[None], max(4, unit // 2), axis=0))
+    draw.text((x0, legend_y - round(unit * 0.95)), "heatmap: where the model looked", font=small, fill=DIM)
+    im.paste(strip, (x0, legend_y))
+    draw.text((x0, legend_y + strip.height + 1), "low", font=small, fill=DIM)
+    draw.text((x0 + strip.width - draw.textlength("high", font=small), legend_y + strip.height + 1), "high",
+              font=small, fill=DIM)
+    note = _fit(draw, "research software, not a medical device", small, panel_w)
+    draw.text((x0, margin + side - round(unit * 0.8)), note, font=small, fill=DIM)
+
+    # Progress strip: one cell per image so far, coloured right or wrong.
+    sy = h - margin // 2 - strip_h
+    draw.rectangle([margin, sy, w - margin, sy + strip_h], outline=DIM, width=1)
+    cell = (w - 2 * margin) / max(total, 1)
+    for i, good in enumerate(history):
+        draw.rectangle([margin + round(i * cell), sy + 1, margin + round((i + 1) * cell) - 1, sy + strip_h - 1],
+                       fill=RIGHT_COLOUR if good else WRONG_COLOUR)
+    return np.asarray(im)
+
+
+def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, threshold: float,
+                     frame_size: tuple[int, int] = (640, 360), seconds_per_image: float = 1.0, fps: float = 5.0,
+                     title: str = "", crf: int = 23) -> Path:
+    """Write the fly-through MP4 (H.264, yuv420p), one image after another, with a progress bar.
+
+    Args:
+        items: the images in the order shown.
+        path: the ``.mp4`` to write (atomically: a failed run leaves no half-written file).
+        threshold: decision threshold on P(PNEUMONIA).
+        frame_size: (width, height); rounded down to even numbers.
+        seconds_per_image: how long each image stays on screen.
+        fps: frame rate; each image gets ``max(1, round(seconds_per_image * fps))`` identical frames.
+        title: text above the counter in each frame.
+        crf: x264 constant rate factor (lower is better and bigger; 23 is x264's default).
+
+    Returns:
+        ``path``.
+    """
+    import imageio_ffmpeg
+
+    if not items:
+        raise UsageError("no images for the video")
+    if seconds_per_image <= 0 or fps <= 0:
+        raise UsageError("seconds per image and fps must be > 0")
+    size = even_frame_size(*frame_size)
+    repeat = max(1, round(seconds_per_image * fps))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp), size, fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p", quality=None,
+            macro_block_size=2, ffmpeg_log_level="error",
+            # -f mp4: the temporary file's name does not end in .mp4; faststart: playable before fully loaded.
+            output_params=["-crf", str(crf), "-preset", "medium", "-tune", "stillimage", "-movflags", "+faststart",
+                           "-f", "mp4"])
+        writer.send(None)
+        right = wrong = 0
+        history: list[bool] = []
+        try:
+            with progress_bar("writing video", total=len(items), unit="img") as bar:
+                for i, item in enumerate(items):
+                    ok = int(item.prob >= threshold) == item.label
+                    right, wrong = right + ok, wrong + (not ok)
+                    history.append(ok)
+                    frame = render_frame(item, index=i, total=len(items), right=right, wrong=wrong,
+                                         threshold=threshold, history=history, size=size, title=title)
+                    data = np.ascontiguousarray(frame).tobytes()
+                    for _ in range(repeat):
+                        writer.send(data)
+                    bar.advance(info=f"{right} right, {wrong} wrong")
+        finally:
+            writer.close()
+    return path
+
+
+def probe_video(path: str | os.PathLike) -> dict:
+    """Decode an MP4 back: ``codec``, ``pix_fmt``, ``size`` (width, height), ``fps`` and the decoded ``frames``."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    frames = sum(1 for _ in reader)
+    return {"codec": meta.get("codec", ""), "pix_fmt": meta.get("pix_fmt", ""), "size": tuple(meta["size"]),
+            "fps": meta.get("fps"), "frames": frames}

@@ -1,0 +1,248 @@
+"""The CLI run as a user runs it (a subprocess), on a few real X-rays, and the training loop end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr.config import load_config
+from cxr.model import load_checkpoint
+
+from .conftest import TINY_TRAIN, read_csv
+
+
+def cxr(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m cxr ARGS`` and return the finished process (stdout and stderr as text)."""
+    proc = subprocess.run([sys.executable, "-m", "cxr", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cxr {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def _flags(overrides: dict) -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        if k in ("warmup_epochs", "eval_batch_size", "val_fraction"):
+            continue
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One real training run through the CLI, shared by the tests that only read its outputs."""
+    from .conftest import make_dataset
+
+    root = tmp_path_factory.mktemp("cli")
+    data = make_dataset(root / "data")
+    config = root / "tiny.yaml"
+    config.write_text("val_fraction: 0.25\nwarmup_epochs: 0.5\neval_batch_size: 32\n")
+    run = root / "run"
+    proc = cxr("train", "--data", data, "--output", run, "--config", config, "--cache-dir", root / "cache",
+               *_flags(TINY_TRAIN))
+    return data, run, proc
+
+
+def test_train_writes_the_run_directory(trained_run):
+    _, run, proc = trained_run
+    for name in ("config.yaml", "split.csv", "history.csv", "best.pt", "last.pt", "metrics.json",
+                 "predictions_train.csv", "predictions_val.csv", "predictions_test.csv", "summary.json"):
+        assert (run / name).is_file(), name
+    history = read_csv(run / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    assert list(history[0]) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auroc",
+                                "seconds", "images_per_s"]
+    assert "epoch 2/2" in proc.stderr and "val loss" in proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"train", "val", "test"}
+    assert metrics["test"]["n"] == 8
+    ckpt = load_checkpoint(run)
+    assert ckpt.threshold == pytest.approx(metrics["val"]["threshold"])
+    assert ckpt.config.image_size == 32 and ckpt.config.val_fraction == 0.25  # flags and YAML both applied
+    assert load_config(run / "config.yaml") == ckpt.config
+
+
+def test_split_csv_is_patient_disjoint(trained_run):
+    _, run, _ = trained_run
+    rows = read_csv(run / "split.csv")
+    patients = {s: {r["patient"] for r in rows if r["split"] == s} for s in ("train", "val", "test")}
+    assert patients["train"] and patients["val"]
+    assert not patients["train"] & patients["val"]
+    assert len(rows) == 40
+
+
+def test_evaluate_reproduces_training_metrics(trained_run, tmp_path):
+    data, run, _ = trained_run
+    proc = cxr("evaluate", "--model", run, "--data", data / "test", "--output", tmp_path / "eval", "--device", "cpu")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert list(metrics) == ["test"]
+    trained = json.loads((run / "metrics.json").read_text())["test"]
+    assert metrics["test"]["confusion_matrix"] == trained["confusion_matrix"]
+    for key in ("accuracy", "auroc", "threshold"):
+        assert metrics["test"][key] == pytest.approx(trained[key], abs=1e-6)
+    assert "accuracy" in proc.stdout
+
+
+def test_evaluate_threshold_override(trained_run, tmp_path):
+    data, run, _ = trained_run
+    cxr("evaluate", "--model", run / "best.pt", "--data", data, "--output", tmp_path, "--threshold", "0")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test"]["threshold"] == 0 and metrics["test"]["recall"] == 1.0
+    assert metrics["test"]["specificity"] == 0.0
+
+
+def test_predict_files_and_folders_with_a_bad_file(trained_run, tmp_path):
+    data, run, _ = trained_run
+    folder = data / "test"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "preds.csv"
+    proc = cxr("predict", "--model", run, folder, bad, "--output", out)
+    rows = read_csv(out)
+    assert len(rows) == 9
+    by_path = {r["path"]: r for r in rows}
+    assert by_path[str(bad)]["error"] and not by_path[str(bad)]["label"]
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 8 and all(r["label"] in ("NORMAL", "PNEUMONIA") for r in good)
+    evaluated = {r["path"]: float(r["prob_pneumonia"]) for r in read_csv(run / "predictions_test.csv")}
+    for r in good:
+        assert float(r["prob_pneumonia"]) == pytest.approx(evaluated[r["path"]], abs=1e-5)
+    assert "not a medical device" in proc.stdout.replace("\n", " ")
+    assert "could not be read" in proc.stderr
+
+    out_json = tmp_path / "preds.json"
+    cxr("predict", "--model", run / "best.pt", folder, "--output", out_json)
+    doc = json.loads(out_json.read_text())
+    assert len(doc["predictions"]) == 8 and "not a medical device" in doc["note"]
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_dataset, monkeypatch):
+    """Kill a deterministic run after its first epoch, resume it, and compare with one that ran straight through."""
+    import cxr.train as train_mod
+
+    overrides = {**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 3, "deterministic": True}
+    straight = train_mod.train(load_config(overrides={**overrides, "output": str(tmp_path / "straight")}))
+
+    real_validate = train_mod.validate
+    calls = {"n": 0}
+
+    def crash_on_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if the process died mid-run
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "validate", crash_on_second_epoch)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(load_config(overrides={**overrides, "output": str(interrupted)}))
+    assert load_checkpoint(interrupted / "last.pt").epoch == 1
+    monkeypatch.setattr(train_mod, "validate", real_validate)
+    train_mod.train(resume=interrupted)
+
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(interrupted / "last.pt")
+    assert a.epoch == b.epoch == 3
+    for k in a.state_dict:
+        assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+    assert (straight / "history.csv").read_text().count("\n") == (interrupted / "history.csv").read_text().count("\n")
+
+
+def test_resume_through_the_cli(trained_run, tmp_path):
+    _, run, _ = trained_run
+    proc = cxr("train", "--resume", run, "--epochs", "3")
+    assert "resuming" in proc.stderr
+    assert load_checkpoint(run / "last.pt").epoch == 3
+    bad = cxr("train", "--resume", run, "--lr", "0.5", check=False)
+    assert bad.returncode == 2 and "only --epochs and --device may change" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_path_that_does_not_exist(tmp_path):
+    _one_line_error(cxr("train", "--data", tmp_path / "nope", "--output", tmp_path / "r", check=False),
+                    "nope", "no such file or directory")
+
+
+def test_missing_class_folder_stops_before_training(tmp_path, tiny_dataset):
+    import shutil
+
+    shutil.rmtree(tiny_dataset / "train" / "NORMAL")
+    proc = cxr("train", "--data", tiny_dataset, "--output", tmp_path / "r", check=False)
+    _one_line_error(proc, "NORMAL/ is missing")
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_dataset_with_one_class_only(tmp_path, tiny_dataset):
+    for f in (tiny_dataset / "train" / "NORMAL").iterdir():
+        f.unlink()
+    (tiny_dataset / "train" / "NORMAL").rmdir()
+    (tiny_dataset / "train" / "normal").mkdir()
+    proc = cxr("train", "--data", tiny_dataset, "--output", tmp_path / "r", check=False)
+    _one_line_error(proc, "class folder holds no image files")
+
+
+def test_one_class_only_after_carving(tmp_path):
+    from cxr.data import Sample
+    from cxr.errors import DataError
+    from cxr.train import _check_classes
+
+    with pytest.raises(DataError, match="must hold both NORMAL and PNEUMONIA"):
+        _check_classes("train", [Sample("a.png", 1, "a"), Sample("b.png", 1, "b")])
+
+
+def test_unreadable_training_images_are_skipped_and_counted(tmp_path, tiny_dataset):
+    (tiny_dataset / "train" / "NORMAL" / "empty.jpeg").write_bytes(b"")
+    (tiny_dataset / "train" / "PNEUMONIA" / "text.png").write_text("not an image")
+    overrides = {**TINY_TRAIN, "data": str(tiny_dataset), "output": str(tmp_path / "r"), "epochs": 1}
+    from cxr.train import train
+
+    run = train(load_config(overrides=overrides))
+    summary = json.loads((run / "summary.json").read_text())
+    bad = [u["path"] for split in summary["unreadable"].values() for u in split]
+    assert sorted(Path(p).name for p in bad) == ["empty.jpeg", "text.png"]
+
+
+def test_model_that_is_not_a_checkpoint(tmp_path, tiny_dataset):
+    fake = tmp_path / "model.pt"
+    fake.write_text("definitely not a model")
+    _one_line_error(cxr("predict", "--model", fake, tiny_dataset / "test", check=False),
+                    "model.pt", "not a cxr checkpoint")
+    _one_line_error(cxr("evaluate", "--model", tmp_path, "--data", tiny_dataset, "--output", tmp_path / "o",
+                        check=False), "not a run directory")
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--epochs", "many"],
+    ["evaluate", "--data", "x"],
+    ["predict"],
+    ["frobnicate"],
+    ["train", "--data", "x", "--batch-size", "0"],
+])
+def test_wrong_usage_is_one_line_and_non_zero(args, tmp_path):
+    proc = cxr(*args, check=False)
+    _one_line_error(proc)
+    assert proc.returncode == 2
+
+
+def test_unknown_config_field(tmp_path, tiny_dataset):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    _one_line_error(cxr("train", "--data", tiny_dataset, "--config", bad, check=False),
+                    "unknown config field(s): learning_rate")
