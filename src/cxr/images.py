@@ -26,6 +26,8 @@ import stat
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cxr.errors import CxrError
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".dcm", ".dicom"})
 DEFAULT_MAX_PIXELS: int = 100_000_000
 
@@ -37,7 +39,7 @@ _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
-class ImageError(ValueError):
+class ImageError(CxrError, ValueError):
     """A file that cannot be used as an X-ray. ``str(e)`` names the file and the problem.
 
     Example: ``"scan.jpeg: truncated JPEG (image file is truncated)"``. The parts are also available as

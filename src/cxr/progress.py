@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import time
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -19,6 +21,7 @@ from rich.progress import (
 from rich.text import Text
 
 _console = Console(stderr=True)
+log = logging.getLogger(__name__)
 
 
 class _RateColumn(ProgressColumn):
@@ -32,10 +35,13 @@ class _RateColumn(ProgressColumn):
 
 
 class Bar:
-    """Handle to one progress bar."""
+    """Handle to one progress bar. Without a terminal it logs a line at every tenth of the way instead."""
 
-    def __init__(self, progress: Progress, task_id):
+    def __init__(self, progress: Progress, task_id, description: str, total: int, unit: str):
         self._progress, self._task = progress, task_id
+        self._description, self._total, self._unit = description, total, unit
+        self._done, self._next_log, self._start = 0, max(1, total // 10), time.perf_counter()
+        self._log_lines = progress.disable and total >= 500  # long jobs in logs (clusters, nohup) show signs of life
 
     def advance(self, n: int = 1, info: str | None = None) -> None:
         """Move the bar on by ``n`` items and optionally replace its free text (e.g. the running loss)."""
@@ -43,6 +49,14 @@ class Bar:
             self._progress.update(self._task, advance=n)
         else:
             self._progress.update(self._task, advance=n, info=info)
+        self._done += n
+        if self._log_lines and self._done >= self._next_log and self._done < self._total:
+            self._next_log += max(1, self._total // 10)
+            elapsed = time.perf_counter() - self._start
+            rate = self._done / elapsed if elapsed else 0.0
+            eta = (self._total - self._done) / rate if rate else float("nan")
+            log.info("%s: %d/%d %s, %.1f %s/s, eta %.0f s %s", self._description, self._done, self._total, self._unit,
+                     rate, self._unit, eta, info or "")
 
 
 @contextlib.contextmanager
@@ -62,4 +76,4 @@ def progress_bar(description: str, total: int, unit: str = "it") -> Iterator[Bar
         disable=not sys.stderr.isatty(),
     )
     with progress:
-        yield Bar(progress, progress.add_task(description, total=total, info=""))
+        yield Bar(progress, progress.add_task(description, total=total, info=""), description, total, unit)

@@ -275,6 +275,8 @@ def plot_history(history: list[dict[str, float]], best_epoch: int | None = None)
                            label=f"best epoch ({best_epoch})")
             if len(epochs) == 1:
                 ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+            else:
+                ax.margins(x=0.06)  # keeps the best-epoch line off the frame when it is the last epoch
             ax.legend(loc="best")
     return fig
 
@@ -600,7 +602,6 @@ figure{margin:1rem 0;background:white;border:1px solid #e3e3e3;padding:.6rem}
 figure img,figure video{max-width:100%;height:auto;display:block;margin:0 auto}
 figcaption{color:#444;font-size:.9rem;margin-top:.4rem}
 pre{background:#f3f3f3;padding:.7rem;overflow:auto;font-size:.85rem}
-.cm{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:.6rem}
 """
 
 
@@ -687,7 +688,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     for key, name in (("stop_reason", "stopped"), ("epochs_run", "epochs run"), ("best_epoch", "best epoch"),
                       ("device", "device"), ("wall_seconds_this_session", "wall time (s)"), ("data", "data")):
         if summary.get(key) is not None:
-            facts.append(f"<li>{html.escape(name)}: {_fmt(summary[key])}</li>")
+            facts.append(f"<li>{html.escape(name)}: {html.escape(str(summary[key]))}</li>")
     data_html = _table(["split", "NORMAL", "PNEUMONIA", "total", "unreadable"], rows) if rows else \
         "<p>No data counts recorded.</p>"
     bad = [(s, u) for s, items in unreadable.items() for u in items]
@@ -735,7 +736,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                                     f"{threshold:.3f}. Row-normalised: the diagonal is specificity (NORMAL) and "
                                     "sensitivity (PNEUMONIA)."))
     if cms:
-        sections.append(("confusion", "Confusion matrices", f"<div class='cm'>{''.join(cms)}</div>"))
+        sections.append(("confusion", "Confusion matrices", "".join(cms)))
 
     if preds:
         path = _save(plot_roc_pr(preds, threshold), pics / "roc_pr.png")
@@ -779,10 +780,11 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             if items:
                 path = write_flythrough(items, pics / f"flythrough_{vsplit}.mp4", threshold=threshold,
                                         frame_size=frame_size, seconds_per_image=seconds_per_image, fps=fps,
-                                        title=vsplit)
+                                        title=vsplit, poster=pics / f"flythrough_{vsplit}.png")
                 size_mb = path.stat().st_size / 1e6
                 sections.append(("video", "Fly-through video", (
-                    f"<figure><video controls muted playsinline preload='metadata' width='{frame_size[0]}' "
+                    f"<figure><video controls muted playsinline preload='auto' width='{frame_size[0]}' "
+                    f"poster='{_data_uri(path.with_suffix('.png'), 'image/png')}' "
                     f"src='{_data_uri(path, 'video/mp4')}'></video><figcaption>{len(items)} images from "
                     f"{html.escape(vsplit)} ({html.escape(video_select)}), {seconds_per_image:g} s each, with heatmap, "
                     f"prediction, probability, truth and a running tally. Also saved as "

@@ -169,7 +169,7 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
 
 def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, threshold: float,
                      frame_size: tuple[int, int] = (640, 360), seconds_per_image: float = 1.0, fps: float = 5.0,
-                     title: str = "", crf: int = 23) -> Path:
+                     title: str = "", crf: int = 23, poster: str | os.PathLike | None = None) -> Path:
     """Write the fly-through MP4 (H.264, yuv420p), one image after another, with a progress bar.
 
     Args:
@@ -181,6 +181,7 @@ def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, thr
         fps: frame rate; each image gets ``max(1, round(seconds_per_image * fps))`` identical frames.
         title: text above the counter in each frame.
         crf: x264 constant rate factor (lower is better and bigger; 23 is x264's default).
+        poster: also save the first frame as a PNG here (what a page shows before the video plays).
 
     Returns:
         ``path``.
@@ -212,6 +213,9 @@ def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, thr
                     history.append(ok)
                     frame = render_frame(item, index=i, total=len(items), right=right, wrong=wrong,
                                          threshold=threshold, history=history, size=size, title=title)
+                    if i == 0 and poster is not None:
+                        with atomic_path(poster) as png:
+                            Image.fromarray(frame).save(png, format="PNG")
                     data = np.ascontiguousarray(frame).tobytes()
                     for _ in range(repeat):
                         writer.send(data)
