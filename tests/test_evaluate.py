@@ -74,3 +74,23 @@ def test_write_evaluation_files(tmp_path, scores):
     assert len(rows) == 300 and rows[0].keys() == {"path", "label", "prob_pneumonia", "predicted"}
     assert rows[0]["predicted"] == ("PNEUMONIA" if probs[0] >= 0.5 else "NORMAL")
     assert float(rows[0]["prob_pneumonia"]) == pytest.approx(probs[0], abs=1e-6)
+
+
+def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_n():
+    from cxr.evaluate import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+
+    def data(n):
+        labels = rng.integers(0, 2, n)
+        return labels, np.clip(labels * 0.35 + rng.random(n) * 0.65, 0, 1)
+
+    small, large = data(100), data(2000)
+    ci_small = bootstrap_ci(*small, 0.5, n_boot=300)
+    ci_large = bootstrap_ci(*large, 0.5, n_boot=300)
+    point = compute_metrics(*large, 0.5)
+    for k in ("accuracy", "sensitivity", "specificity", "auroc"):
+        lo, hi = ci_large[k]
+        assert lo <= point[k] <= hi
+        assert (hi - lo) < (ci_small[k][1] - ci_small[k][0])
+    assert bootstrap_ci(np.ones(5, int), np.ones(5), 0.5)["auroc"] is None

@@ -147,3 +147,29 @@ def test_normalize():
     out = normalize(x, 0.5, 0.25)
     torch.testing.assert_close(out, torch.tensor([[[[-2.0, 2.0]]]]))
     assert normalize(x, 0.5, 0.25, channels_last=True).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_safetensors_bundle_round_trip(tmp_path):
+    from cxr.model import save_safetensors
+
+    ckpt = _checkpoint(tmp_path)
+    path = tmp_path / "model.safetensors"
+    save_safetensors(ckpt, path)
+    back = load_checkpoint(path)
+    assert back.threshold == pytest.approx(0.37) and back.config == ckpt.config and back.arch == "densenet121"
+    for k, v in ckpt.state_dict.items():
+        assert back.state_dict[k].dtype == v.dtype
+        torch.testing.assert_close(back.state_dict[k], v, atol=2e-3, rtol=1e-3)  # stored as fp16
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        p_full = torch.softmax(ckpt.build()(x), 1)
+        p_half = torch.softmax(back.build()(x), 1)
+    torch.testing.assert_close(p_half, p_full, atol=5e-3, rtol=0)
+
+
+def test_safetensors_without_cxr_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(CheckpointError, match="without cxr metadata"):
+        load_checkpoint(tmp_path / "x.safetensors")

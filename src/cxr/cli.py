@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
 
     p = sub.add_parser("evaluate", help="metrics and predictions of a model on a dataset")
-    p.add_argument("--model", required=True, help="checkpoint file or run directory")
+    p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
     p.add_argument("--data", required=True, help="dataset root, a split folder with class folders, or an .npz")
     p.add_argument("--output", required=True, help="folder for metrics.json and predictions_<split>.csv")
     p.add_argument("--threshold", type=float, help="decision threshold (default: the model's, chosen on validation)")
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="P(PNEUMONIA) for image files or folders")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
-    p.add_argument("--model", required=True, help="checkpoint file or run directory")
+    p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
     p.add_argument("--output", help="also write the results to a .csv or .json file")
     p.add_argument("--threshold", type=float)
     p.add_argument("--device", default="auto")

@@ -109,6 +109,32 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> 
     }
 
 
+CI_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "auprc")
+
+
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> dict[str, list[float] | None]:
+    """Percentile bootstrap confidence intervals (images resampled with replacement) for the main metrics.
+
+    Resamples that lack one of the classes are redrawn, so every interval is over well-defined values.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(np.unique(labels)) < 2:
+        return {k: None for k in CI_METRICS}
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {k: [] for k in CI_METRICS}
+    while len(values["accuracy"]) < n_boot:
+        idx = rng.integers(0, len(labels), len(labels))
+        if labels[idx].min() == labels[idx].max():
+            continue
+        m = compute_metrics(labels[idx], probs[idx], threshold)
+        for k in CI_METRICS:
+            values[k].append(np.nan if m[k] is None else m[k])
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    return {k: [float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))] for k, v in values.items()}
+
+
 def write_predictions(path: str | os.PathLike, result: SplitResult, threshold: float) -> None:
     """``predictions_<split>.csv``: path, true label, P(PNEUMONIA), predicted label."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
@@ -119,13 +145,18 @@ def write_predictions(path: str | os.PathLike, result: SplitResult, threshold: f
 
 
 def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], threshold: float,
-                     extra: dict | None = None) -> dict:
-    """Write ``metrics.json`` and one ``predictions_<split>.csv`` per split; return the metrics."""
+                     extra: dict | None = None, n_boot: int = 1000) -> dict:
+    """Write ``metrics.json`` and one ``predictions_<split>.csv`` per split; return the metrics.
+
+    Each split's metrics include ``ci95``: bootstrap 95 % intervals (``n_boot`` resamples; 0 to skip).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {}
     for r in results:
         metrics[r.name] = compute_metrics(r.labels, r.probs, threshold)
+        if n_boot:
+            metrics[r.name]["ci95"] = bootstrap_ci(r.labels, r.probs, threshold, n_boot=n_boot)
         if extra and r.name in extra:
             metrics[r.name].update(extra[r.name])
         write_predictions(out / f"predictions_{r.name}.csv", r, threshold)

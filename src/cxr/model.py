@@ -233,8 +233,15 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
         torch.save(payload, tmp)
 
 
+BUNDLED_MODEL = Path(__file__).resolve().parent / "weights" / "cxr-densenet121-kermany.safetensors"
+
+
 def resolve_model_path(model: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run directory (its ``best.pt``)."""
+    """``default`` (the bundled model), a checkpoint file, or a run directory (its ``best.pt``)."""
+    if str(model) == "default":
+        if not BUNDLED_MODEL.is_file():
+            raise CheckpointError(f"the bundled model {BUNDLED_MODEL.name} is not installed; pass --model PATH")
+        return BUNDLED_MODEL
     p = Path(model)
     if p.is_dir():
         for name in ("best.pt", "last.pt"):
@@ -253,6 +260,8 @@ def load_checkpoint(model: str | os.PathLike) -> Checkpoint:
         CheckpointError: the file is not a cxr checkpoint, is damaged, or holds anything but plain data.
     """
     path = resolve_model_path(model)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -274,3 +283,49 @@ def load_checkpoint(model: str | os.PathLike) -> Checkpoint:
         )
     except (KeyError, TypeError, ValueError, CxrError) as e:
         raise CheckpointError(f"{path}: damaged cxr checkpoint ({e.__class__.__name__}: {e})") from None
+
+
+def _payload_meta(ckpt: Checkpoint) -> dict[str, Any]:
+    return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "arch": ckpt.arch,
+            "config": ckpt.config.to_dict(), "class_names": list(ckpt.class_names), "preprocessing": ckpt.preprocessing,
+            "threshold": float(ckpt.threshold), "threshold_policy": ckpt.threshold_policy, "epoch": int(ckpt.epoch),
+            "val_loss": float(ckpt.val_loss), "info": ckpt.extra.get("info", {})}
+
+
+def save_safetensors(ckpt: Checkpoint, path: str | os.PathLike, *, half: bool = True) -> None:
+    """Write a deployable model file: weights (fp16 by default, half the size), with the config, class names,
+    preprocessing and threshold as JSON metadata. No optimiser state; no pickle at all.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in ckpt.state_dict.items()}
+    meta = {"cxr": json.dumps(_payload_meta(ckpt))}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _load_safetensors(path: Path) -> Checkpoint:
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("cxr", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: a safetensors file without cxr metadata")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    try:
+        return Checkpoint(arch=meta["arch"], state_dict=state, config=config_from_dict(meta["config"]),
+                          class_names=list(meta["class_names"]), threshold=float(meta["threshold"]),
+                          threshold_policy=meta.get("threshold_policy", "default"), epoch=int(meta.get("epoch", 0)),
+                          val_loss=float(meta.get("val_loss", float("nan"))), extra={"info": meta.get("info", {})},
+                          path=str(path))
+    except (KeyError, TypeError, ValueError, CxrError) as e:
+        raise CheckpointError(f"{path}: damaged cxr metadata ({e.__class__.__name__}: {e})") from None

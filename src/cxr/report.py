@@ -290,7 +290,8 @@ def plot_confusion(matrix: Sequence[Sequence[int]], split: str, class_names: Seq
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     cmap = mpl.colormaps[MATRIX_CMAP]
     with mpl.rc_context({**_RC, "axes.grid": False}):
-        fig = _figure(figsize=(9.0, 3.9))
+        fig = _figure(figsize=(10.0, 3.9))
+        fig.get_layout_engine().set(wspace=0.12)
         axes = fig.subplots(1, 2)
         panels = ((cm, f"{split}: counts (n = {int(cm.sum())})", lambda i, j: f"{int(cm[i, j])}"),
                   (norm, f"{split}: row-normalised", lambda i, j: f"{norm[i, j]:.1%}\n({int(cm[i, j])})"))
@@ -405,6 +406,7 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
     from matplotlib import cm, colors
 
     from cxr.explain import HEATMAP_CMAP, overlay
+    from cxr.video import prob_text
 
     rows = [(name, tiles) for name, tiles in groups.items()]
     heights = [max(1, math.ceil(len(t) / columns)) for _, t in rows]
@@ -435,7 +437,7 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
                     spine.set_visible(True)
                     spine.set_color(colour)
                     spine.set_linewidth(4)
-                ax.set_title(f"{'✓ right' if ok else '✗ wrong'}   P(pneu.) {tile.prob:.3f}\n"
+                ax.set_title(f"{'✓ right' if ok else '✗ wrong'}   P(pneumonia) {prob_text(tile.prob)}\n"
                              f"true {CLASS_NAMES[tile.label]} · pred {CLASS_NAMES[pred]}",
                              fontsize=9.5, color=colour if not ok else "black")
                 ax.set_xlabel(_short(Path(tile.path).name, 30), fontsize=7.5, color=OKABE_ITO["grey"])

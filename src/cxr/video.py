@@ -71,6 +71,15 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, wid
     return "…" + text
 
 
+def prob_text(p: float) -> str:
+    """A probability with three decimals that never claims certainty (``>0.999`` rather than ``1.000``)."""
+    if p > 0.9995:
+        return ">0.999"
+    if p < 0.0005:
+        return "<0.001"
+    return f"{p:.3f}"
+
+
 def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: int, threshold: float,
                  history: Sequence[bool], size: tuple[int, int] = (640, 360), title: str = "") -> np.ndarray:
     """Draw one frame.
@@ -122,7 +131,7 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
         draw.text((x0, y), name, font=normal, fill=DIM)
         draw.text((x0 + label_w, y), value, font=bold, fill=TEXT)
         y += round(unit * 1.3)
-    draw.text((x0, y), f"P(pneumonia) {item.prob:.3f}", font=normal, fill=TEXT)
+    draw.text((x0, y), f"P(pneumonia) {prob_text(item.prob)}", font=normal, fill=TEXT)
     y += round(unit * 1.3)
 
     # Probability bar with the threshold marked.
