@@ -15,6 +15,7 @@ Research software, not a medical device: a heatmap is not a finding.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -54,8 +55,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | Non
         layer: the block whose activations are weighed (default :func:`target_layer`).
 
     Returns:
-        ``(heatmaps, logits)``: (B, H, W) float32 maps scaled to [0, 1] per image (all zeros where nothing
-        speaks for the target), and the (B, C) float32 logits of the same forward pass.
+        ``(heatmaps, logits)``: (B, H, W) float32 maps scaled to [0, 1] per image (min-max; all zeros where the
+        map is flat, e.g. nothing speaks for the target), and the (B, C) float32 logits of the same forward pass.
     """
     model.eval()
     layer = layer if layer is not None else target_layer(model)
@@ -81,8 +82,10 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | Non
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activations).sum(dim=1, keepdim=True)).detach().float()
     cam = nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
-    cam = torch.where(peak > 1e-12, cam / peak, torch.zeros_like(cam))
+    # Min-max per image (as pytorch-grad-cam does): the least weighed region becomes transparent in overlays.
+    low = cam.flatten(1).min(dim=1).values[:, None, None]
+    span = cam.flatten(1).max(dim=1).values[:, None, None] - low
+    cam = torch.where(span > 1e-12, (cam - low) / span.clamp_min(1e-12), torch.zeros_like(cam))
     return cam.cpu().numpy().astype(np.float32), logits.detach().cpu().numpy().astype(np.float32)
 
 
@@ -166,13 +169,12 @@ def _unique_name(path: Path, used: set[str]) -> str:
 
 
 def _explanation_figure(image: np.ndarray, heat: np.ndarray, *, title: str, path: Path, dpi: int = 110) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure renders with Agg and touches no global pyplot state (safe in servers and threads).
     from matplotlib import cm, colors
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.6), layout="constrained")
+    fig = Figure(figsize=(8.4, 4.6), layout="constrained")
+    axes = fig.subplots(1, 2)
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
     axes[0].set_title("input")
     axes[1].imshow(overlay(image, heat))
@@ -186,7 +188,6 @@ def _explanation_figure(image: np.ndarray, heat: np.ndarray, *, title: str, path
     fig.text(0.5, 0.005, DISCLAIMER, ha="center", va="bottom", fontsize=7.5, color="#555555")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
 
 
 def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], output_dir: str | os.PathLike, *,
@@ -212,10 +213,12 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     """
     from cxr.errors import UsageError
     from cxr.evaluate import predict_logits, probabilities
-    from cxr.model import load_checkpoint, resolve_device
+    from cxr.model import load_checkpoint, resolve_device, use_bf16, use_channels_last
     from cxr.predict import collect_files
 
     files = collect_files(list(paths))
+    if not files:
+        log.warning("no image files found in %s", ", ".join(map(str, paths)))
     ckpt = load_checkpoint(model)
     names = [c.upper() for c in ckpt.class_names]
     if target.upper() not in names and target != "predicted":
@@ -223,6 +226,10 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     cfg = ckpt.config
     dev = resolve_device(device)
     net = ckpt.build(dev)
+    # Probabilities with the numerics of `cxr predict` and `cxr evaluate` (bf16 where fast), so all three agree;
+    # the heatmaps themselves are computed in float32.
+    run_cfg = dataclasses.replace(cfg, device=device)
+    bf16, channels_last = use_bf16(run_cfg, dev), use_channels_last(run_cfg, dev)
     t = ckpt.threshold if threshold is None else float(threshold)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,7 +247,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
             continue
         stack = np.stack(images)
         # The prediction uses the checkpoint's threshold, so the explained class is the one the user is shown.
-        probs = probabilities(predict_logits(net, stack, mean=cfg.mean, std=cfg.std, device=dev))
+        probs = probabilities(predict_logits(net, stack, mean=cfg.mean, std=cfg.std, device=dev, bf16=bf16,
+                                             channels_last=channels_last))
         predicted = (probs >= t).astype(np.int64)
         classes = predicted if target == "predicted" else np.full(len(stack), names.index(target.upper()))
         heats, _ = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=classes,

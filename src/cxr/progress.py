@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -73,7 +74,7 @@ def progress_bar(description: str, total: int, unit: str = "it") -> Iterator[Bar
         TimeRemainingColumn(),
         console=_console,
         transient=True,
-        disable=not sys.stderr.isatty(),
+        disable=not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0",  # under torchrun, rank 0 only
     )
     with progress:
         yield Bar(progress, progress.add_task(description, total=total, info=""), description, total, unit)

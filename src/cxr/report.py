@@ -423,7 +423,7 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
             for ax in axes:
                 ax.set_axis_off()
             if not tiles:
-                axes[0].text(0, 0.5, f"none: no {name.replace('most confident ', '')} predictions in {split}",
+                axes[0].text(0, 0.5, "no images in this group",
                              transform=axes[0].transAxes, fontsize=10, va="center")
             for ax, tile in zip(axes, tiles, strict=False):
                 pred = int(tile.prob >= threshold)
@@ -462,6 +462,7 @@ class _PixelSource:
     def __init__(self, size: int, max_pixels: int = 100_000_000):
         self.size, self.max_pixels = size, max_pixels
         self._npz: dict[str, np.lib.npyio.NpzFile] = {}
+        self.failed: list[str] = []
 
     def load(self, path: str) -> np.ndarray | None:
         from cxr.images import ImageError, load_image, resize_square
@@ -479,6 +480,7 @@ class _PixelSource:
             return load_image(path, self.size, max_pixels=self.max_pixels)
         except (ImageError, OSError, KeyError, ValueError, IndexError) as e:
             log.warning("report: skipping an image that can no longer be read: %s (%s)", path, e)
+            self.failed.append(path)
             return None
 
     def close(self) -> None:
@@ -569,7 +571,13 @@ def _data_uri(path: Path, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
+class _Html(str):
+    """A table cell that is already HTML (not escaped again)."""
+
+
 def _fmt(v) -> str:
+    if isinstance(v, _Html):
+        return str(v)
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if isinstance(v, float):
@@ -603,6 +611,7 @@ font-variant-numeric:tabular-nums}
 figure{margin:1rem 0;background:white;border:1px solid #e3e3e3;padding:.6rem}
 figure img,figure video{max-width:100%;height:auto;display:block;margin:0 auto}
 figcaption{color:#444;font-size:.9rem;margin-top:.4rem}
+.ci{color:#666;font-size:.78rem}
 pre{background:#f3f3f3;padding:.7rem;overflow:auto;font-size:.85rem}
 """
 
@@ -650,9 +659,6 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     Returns:
         The path of ``report.html``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     from cxr.video import VideoItem, even_frame_size, write_flythrough
 
     if video:
@@ -677,6 +683,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             if name in art.predictions:
                 return name
         return next(reversed(art.predictions), None)
+
+    gsplit, vsplit = default_split(grid_split), default_split(video_split)  # a wrong name fails before any work
 
     # Data and metrics tables.
     summary = art.summary or {}
@@ -709,12 +717,23 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                 continue
             ece = expected_calibration_error(art.predictions[s].labels, art.predictions[s].probs) \
                 if s in art.predictions else None
-            metric_rows.append([s, *[m.get(c) for c in cols], ece])
+            ci = m.get("ci95") or {}
+            cells = []
+            for c in cols:
+                key = "sensitivity" if c == "recall" else c
+                value, interval = m.get(c), ci.get(key)
+                if value is not None and interval and None not in interval:
+                    cells.append(_Html(f"{value:.3f}<br><span class='ci'>{interval[0]:.3f}–{interval[1]:.3f}</span>"))
+                else:
+                    cells.append(value)
+            metric_rows.append([s, *cells, ece])
         header = ["split", "n", "accuracy", "sensitivity", "specificity", "precision", "F1", "AUROC", "AUPRC", "ECE"]
         sections.append(("metrics", "Metrics", _table(header, metric_rows) +
                          f"<p class='meta'>At decision threshold P(pneumonia) ≥ {threshold:.3f}, chosen on "
                          "validation. Sensitivity = recall of PNEUMONIA, specificity = recall of NORMAL; AUROC and "
-                         "AUPRC do not depend on the threshold; ECE = expected calibration error (10 bins).</p>"))
+                         "AUPRC do not depend on the threshold; ECE = expected calibration error (10 bins). "
+                         + ("Below each value: its 95 % bootstrap interval (images resampled)." if any(
+                             m.get("ci95") for m in art.metrics.values()) else "") + "</p>"))
 
     if art.history:
         best = summary.get("best_epoch")
@@ -757,7 +776,6 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     pixels = _PixelSource(explainer.size)
     model_note = "heatmaps: Grad-CAM" if explainer.net is not None else "no model: images shown without heatmaps"
     try:
-        gsplit = default_split(grid_split)
         if gsplit is not None:
             p = art.predictions[gsplit]
             groups = select_examples(p.labels, p.probs, threshold, grid_per_group)
@@ -771,12 +789,11 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                                           "predicted class) shows which regions raised that class's score; it is not "
                                           "a segmentation of disease." if explainer.net is not None else ""))))
 
-        vsplit = default_split(video_split)
         if video and vsplit is not None:
             p = art.predictions[vsplit]
             idx = pick_video_indices(p, threshold, video_select, video_max_images, seed)
             items = []
-            for start in range(0, len(idx), 32):  # loaded in chunks: memory stays flat with select="all"
+            for start in range(0, len(idx), 32):  # Grad-CAM batches of 32 images
                 for t in _gather(p, idx[start:start + 32], pixels, explainer, threshold):
                     items.append(VideoItem(t.path, t.label, t.prob, t.image, t.heatmap))
             if items:
@@ -793,6 +810,11 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                     f"{html.escape(str(path.relative_to(out)))} ({size_mb:.1f} MB).</figcaption></figure>")))
     finally:
         pixels.close()
+    if pixels.failed:
+        missing = (f"<p class='note'>{len(pixels.failed)} image(s) could not be read for the pictures, e.g. "
+                   f"{html.escape(pixels.failed[0])}. Paths are as recorded in the predictions files; relative ones "
+                   f"are taken from the current directory ({html.escape(os.getcwd())}).</p>")
+        sections.append(("missing", "Images not found", missing))
 
     if art.config:
         import yaml

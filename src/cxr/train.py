@@ -42,6 +42,9 @@ from cxr.data import (
     train_transform,
     write_split_csv,
 )
+from cxr.distributed import DistInfo, all_reduce_sum, barrier, broadcast_floats, local_main_first
+from cxr.distributed import init as init_distributed
+from cxr.distributed import shutdown as shutdown_distributed
 from cxr.errors import CxrError, DataError, UsageError
 from cxr.evaluate import SplitResult, choose_threshold, predict_logits, probabilities, write_evaluation
 from cxr.fileio import atomic_path, atomic_write_text
@@ -78,8 +81,12 @@ def _check_classes(name: str, samples: list[Sample]) -> None:
         raise DataError(f"the {name} split must hold both NORMAL and PNEUMONIA images; it has {have}")
 
 
-def split_dataset(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Split]:
-    """Scan ``cfg.data`` and decide the train / val / test records; written to (or, on resume, read from) split.csv."""
+def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True) -> dict[str, Split]:
+    """Scan ``cfg.data`` and decide the train / val / test records; written to (or, on resume, read from) split.csv.
+
+    The split is a pure function of the files and the config, so every DDP rank computes the same one; only the
+    rank with ``write`` records it.
+    """
     found = scan(cfg.data)
     if "train" not in found:
         raise DataError(f"{cfg.data}: no train split (expected a train/ folder or train_images in the .npz)")
@@ -120,7 +127,8 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Split]:
         splits["test"] = add_digests(test)
     _check_classes("train", splits["train"].samples)
     _check_classes("val", splits["val"].samples)
-    write_split_csv(split_csv, {name: s.samples for name, s in splits.items()})
+    if write:
+        write_split_csv(split_csv, {name: s.samples for name, s in splits.items()})
     return splits
 
 
@@ -153,13 +161,20 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer, *,
+def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, optimizer: torch.optim.Optimizer, *,
                     cfg: Config, device: torch.device, bf16: bool, channels_last: bool, epoch: int,
-                    steps_per_epoch: int, total_steps: int) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, accuracy, images/s and the share of time spent waiting for data."""
+                    steps_per_epoch: int, total_steps: int, info: DistInfo | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss, accuracy, images/s and the share of time spent waiting for data.
+
+    ``criterion`` sums (``reduction="sum"``); each step's loss is normalised by the class weight of the *global*
+    batch (summed over ranks), so that under DDP, which averages gradients over ranks, a step means the same as one
+    single-process step on the whole batch.
+    """
+    world = info.world if info is not None else 1
     model.train()
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    loss_sum, correct, seen, wait = 0.0, 0, 0, 0.0
+    totals = torch.zeros(4, dtype=torch.float64)  # weighted loss sum, weight sum, correct, seen
+    wait = 0.0
     start = t_data = time.perf_counter()
     with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch * cfg.batch_size, unit="img") as bar:
         for step, (x, y) in enumerate(loader):
@@ -172,21 +187,24 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
             y = y.to(device, non_blocking=True)
             with autocast(device, bf16):
                 logits = model(x)
-                loss = criterion(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+            summed = criterion(logits.float(), y)
+            weight = criterion.weight[y].sum() if criterion.weight is not None else torch.tensor(float(len(y)))
+            shared = all_reduce_sum(torch.stack([weight.detach().float().to(device),
+                                                 (~torch.isfinite(summed.detach())).float()]))
+            if shared[1] > 0:  # decided alike on every rank, so no rank is left waiting in a collective
+                raise TrainingError(f"the training loss became {summed.item()} at epoch {epoch + 1}, step {step + 1}; "
                                     "stopped, keeping the last good checkpoint (try a lower --lr)")
+            loss = summed * world / shared[0]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            n = len(y)
-            loss_sum += loss.item() * n
-            correct += int((logits.argmax(1) == y).sum())
-            seen += n
-            bar.advance(n, info=f"loss {loss_sum / seen:.4f}")
+            totals += torch.tensor([summed.item(), weight.item(), int((logits.argmax(1) == y).sum()), len(y)],
+                                   dtype=torch.float64)
+            bar.advance(len(y) * world, info=f"loss {totals[0] / totals[1]:.4f}")
             t_data = time.perf_counter()
     seconds = time.perf_counter() - start
-    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "seconds": seconds,
+    loss_w, weight_sum, correct, seen = all_reduce_sum(totals.to(device)).tolist()
+    return {"train_loss": loss_w / max(weight_sum, 1e-12), "train_acc": correct / max(seen, 1), "seconds": seconds,
             "images_per_s": seen / seconds if seconds else 0.0, "data_wait": wait / seconds if seconds else 0.0}
 
 
@@ -234,6 +252,9 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
           overrides: dict | None = None) -> Path:
     """Train, keep the best checkpoint by validation loss, choose the threshold on validation, evaluate.
 
+    Under ``torchrun`` every rank calls this: the global batch (``cfg.batch_size``) is split over the ranks, rank 0
+    validates, writes every file and evaluates at the end; the others train and wait.
+
     Args:
         cfg: the run's config (ignored with ``resume``).
         resume: a run directory to continue from its ``last.pt`` (or from the start if it has none).
@@ -252,18 +273,31 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
     run_dir = Path(cfg.output)
     if resume is None and (run_dir / "last.pt").exists():
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    info, device = init_distributed(resolve_device(cfg.device))
+    try:
+        return _train(cfg, state, run_dir, info, device, resume is not None, t_start)
+    finally:
+        shutdown_distributed()
 
-    device = resolve_device(cfg.device)
+
+def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo, device: torch.device, resumed: bool,
+           t_start: float) -> Path:
+    if cfg.batch_size % info.world:
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {info.world} processes")
+    if not info.main:
+        logging.getLogger("cxr").setLevel(logging.WARNING)  # one log, from rank 0
+    if info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not cfg.deterministic
     bf16, channels_last = use_bf16(cfg, device), use_channels_last(cfg, device)
 
-    splits = split_dataset(cfg, run_dir, resume is not None)
-    prepared = {name: prepare(split, cfg) for name, split in splits.items()}
+    splits = split_dataset(cfg, run_dir, resumed, write=info.main)
+    with local_main_first(info):  # one cache build per node; the node's other ranks read it
+        prepared = {name: prepare(split, cfg) for name, split in splits.items()}
     for name in ("train", "val"):
         if len(prepared[name].labels) == 0 or len(set(prepared[name].labels.tolist())) < 2:
             raise DataError(f"the {name} split has too few readable images of each class "
@@ -281,7 +315,10 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
         log.warning("%d unreadable image(s) skipped (listed in summary.json)", n_bad)
 
     seed_everything(cfg.seed)
-    model = build_model(cfg.arch, cfg.weights).to(device)
+    model = build_model(cfg.arch, cfg.weights)
+    if info.active and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -289,7 +326,7 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
                                                          patience=cfg.plateau_patience) \
         if cfg.scheduler == "plateau" else None
     weights = class_weights(prepared["train"].labels) if cfg.class_weights else None
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing).to(device)
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing, reduction="sum").to(device)
 
     history: list[dict] = []
     start_epoch, best_loss, bad_epochs, stop_reason = 0, math.inf, 0, ""
@@ -305,33 +342,50 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
         if stop_reason.startswith("finished") and cfg.epochs > start_epoch:
             stop_reason = ""  # resumed with a larger --epochs: train on (the cosine schedule stretches to the new end)
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
-    _write_history(run_dir / "history.csv", history)
+    if info.main:
+        _write_history(run_dir / "history.csv", history)
 
     dataset = XrayDataset(prepared["train"], train_transform(cfg))
+    per_rank_batch = cfg.batch_size // info.world
+    sampler = None
+    if info.active:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world, rank=info.rank, shuffle=True,
+                                                      seed=cfg.seed, drop_last=True)
+        steps_per_epoch = max(1, len(sampler) // per_rank_batch)
+    else:
+        steps_per_epoch = max(1, len(dataset) // cfg.batch_size)
     drop_last = len(dataset) > cfg.batch_size  # a batch of one breaks batch norm
-    steps_per_epoch = len(dataset) // cfg.batch_size if drop_last else 1
     if cfg.max_train_batches:
         steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
     total_steps = steps_per_epoch * cfg.epochs
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model: nn.Module = model
+    if info.active:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                         else None)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
 
     for epoch in range(start_epoch, cfg.epochs):
         if stop_reason:
             break
-        # Seeded per epoch, so a resumed run draws the same batches and augmentations as an uninterrupted one.
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        torch.manual_seed(cfg.seed * 100_019 + epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last,
-                                             generator=generator, num_workers=cfg.num_workers,
-                                             pin_memory=device.type == "cuda",
-                                             persistent_workers=False)
+        # Seeded per epoch (and rank), so a resumed run draws the same batches and augmentations as an
+        # uninterrupted one.
+        torch.manual_seed(cfg.seed * 100_019 + epoch + 7_919 * info.rank)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
+            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch), num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda")
         row: dict = {"epoch": epoch + 1}
         row.update(train_one_epoch(step_model, loader, criterion, optimizer, cfg=cfg, device=device, bf16=bf16,
                                    channels_last=channels_last, epoch=epoch, steps_per_epoch=steps_per_epoch,
-                                   total_steps=total_steps))
+                                   total_steps=total_steps, info=info))
         row["lr"] = optimizer.param_groups[0]["lr"]  # at the epoch's last step
-        row.update(validate(model, prepared["val"], criterion, cfg=cfg, device=device, bf16=bf16,
-                            channels_last=channels_last))
+        val = validate(model, prepared["val"], criterion, cfg=cfg, device=device, bf16=bf16,
+                       channels_last=channels_last) if info.main else {}
+        keys = ("val_loss", "val_acc", "val_auroc")
+        row.update(zip(keys, broadcast_floats([val.get(k, 0.0) for k in keys], device), strict=True))
         if not math.isfinite(row["val_loss"]):
             raise TrainingError(f"the validation loss is {row['val_loss']} after epoch {epoch + 1}; stopped, keeping "
                                 "the last good checkpoint")
@@ -347,35 +401,47 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
             stop_reason = f"early stopping: no better validation loss for {cfg.patience} epochs"
         elif epoch + 1 == cfg.epochs:
             stop_reason = f"finished {cfg.epochs} epochs"
-        weights_now = model.state_dict()
-        if improved:
-            save_checkpoint(Checkpoint(cfg.arch, weights_now, cfg, epoch=epoch + 1, val_loss=row["val_loss"]),
-                            run_dir / "best.pt")
-        extra = {"optimizer": optimizer.state_dict(), "history": history, "best_val_loss": best_loss,
-                 "bad_epochs": bad_epochs, "stop_reason": stop_reason}
-        if plateau is not None:
-            extra["plateau"] = plateau.state_dict()
-        save_checkpoint(Checkpoint(cfg.arch, weights_now, cfg, epoch=epoch + 1, val_loss=row["val_loss"],
-                                   extra=extra), run_dir / "last.pt")
-        _write_history(run_dir / "history.csv", history)
+        if info.main:
+            _save_epoch(run_dir, model, optimizer, plateau, cfg, row, history, best_loss, bad_epochs, stop_reason,
+                        improved)
         log.info("epoch %d/%d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc %.3f auroc %.3f  "
                  "%.0f s  %.1f img/s  data wait %.0f%%%s", epoch + 1, cfg.epochs, row["lr"], row["train_loss"],
                  row["train_acc"], row["val_loss"], row["val_acc"], row["val_auroc"], row["seconds"],
-                 row["images_per_s"], 100 * row["data_wait"], "  *best*" if improved else "")
+                 row["images_per_s"] * info.world, 100 * row["data_wait"], "  *best*" if improved else "")
     if stop_reason:
         log.info("%s", stop_reason)
+    if not info.main:
+        barrier()  # wait for rank 0's evaluation, so no rank exits while the group is still in use
+        return run_dir
 
     metrics = finish(run_dir, prepared, cfg, device)
     summary.update({"stop_reason": stop_reason, "epochs_run": len(history),
                     "best_epoch": int(np.argmin([h["val_loss"] for h in history]) + 1) if history else None,
                     "wall_seconds_this_session": round(time.perf_counter() - t_start, 1),
-                    "device": str(device), "bf16": bf16, "channels_last": channels_last})
+                    "device": str(device), "processes": info.world, "bf16": bf16, "channels_last": channels_last})
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    val = metrics["val"]
+    barrier()
+    val_m = metrics["val"]
     log.info("best checkpoint (epoch %s): val accuracy %.3f, sensitivity %.3f, specificity %.3f, AUROC %.3f at "
-             "threshold %.3f -> %s", summary["best_epoch"], val["accuracy"], val["recall"], val["specificity"],
-             val["auroc"], val["threshold"], run_dir)
+             "threshold %.3f -> %s", summary["best_epoch"], val_m["accuracy"], val_m["recall"], val_m["specificity"],
+             val_m["auroc"], val_m["threshold"], run_dir)
     return run_dir
+
+
+def _save_epoch(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, plateau, cfg: Config, row: dict,
+                history: list[dict], best_loss: float, bad_epochs: int, stop_reason: str, improved: bool) -> None:
+    """best.pt when validation improved, then last.pt (with optimiser state), then history.csv: each atomic."""
+    weights_now = model.state_dict()
+    if improved:
+        save_checkpoint(Checkpoint(cfg.arch, weights_now, cfg, epoch=row["epoch"], val_loss=row["val_loss"]),
+                        run_dir / "best.pt")
+    extra = {"optimizer": optimizer.state_dict(), "history": history, "best_val_loss": best_loss,
+             "bad_epochs": bad_epochs, "stop_reason": stop_reason}
+    if plateau is not None:
+        extra["plateau"] = plateau.state_dict()
+    save_checkpoint(Checkpoint(cfg.arch, weights_now, cfg, epoch=row["epoch"], val_loss=row["val_loss"], extra=extra),
+                    run_dir / "last.pt")
+    _write_history(run_dir / "history.csv", history)
 
 
 def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config, device: torch.device) -> dict:

@@ -100,7 +100,7 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     w, h = size
     im = Image.new("RGB", size, BACKGROUND)
     draw = ImageDraw.Draw(im)
-    margin = max(6, round(h * 0.035))
+    margin = max(8, round(h * 0.035))
     strip_h = max(6, round(h * 0.03))
     side = min(h - 2 * margin - strip_h - margin // 2, int(w * 0.56))
     predicted = int(item.prob >= threshold)
@@ -109,7 +109,7 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
 
     # The X-ray with its heatmap, framed in the verdict's colour.
     picture = Image.fromarray(overlay(item.image, item.heatmap, size=side))
-    border = max(2, side // 90)
+    border = max(4, side // 60)
     draw.rectangle([margin - border, margin - border, margin + side + border - 1, margin + side + border - 1],
                    fill=colour)
     im.paste(picture, (margin, margin))
@@ -152,19 +152,23 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     y += round(unit * 1.2)
     draw.text((x0, y), f"accuracy {right / seen:.1%}" if seen else "", font=small, fill=DIM)
 
-    # Heatmap legend, bottom of the panel.
-    legend_y = margin + side - round(unit * 3.4)
-    from matplotlib import colormaps
+    # Heatmap legend, bottom of the panel (only when there is a heatmap).
+    if item.heatmap is not None:
+        from matplotlib import colormaps
 
-    ramp = (colormaps[HEATMAP_CMAP](np.linspace(0, 1, max(2, panel_w // 2)))[:, :3] * 255).astype(np.uint8)
-    strip = Image.fromarray(np.repeat(ramp[None], max(4, unit // 2), axis=0))
-    draw.text((x0, legend_y - round(unit * 0.95)), "heatmap: where the model looked", font=small, fill=DIM)
-    im.paste(strip, (x0, legend_y))
-    draw.text((x0, legend_y + strip.height + 1), "low", font=small, fill=DIM)
-    draw.text((x0 + strip.width - draw.textlength("high", font=small), legend_y + strip.height + 1), "high",
-              font=small, fill=DIM)
-    note = _fit(draw, "research software, not a medical device", small, panel_w)
-    draw.text((x0, margin + side - round(unit * 0.8)), note, font=small, fill=DIM)
+        legend_y = margin + side - round(unit * 3.4)
+        ramp = (colormaps[HEATMAP_CMAP](np.linspace(0, 1, max(2, panel_w // 2)))[:, :3] * 255).astype(np.uint8)
+        strip = Image.fromarray(np.repeat(ramp[None], max(4, unit // 2), axis=0))
+        draw.text((x0, legend_y - round(unit * 0.95)), "heatmap: where the model looked", font=small, fill=DIM)
+        im.paste(strip, (x0, legend_y))
+        draw.text((x0, legend_y + strip.height + 1), "low", font=small, fill=DIM)
+        draw.text((x0 + strip.width - draw.textlength("high", font=small), legend_y + strip.height + 1), "high",
+                  font=small, fill=DIM)
+    # The disclaimer is never shortened: on a narrow panel it takes two lines.
+    note = "research software, not a medical device"
+    lines = [note] if draw.textlength(note, font=small) <= panel_w else ["research software,", "not a medical device"]
+    for k, line in enumerate(reversed(lines)):
+        draw.text((x0, margin + side - round(unit * 0.8) * (k + 1)), line, font=small, fill=DIM)
 
     # Progress strip: one cell per image so far, coloured right or wrong.
     sy = h - margin // 2 - strip_h

@@ -1,0 +1,94 @@
+"""Running under ``torchrun``: process-group set-up and the few collectives training and prediction need.
+
+A single process is the degenerate case (rank 0 of 1): every helper here is then a no-op, so the training loop
+reads the same with and without DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cxr.errors import UsageError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank, world size, and rank on its node."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes logs, checkpoints and reports."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def env_info() -> DistInfo:
+    """Rank and world size from torchrun's environment variables (a single process when they are absent)."""
+    try:
+        return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                        int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise UsageError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+
+
+def init(device: torch.device) -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by torchrun: NCCL on CUDA (one GPU per local rank), gloo on the CPU."""
+    info = env_info()
+    if not info.active:
+        return info, device
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return info, device
+
+
+def shutdown() -> None:
+    """Leave the process group (no-op without one)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def local_main_first(info: DistInfo) -> Iterator[None]:
+    """The node's local rank 0 runs the block first (e.g. builds the cache); the other ranks then reuse its work."""
+    if info.active and info.local_rank != 0:
+        barrier()
+    yield
+    if info.active and info.local_rank == 0:
+        barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over all ranks (in place; returns ``t``)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_floats(values: list[float], device: torch.device) -> list[float]:
+    """Rank 0's values on every rank, so decisions taken from them (early stopping) are the same everywhere."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return t.tolist()

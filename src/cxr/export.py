@@ -1,0 +1,366 @@
+"""Export a model to ONNX or TorchScript with its preprocessing contract inside, and run ONNX models on ONNX Runtime.
+
+The exported graph takes what the image cache holds and returns what the decision needs::
+
+    input   "image"          uint8 (N, 1, S, S): grey X-rays, square-resized (bicubic, aspect ratio not kept)
+    output  "logits"         float32 (N, C)
+    output  "probabilities"  float32 (N, C): softmax of the logits, in class_names order
+
+The normalisation (``/255``, ``-mean``, ``/std``) is part of the graph, so a consumer cannot get it wrong. What
+the graph cannot hold travels in the file: image size, mean and std (for the record), class names, the decision
+threshold (predict ``class_names[1]`` when its probability >= threshold), the model id and a model card, as JSON
+under the key ``cxr.contract`` (ONNX ``metadata_props``; TorchScript extra file ``cxr.json``).
+
+Research software, not a medical device: predictions are not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxr import __version__
+from cxr.errors import CheckpointError, UsageError
+from cxr.fileio import atomic_path
+from cxr.model import Checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+CONTRACT_KEY = "cxr.contract"
+TORCHSCRIPT_EXTRA_FILE = "cxr.json"
+CONTRACT_VERSION = 1
+ONNX_OPSET = 18
+
+INTENDED_USE = ("Research and teaching: studying how a convolutional network separates NORMAL from PNEUMONIA "
+                "chest X-rays. Not for diagnosis, triage, screening or any other clinical decision.")
+LIMITATIONS = [
+    "Trained on the data set named under training_data; the Kermany chest X-ray set that cxr is built around "
+    "holds paediatric (1 to 5 years) anterior-posterior images from a single hospital in Guangzhou, so adult "
+    "images, other projections and other sites are outside what the model has seen.",
+    "Two classes only: it says nothing about any other finding, and does not separate bacterial from viral "
+    "pneumonia.",
+    "The probability is the model's score, not a calibrated risk for any population; the threshold was chosen "
+    "on the validation split by the stated policy.",
+    "A heatmap shows which regions weighed on the score (Grad-CAM), not a finding or a lesion outline.",
+]
+
+
+# ----------------------------------------------------------------------------------------------- the contract
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, in hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_id(ckpt: Checkpoint) -> str:
+    """A short, stable name for a model: the first 12 hex digits of its checkpoint file's SHA-256.
+
+    A checkpoint that was never saved (no ``path``) is named from a hash of its weights instead.
+    """
+    if ckpt.path and Path(ckpt.path).is_file():
+        return file_sha256(ckpt.path)[:12]
+    h = hashlib.sha256()
+    for k, v in sorted(ckpt.state_dict.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+_CARD_METRICS = ("n", "accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "auprc", "threshold",
+                 "ci95")
+
+
+def model_card(ckpt: Checkpoint, *, id_: str | None = None) -> dict[str, Any]:
+    """What is known about a model: training data, metrics, threshold, preprocessing, intended use, limitations.
+
+    Read from the checkpoint and, for a run directory's ``best.pt``, from the ``summary.json`` and ``metrics.json``
+    training wrote beside it (metrics are only reported when they were computed at this checkpoint's threshold).
+    A ``model_card.json`` beside the checkpoint, or an ``info`` dict inside it (bundled models), overrides fields.
+    Server paths are reduced to their last component. ``id_``: the :func:`model_id`, if already computed.
+    """
+    cfg = ckpt.config
+    here = Path(ckpt.path).parent if ckpt.path else None
+    card: dict[str, Any] = {
+        "model_id": id_ or model_id(ckpt),
+        "cxr_version": __version__,
+        "arch": ckpt.arch,
+        "epoch": ckpt.epoch,
+        "class_names": list(ckpt.class_names),
+        "positive_class": ckpt.class_names[-1],
+        "threshold": float(ckpt.threshold),
+        "threshold_policy": ckpt.threshold_policy,
+        "preprocessing": ckpt.preprocessing,
+        "training_data": {"name": Path(cfg.data).name if cfg.data else None, "val_source": cfg.val_source,
+                          "split_seed": cfg.split_seed},
+        "metrics": None,
+        "intended_use": INTENDED_USE,
+        "limitations": LIMITATIONS,
+        "disclaimer": "Research software, not a medical device: predictions are not a diagnosis.",
+    }
+    if here is not None and Path(ckpt.path).name == "best.pt":
+        summary = _read_json(here / "summary.json") or {}
+        if isinstance(summary.get("counts"), dict):
+            card["training_data"]["counts"] = summary["counts"]
+        metrics = _read_json(here / "metrics.json") or {}
+        if metrics and all(isinstance(m, dict) and abs(float(m.get("threshold", -1)) - ckpt.threshold) < 1e-9
+                           for m in metrics.values()):
+            card["metrics"] = {split: {k: m[k] for k in _CARD_METRICS if k in m} for split, m in metrics.items()}
+    info = ckpt.extra.get("info") if isinstance(ckpt.extra, dict) else None
+    overrides = [info] if isinstance(info, dict) else []
+    if here is not None:
+        overrides.append(_read_json(here / "model_card.json"))
+    for extra in overrides:
+        card.update({k: v for k, v in (extra or {}).items() if k not in ("model_id", "threshold", "class_names")})
+    return card
+
+
+def contract(ckpt: Checkpoint) -> dict[str, Any]:
+    """Everything a consumer of an exported file needs besides the graph (see the module docstring)."""
+    cfg = ckpt.config
+    id_ = model_id(ckpt)
+    return {
+        "contract_version": CONTRACT_VERSION,
+        "model_id": id_,
+        "cxr_version": __version__,
+        "arch": ckpt.arch,
+        "epoch": ckpt.epoch,
+        "class_names": list(ckpt.class_names),
+        "threshold": float(ckpt.threshold),
+        "image_size": cfg.image_size,
+        "mean": cfg.mean,
+        "std": cfg.std,
+        "max_pixels": cfg.max_pixels,
+        "input": {"name": "image", "dtype": "uint8", "shape": ["N", 1, cfg.image_size, cfg.image_size],
+                  "meaning": "grey levels 0-255, square-resized with PIL bicubic (aspect ratio not kept); "
+                             "the graph normalises (x / 255 - mean) / std itself"},
+        "outputs": {"logits": "float32 (N, C)", "probabilities": "float32 (N, C), softmax, class_names order"},
+        "decision": f"{ckpt.class_names[-1]} when probabilities[:, -1] >= threshold",
+        "model_card": model_card(ckpt, id_=id_),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+class Deployable(nn.Module):
+    """The classifier with its input normalisation and softmax: uint8 images in, logits and probabilities out."""
+
+    def __init__(self, net: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.net = net
+        self.mean = float(mean)
+        self.std = float(std)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The same float operations, in the same order, as cxr.model.normalize: the outputs match PyTorch's.
+        x = (image.float() / 255.0 - self.mean) / self.std
+        logits = self.net(x)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def _as_checkpoint(model: str | os.PathLike | Checkpoint) -> Checkpoint:
+    return model if isinstance(model, Checkpoint) else load_checkpoint(model)
+
+
+def _deployable(ckpt: Checkpoint) -> tuple[Deployable, torch.Tensor]:
+    size = ckpt.config.image_size
+    module = Deployable(ckpt.build("cpu"), ckpt.config.mean, ckpt.config.std).eval()
+    example = torch.randint(0, 256, (2, 1, size, size), dtype=torch.uint8)
+    return module, example
+
+
+def onnx_model_bytes(model: str | os.PathLike | Checkpoint) -> bytes:
+    """Export a checkpoint to an ONNX model (fp32, dynamic batch) and return the serialised file."""
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs it; fail early with a clear message
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"ONNX export needs the onnx and onnxscript packages ({e}); pip install onnx onnxscript") \
+            from None
+    ckpt = _as_checkpoint(model)
+    module, example = _deployable(ckpt)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter about its own internals, nothing a user can act on
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=["image"],
+                                    output_names=["logits", "probabilities"], dynamic_shapes=({0: batch},),
+                                    opset_version=ONNX_OPSET, external_data=False, verbose=False)
+    proto = program.model_proto
+    proto.producer_name = "cxr"
+    proto.producer_version = __version__
+    proto.doc_string = "cxr chest X-ray classifier (NORMAL vs PNEUMONIA). Research software, not a medical device."
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CONTRACT_KEY, json.dumps(contract(ckpt))
+    return proto.SerializeToString()
+
+
+def export_model(model: str | os.PathLike | Checkpoint, fmt: str, output: str | os.PathLike) -> Path:
+    """Write ``model`` (a checkpoint file, run directory, ``default`` or a Checkpoint) as ONNX or TorchScript.
+
+    Args:
+        model: what to export.
+        fmt: ``onnx`` or ``torchscript``.
+        output: the file to write (atomically; an existing file is replaced).
+
+    Returns:
+        The written path. The contract (size, normalisation, threshold, class names, card) is inside the file.
+    """
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: use {' or '.join(FORMATS)}")
+    out = Path(output)
+    if out.is_dir():
+        raise UsageError(f"--output {out}: is a directory; give a file name")
+    ckpt = _as_checkpoint(model)
+    if fmt == "onnx":
+        data = onnx_model_bytes(ckpt)
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(data)
+    else:
+        module, example = _deployable(ckpt)
+        with torch.no_grad(), warnings.catch_warnings(), atomic_path(out) as tmp:
+            # TorchScript is deprecated in favour of torch.export, but it is still what C++/mobile runtimes load.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.trace(module, example, check_trace=False)
+            torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(contract(ckpt))})
+    log.info("wrote %s (%s, %.1f MB)", out, fmt, out.stat().st_size / 1e6)
+    return out
+
+
+def load_torchscript(path: str | os.PathLike) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """A TorchScript file written by :func:`export_model` and its contract."""
+    extra = {TORCHSCRIPT_EXTRA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    try:
+        return module.eval(), json.loads(extra[TORCHSCRIPT_EXTRA_FILE])
+    except ValueError:
+        raise CheckpointError(f"{path}: a TorchScript file without a cxr contract") from None
+
+
+# ----------------------------------------------------------------------------------------------- ONNX Runtime
+
+
+class OnnxPredictor:
+    """P(positive class) from an exported cxr ONNX model on ONNX Runtime (CPU).
+
+    ``InferenceSession.run`` is thread-safe, so one predictor can serve concurrent requests.
+
+    Attributes:
+        contract: the JSON contract from the file (see the module docstring); ``image_size``, ``threshold``,
+            ``class_names``, ``model_id`` and ``card`` are copied out of it.
+    """
+
+    def __init__(self, source: str | os.PathLike | bytes, *, threads: int = 0, name: str = "") -> None:
+        """
+        Args:
+            source: an ``.onnx`` file, or its bytes (from :func:`onnx_model_bytes`).
+            threads: intra-op threads (0: ONNX Runtime's default, one per core).
+            name: what error messages call the model (default: the path).
+        """
+        import onnxruntime as ort
+
+        label = name or (str(source) if not isinstance(source, bytes) else "<onnx bytes>")
+        if not isinstance(source, bytes) and not Path(source).is_file():
+            raise UsageError(f"{label}: no such ONNX file")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        # Idle worker threads sleep instead of spinning: the service runs other threads (decoding, PyTorch) too.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3  # errors only: its warnings are about graph fusions, not the user's input
+        try:
+            self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for a bad file
+            raise CheckpointError(f"{label}: not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.contract: dict[str, Any] = json.loads(meta[CONTRACT_KEY])
+            self.image_size = int(self.contract["image_size"])
+            self.threshold = float(self.contract["threshold"])
+            self.class_names = list(self.contract["class_names"])
+            self.model_id = str(self.contract["model_id"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{label}: an ONNX model without a cxr contract (export it with cxr export)") \
+                from None
+        self.card: dict[str, Any] = self.contract.get("model_card") or {}
+        self.max_pixels = int(self.contract.get("max_pixels", 100_000_000))
+
+    def predict_uint8(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """P(``class_names[-1]``) as float64 (N,) for uint8 images (N, S, S) or (N, 1, S, S)."""
+        x = np.asarray(images)
+        if x.ndim == 3:
+            x = x[:, None]
+        s = self.image_size
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (1, s, s):
+            raise ValueError(f"expected uint8 images of shape (N, {s}, {s}), got {x.dtype} {images.shape}")
+        out = [self.session.run(["probabilities"], {"image": np.ascontiguousarray(x[i:i + batch_size])})[0][:, -1]
+               for i in range(0, len(x), batch_size)]
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def load_onnx_predictor(model: str | os.PathLike | Checkpoint, *, threads: int = 0) -> OnnxPredictor:
+    """An :class:`OnnxPredictor` for an ``.onnx`` file, or for a checkpoint exported in memory (no file written)."""
+    if not isinstance(model, Checkpoint) and str(model).lower().endswith(".onnx"):
+        return OnnxPredictor(model, threads=threads)
+    ckpt = _as_checkpoint(model)
+    log.info("exporting %s to ONNX in memory (cxr export writes it to a file once)", ckpt.path or "the model")
+    return OnnxPredictor(onnx_model_bytes(ckpt), threads=threads, name=ckpt.path or "<checkpoint>")
+
+
+def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike], *, threshold: float | None = None,
+                       batch_size: int = 32, threads: int = 0) -> list:
+    """``cxr predict --backend onnx``: :func:`cxr.predict.predict_files` on ONNX Runtime (CPU, fp32).
+
+    Args:
+        model: an ``.onnx`` file from ``cxr export``, or a checkpoint / run directory (exported in memory).
+
+    Returns:
+        ``list[cxr.predict.Prediction]`` in input order; unreadable files get an ``error``.
+    """
+    from cxr.images import ImageError, load_image
+    from cxr.predict import Prediction, collect_files
+
+    files = collect_files(paths)
+    predictor = load_onnx_predictor(model, threads=threads)
+    t = predictor.threshold if threshold is None else float(threshold)
+    results: list[Prediction] = []
+    for start in range(0, len(files), batch_size):
+        images, good = [], []
+        for f in files[start:start + batch_size]:
+            try:
+                images.append(load_image(f, predictor.image_size, max_pixels=predictor.max_pixels))
+                good.append(f)
+            except ImageError as e:
+                results.append(Prediction(str(f), error=str(e)))
+        if images:
+            for f, prob in zip(good, predictor.predict_uint8(np.stack(images), batch_size), strict=True):
+                results.append(Prediction(str(f), float(prob), predictor.class_names[int(prob >= t)]))
+    order = {str(f): i for i, f in enumerate(files)}
+    return sorted(results, key=lambda r: order[r.path])

@@ -1,0 +1,574 @@
+"""The web service: a JSON API and a page that predict on uploaded X-rays. ``create_app`` builds it, ``serve`` runs it.
+
+Endpoints (``/docs`` and ``/openapi.json`` describe them):
+
+* ``POST /api/v1/predict``: one X-ray as multipart field ``file`` (JPEG, PNG or DICOM, recognised by content);
+  answers the label, P(PNEUMONIA), the threshold, the model's id and version, a Grad-CAM overlay (PNG, base64)
+  and timings. Query flags: ``heatmap`` (default true), ``include_image`` (the model's input as PNG).
+* ``GET /api/v1/health``, ``GET /api/v1/model`` (the model card), ``GET /`` (the page, works offline).
+
+What a bad request gets: an upload over the size limit 413; content that is not JPEG, PNG or DICOM 415; a
+JPEG/PNG/DICOM that cannot be decoded 422 with the reason; a malformed form 400; too many waiting requests 503.
+Nothing reaches a client as a stack trace. Uploads are parsed and decoded in memory (never written to disk),
+client file names are only echoed back (never opened, never logged), and inference runs in worker threads, at
+most ``max_concurrency`` at a time, so the event loop keeps answering.
+
+Research software, not a medical device: predictions are not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from cxr import __version__
+from cxr.errors import UsageError
+from cxr.images import ImageError, load_image
+from cxr.predict import DISCLAIMER
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+API = "/api/v1"
+BACKENDS = ("torch", "onnx")
+_MULTIPART_OVERHEAD = 64 * 1024  # boundary lines and part headers on top of the file itself
+
+# The page and the API load nothing from elsewhere; the OpenAPI pages are FastAPI's, which load Swagger UI and
+# ReDoc from a CDN with inline scripts, so they get a CSP that allows exactly that.
+_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; object-src 'none'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+_DOCS_CSP = ("default-src 'self'; img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
+             "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+             "script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; font-src 'self' https://fonts.gstatic.com; "
+             "worker-src blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+_DOCS_PATHS = ("/docs", "/redoc")
+
+
+# ----------------------------------------------------------------------------------------------- engines
+
+
+class Engine(Protocol):
+    """What the service needs from a backend. ``predict_uint8`` and ``heatmap_png`` are called from worker threads."""
+
+    backend: str
+    model_id: str
+    class_names: list[str]
+    threshold: float
+    image_size: int
+    max_pixels: int
+    card: dict[str, Any]
+    heatmap_unavailable: str | None  # why there is no heatmap, or None when there is one
+
+    def predict_uint8(self, images: np.ndarray) -> np.ndarray: ...
+
+    def heatmap_png(self, image: np.ndarray, target: int) -> bytes: ...
+
+
+def _png(rgb_or_grey: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb_or_grey)).save(buf, format="PNG", optimize=False, compress_level=3)
+    return buf.getvalue()
+
+
+def _heatmap_png(model: Any, image: np.ndarray, *, mean: float, std: float, target: int) -> bytes:
+    """Grad-CAM of class ``target`` over the (S, S) uint8 ``image`` as PNG bytes (cxr.explain's Grad-CAM, overlay)."""
+    from cxr.explain import heatmaps_for_images, overlay
+
+    heats, _ = heatmaps_for_images(model, image[None], mean=mean, std=std, target=target)
+    return _png(overlay(image, heats[0]))
+
+
+class TorchEngine:
+    """A checkpoint on PyTorch, with the same numerics as ``cxr predict`` (bf16 where the device is fast at it).
+
+    Grad-CAM runs on a separate copy of the weights under a lock: it hooks a layer of the model it runs on, and a
+    prediction running through the same module in another thread would fire that hook too.
+    """
+
+    backend = "torch"
+    heatmap_unavailable = None
+
+    def __init__(self, ckpt: Any, device: str = "auto", heatmap_fn: Callable[..., bytes] = _heatmap_png,
+                 threads: int = 0) -> None:
+        import dataclasses
+
+        import torch
+
+        from cxr.export import model_card, model_id
+        from cxr.model import resolve_device, use_bf16, use_channels_last
+
+        self.ckpt = ckpt
+        self.device = resolve_device(device)
+        if threads > 0:
+            torch.set_num_threads(threads)  # process-wide: PyTorch has one intra-op setting
+        cfg = dataclasses.replace(ckpt.config, device=device)
+        self.bf16, self.channels_last = use_bf16(cfg, self.device), use_channels_last(cfg, self.device)
+        self.net = ckpt.build(self.device)
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self._cam_net = ckpt.build(self.device)
+        self._cam_lock = threading.Lock()
+        self._heatmap_fn = heatmap_fn
+        self.model_id = model_id(ckpt)
+        self.class_names = list(ckpt.class_names)
+        self.threshold = float(ckpt.threshold)
+        self.image_size = ckpt.config.image_size
+        self.max_pixels = ckpt.config.max_pixels
+        self.card = model_card(ckpt, id_=self.model_id)
+
+    def predict_uint8(self, images: np.ndarray) -> np.ndarray:
+        """P(positive class), float64 (N,), for uint8 images (N, S, S)."""
+        from cxr.evaluate import predict_logits, probabilities
+
+        cfg = self.ckpt.config
+        logits = predict_logits(self.net, images, mean=cfg.mean, std=cfg.std, device=self.device,
+                                bf16=self.bf16, channels_last=self.channels_last)
+        return probabilities(logits)
+
+    def heatmap_png(self, image: np.ndarray, target: int) -> bytes:
+        """Grad-CAM overlay for class index ``target`` as PNG bytes."""
+        cfg = self.ckpt.config
+        with self._cam_lock:
+            return self._heatmap_fn(self._cam_net, image, mean=cfg.mean, std=cfg.std, target=target)
+
+
+class OnnxEngine:
+    """An exported model on ONNX Runtime (CPU, fp32). No heatmap: Grad-CAM needs gradients, which it does not give."""
+
+    backend = "onnx"
+    heatmap_unavailable = ("Grad-CAM needs gradients, which the ONNX Runtime backend does not compute; "
+                           "run the service with --backend torch for heatmaps")
+
+    def __init__(self, model: Any, threads: int = 0) -> None:
+        from cxr.export import load_onnx_predictor
+
+        self.predictor = load_onnx_predictor(model, threads=threads)
+        p = self.predictor
+        self.model_id, self.class_names, self.threshold = p.model_id, p.class_names, p.threshold
+        self.image_size, self.max_pixels, self.card = p.image_size, p.max_pixels, p.card
+
+    def predict_uint8(self, images: np.ndarray) -> np.ndarray:
+        return self.predictor.predict_uint8(images)
+
+    def heatmap_png(self, image: np.ndarray, target: int) -> bytes:
+        raise NotImplementedError(self.heatmap_unavailable)
+
+
+def load_engine(model: str | os.PathLike, backend: str = "torch", device: str = "auto", threads: int = 0) -> Engine:
+    """The engine for ``model`` (checkpoint, run directory, ``default``, or an ``.onnx`` file for ``onnx``).
+
+    ``threads``: intra-op threads per prediction (0: the library's default, one per core). With several
+    predictions at once on a few cores, ``cores / max_concurrency`` avoids oversubscription (see BENCHMARKS.md).
+    """
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend!r}: use {' or '.join(BACKENDS)}")
+    if threads < 0:
+        raise UsageError(f"--threads {threads}: must be >= 0")
+    if backend == "onnx":
+        if device not in ("auto", "cpu"):
+            raise UsageError("--backend onnx runs on the CPU; drop --device or use --device cpu")
+        return OnnxEngine(model, threads=threads)
+    if str(model).lower().endswith(".onnx"):
+        raise UsageError(f"{model}: an ONNX file needs --backend onnx")
+    from cxr.model import load_checkpoint
+
+    return TorchEngine(load_checkpoint(model), device=device, threads=threads)
+
+
+# ----------------------------------------------------------------------------------------------- requests
+
+
+class HttpError(Exception):
+    """A request the service refuses, with the status and a message a person can act on."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers
+
+
+def _safe_name(filename: str | None) -> str:
+    """The last component of a client's file name, printable and short: it is only echoed back, never opened."""
+    name = re.split(r"[\\/]", filename or "")[-1]
+    name = "".join(c for c in name if c.isprintable()).strip()[:120]
+    return name or "upload"
+
+
+def sniff(data: bytes) -> str | None:
+    """``jpeg``, ``png`` or ``dicom`` from a file's magic bytes (as cxr.images decides), or None for anything else."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
+    """The bytes and file name of multipart field ``file``, parsed in memory while the body streams in.
+
+    Raises:
+        HttpError: 413 over ``max_bytes``, 415 not multipart/form-data, 400 malformed, 422 no ``file`` field.
+    """
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
+        raise HttpError(415, "send the image as multipart/form-data, in a field named 'file'")
+    limit = max_bytes + _MULTIPART_OVERHEAD
+    too_big = f"upload over the {_mb(max_bytes)} limit"
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HttpError(413, f"{too_big} ({_mb(int(length))} sent)")
+
+    parts: list[dict[str, Any]] = []
+    header: dict[str, bytearray] = {"field": bytearray(), "value": bytearray()}
+
+    def on_part_begin() -> None:
+        parts.append({"headers": {}, "data": bytearray()})
+
+    def on_header_field(b: bytes, start: int, end: int) -> None:
+        header["field"] += b[start:end]
+
+    def on_header_value(b: bytes, start: int, end: int) -> None:
+        header["value"] += b[start:end]
+
+    def on_header_end() -> None:
+        parts[-1]["headers"][bytes(header["field"]).lower()] = bytes(header["value"])
+        header["field"], header["value"] = bytearray(), bytearray()
+
+    def on_part_data(b: bytes, start: int, end: int) -> None:
+        parts[-1]["data"] += b[start:end]
+
+    parser = MultipartParser(params[b"boundary"], {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_part_data": on_part_data})
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise HttpError(413, too_big)
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError:
+        raise HttpError(400, "malformed multipart/form-data body") from None
+    except ClientDisconnect:
+        raise HttpError(400, "the client went away during the upload") from None
+
+    files = []
+    for part in parts:
+        _, disp = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        if disp.get(b"name") == b"file":
+            files.append((bytes(part["data"]), disp.get(b"filename", b"").decode("utf-8", "replace")))
+    if len(files) != 1:
+        raise HttpError(422, "send exactly one image in a form field named 'file'" if files else
+                        "no form field named 'file': send the image as multipart field 'file'")
+    data, filename = files[0]
+    if len(data) > max_bytes:
+        raise HttpError(413, f"{too_big} ({_mb(len(data))} sent)")
+    if not data:
+        raise HttpError(422, f"{_safe_name(filename)}: empty file")
+    return data, _safe_name(filename)
+
+
+def run_prediction(engine: Engine, data: bytes, name: str, *, heatmap: bool = True, include_image: bool = False,
+                   max_pixels: int | None = None) -> dict[str, Any]:
+    """Decode, predict and explain one upload (blocking: called in a worker thread). Returns the response body.
+
+    Raises:
+        HttpError: 415 when the content is not JPEG, PNG or DICOM; 422 when it is one but cannot be decoded.
+    """
+    kind = sniff(data)
+    if kind is None:
+        raise HttpError(415, f"{name}: not an image (content is not JPEG, PNG or DICOM; a DICOM file needs its "
+                             "128-byte preamble and 'DICM' marker)")
+    t0 = time.perf_counter()
+    try:
+        image = load_image(data, engine.image_size, name=name, max_pixels=max_pixels or engine.max_pixels)
+    except ImageError as e:
+        raise HttpError(422, str(e)) from None
+    t1 = time.perf_counter()
+    prob = float(engine.predict_uint8(image[None])[0])
+    t2 = time.perf_counter()
+    predicted = int(prob >= engine.threshold)
+    overlay, note = None, None
+    if heatmap and engine.heatmap_unavailable is None:
+        overlay = {"method": "Grad-CAM", "target": engine.class_names[predicted],
+                   "png_base64": base64.b64encode(engine.heatmap_png(image, predicted)).decode("ascii")}
+    elif heatmap:
+        note = engine.heatmap_unavailable
+    else:
+        note = "not requested (heatmap=false)"
+    t3 = time.perf_counter()
+    return {
+        "filename": name,
+        "label": engine.class_names[predicted],
+        "probability": prob,
+        "probabilities": {engine.class_names[0]: 1.0 - prob, engine.class_names[-1]: prob},
+        "threshold": engine.threshold,
+        "model": {"id": engine.model_id, "version": __version__, "backend": engine.backend},
+        "heatmap": overlay,
+        "heatmap_note": note,
+        "image_png_base64": base64.b64encode(_png(image)).decode("ascii") if include_image else None,
+        "format": kind,
+        "timing_ms": {"decode": round(1e3 * (t1 - t0), 2), "inference": round(1e3 * (t2 - t1), 2),
+                      "heatmap": round(1e3 * (t3 - t2), 2)},
+        "note": DISCLAIMER,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- the app
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one service instance accepts."""
+
+    max_upload_bytes: int
+    max_concurrency: int
+    max_queue: int
+    max_pixels: int | None
+
+
+class SecurityHeaders:
+    """ASGI middleware adding security headers to every response (a strict CSP except on the OpenAPI pages)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        csp = _DOCS_CSP if path.startswith(_DOCS_PATHS) else _CSP
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"server"]
+                headers += [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                            (b"referrer-policy", b"no-referrer"), (b"content-security-policy", csp.encode()),
+                            (b"cross-origin-opener-policy", b"same-origin"),
+                            (b"permissions-policy", b"camera=(), microphone=(), geolocation=()")]
+                if path.startswith(API):
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class ModelRef(BaseModel):
+    id: str = Field(description="first 12 hex digits of the SHA-256 of the checkpoint file")
+    version: str = Field(description="cxr version serving it")
+    backend: str = Field(description="torch or onnx")
+
+
+class HeatmapOut(BaseModel):
+    method: str
+    target: str = Field(description="the class whose evidence is shown (the predicted one)")
+    png_base64: str = Field(description="PNG of the model's input with the heatmap laid over it")
+
+
+class PredictionOut(BaseModel):
+    filename: str
+    label: str = Field(description="PNEUMONIA when probability >= threshold, else NORMAL")
+    probability: float = Field(description="P(PNEUMONIA) by the model")
+    probabilities: dict[str, float]
+    threshold: float
+    model: ModelRef
+    heatmap: HeatmapOut | None
+    heatmap_note: str | None = Field(description="why heatmap is null")
+    image_png_base64: str | None = Field(description="the model's input as PNG, with include_image=true")
+    format: str = Field(description="jpeg, png or dicom")
+    timing_ms: dict[str, float] = Field(description="upload, queue, decode, inference, heatmap, total (server side)")
+    note: str
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class HealthOut(BaseModel):
+    status: str
+    model_id: str
+    backend: str
+    version: str
+    uptime_s: float
+    busy: int = Field(description="requests being decoded or predicted now")
+    waiting: int = Field(description="requests waiting for a worker")
+
+
+def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = "torch", max_upload_mb: float = 20.0,
+               max_concurrency: int = 2, max_queue: int = 32, device: str = "auto", threads: int = 0,
+               max_pixels: int | None = None) -> FastAPI:
+    """The FastAPI application serving one model.
+
+    Args:
+        model: a checkpoint file, run directory or ``default`` (the bundled model); an ``.onnx`` file with
+            ``backend="onnx"``; or a ready :class:`Engine`.
+        backend: ``torch`` or ``onnx`` (ONNX Runtime, CPU; no heatmaps).
+        max_upload_mb: larger uploads get 413.
+        max_concurrency: predictions running at once (each in a worker thread).
+        max_queue: requests allowed to wait for a worker; beyond that, 503 with ``Retry-After``.
+        device: ``auto``, ``cpu`` or ``cuda`` for the torch backend.
+        threads: intra-op threads per prediction (0: the library default); see :func:`load_engine`.
+        max_pixels: refuse larger images (default: the model's setting), checked before decoding.
+    """
+    if max_upload_mb <= 0 or max_concurrency < 1 or max_queue < 0:
+        raise UsageError("max_upload_mb must be > 0, max_concurrency >= 1 and max_queue >= 0")
+    engine: Engine = load_engine(model, backend, device, threads) if isinstance(model, str | os.PathLike) else model
+    limits = Limits(int(max_upload_mb * 1e6), max_concurrency, max_queue, max_pixels)
+    limiter = anyio.CapacityLimiter(max_concurrency)
+    admitted = [0]  # requests running or waiting for a worker (only touched on the event loop)
+    started = time.monotonic()
+
+    app = FastAPI(
+        title="cxr", version=__version__,
+        description="Chest X-ray classification (NORMAL vs PNEUMONIA) with a DenseNet. " + DISCLAIMER,
+    )
+    app.state.engine, app.state.limits = engine, limits
+
+    @app.exception_handler(HttpError)
+    async def _refused(request: Request, exc: HttpError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        what = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in exc.errors())
+        return JSONResponse({"detail": what or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A last resort (predict catches its own): the traceback goes to the log, the client gets one line.
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        status = 503 if isinstance(exc, MemoryError) else 500
+        return JSONResponse({"detail": "internal error: the request could not be processed"}, status_code=status)
+
+    errors = {s: {"model": ErrorOut, "description": d} for s, d in (
+        (400, "malformed multipart body"), (413, "upload over the size limit"),
+        (415, "not multipart/form-data, or content that is not JPEG, PNG or DICOM"),
+        (422, "no 'file' field, or an image that cannot be decoded (the message says why)"),
+        (503, "too many requests waiting; retry after the number of seconds in Retry-After"))}
+    upload_schema = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"],
+        "properties": {"file": {"type": "string", "format": "binary",
+                                "description": f"one X-ray: JPEG, PNG or DICOM, at most {max_upload_mb:g} MB"}}}}}}}
+
+    @app.post(f"{API}/predict", response_model=PredictionOut, responses=errors, openapi_extra=upload_schema,
+              summary="Predict NORMAL or PNEUMONIA for one uploaded X-ray")
+    async def predict(request: Request,
+                      heatmap: bool = Query(True, description="compute the Grad-CAM overlay (torch backend)"),
+                      include_image: bool = Query(False, description="also return the model's input as PNG")
+                      ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        bound = limits.max_concurrency + limits.max_queue
+        busy = HttpError(503, "busy: too many requests waiting; retry shortly", {"Retry-After": "1"})
+        if admitted[0] >= bound:  # early, so a full service does not read the upload first
+            raise busy
+        data, name = await read_upload(request, limits.max_upload_bytes)
+        t1 = time.perf_counter()
+        # Checked again and counted with no await in between: concurrent uploads cannot all slip past the bound.
+        if admitted[0] >= bound:
+            raise busy
+        admitted[0] += 1
+
+        def work() -> dict[str, Any]:
+            t_start = time.perf_counter()
+            out = run_prediction(engine, data, name, heatmap=heatmap, include_image=include_image,
+                                 max_pixels=limits.max_pixels)
+            out["timing_ms"]["queue"] = round(1e3 * (t_start - t1), 2)
+            return out
+
+        try:
+            result = await anyio.to_thread.run_sync(work, limiter=limiter)
+        except HttpError:
+            raise
+        except Exception as e:
+            # The traceback goes to the server's log; the client gets one line without internals.
+            log.error("prediction failed", exc_info=e)
+            status = 503 if isinstance(e, MemoryError) else 500
+            raise HttpError(status, "internal error: the image could not be processed") from None
+        finally:
+            admitted[0] -= 1
+        result["timing_ms"]["upload"] = round(1e3 * (t1 - t0), 2)
+        result["timing_ms"]["total"] = round(1e3 * (time.perf_counter() - t0), 2)
+        log.info("predict: %s p=%.3f in %.0f ms", result["label"], result["probability"], result["timing_ms"]["total"])
+        return result
+
+    @app.get(f"{API}/health", response_model=HealthOut, summary="Liveness and load")
+    async def health() -> dict[str, Any]:
+        busy = limiter.borrowed_tokens
+        return {"status": "ok", "model_id": engine.model_id, "backend": engine.backend, "version": __version__,
+                "uptime_s": round(time.monotonic() - started, 1), "busy": busy, "waiting": admitted[0] - busy}
+
+    @app.get(f"{API}/model", summary="The model card: training data, metrics, threshold, intended use")
+    async def model_card() -> dict[str, Any]:
+        return {**engine.card, "model_id": engine.model_id, "threshold": engine.threshold,
+                "class_names": engine.class_names, "backend": engine.backend, "served_by": f"cxr {__version__}",
+                "heatmap": engine.heatmap_unavailable or "Grad-CAM of the predicted class",
+                "limits": {"max_upload_mb": max_upload_mb, "max_concurrency": max_concurrency,
+                           "formats": ["jpeg", "png", "dicom"]}}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Outermost, so error responses and static files get the headers too.
+    app.add_middleware(SecurityHeaders)
+    return app
+
+
+def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: int = 8000, *, backend: str = "torch",
+          max_upload_mb: float = 20.0, max_concurrency: int = 2, max_queue: int = 32, device: str = "auto",
+          threads: int | None = None, max_pixels: int | None = None, log_level: str = "info") -> None:
+    """Run the service with uvicorn until interrupted (``cxr serve``). The model loads before the port opens.
+
+    Arguments as :func:`create_app`, except ``threads``: None (default) gives each of the ``max_concurrency``
+    predictions an equal share of the cores. Letting each take every core oversubscribes them, which on a busy
+    machine made PyTorch's OpenMP ~90x slower (see BENCHMARKS.md).
+    """
+    import uvicorn
+
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // max_concurrency)
+
+    app = create_app(model, backend=backend, max_upload_mb=max_upload_mb, max_concurrency=max_concurrency,
+                     max_queue=max_queue, device=device, threads=threads, max_pixels=max_pixels)
+    engine = app.state.engine
+    log.info("serving model %s (%s backend, %d x %d threads) on http://%s:%d/  (API docs at /docs). %s",
+             engine.model_id, engine.backend, max_concurrency, threads, host if ":" not in host else f"[{host}]",
+             port, DISCLAIMER)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, access_log=False)

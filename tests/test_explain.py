@@ -1,0 +1,139 @@
+"""Grad-CAM sanity (size, range, dependence on the weights) and ``explain_files`` on real X-rays with a tiny model."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxr.config import load_config
+from cxr.demo import SAMPLE_DIR
+from cxr.explain import explain_files, grad_cam, heatmaps_for_images, overlay, target_layer
+from cxr.images import load_image
+from cxr.model import Checkpoint, build_model, normalize, save_checkpoint
+
+SIZE = 96  # DenseNet-121's last block is 3x3 here: small, but a map with structure
+FILES = sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:1] + \
+    sorted((SAMPLE_DIR / "test" / "PNEUMONIA").glob("*.jpeg"))[:1]
+
+
+@pytest.fixture(scope="module")
+def xrays() -> torch.Tensor:
+    images = np.stack([load_image(f, SIZE) for f in FILES])
+    return normalize(torch.from_numpy(images)[:, None], 0.449, 0.226)
+
+
+@pytest.fixture(scope="module")
+def densenet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("densenet121", "none").eval()
+
+
+@pytest.fixture(scope="module")
+def pneumonia_maps(densenet, xrays) -> tuple[np.ndarray, np.ndarray]:
+    return grad_cam(densenet, xrays, 1)
+
+
+def test_heatmap_has_the_input_size_and_is_scaled(densenet, xrays, pneumonia_maps):
+    cam, logits = pneumonia_maps
+    assert cam.shape == (len(FILES), SIZE, SIZE)
+    assert logits.shape == (len(FILES), 2)
+    assert np.isfinite(cam).all()
+    assert cam.min() >= 0 and cam.max() <= 1
+    # Each map peaks at 1 and is not flat: it says where, not just "everywhere".
+    np.testing.assert_allclose(cam.reshape(len(FILES), -1).max(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(cam.reshape(len(FILES), -1).min(axis=1), 0.0, atol=1e-6)
+    assert (cam.std(axis=(1, 2)) > 0.05).all()
+    # The logits are the model's own.
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, densenet(xrays).numpy(), atol=1e-4)
+
+
+def test_heatmap_changes_when_the_weights_are_randomised(densenet, xrays, pneumonia_maps):
+    """A map that stayed the same would come from the image alone (an edge detector), not from the model."""
+    before, _ = pneumonia_maps
+    head = build_model("densenet121", "none")
+    head.load_state_dict(densenet.state_dict())
+    torch.manual_seed(123)
+    head.classifier.reset_parameters()  # the top layer randomised, the features kept
+    after_head, _ = grad_cam(head.eval(), xrays, 1)
+    torch.manual_seed(456)
+    fresh = build_model("densenet121", "none").eval()  # every weight randomised
+    after_all, _ = grad_cam(fresh, xrays, 1)
+    assert np.abs(before - after_head).mean() > 0.1
+    assert np.abs(before - after_all).mean() > 0.1
+
+
+def test_grad_cam_leaves_no_gradients_and_runs_under_inference_mode(densenet, xrays):
+    with torch.inference_mode():
+        cam, _ = grad_cam(densenet, xrays[:1])
+    assert cam.shape == (1, SIZE, SIZE)
+    assert all(p.grad is None for p in densenet.parameters())
+    assert not densenet.training
+
+
+def test_target_none_explains_the_argmax_and_classes_differ(densenet, xrays, pneumonia_maps):
+    pneumonia, logits = pneumonia_maps
+    normal, _ = grad_cam(densenet, xrays, 0)
+    auto, _ = grad_cam(densenet, xrays)
+    np.testing.assert_allclose(auto, np.where(logits.argmax(1)[:, None, None] == 1, pneumonia, normal), atol=1e-6)
+    # Log-odds maps of the two classes are complementary, so they cannot be the same picture.
+    assert np.abs(pneumonia - normal).mean() > 0.1
+
+
+def test_resnet_uses_layer4():
+    torch.manual_seed(0)
+    model = build_model("resnet18", "none").eval()
+    assert target_layer(model) is model.layer4
+    maps, probs = heatmaps_for_images(model, np.stack([load_image(f, 64) for f in FILES]), mean=0.449, std=0.226,
+                                      target=np.array([0, 1]), batch_size=1)
+    assert maps.shape == (len(FILES), 64, 64) and probs.shape == (len(FILES),)
+    assert ((probs > 0) & (probs < 1)).all()
+
+
+def test_overlay_keeps_cold_pixels_grey_and_colours_hot_ones():
+    image = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))
+    cold = overlay(image, np.zeros((8, 8), np.float32))
+    assert cold.shape == (32, 32, 3) and cold.dtype == np.uint8
+    np.testing.assert_array_equal(cold, np.repeat(image[..., None], 3, axis=2))
+    heat = np.zeros((32, 32), np.float32)
+    heat[:, 16:] = 1.0
+    hot = overlay(image, heat)
+    assert (hot[:, :16] == cold[:, :16]).all()
+    assert np.abs(hot[:, 20:].astype(int) - cold[:, 20:]).max() > 50
+    assert overlay(image, None, size=48).shape == (48, 48, 3)
+
+
+def test_explain_files_writes_one_picture_per_readable_image(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet18", "none")
+    cfg = load_config(overrides={"image_size": 64, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", model.state_dict(), cfg, threshold=0.5), tmp_path / "model.pt")
+    broken = tmp_path / "broken.jpeg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    out = explain_files(tmp_path / "model.pt", [FILES[0], broken, FILES[1]], tmp_path / "out", device="cpu")
+    assert [p.name for p in out] == [f"{FILES[0].stem}_gradcam.png", f"{FILES[1].stem}_gradcam.png"]
+    for p in out:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.width > 400 and im.height > 200
+    rows = list(csv.DictReader((tmp_path / "out" / "explanations.csv").read_text().splitlines()))
+    assert [r["path"] for r in rows] == [str(FILES[0]), str(FILES[1])]
+    # The same numbers `cxr predict` gives.
+    from cxr.predict import predict_files
+
+    preds = {p.path: p for p in predict_files(tmp_path / "model.pt", [FILES[0], FILES[1]], device="cpu")}
+    for r in rows:
+        assert float(r["prob_pneumonia"]) == pytest.approx(preds[r["path"]].prob_pneumonia, abs=1e-5)
+        assert r["predicted"] == preds[r["path"]].label
+
+
+def test_explain_files_rejects_an_unknown_target(tmp_path):
+    from cxr.errors import UsageError
+
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18").state_dict(), cfg), tmp_path / "m.pt")
+    with pytest.raises(UsageError, match="target"):
+        explain_files(tmp_path / "m.pt", [FILES[0]], tmp_path / "out", target="EFFUSION", device="cpu")

@@ -1,0 +1,184 @@
+"""ONNX and TorchScript export: outputs match fp32 PyTorch on real X-rays, the contract travels in the file, and the
+ONNX Runtime backend serves ``cxr predict --backend onnx`` and the web service. Tiny 64 px checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+import torch  # noqa: E402
+
+from cxr.config import load_config  # noqa: E402
+from cxr.demo import SAMPLE_DIR  # noqa: E402
+from cxr.errors import CheckpointError, UsageError  # noqa: E402
+from cxr.evaluate import predict_logits, probabilities  # noqa: E402
+from cxr.export import (  # noqa: E402
+    CONTRACT_KEY,
+    OnnxPredictor,
+    export_model,
+    load_onnx_predictor,
+    load_torchscript,
+    predict_files_onnx,
+)
+from cxr.images import load_image  # noqa: E402
+from cxr.model import Checkpoint, build_model, load_checkpoint, save_checkpoint  # noqa: E402
+
+SIZE = 64
+THRESHOLD = 0.42
+FILES = sorted((SAMPLE_DIR / "test").glob("*/*.jpeg"))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny checkpoint with its ONNX and TorchScript exports, and fp32 PyTorch results on the 16 sample X-rays."""
+    root = tmp_path_factory.mktemp("export")
+    ckpt_path = tiny_checkpoint(root / "tiny.pt", "densenet121")
+    images = np.stack([load_image(f, SIZE) for f in FILES])
+    logits = fp32_logits(ckpt_path, images)
+    return {
+        "ckpt": ckpt_path,
+        "onnx": export_model(load_checkpoint(ckpt_path), "onnx", root / "model.onnx"),
+        "images": images,
+        "logits": logits.numpy(),
+        "probs": probabilities(logits),
+        "id": hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12],
+    }
+
+
+def tiny_checkpoint(path, arch: str):
+    torch.manual_seed(0)
+    cfg = load_config(overrides={"image_size": SIZE, "arch": arch})
+    save_checkpoint(Checkpoint(arch, build_model(arch, "none").state_dict(), cfg, threshold=THRESHOLD), path)
+    return path
+
+
+def fp32_logits(ckpt_path, images) -> torch.Tensor:
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = ckpt.config
+    return predict_logits(ckpt.build("cpu"), images, mean=cfg.mean, std=cfg.std, device=torch.device("cpu"),
+                          bf16=False)
+
+
+def test_onnx_matches_pytorch_fp32_on_real_xrays(exported):
+    probs = OnnxPredictor(exported["onnx"]).predict_uint8(exported["images"], batch_size=5)  # uneven last batch
+    assert probs.shape == (len(FILES),)
+    assert np.abs(probs - exported["probs"]).max() < 1e-4
+    # A comparison of near-constant outputs would prove little: these differ from image to image.
+    assert exported["probs"].std() > 1e-3
+    session = ort.InferenceSession(str(exported["onnx"]), providers=["CPUExecutionProvider"])
+    logits, softmax = session.run(None, {"image": exported["images"][:, None]})
+    assert np.abs(logits - exported["logits"]).max() < 1e-3
+    assert np.allclose(softmax.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_onnx_file_carries_the_preprocessing_contract(exported):
+    model = onnx.load(str(exported["onnx"]))
+    meta = {p.key: p.value for p in model.metadata_props}
+    contract = json.loads(meta[CONTRACT_KEY])
+    assert contract["image_size"] == SIZE
+    assert contract["mean"] == pytest.approx(0.449) and contract["std"] == pytest.approx(0.226)
+    assert contract["threshold"] == pytest.approx(THRESHOLD)
+    assert contract["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert contract["model_id"] == exported["id"]
+    assert "Not for diagnosis" in contract["model_card"]["intended_use"]
+    (inp,) = model.graph.input
+    assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = [d.dim_value or d.dim_param for d in inp.type.tensor_type.shape.dim]
+    assert dims[1:] == [1, SIZE, SIZE] and isinstance(dims[0], str)  # any batch size
+    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+
+
+def test_torchscript_matches_pytorch_and_carries_the_contract(exported, tmp_path):
+    # The export code is the same for every arch; ResNet-18 traces and loads in a fraction of DenseNet-121's time.
+    ckpt_path = tiny_checkpoint(tmp_path / "resnet.pt", "resnet18")
+    module, contract = load_torchscript(export_model(ckpt_path, "torchscript", tmp_path / "model.ts"))
+    images = exported["images"][:4]
+    expected = fp32_logits(ckpt_path, images)
+    with torch.no_grad():
+        logits, probs = module(torch.from_numpy(images[:, None]))
+    assert np.abs(logits.numpy() - expected.numpy()).max() < 1e-4
+    assert np.abs(probs[:, 1].numpy() - probabilities(expected)).max() < 1e-5
+    assert contract["image_size"] == SIZE and contract["threshold"] == pytest.approx(THRESHOLD)
+    assert contract["arch"] == "resnet18"
+    assert contract["model_id"] == hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12]
+
+
+def test_predict_files_onnx(exported, tmp_path):
+    bad = tmp_path / "broken.jpeg"
+    bad.write_bytes(b"\xff\xd8\xff" + b"\0" * 10)
+    preds = predict_files_onnx(exported["onnx"], [*FILES[:4], bad], batch_size=3)
+    assert [p.path for p in preds] == [str(f) for f in FILES[:4]] + [str(bad)]
+    for p, expected in zip(preds[:4], exported["probs"][:4], strict=True):
+        assert p.prob_pneumonia == pytest.approx(expected, abs=1e-4)
+        assert p.label == ("PNEUMONIA" if p.prob_pneumonia >= THRESHOLD else "NORMAL")
+    assert preds[4].error and "broken.jpeg" in preds[4].error and preds[4].label is None
+    # An explicit threshold overrides the file's.
+    assert {p.label for p in predict_files_onnx(exported["onnx"], FILES[:4], threshold=0.0)} == {"PNEUMONIA"}
+
+
+def test_onnx_backend_in_the_service(exported):
+    from fastapi.testclient import TestClient
+
+    from cxr.serve import create_app
+
+    client = TestClient(create_app(exported["onnx"], backend="onnx"))
+    f = FILES[-1]
+    r = client.post("/api/v1/predict", files={"file": (f.name, f.read_bytes())})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["probability"] == pytest.approx(exported["probs"][-1], abs=1e-4)
+    assert body["model"]["backend"] == "onnx" and body["model"]["id"] == exported["id"]
+    assert body["threshold"] == pytest.approx(THRESHOLD)
+    assert body["heatmap"] is None and "ONNX Runtime" in body["heatmap_note"]
+    card = client.get("/api/v1/model").json()
+    assert card["backend"] == "onnx" and card["threshold"] == pytest.approx(THRESHOLD)
+    assert client.post("/api/v1/predict", files={"file": ("x.txt", b"text")}).status_code == 415
+
+
+def test_checkpoint_exported_in_memory_for_onnx_runtime(exported, monkeypatch):
+    # A checkpoint given to the ONNX backend is exported in memory, never to a file. The export itself is what
+    # the other tests check (and takes seconds), so here it hands back the bytes already exported.
+    import cxr.export
+
+    seen = []
+
+    def export_in_memory(ckpt):
+        seen.append(ckpt.path)
+        return exported["onnx"].read_bytes()
+
+    monkeypatch.setattr(cxr.export, "onnx_model_bytes", export_in_memory)
+    predictor = load_onnx_predictor(exported["ckpt"])
+    assert seen == [str(exported["ckpt"])]
+    assert predictor.model_id == exported["id"]
+    assert np.abs(predictor.predict_uint8(exported["images"][:4]) - exported["probs"][:4]).max() < 1e-4
+
+
+def test_bad_inputs_are_refused(exported, tmp_path):
+    with pytest.raises(UsageError, match="no such ONNX file"):
+        OnnxPredictor(tmp_path / "missing.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf at all")
+    with pytest.raises(CheckpointError, match="not a readable ONNX model"):
+        OnnxPredictor(garbage)
+    # A valid ONNX model, but not one of ours: no contract, so no way to prepare its input.
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    foreign = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])],
+                                                            "g", [x], [y]))
+    onnx.save(foreign, tmp_path / "foreign.onnx")
+    with pytest.raises(CheckpointError, match="without a cxr contract"):
+        OnnxPredictor(tmp_path / "foreign.onnx")
+    with pytest.raises(UsageError, match="format"):
+        export_model(exported["ckpt"], "tflite", tmp_path / "m.tflite")
+    with pytest.raises(UsageError, match="directory"):
+        export_model(exported["ckpt"], "onnx", tmp_path)
+    with pytest.raises(ValueError, match="uint8"):
+        OnnxPredictor(exported["onnx"]).predict_uint8(np.zeros((2, SIZE, SIZE), np.float32))
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind

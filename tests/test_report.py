@@ -1,0 +1,265 @@
+"""The report from a run's artifacts: numbers, example choice, every picture, the video, and report.html in a browser.
+
+The run directory is made from artifacts (the real writers, real X-rays, a tiny untrained DenseNet), not by training.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxr.config import load_config, save_config
+from cxr.demo import SAMPLE_DIR
+from cxr.errors import UsageError
+from cxr.evaluate import SplitResult, write_evaluation
+from cxr.model import Checkpoint, build_model, save_checkpoint
+from cxr.report import (
+    DISCLAIMER,
+    expected_calibration_error,
+    load_artifacts,
+    make_report,
+    margin,
+    pick_video_indices,
+    reliability_bins,
+    select_examples,
+)
+from cxr.video import probe_video
+
+THRESHOLD = 0.6
+VIDEO = {"frame_size": (320, 180), "video_max_images": 5, "seconds_per_image": 0.4, "fps": 5.0}
+
+
+def _split(name: str, folder: str, per_class: int, rng: np.random.Generator) -> SplitResult:
+    paths, labels = [], []
+    for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
+        files = sorted((SAMPLE_DIR / folder / cls).glob("*.jpeg"))[:per_class]
+        paths += [str(f) for f in files]
+        labels += [label] * len(files)
+    labels = np.array(labels)
+    # Mostly right, some confidently wrong: every group of the example grid has members.
+    probs = np.clip(np.where(labels == 1, 0.8, 0.25) + rng.normal(0, 0.25, len(labels)), 0.001, 0.999)
+    return SplitResult(name, paths, labels, probs)
+
+
+def make_run(root: Path) -> Path:
+    """A run directory as train.py leaves it: config, summary, history, best.pt, metrics and predictions."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    cfg = load_config(overrides={"image_size": 64, "epochs": 3, "weights": "none", "output": str(root)})
+    save_config(cfg, root / "config.yaml")
+    torch.manual_seed(0)
+    save_checkpoint(Checkpoint("densenet121", build_model("densenet121").state_dict(), cfg, threshold=THRESHOLD,
+                               epoch=2), root / "best.pt")
+    (root / "history.csv").write_text(
+        "epoch,lr,train_loss,train_acc,val_loss,val_acc,val_auroc,seconds,images_per_s\n"
+        "1,0.001,0.70,0.55,0.65,0.60,0.70,5.0,40\n"
+        "2,0.0007,0.50,0.75,0.45,0.80,0.85,5.0,40\n"
+        "3,0.0001,0.40,0.82,0.50,0.78,0.86,5.0,40\n")
+    results = [_split("train", "train", 10, rng), _split("val", "train", 6, rng), _split("test", "test", 8, rng)]
+    write_evaluation(root, results, THRESHOLD, n_boot=50)
+    counts = {r.name: {"NORMAL": int((r.labels == 0).sum()), "PNEUMONIA": int((r.labels == 1).sum())}
+              for r in results}
+    summary = {"counts": counts, "unreadable": {"train": [{"path": "/data/broken-scan.jpeg",
+                                                           "reason": "truncated JPEG"}], "val": [], "test": []},
+               "stop_reason": "finished 3 epochs", "epochs_run": 3, "best_epoch": 2, "device": "cpu"}
+    (root / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    run = make_run(tmp_path_factory.mktemp("report") / "run")
+    return make_report(run, device="cpu", **VIDEO)
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+
+
+def test_expected_calibration_error_by_hand():
+    labels = np.array([0, 1, 1, 0])
+    probs = np.array([0.1, 0.9, 0.8, 0.3])  # one image per bin: gaps 0.1, 0.1, 0.2, 0.3
+    assert expected_calibration_error(labels, probs) == pytest.approx(0.175)
+    # Two images in one bin: mean probability 0.525 against frequency 0.5.
+    assert expected_calibration_error(np.array([0, 1]), np.array([0.5, 0.55])) == pytest.approx(0.025)
+    # Calibrated by construction: in each bin the share of positives equals the mean probability.
+    probs = np.repeat([0.25, 0.75], 4)
+    labels = np.array([1, 0, 0, 0, 1, 1, 1, 0])
+    assert expected_calibration_error(labels, probs) == pytest.approx(0.0)
+    conf, freq, count = reliability_bins(labels, probs)
+    np.testing.assert_allclose(conf, [0.25, 0.75])
+    np.testing.assert_allclose(freq, [0.25, 0.75])
+    assert count.tolist() == [4, 4]
+    assert expected_calibration_error(np.array([1]), np.array([1.0])) == 0.0  # 1.0 falls in the last bin
+
+
+def test_margin_is_relative_to_the_threshold():
+    np.testing.assert_allclose(margin(np.array([0.0, 0.2, 0.8, 1.0]), 0.8), [1.0, 0.75, 0.0, 1.0])
+
+
+def test_select_examples_picks_informative_images():
+    labels = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    probs = np.array([0.04, 0.30, 0.55, 0.99, 0.70, 0.45, 0.95, 0.02])
+    groups = select_examples(labels, probs, threshold=0.5, per_group=2)
+    assert groups["most confident right"] == [3, 0]  # the most confident right of each class
+    assert groups["most confident wrong"] == [7, 6]  # PNEUMONIA at 0.02, NORMAL at 0.95
+    assert groups["borderline"] == [5, 2]  # 0.45 and 0.55, nearest the threshold
+    chosen = [i for g in groups.values() for i in g]
+    assert len(chosen) == len(set(chosen))
+
+
+def test_select_examples_with_no_wrong_predictions():
+    groups = select_examples(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8]), 0.5, per_group=4)
+    assert groups["most confident wrong"] == []
+    assert sorted(groups["most confident right"]) == [0, 1, 2, 3]
+
+
+def test_pick_video_indices(report):
+    run_like = load_artifacts(report.parent).predictions["test"]
+    sample = pick_video_indices(run_like, THRESHOLD, "sample", max_images=5, seed=1)
+    assert len(sample) == len(set(sample)) == 5
+    assert sample == pick_video_indices(run_like, THRESHOLD, "sample", max_images=5, seed=1)
+    wrong = pick_video_indices(run_like, THRESHOLD, "errors", max_images=100)
+    assert wrong and all((run_like.probs[i] >= THRESHOLD) != run_like.labels[i] for i in wrong)
+    assert pick_video_indices(run_like, THRESHOLD, "all") == list(range(len(run_like.paths)))
+    with pytest.raises(UsageError):
+        pick_video_indices(run_like, THRESHOLD, "best")
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def test_report_writes_every_picture(report):
+    pics = report.parent / "report"
+    expected = {"history.png", "confusion_train.png", "confusion_val.png", "confusion_test.png", "roc_pr.png",
+                "calibration.png", "grid_test.png", "flythrough_test.png", "flythrough_test.mp4"}
+    assert {p.name for p in pics.iterdir()} == expected
+    for p in pics.glob("*.png"):
+        with Image.open(p) as im:
+            im.verify()
+            assert im.width >= 300 and im.height >= 150, p.name
+
+
+def test_report_html_is_self_contained(report):
+    page = report.read_text()
+    pics = report.parent / "report"
+    assert DISCLAIMER in page
+    # Every picture and the video are embedded byte for byte: the page needs nothing beside it.
+    for p in pics.iterdir():
+        assert base64.b64encode(p.read_bytes()).decode() in page, p.name
+    sources = re.findall(r"""(?:src|href|poster)=['"]([^'"]*)['"]""", page)
+    assert sources and all(s.startswith(("data:", "#")) for s in sources)
+    assert "http://" not in page and "https://" not in page
+    # Tables: counts, metrics with intervals, the unreadable file, the config.
+    metrics = json.loads((report.parent / "metrics.json").read_text())
+    assert f"{metrics['test']['accuracy']:.3f}" in page
+    assert f"{metrics['test']['ci95']['auroc'][0]:.3f}" in page
+    assert "/data/broken-scan.jpeg" in page and "finished 3 epochs" in page
+    assert "image_size: 64" in page
+
+
+def test_report_video_decodes(report):
+    info = probe_video(report.parent / "report" / "flythrough_test.mp4")
+    assert info["codec"] == "h264" and info["pix_fmt"].startswith("yuv420p")
+    assert info["size"] == VIDEO["frame_size"]
+    assert info["frames"] == VIDEO["video_max_images"] * round(VIDEO["seconds_per_image"] * VIDEO["fps"])
+
+
+def test_report_for_an_evaluation_folder(tmp_path, report):
+    """`cxr evaluate` output: metrics and predictions only; the model comes separately, or not at all."""
+    run = report.parent
+    for with_model in (True, False):
+        folder = tmp_path / f"eval-{with_model}"
+        folder.mkdir()
+        for f in [run / "metrics.json", *run.glob("predictions_*.csv")]:
+            shutil.copy(f, folder)
+        page = make_report(folder, model=run / "best.pt" if with_model else None, video=False, device="cpu")
+        text = page.read_text()
+        assert "Training curves" not in text and "Fly-through" not in text
+        assert "Examples" in text and "ROC and precision-recall" in text
+        assert ("without heatmaps" in text) is not with_model
+        assert ("image_size: 64" in text) is with_model  # the config comes from the model when there is one
+
+
+def test_report_output_elsewhere_and_split_choice(tmp_path, report):
+    page = make_report(report.parent, output=tmp_path / "out", video=False, heatmaps=False, grid_split="val")
+    assert page == tmp_path / "out" / "report.html"
+    assert (tmp_path / "out" / "report" / "grid_val.png").is_file()
+    assert not (tmp_path / "out" / "report" / "grid_test.png").exists()
+    with pytest.raises(UsageError, match="no predictions"):
+        make_report(report.parent, output=tmp_path / "x", video=False, grid_split="holdout")
+
+
+def test_report_refuses_a_folder_without_artifacts(tmp_path):
+    with pytest.raises(UsageError, match="neither a run directory"):
+        make_report(tmp_path)
+    with pytest.raises(UsageError, match="no such run directory"):
+        make_report(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------------------ browser
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_report_opens_in_a_real_browser(report, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url[:80]}"))
+            page.goto(report.as_uri(), wait_until="load")
+            images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+            video = page.evaluate("""async () => {
+                const v = document.querySelector('video');
+                if (!v) return null;
+                if (v.readyState < 1) await new Promise(r => {
+                    v.addEventListener('loadedmetadata', r); v.addEventListener('error', r); setTimeout(r, 10000); });
+                return {ready: v.readyState, duration: v.duration, width: v.videoWidth, height: v.videoHeight,
+                        error: v.error ? v.error.code : null};
+            }""")
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
+    assert len(images) == 7  # history, three confusion matrices, ROC/PR, calibration, grid
+    assert all(complete and width > 0 for _, complete, width in images), images
+    assert video is not None and video["error"] is None and video["ready"] >= 1, video
+    assert (video["width"], video["height"]) == VIDEO["frame_size"]
+    assert video["duration"] == pytest.approx(VIDEO["video_max_images"] * VIDEO["seconds_per_image"], abs=0.3)
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_report_says_when_images_are_gone(tmp_path, report):
+    folder = tmp_path / "moved"
+    folder.mkdir()
+    shutil.copy(report.parent / "metrics.json", folder)
+    text = (report.parent / "predictions_test.csv").read_text()
+    (folder / "predictions_test.csv").write_text(text.replace(str(SAMPLE_DIR), str(tmp_path / "gone")))
+    page = make_report(folder, video=False).read_text()
+    assert "Images not found" in page and str(tmp_path / "gone") in page
+    assert (folder / "report" / "roc_pr.png").is_file()  # the curves need only the predictions

@@ -1,0 +1,457 @@
+"""The web service through FastAPI's test client: every answer (200, 400, 413, 415, 422, 500, 503), the page, the
+model card, headers, and that inference is bounded and off the event loop. A tiny 64 px checkpoint, real X-rays."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("python_multipart")
+httpx = pytest.importorskip("httpx2")
+
+import torch  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import cxr  # noqa: E402
+from cxr.config import load_config  # noqa: E402
+from cxr.demo import SAMPLE_DIR  # noqa: E402
+from cxr.model import Checkpoint, build_model, save_checkpoint  # noqa: E402
+from cxr.predict import DISCLAIMER, predict_files  # noqa: E402
+from cxr.serve import create_app, load_engine, sniff  # noqa: E402
+
+SIZE = 64
+PNEUMONIA = sorted((SAMPLE_DIR / "test" / "PNEUMONIA").glob("*.jpeg"))
+NORMAL = sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))
+PREDICT = "/api/v1/predict"
+
+
+def tiny_checkpoint(path: Path, threshold: float = 0.5) -> Path:
+    torch.manual_seed(0)
+    cfg = load_config(overrides={"image_size": SIZE, "data": "/secret/server/path/kermany-224"})
+    save_checkpoint(Checkpoint("densenet121", build_model("densenet121", "none").state_dict(), cfg,
+                               threshold=threshold), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt_path):
+    return load_engine(ckpt_path, "torch", "cpu")
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    app = create_app(engine, max_upload_mb=0.2)
+    with TestClient(app) as c:
+        yield c
+
+
+def upload(client, data: bytes, name: str = "x.jpeg", params: str = ""):
+    return client.post(PREDICT + params, files={"file": (name, data, "application/octet-stream")})
+
+
+def png_bytes(gray: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height: a decompression bomb's first bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def dicom(pixels: np.ndarray | None, preamble: bool = True) -> bytes:
+    """A Secondary Capture DICOM of uint16 ``pixels``, or without pixel data when None."""
+    import pydicom
+    from pydicom import uid
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = uid.SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = (100, 80) if pixels is None else pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    if pixels is not None:
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=preamble)
+    return buf.getvalue()
+
+
+def assert_no_internals(response) -> None:
+    text = response.text
+    for leak in ("Traceback", "File \"", ".py", "Error(", "/secret"):
+        assert leak not in text, f"{leak!r} leaked to the client: {text}"
+
+
+# ----------------------------------------------------------------------------------------------- 200
+
+
+def test_predict_real_xray_matches_cxr_predict(client, ckpt_path):
+    f = PNEUMONIA[0]
+    r = upload(client, f.read_bytes(), f.name)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    # The same preprocessing and numerics as `cxr predict` on the same file.
+    expected = predict_files(ckpt_path, [f], device="cpu")[0]
+    assert body["probability"] == pytest.approx(expected.prob_pneumonia, abs=1e-6)
+    assert body["label"] == expected.label == ("PNEUMONIA" if body["probability"] >= 0.5 else "NORMAL")
+    assert body["probabilities"]["PNEUMONIA"] == pytest.approx(body["probability"])
+    assert body["probabilities"]["NORMAL"] == pytest.approx(1 - body["probability"])
+    assert body["threshold"] == 0.5
+    assert body["model"] == {"id": hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12],
+                             "version": cxr.__version__, "backend": "torch"}
+    assert body["filename"] == f.name and body["format"] == "jpeg"
+    assert body["note"] == DISCLAIMER
+    assert set(body["timing_ms"]) >= {"decode", "inference", "heatmap", "queue", "upload", "total"}
+    assert body["timing_ms"]["total"] >= body["timing_ms"]["inference"] > 0
+    # The heatmap: a PNG of the model's input size, coloured (RGB), explaining the predicted class.
+    assert body["heatmap"]["method"] == "Grad-CAM" and body["heatmap"]["target"] == body["label"]
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["png_base64"])))
+    assert overlay.format == "PNG" and overlay.size == (SIZE, SIZE) and overlay.mode == "RGB"
+    assert body["heatmap_note"] is None and body["image_png_base64"] is None
+
+
+def test_heatmap_off_and_input_image_on(client):
+    r = upload(client, NORMAL[0].read_bytes(), NORMAL[0].name, "?heatmap=false&include_image=true")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["heatmap"] is None and "not requested" in body["heatmap_note"]
+    picture = Image.open(io.BytesIO(base64.b64decode(body["image_png_base64"])))
+    assert picture.size == (SIZE, SIZE) and picture.mode == "L"
+
+
+def test_png_and_dicom_uploads(client, engine):
+    gray = np.asarray(Image.open(NORMAL[1]).convert("L"))
+    png = upload(client, png_bytes(gray), "scan.png", "?heatmap=false")
+    jpg = upload(client, NORMAL[1].read_bytes(), "scan.jpeg", "?heatmap=false")
+    assert png.status_code == jpg.status_code == 200
+    assert png.json()["format"] == "png"
+    # Lossless PNG of the decoded JPEG's grey levels: the same model input, so the same probability.
+    assert png.json()["probability"] == pytest.approx(jpg.json()["probability"], abs=1e-6)
+    r = upload(client, dicom(np.tile(np.linspace(0, 4000, 80), (100, 1))), "scan.dcm", "?heatmap=false")
+    assert r.status_code == 200, r.text
+    assert r.json()["format"] == "dicom" and 0 <= r.json()["probability"] <= 1
+
+
+def test_client_path_in_file_name_is_reduced_to_its_last_part(client):
+    name = b"C:\\Users\\me\\..\\../etc/pass\x01wd\x7f.jpeg"
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"" + name + b"\"\r\n\r\n"
+            + NORMAL[0].read_bytes() + b"\r\n--B--\r\n")
+    r = client.post(PREDICT + "?heatmap=false", content=body,
+                    headers={"content-type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 200, r.text
+    assert r.json()["filename"] == "passwd.jpeg"
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(("data", "name"), [
+    (b"just some text, not an image", "notes.txt"),
+    (b"%PDF-1.7\n" + b"0" * 500, "report.jpeg"),  # the extension lies; the content decides
+    (b"GIF89a" + b"\0" * 100, "x.png"),
+    (b"plain text claiming to be DICOM", "scan.dcm"),
+    # cxr.images reads DICOM only with its preamble and DICM marker; without them there is no magic to go by.
+    (dicom(np.zeros((8, 8))), "no-preamble.dcm"),
+])
+def test_not_an_image_is_415(client, data, name):
+    if name == "no-preamble.dcm":
+        data = dicom(np.zeros((8, 8)), preamble=False)
+    r = upload(client, data, name)
+    assert r.status_code == 415, r.text
+    assert r.json()["detail"].startswith(f"{name}: not an image")
+    assert_no_internals(r)
+
+
+def test_wrong_request_content_type_is_415(client):
+    r = client.post(PREDICT, content=NORMAL[0].read_bytes(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 415
+    assert "multipart/form-data" in r.json()["detail"]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own warning on the bomb's header
+@pytest.mark.parametrize(("case", "reason"), [
+    ("truncated-jpeg", "truncated"),
+    ("truncated-png", "PNG"),
+    ("bomb-png", "pixel limit (possible decompression bomb)"),
+    ("dicom-no-pixels", "no pixel data"),
+    ("empty", "empty"),
+])
+def test_unreadable_image_is_422_with_a_clear_message(client, case, reason):
+    jpeg = NORMAL[0].read_bytes()
+    data = {
+        "truncated-jpeg": jpeg[: len(jpeg) // 3],
+        "truncated-png": png_bytes(np.zeros((50, 50), np.uint8))[:60],
+        "bomb-png": png_header_claiming(12_000, 12_000),
+        "dicom-no-pixels": dicom(None),
+        "empty": b"",
+    }[case]
+    r = upload(client, data, f"{case}.img")
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert f"{case}.img" in detail and reason in detail
+    assert_no_internals(r)
+
+
+def test_missing_file_field_is_422(client):
+    r = client.post(PREDICT, files={"image": ("x.jpeg", NORMAL[0].read_bytes())})
+    assert r.status_code == 422 and "'file'" in r.json()["detail"]
+    r = client.post(PREDICT, files=[("file", ("a.jpeg", b"\xff\xd8\xff")), ("file", ("b.jpeg", b"\xff\xd8\xff"))])
+    assert r.status_code == 422 and "exactly one" in r.json()["detail"]
+
+
+def test_malformed_multipart_is_400(client):
+    r = client.post(PREDICT, content=b"--xyz\r\nthis is not how parts look\r\n\r\n\r\n--xyz--junk",
+                    headers={"content-type": "multipart/form-data; boundary=abc"})
+    assert r.status_code in (400, 422)  # a parse error, or a well-formed body with no 'file' part
+    assert_no_internals(r)
+
+
+def test_upload_over_the_limit_is_413(client):
+    big = b"\xff\xd8\xff" + b"\0" * 300_000  # the limit is 0.2 MB
+    r = upload(client, big)
+    assert r.status_code == 413
+    assert "0.2 MB" in r.json()["detail"]
+
+
+def test_streamed_upload_is_cut_off_at_the_limit(engine):
+    """Without a Content-Length the body is counted as it arrives, and reading stops once it is over the limit."""
+    app = create_app(engine, max_upload_mb=0.2)
+    boundary = b"b0undary"
+    head = (b"--" + boundary + b"\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpeg\"\r\n\r\n"
+            + b"\xff\xd8\xff")
+    chunks = [head] + [b"\0" * 16384] * 1000  # 16 MB on offer
+    pulled, sent = 0, []
+
+    async def receive():
+        nonlocal pulled
+        pulled += 1
+        return {"type": "http.request", "body": chunks[pulled - 1], "more_body": pulled < len(chunks)}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": PREDICT, "raw_path": PREDICT.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary), (b"host", b"test")],
+             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    assert pulled <= (200_000 + 64 * 1024) // 16384 + 2  # stopped just past the limit, not at 16 MB
+
+
+def test_service_keeps_serving_after_bad_requests(client):
+    bad = [b"", b"text", NORMAL[0].read_bytes()[:500], b"\xff\xd8\xff" + b"\0" * 300_000, dicom(None)]
+    codes = [upload(client, data).status_code for data in bad]
+    assert codes == [422, 415, 422, 413, 422]
+    r = upload(client, PNEUMONIA[1].read_bytes(), PNEUMONIA[1].name)
+    assert r.status_code == 200 and r.json()["label"] in ("NORMAL", "PNEUMONIA")
+    assert client.get("/api/v1/health").json()["status"] == "ok"
+
+
+class BrokenEngine:
+    """An engine whose model fails inside, with internals in the message that must not reach a client."""
+
+    backend, model_id, class_names, threshold = "torch", "broken", ["NORMAL", "PNEUMONIA"], 0.5
+    image_size, max_pixels, card, heatmap_unavailable = SIZE, 10**8, {}, None
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def predict_uint8(self, images):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("CUDA exploded at /secret/server/path/model.py line 42")
+        return np.full(len(images), 0.9)
+
+    def heatmap_png(self, image, target):
+        return b""
+
+
+def test_internal_error_is_500_without_internals_and_the_service_recovers(caplog):
+    app = create_app(BrokenEngine())
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = upload(c, NORMAL[0].read_bytes(), params="?heatmap=false")
+        assert r.status_code == 500
+        assert r.json() == {"detail": "internal error: the image could not be processed"}
+        assert_no_internals(r)
+        assert "CUDA exploded" in caplog.text  # the operator still sees it
+        again = upload(c, NORMAL[0].read_bytes(), params="?heatmap=false")
+        assert again.status_code == 200 and again.json()["label"] == "PNEUMONIA"
+
+
+# ----------------------------------------------------------------------------------------------- concurrency
+
+
+class SlowEngine(BrokenEngine):
+    """Sleeps in predict (a blocking call, like a real model) and records how many run at once."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds, self.running, self.peak = seconds, 0, 0
+        self.lock = threading.Lock()
+
+    def predict_uint8(self, images):
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.running -= 1
+        return np.full(len(images), 0.2)
+
+
+async def _post_many(app, n: int, health_probe: bool = False):
+    data = NORMAL[0].read_bytes()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        async def one():
+            return await c.post(PREDICT + "?heatmap=false", files={"file": ("x.jpeg", data)})
+
+        async def probe():
+            await asyncio.sleep(0.3)  # while the predictions block their threads
+            t = time.perf_counter()
+            r = await c.get("/api/v1/health")
+            return r, time.perf_counter() - t
+
+        tasks = [one() for _ in range(n)] + ([probe()] if health_probe else [])
+        return await asyncio.gather(*tasks)
+
+
+def test_inference_is_bounded_and_off_the_event_loop():
+    engine = SlowEngine(1.0)
+    app = create_app(engine, max_concurrency=2, max_queue=10)
+    *responses, (health, health_s) = asyncio.run(_post_many(app, 5, health_probe=True))
+    assert [r.status_code for r in responses] == [200] * 5
+    assert engine.peak == 2
+    # The event loop answered while two predictions were blocking their threads (for a second each).
+    assert health.status_code == 200 and health_s < 0.5
+    assert health.json()["busy"] == 2 and health.json()["waiting"] == 3
+
+
+def test_queue_full_is_503_with_retry_after():
+    engine = SlowEngine(0.5)
+    app = create_app(engine, max_concurrency=1, max_queue=1)
+    responses = asyncio.run(_post_many(app, 4))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200, 200, 503, 503]
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+
+
+# ----------------------------------------------------------------------------------------------- other endpoints
+
+
+def test_health(client, ckpt_path):
+    body = client.get("/api/v1/health").json()
+    assert body["status"] == "ok" and body["backend"] == "torch" and body["version"] == cxr.__version__
+    assert body["model_id"] == hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12]
+
+
+def test_model_card(client):
+    card = client.get("/api/v1/model").json()
+    assert card["threshold"] == 0.5 and card["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert "Not for diagnosis" in card["intended_use"] and card["limitations"]
+    assert card["preprocessing"]["image_size"] == SIZE
+    assert card["training_data"]["name"] == "kermany-224"  # not the server's full path
+    assert "/secret" not in json.dumps(card)
+    assert card["metrics"] is None  # a bare checkpoint file: no evaluation beside it
+
+
+def test_model_card_reads_a_run_directory(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny_checkpoint(run / "best.pt", threshold=0.37)
+    (run / "summary.json").write_text(json.dumps({"counts": {"train": {"NORMAL": 10, "PNEUMONIA": 30}}}))
+    metrics = {"test": {"n": 40, "accuracy": 0.9, "auroc": 0.95, "threshold": 0.37, "confusion_matrix": [[1]]}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    card = TestClient(create_app(run, device="cpu")).get("/api/v1/model").json()
+    assert card["threshold"] == 0.37
+    assert card["metrics"] == {"test": {"n": 40, "accuracy": 0.9, "auroc": 0.95, "threshold": 0.37}}
+    assert card["training_data"]["counts"] == {"train": {"NORMAL": 10, "PNEUMONIA": 30}}
+    # Metrics computed at another threshold do not describe this checkpoint: left out, not misreported.
+    metrics["test"]["threshold"] = 0.5
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert TestClient(create_app(run, device="cpu")).get("/api/v1/model").json()["metrics"] is None
+
+
+def test_openapi_describes_the_api(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/api/v1/predict", "/api/v1/health", "/api/v1/model"} <= set(spec["paths"])
+    post = spec["paths"]["/api/v1/predict"]["post"]
+    schema = post["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert schema["properties"]["file"]["format"] == "binary"
+    assert {"200", "413", "415", "422", "503"} <= set(post["responses"])
+    assert client.get("/docs").status_code == 200
+
+
+def test_page_is_offline_and_carries_the_disclaimer(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "not a medical device" in page.text and "not a diagnosis" in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert f'"{asset}"' in page.text
+        r = client.get(asset)
+        assert r.status_code == 200
+        # Nothing fetched from elsewhere: no absolute URLs in the page or its assets.
+        assert "http://" not in r.text and "https://" not in r.text and "//cdn" not in r.text
+    assert "http://" not in page.text and "https://" not in page.text
+
+
+def test_security_headers(client):
+    for r in (client.get("/"), client.get("/api/v1/health"), upload(client, b"text")):
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["x-frame-options"] == "DENY"
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "script-src 'self';" in csp and "http" not in csp
+        assert "server" not in r.headers
+    assert client.get("/api/v1/health").headers["cache-control"] == "no-store"
+
+
+def test_sniff():
+    assert sniff(NORMAL[0].read_bytes()) == "jpeg"
+    assert sniff(png_bytes(np.zeros((4, 4), np.uint8))) == "png"
+    assert sniff(dicom(np.zeros((4, 4)))) == "dicom"
+    assert sniff(b"GIF89a") is None and sniff(b"") is None
+
+
+def test_bad_settings_are_refused(ckpt_path):
+    from cxr.errors import UsageError
+
+    with pytest.raises(UsageError, match="backend"):
+        load_engine(ckpt_path, "tensorflow")
+    with pytest.raises(UsageError, match="--backend onnx"):
+        load_engine(ckpt_path.with_suffix(".onnx"), "torch")
+    with pytest.raises(UsageError):
+        create_app(BrokenEngine(), max_concurrency=0)

@@ -1,0 +1,154 @@
+"""End to end: the service on loopback, Debian's Chromium driven by Playwright, real X-rays from the bundled sample.
+
+A person picks (and drops) files on the page and reads the prediction, probability, heatmap toggle and the note off
+it. The page must load nothing from outside the server. Skipped where Playwright or Chromium is absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+uvicorn = pytest.importorskip("uvicorn")
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (Debian: apt-get install chromium)")
+
+import torch  # noqa: E402
+
+from cxr.config import load_config  # noqa: E402
+from cxr.demo import SAMPLE_DIR  # noqa: E402
+from cxr.model import Checkpoint, build_model, save_checkpoint  # noqa: E402
+from cxr.predict import predict_files  # noqa: E402
+from cxr.serve import create_app  # noqa: E402
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+XRAYS = [sorted((SAMPLE_DIR / "test" / c).glob("*.jpeg"))[0] for c in ("PNEUMONIA", "NORMAL")]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    cfg = load_config(overrides={"image_size": 64})
+    save_checkpoint(Checkpoint("densenet121", build_model("densenet121", "none").state_dict(), cfg,
+                               threshold=0.5), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    """The service on a free loopback port, in a thread; yields its base URL."""
+    app = create_app(checkpoint, device="cpu", max_upload_mb=5)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the service did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser_page(server):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context()
+        outside: list[str] = []
+
+        def only_this_server(route):
+            if route.request.url.startswith(server) or route.request.url.startswith("data:"):
+                route.continue_()
+            else:
+                outside.append(route.request.url)
+                route.abort()
+
+        context.route("**/*", only_this_server)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(server + "/")
+        yield page, outside, errors
+        browser.close()
+
+
+def test_pick_xrays_and_read_the_predictions(browser_page, checkpoint, tmp_path):
+    page, outside, errors = browser_page
+    expect = sync_api.expect
+    expect(page.get_by_test_id("disclaimer")).to_contain_text("not a medical device")
+    expect(page.get_by_test_id("model-info")).to_contain_text("threshold 0.500")
+
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("this is not an X-ray")
+    page.get_by_test_id("file-input").set_input_files([*XRAYS, not_an_image])
+    cards = page.get_by_test_id("result")
+    expect(cards).to_have_count(3)
+    expected = {Path(p.path).name: p for p in predict_files(checkpoint, XRAYS, device="cpu")}
+
+    for f in XRAYS:
+        card = cards.filter(has=page.get_by_test_id("filename").get_by_text(f.name, exact=True))
+        expect(card.get_by_test_id("status")).to_have_text("Done", timeout=30_000)
+        label = card.get_by_test_id("label").inner_text()
+        prob = float(card.get_by_test_id("probability").inner_text())
+        # What the page shows is what `cxr predict` says about the same file (shown to 3 decimals).
+        assert label == expected[f.name].label
+        assert abs(prob - expected[f.name].prob_pneumonia) <= 0.0005 + 1e-9
+        expect(card).to_contain_text("not a diagnosis")
+
+        picture, toggle = card.get_by_test_id("picture"), card.get_by_test_id("heatmap-toggle")
+        expect(toggle).to_be_checked()
+        with_heat = picture.get_attribute("src")
+        assert with_heat.startswith("data:image/png;base64,")
+        assert picture.evaluate("img => img.complete && img.naturalWidth") == 64
+        toggle.uncheck()
+        plain = picture.get_attribute("src")
+        assert plain.startswith("data:image/png;base64,") and plain != with_heat
+        toggle.check()
+        assert picture.get_attribute("src") == with_heat
+
+    bad = cards.filter(has=page.get_by_test_id("filename").get_by_text("notes.txt", exact=True))
+    expect(bad.get_by_test_id("error")).to_contain_text("415")
+    expect(bad.get_by_test_id("error")).to_contain_text("not an image")
+    assert outside == []
+    assert errors == [] or all("415" in e for e in errors)  # the browser logs the refused upload; nothing else
+
+
+def test_drop_an_xray_on_the_page(browser_page, checkpoint):
+    page, outside, _ = browser_page
+    page.get_by_role("button", name="Clear results").click()
+    expect = sync_api.expect
+    expect(page.get_by_test_id("result")).to_have_count(0)
+    data = base64.b64encode(XRAYS[1].read_bytes()).decode()
+    page.evaluate("""([name, b64]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, { type: "image/jpeg" }));
+        const zone = document.querySelector("[data-testid=drop-zone]");
+        zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: dt, bubbles: true, cancelable: true }));
+        zone.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }""", [XRAYS[1].name, data])
+    card = page.get_by_test_id("result")
+    expect(card).to_have_count(1)
+    expect(card.get_by_test_id("status")).to_have_text("Done", timeout=30_000)
+    expect(card.get_by_test_id("filename")).to_have_text(XRAYS[1].name)
+    (expected,) = predict_files(checkpoint, [XRAYS[1]], device="cpu")
+    expect(card.get_by_test_id("label")).to_have_text(expected.label)
+    assert abs(float(card.get_by_test_id("probability").inner_text()) - expected.prob_pneumonia) <= 0.0005 + 1e-9
+    assert outside == []

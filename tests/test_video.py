@@ -1,0 +1,101 @@
+"""The fly-through video, decoded back: codec, pixel format, frame count, frame size, and what a frame shows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxr.demo import SAMPLE_DIR
+from cxr.errors import UsageError
+from cxr.images import load_image
+from cxr.video import (
+    RIGHT_COLOUR,
+    WRONG_COLOUR,
+    VideoItem,
+    even_frame_size,
+    prob_text,
+    probe_video,
+    render_frame,
+    write_flythrough,
+)
+
+FILES = sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:2] + \
+    sorted((SAMPLE_DIR / "test" / "PNEUMONIA").glob("*.jpeg"))[:1]
+
+
+def _items() -> list[VideoItem]:
+    heat = np.zeros((64, 64), np.float32)
+    heat[20:40, 10:30] = 1.0
+    # NORMAL right (0.1), NORMAL wrong (0.9), PNEUMONIA right (0.8) at threshold 0.5
+    return [VideoItem(str(f), label, prob, load_image(f, 64), heat)
+            for f, label, prob in zip(FILES, (0, 0, 1), (0.1, 0.9, 0.8), strict=True)]
+
+
+def _decoded_frames(path) -> list[np.ndarray]:
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    w, h = meta["size"]
+    return [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader]
+
+
+def test_video_decodes_as_h264_with_the_expected_frames(tmp_path):
+    out = write_flythrough(_items(), tmp_path / "fly.mp4", threshold=0.5, frame_size=(331, 187),
+                           seconds_per_image=0.5, fps=4, poster=tmp_path / "poster.png")
+    info = probe_video(out)
+    assert info["codec"] == "h264"
+    assert info["pix_fmt"].startswith("yuv420p")  # what browsers decode
+    assert info["size"] == (330, 186)  # rounded down to even
+    assert info["frames"] == 3 * 2
+    assert info["fps"] == pytest.approx(4)
+    assert (tmp_path / "poster.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fly.mp4", "poster.png"]  # no temporary files left
+
+    # Each image's frame is framed in its verdict's colour: right, wrong, right.
+    frames = _decoded_frames(out)
+    margin = max(8, round(186 * 0.035))
+    for k, expected in ((0, RIGHT_COLOUR), (2, WRONG_COLOUR), (4, RIGHT_COLOUR)):
+        pixel = frames[k][186 // 3, margin - 3].astype(int)  # inside the 4-pixel border
+        assert np.abs(pixel - np.array(expected)).max() < 40, (k, pixel, expected)
+    # The two frames of one image are the same picture; consecutive images differ.
+    assert np.abs(frames[0].astype(int) - frames[1]).mean() < 2
+    assert np.abs(frames[1].astype(int) - frames[2]).mean() > 5
+
+
+def test_frame_has_the_requested_size_and_tally():
+    items = _items()
+    right = render_frame(items[0], index=0, total=3, right=1, wrong=0, threshold=0.5, history=[True],
+                         size=(640, 360), title="test")
+    wrong = render_frame(items[1], index=1, total=3, right=1, wrong=1, threshold=0.5, history=[True, False],
+                         size=(640, 360), title="test")
+    assert right.shape == wrong.shape == (360, 640, 3) and right.dtype == np.uint8
+    # The progress strip at the bottom holds one coloured cell per image shown so far.
+    strip_y = 360 - max(8, round(360 * 0.035)) // 2 - max(6, round(360 * 0.03)) // 2
+    assert np.abs(wrong[strip_y, 320].astype(int) - WRONG_COLOUR).max() < 5
+    assert np.abs(wrong[strip_y, 100].astype(int) - RIGHT_COLOUR).max() < 5
+    assert np.abs(right[strip_y, 320].astype(int) - WRONG_COLOUR).max() > 50
+
+
+def test_a_failed_video_leaves_nothing_behind(tmp_path):
+    items = _items()
+    items[2].image = np.zeros((5,), np.uint8)  # not an image: drawing the third frame fails
+    with pytest.raises(ValueError):
+        write_flythrough(items, tmp_path / "fly.mp4", threshold=0.5, frame_size=(320, 180))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(UsageError, match="too small"):
+        even_frame_size(100, 60)
+    with pytest.raises(UsageError, match="landscape"):
+        even_frame_size(360, 640)
+    with pytest.raises(UsageError, match="no images"):
+        write_flythrough([], tmp_path / "x.mp4", threshold=0.5)
+    assert even_frame_size(641, 361) == (640, 360)
+
+
+def test_probabilities_never_read_as_certain():
+    assert prob_text(0.99999) == ">0.999"
+    assert prob_text(0.00001) == "<0.001"
+    assert prob_text(0.5) == "0.500"
