@@ -344,23 +344,11 @@ def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike],
     Returns:
         ``list[cxr.predict.Prediction]`` in input order; unreadable files get an ``error``.
     """
-    from cxr.images import ImageError, load_image
-    from cxr.predict import Prediction, collect_files
+    from cxr.predict import collect_files, predict_in_batches
 
     files = collect_files(paths)
     predictor = load_onnx_predictor(model, threads=threads)
     t = predictor.threshold if threshold is None else float(threshold)
-    results: list[Prediction] = []
-    for start in range(0, len(files), batch_size):
-        images, good = [], []
-        for f in files[start:start + batch_size]:
-            try:
-                images.append(load_image(f, predictor.image_size, max_pixels=predictor.max_pixels))
-                good.append(f)
-            except ImageError as e:
-                results.append(Prediction(str(f), error=str(e)))
-        if images:
-            for f, prob in zip(good, predictor.predict_uint8(np.stack(images), batch_size), strict=True):
-                results.append(Prediction(str(f), float(prob), predictor.class_names[int(prob >= t)]))
-    order = {str(f): i for i, f in enumerate(files)}
-    return sorted(results, key=lambda r: order[r.path])
+    return predict_in_batches(files, lambda images: predictor.predict_uint8(images, batch_size),
+                              image_size=predictor.image_size, max_pixels=predictor.max_pixels,
+                              class_names=predictor.class_names, threshold=t, batch_size=batch_size)

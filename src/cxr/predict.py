@@ -64,22 +64,33 @@ def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, d
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     t = ckpt.threshold if threshold is None else float(threshold)
+
+    def probs_of(images: np.ndarray) -> np.ndarray:
+        logits = predict_logits(net, images, mean=cfg.mean, std=cfg.std, device=dev, batch_size=batch_size,
+                                bf16=bf16, channels_last=channels_last)
+        return probabilities(logits)
+
+    return predict_in_batches(files, probs_of, image_size=cfg.image_size, max_pixels=cfg.max_pixels,
+                              class_names=ckpt.class_names, threshold=t, batch_size=batch_size)
+
+
+def predict_in_batches(files: list[Path], probs_of, *, image_size: int, max_pixels: int, class_names: list[str],
+                       threshold: float, batch_size: int) -> list[Prediction]:
+    """Decode ``files`` a batch at a time (memory stays flat) and turn ``probs_of(uint8 (N, S, S))`` into
+    predictions, in input order; unreadable files get an ``error``. Shared by the PyTorch and ONNX backends.
+    """
     results: list[Prediction] = []
-    # Decoded a batch at a time, so memory stays flat however many files there are.
     for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
         images, good = [], []
-        for f in chunk:
+        for f in files[start:start + batch_size]:
             try:
-                images.append(load_image(f, cfg.image_size, max_pixels=cfg.max_pixels))
+                images.append(load_image(f, image_size, max_pixels=max_pixels))
                 good.append(f)
             except ImageError as e:
                 results.append(Prediction(str(f), error=str(e)))
         if images:
-            logits = predict_logits(net, np.stack(images), mean=cfg.mean, std=cfg.std, device=dev,
-                                    batch_size=batch_size, bf16=bf16, channels_last=channels_last)
-            for f, prob in zip(good, probabilities(logits), strict=True):
-                results.append(Prediction(str(f), float(prob), ckpt.class_names[int(prob >= t)]))
+            for f, prob in zip(good, probs_of(np.stack(images)), strict=True):
+                results.append(Prediction(str(f), float(prob), class_names[int(prob >= threshold)]))
     order = {str(f): i for i, f in enumerate(files)}
     return sorted(results, key=lambda r: order[r.path])
 
