@@ -53,7 +53,8 @@ def trained_run(tmp_path_factory):
 def test_train_writes_the_run_directory(trained_run):
     _, run, proc = trained_run
     for name in ("config.yaml", "split.csv", "history.csv", "best.pt", "last.pt", "metrics.json",
-                 "predictions_train.csv", "predictions_val.csv", "predictions_test.csv", "summary.json"):
+                 "predictions_train.csv", "predictions_val.csv", "predictions_test.csv", "summary.json",
+                 "report.html", "report/flythrough_test.mp4"):
         assert (run / name).is_file(), name
     history = read_csv(run / "history.csv")
     assert [int(r["epoch"]) for r in history] == [1, 2]
@@ -88,11 +89,13 @@ def test_evaluate_reproduces_training_metrics(trained_run, tmp_path):
     for key in ("accuracy", "auroc", "threshold"):
         assert metrics["test"][key] == pytest.approx(trained[key], abs=1e-6)
     assert "accuracy" in proc.stdout
+    assert (tmp_path / "eval" / "report.html").is_file()  # evaluate ends with the report of its own folder
 
 
 def test_evaluate_threshold_override(trained_run, tmp_path):
     data, run, _ = trained_run
-    cxr("evaluate", "--model", run / "best.pt", "--data", data, "--output", tmp_path, "--threshold", "0")
+    cxr("evaluate", "--model", run / "best.pt", "--data", data, "--output", tmp_path, "--threshold", "0",
+        "--no-report")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test"]["threshold"] == 0 and metrics["test"]["recall"] == 1.0
     assert metrics["test"]["specificity"] == 0.0
@@ -156,7 +159,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_data
 
 def test_resume_through_the_cli(trained_run, tmp_path):
     _, run, _ = trained_run
-    proc = cxr("train", "--resume", run, "--epochs", "3")
+    proc = cxr("train", "--resume", run, "--epochs", "3", "--no-report")
     assert "resuming" in proc.stderr
     assert load_checkpoint(run / "last.pt").epoch == 3
     bad = cxr("train", "--resume", run, "--lr", "0.5", check=False)
@@ -246,3 +249,58 @@ def test_unknown_config_field(tmp_path, tiny_dataset):
     bad.write_text("learning_rate: 0.1\n")
     _one_line_error(cxr("train", "--data", tiny_dataset, "--config", bad, check=False),
                     "unknown config field(s): learning_rate")
+
+
+# ---------------------------------------------------------------------------------------- the other commands
+
+
+def test_report_explain_export_and_onnx_predict(trained_run, tmp_path):
+    data, run, _ = trained_run
+    cxr("report", run, "--output", tmp_path / "rep", "--no-video", "--per-group", "2")
+    assert (tmp_path / "rep" / "report.html").is_file()
+    assert not list((tmp_path / "rep" / "report").glob("*.mp4"))
+    images = sorted((data / "test" / "PNEUMONIA").iterdir())[:2]
+    cxr("explain", "--model", run, *images, "--output", tmp_path / "cam")
+    assert sorted(f.name for f in (tmp_path / "cam").glob("*_gradcam.png")) == sorted(
+        f"{f.stem}_gradcam.png" for f in images)
+    cxr("export", "--model", run, "--format", "onnx", "--output", tmp_path / "m.onnx")
+    cxr("predict", "--model", run, data / "test", "--output", tmp_path / "torch.csv", "--device", "cpu")
+    cxr("predict", "--backend", "onnx", "--model", tmp_path / "m.onnx", data / "test", "--output",
+        tmp_path / "onnx.csv")
+    torch_rows, onnx_rows = read_csv(tmp_path / "torch.csv"), read_csv(tmp_path / "onnx.csv")
+    assert [r["path"] for r in torch_rows] == [r["path"] for r in onnx_rows] and len(onnx_rows) == 8
+    for a, b in zip(torch_rows, onnx_rows, strict=True):
+        # torch may run bf16 where the CPU is fast at it; ONNX Runtime runs fp32 (issue 4 checks 1e-4 in fp32)
+        assert float(a["prob_pneumonia"]) == pytest.approx(float(b["prob_pneumonia"]), abs=2e-2)
+    bad = cxr("report", run, "--frame-size", "big", check=False)
+    assert bad.returncode == 2 and "--frame-size" in bad.stderr
+
+
+def test_sharded_prediction_equals_single_process(trained_run, tmp_path):
+    data, run, _ = trained_run
+    (data / "test" / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8 not really")  # errors travel through shards
+    try:
+        cxr("predict", "--model", run, data, "--output", tmp_path / "all.csv", "--device", "cpu")
+        for i in (2, 0):  # out of order, as a job array may finish
+            cxr("predict", "--model", run, data, "--output", tmp_path / "sharded.csv", "--shard", f"{i}/3")
+        missing = cxr("merge", tmp_path / "sharded.csv", check=False)
+        assert missing.returncode == 2 and "shard(s) 1 of 3 missing" in missing.stderr
+        cxr("predict", "--model", run, data, "--output", tmp_path / "sharded.csv", "--shard", "1/3")
+        cxr("merge", tmp_path / "sharded.csv", "--remove-parts")
+    finally:
+        (data / "test" / "NORMAL" / "broken.jpeg").unlink()
+    single = (tmp_path / "all.csv").read_text()
+    assert (tmp_path / "sharded.csv").read_text() == single
+    assert single.count("\n") == 1 + 32 + 8 + 1 and "broken.jpeg" in single
+    assert not list(tmp_path.glob("sharded.shard-*"))
+    assert cxr("predict", "--model", run, data, "--shard", "3/3", check=False).returncode == 2
+
+
+def test_shards_are_contiguous_and_cover_everything():
+    from cxr.predict import select_shard
+
+    files = [Path(f"{i}.png") for i in range(10)]
+    for n in (1, 3, 4, 10, 11):
+        parts = [select_shard(files, (i, n)) for i in range(n)]
+        assert [f for part in parts for f in part] == files
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1

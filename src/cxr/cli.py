@@ -48,6 +48,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="bit-repeatable runs on the CPU (slower)")
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
     p.add_argument("--max-train-batches", type=int, help="cap on training batches per epoch (0: none)")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write report.html (plots, heatmap grid, video) at the end (default: on)")
 
 
 _FLAG_FIELDS = ("data", "output", "epochs", "batch_size", "image_size", "lr", "weights", "arch", "seed", "device",
@@ -59,7 +61,7 @@ _FLAG_FIELDS = ("data", "output", "epochs", "batch_size", "image_size", "lr", "w
 def build_parser() -> argparse.ArgumentParser:
     """The ``cxr`` argument parser with its sub-commands."""
     parser = _Parser(prog="cxr", description="Chest X-ray classification (NORMAL vs PNEUMONIA): train, evaluate, "
-                     "predict. Research software, not a medical device.")
+                     "predict, explain, report, serve, export. Research software, not a medical device.")
     parser.add_argument("--version", action="version", version=f"cxr {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -75,14 +77,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write OUT/report.html (plots, heatmap grid, video) (default: on)")
 
     p = sub.add_parser("predict", help="P(PNEUMONIA) for image files or folders")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
-    p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
+    p.add_argument("--model", default="default",
+                   help="checkpoint, run directory, default (the bundled model), or an .onnx file from cxr export")
     p.add_argument("--output", help="also write the results to a .csv or .json file")
     p.add_argument("--threshold", type=float)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="PyTorch, or ONNX Runtime on the CPU (exports a checkpoint in memory)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (torch backend)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the library's default)")
+    p.add_argument("--shard", metavar="I/N",
+                   help="predict only the I-th of N contiguous blocks of the files (0-based; for job arrays); "
+                        "with --output, writes OUTPUT's shard file. Under torchrun the rank picks the shard.")
+    p.add_argument("--table", action=argparse.BooleanOptionalAction, default=None,
+                   help="print a table of every result (default: when there are at most 200)")
+
+    p = sub.add_parser("merge", help="merge the shard files of `cxr predict --shard` into one predictions file")
+    p.add_argument("output", metavar="OUTPUT", help="the --output given to the sharded runs (.csv or .json)")
+    p.add_argument("--remove-parts", action="store_true", help="delete the shard files after merging")
+
+    p = sub.add_parser("report", help="plots, heatmap grid, fly-through video and report.html for a run")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory or a cxr evaluate output folder")
+    p.add_argument("--output", help="where report.html and report/ go (default RUN_DIR)")
+    p.add_argument("--model", help="checkpoint for the heatmaps (default RUN_DIR's best.pt, or the evaluated model)")
+    p.add_argument("--no-video", dest="video", action="store_false", help="skip the fly-through video")
+    p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", help="skip Grad-CAM overlays")
+    p.add_argument("--split", help="whose images the grid and the video show (default test, else val)")
+    p.add_argument("--per-group", type=int, default=4,
+                   help="grid images per group (confident right, confident wrong, borderline)")
+    p.add_argument("--video-select", choices=["sample", "errors", "all"], default="sample",
+                   help="which images the video shows (default: a sample with every error)")
+    p.add_argument("--video-max-images", type=int, default=60)
+    p.add_argument("--seconds-per-image", type=float, default=1.0)
+    p.add_argument("--frame-size", default="640x360", metavar="WxH", help="video frame size (default 640x360)")
+    p.add_argument("--fps", type=float, default=5.0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="for the video's random sample")
+
+    p = sub.add_parser("explain", help="Grad-CAM heatmap overlays for image files")
+    p.add_argument("paths", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
+    p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
+    p.add_argument("--output", required=True, help="folder for <name>_gradcam.png and explanations.csv")
+    p.add_argument("--target", default="predicted",
+                   help="the class whose evidence is shown: predicted (default), PNEUMONIA or NORMAL")
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+
+    p = sub.add_parser("serve", help="web service (API and page) for a model")
+    p.add_argument("--model", default="default",
+                   help="checkpoint, run directory, default (the bundled model), or an .onnx file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413 (default 20)")
+    p.add_argument("--max-concurrency", type=int, default=2, help="predictions run at once (default 2)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond that get 503 (default 32)")
+    p.add_argument("--threads", type=int, help="CPU threads per prediction (default: cores / max-concurrency)")
+
+    p = sub.add_parser("export", help="write a model as ONNX or TorchScript with its preprocessing contract")
+    p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--output", required=True, help="the file to write, e.g. model.onnx")
 
     p = sub.add_parser("demo", help="train briefly on the bundled sample, then evaluate and predict (CPU, minutes)")
     p.add_argument("--output", default="runs/demo", help="run directory (default runs/demo)")
@@ -99,9 +161,27 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.config:
             raise UsageError("--resume uses the run's own config.yaml; drop --config")
-        train(resume=args.resume, overrides=overrides)
+        run_dir = train(resume=args.resume, overrides=overrides)
     else:
-        train(load_config(args.config, overrides))
+        run_dir = train(load_config(args.config, overrides))
+    if args.report and run_dir is not None:
+        _report_after(run_dir, device=args.device or "auto")
+
+
+def _report_after(folder, **kwargs) -> None:
+    """The report at the end of train / evaluate: a failure there is logged, and loses none of the results."""
+    from cxr.distributed import env_info
+    from cxr.report import make_report
+
+    if not env_info().main:
+        return
+    try:
+        path = make_report(folder, **kwargs)
+    except CxrError as e:
+        log.warning("the report could not be made (%s); the results are in %s. Retry: cxr report %s", e, folder,
+                    folder)
+    else:
+        log.info("report: %s", path)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -111,6 +191,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                              cache_dir=args.cache_dir, batch_size=args.batch_size)
     _print_metrics(metrics)
     log.info("wrote %s", Path(args.output) / "metrics.json")
+    if args.report:
+        _report_after(args.output, model=args.model, device=args.device)
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -130,16 +212,64 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from cxr.predict import DISCLAIMER, predict_files, write_predictions_file
+    from cxr.distributed import barrier, env_info, init, shutdown
+    from cxr.predict import DISCLAIMER, merge_shards, parse_shard, predict_files, shard_path, write_predictions_file
 
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
         raise UsageError(f"--output {args.output}: use a .csv or .json file name")
-    preds = predict_files(args.model, args.paths, device=args.device, threshold=args.threshold,
-                          batch_size=args.batch_size)
-    table = Table(caption=DISCLAIMER)
+    info = env_info()
+    if info.active and args.shard:
+        raise UsageError("--shard and torchrun: under torchrun each rank predicts its own shard; drop --shard")
+    if info.active and not args.output:
+        raise UsageError("under torchrun, give --output: each rank writes its shard and rank 0 merges them")
+    shard = (info.rank, info.world) if info.active else parse_shard(args.shard) if args.shard else None
+    if info.active:
+        import torch
+
+        init(torch.device("cpu"))  # gloo: only a barrier is needed, whatever device predicts
+    try:
+        if args.backend == "onnx":
+            from cxr.export import predict_files_onnx
+
+            preds = predict_files_onnx(args.model, args.paths, threshold=args.threshold, batch_size=args.batch_size,
+                                       threads=args.threads, shard=shard)
+        else:
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            preds = predict_files(args.model, args.paths, device=args.device, threshold=args.threshold,
+                                  batch_size=args.batch_size, shard=shard)
+        show = args.table if args.table is not None else len(preds) <= 200
+        if show and not info.active:
+            _print_predictions(preds, DISCLAIMER)
+        bad = sum(p.error is not None for p in preds)
+        n_pos = sum(p.label == "PNEUMONIA" for p in preds)
+        where = f"shard {shard[0]}/{shard[1]}: " if shard else ""
+        log.info("%s%d file(s): %d PNEUMONIA, %d NORMAL, %d unreadable. %s", where, len(preds), n_pos,
+                 len(preds) - n_pos - bad, bad, DISCLAIMER)
+        if bad:
+            log.warning("%d of %d file(s) could not be read", bad, len(preds))
+        if args.output:
+            out = shard_path(args.output, shard) if shard else Path(args.output)
+            write_predictions_file(out, preds)
+            log.info("wrote %s", out)
+            if info.active:
+                barrier()
+                if info.main:
+                    merged = merge_shards(args.output, remove=True)
+                    log.info("merged %d shards into %s (%d files)", info.world, args.output, len(merged))
+            elif shard:
+                log.info("when every shard is done: cxr merge %s", args.output)
+    finally:
+        shutdown()
+
+
+def _print_predictions(preds, caption: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(caption=caption)
     for col, justify in (("path", "left"), ("P(pneumonia)", "right"), ("label", "left")):
         table.add_column(col, justify=justify)
     for p in preds:
@@ -148,12 +278,50 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         else:
             table.add_row(p.path, f"{p.prob_pneumonia:.3f}", p.label)
     Console().print(table)
-    bad = sum(p.error is not None for p in preds)
-    if bad:
-        log.warning("%d of %d file(s) could not be read", bad, len(preds))
-    if args.output:
-        write_predictions_file(args.output, preds)
-        log.info("wrote %s", args.output)
+
+
+def _cmd_merge(args: argparse.Namespace) -> None:
+    from cxr.predict import merge_shards
+
+    merged = merge_shards(args.output, remove=args.remove_parts)
+    log.info("wrote %s (%d files)", args.output, len(merged))
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from cxr.report import make_report
+
+    try:
+        w, h = (int(v) for v in args.frame_size.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--frame-size {args.frame_size!r}: use WIDTHxHEIGHT, e.g. 640x360") from None
+    path = make_report(args.run_dir, output=args.output, model=args.model, video=args.video, heatmaps=args.heatmaps,
+                       grid_split=args.split, grid_per_group=args.per_group, video_split=args.split,
+                       video_select=args.video_select, video_max_images=args.video_max_images,
+                       seconds_per_image=args.seconds_per_image, frame_size=(w, h), fps=args.fps, device=args.device,
+                       seed=args.seed)
+    log.info("wrote %s", path)
+
+
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from cxr.explain import explain_files
+    from cxr.predict import DISCLAIMER
+
+    written = explain_files(args.model, args.paths, args.output, device=args.device, target=args.target,
+                            threshold=args.threshold, batch_size=args.batch_size)
+    log.info("wrote %d heatmap picture(s) and explanations.csv to %s. %s", len(written), args.output, DISCLAIMER)
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from cxr.serve import serve
+
+    serve(args.model, args.host, args.port, backend=args.backend, max_upload_mb=args.max_upload_mb,
+          max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, threads=args.threads)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from cxr.export import export_model
+
+    export_model(args.model, args.format, args.output)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -171,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    commands = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "demo": _cmd_demo}
+    commands = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "merge": _cmd_merge,
+                "report": _cmd_report, "explain": _cmd_explain, "serve": _cmd_serve, "export": _cmd_export,
+                "demo": _cmd_demo}
     try:
         commands[args.command](args)
     except CxrError as e:

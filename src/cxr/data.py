@@ -176,6 +176,8 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True) -> dict[
     root = Path(root)
     if not root.exists():
         raise UsageError(f"{root}: no such file or directory")
+    # Absolute paths in split.csv and predictions_<split>.csv, so reports and resumes work from any directory.
+    root = root.absolute()
     if root.is_file():
         if root.suffix.lower() != ".npz":
             raise UsageError(f"{root}: expected a folder or an .npz file")

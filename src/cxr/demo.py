@@ -14,12 +14,14 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "sample" / "kermany-mini"
 
 
 def run_demo(output: str = "runs/demo", *, epochs: int = 8, device: str = "auto") -> Path:
-    """Train a small DenseNet-121 from scratch on the 300-image sample (128 px), evaluate it, predict its test folder.
+    """Train a small DenseNet-121 from scratch on the 300-image sample (128 px), evaluate it, predict its test folder,
+    and write its report (plots, heatmap grid, fly-through video, report.html).
 
     A previous demo run in ``output`` is replaced. The model is far too small-data to be useful: the point is
     to show every stage and artifact in minutes.
     """
     from cxr.predict import predict_files
+    from cxr.report import make_report
     from cxr.train import train
 
     out = Path(output)
@@ -32,5 +34,6 @@ def run_demo(output: str = "runs/demo", *, epochs: int = 8, device: str = "auto"
     preds = predict_files(run_dir, [SAMPLE_DIR / "test"], device=device)
     right = sum((p.label == Path(p.path).parent.name) for p in preds if p.label)
     log.info("demo: predicted the %d held-out sample images, %d right; artifacts in %s", len(preds), right, run_dir)
+    log.info("report: %s (open it in a browser)", make_report(run_dir, device=device))
     log.info("next: cxr evaluate --model %s --data %s --output %s/eval", run_dir, SAMPLE_DIR / "test", run_dir)
     return run_dir

@@ -335,7 +335,7 @@ def load_onnx_predictor(model: str | os.PathLike | Checkpoint, *, threads: int =
 
 
 def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike], *, threshold: float | None = None,
-                       batch_size: int = 32, threads: int = 0) -> list:
+                       batch_size: int = 32, threads: int = 0, shard: tuple[int, int] | None = None) -> list:
     """``cxr predict --backend onnx``: :func:`cxr.predict.predict_files` on ONNX Runtime (CPU, fp32).
 
     Args:
@@ -344,9 +344,9 @@ def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike],
     Returns:
         ``list[cxr.predict.Prediction]`` in input order; unreadable files get an ``error``.
     """
-    from cxr.predict import collect_files, predict_in_batches
+    from cxr.predict import collect_files, predict_in_batches, select_shard
 
-    files = collect_files(paths)
+    files = select_shard(collect_files(paths), shard)
     predictor = load_onnx_predictor(model, threads=threads)
     t = predictor.threshold if threshold is None else float(threshold)
     return predict_in_batches(files, lambda images: predictor.predict_uint8(images, batch_size),

@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,15 +46,41 @@ def collect_files(paths: list[str | os.PathLike]) -> list[Path]:
     return files
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` (0-based shard ``i`` of ``n``) as a tuple, or a UsageError."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: use I/N, e.g. 0/4 for the first of four shards") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def select_shard(files: list[Path], shard: tuple[int, int] | None) -> list[Path]:
+    """Shard ``i`` of ``n``: the ``i``-th of ``n`` contiguous, near-equal blocks of ``files``.
+
+    Contiguous blocks, so that the parts written in shard order concatenate to the single-process order.
+    """
+    if shard is None:
+        return files
+    i, n = shard
+    return files[len(files) * i // n:len(files) * (i + 1) // n]
+
+
 def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, device: str = "auto",
-                  threshold: float | None = None, batch_size: int = 32) -> list[Prediction]:
-    """Predict every file under ``paths``. Unreadable files get an ``error`` instead of a prediction."""
+                  threshold: float | None = None, batch_size: int = 32,
+                  shard: tuple[int, int] | None = None) -> list[Prediction]:
+    """Predict every file under ``paths`` (or shard ``(i, n)`` of them, see :func:`select_shard`).
+
+    Unreadable files get an ``error`` instead of a prediction.
+    """
     import torch
 
     from cxr.evaluate import predict_logits, probabilities
     from cxr.model import load_checkpoint, resolve_device, use_bf16, use_channels_last
 
-    files = collect_files(paths)
+    files = select_shard(collect_files(paths), shard)
     ckpt = load_checkpoint(model)
     cfg = ckpt.config
     dev = resolve_device(device)
@@ -95,11 +122,16 @@ def predict_in_batches(files: list[Path], probs_of, *, image_size: int, max_pixe
     return sorted(results, key=lambda r: order[r.path])
 
 
-def write_predictions_file(path: str | os.PathLike, predictions: list[Prediction]) -> None:
-    """Write predictions as ``.csv`` or ``.json`` (by extension)."""
+def _check_suffix(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in (".csv", ".json"):
         raise UsageError(f"--output {path}: use a .csv or .json file name")
+    return suffix
+
+
+def write_predictions_file(path: str | os.PathLike, predictions: list[Prediction]) -> None:
+    """Write predictions as ``.csv`` or ``.json`` (by extension), atomically."""
+    suffix = _check_suffix(path)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         if suffix == ".json":
             json.dump({"note": DISCLAIMER, "predictions": [asdict(p) for p in predictions]}, f, indent=2)
@@ -109,3 +141,54 @@ def write_predictions_file(path: str | os.PathLike, predictions: list[Prediction
             for p in predictions:
                 prob = "" if p.prob_pneumonia is None else f"{p.prob_pneumonia:.6f}"
                 w.writerow([p.path, prob, p.label or "", p.error or ""])
+
+
+def read_predictions_file(path: str | os.PathLike) -> list[Prediction]:
+    """Predictions from a file written by :func:`write_predictions_file`."""
+    suffix = _check_suffix(path)
+    try:
+        with open(path, newline="") as f:
+            if suffix == ".json":
+                return [Prediction(**p) for p in json.load(f)["predictions"]]
+            return [Prediction(r["path"], float(r["prob_pneumonia"]) if r["prob_pneumonia"] else None,
+                               r["label"] or None, r["error"] or None) for r in csv.DictReader(f)]
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{path}: not a cxr predictions file ({e})") from None
+
+
+def shard_path(output: str | os.PathLike, shard: tuple[int, int]) -> Path:
+    """Where shard ``(i, n)`` of ``output`` is written: ``preds.csv`` -> ``preds.shard-00001-of-00004.csv``."""
+    out = Path(output)
+    i, n = shard
+    return out.with_name(f"{out.stem}.shard-{i:05d}-of-{n:05d}{out.suffix}")
+
+
+def merge_shards(output: str | os.PathLike, *, remove: bool = False) -> list[Prediction]:
+    """Concatenate the shard files of ``output`` in shard order into ``output`` (equal to a single-process run).
+
+    Every shard ``0..n-1`` of one ``n`` must be present; ``remove`` deletes the parts after the merged file is
+    written.
+    """
+    out = Path(output)
+    _check_suffix(out)
+    pattern = re.compile(rf"^{re.escape(out.stem)}\.shard-(\d{{5}})-of-(\d{{5}}){re.escape(out.suffix)}$")
+    found: dict[int, set[int]] = {}
+    for f in out.parent.iterdir() if out.parent.is_dir() else ():
+        if m := pattern.match(f.name):
+            found.setdefault(int(m[2]), set()).add(int(m[1]))
+    if not found:
+        raise UsageError(f"no shard files {shard_path(out, (0, 1)).name.replace('00000-of-00001', '*-of-*')} "
+                         f"beside {out}")
+    if len(found) > 1:
+        raise UsageError(f"shard files of {out} from runs with different shard counts: {sorted(found)}")
+    (n, have), = found.items()
+    missing = sorted(set(range(n)) - have)
+    if missing:
+        raise UsageError(f"{out}: shard(s) {', '.join(map(str, missing))} of {n} missing; run them first")
+    parts = [shard_path(out, (i, n)) for i in range(n)]
+    merged = [p for part in parts for p in read_predictions_file(part)]
+    write_predictions_file(out, merged)
+    if remove:
+        for part in parts:
+            part.unlink()
+    return merged
