@@ -1,5 +1,6 @@
 """CPU latency and throughput of the inference backends, measured in the same run: PyTorch (fp32, and bf16 autocast
-where the CPU has bf16 instructions) and ONNX Runtime (fp32, the model exported in memory).
+without and with channels_last where the CPU has bf16 instructions) and ONNX Runtime (fp32, the model exported in
+memory).
 
 Each round times every backend in turn (interleaved, so background load hits them alike): latency is one image per
 call (the service's case), throughput is ``--batch`` images per call. The table gives the median over rounds with
@@ -90,12 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, cfg.image_size, cfg.image_size), dtype=np.uint8)
 
-    def torch_fn(bf16: bool):
-        return lambda x: predict_logits(net, x, mean=cfg.mean, std=cfg.std, device=cpu, batch_size=len(x), bf16=bf16)
+    net_cl = ckpt.build("cpu").to(memory_format=torch.channels_last)
+
+    def torch_fn(bf16: bool, channels_last: bool = False):
+        model = net_cl if channels_last else net
+        return lambda x: predict_logits(model, x, mean=cfg.mean, std=cfg.std, device=cpu, batch_size=len(x),
+                                        bf16=bf16, channels_last=channels_last)
 
     backends = {"torch fp32": torch_fn(False)}
     if cpu_has_fast_bf16():
         backends["torch bf16"] = torch_fn(True)
+        backends["torch bf16 + channels_last"] = torch_fn(True, True)
     backends["onnxruntime fp32"] = lambda x: onnx.predict_uint8(x, batch_size=len(x))
 
     for fn in backends.values():  # warm-up: first calls allocate and pick kernels

@@ -304,3 +304,21 @@ def test_shards_are_contiguous_and_cover_everything():
         parts = [select_shard(files, (i, n)) for i in range(n)]
         assert [f for part in parts for f in part] == files
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_evaluate_accepts_a_test_only_npz(trained_run, tmp_path):
+    """The withheld PneumoniaMNIST test split comes as an .npz with only test_images / test_labels."""
+    import numpy as np
+
+    from cxr.images import load_image
+
+    data, run, _ = trained_run
+    files = sorted((data / "test").rglob("*.jpeg"))
+    images = np.stack([load_image(f, 28) for f in files])
+    labels = np.array([[int(f.parent.name == "PNEUMONIA")] for f in files], dtype=np.uint8)
+    np.savez(tmp_path / "withheld.npz", test_images=images, test_labels=labels)
+    cxr("evaluate", "--model", run, "--data", tmp_path / "withheld.npz", "--output", tmp_path / "out", "--no-report")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert list(metrics) == ["test"] and metrics["test"]["n"] == len(files) == 8
+    rows = read_csv(tmp_path / "out" / "predictions_test.csv")
+    assert [r["label"] for r in rows] == ["PNEUMONIA" if y else "NORMAL" for y in labels[:, 0]]

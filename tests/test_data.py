@@ -245,11 +245,17 @@ def test_train_transform_keeps_shape_dtype_and_varies(tiny_dataset):
 
     cfg = load_config(overrides={"image_size": 64})
     prepared = prepare(scan(tiny_dataset / "test")["test"], cfg)
-    ds = XrayDataset(prepared, train_transform(cfg))
-    torch.manual_seed(0)
+    ds = XrayDataset(prepared, train_transform(cfg), seed=0)
     a, y = ds[0]
-    b, _ = ds[0]
     assert a.shape == (1, 64, 64) and a.dtype == torch.uint8 and int(y) == prepared.labels[0]
-    assert not torch.equal(a, b)
+    # Seeded by (seed, epoch, index): the same draw whoever asks, whatever the global random state; new each epoch.
+    torch.manual_seed(123)
+    assert torch.equal(ds[0][0], a)
+    before = torch.get_rng_state()
+    ds.set_epoch(1)
+    b = ds[0][0]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is untouched
+    assert not torch.equal(a, b) and not torch.equal(ds[1][0], b)
+    assert not torch.equal(XrayDataset(prepared, train_transform(cfg), seed=1)[0][0], a)
     plain = XrayDataset(prepared)[0][0]
     assert torch.equal(plain[0], torch.from_numpy(prepared.images[0]))

@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=2, help="predictions run at once (default 2)")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond that get 503 (default 32)")
     p.add_argument("--threads", type=int, help="CPU threads per prediction (default: cores / max-concurrency)")
+    p.add_argument("--max-connections", type=int, default=128,
+                   help="open connections, uploads in progress included; 503 beyond (default 128)")
 
     p = sub.add_parser("export", help="write a model as ONNX or TorchScript with its preprocessing contract")
     p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
@@ -208,7 +210,7 @@ def _print_metrics(metrics: dict) -> None:
     for name, m in metrics.items():
         table.add_row(name, *[("-" if m[c] is None else f"{m[c]:.3f}" if isinstance(m[c], float) else str(m[c]))
                               for c in cols])
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)  # no truncated headers in a pipe
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -315,7 +317,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from cxr.serve import serve
 
     serve(args.model, args.host, args.port, backend=args.backend, max_upload_mb=args.max_upload_mb,
-          max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, threads=args.threads)
+          max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, threads=args.threads,
+          max_connections=args.max_connections)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -352,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except MemoryError:
         print(f"cxr {args.command}: error: out of memory (try a smaller --batch-size or --image-size)", file=sys.stderr)
+        return 1
+    except OSError as e:  # a file system problem cxr did not foresee: still one line, naming the file
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cxr {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     return 0
 

@@ -81,11 +81,12 @@ class Config:
     patience: int = 5  # early stopping on validation loss; 0 switches it off
     min_delta: float = 0.0
     max_train_batches: int = 0  # cap per epoch (0: no cap); for smoke tests and demos
+    nan_policy: str = "stop"  # a non-finite loss: "stop" the run (last good checkpoint kept) or "skip" the batch
 
     # Speed switches: correctness is the default, speed is on where it helps
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 where the device has fast bf16) | on | off
-    channels_last: str = "auto"  # auto (on for CUDA) | on | off
+    channels_last: str = "auto"  # auto (on for CUDA, and for bf16 on the CPU) | on | off
     compile: bool = False
     deterministic: bool = False
     seed: int = 0
@@ -112,6 +113,7 @@ class Config:
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (0 < self.scale_min <= self.scale_max, "scale_min must be > 0 and <= scale_max"),
             (self.std > 0, "std must be > 0"),
+            (self.nan_policy in ("stop", "skip"), "nan_policy must be stop or skip"),
         ]
         for ok, message in checks:
             if not ok:

@@ -278,7 +278,9 @@ def _decode_job(job: tuple[str, str, int, bool, int]) -> tuple[str, np.ndarray |
     except ImageError as e:
         return path, None, str(e)
     # Written under a temporary name and renamed: an interrupted build leaves no entry a later run would trust.
-    with atomic_path(entry) as tmp, open(tmp, "wb") as f:
+    # Not fsynced: an entry is cheap to rebuild and its shape and type are checked when read (_read_entry), while the
+    # flush took as long as the decoding (BENCHMARKS.md, figure 1). Still atomic against a killed process.
+    with atomic_path(entry, fsync=False) as tmp, open(tmp, "wb") as f:
         np.save(f, pixels, allow_pickle=False)
     return path, pixels, ""
 
@@ -370,21 +372,41 @@ class XrayDataset:
     """Map-style dataset over a :class:`Prepared` split: yields (uint8 tensor (1, S, S), label).
 
     Normalisation happens on the device, batch-wise (see :func:`cxr.model.normalize`), so batches stay uint8
-    until then.
+    until then. The random augmentation of image ``i`` in an epoch is seeded by ``(seed, epoch, i)``: the same
+    whichever process, loader worker or batch draws it, so a run under torchrun sees the same augmented images as
+    a single process, and a resumed run the same as an uninterrupted one.
     """
 
-    def __init__(self, prepared: Prepared, transform=None):
+    def __init__(self, prepared: Prepared, transform=None, seed: int = 0):
         import torch
 
         self.images = torch.from_numpy(prepared.images)
         self.labels = torch.from_numpy(prepared.labels)
         self.transform = transform
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the augmentations of ``epoch`` (call before each epoch's loader is iterated)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
+        import torch
+
         x = self.images[i].unsqueeze(0)
         if self.transform is not None:
-            x = self.transform(x)
+            # One image is too small to share between threads: with the process's intra-op threads (one per core),
+            # each small op of the augmentation waits at a barrier for a thread the OS may not be running. On the
+            # shared 2-core benchmark machine the loader was 2.9x faster pinned to one thread at a load of 5-6 and
+            # no slower at 2-3, for the same pixels (BENCHMARKS.md, figure 2). Loader workers have 1 thread anyway.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+                    torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+                    x = self.transform(x)
+            finally:
+                torch.set_num_threads(threads)
         return x, self.labels[i]

@@ -25,3 +25,25 @@ class CheckpointError(CxrError):
     """A file given as a model that is not a cxr checkpoint, or is damaged."""
 
     exit_code = 2
+
+
+class WriteError(CxrError, OSError):
+    """An output could not be written (disk full, read-only file system, no permission).
+
+    Raised by :mod:`cxr.fileio`, whose writes are atomic: the file it was replacing, if any, is unchanged. Also an
+    ``OSError`` (with the cause's ``errno``), so code that catches ``OSError`` still does.
+    """
+
+    exit_code = 1
+
+    def __init__(self, errno: int | None, reason: str, path: str) -> None:  # OSError's order, so it pickles
+        super().__init__(errno, reason, path)
+
+    def __str__(self) -> str:
+        reason = self.strerror or "write failed"
+        return f"cannot write {self.filename}: {reason}; the existing file, if any, is unchanged"
+
+    @classmethod
+    def from_os_error(cls, path: str | object, e: OSError) -> WriteError:
+        """The cause's errno and message, for ``path``."""
+        return cls(e.errno, e.strerror or str(e) or type(e).__name__, str(path))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cxr.config import CLASS_NAMES
-from cxr.fileio import atomic_path, atomic_write_text
+from cxr.fileio import atomic_path, atomic_write_text, ensure_dir
 from cxr.model import autocast, normalize
 
 
@@ -151,7 +151,7 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
     Each split's metrics include ``ci95``: bootstrap 95 % intervals (``n_boot`` resamples; 0 to skip).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     metrics = {}
     for r in results:
         metrics[r.name] = compute_metrics(r.labels, r.probs, threshold)

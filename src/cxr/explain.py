@@ -230,6 +230,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     # the heatmaps themselves are computed in float32.
     run_cfg = dataclasses.replace(cfg, device=device)
     bf16, channels_last = use_bf16(run_cfg, dev), use_channels_last(run_cfg, dev)
+    if channels_last:  # as predict and evaluate do: the memory format changes bf16 kernels, hence the last digits
+        net = net.to(memory_format=torch.channels_last)
     t = ckpt.threshold if threshold is None else float(threshold)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,27 +8,68 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from cxr.errors import WriteError
+
+_TEMP_SUFFIX = ".tmp"
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and ``os.replace`` it onto ``path``.
 
-    On any error the temporary file is removed and ``path`` is left as it was.
+    ``fsync=False`` skips the flush to disk (still atomic against a killed process, not against a power cut): for
+    cache entries, which are cheap to rebuild and whose flush cost as much as their decoding.
+
+    On any error the temporary file is removed and ``path`` is left as it was. An ``OSError`` (disk full,
+    read-only file system, no permission) comes out as :class:`~cxr.errors.WriteError`, which names ``path``.
+    A process killed mid-write leaves only the hidden temporary file (``.NAME.*.tmp``), never a partial ``path``.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TEMP_SUFFIX, dir=target.parent)
+        os.close(fd)
+    except OSError as e:
+        raise WriteError.from_os_error(target, e) from e
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError.from_os_error(target, e) from e
         raise
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` (and its parents) if needed; an ``OSError`` comes out as WriteError."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError.from_os_error(folder, e) from e
+    return folder
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_path` leaves when a process is killed mid-write.
+
+    Only for a folder no other process is writing to (a run directory being resumed), never a shared cache.
+    Returns the files removed.
+    """
+    removed = []
+    for p in Path(folder).glob(f".*{_TEMP_SUFFIX}"):
+        if not p.is_file():
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def _umask() -> int:

@@ -37,6 +37,10 @@ _DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 # Modes that hold more than 8 bits per sample; everything else converts to "L" as PIL does.
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# A deflated DICOM data set may inflate to at most this many bytes per allowed pixel (800 MB at the default limit):
+# pydicom inflates the whole data set in memory, and deflate reaches ~1000:1, so a 1 MB file could need 1 GB.
+_DEFLATE_BYTES_PER_PIXEL = 8
+_DEFLATED_TS = "1.2.840.10008.1.2.1.99"
 
 
 class ImageError(CxrError, ValueError):
@@ -227,11 +231,45 @@ def _dicom_luts():
     return apply_modality_lut, apply_voi_lut
 
 
+def _check_inflated_size(data: bytes, label: str, max_pixels: int) -> None:
+    """Refuse a deflated DICOM whose data set inflates past the bound, inflating it piecewise to find out."""
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        if str(_read_file_meta_info(fp).get("TransferSyntaxUID", "")) != _DEFLATED_TS:
+            return
+    except Exception:
+        return  # dcmread reports a damaged header better
+    limit = _DEFLATE_BYTES_PER_PIXEL * max_pixels
+    inflater, total, view, step = zlib.decompressobj(-zlib.MAX_WBITS), 0, memoryview(data)[fp.tell():], 1 << 16
+    try:
+        for start in range(0, len(view) + 1, step):  # input in 64 kB pieces, output 1 MB at a time, none kept
+            pending = view[start:start + step]
+            while True:
+                chunk = inflater.decompress(pending, 1 << 20)
+                total += len(chunk)
+                if total > limit:
+                    raise ImageError(label, f"deflated DICOM inflates to over {limit:,} bytes, the bound for the "
+                                            f"{max_pixels:,}-pixel limit (possible decompression bomb)")
+                pending = inflater.unconsumed_tail
+                if not pending and len(chunk) < 1 << 20:
+                    break
+            if inflater.eof:
+                return
+    except zlib.error as e:
+        raise ImageError(label, f"corrupt deflated DICOM ({e})") from e
+
+
 def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     # Imported here: pydicom costs import time that JPEG/PNG-only users (the CLI, the server) need not pay.
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    _check_inflated_size(data, label, max_pixels)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
     except InvalidDicomError as e:

@@ -35,7 +35,7 @@ import numpy as np
 
 from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError
-from cxr.fileio import atomic_path, atomic_write_text
+from cxr.fileio import atomic_path, atomic_write_text, ensure_dir
 
 log = logging.getLogger(__name__)
 
@@ -666,7 +666,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     art = load_artifacts(run_dir)
     out = Path(output) if output is not None else art.root
     pics = out / "report"
-    pics.mkdir(parents=True, exist_ok=True)
+    ensure_dir(pics)
     explainer = _explainer(art, model, device, heatmaps)
     threshold = art.threshold if art.threshold is not None else 0.5
     splits = art.splits

@@ -553,8 +553,13 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
 
 def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: int = 8000, *, backend: str = "torch",
           max_upload_mb: float = 20.0, max_concurrency: int = 2, max_queue: int = 32, device: str = "auto",
-          threads: int | None = None, max_pixels: int | None = None, log_level: str = "info") -> None:
+          threads: int | None = None, max_pixels: int | None = None, log_level: str = "info",
+          max_connections: int = 128) -> None:
     """Run the service with uvicorn until interrupted (``cxr serve``). The model loads before the port opens.
+
+    ``max_connections`` caps the connections served at once, uploads still arriving included (uvicorn answers 503
+    beyond it): the queue bounds the requests being predicted, this bounds the memory held by slow uploads
+    (at most about ``max_connections * max_upload_mb``).
 
     Arguments as :func:`create_app`, except ``threads``: None (default) gives each of the ``max_concurrency``
     predictions an equal share of the cores. Letting each take every core oversubscribes them, which on a busy
@@ -571,4 +576,5 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     log.info("serving model %s (%s backend, %d x %d threads) on http://%s:%d/  (API docs at /docs). %s",
              engine.model_id, engine.backend, max_concurrency, threads, host if ":" not in host else f"[{host}]",
              port, DISCLAIMER)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, access_log=False,
+                limit_concurrency=max_connections)

@@ -47,7 +47,7 @@ from cxr.distributed import init as init_distributed
 from cxr.distributed import shutdown as shutdown_distributed
 from cxr.errors import CxrError, DataError, UsageError
 from cxr.evaluate import SplitResult, choose_threshold, predict_logits, probabilities, write_evaluation
-from cxr.fileio import atomic_path, atomic_write_text
+from cxr.fileio import atomic_path, atomic_write_text, ensure_dir, remove_stale_temps
 from cxr.model import (
     Checkpoint,
     autocast,
@@ -161,16 +161,28 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def _finite(tensors) -> bool:
+    """Whether every floating-point tensor holds only finite values (one device sync)."""
+    checks = [torch.isfinite(t).all() for t in tensors if t is not None and t.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, optimizer: torch.optim.Optimizer, *,
                     cfg: Config, device: torch.device, bf16: bool, channels_last: bool, epoch: int,
                     steps_per_epoch: int, total_steps: int, info: DistInfo | None = None) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, accuracy, images/s and the share of time spent waiting for data.
+    """One pass over ``loader``; returns mean loss, accuracy, images/s, the share of time spent waiting for data and
+    the number of batches skipped for a non-finite loss or gradient.
 
     ``criterion`` sums (``reduction="sum"``); each step's loss is normalised by the class weight of the *global*
     batch (summed over ranks), so that under DDP, which averages gradients over ranks, a step means the same as one
     single-process step on the whole batch.
+
+    A non-finite loss raises :class:`TrainingError` (``cfg.nan_policy == "stop"``), or (``"skip"``) the batch is
+    dropped as if it had not been drawn: no optimiser step, and batch-norm running statistics restored.
     """
     world = info.world if info is not None else 1
+    skip_bad = cfg.nan_policy == "skip"
+    skipped = 0
     model.train()
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     totals = torch.zeros(4, dtype=torch.float64)  # weighted loss sum, weight sum, correct, seen
@@ -185,18 +197,34 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, op
                 _set_lr(optimizer, cosine_lr(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr))
             x = normalize(x.to(device, non_blocking=True), cfg.mean, cfg.std, channels_last)
             y = y.to(device, non_blocking=True)
+            # The forward pass updates batch-norm running statistics; a skipped batch must not leave them poisoned.
+            saved = [b.detach().clone() for b in model.buffers()] if skip_bad else None
             with autocast(device, bf16):
                 logits = model(x)
             summed = criterion(logits.float(), y)
             weight = criterion.weight[y].sum() if criterion.weight is not None else torch.tensor(float(len(y)))
             shared = all_reduce_sum(torch.stack([weight.detach().float().to(device),
                                                  (~torch.isfinite(summed.detach())).float()]))
-            if shared[1] > 0:  # decided alike on every rank, so no rank is left waiting in a collective
+            bad = shared[1] > 0  # decided alike on every rank, so no rank is left waiting in a collective
+            if bad and not skip_bad:
                 raise TrainingError(f"the training loss became {summed.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                    "stopped, keeping the last good checkpoint (try a lower --lr)")
-            loss = summed * world / shared[0]
+                                    "stopped, keeping the last good checkpoint (try a lower --lr, or nan_policy: skip)")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if not bad:
+                loss = summed * world / shared[0]
+                loss.backward()
+                # Gradients are averaged over ranks by now, so every rank reaches the same verdict.
+                bad = skip_bad and not _finite(p.grad for p in model.parameters())
+            if bad:
+                with torch.no_grad():
+                    for b, old in zip(model.buffers(), saved, strict=True):
+                        b.copy_(old)
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                log.warning("epoch %d, step %d: non-finite loss or gradient (loss %s); batch skipped "
+                            "(nan_policy: skip)", epoch + 1, step + 1, summed.item())
+                t_data = time.perf_counter()
+                continue
             optimizer.step()
             totals += torch.tensor([summed.item(), weight.item(), int((logits.argmax(1) == y).sum()), len(y)],
                                    dtype=torch.float64)
@@ -204,7 +232,11 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, op
             t_data = time.perf_counter()
     seconds = time.perf_counter() - start
     loss_w, weight_sum, correct, seen = all_reduce_sum(totals.to(device)).tolist()
-    return {"train_loss": loss_w / max(weight_sum, 1e-12), "train_acc": correct / max(seen, 1), "seconds": seconds,
+    if skipped and not seen:
+        raise TrainingError(f"every batch of epoch {epoch + 1} gave a non-finite loss or gradient; stopped, keeping "
+                            "the last good checkpoint (try a lower --lr)")
+    return {"skipped_batches": skipped,
+            "train_loss": loss_w / max(weight_sum, 1e-12), "train_acc": correct / max(seen, 1), "seconds": seconds,
             "images_per_s": seen / seconds if seconds else 0.0, "data_wait": wait / seconds if seconds else 0.0}
 
 
@@ -287,7 +319,10 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     if not info.main:
         logging.getLogger("cxr").setLevel(logging.WARNING)  # one log, from rank 0
     if info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(run_dir)
+        if resumed:
+            for p in remove_stale_temps(run_dir):  # left by a process killed while writing
+                log.info("removed %s, a partial write from the interrupted run", p.name)
         save_config(cfg, run_dir / "config.yaml")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -345,16 +380,15 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     if info.main:
         _write_history(run_dir / "history.csv", history)
 
-    dataset = XrayDataset(prepared["train"], train_transform(cfg))
+    dataset = XrayDataset(prepared["train"], train_transform(cfg), seed=cfg.seed)
     per_rank_batch = cfg.batch_size // info.world
-    sampler = None
-    if info.active:
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world, rank=info.rank, shuffle=True,
-                                                      seed=cfg.seed, drop_last=True)
-        steps_per_epoch = max(1, len(sampler) // per_rank_batch)
-    else:
-        steps_per_epoch = max(1, len(dataset) // cfg.batch_size)
-    drop_last = len(dataset) > cfg.batch_size  # a batch of one breaks batch norm
+    # One sampler for one process and for N: each epoch's permutation depends only on (seed, epoch), and rank r
+    # takes its every N-th position, so the N per-rank batches of a step together hold exactly the images of the
+    # single-process global batch.
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world, rank=info.rank, shuffle=True,
+                                                  seed=cfg.seed, drop_last=True)
+    steps_per_epoch = max(1, len(sampler) // per_rank_batch)
+    drop_last = len(sampler) > per_rank_batch  # a batch of one breaks batch norm
     if cfg.max_train_batches:
         steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
     total_steps = steps_per_epoch * cfg.epochs
@@ -371,12 +405,11 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         # Seeded per epoch (and rank), so a resumed run draws the same batches and augmentations as an
         # uninterrupted one.
         torch.manual_seed(cfg.seed * 100_019 + epoch + 7_919 * info.rank)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
-            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch), num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda")
+            dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=drop_last, num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda", persistent_workers=False)
         row: dict = {"epoch": epoch + 1}
         row.update(train_one_epoch(step_model, loader, criterion, optimizer, cfg=cfg, device=device, bf16=bf16,
                                    channels_last=channels_last, epoch=epoch, steps_per_epoch=steps_per_epoch,
@@ -384,8 +417,13 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         row["lr"] = optimizer.param_groups[0]["lr"]  # at the epoch's last step
         val = validate(model, prepared["val"], criterion, cfg=cfg, device=device, bf16=bf16,
                        channels_last=channels_last) if info.main else {}
-        keys = ("val_loss", "val_acc", "val_auroc")
+        if info.main and not _finite(model.state_dict().values()):
+            val["bad_weights"] = 1.0  # whatever validation made of them, such weights are never saved
+        keys = ("val_loss", "val_acc", "val_auroc", "bad_weights")
         row.update(zip(keys, broadcast_floats([val.get(k, 0.0) for k in keys], device), strict=True))
+        if row.pop("bad_weights"):
+            raise TrainingError(f"the weights hold NaN or infinite values after epoch {epoch + 1}; stopped, keeping "
+                                "the last good checkpoint")
         if not math.isfinite(row["val_loss"]):
             raise TrainingError(f"the validation loss is {row['val_loss']} after epoch {epoch + 1}; stopped, keeping "
                                 "the last good checkpoint")
@@ -407,7 +445,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         log.info("epoch %d/%d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc %.3f auroc %.3f  "
                  "%.0f s  %.1f img/s  data wait %.0f%%%s", epoch + 1, cfg.epochs, row["lr"], row["train_loss"],
                  row["train_acc"], row["val_loss"], row["val_acc"], row["val_auroc"], row["seconds"],
-                 row["images_per_s"] * info.world, 100 * row["data_wait"], "  *best*" if improved else "")
+                 row["images_per_s"], 100 * row["data_wait"], "  *best*" if improved else "")
     if stop_reason:
         log.info("%s", stop_reason)
     if not info.main:
@@ -416,6 +454,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
 
     metrics = finish(run_dir, prepared, cfg, device)
     summary.update({"stop_reason": stop_reason, "epochs_run": len(history),
+                    "skipped_batches": sum(int(h.get("skipped_batches", 0)) for h in history),
                     "best_epoch": int(np.argmin([h["val_loss"] for h in history]) + 1) if history else None,
                     "wall_seconds_this_session": round(time.perf_counter() - t_start, 1),
                     "device": str(device), "processes": info.world, "bf16": bf16, "channels_last": channels_last})

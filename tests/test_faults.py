@@ -1,0 +1,489 @@
+"""Faults and hostile files: a full or read-only disk while writing checkpoints and results, NaN and infinite losses,
+and checkpoints built to run code when unpickled. Each test checks what the user sees (one clear line) and what is
+left on disk (the last good checkpoint, unchanged; nothing half-written).
+
+Disk full and read-only are real where the machine allows it (root with mount rights: a small tmpfs, remounted
+read-only), and simulated otherwise (an ``OSError`` with the same errno raised where the library writes).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import functools
+import hashlib
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cxr.train
+from cxr.cli import main as cxr_main
+from cxr.config import load_config
+from cxr.errors import CheckpointError, WriteError
+from cxr.fileio import atomic_write_text
+from cxr.model import Checkpoint, build_model, load_checkpoint, read_state_dict_file, save_checkpoint
+from cxr.train import TrainingError, train, train_one_epoch
+
+from .conftest import TINY_TRAIN
+
+
+def tiny(data: Path, out: Path, **kw):
+    return load_config(overrides={**TINY_TRAIN, "data": str(data), "output": str(out), **kw})
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def finite(ckpt: Checkpoint) -> bool:
+    return all(torch.isfinite(t).all() for t in ckpt.state_dict.values() if t.is_floating_point())
+
+
+def no_temporaries(folder: Path) -> bool:
+    return not any(folder.rglob(".*.tmp"))
+
+
+@pytest.fixture
+def fast_eval(monkeypatch):
+    """Fewer bootstrap resamples in metrics.json, so that a finished test run takes a second, not ten."""
+    import cxr.evaluate
+
+    fast = functools.partial(cxr.evaluate.write_evaluation, n_boot=20)
+    monkeypatch.setattr(cxr.train, "write_evaluation", fast)
+    monkeypatch.setattr(cxr.evaluate, "write_evaluation", fast)
+
+
+def _mount_tmpfs(where: Path, size_mb: int) -> str | None:
+    """Mount a tmpfs of ``size_mb`` at ``where``; None, or why it cannot be done here."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return "needs root and mount(8)"
+    where.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    return None if proc.returncode == 0 else f"mount failed: {proc.stderr.strip()}"
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(size_mb) -> Path or None``: a real small file system (None where mounting is not allowed)."""
+    mounted = []
+
+    def mount(size_mb: int) -> Path | None:
+        where = tmp_path / f"fs{len(mounted)}"
+        if _mount_tmpfs(where, size_mb) is not None:
+            return None
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _remount_read_only(where: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True, capture_output=True)
+
+
+# ------------------------------------------------------------------------------------------------ disk full
+
+
+def test_disk_full_while_writing_a_checkpoint_stops_cleanly_and_the_run_resumes(tmp_path, tiny_dataset, tmpfs, capsys,
+                                                                                fast_eval):
+    """Epoch 1's checkpoints fit, epoch 2's last.pt does not: one line naming the file and the cause, exit 1, last.pt
+    still epoch 1 byte for byte, no temporary file left; once there is room, --resume finishes the run."""
+    # best.pt is 28 MB and last.pt (with Adam's state) 84 MB: 150 MB holds epoch 1's pair but not a second last.pt.
+    fs = tmpfs(150)
+    run = (fs if fs is not None else tmp_path) / "run"
+    seen = {}
+    real_save, real_open = cxr.train._save_epoch, builtins.open
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and isinstance(file, str | os.PathLike) and Path(file).name.startswith(".last.pt."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(file, mode, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        def save_epoch(run_dir, model, *args, **kwargs):
+            if args[3]["epoch"] == 2:
+                seen["last.pt"] = digest(run_dir / "last.pt")
+                if fs is None:  # simulated: the write of last.pt fails as on a full disk
+                    mp.setattr(builtins, "open", full_disk_open)
+            return real_save(run_dir, model, *args, **kwargs)
+
+        mp.setattr(cxr.train, "_save_epoch", save_epoch)
+        code = cxr_main(["train", "--data", str(tiny_dataset), "--output", str(run), "--epochs", "2", "--batch-size",
+                         "8", "--image-size", "32", "--val-fraction", "0.25", "--patience", "0", "--device", "cpu",
+                         "--no-report"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("cxr train: error: cannot write ") and "last.pt: No space left on device" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert digest(run / "last.pt") == seen["last.pt"] and load_checkpoint(run / "last.pt").epoch == 1
+    assert finite(load_checkpoint(run / "best.pt"))
+    assert no_temporaries(run)
+
+    if fs is not None:  # make room, as a user would
+        subprocess.run(["mount", "-o", "remount,size=400m", str(fs)], check=True, capture_output=True)
+    assert cxr_main(["train", "--resume", str(run), "--no-report"]) == 0
+    assert load_checkpoint(run / "last.pt").epoch == 2 and (run / "metrics.json").is_file()
+
+
+def test_read_only_output_refuses_with_one_line_and_keeps_the_old_files(tmp_path, tiny_dataset, tmpfs, monkeypatch,
+                                                                         capsys, fast_eval):
+    """A checkpoint, metrics.json and a new run directory on a read-only file system: WriteError naming the path and
+    the cause; the files that were there are unchanged."""
+    fs = tmpfs(200)
+    out = fs if fs is not None else tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    cfg = load_config(overrides={"image_size": 32})
+    ckpt = Checkpoint("densenet121", build_model("densenet121", "none").state_dict(), cfg, epoch=1)
+    save_checkpoint(ckpt, out / "best.pt")
+    atomic_write_text(out / "metrics.json", "{}\n")
+    before = {p.name: digest(p) for p in out.iterdir()}
+
+    if fs is not None:
+        _remount_read_only(fs)
+        expect = errno.EROFS
+    elif os.geteuid() != 0:
+        out.chmod(0o555)
+        expect = errno.EACCES
+    else:  # root without mount rights: permission bits do not stop root, so the refusal is simulated
+        import tempfile
+
+        real_mkstemp, real_mkdir = tempfile.mkstemp, os.mkdir
+
+        def inside(path) -> bool:
+            return Path(path).resolve().is_relative_to(out.resolve())
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and inside(dir):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        def mkdir(path, *args, **kwargs):
+            if inside(path):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        expect = errno.EROFS
+    try:
+        for write in (lambda: save_checkpoint(ckpt, out / "best.pt"),
+                      lambda: atomic_write_text(out / "metrics.json", '{"new": 1}\n')):
+            with pytest.raises(WriteError) as e:
+                write()
+            assert e.value.errno == expect and str(e.value).startswith(f"cannot write {out}/")
+            assert os.strerror(expect) in str(e.value)
+
+        # The same through the command line: a new run directory inside it.
+        code = cxr_main(["train", "--data", str(tiny_dataset), "--output", str(out / "run"), "--device", "cpu",
+                         "--no-report"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and err[-1].startswith(f"cxr train: error: cannot write {out}/run")
+        assert "Traceback" not in "\n".join(err)
+
+        # And an evaluation report (metrics.json, predictions) into the folder that holds the old one.
+        code = cxr_main(["evaluate", "--model", str(out / "best.pt"), "--data", str(tiny_dataset / "test"), "--output",
+                         str(out), "--device", "cpu", "--no-report"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and err[-1].startswith(f"cxr evaluate: error: cannot write {out}/")
+        assert os.strerror(expect) in err[-1] and "Traceback" not in "\n".join(err)
+        assert {p.name: digest(p) for p in out.iterdir()} == before
+    finally:
+        if fs is None and os.geteuid() != 0:
+            out.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------------------------- NaN and inf
+
+
+def _poison_batches(monkeypatch, which: set[int]) -> None:
+    """Make the listed training batches (counted from 1 over the whole run) all NaN after normalisation."""
+    real = cxr.train.normalize
+    calls = [0]
+
+    def normalize(x, *args, **kwargs):
+        calls[0] += 1
+        out = real(x, *args, **kwargs)
+        return out * float("nan") if calls[0] in which else out
+
+    monkeypatch.setattr(cxr.train, "normalize", normalize)
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dataset, monkeypatch, capsys):
+    run = tmp_path / "run"
+    _poison_batches(monkeypatch, {4})  # epoch 2, step 1 (3 steps per epoch)
+    saved = {}
+    real_save = cxr.train._save_epoch
+
+    def save_epoch(run_dir, *args, **kwargs):
+        real_save(run_dir, *args, **kwargs)
+        saved.update({name: digest(run_dir / name) for name in ("best.pt", "last.pt")})
+
+    monkeypatch.setattr(cxr.train, "_save_epoch", save_epoch)
+    code = cxr_main(["train", "--data", str(tiny_dataset), "--output", str(run), "--epochs", "3", "--batch-size", "8",
+                     "--image-size", "32", "--val-fraction", "0.25", "--device", "cpu", "--no-report"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1] == ("cxr train: error: the training loss became nan at epoch 2, step 1; stopped, keeping the last "
+                       "good checkpoint (try a lower --lr, or nan_policy: skip)")
+    for name in ("best.pt", "last.pt"):
+        ckpt = load_checkpoint(run / name)
+        assert ckpt.epoch == 1 and finite(ckpt) and digest(run / name) == saved[name]
+    assert (run / "history.csv").read_text().count("\n") == 2  # header and epoch 1
+    assert not (run / "metrics.json").exists()
+
+
+def test_infinite_loss_stops_before_the_step(tiny_dataset):
+    """An infinite loss (not NaN) is caught as well, before it reaches the weights."""
+    model, loader, cfg = _one_epoch_setup(tiny_dataset)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class InfLoss(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, y):
+            return super().forward(logits, y) * float("inf")
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.raises(TrainingError, match=r"the training loss became inf at epoch 1, step 1"):
+        _epoch(model, loader[:1], cfg, optimizer, criterion=InfLoss(reduction="sum"))
+    # Only batch-norm running statistics moved (the forward pass ran); no parameter was stepped.
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def _one_epoch_setup(tiny_dataset, nan_policy: str = "stop"):
+    from cxr.data import prepare, scan
+
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "scheduler": "none", "batch_size": 4,
+                                 "nan_policy": nan_policy})
+    prepared = prepare(scan(tiny_dataset)["train"], cfg)
+    x = torch.from_numpy(prepared.images[:16]).unsqueeze(1)
+    y = torch.from_numpy(prepared.labels[:16])
+    loader = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+    torch.manual_seed(0)
+    return build_model("densenet121", "none"), loader, cfg
+
+
+def _epoch(model, loader, cfg, optimizer, criterion=None):
+    criterion = criterion or torch.nn.CrossEntropyLoss(reduction="sum")
+    return train_one_epoch(model, loader, criterion, optimizer, cfg=cfg, device=torch.device("cpu"), bf16=False,
+                           channels_last=False, epoch=0, steps_per_epoch=len(loader), total_steps=len(loader))
+
+
+@pytest.mark.parametrize("fault", ["nan-input", "inf-gradient"])
+def test_skipped_batch_leaves_exactly_the_state_of_a_run_without_it(tiny_dataset, fault):
+    """nan_policy: skip. Batches 1, bad, 3, 4 give bit for bit the weights, batch-norm statistics and optimiser state
+    of batches 1, 3, 4: no step, and the forward pass's update of the running statistics undone."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        model_a, loader, cfg = _one_epoch_setup(tiny_dataset, "skip")
+        model_b = build_model("densenet121", "none")
+        model_b.load_state_dict(model_a.state_dict())
+        opt_a = torch.optim.Adam(model_a.parameters(), lr=1e-3)
+        opt_b = torch.optim.Adam(model_b.parameters(), lr=1e-3)
+
+        flag = {"on": False}
+
+        class Batches(list):  # tells the gradient hook which batch is running
+            def __iter__(self):
+                for i, batch in enumerate(list.__iter__(self)):
+                    flag["on"] = i == 1
+                    yield batch
+
+        bad_x, bad_y = loader[1]
+        if fault == "nan-input":
+            bad = (bad_x.float() * float("nan"), bad_y)  # NaN activations: they would poison the running statistics
+        else:
+            bad = (bad_x, bad_y)  # a finite loss, but an infinite gradient on the classifier
+            model_a.classifier.weight.register_hook(lambda g: g * float("inf") if flag["on"] else g)
+        out_a = _epoch(model_a, Batches([loader[0], bad, loader[2], loader[3]]), cfg, opt_a)
+        flag["on"] = False
+        out_b = _epoch(model_b, [loader[0], loader[2], loader[3]], cfg, opt_b)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert out_a["skipped_batches"] == 1 and out_b["skipped_batches"] == 0
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    for k in sb:
+        assert torch.equal(sa[k], sb[k]), k
+    for pa, pb in zip(opt_a.state.values(), opt_b.state.values(), strict=True):
+        assert all(torch.equal(pa[k], pb[k]) for k in pb)
+
+
+def test_skip_policy_run_completes_and_counts_the_skipped_batch(tmp_path, tiny_dataset, monkeypatch, caplog,
+                                                                fast_eval):
+    import json
+
+    _poison_batches(monkeypatch, {2})
+    run = train(tiny(tiny_dataset, tmp_path / "run", nan_policy="skip"))
+    assert json.loads((run / "summary.json").read_text())["skipped_batches"] == 1
+    assert "epoch 1, step 2: non-finite loss or gradient (loss nan); batch skipped" in caplog.text
+    for name in ("best.pt", "last.pt"):
+        assert finite(load_checkpoint(run / name))
+    assert np.isfinite(json.loads((run / "metrics.json").read_text())["val"]["auroc"])
+
+
+def test_weights_that_went_bad_are_never_saved_even_if_validation_misses_it(tmp_path, tiny_dataset, monkeypatch):
+    """A last guard: NaN in the weights after an epoch stops the run before any checkpoint is written."""
+    real_epoch, real_validate = cxr.train.train_one_epoch, cxr.train.validate
+
+    def epoch_then_corrupt(model, *args, **kwargs):
+        out = real_epoch(model, *args, **kwargs)
+        if kwargs["epoch"] == 1:
+            with torch.no_grad():
+                next(model.parameters())[0, 0, 0, 0] = float("nan")
+        return out
+
+    def blind_validate(model, *args, **kwargs):
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            return {"val_loss": 0.5, "val_acc": 0.5, "val_auroc": 0.5}  # as if the NaN sat where validation is blind
+        return real_validate(model, *args, **kwargs)
+
+    monkeypatch.setattr(cxr.train, "train_one_epoch", epoch_then_corrupt)
+    monkeypatch.setattr(cxr.train, "validate", blind_validate)
+    with pytest.raises(TrainingError, match="the weights hold NaN or infinite values after epoch 2"):
+        train(tiny(tiny_dataset, tmp_path / "run"))
+    for name in ("best.pt", "last.pt"):
+        ckpt = load_checkpoint(tmp_path / "run" / name)
+        assert ckpt.epoch == 1 and finite(ckpt)
+
+
+# ------------------------------------------------------------------------------- checkpoints that run code
+
+
+class _System:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Exec:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+class _Popen:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (subprocess.Popen, (["touch", str(self.marker)],))
+
+
+def _evil_files(folder: Path, marker: Path) -> dict[str, Path]:
+    """Checkpoints whose unpickling runs code: three payloads, three places, zip and legacy formats, protocols 0-5."""
+    cfg = load_config(overrides={"image_size": 32})
+    good = {"format": "cxr-checkpoint", "format_version": 1, "arch": "densenet121", "config": cfg.to_dict(),
+            "class_names": ["NORMAL", "PNEUMONIA"], "threshold": 0.5, "epoch": 1,
+            "state_dict": {"w": torch.zeros(2)}, "extra": {}}
+    files = {}
+    for payload in (_System, _Exec, _Popen):
+        for place in ("top", "state_dict", "extra"):
+            obj = dict(good)
+            if place == "top":
+                obj["payload"] = payload(marker)
+            elif place == "state_dict":
+                obj["state_dict"] = {"w": payload(marker)}
+            else:
+                obj["extra"] = {"optimizer": payload(marker)}
+            path = folder / f"{payload.__name__}-{place}.pt"
+            torch.save(obj, path)
+            files[path.name] = path
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):  # torch's legacy (non-zip) format, and bare pickles
+        if protocol >= 2:
+            path = folder / f"legacy-p{protocol}.pt"
+            torch.save({**good, "payload": _System(marker)}, path, _use_new_zipfile_serialization=False,
+                       pickle_protocol=protocol)
+            files[path.name] = path
+        path = folder / f"pickle-p{protocol}.pt"
+        path.write_bytes(pickle.dumps({**good, "payload": _Exec(marker)}, protocol=protocol))
+        files[path.name] = path
+    return files
+
+
+@contextlib.contextmanager
+def spawn_audit():
+    """Record process-spawning audit events (os.system, subprocess.Popen, exec*, spawn, fork) inside the block."""
+    events: list[str] = []
+    active = [True]
+    watched = ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "os.fork")
+
+    def hook(event, args):
+        if active[0] and event.startswith(watched):
+            events.append(event)
+
+    sys.addaudithook(hook)  # audit hooks cannot be removed; this one goes quiet when the block ends
+    try:
+        yield events
+    finally:
+        active[0] = False
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_checkpoints_that_run_code_are_refused_everywhere_and_nothing_runs(tmp_path, tiny_dataset, capsys):
+    """Every way cxr reads a model file (a checkpoint, a run directory, --weights, --resume, the service, predict)
+    refuses every crafted file, and nothing ran: no marker file, no process spawned (audit hook). The same files do
+    run their code when unpickled naively, so the refusal is what stopped them."""
+    from cxr.serve import create_app
+
+    marker = tmp_path / "pwned"
+    files = _evil_files(tmp_path, marker)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(f"data: {tiny_dataset}\nimage_size: 32\ndevice: cpu\n")
+    image = next((tiny_dataset / "test" / "NORMAL").iterdir())
+
+    readers = {
+        "load_checkpoint": lambda p: load_checkpoint(p),
+        "run directory": lambda p: (shutil.copy(p, run_dir / "best.pt"), load_checkpoint(run_dir)),
+        "--weights": lambda p: read_state_dict_file(p),
+        "build_model": lambda p: build_model("densenet121", str(p)),
+        "--resume": lambda p: (shutil.copy(p, run_dir / "last.pt"), train(resume=run_dir)),
+        "service": lambda p: create_app(p, device="cpu"),
+    }
+    refused = 0
+    with spawn_audit() as events:
+        for path in files.values():
+            for how, read in readers.items():
+                with pytest.raises(CheckpointError, match="not a" if how in ("--weights", "build_model") else
+                                   "refused|damaged"):
+                    read(path)
+                refused += 1
+            assert cxr_main(["predict", "--model", str(path), str(image)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith(f"cxr predict: error: {path}: not a cxr checkpoint"), err
+            refused += 1
+    assert not marker.exists() and events == []
+    assert refused == len(files) * (len(readers) + 1)
+
+    # Control: each file does run its payload when unpickled without the guard.
+    ran = 0
+    for path in files.values():
+        with contextlib.suppress(Exception):
+            torch.load(path, weights_only=False)
+        if not marker.exists():
+            with contextlib.suppress(Exception):
+                pickle.loads(path.read_bytes())
+        for _ in range(50):  # Popen's child may take a moment
+            if marker.exists():
+                break
+            import time
+
+            time.sleep(0.02)
+        ran += marker.exists()
+        marker.unlink(missing_ok=True)
+    assert ran == len(files)

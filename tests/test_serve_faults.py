@@ -1,0 +1,326 @@
+"""The service under hostile clients: schemathesis fuzzing from its OpenAPI schema (no server error), and on a real
+loopback socket (uvicorn) huge, slow and many concurrent uploads, after which it still answers. An audit hook watches
+every file the process opens while it serves: nothing a client sends is written anywhere, and no path a client names
+is ever opened.
+
+``scripts/fuzz_service.py`` runs the long campaign (results in RELIABILITY.md); here the CI runs a bounded number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+schemathesis = pytest.importorskip("schemathesis")
+uvicorn = pytest.importorskip("uvicorn")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cxr.config import load_config  # noqa: E402
+from cxr.demo import SAMPLE_DIR  # noqa: E402
+from cxr.model import Checkpoint, build_model, save_checkpoint  # noqa: E402
+from cxr.serve import create_app, load_engine  # noqa: E402
+
+SCALE = float(os.environ.get("CXR_FUZZ_SCALE", "1"))
+PREDICT = "/api/v1/predict"
+XRAY = sorted((SAMPLE_DIR / "test" / "PNEUMONIA").glob("*.jpeg"))[0].read_bytes()
+
+
+def _png(gray: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = load_config(overrides={"image_size": 32})
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(Checkpoint("densenet121", build_model("densenet121", "none").state_dict(), cfg), path)
+    return load_engine(path, "torch", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- schemathesis
+
+
+# Uploads are real X-rays and PNGs, their damaged copies, or any bytes: so the fuzzing reaches decoding, the model
+# and Grad-CAM, not only the content-type check.
+def _damaged(data: bytes, cut: int, flips: list[tuple[int, int]]) -> bytes:
+    b = bytearray(data[: max(1, len(data) * cut // 100)])
+    for pos, value in flips:
+        b[pos % len(b)] = value
+    return bytes(b)
+
+
+_IMAGES = [XRAY, _png(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64).astype(np.uint8)),
+           _png((np.arange(40 * 40, dtype=np.uint16) * 17).reshape(40, 40))]
+schemathesis.openapi.format("binary", st.one_of(
+    st.sampled_from(_IMAGES),
+    st.builds(_damaged, st.sampled_from(_IMAGES), st.integers(1, 100),
+              st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6)),
+    st.binary(max_size=2048)))
+
+
+def test_api_fuzzed_from_its_openapi_schema_has_no_server_error(engine):
+    """Every operation, with valid and with invalid parameters and bodies generated from the schema: no 5xx, status
+    codes and content types that the schema documents, responses that match it, and no traceback in any body."""
+    from schemathesis import GenerationMode
+
+    app = create_app(engine, max_upload_mb=0.2, max_concurrency=2, max_queue=4)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    seen: dict[tuple[str, int], int] = {}
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+        @settings(max_examples=max(1, int(100 * SCALE)), deadline=None, database=None, derandomize=SCALE == 1,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=schema.as_strategy(mode))
+        def call(case):
+            # Every other check stays on. The schema can only say "binary": that bytes must be an X-ray it cannot
+            # express, so a 415 for schema-valid bytes is the documented answer, not a failure.
+            response = case.call_and_validate(excluded_checks=[schemathesis.checks.positive_data_acceptance])
+            assert response.status_code < 500
+            assert "Traceback" not in response.text and 'File "' not in response.text
+            key = (f"{case.method} {case.path}", response.status_code)
+            seen[key] = seen.get(key, 0) + 1
+
+        call()
+    if os.environ.get("CXR_FUZZ_REPORT"):  # for scripts/fuzz_service.py: answers per operation and status
+        with open(os.environ["CXR_FUZZ_REPORT"], "w") as f:
+            json.dump({f"{op} {status}": n for (op, status), n in sorted(seen.items())}, f, indent=2)
+    statuses = {status for (op, status) in seen if op == f"POST {PREDICT}"}
+    assert {200, 415} <= statuses, seen  # the fuzzing got as far as the model, and past the content check
+    assert {op for op, _ in seen} == {f"POST {PREDICT}", "GET /api/v1/health", "GET /api/v1/model"}
+
+
+# -------------------------------------------------------------------------------------------- loopback server
+
+
+class Server:
+    """uvicorn on 127.0.0.1 (a port the kernel picks), in a thread."""
+
+    def __init__(self, app) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def http(port: int, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+         timeout: float = 30) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a fresh connection; (status, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def multipart(data: bytes, filename: str = "x.jpeg", field: str = "file") -> tuple[bytes, dict[str, str]]:
+    boundary = "cxrboundary7d1f"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def predict(port: int, data: bytes = XRAY, filename: str = "x.jpeg", query: str = "?heatmap=false") -> int:
+    body, headers = multipart(data, filename)
+    return http(port, "POST", PREDICT + query, body, headers)[0]
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    s = Server(create_app(engine, max_upload_mb=1.0, max_concurrency=2, max_queue=6))
+    assert http(s.port, "GET", "/api/v1/health")[0] == 200
+    assert predict(s.port, query="") == 200  # warm: lazy imports and Grad-CAM's first run happen here
+    yield s
+    s.stop()
+
+
+def test_huge_uploads_are_cut_off_and_the_service_keeps_serving(server):
+    """A declared 10 GB body is refused before it is read; an undeclared 200 MB chunked stream is cut off near the
+    1 MB limit (the server stops reading); then the service answers as before."""
+    body, headers = multipart(b"")
+    status, text = http(server.port, "POST", PREDICT, b"", {**headers, "Content-Length": str(10 << 30)}, timeout=10)
+    assert status == 413 and b"limit" in text
+
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    s.sendall((f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: {headers['Content-Type']}\r\n"
+               "Transfer-Encoding: chunked\r\n\r\n").encode())
+    preamble = body[: body.index(b"\r\n\r\n") + 4]  # the part's headers; then file bytes without end
+    s.sendall(b"%x\r\n" % len(preamble) + preamble + b"\r\n")
+    chunk = b"%x\r\n" % (1 << 16) + b"\xff" * (1 << 16) + b"\r\n"
+    sent, answer = 0, b""
+    with contextlib.suppress(OSError):  # the server may close the connection while we are still sending
+        while sent < 200 << 20:
+            s.sendall(chunk)
+            sent += 1 << 16
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                answer += s.recv(4096)
+            s.setblocking(True)
+            if answer:
+                break
+    s.settimeout(10)
+    with contextlib.suppress(OSError):
+        answer += s.recv(4096)
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < 16 << 20, f"the server read {sent / 1e6:.0f} MB before refusing"
+    assert predict(server.port) == 200
+
+
+def test_slow_uploads_do_not_block_other_clients(server):
+    """20 clients that trickle their uploads a few bytes at a time hold connections open; meanwhile the service
+    answers health checks and predictions at once, and the slow uploads are answered correctly when they finish."""
+    body, headers = multipart(XRAY)
+    head = (f"POST {PREDICT}?heatmap=false HTTP/1.1\r\nHost: x\r\nContent-Type: {headers['Content-Type']}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    slow, sent = [], 100
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        s.sendall(head + body[:sent])
+        slow.append(s)
+    try:
+        for _ in range(3):  # a few more bytes from each, with pauses
+            time.sleep(0.2)
+            for s in slow:
+                s.sendall(body[sent:sent + 7])
+            sent += 7
+        t0 = time.monotonic()
+        assert http(server.port, "GET", "/api/v1/health", timeout=10)[0] == 200
+        assert predict(server.port) == 200
+        assert time.monotonic() - t0 < 10
+        for s in slow:  # finish the slow uploads: they are ordinary requests, answered 200 or 503 (queue full)
+            s.sendall(body[sent:])
+        answers = []
+        for s in slow:
+            data = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in data:
+                    more = s.recv(4096)
+                    if not more:
+                        break
+                    data += more
+            answers.append(data.split(b" ", 2)[1] if data.startswith(b"HTTP/1.1") else b"none")
+    finally:
+        for s in slow:
+            s.close()
+    assert set(answers) <= {b"200", b"503"} and b"200" in answers, answers
+    assert predict(server.port) == 200
+
+
+def test_many_concurrent_uploads_get_200_or_503_never_an_error(server):
+    """48 uploads at once against 2 workers and a queue of 6: each answer is 200 or 503 with Retry-After, nothing
+    else; the service then answers the next request normally."""
+
+    def one(i: int) -> int:
+        return predict(server.port, XRAY if i % 3 else _IMAGES[1], filename=f"c{i}.jpeg")
+
+    with ThreadPoolExecutor(max_workers=48) as pool:
+        statuses = list(pool.map(one, range(48)))
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 8, statuses
+    health = http(server.port, "GET", "/api/v1/health")
+    assert health[0] == 200 and b'"waiting":0' in health[1].replace(b" ", b"")
+    assert predict(server.port) == 200
+
+
+# ------------------------------------------------------------------------------ what the process opens
+
+
+@contextlib.contextmanager
+def file_audit():
+    """Every ``open`` audit event (path, mode, flags) raised in this process while the block runs."""
+    events: list[tuple] = []
+    active = [True]
+
+    def hook(event, args):
+        if active[0] and event == "open":
+            events.append(args)
+
+    sys.addaudithook(hook)  # cannot be removed; it goes quiet when the block ends
+    try:
+        yield events
+    finally:
+        active[0] = False
+
+
+def _writes(events: list[tuple]) -> list[str]:
+    out = []
+    for path, mode, flags in events:
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
+            (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND))
+        if writing:
+            out.append(os.fsdecode(path) if isinstance(path, str | bytes) else str(path))
+    return out
+
+
+def test_uploads_are_never_written_and_no_client_path_is_opened(server, tmp_path):
+    """Uploads named after real files (absolute, relative, traversal, URL, NUL), with paths in the query and headers:
+    while they are served, the process opens for writing nothing outside the temporary folder and leaves nothing
+    there, and never opens any path a client named."""
+    bait = tmp_path / "bait.jpeg"  # a real X-ray at a path the client names: opening it would even "work"
+    bait.write_bytes(XRAY)
+    names = [str(bait), "../" * 12 + str(bait).lstrip("/"), "/etc/passwd", "..\\..\\windows\\win.ini",
+             f"file://{bait}", f"{bait}\0.jpeg", "~/.ssh/id_rsa", "/proc/self/environ", "C:/x.jpeg"]
+    tmp_before = set(os.listdir(tempfile.gettempdir()))
+    statuses = []
+    with file_audit() as events:
+        for name in names:
+            body, headers = multipart(XRAY, filename=name)
+            headers.update({"X-File-Path": str(bait), "Referer": f"file://{bait}"})
+            statuses.append(http(server.port, "POST", f"{PREDICT}?path={bait}&file={bait}", body, headers)[0])
+        statuses.append(http(server.port, "GET", f"/static/..%2f..%2f..%2f{str(bait).lstrip('/')}")[0])
+        statuses.append(http(server.port, "GET", f"/static/{'../' * 12}etc/passwd")[0])
+        statuses.append(predict(server.port, data=b"not an image", filename=str(bait)))
+        big = XRAY + os.urandom(600_000)  # near the limit: still held in memory, never spooled to disk
+        statuses.append(predict(server.port, data=big, filename=str(bait)))
+    assert statuses[:len(names)] == [200] * len(names)
+    assert statuses[len(names):len(names) + 2] == [404, 404] and statuses[-2] == 415
+    opened = [os.fsdecode(p) if isinstance(p, str | bytes) else str(p) for p, _, _ in events]
+    assert not [p for p in opened if "bait" in p or "passwd" in p or "id_rsa" in p or "win.ini" in p], opened
+    tmp = os.path.realpath(tempfile.gettempdir())
+    writes = _writes(events)
+    assert [w for w in writes if not os.path.realpath(w).startswith(tmp + os.sep)] == [], writes
+    assert set(os.listdir(tempfile.gettempdir())) - tmp_before == set()
+
+
+def test_audit_hook_sees_file_opens(tmp_path):
+    """The check above can fail: the same hook does see a file the process opens and writes."""
+    target = tmp_path / "seen.bin"
+    with file_audit() as events:
+        target.write_bytes(b"x")
+        Path(target).read_bytes()
+    assert str(target) in [os.fsdecode(p) for p, _, _ in events if isinstance(p, str | bytes)]
+    assert str(target) in _writes(events)
