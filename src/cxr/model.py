@@ -167,8 +167,8 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 
 def use_channels_last(cfg: Config, device: torch.device) -> bool:
     """channels_last memory format: default on CUDA (tensor cores) and wherever bf16 autocast runs on the CPU (oneDNN's
-    bf16 convolutions work channels-last: 1.5x faster training and inference measured on an AVX512-BF16 EPYC, same
-    predictions within 1e-5; BENCHMARKS.md, figures 3 and 4); off otherwise unless asked."""
+    bf16 convolutions work channels-last: 1.4x training and 1.9x inference throughput measured on an AVX512-BF16
+    EPYC, same predictions within 1e-5; BENCHMARKS.md, figures 3 and 4a); off otherwise unless asked."""
     if cfg.channels_last != "auto":
         return cfg.channels_last == "on"
     return device.type == "cuda" or (device.type == "cpu" and use_bf16(cfg, device))
@@ -213,9 +213,9 @@ class Checkpoint:
 
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
         """The model with these weights, in eval mode, on ``device``."""
-        # Built on the meta device, so without the random initialisation the weights overwrite anyway (0.15-0.45 s
-        # of `cxr predict`'s start-up here); load_state_dict (strict) then fills every parameter and buffer, since
-        # these architectures keep none outside the state dict.
+        # Built on the meta device, so without the random initialisation the weights overwrite anyway (6.8 % of a
+        # `cxr predict` start-up, profiled; BENCHMARKS.md); load_state_dict (strict) then fills every parameter and
+        # buffer, since these architectures keep none outside the state dict.
         with torch.device("meta"):
             model = build_model(self.arch, "none", num_classes=len(self.class_names))
         model = model.to_empty(device=device)
