@@ -60,7 +60,7 @@ def stress(concurrent: int, slow_clients: int, stream_mb: int) -> dict:
     from cxr.config import load_config
     from cxr.model import Checkpoint, build_model, save_checkpoint
     from cxr.serve import create_app, load_engine
-    from tests.test_serve_faults import PREDICT, XRAY, Server, http, multipart, predict
+    from tests.test_serve_faults import PREDICT, XRAY, Server, endless_upload, http, multipart, predict
 
     torch.manual_seed(0)
     path = Path(os.environ.get("TMPDIR", "/tmp")) / "cxr-fuzz-service-tiny.pt"
@@ -73,28 +73,7 @@ def stress(concurrent: int, slow_clients: int, stream_mb: int) -> dict:
         out["rss_mb_start"] = round(rss_mb(), 1)
 
         # An endless chunked upload: how much does the server take before it answers?
-        body, headers = multipart(b"")
-        s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-        s.sendall((f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: {headers['Content-Type']}\r\n"
-                   "Transfer-Encoding: chunked\r\n\r\n").encode())
-        preamble = body[: body.index(b"\r\n\r\n") + 4]
-        s.sendall(b"%x\r\n" % len(preamble) + preamble + b"\r\n")
-        chunk = b"%x\r\n" % (1 << 16) + b"\xff" * (1 << 16) + b"\r\n"
-        sent, answer = 0, b""
-        with contextlib.suppress(OSError):
-            while sent < stream_mb << 20:
-                s.sendall(chunk)
-                sent += 1 << 16
-                s.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    answer += s.recv(4096)
-                s.setblocking(True)
-                if answer:
-                    break
-        s.settimeout(10)
-        with contextlib.suppress(OSError):
-            answer += s.recv(4096)
-        s.close()
+        sent, answer = endless_upload(server.port, max_mb=stream_mb, timeout=30)
         out["endless_upload"] = {"offered_mb": stream_mb, "sent_before_answer_mb": round(sent / 2**20, 2),
                                  "answer": answer.split(b"\r\n", 1)[0].decode(errors="replace")}
 

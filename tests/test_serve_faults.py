@@ -168,14 +168,13 @@ def server(engine):
     s.stop()
 
 
-def test_huge_uploads_are_cut_off_and_the_service_keeps_serving(server):
-    """A declared 10 GB body is refused before it is read; an undeclared 200 MB chunked stream is cut off near the
-    1 MB limit (the server stops reading); then the service answers as before."""
-    body, headers = multipart(b"")
-    status, text = http(server.port, "POST", PREDICT, b"", {**headers, "Content-Length": str(10 << 30)}, timeout=10)
-    assert status == 413 and b"limit" in text
+def endless_upload(port: int, max_mb: int, timeout: float = 10) -> tuple[int, bytes]:
+    """POST a chunked multipart upload whose file never ends (up to ``max_mb``), reading any answer as it goes.
 
-    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    Returns the bytes of file data sent before the server answered (or closed), and the answer's first bytes.
+    """
+    body, headers = multipart(b"")
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     s.sendall((f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: {headers['Content-Type']}\r\n"
                "Transfer-Encoding: chunked\r\n\r\n").encode())
     preamble = body[: body.index(b"\r\n\r\n") + 4]  # the part's headers; then file bytes without end
@@ -183,7 +182,7 @@ def test_huge_uploads_are_cut_off_and_the_service_keeps_serving(server):
     chunk = b"%x\r\n" % (1 << 16) + b"\xff" * (1 << 16) + b"\r\n"
     sent, answer = 0, b""
     with contextlib.suppress(OSError):  # the server may close the connection while we are still sending
-        while sent < 200 << 20:
+        while sent < max_mb << 20:
             s.sendall(chunk)
             sent += 1 << 16
             s.setblocking(False)
@@ -196,6 +195,17 @@ def test_huge_uploads_are_cut_off_and_the_service_keeps_serving(server):
     with contextlib.suppress(OSError):
         answer += s.recv(4096)
     s.close()
+    return sent, answer
+
+
+def test_huge_uploads_are_cut_off_and_the_service_keeps_serving(server):
+    """A declared 10 GB body is refused before it is read; an undeclared 200 MB chunked stream is cut off near the
+    1 MB limit (the server stops reading); then the service answers as before."""
+    body, headers = multipart(b"")
+    status, text = http(server.port, "POST", PREDICT, b"", {**headers, "Content-Length": str(10 << 30)}, timeout=10)
+    assert status == 413 and b"limit" in text
+
+    sent, answer = endless_upload(server.port, max_mb=200)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert sent < 16 << 20, f"the server read {sent / 1e6:.0f} MB before refusing"
     assert predict(server.port) == 200
