@@ -94,6 +94,52 @@ def profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def parts(args: argparse.Namespace) -> int:
+    """Where one cold draft entry's time goes: each step of cxr.data._cache_job timed on its own (one process)."""
+    import hashlib
+    import io
+    import shutil
+    import time
+
+    from cxr import data
+    from cxr.images import read_file
+
+    files = sorted(ORIGINALS.glob("*/*/*.jpeg"))
+    totals: dict[str, float] = {}
+
+    def step(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+    def decode(raw: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(raw), formats=["JPEG"]) as im:
+            im.draft("L", (args.size, args.size))
+            im.load()
+            return np.array(im)
+
+    tmp = Path(tempfile.mkdtemp(prefix="cxr-bench-parts-"))
+    try:
+        for rep in range(args.rounds):
+            for f in files:
+                raw = step("read the file", lambda f=f: read_file(f))
+                digest = step("SHA-256", lambda raw=raw: hashlib.sha256(raw).hexdigest()) + str(rep)
+                step("cache lookup (a miss)", lambda d=digest: data._read_entry(data._entry_path(tmp, d), args.size))
+                small = step("JPEG decode at draft scale", lambda raw=raw: decode(raw))
+                pixels = step("bicubic resize", lambda a=small: data.resize_square(a, args.size))
+                step("entry write", lambda d=digest, a=pixels: data._write_entry(data._entry_path(tmp, d), a))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    n = args.rounds * len(files)
+    print(f"one cold draft entry, {n} images ({args.rounds} x the {len(files)} originals) -> {args.size} px; load "
+          f"{loadavg()}")
+    for name, seconds in totals.items():
+        print(f"{name}: {1e3 * seconds / n:.3f} ms")
+    print(f"sum: {1e3 * sum(totals.values()) / n:.3f} ms per image")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=12, help="copies of each of the 116 originals (default 12: 1,392)")
@@ -104,11 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-monai", dest="monai", action="store_false", help="leave out the MONAI CacheDataset build")
     p.add_argument("--profile", action="store_true",
                    help="instead: cProfile one cold prepare() per decode mode (1 worker) and print the top functions")
+    p.add_argument("--parts", action="store_true",
+                   help="instead: time each step of a cold draft entry on the 116 originals, --rounds times")
     p.add_argument("--json")
     args = p.parse_args(argv)
     load_before = loadavg()
     if args.profile:
         return profile(args)
+    if args.parts:
+        return parts(args)
 
     import torch
 

@@ -322,3 +322,31 @@ def test_evaluate_accepts_a_test_only_npz(trained_run, tmp_path):
     assert list(metrics) == ["test"] and metrics["test"]["n"] == len(files) == 8
     rows = read_csv(tmp_path / "out" / "predictions_test.csv")
     assert [r["label"] for r in rows] == ["PNEUMONIA" if y else "NORMAL" for y in labels[:, 0]]
+
+
+@pytest.mark.parametrize(("command", "expected"), [("predict", "PASSIVE"), ("train", None)])
+def test_openmp_wait_policy_default(command, expected, monkeypatch, tmp_path, capsys):
+    # Inference commands let idle OpenMP threads sleep (BENCHMARKS.md: 4.4x faster on a busy machine); training keeps
+    # OpenMP's default. The command fails on its missing input before torch matters: only the environment is checked.
+    from cxr.cli import main
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    argv = [command, str(tmp_path / "missing.jpeg")] if command == "predict" else \
+        [command, "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "run")]
+    assert main(argv) != 0
+    assert os.environ.get("OMP_WAIT_POLICY") == expected
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # an explicit setting wins
+    main(argv)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+@pytest.mark.parametrize(("load", "threads", "warns"), [(1.2, 2, True), (0.1, 2, False), (3.0, 1, False),
+                                                         (0.8, 1, False)])
+def test_busy_cpu_warning(load, threads, warns, monkeypatch, caplog):
+    from cxr import train
+
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
+    with caplog.at_level("WARNING", logger="cxr.train"):
+        assert train.warn_if_cpu_contended(threads) is warns
+    assert ("OMP_NUM_THREADS=1" in caplog.text) is warns

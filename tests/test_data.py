@@ -146,14 +146,15 @@ def test_split_csv_round_trip(tmp_path):
 
 
 def _count_decodes(monkeypatch) -> list[str]:
+    """Record the files prepare() decodes (a worker job that finds its entry cached decodes nothing)."""
     decoded: list[str] = []
-    real = data._decode_job
+    real_load = data.load_image
 
-    def spy(job):
-        decoded.append(job[0])
-        return real(job)
+    def spy(source, size, **kwargs):
+        decoded.append(kwargs["name"])
+        return real_load(source, size, **kwargs)
 
-    monkeypatch.setattr(data, "_decode_job", spy)
+    monkeypatch.setattr(data, "load_image", spy)
     return decoded
 
 
@@ -205,6 +206,31 @@ def test_cache_ignores_damaged_and_temporary_entries(tmp_path, tiny_dataset, mon
     decoded = _count_decodes(monkeypatch)
     prepare(split, cfg, workers=1)
     assert len(decoded) == 1
+
+
+def test_prepare_hashes_what_it_decodes(tmp_path, tiny_dataset):
+    from cxr.data import add_digests, file_digest
+
+    split = scan(tiny_dataset / "test")["test"]
+    assert all(not s.digest for s in split.samples)
+    cfg = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "cache")})
+    prepared = prepare(split, cfg, workers=1)
+    assert [s.digest for s in prepared.samples] == [file_digest(s.path) for s in split.samples]
+    assert prepared.samples == add_digests(split).samples
+    # Entries are stored under those digests, with no temporary file left beside them.
+    names = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert names == sorted(f"{s.digest}.npy" for s in prepared.samples)
+
+
+def test_add_digests_in_threads_matches_serial(tmp_path):
+    from cxr.data import add_digests, file_digest
+
+    from .conftest import make_dataset
+
+    make_dataset(tmp_path / "d", per_class=40, test_per_class=0)
+    split = scan(tmp_path / "d")["train"]
+    assert len(split.samples) >= 64  # the threaded path
+    assert [s.digest for s in add_digests(split).samples] == [file_digest(s.path) for s in split.samples]
 
 
 def test_cache_build_in_parallel_matches_serial(tmp_path):

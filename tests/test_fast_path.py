@@ -90,9 +90,12 @@ def test_channels_last_same_predictions(bundled, originals, plain):
     assert_same_decisions(probs(bundled, originals[1], channels_last=True), plain, bundled[0].threshold, tol=1e-5)
 
 
-def test_meta_device_build_is_the_plain_build(bundled):
+def test_build_without_init_is_the_plain_build(bundled):
     # Checkpoint.build skips the random initialisation; the weights and outputs must be exactly the plain build's.
     ckpt, fast = bundled
+    inits = {n: getattr(torch.nn.init, n) for n in ("kaiming_normal_", "constant_", "kaiming_uniform_")}
+    ckpt.build("cpu")
+    assert {n: getattr(torch.nn.init, n) for n in inits} == inits  # the initialisers are restored
     slow = build_model(ckpt.arch, "none", num_classes=len(ckpt.class_names))
     slow.load_state_dict(ckpt.state_dict)
     slow.eval()

@@ -173,3 +173,51 @@ def test_safetensors_without_cxr_metadata(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(CheckpointError, match="without cxr metadata"):
         load_checkpoint(tmp_path / "x.safetensors")
+
+
+def test_startup_imports_neither_dynamo_nor_breaks_it(tmp_path):
+    # cxr.tv imports torchvision without torch._dynamo (a second of every start-up), and Checkpoint.build runs no
+    # initialiser that would import it. Afterwards torch._dynamo is the real module and torch.compile works.
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import torch
+from cxr.model import load_checkpoint
+net = load_checkpoint("default").build("cpu")
+with torch.inference_mode():
+    net(torch.zeros(1, 1, 64, 64))
+assert "torch._dynamo" not in sys.modules, "torch._dynamo was imported"
+assert "torch._dynamo.utils" not in sys.modules, "the stand-in was left behind"
+import torchvision
+import torch._dynamo.utils as real
+assert hasattr(real, "counters") and type(real).__name__ == "module"
+forwarded = torchvision.ops.roi_align.__globals__["is_compile_supported"]
+assert forwarded("cpu") == real.is_compile_supported("cpu")
+x = torch.rand(1, 1, 8, 8)
+assert torchvision.ops.roi_align(x, [torch.tensor([[0.0, 0.0, 4.0, 4.0]])], 2).shape == (1, 1, 2, 2)
+compiled = torch.compile(lambda t: t * 2 + 1, backend="eager")
+assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 3.0))
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"
+
+
+def test_import_torchvision_after_dynamo_is_a_plain_import():
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import torch._dynamo
+from cxr.tv import import_torchvision
+tv = import_torchvision()
+assert sys.modules["torch._dynamo.utils"].__class__.__name__ == "module"
+assert tv.ops.roi_align.__globals__["is_compile_supported"] is sys.modules["torch._dynamo.utils"].is_compile_supported
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

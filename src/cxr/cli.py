@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -333,6 +334,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.output, epochs=args.epochs, device=args.device)
 
 
+# Inference and reporting: short, latency-bound runs, often on a machine doing something else.
+_PASSIVE_WAIT_COMMANDS = frozenset({"predict", "evaluate", "explain", "serve", "export", "report", "merge"})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cxr`` console script. Returns the exit status."""
     parser = build_parser()
@@ -342,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in _PASSIVE_WAIT_COMMANDS:
+        # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. With a busy core held by a job in
+        # another session, spinning made one-image `cxr predict` 4.4x slower (7.5 s vs 1.8 s); on an idle machine the
+        # policy made no difference to it (BENCHMARKS.md, "OpenMP threads on a busy machine"). Training is left at
+        # OpenMP's default: there, passive waiting cost up to 22 % on an idle machine. An explicit setting wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     commands = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "merge": _cmd_merge,
                 "report": _cmd_report, "explain": _cmd_explain, "serve": _cmd_serve, "export": _cmd_export,
                 "demo": _cmd_demo}

@@ -13,23 +13,25 @@ Layouts read by :func:`scan`:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import logging
 import os
 import re
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from cxr.config import CLASS_NAMES, Config
-from cxr.errors import DataError, UsageError
+from cxr.errors import DataError, UsageError, WriteError
 from cxr.fileio import atomic_path
-from cxr.images import IMAGE_EXTENSIONS, ImageError, load_image, resize_square
+from cxr.images import IMAGE_EXTENSIONS, ImageError, load_image, read_file, resize_square
 from cxr.progress import progress_bar
+from cxr.tv import import_torchvision
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +198,14 @@ def add_digests(split: Split) -> Split:
     """Fill in each file sample's content digest (array sources keep an empty digest)."""
     if split.images is not None:
         return split
-    return replace(split, samples=[replace(s, digest=s.digest or file_digest(s.path)) for s in split.samples])
+    todo = [s.path for s in split.samples if not s.digest]
+    if len(todo) >= 64:
+        # Hashing and reading release the GIL, so threads use every core without starting processes.
+        with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
+            found = dict(zip(todo, pool.map(file_digest, todo), strict=True))
+    else:
+        found = {path: file_digest(path) for path in todo}
+    return replace(split, samples=[replace(s, digest=s.digest or found[s.path]) for s in split.samples])
 
 
 def _groups(samples: Sequence[Sample]) -> np.ndarray:
@@ -270,19 +279,44 @@ def _entry_path(folder: Path, digest: str) -> Path:
     return folder / digest[:2] / f"{digest}.npy"
 
 
-def _decode_job(job: tuple[str, str, int, bool, int]) -> tuple[str, np.ndarray | None, str]:
-    """Decode, resize and store one image (runs in a worker process). Returns (path, pixels or None, error)."""
-    path, entry, size, draft, max_pixels = job
+def _cache_job(job: tuple[str, str, str, int, bool, int]) -> tuple[str, str, np.ndarray | None, str]:
+    """Fill one cache entry (runs in a worker process). Returns (path, digest, pixels or None, error).
+
+    The file is read once: its bytes are hashed (when the digest is not known yet) and decoded from memory. With
+    the digest computed here, an entry another run already made is read back instead of decoded again.
+    """
+    path, digest, folder, size, draft, max_pixels = job
     try:
-        pixels = load_image(path, size, max_pixels=max_pixels, draft=draft)
+        data = read_file(path)
+        if not digest:
+            digest = hashlib.sha256(data).hexdigest()
+            cached = _read_entry(_entry_path(Path(folder), digest), size)
+            if cached is not None:
+                return path, digest, cached, ""
+        pixels = load_image(data, size, name=path, max_pixels=max_pixels, draft=draft)
     except ImageError as e:
-        return path, None, str(e)
-    # Written under a temporary name and renamed: an interrupted build leaves no entry a later run would trust.
-    # Not fsynced: an entry is cheap to rebuild and its shape and type are checked when read (_read_entry), while the
-    # flush took as long as the decoding (BENCHMARKS.md, figure 1). Still atomic against a killed process.
-    with atomic_path(entry, fsync=False) as tmp, open(tmp, "wb") as f:
-        np.save(f, pixels, allow_pickle=False)
-    return path, pixels, ""
+        return path, digest, None, str(e)
+    _write_entry(_entry_path(Path(folder), digest), pixels)
+    return path, digest, pixels, ""
+
+
+def _write_entry(entry: Path, pixels: np.ndarray) -> None:
+    """Store one entry: a temporary file renamed into place, so an interrupted build leaves no entry a later run
+    would trust. Not fsynced: an entry is cheap to rebuild and its shape and type are checked when read
+    (:func:`_read_entry`), while the flush took as long as the decoding (BENCHMARKS.md, figure 1). Still atomic
+    against a killed process. The temporary name holds the process id, so two runs filling one cache do not collide.
+    """
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    try:
+        if not entry.parent.is_dir():
+            entry.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.save(f, pixels, allow_pickle=False)
+        os.replace(tmp, entry)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise WriteError.from_os_error(entry, e) from e
 
 
 def _read_entry(entry: Path, size: int) -> np.ndarray | None:
@@ -298,7 +332,8 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepare
 
     Entries are keyed by file content (SHA-256) and preprocessing parameters, so renamed or copied files
     reuse them and an edited file or a changed parameter is decoded again. Unreadable images are skipped
-    with a warning and listed in ``failures``.
+    with a warning and listed in ``failures``. The returned samples carry their digests: samples that came without
+    one are hashed in the workers, from the bytes they decode.
     """
     size = cfg.image_size
     if split.images is not None:
@@ -306,41 +341,41 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepare
             np.zeros((0, size, size), np.uint8)
         return Prepared(split.name, images, np.array([s.label for s in split.samples], np.int64), split.samples)
 
-    split = add_digests(split)
     folder = cache_folder(cfg)
     pixels: dict[str, np.ndarray] = {}
+    digests: dict[str, str] = {}
     jobs = []
     for s in split.samples:
-        entry = _entry_path(folder, s.digest)
-        arr = _read_entry(entry, size) if entry.exists() else None
+        arr = _read_entry(_entry_path(folder, s.digest), size) if s.digest else None
         if arr is not None:
             pixels[s.path] = arr
         else:
-            jobs.append((s.path, str(entry), size, cfg.draft, cfg.max_pixels))
+            jobs.append((s.path, s.digest, str(folder), size, cfg.draft, cfg.max_pixels))
 
     failures: list[tuple[str, str]] = []
     if jobs:
         workers = workers or min(os.cpu_count() or 1, 8)
-        results_iter = map(_decode_job, jobs)
+        results_iter = map(_cache_job, jobs)
         pool = None
         if workers > 1 and len(jobs) >= 32:
             # Workers only run PIL and NumPy (never torch), so the platform's default start method is safe.
             pool = ProcessPoolExecutor(max_workers=workers)
-            results_iter = pool.map(_decode_job, jobs, chunksize=8)
+            results_iter = pool.map(_cache_job, jobs, chunksize=8)
         try:
             with progress_bar(f"caching {split.name}", total=len(jobs), unit="img") as bar:
-                for path, arr, error in results_iter:
+                for path, digest, arr, error in results_iter:
                     if arr is None:
                         failures.append((path, error))
                         log.warning("skipping unreadable image: %s", error)
                     else:
                         pixels[path] = arr
+                        digests[path] = digest
                     bar.advance()
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
 
-    kept = [s for s in split.samples if s.path in pixels]
+    kept = [replace(s, digest=digests.get(s.path, s.digest)) for s in split.samples if s.path in pixels]
     images = np.stack([pixels[s.path] for s in kept]) if kept else np.zeros((0, size, size), np.uint8)
     labels = np.array([s.label for s in kept], np.int64)
     return Prepared(split.name, images, labels, kept, failures)
@@ -356,6 +391,7 @@ def train_transform(cfg: Config):
     machines and positioning. No vertical flip (never seen in practice) and no horizontal flip by default
     (a mirrored chest puts the heart on the right; set ``hflip: true`` to allow it).
     """
+    import_torchvision()  # torchvision without torch._dynamo (cxr.tv)
     from torchvision.transforms import v2
 
     ops = [

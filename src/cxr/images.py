@@ -131,6 +131,15 @@ def load_image(
     return resize_square(gray, size)
 
 
+def read_file(path: str | os.PathLike, *, name: str | None = None) -> bytes:
+    """A file's bytes, with the checks and errors :func:`load_image` applies to a path (read once, decode later).
+
+    Raises:
+        ImageError: the file is missing, a directory or other non-regular file, unreadable or empty.
+    """
+    return _read_source(path, name)[0]
+
+
 # ---------------------------------------------------------------------------------------------- internals
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from cxr.config import CLASS_NAMES, Config, config_from_dict
 from cxr.errors import CheckpointError, CxrError, UsageError
 from cxr.fileio import atomic_path
+from cxr.tv import import_torchvision
 
 ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "resnet18", "resnet34", "resnet50")
 CHECKPOINT_FORMAT = "cxr-checkpoint"
@@ -60,7 +61,7 @@ def _new_head(model: nn.Module, num_classes: int) -> None:
 
 
 def _imagenet_model(arch: str) -> nn.Module:
-    import torchvision
+    torchvision = import_torchvision()
 
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     try:
@@ -113,7 +114,7 @@ def build_model(arch: str = "densenet121", weights: str = "none", num_classes: i
         weights: ``"imagenet"`` (torchvision's weights API: download or the torch hub cache), ``"none"``
             (random initialisation), or a path to a local state dict such as torchvision's ``.pth`` file.
     """
-    import torchvision
+    torchvision = import_torchvision()
 
     if arch not in ARCHS:
         raise UsageError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
@@ -213,14 +214,36 @@ class Checkpoint:
 
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
         """The model with these weights, in eval mode, on ``device``."""
-        # Built on the meta device, so without the random initialisation the weights overwrite anyway (6.8 % of a
-        # `cxr predict` start-up, profiled; BENCHMARKS.md); load_state_dict (strict) then fills every parameter and
-        # buffer, since these architectures keep none outside the state dict.
-        with torch.device("meta"):
+        # Built without the random initialisation that the weights overwrite anyway (6.8 % of a `cxr predict`
+        # start-up, profiled; BENCHMARKS.md); load_state_dict (strict) then fills every parameter and buffer, since
+        # these architectures keep none outside the state dict. Not on the meta device: initialising meta tensors
+        # imports torch._dynamo, a second of start-up.
+        with _skip_init():
             model = build_model(self.arch, "none", num_classes=len(self.class_names))
-        model = model.to_empty(device=device)
         model.load_state_dict(self.state_dict)
-        return model.eval()
+        return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """Make torch.nn.init's in-place initialisers no-ops while a network whose every tensor is loaded next is built.
+
+    Tensors keep the uninitialised memory ``torch.empty`` gave them. The same trick as Hugging Face's
+    ``no_init_weights``; torch.nn modules look the initialisers up on ``torch.nn.init`` at call time.
+    """
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n))]
+    saved = {n: getattr(nn.init, n) for n in names}
+
+    def skip(tensor, *args, **kwargs):
+        return tensor
+
+    try:
+        for n in names:
+            setattr(nn.init, n, skip)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:

@@ -312,6 +312,29 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
         shutdown_distributed()
 
 
+def warn_if_cpu_contended(threads: int) -> bool:
+    """Log a warning when other processes keep the CPU busy and this one runs several OpenMP threads.
+
+    On a 2-core machine with one core held by a job in another session, two threads per process trained at 0.42 images/s
+    against 18 on an idle machine (BENCHMARKS.md, "OpenMP threads on a busy machine"); one thread per process avoids
+    the collapse. The 1-minute load average is a hint, not a measurement of the next hour, so this only warns.
+    Returns whether it warned.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return False
+    cores = os.cpu_count() or 1
+    if threads <= 1 or load < 0.5:
+        return False
+    if load + threads <= cores + 0.5:
+        return False
+    log.warning("the CPU is busy (load average %.1f on %d cores) and torch runs %d threads: OpenMP threads that wait "
+                "for a busy core can make training 10-40x slower. On a shared machine, run with OMP_NUM_THREADS=1 "
+                "(see BENCHMARKS.md)", load, cores, threads)
+    return True
+
+
 def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo, device: torch.device, resumed: bool,
            t_start: float) -> Path:
     if cfg.batch_size % info.world:
@@ -324,6 +347,8 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
             for p in remove_stale_temps(run_dir):  # left by a process killed while writing
                 log.info("removed %s, a partial write from the interrupted run", p.name)
         save_config(cfg, run_dir / "config.yaml")
+    if device.type == "cpu" and info.main:
+        warn_if_cpu_contended(torch.get_num_threads())
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
