@@ -1,9 +1,7 @@
 """cxr's own training path, assembled from the library the way :func:`cxr.train.train` assembles it.
 
-The dataset, sampler and loader lines mirror ``cxr.train._train`` (one process: ``DistributedSampler`` with one
-replica, the per-sample seeded augmentation of :class:`cxr.data.XrayDataset`); the step is
-:func:`cxr.train.train_one_epoch` itself, so the timings are of the code a user runs. Keep this file in step with
-``_train`` when its loader changes.
+The loader is :class:`cxr.train.TrainBatches`, the one ``cxr train`` uses (one process here); the step is
+:func:`cxr.train.train_one_epoch` itself, so the timings are of the code a user runs.
 """
 
 from __future__ import annotations
@@ -15,9 +13,9 @@ import torch
 from torch import nn
 
 from cxr.config import Config
-from cxr.data import Prepared, XrayDataset, prepare, scan, train_transform
+from cxr.data import Prepared, XrayDataset, prepare, scan
 from cxr.model import build_model
-from cxr.train import class_weights, train_one_epoch
+from cxr.train import TrainBatches, class_weights, train_one_epoch
 
 
 def prepare_train(root: str | Path, cfg: Config) -> Prepared:
@@ -28,15 +26,7 @@ def prepare_train(root: str | Path, cfg: Config) -> Prepared:
 def train_loader(prepared: Prepared, cfg: Config, epoch: int = 0, device: torch.device | None = None, *,
                  dataset_class: type[XrayDataset] = XrayDataset):
     """The training DataLoader of ``cxr train`` for one epoch (one process)."""
-    dataset = dataset_class(prepared, train_transform(cfg), seed=cfg.seed)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed,
-                                                  drop_last=True)
-    sampler.set_epoch(epoch)
-    dataset.set_epoch(epoch)
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                                       drop_last=len(sampler) > cfg.batch_size, num_workers=cfg.num_workers,
-                                       pin_memory=device is not None and device.type == "cuda",
-                                       persistent_workers=False)
+    return TrainBatches(prepared, cfg, device=device, dataset_class=dataset_class).loader(epoch)
 
 
 class Trainer:

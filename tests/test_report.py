@@ -263,3 +263,16 @@ def test_report_says_when_images_are_gone(tmp_path, report):
     page = make_report(folder, video=False).read_text()
     assert "Images not found" in page and str(tmp_path / "gone") in page
     assert (folder / "report" / "roc_pr.png").is_file()  # the curves need only the predictions
+
+
+def test_grid_group_without_images_takes_one_line_not_a_row():
+    from cxr.report import GridTile, plot_grid
+
+    tile = GridTile(image=np.full((32, 32), 128, np.uint8), heatmap=None, label=1, prob=0.9, path="a.jpeg")
+    full = plot_grid({"right": [tile] * 4, "wrong": [tile] * 4}, 0.5, "val")
+    empty = plot_grid({"right": [tile] * 4, "wrong": []}, 0.5, "val")
+    texts = [t.get_text() for sub in empty.subfigs for t in sub.texts]
+    assert "no images in this group" in texts
+    # The empty group adds a fifth of a row, not a whole one.
+    assert empty.get_figheight() < 0.7 * full.get_figheight()
+    empty.canvas.draw()  # lays out without error

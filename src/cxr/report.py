@@ -409,7 +409,8 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
     from cxr.video import prob_text
 
     rows = [(name, tiles) for name, tiles in groups.items()]
-    heights = [max(1, math.ceil(len(t) / columns)) for _, t in rows]
+    # A group with no images (say, no wrong prediction) gets one line of text, not a blank row of tiles.
+    heights = [math.ceil(len(t) / columns) if t else 0.2 for _, t in rows]
     with_heat = any(t.heatmap is not None for _, tiles in rows for t in tiles)
     with mpl.rc_context({**_RC, "axes.grid": False}):
         fig = _figure(figsize=(2.55 * columns + 0.4, 3.05 * sum(heights) + (0.9 if with_heat else 0.2)))
@@ -418,13 +419,12 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
         subfigs = list(np.atleast_1d(fig.subfigures(len(ratios), 1, height_ratios=ratios)))
         for sub, (name, tiles) in zip(subfigs[:len(rows)], rows, strict=True):
             sub.suptitle(f"{name} ({split})", fontsize=12, fontweight="bold", x=0.02, ha="left")
-            r = max(1, math.ceil(len(tiles) / columns))
-            axes = np.atleast_1d(sub.subplots(r, columns)).reshape(-1)
+            if not tiles:
+                sub.text(0.02, 0.1, "no images in this group", fontsize=10, va="bottom")
+                continue
+            axes = np.atleast_1d(sub.subplots(math.ceil(len(tiles) / columns), columns)).reshape(-1)
             for ax in axes:
                 ax.set_axis_off()
-            if not tiles:
-                axes[0].text(0, 0.5, "no images in this group",
-                             transform=axes[0].transAxes, fontsize=10, va="center")
             for ax, tile in zip(axes, tiles, strict=False):
                 pred = int(tile.prob >= threshold)
                 ok = pred == tile.label

@@ -312,6 +312,36 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
         shutdown_distributed()
 
 
+class TrainBatches:
+    """The training batches of ``cxr train``: augmented dataset, sampler and one DataLoader per epoch.
+
+    One sampler for one process and for N: each epoch's permutation depends only on (seed, epoch), and rank r takes
+    its every N-th position, so the N per-rank batches of a step together hold exactly the images of the
+    single-process global batch. Benchmarks build their loader here too, so they time what ``cxr train`` runs.
+    """
+
+    def __init__(self, prepared: Prepared, cfg: Config, *, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None, dataset_class: type[XrayDataset] = XrayDataset) -> None:
+        self.cfg = cfg
+        self.dataset = dataset_class(prepared, train_transform(cfg), seed=cfg.seed)
+        self.per_rank_batch = cfg.batch_size // world
+        self.sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                           seed=cfg.seed, drop_last=True)
+        self.drop_last = len(self.sampler) > self.per_rank_batch  # a batch of one breaks batch norm
+        self.steps_per_epoch = max(1, len(self.sampler) // self.per_rank_batch)
+        if cfg.max_train_batches:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_train_batches)
+        self.pin_memory = device is not None and device.type == "cuda"
+
+    def loader(self, epoch: int) -> torch.utils.data.DataLoader:
+        """This rank's batches of ``epoch`` (0-based): its permutation and its augmentations."""
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        return torch.utils.data.DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler,
+                                           drop_last=self.drop_last, num_workers=self.cfg.num_workers,
+                                           pin_memory=self.pin_memory, persistent_workers=False)
+
+
 def warn_if_cpu_contended(threads: int) -> bool:
     """Log a warning when other processes keep the CPU busy and this one runs several OpenMP threads.
 
@@ -405,17 +435,8 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     if info.main:
         _write_history(run_dir / "history.csv", history)
 
-    dataset = XrayDataset(prepared["train"], train_transform(cfg), seed=cfg.seed)
-    per_rank_batch = cfg.batch_size // info.world
-    # One sampler for one process and for N: each epoch's permutation depends only on (seed, epoch), and rank r
-    # takes its every N-th position, so the N per-rank batches of a step together hold exactly the images of the
-    # single-process global batch.
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world, rank=info.rank, shuffle=True,
-                                                  seed=cfg.seed, drop_last=True)
-    steps_per_epoch = max(1, len(sampler) // per_rank_batch)
-    drop_last = len(sampler) > per_rank_batch  # a batch of one breaks batch norm
-    if cfg.max_train_batches:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
+    batches = TrainBatches(prepared["train"], cfg, rank=info.rank, world=info.world, device=device)
+    steps_per_epoch = batches.steps_per_epoch
     total_steps = steps_per_epoch * cfg.epochs
     step_model: nn.Module = model
     if info.active:
@@ -430,11 +451,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         # Seeded per epoch (and rank), so a resumed run draws the same batches and augmentations as an
         # uninterrupted one.
         torch.manual_seed(cfg.seed * 100_019 + epoch + 7_919 * info.rank)
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=drop_last, num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda", persistent_workers=False)
+        loader = batches.loader(epoch)
         row: dict = {"epoch": epoch + 1}
         row.update(train_one_epoch(step_model, loader, criterion, optimizer, cfg=cfg, device=device, bf16=bf16,
                                    channels_last=channels_last, epoch=epoch, steps_per_epoch=steps_per_epoch,
