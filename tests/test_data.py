@@ -251,10 +251,17 @@ def test_unreadable_images_are_skipped_and_listed(tmp_path, tiny_dataset, conten
         good = sorted((tiny_dataset / "test" / "NORMAL").glob("NORMAL2-*.jpeg"))[0].read_bytes()
         content = good[: len(good) // 2]
     bad.write_bytes(content)
-    prepared = prepare(scan(tiny_dataset / "test")["test"], load_config(overrides={"image_size": 32}))
+    split = scan(tiny_dataset / "test")["test"]
+    prepared = prepare(split, load_config(overrides={"image_size": 32}))
     assert len(prepared.labels) == 8
     assert [f for f, _ in prepared.failures] == [str(bad)]
     assert "bad.jpeg" in prepared.failures[0][1]
+    # The gap is closed in order: every kept image, label and sample still belong together.
+    assert [s.path for s in prepared.samples] == [s.path for s in split.samples if s.path != str(bad)]
+    assert prepared.images.shape == (8, 32, 32)
+    for k, s in enumerate(prepared.samples):
+        np.testing.assert_array_equal(prepared.images[k], resize_square(read_grayscale(s.path), 32))
+        assert prepared.labels[k] == s.label
 
 
 def test_png_with_jpeg_extension_is_read_by_content(tmp_path, tiny_dataset):

@@ -487,3 +487,24 @@ def test_checkpoints_that_run_code_are_refused_everywhere_and_nothing_runs(tmp_p
         ran += marker.exists()
         marker.unlink(missing_ok=True)
     assert ran == len(files)
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch, fsync):
+    # Durable against a power cut: the file's bytes, then the rename (the folder's entry). Cache entries opt out.
+    import stat
+
+    from cxr import fileio
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return real(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", spy)
+    with fileio.atomic_path(tmp_path / "out.txt", fsync=fsync) as tmp:
+        tmp.write_text("done")
+    assert (tmp_path / "out.txt").read_text() == "done"
+    assert synced == (["file", "folder"] if fsync else [])

@@ -336,21 +336,25 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepare
     one are hashed in the workers, from the bytes they decode.
     """
     size = cfg.image_size
+    n = len(split.samples)
+    # Every image goes straight into one preallocated array, so the peak is the data's size once, not twice.
+    images = np.empty((n, size, size), np.uint8)
     if split.images is not None:
-        images = np.stack([resize_square(im, size) for im in split.images]) if len(split.images) else \
-            np.zeros((0, size, size), np.uint8)
+        for i, im in enumerate(split.images):
+            images[i] = resize_square(im, size)
         return Prepared(split.name, images, np.array([s.label for s in split.samples], np.int64), split.samples)
 
     folder = cache_folder(cfg)
-    pixels: dict[str, np.ndarray] = {}
-    digests: dict[str, str] = {}
-    jobs = []
-    for s in split.samples:
+    ok = np.zeros(n, dtype=bool)
+    digests = [s.digest for s in split.samples]
+    jobs, job_rows = [], []
+    for i, s in enumerate(split.samples):
         arr = _read_entry(_entry_path(folder, s.digest), size) if s.digest else None
         if arr is not None:
-            pixels[s.path] = arr
+            images[i], ok[i] = arr, True
         else:
             jobs.append((s.path, s.digest, str(folder), size, cfg.draft, cfg.max_pixels))
+            job_rows.append(i)
 
     failures: list[tuple[str, str]] = []
     if jobs:
@@ -363,20 +367,24 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepare
             results_iter = pool.map(_cache_job, jobs, chunksize=8)
         try:
             with progress_bar(f"caching {split.name}", total=len(jobs), unit="img") as bar:
-                for path, digest, arr, error in results_iter:
+                for i, (path, digest, arr, error) in zip(job_rows, results_iter, strict=True):
                     if arr is None:
                         failures.append((path, error))
                         log.warning("skipping unreadable image: %s", error)
                     else:
-                        pixels[path] = arr
-                        digests[path] = digest
+                        images[i], ok[i], digests[i] = arr, True, digest
                     bar.advance()
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
 
-    kept = [replace(s, digest=digests.get(s.path, s.digest)) for s in split.samples if s.path in pixels]
-    images = np.stack([pixels[s.path] for s in kept]) if kept else np.zeros((0, size, size), np.uint8)
+    rows = np.flatnonzero(ok)
+    if len(rows) < n:  # close the gaps of unreadable images in place (rows only move forward)
+        for dst, src in enumerate(rows):
+            if dst != src:
+                images[dst] = images[src]
+        images = images[:len(rows)]
+    kept = [replace(split.samples[i], digest=digests[i]) for i in rows]
     labels = np.array([s.label for s in kept], np.int64)
     return Prepared(split.name, images, labels, kept, failures)
 

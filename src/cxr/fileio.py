@@ -15,7 +15,9 @@ _TEMP_SUFFIX = ".tmp"
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync it and ``os.replace`` it onto ``path``.
+    """Yield a temporary path beside ``path``; on success fsync it, ``os.replace`` it onto ``path`` and fsync the folder.
+
+    The folder's fsync makes the rename itself durable, so after a power cut ``path`` is the old file or the new one.
 
     ``fsync=False`` skips the flush to disk (still atomic against a killed process, not against a power cut): for
     cache entries, which are cheap to rebuild and whose flush cost as much as their decoding.
@@ -38,6 +40,8 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, target)
+        if fsync:
+            _fsync_dir(target.parent)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -70,6 +74,21 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
             p.unlink()
             removed.append(p)
     return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries to disk (POSIX). Best effort: where a folder cannot be opened or synced (Windows, some
+    network file systems), the file itself was already synced and the rename is as durable as that system makes it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

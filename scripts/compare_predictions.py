@@ -1,0 +1,73 @@
+"""Compare two models' predictions on the same images: log loss, Brier score, AUROC, and the paired difference.
+
+Reads ``predictions_<split>.csv`` files written by ``cxr evaluate`` (columns path, label, prob_pneumonia, ...), for
+the same images (matched by path), and prints per model the mean log loss (unweighted, and with cxr train's class
+weights, which is what its ``val_loss`` is), the Brier score and AUROC, then a paired bootstrap of the differences
+(B minus A; 1,000 resamples of the images), so that "better on validation" is a measured statement.
+
+    python scripts/compare_predictions.py runs/eval-v1/predictions_val.csv runs/eval-v2/predictions_val.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+import numpy as np
+from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
+
+
+def read(path: str) -> dict[str, tuple[int, float]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    label_of = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
+    return {r["path"]: (label_of[r["label"]], float(r["prob_pneumonia"])) for r in rows}
+
+
+def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    counts = np.bincount(y, minlength=2)
+    weights = (len(y) / (2 * counts))[y]  # inverse class frequency, as cxr.train.class_weights
+    nll = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    return {"log_loss": float(log_loss(y, p, labels=[0, 1])), "weighted_log_loss": float((weights * nll).sum() /
+            weights.sum()), "brier": float(brier_score_loss(y, p)), "auroc": float(roc_auc_score(y, p))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a", help="predictions CSV of model A (the current one)")
+    ap.add_argument("b", help="predictions CSV of model B (the candidate)")
+    ap.add_argument("--boot", type=int, default=1000)
+    args = ap.parse_args(argv)
+    a, b = read(args.a), read(args.b)
+    if set(a) != set(b):
+        print(f"the two files hold different images ({len(set(a) ^ set(b))} differ)", file=sys.stderr)
+        return 2
+    paths = sorted(a)
+    y = np.array([a[k][0] for k in paths])
+    if any(a[k][0] != b[k][0] for k in paths):
+        print("the two files disagree on labels", file=sys.stderr)
+        return 2
+    pa, pb = np.array([a[k][1] for k in paths]), np.array([b[k][1] for k in paths])
+    sa, sb = scores(y, pa), scores(y, pb)
+    print(f"{len(y)} images ({int((y == 0).sum())} NORMAL / {int(y.sum())} PNEUMONIA)")
+    print("| measure | A | B | B - A, 95 % paired bootstrap |")
+    print("|---|---:|---:|---:|")
+    rng = np.random.default_rng(0)
+    diffs: dict[str, list[float]] = {k: [] for k in sa}
+    while len(diffs["log_loss"]) < args.boot:
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() == y[idx].max():
+            continue
+        da, db = scores(y[idx], pa[idx]), scores(y[idx], pb[idx])
+        for k in diffs:
+            diffs[k].append(db[k] - da[k])
+    for k in sa:
+        lo, hi = np.percentile(diffs[k], [2.5, 97.5])
+        print(f"| {k} | {sa[k]:.4f} | {sb[k]:.4f} | {sb[k] - sa[k]:+.4f} [{lo:+.4f}, {hi:+.4f}] |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
