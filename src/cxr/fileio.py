@@ -15,7 +15,7 @@ _TEMP_SUFFIX = ".tmp"
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync it, ``os.replace`` it onto ``path`` and fsync the folder.
+    """Yield a temporary path beside ``path``; on success fsync it, ``os.replace`` it onto ``path``, fsync the folder.
 
     The folder's fsync makes the rename itself durable, so after a power cut ``path`` is the old file or the new one.
 
