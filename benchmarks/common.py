@@ -131,6 +131,19 @@ def print_table(results: dict[str, list[float]], reference: dict[str, str], *, u
         print(f"| {name}{(' — ' + notes[name]) if notes and name in notes else ''} | {cell(v)} |{ratios}")
 
 
+def peer_loaders(root: Path, batch_size: int) -> dict[str, tuple[object, object]]:
+    """The two peers' training loaders on a dataset root, by table label: {label: (peer module, loader)}."""
+    import peer_monai
+    import peer_tutorial
+
+    return {
+        "peer 1: tutorial (ImageFolder full-res, fp32)": (peer_tutorial,
+                                                           peer_tutorial.make_loader(str(root), batch_size)),
+        "peer 2: MONAI (CacheDataset, fp32)": (peer_monai,
+                                                peer_monai.make_loader(peer_monai.make_dataset(str(root)), batch_size)),
+    }
+
+
 def header(argv: list[str] | None, script: str, rounds: int, load_before: str) -> None:
     print(f"\nmachine: {machine()}")
     print(f"command: python benchmarks/{script} {' '.join(argv if argv is not None else sys.argv[1:])}")

@@ -36,7 +36,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import SHARED_DATA, dump_json, header, interleaved, loadavg, make_fullres_dataset, print_table, timed
+from common import (
+    SHARED_DATA,
+    dump_json,
+    header,
+    interleaved,
+    loadavg,
+    make_fullres_dataset,
+    peer_loaders,
+    print_table,
+    timed,
+)
 from torch import nn
 
 
@@ -57,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
 
-    import peer_monai
-    import peer_tutorial
     from ours import Trainer, prepare_train, train_loader
 
     from cxr.config import load_config
@@ -97,10 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 run()
                 return run
 
-            variants["peer 1: tutorial (ImageFolder full-res, fp32)"] = peer(
-                peer_tutorial, peer_tutorial.make_loader(str(root), args.batch_size))
-            variants["peer 2: MONAI (CacheDataset, fp32)"] = peer(
-                peer_monai, peer_monai.make_loader(peer_monai.make_dataset(str(root)), args.batch_size))
+            for label, (module, loader) in peer_loaders(root, args.batch_size).items():
+                variants[label] = peer(module, loader)
         variants["cxr, all switches off (fp32, NCHW)"] = ours(False, False)
         defaults = f"cxr defaults (bf16 {bf16}, channels_last {channels_last})"
         variants[f"{defaults}, num_workers 0"] = ours(bf16, channels_last)

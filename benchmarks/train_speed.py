@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import dump_json, header, interleaved, loadavg, make_fullres_dataset, print_table
+from common import dump_json, header, interleaved, loadavg, make_fullres_dataset, peer_loaders, print_table
 from torch import nn
 
 
@@ -81,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
         variants = {}
         if args.peers:
-            import peer_monai
-            import peer_tutorial
-
             def peer(module, loader):
                 model = module.make_model()
                 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -96,10 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 run()
                 return run
 
-            variants["peer 1: tutorial (ImageFolder full-res, fp32)"] = peer(
-                peer_tutorial, peer_tutorial.make_loader(str(root), args.batch_size))
-            variants["peer 2: MONAI (CacheDataset, fp32)"] = peer(
-                peer_monai, peer_monai.make_loader(peer_monai.make_dataset(str(root)), args.batch_size))
+            for label, (module, loader) in peer_loaders(root, args.batch_size).items():
+                variants[label] = peer(module, loader)
         cpu = torch.device("cpu")
         default = (use_bf16(cfg, cpu), use_channels_last(cfg, cpu))
         names = {(False, False): "cxr, all switches off (fp32, NCHW)", (True, False): "cxr bf16 autocast",
