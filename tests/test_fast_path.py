@@ -73,7 +73,8 @@ def assert_same_decisions(fast: np.ndarray, plain: np.ndarray, threshold: float,
 
 
 def test_draft_decode_same_predictions(bundled, originals, plain):
-    # Measured: max |dP| 0.033, mean 0.0023, no label changed (116 images; the closest to the threshold is 0.009 away).
+    # Measured (bundled model of session 3): max |dP| 0.048, mean 0.0019, no label changed (116 images; the closest to
+    # the threshold is 0.045 away). The first bundled model: max 0.033.
     files, _ = originals
     size = bundled[0].config.image_size
     draft = np.stack([load_image(f, size, draft=True) for f in files])
@@ -81,12 +82,12 @@ def test_draft_decode_same_predictions(bundled, originals, plain):
 
 
 def test_bf16_autocast_same_predictions(bundled, originals, plain):
-    # Measured (AVX512-BF16 CPU): max |dP| 0.0025, mean 0.0002, no label changed.
+    # Measured (AVX512-BF16 CPU): max |dP| 0.0034, mean 0.0002, no label changed (first bundled model: 0.0025).
     assert_same_decisions(probs(bundled, originals[1], bf16=True), plain, bundled[0].threshold, tol=0.01)
 
 
 def test_channels_last_same_predictions(bundled, originals, plain):
-    # Measured: max |dP| 1.5e-7 (same arithmetic, another memory order).
+    # Measured: max |dP| 3.0e-7 (same arithmetic, another memory order; first bundled model: 1.5e-7).
     assert_same_decisions(probs(bundled, originals[1], channels_last=True), plain, bundled[0].threshold, tol=1e-5)
 
 
@@ -125,15 +126,20 @@ def test_cached_and_uncached_pixels_are_identical(tmp_path):
 def test_cached_and_uncached_predictions_agree(tmp_path, bundled):
     # predict_files decodes each file itself; training and evaluation read the cache. Same model, same pixels, same
     # numerics (bf16 where the CPU has it, as predict uses): the same probabilities.
-    from cxr.model import use_bf16
+    import copy
+
+    from cxr.model import use_bf16, use_channels_last
     from cxr.predict import predict_files
 
     ckpt, net = bundled
     cfg = dataclasses.replace(ckpt.config, cache_dir=str(tmp_path / "cache"), device="cpu")
+    channels_last = use_channels_last(cfg, CPU)  # as predict_files and evaluate set it: bf16 kernels depend on it
+    if channels_last:
+        net = copy.deepcopy(net).to(memory_format=torch.channels_last)
     root = make_dataset(tmp_path / "data", per_class=6, test_per_class=0)
     prepared = prepare(scan(root)["train"], cfg)
     cached = probabilities(predict_logits(net, prepared.images, mean=cfg.mean, std=cfg.std, device=CPU,
-                                          batch_size=32, bf16=use_bf16(cfg, CPU)))
+                                          batch_size=32, bf16=use_bf16(cfg, CPU), channels_last=channels_last))
     uncached = {p.path: p.prob_pneumonia for p in predict_files("default", [root / "train"], device="cpu")}
     np.testing.assert_allclose([uncached[s.path] for s in prepared.samples], cached, atol=1e-6)
 
