@@ -350,3 +350,20 @@ def test_busy_cpu_warning(load, threads, warns, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="cxr.train"):
         assert train.warn_if_cpu_contended(threads) is warns
     assert ("OMP_NUM_THREADS=1" in caplog.text) is warns
+
+
+def test_bad_data_gives_one_line_even_on_a_busy_cpu(tmp_path):
+    # The busy-CPU warning comes only once training is about to start: a run that fails on its input says only why.
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, sys, torch
+        os.getloadavg = lambda: (5.0, 5.0, 5.0)
+        torch.set_num_threads(2)
+        from cxr.cli import main
+        sys.exit(main(["train", "--data", {str(tmp_path / "nope")!r}, "--output", {str(tmp_path / "r")!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no such file or directory" in lines[0], proc.stderr

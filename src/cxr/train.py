@@ -377,8 +377,6 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
             for p in remove_stale_temps(run_dir):  # left by a process killed while writing
                 log.info("removed %s, a partial write from the interrupted run", p.name)
         save_config(cfg, run_dir / "config.yaml")
-    if device.type == "cpu" and info.main:
-        warn_if_cpu_contended(torch.get_num_threads())
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -445,6 +443,9 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     if cfg.compile:
         step_model = torch.compile(step_model)
 
+    if device.type == "cpu" and info.main and start_epoch < cfg.epochs and not stop_reason:
+        # Here, once the data and model are ready, so that a run that fails on its input says only why.
+        warn_if_cpu_contended(torch.get_num_threads())
     for epoch in range(start_epoch, cfg.epochs):
         if stop_reason:
             break
