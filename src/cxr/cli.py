@@ -272,6 +272,8 @@ def _print_predictions(preds, caption: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from cxr.video import prob_text
+
     table = Table(caption=caption)
     for col, justify in (("path", "left"), ("P(pneumonia)", "right"), ("label", "left")):
         table.add_column(col, justify=justify)
@@ -279,7 +281,7 @@ def _print_predictions(preds, caption: str) -> None:
         if p.error:
             table.add_row(p.path, "-", f"[red]unreadable: {p.error}[/red]")
         else:
-            table.add_row(p.path, f"{p.prob_pneumonia:.3f}", p.label)
+            table.add_row(p.path, prob_text(p.prob_pneumonia), p.label)
     Console().print(table)
 
 

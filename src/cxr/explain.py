@@ -215,6 +215,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     from cxr.evaluate import predict_logits, probabilities
     from cxr.model import load_checkpoint, resolve_device, use_bf16, use_channels_last
     from cxr.predict import collect_files
+    from cxr.video import prob_text
 
     files = collect_files(list(paths))
     if not files:
@@ -257,7 +258,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                                        batch_size=batch_size)
         for f, im, heat, prob, pred, cls in zip(good, stack, heats, probs, predicted, classes, strict=True):
             out = out_dir / _unique_name(f, used)
-            title = (f"{f.name}\npredicted {ckpt.class_names[pred]}   P(pneumonia) = {prob:.3f}   "
+            title = (f"{f.name}\npredicted {ckpt.class_names[pred]}   P(pneumonia) {prob_text(prob)}   "
                      f"threshold {t:.3f}   heatmap: evidence for {ckpt.class_names[cls]}")
             _explanation_figure(im, heat, title=title, path=out)
             done.append(Explanation(str(f), str(out), float(prob), ckpt.class_names[pred]))
