@@ -342,26 +342,46 @@ class TrainBatches:
                                            pin_memory=self.pin_memory, persistent_workers=False)
 
 
+def busy_cores(interval: float = 0.25) -> float | None:
+    """How many cores other processes keep busy, measured over ``interval`` seconds from ``/proc/stat`` while this
+    process sleeps (None where there is no ``/proc/stat``).
+
+    Measured, not read from the load average: that average still holds this run's own cache build a minute later.
+    """
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+
+
 def warn_if_cpu_contended(threads: int) -> bool:
-    """Log a warning when other processes keep the CPU busy and this one runs several OpenMP threads.
+    """Log a warning when other processes keep cores busy and this one runs more threads than the free cores.
 
     On a 2-core machine with one core held by a job in another session, two threads per process trained at 0.42 images/s
     against 18 on an idle machine (BENCHMARKS.md, "OpenMP threads on a busy machine"); one thread per process avoids
-    the collapse. The 1-minute load average is a hint, not a measurement of the next hour, so this only warns.
+    the collapse. A quarter-second sample is a hint, not a measurement of the next hour, so this only warns.
     Returns whether it warned.
     """
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
+    if threads <= 1:
         return False
+    busy = busy_cores()
     cores = os.cpu_count() or 1
-    if threads <= 1 or load < 0.5:
+    if busy is None or busy < 0.5 or threads <= cores - busy + 0.5:
         return False
-    if load + threads <= cores + 0.5:
-        return False
-    log.warning("the CPU is busy (load average %.1f on %d cores) and torch runs %d threads: OpenMP threads that wait "
-                "for a busy core can make training 10-40x slower. On a shared machine, run with OMP_NUM_THREADS=1 "
-                "(see BENCHMARKS.md)", load, cores, threads)
+    log.warning("the CPU is busy (other processes use %.1f of %d cores) and torch runs %d threads: OpenMP threads "
+                "that wait for a busy core can make training up to 40x slower. On a shared machine, run with "
+                "OMP_NUM_THREADS=1 (see BENCHMARKS.md)", busy, cores, threads)
     return True
 
 
