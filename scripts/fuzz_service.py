@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import os
 import socket
@@ -60,7 +59,7 @@ def stress(concurrent: int, slow_clients: int, stream_mb: int) -> dict:
     from cxr.config import load_config
     from cxr.model import Checkpoint, build_model, save_checkpoint
     from cxr.serve import create_app, load_engine
-    from tests.test_serve_faults import PREDICT, XRAY, Server, endless_upload, http, multipart, predict
+    from tests.test_serve_faults import PREDICT, XRAY, Server, endless_upload, http, multipart, predict, status_of
 
     torch.manual_seed(0)
     path = Path(os.environ.get("TMPDIR", "/tmp")) / "cxr-fuzz-service-tiny.pt"
@@ -98,14 +97,8 @@ def stress(concurrent: int, slow_clients: int, stream_mb: int) -> dict:
             c.sendall(body[at:])
         slow_status: collections.Counter[str] = collections.Counter()
         for c in slow:
-            data = b""
-            with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in data:
-                    more = c.recv(4096)
-                    if not more:
-                        break
-                    data += more
-            slow_status[data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/1.1") else "no answer"] += 1
+            code = status_of(c)
+            slow_status[code.decode() if code != b"none" else "no answer"] += 1
             c.close()
         out["slow_uploads"] = {"clients": slow_clients, "normal_predictions_meanwhile": latencies,
                                "slow_clients_answers": dict(slow_status)}

@@ -168,6 +168,18 @@ def server(engine):
     s.stop()
 
 
+def status_of(sock: socket.socket) -> bytes:
+    """The status code of the HTTP answer waiting on ``sock`` (b"none" if it closes or fails without one)."""
+    data = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in data:
+            more = sock.recv(4096)
+            if not more:
+                break
+            data += more
+    return data.split(b" ", 2)[1] if data.startswith(b"HTTP/1.1") else b"none"
+
+
 def endless_upload(port: int, max_mb: int, timeout: float = 10) -> tuple[int, bytes]:
     """POST a chunked multipart upload whose file never ends (up to ``max_mb``), reading any answer as it goes.
 
@@ -234,16 +246,7 @@ def test_slow_uploads_do_not_block_other_clients(server):
         assert time.monotonic() - t0 < 10
         for s in slow:  # finish the slow uploads: they are ordinary requests, answered 200 or 503 (queue full)
             s.sendall(body[sent:])
-        answers = []
-        for s in slow:
-            data = b""
-            with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in data:
-                    more = s.recv(4096)
-                    if not more:
-                        break
-                    data += more
-            answers.append(data.split(b" ", 2)[1] if data.startswith(b"HTTP/1.1") else b"none")
+        answers = [status_of(s) for s in slow]
     finally:
         for s in slow:
             s.close()
