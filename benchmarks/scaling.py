@@ -90,10 +90,13 @@ def memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def cache_bytes(folder: Path) -> tuple[int, int, int]:
-    """(entries, bytes in the files, bytes the file system allocates for them)."""
-    files = list(folder.rglob("*.npy"))
-    return len(files), sum(f.stat().st_size for f in files), sum(f.stat().st_blocks * 512 for f in files)
+def cache_bytes(folder: Path, size: int) -> tuple[int, int, int]:
+    """(images, bytes in the pack files, bytes the file system allocates for them)."""
+    from cxr.data import _read_pack
+
+    files = list(folder.glob("*.npy"))
+    images = sum(len(_read_pack(f, size)[0]) for f in files)
+    return images, sum(f.stat().st_size for f in files), sum(f.stat().st_blocks * 512 for f in files)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         for size in sorted({s for s, _ in configs}):
             cfg = load_config(overrides={"cache_dir": str(tmp / "cache"), "image_size": size})
             prepare(split, cfg)
-            n, nbytes, disk = cache_bytes(cache_folder(cfg))
+            n, nbytes, disk = cache_bytes(cache_folder(cfg), size)
             per_image[size] = {"entries": n, "bytes": nbytes / n, "disk_bytes": disk / n}
         results: dict[tuple[int, int], list[dict]] = {c: [] for c in configs}
         for r in range(args.rounds):

@@ -4,7 +4,7 @@
 
 KILL_AT is one of:
 
-* ``cache:N``          while writing the Nth image-cache entry of this process: half of it is on disk (under its
+* ``cache:N``          while writing the Nth image-cache pack of this process: half of it is on disk (under its
                        temporary name), then SIGKILL;
 * ``step:N``           just before this process's Nth optimiser step (mid-epoch);
 * ``save:NAME:K``      during the Kth write of NAME (``best.pt``, ``last.pt``...) by this process: half the bytes

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from cxr.config import load_config
-from cxr.data import cache_folder
+from cxr.data import _read_pack, cache_folder
 from cxr.model import load_checkpoint
 
 from .conftest import TINY_TRAIN
@@ -97,13 +97,21 @@ def temporaries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob(".*.tmp"))
 
 
-def assert_cache_entries_exact(cache: Path, reference: Path) -> int:
-    """Every entry under its real name in ``cache`` is byte-identical to the uninterrupted run's entry."""
-    entries = sorted(p for p in cache.rglob("*.npy") if not p.name.startswith("."))
-    for p in entries:
-        ref = reference / p.relative_to(cache)
-        assert p.read_bytes() == ref.read_bytes(), p
-    return len(entries)
+def cached_images(folder: Path, size: int) -> dict[str, bytes]:
+    """digest -> pixels of every image in the folder's finished packs."""
+    out = {}
+    for pack in sorted(folder.glob("*.npy")):
+        digests, images = _read_pack(pack, size)
+        out.update({d.tobytes().hex(): im.tobytes() for d, im in zip(digests, images, strict=True)})
+    return out
+
+
+def assert_cache_entries_exact(cache: Path, reference: Path, size: int) -> int:
+    """Every image in ``cache``'s finished packs is byte-identical to the uninterrupted run's image."""
+    ours, ref = cached_images(cache, size), cached_images(reference, size)
+    for digest, pixels in ours.items():
+        assert pixels == ref[digest], digest
+    return len(ours)
 
 
 @pytest.mark.slow
@@ -121,10 +129,11 @@ def test_sigkill_at_every_stage_then_resume_equals_uninterrupted_run(tmp_path, t
     status, log = runs.run("none", [*start, ref], ref_cache)
     assert status == 0, log
 
-    # 1. While building the cache: the 5th entry is half-written when the process group dies.
-    assert_killed(runs.run("cache:5", [*start, run], cache))
-    assert assert_cache_entries_exact(entries, ref_entries) == 4  # the 4 finished entries, each exact
-    assert len(temporaries(entries)) == 1  # the half-written 5th, under a name no run reads
+    # 1. While building the cache: the 2nd pack is half-written when the process group dies.
+    size = TINY_TRAIN["image_size"]
+    assert_killed(runs.run("cache:2", [*start, run], cache))
+    assert assert_cache_entries_exact(entries, ref_entries, size) == 8  # the first pack's 8 images, each exact
+    assert len(temporaries(entries)) == 1  # the half-written 2nd pack, under a name no run reads
     assert "last.pt" not in assert_run_dir_sound(run)
 
     # 2. While writing last.pt after epoch 2: the half-written file is a temporary one; last.pt still holds epoch 1.
@@ -132,7 +141,7 @@ def test_sigkill_at_every_stage_then_resume_equals_uninterrupted_run(tmp_path, t
     state = assert_run_dir_sound(run)
     assert state["last.pt"] == 1 and state["history.csv"] == 1
     assert len(temporaries(run)) == 1
-    assert assert_cache_entries_exact(entries, ref_entries) == 40  # the cache build finished on resume
+    assert assert_cache_entries_exact(entries, ref_entries, size) == 40  # the cache build finished on resume
 
     # 3. Mid-epoch: before this process's 5th optimiser step (epochs 2 and 3 have 3 steps each).
     log = assert_killed(runs.run("step:5", resume, cache))

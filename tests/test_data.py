@@ -9,7 +9,18 @@ import torch
 
 from cxr import data
 from cxr.config import load_config
-from cxr.data import Sample, carve_validation, patient_id, prepare, read_split_csv, scan, write_split_csv
+from cxr.data import (
+    Sample,
+    add_digests,
+    cache_folder,
+    cache_lookup,
+    carve_validation,
+    patient_id,
+    prepare,
+    read_split_csv,
+    scan,
+    write_split_csv,
+)
 from cxr.errors import DataError, UsageError
 from cxr.images import read_grayscale, resize_square
 
@@ -196,20 +207,28 @@ def test_cache_is_reused_and_invalidated(tmp_path, tiny_dataset, monkeypatch):
     assert len(decoded) == 8
 
 
-def test_cache_ignores_damaged_and_temporary_entries(tmp_path, tiny_dataset, monkeypatch):
+def test_cache_ignores_damaged_packs_and_temporary_files(tmp_path, tiny_dataset, monkeypatch):
     cfg = load_config(overrides={"image_size": 48, "cache_dir": str(tmp_path / "cache")})
-    split = scan(tiny_dataset / "test")["test"]
-    prepare(split, cfg, workers=1)
-    entries = sorted((tmp_path / "cache").rglob("*.npy"))
-    assert len(entries) == 8
-    entries[0].write_bytes(entries[0].read_bytes()[:50])  # as if cut short by a crash
+    found = scan(tiny_dataset)
+    for name in ("train", "test"):
+        prepare(found[name], cfg, workers=1)
+    folder = cache_folder(cfg)
+    test_digests = {s.digest for s in add_digests(found["test"]).samples}
+    (damaged,) = {pack for pack, _ in cache_lookup(folder, 48, test_digests).values()}  # 8 images: one pack
+    assert len(list(folder.glob("*.npy"))) > 1
+    damaged.write_bytes(damaged.read_bytes()[:5000])  # as if cut short by a crash
+    (folder / ".half.123.tmp").write_bytes(b"\x93NUMPY")  # a build killed mid-write leaves such a file
+    (folder / "stray.npy").write_bytes(b"not a pack")
     decoded = _count_decodes(monkeypatch)
-    prepare(split, cfg, workers=1)
-    assert len(decoded) == 1
+    prepare(found["train"], cfg, workers=1)
+    assert decoded == []  # the train pack is intact
+    again = prepare(found["test"], cfg, workers=1)
+    assert len(decoded) == len(found["test"].samples) == 8  # the damaged pack's images, decoded again
+    np.testing.assert_array_equal(again.images[0], resize_square(read_grayscale(again.samples[0].path), 48))
 
 
 def test_prepare_hashes_what_it_decodes(tmp_path, tiny_dataset):
-    from cxr.data import add_digests, file_digest
+    from cxr.data import file_digest
 
     split = scan(tiny_dataset / "test")["test"]
     assert all(not s.digest for s in split.samples)
@@ -217,13 +236,14 @@ def test_prepare_hashes_what_it_decodes(tmp_path, tiny_dataset):
     prepared = prepare(split, cfg, workers=1)
     assert [s.digest for s in prepared.samples] == [file_digest(s.path) for s in split.samples]
     assert prepared.samples == add_digests(split).samples
-    # Entries are stored under those digests, with no temporary file left beside them.
-    names = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
-    assert names == sorted(f"{s.digest}.npy" for s in prepared.samples)
+    # The cache holds those digests, in one pack, with no temporary file left beside it.
+    folder = cache_folder(cfg)
+    assert set(cache_lookup(folder, 32, {s.digest for s in prepared.samples})) == {s.digest for s in prepared.samples}
+    assert [p.suffix for p in folder.iterdir()] == [".npy"]
 
 
 def test_add_digests_in_threads_matches_serial(tmp_path):
-    from cxr.data import add_digests, file_digest
+    from cxr.data import file_digest
 
     from .conftest import make_dataset
 

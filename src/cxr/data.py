@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
-# Bumped whenever decoding or resizing changes, so that old cache entries are never trusted.
-PREPROCESS_VERSION = 1
+# Bumped whenever decoding, resizing or the cache's layout changes, so that old cache entries are never trusted.
+# 2: images stored in packs, not one file each.
+PREPROCESS_VERSION = 2
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)", re.IGNORECASE),
@@ -268,6 +269,15 @@ def read_split_csv(path: str | os.PathLike) -> dict[str, list[Sample]]:
 
 
 # ---------------------------------------------------------------------------------------------- the cache
+#
+# A cache folder holds packs: each pack is one ``.npy`` file with the images of one chunk of a build. Its array is
+# 1-D uint8: the k images' SHA-256 digests (32 bytes each) first, then their k pixel arrays (size x size each), so a
+# lookup reads only the front of each pack. One file per chunk instead of one per image: creating a file costs
+# 0.7 ms on the benchmark machine's ext4, a sixth of a draft decode (BENCHMARKS.md, figure 1), and far more on the
+# network file systems of clusters.
+
+_DIGEST_BYTES = 32
+_PACK_IMAGES = 64  # images per pack at most: the work an interrupted build can lose per worker
 
 
 def cache_folder(cfg: Config) -> Path:
@@ -275,56 +285,88 @@ def cache_folder(cfg: Config) -> Path:
     return Path(cfg.cache_dir) / f"v{PREPROCESS_VERSION}-size{cfg.image_size}-{'draft' if cfg.draft else 'full'}"
 
 
-def _entry_path(folder: Path, digest: str) -> Path:
-    return folder / digest[:2] / f"{digest}.npy"
-
-
-def _cache_job(job: tuple[str, str, str, int, bool, int]) -> tuple[str, str, np.ndarray | None, str]:
-    """Fill one cache entry (runs in a worker process). Returns (path, digest, pixels or None, error).
-
-    The file is read once: its bytes are hashed (when the digest is not known yet) and decoded from memory. With
-    the digest computed here, an entry another run already made is read back instead of decoded again.
-    """
-    path, digest, folder, size, draft, max_pixels = job
+def _read_pack(path: Path, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A pack's (digests (k, 32), images (k, size, size)), memory-mapped; None for a file that is not a whole pack."""
     try:
-        data = read_file(path)
-        if not digest:
-            digest = hashlib.sha256(data).hexdigest()
-            cached = _read_entry(_entry_path(Path(folder), digest), size)
-            if cached is not None:
-                return path, digest, cached, ""
-        pixels = load_image(data, size, name=path, max_pixels=max_pixels, draft=draft)
-    except ImageError as e:
-        return path, digest, None, str(e)
-    _write_entry(_entry_path(Path(folder), digest), pixels)
-    return path, digest, pixels, ""
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    row = _DIGEST_BYTES + size * size
+    if arr.dtype != np.uint8 or arr.ndim != 1 or arr.size == 0 or arr.size % row:
+        return None
+    k = arr.size // row
+    return arr[: k * _DIGEST_BYTES].reshape(k, _DIGEST_BYTES), arr[k * _DIGEST_BYTES:].reshape(k, size, size)
 
 
-def _write_entry(entry: Path, pixels: np.ndarray) -> None:
-    """Store one entry: a temporary file renamed into place, so an interrupted build leaves no entry a later run
-    would trust. Not fsynced: an entry is cheap to rebuild and its shape and type are checked when read
-    (:func:`_read_entry`), while the flush took as long as the decoding (BENCHMARKS.md, figure 1). Still atomic
-    against a killed process. The temporary name holds the process id, so two runs filling one cache do not collide.
-    """
-    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+def _packs(folder: Path) -> list[Path]:
+    """The folder's finished packs (temporary files start with a dot and are never read)."""
     try:
-        if not entry.parent.is_dir():
-            entry.parent.mkdir(parents=True, exist_ok=True)
+        return sorted(p for p in folder.iterdir() if p.suffix == ".npy" and not p.name.startswith("."))
+    except OSError:  # no cache yet
+        return []
+
+
+def cache_lookup(folder: Path, size: int, digests: set[str]) -> dict[str, tuple[Path, int]]:
+    """Where each of ``digests`` that the cache holds is stored: digest -> (pack, row). Damaged packs are skipped."""
+    found: dict[str, tuple[Path, int]] = {}
+    for path in _packs(folder):
+        pack = _read_pack(path, size)
+        if pack is None:
+            log.debug("ignoring damaged cache pack %s", path)
+            continue
+        for row, raw in enumerate(pack[0]):
+            digest = raw.tobytes().hex()
+            if digest in digests:
+                found.setdefault(digest, (path, row))
+    return found
+
+
+def _write_pack(folder: Path, digests: Sequence[str], images: Sequence[np.ndarray]) -> Path:
+    """Store decoded images as one pack: a temporary file renamed into place, so an interrupted build leaves no pack
+    a later run would trust. Its name comes from its digests, so two runs caching the same chunk write one pack. Not
+    fsynced: a pack is cheap to rebuild and its size is checked when read. The temporary name holds the process id,
+    so two runs filling one cache do not collide.
+    """
+    k, size = len(images), images[0].shape[0]
+    blob = np.empty(k * (_DIGEST_BYTES + size * size), np.uint8)
+    blob[: k * _DIGEST_BYTES] = np.frombuffer(b"".join(bytes.fromhex(d) for d in digests), np.uint8)
+    np.stack(images, out=blob[k * _DIGEST_BYTES:].reshape(k, size, size))
+    name = hashlib.sha256("".join(digests).encode()).hexdigest()[:32]
+    path = folder / f"{name}.npy"
+    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            np.save(f, pixels, allow_pickle=False)
-        os.replace(tmp, entry)
+            np.save(f, blob, allow_pickle=False)
+        os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise WriteError.from_os_error(entry, e) from e
+        raise WriteError.from_os_error(path, e) from e
+    return path
 
 
-def _read_entry(entry: Path, size: int) -> np.ndarray | None:
-    try:
-        arr = np.load(entry, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    return arr if arr.shape == (size, size) and arr.dtype == np.uint8 else None
+def _cache_chunk(chunk: list[tuple[int, str, str]], folder: str, size: int, draft: bool, max_pixels: int
+                 ) -> tuple[str, list[tuple[int, str, str]]]:
+    """Decode one chunk of images and store them as one pack (runs in a worker process).
+
+    ``chunk`` holds (row, path, digest or ""). Each file is read once: its bytes are hashed when the digest is not
+    known yet, and decoded from memory. Returns the pack's path ("" when nothing decoded) and (row, digest, error)
+    per image, in pack order for the decoded ones; the pixels travel through the pack, not the pipe.
+    """
+    done, failed, digests, images = [], [], [], []
+    for row, path, digest in chunk:
+        try:
+            data = read_file(path)
+            digest = digest or hashlib.sha256(data).hexdigest()
+            images.append(load_image(data, size, name=path, max_pixels=max_pixels, draft=draft))
+        except ImageError as e:
+            failed.append((row, digest, str(e)))
+            continue
+        digests.append(digest)
+        done.append((row, digest, ""))
+    pack = str(_write_pack(Path(folder), digests, images)) if images else ""
+    return pack, done + failed
 
 
 def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepared:
@@ -332,8 +374,8 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepare
 
     Entries are keyed by file content (SHA-256) and preprocessing parameters, so renamed or copied files
     reuse them and an edited file or a changed parameter is decoded again. Unreadable images are skipped
-    with a warning and listed in ``failures``. The returned samples carry their digests: samples that came without
-    one are hashed in the workers, from the bytes they decode.
+    with a warning and listed in ``failures``. The returned samples carry their digests: on a cold cache, samples
+    that came without one are hashed in the workers, from the bytes they decode.
     """
     size = cfg.image_size
     n = len(split.samples)
@@ -345,35 +387,47 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepare
         return Prepared(split.name, images, np.array([s.label for s in split.samples], np.int64), split.samples)
 
     folder = cache_folder(cfg)
-    ok = np.zeros(n, dtype=bool)
+    if _packs(folder) and not all(s.digest for s in split.samples):
+        split = add_digests(split)  # a lookup needs every digest; on a cold cache the workers hash instead
     digests = [s.digest for s in split.samples]
-    jobs, job_rows = [], []
-    for i, s in enumerate(split.samples):
-        arr = _read_entry(_entry_path(folder, s.digest), size) if s.digest else None
-        if arr is not None:
-            images[i], ok[i] = arr, True
-        else:
-            jobs.append((s.path, s.digest, str(folder), size, cfg.draft, cfg.max_pixels))
-            job_rows.append(i)
+    ok = np.zeros(n, dtype=bool)
+    by_pack: dict[Path, list[tuple[int, int]]] = {}
+    found = cache_lookup(folder, size, {d for d in digests if d}) if _packs(folder) else {}
+    for i, d in enumerate(digests):
+        if d in found:
+            pack, row = found[d]
+            by_pack.setdefault(pack, []).append((i, row))
+    todo = [(i, s.path, s.digest) for i, s in enumerate(split.samples) if s.digest not in found]
+    for pack, rows in by_pack.items():
+        _copy_from_pack(pack, size, rows, images, ok)
 
     failures: list[tuple[str, str]] = []
-    if jobs:
+    if todo:
         workers = workers or min(os.cpu_count() or 1, 8)
-        results_iter = map(_cache_job, jobs)
+        # Small chunks balance the workers; large ones amortise a pack's file (64 images: about 3 MB at 224 px).
+        per_chunk = max(8, min(_PACK_IMAGES, -(-len(todo) // (4 * workers))))
+        chunks = [todo[k:k + per_chunk] for k in range(0, len(todo), per_chunk)]
+        spec = (str(folder), size, cfg.draft, cfg.max_pixels)
         pool = None
-        if workers > 1 and len(jobs) >= 32:
+        if workers > 1 and len(todo) >= 32:
             # Workers only run PIL and NumPy (never torch), so the platform's default start method is safe.
             pool = ProcessPoolExecutor(max_workers=workers)
-            results_iter = pool.map(_cache_job, jobs, chunksize=8)
+            results = pool.map(_cache_chunk, chunks, *([x] * len(chunks) for x in spec))
+        else:
+            results = (_cache_chunk(chunk, *spec) for chunk in chunks)
+        paths = [s.path for s in split.samples]
         try:
-            with progress_bar(f"caching {split.name}", total=len(jobs), unit="img") as bar:
-                for i, (path, digest, arr, error) in zip(job_rows, results_iter, strict=True):
-                    if arr is None:
-                        failures.append((path, error))
-                        log.warning("skipping unreadable image: %s", error)
-                    else:
-                        images[i], ok[i], digests[i] = arr, True, digest
-                    bar.advance()
+            with progress_bar(f"caching {split.name}", total=len(todo), unit="img") as bar:
+                for pack, outcome in results:
+                    stored = [(i, row) for row, (i, _, error) in enumerate(outcome) if not error]
+                    if stored:
+                        _copy_from_pack(Path(pack), size, stored, images, ok)
+                    for i, digest, error in outcome:
+                        digests[i] = digest
+                        if error:
+                            failures.append((paths[i], error))
+                            log.warning("skipping unreadable image: %s", error)
+                    bar.advance(len(outcome))
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
@@ -387,6 +441,16 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepare
     kept = [replace(split.samples[i], digest=digests[i]) for i in rows]
     labels = np.array([s.label for s in kept], np.int64)
     return Prepared(split.name, images, labels, kept, failures)
+
+
+def _copy_from_pack(pack: Path, size: int, rows: list[tuple[int, int]], images: np.ndarray, ok: np.ndarray) -> None:
+    """Copy pack rows into ``images``: ``rows`` holds (index in images, row in the pack)."""
+    read = _read_pack(pack, size)
+    if read is None:  # removed or damaged since it was looked up or written: a real fault, not a cache miss
+        raise DataError(f"cache pack {pack} vanished or is damaged while in use; run again")
+    for i, row in rows:
+        images[i] = read[1][row]
+        ok[i] = True
 
 
 # ------------------------------------------------------------------------------------------- torch datasets
