@@ -6,7 +6,8 @@ turn, on a cold cache (a fresh cache folder per run):
 
 * ``naive PIL``: one process, ``Image.open(f).convert("L").resize((224, 224), BICUBIC)`` per file, nothing stored;
 * ``cxr prepare``: :func:`cxr.data.prepare` exactly as training calls it (SHA-256 of every file, decode, bicubic
-  resize, atomic ``.npy`` write), full decode or JPEG draft mode (``draft: true``), 1 worker or one per core;
+  resize, atomic write of a pack of up to 64 images), full decode or JPEG draft mode (``draft: true``), 1 worker or
+  one per core;
 * ``cxr prepare, warm``: the same call again once the cache holds every entry (what every later epoch and run pays);
 * ``MONAI CacheDataset``: peer 2's cache build (PIL load, channel first, resize, scale intensity), in memory only.
 

@@ -90,6 +90,14 @@ def memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_cache_table(per_image: dict[int, dict]) -> None:
+    print(f"\n{next(iter(per_image.values()))['entries']} images per size")
+    print("| image size | cache per image (bytes in packs) | on disk (bytes, file-system blocks) | in memory (bytes) |")
+    print("|---:|---:|---:|---:|")
+    for size, v in per_image.items():
+        print(f"| {size} | {v['bytes']:.0f} | {v['disk_bytes']:.0f} | {size * size} |")
+
+
 def cache_bytes(folder: Path, size: int) -> tuple[int, int, int]:
     """(images, bytes in the pack files, bytes the file system allocates for them)."""
     from cxr.data import _read_pack
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", action="store_true", help="every size with every batch (default: a cross at 224 / 32)")
     p.add_argument("--memory", action="store_true",
                    help="instead: the RAM prepare() needs per MB of pixels (use --repeat 20 or more)")
+    p.add_argument("--cache-only", action="store_true", help="only build the caches and print their size per image")
     p.add_argument("--json")
     # Child-process modes.
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -144,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             prepare(split, cfg)
             n, nbytes, disk = cache_bytes(cache_folder(cfg), size)
             per_image[size] = {"entries": n, "bytes": nbytes / n, "disk_bytes": disk / n}
+        if args.cache_only:
+            print_cache_table(per_image)
+            return 0
         results: dict[tuple[int, int], list[dict]] = {c: [] for c in configs}
         for r in range(args.rounds):
             for size, batch in configs:
@@ -180,10 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = cell([a / b["images_per_s"] for a, b in zip(ips, base, strict=True)], ".2f") + "x" if base else "-"
         print(f"| {size} | {batch} | {cell(ips)} | {ratio} | {cell([r['peak_rss_mb'] for r in runs], '.0f')} | "
               f"{cell([r['rss_after_data_mb'] for r in runs], '.0f')} |")
-    print("\n| image size | cache entry (bytes) | on disk (bytes, file-system blocks) | in memory (bytes) |")
-    print("|---:|---:|---:|---:|")
-    for size, v in per_image.items():
-        print(f"| {size} | {v['bytes']:.0f} | {v['disk_bytes']:.0f} | {size * size} |")
+    print_cache_table(per_image)
     medians = {c: statistics.median(r["images_per_s"] for r in runs) for c, runs in results.items()}
     dump_json(args.json, {"args": vars(args), "results": {f"{s}x{b}": v for (s, b), v in results.items()},
                           "medians": {f"{s}x{b}": v for (s, b), v in medians.items()}, "cache_per_image": per_image,

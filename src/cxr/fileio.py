@@ -20,7 +20,7 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
     The folder's fsync makes the rename itself durable, so after a power cut ``path`` is the old file or the new one.
 
     ``fsync=False`` skips the flush to disk (still atomic against a killed process, not against a power cut): for
-    cache entries, which are cheap to rebuild and whose flush cost as much as their decoding.
+    files that are cheap to rebuild.
 
     On any error the temporary file is removed and ``path`` is left as it was. An ``OSError`` (disk full,
     read-only file system, no permission) comes out as :class:`~cxr.errors.WriteError`, which names ``path``.
