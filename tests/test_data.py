@@ -258,10 +258,21 @@ def test_cache_build_in_parallel_matches_serial(tmp_path):
     from .conftest import make_dataset
 
     make_dataset(root, per_class=20, test_per_class=0)
+    # Unreadable files among the good ones: a chunk's pack holds only its decoded images, in their own order.
+    for name in ("NORMAL/a-empty.jpeg", "PNEUMONIA/m-bad.jpeg"):
+        (root / "train" / name).write_bytes(b"" if "empty" in name else b"not an image")
     split = scan(root)["train"]
+    assert len(split.samples) >= 32  # the process pool's path
     serial = prepare(split, load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "a")}), workers=1)
     parallel = prepare(split, load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "b")}), workers=2)
     np.testing.assert_array_equal(serial.images, parallel.images)
+    assert serial.samples == parallel.samples and len(parallel.samples) == len(split.samples) - 2
+    assert sorted(Path(p).name for p, _ in parallel.failures) == ["a-empty.jpeg", "m-bad.jpeg"]
+    for s, im in zip(parallel.samples, parallel.images, strict=True):
+        np.testing.assert_array_equal(im, resize_square(read_grayscale(s.path), 32), err_msg=s.path)
+    # Read back warm, from the packs the pool wrote.
+    warm = prepare(split, load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "b")}), workers=2)
+    np.testing.assert_array_equal(warm.images, parallel.images)
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"])
