@@ -387,12 +387,13 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepare
         return Prepared(split.name, images, np.array([s.label for s in split.samples], np.int64), split.samples)
 
     folder = cache_folder(cfg)
-    if _packs(folder) and not all(s.digest for s in split.samples):
+    warm = bool(_packs(folder))
+    if warm and not all(s.digest for s in split.samples):
         split = add_digests(split)  # a lookup needs every digest; on a cold cache the workers hash instead
     digests = [s.digest for s in split.samples]
     ok = np.zeros(n, dtype=bool)
     by_pack: dict[Path, list[tuple[int, int]]] = {}
-    found = cache_lookup(folder, size, {d for d in digests if d}) if _packs(folder) else {}
+    found = cache_lookup(folder, size, {d for d in digests if d}) if warm else {}
     for i, d in enumerate(digests):
         if d in found:
             pack, row = found[d]
