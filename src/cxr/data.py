@@ -272,9 +272,9 @@ def read_split_csv(path: str | os.PathLike) -> dict[str, list[Sample]]:
 #
 # A cache folder holds packs: each pack is one ``.npy`` file with the images of one chunk of a build. Its array is
 # 1-D uint8: the k images' SHA-256 digests (32 bytes each) first, then their k pixel arrays (size x size each), so a
-# lookup reads only the front of each pack. One file per chunk instead of one per image: creating a file costs
-# 0.7 ms on the benchmark machine's ext4, a sixth of a draft decode (BENCHMARKS.md, figure 1), and far more on the
-# network file systems of clusters.
+# lookup reads only the front of each pack. One file per chunk instead of one per image: creating a small file cost
+# 0.07 to 0.9 ms on the benchmark machine's ext4, up to a fifth of a draft image's time (BENCHMARKS.md, figure 1),
+# and costs milliseconds on the network file systems of clusters.
 
 _DIGEST_BYTES = 32
 _PACK_IMAGES = 64  # images per pack at most: the work an interrupted build can lose per worker
@@ -350,21 +350,22 @@ def _cache_chunk(chunk: list[tuple[int, str, str]], folder: str, size: int, draf
                  ) -> tuple[str, list[tuple[int, str, str]]]:
     """Decode one chunk of images and store them as one pack (runs in a worker process).
 
-    ``chunk`` holds (row, path, digest or ""). Each file is read once: its bytes are hashed when the digest is not
-    known yet, and decoded from memory. Returns the pack's path ("" when nothing decoded) and (row, digest, error)
-    per image, in pack order for the decoded ones; the pixels travel through the pack, not the pipe.
+    ``chunk`` holds (index in the split, path, digest or ""). Each file is read once: its bytes are hashed when the
+    digest is not known yet, and decoded from memory. Returns the pack's path ("" when nothing decoded) and
+    (index, digest, error) per image, the decoded ones first and in pack order; the pixels travel through the pack,
+    not the pipe.
     """
     done, failed, digests, images = [], [], [], []
-    for row, path, digest in chunk:
+    for i, path, digest in chunk:
         try:
             data = read_file(path)
             digest = digest or hashlib.sha256(data).hexdigest()
             images.append(load_image(data, size, name=path, max_pixels=max_pixels, draft=draft))
         except ImageError as e:
-            failed.append((row, digest, str(e)))
+            failed.append((i, digest, str(e)))
             continue
         digests.append(digest)
-        done.append((row, digest, ""))
+        done.append((i, digest, ""))
     pack = str(_write_pack(Path(folder), digests, images)) if images else ""
     return pack, done + failed
 
