@@ -40,6 +40,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="where decoded images are cached (default $CXR_CACHE_DIR or ~/.cache/cxr)")
     p.add_argument("--scheduler", choices=["cosine", "plateau", "none"])
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs (0: off)")
+    p.add_argument("--swa-epochs", type=int, help="epochs of stochastic weight averaging after the schedule (0: off); "
+                   "the average is kept when its validation loss is the lowest")
+    p.add_argument("--swa-lr", type=float, help="constant learning rate of the weight-averaging epochs (1e-4)")
     p.add_argument("--threshold-policy", choices=["youden", "sensitivity"])
     p.add_argument("--target-sensitivity", type=float, help="with --threshold-policy sensitivity (default 0.97)")
     p.add_argument("--amp", choices=["auto", "on", "off"], help="bf16 autocast (auto: on where it is fast)")
@@ -56,7 +59,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 _FLAG_FIELDS = ("data", "output", "epochs", "batch_size", "image_size", "lr", "weights", "arch", "seed", "device",
                 "val_source", "val_fraction", "cache_dir", "scheduler", "patience", "threshold_policy",
                 "target_sensitivity", "amp", "channels_last", "compile", "deterministic", "num_workers",
-                "max_train_batches")
+                "max_train_batches", "swa_epochs", "swa_lr")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,6 +82,10 @@ class Config:
     min_delta: float = 0.0
     max_train_batches: int = 0  # cap per epoch (0: no cap); for smoke tests and demos
     nan_policy: str = "stop"  # a non-finite loss: "stop" the run (last good checkpoint kept) or "skip" the batch
+    # Stochastic weight averaging (Izmailov et al. 2018): after the schedule (or early stopping), this many more
+    # epochs at the constant rate swa_lr, averaging the weights at the end of each; 0: off
+    swa_epochs: int = 0
+    swa_lr: float = 1e-4
 
     # Speed switches: correctness is the default, speed is on where it helps
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -114,6 +118,8 @@ class Config:
             (0 < self.scale_min <= self.scale_max, "scale_min must be > 0 and <= scale_max"),
             (self.std > 0, "std must be > 0"),
             (self.nan_policy in ("stop", "skip"), "nan_policy must be stop or skip"),
+            (self.swa_epochs >= 0, "swa_epochs must be >= 0"),
+            (self.swa_lr > 0, "swa_lr must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -7,6 +7,7 @@ Run directory (``cfg.output``)::
     history.csv          one row per epoch
     last.pt              checkpoint after the latest epoch, with optimiser state (for --resume)
     best.pt              checkpoint with the lowest validation loss, with the decision threshold
+    swa.pt               with swa_epochs: the averaged weights (also best.pt when their validation loss is lowest)
     metrics.json         evaluation of best.pt on train, val (and test)
     predictions_<split>.csv
     summary.json         data counts, unreadable files, stop reason, wall time
@@ -169,7 +170,8 @@ def _finite(tensors) -> bool:
 
 def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, optimizer: torch.optim.Optimizer, *,
                     cfg: Config, device: torch.device, bf16: bool, channels_last: bool, epoch: int,
-                    steps_per_epoch: int, total_steps: int, info: DistInfo | None = None) -> dict[str, float]:
+                    steps_per_epoch: int, total_steps: int, info: DistInfo | None = None,
+                    constant_lr: float | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, accuracy, images/s, the share of time spent waiting for data and
     the number of batches skipped for a non-finite loss or gradient.
 
@@ -179,6 +181,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, op
 
     A non-finite loss raises :class:`TrainingError` (``cfg.nan_policy == "stop"``), or (``"skip"``) the batch is
     dropped as if it had not been drawn: no optimiser step, and batch-norm running statistics restored.
+
+    ``constant_lr`` replaces the schedule for the whole epoch (the weight-averaging epochs).
     """
     world = info.world if info is not None else 1
     skip_bad = cfg.nan_policy == "skip"
@@ -188,12 +192,15 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, op
     totals = torch.zeros(4, dtype=torch.float64)  # weighted loss sum, weight sum, correct, seen
     wait = 0.0
     start = t_data = time.perf_counter()
-    with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch * cfg.batch_size, unit="img") as bar:
+    if constant_lr is not None:
+        _set_lr(optimizer, constant_lr)
+    label = f"epoch {epoch + 1}/{cfg.epochs}" if constant_lr is None else f"epoch {epoch + 1} (weight averaging)"
+    with progress_bar(label, total=steps_per_epoch * cfg.batch_size, unit="img") as bar:
         for step, (x, y) in enumerate(loader):
             if step >= steps_per_epoch:
                 break
             wait += time.perf_counter() - t_data
-            if cfg.scheduler == "cosine":
+            if cfg.scheduler == "cosine" and constant_lr is None:
                 _set_lr(optimizer, cosine_lr(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr))
             x = normalize(x.to(device, non_blocking=True), cfg.mean, cfg.std, channels_last)
             y = y.to(device, non_blocking=True)
@@ -265,16 +272,21 @@ def _write_history(path: Path, history: list[dict]) -> None:
 # ------------------------------------------------------------------------------------------------ the run
 
 
+# What ``--resume`` may change: more epochs (the cosine schedule stretches to the new end), another device, and weight
+# averaging added after the schedule (e.g. to a finished run).
+RESUMABLE = ("device", "epochs", "swa_epochs", "swa_lr")
+
+
 def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config, Checkpoint | None]:
     run_dir = Path(resume)
     if not (run_dir / "config.yaml").is_file():
         raise UsageError(f"--resume {run_dir}: not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    changed = {k: v for k, v in overrides.items() if v is not None and k not in ("output", "device", "epochs")}
+    changed = {k: v for k, v in overrides.items() if v is not None and k not in ("output",) + RESUMABLE}
     if changed:
-        raise UsageError(f"--resume continues a run as configured; only --epochs and --device may change "
-                         f"(got {', '.join(sorted(changed))})")
-    cfg = dataclasses.replace(cfg, output=str(run_dir), **{k: overrides[k] for k in ("device", "epochs")
+        raise UsageError(f"--resume continues a run as configured; only --epochs, --device, --swa-epochs and "
+                         f"--swa-lr may change (got {', '.join(sorted(changed))})")
+    cfg = dataclasses.replace(cfg, output=str(run_dir), **{k: overrides[k] for k in RESUMABLE
                                                             if overrides.get(k) is not None}).validate()
     last = run_dir / "last.pt"
     return cfg, (load_checkpoint(last) if last.is_file() else None)
@@ -290,7 +302,7 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
     Args:
         cfg: the run's config (ignored with ``resume``).
         resume: a run directory to continue from its ``last.pt`` (or from the start if it has none).
-        overrides: with ``resume``, flags that may change (``epochs``, ``device``).
+        overrides: with ``resume``, flags that may change (:data:`RESUMABLE`).
 
     Returns:
         The run directory.
@@ -438,6 +450,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
 
     history: list[dict] = []
     start_epoch, best_loss, bad_epochs, stop_reason = 0, math.inf, 0, ""
+    swa_start: int | None = None  # the first weight-averaging epoch (0-based), once the schedule is over
     if state is not None:
         model.load_state_dict(state.state_dict)
         optimizer.load_state_dict(state.extra["optimizer"])
@@ -447,7 +460,8 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         start_epoch = state.epoch
         best_loss, bad_epochs = state.extra["best_val_loss"], state.extra["bad_epochs"]
         stop_reason = state.extra.get("stop_reason", "")
-        if stop_reason.startswith("finished") and cfg.epochs > start_epoch:
+        swa_start = state.extra.get("swa_start")
+        if swa_start is None and stop_reason.startswith("finished") and cfg.epochs > start_epoch:
             stop_reason = ""  # resumed with a larger --epochs: train on (the cosine schedule stretches to the new end)
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     if info.main:
@@ -463,11 +477,20 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     if cfg.compile:
         step_model = torch.compile(step_model)
 
-    if device.type == "cpu" and info.main and start_epoch < cfg.epochs and not stop_reason:
+    averaged = _averaged_model(model, cfg, device, channels_last, state)
+    if device.type == "cpu" and info.main and (start_epoch < cfg.epochs and not stop_reason or averaged is not None):
         # Here, once the data and model are ready, so that a run that fails on its input says only why.
         warn_if_cpu_contended(torch.get_num_threads())
-    for epoch in range(start_epoch, cfg.epochs):
-        if stop_reason:
+    epoch = start_epoch - 1
+    while True:
+        epoch += 1
+        if swa_start is None and (stop_reason or epoch >= cfg.epochs):
+            if averaged is None:
+                break
+            swa_start = epoch  # the schedule is over (or stopped early): weight averaging follows
+            log.info("%s; now %d epoch(s) of weight averaging at lr %.2e", stop_reason or "schedule over",
+                     cfg.swa_epochs, cfg.swa_lr)
+        if swa_start is not None and epoch >= swa_start + cfg.swa_epochs:
             break
         # Seeded per epoch (and rank), so a resumed run draws the same batches and augmentations as an
         # uninterrupted one.
@@ -476,7 +499,10 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         row: dict = {"epoch": epoch + 1}
         row.update(train_one_epoch(step_model, loader, criterion, optimizer, cfg=cfg, device=device, bf16=bf16,
                                    channels_last=channels_last, epoch=epoch, steps_per_epoch=steps_per_epoch,
-                                   total_steps=total_steps, info=info))
+                                   total_steps=total_steps, info=info,
+                                   constant_lr=cfg.swa_lr if swa_start is not None else None))
+        if averaged is not None and swa_start is not None:
+            averaged.update_parameters(model)
         row["lr"] = optimizer.param_groups[0]["lr"]  # at the epoch's last step
         val = validate(model, prepared["val"], criterion, cfg=cfg, device=device, bf16=bf16,
                        channels_last=channels_last) if info.main else {}
@@ -490,7 +516,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         if not math.isfinite(row["val_loss"]):
             raise TrainingError(f"the validation loss is {row['val_loss']} after epoch {epoch + 1}; stopped, keeping "
                                 "the last good checkpoint")
-        if plateau is not None:
+        if plateau is not None and swa_start is None:
             plateau.step(row["val_loss"])
         history.append(row)
         improved = row["val_loss"] < best_loss - cfg.min_delta
@@ -498,19 +524,28 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
             best_loss, bad_epochs = row["val_loss"], 0
         else:
             bad_epochs += 1
-        if cfg.patience and bad_epochs >= cfg.patience:
+        if swa_start is not None:
+            pass  # the averaging epochs all run: early stopping ended the schedule, not them
+        elif cfg.patience and bad_epochs >= cfg.patience:
             stop_reason = f"early stopping: no better validation loss for {cfg.patience} epochs"
         elif epoch + 1 == cfg.epochs:
             stop_reason = f"finished {cfg.epochs} epochs"
         if info.main:
+            swa_state = {"swa_start": swa_start, "swa": averaged.state_dict()} if swa_start is not None else {}
             _save_epoch(run_dir, model, optimizer, plateau, cfg, row, history, best_loss, bad_epochs, stop_reason,
-                        improved)
+                        improved, swa_state)
         log.info("epoch %d/%d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc %.3f auroc %.3f  "
-                 "%.0f s  %.1f img/s  data wait %.0f%%%s", epoch + 1, cfg.epochs, row["lr"], row["train_loss"],
+                 "%.0f s  %.1f img/s  data wait %.0f%%%s", epoch + 1,
+                 cfg.epochs if swa_start is None else swa_start + cfg.swa_epochs, row["lr"], row["train_loss"],
                  row["train_acc"], row["val_loss"], row["val_acc"], row["val_auroc"], row["seconds"],
                  row["images_per_s"], 100 * row["data_wait"], "  *best*" if improved else "")
     if stop_reason:
         log.info("%s", stop_reason)
+    swa_summary = None
+    if averaged is not None and swa_start is not None and info.main:
+        swa_summary = _finish_averaging(averaged, run_dir, prepared, criterion, cfg, device, best_loss,
+                                        first=swa_start + 1, last=len(history))
+        stop_reason += f", then {cfg.swa_epochs} epoch(s) of weight averaging"
     if not info.main:
         barrier()  # wait for rank 0's evaluation, so no rank exits while the group is still in use
         return run_dir
@@ -519,31 +554,92 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     summary.update({"stop_reason": stop_reason, "epochs_run": len(history),
                     "skipped_batches": sum(int(h.get("skipped_batches", 0)) for h in history),
                     "best_epoch": int(np.argmin([h["val_loss"] for h in history]) + 1) if history else None,
+                    "swa": swa_summary,
                     "wall_seconds_this_session": round(time.perf_counter() - t_start, 1),
                     "device": str(device), "processes": info.world, "bf16": bf16, "channels_last": channels_last})
+    if swa_summary and swa_summary["kept"]:
+        summary["best_epoch"] = None  # the model is the average, not one epoch's weights
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     barrier()
     val_m = metrics["val"]
-    log.info("best checkpoint (epoch %s): val accuracy %.3f, sensitivity %.3f, specificity %.3f, AUROC %.3f at "
-             "threshold %.3f -> %s", summary["best_epoch"], val_m["accuracy"], val_m["recall"], val_m["specificity"],
+    which = f"average of epochs {swa_summary['first_epoch']}-{swa_summary['last_epoch']}" \
+        if summary["best_epoch"] is None and swa_summary else f"epoch {summary['best_epoch']}"
+    log.info("best checkpoint (%s): val accuracy %.3f, sensitivity %.3f, specificity %.3f, AUROC %.3f at "
+             "threshold %.3f -> %s", which, val_m["accuracy"], val_m["recall"], val_m["specificity"],
              val_m["auroc"], val_m["threshold"], run_dir)
     return run_dir
 
 
 def _save_epoch(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, plateau, cfg: Config, row: dict,
-                history: list[dict], best_loss: float, bad_epochs: int, stop_reason: str, improved: bool) -> None:
-    """best.pt when validation improved, then last.pt (with optimiser state), then history.csv: each atomic."""
+                history: list[dict], best_loss: float, bad_epochs: int, stop_reason: str, improved: bool,
+                swa_state: dict) -> None:
+    """best.pt when validation improved, then last.pt (with optimiser state and, while averaging, the running
+    average), then history.csv: each atomic."""
     weights_now = model.state_dict()
     if improved:
         save_checkpoint(Checkpoint(cfg.arch, weights_now, cfg, epoch=row["epoch"], val_loss=row["val_loss"]),
                         run_dir / "best.pt")
     extra = {"optimizer": optimizer.state_dict(), "history": history, "best_val_loss": best_loss,
-             "bad_epochs": bad_epochs, "stop_reason": stop_reason}
+             "bad_epochs": bad_epochs, "stop_reason": stop_reason, **swa_state}
     if plateau is not None:
         extra["plateau"] = plateau.state_dict()
     save_checkpoint(Checkpoint(cfg.arch, weights_now, cfg, epoch=row["epoch"], val_loss=row["val_loss"], extra=extra),
                     run_dir / "last.pt")
     _write_history(run_dir / "history.csv", history)
+
+
+def _averaged_model(model: nn.Module, cfg: Config, device: torch.device, channels_last: bool,
+                    state: Checkpoint | None) -> torch.optim.swa_utils.AveragedModel | None:
+    """The running weight average of the SWA epochs (None when ``cfg.swa_epochs`` is 0), restored on resume.
+
+    It averages a plain copy of the model, with ordinary batch norm even when training uses SyncBatchNorm, so that
+    rank 0 alone can recompute its statistics at the end. Every rank keeps one (the parameters are the same on all).
+    """
+    if not cfg.swa_epochs:
+        return None
+    plain = build_model(cfg.arch, "none").to(device)
+    if channels_last:
+        plain = plain.to(memory_format=torch.channels_last)
+    plain.load_state_dict(model.state_dict())
+    averaged = torch.optim.swa_utils.AveragedModel(plain)
+    if state is not None and "swa" in state.extra:
+        averaged.load_state_dict(state.extra["swa"])
+    return averaged
+
+
+def recompute_batch_norm(model: nn.Module, images: np.ndarray, cfg: Config, device: torch.device) -> None:
+    """Batch-norm running statistics of ``model`` recomputed from scratch over ``images`` (not augmented): averaged
+    weights never ran with the statistics of any one epoch (``torch.optim.swa_utils.update_bn``)."""
+    bf16, channels_last = use_bf16(cfg, device), use_channels_last(cfg, device)
+    batches = (normalize(torch.as_tensor(images[i:i + cfg.eval_batch_size]).unsqueeze(1).to(device), cfg.mean,
+                         cfg.std, channels_last) for i in range(0, len(images), cfg.eval_batch_size))
+    with torch.no_grad(), autocast(device, bf16):
+        torch.optim.swa_utils.update_bn(batches, model)
+    model.eval()
+
+
+def _finish_averaging(averaged: torch.optim.swa_utils.AveragedModel, run_dir: Path, prepared: dict[str, Prepared],
+                      criterion: nn.CrossEntropyLoss, cfg: Config, device: torch.device, best_loss: float, *,
+                      first: int, last: int) -> dict:
+    """Batch-norm statistics for the average, its validation loss, swa.pt; and best.pt when its loss is lowest.
+
+    Run again on resume if the process died here: the average is in last.pt, and the outcome is the same.
+    """
+    model = averaged.module
+    recompute_batch_norm(model, prepared["train"].images, cfg, device)
+    val = validate(model, prepared["val"], criterion, cfg=cfg, device=device, bf16=use_bf16(cfg, device),
+                   channels_last=use_channels_last(cfg, device))
+    ckpt = Checkpoint(cfg.arch, model.state_dict(), cfg, epoch=last, val_loss=val["val_loss"],
+                      extra={"averaged_epochs": [first, last]})
+    save_checkpoint(ckpt, run_dir / "swa.pt")
+    kept = val["val_loss"] < best_loss - cfg.min_delta
+    if kept:
+        save_checkpoint(ckpt, run_dir / "best.pt")
+    log.info("weight average of epochs %d-%d: val loss %.4f acc %.3f auroc %.3f (best single epoch: %.4f) -> %s",
+             first, last, val["val_loss"], val["val_acc"], val["val_auroc"], best_loss,
+             "best.pt" if kept else "swa.pt only")
+    return {"first_epoch": first, "last_epoch": last, "lr": cfg.swa_lr, **val, "best_epoch_val_loss": best_loss,
+            "kept": kept}
 
 
 def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config, device: torch.device) -> dict:
