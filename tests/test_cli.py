@@ -157,13 +157,98 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_data
     assert (straight / "history.csv").read_text().count("\n") == (interrupted / "history.csv").read_text().count("\n")
 
 
+def _run_recording_weights(train_mod, monkeypatch, overrides: dict) -> tuple[Path, list[dict]]:
+    """Train in-process; return the run directory and the model's weights at the end of every epoch."""
+    weights: list[dict] = []
+    real_save = train_mod._save_epoch
+
+    def recording_save(run_dir, model, *args, **kwargs):
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_save(run_dir, model, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_save_epoch", recording_save)
+    return train_mod.train(load_config(overrides=overrides)), weights
+
+
+@pytest.mark.parametrize("min_delta", [0.0, 100.0])  # 100: no average can beat the best epoch by that much
+def test_weight_averaging_averages_the_epochs_and_keeps_the_better(tmp_path, tiny_dataset, monkeypatch, min_delta):
+    import cxr.train as train_mod
+    from cxr.model import build_model
+
+    overrides = {**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 1, "swa_epochs": 2, "swa_lr": 3e-4,
+                 "min_delta": min_delta, "output": str(tmp_path / "run")}
+    run, weights = _run_recording_weights(train_mod, monkeypatch, overrides)
+    assert len(weights) == 3
+    history = read_csv(run / "history.csv")
+    assert [float(r["lr"]) for r in history[1:]] == [3e-4, 3e-4]  # the averaging epochs run at swa_lr
+
+    swa = load_checkpoint(run / "swa.pt")
+    params = {name for name, _ in build_model("densenet121", "none").named_parameters()}
+    for name in params:  # the mean of the weights after epochs 2 and 3, not of epoch 1
+        torch.testing.assert_close(swa.state_dict[name], (weights[1][name] + weights[2][name]) / 2)
+    # Batch-norm statistics recomputed for the averaged weights: those of no epoch.
+    for w in weights:
+        assert not torch.allclose(swa.state_dict["features.norm0.running_mean"], w["features.norm0.running_mean"])
+
+    summary = json.loads((run / "summary.json").read_text())
+    info = summary["swa"]
+    assert (info["first_epoch"], info["last_epoch"]) == (2, 3)
+    assert info["best_epoch_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in history[:1 if min_delta
+                                                                                                  else 3]), rel=1e-5)
+    assert info["kept"] == (info["val_loss"] < info["best_epoch_val_loss"] - min_delta)
+    best = load_checkpoint(run / "best.pt")
+    if min_delta:
+        assert not info["kept"] and best.epoch == 1 and summary["best_epoch"] == 1
+    if info["kept"]:
+        assert summary["best_epoch"] is None and best.val_loss == pytest.approx(info["val_loss"])
+        for name in params:
+            assert torch.equal(best.state_dict[name], swa.state_dict[name])
+    assert "weight averaging" in summary["stop_reason"]
+
+
+def test_resume_inside_weight_averaging_matches_uninterrupted_run(tmp_path, tiny_dataset, monkeypatch):
+    """Killed after the first averaging epoch, resumed: the same average as a run that went straight through."""
+    import cxr.train as train_mod
+
+    overrides = {**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 1, "swa_epochs": 2, "deterministic": True}
+    straight = train_mod.train(load_config(overrides={**overrides, "output": str(tmp_path / "straight")}))
+
+    real_validate = train_mod.validate
+    calls = {"n": 0}
+
+    def crash_on_third_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "validate", crash_on_third_epoch)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(load_config(overrides={**overrides, "output": str(interrupted)}))
+    last = load_checkpoint(interrupted / "last.pt")
+    assert last.epoch == 2 and last.extra["swa_start"] == 1 and int(last.extra["swa"]["n_averaged"]) == 1
+    monkeypatch.setattr(train_mod, "validate", real_validate)
+    train_mod.train(resume=interrupted)
+
+    a, b = load_checkpoint(straight / "swa.pt"), load_checkpoint(interrupted / "swa.pt")
+    for k in a.state_dict:
+        assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+    assert json.loads((straight / "summary.json").read_text())["swa"] == \
+        json.loads((interrupted / "summary.json").read_text())["swa"]
+
+
 def test_resume_through_the_cli(trained_run, tmp_path):
     _, run, _ = trained_run
     proc = cxr("train", "--resume", run, "--epochs", "3", "--no-report")
     assert "resuming" in proc.stderr
     assert load_checkpoint(run / "last.pt").epoch == 3
     bad = cxr("train", "--resume", run, "--lr", "0.5", check=False)
-    assert bad.returncode == 2 and "only --epochs and --device may change" in bad.stderr
+    assert bad.returncode == 2 and "only --epochs, --device, --swa-epochs and --swa-lr may change" in bad.stderr
+    # Weight averaging added to a finished run: one more epoch, averaged, and a model chosen.
+    proc = cxr("train", "--resume", run, "--swa-epochs", "1", "--no-report")
+    assert "weight average of epochs 4-4" in proc.stderr
+    assert load_checkpoint(run / "last.pt").epoch == 4 and (run / "swa.pt").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- bad input

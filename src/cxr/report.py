@@ -242,8 +242,10 @@ def _split_style(name: str) -> tuple[str, str, str]:
     return SPLIT_STYLE.get(name, (OKABE_ITO["purple"], ":", "D"))
 
 
-def plot_history(history: list[dict[str, float]], best_epoch: int | None = None):
-    """Loss, accuracy (with validation AUROC) and learning rate per epoch; the best epoch marked on each."""
+def plot_history(history: list[dict[str, float]], best_epoch: int | None = None, averaged: dict | None = None):
+    """Loss, accuracy (with validation AUROC) and learning rate per epoch; the best epoch marked on each, and the
+    weight-averaging epochs shaded (``averaged``: the ``swa`` entry of summary.json), with the average's validation
+    loss."""
     import matplotlib as mpl
     from matplotlib.ticker import MaxNLocator
 
@@ -268,8 +270,14 @@ def plot_history(history: list[dict[str, float]], best_epoch: int | None = None)
                    label="learning rate")
         ax_lr.set(title="Learning rate (at epoch end)", xlabel="epoch", ylabel="learning rate")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        if averaged:
+            ax_loss.plot([averaged["last_epoch"]], [averaged["val_loss"]], "*", color=OKABE_ITO["purple"],
+                         markersize=12, label="weight average, validation")
         for ax in (ax_loss, ax_acc, ax_lr):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if averaged:
+                ax.axvspan(averaged["first_epoch"] - 0.5, averaged["last_epoch"] + 0.5, color=OKABE_ITO["purple"],
+                           alpha=0.08, label="weights averaged")
             if best_epoch is not None:
                 ax.axvline(best_epoch, color=OKABE_ITO["purple"], linestyle=":", linewidth=2,
                            label=f"best epoch ({best_epoch})")
@@ -699,6 +707,12 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                       ("device", "device"), ("wall_seconds_this_session", "wall time (s)"), ("data", "data")):
         if summary.get(key) is not None:
             facts.append(f"<li>{html.escape(name)}: {html.escape(str(summary[key]))}</li>")
+    swa = summary.get("swa")
+    if swa:
+        facts.append(f"<li>weight averaging: epochs {swa['first_epoch']}-{swa['last_epoch']} at learning rate "
+                     f"{swa['lr']:.2g}; validation loss of the average {swa['val_loss']:.4f} against "
+                     f"{swa['best_epoch_val_loss']:.4f} for the best single epoch, so the model is "
+                     f"{'the average' if swa['kept'] else 'that epoch'}</li>")
     data_html = _table(["split", "NORMAL", "PNEUMONIA", "total", "unreadable"], rows) if rows else \
         "<p>No data counts recorded.</p>"
     bad = [(s, u) for s, items in unreadable.items() for u in items]
@@ -737,15 +751,19 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
 
     if art.history:
         best = summary.get("best_epoch")
-        if best is None:
+        if best is None and not (swa and swa.get("kept")):
             losses = [h["val_loss"] for h in art.history]
             best = int(art.history[int(np.nanargmin(losses))]["epoch"]) if not all(map(math.isnan, losses)) else None
-        path = _save(plot_history(art.history, best), pics / "history.png")
+        path = _save(plot_history(art.history, best, swa), pics / "history.png")
         sections.append(("training", "Training curves", _figure_html(
             path, "loss, accuracy and learning rate per epoch",
-            "Loss and accuracy per epoch on train (dashed) and validation (solid), with the learning rate; the dotted "
-            "line marks the best epoch (lowest validation loss), whose weights are the model. Training accuracy is "
-            "measured on augmented images while the weights change, validation after the epoch.")))
+            "Loss and accuracy per epoch on train (dashed) and validation (solid), with the learning rate. "
+            + ("The dotted line marks the best epoch (lowest validation loss)"
+               + (", whose weights are the model. " if not (swa and swa.get("kept")) else ". ") if best else "")
+            + ("The shaded epochs' weights were averaged; the star is the average's validation loss"
+               + (", and the average is the model. " if swa.get("kept") else ". ") if swa else "")
+            + "Training accuracy is measured on augmented images while the weights change, validation after the "
+            "epoch.")))
 
     cms = []
     for s in splits:

@@ -550,15 +550,14 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         barrier()  # wait for rank 0's evaluation, so no rank exits while the group is still in use
         return run_dir
 
-    metrics = finish(run_dir, prepared, cfg, device)
+    metrics, best_epoch = finish(run_dir, prepared, cfg, device)
     summary.update({"stop_reason": stop_reason, "epochs_run": len(history),
                     "skipped_batches": sum(int(h.get("skipped_batches", 0)) for h in history),
-                    "best_epoch": int(np.argmin([h["val_loss"] for h in history]) + 1) if history else None,
+                    # best.pt's epoch (not simply the lowest validation loss: min_delta may have passed it over)
+                    "best_epoch": None if swa_summary and swa_summary["kept"] else best_epoch,
                     "swa": swa_summary,
                     "wall_seconds_this_session": round(time.perf_counter() - t_start, 1),
                     "device": str(device), "processes": info.world, "bf16": bf16, "channels_last": channels_last})
-    if swa_summary and swa_summary["kept"]:
-        summary["best_epoch"] = None  # the model is the average, not one epoch's weights
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     barrier()
     val_m = metrics["val"]
@@ -642,8 +641,10 @@ def _finish_averaging(averaged: torch.optim.swa_utils.AveragedModel, run_dir: Pa
             "kept": kept}
 
 
-def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config, device: torch.device) -> dict:
-    """Choose the threshold on validation with ``best.pt``, store it there, and evaluate it on every split."""
+def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config, device: torch.device) -> tuple[dict, int]:
+    """Choose the threshold on validation with ``best.pt``, store it there, and evaluate it on every split.
+
+    Returns the metrics and best.pt's epoch."""
     best = load_checkpoint(run_dir / "best.pt")
     model = best.build(device)
     bf16, channels_last = use_bf16(cfg, device), use_channels_last(cfg, device)
@@ -659,5 +660,5 @@ def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config, device: to
     best.threshold_policy = cfg.threshold_policy if cfg.threshold_policy == "youden" else \
         f"sensitivity>={cfg.target_sensitivity}"
     save_checkpoint(best, run_dir / "best.pt")
-    return write_evaluation(run_dir, results, best.threshold)
+    return write_evaluation(run_dir, results, best.threshold), best.epoch
 
