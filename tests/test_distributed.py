@@ -117,6 +117,11 @@ def test_only_rank_zero_writes_and_the_run_completes(runs):
     _run(["train", "--resume", ddp, "--epochs", "3", "--no-report"], nproc=2, script=script)
     assert load_checkpoint(ddp / "last.pt").epoch == 3
     assert len(read_csv(ddp / "history.csv")) == 3
+    # Weight averaging under torchrun: every rank averages, rank 0 alone recomputes batch norm and decides.
+    proc = _run(["train", "--resume", ddp, "--swa-epochs", "1", "--no-report"], nproc=2, script=script)
+    assert proc.stderr.count("weight average of epochs 4-4") == 1
+    assert load_checkpoint(ddp / "swa.pt").extra["averaged_epochs"] == [4, 4]
+    assert json.loads((ddp / "summary.json").read_text())["swa"]["last_epoch"] == 4
 
 
 def test_sharded_prediction_under_torchrun_equals_one_process(runs, tmp_path):
