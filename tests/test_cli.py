@@ -206,21 +206,35 @@ def test_weight_averaging_averages_the_epochs_and_keeps_the_better(tmp_path, tin
     assert "weight averaging" in summary["stop_reason"]
 
 
-def test_batch_norm_is_recomputed_over_the_normalised_images():
+def test_batch_norm_is_recomputed_over_the_training_batches():
+    import numpy as np
+
     from cxr.config import Config
+    from cxr.data import Prepared
     from cxr.model import build_model, normalize
     from cxr.train import recompute_batch_norm
 
     torch.manual_seed(0)
-    model = build_model("densenet121", "none")
-    model.features.norm0.running_mean.fill_(5.0)  # stale statistics, as after averaging
     images = torch.randint(0, 256, (40, 32, 32), dtype=torch.uint8).numpy()
-    cfg = Config(amp="off", channels_last="off", eval_batch_size=20)  # two equal batches: their mean is the mean
-    recompute_batch_norm(model, images, cfg, torch.device("cpu"))
+    train = Prepared("train", images, np.arange(40) % 2, samples=[])
+    plain = dict(rotation=0.0, translate=0.0, scale_min=1.0, scale_max=1.0, brightness=0.0, contrast=0.0)
+    cfg = Config(amp="off", channels_last="off", batch_size=20, **plain)  # two equal batches: their mean is the mean
+
+    def norm0_after(config: Config) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = build_model("densenet121", "none")
+        model.features.norm0.running_mean.fill_(5.0)  # stale statistics, as after averaging
+        recompute_batch_norm(model, train, config, torch.device("cpu"), epoch=3)
+        assert not model.training
+        return model
+
+    model = norm0_after(cfg)
     with torch.no_grad():
         conv = model.features.conv0(normalize(torch.as_tensor(images).unsqueeze(1), cfg.mean, cfg.std, False))
     torch.testing.assert_close(model.features.norm0.running_mean, conv.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
-    assert not model.training
+    # With augmentation (the default config), the statistics are those of the augmented batches.
+    augmented = norm0_after(Config(amp="off", channels_last="off", batch_size=20))
+    assert not torch.allclose(augmented.features.norm0.running_var, model.features.norm0.running_var, rtol=1e-3)
 
 
 def test_resume_inside_weight_averaging_matches_uninterrupted_run(tmp_path, tiny_dataset, monkeypatch):
