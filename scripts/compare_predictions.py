@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 
 import numpy as np
@@ -22,7 +23,8 @@ def read(path: str) -> dict[str, tuple[int, float]]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     label_of = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
-    return {r["path"]: (label_of[r["label"]], float(r["prob_pneumonia"])) for r in rows}
+    # normpath: "/a/main/../runs/x.jpeg" (a relative --data from another folder) is "/a/runs/x.jpeg"
+    return {os.path.normpath(r["path"]): (label_of[r["label"]], float(r["prob_pneumonia"])) for r in rows}
 
 
 def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
