@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from cxr.config import load_config
+from cxr.config import Config, load_config
 from cxr.errors import CheckpointError, CxrError, UsageError
 from cxr.model import Checkpoint, build_model, load_checkpoint, normalize, save_checkpoint
 
@@ -221,3 +221,28 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_building_from_checkpoints_in_threads_leaves_torch_init_intact(tmp_path):
+    """Checkpoint.build switches torch.nn.init off while it builds; threads that overlap must not leave it off."""
+    import threading
+
+    originals = {n: getattr(torch.nn.init, n) for n in ("kaiming_normal_", "constant_", "normal_")}
+    ckpt = Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), Config())
+    errors: list[BaseException] = []
+
+    def build_some() -> None:
+        try:
+            for _ in range(4):
+                ckpt.build(torch.device("cpu"))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=build_some) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for name, fn in originals.items():
+        assert getattr(torch.nn.init, name) is fn, name

@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,16 +119,18 @@ def build_model(arch: str = "densenet121", weights: str = "none", num_classes: i
 
     if arch not in ARCHS:
         raise UsageError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
-    if weights == "imagenet":
-        model = _imagenet_model(arch)
-    else:
-        if weights != "none" and not Path(weights).is_file():
-            raise UsageError(f"--weights {weights!r}: expected 'imagenet', 'none' or the path of a state dict file")
-        model = torchvision.models.get_model(arch, weights=None)
-        if weights != "none":
-            _load_backbone(model, weights)
-    _to_one_channel(model)
-    _new_head(model, num_classes)
+    with _INIT_LOCK:  # never while another thread has torch.nn.init switched off (_skip_init)
+        if weights == "imagenet":
+            model = _imagenet_model(arch)
+        else:
+            if weights != "none" and not Path(weights).is_file():
+                raise UsageError(f"--weights {weights!r}: expected 'imagenet', 'none' or the path of a state dict "
+                                 "file")
+            model = torchvision.models.get_model(arch, weights=None)
+            if weights != "none":
+                _load_backbone(model, weights)
+        _to_one_channel(model)
+        _new_head(model, num_classes)
     return model
 
 
@@ -224,6 +227,11 @@ class Checkpoint:
         return model.to(device).eval()
 
 
+# Held while torch.nn.init is switched off, and by every model build: threads that build models at once (a service
+# loading checkpoints, say) neither restore each other's no-ops for good nor initialise a new model with them.
+_INIT_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _skip_init():
     """Make torch.nn.init's in-place initialisers no-ops while a network whose every tensor is loaded next is built.
@@ -231,19 +239,19 @@ def _skip_init():
     Tensors keep the uninitialised memory ``torch.empty`` gave them. The same trick as Hugging Face's
     ``no_init_weights``; torch.nn modules look the initialisers up on ``torch.nn.init`` at call time.
     """
-    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n))]
-    saved = {n: getattr(nn.init, n) for n in names}
-
     def skip(tensor, *args, **kwargs):
         return tensor
 
-    try:
-        for n in names:
-            setattr(nn.init, n, skip)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(nn.init, n, fn)
+    with _INIT_LOCK:  # the originals are read under the lock too, so they are never another build's no-ops
+        names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n))]
+        saved = {n: getattr(nn.init, n) for n in names}
+        try:
+            for n in names:
+                setattr(nn.init, n, skip)
+            yield
+        finally:
+            for n, fn in saved.items():
+                setattr(nn.init, n, fn)
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
