@@ -126,28 +126,34 @@ def test_predict_files_and_folders_with_a_bad_file(trained_run, tmp_path):
     assert len(doc["predictions"]) == 8 and "not a medical device" in doc["note"]
 
 
+def _straight_and_interrupted(train_mod, monkeypatch, tmp_path: Path, overrides: dict, crash_at: int):
+    """One run straight through, and one that dies at its ``crash_at``-th validation (mid-epoch, as a killed process
+    would); returns both run directories, the second not yet resumed."""
+    straight = train_mod.train(load_config(overrides={**overrides, "output": str(tmp_path / "straight")}))
+    real_validate = train_mod.validate
+    calls = {"n": 0}
+
+    def crash(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise KeyboardInterrupt  # as if the process died mid-run
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "validate", crash)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(load_config(overrides={**overrides, "output": str(interrupted)}))
+    monkeypatch.setattr(train_mod, "validate", real_validate)
+    return straight, interrupted
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_dataset, monkeypatch):
     """Kill a deterministic run after its first epoch, resume it, and compare with one that ran straight through."""
     import cxr.train as train_mod
 
     overrides = {**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 3, "deterministic": True}
-    straight = train_mod.train(load_config(overrides={**overrides, "output": str(tmp_path / "straight")}))
-
-    real_validate = train_mod.validate
-    calls = {"n": 0}
-
-    def crash_on_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # as if the process died mid-run
-        return real_validate(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "validate", crash_on_second_epoch)
-    interrupted = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.train(load_config(overrides={**overrides, "output": str(interrupted)}))
+    straight, interrupted = _straight_and_interrupted(train_mod, monkeypatch, tmp_path, overrides, crash_at=2)
     assert load_checkpoint(interrupted / "last.pt").epoch == 1
-    monkeypatch.setattr(train_mod, "validate", real_validate)
     train_mod.train(resume=interrupted)
 
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(interrupted / "last.pt")
@@ -242,24 +248,9 @@ def test_resume_inside_weight_averaging_matches_uninterrupted_run(tmp_path, tiny
     import cxr.train as train_mod
 
     overrides = {**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 1, "swa_epochs": 2, "deterministic": True}
-    straight = train_mod.train(load_config(overrides={**overrides, "output": str(tmp_path / "straight")}))
-
-    real_validate = train_mod.validate
-    calls = {"n": 0}
-
-    def crash_on_third_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_validate(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "validate", crash_on_third_epoch)
-    interrupted = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.train(load_config(overrides={**overrides, "output": str(interrupted)}))
+    straight, interrupted = _straight_and_interrupted(train_mod, monkeypatch, tmp_path, overrides, crash_at=3)
     last = load_checkpoint(interrupted / "last.pt")
     assert last.epoch == 2 and last.extra["swa_start"] == 1 and int(last.extra["swa"]["n_averaged"]) == 1
-    monkeypatch.setattr(train_mod, "validate", real_validate)
     train_mod.train(resume=interrupted)
 
     a, b = load_checkpoint(straight / "swa.pt"), load_checkpoint(interrupted / "swa.pt")
