@@ -176,11 +176,23 @@ def _run_recording_weights(train_mod, monkeypatch, overrides: dict) -> tuple[Pat
     return train_mod.train(load_config(overrides=overrides)), weights
 
 
-@pytest.mark.parametrize("min_delta", [0.0, 100.0])  # 100: no average can beat the best epoch by that much
-def test_weight_averaging_averages_the_epochs_and_keeps_the_better(tmp_path, tiny_dataset, monkeypatch, min_delta):
+@pytest.mark.parametrize("average_wins", [True, False])
+def test_weight_averaging_averages_the_epochs_and_keeps_the_better(tmp_path, tiny_dataset, monkeypatch, average_wins):
     import cxr.train as train_mod
     from cxr.model import build_model
 
+    # Each outcome forced, whatever the tiny run's losses: either the three epochs' validation losses are raised by
+    # 10 (validate's 4th call, the average's, is left alone), or min_delta 100 asks more than any average can give.
+    real_validate, calls = train_mod.validate, {"n": 0}
+
+    def epochs_look_worse(*args, **kwargs):
+        calls["n"] += 1
+        out = real_validate(*args, **kwargs)
+        return {**out, "val_loss": out["val_loss"] + 10.0} if calls["n"] <= 3 else out
+
+    if average_wins:
+        monkeypatch.setattr(train_mod, "validate", epochs_look_worse)
+    min_delta = 0.0 if average_wins else 100.0
     overrides = {**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 1, "swa_epochs": 2, "swa_lr": 3e-4,
                  "min_delta": min_delta, "output": str(tmp_path / "run")}
     run, weights = _run_recording_weights(train_mod, monkeypatch, overrides)
@@ -199,16 +211,19 @@ def test_weight_averaging_averages_the_epochs_and_keeps_the_better(tmp_path, tin
     summary = json.loads((run / "summary.json").read_text())
     info = summary["swa"]
     assert (info["first_epoch"], info["last_epoch"]) == (2, 3)
-    assert info["best_epoch_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in history[:1 if min_delta
-                                                                                                  else 3]), rel=1e-5)
-    assert info["kept"] == (info["val_loss"] < info["best_epoch_val_loss"] - min_delta)
+    losses = [float(r["val_loss"]) for r in history]
+    # best.pt's loss: the lowest of the three epochs, or (min_delta 100) epoch 1's, the only one that "improved"
+    assert info["best_epoch_val_loss"] == pytest.approx(min(losses) if average_wins else losses[0], rel=1e-5)
     best = load_checkpoint(run / "best.pt")
-    if min_delta:
-        assert not info["kept"] and best.epoch == 1 and summary["best_epoch"] == 1
-    if info["kept"]:
+    assert info["kept"] is average_wins
+    if average_wins:
         assert summary["best_epoch"] is None and best.val_loss == pytest.approx(info["val_loss"])
         for name in params:
             assert torch.equal(best.state_dict[name], swa.state_dict[name])
+        assert best.threshold_policy == "youden"  # finish() chose the threshold for the average
+    else:
+        assert best.epoch == 1 and summary["best_epoch"] == 1
+        assert not torch.equal(best.state_dict["features.conv0.weight"], swa.state_dict["features.conv0.weight"])
     assert "weight averaging" in summary["stop_reason"]
 
 
