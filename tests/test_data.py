@@ -323,3 +323,108 @@ def test_train_transform_keeps_shape_dtype_and_varies(tiny_dataset):
     assert not torch.equal(XrayDataset(prepared, train_transform(cfg), seed=1)[0][0], a)
     plain = XrayDataset(prepared)[0][0]
     assert torch.equal(plain[0], torch.from_numpy(prepared.images[0]))
+
+
+# ------------------------------------------------------------------------------------------- the digest memo
+
+
+def _count_hashes(monkeypatch) -> list[str]:
+    """Record the files whose bytes are hashed, by add_digests (file_digest) or by a cache build's workers."""
+    hashed: list[str] = []
+    real_digest, real_read = data.file_digest, data.read_file
+
+    def digest_spy(path):
+        hashed.append(str(path))
+        return real_digest(path)
+
+    def read_spy(path, **kwargs):
+        hashed.append(str(path))
+        return real_read(path, **kwargs)
+
+    monkeypatch.setattr(data, "file_digest", digest_spy)
+    monkeypatch.setattr(data, "read_file", read_spy)
+    return hashed
+
+
+def test_digest_memo_skips_unchanged_files_and_rehashes_changed_ones(tmp_path, tiny_dataset, monkeypatch):
+    import os
+
+    from cxr.data import file_digest
+
+    monkeypatch.setattr(data, "_RACY_NS", 0)  # files written a moment ago count as settled
+    cache = tmp_path / "cache"
+    split = scan(tiny_dataset / "test")["test"]
+    hashed = _count_hashes(monkeypatch)
+    first = add_digests(split, cache)
+    assert len(hashed) == 8 and (cache / "digests.sqlite").is_file()
+    assert [s.digest for s in first.samples] == [file_digest(s.path) for s in split.samples]
+    hashed.clear()
+    assert add_digests(split, cache).samples == first.samples
+    assert hashed == []  # every digest came from the memo
+
+    # Same size, same modification time, new bytes: the change time (which no tool sets back) still tells.
+    edited = Path(split.samples[0].path)
+    st = edited.stat()
+    raw = bytearray(edited.read_bytes())
+    raw[-3] ^= 0xFF
+    edited.write_bytes(bytes(raw))
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert edited.stat().st_size == st.st_size and edited.stat().st_mtime_ns == st.st_mtime_ns
+    # Moving a copy over a file gives it a new inode, whatever its times.
+    moved = Path(split.samples[1].path)
+    shutil.copy2(split.samples[2].path, moved.with_suffix(".tmp"))
+    os.replace(moved.with_suffix(".tmp"), moved)
+    hashed.clear()
+    again = add_digests(split, cache)
+    assert sorted(hashed) == sorted([str(edited), str(moved)])
+    assert [s.digest for s in again.samples] == [file_digest(s.path) for s in split.samples]
+    assert again.samples[0].digest != first.samples[0].digest
+    assert again.samples[1].digest == first.samples[2].digest
+
+
+def test_digest_memo_leaves_out_files_changed_just_now(tmp_path, tiny_dataset, monkeypatch):
+    """A file written within the clock tick of its hashing could change again without changing its stat()."""
+    split = scan(tiny_dataset / "test")["test"]  # written a moment ago
+    hashed = _count_hashes(monkeypatch)
+    add_digests(split, tmp_path / "cache")
+    add_digests(split, tmp_path / "cache")
+    assert len(hashed) == 16
+    assert data.DigestMemo(tmp_path / "cache").get([s.path for s in split.samples]) == {}
+
+
+def test_cache_build_fills_the_digest_memo_for_the_next_run(tmp_path, tiny_dataset, monkeypatch):
+    monkeypatch.setattr(data, "_RACY_NS", 0)
+    cfg = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "cache")})
+    hashed = _count_hashes(monkeypatch)
+    decoded = _count_decodes(monkeypatch)
+    first = prepare(scan(tiny_dataset / "test")["test"], cfg, workers=1)  # cold: each file read once, to decode
+    assert len(hashed) == len(decoded) == 8
+    hashed.clear()
+    decoded.clear()
+    warm = prepare(scan(tiny_dataset / "test")["test"], cfg, workers=1)  # fresh records, no digests
+    assert hashed == [] and decoded == []  # neither read nor decoded: digests from the memo, pixels from the packs
+    assert warm.samples == first.samples
+    np.testing.assert_array_equal(warm.images, first.images)
+
+
+def test_damaged_digest_memo_is_reported_and_bypassed(tmp_path, tiny_dataset, monkeypatch, caplog):
+    monkeypatch.setattr(data, "_RACY_NS", 0)
+    monkeypatch.setattr(data, "_memo_warned", set())
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "digests.sqlite").write_bytes(b"not a database, " * 100)
+    split = scan(tiny_dataset / "test")["test"]
+    with caplog.at_level("WARNING", logger="cxr.data"):
+        digests = [s.digest for s in add_digests(split, cache).samples]
+    assert digests == [s.digest for s in add_digests(split).samples]
+    assert "digests.sqlite not usable" in caplog.text and caplog.text.count("not usable") == 1
+
+
+def test_image_gone_before_a_warm_cache_lookup_is_skipped_not_fatal(tmp_path, tiny_dataset):
+    cfg = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "cache")})
+    prepare(scan(tiny_dataset / "test")["test"], cfg, workers=1)
+    split = scan(tiny_dataset / "test")["test"]
+    gone = Path(split.samples[3].path)
+    gone.unlink()  # between listing and reading, as on a shared file system being cleaned up
+    prepared = prepare(split, cfg, workers=1)
+    assert len(prepared.labels) == 7 and [f for f, _ in prepared.failures] == [str(gone)]

@@ -19,7 +19,9 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Sequence
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -195,18 +197,119 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True) -> dict[
     raise DataError(f"{root}: found neither split folders (train/val/test) nor class folders (NORMAL/PNEUMONIA)")
 
 
-def add_digests(split: Split) -> Split:
-    """Fill in each file sample's content digest (array sources keep an empty digest)."""
+def add_digests(split: Split, cache_dir: str | os.PathLike | None = None) -> Split:
+    """Fill in each file sample's content digest (array sources keep an empty digest).
+
+    With ``cache_dir``, a file whose ``stat()`` has not changed since it was hashed takes its digest from the
+    cache's :class:`DigestMemo` instead of being read again, and the digests computed here are remembered there. A
+    file that cannot be read gets an empty digest: its decode, later, reports why and skips it.
+    """
     if split.images is not None:
         return split
     todo = [s.path for s in split.samples if not s.digest]
+    if not todo:
+        return split
+    memo = DigestMemo(cache_dir) if cache_dir is not None else None
+    known = memo.get(todo) if memo is not None else {}
+
+    def one(path: str) -> tuple[str, StatKey | None]:
+        try:
+            st = os.stat(path)
+            key = stat_key(st)
+            if path in known and known[path][0] == key:
+                return known[path][1], None
+            return file_digest(path), key if settled(st) else None
+        except OSError:
+            return "", None
+
     if len(todo) >= 64:
-        # Hashing and reading release the GIL, so threads use every core without starting processes.
+        # Hashing, reading and stat() release the GIL, so threads use every core without starting processes.
         with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
-            found = dict(zip(todo, pool.map(file_digest, todo), strict=True))
+            found = dict(zip(todo, pool.map(one, todo), strict=True))
     else:
-        found = {path: file_digest(path) for path in todo}
-    return replace(split, samples=[replace(s, digest=s.digest or found[s.path]) for s in split.samples])
+        found = {path: one(path) for path in todo}
+    if memo is not None:
+        memo.put((path, key, digest) for path, (digest, key) in found.items() if key is not None and digest)
+    return replace(split, samples=[replace(s, digest=s.digest or found[s.path][0]) for s in split.samples])
+
+
+# ------------------------------------------------------------------------------------------ the digest memo
+#
+# Content digests key the cache, and a digest means reading every byte of the file: at 1 GB/s about 17 minutes per
+# terabyte of full-resolution X-rays, on every run and on every rank, although the cache already holds the pixels.
+# The memo remembers each file's digest beside what stat() said of it when it was hashed (size, modification and
+# change times in ns, inode, device), as git's index does: a file whose stat() still says the same is not read again.
+# Writing the file, copying or moving another over it, or touching it changes one of those fields, and it is hashed
+# again. A file changed within the same clock tick as the stat() that preceded its hashing could keep an identical
+# stat(), so files modified less than two seconds before they were hashed are not remembered ("racy" entries in git).
+
+StatKey = tuple[int, int, int, int, int]
+_MEMO_FILE = "digests.sqlite"
+_RACY_NS = 2_000_000_000  # two seconds: FAT's timestamp granularity, the coarsest in use
+_memo_warned: set[str] = set()
+
+
+def stat_key(st: os.stat_result) -> StatKey:
+    """What must be unchanged for a remembered digest to be trusted."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def settled(st: os.stat_result) -> bool:
+    """Whether a file last changed long enough ago that its digest may be remembered (see the note above)."""
+    return max(st.st_mtime_ns, st.st_ctime_ns) < time.time_ns() - _RACY_NS
+
+
+class DigestMemo:
+    """SHA-256 digests of files remembered by their ``stat()``, in ``CACHE_DIR/digests.sqlite``.
+
+    SQLite (in the standard library) because several runs may share one cache folder: its locking lets them read
+    and write the memo at once. The memo only saves work: when it cannot be read or written (a read-only or damaged
+    file, a file system without working locks) cxr says so once and hashes the files instead.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.path = Path(cache_dir) / _MEMO_FILE
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.path, timeout=60)
+        con.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, stat TEXT NOT NULL, "
+                    "sha256 TEXT NOT NULL)")
+        return con
+
+    def _unusable(self, e: Exception) -> None:
+        if str(self.path) not in _memo_warned:
+            _memo_warned.add(str(self.path))
+            log.warning("digest memo %s not usable (%s): hashing every file instead", self.path, e)
+
+    def get(self, paths: Sequence[str]) -> dict[str, tuple[StatKey, str]]:
+        """The remembered (stat key, digest) of each of ``paths`` the memo holds."""
+        absolute = {os.path.abspath(p): p for p in paths}
+        found: dict[str, tuple[StatKey, str]] = {}
+        try:
+            with contextlib.closing(self._connect()) as con:
+                keys = list(absolute)
+                for k in range(0, len(keys), 500):  # SQLite caps the number of parameters of one statement
+                    chunk = keys[k:k + 500]
+                    rows = con.execute(f"SELECT path, stat, sha256 FROM digests WHERE path IN "
+                                       f"({','.join('?' * len(chunk))})", chunk)
+                    for path, stat, digest in rows:
+                        found[absolute[path]] = (tuple(int(v) for v in stat.split(":")), digest)
+        except (sqlite3.Error, OSError, ValueError) as e:
+            self._unusable(e)
+            return {}
+        return found
+
+    def put(self, entries: Iterable[tuple[str, StatKey, str]]) -> None:
+        """Remember (path, stat key, digest) entries, replacing what the memo held for those paths."""
+        rows = [(os.path.abspath(p), ":".join(map(str, key)), digest) for p, key, digest in entries]
+        if not rows:
+            return
+        try:
+            with contextlib.closing(self._connect()) as con, con:
+                con.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?)", rows)
+        except (sqlite3.Error, OSError) as e:
+            self._unusable(e)
 
 
 def _groups(samples: Sequence[Sample]) -> np.ndarray:
@@ -347,25 +450,31 @@ def _write_pack(folder: Path, digests: Sequence[str], images: Sequence[np.ndarra
 
 
 def _cache_chunk(chunk: list[tuple[int, str, str]], folder: str, size: int, draft: bool, max_pixels: int
-                 ) -> tuple[str, list[tuple[int, str, str]]]:
+                 ) -> tuple[str, list[tuple[int, str, str, StatKey | None]]]:
     """Decode one chunk of images and store them as one pack (runs in a worker process).
 
     ``chunk`` holds (index in the split, path, digest or ""). Each file is read once: its bytes are hashed when the
     digest is not known yet, and decoded from memory. Returns the pack's path ("" when nothing decoded) and
-    (index, digest, error) per image, the decoded ones first and in pack order; the pixels travel through the pack,
-    not the pipe.
+    (index, digest, error, stat key) per image, the decoded ones first and in pack order; the stat key, taken before
+    the read, comes with a digest computed here that the digest memo may keep (else None). The pixels travel through
+    the pack, not the pipe.
     """
     done, failed, digests, images = [], [], [], []
     for i, path, digest in chunk:
+        key = None
         try:
+            if not digest:
+                with contextlib.suppress(OSError):  # read_file says what is wrong with the file
+                    st = os.stat(path)
+                    key = stat_key(st) if settled(st) else None
             data = read_file(path)
             digest = digest or hashlib.sha256(data).hexdigest()
             images.append(load_image(data, size, name=path, max_pixels=max_pixels, draft=draft))
         except ImageError as e:
-            failed.append((i, digest, str(e)))
+            failed.append((i, digest, str(e), key))
             continue
         digests.append(digest)
-        done.append((i, digest, ""))
+        done.append((i, digest, "", key))
     pack = str(_write_pack(Path(folder), digests, images)) if images else ""
     return pack, done + failed
 
@@ -390,7 +499,8 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepare
     folder = cache_folder(cfg)
     warm = bool(_packs(folder))
     if warm and not all(s.digest for s in split.samples):
-        split = add_digests(split)  # a lookup needs every digest; on a cold cache the workers hash instead
+        # A lookup needs every digest (remembered ones are not read again); on a cold cache the workers hash instead.
+        split = add_digests(split, cfg.cache_dir)
     digests = [s.digest for s in split.samples]
     ok = np.zeros(n, dtype=bool)
     by_pack: dict[Path, list[tuple[int, int]]] = {}
@@ -418,14 +528,17 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepare
         else:
             results = (_cache_chunk(chunk, *spec) for chunk in chunks)
         paths = [s.path for s in split.samples]
+        hashed: list[tuple[str, StatKey, str]] = []
         try:
             with progress_bar(f"caching {split.name}", total=len(todo), unit="img") as bar:
                 for pack, outcome in results:
-                    stored = [(i, row) for row, (i, _, error) in enumerate(outcome) if not error]
+                    stored = [(i, row) for row, (i, _, error, _) in enumerate(outcome) if not error]
                     if stored:
                         _copy_from_pack(Path(pack), size, stored, images, ok)
-                    for i, digest, error in outcome:
+                    for i, digest, error, key in outcome:
                         digests[i] = digest
+                        if key is not None and digest:
+                            hashed.append((paths[i], key, digest))
                         if error:
                             failures.append((paths[i], error))
                             log.warning("skipping unreadable image: %s", error)
@@ -433,6 +546,7 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepare
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
+        DigestMemo(cfg.cache_dir).put(hashed)  # the next run's lookup need not read these files again
 
     rows = np.flatnonzero(ok)
     if len(rows) < n:  # close the gaps of unreadable images in place (rows only move forward)

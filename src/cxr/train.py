@@ -108,15 +108,15 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True) 
             splits[name] = Split(name, [found[src].samples[i] for src, i in sources], images)
         return splits
 
-    train = add_digests(found["train"])
+    train = add_digests(found["train"], cfg.cache_dir)
     test = found.get("test")
     if cfg.val_source == "folder":
         if "val" not in found:
             raise DataError(f"{cfg.data}: --val-source folder, but there is no val split")
-        splits = {"train": train, "val": add_digests(found["val"])}
+        splits = {"train": train, "val": add_digests(found["val"], cfg.cache_dir)}
     else:
         # The given val folder (16 images in the Kermany release) joins the pool the validation split is carved from.
-        pool = train.samples + (add_digests(found["val"]).samples if "val" in found else [])
+        pool = train.samples + (add_digests(found["val"], cfg.cache_dir).samples if "val" in found else [])
         images = None
         if train.images is not None:
             images = np.concatenate([train.images] + ([found["val"].images] if "val" in found else []))
@@ -125,7 +125,7 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True) 
         pick = (lambda samples: images[[index[s.path] for s in samples]]) if images is not None else (lambda _: None)
         splits = {"train": Split("train", tr, pick(tr)), "val": Split("val", va, pick(va))}
     if test is not None:
-        splits["test"] = add_digests(test)
+        splits["test"] = add_digests(test, cfg.cache_dir)
     _check_classes("train", splits["train"].samples)
     _check_classes("val", splits["val"].samples)
     if write:
@@ -415,8 +415,8 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     torch.backends.cudnn.benchmark = not cfg.deterministic
     bf16, channels_last = use_bf16(cfg, device), use_channels_last(cfg, device)
 
-    splits = split_dataset(cfg, run_dir, resumed, write=info.main)
-    with local_main_first(info):  # one cache build per node; the node's other ranks read it
+    with local_main_first(info):  # one hashing and cache build per node; the node's other ranks reuse them
+        splits = split_dataset(cfg, run_dir, resumed, write=info.main)
         prepared = {name: prepare(split, cfg) for name, split in splits.items()}
     for name in ("train", "val"):
         if len(prepared[name].labels) == 0 or len(set(prepared[name].labels.tolist())) < 2:
