@@ -428,3 +428,53 @@ def test_image_gone_before_a_warm_cache_lookup_is_skipped_not_fatal(tmp_path, ti
     gone.unlink()  # between listing and reading, as on a shared file system being cleaned up
     prepared = prepare(split, cfg, workers=1)
     assert len(prepared.labels) == 7 and [f for f, _ in prepared.failures] == [str(gone)]
+
+
+# ------------------------------------------------------------------------------ one copy of a split per node
+
+
+def test_prepare_shared_maps_one_file_for_every_process(tmp_path, tiny_dataset, monkeypatch, caplog):
+    from cxr.data import prepare_shared
+
+    cfg = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "cache")})
+    (tiny_dataset / "test" / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8 not a jpeg")
+    split = scan(tiny_dataset / "test")["test"]
+    with caplog.at_level("WARNING", logger="cxr.data"):
+        in_memory = prepare(split, cfg, workers=1)
+        built = prepare_shared(split, cfg, build=True)  # the node's first process
+    assert [f for f, _ in in_memory.failures] == [f for f, _ in built.failures] == [str(tiny_dataset / "test" /
+                                                                                        "NORMAL" / "broken.jpeg")]
+    (shared_file,) = (data.cache_folder(cfg) / "splits").glob("*.npy")
+    decoded = _count_decodes(monkeypatch)
+    other = prepare_shared(scan(tiny_dataset / "test")["test"], cfg, build=False)  # another rank, fresh records
+    assert decoded == [] and "no shared copy" not in caplog.text
+    for p in (built, other):
+        assert isinstance(p.images, np.memmap) and Path(p.images.filename) == shared_file
+        np.testing.assert_array_equal(p.images, in_memory.images)
+        assert p.samples == in_memory.samples and p.failures == in_memory.failures
+        np.testing.assert_array_equal(p.labels, in_memory.labels)
+    other.images[0] = 0  # copy-on-write: a process that writes changes only its own pages, never the file
+    np.testing.assert_array_equal(np.load(shared_file)[0], in_memory.images[0])
+
+
+def test_prepare_shared_without_a_builder_or_with_a_damaged_copy(tmp_path, tiny_dataset, caplog):
+    from cxr.data import prepare_shared
+
+    cfg = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "cache")})
+    split = scan(tiny_dataset / "test")["test"]
+    expected = prepare(split, cfg, workers=1)
+    with caplog.at_level("WARNING", logger="cxr.data"):
+        alone = prepare_shared(split, cfg, build=False)  # the builder failed: this process prepares its own
+    assert "no shared copy of the test split" in caplog.text and not isinstance(alone.images, np.memmap)
+    np.testing.assert_array_equal(alone.images, expected.images)
+
+    prepare_shared(split, cfg, build=True)
+    (meta,) = (data.cache_folder(cfg) / "splits").glob("*.json")
+    meta.write_text('{"kept": [[99, "x"]], "failures": []}')  # rows the split does not have
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cxr.data"):
+        rebuilt = prepare_shared(split, cfg, build=True)
+    assert "ignoring the damaged shared copy" in caplog.text
+    np.testing.assert_array_equal(rebuilt.images, expected.images)
+    assert rebuilt.samples == expected.samples
+    np.testing.assert_array_equal(prepare_shared(split, cfg, build=False).images, expected.images)

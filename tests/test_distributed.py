@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +109,10 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
 
 
 def test_only_rank_zero_writes_and_the_run_completes(runs):
-    _, _, ddp, _, proc, script = runs
+    data, _, ddp, _, proc, script = runs
+    # Each split's pixels were prepared once for the node, into one file that both ranks mapped.
+    assert len(list((Path(data).parent / "cache").glob("v*/splits/*.npy"))) == 3  # train, val, test
+    assert "no shared copy" not in proc.stderr and "damaged shared copy" not in proc.stderr
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["stop_reason"] == "finished 2 epochs"
     assert proc.stderr.count("epoch 2/2  lr") == 1  # one log line per epoch, from rank 0

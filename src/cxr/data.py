@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import json
 import logging
 import os
 import re
@@ -479,18 +480,45 @@ def _cache_chunk(chunk: list[tuple[int, str, str]], folder: str, size: int, draf
     return pack, done + failed
 
 
-def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepared:
+def prepare(split: Split, cfg: Config, *, workers: int | None = None, out: Path | None = None) -> Prepared:
     """Decode and resize every image of ``split`` to ``cfg.image_size``, through the on-disk cache.
 
     Entries are keyed by file content (SHA-256) and preprocessing parameters, so renamed or copied files
     reuse them and an edited file or a changed parameter is decoded again. Unreadable images are skipped
     with a warning and listed in ``failures``. The returned samples carry their digests: on a cold cache, samples
     that came without one are hashed in the workers, from the bytes they decode.
+
+    With ``out`` (a file split: see :func:`prepare_shared`), the pixels go into that ``.npy`` file instead of memory,
+    written under a temporary name and renamed into place once whole; the returned images map it. Rows past the
+    readable images' count are left unused.
     """
     size = cfg.image_size
     n = len(split.samples)
     # Every image goes straight into one preallocated array, so the peak is the data's size once, not twice.
-    images = np.empty((n, size, size), np.uint8)
+    if out is None or n == 0:
+        return _fill(split, cfg, np.empty((n, size, size), np.uint8), workers)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # never read: not a finished .npy name
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size))
+        prepared = _fill(split, cfg, images, workers)
+        images.flush()
+        del images
+        os.replace(tmp, out)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError.from_os_error(out, e) from e
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return replace(prepared, images=np.load(out, mmap_mode="c")[:len(prepared.labels)])
+
+
+def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) -> Prepared:
+    """:func:`prepare`'s work, into ``images`` (N, S, S); returns the Prepared split with its rows (compacted)."""
+    size = cfg.image_size
+    n = len(split.samples)
     if split.images is not None:
         for i, im in enumerate(split.images):
             images[i] = resize_square(im, size)
@@ -557,6 +585,54 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None) -> Prepare
     kept = [replace(split.samples[i], digest=digests[i]) for i in rows]
     labels = np.array([s.label for s in kept], np.int64)
     return Prepared(split.name, images, labels, kept, failures)
+
+
+def prepare_shared(split: Split, cfg: Config, *, build: bool) -> Prepared:
+    """:func:`prepare` for the processes of one node (the ranks of a torchrun): the pixels once per node, not per rank.
+
+    The process with ``build`` prepares the split into one ``.npy`` file in the cache folder (``splits/``, named from
+    the split's name, paths and digests), with a JSON file beside it for the rows and the unreadable images; every
+    process then maps that file copy-on-write, never writing it, so the node's page cache holds the pixels once and
+    each process's own memory holds none of them. The other processes must start after the builder has finished
+    (:func:`cxr.distributed.local_main_first`); one that finds no file (the builder failed) prepares in memory. A
+    later run of the same split (``--resume``, or the same data and split again) maps the file already there: delete
+    ``splits/`` when no run uses it to get the disk space back. Array sources (``.npz``) are prepared in memory.
+    """
+    if split.images is not None or not split.samples:
+        return prepare(split, cfg)
+    split = add_digests(split, cfg.cache_dir)
+    name = hashlib.sha256(json.dumps([split.name, [[s.path, s.digest] for s in split.samples]]).encode()).hexdigest()
+    npy = cache_folder(cfg) / "splits" / f"{name[:32]}.npy"
+    meta = npy.with_suffix(".json")
+    shared = _open_shared(split, cfg, npy, meta)
+    if shared is not None:  # built by this node's first process, or by an earlier run of the same split
+        return shared
+    if not build:
+        log.warning("no shared copy of the %s split in %s: preparing it in this process", split.name, npy.parent)
+        return prepare(split, cfg)
+    prepared = prepare(split, cfg, out=npy)
+    index = {s.path: i for i, s in enumerate(split.samples)}
+    record = {"kept": [[index[s.path], s.digest] for s in prepared.samples], "failures": prepared.failures}
+    with atomic_path(meta, fsync=False) as tmp:  # written last: its presence says the .npy is whole
+        tmp.write_text(json.dumps(record))
+    return prepared
+
+
+def _open_shared(split: Split, cfg: Config, npy: Path, meta: Path) -> Prepared | None:
+    """The split as :func:`prepare_shared` stored it, mapped; None when it is not there or not whole."""
+    try:
+        record = json.loads(meta.read_text())
+        images = np.load(npy, mmap_mode="c")
+        kept = [replace(split.samples[i], digest=d) for i, d in record["kept"]]
+        failures = [(path, reason) for path, reason in record["failures"]]
+        if images.shape[1:] != (cfg.image_size, cfg.image_size) or len(images) < len(kept):
+            raise ValueError(f"it holds an array of shape {images.shape}")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        log.warning("ignoring the damaged shared copy %s (%s)", npy, e)
+        return None
+    return Prepared(split.name, images[:len(kept)], np.array([s.label for s in kept], np.int64), kept, failures)
 
 
 def _copy_from_pack(pack: Path, size: int, rows: list[tuple[int, int]], images: np.ndarray, ok: np.ndarray) -> None:

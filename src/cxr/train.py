@@ -38,6 +38,7 @@ from cxr.data import (
     add_digests,
     carve_validation,
     prepare,
+    prepare_shared,
     read_split_csv,
     scan,
     train_transform,
@@ -417,7 +418,10 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
 
     with local_main_first(info):  # one hashing and cache build per node; the node's other ranks reuse them
         splits = split_dataset(cfg, run_dir, resumed, write=info.main)
-        prepared = {name: prepare(split, cfg) for name, split in splits.items()}
+        if info.active:  # the pixels once per node, in one file every rank maps, not once per rank
+            prepared = {name: prepare_shared(split, cfg, build=info.local_rank == 0) for name, split in splits.items()}
+        else:
+            prepared = {name: prepare(split, cfg) for name, split in splits.items()}
     for name in ("train", "val"):
         if len(prepared[name].labels) == 0 or len(set(prepared[name].labels.tolist())) < 2:
             raise DataError(f"the {name} split has too few readable images of each class "
