@@ -266,7 +266,12 @@ def test_resume_inside_weight_averaging_matches_uninterrupted_run(tmp_path, tiny
     straight, interrupted = _straight_and_interrupted(train_mod, monkeypatch, tmp_path, overrides, crash_at=3)
     last = load_checkpoint(interrupted / "last.pt")
     assert last.epoch == 2 and last.extra["swa_start"] == 1 and int(last.extra["swa"]["n_averaged"]) == 1
+    checks = []  # the busy-CPU check runs only when epochs are left to train
+    monkeypatch.setattr(train_mod, "warn_if_cpu_contended", lambda threads: checks.append(threads) or False)
     train_mod.train(resume=interrupted)
+    assert len(checks) == 1
+    train_mod.train(resume=interrupted)  # finished: only the averaging's finish runs again
+    assert len(checks) == 1
 
     a, b = load_checkpoint(straight / "swa.pt"), load_checkpoint(interrupted / "swa.pt")
     for k in a.state_dict:

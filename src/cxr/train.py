@@ -482,7 +482,9 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         step_model = torch.compile(step_model)
 
     averaged = _averaged_model(model, cfg, device, channels_last, state)
-    if device.type == "cpu" and info.main and (start_epoch < cfg.epochs and not stop_reason or averaged is not None):
+    epochs_left = (start_epoch < cfg.epochs and not stop_reason or averaged is not None
+                   and (swa_start is None or start_epoch < swa_start + cfg.swa_epochs))
+    if device.type == "cpu" and info.main and epochs_left:
         # Here, once the data and model are ready, so that a run that fails on its input says only why.
         warn_if_cpu_contended(torch.get_num_threads())
     epoch = start_epoch - 1
