@@ -36,6 +36,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -52,14 +53,15 @@ API = "/api/v1"
 BACKENDS = ("torch", "onnx")
 _MULTIPART_OVERHEAD = 64 * 1024  # boundary lines and part headers on top of the file itself
 
-# The page and the API load nothing from elsewhere; the OpenAPI pages are FastAPI's, which load Swagger UI and
-# ReDoc from a CDN with inline scripts, so they get a CSP that allows exactly that.
+# Nothing loads from elsewhere, so the service works on a network without internet access: the page and the API
+# by construction, the OpenAPI pages (Swagger UI, ReDoc) because fastapi-offline ships their scripts and the service
+# serves them (FastAPI's own pages fetch them from a CDN). Those pages start with inline scripts, so their CSP allows
+# inline code, still from this server only.
 _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; object-src 'none'; "
         "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-_DOCS_CSP = ("default-src 'self'; img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
-             "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
-             "script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; font-src 'self' https://fonts.gstatic.com; "
-             "worker-src blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+_DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+             "script-src 'self' 'unsafe-inline'; font-src 'self'; worker-src blob:; object-src 'none'; "
+             "base-uri 'none'; frame-ancestors 'none'")
 _DOCS_PATHS = ("/docs", "/redoc")
 
 
@@ -450,8 +452,9 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
     admitted = [0]  # requests running or waiting for a worker (only touched on the event loop)
     started = time.monotonic()
 
-    app = FastAPI(
-        title="cxr", version=__version__,
+    app = FastAPIOffline(
+        title="cxr", version=__version__, static_url="/static-docs",
+        swagger_ui_parameters={"validatorUrl": None},  # Swagger UI would ask swagger.io to validate the schema
         description="Chest X-ray classification (NORMAL vs PNEUMONIA) with a DenseNet. " + DISCLAIMER,
     )
     app.state.engine, app.state.limits = engine, limits
