@@ -478,3 +478,11 @@ def test_prepare_shared_without_a_builder_or_with_a_damaged_copy(tmp_path, tiny_
     np.testing.assert_array_equal(rebuilt.images, expected.images)
     assert rebuilt.samples == expected.samples
     np.testing.assert_array_equal(prepare_shared(split, cfg, build=False).images, expected.images)
+
+    (npy,) = (data.cache_folder(cfg) / "splits").glob("*.npy")
+    npy.write_bytes(npy.read_bytes()[:5000])  # cut short
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cxr.data"):
+        again = prepare_shared(split, cfg, build=False)
+    assert "ignoring the damaged shared copy" in caplog.text and "no shared copy" in caplog.text
+    np.testing.assert_array_equal(again.images, expected.images)
