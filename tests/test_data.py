@@ -486,3 +486,22 @@ def test_prepare_shared_without_a_builder_or_with_a_damaged_copy(tmp_path, tiny_
         again = prepare_shared(split, cfg, build=False)
     assert "ignoring the damaged shared copy" in caplog.text and "no shared copy" in caplog.text
     np.testing.assert_array_equal(again.images, expected.images)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unwritable_cache_decodes_without_it(tmp_path, workers, caplog):
+    from cxr.data import prepare_shared
+
+    from .conftest import make_dataset
+
+    split = scan(make_dataset(tmp_path / "d", per_class=20, test_per_class=0))["train"]  # 40: the pool path
+    expected = prepare(split, load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "ok")}), workers=1)
+    (tmp_path / "a-file").write_text("")
+    cfg = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "a-file" / "cache")})
+    with caplog.at_level("WARNING", logger="cxr.data"):
+        got = prepare(split, cfg, workers=workers)
+        shared = prepare_shared(split, cfg, build=True)
+    assert "cannot write to the image cache" in caplog.text and "not usable" not in caplog.text
+    for p in (got, shared):
+        np.testing.assert_array_equal(p.images, expected.images)
+        assert p.samples == expected.samples and p.failures == []

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -451,14 +452,14 @@ def _write_pack(folder: Path, digests: Sequence[str], images: Sequence[np.ndarra
 
 
 def _cache_chunk(chunk: list[tuple[int, str, str]], folder: str, size: int, draft: bool, max_pixels: int
-                 ) -> tuple[str, list[tuple[int, str, str, StatKey | None]]]:
+                 ) -> tuple[str, list[tuple[int, str, str, StatKey | None]], np.ndarray | None]:
     """Decode one chunk of images and store them as one pack (runs in a worker process).
 
     ``chunk`` holds (index in the split, path, digest or ""). Each file is read once: its bytes are hashed when the
     digest is not known yet, and decoded from memory. Returns the pack's path ("" when nothing decoded) and
     (index, digest, error, stat key) per image, the decoded ones first and in pack order; the stat key, taken before
     the read, comes with a digest computed here that the digest memo may keep (else None). The pixels travel through
-    the pack, not the pipe.
+    the pack, not the pipe, unless ``folder`` is "" (no writable cache): then they come back as a third item.
     """
     done, failed, digests, images = [], [], [], []
     for i, path, digest in chunk:
@@ -476,8 +477,23 @@ def _cache_chunk(chunk: list[tuple[int, str, str]], folder: str, size: int, draf
             continue
         digests.append(digest)
         done.append((i, digest, "", key))
+    if not folder:
+        return "", done + failed, np.stack(images) if images else None
     pack = str(_write_pack(Path(folder), digests, images)) if images else ""
-    return pack, done + failed
+    return pack, done + failed, None
+
+
+def _cache_writable(folder: Path) -> bool:
+    """Whether cache packs can be written in ``folder``; if not, say so once, and images are decoded without it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        log.warning("cannot write to the image cache %s (%s): decoding without it, so again on every run; set "
+                    "--cache-dir or CXR_CACHE_DIR to a writable folder", folder, e.strerror or e)
+        return False
+    return True
 
 
 def prepare(split: Split, cfg: Config, *, workers: int | None = None, out: Path | None = None) -> Prepared:
@@ -547,7 +563,8 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
         # Small chunks balance the workers; large ones amortise a pack's file (64 images: about 3 MB at 224 px).
         per_chunk = max(8, min(_PACK_IMAGES, -(-len(todo) // (4 * workers))))
         chunks = [todo[k:k + per_chunk] for k in range(0, len(todo), per_chunk)]
-        spec = (str(folder), size, cfg.draft, cfg.max_pixels)
+        store = _cache_writable(folder)
+        spec = (str(folder) if store else "", size, cfg.draft, cfg.max_pixels)
         pool = None
         if workers > 1 and len(todo) >= 32:
             # Workers only run PIL and NumPy (never torch), so the platform's default start method is safe.
@@ -559,10 +576,13 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
         hashed: list[tuple[str, StatKey, str]] = []
         try:
             with progress_bar(f"caching {split.name}", total=len(todo), unit="img") as bar:
-                for pack, outcome in results:
+                for pack, outcome, pixels in results:
                     stored = [(i, row) for row, (i, _, error, _) in enumerate(outcome) if not error]
-                    if stored:
+                    if stored and pack:
                         _copy_from_pack(Path(pack), size, stored, images, ok)
+                    elif stored:  # no writable cache: the pixels came back with the outcome
+                        for i, row in stored:
+                            images[i], ok[i] = pixels[row], True
                     for i, digest, error, key in outcome:
                         digests[i] = digest
                         if key is not None and digest:
@@ -574,7 +594,8 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-        DigestMemo(cfg.cache_dir).put(hashed)  # the next run's lookup need not read these files again
+        if store:
+            DigestMemo(cfg.cache_dir).put(hashed)  # the next run's lookup need not read these files again
 
     rows = np.flatnonzero(ok)
     if len(rows) < n:  # close the gaps of unreadable images in place (rows only move forward)
@@ -599,6 +620,8 @@ def prepare_shared(split: Split, cfg: Config, *, build: bool) -> Prepared:
     ``splits/`` when no run uses it to get the disk space back. Array sources (``.npz``) are prepared in memory.
     """
     if split.images is not None or not split.samples:
+        return prepare(split, cfg)
+    if build and not _cache_writable(cache_folder(cfg) / "splits"):
         return prepare(split, cfg)
     split = add_digests(split, cfg.cache_dir)
     name = hashlib.sha256(json.dumps([split.name, [[s.path, s.digest] for s in split.samples]]).encode()).hexdigest()
@@ -627,7 +650,7 @@ def _open_shared(split: Split, cfg: Config, npy: Path, meta: Path) -> Prepared |
         failures = [(path, reason) for path, reason in record["failures"]]
         if images.shape[1:] != (cfg.image_size, cfg.image_size) or len(images) < len(kept):
             raise ValueError(f"it holds an array of shape {images.shape}")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         log.warning("ignoring the damaged shared copy %s (%s)", npy, e)
