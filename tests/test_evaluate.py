@@ -94,3 +94,17 @@ def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_n():
         assert lo <= point[k] <= hi
         assert (hi - lo) < (ci_small[k][1] - ci_small[k][0])
     assert bootstrap_ci(np.ones(5, int), np.ones(5), 0.5)["auroc"] is None
+
+
+def test_bootstrap_ci_of_a_metric_undefined_in_every_resample_is_none():
+    import json
+    import warnings
+
+    from cxr.evaluate import bootstrap_ci
+
+    labels, probs = np.array([0, 1] * 20), np.full(40, 0.1)  # nothing called PNEUMONIA: precision undefined
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's All-NaN warning before the fix
+        ci = bootstrap_ci(labels, probs, 0.5, n_boot=50)
+    assert ci["precision"] is None and ci["sensitivity"] == [0.0, 0.0]
+    assert "NaN" not in json.dumps(ci)

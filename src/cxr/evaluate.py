@@ -132,7 +132,10 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, n_b
         for k in CI_METRICS:
             values[k].append(np.nan if m[k] is None else m[k])
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    return {k: [float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))] for k, v in values.items()}
+    # A metric undefined in every resample (precision when nothing is called PNEUMONIA) has no interval: None, not
+    # NaN, which JSON cannot carry.
+    return {k: [float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))] if not np.isnan(v).all() else None
+            for k, v in values.items()}
 
 
 def write_predictions(path: str | os.PathLike, result: SplitResult, threshold: float) -> None:
