@@ -36,18 +36,16 @@ def smaps() -> dict[str, float]:
     return out
 
 
-def rank(index: int, shared: bool, data: str, cache: str, size: int, turn, alive, results) -> None:
+def rank(index: int, shared: bool, data: str, cache: str, size: int, ready, alive, results) -> None:
     from cxr.config import load_config
     from cxr.data import prepare, prepare_shared, scan
 
     cfg = load_config(overrides={"image_size": size, "cache_dir": cache})
-    with turn:  # one at a time in order, as local_main_first: the first builds, the others find its file
-        while turn.value != index:
-            turn.wait()
-        split = scan(data)["train"]
-        prepared = prepare_shared(split, cfg, build=index == 0) if shared else prepare(split, cfg)
-        turn.value += 1
-        turn.notify_all()
+    if index:  # in order, as local_main_first: the first builds, the others start once it has finished
+        ready[index - 1].wait()
+    split = scan(data)["train"]
+    prepared = prepare_shared(split, cfg, build=index == 0) if shared else prepare(split, cfg)
+    ready[index].set()
     checksum = int(prepared.images.sum(dtype="uint64"))  # every pixel read once, like an epoch
     alive.wait()
     m = smaps()
@@ -57,8 +55,8 @@ def rank(index: int, shared: bool, data: str, cache: str, size: int, turn, alive
 
 def measure(procs: int, shared: bool, data: str, cache: str, size: int) -> list[tuple]:
     ctx = mp.get_context("spawn")
-    turn, alive, results = _Turn(ctx.Condition(), ctx.Value("i", 0)), ctx.Barrier(procs), ctx.Queue()
-    workers = [ctx.Process(target=rank, args=(i, shared, data, cache, size, turn, alive, results))
+    ready, alive, results = [ctx.Event() for _ in range(procs)], ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=rank, args=(i, shared, data, cache, size, ready, alive, results))
                for i in range(procs)]
     for w in workers:
         w.start()
@@ -66,34 +64,6 @@ def measure(procs: int, shared: bool, data: str, cache: str, size: int) -> list[
     for w in workers:
         w.join()
     return rows
-
-
-class _Turn:
-    """A condition variable with a shared integer: whose turn it is to prepare."""
-
-    def __init__(self, cond, counter) -> None:
-        self.cond, self.counter = cond, counter
-
-    def __enter__(self):
-        self.cond.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.cond.__exit__(*exc)
-
-    @property
-    def value(self) -> int:
-        return self.counter.value
-
-    @value.setter
-    def value(self, v: int) -> None:
-        self.counter.value = v
-
-    def wait(self) -> None:
-        self.cond.wait()
-
-    def notify_all(self) -> None:
-        self.cond.notify_all()
 
 
 def main(argv: list[str] | None = None) -> int:
