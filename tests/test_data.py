@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +324,50 @@ def test_train_transform_keeps_shape_dtype_and_varies(tiny_dataset):
     assert not torch.equal(XrayDataset(prepared, train_transform(cfg), seed=1)[0][0], a)
     plain = XrayDataset(prepared)[0][0]
     assert torch.equal(plain[0], torch.from_numpy(prepared.images[0]))
+
+
+def _epoch_batches(prepared, workers: int, epoch: int = 1):
+    from cxr.train import TrainBatches
+
+    cfg = load_config(overrides={"image_size": 32, "batch_size": 8, "num_workers": workers})
+    batches = TrainBatches(prepared, cfg)
+    return batches, list(batches.loader(epoch))
+
+
+def _random_split(n: int = 24):
+    from cxr.data import Prepared
+
+    rng = np.random.default_rng(0)
+    return Prepared("train", rng.integers(0, 256, (n, 32, 32), dtype=np.uint8), rng.integers(0, 2, n), [])
+
+
+def test_loader_workers_give_the_main_process_batches():
+    # Each image's augmentation is seeded by (seed, epoch, index), so where it is drawn does not matter.
+    prepared = _random_split()
+    _, plain = _epoch_batches(prepared, 0)
+    _, pooled = _epoch_batches(prepared, 2)
+    assert len(plain) == len(pooled) == 3
+    for (x0, y0), (x1, y1) in zip(plain, pooled, strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork is the start method chosen on Linux only")
+def test_loader_workers_share_the_split_under_a_forkserver_default():
+    # Python 3.14 made forkserver Linux's default start method. A forkserver worker gets the dataset pickled, and torch
+    # pickles a tensor by moving its storage into /dev/shm: a copy of the split per rank, which a container's 64 MB
+    # /dev/shm cannot hold. cxr starts its loader workers by fork, which shares the pages instead.
+    import multiprocessing
+
+    prepared = _random_split()
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        batches, pooled = _epoch_batches(prepared, 2)
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert not batches.dataset.images.is_shared()
+    _, plain = _epoch_batches(prepared, 0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(plain, pooled, strict=True))
 
 
 # ------------------------------------------------------------------------------------------- the digest memo

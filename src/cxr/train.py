@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -350,9 +351,24 @@ class TrainBatches:
         """This rank's batches of ``epoch`` (0-based): its permutation and its augmentations."""
         self.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)
+        workers = self.cfg.num_workers
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler,
-                                           drop_last=self.drop_last, num_workers=self.cfg.num_workers,
-                                           pin_memory=self.pin_memory, persistent_workers=False)
+                                           drop_last=self.drop_last, num_workers=workers,
+                                           pin_memory=self.pin_memory, persistent_workers=False,
+                                           multiprocessing_context=loader_start_method() if workers else None)
+
+
+def loader_start_method() -> str | None:
+    """How loader workers start: ``fork`` on Linux, the platform's default elsewhere.
+
+    The dataset holds the whole split's pixels (in memory, or mapped from the node's shared split file under
+    torchrun). Forked workers share those pages with the process. A ``forkserver`` or ``spawn`` worker gets the
+    dataset pickled, and torch pickles a tensor by moving its storage into shared memory (``/dev/shm``): a copy of
+    the split per rank, on every run, that fails outright in a container with Docker's default 64 MB ``/dev/shm``.
+    Python 3.14 made ``forkserver`` Linux's default, so the method is named here rather than inherited. The workers
+    only index the pixels and augment them on the CPU (never CUDA), the case fork suits.
+    """
+    return "fork" if sys.platform == "linux" else None
 
 
 def busy_cores(interval: float = 0.25) -> float | None:
