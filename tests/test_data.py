@@ -106,6 +106,66 @@ def test_scan_npz_rejects_bad_labels(tmp_path):
         scan(path)
 
 
+def _npz_pixels_of(tmp_path, images) -> np.ndarray:
+    path = tmp_path / "x.npz"
+    np.savez(path, test_images=images, test_labels=np.arange(len(images)) % 2)
+    return scan(path)["test"].images
+
+
+def test_scan_npz_maps_every_pixel_type_onto_0_255(tmp_path):
+    # Before, every dtype was cast to uint8: 16-bit values wrapped around 256 and floats in 0..1 became 0 and 1,
+    # and `cxr evaluate` reported chance-level metrics without a word.
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (6, 16, 16), dtype=np.uint8)
+    grey[:, 0, 0], grey[:, 0, 1] = 0, 255  # each image spans 0..255, so a stretch gives back the same pixels
+    np.testing.assert_array_equal(_npz_pixels_of(tmp_path, grey.astype(np.int64)), grey)  # integers in 0..255
+    np.testing.assert_array_equal(_npz_pixels_of(tmp_path, grey / 255.0), grey)  # floats in 0..1
+    np.testing.assert_array_equal(_npz_pixels_of(tmp_path, grey.astype(np.uint16) * 257), grey)  # 16 bits
+    np.testing.assert_array_equal(_npz_pixels_of(tmp_path, grey.astype(np.float32) * 4 - 100), grey)  # stretched
+    # 16-bit images with a narrow range are stretched per image, as 16-bit PNG files are.
+    narrow = (grey.astype(np.uint16) + 1000) * np.arange(1, 7, dtype=np.uint16)[:, None, None]
+    np.testing.assert_array_equal(_npz_pixels_of(tmp_path, narrow), grey)
+    # Colour: ITU-R 601 luma, as PIL converts colour files (its integer arithmetic rounds within 1).
+    from PIL import Image
+
+    rgb = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    pil = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in rgb])
+    assert np.abs(_npz_pixels_of(tmp_path, rgb).astype(int) - pil).max() <= 1
+    np.testing.assert_array_equal(_npz_pixels_of(tmp_path, grey[..., None]), grey)
+
+
+@pytest.mark.parametrize("images, labels, message", [
+    (np.full((2, 8, 8), np.nan), [0, 1], "NaN"),
+    (np.zeros((2, 8, 8), bool), [0, 1], "dtype bool"),
+    (np.zeros((2, 8), np.uint8), [0, 1], r"\(N, H, W\)"),
+    (np.zeros((2, 8, 8), np.uint8), [0.1, 0.9], "must be 0"),
+    (np.zeros((2, 8, 8), np.uint8), [0, 1, 1], "2 test_images but 3 test_labels"),
+    (np.zeros((0, 8, 8), np.uint8), np.zeros(0, np.int64), "holds no images"),
+])
+def test_scan_npz_rejects_what_it_cannot_use(tmp_path, images, labels, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, test_images=images, test_labels=np.asarray(labels))
+    with pytest.raises(DataError, match=message) as e:
+        scan(path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "member"])
+def test_scan_npz_damaged_archive_is_named(tmp_path, damage):
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, test_images=np.random.default_rng(0).integers(0, 256, (50, 64, 64), dtype=np.uint8),
+                        test_labels=np.arange(50) % 2)
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":  # an interrupted download
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # the zip directory intact, the compressed image data corrupted
+        mid = len(data) // 3
+        data[mid:mid + 64] = bytes(64)
+        path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="d.npz"):
+        scan(path)
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "pneumoniamnist-28-trainval.npz").exists(), reason="shared data absent")
 def test_scan_shared_pneumoniamnist():
     splits = scan(SHARED_DATA / "pneumoniamnist-28-trainval.npz")

@@ -73,7 +73,39 @@ def test_write_evaluation_files(tmp_path, scores):
     rows = read_csv(tmp_path / "predictions_test.csv")
     assert len(rows) == 300 and rows[0].keys() == {"path", "label", "prob_pneumonia", "predicted"}
     assert rows[0]["predicted"] == ("PNEUMONIA" if probs[0] >= 0.5 else "NORMAL")
-    assert float(rows[0]["prob_pneumonia"]) == pytest.approx(probs[0], abs=1e-6)
+    # Exact to the last bit: the report and anyone re-thresholding the file get the labels of metrics.json. With six
+    # decimals, the validation image that the Youden threshold sits on flipped about half the time.
+    assert [float(r["prob_pneumonia"]) for r in rows] == probs.tolist()
+
+
+def test_the_image_at_the_threshold_keeps_its_label_in_the_file(tmp_path):
+    labels, probs = np.array([0, 0, 0, 1, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4123454, 0.8, 0.9])
+    t = choose_threshold(labels, probs)
+    assert t == probs[3]
+    metrics = write_evaluation(tmp_path, [SplitResult("val", [f"x{i}" for i in range(6)], labels, probs)], t)
+    rows = read_csv(tmp_path / "predictions_val.csv")
+    assert metrics["val"]["sensitivity"] == 1.0
+    assert all((float(r["prob_pneumonia"]) >= t) == (r["predicted"] == "PNEUMONIA") for r in rows)
+
+
+def test_metrics_json_refuses_nan(tmp_path, scores):
+    labels, probs = scores
+    with pytest.raises(ValueError):
+        write_evaluation(tmp_path, [SplitResult("test", ["a"] * len(labels), labels, probs)], float("nan"))
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_threshold_flag_is_a_probability(capsys):
+    from cxr.cli import main as cxr_main
+
+    for bad in ("nan", "inf", "2", "-0.1", "half"):
+        with pytest.raises(SystemExit) as e:
+            cxr_main(["evaluate", "--data", "d", "--output", "o", "--threshold", bad])
+        assert e.value.code == 2 and "argument --threshold" in capsys.readouterr().err
+    for flag in ("--batch-size", "--threads"):
+        with pytest.raises(SystemExit) as e:
+            cxr_main(["predict", "x.jpeg", flag, "-1"])
+        assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
 
 
 def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_n():
@@ -96,6 +128,16 @@ def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_n():
     assert bootstrap_ci(np.ones(5, int), np.ones(5), 0.5)["auroc"] is None
 
 
+def test_bootstrap_ci_of_a_one_class_set_covers_what_it_defines():
+    # A folder of NORMAL images only (how often does the model cry wolf?): accuracy and specificity have intervals.
+    from cxr.evaluate import bootstrap_ci
+
+    probs = np.r_[np.full(90, 0.1), np.full(10, 0.9)]
+    ci = bootstrap_ci(np.zeros(100, int), probs, 0.5, n_boot=300)
+    assert ci["specificity"] == ci["accuracy"] and ci["specificity"][0] < 0.9 < ci["specificity"][1]
+    assert ci["auroc"] is None and ci["sensitivity"] is None
+
+
 def test_bootstrap_ci_of_a_metric_undefined_in_every_resample_is_none():
     import json
     import warnings
@@ -108,3 +150,54 @@ def test_bootstrap_ci_of_a_metric_undefined_in_every_resample_is_none():
         ci = bootstrap_ci(labels, probs, 0.5, n_boot=50)
     assert ci["precision"] is None and ci["sensitivity"] == [0.0, 0.0]
     assert "NaN" not in json.dumps(ci)
+
+
+def test_a_split_with_no_readable_image_is_named_not_a_traceback(tmp_path, caplog):
+    import shutil
+
+    from cxr.demo import SAMPLE_DIR
+    from cxr.errors import DataError
+    from cxr.evaluate import evaluate_model
+
+    root = tmp_path / "d"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / "test" / cls).mkdir(parents=True)
+        (root / "test" / cls / "x.jpeg").write_bytes(b"not an image")
+        shutil.copytree(SAMPLE_DIR / "test" / cls, root / "train" / cls)
+    with pytest.raises(DataError, match=r"none of the 2 images of split 'test' could be read"):
+        evaluate_model("default", root / "test", tmp_path / "o1", device="cpu")
+    # Beside a readable split, the unreadable one is reported and left out; the other's metrics are written.
+    metrics = evaluate_model("default", root, tmp_path / "o2", device="cpu")
+    assert set(metrics) == {"train"} and metrics["train"]["n"] == 16
+    assert "no metrics for split 'test'" in caplog.text
+
+
+def test_report_ignores_predictions_an_earlier_evaluation_left(tmp_path, scores, caplog):
+    from cxr.report import load_artifacts
+
+    labels, probs = scores
+    paths = [f"img{i}.png" for i in range(len(labels))]
+    write_evaluation(tmp_path, [SplitResult("test", paths, labels, probs)], 0.5)
+    write_evaluation(tmp_path, [SplitResult("val", paths, labels, 1 - probs)], 0.5)  # the same folder again
+    art = load_artifacts(tmp_path)
+    assert set(art.metrics) == set(art.predictions) == {"val"}
+    assert "ignoring" in caplog.text and "predictions_test.csv" in caplog.text
+
+
+def test_npz_of_16_bit_images_evaluates_like_8_bit(tmp_path):
+    # The same X-rays as uint8, as 16-bit and as floats in 0..1: the same probabilities (before, 16-bit values were
+    # cast to uint8, wrapping around, and every image came out PNEUMONIA at chance-level AUROC, without a word).
+    from cxr.demo import SAMPLE_DIR
+    from cxr.evaluate import evaluate_model
+    from cxr.images import load_image
+
+    files = sorted((SAMPLE_DIR / "test").glob("*/*.jpeg"))
+    images = np.stack([load_image(f, 64) for f in files])
+    images[:, 0, 0], images[:, 0, 1] = 0, 255  # full range, so the 16-bit stretch is exact
+    labels = np.array([f.parent.name == "PNEUMONIA" for f in files], np.int64)
+    probs = {}
+    for kind, arr in (("u8", images), ("u16", images.astype(np.uint16) * 257), ("f32", images / np.float32(255))):
+        np.savez(tmp_path / f"{kind}.npz", test_images=arr, test_labels=labels)
+        evaluate_model("default", tmp_path / f"{kind}.npz", tmp_path / kind, device="cpu")
+        probs[kind] = [float(r["prob_pneumonia"]) for r in read_csv(tmp_path / kind / "predictions_test.csv")]
+    assert probs["u16"] == probs["u8"] == probs["f32"]

@@ -276,3 +276,14 @@ def test_grid_group_without_images_takes_one_line_not_a_row():
     # The empty group adds a fifth of a row, not a whole one.
     assert empty.get_figheight() < 0.7 * full.get_figheight()
     empty.canvas.draw()  # lays out without error
+
+
+def test_grid_carries_the_disclaimer_and_draws_names_as_text(tmp_path):
+    # The grid is also a file of its own (report/grid_<split>.png): predictions shown there say what they are not.
+    # A "$" in a file name is drawn as it is, not parsed as TeX (which failed on "cost$_$.jpeg").
+    from cxr.report import DISCLAIMER, GridTile, plot_grid
+
+    tile = GridTile(image=np.full((32, 32), 128, np.uint8), heatmap=None, label=1, prob=0.9, path="cost$_$.jpeg")
+    fig = plot_grid({"right": [tile] * 2}, 0.5, "val")
+    assert DISCLAIMER in [t.get_text() for sub in fig.subfigs for t in sub.texts]
+    fig.savefig(tmp_path / "grid.png")

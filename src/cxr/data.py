@@ -32,7 +32,7 @@ import numpy as np
 
 from cxr.config import CLASS_NAMES, Config
 from cxr.errors import DataError, UsageError, WriteError
-from cxr.fileio import atomic_path
+from cxr.fileio import CSV_TEXT, atomic_path
 from cxr.images import IMAGE_EXTENSIONS, ImageError, load_image, read_file, resize_square
 from cxr.progress import progress_bar
 from cxr.tv import import_torchvision
@@ -112,12 +112,37 @@ def _class_dirs(split_dir: Path) -> dict[int, Path]:
     return found
 
 
+def walk_files(folder: Path, *, skip: Path | None = None) -> list[Path]:
+    """Every file under ``folder``, recursively and sorted, hidden files (``.name``) left out.
+
+    Folders reached through symbolic links are followed (``Path.rglob`` skips them before Python 3.13, silently
+    losing images that a dataset keeps elsewhere), each real folder once, so a link loop ends. ``skip``: a folder
+    whose contents are left out (an output folder inside the input, say).
+    """
+    files, seen = [], set()
+    skip_id = _folder_id(skip) if skip is not None else None
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        here = _folder_id(Path(top))
+        if here in seen or (skip_id is not None and here == skip_id):
+            dirs[:] = []
+            continue
+        seen.add(here)
+        files += [Path(top) / n for n in names if not n.startswith(".") and (Path(top) / n).is_file()]
+    return sorted(files)
+
+
+def _folder_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _list_images(folder: Path) -> tuple[list[Path], list[Path]]:
     """Image files under ``folder`` (recursive, sorted) and the other files, which are ignored."""
     images, other = [], []
-    for p in sorted(folder.rglob("*")):
-        if p.name.startswith(".") or not p.is_file():
-            continue
+    for p in walk_files(folder):
         (images if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
     return images, other
 
@@ -150,10 +175,59 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
     return Split(name, samples)
 
 
+def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
+    """uint8 (N, H, W) pixels from an ``.npz`` array of N images, (N, H, W) or channels-last (N, H, W, 1 | 3).
+
+    The whole array decides how values become 0..255: uint8 as it is; other integers within 0..255 cast; floats
+    within 0..1 (torchvision's ``ToTensor`` convention) times 255; anything else (16-bit, wider integers, other
+    floats) stretched per image from its min..max, as 16-bit PNG and DICOM files are. Three channels become grey
+    with ITU-R 601 luma, as PIL converts colour files. ``where`` names the array in errors.
+    """
+    if images.ndim == 4 and images.shape[-1] in (1, 3):
+        channels = images.shape[-1]
+    elif images.ndim == 3:
+        channels = 0
+    else:
+        raise DataError(f"{where}: images must be (N, H, W) or (N, H, W, 1|3), not {images.shape}")
+    if images.dtype.kind not in "uif":
+        raise DataError(f"{where}: images of dtype {images.dtype} (need integer or float pixels)")
+    if images.dtype == np.uint8 and channels == 0:
+        return images
+    if images.size == 0:
+        return np.zeros(images.shape[:3], np.uint8)
+    lo, hi = images.min(), images.max()
+    if images.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        raise DataError(f"{where}: pixel values include NaN or infinity")
+    if images.dtype.kind in "ui" and lo >= 0 and hi <= 255:
+        mode, scale = "cast", 1.0
+    elif images.dtype.kind == "f" and lo >= 0 and hi <= 1:
+        mode, scale = "cast", 255.0
+    else:
+        mode, scale = "stretch", 1.0
+    out = np.empty(images.shape[:3], np.uint8)
+    for k in range(0, len(images), 256):  # float32 working copies of a bounded number of images
+        x = images[k:k + 256].astype(np.float32)
+        if channels == 3:
+            x = x @ np.array([0.299, 0.587, 0.114], np.float32)
+        elif channels == 1:
+            x = x[..., 0]
+        if mode == "stretch":
+            lo_i = x.min(axis=(1, 2), keepdims=True)
+            span = x.max(axis=(1, 2), keepdims=True) - lo_i
+            x = np.where(span > 0, (x - lo_i) * (255.0 / np.where(span > 0, span, 1)), 0)
+        else:
+            x *= scale
+        out[k:k + 256] = np.clip(np.rint(x), 0, 255)
+    return out
+
+
 def _scan_npz(path: Path) -> dict[str, Split]:
+    import zipfile
+    import zlib
+
     try:
         npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable .npz file ({e})") from None
     splits = {}
     with npz:
@@ -162,15 +236,18 @@ def _scan_npz(path: Path) -> dict[str, Split]:
                 continue
             if f"{name}_labels" not in npz.files:
                 raise DataError(f"{path}: has {name}_images but no {name}_labels")
-            images = np.asarray(npz[f"{name}_images"])
-            labels = np.asarray(npz[f"{name}_labels"]).reshape(-1).astype(np.int64)
-            if images.ndim == 4 and images.shape[-1] in (1, 3):
-                images = images.mean(axis=-1) if images.shape[-1] == 3 else images[..., 0]
-            if images.ndim != 3 or len(images) != len(labels):
-                raise DataError(f"{path}: {name}_images must be (N, H, W) with N matching {name}_labels")
-            if not set(np.unique(labels)) <= {0, 1}:
+            try:  # members are read (and decompressed) here: a damaged archive shows up now
+                images = np.asarray(npz[f"{name}_images"])
+                labels = np.asarray(npz[f"{name}_labels"]).reshape(-1)
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise DataError(f"{path}: cannot read {name}_images / {name}_labels ({e})") from None
+            if len(images) != len(labels):
+                raise DataError(f"{path}: {len(images)} {name}_images but {len(labels)} {name}_labels")
+            if not len(labels):
+                raise DataError(f"{path}: {name}_images holds no images")
+            if labels.dtype.kind not in "uifb" or not set(np.unique(labels).tolist()) <= {0, 1}:
                 raise DataError(f"{path}: {name}_labels must be 0 (NORMAL) or 1 (PNEUMONIA)")
-            images = images.astype(np.uint8) if images.dtype != np.uint8 else images
+            images = npz_pixels(images, f"{path}: {name}_images")
             samples = [Sample(f"{path}#{name}/{i}", int(y), f"{name}/{i}") for i, y in enumerate(labels)]
             splits[name] = Split(name, samples, images)
     if not splits:
@@ -355,7 +432,7 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
 
 def write_split_csv(path: str | os.PathLike, splits: dict[str, list[Sample]]) -> None:
     """Record which image went to which split, so that a run can be repeated (``RUN_DIR/split.csv``)."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", **CSV_TEXT) as f:
         w = csv.writer(f)
         w.writerow(["split", "path", "label", "patient", "sha256"])
         for name, samples in splits.items():
@@ -366,7 +443,7 @@ def write_split_csv(path: str | os.PathLike, splits: dict[str, list[Sample]]) ->
 def read_split_csv(path: str | os.PathLike) -> dict[str, list[Sample]]:
     """Read a ``split.csv`` written by :func:`write_split_csv`."""
     out: dict[str, list[Sample]] = {}
-    with open(path, newline="") as f:
+    with open(path, **CSV_TEXT) as f:
         for row in csv.DictReader(f):
             sample = Sample(row["path"], CLASS_NAMES.index(row["label"]), row["patient"], row["sha256"])
             out.setdefault(row["split"], []).append(sample)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 
 from cxr.config import CLASS_NAMES
-from cxr.fileio import atomic_path, atomic_write_text, ensure_dir
+from cxr.errors import DataError
+from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, ensure_dir
 from cxr.model import autocast, normalize
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class SplitResult:
@@ -116,17 +119,20 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, n_b
                  level: float = 0.95) -> dict[str, list[float] | None]:
     """Percentile bootstrap confidence intervals (images resampled with replacement) for the main metrics.
 
-    Resamples that lack one of the classes are redrawn, so every interval is over well-defined values.
+    Where both classes are present, resamples that lack one are redrawn, so every interval is over well-defined
+    values. A one-class set (a folder of NORMAL images only, say) still gets intervals for what it defines: accuracy
+    and specificity, or accuracy and sensitivity.
     """
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
-    if len(np.unique(labels)) < 2:
+    if not len(labels):
         return {k: None for k in CI_METRICS}
+    both = len(np.unique(labels)) == 2
     rng = np.random.default_rng(seed)
     values: dict[str, list[float]] = {k: [] for k in CI_METRICS}
     while len(values["accuracy"]) < n_boot:
         idx = rng.integers(0, len(labels), len(labels))
-        if labels[idx].min() == labels[idx].max():
+        if both and labels[idx].min() == labels[idx].max():
             continue
         m = compute_metrics(labels[idx], probs[idx], threshold)
         for k in CI_METRICS:
@@ -140,11 +146,11 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, n_b
 
 def write_predictions(path: str | os.PathLike, result: SplitResult, threshold: float) -> None:
     """``predictions_<split>.csv``: path, true label, P(PNEUMONIA), predicted label."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", **CSV_TEXT) as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "prob_pneumonia", "predicted"])
         for p, y, prob in zip(result.paths, result.labels, result.probs, strict=True):
-            w.writerow([p, CLASS_NAMES[int(y)], f"{prob:.6f}", CLASS_NAMES[int(prob >= threshold)]])
+            w.writerow([p, CLASS_NAMES[int(y)], repr(float(prob)), CLASS_NAMES[int(prob >= threshold)]])
 
 
 def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], threshold: float,
@@ -163,7 +169,7 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
         if extra and r.name in extra:
             metrics[r.name].update(extra[r.name])
         write_predictions(out / f"predictions_{r.name}.csv", r, threshold)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     return metrics
 
 
@@ -194,10 +200,20 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     results, failures = [], {}
     for split in splits.values():
         prepared = prepare(split, cfg)
+        if not len(prepared.samples):
+            reason = prepared.failures[0][1] if prepared.failures else "no images"
+            log.warning("%s: no metrics for split %r: none of its %d images could be read (first: %s)",
+                        data, split.name, len(split.samples), reason)
+            unusable = (split.name, len(split.samples), reason)
+            continue
         logits = predict_logits(net, prepared.images, mean=cfg.mean, std=cfg.std, device=dev, batch_size=batch_size,
                                 bf16=use_bf16(cfg, dev), channels_last=use_channels_last(cfg, dev))
         results.append(SplitResult(split.name, [s.path for s in prepared.samples], prepared.labels,
                                    probabilities(logits)))
-        failures[split.name] = {"n_unreadable": len(prepared.failures)}
+        failures[split.name] = {"n_unreadable": len(prepared.failures),
+                                "threshold_source": "model" if threshold is None else "given"}
+    if not results:
+        name, n, reason = unusable
+        raise DataError(f"{data}: none of the {n} images of split {name!r} could be read (first: {reason})")
     return write_evaluation(output, results, t, extra=failures)
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError
-from cxr.fileio import atomic_path, atomic_write_text, ensure_dir
+from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, display_name, ensure_dir
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _read_json(path: Path) -> dict | None:
 def read_history(path: str | os.PathLike) -> list[dict[str, float]]:
     """``history.csv`` as one dict of floats per epoch (empty cells become NaN)."""
     rows = []
-    with open(path, newline="") as f:
+    with open(path, **CSV_TEXT) as f:
         for row in csv.DictReader(f):
             rows.append({k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()})
     return rows
@@ -114,7 +114,7 @@ def read_history(path: str | os.PathLike) -> list[dict[str, float]]:
 def read_predictions(path: str | os.PathLike, name: str) -> SplitPredictions:
     """One ``predictions_<split>.csv`` (columns path, label, prob_pneumonia, predicted)."""
     paths, labels, probs = [], [], []
-    with open(path, newline="") as f:
+    with open(path, **CSV_TEXT) as f:
         reader = csv.DictReader(f)
         missing = {"path", "label", "prob_pneumonia"} - set(reader.fieldnames or [])
         if missing:
@@ -149,6 +149,10 @@ def load_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
     art.metrics = _read_json(root / "metrics.json") or {}
     for f in sorted(root.glob("predictions_*.csv")):
         name = f.stem.removeprefix("predictions_")
+        if art.metrics and name not in art.metrics:
+            # Left by an earlier evaluation into the same folder: not part of the metrics this report shows.
+            log.warning("report: ignoring %s: metrics.json has no %r split (an earlier evaluation's file?)", f, name)
+            continue
         art.predictions[name] = read_predictions(f, name)
     if not (art.history or art.metrics or art.predictions):
         raise UsageError(f"{root}: neither a run directory nor an evaluation folder (no history.csv, metrics.json "
@@ -421,12 +425,13 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
     heights = [math.ceil(len(t) / columns) if t else 0.2 for _, t in rows]
     with_heat = any(t.heatmap is not None for _, tiles in rows for t in tiles)
     with mpl.rc_context({**_RC, "axes.grid": False}):
-        fig = _figure(figsize=(2.55 * columns + 0.4, 3.05 * sum(heights) + (0.9 if with_heat else 0.2)))
-        # One sub-figure per group (its own heading), and a thin one for the heatmap's colour scale.
-        ratios = [3.05 * h for h in heights] + ([0.75] if with_heat else [])
+        fig = _figure(figsize=(2.55 * columns + 0.4, 3.05 * sum(heights) + (0.9 if with_heat else 0.2) + 0.3))
+        # One sub-figure per group (its own heading), a thin one for the heatmap's colour scale, one for the notice.
+        ratios = [3.05 * h for h in heights] + ([0.75] if with_heat else []) + [0.3]
         subfigs = list(np.atleast_1d(fig.subfigures(len(ratios), 1, height_ratios=ratios)))
         for sub, (name, tiles) in zip(subfigs[:len(rows)], rows, strict=True):
-            sub.suptitle(f"{name} ({split})", fontsize=12, fontweight="bold", x=0.02, ha="left")
+            sub.suptitle(f"{name} ({display_name(split)})", fontsize=12, fontweight="bold", x=0.02, ha="left",
+                         parse_math=False)
             if not tiles:
                 sub.text(0.02, 0.1, "no images in this group", fontsize=10, va="bottom")
                 continue
@@ -448,10 +453,12 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
                 ax.set_title(f"{'✓ right' if ok else '✗ wrong'}   P(pneumonia) {prob_text(tile.prob)}\n"
                              f"true {CLASS_NAMES[tile.label]} · pred {CLASS_NAMES[pred]}",
                              fontsize=9.5, color=colour if not ok else "black")
-                ax.set_xlabel(_short(Path(tile.path).name, 30), fontsize=7.5, color=OKABE_ITO["grey"])
+                ax.set_xlabel(_short(display_name(Path(tile.path).name), 30), fontsize=7.5, color=OKABE_ITO["grey"],
+                              parse_math=False)
+        subfigs[-1].text(0.5, 0.5, DISCLAIMER, ha="center", va="center", fontsize=7.5, color=OKABE_ITO["grey"])
         if with_heat:
-            cax = subfigs[-1].add_axes((0.3, 0.55, 0.4, 0.2))
-            subfigs[-1].colorbar(cm.ScalarMappable(colors.Normalize(0, 1), HEATMAP_CMAP), cax=cax,
+            cax = subfigs[-2].add_axes((0.3, 0.55, 0.4, 0.2))
+            subfigs[-2].colorbar(cm.ScalarMappable(colors.Normalize(0, 1), HEATMAP_CMAP), cax=cax,
                                  orientation="horizontal",
                                  label="heatmap: relative importance for the predicted class (Grad-CAM)")
     return fig
@@ -469,31 +476,33 @@ class _PixelSource:
 
     def __init__(self, size: int, max_pixels: int = 100_000_000):
         self.size, self.max_pixels = size, max_pixels
-        self._npz: dict[str, np.lib.npyio.NpzFile] = {}
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
         self.failed: list[str] = []
 
     def load(self, path: str) -> np.ndarray | None:
+        import zipfile
+
+        from cxr.data import npz_pixels
+        from cxr.errors import DataError
         from cxr.images import ImageError, load_image, resize_square
 
         try:
             if "#" in path and path.split("#", 1)[0].lower().endswith(".npz"):
                 file, entry = path.split("#", 1)
                 split, index = entry.rsplit("/", 1)
-                if file not in self._npz:
-                    self._npz[file] = np.load(file, allow_pickle=False)
-                arr = np.asarray(self._npz[file][f"{split}_images"][int(index)])
-                if arr.ndim == 3:
-                    arr = arr.mean(axis=-1)
-                return resize_square(arr.astype(np.uint8), self.size)
+                key = (file, f"{split}_images")
+                if key not in self._arrays:  # each access to an npz member decompresses all of it: once per array
+                    with np.load(file, allow_pickle=False) as npz:
+                        self._arrays[key] = npz_pixels(np.asarray(npz[key[1]]), f"{file}: {key[1]}")
+                return resize_square(self._arrays[key][int(index)], self.size)
             return load_image(path, self.size, max_pixels=self.max_pixels)
-        except (ImageError, OSError, KeyError, ValueError, IndexError) as e:
+        except (ImageError, DataError, OSError, KeyError, ValueError, IndexError, EOFError, zipfile.BadZipFile) as e:
             log.warning("report: skipping an image that can no longer be read: %s (%s)", path, e)
             self.failed.append(path)
             return None
 
     def close(self) -> None:
-        for f in self._npz.values():
-            f.close()
+        self._arrays.clear()
 
 
 @dataclass
@@ -742,10 +751,12 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                     cells.append(value)
             metric_rows.append([s, *cells, ece])
         header = ["split", "n", "accuracy", "sensitivity", "specificity", "precision", "F1", "AUROC", "AUPRC", "ECE"]
+        given = any(m.get("threshold_source") == "given" for m in art.metrics.values())
+        chosen = "set by hand (--threshold)" if given else "chosen on validation"
         sections.append(("metrics", "Metrics", _table(header, metric_rows) +
-                         f"<p class='meta'>At decision threshold P(pneumonia) ≥ {threshold:.3f}, chosen on "
-                         "validation. Sensitivity = recall of PNEUMONIA, specificity = recall of NORMAL; AUROC and "
-                         "AUPRC do not depend on the threshold; ECE = expected calibration error (10 bins). "
+                         f"<p class='meta'>At decision threshold P(pneumonia) ≥ {threshold:.3f}, {chosen}. "
+                         "Sensitivity = recall of PNEUMONIA, specificity = recall of NORMAL; AUROC and AUPRC do not "
+                         "depend on the threshold; ECE = expected calibration error (10 bins). "
                          + ("Below each value: its 95 % bootstrap interval (images resampled)." if any(
                              m.get("ci95") for m in art.metrics.values()) else "") + "</p>"))
 
