@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -511,3 +512,62 @@ def test_bad_data_gives_one_line_even_on_a_busy_cpu(tmp_path):
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "no such file or directory" in lines[0], proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ file names
+
+
+def _names_folder(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """A folder of real X-rays under awkward names: brackets (rich markup), "$" (matplotlib TeX), bytes that are not
+    UTF-8 (a zip from another system's encoding), and a folder reached through a symbolic link, with a link loop."""
+    import shutil
+
+    from cxr.demo import SAMPLE_DIR
+
+    src = sorted((SAMPLE_DIR / "test").glob("*/*.jpeg"))
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    names = {"brackets": "scan [left].jpeg", "markup": "a[/b] c.jpeg", "dollar": "cost $_$ x.jpeg",
+             "latin1": os.fsdecode(b"r\xe9sum\xe9.jpeg")}
+    files = {}
+    for (key, name), f in zip(names.items(), src, strict=False):
+        files[key] = root / name
+        files[key].parent.mkdir(exist_ok=True)  # "a[/b] c.jpeg" is b] c.jpeg in a folder "a["
+        shutil.copy(f, files[key])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(src[-1], elsewhere / "linked.jpeg")
+    (root / "sub" / "link").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(root, target_is_directory=True)  # back up: must not be walked forever
+    files["linked"] = root / "sub" / "link" / "linked.jpeg"
+    return root, files
+
+
+def test_predict_handles_awkward_file_names(tmp_path, capsys, monkeypatch):
+    from cxr.cli import main as cxr_main
+
+    monkeypatch.setenv("COLUMNS", "400")  # whole paths on one line of the table
+
+    root, files = _names_folder(tmp_path)
+    out = tmp_path / "p.csv"
+    assert cxr_main(["predict", str(root), "--output", str(out), "--table"]) == 0
+    shown = capsys.readouterr().out
+    assert "scan [left].jpeg" in shown and "a[/b] c.jpeg" in shown  # brackets printed, not read as markup
+    assert "r\\udce9sum\\udce9.jpeg" in shown
+    with open(out, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv.DictReader(f))
+    # Every file once (the linked folder followed, its loop not), each path naming the file it came from.
+    assert sorted(r["path"] for r in rows) == sorted(map(str, files.values()))
+    assert all(Path(r["path"]).is_file() and r["error"] == "" for r in rows)
+
+
+def test_explain_handles_awkward_file_names_and_skips_its_own_output(tmp_path, capsys):
+    from cxr.cli import main as cxr_main
+
+    root, files = _names_folder(tmp_path)
+    out = root / "heat"  # inside the input folder, explained twice
+    for _ in range(2):
+        assert cxr_main(["explain", str(root), "--output", str(out)]) == 0
+    pictures = sorted(p.name for p in out.glob("*.png"))
+    assert len(pictures) == len(files), pictures  # the first run's pictures were not explained as X-rays
+    assert not any("gradcam_gradcam" in p for p in pictures)

@@ -182,3 +182,45 @@ def test_bad_inputs_are_refused(exported, tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         OnnxPredictor(exported["onnx"]).predict_uint8(np.zeros((2, SIZE, SIZE), np.float32))
     assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_a_model_file_of_another_kind_is_named_for_what_it_is(exported, tmp_path, capsys):
+    # `cxr predict --model model.onnx` runs on ONNX Runtime without --backend; the commands that need a checkpoint
+    # say what the file is instead of "possibly code", which torch's message for any non-pickle used to trigger.
+    from cxr.cli import main as cxr_main
+
+    image = str(FILES[0])
+    assert cxr_main(["predict", "--model", str(exported["onnx"]), image, "--output", str(tmp_path / "p.csv")]) == 0
+    assert float((tmp_path / "p.csv").read_text().splitlines()[1].split(",")[1]) == pytest.approx(
+        exported["probs"][0], abs=1e-4)
+    capsys.readouterr()
+    torchscript = export_model(tiny_checkpoint(tmp_path / "r.pt", "resnet18"), "torchscript", tmp_path / "m.pt")
+    for model, says in ((exported["onnx"], "an ONNX file"), (torchscript, "a TorchScript file"),
+                        (FILES[0], "damaged, or not a torch file")):
+        with pytest.raises(CheckpointError, match=says):
+            load_checkpoint(model)
+        assert cxr_main(["explain", "--model", str(model), image, "--output", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err and "possibly code" not in err, err
+
+
+@pytest.mark.parametrize("change", ["arch", "missing tensor", "classes"])
+def test_weights_that_do_not_fit_the_architecture_give_one_line(exported, tmp_path, capsys, change):
+    # torch's strict load lists every key: a 40 KB traceback for a checkpoint edited by hand or damaged.
+    import dataclasses
+
+    from cxr.cli import main as cxr_main
+
+    ckpt = load_checkpoint(exported["ckpt"])
+    if change == "arch":
+        ckpt = dataclasses.replace(ckpt, arch="resnet18")
+    elif change == "missing tensor":
+        ckpt = dataclasses.replace(ckpt, state_dict={k: v for k, v in list(ckpt.state_dict.items())[1:]})
+    else:
+        ckpt = dataclasses.replace(ckpt, class_names=["A", "B", "C"])
+    save_checkpoint(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(tmp_path / "bad.pt").build()
+    assert cxr_main(["predict", "--model", str(tmp_path / "bad.pt"), str(FILES[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.pt: its weights do not fit" in err, err

@@ -21,6 +21,42 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _probability(text: str) -> float:
+    """A threshold on P(PNEUMONIA): a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text} is not a probability from 0 to 1")
+    return value
+
+
+def _count(minimum: int):
+    """An integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        return value
+    parse.__name__ = "count"  # argparse names the type in its messages
+    return parse
+
+
+def _positive(text: str) -> float:
+    """A finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number above 0")
+    return value
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset root (train/val/test with NORMAL/PNEUMONIA), or a MedMNIST-style .npz")
     p.add_argument("--output", help="run directory (default runs/cxr)")
@@ -77,10 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
     p.add_argument("--data", required=True, help="dataset root, a split folder with class folders, or an .npz")
     p.add_argument("--output", required=True, help="folder for metrics.json and predictions_<split>.csv")
-    p.add_argument("--threshold", type=float, help="decision threshold (default: the model's, chosen on validation)")
+    p.add_argument("--threshold", type=_probability,
+                   help="decision threshold (default: the model's, chosen on validation)")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_count(1), default=64)
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUT/report.html (plots, heatmap grid, video) (default: on)")
 
@@ -89,12 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default",
                    help="checkpoint, run directory, default (the bundled model), or an .onnx file from cxr export")
     p.add_argument("--output", help="also write the results to a .csv or .json file")
-    p.add_argument("--threshold", type=float)
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="PyTorch, or ONNX Runtime on the CPU (exports a checkpoint in memory)")
+    p.add_argument("--threshold", type=_probability)
+    p.add_argument("--backend", choices=["torch", "onnx"],
+                   help="PyTorch, or ONNX Runtime on the CPU (exports a checkpoint in memory) "
+                        "(default: onnx for an .onnx model, else torch)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (torch backend)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the library's default)")
+    p.add_argument("--batch-size", type=_count(1), default=32)
+    p.add_argument("--threads", type=_count(0), default=0, help="CPU threads (0: the library's default)")
     p.add_argument("--shard", metavar="I/N",
                    help="predict only the I-th of N contiguous blocks of the files (0-based; for job arrays); "
                         "with --output, writes OUTPUT's shard file. Under torchrun the rank picks the shard.")
@@ -112,14 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-video", dest="video", action="store_false", help="skip the fly-through video")
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", help="skip Grad-CAM overlays")
     p.add_argument("--split", help="whose images the grid and the video show (default test, else val)")
-    p.add_argument("--per-group", type=int, default=4,
+    p.add_argument("--per-group", type=_count(1), default=4,
                    help="grid images per group (confident right, confident wrong, borderline)")
     p.add_argument("--video-select", choices=["sample", "errors", "all"], default="sample",
-                   help="which images the video shows (default: a sample with every error)")
-    p.add_argument("--video-max-images", type=int, default=60)
-    p.add_argument("--seconds-per-image", type=float, default=1.0)
+                   help="which images the video shows: a random sample, whose running tally estimates the accuracy "
+                        "(default); the errors; or all")
+    p.add_argument("--video-max-images", type=_count(1), default=60)
+    p.add_argument("--seconds-per-image", type=_positive, default=1.0)
     p.add_argument("--frame-size", default="640x360", metavar="WxH", help="video frame size (default 640x360)")
-    p.add_argument("--fps", type=float, default=5.0)
+    p.add_argument("--fps", type=_positive, default=5.0)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="for the video's random sample")
 
@@ -129,23 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for <name>_gradcam.png and explanations.csv")
     p.add_argument("--target", default="predicted",
                    help="the class whose evidence is shown: predicted (default), PNEUMONIA or NORMAL")
-    p.add_argument("--threshold", type=float)
+    p.add_argument("--threshold", type=_probability)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_count(1), default=8)
 
     p = sub.add_parser("serve", help="web service (API and page) for a model")
     p.add_argument("--model", default="default",
                    help="checkpoint, run directory, default (the bundled model), or an .onnx file")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--port", type=_count(0), default=8000)
+    p.add_argument("--backend", choices=["torch", "onnx"], help="default: onnx for an .onnx model, else torch")
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413 (default 20)")
-    p.add_argument("--max-concurrency", type=int, default=2, help="predictions run at once (default 2)")
-    p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond that get 503 (default 32)")
-    p.add_argument("--threads", type=int, help="CPU threads per prediction (default: cores / max-concurrency)")
-    p.add_argument("--max-connections", type=int, default=128,
+    p.add_argument("--max-upload-mb", type=_positive, default=20.0, help="larger uploads get 413 (default 20)")
+    p.add_argument("--max-concurrency", type=_count(1), default=2, help="predictions run at once (default 2)")
+    p.add_argument("--max-queue", type=_count(0), default=32, help="requests waiting beyond that get 503 (default 32)")
+    p.add_argument("--threads", type=_count(1), help="CPU threads per prediction (default: cores / max-concurrency)")
+    p.add_argument("--max-connections", type=_count(1), default=128,
                    help="open connections, uploads in progress included; 503 beyond (default 128)")
+    p.add_argument("--max-pixels", type=_count(1),
+                   help="larger images are refused before decoding (default: the model config's, 100 million)")
 
     p = sub.add_parser("export", help="write a model as ONNX or TorchScript with its preprocessing contract")
     p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
@@ -154,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train briefly on the bundled sample, then evaluate and predict (CPU, minutes)")
     p.add_argument("--output", default="runs/demo", help="run directory (default runs/demo)")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=_count(1), default=8)
     p.add_argument("--device", default="auto")
     return parser
 
@@ -201,18 +242,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         _report_after(args.output, model=args.model, device=args.device)
 
 
+def _shown(text: str) -> str:
+    """A file name or message for a rich table: brackets are text, not markup; undecodable bytes as escapes."""
+    from rich.markup import escape
+
+    from cxr.fileio import display_name
+
+    return escape(display_name(text))
+
+
 def _print_metrics(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     threshold = next(iter(metrics.values()))["threshold"] if metrics else float("nan")
-    table = Table(title=f"metrics at threshold {threshold:.3f}")
+    from cxr.predict import DISCLAIMER
+
+    table = Table(title=f"metrics at threshold {threshold:.3f}", caption=DISCLAIMER)
     cols = ("n", "accuracy", "recall", "specificity", "precision", "f1", "auroc", "auprc")
     table.add_column("split")
     for c in cols:
         table.add_column("sensitivity" if c == "recall" else c, justify="right")
     for name, m in metrics.items():
-        table.add_row(name, *[("-" if m[c] is None else f"{m[c]:.3f}" if isinstance(m[c], float) else str(m[c]))
+        table.add_row(_shown(name), *[("-" if m[c] is None else f"{m[c]:.3f}" if isinstance(m[c], float) else str(m[c]))
                               for c in cols])
     Console(width=max(Console().width, 110)).print(table)  # no truncated headers in a pipe
 
@@ -234,7 +286,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
         init(torch.device("cpu"))  # gloo: only a barrier is needed, whatever device predicts
     try:
-        if args.backend == "onnx":
+        if _backend(args) == "onnx":
             from cxr.export import predict_files_onnx
 
             preds = predict_files_onnx(args.model, args.paths, threshold=args.threshold, batch_size=args.batch_size,
@@ -282,9 +334,9 @@ def _print_predictions(preds, caption: str) -> None:
         table.add_column(col, justify=justify)
     for p in preds:
         if p.error:
-            table.add_row(p.path, "-", f"[red]unreadable: {p.error}[/red]")
+            table.add_row(_shown(p.path), "-", f"[red]unreadable: {_shown(p.error)}[/red]")
         else:
-            table.add_row(p.path, prob_text(p.prob_pneumonia), p.label)
+            table.add_row(_shown(p.path), prob_text(p.prob_pneumonia), p.label)
     Console().print(table)
 
 
@@ -322,9 +374,9 @@ def _cmd_explain(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     from cxr.serve import serve
 
-    serve(args.model, args.host, args.port, backend=args.backend, max_upload_mb=args.max_upload_mb,
+    serve(args.model, args.host, args.port, backend=_backend(args), max_upload_mb=args.max_upload_mb,
           max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, threads=args.threads,
-          max_connections=args.max_connections)
+          max_connections=args.max_connections, max_pixels=args.max_pixels)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -341,6 +393,11 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 # Inference and reporting: short, latency-bound runs, often on a machine doing something else.
 _PASSIVE_WAIT_COMMANDS = frozenset({"predict", "evaluate", "explain", "serve", "export", "report", "merge"})
+
+
+def _backend(args: argparse.Namespace) -> str:
+    """The --backend given, else the one that runs the model file: ONNX Runtime for .onnx, PyTorch otherwise."""
+    return args.backend or ("onnx" if str(args.model).lower().endswith(".onnx") else "torch")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr.fileio import atomic_path
+from cxr.fileio import CSV_TEXT, atomic_path, display_name
 from cxr.images import ImageError, load_image, resize_square
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def _explanation_figure(image: np.ndarray, heat: np.ndarray, *, title: str, path
         ax.set_yticks([])
     fig.colorbar(cm.ScalarMappable(colors.Normalize(0, 1), HEATMAP_CMAP), ax=axes[1], shrink=0.8,
                  label="relative importance (Grad-CAM)")
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(display_name(title), fontsize=11, parse_math=False)  # a "$" in a file name is not TeX
     fig.text(0.5, 0.005, DISCLAIMER, ha="center", va="bottom", fontsize=7.5, color="#555555")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
@@ -217,7 +217,9 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     from cxr.predict import collect_files
     from cxr.video import prob_text
 
-    files = collect_files(list(paths))
+    # Not the output folder: explaining a folder twice into a folder inside it would read the first run's figures
+    # back as X-rays.
+    files = collect_files(list(paths), skip=Path(output_dir))
     if not files:
         log.warning("no image files found in %s", ", ".join(map(str, paths)))
     ckpt = load_checkpoint(model)
@@ -262,7 +264,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                      f"threshold {t:.3f}   heatmap: evidence for {ckpt.class_names[cls]}")
             _explanation_figure(im, heat, title=title, path=out)
             done.append(Explanation(str(f), str(out), float(prob), ckpt.class_names[pred]))
-    with atomic_path(out_dir / "explanations.csv") as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_path(out_dir / "explanations.csv") as tmp, open(tmp, "w", **CSV_TEXT) as fh:
         w = csv.writer(fh)
         w.writerow(["path", "prob_pneumonia", "predicted", "output"])
         for e in done:

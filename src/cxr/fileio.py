@@ -11,6 +11,15 @@ from pathlib import Path
 from cxr.errors import WriteError
 
 _TEMP_SUFFIX = ".tmp"
+# How cxr opens its CSV files (split.csv, predictions, explanations, history), for writing and reading: UTF-8
+# wherever the locale says otherwise, and a file name that is not valid UTF-8 (bytes from another system's encoding)
+# written as its own bytes and read back as the same name, instead of ending the run after its last prediction.
+CSV_TEXT = {"newline": "", "encoding": "utf-8", "errors": "surrogateescape"}
+
+
+def display_name(text: str) -> str:
+    """A file name fit to draw or print: bytes that were not valid UTF-8 shown as escapes (``\\udcc4``)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @contextlib.contextmanager

@@ -223,7 +223,15 @@ class Checkpoint:
         # imports torch._dynamo, a second of start-up.
         with _skip_init():
             model = build_model(self.arch, "none", num_classes=len(self.class_names))
-        model.load_state_dict(self.state_dict)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError:  # torch's message lists every key: thousands of lines for a wrong architecture
+            theirs, ours = set(self.state_dict), model.state_dict()
+            shapes = sum(1 for k in theirs & set(ours) if tuple(self.state_dict[k].shape) != tuple(ours[k].shape))
+            raise CheckpointError(
+                f"{self.path or 'checkpoint'}: its weights do not fit {self.arch} with {len(self.class_names)} "
+                f"classes ({len(set(ours) - theirs)} missing, {len(theirs - set(ours))} unexpected, {shapes} of "
+                "another shape): damaged, or edited by hand") from None
         return model.to(device).eval()
 
 
@@ -307,11 +315,20 @@ def load_checkpoint(model: str | os.PathLike) -> Checkpoint:
     path = resolve_model_path(model)
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path}: an ONNX file, which cxr runs only in `cxr predict` and `cxr serve` (ONNX "
+                              "Runtime); for this, give the checkpoint or the .safetensors file it was exported from")
+    if _is_torchscript(path):
+        raise CheckpointError(f"{path}: a TorchScript file (cxr export writes them for other runtimes); give cxr the "
+                              "checkpoint or the .safetensors file it was exported from")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message always mentions weights_only; only an unsupported global or class means objects that
+        # would run code. Anything else ("Unsupported operand", "invalid load key") is a file of another kind.
+        text = str(e).lower()
         reason = "refused: it holds objects other than tensors and plain data (possibly code)" \
-            if "weights_only" in str(e).lower() or "unsupported global" in str(e).lower() else "damaged or not one"
+            if "unsupported global" in text or "unsupported class" in text else "damaged, or not a torch file"
         raise CheckpointError(f"{path}: not a cxr checkpoint ({reason})") from None
     except Exception as e:  # torch.load raises many types (KeyError, EOFError, RuntimeError...) on a foreign file
         raise CheckpointError(f"{path}: not a cxr checkpoint (unreadable: {e.__class__.__name__})") from None
@@ -328,6 +345,17 @@ def load_checkpoint(model: str | os.PathLike) -> Checkpoint:
         )
     except (KeyError, TypeError, ValueError, CxrError) as e:
         raise CheckpointError(f"{path}: damaged cxr checkpoint ({e.__class__.__name__}: {e})") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A zip archive holding TorchScript code (what ``torch.jit.save`` writes), as opposed to a ``torch.save`` file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1].startswith("code/") or n.endswith("/constants.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def _payload_meta(ckpt: Checkpoint) -> dict[str, Any]:

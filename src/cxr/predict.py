@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.errors import UsageError
-from cxr.fileio import atomic_path
+from cxr.fileio import CSV_TEXT, atomic_path
 from cxr.images import IMAGE_EXTENSIONS, ImageError, load_image
 
 DISCLAIMER = "Research software, not a medical device: predictions are not a diagnosis."
@@ -32,13 +32,15 @@ class Prediction:
     error: str | None = None
 
 
-def collect_files(paths: list[str | os.PathLike]) -> list[Path]:
-    """Files as given, and image files found recursively in folders (sorted; hidden files skipped)."""
+def collect_files(paths: list[str | os.PathLike], *, skip: Path | None = None) -> list[Path]:
+    """Files as given, and image files found recursively in folders (sorted; hidden files skipped; linked folders
+    followed). ``skip``: a folder whose files are not collected (an output folder inside an input folder)."""
+    from cxr.data import walk_files
+
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                            and not f.name.startswith("."))
+            files += [f for f in walk_files(p, skip=skip) if f.suffix.lower() in IMAGE_EXTENSIONS]
         elif p.exists():
             files.append(p)
         else:
@@ -132,14 +134,14 @@ def _check_suffix(path: str | os.PathLike) -> str:
 def write_predictions_file(path: str | os.PathLike, predictions: list[Prediction]) -> None:
     """Write predictions as ``.csv`` or ``.json`` (by extension), atomically."""
     suffix = _check_suffix(path)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", **CSV_TEXT) as f:
         if suffix == ".json":
             json.dump({"note": DISCLAIMER, "predictions": [asdict(p) for p in predictions]}, f, indent=2)
         else:
             w = csv.writer(f)
             w.writerow(["path", "prob_pneumonia", "label", "error"])
             for p in predictions:
-                prob = "" if p.prob_pneumonia is None else f"{p.prob_pneumonia:.6f}"
+                prob = "" if p.prob_pneumonia is None else repr(float(p.prob_pneumonia))
                 w.writerow([p.path, prob, p.label or "", p.error or ""])
 
 
@@ -147,7 +149,7 @@ def read_predictions_file(path: str | os.PathLike) -> list[Prediction]:
     """Predictions from a file written by :func:`write_predictions_file`."""
     suffix = _check_suffix(path)
     try:
-        with open(path, newline="") as f:
+        with open(path, **CSV_TEXT) as f:
             if suffix == ".json":
                 return [Prediction(**p) for p in json.load(f)["predictions"]]
             return [Prediction(r["path"], float(r["prob_pneumonia"]) if r["prob_pneumonia"] else None,

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -77,4 +78,4 @@ def progress_bar(description: str, total: int, unit: str = "it") -> Iterator[Bar
         disable=not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0",  # under torchrun, rank 0 only
     )
     with progress:
-        yield Bar(progress, progress.add_task(description, total=total, info=""), description, total, unit)
+        yield Bar(progress, progress.add_task(escape(description), total=total, info=""), description, total, unit)

@@ -50,7 +50,7 @@ from cxr.distributed import init as init_distributed
 from cxr.distributed import shutdown as shutdown_distributed
 from cxr.errors import CxrError, DataError, UsageError
 from cxr.evaluate import SplitResult, choose_threshold, predict_logits, probabilities, write_evaluation
-from cxr.fileio import atomic_path, atomic_write_text, ensure_dir, remove_stale_temps
+from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, ensure_dir, remove_stale_temps
 from cxr.model import (
     Checkpoint,
     autocast,
@@ -264,7 +264,7 @@ def validate(model: nn.Module, val: Prepared, criterion: nn.CrossEntropyLoss, *,
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", **CSV_TEXT) as f:
         w = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for row in history:
