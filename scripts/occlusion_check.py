@@ -13,16 +13,13 @@ reads the lungs should move little under either band; one that reads the top ban
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import numpy as np
-import torch
+from model_on_folder import model_and_folder
 
 from cxr.config import CLASS_NAMES
-from cxr.data import prepare, scan
-from cxr.evaluate import predict_logits, probabilities
-from cxr.model import load_checkpoint, use_bf16, use_channels_last
+from cxr.evaluate import probabilities
 
 
 def occlude(images: np.ndarray, band: float, where: str) -> np.ndarray:
@@ -44,22 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", help="image cache (default: the model config's)")
     args = ap.parse_args(argv)
 
-    ckpt = load_checkpoint(args.model)
+    ckpt, prepared, logits = model_and_folder(args.model, args.data, args.cache_dir)
     cfg = ckpt.config
-    if args.cache_dir:
-        cfg = dataclasses.replace(cfg, cache_dir=args.cache_dir)
-    device = torch.device("cpu")
-    net = ckpt.build(device)
-    channels_last = use_channels_last(cfg, device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    (split,) = scan(args.data, require_both_classes=True).values()
-    prepared = prepare(split, cfg)
     labels = prepared.labels
 
     def probs(images: np.ndarray) -> np.ndarray:
-        return probabilities(predict_logits(net, images, mean=cfg.mean, std=cfg.std, device=device,
-                                            bf16=use_bf16(cfg, device), channels_last=channels_last))
+        return probabilities(logits(images))
 
     base = probs(prepared.images)
     print(f"{args.model}: {len(labels)} images from {args.data}, {cfg.image_size} px, threshold {ckpt.threshold:.3f}, "

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from model_on_folder import model_and_folder
 
 from cxr.config import CLASS_NAMES
-from cxr.data import XrayDataset, prepare, scan, train_transform
-from cxr.evaluate import predict_logits, probabilities
-from cxr.model import load_checkpoint, use_bf16, use_channels_last
+from cxr.data import XrayDataset, train_transform
+from cxr.evaluate import probabilities
 
 
 def write(path: Path, samples, labels: np.ndarray, probs: np.ndarray) -> None:
@@ -50,21 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", help="image cache (default: the model config's)")
     args = ap.parse_args(argv)
 
-    ckpt = load_checkpoint(args.model)
+    ckpt, prepared, logits = model_and_folder(args.model, args.data, args.cache_dir)
     cfg = ckpt.config
-    if args.cache_dir:
-        cfg = dataclasses.replace(cfg, cache_dir=args.cache_dir)
-    device = torch.device("cpu")
-    net = ckpt.build(device)
-    channels_last = use_channels_last(cfg, device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    (split,) = scan(args.data, require_both_classes=True).values()
-    prepared = prepare(split, cfg)
-
-    def logits(images) -> torch.Tensor:
-        return predict_logits(net, images, mean=cfg.mean, std=cfg.std, device=device, bf16=use_bf16(cfg, device),
-                              channels_last=channels_last)
 
     as_is = logits(prepared.images)
     views = XrayDataset(prepared, train_transform(cfg), seed=args.seed)
