@@ -292,6 +292,11 @@ def test_resume_through_the_cli(trained_run, tmp_path):
     proc = cxr("train", "--resume", run, "--swa-epochs", "1", "--no-report")
     assert "weight average of epochs 4-4" in proc.stderr
     assert load_checkpoint(run / "last.pt").epoch == 4 and (run / "swa.pt").is_file()
+    # The schedule is over and averaging has run: a larger --epochs is refused, not recorded and ignored.
+    config = (run / "config.yaml").read_text()
+    _one_line_error(cxr("train", "--resume", run, "--epochs", "9", "--no-report", check=False),
+                    "cannot be lengthened")
+    assert (run / "config.yaml").read_text() == config
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -370,6 +375,55 @@ def test_wrong_usage_is_one_line_and_non_zero(args, tmp_path):
     proc = cxr(*args, check=False)
     _one_line_error(proc)
     assert proc.returncode == 2
+
+
+@pytest.mark.parametrize("yaml_text, says", [
+    ("class_weights:\n", "class_weights has no value"),  # was None: the class-weighted loss silently off
+    ("patience: ~\n", "patience has no value"),
+    ("epochs:\n", "epochs has no value"),  # was a TypeError traceback
+    ("patience: -1\n", "patience must be >= 0"),  # was "no better validation loss for -1 epochs" after epoch 1
+    ("max_train_batches: -1\n", "max_train_batches must be >= 0"),  # was: no training step at all
+    ("val_fraction: 0.9\n", "at most 0.5"),  # was a 50 % split without a word
+    ("num_workers: -1\n", "num_workers must be >= 0"),
+    ("eval_batch_size: 0\n", "eval_batch_size must be >= 1"),  # was a traceback after a whole epoch
+    ("plateau_factor: 1.5\n", "plateau_factor"),
+    ("rotation: -5\n", "must be >= 0"),
+    ("split_seed: -1\n", "split_seed"),
+    ("batch_size: 1\n", "batch norm needs two images"),
+])
+def test_config_values_that_cannot_work_are_refused(tmp_path, tiny_dataset, yaml_text, says):
+    from cxr.config import load_config
+    from cxr.errors import UsageError
+
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    with pytest.raises(UsageError, match=says):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_yaml_on_and_off_mean_on_and_off(tmp_path):
+    # YAML 1.1 reads an unquoted on/off as a boolean; for the on|auto|off settings it means the word.
+    from cxr.config import load_config
+
+    (tmp_path / "c.yaml").write_text("amp: off\nchannels_last: on\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.amp, cfg.channels_last) == ("off", "on")
+
+
+def test_resume_does_not_need_the_starting_weights_file(tmp_path, tiny_dataset):
+    # The weights of a resumed run come from last.pt; the file it started from may be gone (or, for imagenet, the
+    # hub cache on an offline node).
+    import torchvision
+
+    from cxr.train import train
+
+    start = tmp_path / "start.pth"
+    torch.save(torchvision.models.densenet121().state_dict(), start)
+    run = tmp_path / "run"
+    train(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(run), "epochs": 1,
+                                 "weights": str(start)}))
+    start.unlink()
+    train(resume=run, overrides={"epochs": 2})
+    assert load_checkpoint(run / "last.pt").epoch == 2
 
 
 def test_unknown_config_field(tmp_path, tiny_dataset):

@@ -208,6 +208,27 @@ def test_carve_validation_keeps_identical_images_together():
 def test_carve_validation_too_few_patients():
     with pytest.raises(DataError, match="too few"):
         carve_validation(_pool(3, 4), 0.2, seed=0)
+    # Enough patients in all, too few of one class for the folds: one line, not scikit-learn's ValueError.
+    with pytest.raises(DataError, match="only 4 NORMAL patients"):
+        carve_validation(_pool(12, 2), 1 / 7, seed=0)
+
+
+def test_carve_validation_warns_when_nothing_groups_images(caplog):
+    pool = _pool(30, 1)
+    carve_validation(pool, 0.2, seed=0)
+    assert "only image-disjoint" in caplog.text
+    caplog.clear()
+    carve_validation(_pool(30, 2), 0.2, seed=0)
+    assert "only image-disjoint" not in caplog.text
+
+
+def test_npz_rows_carry_their_digest_so_duplicates_stay_on_one_side(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8)
+    images[7] = images[3]  # a duplicate, as PneumoniaMNIST has
+    np.savez(tmp_path / "d.npz", train_images=images, train_labels=np.arange(40) % 2)
+    samples = scan(tmp_path / "d.npz")["train"].samples
+    assert samples[7].digest == samples[3].digest and len({s.digest for s in samples}) == 39
 
 
 def test_split_csv_round_trip(tmp_path):

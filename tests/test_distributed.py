@@ -134,3 +134,24 @@ def test_sharded_prediction_under_torchrun_equals_one_process(runs, tmp_path):
     _run(["predict", "--model", single, data, "--output", tmp_path / "two.json", "--device", "cpu"], nproc=2)
     assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["one.json", "two.json"]  # the shard files were merged
+
+
+def test_a_dataset_error_under_torchrun_is_one_line_on_every_rank(tmp_path):
+    # The first rank prepares the data while the others wait. Before, when it stopped with a one-line DataError, the
+    # others died at the barrier with gloo's "Connection closed by peer" traceback.
+    import shutil
+
+    data = make_dataset(tmp_path / "data")
+    shutil.rmtree(data / "train" / "PNEUMONIA")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run([*launcher, "-m", "cxr", "train", "--data", str(data), "--output", str(tmp_path / "run"),
+                           *FLAGS], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    assert proc.returncode != 0
+    assert "class folder PNEUMONIA/ is missing" in proc.stderr
+    assert "stopping, because a node's first rank could not prepare the data" in proc.stderr
+    # torchrun's own launcher then reports the failed children (with a traceback of its own); before that, the two
+    # ranks' output holds no traceback.
+    ours = proc.stderr[:proc.stderr.index("torch/distributed/elastic")]
+    assert "Traceback" not in ours and "Connection closed" not in ours, ours
+    assert ours.count("cxr train: error:") == 2, ours

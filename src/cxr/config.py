@@ -104,10 +104,26 @@ class Config:
         """Raise UsageError naming the first field that makes no sense; return self otherwise."""
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.batch_size >= 2, "batch_size must be >= 2 (batch norm needs two images per batch)"),
             (self.image_size >= 16, "image_size must be >= 16"),
             (self.lr > 0, "lr must be > 0"),
-            (0.0 < self.val_fraction < 1.0, "val_fraction must be between 0 and 1"),
+            (0.0 < self.val_fraction <= 0.5, "val_fraction must be above 0 and at most 0.5 (the split is made in "
+             "round(1 / val_fraction) folds, at least 2)"),
+            (0 <= self.split_seed < 2**32, "split_seed must be from 0 to 2**32 - 1"),
+            (0 <= self.seed < 2**32, "seed must be from 0 to 2**32 - 1"),
+            (self.max_pixels >= 1, "max_pixels must be >= 1"),
+            (self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (0.0 < self.plateau_factor < 1.0, "plateau_factor must be between 0 and 1"),
+            (self.plateau_patience >= 0, "plateau_patience must be >= 0"),
+            (self.patience >= 0, "patience must be >= 0 (0 switches early stopping off)"),
+            (self.min_delta >= 0, "min_delta must be >= 0"),
+            (self.max_train_batches >= 0, "max_train_batches must be >= 0 (0: no cap)"),
+            (min(self.rotation, self.translate, self.brightness, self.contrast) >= 0,
+             "rotation, translate, brightness and contrast must be >= 0"),
+            (self.translate <= 1, "translate must be at most 1 (a fraction of the side)"),
             (self.val_source in ("carve", "folder"), "val_source must be 'carve' or 'folder'"),
             (self.scheduler in ("cosine", "plateau", "none"), "scheduler must be cosine, plateau or none"),
             (self.amp in ("auto", "on", "off"), "amp must be auto, on or off"),
@@ -140,7 +156,11 @@ def _coerce(name: str, value: Any) -> Any:
     if default is dataclasses.MISSING:
         default = _FIELDS[name].default_factory()  # type: ignore[misc]
     target = type(default)
-    if value is None or isinstance(value, target) and not (target is int and isinstance(value, bool)):
+    if value is None:  # `key:` or `key: ~` in YAML, which would silently replace the default with nothing
+        raise UsageError(f"invalid config: {name} has no value (give one, or leave the line out for the default)")
+    if target is str and isinstance(value, bool):  # YAML 1.1 reads on/off and yes/no as booleans
+        return "on" if value else "off"
+    if isinstance(value, target) and not (target is int and isinstance(value, bool)):
         return value
     try:
         if target is bool:

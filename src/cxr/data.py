@@ -248,7 +248,9 @@ def _scan_npz(path: Path) -> dict[str, Split]:
             if labels.dtype.kind not in "uifb" or not set(np.unique(labels).tolist()) <= {0, 1}:
                 raise DataError(f"{path}: {name}_labels must be 0 (NORMAL) or 1 (PNEUMONIA)")
             images = npz_pixels(images, f"{path}: {name}_images")
-            samples = [Sample(f"{path}#{name}/{i}", int(y), f"{name}/{i}") for i, y in enumerate(labels)]
+            # Each row's digest, so that a carved validation split keeps byte-identical images on one side.
+            samples = [Sample(f"{path}#{name}/{i}", int(y), f"{name}/{i}", hashlib.sha256(im.tobytes()).hexdigest())
+                       for i, (y, im) in enumerate(zip(labels, images, strict=True))]
             splits[name] = Split(name, samples, images)
     if not splits:
         raise DataError(f"{path}: no <split>_images keys (expected any of {', '.join(s + '_images' for s in SPLITS)})")
@@ -422,9 +424,16 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
     n_splits = max(2, round(1 / fraction))
     labels = np.array([s.label for s in pool])
     groups = _groups(pool)
-    if len(np.unique(groups)) < n_splits:
-        raise DataError(f"only {len(np.unique(groups))} patients: too few to carve a validation split "
-                        f"of {fraction:.0%} (use the dataset's own val folder with --val-source folder)")
+    for label, cls in enumerate(CLASS_NAMES):
+        n_groups = len(np.unique(groups[labels == label]))
+        if n_groups < n_splits:
+            raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
+                            "(use the dataset's own val folder with --val-source folder)")
+    if len({s.patient for s in pool}) == len(pool):
+        log.warning("no two images share a patient id, so the carved validation split is only image-disjoint (and "
+                    "keeps byte-identical images together): if one patient has several images, validation results "
+                    "will be optimistic. Patient ids come from Kermany-style file names (person12_virus_3.jpeg); "
+                    "otherwise split by patient yourself and use --val-source folder")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     train_idx, val_idx = next(splitter.split(np.zeros(len(pool)), labels, groups))
     return [pool[i] for i in sorted(train_idx)], [pool[i] for i in sorted(val_idx)]

@@ -291,7 +291,19 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
     cfg = dataclasses.replace(cfg, output=str(run_dir), **{k: overrides[k] for k in RESUMABLE
                                                             if overrides.get(k) is not None}).validate()
     last = run_dir / "last.pt"
-    return cfg, (load_checkpoint(last) if last.is_file() else None)
+    state = load_checkpoint(last) if last.is_file() else None
+    if state is not None and cfg.epochs > state.config.epochs:
+        # A longer schedule can extend a run that finished it, not one that stopped early or went on to averaging:
+        # say so, instead of recording the new --epochs in config.yaml and training nothing.
+        stop_reason = state.extra.get("stop_reason", "")
+        if state.extra.get("swa_start") is not None:
+            raise UsageError(f"--resume {run_dir} --epochs {cfg.epochs}: this run's schedule of {state.config.epochs} "
+                             "epochs is over and weight averaging has begun, so it cannot be lengthened; start a new "
+                             "run (or change --swa-epochs)")
+        if stop_reason.startswith("early stopping"):
+            raise UsageError(f"--resume {run_dir} --epochs {cfg.epochs}: this run stopped early ({stop_reason}), so "
+                             "more epochs would not train it further; start a new run")
+    return cfg, state
 
 
 def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
@@ -455,7 +467,9 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         log.warning("%d unreadable image(s) skipped (listed in summary.json)", n_bad)
 
     seed_everything(cfg.seed)
-    model = build_model(cfg.arch, cfg.weights)
+    # A resumed run's weights come from last.pt: its starting weights (a local file, or ImageNet's from the hub) need
+    # not be at hand any more, on an offline node say.
+    model = build_model(cfg.arch, cfg.weights if state is None else "none")
     if info.active and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
     model = model.to(device)
