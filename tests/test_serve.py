@@ -367,7 +367,9 @@ def test_queue_full_is_503_with_retry_after():
     codes = sorted(r.status_code for r in responses)
     assert codes == [200, 200, 503, 503]
     busy = next(r for r in responses if r.status_code == 503)
-    assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+    # Retry-After estimates when the admitted work is done: two requests (one running, one waiting) on one worker,
+    # at the first estimate of a second each. It was a fixed 1, whatever the backlog.
+    assert busy.headers["retry-after"] == "2" and "busy" in busy.json()["detail"]
 
 
 # ----------------------------------------------------------------------------------------------- other endpoints
@@ -437,6 +439,15 @@ def test_security_headers(client):
         assert "default-src 'self'" in csp and "script-src 'self';" in csp and "http" not in csp
         assert "server" not in r.headers
     assert client.get("/api/v1/health").headers["cache-control"] == "no-store"
+    # The page and its script are revalidated on every load, so an upgraded cxr never runs through a stale page.
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        assert client.get(path).headers["cache-control"] == "no-cache", path
+
+
+def test_head_requests_for_uptime_checks(client):
+    for path in ("/", "/api/v1/health"):
+        r = client.head(path)
+        assert r.status_code == 200 and r.content == b"", path
 
 
 def test_sniff():
@@ -444,6 +455,8 @@ def test_sniff():
     assert sniff(png_bytes(np.zeros((4, 4), np.uint8))) == "png"
     assert sniff(dicom(np.zeros((4, 4)))) == "dicom"
     assert sniff(b"GIF89a") is None and sniff(b"") is None
+    # A DICOM preamble is free-form: one that starts like a JPEG is still a DICOM, as cxr.images decodes it.
+    assert sniff(b"\xff\xd8\xff" + dicom(np.zeros((4, 4)))[3:]) == "dicom"
 
 
 def test_bad_settings_are_refused(ckpt_path):

@@ -47,7 +47,27 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(checkpoint):
     """The service on a free loopback port, in a thread; yields its base URL."""
-    app = create_app(checkpoint, device="cpu", max_upload_mb=5)
+    yield from _serving(create_app(checkpoint, device="cpu", max_upload_mb=5))
+
+
+class SlowEngine:
+    """A stand-in model that takes 0.4 s per image, so that a page can fill a one-worker service."""
+
+    backend, model_id, class_names, threshold = "torch", "slow", ["NORMAL", "PNEUMONIA"], 0.5
+    image_size, max_pixels, card, heatmap_unavailable = 64, 10**8, {}, "not in this test"
+
+    def predict_uint8(self, images):
+        time.sleep(0.4)
+        return [0.2] * len(images)
+
+
+@pytest.fixture(scope="module")
+def slow_server():
+    """One worker and no queue: the page's second upload in flight is turned away with 503."""
+    yield from _serving(create_app(SlowEngine(), max_concurrency=1, max_queue=0))
+
+
+def _serving(app):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -152,6 +172,77 @@ def test_drop_an_xray_on_the_page(browser_page, checkpoint):
     expect(card.get_by_test_id("label")).to_have_text(expected.label)
     assert abs(float(card.get_by_test_id("probability").inner_text()) - expected.prob_pneumonia) <= 0.0005 + 1e-9
     assert outside == []
+
+
+@pytest.fixture(scope="module")
+def slow_queue_server():
+    """One worker and a queue: the page's files are answered one by one, 0.4 s apart."""
+    yield from _serving(create_app(SlowEngine(), max_concurrency=1, max_queue=8))
+
+
+def _page_of(browser_page, base):
+    """A page of another service, in its own browser context (the same Chromium)."""
+    context = browser_page[0].context.browser.new_context()
+    page = context.new_page()
+    page.goto(base + "/")
+    yield page
+    context.close()
+
+
+@pytest.fixture
+def slow_page(browser_page, slow_server):
+    yield from _page_of(browser_page, slow_server)
+
+
+@pytest.fixture
+def slow_queue_page(browser_page, slow_queue_server):
+    yield from _page_of(browser_page, slow_queue_server)
+
+
+def test_busy_answers_are_waited_out_not_shown_as_bad_files(slow_page):
+    # The page sends two files at once; this service takes one and answers 503 to the other. Before, that card read
+    # "The server could not use this file (503)"; now it waits as Retry-After says and sends the file again.
+    page = slow_page
+    expect = sync_api.expect
+    page.get_by_test_id("file-input").set_input_files([*XRAYS, XRAYS[0]])
+    cards = page.get_by_test_id("result")
+    expect(cards).to_have_count(3)
+    for k in range(3):
+        expect(cards.nth(k).get_by_test_id("status")).to_have_text("Done", timeout=30_000)
+
+
+def test_clear_stops_the_files_still_queued(slow_queue_page):
+    page = slow_queue_page
+    expect = sync_api.expect
+    page.get_by_test_id("file-input").set_input_files(XRAYS * 4)
+    expect(page.get_by_test_id("status").first).to_have_text("Done", timeout=30_000)
+    page.get_by_role("button", name="Clear results").click()
+    page.wait_for_timeout(3000)  # before, the 6 files still queued went on arriving after the clear
+    expect(page.get_by_test_id("result")).to_have_count(0)
+
+
+def test_drop_a_folder_of_xrays(slow_queue_page, tmp_path):
+    # A real drag of a folder (Chromium's DevTools protocol, as the operating system would deliver it). Before, the
+    # folder itself was sent: one card, "Could not reach the server (Failed to fetch)", and nothing analysed.
+    import shutil
+
+    folder = tmp_path / "xrays"
+    (folder / "inner").mkdir(parents=True)
+    shutil.copy(XRAYS[0], folder / XRAYS[0].name)
+    shutil.copy(XRAYS[1], folder / "inner" / XRAYS[1].name)
+    page = slow_queue_page
+    box = page.get_by_test_id("drop-zone").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    cdp = page.context.new_cdp_session(page)
+    data = {"items": [], "files": [str(folder)], "dragOperationsMask": 1}
+    for kind in ("dragEnter", "dragOver", "drop"):
+        cdp.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+    cards = page.get_by_test_id("result")
+    expect = sync_api.expect
+    expect(cards).to_have_count(2)
+    assert sorted(cards.get_by_test_id("filename").all_inner_texts()) == sorted(f.name for f in XRAYS)
+    for k in range(2):
+        expect(cards.nth(k).get_by_test_id("status")).to_have_text("Done", timeout=30_000)
 
 
 @pytest.mark.parametrize("path", ["/docs", "/redoc"])

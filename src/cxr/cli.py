@@ -46,6 +46,14 @@ def _count(minimum: int):
     return parse
 
 
+def _port(text: str) -> int:
+    """A TCP port, 0 to 65535 (0: any free one)."""
+    value = _count(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (0 to 65535)")
+    return value
+
+
 def _positive(text: str) -> float:
     """A finite number above 0."""
     try:
@@ -176,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default",
                    help="checkpoint, run directory, default (the bundled model), or an .onnx file")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_count(0), default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--backend", choices=["torch", "onnx"], help="default: onnx for an .onnx model, else torch")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-upload-mb", type=_positive, default=20.0, help="larger uploads get 413 (default 20)")

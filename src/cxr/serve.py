@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import math
 import os
 import re
 import threading
@@ -218,12 +219,12 @@ def _safe_name(filename: str | None) -> str:
 
 def sniff(data: bytes) -> str | None:
     """``jpeg``, ``png`` or ``dicom`` from a file's magic bytes (as cxr.images decides), or None for anything else."""
+    if len(data) >= 132 and data[128:132] == b"DICM":  # first, as cxr.images checks it: the preamble is free-form
+        return "dicom"
     if data.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return "dicom"
     return None
 
 
@@ -381,6 +382,10 @@ class SecurityHeaders:
                             (b"permissions-policy", b"camera=(), microphone=(), geolocation=()")]
                 if path.startswith(API):
                     headers.append((b"cache-control", b"no-store"))
+                elif not any(k.lower() == b"cache-control" for k, _ in headers):
+                    # The page and its script: revalidated on every load (cheap, with their ETag), so an upgraded
+                    # cxr is never shown through a stale page or a mix of old page and new script.
+                    headers.append((b"cache-control", b"no-cache"))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -450,6 +455,12 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
     limits = Limits(int(max_upload_mb * 1e6), max_concurrency, max_queue, max_pixels)
     limiter = anyio.CapacityLimiter(max_concurrency)
     admitted = [0]  # requests running or waiting for a worker (only touched on the event loop)
+    seconds = [1.0]  # recent seconds per prediction (moving average): what a client turned away should wait
+
+    def retry_after() -> str:
+        """Seconds until the work already admitted is likely done: its requests over the workers, at recent speed."""
+        return str(max(1, math.ceil(admitted[0] / limiter.total_tokens * seconds[0])))
+
     started = time.monotonic()
 
     app = FastAPIOffline(
@@ -476,8 +487,10 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A last resort (predict catches its own): the traceback goes to the log, the client gets one line.
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-        status = 503 if isinstance(exc, MemoryError) else 500
-        return JSONResponse({"detail": "internal error: the request could not be processed"}, status_code=status)
+        if isinstance(exc, MemoryError):
+            return JSONResponse({"detail": "out of memory: retry later"}, status_code=503,
+                                headers={"Retry-After": retry_after()})
+        return JSONResponse({"detail": "internal error: the request could not be processed"}, status_code=500)
 
     errors = {s: {"model": ErrorOut, "description": d} for s, d in (
         (400, "malformed multipart body"), (413, "upload over the size limit"),
@@ -497,7 +510,7 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
                       ) -> dict[str, Any]:
         t0 = time.perf_counter()
         bound = limits.max_concurrency + limits.max_queue
-        busy = HttpError(503, "busy: too many requests waiting; retry shortly", {"Retry-After": "1"})
+        busy = HttpError(503, "busy: too many requests waiting; retry shortly", {"Retry-After": retry_after()})
         if admitted[0] >= bound:  # early, so a full service does not read the upload first
             raise busy
         data, name = await read_upload(request, limits.max_upload_bytes)
@@ -512,6 +525,7 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
             out = run_prediction(engine, data, name, heatmap=heatmap, include_image=include_image,
                                  max_pixels=limits.max_pixels)
             out["timing_ms"]["queue"] = round(1e3 * (t_start - t1), 2)
+            seconds[0] = 0.8 * seconds[0] + 0.2 * (time.perf_counter() - t_start)
             return out
 
         try:
@@ -521,8 +535,9 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         except Exception as e:
             # The traceback goes to the server's log; the client gets one line without internals.
             log.error("prediction failed", exc_info=e)
-            status = 503 if isinstance(e, MemoryError) else 500
-            raise HttpError(status, "internal error: the image could not be processed") from None
+            if isinstance(e, MemoryError):
+                raise HttpError(503, "out of memory: retry later", {"Retry-After": retry_after()}) from None
+            raise HttpError(500, "internal error: the image could not be processed") from None
         finally:
             admitted[0] -= 1
         result["timing_ms"]["upload"] = round(1e3 * (t1 - t0), 2)
@@ -530,6 +545,7 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         log.info("predict: %s p=%.3f in %.0f ms", result["label"], result["probability"], result["timing_ms"]["total"])
         return result
 
+    @app.head(f"{API}/health", include_in_schema=False)  # uptime checks that send HEAD
     @app.get(f"{API}/health", response_model=HealthOut, summary="Liveness and load")
     async def health() -> dict[str, Any]:
         busy = limiter.borrowed_tokens
@@ -544,7 +560,7 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
                 "limits": {"max_upload_mb": max_upload_mb, "max_concurrency": max_concurrency,
                            "formats": ["jpeg", "png", "dicom"]}}
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 

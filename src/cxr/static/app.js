@@ -4,6 +4,9 @@
 
 const API = "/api/v1";
 const PARALLEL = 2; // uploads in flight at once; the server queues the rest anyway
+const BUSY_RETRIES = 5; // a 503 (server busy) is waited out this many times, as its Retry-After says
+let generation = 0; // "Clear results" starts a new one: files queued or in flight for an older one are dropped
+let controller = new AbortController();
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const results = $("#results");
@@ -85,35 +88,75 @@ function render(card, res) {
   }
 }
 
-async function analyse(file) {
+const sleep = (ms, signal) => new Promise((resolve) => {
+  const t = setTimeout(resolve, ms);
+  signal.addEventListener("abort", () => { clearTimeout(t); resolve(); }, { once: true });
+});
+
+async function analyse(file, mine) {
   const card = newCard(file);
   const form = new FormData();
   form.append("file", file, file.name);
+  const { signal } = controller;
   try {
-    const r = await fetch(`${API}/predict?include_image=true&heatmap=true`, { method: "POST", body: form });
-    let body = null;
-    try {
-      body = await r.json();
-    } catch (_) {
-      body = null;
-    }
-    if (!r.ok) {
-      const detail = body && typeof body.detail === "string" ? body.detail : `HTTP ${r.status}`;
-      showError(card, `The server could not use this file (${r.status}): ${detail}`);
+    for (let attempt = 0; ; attempt++) {
+      const r = await fetch(`${API}/predict?include_image=true&heatmap=true`, { method: "POST", body: form, signal });
+      let body = null;
+      try {
+        body = await r.json();
+      } catch (_) {
+        body = null;
+      }
+      if (mine !== generation) return; // cleared meanwhile
+      if (r.status === 503 && attempt < BUSY_RETRIES) {
+        // The server is busy, not the file at fault: wait as long as it asks, then send the file again.
+        const wait = Math.min(60, Math.max(1, Number(r.headers.get("Retry-After")) || 1));
+        $(".status", card).textContent = `Server busy, trying again in ${wait} s…`;
+        await sleep(1000 * wait, signal);
+        if (mine !== generation) return;
+        $(".status", card).textContent = "Analysing…";
+        continue;
+      }
+      if (!r.ok) {
+        const detail = body && typeof body.detail === "string" ? body.detail : `HTTP ${r.status}`;
+        showError(card, `The server could not use this file (${r.status}): ${detail}`);
+        return;
+      }
+      render(card, body);
       return;
     }
-    render(card, body);
   } catch (e) {
+    if (mine !== generation) return;
     showError(card, `Could not reach the server (${e.message}).`);
   }
 }
 
 async function analyseAll(files) {
+  const mine = generation;
   const queue = Array.from(files);
   const worker = async () => {
-    while (queue.length) await analyse(queue.shift());
+    while (queue.length && mine === generation) await analyse(queue.shift(), mine);
   };
   await Promise.all(Array.from({ length: Math.min(PARALLEL, queue.length) }, worker));
+}
+
+// A dropped folder arrives as an entry without bytes: read the files inside it (and its sub-folders) instead.
+async function droppedFiles(entries) {
+  const files = [];
+  const walk = async (entry) => {
+    if (entry.isFile) {
+      files.push(await new Promise((resolve, reject) => entry.file(resolve, reject)));
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) { // readEntries gives at most about 100 entries per call
+        const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+        if (!batch.length) break;
+        for (const child of batch) if (!child.name.startsWith(".")) await walk(child);
+      }
+    }
+  };
+  for (const entry of entries) await walk(entry);
+  return files;
 }
 
 $("#files").addEventListener("change", (ev) => {
@@ -131,9 +174,16 @@ for (const name of ["dragenter", "dragover"]) {
 for (const name of ["dragleave", "drop"]) {
   drop.addEventListener(name, () => drop.classList.remove("over"));
 }
-drop.addEventListener("drop", (ev) => {
+drop.addEventListener("drop", async (ev) => {
   ev.preventDefault();
-  if (ev.dataTransfer && ev.dataTransfer.files.length) analyseAll(ev.dataTransfer.files);
+  const dt = ev.dataTransfer;
+  if (!dt) return;
+  // Both taken before the handler awaits anything: the browser empties the lists afterwards. A folder has an entry
+  // (and no bytes); a file made by a script has bytes and no entry.
+  const entries = Array.from(dt.items || [], (item) => item.webkitGetAsEntry && item.webkitGetAsEntry());
+  const plain = Array.from(dt.files);
+  const files = entries.length && entries.every(Boolean) ? await droppedFiles(entries) : plain;
+  if (files.length) analyseAll(files);
 });
 // A file dropped beside the zone would otherwise make the browser navigate away to it.
 window.addEventListener("dragover", (ev) => ev.preventDefault());
@@ -148,6 +198,11 @@ showHeat.addEventListener("change", () => {
     }
   }
 });
-$("#clear").addEventListener("click", () => results.replaceChildren());
+$("#clear").addEventListener("click", () => {
+  generation += 1; // queued files of earlier choices are not sent; answers still on their way are not shown
+  controller.abort();
+  controller = new AbortController();
+  results.replaceChildren();
+});
 
 loadModelInfo();
