@@ -625,3 +625,20 @@ def test_explain_handles_awkward_file_names_and_skips_its_own_output(tmp_path, c
     pictures = sorted(p.name for p in out.glob("*.png"))
     assert len(pictures) == len(files), pictures  # the first run's pictures were not explained as X-rays
     assert not any("gradcam_gradcam" in p for p in pictures)
+
+
+def test_demo_refuses_to_replace_a_run_that_is_not_a_demo(tmp_path, tiny_dataset):
+    # `cxr demo --output DIR` replaces an earlier demo there; it used to delete any run directory (last.pt and
+    # split.csv), evaluations stored inside it included.
+    from cxr.demo import run_demo
+    from cxr.errors import UsageError
+
+    run = tmp_path / "myrun"
+    (run / "eval").mkdir(parents=True)
+    for name in ("last.pt", "best.pt", "split.csv"):
+        (run / name).write_bytes(b"x")
+    (run / "config.yaml").write_text(f"data: {tiny_dataset}\n")
+    (run / "eval" / "metrics.json").write_text("precious")
+    with pytest.raises(UsageError, match="not a demo run"):
+        run_demo(str(run))
+    assert (run / "eval" / "metrics.json").read_text() == "precious"

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -556,6 +559,54 @@ def test_image_gone_before_a_warm_cache_lookup_is_skipped_not_fatal(tmp_path, ti
     assert len(prepared.labels) == 7 and [f for f, _ in prepared.failures] == [str(gone)]
 
 
+def test_digest_memo_takes_file_names_that_are_not_utf8(tmp_path, tiny_dataset, monkeypatch, caplog):
+    # sqlite cannot store such a name as text: every run ended with UnicodeEncodeError after its last image.
+    monkeypatch.setattr(data, "_RACY_NS", 0)
+    folder = tiny_dataset / "test" / "NORMAL"
+    odd = Path(os.fsdecode(bytes(folder) + b"/R\xf6ntgen.jpeg"))
+    next(folder.glob("*.jpeg")).rename(odd)
+    cfg = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "cache")})
+    with caplog.at_level("WARNING", logger="cxr.data"):
+        first = prepare(scan(tiny_dataset / "test")["test"], cfg, workers=1)
+    assert "not usable" not in caplog.text and str(odd) in [s.path for s in first.samples]
+    hashed = _count_hashes(monkeypatch)
+    again = add_digests(scan(tiny_dataset / "test")["test"], cfg.cache_dir)
+    assert hashed == [] and again.samples == first.samples  # every digest, the odd name's too, from the memo
+
+
+def test_a_file_replaced_during_the_cache_build_is_filed_under_its_new_content(tmp_path, tiny_dataset):
+    # The split is hashed before the build (cxr train). A file replaced in between used to have the new image's
+    # pixels filed under the old content's digest, and served for good to any later file with that content.
+    cfg = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "cache")})
+    split = add_digests(scan(tiny_dataset / "test")["test"])
+    target = Path(split.samples[0].path)
+    original = target.read_bytes()
+    target.write_bytes(Path(split.samples[-1].path).read_bytes())  # replaced by another X-ray
+    prepared = prepare(split, cfg, workers=1)
+    assert prepared.samples[0].digest == hashlib.sha256(target.read_bytes()).hexdigest()
+    copy = tmp_path / "again" / "NORMAL"
+    copy.mkdir(parents=True)
+    (copy / "original.jpeg").write_bytes(original)  # the old content, elsewhere, later
+    served = prepare(scan(tmp_path / "again", require_both_classes=False)["again"], cfg, workers=1)
+    np.testing.assert_array_equal(served.images[0], resize_square(read_grayscale(copy / "original.jpeg"), 32))
+
+
+def test_a_full_cache_disk_decodes_without_the_cache(tmp_path, tiny_dataset, monkeypatch, caplog):
+    # Writable when checked, full when a pack is written: before, the run ended ("cannot write ...npy").
+    from cxr.errors import WriteError
+
+    def full(folder, *args):
+        raise WriteError(28, "No space left on device", str(folder / "pack.npy"))
+
+    monkeypatch.setattr(data, "_write_pack", full)
+    cfg = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "cache")})
+    with caplog.at_level("WARNING", logger="cxr.data"):
+        prepared = prepare(scan(tiny_dataset / "test")["test"], cfg, workers=1)
+    assert len(prepared.labels) == 8 and "disk full?" in caplog.text
+    for s, im in zip(prepared.samples, prepared.images, strict=True):
+        np.testing.assert_array_equal(im, resize_square(read_grayscale(s.path), 32))
+
+
 # ------------------------------------------------------------------------------ one copy of a split per node
 
 
@@ -581,6 +632,17 @@ def test_prepare_shared_maps_one_file_for_every_process(tmp_path, tiny_dataset, 
         np.testing.assert_array_equal(p.labels, in_memory.labels)
     other.images[0] = 0  # copy-on-write: a process that writes changes only its own pages, never the file
     np.testing.assert_array_equal(np.load(shared_file)[0], in_memory.images[0])
+
+
+def test_prepare_shared_file_is_per_pixel_limit(tmp_path, tiny_dataset):
+    # The limit decides which images are refused: a file made under a lower one must not skip them at a higher one.
+    from cxr.data import prepare_shared
+
+    split = scan(tiny_dataset / "test")["test"]
+    low = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "cache"), "max_pixels": 100})
+    assert len(prepare_shared(split, low, build=True).failures) == 8
+    high = dataclasses.replace(low, max_pixels=100_000_000)
+    assert prepare_shared(split, high, build=True).failures == []
 
 
 def test_prepare_shared_without_a_builder_or_with_a_damaged_copy(tmp_path, tiny_dataset, caplog):

@@ -287,3 +287,23 @@ def test_grid_carries_the_disclaimer_and_draws_names_as_text(tmp_path):
     fig = plot_grid({"right": [tile] * 2}, 0.5, "val")
     assert DISCLAIMER in [t.get_text() for sub in fig.subfigs for t in sub.texts]
     fig.savefig(tmp_path / "grid.png")
+
+
+@pytest.mark.parametrize("fault", ["no ffmpeg", "ffmpeg stops"])
+def test_report_without_a_working_ffmpeg_is_written_without_the_video(tmp_path, report, monkeypatch, caplog, fault):
+    # Before, the whole report was lost with "cannot write .../flythrough.mp4: No such file or directory".
+    import imageio_ffmpeg
+
+    def broken(*args, **kwargs):
+        if fault == "no ffmpeg":
+            raise FileNotFoundError(2, "No such file or directory", "/nonexistent/ffmpeg")
+        yield  # started; the first frame then meets a dead pipe, as with an ffmpeg that lacks libx264
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", broken)
+    folder = tmp_path / "eval"
+    shutil.copytree(report.parent, folder, ignore=shutil.ignore_patterns("report*"))
+    page = make_report(folder, device="cpu", **VIDEO).read_text()
+    assert "Fly-through video" not in page and "Metrics" in page
+    assert "report: no video" in caplog.text and "--no-video" in caplog.text
+    assert not list((folder / "report").glob("*.mp4")) and not list((folder / "report").glob(".*.tmp"))

@@ -365,7 +365,7 @@ class DigestMemo:
 
     def get(self, paths: Sequence[str]) -> dict[str, tuple[StatKey, str]]:
         """The remembered (stat key, digest) of each of ``paths`` the memo holds."""
-        absolute = {os.path.abspath(p): p for p in paths}
+        absolute = {_memo_key(p): p for p in paths}
         found: dict[str, tuple[StatKey, str]] = {}
         try:
             with contextlib.closing(self._connect()) as con:
@@ -383,14 +383,21 @@ class DigestMemo:
 
     def put(self, entries: Iterable[tuple[str, StatKey, str]]) -> None:
         """Remember (path, stat key, digest) entries, replacing what the memo held for those paths."""
-        rows = [(os.path.abspath(p), ":".join(map(str, key)), digest) for p, key, digest in entries]
+        rows = [(_memo_key(p), ":".join(map(str, key)), digest) for p, key, digest in entries]
         if not rows:
             return
         try:
             with contextlib.closing(self._connect()) as con, con:
                 con.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?)", rows)
-        except (sqlite3.Error, OSError) as e:
+        except (sqlite3.Error, OSError, ValueError) as e:
             self._unusable(e)
+
+
+def _memo_key(path: str) -> bytes:
+    """A file's key in the memo: its absolute path as the file system's bytes. As text, a name that is not valid UTF-8
+    (bytes from another system's encoding) cannot be stored, and ended every run after its last image. (Text keys
+    that an older cxr stored are simply never found again, and those files hashed once more.)"""
+    return os.fsencode(os.path.abspath(path))
 
 
 def _groups(samples: Sequence[Sample]) -> np.ndarray:
@@ -556,7 +563,10 @@ def _cache_chunk(chunk: list[tuple[int, str, str]], folder: str, size: int, draf
                     st = os.stat(path)
                     key = stat_key(st) if settled(st) else None
             data = read_file(path)
-            digest = digest or hashlib.sha256(data).hexdigest()
+            # Always the digest of the bytes decoded here: one given by the caller was computed earlier (a memo, or
+            # a split made before the build), and a file replaced meanwhile would otherwise file its pixels under
+            # the old content's digest, for good, served to every later file with that content.
+            digest = hashlib.sha256(data).hexdigest()
             images.append(load_image(data, size, name=path, max_pixels=max_pixels, draft=draft))
         except ImageError as e:
             failed.append((i, digest, str(e), key))
@@ -565,7 +575,10 @@ def _cache_chunk(chunk: list[tuple[int, str, str]], folder: str, size: int, draf
         done.append((i, digest, "", key))
     if not folder:
         return "", done + failed, np.stack(images) if images else None
-    pack = str(_write_pack(Path(folder), digests, images)) if images else ""
+    try:
+        pack = str(_write_pack(Path(folder), digests, images)) if images else ""
+    except OSError:  # the cache's disk is full (it was writable when checked): these pixels come back by the pipe
+        return "", done + failed, np.stack(images)
     return pack, done + failed, None
 
 
@@ -660,6 +673,7 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
             results = (_cache_chunk(chunk, *spec) for chunk in chunks)
         paths = [s.path for s in split.samples]
         hashed: list[tuple[str, StatKey, str]] = []
+        full_warned = False
         try:
             with progress_bar(f"caching {split.name}", total=len(todo), unit="img") as bar:
                 for pack, outcome, pixels in results:
@@ -667,6 +681,10 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
                     if stored and pack:
                         _copy_from_pack(Path(pack), size, stored, images, ok)
                     elif stored:  # no writable cache: the pixels came back with the outcome
+                        if store and not full_warned:
+                            full_warned = True
+                            log.warning("could not write to the image cache %s (disk full?): decoding without it "
+                                        "where it fails; free space or set --cache-dir", folder)
                         for i, row in stored:
                             images[i], ok[i] = pixels[row], True
                     for i, digest, error, key in outcome:
@@ -710,7 +728,9 @@ def prepare_shared(split: Split, cfg: Config, *, build: bool) -> Prepared:
     if build and not _cache_writable(cache_folder(cfg) / "splits"):
         return prepare(split, cfg)
     split = add_digests(split, cfg.cache_dir)
-    name = hashlib.sha256(json.dumps([split.name, [[s.path, s.digest] for s in split.samples]]).encode()).hexdigest()
+    # max_pixels decides which images are refused, so a file made under another limit is another split's.
+    name = hashlib.sha256(json.dumps([split.name, cfg.max_pixels, [[s.path, s.digest] for s in split.samples]]
+                                     ).encode()).hexdigest()
     npy = cache_folder(cfg) / "splits" / f"{name[:32]}.npy"
     meta = npy.with_suffix(".json")
     shared = _open_shared(split, cfg, npy, meta)

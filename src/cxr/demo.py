@@ -7,10 +7,22 @@ import shutil
 from pathlib import Path
 
 from cxr.config import load_config
+from cxr.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample" / "kermany-mini"
+
+
+def _is_demo_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a run trained on the bundled sample (by this or another cxr install)."""
+    import yaml
+
+    try:
+        data = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data", "")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    return Path(str(data)).parts[-3:] == SAMPLE_DIR.parts[-3:]
 
 
 def run_demo(output: str = "runs/demo", *, epochs: int = 8, device: str = "auto") -> Path:
@@ -25,7 +37,9 @@ def run_demo(output: str = "runs/demo", *, epochs: int = 8, device: str = "auto"
     from cxr.train import train
 
     out = Path(output)
-    if (out / "last.pt").exists() and (out / "split.csv").exists():
+    if (out / "last.pt").exists() or (out / "split.csv").exists():
+        if not _is_demo_run(out):  # `cxr demo --output` a real run's folder must not delete it
+            raise UsageError(f"{out} holds a training run that is not a demo run; pick another --output")
         shutil.rmtree(out)
     cfg = load_config(overrides={"data": str(SAMPLE_DIR), "output": str(out), "epochs": epochs, "image_size": 128,
                                  "batch_size": 16, "lr": 1e-3, "weights": "none", "val_fraction": 0.2,

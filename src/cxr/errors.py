@@ -47,3 +47,9 @@ class WriteError(CxrError, OSError):
     def from_os_error(cls, path: str | object, e: OSError) -> WriteError:
         """The cause's errno and message, for ``path``."""
         return cls(e.errno, e.strerror or str(e) or type(e).__name__, str(path))
+
+
+class VideoError(CxrError):
+    """The video could not be encoded (no ffmpeg, no H.264 encoder, or ffmpeg stopped); the rest of a report can be."""
+
+    exit_code = 1

@@ -676,6 +676,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     Returns:
         The path of ``report.html``.
     """
+    from cxr.errors import VideoError
     from cxr.video import VideoItem, even_frame_size, write_flythrough
 
     if video:
@@ -825,16 +826,22 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             for start in range(0, len(idx), 32):  # Grad-CAM batches of 32 images
                 for t in _gather(p, idx[start:start + 32], pixels, explainer, threshold):
                     items.append(VideoItem(t.path, t.label, t.prob, t.image, t.heatmap))
+            path = None
             if items:
-                path = write_flythrough(items, pics / f"flythrough_{vsplit}.mp4", threshold=threshold,
-                                        frame_size=frame_size, seconds_per_image=seconds_per_image, fps=fps,
-                                        title=vsplit, poster=pics / f"flythrough_{vsplit}.png")
+                try:
+                    path = write_flythrough(items, pics / f"flythrough_{vsplit}.mp4", threshold=threshold,
+                                            frame_size=frame_size, seconds_per_image=seconds_per_image, fps=fps,
+                                            title=vsplit, poster=pics / f"flythrough_{vsplit}.png")
+                except VideoError as e:  # the video is one part of the report: the rest is written without it
+                    log.warning("report: no video: %s", e)
+            if path is not None:
                 size_mb = path.stat().st_size / 1e6
                 sections.append(("video", "Fly-through video", (
                     f"<figure><video controls muted playsinline preload='auto' width='{frame_size[0]}' "
                     f"poster='{_data_uri(path.with_suffix('.png'), 'image/png')}' "
                     f"src='{_data_uri(path, 'video/mp4')}'></video><figcaption>{len(items)} images from "
-                    f"{html.escape(vsplit)} ({html.escape(video_select)}), {seconds_per_image:g} s each, with heatmap, "
+                    f"{html.escape(vsplit)} ({html.escape(video_select)}), {seconds_per_image:g} s each, "
+                    f"{'with heatmap, ' if explainer.net is not None else ''}"
                     f"prediction, probability, truth and a running tally. Also saved as "
                     f"{html.escape(str(path.relative_to(out)))} ({size_mb:.1f} MB).</figcaption></figure>")))
     finally:

@@ -7,6 +7,7 @@ image is shown for ``seconds_per_image`` by repeating its frame, which H.264 sto
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cxr.config import CLASS_NAMES
-from cxr.errors import UsageError
+from cxr.errors import UsageError, VideoError
 from cxr.explain import HEATMAP_CMAP, overlay
 from cxr.fileio import atomic_path, display_name
 from cxr.progress import progress_bar
@@ -209,13 +210,17 @@ def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, thr
     repeat = max(1, round(seconds_per_image * fps))
     path = Path(path)
     with atomic_path(path) as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            str(tmp), size, fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p", quality=None,
-            macro_block_size=2, ffmpeg_log_level="error",
-            # -f mp4: the temporary file's name does not end in .mp4; faststart: playable before fully loaded.
-            output_params=["-crf", str(crf), "-preset", "medium", "-tune", "stillimage", "-movflags", "+faststart",
-                           "-f", "mp4"])
-        writer.send(None)
+        try:
+            writer = imageio_ffmpeg.write_frames(
+                str(tmp), size, fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p", quality=None,
+                macro_block_size=2, ffmpeg_log_level="error",
+                # -f mp4: the temporary file's name does not end in .mp4; faststart: playable before fully loaded.
+                output_params=["-crf", str(crf), "-preset", "medium", "-tune", "stillimage", "-movflags",
+                               "+faststart", "-f", "mp4"])
+            writer.send(None)  # starts ffmpeg
+        except (OSError, RuntimeError) as e:  # no ffmpeg at all (imageio-ffmpeg ships one; a path set wrong, say)
+            raise VideoError(f"cannot run ffmpeg for {path.name} ({e}); without it, leave the video out "
+                             "(--no-video)") from None
         right = wrong = 0
         history: list[bool] = []
         try:
@@ -230,11 +235,17 @@ def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, thr
                         with atomic_path(poster) as png:
                             Image.fromarray(frame).save(png, format="PNG")
                     data = np.ascontiguousarray(frame).tobytes()
-                    for _ in range(repeat):
-                        writer.send(data)
+                    try:
+                        for _ in range(repeat):
+                            writer.send(data)
+                    except OSError as e:  # ffmpeg stopped: no H.264 encoder in this build, or no room for the file
+                        raise VideoError(f"ffmpeg stopped while encoding {path.name} ({e}): is there an H.264 "
+                                         "(libx264) encoder, and room for the file? Or leave the video out "
+                                         "(--no-video)") from None
                     bar.advance(info=f"{right} right, {wrong} wrong")
         finally:
-            writer.close()
+            with contextlib.suppress(Exception):  # closing a dead ffmpeg raises again; the cause is above
+                writer.close()
     return path
 
 
