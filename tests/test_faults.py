@@ -88,6 +88,28 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+def test_a_full_disk_under_the_shared_split_file_falls_back_not_sigbus(tmpfs, caplog):
+    # The torchrun split file was a sparse memory map: on a full disk the first write to a page killed the process
+    # with SIGBUS, without a word. Now its blocks are reserved first and a full disk falls back to memory.
+    from cxr.demo import SAMPLE_DIR
+
+    fs = tmpfs(1)
+    if fs is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    # 16 images at 400 px, 160 kB each: more than the 1 MB file system holds. In a child process: a SIGBUS there
+    # fails this test instead of killing the test run.
+    code = ("import sys; from cxr.config import load_config; from cxr.data import prepare_shared, scan; "
+            f"cfg = load_config(overrides={{'image_size': 400, 'cache_dir': {str(fs / 'cache')!r}}}); "
+            f"p = prepare_shared(scan({str(SAMPLE_DIR / 'test')!r})['test'], cfg, build=True); "
+            "print(type(p.images).__name__, len(p.labels))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]  # -7 (SIGBUS) before
+    assert proc.stdout.split() == ["ndarray", "16"]
+    assert "cannot write the shared copy of the test split" in proc.stderr and "No space left" in proc.stderr
+    assert not list((fs / "cache").rglob("splits/*.npy")) and not list((fs / "cache").rglob("splits/.*.tmp"))
+
+
 def _remount_read_only(where: Path) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True, capture_output=True)
 

@@ -616,6 +616,10 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None, out: Path 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size))
+        # The file is sparse until written: reserve its blocks now, so that a full disk is an error here and not a
+        # SIGBUS (the process killed without a word) when a page of the mapping is first written.
+        with open(tmp, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         prepared = _fill(split, cfg, images, workers)
         images.flush()
         del images
@@ -739,11 +743,18 @@ def prepare_shared(split: Split, cfg: Config, *, build: bool) -> Prepared:
     if not build:
         log.warning("no shared copy of the %s split in %s: preparing it in this process", split.name, npy.parent)
         return prepare(split, cfg)
-    prepared = prepare(split, cfg, out=npy)
-    index = {s.path: i for i, s in enumerate(split.samples)}
-    record = {"kept": [[index[s.path], s.digest] for s in prepared.samples], "failures": prepared.failures}
-    with atomic_path(meta, fsync=False) as tmp:  # written last: its presence says the .npy is whole
-        tmp.write_text(json.dumps(record))
+    try:
+        prepared = prepare(split, cfg, out=npy)
+        index = {s.path: i for i, s in enumerate(split.samples)}
+        record = {"kept": [[index[s.path], s.digest] for s in prepared.samples], "failures": prepared.failures}
+        with atomic_path(meta, fsync=False) as tmp:  # written last: its presence says the .npy is whole
+            tmp.write_text(json.dumps(record))
+    except WriteError as e:  # a full disk, say: each process prepares its own copy, as without torchrun
+        log.warning("cannot write the shared copy of the %s split (%s): every process prepares its own", split.name,
+                    e)
+        with contextlib.suppress(OSError):
+            npy.unlink()
+        return prepare(split, cfg)
     return prepared
 
 
