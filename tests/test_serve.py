@@ -352,11 +352,12 @@ async def _post_many(app, n: int, health_probe: bool = False):
 def test_inference_is_bounded_and_off_the_event_loop():
     engine = SlowEngine(1.0)
     app = create_app(engine, max_concurrency=2, max_queue=10)
-    *responses, (health, health_s) = asyncio.run(_post_many(app, 5, health_probe=True))
+    *responses, (health, _) = asyncio.run(_post_many(app, 5, health_probe=True))
     assert [r.status_code for r in responses] == [200] * 5
     assert engine.peak == 2
-    # The event loop answered while two predictions were blocking their threads (for a second each).
-    assert health.status_code == 200 and health_s < 0.5
+    # The event loop answered while two predictions were blocking their threads (for a second each): the health
+    # check saw them running. (Had the loop been blocked, it would have been answered only after they finished.)
+    assert health.status_code == 200
     assert health.json()["busy"] == 2 and health.json()["waiting"] == 3
 
 
