@@ -74,6 +74,17 @@ def test_imagenet_weights_offline_says_what_to_do(tmp_path, monkeypatch):
     assert "densenet121-a639ec97.pth" in message and "--weights none" in message and str(tmp_path) in message
 
 
+def test_a_damaged_imagenet_file_in_the_hub_cache_is_named(tmp_path, monkeypatch):
+    # What following the offline advice with `wget` behind a proxy gives: an HTML page under the weights' name. It
+    # ended in an UnpicklingError traceback; a cut-off copy got the advice to copy in a file that was already there.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    hub = tmp_path / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "resnet18-f37072fd.pth").write_text("<html>proxy login</html>")
+    with pytest.raises(CxrError, match=r"resnet18-f37072fd.pth: ImageNet weights for resnet18, but damaged"):
+        build_model("resnet18", "imagenet")
+
+
 def _checkpoint(tmp_path, **kw) -> Checkpoint:
     cfg = load_config(overrides={"image_size": 32})
     model = build_model("densenet121", "none")

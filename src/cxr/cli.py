@@ -412,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cxr`` console script. Returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    # cxr's own messages at INFO; other libraries' only from WARNING (onnxscript, say, logs a dozen INFO lines per
+    # export).
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     if args.command is None:
         parser.print_help()
         return 2

@@ -18,6 +18,9 @@ from cxr.errors import UsageError
 
 CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
 
+# The torchvision classifiers cxr builds (a one-channel stem and a two-class head; cxr.model).
+ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "resnet18", "resnet34", "resnet50")
+
 # Mean and std of ImageNet's three channels, averaged: the grey-level statistics that one-channel
 # ImageNet-pretrained weights (first convolution summed over RGB) expect.
 GRAY_MEAN = 0.449
@@ -103,6 +106,7 @@ class Config:
     def validate(self) -> Config:
         """Raise UsageError naming the first field that makes no sense; return self otherwise."""
         checks = [
+            (self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 2, "batch_size must be >= 2 (batch norm needs two images per batch)"),
             (self.image_size >= 16, "image_size must be >= 16"),

@@ -19,12 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxr.config import CLASS_NAMES, Config, config_from_dict
+from cxr.config import ARCHS, CLASS_NAMES, Config, config_from_dict
 from cxr.errors import CheckpointError, CxrError, UsageError
 from cxr.fileio import atomic_path
 from cxr.tv import import_torchvision
 
-ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "resnet18", "resnet34", "resnet50")
 CHECKPOINT_FORMAT = "cxr-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -67,11 +66,16 @@ def _imagenet_model(arch: str) -> nn.Module:
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     try:
         return torchvision.models.get_model(arch, weights=weights)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad download fails the hash check
+    except Exception as e:  # URLError is an OSError; a cut download fails the hash check; a saved HTML page unpickles
         hub = Path(torch.hub.get_dir()) / "checkpoints"
+        name = weights.url.rsplit("/", 1)[-1]
+        if (hub / name).is_file():
+            raise CxrError(f"{hub / name}: ImageNet weights for {arch}, but damaged ({e.__class__.__name__}): delete "
+                           f"it and copy it again from {weights.url}, or pass --weights PATH or --weights none"
+                           ) from None
         raise CxrError(
             f"could not get ImageNet weights for {arch} ({e.__class__.__name__}: {e}). Without internet, copy "
-            f"{weights.url.rsplit('/', 1)[-1]} (from {weights.url}) into {hub}/, or pass --weights PATH to a local "
+            f"{name} (from {weights.url}) into {hub}/, or pass --weights PATH to a local "
             "state dict, or train from scratch with --weights none"
         ) from None
 

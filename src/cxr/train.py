@@ -328,6 +328,9 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
     if cfg is None or not cfg.data:
         raise UsageError("no data: pass --data DIR (a dataset folder or an .npz file)")
     cfg.validate()
+    if state is None and cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
+        # Before the data is hashed and cached, not after (a resumed run needs no starting weights: see _train).
+        raise UsageError(f"--weights {cfg.weights!r}: expected 'imagenet', 'none' or the path of a state dict file")
     run_dir = Path(cfg.output)
     if resume is None and (run_dir / "last.pt").exists():
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
