@@ -367,7 +367,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
                        video_select=args.video_select, video_max_images=args.video_max_images,
                        seconds_per_image=args.seconds_per_image, frame_size=(w, h), fps=args.fps, device=args.device,
                        seed=args.seed)
-    log.info("wrote %s", path)
+    del path  # make_report says where it wrote
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:

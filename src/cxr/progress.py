@@ -75,7 +75,10 @@ def progress_bar(description: str, total: int, unit: str = "it") -> Iterator[Bar
         TimeRemainingColumn(),
         console=_console,
         transient=True,
-        disable=not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0",  # under torchrun, rank 0 only
+        # Under torchrun, rank 0 only; and none with `cxr -q` ("only warnings and errors"), which sets the cxr
+        # logger's own level (a script using cxr as a library leaves it unset, and keeps its bars).
+        disable=not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0"
+        or logging.getLogger("cxr").level > logging.INFO,
     )
     with progress:
         yield Bar(progress, progress.add_task(escape(description), total=total, info=""), description, total, unit)
