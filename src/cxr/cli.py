@@ -362,12 +362,11 @@ def _cmd_report(args: argparse.Namespace) -> None:
         w, h = (int(v) for v in args.frame_size.lower().split("x"))
     except ValueError:
         raise UsageError(f"--frame-size {args.frame_size!r}: use WIDTHxHEIGHT, e.g. 640x360") from None
-    path = make_report(args.run_dir, output=args.output, model=args.model, video=args.video, heatmaps=args.heatmaps,
-                       grid_split=args.split, grid_per_group=args.per_group, video_split=args.split,
-                       video_select=args.video_select, video_max_images=args.video_max_images,
-                       seconds_per_image=args.seconds_per_image, frame_size=(w, h), fps=args.fps, device=args.device,
-                       seed=args.seed)
-    del path  # make_report says where it wrote
+    make_report(args.run_dir, output=args.output, model=args.model, video=args.video, heatmaps=args.heatmaps,
+                grid_split=args.split, grid_per_group=args.per_group, video_split=args.split,
+                video_select=args.video_select, video_max_images=args.video_max_images,
+                seconds_per_image=args.seconds_per_image, frame_size=(w, h), fps=args.fps, device=args.device,
+                seed=args.seed)  # it logs where it wrote
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
