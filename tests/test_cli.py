@@ -299,6 +299,20 @@ def test_resume_through_the_cli(trained_run, tmp_path):
     assert (run / "config.yaml").read_text() == config
 
 
+def test_fine_tuning_starts_from_the_bundled_model(tmp_path, tiny_dataset):
+    # One epoch at a negligible learning rate: the run is as good as the model it starts from. From scratch, the same
+    # epoch is a coin toss on these 8 validation images (validation AUROC 0.5 +- noise).
+    flags = {**TINY_TRAIN, "weights": "default", "image_size": 192, "epochs": 1, "lr": 1e-7}
+    run = tmp_path / "run"
+    cxr("train", "--data", tiny_dataset, "--output", run, "--no-report", *_flags(flags))
+    history = read_csv(run / "history.csv")
+    assert float(history[0]["val_auroc"]) >= 0.9 and float(history[0]["val_acc"]) >= 0.75, history
+    # Refused before any image is read: a model of another architecture.
+    _one_line_error(cxr("train", "--data", tiny_dataset, "--output", tmp_path / "r2", "--weights", "default",
+                        "--arch", "resnet18", check=False), "pass --arch densenet121")
+    assert not (tmp_path / "r2").exists()
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

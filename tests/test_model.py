@@ -57,8 +57,29 @@ def test_weights_file_that_does_not_fit(tmp_path):
 
 
 def test_weights_path_missing():
-    with pytest.raises(UsageError, match="expected 'imagenet', 'none' or the path"):
+    with pytest.raises(UsageError, match="expected 'imagenet', 'none', 'default'"):
         build_model("densenet121", "/no/such/weights.pth")
+
+
+def test_a_cxr_model_as_starting_weights_is_taken_whole(tmp_path):
+    # Fine-tuning: the bundled model, or a cxr checkpoint, starts the new run with every weight, stem and head.
+    bundled = load_checkpoint("default")
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = bundled.build()(x)
+        assert torch.equal(build_model("densenet121", "default").eval()(x), expected)
+        save_checkpoint(bundled, tmp_path / "best.pt")
+        assert torch.equal(build_model("densenet121", str(tmp_path / "best.pt")).eval()(x), expected)
+        assert torch.equal(build_model("densenet121", str(tmp_path)).eval()(x), expected)  # a run directory
+    # Another number of classes: everything but the head.
+    three = build_model("densenet121", "default", num_classes=3)
+    assert three.classifier.out_features == 3
+    assert torch.equal(three.features.conv0.weight, bundled.state_dict["features.conv0.weight"])
+
+
+def test_a_cxr_model_of_another_arch_is_refused():
+    with pytest.raises(UsageError, match="densenet121 model, but this run trains resnet18; pass --arch densenet121"):
+        build_model("resnet18", "default")
 
 
 def test_imagenet_weights_offline_says_what_to_do(tmp_path, monkeypatch):

@@ -74,7 +74,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int, help="square side in pixels (default 224)")
     p.add_argument("--lr", type=float, help="peak learning rate (Adam)")
-    p.add_argument("--weights", help="imagenet | none | PATH to a local state dict (default none)")
+    p.add_argument("--weights", help="imagenet | none | PATH to a local state dict | a cxr model to fine-tune: "
+                   "default (the bundled one), RUN_DIR, CKPT or .safetensors (default none)")
     p.add_argument("--arch", help="densenet121 (default), densenet169, resnet18, ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda (default auto)")

@@ -68,7 +68,7 @@ class Config:
 
     # Model
     arch: str = "densenet121"
-    weights: str = "none"  # "imagenet", "none", or a path to a local state dict
+    weights: str = "none"  # "imagenet", "none", a local state dict, or a cxr model to fine-tune ("default", ...)
 
     # Optimisation
     epochs: int = 20

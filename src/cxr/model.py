@@ -88,6 +88,10 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UsageError(f"{path}: weights file not found") from None
     except Exception as e:  # torch raises many types for a file that is not a state dict
         raise CheckpointError(f"{path}: not a readable state dict ({e.__class__.__name__})") from None
+    return _state_dict_in(obj, path)
+
+
+def _state_dict_in(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -96,8 +100,7 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _load_backbone(model: nn.Module, path: str) -> None:
-    state = read_state_dict_file(path)
+def _load_backbone(model: nn.Module, path: str, state: dict[str, torch.Tensor]) -> None:
     state = {(_DENSENET_OLD_KEY.sub(r"\1\2", k)): v for k, v in state.items()}
     _, head_name = _stem_and_head(model)
     own = model.state_dict()
@@ -111,30 +114,84 @@ def _load_backbone(model: nn.Module, path: str) -> None:
     model.load_state_dict(usable, strict=False)
 
 
+def _starting_weights(weights: str) -> Checkpoint | dict[str, torch.Tensor] | None:
+    """What ``--weights`` names, loaded: a cxr model, a plain state dict, or None (``imagenet``, ``none``)."""
+    if weights in ("imagenet", "none"):
+        return None
+    if weights != "default" and not Path(weights).exists():
+        raise UsageError(f"--weights {weights!r}: expected 'imagenet', 'none', 'default' (the bundled model), a run "
+                         "directory, or the path of a cxr model or state dict file")
+    path = resolve_model_path(weights)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many types; read_state_dict_file names the problem
+        return read_state_dict_file(path)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return _checkpoint_from(obj, path)
+    return _state_dict_in(obj, path)
+
+
+def starting_model(weights: str) -> Checkpoint | None:
+    """The cxr model that ``--weights`` names for fine-tuning (``default``, a run directory, a checkpoint or a
+    ``.safetensors`` file), or None for ``imagenet``, ``none`` and plain state dicts.
+
+    Raises:
+        UsageError: ``weights`` is neither a keyword nor an existing file or run directory.
+        CheckpointError: the file cannot be read.
+    """
+    source = _starting_weights(weights)
+    return source if isinstance(source, Checkpoint) else None
+
+
+def check_starting_model(source: Checkpoint, arch: str) -> None:
+    """A cxr model to fine-tune must be of the architecture being trained."""
+    if source.arch != arch:
+        raise UsageError(f"--weights {source.path}: a cxr {source.arch} model, but this run trains {arch}; pass "
+                         f"--arch {source.arch}")
+
+
+def _build_from(model: nn.Module, source: Checkpoint, num_classes: int) -> None:
+    """Fine-tuning: every tensor of a cxr model, the one-channel stem included; its head too when the classes match."""
+    _, head_name = _stem_and_head(model)
+    keep_head = len(source.class_names) == num_classes
+    state = {k: v for k, v in source.state_dict.items() if keep_head or not k.startswith(head_name)}
+    try:
+        model.load_state_dict(state, strict=keep_head)
+    except RuntimeError:
+        raise CheckpointError(f"{source.path}: its weights do not fit {source.arch} (damaged, or edited by hand)"
+                              ) from None
+
+
 def build_model(arch: str = "densenet121", weights: str = "none", num_classes: int = len(CLASS_NAMES)) -> nn.Module:
-    """A torchvision classifier with a one-channel stem and a fresh ``num_classes`` head.
+    """A torchvision classifier with a one-channel stem and a ``num_classes`` head.
 
     Args:
         arch: one of :data:`ARCHS`.
         weights: ``"imagenet"`` (torchvision's weights API: download or the torch hub cache), ``"none"``
-            (random initialisation), or a path to a local state dict such as torchvision's ``.pth`` file.
+            (random initialisation), a path to a local state dict such as torchvision's ``.pth`` file (backbone
+            only; a fresh head), or a cxr model to fine-tune: ``"default"`` (the bundled model), a run directory,
+            a checkpoint or a ``.safetensors`` file (every weight, the head too when it has ``num_classes``).
     """
     torchvision = import_torchvision()
 
     if arch not in ARCHS:
         raise UsageError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    source = _starting_weights(weights)
+    if isinstance(source, Checkpoint):
+        check_starting_model(source, arch)
     with _INIT_LOCK:  # never while another thread has torch.nn.init switched off (_skip_init)
         if weights == "imagenet":
             model = _imagenet_model(arch)
         else:
-            if weights != "none" and not Path(weights).is_file():
-                raise UsageError(f"--weights {weights!r}: expected 'imagenet', 'none' or the path of a state dict "
-                                 "file")
             model = torchvision.models.get_model(arch, weights=None)
-            if weights != "none":
-                _load_backbone(model, weights)
+            if isinstance(source, dict):
+                _load_backbone(model, weights, source)
         _to_one_channel(model)
         _new_head(model, num_classes)
+        if isinstance(source, Checkpoint):
+            _build_from(model, source, num_classes)
     return model
 
 
@@ -338,6 +395,10 @@ def load_checkpoint(model: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path}: not a cxr checkpoint (unreadable: {e.__class__.__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a cxr checkpoint (a torch file, but without the cxr format marker)")
+    return _checkpoint_from(obj, path)
+
+
+def _checkpoint_from(obj: dict[str, Any], path: Path) -> Checkpoint:
     if obj.get("format_version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: written by a newer cxr (format {obj['format_version']}); upgrade cxr")
     try:

@@ -55,10 +55,12 @@ from cxr.model import (
     Checkpoint,
     autocast,
     build_model,
+    check_starting_model,
     load_checkpoint,
     normalize,
     resolve_device,
     save_checkpoint,
+    starting_model,
     use_bf16,
     use_channels_last,
 )
@@ -306,6 +308,22 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
     return cfg, state
 
 
+def _check_starting_weights(cfg: Config) -> None:
+    """``--weights`` names something loadable; a cxr model to fine-tune is of ``--arch`` and is fed its own way."""
+    source = starting_model(cfg.weights)
+    if source is None:
+        return
+    check_starting_model(source, cfg.arch)
+    theirs = source.config
+    if (theirs.mean, theirs.std) != (cfg.mean, cfg.std):
+        log.warning("--weights %s was trained on images normalised with mean %g, std %g; this run uses mean %g, "
+                    "std %g (set mean and std in a config file to match)", source.path, theirs.mean, theirs.std,
+                    cfg.mean, cfg.std)
+    if theirs.image_size != cfg.image_size:
+        log.info("--weights %s was trained at %d px; this run trains at %d px", source.path, theirs.image_size,
+                 cfg.image_size)
+
+
 def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
           overrides: dict | None = None) -> Path:
     """Train, keep the best checkpoint by validation loss, choose the threshold on validation, evaluate.
@@ -328,9 +346,9 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
     if cfg is None or not cfg.data:
         raise UsageError("no data: pass --data DIR (a dataset folder or an .npz file)")
     cfg.validate()
-    if state is None and cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
+    if state is None:
         # Before the data is hashed and cached, not after (a resumed run needs no starting weights: see _train).
-        raise UsageError(f"--weights {cfg.weights!r}: expected 'imagenet', 'none' or the path of a state dict file")
+        _check_starting_weights(cfg)
     run_dir = Path(cfg.output)
     if resume is None and (run_dir / "last.pt").exists():
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
