@@ -224,3 +224,21 @@ def test_weights_that_do_not_fit_the_architecture_give_one_line(exported, tmp_pa
     assert cxr_main(["predict", "--model", str(tmp_path / "bad.pt"), str(FILES[0])]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.pt: its weights do not fit" in err, err
+
+
+def test_ctrl_c_during_the_onnx_export_is_an_interrupt(exported, tmp_path, monkeypatch, capsys):
+    # torch's exporter wraps a KeyboardInterrupt in its own TorchExportError; the CLI must still say "interrupted"
+    # (exit 130), not print the exporter's traceback. Its error type is stood in for by a RuntimeError.
+    from cxr.cli import main
+
+    def interrupted_export(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Failed to export the model with torch.export") from e
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted_export)
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--model", str(exported["ckpt"]), "--format", "onnx", "--output", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["cxr export: interrupted"]
+    assert not out.exists()

@@ -205,9 +205,15 @@ def onnx_model_bytes(model: str | os.PathLike | Checkpoint) -> bytes:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter about its own internals, nothing a user can act on
-        program = torch.onnx.export(module, (example,), dynamo=True, input_names=["image"],
-                                    output_names=["logits", "probabilities"], dynamic_shapes=({0: batch},),
-                                    opset_version=ONNX_OPSET, external_data=False, verbose=False)
+        try:
+            program = torch.onnx.export(module, (example,), dynamo=True, input_names=["image"],
+                                        output_names=["logits", "probabilities"], dynamic_shapes=({0: batch},),
+                                        opset_version=ONNX_OPSET, external_data=False, verbose=False)
+        except Exception as e:
+            # The exporter wraps whatever stops it, Ctrl-C included, in its own TorchExportError.
+            if _interrupted(e):
+                raise KeyboardInterrupt from None
+            raise
     proto = program.model_proto
     proto.producer_name = "cxr"
     proto.producer_version = __version__
@@ -216,6 +222,16 @@ def onnx_model_bytes(model: str | os.PathLike | Checkpoint) -> bytes:
     entry = proto.metadata_props.add()
     entry.key, entry.value = CONTRACT_KEY, json.dumps(contract(ckpt))
     return proto.SerializeToString()
+
+
+def _interrupted(error: BaseException | None) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def export_model(model: str | os.PathLike | Checkpoint, fmt: str, output: str | os.PathLike) -> Path:
