@@ -238,6 +238,20 @@ def test_malformed_multipart_is_400(client):
     assert_no_internals(r)
 
 
+def test_upload_cut_off_before_its_closing_boundary_is_400(client):
+    # A client that stops sending (a dropped connection behind a proxy that still ends the request) must not have the
+    # first part of its image classified as if it were the whole file.
+    data = NORMAL[0].read_bytes()
+    head = b'--abc\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n\r\n'
+    whole = head + data + b"\r\n--abc--\r\n"
+    headers = {"content-type": "multipart/form-data; boundary=abc"}
+    assert client.post(PREDICT, content=whole, headers=headers).status_code == 200
+    for cut in (head + data, head + data[: len(data) // 2]):
+        r = client.post(PREDICT, content=cut, headers=headers)
+        assert r.status_code == 400 and "no closing boundary" in r.json()["detail"], r.text
+        assert_no_internals(r)
+
+
 def test_upload_over_the_limit_is_413(client):
     big = b"\xff\xd8\xff" + b"\0" * 300_000  # the limit is 0.2 MB
     r = upload(client, big)

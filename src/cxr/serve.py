@@ -252,6 +252,7 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
 
     parts: list[dict[str, Any]] = []
     header: dict[str, bytearray] = {"field": bytearray(), "value": bytearray()}
+    ended = []  # the closing boundary was seen: without it, a cut-off upload would pass as a shorter file
 
     def on_part_begin() -> None:
         parts.append({"headers": {}, "data": bytearray()})
@@ -271,7 +272,7 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
 
     parser = MultipartParser(params[b"boundary"], {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_part_data": on_part_data})
+        "on_header_end": on_header_end, "on_part_data": on_part_data, "on_end": lambda: ended.append(True)})
     received = 0
     try:
         async for chunk in request.stream():
@@ -284,6 +285,8 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
         raise HttpError(400, "malformed multipart/form-data body") from None
     except ClientDisconnect:
         raise HttpError(400, "the client went away during the upload") from None
+    if not ended:
+        raise HttpError(400, "incomplete multipart/form-data body (no closing boundary): the upload was cut off")
 
     files = []
     for part in parts:
