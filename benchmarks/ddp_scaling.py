@@ -64,17 +64,21 @@ def main() -> None:
                 results[procs].append(ips)
                 print(f"run {r + 1}: {procs} process(es) x {threads} thread(s): {ips:.1f} img/s "
                       f"({time.perf_counter() - t:.0f} s wall)", flush=True)
-    base = statistics.median(results[args.procs[0]])
+    base = results[args.procs[0]]
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "load_before": load_before, "load_after": os.getloadavg(),
+        # The speed-up is taken in each round (the configurations ran back to back), then its median: a round slowed
+        # by other jobs slows both sides of its own ratio, not one side of a ratio of medians.
         "results": {p: {"median": statistics.median(v), "min": min(v), "max": max(v),
-                        "ratio": statistics.median(v) / base, "runs": v} for p, v in results.items()},
+                        "ratio": statistics.median(r := [x / y for x, y in zip(v, base, strict=True)]),
+                        "ratio_min": min(r), "ratio_max": max(r), "runs": v} for p, v in results.items()},
     }
-    print(f"{'procs':>5} {'median img/s':>13} {'min':>7} {'max':>7} {'x vs ' + str(args.procs[0]):>8}")
+    print(f"{'procs':>5} {'median img/s':>13} {'min':>7} {'max':>7} {'x vs ' + str(args.procs[0]) + ', per round':>17}")
     for p, s in summary["results"].items():
-        print(f"{p:>5} {s['median']:>13.1f} {s['min']:>7.1f} {s['max']:>7.1f} {s['ratio']:>8.2f}")
+        print(f"{p:>5} {s['median']:>13.1f} {s['min']:>7.1f} {s['max']:>7.1f} "
+              f"{s['ratio']:>5.2f} [{s['ratio_min']:.2f}, {s['ratio_max']:.2f}]")
     print(f"load average before {load_before[0]:.2f}, after {summary['load_after'][0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

@@ -2,11 +2,12 @@
 
 Not yet run: the session that wrote it had no GPU (BENCHMARKS.md says so). It is ready for one:
 
-    python benchmarks/gpu.py --rounds 5                    # training + inference rounds, both peers, ~5 min on an H100
+    python benchmarks/gpu.py --rounds 5         # training + inference rounds, both peers, ~10 min on an H100 (a guess)
     python benchmarks/gpu.py --rounds 5 --compile --full-run
 
 Training, interleaved round by round, every variant on the same data (the 116 originals copied ``--repeat`` times),
-``--batch-size`` images per step, ``--steps`` steps per run after a warm-up run:
+``--batch-size`` images per step, ``--steps`` steps per run (by default about one epoch of Kermany's train split)
+after a warm-up run:
 
 * peer 1 (``peer_tutorial.py``): ImageFolder decoding full-resolution JPEGs, default DataLoader, fp32, NCHW;
 * peer 2 (``peer_monai.py``): MONAI CacheDataset + DenseNet121, fp32, its DataLoader with workers;
@@ -53,10 +54,13 @@ from torch import nn
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--repeat", type=int, default=20, help="copies of each of the 116 originals (default 20: 2,320)")
+    p.add_argument("--repeat", type=int, default=45,
+                   help="copies of each of the 116 originals (default 45: 5,220, about Kermany's train split)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=8, help="training steps per run (default 8)")
+    # A run is an epoch's worth of steps (5,220 images / 256), so the loader workers' start-up at each epoch, which
+    # `cxr train` pays too (non-persistent workers), weighs as much as it does there; 8 steps overstated it.
+    p.add_argument("--steps", type=int, default=20, help="training steps per run (default 20: about one epoch)")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers for the 'with workers' variants")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-peers", dest="peers", action="store_false")

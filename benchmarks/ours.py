@@ -59,4 +59,5 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.epoch += 1
         self.last = row
-        return steps * self.cfg.batch_size, seconds
+        # The images the steps trained on: fewer than steps x batch when the data ran out first.
+        return round(row["images_per_s"] * row["seconds"]), seconds
