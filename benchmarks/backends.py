@@ -4,7 +4,8 @@ memory).
 
 Each round times every backend in turn (interleaved, so background load hits them alike): latency is one image per
 call (the service's case), throughput is ``--batch`` images per call. The table gives the median over rounds with
-the min and max.
+the min and max, and each backend's ratios to ONNX Runtime's latency and to PyTorch fp32's throughput, taken per
+round.
 
     python benchmarks/backends.py                          # random-init DenseNet-121 at 224 px (speed only)
     python benchmarks/backends.py --model runs/cxr --rounds 5 --batch 32
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import cell, ratio_cell
 
 
 def machine() -> str:
@@ -118,17 +120,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} {v['latency_ms'][-1]:.1f} ms, {v['images_per_s'][-1]:.1f} img/s" for k, v in results.items()),
             file=sys.stderr)
 
-    def cell(values: list[float], fmt: str) -> str:
-        return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
-
+    # Ratios are taken per round (the backends ran back to back in it), then their median [min, max].
+    fast, base = "onnxruntime fp32", "torch fp32"
     print(f"\nmachine: {machine()}")
     print(f"model: {ckpt.arch} at {cfg.image_size} px ({'given' if args.model else 'random init'}); "
           f"{args.rounds} rounds, median [min, max]")
     print(f"command: python benchmarks/backends.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
-    print(f"| backend | latency, 1 image (ms) | throughput, batch {args.batch} (images/s) |")
-    print("|---|---:|---:|")
+    print(f"| backend | latency, 1 image (ms) | vs {fast} | throughput, batch {args.batch} (images/s) | vs {base} |")
+    print("|---|---:|---:|---:|---:|")
     for name, v in results.items():
-        print(f"| {name} | {cell(v['latency_ms'], '.1f')} | {cell(v['images_per_s'], '.1f')} |")
+        lat, ips = v["latency_ms"], v["images_per_s"]
+        print(f"| {name} | {cell(lat)} | {ratio_cell(lat, results[fast]['latency_ms']) if name != fast else '1'} | "
+              f"{cell(ips)} | {ratio_cell(ips, results[base]['images_per_s']) if name != base else '1'} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args), "results": results},
                                               indent=2))
