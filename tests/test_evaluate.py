@@ -7,6 +7,7 @@ import pytest
 from sklearn import metrics as skm
 
 from cxr.evaluate import SplitResult, choose_threshold, compute_metrics, write_evaluation
+from cxr.report import expected_calibration_error
 
 from .conftest import read_csv
 
@@ -34,6 +35,19 @@ def test_metrics_match_scikit_learn(scores, threshold):
     assert m["auprc"] == pytest.approx(skm.average_precision_score(labels, probs))
     assert m["confusion_matrix"] == skm.confusion_matrix(labels, pred).tolist()
     assert m["threshold"] == threshold
+    assert m["brier"] == pytest.approx(skm.brier_score_loss(labels, probs))
+    assert m["log_loss"] == pytest.approx(skm.log_loss(labels, probs))
+    assert m["ece"] == pytest.approx(expected_calibration_error(labels, probs))
+    assert 0.05 < m["ece"] < 0.5  # these made-up probabilities are far from calibrated
+
+
+def test_calibration_metrics_of_certain_and_one_class_predictions():
+    m = compute_metrics(np.array([0, 1, 1]), np.array([0.0, 1.0, 1.0]), 0.5)
+    assert m["brier"] == 0 and m["ece"] == 0 and m["log_loss"] == pytest.approx(0, abs=1e-12)
+    wrong = compute_metrics(np.array([0, 1]), np.array([1.0, 0.0]), 0.5)  # certain and wrong: large, but finite
+    assert wrong["brier"] == 1 and wrong["ece"] == 1 and 30 < wrong["log_loss"] < 40
+    one = compute_metrics(np.ones(4, int), np.array([0.5, 0.5, 1.0, 1.0]), 0.5)
+    assert one["brier"] == pytest.approx(0.125) and one["log_loss"] == pytest.approx(np.log(2) / 2)
 
 
 def test_metrics_with_one_class_present():

@@ -3,7 +3,8 @@
 Outputs of :func:`write_evaluation` (stable names, read by reports):
 
 * ``metrics.json``: one object per split with ``n``, ``accuracy``, ``precision``, ``recall`` (= sensitivity),
-  ``specificity``, ``f1``, ``auroc``, ``auprc``, ``threshold`` and ``confusion_matrix`` as ``[[TN, FP], [FN, TP]]``;
+  ``specificity``, ``f1``, ``auroc``, ``auprc``, the calibration of the probabilities (``brier``, ``log_loss``,
+  ``ece``), ``threshold`` and ``confusion_matrix`` as ``[[TN, FP], [FN, TP]]``;
 * ``predictions_<split>.csv``: ``path, label, prob_pneumonia, predicted``.
 """
 
@@ -23,6 +24,7 @@ from cxr.config import CLASS_NAMES
 from cxr.errors import DataError
 from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, ensure_dir
 from cxr.model import autocast, normalize
+from cxr.report import expected_calibration_error
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,9 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, policy: str = "youde
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
-    """Classification metrics at ``threshold`` plus threshold-free AUROC and AUPRC (None when undefined)."""
+    """Classification metrics at ``threshold``, plus threshold-free AUROC and AUPRC and the probabilities'
+    calibration: Brier score, log loss (natural log, unweighted) and expected calibration error (None when
+    undefined)."""
     from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
     labels = np.asarray(labels, dtype=np.int64)
@@ -107,6 +111,10 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> 
         "f1": ratio(2 * tp, 2 * tp + fp + fn),
         "auroc": float(roc_auc_score(labels, probs)) if both else None,
         "auprc": float(average_precision_score(labels, probs)) if both else None,
+        # Calibration of P(PNEUMONIA), whatever the threshold: what a user reading the probability relies on.
+        "brier": float(np.mean((probs - labels) ** 2)) if n else None,
+        "log_loss": float(-np.mean(np.log(np.where(labels == 1, probs, 1 - probs).clip(1e-15, 1)))) if n else None,
+        "ece": expected_calibration_error(labels, probs) if n else None,
         "threshold": float(threshold),
         "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]],
     }
