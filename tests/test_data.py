@@ -26,7 +26,7 @@ from cxr.data import (
     write_split_csv,
 )
 from cxr.errors import DataError, UsageError
-from cxr.images import read_grayscale, resize_square
+from cxr.images import load_image, read_grayscale, resize_square
 
 from .conftest import SHARED_DATA
 
@@ -63,6 +63,26 @@ def test_scan_ignores_non_image_extensions_and_hidden_files(tiny_dataset, caplog
     splits = scan(tiny_dataset)
     assert splits["train"].counts()["NORMAL"] == 16
     assert "notes.txt" in caplog.text
+
+
+def test_images_without_an_image_extension_are_found_by_content(tiny_dataset, tmp_path):
+    # PACS exports name DICOM files by UID or not at all; a JPEG can lose its extension. Both are found in folders,
+    # by scan (train, evaluate) and by predict, and read; a text file without an extension is not taken.
+    from cxr.predict import collect_files
+
+    from .test_images import dicom_bytes
+
+    normal = tiny_dataset / "train" / "NORMAL"
+    pixels = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    (normal / "1.2.840.113619.2.55.3.604688").write_bytes(dicom_bytes(pixels))
+    first = sorted(normal.glob("*.jpeg"))[0]
+    first.rename(normal / "IM-9999-0001")
+    (normal / "README").write_text("not an image")
+    assert scan(tiny_dataset)["train"].counts()["NORMAL"] == 17
+    found = {p.name for p in collect_files([normal])}
+    assert {"1.2.840.113619.2.55.3.604688", "IM-9999-0001"} <= found and "README" not in found
+    assert load_image(normal / "1.2.840.113619.2.55.3.604688", 32).shape == (32, 32)
+    assert load_image(normal / "IM-9999-0001", 32).shape == (32, 32)
 
 
 def test_missing_class_folder_is_named(tiny_dataset):

@@ -33,7 +33,7 @@ import numpy as np
 from cxr.config import CLASS_NAMES, Config
 from cxr.errors import DataError, UsageError, WriteError
 from cxr.fileio import CSV_TEXT, atomic_path
-from cxr.images import IMAGE_EXTENSIONS, ImageError, load_image, read_file, resize_square
+from cxr.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image, read_file, resize_square
 from cxr.progress import progress_bar
 from cxr.tv import import_torchvision
 
@@ -140,10 +140,11 @@ def _folder_id(path: Path) -> tuple[int, int] | None:
 
 
 def _list_images(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Image files under ``folder`` (recursive, sorted) and the other files, which are ignored."""
+    """Image files under ``folder`` (recursive, sorted; see :func:`cxr.images.is_image_file`) and the other files,
+    which are ignored."""
     images, other = [], []
     for p in walk_files(folder):
-        (images if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
+        (images if is_image_file(p) else other).append(p)
     return images, other
 
 
@@ -163,8 +164,8 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
             continue
         images, other = _list_images(dirs[label])
         if other:
-            log.warning("%s: ignoring %d file(s) without an image extension (%s), e.g. %s", dirs[label], len(other),
-                        ", ".join(sorted(IMAGE_EXTENSIONS)), other[0].name)
+            log.warning("%s: ignoring %d file(s) that are not JPEG, PNG or DICOM by name (%s) or content, e.g. %s",
+                        dirs[label], len(other), ", ".join(sorted(IMAGE_EXTENSIONS)), other[0].name)
         if not images:
             problems.append(f"{dirs[label]}: class folder holds no image files")
         samples += [Sample(str(p), label, patient_id(p.name)) for p in images]

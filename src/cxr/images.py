@@ -175,6 +175,20 @@ def _read_source(source: str | os.PathLike | bytes, name: str | None) -> tuple[b
     return data, label
 
 
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether a file found in a folder is taken as an image: by its extension (:data:`IMAGE_EXTENSIONS`), or, for
+    any other name, by its first bytes (JPEG, PNG or DICOM's 'DICM' marker). PACS exports often name DICOM files
+    without an extension, or by their UID ('1.2.840.113619....'), whose last part looks like one."""
+    if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head.startswith((_JPEG_MAGIC, _PNG_MAGIC)) or head[128:132] == b"DICM"
+
+
 def _decode(data: bytes, label: str, max_pixels: int, draft_size: int | None) -> np.ndarray:
     if len(data) >= 132 and data[128:132] == b"DICM":
         return _decode_dicom(data, label, max_pixels)

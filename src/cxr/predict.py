@@ -17,7 +17,7 @@ import numpy as np
 
 from cxr.errors import UsageError
 from cxr.fileio import CSV_TEXT, atomic_path
-from cxr.images import IMAGE_EXTENSIONS, ImageError, load_image
+from cxr.images import ImageError, is_image_file, load_image
 
 DISCLAIMER = "Research software, not a medical device: predictions are not a diagnosis."
 
@@ -33,14 +33,15 @@ class Prediction:
 
 
 def collect_files(paths: list[str | os.PathLike], *, skip: Path | None = None) -> list[Path]:
-    """Files as given, and image files found recursively in folders (sorted; hidden files skipped; linked folders
-    followed). ``skip``: a folder whose files are not collected (an output folder inside an input folder)."""
+    """Files as given, and image files (:func:`cxr.images.is_image_file`) found recursively in folders (sorted;
+    hidden files skipped; linked folders followed). ``skip``: a folder whose files are not collected (an output folder
+    inside an input folder)."""
     from cxr.data import walk_files
 
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += [f for f in walk_files(p, skip=skip) if f.suffix.lower() in IMAGE_EXTENSIONS]
+            files += [f for f in walk_files(p, skip=skip) if is_image_file(f)]
         elif p.exists():
             files.append(p)
         else:
