@@ -91,6 +91,11 @@ def test_evaluate_reproduces_training_metrics(trained_run, tmp_path):
         assert metrics["test"][key] == pytest.approx(trained[key], abs=1e-6)
     assert "accuracy" in proc.stdout
     assert (tmp_path / "eval" / "report.html").is_file()  # evaluate ends with the report of its own folder
+    # The folder names the model it evaluated, so a later `cxr report` of it draws the heatmaps without --model.
+    assert metrics["test"]["model"] == str((run / "best.pt").resolve())
+    (tmp_path / "eval" / "report.html").unlink()
+    proc = cxr("report", tmp_path / "eval", "--no-video", "--device", "cpu")
+    assert "heatmaps from" in proc.stderr and "without heatmaps" not in (tmp_path / "eval" / "report.html").read_text()
 
 
 def test_evaluate_threshold_override(trained_run, tmp_path):

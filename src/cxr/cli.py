@@ -69,7 +69,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset root (train/val/test with NORMAL/PNEUMONIA), or a MedMNIST-style .npz")
     p.add_argument("--output", help="run directory (default runs/cxr)")
     p.add_argument("--config", help="YAML file of config fields; flags override it")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint, or "
+                   "extend one (only --epochs, --device, --swa-epochs and --swa-lr may change)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int, help="square side in pixels (default 224)")
@@ -110,7 +111,7 @@ _FLAG_FIELDS = ("data", "output", "epochs", "batch_size", "image_size", "lr", "w
 def build_parser() -> argparse.ArgumentParser:
     """The ``cxr`` argument parser with its sub-commands."""
     parser = _Parser(prog="cxr", description="Chest X-ray classification (NORMAL vs PNEUMONIA): train, evaluate, "
-                     "predict, explain, report, serve, export. Research software, not a medical device.")
+                     "predict, merge, explain, report, serve, export, demo. Research software, not a medical device.")
     parser.add_argument("--version", action="version", version=f"cxr {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -155,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots, heatmap grid, fly-through video and report.html for a run")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory or a cxr evaluate output folder")
     p.add_argument("--output", help="where report.html and report/ go (default RUN_DIR)")
-    p.add_argument("--model", help="checkpoint for the heatmaps (default RUN_DIR's best.pt, or the evaluated model)")
+    p.add_argument("--model", help="checkpoint for the heatmaps (default RUN_DIR's best.pt, or the model that "
+                   "`cxr evaluate` recorded in metrics.json)")
     p.add_argument("--no-video", dest="video", action="store_false", help="skip the fly-through video")
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", help="skip Grad-CAM overlays")
     p.add_argument("--split", help="whose images the grid and the video show (default test, else val)")

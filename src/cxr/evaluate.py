@@ -196,6 +196,8 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     from cxr.model import load_checkpoint, resolve_device, use_bf16, use_channels_last
 
     ckpt = load_checkpoint(model)
+    # Recorded, so that `cxr report OUT` can draw the heatmaps with the same model later.
+    model_ref = "default" if str(model) == "default" else str(Path(ckpt.path).resolve())
     cfg = ckpt.config
     # The cache is this machine's, not the one recorded by whoever trained the model.
     cfg = dataclasses.replace(cfg, cache_dir=cache_dir or default_cache_dir(), device=device)
@@ -219,7 +221,8 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
         results.append(SplitResult(split.name, [s.path for s in prepared.samples], prepared.labels,
                                    probabilities(logits)))
         failures[split.name] = {"n_unreadable": len(prepared.failures),
-                                "threshold_source": "model" if threshold is None else "given"}
+                                "threshold_source": "model" if threshold is None else "given",
+                                "model": model_ref}
     if not results:
         name, n, reason = unusable
         raise DataError(f"{data}: none of the {n} images of split {name!r} could be read (first: {reason})")

@@ -534,8 +534,14 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
     if source is None:
         try:
             source = resolve_model_path(art.root)
-        except Exception:  # an evaluation folder has no checkpoint: images are shown without heatmaps
-            source = None
+        except Exception:  # an evaluation folder has no checkpoint, but names the model it evaluated
+            source = next((m["model"] for m in art.metrics.values() if isinstance(m, dict) and m.get("model")), None)
+            if source is not None and source != "default" and not Path(source).is_file():
+                log.warning("report: %s, the model evaluated, is gone; images are shown without heatmaps (pass "
+                            "--model)", source)
+                source = None
+            elif source is not None:
+                log.info("report: heatmaps from %s, the model evaluated", source)
     if source is None:
         if heatmaps:
             log.info("report: no model found for %s, images are shown without heatmaps", art.root)
