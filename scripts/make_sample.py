@@ -6,6 +6,7 @@ train split; the 16 official val images serve as the demo's held-out test folder
 
 from __future__ import annotations
 
+import argparse
 import random
 import shutil
 import sys
@@ -20,6 +21,10 @@ PER_CLASS = 150
 
 
 def main() -> None:
+    # Parsed first, so that `--help` (or a stray argument) prints and stops instead of rebuilding the sample.
+    argparse.ArgumentParser(description=__doc__).parse_args()
+    if not (SRC / "train").is_dir():
+        sys.exit(f"{SRC}/train: not found; the sample is left as it is")
     rng = random.Random(0)
     if DST.exists():
         shutil.rmtree(DST)

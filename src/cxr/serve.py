@@ -229,7 +229,7 @@ def sniff(data: bytes) -> str | None:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"  # not "0.0 MB" for a small limit
 
 
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
