@@ -304,6 +304,43 @@ def test_resume_through_the_cli(trained_run, tmp_path):
     assert (run / "config.yaml").read_text() == config
 
 
+def test_resume_from_another_folder_and_a_failed_resume_changes_nothing(tmp_path, tiny_dataset):
+    def run(*args, cwd):
+        return subprocess.run([sys.executable, "-m", "cxr", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                              env={**os.environ, "COLUMNS": "200"}, timeout=600)
+
+    flags = _flags({**TINY_TRAIN, "epochs": 1})
+    config = tmp_path / "tiny.yaml"
+    config.write_text("val_fraction: 0.25\nwarmup_epochs: 0.5\n")
+    proc = run("train", "--data", tiny_dataset.name, "--output", "run", "--config", config, "--no-report", *flags,
+               cwd=tiny_dataset.parent)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "run"
+    assert load_config(run_dir / "config.yaml").data == str(tiny_dataset)  # recorded absolute
+    # From another folder: the relative --data of the first command does not matter.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run("train", "--resume", run_dir, "--epochs", "2", "--no-report", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(run_dir / "last.pt").epoch == 2
+    # The data moved: the resume fails with one line, and leaves config.yaml as it was (epochs 2, not 3).
+    before = (run_dir / "config.yaml").read_text()
+    tiny_dataset.rename(tmp_path / "moved")
+    _one_line_error(run("train", "--resume", run_dir, "--epochs", "3", "--no-report", cwd=elsewhere), "data")
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_weights_that_do_not_fit_the_arch_are_refused_before_the_data_is_read(tmp_path, tiny_dataset):
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    out = tmp_path / "run"
+    _one_line_error(cxr("train", "--data", tiny_dataset, "--output", out, "--weights", weights, check=False),
+                    "does not fit")
+    assert not (out / "split.csv").exists()
+
+
 def test_fine_tuning_starts_from_the_bundled_model(tmp_path, tiny_dataset):
     # One epoch at a negligible learning rate: the run is as good as the model it starts from. From scratch, the same
     # epoch is a coin toss on these 8 validation images (validation AUROC 0.5 +- noise).

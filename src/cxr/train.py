@@ -312,6 +312,8 @@ def _check_starting_weights(cfg: Config) -> None:
     """``--weights`` names something loadable; a cxr model to fine-tune is of ``--arch`` and is fed its own way."""
     source = starting_model(cfg.weights)
     if source is None:
+        if cfg.weights not in ("imagenet", "none"):
+            build_model(cfg.arch, cfg.weights)  # a state dict that does not fit --arch: said now, not after hashing
         return
     check_starting_model(source, cfg.arch)
     theirs = source.config
@@ -346,6 +348,9 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
     if cfg is None or not cfg.data:
         raise UsageError("no data: pass --data DIR (a dataset folder or an .npz file)")
     cfg.validate()
+    if resume is None:
+        # Recorded as an absolute path, so that `--resume` works from any folder (split.csv's paths are absolute too).
+        cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).absolute()))
     if state is None:
         # Before the data is hashed and cached, not after (a resumed run needs no starting weights: see _train).
         _check_starting_weights(cfg)
@@ -458,7 +463,11 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         if resumed:
             for p in remove_stale_temps(run_dir):  # left by a process killed while writing
                 log.info("removed %s, a partial write from the interrupted run", p.name)
-        save_config(cfg, run_dir / "config.yaml")
+        if not resumed:
+            save_config(cfg, run_dir / "config.yaml")
+    if resumed and not Path(cfg.data).is_absolute() and not Path(cfg.data).exists():
+        raise DataError(f"{run_dir / 'config.yaml'}: data: {cfg.data} is relative to the folder the run was started "
+                        "from; resume from there, or write its absolute path into config.yaml")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -471,6 +480,9 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
             prepared = {name: prepare_shared(split, cfg, build=info.local_rank == 0) for name, split in splits.items()}
         else:
             prepared = {name: prepare(split, cfg) for name, split in splits.items()}
+    if resumed and info.main:
+        # Only now: a resume that fails its checks (its data moved, say) leaves the run's config as it was.
+        save_config(cfg, run_dir / "config.yaml")
     for name in ("train", "val"):
         if len(prepared[name].labels) == 0 or len(set(prepared[name].labels.tolist())) < 2:
             raise DataError(f"the {name} split has too few readable images of each class "
