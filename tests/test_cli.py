@@ -534,6 +534,26 @@ def test_sharded_prediction_equals_single_process(trained_run, tmp_path):
     assert cxr("predict", "--model", run, data, "--shard", "3/3", check=False).returncode == 2
 
 
+def test_merge_refuses_shards_cut_from_different_file_lists(trained_run, tmp_path):
+    # A job array whose input folder grew between its tasks: shard 0 saw 8 files, shard 1 saw 16. Merged, 4 of the
+    # 16 would never have been predicted; merge says so instead.
+    import shutil
+
+    _, run, _ = trained_run
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    sample = sorted((Path(__file__).parents[1] / "src" / "cxr" / "sample").rglob("*.jpeg"))[:16]
+    for f in sample[:8]:
+        shutil.copy(f, folder / f.name)
+    out = tmp_path / "p.csv"
+    cxr("predict", "--model", run, folder, "--output", out, "--shard", "0/2", "--device", "cpu")
+    for f in sample[8:]:
+        shutil.copy(f, folder / f.name)
+    cxr("predict", "--model", run, folder, "--output", out, "--shard", "1/2", "--device", "cpu")
+    _one_line_error(cxr("merge", out, check=False), "cut from different file lists", "[8, 16]")
+    assert not out.exists()
+
+
 def test_shards_are_contiguous_and_cover_everything():
     from cxr.predict import select_shard
 

@@ -282,7 +282,16 @@ def _print_metrics(metrics: dict) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from cxr.distributed import barrier, env_info, init, shutdown
-    from cxr.predict import DISCLAIMER, merge_shards, parse_shard, predict_files, shard_path, write_predictions_file
+    from cxr.predict import (
+        DISCLAIMER,
+        collect_files,
+        merge_shards,
+        parse_shard,
+        predict_files,
+        shard_path,
+        write_predictions_file,
+        write_shard_manifest,
+    )
 
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
         raise UsageError(f"--output {args.output}: use a .csv or .json file name")
@@ -297,17 +306,18 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
         init(torch.device("cpu"))  # gloo: only a barrier is needed, whatever device predicts
     try:
+        files = collect_files(args.paths)  # once: a shard's manifest records the whole list it was cut from
         if _backend(args) == "onnx":
             from cxr.export import predict_files_onnx
 
-            preds = predict_files_onnx(args.model, args.paths, threshold=args.threshold, batch_size=args.batch_size,
+            preds = predict_files_onnx(args.model, files, threshold=args.threshold, batch_size=args.batch_size,
                                        threads=args.threads, shard=shard)
         else:
             if args.threads:
                 import torch
 
                 torch.set_num_threads(args.threads)
-            preds = predict_files(args.model, args.paths, device=args.device, threshold=args.threshold,
+            preds = predict_files(args.model, files, device=args.device, threshold=args.threshold,
                                   batch_size=args.batch_size, shard=shard)
         show = args.table if args.table is not None else len(preds) <= 200
         if show and not info.active:
@@ -322,6 +332,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         if args.output:
             out = shard_path(args.output, shard) if shard else Path(args.output)
             write_predictions_file(out, preds)
+            if shard:
+                write_shard_manifest(out, files)
             log.info("wrote %s", out)
             if info.active:
                 barrier()

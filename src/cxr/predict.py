@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -16,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from cxr.errors import UsageError
-from cxr.fileio import CSV_TEXT, atomic_path
+from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text
 from cxr.images import ImageError, is_image_file, load_image
+
+log = logging.getLogger(__name__)
 
 DISCLAIMER = "Research software, not a medical device: predictions are not a diagnosis."
 
@@ -166,11 +170,48 @@ def shard_path(output: str | os.PathLike, shard: tuple[int, int]) -> Path:
     return out.with_name(f"{out.stem}.shard-{i:05d}-of-{n:05d}{out.suffix}")
 
 
+def manifest_path(part: str | os.PathLike) -> Path:
+    """The manifest beside a shard file: ``preds.shard-00000-of-00004.csv.manifest.json``."""
+    return Path(f"{part}.manifest.json")
+
+
+def files_digest(files: list[Path]) -> str:
+    """SHA-256 of the file list, as given and in order: equal for shards that saw the same list."""
+    return hashlib.sha256("\n".join(map(str, files)).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def write_shard_manifest(part: str | os.PathLike, files: list[Path]) -> None:
+    """What shard ``part`` was cut from (the whole list's length and digest), for :func:`merge_shards` to check."""
+    atomic_write_text(manifest_path(part), json.dumps({"files": len(files), "files_sha256": files_digest(files)})
+                      + "\n")
+
+
+def _check_manifests(out: Path, parts: list[Path], rows: list[int]) -> None:
+    manifests = []
+    for part in parts:
+        try:
+            manifests.append(json.loads(manifest_path(part).read_text()))
+        except (OSError, ValueError):
+            manifests.append(None)
+    if any(m is None for m in manifests):
+        log.warning("%s: some shard files have no manifest (written by an older cxr?), so cxr cannot check that "
+                    "every shard saw the same files", out)
+        return
+    if len({(m.get("files"), m.get("files_sha256")) for m in manifests}) > 1:
+        counts = sorted({m.get("files") for m in manifests})
+        raise UsageError(f"{out}: the shards were cut from different file lists (files added, removed or renamed "
+                         f"between the runs; list lengths {counts}), so merging would lose or repeat files; run "
+                         "every shard again on the same files")
+    if sum(rows) != manifests[0]["files"]:
+        raise UsageError(f"{out}: the shard files hold {sum(rows)} predictions for a list of "
+                         f"{manifests[0]['files']} files (a shard file edited or cut short?); run the shards again")
+
+
 def merge_shards(output: str | os.PathLike, *, remove: bool = False) -> list[Prediction]:
     """Concatenate the shard files of ``output`` in shard order into ``output`` (equal to a single-process run).
 
-    Every shard ``0..n-1`` of one ``n`` must be present; ``remove`` deletes the parts after the merged file is
-    written.
+    Every shard ``0..n-1`` of one ``n`` must be present, cut from the same file list (their manifests say); ``remove``
+    deletes the parts and their manifests after the merged file is written.
     """
     out = Path(output)
     _check_suffix(out)
@@ -189,9 +230,12 @@ def merge_shards(output: str | os.PathLike, *, remove: bool = False) -> list[Pre
     if missing:
         raise UsageError(f"{out}: shard(s) {', '.join(map(str, missing))} of {n} missing; run them first")
     parts = [shard_path(out, (i, n)) for i in range(n)]
-    merged = [p for part in parts for p in read_predictions_file(part)]
+    read = [read_predictions_file(part) for part in parts]
+    _check_manifests(out, parts, [len(r) for r in read])
+    merged = [p for r in read for p in r]
     write_predictions_file(out, merged)
     if remove:
         for part in parts:
             part.unlink()
+            manifest_path(part).unlink(missing_ok=True)
     return merged
