@@ -718,3 +718,32 @@ def test_demo_refuses_to_replace_a_run_that_is_not_a_demo(tmp_path, tiny_dataset
     with pytest.raises(UsageError, match="not a demo run"):
         run_demo(str(run))
     assert (run / "eval" / "metrics.json").read_text() == "precious"
+
+
+def test_serve_answers_on_its_port_and_a_second_one_there_is_one_line(trained_run):
+    import socket
+    import time
+    import urllib.request
+
+    _, run, _ = trained_run
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "cxr", "serve", "--model", str(run), "--port", str(port),
+                               "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, health = time.monotonic() + 120, None
+        while health is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=5) as r:
+                    health = json.loads(r.read())
+            except OSError:
+                time.sleep(0.5)
+        assert health is not None and health["status"] == "ok", server.stderr.read() if server.poll() else health
+        second = cxr("serve", "--model", run, "--port", port, check=False)
+        assert second.returncode == 2
+        _one_line_error(second, f"cannot listen on 127.0.0.1:{port}", "--port")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+

@@ -242,3 +242,14 @@ def test_ctrl_c_during_the_onnx_export_is_an_interrupt(exported, tmp_path, monke
     assert main(["export", "--model", str(exported["ckpt"]), "--format", "onnx", "--output", str(out)]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["cxr export: interrupted"]
     assert not out.exists()
+
+
+def test_an_onnx_file_needs_its_suffix_and_runs_on_onnx_runtime(exported, tmp_path, capsys):
+    from cxr.cli import main
+
+    # Exported under another name, it would later pass for a checkpoint ("not a cxr checkpoint").
+    assert main(["export", "--model", str(exported["ckpt"]), "--format", "onnx", "--output",
+                 str(tmp_path / "m.txt")]) == 2
+    assert "name an ONNX file *.onnx" in capsys.readouterr().err and not (tmp_path / "m.txt").exists()
+    assert main(["predict", "--model", str(exported["onnx"]), "--backend", "torch", str(FILES[0])]) == 2
+    assert "drop --backend torch" in capsys.readouterr().err

@@ -404,6 +404,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from cxr.export import export_model
 
+    if args.format == "onnx" and Path(args.output).suffix.lower() != ".onnx":
+        # cxr predict and serve recognise ONNX files by that suffix; another name would later pass for a checkpoint.
+        raise UsageError(f"--output {args.output}: name an ONNX file *.onnx")
     export_model(args.model, args.format, args.output)
 
 
@@ -419,7 +422,11 @@ _PASSIVE_WAIT_COMMANDS = frozenset({"predict", "evaluate", "explain", "serve", "
 
 def _backend(args: argparse.Namespace) -> str:
     """The --backend given, else the one that runs the model file: ONNX Runtime for .onnx, PyTorch otherwise."""
-    return args.backend or ("onnx" if str(args.model).lower().endswith(".onnx") else "torch")
+    is_onnx = str(args.model).lower().endswith(".onnx")
+    if args.backend == "torch" and is_onnx:
+        raise UsageError(f"--model {args.model} --backend torch: an ONNX file runs on ONNX Runtime; drop --backend "
+                         "torch (or give the checkpoint or .safetensors file it was exported from)")
+    return args.backend or ("onnx" if is_onnx else "torch")
 
 
 def main(argv: list[str] | None = None) -> int:
