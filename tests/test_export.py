@@ -253,3 +253,16 @@ def test_an_onnx_file_needs_its_suffix_and_runs_on_onnx_runtime(exported, tmp_pa
     assert "name an ONNX file *.onnx" in capsys.readouterr().err and not (tmp_path / "m.txt").exists()
     assert main(["predict", "--model", str(exported["onnx"]), "--backend", "torch", str(FILES[0])]) == 2
     assert "drop --backend torch" in capsys.readouterr().err
+
+
+def test_the_bundled_model_card_belongs_to_the_bundled_model():
+    # /api/v1/model and the ONNX contract show these validation figures; they must be of this very file.
+    from cxr.export import model_card
+
+    ckpt = load_checkpoint("default")
+    card = model_card(ckpt)
+    val = card["metrics"]["val"]
+    assert val["threshold"] == pytest.approx(ckpt.threshold, abs=1e-12) and val["n"] == 748
+    assert 0 < val["ci95"]["accuracy"][0] <= val["accuracy"] <= val["ci95"]["accuracy"][1] <= 1
+    counts = card["training_data"]["counts"]
+    assert sum(counts["train"].values()) + sum(counts["val"].values()) == 5232  # Kermany train + val

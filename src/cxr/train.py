@@ -608,13 +608,13 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
                  cfg.epochs if swa_start is None else swa_start + cfg.swa_epochs, row["lr"], row["train_loss"],
                  row["train_acc"], row["val_loss"], row["val_acc"], row["val_auroc"], row["seconds"],
                  row["images_per_s"], 100 * row["data_wait"], "  *best*" if improved else "")
-    if stop_reason:
-        log.info("%s", stop_reason)
     swa_summary = None
     if averaged is not None and swa_start is not None and info.main:
         swa_summary = _finish_averaging(averaged, run_dir, prepared, criterion, cfg, device, best_loss,
                                         first=swa_start + 1, last=len(history))
         stop_reason += f", then {cfg.swa_epochs} epoch(s) of weight averaging"
+    if stop_reason:
+        log.info("%s", stop_reason)  # after the averaging epochs, the whole story: "finished 20 epochs, then 8 ..."
     if not info.main:
         barrier()  # wait for rank 0's evaluation, so no rank exits while the group is still in use
         return run_dir
