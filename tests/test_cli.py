@@ -554,6 +554,21 @@ def test_merge_refuses_shards_cut_from_different_file_lists(trained_run, tmp_pat
     assert not out.exists()
 
 
+def test_merge_without_usable_manifests_warns_and_merges(tmp_path, caplog):
+    # Shard files from an older cxr (no manifest), or with a manifest that is not what cxr writes: merged, with a
+    # warning that the file lists could not be checked; never a traceback.
+    from cxr.predict import Prediction, manifest_path, merge_shards, shard_path, write_predictions_file
+
+    out = tmp_path / "p.csv"
+    for i, manifest in enumerate(("[]", None)):
+        part = shard_path(out, (i, 2))
+        write_predictions_file(part, [Prediction(f"x{i}.jpeg", 0.25, "NORMAL")])
+        if manifest is not None:
+            manifest_path(part).write_text(manifest)
+    assert [p.path for p in merge_shards(out)] == ["x0.jpeg", "x1.jpeg"]
+    assert "no readable manifest" in caplog.text
+
+
 def test_shards_are_contiguous_and_cover_everything():
     from cxr.predict import select_shard
 

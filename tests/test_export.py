@@ -253,6 +253,14 @@ def test_an_onnx_file_needs_its_suffix_and_runs_on_onnx_runtime(exported, tmp_pa
     assert "name an ONNX file *.onnx" in capsys.readouterr().err and not (tmp_path / "m.txt").exists()
     assert main(["predict", "--model", str(exported["onnx"]), "--backend", "torch", str(FILES[0])]) == 2
     assert "drop --backend torch" in capsys.readouterr().err
+    assert main(["export", "--model", str(exported["ckpt"]), "--format", "torchscript", "--output",
+                 str(tmp_path / "m.onnx")]) == 2
+    assert "only an ONNX file" in capsys.readouterr().err
+    # Neither kind of export can start a training run.
+    ts = export_model(load_checkpoint(exported["ckpt"]), "torchscript", tmp_path / "m.pt")
+    for path, kind in ((exported["onnx"], "an ONNX file"), (ts, "a TorchScript file")):
+        with pytest.raises(CheckpointError, match=f"{kind}, which cannot be trained on"):
+            build_model("densenet121", str(path))
 
 
 def test_the_bundled_model_card_belongs_to_the_bundled_model():

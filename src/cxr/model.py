@@ -121,9 +121,13 @@ def _starting_weights(weights: str) -> Checkpoint | dict[str, torch.Tensor] | No
     if weights != "default" and not Path(weights).exists():
         raise UsageError(f"--weights {weights!r}: expected 'imagenet', 'none', 'default' (the bundled model), a run "
                          "directory, or the path of a cxr model or state dict file")
-    path = resolve_model_path(weights)
+    path = resolve_model_path(weights, flag="--weights")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
+    if path.suffix.lower() == ".onnx" or _is_torchscript(path):
+        kind = "an ONNX" if path.suffix.lower() == ".onnx" else "a TorchScript"
+        raise CheckpointError(f"--weights {path}: {kind} file, which cannot be trained on; give the checkpoint or "
+                              ".safetensors file it was exported from")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch raises many types; read_state_dict_file names the problem
@@ -350,11 +354,11 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
 BUNDLED_MODEL = Path(__file__).resolve().parent / "weights" / "cxr-densenet121-kermany.safetensors"
 
 
-def resolve_model_path(model: str | os.PathLike) -> Path:
+def resolve_model_path(model: str | os.PathLike, *, flag: str = "--model") -> Path:
     """``default`` (the bundled model), a checkpoint file, or a run directory (its ``best.pt``)."""
     if str(model) == "default":
         if not BUNDLED_MODEL.is_file():
-            raise CheckpointError(f"the bundled model {BUNDLED_MODEL.name} is not installed; pass --model PATH")
+            raise CheckpointError(f"the bundled model {BUNDLED_MODEL.name} is not installed; pass {flag} PATH")
         return BUNDLED_MODEL
     p = Path(model)
     if p.is_dir():

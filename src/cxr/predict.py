@@ -190,15 +190,17 @@ def _check_manifests(out: Path, parts: list[Path], rows: list[int]) -> None:
     manifests = []
     for part in parts:
         try:
-            manifests.append(json.loads(manifest_path(part).read_text()))
+            m = json.loads(manifest_path(part).read_text())
         except (OSError, ValueError):
-            manifests.append(None)
+            m = None
+        ok = isinstance(m, dict) and isinstance(m.get("files"), int) and isinstance(m.get("files_sha256"), str)
+        manifests.append(m if ok else None)
     if any(m is None for m in manifests):
-        log.warning("%s: some shard files have no manifest (written by an older cxr?), so cxr cannot check that "
-                    "every shard saw the same files", out)
+        log.warning("%s: some shard files have no readable manifest (written by an older cxr?), so cxr cannot check "
+                    "that every shard saw the same files", out)
         return
-    if len({(m.get("files"), m.get("files_sha256")) for m in manifests}) > 1:
-        counts = sorted({m.get("files") for m in manifests})
+    if len({(m["files"], m["files_sha256"]) for m in manifests}) > 1:
+        counts = sorted({m["files"] for m in manifests})
         raise UsageError(f"{out}: the shards were cut from different file lists (files added, removed or renamed "
                          f"between the runs; list lengths {counts}), so merging would lose or repeat files; run "
                          "every shard again on the same files")

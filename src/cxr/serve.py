@@ -592,36 +592,36 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // max_concurrency)
 
-    sock = _bound_socket(host, port)  # a port in use is said at once, in one line, before the model loads
+    _check_port_free(host, port)  # a port in use is said at once, in one line, before the model loads
     app = create_app(model, backend=backend, max_upload_mb=max_upload_mb, max_concurrency=max_concurrency,
                      max_queue=max_queue, device=device, threads=threads, max_pixels=max_pixels)
     engine = app.state.engine
     log.info("serving model %s (%s backend, %d x %d threads) on http://%s:%d/  (API docs at /docs). %s",
              engine.model_id, engine.backend, max_concurrency, threads, host if ":" not in host else f"[{host}]",
              port, DISCLAIMER)
-    config = uvicorn.Config(app, log_level=log_level, server_header=False, access_log=False,
-                            limit_concurrency=max_connections)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        sock.close()
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, access_log=False,
+                limit_concurrency=max_connections)
 
 
-def _bound_socket(host: str, port: int):
-    """A TCP socket bound to ``host:port`` (not yet listening: clients are refused until the service is ready)."""
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse at once, in one line, a ``host:port`` that another program listens on, or an address this machine
+    lacks, binding a test socket the way uvicorn binds its own just after (IPv6 when the host has a colon, else
+    IPv4; ``SO_REUSEADDR``, so a port left in TIME_WAIT by a service just stopped counts as free). Two services
+    started in the same second can still both pass; the second then fails in uvicorn, with its message."""
+    import errno
     import socket
 
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise UsageError(f"--host {host}: not an address of this machine ({e.strerror})") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restartable at once
-    try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}): another program holds the port? "
-                         "pick another --port") from None
-    return sock
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as e:
+            raise UsageError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(f"cannot listen on {host}:{port}: another program listens there; pick another "
+                                 "--port") from None
+            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
