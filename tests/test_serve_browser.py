@@ -41,6 +41,8 @@ def checkpoint(tmp_path_factory) -> Path:
     cfg = load_config(overrides={"image_size": 64})
     save_checkpoint(Checkpoint("densenet121", build_model("densenet121", "none").state_dict(), cfg,
                                threshold=0.5), path)
+    # A model card beside the file (as the bundled model has) gives the validation figures the page shows.
+    (path.parent / "model_card.json").write_text('{"metrics": {"val": {"n": 40, "accuracy": 0.9, "auroc": 0.95}}}')
     return path
 
 
@@ -114,6 +116,7 @@ def test_pick_xrays_and_read_the_predictions(browser_page, checkpoint, tmp_path)
     expect = sync_api.expect
     expect(page.get_by_test_id("disclaimer")).to_contain_text("not a medical device")
     expect(page.get_by_test_id("model-info")).to_contain_text("threshold 0.500")
+    expect(page.get_by_test_id("model-info")).to_contain_text("validation (n 40): accuracy 0.900, AUROC 0.950")
 
     not_an_image = tmp_path / "notes.txt"
     not_an_image.write_text("this is not an X-ray")

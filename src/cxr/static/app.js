@@ -26,6 +26,11 @@ async function loadModelInfo() {
     threshold = m.threshold;
     const parts = [`model ${m.model_id}`, `${m.arch || "model"}`, `threshold ${fmt(m.threshold)}`,
                    `${m.backend} backend`, m.served_by];
+    // What the model card says it scored on its validation split (figures measured when it was trained).
+    const val = m.metrics && m.metrics.val;
+    if (val && typeof val.accuracy === "number" && typeof val.auroc === "number") {
+      parts.splice(3, 0, `validation (n ${val.n}): accuracy ${fmt(val.accuracy)}, AUROC ${fmt(val.auroc)}`);
+    }
     info.textContent = parts.join(" · ");
     if (m.intended_use) info.title = `Intended use: ${m.intended_use}`;
   } catch (e) {
