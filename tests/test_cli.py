@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cxr.config import load_config
+from cxr.errors import UsageError
 from cxr.model import load_checkpoint
 
 from .conftest import TINY_TRAIN, read_csv
@@ -529,6 +530,12 @@ def test_sharded_prediction_equals_single_process(trained_run, tmp_path):
         (data / "test" / "NORMAL" / "broken.jpeg").unlink()
     single = (tmp_path / "all.csv").read_text()
     assert (tmp_path / "sharded.csv").read_text() == single
+    # Every row names the model file and the threshold that gave it.
+    from cxr.export import model_id
+
+    ckpt = load_checkpoint(run)
+    rows = read_csv(tmp_path / "all.csv")
+    assert {(r["model_id"], float(r["threshold"])) for r in rows} == {(model_id(ckpt), ckpt.threshold)}
     assert single.count("\n") == 1 + 32 + 8 + 1 and "broken.jpeg" in single
     assert not list(tmp_path.glob("sharded.shard-*"))
     assert cxr("predict", "--model", run, data, "--shard", "3/3", check=False).returncode == 2
@@ -567,6 +574,18 @@ def test_merge_without_usable_manifests_warns_and_merges(tmp_path, caplog):
             manifest_path(part).write_text(manifest)
     assert [p.path for p in merge_shards(out)] == ["x0.jpeg", "x1.jpeg"]
     assert "no readable manifest" in caplog.text
+
+
+def test_merge_refuses_shards_of_different_models(tmp_path):
+    from cxr.predict import Prediction, merge_shards, shard_path, write_predictions_file
+
+    out = tmp_path / "p.json"
+    for i, (model, threshold) in enumerate((("aaaaaaaaaaaa", 0.5), ("bbbbbbbbbbbb", 0.5))):
+        write_predictions_file(shard_path(out, (i, 2)), [Prediction(f"x{i}.jpeg", 0.25, "NORMAL", None, threshold,
+                                                                    model)])
+    with pytest.raises(UsageError, match="different models or thresholds"):
+        merge_shards(out)
+    assert not out.exists()
 
 
 def test_shards_are_contiguous_and_cover_everything():

@@ -367,4 +367,5 @@ def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike],
     t = predictor.threshold if threshold is None else float(threshold)
     return predict_in_batches(files, lambda images: predictor.predict_uint8(images, batch_size),
                               image_size=predictor.image_size, max_pixels=predictor.max_pixels,
-                              class_names=predictor.class_names, threshold=t, batch_size=batch_size)
+                              class_names=predictor.class_names, threshold=t, batch_size=batch_size,
+                              model_id=predictor.model_id)

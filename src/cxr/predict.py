@@ -28,12 +28,18 @@ DISCLAIMER = "Research software, not a medical device: predictions are not a dia
 
 @dataclass
 class Prediction:
-    """One file's result; ``error`` is set (and the rest empty) when the file could not be read."""
+    """One file's result; ``error`` is set (and the probability and label empty) when the file could not be read.
+
+    ``threshold`` and ``model_id`` say which decision rule and which model file (:func:`cxr.export.model_id`) gave
+    it, so that a predictions file can be traced to its model.
+    """
 
     path: str
     prob_pneumonia: float | None = None
     label: str | None = None
     error: str | None = None
+    threshold: float | None = None
+    model_id: str | None = None
 
 
 def collect_files(paths: list[str | os.PathLike], *, skip: Path | None = None) -> list[Path]:
@@ -85,6 +91,7 @@ def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, d
     import torch
 
     from cxr.evaluate import predict_logits, probabilities
+    from cxr.export import model_id
     from cxr.model import load_checkpoint, resolve_device, use_bf16, use_channels_last
 
     files = select_shard(collect_files(paths), shard)
@@ -105,11 +112,12 @@ def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, d
         return probabilities(logits)
 
     return predict_in_batches(files, probs_of, image_size=cfg.image_size, max_pixels=cfg.max_pixels,
-                              class_names=ckpt.class_names, threshold=t, batch_size=batch_size)
+                              class_names=ckpt.class_names, threshold=t, batch_size=batch_size,
+                              model_id=model_id(ckpt))
 
 
 def predict_in_batches(files: list[Path], probs_of, *, image_size: int, max_pixels: int, class_names: list[str],
-                       threshold: float, batch_size: int) -> list[Prediction]:
+                       threshold: float, batch_size: int, model_id: str | None = None) -> list[Prediction]:
     """Decode ``files`` a batch at a time (memory stays flat) and turn ``probs_of(uint8 (N, S, S))`` into
     predictions, in input order; unreadable files get an ``error``. Shared by the PyTorch and ONNX backends.
     """
@@ -121,10 +129,11 @@ def predict_in_batches(files: list[Path], probs_of, *, image_size: int, max_pixe
                 images.append(load_image(f, image_size, max_pixels=max_pixels))
                 good.append(f)
             except ImageError as e:
-                results.append(Prediction(str(f), error=str(e)))
+                results.append(Prediction(str(f), error=str(e), threshold=threshold, model_id=model_id))
         if images:
             for f, prob in zip(good, probs_of(np.stack(images)), strict=True):
-                results.append(Prediction(str(f), float(prob), class_names[int(prob >= threshold)]))
+                results.append(Prediction(str(f), float(prob), class_names[int(prob >= threshold)],
+                                          threshold=threshold, model_id=model_id))
     order = {str(f): i for i, f in enumerate(files)}
     return sorted(results, key=lambda r: order[r.path])
 
@@ -144,10 +153,11 @@ def write_predictions_file(path: str | os.PathLike, predictions: list[Prediction
             json.dump({"note": DISCLAIMER, "predictions": [asdict(p) for p in predictions]}, f, indent=2)
         else:
             w = csv.writer(f)
-            w.writerow(["path", "prob_pneumonia", "label", "error"])
+            w.writerow(["path", "prob_pneumonia", "label", "error", "threshold", "model_id"])
             for p in predictions:
                 prob = "" if p.prob_pneumonia is None else repr(float(p.prob_pneumonia))
-                w.writerow([p.path, prob, p.label or "", p.error or ""])
+                t = "" if p.threshold is None else repr(float(p.threshold))
+                w.writerow([p.path, prob, p.label or "", p.error or "", t, p.model_id or ""])
 
 
 def read_predictions_file(path: str | os.PathLike) -> list[Prediction]:
@@ -157,8 +167,11 @@ def read_predictions_file(path: str | os.PathLike) -> list[Prediction]:
         with open(path, **CSV_TEXT) as f:
             if suffix == ".json":
                 return [Prediction(**p) for p in json.load(f)["predictions"]]
+            # threshold and model_id: absent from the files of earlier cxr versions
             return [Prediction(r["path"], float(r["prob_pneumonia"]) if r["prob_pneumonia"] else None,
-                               r["label"] or None, r["error"] or None) for r in csv.DictReader(f)]
+                               r["label"] or None, r["error"] or None,
+                               float(r["threshold"]) if r.get("threshold") else None, r.get("model_id") or None)
+                    for r in csv.DictReader(f)]
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{path}: not a cxr predictions file ({e})") from None
 
@@ -235,6 +248,11 @@ def merge_shards(output: str | os.PathLike, *, remove: bool = False) -> list[Pre
     read = [read_predictions_file(part) for part in parts]
     _check_manifests(out, parts, [len(r) for r in read])
     merged = [p for r in read for p in r]
+    rules = {(p.model_id, p.threshold) for p in merged if p.model_id is not None}
+    if len(rules) > 1:
+        shown = ", ".join(f"model {m} at threshold {t:.3f}" for m, t in sorted(rules))
+        raise UsageError(f"{out}: the shards were predicted by different models or thresholds ({shown}); run them "
+                         "again with one")
     write_predictions_file(out, merged)
     if remove:
         for part in parts:
