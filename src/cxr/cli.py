@@ -288,6 +288,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         merge_shards,
         parse_shard,
         predict_files,
+        select_shard,
         shard_path,
         write_predictions_file,
         write_shard_manifest,
@@ -306,19 +307,22 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
         init(torch.device("cpu"))  # gloo: only a barrier is needed, whatever device predicts
     try:
-        files = collect_files(args.paths)  # once: a shard's manifest records the whole list it was cut from
+        # Listed once: a shard's manifest records the whole list it was cut from, and only the shard's own files are
+        # handed on (not the whole list, to be looked at again by every shard).
+        files = collect_files(args.paths)
+        mine = select_shard(files, shard)
         if _backend(args) == "onnx":
             from cxr.export import predict_files_onnx
 
-            preds = predict_files_onnx(args.model, files, threshold=args.threshold, batch_size=args.batch_size,
-                                       threads=args.threads, shard=shard)
+            preds = predict_files_onnx(args.model, mine, threshold=args.threshold, batch_size=args.batch_size,
+                                       threads=args.threads)
         else:
             if args.threads:
                 import torch
 
                 torch.set_num_threads(args.threads)
-            preds = predict_files(args.model, files, device=args.device, threshold=args.threshold,
-                                  batch_size=args.batch_size, shard=shard)
+            preds = predict_files(args.model, mine, device=args.device, threshold=args.threshold,
+                                  batch_size=args.batch_size)
         show = args.table if args.table is not None else len(preds) <= 200
         if show and not info.active:
             _print_predictions(preds, DISCLAIMER)
