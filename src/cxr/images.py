@@ -175,6 +175,18 @@ def _read_source(source: str | os.PathLike | bytes, name: str | None) -> tuple[b
     return data, label
 
 
+def sniff(data: bytes) -> str | None:
+    """``jpeg``, ``png`` or ``dicom`` from a file's first bytes, as the decoder decides, or None for anything else.
+    DICOM first: its 128-byte preamble is free-form and may itself start like a JPEG."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if data.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(_PNG_MAGIC):
+        return "png"
+    return None
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     """Whether a file found in a folder is taken as an image: by its extension (:data:`IMAGE_EXTENSIONS`), or, for
     any other name, by its first bytes (JPEG, PNG or DICOM's 'DICM' marker). PACS exports often name DICOM files
@@ -186,16 +198,15 @@ def is_image_file(path: str | os.PathLike) -> bool:
             head = f.read(132)
     except OSError:
         return False
-    return head.startswith((_JPEG_MAGIC, _PNG_MAGIC)) or head[128:132] == b"DICM"
+    return sniff(head) is not None
 
 
 def _decode(data: bytes, label: str, max_pixels: int, draft_size: int | None) -> np.ndarray:
-    if len(data) >= 132 and data[128:132] == b"DICM":
+    kind = sniff(data)
+    if kind == "dicom":
         return _decode_dicom(data, label, max_pixels)
-    if data.startswith(_JPEG_MAGIC):
-        return _decode_pil(data, "JPEG", label, max_pixels, draft_size)
-    if data.startswith(_PNG_MAGIC):
-        return _decode_pil(data, "PNG", label, max_pixels, draft_size)
+    if kind is not None:
+        return _decode_pil(data, kind.upper(), label, max_pixels, draft_size)
     if os.path.splitext(label)[1].lower() in _DICOM_EXTENSIONS:
         return _decode_dicom(data, label, max_pixels)
     raise ImageError(label, "not an image (content is not JPEG, PNG or DICOM)")

@@ -44,7 +44,7 @@ from starlette.requests import ClientDisconnect
 
 from cxr import __version__
 from cxr.errors import UsageError
-from cxr.images import ImageError, load_image
+from cxr.images import ImageError, load_image, sniff
 from cxr.predict import DISCLAIMER
 
 log = logging.getLogger(__name__)
@@ -215,17 +215,6 @@ def _safe_name(filename: str | None) -> str:
     name = re.split(r"[\\/]", filename or "")[-1]
     name = "".join(c for c in name if c.isprintable()).strip()[:120]
     return name or "upload"
-
-
-def sniff(data: bytes) -> str | None:
-    """``jpeg``, ``png`` or ``dicom`` from a file's magic bytes (as cxr.images decides), or None for anything else."""
-    if len(data) >= 132 and data[128:132] == b"DICM":  # first, as cxr.images checks it: the preamble is free-form
-        return "dicom"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    return None
 
 
 def _mb(n: int) -> str:
