@@ -13,16 +13,19 @@ from cxr.evaluate import predict_logits
 from cxr.model import Checkpoint, load_checkpoint, use_bf16, use_channels_last
 
 
-def model_and_folder(model: str, data: str, cache_dir: str | None = None
+def model_and_folder(model: str, data: str, cache_dir: str | None = None, *, bf16: bool | None = None
                      ) -> tuple[Checkpoint, Prepared, Callable[[np.ndarray | torch.Tensor], torch.Tensor]]:
     """The checkpoint, the folder's images (``NORMAL/`` + ``PNEUMONIA/``) at the model's size, and a function giving
-    the model's logits for uint8 images, with the model config's speed settings (bf16, channels_last)."""
+    the model's logits for uint8 images, with the model config's speed settings (bf16, channels_last); ``bf16`` True
+    or False overrides the config's choice for this machine."""
     ckpt = load_checkpoint(model)
     cfg = ckpt.config
     if cache_dir:
         cfg = dataclasses.replace(cfg, cache_dir=cache_dir)
     device = torch.device("cpu")
     net = ckpt.build(device)
+    if bf16 is not None:
+        cfg = dataclasses.replace(cfg, amp="on" if bf16 else "off", channels_last="on" if bf16 else "off")
     channels_last = use_channels_last(cfg, device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)

@@ -132,7 +132,13 @@ def test_sharded_prediction_under_torchrun_equals_one_process(runs, tmp_path):
     data, single, _, _, _, _ = runs
     _run(["predict", "--model", single, data, "--output", tmp_path / "one.json", "--device", "cpu"])
     _run(["predict", "--model", single, data, "--output", tmp_path / "two.json", "--device", "cpu"], nproc=2)
-    assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
+    # Equal to float precision (a shard's batches hold other images, which can move the last digits; SCALING.md).
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert two["note"] == one["note"] and len(two["predictions"]) == len(one["predictions"]) > 0
+    for a, b in zip(two["predictions"], one["predictions"], strict=True):
+        assert {k: v for k, v in a.items() if k != "prob_pneumonia"} == {
+            k: v for k, v in b.items() if k != "prob_pneumonia"}
+        assert a["prob_pneumonia"] == pytest.approx(b["prob_pneumonia"], abs=1e-5)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["one.json", "two.json"]  # the shard files were merged
 
 

@@ -159,11 +159,13 @@ class Explanation:
 
 
 def _unique_name(path: Path, used: set[str]) -> str:
+    from cxr.predict import EXPLAIN_SUFFIX
+
     stem = path.stem
-    name, n = f"{stem}_gradcam.png", 1
+    name, n = f"{stem}{EXPLAIN_SUFFIX}", 1
     while name in used:
         n += 1
-        name = f"{stem}_{n}_gradcam.png"
+        name = f"{stem}_{n}{EXPLAIN_SUFFIX}"
     used.add(name)
     return name
 

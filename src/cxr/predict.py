@@ -42,16 +42,28 @@ class Prediction:
     model_id: str | None = None
 
 
+# `cxr explain` names its pictures so; found in a folder, they are its output, not X-rays.
+EXPLAIN_SUFFIX = "_gradcam.png"
+
+
 def collect_files(paths: list[str | os.PathLike], *, skip: Path | None = None) -> list[Path]:
     """Files as given, and image files (:func:`cxr.images.is_image_file`) found recursively in folders (sorted;
     hidden files skipped; linked folders followed). ``skip``: a folder whose files are not collected (an output folder
-    inside an input folder)."""
+    inside an input folder). Grad-CAM pictures (``*_gradcam.png``, what ``cxr explain`` writes) found in a folder are
+    left out with a warning: predicting a folder after explaining into it would otherwise read them as X-rays. Named
+    one by one, they are taken."""
     from cxr.data import walk_files
 
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += [f for f in walk_files(p, skip=skip) if is_image_file(f)]
+            found = [f for f in walk_files(p, skip=skip) if is_image_file(f)]
+            pictures = [f for f in found if f.name.lower().endswith(EXPLAIN_SUFFIX)]
+            if pictures:
+                log.warning("%s: left out %d Grad-CAM picture(s) written by cxr explain (*%s), e.g. %s; name them "
+                            "as files to predict them anyway", p, len(pictures), EXPLAIN_SUFFIX, pictures[0])
+                found = [f for f in found if not f.name.lower().endswith(EXPLAIN_SUFFIX)]
+            files += found
         elif p.exists():
             files.append(p)
         else:
