@@ -1,4 +1,5 @@
-"""``cxr demo``: a few minutes of training on the bundled sample, then evaluation and prediction, on the CPU."""
+"""``cxr demo``: a few minutes of training on the bundled sample, then evaluation and prediction (on the CPU unless a
+GPU is present)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def _is_demo_run(run_dir: Path) -> bool:
 
 
 def run_demo(output: str = "runs/demo", *, epochs: int = 8, device: str = "auto") -> Path:
-    """Train a small DenseNet-121 from scratch on the 300-image sample (128 px), evaluate it, predict its test folder,
+    """Train a small DenseNet-121 from scratch on the bundled sample's 300 training images (240 after the validation
+    carve; 128 px), evaluate it, predict its test folder,
     and write its report (plots, heatmap grid, fly-through video, report.html).
 
     A previous demo run in ``output`` is replaced. The model is far too small-data to be useful: the point is
