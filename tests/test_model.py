@@ -278,3 +278,15 @@ def test_building_from_checkpoints_in_threads_leaves_torch_init_intact(tmp_path)
     assert not errors
     for name, fn in originals.items():
         assert getattr(torch.nn.init, name) is fn, name
+
+
+def test_bf16_is_not_chosen_on_gpus_that_only_emulate_it(monkeypatch):
+    # A pre-Ampere GPU (V100, T4) "supports" bf16 only by emulation, which is slower than fp32: amp auto stays off.
+    from cxr.config import Config
+    from cxr.model import use_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not use_bf16(Config(), torch.device("cuda"))
+    assert use_bf16(Config(amp="on"), torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert use_bf16(Config(), torch.device("cuda"))

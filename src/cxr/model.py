@@ -230,7 +230,7 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
     if cfg.amp != "auto":
         return cfg.amp == "on"
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # not where bf16 is emulated (pre-Ampere)
     return device.type == "cpu" and cpu_has_fast_bf16()
 
 
