@@ -781,17 +781,23 @@ def test_demo_refuses_to_replace_a_run_that_is_not_a_demo(tmp_path, tiny_dataset
 
 
 def test_serve_answers_on_its_port_and_a_second_one_there_is_one_line(trained_run):
-    import socket
+    import re
+    import signal
     import time
     import urllib.request
 
     _, run, _ = trained_run
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "cxr", "serve", "--model", str(run), "--port", str(port),
+    # --port 0: the system picks a free port, and the log line says which.
+    server = subprocess.Popen([sys.executable, "-m", "cxr", "serve", "--model", str(run), "--port", "0",
                                "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
+        lines = []
+        while not lines or "serving model" not in lines[-1]:
+            line = server.stderr.readline()
+            assert line, "".join(lines)  # it exited before serving
+            lines.append(line)
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", lines[-1]).group(1))
+        assert port != 0
         deadline, health = time.monotonic() + 120, None
         while health is None and time.monotonic() < deadline and server.poll() is None:
             try:
@@ -799,10 +805,12 @@ def test_serve_answers_on_its_port_and_a_second_one_there_is_one_line(trained_ru
                     health = json.loads(r.read())
             except OSError:
                 time.sleep(0.5)
-        assert health is not None and health["status"] == "ok", server.stderr.read() if server.poll() else health
+        assert health is not None and health["status"] == "ok", health
         second = cxr("serve", "--model", run, "--port", port, check=False)
         assert second.returncode == 2
         _one_line_error(second, f"cannot listen on 127.0.0.1:{port}", "--port")
+        server.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop
+        assert server.wait(timeout=60) == 0
     finally:
         server.terminate()
         server.wait(timeout=60)

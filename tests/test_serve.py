@@ -483,3 +483,21 @@ def test_bad_settings_are_refused(ckpt_path):
         load_engine(ckpt_path.with_suffix(".onnx"), "torch")
     with pytest.raises(UsageError):
         create_app(BrokenEngine(), max_concurrency=0)
+
+
+def test_the_port_is_held_from_the_start_so_a_second_service_cannot_take_it():
+    """`cxr serve` listens before its model loads: a second one started meanwhile is refused at once, in one line,
+    rather than both loading a model and the second failing later in uvicorn."""
+    from cxr.errors import UsageError
+    from cxr.serve import _listen
+
+    first = _listen("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{port}: another program listens there"):
+            _listen("127.0.0.1", port)
+    finally:
+        first.close()
+    _listen("127.0.0.1", port).close()  # free again once the first lets go
+    with pytest.raises(UsageError, match="not an address of this machine"):
+        _listen("no-such-host.invalid", 8000)

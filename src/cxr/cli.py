@@ -65,6 +65,9 @@ def _positive(text: str) -> float:
     return value
 
 
+_CACHE_DIR_HELP = "where decoded images are cached (default $CXR_CACHE_DIR, else $XDG_CACHE_HOME/cxr or ~/.cache/cxr)"
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset root (train/val/test with NORMAL/PNEUMONIA), or a MedMNIST-style .npz")
     p.add_argument("--output", help="run directory (default runs/cxr)")
@@ -83,7 +86,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-source", choices=["carve", "folder"],
                    help="carve a patient-disjoint val split from train (default) or use the dataset's val folder")
     p.add_argument("--val-fraction", type=float, help="share of train patients carved out for validation (0.15)")
-    p.add_argument("--cache-dir", help="where decoded images are cached (default $CXR_CACHE_DIR or ~/.cache/cxr)")
+    p.add_argument("--cache-dir", help=_CACHE_DIR_HELP)
     p.add_argument("--scheduler", choices=["cosine", "plateau", "none"])
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs (0: off)")
     p.add_argument("--swa-epochs", type=int, help="epochs of stochastic weight averaging after the schedule (0: off); "
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_probability,
                    help="decision threshold (default: the model's, chosen on validation)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--cache-dir")
+    p.add_argument("--cache-dir", help=_CACHE_DIR_HELP)
     p.add_argument("--batch-size", type=_count(1), default=64)
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUT/report.html (plots, heatmap grid, video) (default: on)")

@@ -19,6 +19,7 @@ Research software, not a medical device: predictions are not a diagnosis.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import math
@@ -566,7 +567,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
           max_upload_mb: float = 20.0, max_concurrency: int = 2, max_queue: int = 32, device: str = "auto",
           threads: int | None = None, max_pixels: int | None = None, log_level: str = "info",
           max_connections: int = 128) -> None:
-    """Run the service with uvicorn until interrupted (``cxr serve``). The model loads before the port opens.
+    """Run the service with uvicorn until interrupted (``cxr serve``). The port is taken first, then the model loads.
 
     ``max_connections`` caps the connections served at once, uploads still arriving included (uvicorn answers 503
     beyond it): the queue bounds the requests being predicted, this bounds the memory held by slow uploads
@@ -581,32 +582,46 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // max_concurrency)
 
-    _check_port_free(host, port)  # a port in use is said at once, in one line, before the model loads
-    app = create_app(model, backend=backend, max_upload_mb=max_upload_mb, max_concurrency=max_concurrency,
-                     max_queue=max_queue, device=device, threads=threads, max_pixels=max_pixels)
-    engine = app.state.engine
-    log.info("serving model %s (%s backend, %d x %d threads) on http://%s:%d/  (API docs at /docs). %s",
-             engine.model_id, engine.backend, max_concurrency, threads, host if ":" not in host else f"[{host}]",
-             port, DISCLAIMER)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, access_log=False,
-                limit_concurrency=max_connections)
+    # The port is taken (bound and listening) before the model loads: one in use is said at once, in one line, and
+    # no second service started meanwhile can take it. Connections that arrive while the model loads wait in the
+    # backlog and are answered once it is up.
+    sock = _listen(host, port)
+    try:
+        app = create_app(model, backend=backend, max_upload_mb=max_upload_mb, max_concurrency=max_concurrency,
+                         max_queue=max_queue, device=device, threads=threads, max_pixels=max_pixels)
+        engine = app.state.engine
+        port = sock.getsockname()[1]  # the one the system chose, for --port 0
+        log.info("serving model %s (%s backend, %d x %d threads) on http://%s:%d/  (API docs at /docs). %s",
+                 engine.model_id, engine.backend, max_concurrency, threads, host if ":" not in host else f"[{host}]",
+                 port, DISCLAIMER)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False,
+                                access_log=False, limit_concurrency=max_connections)
+        server = uvicorn.Server(config)
+        # uvicorn shuts down on Ctrl-C, then raises it again: a clean stop (exit 0), as uvicorn.run makes it.
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        raise SystemExit(3)  # uvicorn has said why its startup failed; the status uvicorn.run exits with
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Refuse at once, in one line, a ``host:port`` that another program listens on, or an address this machine
-    lacks, binding a test socket the way uvicorn binds its own just after (IPv6 when the host has a colon, else
-    IPv4; ``SO_REUSEADDR``, so a port left in TIME_WAIT by a service just stopped counts as free). Two services
-    started in the same second can still both pass; the second then fails in uvicorn, with its message."""
+def _listen(host: str, port: int):
+    """A socket listening on ``host:port``, bound the way uvicorn binds its own (IPv6 when the host has a colon,
+    else IPv4; ``SO_REUSEADDR``, so a port left in TIME_WAIT by a service just stopped counts as free). A port
+    another program listens on, or an address this machine lacks, is refused in one line."""
     import errno
     import socket
 
-    if port == 0:
-        return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio's create_server does
         try:
             sock.bind((host, port))
+            sock.listen(2048)  # uvicorn's default backlog
         except socket.gaierror as e:
             raise UsageError(f"--host {host}: not an address of this machine ({e.strerror})") from None
         except OSError as e:
@@ -614,3 +629,7 @@ def _check_port_free(host: str, port: int) -> None:
                 raise UsageError(f"cannot listen on {host}:{port}: another program listens there; pick another "
                                  "--port") from None
             raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
