@@ -23,11 +23,14 @@ from cxr.evaluate import SplitResult, write_evaluation
 from cxr.model import Checkpoint, build_model, save_checkpoint
 from cxr.report import (
     DISCLAIMER,
+    SplitPredictions,
+    bin_intervals,
     expected_calibration_error,
     load_artifacts,
     make_report,
     margin,
     pick_video_indices,
+    plot_calibration,
     reliability_bins,
     select_examples,
 )
@@ -98,6 +101,30 @@ def test_expected_calibration_error_by_hand():
     np.testing.assert_allclose(freq, [0.25, 0.75])
     assert count.tolist() == [4, 4]
     assert expected_calibration_error(np.array([1]), np.array([1.0])) == 0.0  # 1.0 falls in the last bin
+
+
+def test_reliability_bins_carry_wilson_intervals_that_widen_as_bins_empty():
+    def wilson(k, n, z=1.959963984540054):  # the textbook formula, written out
+        p = k / n
+        centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+    freq, count = np.array([0.25, 0.0, 1.0, 0.5]), np.array([4, 2, 1, 500])
+    lo, hi = bin_intervals(freq, count)
+    for i, (f, n) in enumerate(zip(freq, count, strict=True)):
+        assert (lo[i], hi[i]) == pytest.approx(wilson(f * n, n), abs=1e-9)
+        assert lo[i] <= f <= hi[i]
+    assert hi[1] - lo[1] > 0.6 and hi[3] - lo[3] < 0.1  # 2 images say little, 500 a lot
+
+    # The diagram draws them: one error bar per non-empty bin.
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(size=200)
+    preds = SplitPredictions("val", [f"{i}.png" for i in range(200)], (rng.uniform(size=200) < probs).astype(int),
+                             probs)
+    fig = plot_calibration([preds])
+    (bars,) = [c for c in fig.axes[0].containers if type(c).__name__ == "ErrorbarContainer"]
+    _, _, (segments,) = bars.lines
+    assert len(segments.get_segments()) == len(reliability_bins(preds.labels, preds.probs)[0]) == 10
 
 
 def test_margin_is_relative_to_the_threshold():

@@ -7,7 +7,7 @@ Reads what training and evaluation wrote (``config.yaml``, ``summary.json``, ``h
     report/history.png           loss, accuracy and learning rate per epoch, best epoch marked
     report/confusion_<split>.png counts and row-normalised
     report/roc_pr.png            ROC and precision-recall curves with the threshold's operating point
-    report/calibration.png       reliability diagram with the expected calibration error
+    report/calibration.png       reliability diagram with the expected calibration error, 95 % intervals per bin
     report/grid_<split>.png      most confident right, most confident wrong and borderline images, with heatmaps
     report/flythrough_<split>.mp4  each image in turn (see :mod:`cxr.video`)
 
@@ -190,6 +190,19 @@ def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) ->
             freq.append(labels[sel].mean())
             count.append(int(sel.sum()))
     return np.array(conf), np.array(freq), np.array(count)
+
+
+def bin_intervals(freq: np.ndarray, count: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score intervals (scipy) for each bin's observed frequency of PNEUMONIA, as :func:`reliability_bins`
+    gives them: a bin of 2 images says little, one of 500 a lot, and the diagram should show which is which."""
+    from scipy.stats import binomtest
+
+    lo, hi = [], []
+    for f, n in zip(np.asarray(freq, np.float64), np.asarray(count), strict=True):
+        ci = binomtest(round(f * n), int(n)).proportion_ci(confidence_level=level, method="wilson")
+        lo.append(ci.low)
+        hi.append(ci.high)
+    return np.array(lo, np.float64), np.array(hi, np.float64)
 
 
 def margin(probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -386,13 +399,16 @@ def plot_calibration(predictions: Sequence[SplitPredictions], n_bins: int = 10):
             if not len(p.labels):
                 continue
             colour, ls, marker = _split_style(p.name)
-            conf, freq, _ = reliability_bins(p.labels, p.probs, n_bins)
+            conf, freq, count = reliability_bins(p.labels, p.probs, n_bins)
+            lo, hi = bin_intervals(freq, count)
             ece = expected_calibration_error(p.labels, p.probs, n_bins)
-            ax.plot(conf, freq, ls, color=colour, marker=marker, linewidth=2,
-                    label=f"{p.name}: ECE {ece:.3f} (n={len(p.labels)})")
+            ax.errorbar(conf, freq, yerr=np.clip([freq - lo, hi - freq], 0, None), linestyle=ls, color=colour,
+                        marker=marker, linewidth=2, capsize=3, elinewidth=1,
+                        label=f"{p.name}: ECE {ece:.3f} (n={len(p.labels)})")
             ax_hist.hist(p.probs, bins=edges, histtype="step", color=colour, linestyle=ls, linewidth=2,
                          weights=np.full(len(p.probs), 1 / len(p.probs)), label=p.name)
-        ax.set(title=f"Reliability diagram ({n_bins} equal-width bins)", ylabel="observed share of PNEUMONIA",
+        ax.set(title=f"Reliability diagram ({n_bins} equal-width bins, 95 % Wilson intervals)",
+               ylabel="observed share of PNEUMONIA",
                xlim=(0, 1), ylim=(-0.02, 1.02))
         ax.legend(loc="upper left")
         ax_hist.set(xlabel="predicted P(pneumonia)", ylabel="share of images")
@@ -806,7 +822,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
         sections.append(("calibration", "Calibration", _figure_html(
             path, "reliability diagram",
             "Points on the diagonal mean that a predicted probability p comes true a share p of the time; the "
-            "expected calibration error (ECE) is the count-weighted mean distance from it. Below: how the predicted "
+            "expected calibration error (ECE) is the count-weighted mean distance from it. The bars are 95 % Wilson "
+            "intervals for each bin's observed share: a bin of a few images says little. Below: how the predicted "
             "probabilities are spread.")))
 
     pixels = _PixelSource(explainer.size)
