@@ -781,31 +781,34 @@ def test_demo_refuses_to_replace_a_run_that_is_not_a_demo(tmp_path, tiny_dataset
 
 
 def test_serve_answers_on_its_port_and_a_second_one_there_is_one_line(trained_run):
+    import queue
     import re
     import signal
+    import threading
     import time
     import urllib.request
 
     _, run, _ = trained_run
-    # --port 0: the system picks a free port, and the log line says which.
-    server = subprocess.Popen([sys.executable, "-m", "cxr", "serve", "--model", str(run), "--port", "0",
+    # --port 0: the system picks a free port, and the log says which (under -q too: uvicorn's own line).
+    server = subprocess.Popen([sys.executable, "-m", "cxr", "-q", "serve", "--model", str(run), "--port", "0",
                                "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in server.stderr], daemon=True).start()
     try:
-        lines = []
-        while not lines or "serving model" not in lines[-1]:
-            line = server.stderr.readline()
-            assert line, "".join(lines)  # it exited before serving
-            lines.append(line)
-        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", lines[-1]).group(1))
+        deadline, said, port = time.monotonic() + 120, [], None
+        while port is None:
+            said.append(lines.get(timeout=max(0.0, deadline - time.monotonic())))  # queue.Empty: stalled
+            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", said[-1])
+            port = found and int(found.group(1))
         assert port != 0
-        deadline, health = time.monotonic() + 120, None
+        health = None
         while health is None and time.monotonic() < deadline and server.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=5) as r:
                     health = json.loads(r.read())
             except OSError:
                 time.sleep(0.5)
-        assert health is not None and health["status"] == "ok", health
+        assert health is not None and health["status"] == "ok", "".join(said)
         second = cxr("serve", "--model", run, "--port", port, check=False)
         assert second.returncode == 2
         _one_line_error(second, f"cannot listen on 127.0.0.1:{port}", "--port")

@@ -124,7 +124,11 @@ def test_reliability_bins_carry_wilson_intervals_that_widen_as_bins_empty():
     fig = plot_calibration([preds])
     (bars,) = [c for c in fig.axes[0].containers if type(c).__name__ == "ErrorbarContainer"]
     _, _, (segments,) = bars.lines
-    assert len(segments.get_segments()) == len(reliability_bins(preds.labels, preds.probs)[0]) == 10
+    conf, freq, count = reliability_bins(preds.labels, preds.probs)
+    lo, hi = bin_intervals(freq, count)
+    ends = np.array([[seg[0][0], seg[0][1], seg[1][1]] for seg in segments.get_segments()])  # x, y low, y high
+    assert len(ends) == len(conf) == 10
+    np.testing.assert_allclose(ends, np.column_stack([conf, lo, hi]), atol=1e-12)
 
 
 def test_margin_is_relative_to_the_threshold():

@@ -485,19 +485,49 @@ def test_bad_settings_are_refused(ckpt_path):
         create_app(BrokenEngine(), max_concurrency=0)
 
 
-def test_the_port_is_held_from_the_start_so_a_second_service_cannot_take_it():
-    """`cxr serve` listens before its model loads: a second one started meanwhile is refused at once, in one line,
-    rather than both loading a model and the second failing later in uvicorn."""
+def test_the_port_is_held_from_the_start_so_a_second_service_cannot_take_it(monkeypatch):
+    """`cxr serve` listens before its model loads and keeps that socket for uvicorn: a second one started meanwhile
+    is refused at once, in one line, rather than both loading a model and the second failing later in uvicorn."""
+    import socket
+
+    import cxr.serve
     from cxr.errors import UsageError
     from cxr.serve import _listen
 
     first = _listen("127.0.0.1", 0)
+    port = first[0].getsockname()[1]
     try:
-        port = first.getsockname()[1]
         with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{port}: another program listens there"):
             _listen("127.0.0.1", port)
     finally:
-        first.close()
-    _listen("127.0.0.1", port).close()  # free again once the first lets go
+        for sock in first:
+            sock.close()
+    for sock in _listen("127.0.0.1", port):  # free again once the first lets go
+        sock.close()
     with pytest.raises(UsageError, match="not an address of this machine"):
         _listen("no-such-host.invalid", 8000)
+
+    # serve() itself: while the model loads, the port is taken; if loading fails, it is let go.
+    seen = []
+
+    def loading(*args, **kwargs):
+        with pytest.raises(UsageError, match="another program listens there"):
+            _listen("127.0.0.1", port)
+        seen.append("refused")
+        raise RuntimeError("the model did not load")
+
+    monkeypatch.setattr(cxr.serve, "create_app", loading)
+    with pytest.raises(RuntimeError, match="did not load"):
+        cxr.serve.serve(BrokenEngine(), host="127.0.0.1", port=port)
+    assert seen == ["refused"]
+    for sock in _listen("127.0.0.1", port):
+        sock.close()
+
+    # Every address the host names, on one port (0.0.0.0 and :: for "", where the machine has IPv6).
+    wildcard = _listen("", 0)
+    try:
+        assert len({sock.getsockname()[1] for sock in wildcard}) == 1
+        assert {sock.family for sock in wildcard} <= {socket.AF_INET, socket.AF_INET6}
+    finally:
+        for sock in wildcard:
+            sock.close()

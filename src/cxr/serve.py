@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -584,52 +585,74 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
 
     # The port is taken (bound and listening) before the model loads: one in use is said at once, in one line, and
     # no second service started meanwhile can take it. Connections that arrive while the model loads wait in the
-    # backlog and are answered once it is up.
-    sock = _listen(host, port)
+    # kernel's backlog (readiness checks should ask GET /api/v1/health, not merely connect) and are served once it is
+    # up, within --max-connections.
+    socks = _listen(host, port)
     try:
         app = create_app(model, backend=backend, max_upload_mb=max_upload_mb, max_concurrency=max_concurrency,
                          max_queue=max_queue, device=device, threads=threads, max_pixels=max_pixels)
         engine = app.state.engine
-        port = sock.getsockname()[1]  # the one the system chose, for --port 0
+        port = socks[0].getsockname()[1]  # the one the system chose, for --port 0
         log.info("serving model %s (%s backend, %d x %d threads) on http://%s:%d/  (API docs at /docs). %s",
                  engine.model_id, engine.backend, max_concurrency, threads, host if ":" not in host else f"[{host}]",
                  port, DISCLAIMER)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False,
                                 access_log=False, limit_concurrency=max_connections)
+        # uvicorn names its address only for sockets it binds itself; said here as it says it (its log level, so
+        # also under cxr -q).
+        for sock in socks:
+            address, bound_port = sock.getsockname()[:2]
+            logging.getLogger("uvicorn.error").info(
+                "Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                f"[{address}]" if sock.family == socket.AF_INET6 else address, bound_port)
         server = uvicorn.Server(config)
         # uvicorn shuts down on Ctrl-C, then raises it again: a clean stop (exit 0), as uvicorn.run makes it.
         with contextlib.suppress(KeyboardInterrupt):
-            server.run(sockets=[sock])
+            server.run(sockets=socks)
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
     if not server.started:
-        raise SystemExit(3)  # uvicorn has said why its startup failed; the status uvicorn.run exits with
+        # uvicorn exits by itself when its startup fails; this is a Ctrl-C in the instant before it took the signal.
+        raise KeyboardInterrupt
 
 
-def _listen(host: str, port: int):
-    """A socket listening on ``host:port``, bound the way uvicorn binds its own (IPv6 when the host has a colon,
-    else IPv4; ``SO_REUSEADDR``, so a port left in TIME_WAIT by a service just stopped counts as free). A port
-    another program listens on, or an address this machine lacks, is refused in one line."""
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets listening on ``host:port``: one for each address the host resolves to, as asyncio's ``create_server``
+    (which ``uvicorn.run`` uses) binds them (``localhost`` is often 127.0.0.1 and ::1; IPv6 ones IPv6-only;
+    ``SO_REUSEADDR`` on POSIX, so a port left in TIME_WAIT by a service just stopped counts as free, and exclusive
+    use on Windows, where ``SO_REUSEADDR`` would let a second service share the port). With port 0 the system picks
+    one, and the other addresses take the same. A port another program listens on, or an address this machine
+    lacks, is refused in one line."""
     import errno
-    import socket
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio's create_server does
-        try:
-            sock.bind((host, port))
-            sock.listen(2048)  # uvicorn's default backlog
-        except socket.gaierror as e:
-            raise UsageError(f"--host {host}: not an address of this machine ({e.strerror})") from None
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise UsageError(f"cannot listen on {host}:{port}: another program listens there; pick another "
-                                 "--port") from None
-            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # duplicates, as getaddrinfo can give, once
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            elif hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(socks) > 1:
+                address = (address[0], socks[0].getsockname()[1], *address[2:])
+            try:
+                sock.bind(address)
+                sock.listen(2048)  # uvicorn's default backlog
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise UsageError(f"cannot listen on {host}:{port}: another program listens there; pick another "
+                                     "--port") from None
+                raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     except BaseException:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    return sock
+    return socks
