@@ -733,6 +733,27 @@ def test_predict_handles_awkward_file_names(tmp_path, capsys, monkeypatch):
     assert all(Path(r["path"]).is_file() and r["error"] == "" for r in rows)
 
 
+def test_predict_table_names_every_file_in_a_narrow_terminal(tmp_path, capsys, monkeypatch):
+    # In an 80-column terminal the path column used to be cut at its end, so every file of a deep folder showed as
+    # the same "/data/.../NO…". Paths are now shown below the folder they share (named in the title), and wrapped.
+    import shutil
+
+    from cxr.cli import main as cxr_main
+    from cxr.demo import SAMPLE_DIR
+
+    monkeypatch.setenv("COLUMNS", "80")
+    deep = tmp_path / ("a_long_folder_name_" * 4) / "test"
+    src = sorted((SAMPLE_DIR / "test").glob("*/*.jpeg"))[:3]
+    for f, klass in zip(src, ("NORMAL", "PNEUMONIA", "PNEUMONIA"), strict=True):
+        (deep / klass).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, deep / klass / f.name)
+    assert cxr_main(["predict", str(deep), "--table"]) == 0
+    shown = capsys.readouterr().out
+    assert max(map(len, shown.splitlines())) <= 80
+    for f in deep.rglob("*.jpeg"):
+        assert str(f.relative_to(deep)) in shown.replace("│\n│", ""), (f, shown)
+
+
 def test_explain_handles_awkward_file_names_and_skips_its_own_output(tmp_path, capsys):
     from cxr.cli import main as cxr_main
 

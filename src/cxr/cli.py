@@ -359,14 +359,22 @@ def _print_predictions(preds, caption: str) -> None:
 
     from cxr.video import prob_text
 
-    table = Table(caption=caption)
-    for col, justify in (("path", "left"), ("P(pneumonia)", "right"), ("label", "left")):
-        table.add_column(col, justify=justify)
+    # Paths below the folder they share, named once in the title, and wrapped rather than cut: cut to the width of a
+    # terminal, files in one folder all looked like "/data/chest_xray/test/NO…".
+    try:
+        common = os.path.commonpath([os.path.dirname(str(p.path)) for p in preds]) if preds else ""
+    except ValueError:  # absolute and relative paths, or several Windows drives
+        common = ""
+    table = Table(caption=caption, title=f"under {_shown(common)}{os.sep}" if common else None)
+    table.add_column("path", overflow="fold")
+    table.add_column("P(pneumonia)", justify="right")
+    table.add_column("label")
     for p in preds:
+        path = _shown(os.path.relpath(p.path, common) if common else str(p.path))
         if p.error:
-            table.add_row(_shown(p.path), "-", f"[red]unreadable: {_shown(p.error)}[/red]")
+            table.add_row(path, "-", f"[red]unreadable: {_shown(p.error)}[/red]")
         else:
-            table.add_row(_shown(p.path), prob_text(p.prob_pneumonia), p.label)
+            table.add_row(path, prob_text(p.prob_pneumonia), p.label)
     Console().print(table)
 
 
