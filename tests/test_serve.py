@@ -531,3 +531,21 @@ def test_the_port_is_held_from_the_start_so_a_second_service_cannot_take_it(monk
     finally:
         for sock in wildcard:
             sock.close()
+
+    # A machine without IPv6: its addresses are skipped, the others still served (asyncio's create_server did so).
+    real = socket.socket
+
+    def no_ipv6(family=-1, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    ipv4 = _listen("", 0)
+    try:
+        assert [sock.family for sock in ipv4] == [socket.AF_INET]
+    finally:
+        for sock in ipv4:
+            sock.close()
+    with pytest.raises(UsageError, match="no address of it can be opened"):
+        _listen("::1", 0)

@@ -633,7 +633,10 @@ def _listen(host: str, port: int) -> list[socket.socket]:
     socks: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):  # duplicates, as getaddrinfo can give, once
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this machine lacks (IPv6 switched off): skipped, as asyncio skips it
+                continue
             socks.append(sock)
             if os.name == "posix":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -655,4 +658,6 @@ def _listen(host: str, port: int) -> list[socket.socket]:
         for sock in socks:
             sock.close()
         raise
+    if not socks:
+        raise UsageError(f"cannot listen on {host}:{port}: no address of it can be opened on this machine")
     return socks
