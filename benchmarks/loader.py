@@ -7,9 +7,9 @@ switches, loading included; target: the loader is >= 20x faster, i.e. loading is
 
 The cache is built once before the rounds (figure 1 times that). cxr's loader is the one ``cxr train`` builds
 (``benchmarks/ours.py``): ``XrayDataset`` + ``train_transform`` (rotation, shift, scale, brightness, contrast) with
-``DistributedSampler`` and a DataLoader, at the default ``num_workers`` (0) and with 2 workers; and, as before/after
-rows, in a process at 2 intra-op threads with the augmentation pinned to one thread (the library now) and not
-(``BeforePinning``, the library before this issue).
+``DistributedSampler`` and a DataLoader, at ``num_workers`` 0 (what ``auto`` gives on the CPU) and with 2 workers;
+and, as before/after rows, in a process at 2 intra-op threads with the augmentation pinned to one thread (the
+library now) and not (``BeforePinning``, the library before this issue).
 
     python benchmarks/loader.py --repeat 20 --rounds 5
 """
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(prepared, cfg, bf16=use_bf16(cfg, cpu), channels_last=use_channels_last(cfg, cpu))
         trainer.run(1)  # warm-up: first-step allocations and kernel choices
         variants = {
-            "cxr loader, num_workers 0 (default)": ours(0),
+            "cxr loader, num_workers 0 (the CPU default)": ours(0),
             f"cxr loader, num_workers {workers}": ours(workers),
             "cxr loader, num_workers 0, process at 2 intra-op threads": ours(0, threads=2),
             "before: the same, augmentation at the process's 2 threads": ours(0, threads=2,

@@ -441,7 +441,8 @@ def test_wrong_usage_is_one_line_and_non_zero(args, tmp_path):
     ("patience: -1\n", "patience must be >= 0"),  # was "no better validation loss for -1 epochs" after epoch 1
     ("max_train_batches: -1\n", "max_train_batches must be >= 0"),  # was: no training step at all
     ("val_fraction: 0.9\n", "at most 0.5"),  # was a 50 % split without a word
-    ("num_workers: -1\n", "num_workers must be >= 0"),
+    ("num_workers: -1\n", "num_workers must be auto or a whole number"),
+    ("num_workers: many\n", "num_workers must be auto or a whole number"),
     ("eval_batch_size: 0\n", "eval_batch_size must be >= 1"),  # was a traceback after a whole epoch
     ("plateau_factor: 1.5\n", "plateau_factor"),
     ("rotation: -5\n", "must be >= 0"),

@@ -455,6 +455,27 @@ def test_loader_workers_give_the_main_process_batches():
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
+def test_num_workers_auto_is_none_on_the_cpu_and_most_cores_per_process_on_cuda(monkeypatch):
+    from cxr.train import TrainBatches, loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    auto = load_config()
+    assert auto.num_workers == "auto"
+    assert loader_workers(auto, cpu) == 0 and loader_workers(auto, None) == 0
+    assert loader_workers(auto, cuda) == 8  # 15 cores to spare, capped at 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes share the 16 cores
+    assert loader_workers(auto, cuda) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert loader_workers(auto, cuda) == 0
+    for value in (3, "3"):  # a number, from a flag (a string) or YAML (an int), is taken as it is, on any device
+        cfg = load_config(overrides={"num_workers": value})
+        assert cfg.num_workers == 3 and loader_workers(cfg, cuda) == loader_workers(cfg, cpu) == 3
+    assert TrainBatches(_random_split(), load_config(overrides={"image_size": 32, "batch_size": 8})).workers == 0
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="fork is the start method chosen on Linux only")
 def test_loader_workers_share_the_split_under_a_forkserver_default():
     # Python 3.14 made forkserver Linux's default start method. A forkserver worker gets the dataset pickled, and torch

@@ -99,7 +99,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="bit-repeatable runs on the CPU (slower)")
-    p.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
+    p.add_argument("--num-workers", help="DataLoader worker processes per process: auto (default: 0 on the CPU, up "
+                   "to 8 on CUDA) or a number")
     p.add_argument("--max-train-batches", type=int, help="cap on training batches per epoch (0: none)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write report.html (plots, heatmap grid, video) at the end (default: on)")

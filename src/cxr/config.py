@@ -51,7 +51,9 @@ class Config:
     val_fraction: float = 0.15
     split_seed: int = 0
     max_pixels: int = 100_000_000
-    num_workers: int = 0  # DataLoader workers; batches come from the in-memory cache, so 0 is often fastest on CPU
+    # DataLoader workers per process, or "auto": 0 on the CPU (batches come from the in-memory cache), up to 8 per
+    # process on CUDA, where the per-image augmentation on the CPU is what limits a GPU (cxr.train.loader_workers)
+    num_workers: int | str = "auto"
     draft: bool = False  # JPEG draft-mode decoding when building the cache (faster on big originals)
 
     # Preprocessing and augmentation (training only)
@@ -116,7 +118,8 @@ class Config:
             (0 <= self.split_seed < 2**32, "split_seed must be from 0 to 2**32 - 1"),
             (0 <= self.seed < 2**32, "seed must be from 0 to 2**32 - 1"),
             (self.max_pixels >= 1, "max_pixels must be >= 1"),
-            (self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.num_workers == "auto" or (type(self.num_workers) is int and self.num_workers >= 0),
+             "num_workers must be auto or a whole number >= 0"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
@@ -152,6 +155,7 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
+_AUTO_OR_INT = {"num_workers"}  # "auto", or a number that replaces it
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -162,6 +166,12 @@ def _coerce(name: str, value: Any) -> Any:
     target = type(default)
     if value is None:  # `key:` or `key: ~` in YAML, which would silently replace the default with nothing
         raise UsageError(f"invalid config: {name} has no value (give one, or leave the line out for the default)")
+    if name in _AUTO_OR_INT:
+        if value == "auto" or (type(value) is int):
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        raise UsageError(f"invalid config: {name} must be auto or a whole number, got {value!r}")
     if target is str and isinstance(value, bool):  # YAML 1.1 reads on/off and yes/no as booleans
         return "on" if value else "off"
     if isinstance(value, target) and not (target is int and isinstance(value, bool)):
