@@ -1,8 +1,9 @@
 """Figure 6: the GPU. Training and inference images/s at 224 px and the wall time of a whole default training run.
 
-Not yet run: the session that wrote it had no GPU (BENCHMARKS.md says so). It is ready for one:
+Run in its short form on one H200 in session 11 (BENCHMARKS.md, figure 6: ``--no-peers --repeat 20 --steps 8
+--rounds 3``, 73 s). The full form, for a session with more device time:
 
-    python benchmarks/gpu.py --rounds 5         # training + inference rounds, both peers, ~10 min on an H100 (a guess)
+    python benchmarks/gpu.py --rounds 5         # training + inference rounds, both peers (peer 2 needs MONAI)
     python benchmarks/gpu.py --rounds 5 --compile --full-run
 
 Training, interleaved round by round, every variant on the same data (the 116 originals copied ``--repeat`` times),
@@ -14,7 +15,8 @@ after a warm-up run:
 * cxr (``ours.py``: ``cxr.train.train_one_epoch`` and the loader ``cxr train`` builds): switches off (fp32, NCHW);
   the CUDA defaults (bf16 autocast + channels_last, uint8 batches normalised on the GPU); the defaults with
   ``--workers`` DataLoader workers (the augmentation runs per image on the CPU, so one process cannot feed an
-  H100: the config's ``num_workers``); and with ``torch.compile`` if ``--compile``.
+  H100: the config's ``num_workers``, whose default ``auto`` gives up to 8 on CUDA); and with ``torch.compile`` if
+  ``--compile``. The "no workers" variants set ``num_workers`` 0 explicitly.
 
 Inference: ``cxr.evaluate.predict_logits`` on uint8 batches (fp32, and bf16 + channels_last). ``--full-run`` times
 ``cxr train`` with its defaults (20 epochs, batch 32, early stopping) on ``../shared/data/kermany-224`` as a
