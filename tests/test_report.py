@@ -130,6 +130,19 @@ def test_reliability_bins_carry_wilson_intervals_that_widen_as_bins_empty():
     assert len(ends) == len(conf) == 10
     np.testing.assert_allclose(ends, np.column_stack([conf, lo, hi]), atol=1e-12)
 
+    # Two splits: the points at their bins' confidences, the bars side by side, each in its split's line style.
+    train = SplitPredictions("train", preds.paths, preds.labels, np.clip(probs + 0.01, 0, 1))
+    fig = plot_calibration([train, preds])
+    bars = [c for c in fig.axes[0].containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(bars) == 2
+    xs = [np.array([seg[0][0] for seg in b.lines[2][0].get_segments()]) for b in bars]
+    np.testing.assert_allclose(xs[0], reliability_bins(train.labels, train.probs)[0] - 0.005, atol=1e-12)
+    np.testing.assert_allclose(xs[1], conf + 0.005, atol=1e-12)
+    points = {line.get_label().split(":")[0]: line for line in fig.axes[0].get_lines()}
+    np.testing.assert_allclose(points["val"].get_xdata(), conf, atol=1e-12)
+    styles = [b.lines[2][0].get_linestyle()[0] for b in bars]
+    assert styles[0] != styles[1]  # train and val are drawn in different line styles, bars included
+
 
 def test_margin_is_relative_to_the_threshold():
     np.testing.assert_allclose(margin(np.array([0.0, 0.2, 0.8, 1.0]), 0.8), [1.0, 0.75, 0.0, 1.0])

@@ -395,16 +395,20 @@ def plot_calibration(predictions: Sequence[SplitPredictions], n_bins: int = 10):
         ax, ax_hist = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.3])
         ax.plot([0, 1], [0, 1], color=OKABE_ITO["grey"], linestyle=":", label="perfectly calibrated")
         edges = np.linspace(0, 1, n_bins + 1)
-        for p in predictions:
-            if not len(p.labels):
-                continue
+        drawn = [p for p in predictions if len(p.labels)]
+        for i, p in enumerate(drawn):
             colour, ls, marker = _split_style(p.name)
             conf, freq, count = reliability_bins(p.labels, p.probs, n_bins)
             lo, hi = bin_intervals(freq, count)
             ece = expected_calibration_error(p.labels, p.probs, n_bins)
-            ax.errorbar(conf, freq, yerr=np.clip([freq - lo, hi - freq], 0, None), linestyle=ls, color=colour,
-                        marker=marker, linewidth=2, capsize=3, elinewidth=1,
-                        label=f"{p.name}: ECE {ece:.3f} (n={len(p.labels)})")
+            ax.plot(conf, freq, linestyle=ls, color=colour, marker=marker, linewidth=2,
+                    label=f"{p.name}: ECE {ece:.3f} (n={len(p.labels)})")
+            # Splits often share a bin at nearly the same confidence: their bars stand side by side (the points stay
+            # where they are), each drawn in its split's line style.
+            dodge = (i - (len(drawn) - 1) / 2) * 0.01
+            bars = ax.errorbar(conf + dodge, freq, yerr=np.clip([freq - lo, hi - freq], 0, None), fmt="none",
+                               ecolor=colour, capsize=3, elinewidth=1)
+            bars.lines[2][0].set_linestyle(ls)
             ax_hist.hist(p.probs, bins=edges, histtype="step", color=colour, linestyle=ls, linewidth=2,
                          weights=np.full(len(p.probs), 1 / len(p.probs)), label=p.name)
         ax.set(title=f"Reliability diagram ({n_bins} equal-width bins, 95 % Wilson intervals)",
