@@ -474,6 +474,42 @@ def test_num_workers_auto_is_none_on_the_cpu_and_most_cores_per_process_on_cuda(
         cfg = load_config(overrides={"num_workers": value})
         assert cfg.num_workers == 3 and loader_workers(cfg, cuda) == loader_workers(cfg, cpu) == 3
     assert TrainBatches(_random_split(), load_config(overrides={"image_size": 32, "batch_size": 8})).workers == 0
+    for value, parsed in (("AUTO", "auto"), (" 2 ", 2), (2.0, 2)):
+        assert load_config(overrides={"num_workers": value}).num_workers == parsed
+    for value in ("\u00b2", "2.5", 2.5, True, "-1"):
+        with pytest.raises(UsageError, match="num_workers must be auto or a whole number"):
+            load_config(overrides={"num_workers": value})
+
+
+def test_num_workers_auto_respects_a_containers_cpus_ranks_and_shared_memory(monkeypatch, tmp_path):
+    from cxr import train
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(train, "CGROUP_CPU_MAX", cpu_max)
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**34, 0, 2**34))
+    auto, cuda = load_config(), torch.device("cuda", 0)
+    assert train.loader_workers(auto, cuda) == 8  # no cgroup file: the affinity's 64 cores
+    cpu_max.write_text("max 100000\n")
+    assert train.loader_workers(auto, cuda) == 8
+    cpu_max.write_text("400000 100000\n")  # a container given 4 CPUs on a 64-core host
+    assert train.usable_cores() == 4 and train.loader_workers(auto, cuda) == 3
+    cpu_max.write_text("max 100000\n")
+    monkeypatch.setenv("WORLD_SIZE", "16")  # a launcher without LOCAL_WORLD_SIZE: one process per GPU here
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert train.processes_per_machine() == 8 and train.loader_workers(auto, cuda) == 7
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")  # ignored, as if unset
+    assert train.processes_per_machine() == 8
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    if sys.platform == "linux":  # Docker's default 64 MB of /dev/shm, batches of 256 images at 224 px (12.25 MB)
+        monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**26, 0, 2**26))
+        assert train.loader_workers(auto, cuda, batch_bytes=256 * 224 * 224) == 1
+        assert train.loader_workers(auto, cuda, batch_bytes=1024 * 224 * 224) == 0
+        assert train.loader_workers(load_config(overrides={"num_workers": 6}), cuda, batch_bytes=2**30) == 6
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork is the start method chosen on Linux only")

@@ -167,9 +167,13 @@ def _coerce(name: str, value: Any) -> Any:
     if value is None:  # `key:` or `key: ~` in YAML, which would silently replace the default with nothing
         raise UsageError(f"invalid config: {name} has no value (give one, or leave the line out for the default)")
     if name in _AUTO_OR_INT:
-        if value == "auto" or (type(value) is int):
+        if type(value) is int:
             return value
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, str) and value.strip().isdecimal():
             return int(value)
         raise UsageError(f"invalid config: {name} must be auto or a whole number, got {value!r}")
     if target is str and isinstance(value, bool):  # YAML 1.1 reads on/off and yes/no as booleans

@@ -413,7 +413,7 @@ def plot_calibration(predictions: Sequence[SplitPredictions], n_bins: int = 10):
                          weights=np.full(len(p.probs), 1 / len(p.probs)), label=p.name)
         ax.set(title=f"Reliability diagram ({n_bins} equal-width bins, 95 % Wilson intervals)",
                ylabel="observed share of PNEUMONIA",
-               xlim=(0, 1), ylim=(-0.02, 1.02))
+               xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))  # the fullest bins sit near 0 and 1, their bars dodged outward
         ax.legend(loc="upper left")
         ax_hist.set(xlabel="predicted P(pneumonia)", ylabel="share of images")
         ax_hist.legend(loc="upper center")

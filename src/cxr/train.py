@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -276,9 +277,10 @@ def _write_history(path: Path, history: list[dict]) -> None:
 # ------------------------------------------------------------------------------------------------ the run
 
 
-# What ``--resume`` may change: more epochs (the cosine schedule stretches to the new end), another device, and weight
-# averaging added after the schedule (e.g. to a finished run).
-RESUMABLE = ("device", "epochs", "swa_epochs", "swa_lr")
+# What ``--resume`` may change: more epochs (the cosine schedule stretches to the new end), another device, weight
+# averaging added after the schedule (e.g. to a finished run), and the loader's worker count, which changes no batch
+# (each image's augmentation is seeded by seed, epoch and index).
+RESUMABLE = ("device", "epochs", "swa_epochs", "swa_lr", "num_workers")
 
 
 def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config, Checkpoint | None]:
@@ -288,8 +290,8 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
     cfg = load_config(run_dir / "config.yaml")
     changed = {k: v for k, v in overrides.items() if v is not None and k not in ("output",) + RESUMABLE}
     if changed:
-        raise UsageError(f"--resume continues a run as configured; only --epochs, --device, --swa-epochs and "
-                         f"--swa-lr may change (got {', '.join(sorted(changed))})")
+        raise UsageError(f"--resume continues a run as configured; only --epochs, --device, --swa-epochs, "
+                         f"--swa-lr and --num-workers may change (got {', '.join(sorted(changed))})")
     cfg = dataclasses.replace(cfg, output=str(run_dir), **{k: overrides[k] for k in RESUMABLE
                                                             if overrides.get(k) is not None}).validate()
     last = run_dir / "last.pt"
@@ -384,7 +386,7 @@ class TrainBatches:
         if cfg.max_train_batches:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_train_batches)
         self.pin_memory = device is not None and device.type == "cuda"
-        self.workers = loader_workers(cfg, device)
+        self.workers = loader_workers(cfg, device, batch_bytes=self.per_rank_batch * cfg.image_size**2)
 
     def loader(self, epoch: int) -> torch.utils.data.DataLoader:
         """This rank's batches of ``epoch`` (0-based): its permutation and its augmentations."""
@@ -397,24 +399,60 @@ class TrainBatches:
                                            multiprocessing_context=loader_start_method() if workers else None)
 
 
-def loader_workers(cfg: Config, device: torch.device | None) -> int:
+def loader_workers(cfg: Config, device: torch.device | None, batch_bytes: int = 0) -> int:
     """DataLoader worker processes per process: the config's number, or for ``num_workers: auto`` 0 on the CPU and on
-    CUDA up to 8, leaving a core to each process itself (``LOCAL_WORLD_SIZE`` processes share the machine's cores).
+    CUDA up to 8, leaving a core to each process itself (the processes on this machine share its cores).
 
     On the CPU the batches come from the in-memory cache and workers would compete with the model for the same cores.
     On a GPU the per-image augmentation on the CPU is the limit: on one H200 with 16 cores, 8 workers trained 2.5x as
-    many images/s as none (BENCHMARKS.md, figure 6).
+    many images/s as none (BENCHMARKS.md, figure 6). Each worker keeps 2 batches (``batch_bytes`` each) in
+    ``/dev/shm``; ``auto`` starts no more than half of its free space holds (Docker gives a container 64 MB).
     """
     if cfg.num_workers != "auto":
         return int(cfg.num_workers)
     if device is None or device.type != "cuda":
         return 0
+    workers = min(8, usable_cores() // processes_per_machine() - 1)
+    if batch_bytes > 0 and sys.platform == "linux":
+        try:
+            free = shutil.disk_usage("/dev/shm").free
+        except OSError:
+            free = 0
+        if workers > free // (4 * batch_bytes):
+            log.info("loader: %d worker(s), not %d: /dev/shm has %d MB free and each worker holds 2 batches of %.1f MB "
+                     "there (a container's --shm-size raises it)", free // (4 * batch_bytes), workers, free >> 20,
+                     batch_bytes / 2**20)
+            workers = free // (4 * batch_bytes)
+    return max(0, workers)
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "max 100000", or "200000 100000" for 2 CPUs
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity, and a container's CPU quota (cgroup v2 ``cpu.max``)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
-    return max(0, min(8, cores // local - 1))
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def processes_per_machine() -> int:
+    """How many training processes share this machine: torchrun's ``LOCAL_WORLD_SIZE``; under another launcher that
+    sets only ``WORLD_SIZE``, one per GPU here (at most the world size); else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        value = os.environ.get(name, "")
+        if value.strip().isdecimal() and int(value) >= 1:
+            n = int(value)
+            return n if name == "LOCAL_WORLD_SIZE" else max(1, min(n, torch.cuda.device_count() or n))
+    return 1
 
 
 def loader_start_method() -> str | None:
