@@ -295,8 +295,9 @@ def test_resume_through_the_cli(trained_run, tmp_path):
     bad = cxr("train", "--resume", run, "--lr", "0.5", check=False)
     assert bad.returncode == 2
     assert "only --epochs, --device, --swa-epochs, --swa-lr and --num-workers may change" in bad.stderr
-    # Weight averaging added to a finished run: one more epoch, averaged, and a model chosen.
-    proc = cxr("train", "--resume", run, "--swa-epochs", "1", "--no-report")
+    # Weight averaging added to a finished run: one more epoch, averaged, and a model chosen. The loader's worker count
+    # may change on resuming (it changes no batch): a GPU machine wants more than the CPU run had.
+    proc = cxr("train", "--resume", run, "--swa-epochs", "1", "--num-workers", "1", "--no-report")
     assert "weight average of epochs 4-4" in proc.stderr
     assert load_checkpoint(run / "last.pt").epoch == 4 and (run / "swa.pt").is_file()
     # The schedule is over and averaging has run: a larger --epochs is refused, not recorded and ignored.

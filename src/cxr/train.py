@@ -292,8 +292,9 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
     if changed:
         raise UsageError(f"--resume continues a run as configured; only --epochs, --device, --swa-epochs, "
                          f"--swa-lr and --num-workers may change (got {', '.join(sorted(changed))})")
-    cfg = dataclasses.replace(cfg, output=str(run_dir), **{k: overrides[k] for k in RESUMABLE
-                                                            if overrides.get(k) is not None}).validate()
+    # Through load_config, so that the flags' values are read as the fields' types (--num-workers 4 is "4" there)
+    cfg = load_config(overrides={"output": str(run_dir), **{k: overrides[k] for k in RESUMABLE
+                                                             if overrides.get(k) is not None}}, base=cfg)
     last = run_dir / "last.pt"
     state = load_checkpoint(last) if last.is_file() else None
     if state is not None and cfg.epochs > state.config.epochs:
