@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -108,6 +109,26 @@ def test_torchscript_matches_pytorch_and_carries_the_contract(exported, tmp_path
     assert contract["image_size"] == SIZE and contract["threshold"] == pytest.approx(THRESHOLD)
     assert contract["arch"] == "resnet18"
     assert contract["model_id"] == hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12]
+
+
+def test_cxr_predict_on_an_onnx_file_runs_without_torch(exported, tmp_path):
+    # `import torch` alone takes 1.3 to 2.4 s (BENCHMARKS.md, figure 4b); an exported model needs none of it. Here torch
+    # cannot be imported at all, and the command must still predict, print its table and write its file.
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.csv"
+    code = ("import sys; sys.modules['torch'] = None; from cxr.cli import main; "
+            f"sys.exit(main(['predict', '--backend', 'onnx', '--model', {str(exported['onnx'])!r}, "
+            f"{str(FILES[0])!r}, {str(FILES[-1])!r}, '--output', {str(out)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "halted" not in proc.stderr and "2 file(s)" in proc.stderr
+    assert FILES[0].name in proc.stdout and "not a medical device" in proc.stdout + proc.stderr
+    rows = out.read_text().splitlines()
+    assert len(rows) == 3 and float(rows[1].split(",")[rows[0].split(",").index("prob_pneumonia")]) == pytest.approx(
+        exported["probs"][0], abs=1e-4)
 
 
 def test_predict_files_onnx(exported, tmp_path):

@@ -316,7 +316,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         files = collect_files(args.paths)
         mine = select_shard(files, shard)
         if _backend(args) == "onnx":
-            from cxr.export import predict_files_onnx
+            from cxr.onnx_backend import predict_files_onnx  # no torch for an .onnx file
 
             preds = predict_files_onnx(args.model, mine, threshold=args.threshold, batch_size=args.batch_size,
                                        threads=args.threads)
@@ -358,7 +358,7 @@ def _print_predictions(preds, caption: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from cxr.video import prob_text
+    from cxr.predict import prob_text  # cxr.video would import torch (through cxr.explain)
 
     # Paths below the folder they share, named once in the title, and wrapped rather than cut: cut to the width of a
     # terminal, files in one folder all looked like "/data/chest_xray/test/NO…".

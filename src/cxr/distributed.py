@@ -1,20 +1,23 @@
 """Running under ``torchrun``: process-group set-up and the few collectives training and prediction need.
 
 A single process is the degenerate case (rank 0 of 1): every helper here is then a no-op, so the training loop
-reads the same with and without DDP.
+reads the same with and without DDP. torch is imported on first use, not with this module: ``cxr predict --backend
+onnx`` uses these helpers and runs without torch (importing it takes seconds on a slow machine).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from cxr.errors import CxrError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,23 @@ def env_info() -> DistInfo:
         raise UsageError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
 
 
+def _started() -> bool:
+    """Whether this process is in a process group. Without torch loaded it cannot be, so torch is not imported."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def init(device: torch.device) -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun: NCCL on CUDA (one GPU per local rank), gloo on the CPU."""
     info = env_info()
     if not info.active:
         return info, device
+    import torch
+    import torch.distributed as dist
+
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
@@ -64,14 +79,18 @@ def shutdown() -> None:
     using them: once in about ten 2-process CPU runs, a rank that left first died at exit with SIGABRT ("terminate
     called without an active exception"), after the run's files were all written.
     """
-    if dist.is_initialized():
+    if _started():
+        import torch.distributed as dist
+
         with contextlib.suppress(Exception):  # a peer already gone: nothing left to wait for
             dist.barrier()
         dist.destroy_process_group()
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    if _started():
+        import torch.distributed as dist
+
         dist.barrier()
 
 
@@ -103,6 +122,9 @@ def local_main_first(info: DistInfo) -> Iterator[None]:
 
 def _any_rank(flag: bool) -> bool:
     """Whether ``flag`` is true on any rank (a collective: every rank calls it once, where a barrier would be)."""
+    import torch
+    import torch.distributed as dist
+
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -111,15 +133,20 @@ def _any_rank(flag: bool) -> bool:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over all ranks (in place; returns ``t``)."""
-    if dist.is_initialized():
+    if _started():
+        import torch.distributed as dist
+
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def broadcast_floats(values: list[float], device: torch.device) -> list[float]:
     """Rank 0's values on every rank, so decisions taken from them (early stopping) are the same everywhere."""
-    if not dist.is_initialized():
+    if not _started():
         return values
+    import torch
+    import torch.distributed as dist
+
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
     return t.tolist()

@@ -24,7 +24,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,11 +31,16 @@ from cxr import __version__
 from cxr.errors import CheckpointError, UsageError
 from cxr.fileio import atomic_path
 from cxr.model import Checkpoint, load_checkpoint
+from cxr.onnx_backend import (  # noqa: F401 - re-exported: ONNX Runtime inference lives there, without torch
+    CONTRACT_KEY,
+    OnnxPredictor,
+    load_onnx_predictor,
+    predict_files_onnx,
+)
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
-CONTRACT_KEY = "cxr.contract"
 TORCHSCRIPT_EXTRA_FILE = "cxr.json"
 CONTRACT_VERSION = 1
 ONNX_OPSET = 18
@@ -278,94 +282,3 @@ def load_torchscript(path: str | os.PathLike) -> tuple[torch.jit.ScriptModule, d
         return module.eval(), json.loads(extra[TORCHSCRIPT_EXTRA_FILE])
     except ValueError:
         raise CheckpointError(f"{path}: a TorchScript file without a cxr contract") from None
-
-
-# ----------------------------------------------------------------------------------------------- ONNX Runtime
-
-
-class OnnxPredictor:
-    """P(positive class) from an exported cxr ONNX model on ONNX Runtime (CPU).
-
-    ``InferenceSession.run`` is thread-safe, so one predictor can serve concurrent requests.
-
-    Attributes:
-        contract: the JSON contract from the file (see the module docstring); ``image_size``, ``threshold``,
-            ``class_names``, ``model_id`` and ``card`` are copied out of it.
-    """
-
-    def __init__(self, source: str | os.PathLike | bytes, *, threads: int = 0, name: str = "") -> None:
-        """
-        Args:
-            source: an ``.onnx`` file, or its bytes (from :func:`onnx_model_bytes`).
-            threads: intra-op threads (0: ONNX Runtime's default, one per core).
-            name: what error messages call the model (default: the path).
-        """
-        import onnxruntime as ort
-
-        label = name or (str(source) if not isinstance(source, bytes) else "<onnx bytes>")
-        if not isinstance(source, bytes) and not Path(source).is_file():
-            raise UsageError(f"{label}: no such ONNX file")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        # Idle worker threads sleep instead of spinning: the service runs other threads (decoding, PyTorch) too.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3  # errors only: its warnings are about graph fusions, not the user's input
-        try:
-            self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), opts,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for a bad file
-            raise CheckpointError(f"{label}: not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        try:
-            self.contract: dict[str, Any] = json.loads(meta[CONTRACT_KEY])
-            self.image_size = int(self.contract["image_size"])
-            self.threshold = float(self.contract["threshold"])
-            self.class_names = list(self.contract["class_names"])
-            self.model_id = str(self.contract["model_id"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{label}: an ONNX model without a cxr contract (export it with cxr export)") \
-                from None
-        self.card: dict[str, Any] = self.contract.get("model_card") or {}
-        self.max_pixels = int(self.contract.get("max_pixels", 100_000_000))
-
-    def predict_uint8(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """P(``class_names[-1]``) as float64 (N,) for uint8 images (N, S, S) or (N, 1, S, S)."""
-        x = np.asarray(images)
-        if x.ndim == 3:
-            x = x[:, None]
-        s = self.image_size
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (1, s, s):
-            raise ValueError(f"expected uint8 images of shape (N, {s}, {s}), got {x.dtype} {images.shape}")
-        out = [self.session.run(["probabilities"], {"image": np.ascontiguousarray(x[i:i + batch_size])})[0][:, -1]
-               for i in range(0, len(x), batch_size)]
-        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
-
-
-def load_onnx_predictor(model: str | os.PathLike | Checkpoint, *, threads: int = 0) -> OnnxPredictor:
-    """An :class:`OnnxPredictor` for an ``.onnx`` file, or for a checkpoint exported in memory (no file written)."""
-    if not isinstance(model, Checkpoint) and str(model).lower().endswith(".onnx"):
-        return OnnxPredictor(model, threads=threads)
-    ckpt = _as_checkpoint(model)
-    log.info("exporting %s to ONNX in memory (cxr export writes it to a file once)", ckpt.path or "the model")
-    return OnnxPredictor(onnx_model_bytes(ckpt), threads=threads, name=ckpt.path or "<checkpoint>")
-
-
-def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike], *, threshold: float | None = None,
-                       batch_size: int = 32, threads: int = 0, shard: tuple[int, int] | None = None) -> list:
-    """``cxr predict --backend onnx``: :func:`cxr.predict.predict_files` on ONNX Runtime (CPU, fp32).
-
-    Args:
-        model: an ``.onnx`` file from ``cxr export``, or a checkpoint / run directory (exported in memory).
-
-    Returns:
-        ``list[cxr.predict.Prediction]`` in input order; unreadable files get an ``error``.
-    """
-    from cxr.predict import collect_files, predict_in_batches, select_shard
-
-    files = select_shard(collect_files(paths), shard)
-    predictor = load_onnx_predictor(model, threads=threads)
-    t = predictor.threshold if threshold is None else float(threshold)
-    return predict_in_batches(files, lambda images: predictor.predict_uint8(images, batch_size),
-                              image_size=predictor.image_size, max_pixels=predictor.max_pixels,
-                              class_names=predictor.class_names, threshold=t, batch_size=batch_size,
-                              model_id=predictor.model_id)

@@ -46,6 +46,15 @@ class Prediction:
 EXPLAIN_SUFFIX = "_gradcam.png"
 
 
+def prob_text(p: float) -> str:
+    """A probability with three decimals that never claims certainty (``>0.999`` rather than ``1.000``)."""
+    if p > 0.9995:
+        return ">0.999"
+    if p < 0.0005:
+        return "<0.001"
+    return f"{p:.3f}"
+
+
 def collect_files(paths: list[str | os.PathLike], *, skip: Path | None = None) -> list[Path]:
     """Files as given, and image files (:func:`cxr.images.is_image_file`) found recursively in folders (sorted;
     hidden files skipped; linked folders followed). ``skip``: a folder whose files are not collected (an output folder

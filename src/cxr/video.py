@@ -21,6 +21,7 @@ from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError, VideoError
 from cxr.explain import HEATMAP_CMAP, overlay
 from cxr.fileio import atomic_path, display_name
+from cxr.predict import prob_text
 from cxr.progress import progress_bar
 
 # Okabe-Ito colours, the light variants that read well on the dark frame; right/wrong also differ in symbol and word.
@@ -70,15 +71,6 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, wid
     while len(text) > 1 and draw.textlength("…" + text, font=font) > width:
         text = text[1:]
     return "…" + text
-
-
-def prob_text(p: float) -> str:
-    """A probability with three decimals that never claims certainty (``>0.999`` rather than ``1.000``)."""
-    if p > 0.9995:
-        return ">0.999"
-    if p < 0.0005:
-        return "<0.001"
-    return f"{p:.3f}"
 
 
 def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: int, threshold: float,
