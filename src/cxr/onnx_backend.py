@@ -31,14 +31,14 @@ class OnnxPredictor:
     ``InferenceSession.run`` is thread-safe, so one predictor can serve concurrent requests.
 
     Attributes:
-        contract: the JSON contract from the file (see the module docstring); ``image_size``, ``threshold``,
+        contract: the JSON contract from the file (see :mod:`cxr.export`'s docstring); ``image_size``, ``threshold``,
             ``class_names``, ``model_id`` and ``card`` are copied out of it.
     """
 
     def __init__(self, source: str | os.PathLike | bytes, *, threads: int = 0, name: str = "") -> None:
         """
         Args:
-            source: an ``.onnx`` file, or its bytes (from :func:`onnx_model_bytes`).
+            source: an ``.onnx`` file, or its bytes (from :func:`cxr.export.onnx_model_bytes`).
             threads: intra-op threads (0: ONNX Runtime's default, one per core).
             name: what error messages call the model (default: the path).
         """
