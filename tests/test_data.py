@@ -455,12 +455,15 @@ def test_loader_workers_give_the_main_process_batches():
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
-def test_num_workers_auto_is_none_on_the_cpu_and_most_cores_per_process_on_cuda(monkeypatch):
+def test_num_workers_auto_is_none_on_the_cpu_and_most_cores_per_process_on_cuda(monkeypatch, tmp_path):
+    from cxr import train
     from cxr.train import TrainBatches, loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(train, "CGROUP_CPU_MAX", tmp_path / "absent")  # a CI container's own CPU quota must not count
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     auto = load_config()
     assert auto.num_workers == "auto"
