@@ -163,6 +163,24 @@ def test_onnx_backend_in_the_service(exported):
     assert client.post("/api/v1/predict", files={"file": ("x.txt", b"text")}).status_code == 415
 
 
+def test_the_service_on_an_onnx_file_runs_without_torch(exported):
+    # As `cxr predict` above: `cxr serve --backend onnx` on an exported file starts and answers with torch unimportable.
+    import subprocess
+    import sys
+
+    code = ("import sys, json; sys.modules['torch'] = None\n"
+            "from fastapi.testclient import TestClient\n"
+            "from cxr.serve import create_app\n"
+            f"client = TestClient(create_app({str(exported['onnx'])!r}, backend='onnx'))\n"
+            f"r = client.post('/api/v1/predict', files={{'file': ('x.jpeg', open({str(FILES[0])!r}, 'rb').read())}})\n"
+            "print(json.dumps([r.status_code, r.json(), client.get('/').status_code]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status, body, page = json.loads(proc.stdout.splitlines()[-1])
+    assert status == 200 and page == 200, body
+    assert body["probability"] == pytest.approx(exported["probs"][0], abs=1e-4) and body["heatmap"] is None
+
+
 def test_checkpoint_exported_in_memory_for_onnx_runtime(exported, monkeypatch):
     # A checkpoint given to the ONNX backend is exported in memory, never to a file. The export itself is what
     # the other tests check (and takes seconds), so here it hands back the bytes already exported.

@@ -1,8 +1,9 @@
 """cxr models on ONNX Runtime: :class:`OnnxPredictor`, and ``cxr predict --backend onnx``.
 
-Nothing here imports torch, so that predicting with an exported ``.onnx`` file starts without it (``import torch``
-alone takes 1.3 to 2.4 s on the machines of BENCHMARKS.md, figure 4b). Exporting a checkpoint in memory, for a
-``--model`` that is not an ``.onnx`` file, goes through :mod:`cxr.export` and does need torch.
+Nothing here imports torch, so that ``cxr predict`` and ``cxr serve`` with an exported ``.onnx`` file run without it
+(``import torch`` alone takes 1.3 to 2.4 s on the machines of BENCHMARKS.md, figure 4b, and some 450 MB). Exporting
+a checkpoint in memory, for a ``--model`` that is not an ``.onnx`` file, goes through :mod:`cxr.export` and does
+need torch.
 """
 
 from __future__ import annotations

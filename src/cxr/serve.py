@@ -166,7 +166,7 @@ class OnnxEngine:
                            "run the service with --backend torch for heatmaps")
 
     def __init__(self, model: Any, threads: int = 0) -> None:
-        from cxr.export import load_onnx_predictor
+        from cxr.onnx_backend import load_onnx_predictor  # no torch for an .onnx file
 
         self.predictor = load_onnx_predictor(model, threads=threads)
         p = self.predictor
