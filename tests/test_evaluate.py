@@ -71,8 +71,21 @@ def test_sensitivity_threshold_reaches_target_and_is_most_specific(scores):
     t = choose_threshold(labels, probs, "sensitivity", target_sensitivity=0.95)
     m = compute_metrics(labels, probs, t)
     assert m["recall"] >= 0.95
-    higher = np.min(probs[probs > t])  # the next stricter threshold misses the target
-    assert compute_metrics(labels, probs, higher)["recall"] < 0.95
+    lowest_positive = np.min(probs[probs >= t])  # a threshold just above it, the next stricter one, misses the target
+    assert compute_metrics(labels, probs, np.nextafter(lowest_positive, 1))["recall"] < 0.95
+
+
+@pytest.mark.parametrize("policy", ["youden", "sensitivity"])
+def test_threshold_lies_halfway_between_neighbouring_validation_scores(scores, policy):
+    labels, probs = scores
+    t = choose_threshold(labels, probs, policy, target_sensitivity=0.95)
+    above, below = np.min(probs[probs >= t]), np.max(probs[probs < t])
+    assert below < t < above and t == pytest.approx((above + below) / 2, abs=1e-15)
+    # the same validation labels as the threshold on the score itself, scikit-learn's operating point
+    assert compute_metrics(labels, probs, t)["confusion_matrix"] == compute_metrics(labels, probs, above)[
+        "confusion_matrix"]
+    # all validation images positive: no lower score, the lowest score itself
+    assert choose_threshold(np.array([0, 1, 1]), np.array([0.9, 0.1, 0.2]), policy, 1.0) == 0.1
 
 
 def test_write_evaluation_files(tmp_path, scores):
@@ -94,8 +107,7 @@ def test_write_evaluation_files(tmp_path, scores):
 
 def test_the_image_at_the_threshold_keeps_its_label_in_the_file(tmp_path):
     labels, probs = np.array([0, 0, 0, 1, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4123454, 0.8, 0.9])
-    t = choose_threshold(labels, probs)
-    assert t == probs[3]
+    t = probs[3]  # a threshold on an image's score, as `--threshold` may give, or an old model's stored one
     metrics = write_evaluation(tmp_path, [SplitResult("val", [f"x{i}" for i in range(6)], labels, probs)], t)
     rows = read_csv(tmp_path / "predictions_val.csv")
     assert metrics["val"]["sensitivity"] == 1.0

@@ -64,6 +64,10 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, policy: str = "youde
 
     ``youden`` maximises sensitivity + specificity - 1; ``sensitivity`` takes the highest threshold whose
     sensitivity reaches ``target_sensitivity`` (the most specific such operating point).
+
+    Either picks an operating point between two neighbouring validation scores, and the threshold is put halfway
+    between them, not on the higher one: it labels the validation images alike, and an image near the border no
+    longer flips with the last bits of its score (another backend, precision or batch).
     """
     from sklearn.metrics import roc_curve
 
@@ -79,7 +83,11 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, policy: str = "youde
         idx = int(np.flatnonzero(tpr >= target_sensitivity)[0])
     else:
         raise ValueError(f"unknown threshold policy {policy!r}")
-    return float(thresholds[idx])
+    if idx + 1 == len(thresholds):  # every validation image positive: no lower score to go halfway to
+        return float(thresholds[idx])
+    higher, lower = float(thresholds[idx]), float(thresholds[idx + 1])
+    middle = (higher + lower) / 2
+    return middle if lower < middle <= higher else higher  # scores one float apart have no middle
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
