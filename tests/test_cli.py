@@ -94,6 +94,10 @@ def test_evaluate_reproduces_training_metrics(trained_run, tmp_path):
     assert (tmp_path / "eval" / "report.html").is_file()  # evaluate ends with the report of its own folder
     # The folder names the model it evaluated, so a later `cxr report` of it draws the heatmaps without --model.
     assert metrics["test"]["model"] == str((run / "best.pt").resolve())
+    # ... and the file by the name `cxr predict` writes beside each prediction (its SHA-256, 12 hex digits)
+    import hashlib
+
+    assert metrics["test"]["model_id"] == hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()[:12]
     (tmp_path / "eval" / "report.html").unlink()
     proc = cxr("report", tmp_path / "eval", "--no-video", "--device", "cpu")
     assert "heatmaps from" in proc.stderr and "without heatmaps" not in (tmp_path / "eval" / "report.html").read_text()
@@ -373,6 +377,43 @@ def _one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
 def test_path_that_does_not_exist(tmp_path):
     _one_line_error(cxr("train", "--data", tmp_path / "nope", "--output", tmp_path / "r", check=False),
                     "nope", "no such file or directory")
+
+
+def test_predict_with_nothing_to_predict_exits_non_zero_in_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _one_line_error(cxr("predict", tmp_path / "empty", check=False), "no image files in", "empty")
+    for name, data in (("blank.jpeg", b""), ("notes.png", b"not an image")):
+        (tmp_path / name).write_bytes(data)
+    out = tmp_path / "p.csv"
+    proc = cxr("predict", tmp_path / "blank.jpeg", tmp_path / "notes.png", "--output", out, check=False)
+    _one_line_error(proc, "none of the 2 file(s) could be read", str(out), "blank.jpeg: empty file")
+    assert proc.returncode == 2
+    assert [bool(r["error"]) and not r["label"] for r in read_csv(out)] == [True, True]  # the errors, kept
+
+
+def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, tiny_dataset):
+    # A folder cannot be made under a file: each command says so at once (one line, nothing else logged, so no
+    # prediction, evaluation or export ran first), instead of after minutes of work.
+    (tmp_path / "a-file").write_text("")
+    blocked = tmp_path / "a-file" / "out"
+    image = next((tiny_dataset / "test" / "NORMAL").iterdir())
+    for args in (("predict", image, "--output", f"{blocked}.csv"),
+                 ("evaluate", "--data", tiny_dataset / "test", "--output", blocked),
+                 ("explain", image, "--output", blocked),
+                 ("export", "--output", f"{blocked}.onnx")):
+        proc = cxr(*args, check=False)
+        _one_line_error(proc, "cannot write", str(blocked))
+        assert proc.returncode == 1, args
+
+
+def test_predict_warns_of_files_in_a_folder_that_are_not_images(tmp_path, tiny_dataset):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "x.jpeg").symlink_to(next((tiny_dataset / "test" / "NORMAL").iterdir()))
+    (folder / "notes.txt").write_text("patient list")
+    proc = cxr("predict", folder, "--output", tmp_path / "p.csv")
+    assert "ignoring 1 file(s)" in proc.stderr and "notes.txt" in proc.stderr
+    assert [r["path"] for r in read_csv(tmp_path / "p.csv")] == [str(folder / "x.jpeg")]
 
 
 def test_missing_class_folder_stops_before_training(tmp_path, tiny_dataset):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from cxr import __version__
-from cxr.errors import CxrError, UsageError
+from cxr.errors import CxrError, DataError, UsageError
 
 log = logging.getLogger("cxr")
 
@@ -286,6 +286,7 @@ def _print_metrics(metrics: dict) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from cxr.distributed import barrier, env_info, init, shutdown
+    from cxr.fileio import check_writable
     from cxr.predict import (
         DISCLAIMER,
         collect_files,
@@ -314,6 +315,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         # Listed once: a shard's manifest records the whole list it was cut from, and only the shard's own files are
         # handed on (not the whole list, to be looked at again by every shard).
         files = collect_files(args.paths)
+        if not files:
+            raise UsageError(f"no image files in {', '.join(map(str, args.paths))}")
+        if args.output:
+            check_writable(shard_path(args.output, shard) if shard else args.output)  # now, not after the work
         mine = select_shard(files, shard)
         if _backend(args) == "onnx":
             from cxr.onnx_backend import predict_files_onnx  # no torch for an .onnx file
@@ -331,18 +336,23 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         if show and not info.active:
             _print_predictions(preds, DISCLAIMER)
         bad = sum(p.error is not None for p in preds)
+        # Nothing predicted (a shard may hold no file, or only bad ones: the merge counts them): the one line below,
+        # and a non-zero status, so that a script does not take it for a result. The file still lists the errors.
+        nothing = bad == len(preds) and not shard
         n_pos = sum(p.label == "PNEUMONIA" for p in preds)
         where = f"shard {shard[0]}/{shard[1]}: " if shard else ""
-        log.info("%s%d file(s): %d PNEUMONIA, %d NORMAL, %d unreadable. %s", where, len(preds), n_pos,
-                 len(preds) - n_pos - bad, bad, DISCLAIMER)
-        if bad:
+        if not nothing:
+            log.info("%s%d file(s): %d PNEUMONIA, %d NORMAL, %d unreadable. %s", where, len(preds), n_pos,
+                     len(preds) - n_pos - bad, bad, DISCLAIMER)
+        if bad and not nothing:
             log.warning("%d of %d file(s) could not be read", bad, len(preds))
         if args.output:
             out = shard_path(args.output, shard) if shard else Path(args.output)
             write_predictions_file(out, preds)
             if shard:
                 write_shard_manifest(out, files)
-            log.info("wrote %s", out)
+            if not nothing:
+                log.info("wrote %s", out)
             if info.active:
                 barrier()
                 if info.main:
@@ -350,6 +360,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                     log.info("merged %d shards into %s (%d files)", info.world, args.output, len(merged))
             elif shard:
                 log.info("when every shard is done: cxr merge %s", args.output)
+        if nothing:
+            listed = f" (each error is in {args.output})" if args.output else ""
+            raise DataError(f"none of the {bad} file(s) could be read{listed}; the first: {preds[0].error}")
     finally:
         shutdown()
 

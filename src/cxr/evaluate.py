@@ -201,11 +201,15 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
 
     from cxr.config import default_cache_dir
     from cxr.data import prepare, scan
+    from cxr.export import model_id
+    from cxr.fileio import check_writable
     from cxr.model import load_checkpoint, resolve_device, use_bf16, use_channels_last
 
+    check_writable(output, folder=True)  # now, not after the predictions
     ckpt = load_checkpoint(model)
     # Recorded, so that `cxr report OUT` can draw the heatmaps with the same model later.
     model_ref = "default" if str(model) == "default" else str(Path(ckpt.path).resolve())
+    mid = model_id(ckpt)  # the name `cxr predict` gives the same file
     cfg = ckpt.config
     # The cache is this machine's, not the one recorded by whoever trained the model.
     cfg = dataclasses.replace(cfg, cache_dir=cache_dir or default_cache_dir(), device=device)
@@ -230,7 +234,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
                                    probabilities(logits)))
         failures[split.name] = {"n_unreadable": len(prepared.failures),
                                 "threshold_source": "model" if threshold is None else "given",
-                                "model": model_ref}
+                                "model": model_ref, "model_id": mid}
     if not results:
         name, n, reason = unusable
         raise DataError(f"{data}: none of the {n} images of split {name!r} could be read (first: {reason})")

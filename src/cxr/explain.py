@@ -215,6 +215,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     """
     from cxr.errors import UsageError
     from cxr.evaluate import predict_logits, probabilities
+    from cxr.fileio import check_writable
     from cxr.model import load_checkpoint, resolve_device, use_bf16, use_channels_last
     from cxr.predict import collect_files
     from cxr.video import prob_text
@@ -222,6 +223,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     # Not the output folder: explaining a folder twice into a folder inside it would read the first run's figures
     # back as X-rays.
     files = collect_files(list(paths), skip=Path(output_dir))
+    check_writable(output_dir, folder=True)  # now, not after the heatmaps
     if not files:
         log.warning("no image files found in %s", ", ".join(map(str, paths)))
     ckpt = load_checkpoint(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -57,6 +58,26 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             raise WriteError.from_os_error(target, e) from e
         raise
+
+
+def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
+    """Fail now, before the work, where the output ``path`` (a file, or a ``folder``) could not be written later.
+
+    Creates the folder (or the file's folder) and a temporary file in it, then removes the file. An ``OSError``
+    comes out as :class:`~cxr.errors.WriteError`, naming ``path``.
+    """
+    target = Path(path)
+    where = target if folder else target.parent
+    try:
+        if not folder and target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "a folder is there, not a file")
+        where.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".cxr-write-check.", suffix=_TEMP_SUFFIX, dir=where)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise WriteError.from_os_error(target, e) from e
+    return target
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:

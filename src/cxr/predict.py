@@ -66,7 +66,13 @@ def collect_files(paths: list[str | os.PathLike], *, skip: Path | None = None) -
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = [f for f in walk_files(p, skip=skip) if is_image_file(f)]
+            everything = walk_files(p, skip=skip)
+            found = [f for f in everything if is_image_file(f)]
+            if len(found) < len(everything):
+                images = set(found)
+                other = [f for f in everything if f not in images]
+                log.warning("%s: ignoring %d file(s) that are not JPEG, PNG or DICOM by name or content, e.g. %s",
+                            p, len(other), other[0])
             pictures = [f for f in found if f.name.lower().endswith(EXPLAIN_SUFFIX)]
             if pictures:
                 log.warning("%s: left out %d Grad-CAM picture(s) written by cxr explain (*%s), e.g. %s; name them "
