@@ -31,6 +31,7 @@ from cxr.report import (
     margin,
     pick_video_indices,
     plot_calibration,
+    plot_roc_pr,
     reliability_bins,
     select_examples,
 )
@@ -144,6 +145,30 @@ def test_reliability_bins_carry_wilson_intervals_that_widen_as_bins_empty():
     assert styles[0] != styles[1]  # train and val are drawn in different line styles, bars included
 
 
+def test_roc_pr_legend_keys_look_like_what_is_drawn():
+    # The legend showed a hollow circle for operating points drawn as squares, triangles or diamonds, and a grey
+    # chance line where the precision-recall panel draws each split's in its colour (purple for a single evaluated
+    # folder, whose name is not train, val or test).
+    from matplotlib.colors import to_hex
+    from matplotlib.lines import Line2D
+
+    def looks(lines) -> tuple[set, set]:
+        lines = list(lines)
+        return ({(line.get_linestyle(), to_hex(line.get_color())) for line in lines if line.get_linestyle() != "None"},
+                {(line.get_marker(), to_hex(line.get_markerfacecolor())) for line in lines
+                 if line.get_marker() not in ("None", "", None)})
+
+    rng = np.random.default_rng(0)
+    labels = (rng.uniform(size=60) < 0.5).astype(int)
+    probs = np.clip(np.where(labels == 1, 0.7, 0.3) + rng.normal(0, 0.2, 60), 0, 1)
+    for names in (["chest_xray"], ["val", "test"]):
+        fig = plot_roc_pr([SplitPredictions(n, [f"{i}.png" for i in range(60)], labels, probs) for n in names], 0.5)
+        for ax in fig.axes:
+            in_legend = [line for line in ax.get_legend().findobj(Line2D) if line.get_visible()]
+            drawn = [line for line in ax.get_lines() if len(line.get_xdata())]  # not empty legend proxies
+            assert looks(in_legend) == looks(drawn), (names, ax.get_title())
+
+
 def test_margin_is_relative_to_the_threshold():
     np.testing.assert_allclose(margin(np.array([0.0, 0.2, 0.8, 1.0]), 0.8), [1.0, 0.75, 0.0, 1.0])
 
@@ -157,6 +182,34 @@ def test_select_examples_picks_informative_images():
     assert groups["borderline"] == [5, 2]  # 0.45 and 0.55, nearest the threshold
     chosen = [i for g in groups.values() for i in g]
     assert len(chosen) == len(set(chosen))
+
+
+def test_select_examples_in_small_sets_keep_borderline_and_confident_apart():
+    # Six validation images: the NORMAL one at 0.535, just under the threshold 0.536, was shown as "most confident
+    # right" and "borderline" was empty, because the confident rows were filled first from too few images.
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    probs = np.array([0.535, 0.10, 0.90, 0.97, 0.80, 0.20])
+    groups = select_examples(labels, probs, threshold=0.536, per_group=4)
+    assert groups["borderline"] == [0]
+    assert groups["most confident right"] == [3, 1, 2]
+    assert groups["most confident wrong"] == [5, 4]
+
+    # Twenty sure predictions: the leftovers at 0.005 and 0.995 were shown as "borderline".
+    probs = np.concatenate([np.linspace(0.001, 0.005, 10), np.linspace(0.995, 0.999, 10)])
+    labels = (probs > 0.5).astype(int)
+    groups = select_examples(labels, probs, threshold=0.5, per_group=4)
+    assert groups["borderline"] == []
+    assert groups["most confident right"] == [0, 19, 1, 18]  # two per class, the surest first
+
+    # A large set: every borderline image is nearer the threshold than any confident one, and nearer to it than to
+    # 0 or 1.
+    rng = np.random.default_rng(0)
+    labels = (rng.uniform(size=500) < 0.6).astype(int)
+    probs = 1 / (1 + np.exp(-rng.normal(np.where(labels == 1, 4.0, -4.0), 3.0)))
+    groups = select_examples(labels, probs, threshold=0.6, per_group=4)
+    m = margin(probs, 0.6)
+    assert len(groups["borderline"]) == 4 and max(m[groups["borderline"]]) < 0.5
+    assert min(m[groups["most confident right"] + groups["most confident wrong"]]) > max(m[groups["borderline"]])
 
 
 def test_select_examples_with_no_wrong_predictions():
@@ -206,7 +259,8 @@ def test_report_html_is_self_contained(report):
     assert f"{metrics['test']['accuracy']:.3f}" in page
     assert f"{metrics['test']['ci95']['auroc'][0]:.3f}" in page
     assert "/data/broken-scan.jpeg" in page and "finished 3 epochs" in page
-    assert "image_size: 64" in page
+    assert "image_size: 64" in page and "resolved config (config.yaml)" in page
+    assert "model evaluated" not in page  # a training run's metrics name no model: the run's own best.pt
 
 
 def test_report_video_decodes(report):
@@ -216,20 +270,36 @@ def test_report_video_decodes(report):
     assert info["frames"] == VIDEO["video_max_images"] * round(VIDEO["seconds_per_image"] * VIDEO["fps"])
 
 
-def test_report_for_an_evaluation_folder(tmp_path, report):
-    """`cxr evaluate` output: metrics and predictions only; the model comes separately, or not at all."""
+def test_report_for_an_evaluation_folder(tmp_path, report, caplog):
+    """`cxr evaluate` output: metrics (naming the model) and predictions only; the model may be gone since."""
     run = report.parent
     for with_model in (True, False):
         folder = tmp_path / f"eval-{with_model}"
         folder.mkdir()
-        for f in [run / "metrics.json", *run.glob("predictions_*.csv")]:
+        for f in run.glob("predictions_*.csv"):
             shutil.copy(f, folder)
-        page = make_report(folder, model=run / "best.pt" if with_model else None, video=False, device="cpu")
-        text = page.read_text()
+        # As `cxr evaluate` writes it; model_id is absent from the files of earlier versions.
+        model = run / "best.pt" if with_model else tmp_path / "deleted.pt"
+        named = {"model": str(model), **({"model_id": "0123456789ab"} if with_model else {})}
+        metrics = {s: {**m, **named} for s, m in json.loads((run / "metrics.json").read_text()).items()}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        text = make_report(folder, video=False, device="cpu").read_text()
         assert "Training curves" not in text and "Fly-through" not in text
         assert "Examples" in text and "ROC and precision-recall" in text
         assert ("without heatmaps" in text) is not with_model
-        assert ("image_size: 64" in text) is with_model  # the config comes from the model when there is one
+        assert f"model evaluated: {model}" + (" (model_id 0123456789ab)" if with_model else "") in text
+        # The config comes from the model's checkpoint when it is there, and says it is the training run's: its data
+        # and output are not the evaluation's. It was shown as "resolved config (config.yaml)".
+        assert ("image_size: 64" in text) is with_model
+        assert "resolved config (config.yaml)" not in text
+        assert ("Training configuration of the model" in text and f"From the checkpoint {model}" in text) is with_model
+
+    # With heatmaps off the model only sets the image size: no word of heatmaps from it.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cxr.report"):
+        text = make_report(tmp_path / "eval-True", video=False, heatmaps=False, device="cpu").read_text()
+    assert "heatmaps from" not in caplog.text and "heatmaps off" in text and "Grad-CAM" not in text
+    assert "Training configuration of the model" in text
 
 
 def test_report_output_elsewhere_and_split_choice(tmp_path, report):

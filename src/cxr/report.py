@@ -213,18 +213,29 @@ def margin(probs: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(probs >= threshold, above, below)
 
 
+# An image is borderline only when nearer the threshold than the end of its side (P 0.25-0.75 at threshold 0.5).
+BORDERLINE_MARGIN = 0.5
+
+
 def select_examples(labels: np.ndarray, probs: np.ndarray, threshold: float,
                     per_group: int = 4) -> dict[str, list[int]]:
     """Indices of informative examples: most confident right, most confident wrong, borderline.
 
-    "Confident" is :func:`margin`. Right and wrong take half from each true class where they can, so one class
-    cannot fill the row; borderline are the images nearest the threshold not already chosen.
+    "Confident" is :func:`margin`. Borderline are chosen first: the images nearest the threshold, but only those
+    nearer to it than to 0 or 1 (margin below ``BORDERLINE_MARGIN``), so a small set with no image near the threshold
+    leaves the group empty rather than filling it with sure ones. Right and wrong then take the most confident of the
+    rest, half from each true class where they can, so one class cannot fill the row.
     """
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
     m = margin(probs, threshold)
     right = (probs >= threshold).astype(np.int64) == labels
+    # Picked first: in a small set the confident rows would otherwise take an image sitting on the threshold.
+    near = [int(i) for i in np.argsort(m, kind="stable") if m[i] < BORDERLINE_MARGIN][:per_group]
+    free = np.ones(len(m), bool)
+    free[near] = False
 
     def confident(mask: np.ndarray) -> list[int]:
+        mask = mask & free
         by_class = [[int(i) for i in np.flatnonzero(mask & (labels == c))[np.argsort(-m[mask & (labels == c)],
                                                                                       kind="stable")]]
                     for c in (0, 1)]
@@ -233,11 +244,7 @@ def select_examples(labels: np.ndarray, probs: np.ndarray, threshold: float,
         chosen += rest[: per_group - len(chosen)]
         return sorted(chosen, key=lambda i: -m[i])
 
-    groups = {"most confident right": confident(right), "most confident wrong": confident(~right)}
-    taken = {i for g in groups.values() for i in g}
-    near = [int(i) for i in np.argsort(m, kind="stable") if int(i) not in taken]
-    groups["borderline"] = near[:per_group]
-    return groups
+    return {"most confident right": confident(right), "most confident wrong": confident(~right), "borderline": near}
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -349,12 +356,15 @@ def _operating_point(labels: np.ndarray, probs: np.ndarray, threshold: float) ->
 def plot_roc_pr(predictions: Sequence[SplitPredictions], threshold: float):
     """ROC and precision-recall curves per split, AUROC and AUPRC in the legend, the threshold's operating point."""
     import matplotlib as mpl
+    from matplotlib.legend_handler import HandlerTuple
+    from matplotlib.lines import Line2D
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
     with mpl.rc_context(_RC):
         fig = _figure(figsize=(11.5, 5.0))
         ax_roc, ax_pr = fig.subplots(1, 2)
         ax_roc.plot([0, 1], [0, 1], color=OKABE_ITO["grey"], linestyle=":", linewidth=1, label="chance")
+        points, chance = [], []  # legend keys, one per split, drawn as on the axes
         for p in predictions:
             if len(np.unique(p.labels)) < 2:
                 continue
@@ -370,19 +380,28 @@ def plot_roc_pr(predictions: Sequence[SplitPredictions], threshold: float):
             op_fpr, op_tpr, op_prec = _operating_point(p.labels, p.probs, threshold)
             ax_roc.plot(op_fpr, op_tpr, marker, color=colour, markersize=10, markeredgecolor="black")
             ax_pr.plot(op_tpr, op_prec, marker, color=colour, markersize=10, markeredgecolor="black")
+            # Smaller than on the axes so that three splits' markers fit one legend key side by side.
+            points.append(Line2D([], [], linestyle="none", marker=marker, color=colour, markersize=7,
+                                 markeredgecolor="black"))
+            chance.append(Line2D([], [], linestyle=":", color=colour, linewidth=1))
         for ax in (ax_roc, ax_pr):
-            ax.plot([], [], "o", color="white", markeredgecolor="black", markersize=9,
-                    label=f"operating point at threshold {threshold:.3f}")
             ax.set_xlim(-0.02, 1.02)
             ax.set_ylim(-0.02, 1.02)
             ax.set_aspect("equal")
-        ax_pr.plot([], [], ":", color=OKABE_ITO["grey"], label="chance (share of PNEUMONIA)")
         ax_roc.set(title="ROC curve", xlabel="false-positive rate (1 - specificity)",
                    ylabel="true-positive rate (sensitivity)")
         ax_pr.set(title="Precision-recall curve (PNEUMONIA positive)", xlabel="recall (sensitivity)",
                   ylabel="precision")
-        ax_roc.legend(loc="lower right")
-        ax_pr.legend(loc="lower left")
+        keys = {ax_roc: [(points, f"operating point at threshold {threshold:.3f}")],
+                ax_pr: [(points, f"operating point at threshold {threshold:.3f}"),
+                        (chance, "chance (share of PNEUMONIA)")]}
+        for ax, loc in ((ax_roc, "lower right"), (ax_pr, "lower left")):
+            handles, labels = ax.get_legend_handles_labels()
+            for artists, label in keys[ax]:
+                if artists:
+                    handles.append(tuple(artists))
+                    labels.append(label)
+            ax.legend(handles, labels, loc=loc, handler_map={tuple: HandlerTuple(ndivide=None)})
     return fig
 
 
@@ -534,6 +553,7 @@ class _Explainer:
     mean: float
     std: float
     batch_size: int = 16
+    source: str | None = None  # the checkpoint read, for the heatmaps and the image size
 
     def heatmaps(self, images: np.ndarray, classes: np.ndarray) -> list[np.ndarray | None]:
         if self.net is None or not len(images):
@@ -557,10 +577,11 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
         except Exception:  # an evaluation folder has no checkpoint, but names the model it evaluated
             source = next((m["model"] for m in art.metrics.values() if isinstance(m, dict) and m.get("model")), None)
             if source is not None and source != "default" and not Path(source).is_file():
-                log.warning("report: %s, the model evaluated, is gone; images are shown without heatmaps (pass "
-                            "--model)", source)
+                if heatmaps:
+                    log.warning("report: %s, the model evaluated, is gone; images are shown without heatmaps (pass "
+                                "--model)", source)
                 source = None
-            elif source is not None:
+            elif source is not None and heatmaps:  # with heatmaps off the model only gives the image size
                 log.info("report: heatmaps from %s, the model evaluated", source)
     if source is None:
         if heatmaps:
@@ -571,7 +592,12 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
     if art.config is None:
         art.config = cfg.to_dict()
     net = ckpt.build(resolve_device(device)) if heatmaps else None
-    return _Explainer(net, cfg.image_size, cfg.mean, cfg.std)
+    return _Explainer(net, cfg.image_size, cfg.mean, cfg.std, source=str(source))
+
+
+def _model_name(ref: str | os.PathLike | None, model_id: str | None = None) -> str:
+    name = "the bundled model (default)" if str(ref) == "default" else str(ref)
+    return f"{name} (model_id {model_id})" if model_id else name
 
 
 def _gather(pred: SplitPredictions, indices: Sequence[int], pixels: _PixelSource, explainer: _Explainer,
@@ -711,6 +737,9 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     out = Path(output) if output is not None else art.root
     pics = out / "report"
     ensure_dir(pics)
+    # A run directory has its own config.yaml; an evaluation folder has none, and _explainer fills in the
+    # checkpoint's, which is the model's training config (its data and output are not this evaluation's).
+    own_config = art.config is not None
     explainer = _explainer(art, model, device, heatmaps)
     threshold = art.threshold if art.threshold is not None else 0.5
     splits = art.splits
@@ -739,6 +768,11 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
              len(unreadable.get(s, [])) if s in unreadable else art.metrics.get(s, {}).get("n_unreadable")]
             for s, c in counts.items()]
     facts = []
+    # `cxr evaluate` names its model in each split's metrics (model_id in later versions); training's metrics do not.
+    evaluated = list(dict.fromkeys(_model_name(m["model"], m.get("model_id")) for m in art.metrics.values()
+                                   if m.get("model")))
+    if evaluated:
+        facts.append(f"<li>model evaluated: {html.escape(', '.join(evaluated))}</li>")
     for key, name in (("stop_reason", "stopped"), ("epochs_run", "epochs run"), ("best_epoch", "best epoch"),
                       ("device", "device"), ("wall_seconds_this_session", "wall time (s)"), ("data", "data")):
         if summary.get(key) is not None:
@@ -831,7 +865,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             "probabilities are spread.")))
 
     pixels = _PixelSource(explainer.size)
-    model_note = "heatmaps: Grad-CAM" if explainer.net is not None else "no model: images shown without heatmaps"
+    model_note = ("heatmaps: Grad-CAM" if explainer.net is not None else "heatmaps off" if not heatmaps
+                  else "no model: images shown without heatmaps")
     try:
         if gsplit is not None:
             p = art.predictions[gsplit]
@@ -841,7 +876,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             sections.append(("examples", "Examples", _figure_html(
                 path, f"example images from {gsplit}",
                 f"Images from {html.escape(gsplit)}: the most confident right and wrong predictions (half from each "
-                "true class where possible) and the ones nearest the threshold. Blue frame and ✓: right; vermillion "
+                "true class where possible) and the ones nearest the threshold (only those nearer to it than to 0 "
+                "or 1; the confident rows show none of them). Blue frame and ✓: right; vermillion "
                 "frame and ✗: wrong. " + ("The heatmap (Grad-CAM on the last convolutional block, explaining the "
                                           "predicted class) shows which regions raised that class's score; it is not "
                                           "a segmentation of disease." if explainer.net is not None else ""))))
@@ -882,8 +918,16 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     if art.config:
         import yaml
 
-        sections.append(("config", "Configuration", "<details><summary>resolved config (config.yaml)</summary>"
-                         f"<pre>{html.escape(yaml.safe_dump(art.config, sort_keys=False))}</pre></details>"))
+        config = f"<pre>{html.escape(yaml.safe_dump(art.config, sort_keys=False))}</pre>"
+        if own_config:
+            sections.append(("config", "Configuration",
+                             f"<details><summary>resolved config (config.yaml)</summary>{config}</details>"))
+        else:
+            sections.append(("config", "Training configuration of the model", (
+                f"<p class='meta'>From the checkpoint {html.escape(_model_name(explainer.source))}: how that model was "
+                "trained. Its data and output are the training run's, not this evaluation's (the images evaluated "
+                "are in the predictions files).</p><details><summary>training config (from the checkpoint)</summary>"
+                f"{config}</details>")))
 
     report = out / "report.html"
     atomic_write_text(report, _html(art, sections, model_note))
