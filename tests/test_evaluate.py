@@ -154,6 +154,30 @@ def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_n():
     assert bootstrap_ci(np.ones(5, int), np.ones(5), 0.5)["auroc"] is None
 
 
+def test_rates_get_wilson_intervals_that_never_collapse_at_0_or_1(scores):
+    from scipy.stats import binomtest
+
+    from cxr.evaluate import confidence_intervals
+
+    labels, probs = np.array([0] * 10 + [1] * 10), np.r_[np.full(10, 0.1), np.full(9, 0.9), 0.2]
+    ci = confidence_intervals(labels, probs, 0.5, n_boot=200)
+    # 10 of 10 NORMAL right: Wilson's [0.72, 1], not the bootstrap's [1, 1]
+    assert ci["specificity"][0] == pytest.approx(0.7225, abs=1e-4) and ci["specificity"][1] == 1.0
+    assert ci["precision"][0] < 1.0 and ci["sensitivity"][0] < 0.9 < ci["sensitivity"][1]
+    wilson = binomtest(19, 20).proportion_ci(method="wilson")
+    assert ci["accuracy"] == [pytest.approx(wilson.low), pytest.approx(wilson.high)]
+    # AUROC is no proportion and keeps the bootstrap's interval
+    from cxr.evaluate import bootstrap_ci
+
+    assert ci["auroc"] == bootstrap_ci(labels, probs, 0.5, n_boot=200)["auroc"]
+    # every interval brackets its estimate on a larger, imperfect set too
+    labels, probs = scores
+    ci, point = confidence_intervals(labels, probs, 0.5, n_boot=200), compute_metrics(labels, probs, 0.5)
+    assert all(ci[k][0] <= point[k] <= ci[k][1] for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"))
+    # one class only: the rates it does not define have none
+    assert confidence_intervals(np.zeros(5, int), np.full(5, 0.1), 0.5, n_boot=50)["sensitivity"] is None
+
+
 def test_bootstrap_ci_of_a_one_class_set_covers_what_it_defines():
     # A folder of NORMAL images only (how often does the model cry wolf?): accuracy and specificity have intervals.
     from cxr.evaluate import bootstrap_ci

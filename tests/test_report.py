@@ -286,6 +286,7 @@ def test_report_for_an_evaluation_folder(tmp_path, report, caplog):
         text = make_report(folder, video=False, device="cpu").read_text()
         assert "Training curves" not in text and "Fly-through" not in text
         assert "Examples" in text and "ROC and precision-recall" in text
+        assert "Wilson score for accuracy" in text  # how write_evaluation's intervals were made
         assert ("without heatmaps" in text) is not with_model
         assert f"model evaluated: {model}" + (" (model_id 0123456789ab)" if with_model else "") in text
         # The config comes from the model's checkpoint when it is there, and says it is the training run's: its data

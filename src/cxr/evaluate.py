@@ -160,6 +160,36 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, n_b
             for k, v in values.items()}
 
 
+WILSON_METRICS = ("accuracy", "sensitivity", "specificity", "precision")
+CI_METHOD = ("Wilson score for accuracy, sensitivity, specificity and precision; percentile bootstrap of the images "
+             "for f1, auroc and auprc")
+
+
+def confidence_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, *, n_boot: int = 1000,
+                         seed: int = 0, level: float = 0.95) -> dict[str, list[float] | None]:
+    """95 % intervals of the main metrics (:data:`CI_METHOD`).
+
+    The four rates are binomial proportions at a fixed threshold, so they get Wilson score intervals: the percentile
+    bootstrap of a rate of 0 or 1 (193 of 193 NORMAL images right, say) is [1, 1], as if it were certain, where
+    Wilson gives [0.98, 1]. F1, AUROC and AUPRC are no proportions and keep :func:`bootstrap_ci`.
+    """
+    from scipy.stats import binomtest
+
+    ci = bootstrap_ci(labels, probs, threshold, n_boot=n_boot, seed=seed, level=level)
+    labels = np.asarray(labels, dtype=np.int64)
+    pred = (np.asarray(probs, dtype=np.float64) >= threshold).astype(np.int64)
+    tp, tn = int(np.sum((pred == 1) & (labels == 1))), int(np.sum((pred == 0) & (labels == 0)))
+    counts = {"accuracy": (tp + tn, len(labels)), "sensitivity": (tp, int(np.sum(labels == 1))),
+              "specificity": (tn, int(np.sum(labels == 0))), "precision": (tp, int(np.sum(pred == 1)))}
+    for k, (hits, n) in counts.items():
+        if n:
+            interval = binomtest(hits, n).proportion_ci(confidence_level=level, method="wilson")
+            ci[k] = [float(interval.low), float(interval.high)]
+        else:
+            ci[k] = None
+    return ci
+
+
 def write_predictions(path: str | os.PathLike, result: SplitResult, threshold: float) -> None:
     """``predictions_<split>.csv``: path, true label, P(PNEUMONIA), predicted label."""
     with atomic_path(path) as tmp, open(tmp, "w", **CSV_TEXT) as f:
@@ -173,7 +203,8 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
                      extra: dict | None = None, n_boot: int = 1000) -> dict:
     """Write ``metrics.json`` and one ``predictions_<split>.csv`` per split; return the metrics.
 
-    Each split's metrics include ``ci95``: bootstrap 95 % intervals (``n_boot`` resamples; 0 to skip).
+    Each split's metrics include ``ci95``, 95 % intervals by :func:`confidence_intervals` (``n_boot`` bootstrap
+    resamples; 0 to skip), and ``ci95_method``.
     """
     out = Path(out_dir)
     ensure_dir(out)
@@ -181,7 +212,8 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
     for r in results:
         metrics[r.name] = compute_metrics(r.labels, r.probs, threshold)
         if n_boot:
-            metrics[r.name]["ci95"] = bootstrap_ci(r.labels, r.probs, threshold, n_boot=n_boot)
+            metrics[r.name]["ci95"] = confidence_intervals(r.labels, r.probs, threshold, n_boot=n_boot)
+            metrics[r.name]["ci95_method"] = CI_METHOD
         if extra and r.name in extra:
             metrics[r.name].update(extra[r.name])
         write_predictions(out / f"predictions_{r.name}.csv", r, threshold)

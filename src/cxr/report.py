@@ -595,6 +595,15 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
     return _Explainer(net, cfg.image_size, cfg.mean, cfg.std, source=str(source))
 
 
+def _interval_note(metrics: dict) -> str:
+    if not any(m.get("ci95") for m in metrics.values()):
+        return ""
+    if any(m.get("ci95_method") for m in metrics.values()):
+        return ("Below each value: its 95 % interval, Wilson score for accuracy, sensitivity, specificity and "
+                "precision, a bootstrap of the images for F1, AUROC and AUPRC.")
+    return "Below each value: its 95 % bootstrap interval (images resampled)."  # metrics.json of cxr before 12/2026
+
+
 def _model_name(ref: str | os.PathLike | None, model_id: str | None = None) -> str:
     name = "the bundled model (default)" if str(ref) == "default" else str(ref)
     return f"{name} (model_id {model_id})" if model_id else name
@@ -818,8 +827,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                          f"<p class='meta'>At decision threshold P(pneumonia) ≥ {threshold:.3f}, {chosen}. "
                          "Sensitivity = recall of PNEUMONIA, specificity = recall of NORMAL; AUROC and AUPRC do not "
                          "depend on the threshold; ECE = expected calibration error (10 bins). "
-                         + ("Below each value: its 95 % bootstrap interval (images resampled)." if any(
-                             m.get("ci95") for m in art.metrics.values()) else "") + "</p>"))
+                         + _interval_note(art.metrics) + "</p>"))
 
     if art.history:
         best = summary.get("best_epoch")
