@@ -17,6 +17,13 @@ function fmt(p) {
   return Number(p).toFixed(3);
 }
 
+// A probability as `cxr predict` shows it (cxr.predict.prob_text): three decimals that never claim certainty.
+function probText(p) {
+  if (p > 0.9995) return ">0.999";
+  if (p < 0.0005) return "<0.001";
+  return fmt(p);
+}
+
 async function loadModelInfo() {
   const info = $("[data-testid=model-info]");
   try {
@@ -70,7 +77,7 @@ function render(card, res) {
   const label = $(".label", card);
   label.textContent = res.label;
   label.classList.add(res.label === "PNEUMONIA" ? "pos" : "neg");
-  $("[data-testid=probability]", card).textContent = fmt(res.probability);
+  $("[data-testid=probability]", card).textContent = probText(res.probability);
   const bar = $(".bar", card);
   bar.hidden = false;
   $(".fill", bar).style.width = `${(100 * res.probability).toFixed(1)}%`;
