@@ -120,14 +120,24 @@ def test_explain_files_writes_one_picture_per_readable_image(tmp_path):
         with Image.open(p) as im:
             assert im.format == "PNG" and im.width > 400 and im.height > 200
     rows = list(csv.DictReader((tmp_path / "out" / "explanations.csv").read_text().splitlines()))
-    assert [r["path"] for r in rows] == [str(FILES[0]), str(FILES[1])]
+    # Every file in input order; the unreadable one with its error, as in `cxr predict`'s file.
+    assert [r["path"] for r in rows] == [str(FILES[0]), str(broken), str(FILES[1])]
+    assert "broken.jpeg" in rows[1]["error"] and rows[1]["prob_pneumonia"] == rows[1]["output"] == ""
     # The same numbers `cxr predict` gives.
     from cxr.predict import predict_files
 
     preds = {p.path: p for p in predict_files(tmp_path / "model.pt", [FILES[0], FILES[1]], device="cpu")}
-    for r in rows:
+    for r in (rows[0], rows[2]):
         assert float(r["prob_pneumonia"]) == pytest.approx(preds[r["path"]].prob_pneumonia, abs=1e-5)
-        assert r["predicted"] == preds[r["path"]].label
+        assert r["predicted"] == preds[r["path"]].label and not r["error"]
+        assert (r["threshold"], r["model_id"]) == ("0.5", preds[r["path"]].model_id)
+
+    # Nothing readable: an error that names the file where each one is listed, not a silent empty result.
+    from cxr.errors import DataError
+
+    with pytest.raises(DataError, match="none of the 1 file"):
+        explain_files(tmp_path / "model.pt", [broken], tmp_path / "none", device="cpu")
+    assert "broken.jpeg" in (tmp_path / "none" / "explanations.csv").read_text()
 
 
 def test_explain_files_rejects_an_unknown_target(tmp_path):

@@ -153,9 +153,10 @@ class Explanation:
     """One explained file: where its picture went, and what the model said."""
 
     path: str
-    output: str
-    prob_pneumonia: float
-    predicted: str
+    output: str | None
+    prob_pneumonia: float | None
+    predicted: str | None
+    error: str | None = None  # why the file could not be read; the other fields are then None
 
 
 def _unique_name(path: Path, used: set[str]) -> str:
@@ -197,8 +198,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                   batch_size: int = 8) -> list[Path]:
     """Write one Grad-CAM picture (input beside overlay, with the prediction) per readable image file.
 
-    Also writes ``explanations.csv`` (path, prob_pneumonia, predicted, output) in ``output_dir``. Unreadable
-    files are logged and skipped.
+    Also writes ``explanations.csv`` (path, prob_pneumonia, predicted, output, error, threshold, model_id) in
+    ``output_dir``, one row per file in input order: an unreadable file is logged, and listed there with its error.
 
     Args:
         model: a checkpoint file or a run directory.
@@ -213,8 +214,9 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     Returns:
         The written picture paths, in input order.
     """
-    from cxr.errors import UsageError
+    from cxr.errors import DataError, UsageError
     from cxr.evaluate import predict_logits, probabilities
+    from cxr.export import model_id
     from cxr.fileio import check_writable
     from cxr.model import load_checkpoint, resolve_device, use_bf16, use_channels_last
     from cxr.predict import collect_files
@@ -243,15 +245,17 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    done: list[Explanation] = []
+    rows: list[Explanation] = []
     for start in range(0, len(files), batch_size):
-        images, good = [], []
+        images, good, failed = [], [], {}
         for f in files[start:start + batch_size]:
             try:
                 images.append(load_image(f, cfg.image_size, max_pixels=cfg.max_pixels))
                 good.append(f)
             except ImageError as e:
                 log.warning("skipping unreadable image: %s", e)
+                failed[f] = str(e)
+        rows.extend(Explanation(str(f), None, None, None, error=e) for f, e in failed.items())
         if not images:
             continue
         stack = np.stack(images)
@@ -267,10 +271,18 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
             title = (f"{f.name}\npredicted {ckpt.class_names[pred]}   P(pneumonia) {prob_text(prob)}   "
                      f"threshold {t:.3f}   heatmap: evidence for {ckpt.class_names[cls]}")
             _explanation_figure(im, heat, title=title, path=out)
-            done.append(Explanation(str(f), str(out), float(prob), ckpt.class_names[pred]))
+            rows.append(Explanation(str(f), str(out), float(prob), ckpt.class_names[pred]))
+    order = {str(f): i for i, f in enumerate(files)}
+    rows.sort(key=lambda e: order[e.path])
+    mid = model_id(ckpt)
     with atomic_path(out_dir / "explanations.csv") as tmp, open(tmp, "w", **CSV_TEXT) as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "prob_pneumonia", "predicted", "output"])
-        for e in done:
-            w.writerow([e.path, f"{e.prob_pneumonia:.6f}", e.predicted, e.output])
+        w.writerow(["path", "prob_pneumonia", "predicted", "output", "error", "threshold", "model_id"])
+        for e in rows:  # probabilities to the last bit, as `cxr predict` writes them
+            prob = "" if e.prob_pneumonia is None else repr(e.prob_pneumonia)
+            w.writerow([e.path, prob, e.predicted or "", e.output or "", e.error or "", repr(float(t)), mid])
+    done = [e for e in rows if e.error is None]
+    if files and not done:  # as `cxr predict`: nothing explained is no result
+        raise DataError(f"none of the {len(rows)} file(s) could be read (each error is in "
+                        f"{out_dir / 'explanations.csv'}); the first: {rows[0].error}")
     return [Path(e.output) for e in done]
