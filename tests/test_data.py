@@ -218,6 +218,22 @@ def test_carve_validation_is_patient_disjoint_stratified_and_seeded():
     assert carve_validation(pool, 0.2, seed=2) != (train, val)
 
 
+def test_one_image_per_patient_warns_only_when_the_names_give_no_patient(caplog):
+    # Kermany names read as patients, one image each (the bundled demo sample): patient-disjoint, no warning. Names
+    # that give no patient: the split can only be image-disjoint, and the user is told so.
+    kermany = [Sample(f"/x/person{p}_virus_{p}.jpeg", p % 2, patient_id(f"person{p}_virus_{p}.jpeg"), digest=str(p))
+               for p in range(40)]
+    unnamed = [Sample(f"/x/scan{p}.jpeg", p % 2, patient_id(f"scan{p}.jpeg"), digest=str(p)) for p in range(40)]
+    with caplog.at_level("INFO", logger="cxr.data"):
+        carve_validation(kermany, 0.2, seed=0)
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        assert "patient-disjoint" in caplog.text
+        caplog.clear()
+        carve_validation(unnamed, 0.2, seed=0)
+        (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert "only image-disjoint" in warning.getMessage() and "0 of 40 names" in warning.getMessage()
+
+
 def test_carve_validation_keeps_identical_images_together():
     pool = _pool(40, 1)
     # Two different "patients" with byte-identical images: must land on the same side for every seed.

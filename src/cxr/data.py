@@ -438,10 +438,16 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
             raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
                             "(use the dataset's own val folder with --val-source folder)")
     if len({s.patient for s in pool}) == len(pool):
-        log.warning("no two images share a patient id, so the carved validation split is only image-disjoint (and "
-                    "keeps byte-identical images together): if one patient has several images, validation results "
-                    "will be optimistic. Patient ids come from Kermany-style file names (person12_virus_3.jpeg); "
-                    "otherwise split by patient yourself and use --val-source folder")
+        parsed = sum(patient_id(Path(s.path).name) != Path(s.path).stem for s in pool)  # Kermany-style names
+        if parsed == len(pool):  # read, and simply one image per patient (a small sample, say): nothing to warn of
+            log.info("every patient id (from the Kermany-style file names) has one image: the validation split is "
+                     "patient-disjoint")
+        else:
+            log.warning("no two images share a patient id, so the carved validation split is only image-disjoint "
+                        "(and keeps byte-identical images together): if one patient has several images, validation "
+                        "results will be optimistic. Patient ids come from Kermany-style file names "
+                        "(person12_virus_3.jpeg; %d of %d names here); otherwise split by patient yourself and use "
+                        "--val-source folder", parsed, len(pool))
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     train_idx, val_idx = next(splitter.split(np.zeros(len(pool)), labels, groups))
     return [pool[i] for i in sorted(train_idx)], [pool[i] for i in sorted(val_idx)]
