@@ -98,6 +98,7 @@ def test_evaluate_reproduces_training_metrics(trained_run, tmp_path):
     import hashlib
 
     assert metrics["test"]["model_id"] == hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()[:12]
+    assert metrics["test"]["data"] == str((data / "test").resolve())
     (tmp_path / "eval" / "report.html").unlink()
     proc = cxr("report", tmp_path / "eval", "--no-video", "--device", "cpu")
     assert "heatmaps from" in proc.stderr and "without heatmaps" not in (tmp_path / "eval" / "report.html").read_text()

@@ -280,7 +280,7 @@ def test_report_for_an_evaluation_folder(tmp_path, report, caplog):
             shutil.copy(f, folder)
         # As `cxr evaluate` writes it; model_id is absent from the files of earlier versions.
         model = run / "best.pt" if with_model else tmp_path / "deleted.pt"
-        named = {"model": str(model), **({"model_id": "0123456789ab"} if with_model else {})}
+        named = {"model": str(model), **({"model_id": "0123456789ab", "data": "/xrays/test"} if with_model else {})}
         metrics = {s: {**m, **named} for s, m in json.loads((run / "metrics.json").read_text()).items()}
         (folder / "metrics.json").write_text(json.dumps(metrics))
         text = make_report(folder, video=False, device="cpu").read_text()
@@ -289,6 +289,7 @@ def test_report_for_an_evaluation_folder(tmp_path, report, caplog):
         assert "Wilson score for accuracy" in text  # how write_evaluation's intervals were made
         assert ("without heatmaps" in text) is not with_model
         assert f"model evaluated: {model}" + (" (model_id 0123456789ab)" if with_model else "") in text
+        assert ("data evaluated: /xrays/test" in text) is with_model
         # The config comes from the model's checkpoint when it is there, and says it is the training run's: its data
         # and output are not the evaluation's. It was shown as "resolved config (config.yaml)".
         assert ("image_size: 64" in text) is with_model

@@ -266,7 +266,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
                                    probabilities(logits)))
         failures[split.name] = {"n_unreadable": len(prepared.failures),
                                 "threshold_source": "model" if threshold is None else "given",
-                                "model": model_ref, "model_id": mid}
+                                "model": model_ref, "model_id": mid, "data": str(Path(data).resolve())}
     if not results:
         name, n, reason = unusable
         raise DataError(f"{data}: none of the {n} images of split {name!r} could be read (first: {reason})")
