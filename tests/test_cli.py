@@ -392,6 +392,12 @@ def test_predict_with_nothing_to_predict_exits_non_zero_in_one_line(tmp_path):
     assert [bool(r["error"]) and not r["label"] for r in read_csv(out)] == [True, True]  # the errors, kept
 
 
+def test_predict_on_onnx_runtime_refuses_a_gpu_instead_of_ignoring_it(tmp_path, tiny_dataset):
+    image = next((tiny_dataset / "test" / "NORMAL").iterdir())
+    _one_line_error(cxr("predict", "--model", tmp_path / "m.onnx", "--device", "cuda", image, check=False),
+                    "--backend onnx runs on the CPU")
+
+
 def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, tiny_dataset):
     # A folder cannot be made under a file: each command says so at once (one line, nothing else logged, so no
     # prediction, evaluation or export ran first), instead of after minutes of work.

@@ -57,8 +57,10 @@ def test_weights_file_that_does_not_fit(tmp_path):
 
 
 def test_weights_path_missing():
-    with pytest.raises(UsageError, match="expected 'imagenet', 'none', 'default'"):
+    with pytest.raises(UsageError, match="no such file or directory; expected 'imagenet', 'none', 'default'"):
         build_model("densenet121", "/no/such/weights.pth")
+    with pytest.raises(UsageError, match=r"'imagnet': expected 'imagenet'"):  # a misspelt name is no missing file
+        build_model("densenet121", "imagnet")
 
 
 def test_a_cxr_model_as_starting_weights_is_taken_whole(tmp_path):

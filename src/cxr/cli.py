@@ -238,12 +238,10 @@ def _report_after(folder, **kwargs) -> None:
     if not env_info().main:
         return
     try:
-        path = make_report(folder, **kwargs)
+        make_report(folder, **kwargs)
     except CxrError as e:
         log.warning("the report could not be made (%s); the results are in %s. Retry: cxr report %s", e, folder,
-                    folder)
-    else:
-        log.info("report: %s", path)
+                    folder)  # make_report logs where it wrote the report
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -322,6 +320,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         mine = select_shard(files, shard)
         if _backend(args) == "onnx":
             from cxr.onnx_backend import predict_files_onnx  # no torch for an .onnx file
+
+            if args.device not in ("auto", "cpu"):  # as `cxr serve`: not ignored in silence
+                raise UsageError("--backend onnx runs on the CPU; drop --device or use --device cpu")
 
             preds = predict_files_onnx(args.model, mine, threshold=args.threshold, batch_size=args.batch_size,
                                        threads=args.threads)

@@ -51,5 +51,6 @@ def run_demo(output: str = "runs/demo", *, epochs: int = 8, device: str = "auto"
     right = sum((p.label == Path(p.path).parent.name) for p in preds if p.label)
     log.info("demo: predicted the %d held-out sample images, %d right; artifacts in %s", len(preds), right, run_dir)
     log.info("report: %s (open it in a browser)", make_report(run_dir, device=device))
-    log.info("next: cxr evaluate --model %s --data %s --output %s/eval", run_dir, SAMPLE_DIR / "test", run_dir)
+    # Not inside run_dir: the next `cxr demo` starts by deleting it.
+    log.info("next: cxr evaluate --model %s --data %s --output %s-eval", run_dir, SAMPLE_DIR / "test", run_dir)
     return run_dir

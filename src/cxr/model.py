@@ -119,8 +119,10 @@ def _starting_weights(weights: str) -> Checkpoint | dict[str, torch.Tensor] | No
     if weights in ("imagenet", "none"):
         return None
     if weights != "default" and not Path(weights).exists():
-        raise UsageError(f"--weights {weights!r}: expected 'imagenet', 'none', 'default' (the bundled model), a run "
-                         "directory, or the path of a cxr model or state dict file")
+        looks_like_a_path = any(c in weights for c in "/\\.")
+        raise UsageError(f"--weights {weights!r}: " + ("no such file or directory; " if looks_like_a_path else "")
+                         + "expected 'imagenet', 'none', 'default' (the bundled model), a run directory, or the path "
+                         "of a cxr model or state dict file")
     path = resolve_model_path(weights, flag="--weights")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
