@@ -169,6 +169,18 @@ def test_roc_pr_legend_keys_look_like_what_is_drawn():
             assert looks(in_legend) == looks(drawn), (names, ax.get_title())
 
 
+def test_roc_pr_of_one_class_only_says_why_it_is_empty():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_roc_pr([SplitPredictions("normals", ["a.png", "b.png"], np.array([0, 0]), np.array([0.1, 0.7]))],
+                          0.5)
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.texts] == ["undefined: normals holds one class only"]
+    assert fig.axes[1].get_legend() is None  # it was an empty box
+
+
 def test_margin_is_relative_to_the_threshold():
     np.testing.assert_allclose(margin(np.array([0.0, 0.2, 0.8, 1.0]), 0.8), [1.0, 0.75, 0.0, 1.0])
 

@@ -384,7 +384,11 @@ def plot_roc_pr(predictions: Sequence[SplitPredictions], threshold: float):
             points.append(Line2D([], [], linestyle="none", marker=marker, color=colour, markersize=7,
                                  markeredgecolor="black"))
             chance.append(Line2D([], [], linestyle=":", color=colour, linewidth=1))
+        one_class = [p.name for p in predictions if len(np.unique(p.labels)) < 2]
         for ax in (ax_roc, ax_pr):
+            if one_class and not points:  # nothing drawn: say why rather than show empty axes
+                ax.text(0.5, 0.5, f"undefined: {', '.join(one_class)} holds one class only", ha="center",
+                        va="center", fontsize=10, parse_math=False)
             ax.set_xlim(-0.02, 1.02)
             ax.set_ylim(-0.02, 1.02)
             ax.set_aspect("equal")
@@ -401,7 +405,8 @@ def plot_roc_pr(predictions: Sequence[SplitPredictions], threshold: float):
                 if artists:
                     handles.append(tuple(artists))
                     labels.append(label)
-            ax.legend(handles, labels, loc=loc, handler_map={tuple: HandlerTuple(ndivide=None)})
+            if handles:  # none in the precision-recall panel of one-class splits: no empty box
+                ax.legend(handles, labels, loc=loc, handler_map={tuple: HandlerTuple(ndivide=None)})
     return fig
 
 
@@ -472,7 +477,8 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
             sub.suptitle(f"{name} ({display_name(split)})", fontsize=12, fontweight="bold", x=0.02, ha="left",
                          parse_math=False)
             if not tiles:
-                sub.text(0.02, 0.1, "no images in this group", fontsize=10, va="bottom")
+                empty = "no image near the threshold" if name == "borderline" else "no images in this group"
+                sub.text(0.02, 0.1, empty, fontsize=10, va="bottom")
                 continue
             axes = np.atleast_1d(sub.subplots(math.ceil(len(tiles) / columns), columns)).reshape(-1)
             for ax in axes:
