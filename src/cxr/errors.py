@@ -39,9 +39,12 @@ class WriteError(CxrError, OSError):
     def __init__(self, errno: int | None, reason: str, path: str) -> None:  # OSError's order, so it pickles
         super().__init__(errno, reason, path)
 
+    replacing = True  # False for cxr.fileio.check_writable's probe, made before any output exists
+
     def __str__(self) -> str:
         reason = self.strerror or "write failed"
-        return f"cannot write {self.filename}: {reason}; the existing file, if any, is unchanged"
+        kept = "; the existing file, if any, is unchanged" if self.replacing else ""
+        return f"cannot write {self.filename}: {reason}{kept}"
 
     @classmethod
     def from_os_error(cls, path: str | object, e: OSError) -> WriteError:

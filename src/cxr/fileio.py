@@ -76,7 +76,9 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise WriteError.from_os_error(target, e) from e
+        error = WriteError.from_os_error(target, e)
+        error.replacing = False
+        raise error from e
     return target
 
 
