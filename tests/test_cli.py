@@ -392,6 +392,19 @@ def test_predict_with_nothing_to_predict_exits_non_zero_in_one_line(tmp_path):
     assert [bool(r["error"]) and not r["label"] for r in read_csv(out)] == [True, True]  # the errors, kept
 
 
+def test_shards_that_read_nothing_pass_and_their_merge_says_so(tmp_path):
+    # A shard alone may hold only bad files and is not judged; the merged whole is, as one unsharded run would be.
+    bad = [tmp_path / "a.jpeg", tmp_path / "b.png"]
+    for f in bad:
+        f.write_bytes(b"")
+    out = tmp_path / "p.csv"
+    for i in range(2):
+        cxr("predict", *bad, "--shard", f"{i}/2", "--output", out)
+    proc = cxr("merge", out, check=False)
+    assert proc.returncode == 2 and "none of the 2 file(s) could be read" in proc.stderr.splitlines()[-1]
+    assert [r["error"] != "" for r in read_csv(out)] == [True, True]
+
+
 def test_predict_on_onnx_runtime_refuses_a_gpu_instead_of_ignoring_it(tmp_path, tiny_dataset):
     image = next((tiny_dataset / "test" / "NORMAL").iterdir())
     _one_line_error(cxr("predict", "--model", tmp_path / "m.onnx", "--device", "cuda", image, check=False),

@@ -135,9 +135,15 @@ def test_explain_files_writes_one_picture_per_readable_image(tmp_path):
     # Nothing readable: an error that names the file where each one is listed, not a silent empty result.
     from cxr.errors import DataError
 
-    with pytest.raises(DataError, match="none of the 1 file"):
-        explain_files(tmp_path / "model.pt", [broken], tmp_path / "none", device="cpu")
-    assert "broken.jpeg" in (tmp_path / "none" / "explanations.csv").read_text()
+    with pytest.raises(DataError, match="none of the 2 file"):  # named twice, listed twice
+        explain_files(tmp_path / "model.pt", [broken, broken], tmp_path / "none", device="cpu")
+    assert (tmp_path / "none" / "explanations.csv").read_text().count("broken.jpeg") == 4  # path and error, twice
+    from cxr.errors import UsageError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no image files in"):
+        explain_files(tmp_path / "model.pt", [tmp_path / "empty"], tmp_path / "out-empty", device="cpu")
+    assert not (tmp_path / "out-empty").exists()
 
 
 def test_explain_files_rejects_an_unknown_target(tmp_path):

@@ -223,6 +223,12 @@ def test_select_examples_in_small_sets_keep_borderline_and_confident_apart():
     assert len(groups["borderline"]) == 4 and max(m[groups["borderline"]]) < 0.5
     assert min(m[groups["most confident right"] + groups["most confident wrong"]]) > max(m[groups["borderline"]])
 
+    # Every error near the threshold: they still fill the row of errors (an empty one read as "no errors"), and
+    # are not shown twice.
+    labels, probs = np.array([0, 0, 0, 1, 1, 1, 1, 1]), np.array([0.05, 0.1, 0.55, 0.45, 0.9, 0.95, 0.97, 0.99])
+    groups = select_examples(labels, probs, threshold=0.5, per_group=4)
+    assert sorted(groups["most confident wrong"]) == [2, 3] and groups["borderline"] == []
+
 
 def test_select_examples_with_no_wrong_predictions():
     groups = select_examples(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8]), 0.5, per_group=4)

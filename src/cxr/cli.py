@@ -337,9 +337,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         if show and not info.active:
             _print_predictions(preds, DISCLAIMER)
         bad = sum(p.error is not None for p in preds)
-        # Nothing predicted (a shard may hold no file, or only bad ones: the merge counts them): the one line below,
-        # and a non-zero status, so that a script does not take it for a result. The file still lists the errors.
-        nothing = bad == len(preds) and not shard
+        nothing = bad == len(preds) and not shard  # see _refuse_if_nothing_predicted
         n_pos = sum(p.label == "PNEUMONIA" for p in preds)
         where = f"shard {shard[0]}/{shard[1]}: " if shard else ""
         if not nothing:
@@ -359,13 +357,21 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                 if info.main:
                     merged = merge_shards(args.output, remove=True)
                     log.info("merged %d shards into %s (%d files)", info.world, args.output, len(merged))
+                    _refuse_if_nothing_predicted(merged, args.output)
             elif shard:
                 log.info("when every shard is done: cxr merge %s", args.output)
         if nothing:
-            listed = f" (each error is in {args.output})" if args.output else ""
-            raise DataError(f"none of the {bad} file(s) could be read{listed}; the first: {preds[0].error}")
+            _refuse_if_nothing_predicted(preds, args.output)
     finally:
         shutdown()
+
+
+def _refuse_if_nothing_predicted(preds: list, output: str | None) -> None:
+    """Every file unreadable: one line and exit 2, so that a script does not take it for a result (the errors are
+    in ``output``, when given). A shard alone is not judged: it may hold no file, or only bad ones; the merge is."""
+    if preds and all(p.error is not None for p in preds):
+        listed = f" (each error is in {output})" if output else ""
+        raise DataError(f"none of the {len(preds)} file(s) could be read{listed}; the first: {preds[0].error}")
 
 
 def _print_predictions(preds, caption: str) -> None:
@@ -398,6 +404,7 @@ def _cmd_merge(args: argparse.Namespace) -> None:
 
     merged = merge_shards(args.output, remove=args.remove_parts)
     log.info("wrote %s (%d files)", args.output, len(merged))
+    _refuse_if_nothing_predicted(merged, args.output)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:

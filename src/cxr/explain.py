@@ -225,9 +225,9 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     # Not the output folder: explaining a folder twice into a folder inside it would read the first run's figures
     # back as X-rays.
     files = collect_files(list(paths), skip=Path(output_dir))
+    if not files:  # as `cxr predict`
+        raise UsageError(f"no image files in {', '.join(map(str, paths))}")
     check_writable(output_dir, folder=True)  # now, not after the heatmaps
-    if not files:
-        log.warning("no image files found in %s", ", ".join(map(str, paths)))
     ckpt = load_checkpoint(model)
     names = [c.upper() for c in ckpt.class_names]
     if target.upper() not in names and target != "predicted":
@@ -247,15 +247,15 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     used: set[str] = set()
     rows: list[Explanation] = []
     for start in range(0, len(files), batch_size):
-        images, good, failed = [], [], {}
+        images, good, failed = [], [], []  # a list: a file named twice is listed twice, read or not
         for f in files[start:start + batch_size]:
             try:
                 images.append(load_image(f, cfg.image_size, max_pixels=cfg.max_pixels))
                 good.append(f)
             except ImageError as e:
                 log.warning("skipping unreadable image: %s", e)
-                failed[f] = str(e)
-        rows.extend(Explanation(str(f), None, None, None, error=e) for f, e in failed.items())
+                failed.append(Explanation(str(f), None, None, None, error=str(e)))
+        rows.extend(failed)
         if not images:
             continue
         stack = np.stack(images)
@@ -273,7 +273,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
             _explanation_figure(im, heat, title=title, path=out)
             rows.append(Explanation(str(f), str(out), float(prob), ckpt.class_names[pred]))
     order = {str(f): i for i, f in enumerate(files)}
-    rows.sort(key=lambda e: order[e.path])
+    rows.sort(key=lambda e: order[e.path])  # stable: a file named twice keeps both rows
     mid = model_id(ckpt)
     with atomic_path(out_dir / "explanations.csv") as tmp, open(tmp, "w", **CSV_TEXT) as fh:
         w = csv.writer(fh)

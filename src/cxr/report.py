@@ -221,18 +221,17 @@ def select_examples(labels: np.ndarray, probs: np.ndarray, threshold: float,
                     per_group: int = 4) -> dict[str, list[int]]:
     """Indices of informative examples: most confident right, most confident wrong, borderline.
 
-    "Confident" is :func:`margin`. Borderline are chosen first: the images nearest the threshold, but only those
-    nearer to it than to 0 or 1 (margin below ``BORDERLINE_MARGIN``), so a small set with no image near the threshold
-    leaves the group empty rather than filling it with sure ones. Right and wrong then take the most confident of the
-    rest, half from each true class where they can, so one class cannot fill the row.
+    "Confident" is :func:`margin`. Wrong are chosen first, so that a row of errors is never empty while there are
+    errors, even when all of them lie near the threshold. Borderline come next: the images nearest the threshold,
+    but only those nearer to it than to 0 or 1 (margin below ``BORDERLINE_MARGIN``), so a small set with no image
+    near the threshold leaves the group empty rather than filling it with sure ones. Right take the most confident of
+    the rest, so an image sitting on the threshold is not shown as a sure one. Right and wrong take half from each
+    true class where they can, so one class cannot fill the row. No image is in two groups.
     """
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
     m = margin(probs, threshold)
     right = (probs >= threshold).astype(np.int64) == labels
-    # Picked first: in a small set the confident rows would otherwise take an image sitting on the threshold.
-    near = [int(i) for i in np.argsort(m, kind="stable") if m[i] < BORDERLINE_MARGIN][:per_group]
     free = np.ones(len(m), bool)
-    free[near] = False
 
     def confident(mask: np.ndarray) -> list[int]:
         mask = mask & free
@@ -244,7 +243,11 @@ def select_examples(labels: np.ndarray, probs: np.ndarray, threshold: float,
         chosen += rest[: per_group - len(chosen)]
         return sorted(chosen, key=lambda i: -m[i])
 
-    return {"most confident right": confident(right), "most confident wrong": confident(~right), "borderline": near}
+    wrong = confident(~right)
+    free[wrong] = False
+    near = [int(i) for i in np.argsort(m, kind="stable") if free[i] and m[i] < BORDERLINE_MARGIN][:per_group]
+    free[near] = False
+    return {"most confident right": confident(right), "most confident wrong": wrong, "borderline": near}
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -477,7 +480,7 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
             sub.suptitle(f"{name} ({display_name(split)})", fontsize=12, fontweight="bold", x=0.02, ha="left",
                          parse_math=False)
             if not tiles:
-                empty = "no image near the threshold" if name == "borderline" else "no images in this group"
+                empty = "no other image near the threshold" if name == "borderline" else "no images in this group"
                 sub.text(0.02, 0.1, empty, fontsize=10, va="bottom")
                 continue
             axes = np.atleast_1d(sub.subplots(math.ceil(len(tiles) / columns), columns)).reshape(-1)
@@ -894,10 +897,11 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                 path, f"example images from {gsplit}",
                 f"Images from {html.escape(gsplit)}: the most confident right and wrong predictions (half from each "
                 "true class where possible) and the ones nearest the threshold (only those nearer to it than to 0 "
-                "or 1; the confident rows show none of them). Blue frame and ✓: right; vermillion "
-                "frame and ✗: wrong. " + ("The heatmap (Grad-CAM on the last convolutional block, explaining the "
-                                          "predicted class) shows which regions raised that class's score; it is not "
-                                          "a segmentation of disease." if explainer.net is not None else ""))))
+                "or 1, and not already among the wrong; the right row shows none of them). Blue frame and ✓: "
+                "right; vermillion frame and ✗: wrong. "
+                + ("The heatmap (Grad-CAM on the last convolutional block, explaining the predicted class) shows "
+                   "which regions raised that class's score; it is not a segmentation of disease."
+                   if explainer.net is not None else ""))))
 
         if video and vsplit is not None:
             p = art.predictions[vsplit]
