@@ -160,7 +160,6 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, n_b
             for k, v in values.items()}
 
 
-WILSON_METRICS = ("accuracy", "sensitivity", "specificity", "precision")
 CI_METHOD = ("Wilson score for accuracy, sensitivity, specificity and precision; percentile bootstrap of the images "
              "for f1, auroc and auprc")
 
