@@ -531,3 +531,27 @@ def test_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch, fsyn
         tmp.write_text("done")
     assert (tmp_path / "out.txt").read_text() == "done"
     assert synced == (["file", "folder"] if fsync else [])
+
+
+def test_a_run_refused_after_the_write_check_leaves_no_empty_output_folder(tmp_path, tiny_dataset, capsys):
+    # The write check creates the output folder to try it; a run that then fails (no data, no model) leaves none.
+    from cxr.fileio import check_writable
+
+    base = tmp_path / "out"
+    base.mkdir()
+
+    assert check_writable(base / "a" / "b", folder=True) == base / "a" / "b"
+    check_writable(base / "c" / "out.csv")
+    assert sorted(p.name for p in base.iterdir()) == []
+    (base / "kept").mkdir()
+    check_writable(base / "kept", folder=True)
+    assert (base / "kept").is_dir()  # a folder that was there stays
+
+    for argv in (["evaluate", "--model", "default", "--data", str(base / "nosuch"), "--output",
+                  str(base / "ev" / "out"), "--device", "cpu", "--no-report"],
+                 ["explain", "--model", str(base / "nosuch.pt"), "--output", str(base / "ex"),
+                  str(tiny_dataset / "test")]):
+        assert cxr_main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "nosuch" in err[-1] and "Traceback" not in "\n".join(err)
+    assert sorted(p.name for p in base.iterdir()) == ["kept"]

@@ -63,11 +63,13 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
 def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
     """Fail now, before the work, where the output ``path`` (a file, or a ``folder``) could not be written later.
 
-    Creates the folder (or the file's folder) and a temporary file in it, then removes the file. An ``OSError``
-    comes out as :class:`~cxr.errors.WriteError`, naming ``path``.
+    Creates the folder (or the file's folder) and a temporary file in it, then removes the file and the folders it
+    created, so that a run that fails later leaves no empty output folder behind (the writers create their folders
+    again). An ``OSError`` comes out as :class:`~cxr.errors.WriteError`, naming ``path``.
     """
     target = Path(path)
     where = target if folder else target.parent
+    created = [p for p in (where, *where.parents) if not p.exists()]  # deepest first
     try:
         if not folder and target.is_dir():
             raise IsADirectoryError(errno.EISDIR, "a folder is there, not a file")
@@ -79,6 +81,10 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
         error = WriteError.from_os_error(target, e)
         error.replacing = False
         raise error from e
+    finally:
+        for p in created:
+            with contextlib.suppress(OSError):  # not empty: another process wrote there meanwhile; keep it
+                p.rmdir()
     return target
 
 
