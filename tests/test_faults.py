@@ -555,3 +555,20 @@ def test_a_run_refused_after_the_write_check_leaves_no_empty_output_folder(tmp_p
         err = capsys.readouterr().err.strip().splitlines()
         assert "nosuch" in err[-1] and "Traceback" not in "\n".join(err)
     assert sorted(p.name for p in base.iterdir()) == ["kept"]
+
+
+def test_a_new_run_whose_data_fails_leaves_no_run_directory(tmp_path, tiny_dataset, capsys):
+    # Before, OUTPUT/config.yaml stayed behind after "no train split", and looked like a run to --resume.
+    run = tmp_path / "runs" / "new"
+    code = cxr_main(["train", "--data", str(tiny_dataset / "test"), "--output", str(run), "--device", "cpu",
+                     "--no-report"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "no train split" in err[-1] and "Traceback" not in "\\n".join(err)
+    assert not run.exists() and not (tmp_path / "runs").exists()
+
+    # A folder that was there already is kept, without what the failed run wrote into it.
+    run.mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    assert cxr_main(["train", "--data", str(tiny_dataset / "test"), "--output", str(run), "--device", "cpu",
+                     "--no-report"]) == 2
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]

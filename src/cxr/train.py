@@ -15,6 +15,7 @@ Run directory (``cfg.output``)::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -51,7 +52,7 @@ from cxr.distributed import init as init_distributed
 from cxr.distributed import shutdown as shutdown_distributed
 from cxr.errors import CxrError, DataError, UsageError
 from cxr.evaluate import SplitResult, choose_threshold, predict_logits, probabilities, write_evaluation
-from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, ensure_dir, remove_stale_temps
+from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, check_writable, ensure_dir, remove_stale_temps
 from cxr.model import (
     Checkpoint,
     autocast,
@@ -518,12 +519,15 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {info.world} processes")
     if not info.main:
         logging.getLogger("cxr").setLevel(logging.WARNING)  # one log, from rank 0
+    made_dirs: list[Path] = []  # the run directory and parents this run creates, deepest first
     if info.main:
+        check_writable(run_dir, folder=True)  # a read-only output fails now, not after the cache build
+        made_dirs = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
         ensure_dir(run_dir)
         if resumed:
             for p in remove_stale_temps(run_dir):  # left by a process killed while writing
                 log.info("removed %s, a partial write from the interrupted run", p.name)
-        if not resumed:
+        else:  # now: a run killed during its cache build can be resumed
             save_config(cfg, run_dir / "config.yaml")
     if resumed and not Path(cfg.data).is_absolute() and not Path(cfg.data).exists():
         raise DataError(f"{run_dir / 'config.yaml'}: data: {cfg.data} is relative to the folder the run was started "
@@ -534,19 +538,29 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     torch.backends.cudnn.benchmark = not cfg.deterministic
     bf16, channels_last = use_bf16(cfg, device), use_channels_last(cfg, device)
 
-    with local_main_first(info):  # one hashing and cache build per node; the node's other ranks reuse them
-        splits = split_dataset(cfg, run_dir, resumed, write=info.main)
-        if info.active:  # the pixels once per node, in one file every rank maps, not once per rank
-            prepared = {name: prepare_shared(split, cfg, build=info.local_rank == 0) for name, split in splits.items()}
-        else:
-            prepared = {name: prepare(split, cfg) for name, split in splits.items()}
+    try:
+        with local_main_first(info):  # one hashing and cache build per node; the node's other ranks reuse them
+            splits = split_dataset(cfg, run_dir, resumed, write=info.main)
+            if info.active:  # the pixels once per node, in one file every rank maps, not once per rank
+                prepared = {name: prepare_shared(split, cfg, build=info.local_rank == 0)
+                            for name, split in splits.items()}
+            else:
+                prepared = {name: prepare(split, cfg) for name, split in splits.items()}
+        for name in ("train", "val"):
+            if len(prepared[name].labels) == 0 or len(set(prepared[name].labels.tolist())) < 2:
+                raise DataError(f"the {name} split has too few readable images of each class "
+                                f"({len(prepared[name].failures)} unreadable)")
+    except Exception:
+        if info.main and not resumed:  # a new run refused for its data leaves no run directory to mistake for one
+            for name in ("split.csv", "config.yaml"):
+                (run_dir / name).unlink(missing_ok=True)
+            for p in made_dirs:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+        raise
     if resumed and info.main:
         # Only now: a resume that fails its checks (its data moved, say) leaves the run's config as it was.
         save_config(cfg, run_dir / "config.yaml")
-    for name in ("train", "val"):
-        if len(prepared[name].labels) == 0 or len(set(prepared[name].labels.tolist())) < 2:
-            raise DataError(f"the {name} split has too few readable images of each class "
-                            f"({len(prepared[name].failures)} unreadable)")
     summary = {
         "data": cfg.data,
         "counts": {n: dict(zip(CLASS_NAMES, np.bincount(p.labels, minlength=2).tolist(), strict=True))
