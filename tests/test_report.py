@@ -20,7 +20,7 @@ from cxr.config import load_config, save_config
 from cxr.demo import SAMPLE_DIR
 from cxr.errors import UsageError
 from cxr.evaluate import SplitResult, write_evaluation
-from cxr.model import Checkpoint, build_model, save_checkpoint
+from cxr.model import Checkpoint, build_model, load_checkpoint, save_checkpoint
 from cxr.report import (
     DISCLAIMER,
     SplitPredictions,
@@ -320,6 +320,21 @@ def test_report_for_an_evaluation_folder(tmp_path, report, caplog):
         text = make_report(tmp_path / "eval-True", video=False, heatmaps=False, device="cpu").read_text()
     assert "heatmaps from" not in caplog.text and "heatmaps off" in text and "Grad-CAM" not in text
     assert "Training configuration of the model" in text
+
+    # --model names another model than the one measured (model_id 0123456789ab): said, on the page and in the log.
+    from cxr.export import model_id
+
+    real = model_id(load_checkpoint(run / "best.pt"))
+    for measured in ("0123456789ab", real):
+        folder = tmp_path / "eval-True"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({s: {**m, "model_id": measured} for s, m in metrics.items()}))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="cxr.report"):
+            text = make_report(folder, model=run / "best.pt", video=False, heatmaps=False, device="cpu").read_text()
+        other = measured != real
+        assert ("is not the model that" in caplog.text) is other
+        assert (f"images drawn with another model</strong>: {run / 'best.pt'} (model_id {real})" in text) is other
 
 
 def test_report_output_elsewhere_and_split_choice(tmp_path, report):

@@ -563,6 +563,7 @@ class _Explainer:
     std: float
     batch_size: int = 16
     source: str | None = None  # the checkpoint read, for the heatmaps and the image size
+    other_model_id: str | None = None  # that checkpoint's model_id, when it is not the model the metrics measured
 
     def heatmaps(self, images: np.ndarray, classes: np.ndarray) -> list[np.ndarray | None]:
         if self.net is None or not len(images):
@@ -601,7 +602,18 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
     if art.config is None:
         art.config = cfg.to_dict()
     net = ckpt.build(resolve_device(device)) if heatmaps else None
-    return _Explainer(net, cfg.image_size, cfg.mean, cfg.std, source=str(source))
+    other = None
+    measured = sorted({m["model_id"] for m in art.metrics.values() if isinstance(m, dict) and m.get("model_id")})
+    if model is not None and measured:  # an evaluation's report, drawn with a --model given: the same one?
+        from cxr.export import model_id
+
+        mid = model_id(ckpt)
+        if mid not in measured:
+            other = mid
+            log.warning("report: --model %s (model_id %s) is not the model that %s measured (model_id %s): its "
+                        "heatmaps and preprocessing are shown beside another model's figures", source, mid, art.root,
+                        ", ".join(measured))
+    return _Explainer(net, cfg.image_size, cfg.mean, cfg.std, source=str(source), other_model_id=other)
 
 
 def _interval_note(metrics: dict) -> str:
@@ -791,6 +803,10 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                                    if m.get("model")))
     if evaluated:
         facts.append(f"<li>model evaluated: {html.escape(', '.join(evaluated))}</li>")
+    if explainer.other_model_id:
+        facts.append(f"<li><strong>images drawn with another model</strong>: "
+                     f"{html.escape(_model_name(explainer.source, explainer.other_model_id))}, given by --model; its "
+                     "heatmaps are not those of the model evaluated</li>")
     sources = list(dict.fromkeys(m["data"] for m in art.metrics.values() if m.get("data") and "model" in m))
     if sources:
         facts.append(f"<li>data evaluated: {html.escape(', '.join(sources))}</li>")
