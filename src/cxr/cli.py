@@ -73,7 +73,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="run directory (default runs/cxr)")
     p.add_argument("--config", help="YAML file of config fields; flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint, or "
-                   "extend one (only --epochs, --device, --swa-epochs, --swa-lr and --num-workers may change)")
+                   "extend one (of the run's settings only --epochs, --device, --swa-epochs, --swa-lr and --num-workers may "
+                   "change; --no-report applies as usual)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int, help="square side in pixels (default 224)")
