@@ -497,6 +497,20 @@ def test_wrong_usage_is_one_line_and_non_zero(args, tmp_path):
     assert proc.returncode == 2
 
 
+def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
+    # It was "cxr: error: unrecognized arguments: --no-heatmaps (see cxr --help)", naming no subcommand.
+    from cxr.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--data", "x", "--output", "y", "--no-heatmaps"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("cxr evaluate: error: unrecognized arguments: --no-heatmaps "
+                                       "(see cxr evaluate --help)\n")
+    with pytest.raises(SystemExit):
+        main(["--bogus"])
+    assert capsys.readouterr().err == "cxr: error: unrecognized arguments: --bogus (see cxr --help)\n"
+
+
 @pytest.mark.parametrize("yaml_text, says", [
     ("class_weights:\n", "class_weights has no value"),  # was None: the class-weighted loss silently off
     ("patience: ~\n", "patience has no value"),

@@ -73,8 +73,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="run directory (default runs/cxr)")
     p.add_argument("--config", help="YAML file of config fields; flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint, or "
-                   "extend one (of the run's settings only --epochs, --device, --swa-epochs, --swa-lr and --num-workers may "
-                   "change; --no-report applies as usual)")
+                   "extend one (of the run's settings only --epochs, --device, --swa-epochs, --swa-lr and "
+                   "--num-workers may change; --no-report applies as usual)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int, help="square side in pixels (default 224)")
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--epochs", type=_count(1), default=8)
     p.add_argument("--device", default="auto")
+    parser.commands = sub  # main() names a subcommand's unknown flags through its own parser
     return parser
 
 
@@ -471,7 +472,9 @@ def _backend(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cxr`` console script. Returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the subcommand's parser: "cxr evaluate: error: ... (see cxr evaluate --help)"
+        parser.commands.choices.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     # cxr's own messages at INFO; other libraries' only from WARNING (onnxscript, say, logs a dozen INFO lines per
     # export).
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
