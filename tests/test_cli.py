@@ -83,9 +83,14 @@ def test_split_csv_is_patient_disjoint(trained_run):
 
 def test_evaluate_reproduces_training_metrics(trained_run, tmp_path):
     data, run, _ = trained_run
-    proc = cxr("evaluate", "--model", run, "--data", data / "test", "--output", tmp_path / "eval", "--device", "cpu")
+    # --amp auto: the precision training evaluated in (bf16 on a CPU with fast bf16), so its metrics come back exactly.
+    proc = cxr("evaluate", "--model", run, "--data", data / "test", "--output", tmp_path / "eval", "--device", "cpu",
+               "--amp", "auto")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert list(metrics) == ["test"]
+    from cxr.model import cpu_has_fast_bf16
+
+    assert metrics["test"]["inference_dtype"] == ("bfloat16" if cpu_has_fast_bf16() else "float32")
     trained = json.loads((run / "metrics.json").read_text())["test"]
     assert metrics["test"]["confusion_matrix"] == trained["confusion_matrix"]
     for key in ("accuracy", "auroc", "threshold"):
@@ -110,6 +115,7 @@ def test_evaluate_threshold_override(trained_run, tmp_path):
         "--no-report")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test"]["threshold"] == 0 and metrics["test"]["recall"] == 1.0
+    assert metrics["test"]["inference_dtype"] == "float32"  # by default, on every machine
     assert metrics["test"]["specificity"] == 0.0
 
 

@@ -292,3 +292,19 @@ def test_bf16_is_not_chosen_on_gpus_that_only_emulate_it(monkeypatch):
     assert use_bf16(Config(amp="on"), torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
     assert use_bf16(Config(), torch.device("cuda"))
+
+
+def test_exact_fp32_switches_tf32_off_on_cuda_and_puts_it_back():
+    # cuDNN runs "fp32" convolutions in TF32 by default; `cxr evaluate`'s fp32 must not (predictions as on a CPU).
+    from cxr.model import exact_fp32
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        with exact_fp32(torch.device("cuda")):
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with exact_fp32(torch.device("cpu")):
+            assert torch.backends.cudnn.allow_tf32  # nothing to change on a CPU
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", help=_CACHE_DIR_HELP)
     p.add_argument("--batch-size", type=_count(1), default=64)
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="off",
+                   help="bf16 autocast for the predictions (default off: fp32, so that the metrics are the same on "
+                   "every machine; auto: bf16 where it is fast, as in training)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUT/report.html (plots, heatmap grid, video) (default: on)")
 
@@ -250,7 +253,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from cxr.evaluate import evaluate_model
 
     metrics = evaluate_model(args.model, args.data, args.output, threshold=args.threshold, device=args.device,
-                             cache_dir=args.cache_dir, batch_size=args.batch_size)
+                             cache_dir=args.cache_dir, batch_size=args.batch_size, amp=args.amp)
     _print_metrics(metrics)
     log.info("wrote %s", Path(args.output) / "metrics.json")
     if args.report:

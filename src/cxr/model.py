@@ -245,6 +245,22 @@ def use_channels_last(cfg: Config, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and use_bf16(cfg, device))
 
 
+@contextlib.contextmanager
+def exact_fp32(device: torch.device):
+    """fp32 arithmetic on CUDA without TF32, whose 10-bit mantissa cuDNN uses for "fp32" convolutions by default
+    (``torch.backends.cudnn.allow_tf32``): so that fp32 predictions on a GPU agree with a CPU's to ~1e-6. The flags
+    are put back afterwards. A no-op elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def autocast(device: torch.device, enabled: bool):
     """A bf16 autocast context, or a no-op."""
     if not enabled:

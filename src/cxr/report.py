@@ -810,6 +810,9 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     sources = list(dict.fromkeys(m["data"] for m in art.metrics.values() if m.get("data") and "model" in m))
     if sources:
         facts.append(f"<li>data evaluated: {html.escape(', '.join(sources))}</li>")
+    dtypes = list(dict.fromkeys(m["inference_dtype"] for m in art.metrics.values() if m.get("inference_dtype")))
+    if dtypes:
+        facts.append(f"<li>predictions computed in {html.escape(', '.join(dtypes))}</li>")
     for key, name in (("stop_reason", "stopped"), ("epochs_run", "epochs run"), ("best_epoch", "best epoch"),
                       ("device", "device"), ("wall_seconds_this_session", "wall time (s)"), ("data", "data")):
         if summary.get(key) is not None:
