@@ -563,7 +563,7 @@ def test_a_new_run_whose_data_fails_leaves_no_run_directory(tmp_path, tiny_datas
     code = cxr_main(["train", "--data", str(tiny_dataset / "test"), "--output", str(run), "--device", "cpu",
                      "--no-report"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "no train split" in err[-1] and "Traceback" not in "\\n".join(err)
+    assert code == 2 and "no train split" in err[-1] and "Traceback" not in "\n".join(err)
     assert not run.exists() and not (tmp_path / "runs").exists()
 
     # A folder that was there already is kept, without what the failed run wrote into it.
@@ -572,3 +572,30 @@ def test_a_new_run_whose_data_fails_leaves_no_run_directory(tmp_path, tiny_datas
     assert cxr_main(["train", "--data", str(tiny_dataset / "test"), "--output", str(run), "--device", "cpu",
                      "--no-report"]) == 2
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+    # ... and a config.yaml that was there (here the run's own --config) is not deleted with the run's files.
+    (run / "config.yaml").write_text("epochs: 3\n")
+    assert cxr_main(["train", "--config", str(run / "config.yaml"), "--data", str(tiny_dataset / "test"),
+                     "--output", str(run), "--device", "cpu", "--no-report"]) == 2
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "notes.txt"]
+    assert load_config(run / "config.yaml").epochs == 3
+
+
+def test_the_write_check_survives_another_shard_removing_the_folder_it_just_made(tmp_path, monkeypatch):
+    # torchrun shards probe one new folder at once: one's clean-up can remove it between another's mkdir and mkstemp.
+    import tempfile
+
+    from cxr import fileio
+
+    real, calls = tempfile.mkstemp, []
+
+    def racing_mkstemp(*args, **kwargs):
+        calls.append(kwargs["dir"])
+        if len(calls) == 1:
+            Path(kwargs["dir"]).rmdir()  # the other shard's clean-up, just now
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", racing_mkstemp)
+    fileio.check_writable(tmp_path / "new" / "preds.shard-0-of-2.csv")
+    assert len(calls) == 2 and not (tmp_path / "new").exists()

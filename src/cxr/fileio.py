@@ -60,6 +60,26 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         raise
 
 
+def missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first: what creating it would create."""
+    missing = []
+    for p in (Path(folder), *Path(folder).parents):
+        try:
+            if os.path.lexists(p):
+                break
+        except OSError:  # lexists says False rather than raise, but be sure
+            break
+        missing.append(p)
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) where they are still empty; keep any that something was written into."""
+    for p in folders:
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
 def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
     """Fail now, before the work, where the output ``path`` (a file, or a ``folder``) could not be written later.
 
@@ -69,12 +89,18 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
     """
     target = Path(path)
     where = target if folder else target.parent
-    created = [p for p in (where, *where.parents) if not p.exists()]  # deepest first
+    created = missing_folders(where)
     try:
         if not folder and target.is_dir():
             raise IsADirectoryError(errno.EISDIR, "a folder is there, not a file")
-        where.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".cxr-write-check.", suffix=_TEMP_SUFFIX, dir=where)
+        for attempt in range(3):
+            where.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=".cxr-write-check.", suffix=_TEMP_SUFFIX, dir=where)
+                break
+            except FileNotFoundError:  # another process's probe (a torchrun shard) removed the folder just now
+                if attempt == 2:
+                    raise
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
@@ -82,9 +108,7 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
         error.replacing = False
         raise error from e
     finally:
-        for p in created:
-            with contextlib.suppress(OSError):  # not empty: another process wrote there meanwhile; keep it
-                p.rmdir()
+        remove_empty_folders(created)
     return target
 
 

@@ -15,7 +15,6 @@ Run directory (``cfg.output``)::
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -52,7 +51,16 @@ from cxr.distributed import init as init_distributed
 from cxr.distributed import shutdown as shutdown_distributed
 from cxr.errors import CxrError, DataError, UsageError
 from cxr.evaluate import SplitResult, choose_threshold, predict_logits, probabilities, write_evaluation
-from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, check_writable, ensure_dir, remove_stale_temps
+from cxr.fileio import (
+    CSV_TEXT,
+    atomic_path,
+    atomic_write_text,
+    check_writable,
+    ensure_dir,
+    missing_folders,
+    remove_empty_folders,
+    remove_stale_temps,
+)
 from cxr.model import (
     Checkpoint,
     autocast,
@@ -519,15 +527,17 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {info.world} processes")
     if not info.main:
         logging.getLogger("cxr").setLevel(logging.WARNING)  # one log, from rank 0
-    made_dirs: list[Path] = []  # the run directory and parents this run creates, deepest first
+    made_folders: list[Path] = []  # what a new run that fails its data checks removes again: only what it created
+    made_files: list[Path] = []
     if info.main:
         check_writable(run_dir, folder=True)  # a read-only output fails now, not after the cache build
-        made_dirs = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        made_folders = missing_folders(run_dir)
         ensure_dir(run_dir)
         if resumed:
             for p in remove_stale_temps(run_dir):  # left by a process killed while writing
                 log.info("removed %s, a partial write from the interrupted run", p.name)
         else:  # now: a run killed during its cache build can be resumed
+            made_files = [run_dir / name for name in ("split.csv", "config.yaml") if not (run_dir / name).exists()]
             save_config(cfg, run_dir / "config.yaml")
     if resumed and not Path(cfg.data).is_absolute() and not Path(cfg.data).exists():
         raise DataError(f"{run_dir / 'config.yaml'}: data: {cfg.data} is relative to the folder the run was started "
@@ -552,11 +562,9 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
                                 f"({len(prepared[name].failures)} unreadable)")
     except Exception:
         if info.main and not resumed:  # a new run refused for its data leaves no run directory to mistake for one
-            for name in ("split.csv", "config.yaml"):
-                (run_dir / name).unlink(missing_ok=True)
-            for p in made_dirs:
-                with contextlib.suppress(OSError):
-                    p.rmdir()
+            for p in made_files:
+                p.unlink(missing_ok=True)
+            remove_empty_folders(made_folders)
         raise
     if resumed and info.main:
         # Only now: a resume that fails its checks (its data moved, say) leaves the run's config as it was.
