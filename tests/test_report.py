@@ -335,6 +335,7 @@ def test_report_for_an_evaluation_folder(tmp_path, report, caplog):
         other = measured != real
         assert ("is not the model that" in caplog.text) is other
         assert (f"images drawn with another model</strong>: {run / 'best.pt'} (model_id {real})" in text) is other
+        assert ("Training configuration of the model" in text) is not other  # not the other model's config
 
 
 def test_report_output_elsewhere_and_split_choice(tmp_path, report):

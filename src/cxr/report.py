@@ -599,8 +599,6 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
         return _Explainer(None, size, mean, std)
     ckpt = load_checkpoint(source)
     cfg = ckpt.config
-    if art.config is None:
-        art.config = cfg.to_dict()
     net = ckpt.build(resolve_device(device)) if heatmaps else None
     other = None
     measured = sorted({m["model_id"] for m in art.metrics.values() if isinstance(m, dict) and m.get("model_id")})
@@ -613,6 +611,8 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
             log.warning("report: --model %s (model_id %s) is not the model that %s measured (model_id %s): its "
                         "heatmaps and preprocessing are shown beside another model's figures", source, mid, art.root,
                         ", ".join(measured))
+    if art.config is None and other is None:  # an evaluation's model: its training config (never another model's)
+        art.config = cfg.to_dict()
     return _Explainer(net, cfg.image_size, cfg.mean, cfg.std, source=str(source), other_model_id=other)
 
 
