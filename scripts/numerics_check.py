@@ -1,7 +1,8 @@
 """How much a model's predictions depend on the arithmetic: bf16 autocast + channels_last against fp32, same images.
 
-``amp: auto`` computes in bf16 on CPUs with bf16 instructions (and on GPUs) and in fp32 elsewhere, so ``cxr evaluate``
-on two machines can disagree on an image whose probability lies near the threshold. This predicts a ``NORMAL/`` +
+``amp: auto`` computes in bf16 on CPUs with bf16 instructions (and on GPUs) and in fp32 elsewhere, so ``cxr predict``
+on two machines can disagree on an image whose probability lies near the threshold (as ``cxr evaluate`` could until it
+computed in fp32 by default). This predicts a ``NORMAL/`` +
 ``PNEUMONIA/`` folder both ways on the CPU (bf16 is emulated where the CPU lacks it: slower, the same rounding) and
 prints the differences in P(PNEUMONIA), the images on opposite sides of the threshold, and each way's confusion.
 

@@ -117,6 +117,12 @@ def test_evaluate_threshold_override(trained_run, tmp_path):
     assert metrics["test"]["threshold"] == 0 and metrics["test"]["recall"] == 1.0
     assert metrics["test"]["inference_dtype"] == "float32"  # by default, on every machine
     assert metrics["test"]["specificity"] == 0.0
+    # `cxr predict --amp off` computes as evaluate does: the same probabilities, on any machine.
+    cxr("predict", "--model", run / "best.pt", data / "test", "--output", tmp_path / "p.csv", "--amp", "off")
+    evaluated = {r["path"]: float(r["prob_pneumonia"]) for r in read_csv(tmp_path / "predictions_test.csv")}
+    predicted = {r["path"]: float(r["prob_pneumonia"]) for r in read_csv(tmp_path / "p.csv")}
+    assert predicted.keys() == evaluated.keys()
+    assert all(predicted[k] == pytest.approx(evaluated[k], abs=1e-6) for k in evaluated)
 
 
 def test_predict_files_and_folders_with_a_bad_file(trained_run, tmp_path):
@@ -415,6 +421,8 @@ def test_predict_on_onnx_runtime_refuses_a_gpu_instead_of_ignoring_it(tmp_path, 
     image = next((tiny_dataset / "test" / "NORMAL").iterdir())
     _one_line_error(cxr("predict", "--model", tmp_path / "m.onnx", "--device", "cuda", image, check=False),
                     "--backend onnx runs on the CPU")
+    _one_line_error(cxr("predict", "--model", tmp_path / "m.onnx", "--amp", "on", image, check=False),
+                    "--backend onnx computes in fp32")
 
 
 def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, tiny_dataset):
@@ -512,9 +520,13 @@ def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err == ("cxr evaluate: error: unrecognized arguments: --no-heatmaps "
                                        "(see cxr evaluate --help)\n")
+    for argv in (["--bogus"], ["--bogus", "evaluate", "--data", "x", "--output", "y"]):  # before the command
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert capsys.readouterr().err == "cxr: error: unrecognized arguments: --bogus (see cxr --help)\n"
     with pytest.raises(SystemExit):
-        main(["--bogus"])
-    assert capsys.readouterr().err == "cxr: error: unrecognized arguments: --bogus (see cxr --help)\n"
+        main(["evaluate", "--data", "x", "--output", "y", "-q"])
+    assert "-q goes before the command: cxr -q evaluate" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("yaml_text, says", [

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PyTorch, or ONNX Runtime on the CPU (exports a checkpoint in memory) "
                         "(default: onnx for an .onnx model, else torch)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (torch backend)")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast (torch backend; default auto: bf16 where the device is fast at it; off: fp32, "
+                   "the probabilities `cxr evaluate` gives by default)")
     p.add_argument("--batch-size", type=_count(1), default=32)
     p.add_argument("--threads", type=_count(0), default=0, help="CPU threads (0: the library's default)")
     p.add_argument("--shard", metavar="I/N",
@@ -328,6 +331,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
             if args.device not in ("auto", "cpu"):  # as `cxr serve`: not ignored in silence
                 raise UsageError("--backend onnx runs on the CPU; drop --device or use --device cpu")
+            if args.amp == "on":
+                raise UsageError("--backend onnx computes in fp32; drop --amp on")
 
             preds = predict_files_onnx(args.model, mine, threshold=args.threshold, batch_size=args.batch_size,
                                        threads=args.threads)
@@ -337,7 +342,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
                 torch.set_num_threads(args.threads)
             preds = predict_files(args.model, mine, device=args.device, threshold=args.threshold,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, amp=args.amp)
         show = args.table if args.table is not None else len(preds) <= 200
         if show and not info.active:
             _print_predictions(preds, DISCLAIMER)
@@ -472,12 +477,24 @@ def _backend(args: argparse.Namespace) -> str:
     return args.backend or ("onnx" if is_onnx else "torch")
 
 
+def _refuse_unknown(parser: _Parser, command: str | None, extra: list[str], argv: list[str]) -> None:
+    """Unknown arguments, named by the parser they were given to: "cxr evaluate: error: unrecognized arguments: ...
+    (see cxr evaluate --help)" after the subcommand, "cxr: ..." before it. A global flag after the subcommand
+    (``cxr evaluate ... -q``) is told where it goes."""
+    where = argv.index(command) if command in argv else len(argv)
+    if command is None or any(argv.index(a) < where for a in extra if a in argv):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    misplaced = [a for a in extra if a in ("-q", "--quiet")]
+    hint = f"; {misplaced[0]} goes before the command: cxr {misplaced[0]} {command} ..." if misplaced else ""
+    parser.commands.choices[command].error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cxr`` console script. Returns the exit status."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # named by the subcommand's parser: "cxr evaluate: error: ... (see cxr evaluate --help)"
-        parser.commands.choices.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        _refuse_unknown(parser, args.command, extra, sys.argv[1:] if argv is None else list(argv))
     # cxr's own messages at INFO; other libraries' only from WARNING (onnxscript, say, logs a dozen INFO lines per
     # export).
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)

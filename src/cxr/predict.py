@@ -5,6 +5,7 @@ Research software, not a medical device: a prediction is not a diagnosis.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -110,32 +111,36 @@ def select_shard(files: list[Path], shard: tuple[int, int] | None) -> list[Path]
 
 def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, device: str = "auto",
                   threshold: float | None = None, batch_size: int = 32,
-                  shard: tuple[int, int] | None = None) -> list[Prediction]:
+                  shard: tuple[int, int] | None = None, amp: str = "auto") -> list[Prediction]:
     """Predict every file under ``paths`` (or shard ``(i, n)`` of them, see :func:`select_shard`).
 
-    Unreadable files get an ``error`` instead of a prediction.
+    Unreadable files get an ``error`` instead of a prediction. ``amp`` "auto" computes in bf16 where the device is
+    fast at it; "off" in fp32 (TF32 off on CUDA), the arithmetic of ``cxr evaluate``'s default, whose probabilities it
+    then gives exactly.
     """
     import torch
 
     from cxr.evaluate import predict_logits, probabilities
     from cxr.export import model_id
-    from cxr.model import load_checkpoint, resolve_device, use_bf16, use_channels_last
+    from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
 
     files = select_shard(collect_files(paths), shard)
     ckpt = load_checkpoint(model)
     cfg = ckpt.config
     dev = resolve_device(device)
     net = ckpt.build(dev)
-    # The same numerics as evaluation (bf16 where the device is fast at it), so both give the same probabilities.
-    cfg = dataclasses.replace(cfg, device=device)
+    # bf16 where the device is fast at it (auto): the speed of training's numerics. `cxr evaluate` computes in fp32
+    # unless told otherwise; `--amp off` here gives its probabilities to the last bit.
+    cfg = dataclasses.replace(cfg, device=device, amp=amp)
     bf16, channels_last = use_bf16(cfg, dev), use_channels_last(cfg, dev)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     t = ckpt.threshold if threshold is None else float(threshold)
 
     def probs_of(images: np.ndarray) -> np.ndarray:
-        logits = predict_logits(net, images, mean=cfg.mean, std=cfg.std, device=dev, batch_size=batch_size,
-                                bf16=bf16, channels_last=channels_last)
+        with exact_fp32(dev) if not bf16 else contextlib.nullcontext():
+            logits = predict_logits(net, images, mean=cfg.mean, std=cfg.std, device=dev, batch_size=batch_size,
+                                    bf16=bf16, channels_last=channels_last)
         return probabilities(logits)
 
     return predict_in_batches(files, probs_of, image_size=cfg.image_size, max_pixels=cfg.max_pixels,
