@@ -251,3 +251,24 @@ def test_npz_of_16_bit_images_evaluates_like_8_bit(tmp_path):
         evaluate_model("default", tmp_path / f"{kind}.npz", tmp_path / kind, device="cpu")
         probs[kind] = [float(r["prob_pneumonia"]) for r in read_csv(tmp_path / kind / "predictions_test.csv")]
     assert probs["u16"] == probs["u8"] == probs["f32"]
+
+
+def test_training_in_bf16_chooses_its_threshold_on_the_fp32_probabilities_evaluate_gives(tmp_path, tiny_dataset):
+    # bf16 steps (emulated on a CPU without bf16), then the final evaluation: in fp32, as `cxr evaluate` by default.
+    # Before, it ran in the training's bf16, so the threshold was chosen on other probabilities than it is applied to.
+    from cxr.config import load_config
+    from cxr.evaluate import evaluate_model
+    from cxr.train import train
+
+    from .conftest import TINY_TRAIN
+
+    run = train(load_config(overrides={**TINY_TRAIN, "epochs": 1, "amp": "on", "data": str(tiny_dataset),
+                                       "output": str(tmp_path / "run")}))
+    trained = json.loads((run / "metrics.json").read_text())
+    evaluate_model(run, tiny_dataset, tmp_path / "eval", device="cpu")
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert trained["test"]["inference_dtype"] == evaluated["test"]["inference_dtype"] == "float32"
+    for name, folder in (("train", "train"), ("val", "train"), ("test", "test")):  # val is carved from train/
+        a = {r["path"]: float(r["prob_pneumonia"]) for r in read_csv(run / f"predictions_{name}.csv")}
+        b = {r["path"]: float(r["prob_pneumonia"]) for r in read_csv(tmp_path / "eval" / f"predictions_{folder}.csv")}
+        assert a and a.keys() <= b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a), name

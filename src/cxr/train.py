@@ -66,6 +66,7 @@ from cxr.model import (
     autocast,
     build_model,
     check_starting_model,
+    exact_fp32,
     load_checkpoint,
     normalize,
     resolve_device,
@@ -805,21 +806,25 @@ def _finish_averaging(averaged: torch.optim.swa_utils.AveragedModel, run_dir: Pa
 def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config, device: torch.device) -> tuple[dict, int]:
     """Choose the threshold on validation with ``best.pt``, store it there, and evaluate it on every split.
 
+    In fp32 (TF32 off on CUDA) whatever the training's arithmetic, as ``cxr evaluate`` computes by default: the
+    threshold is chosen on the probabilities it will be applied to, and the metrics are those ``cxr evaluate`` gives.
     Returns the metrics and best.pt's epoch."""
     best = load_checkpoint(run_dir / "best.pt")
     model = best.build(device)
-    bf16, channels_last = use_bf16(cfg, device), use_channels_last(cfg, device)
+    channels_last = use_channels_last(dataclasses.replace(cfg, amp="off"), device)  # evaluate's memory format too
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     results = []
-    for name, p in prepared.items():
-        logits = predict_logits(model, p.images, mean=cfg.mean, std=cfg.std, device=device,
-                                batch_size=cfg.eval_batch_size, bf16=bf16, channels_last=channels_last)
-        results.append(SplitResult(name, [s.path for s in p.samples], p.labels, probabilities(logits)))
+    with exact_fp32(device):
+        for name, p in prepared.items():
+            logits = predict_logits(model, p.images, mean=cfg.mean, std=cfg.std, device=device,
+                                    batch_size=cfg.eval_batch_size, bf16=False, channels_last=channels_last)
+            results.append(SplitResult(name, [s.path for s in p.samples], p.labels, probabilities(logits)))
     val = next(r for r in results if r.name == "val")
     best.threshold = choose_threshold(val.labels, val.probs, cfg.threshold_policy, cfg.target_sensitivity)
     best.threshold_policy = cfg.threshold_policy if cfg.threshold_policy == "youden" else \
         f"sensitivity>={cfg.target_sensitivity}"
     save_checkpoint(best, run_dir / "best.pt")
-    return write_evaluation(run_dir, results, best.threshold), best.epoch
+    extra = {r.name: {"inference_dtype": "float32"} for r in results}
+    return write_evaluation(run_dir, results, best.threshold, extra=extra), best.epoch
 
