@@ -306,5 +306,7 @@ def test_exact_fp32_switches_tf32_off_on_cuda_and_puts_it_back():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
         with exact_fp32(torch.device("cpu")):
             assert torch.backends.cudnn.allow_tf32  # nothing to change on a CPU
+        with exact_fp32(torch.device("cuda"), enabled=False):
+            assert torch.backends.cudnn.allow_tf32  # bf16 predictions: left alone
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -10,7 +10,6 @@ Outputs of :func:`write_evaluation` (stable names, read by reports):
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -263,7 +262,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
                         data, split.name, len(split.samples), reason)
             unusable = (split.name, len(split.samples), reason)
             continue
-        with exact_fp32(dev) if not bf16 else contextlib.nullcontext():
+        with exact_fp32(dev, enabled=not bf16):
             logits = predict_logits(net, prepared.images, mean=cfg.mean, std=cfg.std, device=dev,
                                     batch_size=batch_size, bf16=bf16, channels_last=use_channels_last(cfg, dev))
         results.append(SplitResult(split.name, [s.path for s in prepared.samples], prepared.labels,

@@ -246,11 +246,11 @@ def use_channels_last(cfg: Config, device: torch.device) -> bool:
 
 
 @contextlib.contextmanager
-def exact_fp32(device: torch.device):
+def exact_fp32(device: torch.device, enabled: bool = True):
     """fp32 arithmetic on CUDA without TF32, whose 10-bit mantissa cuDNN uses for "fp32" convolutions by default
     (``torch.backends.cudnn.allow_tf32``): so that fp32 predictions on a GPU agree with a CPU's to ~1e-6. The flags
-    are put back afterwards. A no-op elsewhere."""
-    if device.type != "cuda":
+    are put back afterwards. A no-op elsewhere, and where not ``enabled`` (bf16 predictions)."""
+    if device.type != "cuda" or not enabled:
         yield
         return
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32

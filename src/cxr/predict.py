@@ -5,7 +5,6 @@ Research software, not a medical device: a prediction is not a diagnosis.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -138,7 +137,7 @@ def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, d
     t = ckpt.threshold if threshold is None else float(threshold)
 
     def probs_of(images: np.ndarray) -> np.ndarray:
-        with exact_fp32(dev) if not bf16 else contextlib.nullcontext():
+        with exact_fp32(dev, enabled=not bf16):
             logits = predict_logits(net, images, mean=cfg.mean, std=cfg.std, device=dev, batch_size=batch_size,
                                     bf16=bf16, channels_last=channels_last)
         return probabilities(logits)
