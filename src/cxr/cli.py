@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help=_CACHE_DIR_HELP)
     p.add_argument("--batch-size", type=_count(1), default=64)
     p.add_argument("--amp", choices=["auto", "on", "off"], default="off",
-                   help="bf16 autocast for the predictions (default off: fp32, so that the metrics are the same on "
-                   "every machine; auto: bf16 where it is fast, as in training)")
+                   help="bf16 autocast for the predictions (default off: fp32, so that bf16 does not move the "
+                   "metrics on machines that have it; auto: bf16 where it is fast, as in training)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUT/report.html (plots, heatmap grid, video) (default: on)")
 

@@ -226,9 +226,9 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     """Evaluate a checkpoint (or run directory) on every split found at ``data``; write the artifacts to ``output``.
 
     The decision threshold is the checkpoint's (chosen on validation at training time) unless ``threshold``
-    is given. ``amp`` "off" (the default) predicts in fp32, TF32 off on CUDA, so that the metrics are the same on
-    every machine; "auto" uses bf16 where it is fast, as training does. On an H200 bf16 moved P(PNEUMONIA) of the
-    bundled model by up to 0.014 and turned one of 748 validation labels (MODEL_CARD.md).
+    is given. ``amp`` "off" (the default) predicts in fp32, TF32 off on CUDA, so that bf16 does not move the
+    metrics on machines that have it; "auto" uses bf16 where it is fast, as training does. On an H200 bf16 moved
+    P(PNEUMONIA) of the bundled model by up to 0.014 and turned one of 748 validation labels (MODEL_CARD.md).
     """
     import dataclasses
 
