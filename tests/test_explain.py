@@ -146,6 +146,25 @@ def test_explain_files_writes_one_picture_per_readable_image(tmp_path):
     assert not (tmp_path / "out-empty").exists()
 
 
+def test_explain_amp_gives_the_probabilities_of_predict_amp(tmp_path):
+    # --amp as in `cxr predict`: on (bf16, emulated where the CPU lacks it) and off (fp32) each give predict's numbers
+    # for the same setting, and differ from each other, so the setting is not ignored.
+    from cxr.predict import predict_files
+
+    torch.manual_seed(0)
+    cfg = load_config(overrides={"image_size": 64, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5),
+                    tmp_path / "model.pt")
+    probs = {}
+    for amp in ("on", "off"):
+        explain_files(tmp_path / "model.pt", FILES[:2], tmp_path / amp, device="cpu", amp=amp)
+        rows = list(csv.DictReader((tmp_path / amp / "explanations.csv").read_text().splitlines()))
+        probs[amp] = np.array([float(r["prob_pneumonia"]) for r in rows])
+        expected = [p.prob_pneumonia for p in predict_files(tmp_path / "model.pt", FILES[:2], device="cpu", amp=amp)]
+        assert probs[amp] == pytest.approx(expected, abs=1e-6)
+    assert np.abs(probs["on"] - probs["off"]).max() > 1e-5
+
+
 def test_explain_files_rejects_an_unknown_target(tmp_path):
     from cxr.errors import UsageError
 

@@ -485,6 +485,27 @@ def test_bad_settings_are_refused(ckpt_path):
         create_app(BrokenEngine(), max_concurrency=0)
 
 
+def test_amp_gives_the_probabilities_of_predict_amp_and_the_card_names_the_arithmetic(ckpt_path):
+    # --amp as in `cxr predict`: each setting gives predict's numbers for it, and on (bf16, emulated where the CPU lacks
+    # it) differs from off (fp32), so the setting is not ignored.
+    images = [PNEUMONIA[0], NORMAL[0]]
+    probs = {}
+    for amp, dtype in (("on", "bfloat16"), ("off", "float32")):
+        with TestClient(create_app(ckpt_path, device="cpu", amp=amp)) as c:
+            assert c.get("/api/v1/model").json()["inference_dtype"] == dtype
+            probs[amp] = np.array([upload(c, f.read_bytes(), f.name, "?heatmap=false").json()["probability"]
+                                   for f in images])
+        expected = [p.prob_pneumonia for p in predict_files(ckpt_path, images, device="cpu", amp=amp)]
+        assert probs[amp] == pytest.approx(expected, abs=1e-6)
+    assert np.abs(probs["on"] - probs["off"]).max() > 1e-5
+    from cxr.errors import UsageError
+
+    with pytest.raises(UsageError, match="drop --amp on"):  # ONNX Runtime computes in fp32
+        load_engine(ckpt_path.with_suffix(".onnx"), "onnx", amp="on")
+    with pytest.raises(UsageError, match="--amp 'fast'"):
+        load_engine(ckpt_path, "torch", "cpu", amp="fast")
+
+
 def test_the_port_is_held_from_the_start_so_a_second_service_cannot_take_it(monkeypatch):
     """`cxr serve` listens before its model loads and keeps that socket for uvicorn: a second one started meanwhile
     is refused at once, in one line, rather than both loading a model and the second failing later in uvicorn."""

@@ -66,6 +66,8 @@ def _positive(text: str) -> float:
 
 
 _CACHE_DIR_HELP = "where decoded images are cached (default $CXR_CACHE_DIR, else $XDG_CACHE_HOME/cxr or ~/.cache/cxr)"
+_INFERENCE_AMP_HELP = ("bf16 autocast (torch backend; default auto: bf16 where the device is fast at it; off: fp32, "
+                       "the probabilities `cxr evaluate` gives by default)")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -149,9 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PyTorch, or ONNX Runtime on the CPU (exports a checkpoint in memory) "
                         "(default: onnx for an .onnx model, else torch)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (torch backend)")
-    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
-                   help="bf16 autocast (torch backend; default auto: bf16 where the device is fast at it; off: fp32, "
-                   "the probabilities `cxr evaluate` gives by default)")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help=_INFERENCE_AMP_HELP)
     p.add_argument("--batch-size", type=_count(1), default=32)
     p.add_argument("--threads", type=_count(0), default=0, help="CPU threads (0: the library's default)")
     p.add_argument("--shard", metavar="I/N",
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_probability)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=_count(1), default=8)
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast for the probabilities shown (default auto: bf16 where the device is fast at "
+                   "it; off: fp32, the probabilities `cxr evaluate` gives by default); the heatmaps never use bf16")
 
     p = sub.add_parser("serve", help="web service (API and page) for a model")
     p.add_argument("--model", default="default",
@@ -201,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--backend", choices=["torch", "onnx"], help="default: onnx for an .onnx model, else torch")
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help=_INFERENCE_AMP_HELP)
     p.add_argument("--max-upload-mb", type=_positive, default=20.0, help="larger uploads get 413 (default 20)")
     p.add_argument("--max-concurrency", type=_count(1), default=2, help="predictions run at once (default 2)")
     p.add_argument("--max-queue", type=_count(0), default=32, help="requests waiting beyond that get 503 (default 32)")
@@ -436,7 +440,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     from cxr.predict import DISCLAIMER
 
     written = explain_files(args.model, args.paths, args.output, device=args.device, target=args.target,
-                            threshold=args.threshold, batch_size=args.batch_size)
+                            threshold=args.threshold, batch_size=args.batch_size, amp=args.amp)
     log.info("wrote %d heatmap picture(s) and explanations.csv to %s. %s", len(written), args.output, DISCLAIMER)
 
 
@@ -445,7 +449,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.model, args.host, args.port, backend=_backend(args), max_upload_mb=args.max_upload_mb,
           max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, threads=args.threads,
-          max_connections=args.max_connections, max_pixels=args.max_pixels)
+          max_connections=args.max_connections, max_pixels=args.max_pixels, amp=args.amp)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

@@ -195,7 +195,7 @@ def _explanation_figure(image: np.ndarray, heat: np.ndarray, *, title: str, path
 
 def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], output_dir: str | os.PathLike, *,
                   device: str = "auto", target: str = "predicted", threshold: float | None = None,
-                  batch_size: int = 8) -> list[Path]:
+                  batch_size: int = 8, amp: str = "auto") -> list[Path]:
     """Write one Grad-CAM picture (input beside overlay, with the prediction) per readable image file.
 
     Also writes ``explanations.csv`` (path, prob_pneumonia, predicted, output, error, threshold, model_id) in
@@ -210,6 +210,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
             model's threshold), ``PNEUMONIA`` or ``NORMAL``.
         threshold: decision threshold (default: the checkpoint's).
         batch_size: images per Grad-CAM pass.
+        amp: bf16 autocast for the probabilities, as ``cxr predict --amp``: auto (bf16 where the device is fast at
+            it), on, or off (fp32, TF32 off on CUDA: the probabilities of ``cxr evaluate``).
 
     Returns:
         The written picture paths, in input order.
@@ -218,7 +220,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     from cxr.evaluate import predict_logits, probabilities
     from cxr.export import model_id
     from cxr.fileio import check_writable
-    from cxr.model import load_checkpoint, resolve_device, use_bf16, use_channels_last
+    from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
     from cxr.predict import collect_files
     from cxr.video import prob_text
 
@@ -235,9 +237,9 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     cfg = ckpt.config
     dev = resolve_device(device)
     net = ckpt.build(dev)
-    # Probabilities with the numerics of `cxr predict` (bf16 where fast), so the two agree (`cxr evaluate` computes
-    # in fp32 unless given --amp auto); the heatmaps themselves are computed in float32.
-    run_cfg = dataclasses.replace(cfg, device=device)
+    # Probabilities with the numerics of `cxr predict --amp` of the same value, so the two agree (`cxr evaluate`
+    # computes in fp32 unless given --amp auto); the heatmaps themselves are computed in float32.
+    run_cfg = dataclasses.replace(cfg, device=device, amp=amp)
     bf16, channels_last = use_bf16(run_cfg, dev), use_channels_last(run_cfg, dev)
     if channels_last:  # as predict and evaluate do: the memory format changes bf16 kernels, hence the last digits
         net = net.to(memory_format=torch.channels_last)
@@ -260,8 +262,9 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
             continue
         stack = np.stack(images)
         # The prediction uses the checkpoint's threshold, so the explained class is the one the user is shown.
-        probs = probabilities(predict_logits(net, stack, mean=cfg.mean, std=cfg.std, device=dev, bf16=bf16,
-                                             channels_last=channels_last))
+        with exact_fp32(dev, enabled=not bf16):
+            probs = probabilities(predict_logits(net, stack, mean=cfg.mean, std=cfg.std, device=dev, bf16=bf16,
+                                                 channels_last=channels_last))
         predicted = (probs >= t).astype(np.int64)
         classes = predicted if target == "predicted" else np.full(len(stack), names.index(target.upper()))
         heats, _ = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=classes,

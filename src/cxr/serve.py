@@ -82,6 +82,7 @@ class Engine(Protocol):
     max_pixels: int
     card: dict[str, Any]
     heatmap_unavailable: str | None  # why there is no heatmap, or None when there is one
+    inference_dtype: str  # the arithmetic of the predictions: "bfloat16" or "float32"
 
     def predict_uint8(self, images: np.ndarray) -> np.ndarray: ...
 
@@ -105,7 +106,8 @@ def _heatmap_png(model: Any, image: np.ndarray, *, mean: float, std: float, targ
 
 
 class TorchEngine:
-    """A checkpoint on PyTorch, with the same numerics as ``cxr predict`` (bf16 where the device is fast at it).
+    """A checkpoint on PyTorch, with the numerics of ``cxr predict``: ``amp`` "auto" computes in bf16 where the device
+    is fast at it, "off" in fp32 (TF32 off on CUDA), the probabilities of ``cxr evaluate``.
 
     Grad-CAM runs on a separate copy of the weights under a lock: it hooks a layer of the model it runs on, and a
     prediction running through the same module in another thread would fire that hook too.
@@ -115,7 +117,7 @@ class TorchEngine:
     heatmap_unavailable = None
 
     def __init__(self, ckpt: Any, device: str = "auto", heatmap_fn: Callable[..., bytes] = _heatmap_png,
-                 threads: int = 0) -> None:
+                 threads: int = 0, amp: str = "auto") -> None:
         import dataclasses
 
         import torch
@@ -127,8 +129,9 @@ class TorchEngine:
         self.device = resolve_device(device)
         if threads > 0:
             torch.set_num_threads(threads)  # process-wide: PyTorch has one intra-op setting
-        cfg = dataclasses.replace(ckpt.config, device=device)
+        cfg = dataclasses.replace(ckpt.config, device=device, amp=amp)
         self.bf16, self.channels_last = use_bf16(cfg, self.device), use_channels_last(cfg, self.device)
+        self.inference_dtype = "bfloat16" if self.bf16 else "float32"
         self.net = ckpt.build(self.device)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -145,10 +148,12 @@ class TorchEngine:
     def predict_uint8(self, images: np.ndarray) -> np.ndarray:
         """P(positive class), float64 (N,), for uint8 images (N, S, S)."""
         from cxr.evaluate import predict_logits, probabilities
+        from cxr.model import exact_fp32
 
         cfg = self.ckpt.config
-        logits = predict_logits(self.net, images, mean=cfg.mean, std=cfg.std, device=self.device,
-                                bf16=self.bf16, channels_last=self.channels_last)
+        with exact_fp32(self.device, enabled=not self.bf16):
+            logits = predict_logits(self.net, images, mean=cfg.mean, std=cfg.std, device=self.device,
+                                    bf16=self.bf16, channels_last=self.channels_last)
         return probabilities(logits)
 
     def heatmap_png(self, image: np.ndarray, target: int) -> bytes:
@@ -162,6 +167,7 @@ class OnnxEngine:
     """An exported model on ONNX Runtime (CPU, fp32). No heatmap: Grad-CAM needs gradients, which it does not give."""
 
     backend = "onnx"
+    inference_dtype = "float32"
     heatmap_unavailable = ("Grad-CAM needs gradients, which the ONNX Runtime backend does not compute; "
                            "run the service with --backend torch for heatmaps")
 
@@ -180,8 +186,12 @@ class OnnxEngine:
         raise NotImplementedError(self.heatmap_unavailable)
 
 
-def load_engine(model: str | os.PathLike, backend: str = "torch", device: str = "auto", threads: int = 0) -> Engine:
+def load_engine(model: str | os.PathLike, backend: str = "torch", device: str = "auto", threads: int = 0,
+                amp: str = "auto") -> Engine:
     """The engine for ``model`` (checkpoint, run directory, ``default``, or an ``.onnx`` file for ``onnx``).
+
+    ``amp``: bf16 autocast for the torch backend, as ``cxr predict --amp`` (auto: where the device is fast at it;
+    off: fp32). ONNX Runtime computes in fp32 and refuses "on".
 
     ``threads``: intra-op threads per prediction (0: the library's default, one per core). With several
     predictions at once on a few cores, ``cores / max_concurrency`` avoids oversubscription (see BENCHMARKS.md).
@@ -190,15 +200,19 @@ def load_engine(model: str | os.PathLike, backend: str = "torch", device: str = 
         raise UsageError(f"--backend {backend!r}: use {' or '.join(BACKENDS)}")
     if threads < 0:
         raise UsageError(f"--threads {threads}: must be >= 0")
+    if amp not in ("auto", "on", "off"):
+        raise UsageError(f"--amp {amp!r}: use auto, on or off")
     if backend == "onnx":
         if device not in ("auto", "cpu"):
             raise UsageError("--backend onnx runs on the CPU; drop --device or use --device cpu")
+        if amp == "on":
+            raise UsageError("--backend onnx computes in fp32; drop --amp on")
         return OnnxEngine(model, threads=threads)
     if str(model).lower().endswith(".onnx"):
         raise UsageError(f"{model}: an ONNX file needs --backend onnx")
     from cxr.model import load_checkpoint
 
-    return TorchEngine(load_checkpoint(model), device=device, threads=threads)
+    return TorchEngine(load_checkpoint(model), device=device, threads=threads, amp=amp)
 
 
 # ----------------------------------------------------------------------------------------------- requests
@@ -429,7 +443,7 @@ class HealthOut(BaseModel):
 
 def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = "torch", max_upload_mb: float = 20.0,
                max_concurrency: int = 2, max_queue: int = 32, device: str = "auto", threads: int = 0,
-               max_pixels: int | None = None) -> FastAPI:
+               max_pixels: int | None = None, amp: str = "auto") -> FastAPI:
     """The FastAPI application serving one model.
 
     Args:
@@ -442,10 +456,12 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         device: ``auto``, ``cpu`` or ``cuda`` for the torch backend.
         threads: intra-op threads per prediction (0: the library default); see :func:`load_engine`.
         max_pixels: refuse larger images (default: the model's setting), checked before decoding.
+        amp: bf16 autocast for the torch backend (auto, on, off); see :func:`load_engine`.
     """
     if max_upload_mb <= 0 or max_concurrency < 1 or max_queue < 0:
         raise UsageError("max_upload_mb must be > 0, max_concurrency >= 1 and max_queue >= 0")
-    engine: Engine = load_engine(model, backend, device, threads) if isinstance(model, str | os.PathLike) else model
+    engine: Engine = (load_engine(model, backend, device, threads, amp) if isinstance(model, str | os.PathLike)
+                      else model)
     limits = Limits(int(max_upload_mb * 1e6), max_concurrency, max_queue, max_pixels)
     limiter = anyio.CapacityLimiter(max_concurrency)
     admitted = [0]  # requests running or waiting for a worker (only touched on the event loop)
@@ -549,7 +565,8 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
     @app.get(f"{API}/model", summary="The model card: training data, metrics, threshold, intended use")
     async def model_card() -> dict[str, Any]:
         return {**engine.card, "model_id": engine.model_id, "threshold": engine.threshold,
-                "class_names": engine.class_names, "backend": engine.backend, "served_by": f"cxr {__version__}",
+                "class_names": engine.class_names, "backend": engine.backend,
+                "inference_dtype": getattr(engine, "inference_dtype", None), "served_by": f"cxr {__version__}",
                 "heatmap": engine.heatmap_unavailable or "Grad-CAM of the predicted class",
                 "limits": {"max_upload_mb": max_upload_mb, "max_concurrency": max_concurrency,
                            "formats": ["jpeg", "png", "dicom"]}}
@@ -567,7 +584,7 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
 def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: int = 8000, *, backend: str = "torch",
           max_upload_mb: float = 20.0, max_concurrency: int = 2, max_queue: int = 32, device: str = "auto",
           threads: int | None = None, max_pixels: int | None = None, log_level: str = "info",
-          max_connections: int = 128) -> None:
+          max_connections: int = 128, amp: str = "auto") -> None:
     """Run the service with uvicorn until interrupted (``cxr serve``). The port is taken first, then the model loads.
 
     ``max_connections`` caps the connections served at once, uploads still arriving included (uvicorn answers 503
@@ -590,12 +607,12 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     socks = _listen(host, port)
     try:
         app = create_app(model, backend=backend, max_upload_mb=max_upload_mb, max_concurrency=max_concurrency,
-                         max_queue=max_queue, device=device, threads=threads, max_pixels=max_pixels)
+                         max_queue=max_queue, device=device, threads=threads, max_pixels=max_pixels, amp=amp)
         engine = app.state.engine
         port = socks[0].getsockname()[1]  # the one the system chose, for --port 0
-        log.info("serving model %s (%s backend, %d x %d threads) on http://%s:%d/  (API docs at /docs). %s",
-                 engine.model_id, engine.backend, max_concurrency, threads, host if ":" not in host else f"[{host}]",
-                 port, DISCLAIMER)
+        log.info("serving model %s (%s backend, %s, %d x %d threads) on http://%s:%d/  (API docs at /docs). %s",
+                 engine.model_id, engine.backend, engine.inference_dtype, max_concurrency, threads,
+                 host if ":" not in host else f"[{host}]", port, DISCLAIMER)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False,
                                 access_log=False, limit_concurrency=max_connections)
         # uvicorn names its address only for sockets it binds itself; said here as it says it (its log level, so
