@@ -238,7 +238,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     dev = resolve_device(device)
     net = ckpt.build(dev)
     # Probabilities with the numerics of `cxr predict --amp` of the same value, so the two agree (`cxr evaluate`
-    # computes in fp32 unless given --amp auto); the heatmaps themselves are computed in float32.
+    # computes in fp32 unless given --amp auto); the heatmaps never use bf16.
     run_cfg = dataclasses.replace(cfg, device=device, amp=amp)
     bf16, channels_last = use_bf16(run_cfg, dev), use_channels_last(run_cfg, dev)
     if channels_last:  # as predict and evaluate do: the memory format changes bf16 kernels, hence the last digits
