@@ -15,8 +15,7 @@ KILL_AT is one of:
 
 The whole process group is killed (the trainer and any cache worker), as the kernel's OOM killer or a lost node would
 do it, so the driver must lead its own group: start it with ``start_new_session=True``; it refuses to run otherwise.
-Nothing here changes the library: the hooks are monkeypatches in this process only. To keep tests short, the bootstrap
-intervals in ``metrics.json`` use ``CXR_TEST_BOOTSTRAP`` resamples (default 20) instead of 1000.
+Nothing here changes the library: the hooks are monkeypatches in this process only.
 
 ``python tests/crash_driver.py --serve`` imports everything once, then runs each request it reads on stdin (one JSON
 line: ``{"kill_at": ..., "argv": [...], "env": {...}, "log": PATH}``) in a forked child that leads its own process
@@ -27,7 +26,6 @@ modules, as a forkserver's children are.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -122,12 +120,8 @@ def install(kill_at: str) -> None:
 
 
 def _run(argv: list[str]) -> int:
-    import cxr.evaluate
-    import cxr.train
     from cxr.cli import main as cxr_main
 
-    n_boot = int(os.environ.get("CXR_TEST_BOOTSTRAP", "20"))
-    cxr.train.write_evaluation = functools.partial(cxr.evaluate.write_evaluation, n_boot=n_boot)
     install(argv[0])
     return cxr_main(argv[1:])
 

@@ -28,14 +28,13 @@ from cxr.model import load_checkpoint
 from .conftest import TINY_TRAIN
 
 DRIVER = Path(__file__).with_name("crash_driver.py")
-N_BOOT = 20
 
 
 class Runs:
     """``crash_driver.py --serve``: each run is a forked child that leads its own process group (see the driver)."""
 
     def __init__(self, log_dir: Path) -> None:
-        env = {**os.environ, "CXR_TEST_BOOTSTRAP": str(N_BOOT), "OMP_NUM_THREADS": "1",
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([str(DRIVER.parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
         self.log_dir, self.n = log_dir, 0
         # Its own session: a SIGKILL of a child's process group can never reach pytest.

@@ -154,6 +154,37 @@ def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_n():
     assert bootstrap_ci(np.ones(5, int), np.ones(5), 0.5)["auroc"] is None
 
 
+def test_each_resample_gets_the_metrics_compute_metrics_gives_it():
+    # The bootstrap's metrics come from per-image draw counts, not from scikit-learn: on scores with many ties, on
+    # resamples that lack a class, and through bootstrap_ci's percentiles, they are compute_metrics' own.
+    from cxr.evaluate import CI_METRICS, _Resampler, bootstrap_ci
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 300)
+    probs = np.round(np.clip(labels * 0.3 + rng.random(300) * 0.7, 0, 1), 2)  # ~100 distinct scores: ties
+    resampler = _Resampler(labels, probs, 0.5)
+    draws = [rng.integers(0, 300, 300) for _ in range(200)]
+    draws += [np.flatnonzero(labels == 1)[rng.integers(0, labels.sum(), 300)], np.arange(300)]  # one class; all
+    for idx in draws:
+        got, want = resampler.metrics(idx), compute_metrics(labels[idx], probs[idx], 0.5)
+        for k in CI_METRICS:
+            assert got[k] == (None if want[k] is None else pytest.approx(want[k], rel=1e-12, abs=1e-12)), k
+
+    def sklearn_bootstrap(n_boot):  # the loop bootstrap_ci ran before session 15, through compute_metrics
+        generator, values = np.random.default_rng(0), {k: [] for k in CI_METRICS}
+        while len(values["auroc"]) < n_boot:
+            idx = generator.integers(0, 300, 300)
+            if labels[idx].min() != labels[idx].max():
+                m = compute_metrics(labels[idx], probs[idx], 0.5)
+                for k in CI_METRICS:
+                    values[k].append(m[k])
+        return {k: [np.percentile(v, 2.5), np.percentile(v, 97.5)] for k, v in values.items()}
+
+    ci, want = bootstrap_ci(labels, probs, 0.5, n_boot=300), sklearn_bootstrap(300)
+    for k in CI_METRICS:
+        assert ci[k] == pytest.approx(want[k], rel=1e-12), k
+
+
 def test_rates_get_wilson_intervals_that_never_collapse_at_0_or_1(scores):
     from scipy.stats import binomtest
 

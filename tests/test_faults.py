@@ -11,7 +11,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
-import functools
 import hashlib
 import os
 import pickle
@@ -49,16 +48,6 @@ def finite(ckpt: Checkpoint) -> bool:
 
 def no_temporaries(folder: Path) -> bool:
     return not any(folder.rglob(".*.tmp"))
-
-
-@pytest.fixture
-def fast_eval(monkeypatch):
-    """Fewer bootstrap resamples in metrics.json, so that a finished test run takes a second, not ten."""
-    import cxr.evaluate
-
-    fast = functools.partial(cxr.evaluate.write_evaluation, n_boot=20)
-    monkeypatch.setattr(cxr.train, "write_evaluation", fast)
-    monkeypatch.setattr(cxr.evaluate, "write_evaluation", fast)
 
 
 def _mount_tmpfs(where: Path, size_mb: int) -> str | None:
@@ -117,8 +106,7 @@ def _remount_read_only(where: Path) -> None:
 # ------------------------------------------------------------------------------------------------ disk full
 
 
-def test_disk_full_while_writing_a_checkpoint_stops_cleanly_and_the_run_resumes(tmp_path, tiny_dataset, tmpfs, capsys,
-                                                                                fast_eval):
+def test_disk_full_while_writing_a_checkpoint_stops_cleanly_and_the_run_resumes(tmp_path, tiny_dataset, tmpfs, capsys):
     """Epoch 1's checkpoints fit, epoch 2's last.pt does not: one line naming the file and the cause, exit 1, last.pt
     still epoch 1 byte for byte, no temporary file left; once there is room, --resume finishes the run."""
     # best.pt is 28 MB and last.pt (with Adam's state) 84 MB: 150 MB holds epoch 1's pair but not a second last.pt.
@@ -159,7 +147,7 @@ def test_disk_full_while_writing_a_checkpoint_stops_cleanly_and_the_run_resumes(
 
 
 def test_read_only_output_refuses_with_one_line_and_keeps_the_old_files(tmp_path, tiny_dataset, tmpfs, monkeypatch,
-                                                                         capsys, fast_eval):
+                                                                         capsys):
     """A checkpoint, metrics.json and a new run directory on a read-only file system: WriteError naming the path and
     the cause; the files that were there are unchanged."""
     fs = tmpfs(200)
@@ -342,8 +330,7 @@ def test_skipped_batch_leaves_exactly_the_state_of_a_run_without_it(tiny_dataset
         assert all(torch.equal(pa[k], pb[k]) for k in pb)
 
 
-def test_skip_policy_run_completes_and_counts_the_skipped_batch(tmp_path, tiny_dataset, monkeypatch, caplog,
-                                                                fast_eval):
+def test_skip_policy_run_completes_and_counts_the_skipped_batch(tmp_path, tiny_dataset, monkeypatch, caplog):
     import json
 
     _poison_batches(monkeypatch, {2})

@@ -1,0 +1,98 @@
+"""Figure 10: the bootstrap behind every ``ci95`` in metrics.json (``cxr evaluate``, and the end of ``cxr train``).
+
+Each round times, in turn and for each split size, :func:`cxr.evaluate.confidence_intervals` with its 1,000
+resamples:
+
+* ``scikit-learn per resample`` (the baseline): the loop cxr ran until session 15, reproduced below, which called
+  :func:`cxr.evaluate.compute_metrics` (scikit-learn's ``confusion_matrix``, ``roc_auc_score`` and
+  ``average_precision_score``, plus the calibration) on every resample;
+* ``draw counts`` (as shipped): the same resamples (same generator, same redraws), each one's metrics from the
+  number of times each image was drawn (``cxr.evaluate._Resampler``).
+
+Both variants must give the same intervals (checked to 1e-9 each round). The scores are synthetic, drawn once per
+size with a fixed seed: 27 % NORMAL as in Kermany's train split, P(PNEUMONIA) from Beta distributions like a good
+model's, rounded to 4 decimals so that ties occur.
+
+    python benchmarks/confidence_intervals.py --rounds 5 --sizes 624,748,4484
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+from common import cell, dump_json, header, loadavg, ratio_cell, timed
+
+
+def baseline_bootstrap_ci(labels, probs, threshold, *, n_boot=1000, seed=0, level=0.95):
+    """cxr.evaluate.bootstrap_ci before session 15: compute_metrics (scikit-learn) on each resample."""
+    from cxr.evaluate import CI_METRICS, compute_metrics
+
+    labels, probs = np.asarray(labels, np.int64), np.asarray(probs, np.float64)
+    both = len(np.unique(labels)) == 2
+    rng = np.random.default_rng(seed)
+    values = {k: [] for k in CI_METRICS}
+    while len(values["accuracy"]) < n_boot:
+        idx = rng.integers(0, len(labels), len(labels))
+        if both and labels[idx].min() == labels[idx].max():
+            continue
+        m = compute_metrics(labels[idx], probs[idx], threshold)
+        for k in CI_METRICS:
+            values[k].append(np.nan if m[k] is None else m[k])
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    return {k: [float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))] if not np.isnan(v).all() else None
+            for k, v in values.items()}
+
+
+def scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) >= 0.27).astype(np.int64)
+    probs = np.where(labels == 1, rng.beta(8, 1, n), rng.beta(1, 8, n))
+    return labels, np.round(probs, 4)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--sizes", default="624,748,4484", help="split sizes, comma-separated")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    load_before = loadavg()
+
+    import cxr.evaluate as ev
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    data = {n: scores(n) for n in sizes}
+    seconds: dict[tuple[int, str], list[float]] = {}
+    real_bootstrap = ev.bootstrap_ci
+    for r in range(args.rounds):
+        for n, (labels, probs) in data.items():
+            got = {}
+            for name, fn in (("baseline", baseline_bootstrap_ci), ("ours", real_bootstrap)):
+                ev.bootstrap_ci = fn  # confidence_intervals calls it by its module name
+                try:
+                    got[name], s = timed(lambda y=labels, p=probs: ev.confidence_intervals(y, p, 0.5,
+                                                                                        n_boot=args.n_boot))
+                finally:
+                    ev.bootstrap_ci = real_bootstrap
+                seconds.setdefault((n, name), []).append(s)
+            for k, v in got["baseline"].items():
+                assert np.allclose(v, got["ours"][k], rtol=1e-9, atol=0), (n, k, v, got["ours"][k])
+            print(f"round {r + 1}/{args.rounds} (load {loadavg()}) n={n}: baseline "
+                  f"{seconds[n, 'baseline'][-1]:.3f} s, ours {seconds[n, 'ours'][-1]:.3f} s", file=sys.stderr)
+
+    header(argv, "confidence_intervals.py", args.rounds, load_before)
+    print(f"confidence_intervals(), {args.n_boot} bootstrap resamples; seconds per call, median [min, max]\n")
+    print("| images | scikit-learn per resample (baseline), s | draw counts (ours), s | speed-up |")
+    print("|---:|---:|---:|---:|")
+    for n in sizes:
+        base, ours = seconds[n, "baseline"], seconds[n, "ours"]
+        print(f"| {n:,} | {cell(base, '.2f')} | {cell(ours, '.3f')} | {ratio_cell(base, ours)} |")
+    dump_json(args.json, {"n_boot": args.n_boot, "seconds": {f"{n} {k}": v for (n, k), v in seconds.items()}})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
