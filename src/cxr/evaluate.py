@@ -140,8 +140,8 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, n_b
     and specificity, or accuracy and sensitivity.
 
     Each resample's metrics are those :func:`compute_metrics` gives for ``labels[idx], probs[idx]``, computed from
-    how often each image was drawn (:class:`_Resampler`): scikit-learn's checks of its inputs alone took ~22 ms a
-    call, 22 s for 1,000 resamples whatever the split's size.
+    how often each image was drawn (:class:`_Resampler`). Through scikit-learn, whose checks of its inputs cost
+    ~12 ms a resample whatever the split's size, 1,000 resamples took 12 s (BENCHMARKS.md, figure 10).
     """
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
