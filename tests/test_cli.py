@@ -865,6 +865,17 @@ def test_explain_handles_awkward_file_names_and_skips_its_own_output(tmp_path, c
     pictures = sorted(p.name for p in out.glob("*.png"))
     assert len(pictures) == len(files), pictures  # the first run's pictures were not explained as X-rays
     assert not any("gradcam_gradcam" in p for p in pictures)
+    # Into the input folder itself: its X-rays are explained (they used to be skipped with it: "no image files"),
+    # twice, and the pictures of the first run are left out of the second.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in list(files.values())[:2]:
+        (flat / f.name).write_bytes(f.read_bytes())
+    for _ in range(2):
+        assert cxr_main(["explain", str(flat), "--output", str(flat)]) == 0
+    assert sorted(p.name for p in flat.glob("*_gradcam.png")) == sorted(f"{Path(f.name).stem}_gradcam.png"
+                                                                       for f in list(files.values())[:2])
+    assert len(read_csv(flat / "explanations.csv")) == 2
 
 
 def test_predict_on_a_folder_leaves_out_pictures_explain_wrote_there(tmp_path, caplog):

@@ -117,13 +117,15 @@ def walk_files(folder: Path, *, skip: Path | None = None) -> list[Path]:
 
     Folders reached through symbolic links are followed (``Path.rglob`` skips them before Python 3.13, silently
     losing images that a dataset keeps elsewhere), each real folder once, so a link loop ends. ``skip``: a folder
-    whose contents are left out (an output folder inside the input, say).
+    below ``folder`` whose contents are left out (an output folder inside the input, say); ``folder`` itself is
+    always walked, even when it is ``skip`` (``cxr explain DIR --output DIR``).
     """
     files, seen = [], set()
     skip_id = _folder_id(skip) if skip is not None else None
+    root_id = _folder_id(folder)
     for top, dirs, names in os.walk(folder, followlinks=True):
         here = _folder_id(Path(top))
-        if here in seen or (skip_id is not None and here == skip_id):
+        if here in seen or (skip_id is not None and here == skip_id != root_id):
             dirs[:] = []
             continue
         seen.add(here)
