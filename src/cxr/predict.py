@@ -115,7 +115,7 @@ def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, d
 
     Unreadable files get an ``error`` instead of a prediction. ``amp`` "auto" computes in bf16 where the device is
     fast at it; "off" in fp32 (TF32 off on CUDA), the arithmetic of ``cxr evaluate``'s default, whose probabilities it
-    then gives exactly.
+    then gives to the last bits (exactly when the images are batched alike: another batch size may run other kernels).
     """
     import torch
 
