@@ -90,6 +90,9 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
     try:
         if not folder and target.is_dir():
             raise IsADirectoryError(errno.EISDIR, "a folder is there, not a file")
+        existing = next((p for p in (where, *where.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():  # mkdir would say only "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder")
         for attempt in range(3):
             where.mkdir(parents=True, exist_ok=True)
             try:
