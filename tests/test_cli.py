@@ -878,6 +878,25 @@ def test_explain_handles_awkward_file_names_and_skips_its_own_output(tmp_path, c
     assert len(read_csv(flat / "explanations.csv")) == 2
 
 
+def test_evaluate_and_its_report_take_a_folder_name_that_is_not_utf8(tmp_path, tiny_dataset, monkeypatch, caplog):
+    # The split is named after the folder; its report used to die on the name (a matplotlib title, then the HTML).
+    import cxr.report
+    from cxr.cli import main as cxr_main
+
+    odd = tmp_path / os.fsdecode(b"sc\xe9ans")
+    (tiny_dataset / "test").rename(odd)
+    out = tmp_path / "ev"
+    assert cxr_main(["evaluate", "--data", str(odd), "--output", str(out)]) == 0
+    assert list(json.loads((out / "metrics.json").read_text())) == ["sc\\udce9ans"]
+    assert "sc\\udce9ans" in (out / "report.html").read_text(encoding="utf-8")
+    assert "could not be made" not in caplog.text
+    # A report that fails for a reason of its own is a warning: the evaluation is written, the command succeeds.
+    monkeypatch.setattr(cxr.report, "make_report", lambda *a, **k: 1 / 0)
+    assert cxr_main(["evaluate", "--data", str(odd), "--output", str(tmp_path / "ev2")]) == 0
+    assert "the report could not be made (ZeroDivisionError" in caplog.text
+    assert (tmp_path / "ev2" / "metrics.json").is_file()
+
+
 def test_predict_on_a_folder_leaves_out_pictures_explain_wrote_there(tmp_path, caplog):
     from cxr.cli import main as cxr_main
 

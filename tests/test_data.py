@@ -57,6 +57,29 @@ def test_scan_single_split_folder_is_keyed_by_its_name(tiny_dataset):
     assert splits["test"].counts() == {"NORMAL": 4, "PNEUMONIA": 4}
 
 
+def test_scan_single_split_folder_given_as_dot_dot_or_not_utf8(tiny_dataset, monkeypatch):
+    # --data .. is keyed by the folder's name, not ".."; a name that is not UTF-8 is escaped, as it becomes a key of
+    # metrics.json, a file name and a title in the report.
+    monkeypatch.chdir(tiny_dataset / "test" / "NORMAL")
+    assert list(scan("..")) == ["test"]
+    odd = tiny_dataset.parent / os.fsdecode(b"sc\xe9ans")
+    (tiny_dataset / "test").rename(odd)
+    assert list(scan(odd)) == ["sc\\udce9ans"]
+
+
+def test_two_folders_of_one_class_or_split_are_refused_not_one_dropped(tiny_dataset):
+    # NORMAL beside normal (case-sensitive file systems), val beside validation: one used to be read and the other
+    # dropped without a word, which one decided by the order of the folder's listing.
+    (tiny_dataset / "test" / "normal").mkdir()
+    with pytest.raises(DataError, match="two folders for class NORMAL, NORMAL and normal"):
+        scan(tiny_dataset / "test")
+    (tiny_dataset / "test" / "normal").rmdir()
+    (tiny_dataset / "val").mkdir()
+    (tiny_dataset / "validation").mkdir()
+    with pytest.raises(DataError, match="two folders for split val, val and validation"):
+        scan(tiny_dataset)
+
+
 def test_scan_ignores_non_image_extensions_and_hidden_files(tiny_dataset, caplog):
     (tiny_dataset / "train" / "NORMAL" / "notes.txt").write_text("hello")
     (tiny_dataset / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\0")
@@ -171,6 +194,14 @@ def test_scan_npz_rejects_what_it_cannot_use(tmp_path, images, labels, message):
     with pytest.raises(DataError, match=message) as e:
         scan(path)
     assert str(path) in str(e.value)
+
+
+def test_a_npy_file_named_npz_is_named_not_a_traceback(tmp_path):
+    path = tmp_path / "arr.npz"
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="arr.npz: holds one array"):
+        scan(path)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "member"])

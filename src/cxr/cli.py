@@ -251,8 +251,10 @@ def _report_after(folder, **kwargs) -> None:
         return
     try:
         make_report(folder, **kwargs)
-    except CxrError as e:
-        log.warning("the report could not be made (%s); the results are in %s. Retry: cxr report %s", e, folder,
+    except Exception as e:  # a fault of the report's own (a bug, too) must not turn a finished run into a failure
+        cause = str(e) if isinstance(e, CxrError) else f"{type(e).__name__}: {e}"
+        log.debug("the report failed", exc_info=True)
+        log.warning("the report could not be made (%s); the results are in %s. Retry: cxr report %s", cause, folder,
                     folder)  # make_report logs where it wrote the report
 
 

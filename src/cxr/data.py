@@ -32,7 +32,7 @@ import numpy as np
 
 from cxr.config import CLASS_NAMES, Config
 from cxr.errors import DataError, UsageError, WriteError
-from cxr.fileio import CSV_TEXT, atomic_path
+from cxr.fileio import CSV_TEXT, atomic_path, display_name
 from cxr.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image, read_file, resize_square
 from cxr.progress import progress_bar
 from cxr.tv import import_torchvision
@@ -106,9 +106,13 @@ def file_digest(path: str | os.PathLike) -> str:
 
 def _class_dirs(split_dir: Path) -> dict[int, Path]:
     found: dict[int, Path] = {}
-    for child in split_dir.iterdir():
+    for child in sorted(split_dir.iterdir()):
         if child.is_dir() and child.name.upper() in CLASS_NAMES:
-            found[CLASS_NAMES.index(child.name.upper())] = child
+            label = CLASS_NAMES.index(child.name.upper())
+            if label in found:  # NORMAL and normal: one would be dropped, which one decided by the listing order
+                raise DataError(f"{split_dir}: two folders for class {CLASS_NAMES[label]}, {found[label].name} and "
+                                f"{child.name}; merge them into one")
+            found[label] = child
     return found
 
 
@@ -233,6 +237,9 @@ def _scan_npz(path: Path) -> dict[str, Split]:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable .npz file ({e})") from None
     splits = {}
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # np.load reads a .npy (one array) too, whatever the suffix
+        raise DataError(f"{path}: holds one array (a .npy file), not the named arrays of an .npz (train_images, "
+                        "train_labels, ...)")
     with npz:
         for name in SPLITS:
             if f"{name}_images" not in npz.files:
@@ -271,13 +278,23 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True) -> dict[
         if root.suffix.lower() != ".npz":
             raise UsageError(f"{root}: expected a folder or an .npz file")
         return _scan_npz(root)
-    subdirs = {c.name.lower(): c for c in root.iterdir() if c.is_dir()}
-    split_dirs = {_SPLIT_ALIASES[n]: d for n, d in subdirs.items() if n in _SPLIT_ALIASES}
+    subdirs = sorted(c for c in root.iterdir() if c.is_dir())
+    split_dirs: dict[str, Path] = {}
+    for d in subdirs:
+        name = _SPLIT_ALIASES.get(d.name.lower())
+        if name in split_dirs:  # val and validation: one would be dropped, which one decided by the listing order
+            raise DataError(f"{root}: two folders for split {name}, {split_dirs[name].name} and {d.name}; merge them "
+                            "into one")
+        if name:
+            split_dirs[name] = d
     if split_dirs:
         return {name: scan_folder(split_dirs[name], name, require_both_classes=require_both_classes)
                 for name in SPLITS if name in split_dirs}
-    if any(n.upper() in CLASS_NAMES for n in subdirs):
-        return {root.name: scan_folder(root, root.name, require_both_classes=require_both_classes)}
+    if any(d.name.upper() in CLASS_NAMES for d in subdirs):
+        # One split, named after its folder: "data", not ".." for --data ..; a name that is not UTF-8 escaped, as
+        # it is a key of metrics.json, a file name (predictions_<split>.csv) and a title in the report.
+        name = display_name((root.resolve() if root.name in ("", "..") else root).name)
+        return {name: scan_folder(root, name, require_both_classes=require_both_classes)}
     raise DataError(f"{root}: found neither split folders (train/val/test) nor class folders (NORMAL/PNEUMONIA)")
 
 

@@ -970,6 +970,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                 f"{config}</details>")))
 
     report = out / "report.html"
-    atomic_write_text(report, _html(art, sections, model_note))
+    # Paths that are not UTF-8 (a folder from another system's encoding) appear escaped (\\udcff), as in the figures.
+    atomic_write_text(report, display_name(_html(art, sections, model_note)))
     log.info("wrote %s", report)
     return report
