@@ -187,6 +187,8 @@ def test_scan_npz_maps_every_pixel_type_onto_0_255(tmp_path):
     (np.zeros((2, 8, 8), np.uint8), [0.1, 0.9], "must be 0"),
     (np.zeros((2, 8, 8), np.uint8), [0, 1, 1], "2 test_images but 3 test_labels"),
     (np.zeros((0, 8, 8), np.uint8), np.zeros(0, np.int64), "holds no images"),
+    (np.zeros((2, 0, 0), np.uint8), [0, 1], "0x0 pixels: an image needs at least 1x1"),  # was evaluated
+    (np.zeros((2, 8, 0, 1), np.float32), [0, 1], "8x0 pixels"),
 ])
 def test_scan_npz_rejects_what_it_cannot_use(tmp_path, images, labels, message):
     path = tmp_path / "bad.npz"

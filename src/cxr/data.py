@@ -196,6 +196,8 @@ def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
         channels = 0
     else:
         raise DataError(f"{where}: images must be (N, H, W) or (N, H, W, 1|3), not {images.shape}")
+    if 0 in images.shape[1:3]:
+        raise DataError(f"{where}: images of {images.shape[1]}x{images.shape[2]} pixels: an image needs at least 1x1")
     if images.dtype.kind not in "uif":
         raise DataError(f"{where}: images of dtype {images.dtype} (need integer or float pixels)")
     if images.dtype == np.uint8 and channels == 0:
