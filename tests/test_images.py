@@ -192,6 +192,30 @@ def test_png_16bit_is_stretched_and_constant_gives_zeros(tmp_path):
     np.testing.assert_array_equal(flat, np.zeros((8, 8), np.uint8))
 
 
+def png_16bit(samples: np.ndarray, colour_type: int) -> bytes:
+    """A PNG of 16-bit ``samples`` (H, W, channels) of IHDR ``colour_type``, written by hand: PIL cannot write these."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w = samples.shape[:2]
+    rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_png_16bit_colour_and_alpha_are_refused_not_cut_to_their_high_byte():
+    # A 12-bit X-ray (0..4080) in 16-bit RGB, RGBA or grey + alpha: PIL kept each sample's high byte (0..15, nearly
+    # black, and the bundled model said PNEUMONIA, P = 0.99999). 16-bit grey is still read, stretched.
+    g12 = ramp().astype(np.uint16) * 16
+    opaque = np.full_like(g12, 65535)
+    np.testing.assert_array_equal(read_grayscale(png_16bit(g12[..., None], 0)), stretched(g12))
+    for samples, colour_type in (([g12, opaque], 4), ([g12] * 3, 2), ([g12] * 3 + [opaque], 6)):
+        with pytest.raises(ImageError, match=r"x\.png: 16-bit colour or grey \+ alpha PNG: .* save it as 16-bit grey"):
+            read_grayscale(png_16bit(np.stack(samples, -1), colour_type), name="x.png")
+    # 8-bit colour and grey + alpha are read as before
+    assert read_grayscale(save_bytes(Image.fromarray(np.stack([ramp()] * 3, -1)), "PNG")).shape == (48, 64)
+
+
 def test_format_comes_from_content_not_extension(tmp_path):
     png_as_jpeg = save(Image.fromarray(ramp()), tmp_path / "really_png.jpeg", "PNG")
     np.testing.assert_array_equal(read_grayscale(png_as_jpeg), ramp())
@@ -222,7 +246,7 @@ def test_missing_file_and_directory(tmp_path):
 def test_named_pipe_is_refused_not_read(tmp_path):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)  # opening it for reading would block forever
-    with pytest.raises(ImageError, match=r"pipe\.png: not a regular file"):
+    with pytest.raises(ImageError, match=r"pipe\.png: not a regular file$"):  # not wrapped as "invalid path (...)"
         read_grayscale(fifo)
 
 
@@ -336,6 +360,16 @@ def test_bomb_over_max_pixels_checked_before_decoding():
     with pytest.raises(ImageError, match="64x48 image is over the 1,000-pixel limit"):
         read_grayscale(save_bytes(Image.fromarray(ramp()), "PNG"), max_pixels=1000)
     assert read_grayscale(save_bytes(Image.fromarray(ramp()), "PNG"), max_pixels=64 * 48).shape == (48, 64)
+
+
+def test_max_pixels_above_pils_own_limit_is_honoured(monkeypatch):
+    # PIL refuses from 179 million pixels on, inside Image.open: a larger max_pixels (cxr serve --max-pixels) was
+    # ignored ("image too large to decode safely"). The patched header claims 180 million pixels.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    data = jpeg_with_size(15_000, 12_000)
+    with pytest.raises(ImageError, match="over the 100,000,000-pixel limit"):
+        read_grayscale(data, name="big.jpeg")
+    assert read_grayscale(data, name="big.jpeg", max_pixels=200_000_000).shape == (12_000, 15_000)
 
 
 # ---------------------------------------------------------------------------------------------- DICOM

@@ -310,3 +310,20 @@ def test_exact_fp32_switches_tf32_off_on_cuda_and_puts_it_back():
             assert torch.backends.cudnn.allow_tf32  # bf16 predictions: left alone
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_devices_other_than_cpu_and_cuda_are_refused_in_one_line(monkeypatch):
+    # mps, xpu and meta used to pass, then fail with a traceback (after the cache build, for cxr train).
+    from cxr.model import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name in ("mps", "xpu", "meta"):
+        with pytest.raises(UsageError, match=f"--device {name}: cxr runs on cpu or cuda"):
+            resolve_device(name)
+    with pytest.raises(UsageError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(UsageError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")

@@ -43,8 +43,9 @@ SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 # Bumped whenever decoding, resizing or the cache's layout changes, so that old cache entries are never trusted.
-# 2: images stored in packs, not one file each.
-PREPROCESS_VERSION = 2
+# 2: images stored in packs, not one file each. 3: 16-bit colour and grey + alpha PNGs refused (PIL had kept each
+# sample's high byte; old caches hold those decodes).
+PREPROCESS_VERSION = 3
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)", re.IGNORECASE),

@@ -166,6 +166,8 @@ def _read_source(source: str | os.PathLike | bytes, name: str | None) -> tuple[b
         raise ImageError(label, "no such file") from e
     except PermissionError as e:
         raise ImageError(label, "permission denied") from e
+    except ImageError:  # a ValueError too: not to be wrapped as an invalid path
+        raise
     except ValueError as e:  # e.g. a NUL byte in the path
         raise ImageError(label, f"invalid path ({e})") from e
     except OSError as e:
@@ -221,6 +223,9 @@ def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: 
         with warnings.catch_warnings():
             # PIL warns from 89.5 million pixels on, to stderr; the limit that counts is max_pixels, checked next.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+                # PIL refuses from twice its own limit (179 million pixels), before a raised max_pixels is asked.
+                Image.MAX_IMAGE_PIXELS = max_pixels
             im = Image.open(io.BytesIO(data), formats=[fmt])
         with im:
             width, height = im.size
@@ -228,6 +233,9 @@ def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: 
                 raise ImageError(label, _too_many_pixels(width, height, max_pixels))
             if draft_size is not None and fmt == "JPEG":
                 im.draft("L", (draft_size, draft_size))
+            if fmt == "PNG" and data[24] == 16 and data[25] in _PNG_COLOUR_TYPES_WITH_CHANNELS:
+                raise ImageError(label, "16-bit colour or grey + alpha PNG: only its high 8 bits could be read, which "
+                                 "leaves a 12-bit X-ray nearly black; save it as 16-bit greyscale (or 8-bit)")
             # Image.open only read the header; load() decodes, so truncation surfaces here and not later.
             im.load()
             if im.mode in _HIGH_DEPTH_MODES:
@@ -248,6 +256,13 @@ def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: 
         detail = str(e) or type(e).__name__
         kind = "truncated" if isinstance(e, EOFError) or "truncated" in detail.lower() else "corrupt"
         raise ImageError(label, f"{kind} {fmt} ({detail})") from e
+
+
+# IHDR colour types 2 (RGB), 4 (grey + alpha) and 6 (RGBA): at 16 bits PIL keeps only each sample's high byte, so a
+# 12-bit X-ray (0..4095) came out as 0..15, nearly black, and was predicted PNEUMONIA with P = 0.99999. Such files are
+# refused: PIL has no 16-bit colour mode, and torchvision's decode_png, which keeps the 16 bits, crashed the process
+# (SIGSEGV) on one of tests/test_fuzz_images.py's constructed PNGs.
+_PNG_COLOUR_TYPES_WITH_CHANNELS = frozenset({2, 4, 6})
 
 
 def _stretch(arr: np.ndarray) -> np.ndarray:
