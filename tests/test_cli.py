@@ -540,6 +540,14 @@ def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
     ("rotation: -5\n", "must be >= 0"),
     ("split_seed: -1\n", "split_seed"),
     ("batch_size: 1\n", "batch norm needs two images"),
+    # Each of these passed, then crashed mid-run (a traceback, or no best.pt after every epoch for min_delta inf):
+    ("warmup_epochs: .inf\n", "warmup_epochs must be a finite number, got inf"),
+    ("rotation: .inf\n", "rotation must be a finite number"),
+    ("brightness: .nan\n", "brightness must be a finite number, got nan"),
+    ("min_delta: .inf\n", "min_delta must be a finite number"),
+    ("lr: .inf\n", "lr must be a finite number"),
+    ("patience: yes\n", "patience must be int, got True"),  # was 1
+    ("lr: true\n", "lr must be float, got True"),  # was 1.0
 ])
 def test_config_values_that_cannot_work_are_refused(tmp_path, tiny_dataset, yaml_text, says):
     from cxr.config import load_config

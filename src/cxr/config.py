@@ -7,6 +7,7 @@ repeated from either.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -107,6 +108,9 @@ class Config:
 
     def validate(self) -> Config:
         """Raise UsageError naming the first field that makes no sense; return self otherwise."""
+        for name, value in self.to_dict().items():  # inf and NaN pass most comparisons below, then crash mid-run
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"invalid config: {name} must be a finite number, got {value}")
         checks = [
             (self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}"),
             (self.epochs >= 1, "epochs must be >= 1"),
@@ -178,6 +182,8 @@ def _coerce(name: str, value: Any) -> Any:
         raise UsageError(f"invalid config: {name} must be auto or a whole number, got {value!r}")
     if target is str and isinstance(value, bool):  # YAML 1.1 reads on/off and yes/no as booleans
         return "on" if value else "off"
+    if target in (int, float) and isinstance(value, bool):  # `patience: yes` became 1, `lr: true` 1.0
+        raise UsageError(f"invalid config: {name} must be {target.__name__}, got {value!r}")
     if isinstance(value, target) and not (target is int and isinstance(value, bool)):
         return value
     try:
