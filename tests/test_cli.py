@@ -477,13 +477,20 @@ def test_one_class_only_after_carving(tmp_path):
 def test_unreadable_training_images_are_skipped_and_counted(tmp_path, tiny_dataset):
     (tiny_dataset / "train" / "NORMAL" / "empty.jpeg").write_bytes(b"")
     (tiny_dataset / "train" / "PNEUMONIA" / "text.png").write_text("not an image")
+    # A test split of unreadable files only: the run used to end in a traceback at its final evaluation, with no
+    # metrics.json or summary.json (and every --resume ended the same way).
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for f in (tiny_dataset / "test" / cls).iterdir():
+            f.unlink()
+        (tiny_dataset / "test" / cls / "bad.jpeg").write_bytes(b"\xff\xd8 not a jpeg")
     overrides = {**TINY_TRAIN, "data": str(tiny_dataset), "output": str(tmp_path / "r"), "epochs": 1}
     from cxr.train import train
 
     run = train(load_config(overrides=overrides))
     summary = json.loads((run / "summary.json").read_text())
     bad = [u["path"] for split in summary["unreadable"].values() for u in split]
-    assert sorted(Path(p).name for p in bad) == ["empty.jpeg", "text.png"]
+    assert sorted(Path(p).name for p in bad) == ["bad.jpeg", "bad.jpeg", "empty.jpeg", "text.png"]
+    assert sorted(json.loads((run / "metrics.json").read_text())) == ["train", "val"]
 
 
 def test_model_that_is_not_a_checkpoint(tmp_path, tiny_dataset):

@@ -817,6 +817,10 @@ def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config, device: to
     results = []
     with exact_fp32(device):
         for name, p in prepared.items():
+            if not len(p.labels):  # a test split of unreadable files only: write the rest, not a traceback
+                log.warning("%s split: no readable image, so no metrics for it (summary.json lists the unreadable "
+                            "files)", name)
+                continue
             logits = predict_logits(model, p.images, mean=cfg.mean, std=cfg.std, device=device,
                                     batch_size=cfg.eval_batch_size, bf16=False, channels_last=channels_last)
             results.append(SplitResult(name, [s.path for s in p.samples], p.labels, probabilities(logits)))
