@@ -947,6 +947,32 @@ def test_demo_refuses_to_replace_a_run_that_is_not_a_demo(tmp_path, tiny_dataset
     assert (run / "eval" / "metrics.json").read_text() == "precious"
 
 
+def test_a_new_demo_removes_the_old_demos_files_and_nothing_else(tmp_path, monkeypatch):
+    # The folder of an interrupted demo (config.yaml, split.csv) that also holds a user's files: the next demo used to
+    # delete the whole folder, the user's notes and data included.
+    from cxr.demo import SAMPLE_DIR, run_demo
+
+    out = tmp_path / "proj"
+    (out / "mydata").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "mydata" / "x.jpeg").write_bytes(b"mine")
+    (out / "config.yaml").write_text(f"data: {SAMPLE_DIR}\n")
+    for name in ("split.csv", "history.csv", "predictions_val.csv", ".best.pt.123.tmp"):
+        (out / name).write_text("old demo")
+    (out / "report").mkdir()
+    (out / "report" / "grid_val.png").write_bytes(b"old demo")
+    seen = {}
+
+    def stop_at_training(cfg):  # the folder as the new demo's training would find it
+        seen["files"] = sorted(str(f.relative_to(out)) for f in out.rglob("*"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cxr.train.train", stop_at_training)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(str(out))
+    assert seen["files"] == ["mydata", "mydata/x.jpeg", "notes.txt"]
+
+
 def test_serve_answers_on_its_port_and_a_second_one_there_is_one_line(trained_run):
     import queue
     import re

@@ -26,6 +26,22 @@ def _is_demo_run(run_dir: Path) -> bool:
     return Path(str(data)).parts[-3:] == SAMPLE_DIR.parts[-3:]
 
 
+# What a demo run writes (README's run directory table). Only these are removed before the next demo: it once deleted
+# the whole --output folder, a user's own files in it included.
+_RUN_OUTPUTS = frozenset({"config.yaml", "split.csv", "history.csv", "best.pt", "last.pt", "swa.pt", "metrics.json",
+                          "summary.json", "report.html", "report"})
+
+
+def _remove_demo_outputs(out: Path) -> None:
+    for f in out.iterdir():
+        temporary = f.name.startswith(".") and f.name.endswith(".tmp")  # left by a killed write
+        if f.name in _RUN_OUTPUTS or temporary or (f.name.startswith("predictions_") and f.suffix == ".csv"):
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
+
+
 def run_demo(output: str = "runs/demo", *, epochs: int = 8, device: str = "auto") -> Path:
     """Train a small DenseNet-121 from scratch on the bundled sample's 300 training images (240 after the validation
     carve; 128 px), evaluate it, predict its test folder,
@@ -42,7 +58,7 @@ def run_demo(output: str = "runs/demo", *, epochs: int = 8, device: str = "auto"
     if (out / "last.pt").exists() or (out / "split.csv").exists():
         if not _is_demo_run(out):  # `cxr demo --output` a real run's folder must not delete it
             raise UsageError(f"{out} holds a training run that is not a demo run; pick another --output")
-        shutil.rmtree(out)
+        _remove_demo_outputs(out)
     cfg = load_config(overrides={"data": str(SAMPLE_DIR), "output": str(out), "epochs": epochs, "image_size": 128,
                                  "batch_size": 16, "lr": 1e-3, "weights": "none", "val_fraction": 0.2,
                                  "patience": 0, "device": device, "warmup_epochs": 0.5})
