@@ -319,6 +319,10 @@ def test_resume_through_the_cli(trained_run, tmp_path):
     _one_line_error(cxr("train", "--resume", run, "--epochs", "9", "--no-report", check=False),
                     "cannot be lengthened")
     assert (run / "config.yaml").read_text() == config
+    # Nor shortened (it was accepted, and config.yaml then named a schedule the run never had).
+    _one_line_error(cxr("train", "--resume", run, "--epochs", "2", "--no-report", check=False),
+                    "schedule is 3 epochs (4 done) and cannot be shortened")
+    assert (run / "config.yaml").read_text() == config
 
 
 def test_resume_from_another_folder_and_a_failed_resume_changes_nothing(tmp_path, tiny_dataset):

@@ -307,6 +307,11 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
                                                              if overrides.get(k) is not None}}, base=cfg)
     last = run_dir / "last.pt"
     state = load_checkpoint(last) if last.is_file() else None
+    if state is not None and cfg.epochs < state.config.epochs:
+        # Accepted before: config.yaml said the smaller number, the cosine schedule shrank mid-run (or, below the
+        # epochs done, nothing trained and summary.json gave no stop reason).
+        raise UsageError(f"--resume {run_dir} --epochs {cfg.epochs}: this run's schedule is {state.config.epochs} "
+                         f"epochs ({state.epoch} done) and cannot be shortened; leave --epochs out to finish it")
     if state is not None and cfg.epochs > state.config.epochs:
         # A longer schedule can extend a run that finished it, not one that stopped early or went on to averaging:
         # say so, instead of recording the new --epochs in config.yaml and training nothing.
