@@ -242,6 +242,13 @@ def test_weight_averaging_averages_the_epochs_and_keeps_the_better(tmp_path, tin
         for name in params:
             assert torch.equal(best.state_dict[name], swa.state_dict[name])
         assert best.threshold_policy == "youden"  # finish() chose the threshold for the average
+        # Resumed with averaging switched off: best.pt is still the average, and summary.json still says so (it
+        # named epoch 3, the last, and no averaging).
+        train_mod.train(resume=run, overrides={"swa_epochs": 0})
+        again = json.loads((run / "summary.json").read_text())
+        assert again["best_epoch"] is None and again["swa"]["kept"], again
+        assert (again["swa"]["first_epoch"], again["swa"]["last_epoch"]) == (2, 3)
+        assert again["stop_reason"].endswith("then weight averaging of epochs 2-3"), again["stop_reason"]
     else:
         assert best.epoch == 1 and summary["best_epoch"] == 1
         assert not torch.equal(best.state_dict["features.conv0.weight"], swa.state_dict["features.conv0.weight"])

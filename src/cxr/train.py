@@ -710,11 +710,17 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         barrier()  # wait for rank 0's evaluation, so no rank exits while the group is still in use
         return run_dir
 
-    metrics, best_epoch = finish(run_dir, prepared, cfg, device)
+    metrics, best = finish(run_dir, prepared, cfg, device)
+    averaged_epochs = best.extra.get("averaged_epochs")
+    if averaged_epochs and swa_summary is None:
+        # best.pt is the weight average of an earlier session of this run (resumed with --swa-epochs 0 since)
+        swa_summary = {"first_epoch": averaged_epochs[0], "last_epoch": averaged_epochs[1], "val_loss": best.val_loss,
+                       "kept": True}
+        stop_reason += f", then weight averaging of epochs {averaged_epochs[0]}-{averaged_epochs[1]}"
     summary.update({"stop_reason": stop_reason, "epochs_run": len(history),
                     "skipped_batches": sum(int(h.get("skipped_batches", 0)) for h in history),
                     # best.pt's epoch (not simply the lowest validation loss: min_delta may have passed it over)
-                    "best_epoch": None if swa_summary and swa_summary["kept"] else best_epoch,
+                    "best_epoch": None if averaged_epochs else best.epoch,
                     "swa": swa_summary,
                     "wall_seconds_this_session": round(time.perf_counter() - t_start, 1),
                     "device": str(device), "processes": info.world, "bf16": bf16, "channels_last": channels_last})
@@ -808,12 +814,13 @@ def _finish_averaging(averaged: torch.optim.swa_utils.AveragedModel, run_dir: Pa
             "kept": kept}
 
 
-def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config, device: torch.device) -> tuple[dict, int]:
+def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config,
+           device: torch.device) -> tuple[dict, Checkpoint]:
     """Choose the threshold on validation with ``best.pt``, store it there, and evaluate it on every split.
 
     In fp32 (TF32 off on CUDA) whatever the training's arithmetic, as ``cxr evaluate`` computes by default: the
     threshold is chosen on the probabilities it will be applied to, and the metrics are those ``cxr evaluate`` gives.
-    Returns the metrics and best.pt's epoch."""
+    Returns the metrics and best.pt."""
     best = load_checkpoint(run_dir / "best.pt")
     model = best.build(device)
     channels_last = use_channels_last(dataclasses.replace(cfg, amp="off"), device)  # evaluate's memory format too
@@ -835,5 +842,5 @@ def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config, device: to
         f"sensitivity>={cfg.target_sensitivity}"
     save_checkpoint(best, run_dir / "best.pt")
     extra = {r.name: {"inference_dtype": "float32"} for r in results}
-    return write_evaluation(run_dir, results, best.threshold, extra=extra), best.epoch
+    return write_evaluation(run_dir, results, best.threshold, extra=extra), best
 
