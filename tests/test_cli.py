@@ -369,6 +369,32 @@ def test_weights_that_do_not_fit_the_arch_are_refused_before_the_data_is_read(tm
     assert not (out / "split.csv").exists()
 
 
+def test_starting_weights_that_cannot_be_had_are_refused_before_the_data_is_read(tmp_path, tiny_dataset,
+                                                                                monkeypatch, capsys):
+    """ImageNet's weights offline, and a cxr model with a tensor missing, failed only after every image was hashed and
+    cached (a long wait on a real dataset), leaving config.yaml and split.csv behind."""
+    from cxr.cli import main as cxr_main
+    from cxr.model import Checkpoint, build_model, save_checkpoint
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    model = build_model("densenet121", "none")
+    cut = Checkpoint("densenet121", {k: v for k, v in list(model.state_dict().items())[1:]},
+                     load_config(overrides={"image_size": 32}))
+    save_checkpoint(cut, tmp_path / "cut.pt")
+    for weights, message in (("imagenet", "could not get ImageNet weights"), (tmp_path / "cut.pt", "do not fit")):
+        cache, out = tmp_path / f"cache-{message[:3]}", tmp_path / f"run-{message[:3]}"
+        monkeypatch.setenv("CXR_CACHE_DIR", str(cache))
+        assert cxr_main(["train", "--data", str(tiny_dataset), "--output", str(out), "--weights", str(weights),
+                         "--image-size", "32", "--no-report"]) != 0
+        assert message in capsys.readouterr().err
+        assert not out.exists() and not cache.exists(), weights
+
+
 def test_fine_tuning_starts_from_the_bundled_model(tmp_path, tiny_dataset):
     # One epoch at a negligible learning rate: the run is as good as the model it starts from. From scratch, the same
     # epoch is a coin toss on these 8 validation images (validation AUROC 0.5 +- noise).

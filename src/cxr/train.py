@@ -65,7 +65,6 @@ from cxr.model import (
     Checkpoint,
     autocast,
     build_model,
-    check_starting_model,
     exact_fp32,
     load_checkpoint,
     normalize,
@@ -327,13 +326,17 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
 
 
 def _check_starting_weights(cfg: Config) -> None:
-    """``--weights`` names something loadable; a cxr model to fine-tune is of ``--arch`` and is fed its own way."""
+    """``--weights`` names something loadable into ``--arch``: said now, not after the data is hashed and cached.
+
+    The model is built once here and again, seeded, in :func:`_train`: ImageNet's weights are downloaded (or found
+    missing, offline) here, and a state dict or cxr model that does not fit ``--arch`` is refused here.
+    """
+    if cfg.weights == "none":
+        return
+    build_model(cfg.arch, cfg.weights)
     source = starting_model(cfg.weights)
     if source is None:
-        if cfg.weights not in ("imagenet", "none"):
-            build_model(cfg.arch, cfg.weights)  # a state dict that does not fit --arch: said now, not after hashing
         return
-    check_starting_model(source, cfg.arch)
     theirs = source.config
     if (theirs.mean, theirs.std) != (cfg.mean, cfg.std):
         log.warning("--weights %s was trained on images normalised with mean %g, std %g; this run uses mean %g, "
