@@ -84,6 +84,16 @@ def test_a_cxr_model_of_another_arch_is_refused():
         build_model("resnet18", "default")
 
 
+def test_a_checkpoint_of_an_arch_cxr_does_not_have_is_named_damaged(tmp_path):
+    # Edited by hand to "vgg": fine-tuning from it advised "pass --arch vgg", an arch cxr does not have.
+    save_checkpoint(_checkpoint(tmp_path), tmp_path / "ok.pt")
+    obj = torch.load(tmp_path / "ok.pt", weights_only=True)
+    torch.save({**obj, "arch": "vgg"}, tmp_path / "vgg.pt")
+    for load in (load_checkpoint, lambda p: build_model("densenet121", str(p))):
+        with pytest.raises(CheckpointError, match=r"vgg.pt: damaged cxr checkpoint .*unknown arch 'vgg' \(cxr has"):
+            load(tmp_path / "vgg.pt")
+
+
 def test_imagenet_weights_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch cache
 

@@ -297,6 +297,10 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)  # training state for --resume (optimizer, counters)
     path: str = ""
 
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:  # a file edited by hand: no "pass --arch vgg" advice later
+            raise CheckpointError(f"unknown arch {self.arch!r} (cxr has {', '.join(ARCHS)})")
+
     @property
     def preprocessing(self) -> dict[str, Any]:
         """How an image must be prepared for this model."""
