@@ -457,3 +457,20 @@ def test_report_without_a_working_ffmpeg_is_written_without_the_video(tmp_path, 
     assert "Fly-through video" not in page and "Metrics" in page
     assert "report: no video" in caplog.text and "--no-video" in caplog.text
     assert not list((folder / "report").glob("*.mp4")) and not list((folder / "report").glob(".*.tmp"))
+
+
+def test_the_threshold_is_shown_with_the_decimals_the_images_need(tmp_path):
+    # At three decimals, threshold 0.57463 read 0.575, and the image at P = 0.57455 (NORMAL) read 0.575 in the grid.
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    probs = np.array([0.1, 0.57455, 0.9, 0.7, 0.2, 0.8])
+    paths = [str(f) for f in sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:6]]
+    write_evaluation(tmp_path / "ev", [SplitResult("test", paths, labels, probs)], 0.57463, n_boot=20)
+    page = make_report(tmp_path / "ev", video=False, heatmaps=False)
+    text = page.read_text()
+    assert "P(pneumonia) ≥ 0.57463" in text and "threshold 0.575" not in text
+    from cxr.report import GridTile, plot_grid
+
+    tile = GridTile(image=np.full((32, 32), 128, np.uint8), heatmap=None, label=0, prob=0.57455, path="a.jpeg")
+    fig = plot_grid({"borderline": [tile]}, 0.57463, "test", decimals=5)
+    titles = [ax.get_title() for sub in fig.subfigs for ax in sub.axes]
+    assert any(t.startswith("✓ right   P(pneumonia) 0.5746\n") for t in titles), titles

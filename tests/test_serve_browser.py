@@ -157,6 +157,20 @@ def test_pick_xrays_and_read_the_predictions(browser_page, checkpoint, tmp_path)
     assert errors == [] or all("415" in e for e in errors)  # the browser logs the refused upload; nothing else
 
 
+def test_the_page_shows_a_probability_and_threshold_as_cxr_predict_does(browser_page):
+    # Beside each other, as many decimals as it takes for the two to compare as they do (cxr.predict.prob_text).
+    from cxr.predict import threshold_decimals
+
+    page, _, _ = browser_page
+    cases = [(0.5745, 0.57463), (0.57455, 0.57463), (0.57463, 0.57463), (0.5749, 0.57463), (0.123, 0.5),
+             (0.99999, 0.5), (0.00001, 0.5), (0.57405, 0.5741), (0.5742, 0.5741), (0.89999, 0.9)]
+    js = page.evaluate("cases => cases.map(([p, t]) => { const d = thresholdDecimals(t, p); "
+                       "return [probText(p, t, d), t.toFixed(d)]; })", cases)
+    py = [[prob_text(p, t, d), f"{t:.{d}f}"] for p, t in cases for d in [threshold_decimals(t, [p])]]
+    assert js == py
+    assert py[1] == ["0.5746", "0.57463"]
+
+
 def test_drop_an_xray_on_the_page(browser_page, checkpoint):
     page, outside, _ = browser_page
     page.get_by_role("button", name="Clear results").click()

@@ -99,3 +99,32 @@ def test_probabilities_never_read_as_certain():
     assert prob_text(0.99999) == ">0.999"
     assert prob_text(0.00001) == "<0.001"
     assert prob_text(0.5) == "0.500"
+
+
+def test_a_probability_and_its_threshold_shown_compare_as_they_do():
+    # At three decimals, the bundled model's threshold 0.57463 showed as 0.575 and P = 0.5746 as 0.575, labelled
+    # NORMAL: "P 0.575 < threshold 0.575". Both now get the decimals it takes, in every picture that shows both.
+    from cxr.predict import threshold_decimals
+
+    t = 0.57463
+    assert [threshold_decimals(t, [p]) for p in (0.5745, 0.57455, 0.5746, 0.123, 0.5747)] == [4, 5, 5, 3, 3]
+    assert (prob_text(0.5745, t, 4), f"{t:.4f}") == ("0.5745", "0.5746")
+    assert (prob_text(0.57455, t, 5), prob_text(0.5747, t, 5)) == ("0.5746", "0.575")  # no more decimals than needed
+    rng = np.random.default_rng(0)
+    for threshold in (0.57463, 0.5741, 0.5, 0.0625, 0.9):
+        probs = np.clip(threshold + rng.normal(0, 1e-3, 400), 0, 1)
+        d = threshold_decimals(threshold, probs)
+        for p in probs:
+            shown = prob_text(p, threshold, d)
+            if shown[0] not in "<>":
+                assert (float(shown) >= float(f"{threshold:.{d}f}")) == (p >= threshold), (p, threshold, d, shown)
+
+def test_a_frame_shows_the_probability_and_threshold_with_the_decimals_they_need(monkeypatch):
+    from PIL import ImageDraw
+
+    drawn, real_text = [], ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: drawn.append(text)
+                        or real_text(self, xy, text, *a, **k))
+    item = VideoItem("a.png", 1, 0.57455, np.zeros((64, 64), np.uint8))
+    render_frame(item, index=0, total=1, right=0, wrong=1, threshold=0.57463, history=[False])
+    assert "P(pneumonia) 0.5746" in drawn and "threshold 0.57463" in drawn, drawn

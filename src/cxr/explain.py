@@ -221,8 +221,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     from cxr.export import model_id
     from cxr.fileio import check_writable
     from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
-    from cxr.predict import collect_files
-    from cxr.video import prob_text
+    from cxr.predict import collect_files, prob_text, threshold_decimals
 
     # Not the output folder: explaining a folder twice into a folder inside it would read the first run's figures
     # back as X-rays.
@@ -271,8 +270,9 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                                        batch_size=batch_size)
         for f, im, heat, prob, pred, cls in zip(good, stack, heats, probs, predicted, classes, strict=True):
             out = out_dir / _unique_name(f, used)
-            title = (f"{f.name}\npredicted {ckpt.class_names[pred]}   P(pneumonia) {prob_text(prob)}   "
-                     f"threshold {t:.3f}   heatmap: evidence for {ckpt.class_names[cls]}")
+            d = threshold_decimals(t, [prob])
+            title = (f"{f.name}\npredicted {ckpt.class_names[pred]}   P(pneumonia) {prob_text(prob, t, d)}   "
+                     f"threshold {t:.{d}f}   heatmap: evidence for {ckpt.class_names[cls]}")
             _explanation_figure(im, heat, title=title, path=out)
             rows.append(Explanation(str(f), str(out), float(prob), ckpt.class_names[pred]))
     order = {str(f): i for i, f in enumerate(files)}

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,13 +47,34 @@ class Prediction:
 EXPLAIN_SUFFIX = "_gradcam.png"
 
 
-def prob_text(p: float) -> str:
-    """A probability with three decimals that never claims certainty (``>0.999`` rather than ``1.000``)."""
+def threshold_decimals(threshold: float, probs: Iterable[float] = ()) -> int:
+    """Decimals to show ``threshold`` with beside ``probs``: three, or more (up to eight) when a probability below it
+    would show as equal to it. At three, the bundled model's 0.57463 shows as 0.575, and an image at P = 0.5746
+    would read "P 0.575, threshold 0.575, NORMAL"."""
+    below = [float(p) for p in probs if p < threshold]
+    for d in range(3, 9):
+        if all(float(f"{p:.{d}f}") < float(f"{threshold:.{d}f}") for p in below):
+            return d
+    return 8
+
+
+def prob_text(p: float, threshold: float | None = None, decimals: int = 3) -> str:
+    """A probability with three decimals that never claims certainty (``>0.999`` rather than ``1.000``).
+
+    Beside a ``threshold`` shown with ``decimals`` (:func:`threshold_decimals`), with as many more as it takes for the
+    two numbers shown to compare as the two compare: never "P 0.575" below a threshold shown as 0.575."""
     if p > 0.9995:
         return ">0.999"
     if p < 0.0005:
         return "<0.001"
-    return f"{p:.3f}"
+    if threshold is None:
+        return f"{p:.3f}"
+    shown_threshold = float(f"{threshold:.{decimals}f}")
+    for d in range(3, max(decimals, 3) + 1):
+        text = f"{p:.{d}f}"
+        if (float(text) >= shown_threshold) == (p >= threshold):
+            return text
+    return f"{p:.{decimals}f}"
 
 
 def collect_files(paths: list[str | os.PathLike], *, skip: Path | None = None) -> list[Path]:

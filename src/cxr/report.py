@@ -36,6 +36,7 @@ import numpy as np
 from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError
 from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, display_name, ensure_dir
+from cxr.predict import prob_text, threshold_decimals
 
 log = logging.getLogger(__name__)
 
@@ -399,8 +400,9 @@ def plot_roc_pr(predictions: Sequence[SplitPredictions], threshold: float):
                    ylabel="true-positive rate (sensitivity)")
         ax_pr.set(title="Precision-recall curve (PNEUMONIA positive)", xlabel="recall (sensitivity)",
                   ylabel="precision")
-        keys = {ax_roc: [(points, f"operating point at threshold {threshold:.3f}")],
-                ax_pr: [(points, f"operating point at threshold {threshold:.3f}"),
+        shown = f"{threshold:.{threshold_decimals(threshold, [q for p in predictions for q in p.probs])}f}"
+        keys = {ax_roc: [(points, f"operating point at threshold {shown}")],
+                ax_pr: [(points, f"operating point at threshold {shown}"),
                         (chance, "chance (share of PNEUMONIA)")]}
         for ax, loc in ((ax_roc, "lower right"), (ax_pr, "lower left")):
             handles, labels = ax.get_legend_handles_labels()
@@ -458,14 +460,14 @@ class GridTile:
     path: str
 
 
-def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, columns: int = 4):
+def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, columns: int = 4, decimals: int = 3):
     """Rows of example images (one row per group, e.g. most confident right), each captioned with truth,
-    prediction and probability, framed blue when right and vermillion when wrong, heatmap overlaid."""
+    prediction and probability, framed blue when right and vermillion when wrong, heatmap overlaid. ``decimals``: those
+    the threshold is shown with (:func:`cxr.predict.threshold_decimals`)."""
     import matplotlib as mpl
     from matplotlib import cm, colors
 
     from cxr.explain import HEATMAP_CMAP, overlay
-    from cxr.video import prob_text
 
     rows = [(name, tiles) for name, tiles in groups.items()]
     # A group with no images (say, no wrong prediction) gets one line of text, not a blank row of tiles.
@@ -498,7 +500,8 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
                     spine.set_visible(True)
                     spine.set_color(colour)
                     spine.set_linewidth(4)
-                ax.set_title(f"{'✓ right' if ok else '✗ wrong'}   P(pneumonia) {prob_text(tile.prob)}\n"
+                shown = prob_text(tile.prob, threshold, decimals)
+                ax.set_title(f"{'✓ right' if ok else '✗ wrong'}   P(pneumonia) {shown}\n"
                              f"true {CLASS_NAMES[tile.label]} · pred {CLASS_NAMES[pred]}",
                              fontsize=9.5, color=colour if not ok else "black")
                 ax.set_xlabel(_short(display_name(Path(tile.path).name), 30), fontsize=7.5, color=OKABE_ITO["grey"],
@@ -774,6 +777,9 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     threshold = art.threshold if art.threshold is not None else 0.5
     splits = art.splits
     preds = [art.predictions[s] for s in splits if s in art.predictions]
+    # Shown with more than three decimals when an image below it would show as on it (cxr.predict.prob_text).
+    decimals = threshold_decimals(threshold, [q for p in preds for q in p.probs])
+    shown_threshold = f"{threshold:.{decimals}f}"
     sections: list[tuple[str, str, str]] = []  # (id, title, html)
 
     def default_split(asked: str | None) -> str | None:
@@ -855,7 +861,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
         given = any(m.get("threshold_source") == "given" for m in art.metrics.values())
         chosen = "set by hand (--threshold)" if given else "chosen on validation"
         sections.append(("metrics", "Metrics", _table(header, metric_rows) +
-                         f"<p class='meta'>At decision threshold P(pneumonia) ≥ {threshold:.3f}, {chosen}. "
+                         f"<p class='meta'>At decision threshold P(pneumonia) ≥ {shown_threshold}, {chosen}. "
                          "Sensitivity = recall of PNEUMONIA, specificity = recall of NORMAL; AUROC and AUPRC do not "
                          "depend on the threshold; ECE = expected calibration error (10 bins). "
                          + _interval_note(art.metrics) + "</p>"))
@@ -883,7 +889,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             path = _save(plot_confusion(m["confusion_matrix"], s), pics / f"confusion_{s}.png")
             cms.append(_figure_html(path, f"confusion matrix for {s}",
                                     f"{html.escape(s)}: rows are the true class, columns the prediction at threshold "
-                                    f"{threshold:.3f}. Row-normalised: the diagonal is specificity (NORMAL) and "
+                                    f"{shown_threshold}. Row-normalised: the diagonal is specificity (NORMAL) and "
                                     "sensitivity (PNEUMONIA)."))
     if cms:
         sections.append(("confusion", "Confusion matrices", "".join(cms)))
@@ -892,7 +898,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
         path = _save(plot_roc_pr(preds, threshold), pics / "roc_pr.png")
         sections.append(("curves", "ROC and precision-recall", _figure_html(
             path, "ROC and precision-recall curves",
-            f"One curve per split; the large markers are the operating point at threshold {threshold:.3f}. The "
+            f"One curve per split; the large markers are the operating point at threshold {shown_threshold}. The "
             "dotted horizontal lines in the precision-recall panel are each split's share of PNEUMONIA (what a model "
             "that guesses gets).")))
         path = _save(plot_calibration(preds), pics / "calibration.png")
@@ -911,7 +917,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             p = art.predictions[gsplit]
             groups = select_examples(p.labels, p.probs, threshold, grid_per_group)
             tiles = {name: _gather(p, idx, pixels, explainer, threshold) for name, idx in groups.items()}
-            path = _save(plot_grid(tiles, threshold, gsplit, columns=grid_per_group), pics / f"grid_{gsplit}.png")
+            grid = plot_grid(tiles, threshold, gsplit, columns=grid_per_group, decimals=decimals)
+            path = _save(grid, pics / f"grid_{gsplit}.png")
             sections.append(("examples", "Examples", _figure_html(
                 path, f"example images from {gsplit}",
                 f"Images from {html.escape(gsplit)}: the most confident right and wrong predictions (half from each "

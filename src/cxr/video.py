@@ -21,7 +21,7 @@ from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError, VideoError
 from cxr.explain import HEATMAP_CMAP, overlay
 from cxr.fileio import atomic_path, display_name
-from cxr.predict import prob_text
+from cxr.predict import prob_text, threshold_decimals
 from cxr.progress import progress_bar
 
 # Okabe-Ito colours, the light variants that read well on the dark frame; right/wrong also differ in symbol and word.
@@ -124,7 +124,8 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
         draw.text((x0, y), name, font=normal, fill=DIM)
         draw.text((x0 + label_w, y), value, font=bold, fill=TEXT)
         y += round(unit * 1.3)
-    draw.text((x0, y), f"P(pneumonia) {prob_text(item.prob)}", font=normal, fill=TEXT)
+    decimals = threshold_decimals(threshold, [item.prob])
+    draw.text((x0, y), f"P(pneumonia) {prob_text(item.prob, threshold, decimals)}", font=normal, fill=TEXT)
     y += round(unit * 1.3)
 
     # Probability bar with the threshold marked.
@@ -134,7 +135,7 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     tx = x0 + round(bar_w * threshold)
     draw.line([tx, y - 3, tx, y + bar_h + 3], fill=THRESHOLD_COLOUR, width=2)
     y += bar_h + 4
-    draw.text((x0, y), f"threshold {threshold:.3f}", font=small, fill=THRESHOLD_COLOUR)
+    draw.text((x0, y), f"threshold {threshold:.{decimals}f}", font=small, fill=THRESHOLD_COLOUR)
     y += round(unit * 1.4)
 
     verdict = "✓ RIGHT" if ok else "✗ WRONG"

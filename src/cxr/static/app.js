@@ -17,11 +17,26 @@ function fmt(p) {
   return Number(p).toFixed(3);
 }
 
-// A probability as `cxr predict` shows it (cxr.predict.prob_text): three decimals that never claim certainty.
-function probText(p) {
+// Decimals to show a threshold with beside a probability (cxr.predict.threshold_decimals): three, or more when
+// a probability below the threshold would show as equal to it.
+function thresholdDecimals(t, p) {
+  for (let d = 3; d <= 8; d++) {
+    if (!(p < t) || Number(p.toFixed(d)) < Number(t.toFixed(d))) return d;
+  }
+  return 8;
+}
+
+// A probability as `cxr predict` shows it (cxr.predict.prob_text): three decimals that never claim certainty;
+// beside a threshold shown with `d` decimals, as many more as it takes for the two to compare as they do.
+function probText(p, t = null, d = 3) {
   if (p > 0.9995) return ">0.999";
   if (p < 0.0005) return "<0.001";
-  return fmt(p);
+  if (t === null) return fmt(p);
+  const shownT = Number(t.toFixed(d));
+  for (let k = 3; k <= d; k++) {
+    if ((Number(p.toFixed(k)) >= shownT) === (p >= t)) return p.toFixed(k);
+  }
+  return p.toFixed(d);
 }
 
 async function loadModelInfo() {
@@ -77,13 +92,14 @@ function render(card, res) {
   const label = $(".label", card);
   label.textContent = res.label;
   label.classList.add(res.label === "PNEUMONIA" ? "pos" : "neg");
-  $("[data-testid=probability]", card).textContent = probText(res.probability);
+  const d = thresholdDecimals(res.threshold, res.probability);
+  $("[data-testid=probability]", card).textContent = probText(res.probability, res.threshold, d);
   const bar = $(".bar", card);
   bar.hidden = false;
   $(".fill", bar).style.width = `${(100 * res.probability).toFixed(1)}%`;
   $(".mark", bar).style.left = `${(100 * res.threshold).toFixed(1)}%`;
   $(".threshold", card).textContent =
-    `Predicted PNEUMONIA when P(pneumonia) ≥ ${fmt(res.threshold)} (the model's threshold).`;
+    `Predicted PNEUMONIA when P(pneumonia) ≥ ${res.threshold.toFixed(d)} (the model's threshold).`;
   $(".meta", card).textContent =
     `model ${res.model.id} (${res.model.backend}), cxr ${res.model.version}, ${res.format.toUpperCase()}, ` +
     `${Math.round(res.timing_ms.total)} ms`;
