@@ -303,3 +303,39 @@ def test_training_in_bf16_chooses_its_threshold_on_the_fp32_probabilities_evalua
         a = {r["path"]: float(r["prob_pneumonia"]) for r in read_csv(run / f"predictions_{name}.csv")}
         b = {r["path"]: float(r["prob_pneumonia"]) for r in read_csv(tmp_path / "eval" / f"predictions_{folder}.csv")}
         assert a and a.keys() <= b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a), name
+
+
+def test_images_the_model_was_trained_on_are_counted_and_named(tmp_path, tiny_dataset, caplog):
+    # Evaluating the bundled model on a copy of the Kaggle dataset gave near-perfect metrics on its train folder
+    # without a word that the model was trained on those very images.
+    import shutil
+
+    from cxr.config import load_config
+    from cxr.demo import SAMPLE_DIR
+    from cxr.evaluate import evaluate_model
+    from cxr.train import train
+
+    from .conftest import TINY_TRAIN
+
+    kermany = sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:2]  # published names of Kermany train images
+    (tmp_path / "mine" / "test" / "NORMAL").mkdir(parents=True)
+    for i, f in enumerate(kermany):
+        shutil.copy(f, tmp_path / "mine" / "test" / "NORMAL" / (f.name if i == 0 else "scan-0001.jpeg"))
+    metrics = evaluate_model("default", tmp_path / "mine", tmp_path / "o1", device="cpu")
+    assert metrics["test"]["n_seen_in_training"] == 1
+    assert "test split: 1 of its 2 images are named as images of the official Kermany train and val" in caplog.text
+    from cxr.report import make_report
+
+    page = make_report(tmp_path / "o1", video=False, heatmaps=False).read_text()
+    assert "images the model was trained or validated on</strong>: test 1 of 2;" in page
+
+    # A model in a run directory: its split.csv's digests, in splits other than its own train and val.
+    run = train(load_config(overrides={**TINY_TRAIN, "epochs": 1, "data": str(tiny_dataset),
+                                       "output": str(tmp_path / "run")}))
+    evaluated = evaluate_model(run, tiny_dataset, tmp_path / "o2", device="cpu")
+    assert evaluated["test"]["n_seen_in_training"] == 0 and "n_seen_in_training" not in evaluated["train"]
+    leaked = next((tiny_dataset / "train" / "PNEUMONIA").glob("*"))
+    shutil.copy(leaked, tiny_dataset / "test" / "PNEUMONIA" / "renamed.jpeg")
+    caplog.clear()
+    assert evaluate_model(run, tiny_dataset, tmp_path / "o3", device="cpu")["test"]["n_seen_in_training"] == 1
+    assert "in the train or val split of the run that trained the model" in caplog.text

@@ -268,6 +268,44 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
     return metrics
 
 
+# The published file names of the images the bundled model was trained and validated on: the whole official Kermany
+# train and val splits (scripts/bundled_training_names.py writes it).
+BUNDLED_TRAINING_NAMES = Path(__file__).resolve().parent / "weights" / "kermany-224-trainval-names.txt.gz"
+
+
+def development_images(ckpt, mid: str):
+    """Where it can be told, a function giving how many images of an evaluated split the model was trained or
+    validated on (``(split name, samples) -> int or None``), and what they are; else None.
+
+    - The bundled model: images with the file names of Kermany's official train and val splits, the images it was
+      developed on. A copy of the Kaggle or Mendeley dataset keeps those names; its ``train`` folder is no test of
+      this model. (By name, since those originals are not byte for byte the 224 px copies it was trained on.)
+    - A model in a run directory: images whose content digest is that of one in its ``split.csv``'s train or val,
+      in splits named otherwise (its own ``train`` and ``val`` are expected to be so).
+    """
+    import gzip
+
+    from cxr.data import read_split_csv
+    from cxr.export import file_sha256
+    from cxr.model import BUNDLED_MODEL
+
+    if BUNDLED_MODEL.is_file() and BUNDLED_TRAINING_NAMES.is_file() and file_sha256(BUNDLED_MODEL)[:12] == mid:
+        with gzip.open(BUNDLED_TRAINING_NAMES, "rt", encoding="utf-8") as f:
+            names = set(f.read().split())
+        return (lambda name, samples: sum(Path(s.path).name in names for s in samples)), \
+            "named as images of the official Kermany train and val splits, which the bundled model was trained on"
+    record = Path(ckpt.path).parent / "split.csv" if ckpt.path else None
+    if record is None or not record.is_file():
+        return None
+    try:
+        seen = {s.digest for name in ("train", "val") for s in read_split_csv(record).get(name, []) if s.digest}
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("%s: not readable (%s), so images this model was trained on cannot be told", record, e)
+        return None
+    return (lambda name, samples: None if name in ("train", "val") else sum(s.digest in seen for s in samples)), \
+        f"in the train or val split of the run that trained the model ({record})"
+
+
 def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
                    threshold: float | None = None, device: str = "auto", cache_dir: str | None = None,
                    batch_size: int = 64, amp: str = "off") -> dict:
@@ -301,6 +339,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
         net = net.to(memory_format=torch.channels_last)
     splits = scan(data, require_both_classes=False)
     t = ckpt.threshold if threshold is None else float(threshold)
+    developed_on = development_images(ckpt, mid)
     results, failures = [], {}
     for split in splits.values():
         prepared = prepare(split, cfg)
@@ -319,6 +358,13 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
                                 "threshold_source": "model" if threshold is None else "given",
                                 "model": model_ref, "model_id": mid, "data": str(Path(data).resolve()),
                                 "inference_dtype": "bfloat16" if bf16 else "float32"}
+        seen = developed_on[0](split.name, prepared.samples) if developed_on else None
+        if seen is not None:
+            failures[split.name]["n_seen_in_training"] = seen
+        if seen:
+            log.warning("%s split: %d of its %d images are %s, so its metrics there overstate how it does on new "
+                        "images", split.name,
+                        seen, len(prepared.samples), developed_on[1])
     if not results:
         name, n, reason = unusable
         raise DataError(f"{data}: none of the {n} images of split {name!r} could be read (first: {reason})")

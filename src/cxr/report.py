@@ -816,6 +816,12 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     sources = list(dict.fromkeys(m["data"] for m in art.metrics.values() if m.get("data") and "model" in m))
     if sources:
         facts.append(f"<li>data evaluated: {html.escape(', '.join(sources))}</li>")
+    seen = [f"{display_name(s)} {m['n_seen_in_training']} of {m['n']}" for s, m in art.metrics.items()
+            if m.get("n_seen_in_training")]
+    if seen:
+        facts.append("<li><strong>images the model was trained or validated on</strong>: "
+                     f"{html.escape(', '.join(seen))}; its metrics on those splits overstate how it does on new "
+                     "images</li>")
     dtypes = list(dict.fromkeys(m["inference_dtype"] for m in art.metrics.values() if m.get("inference_dtype")))
     if dtypes:
         facts.append(f"<li>predictions computed in {html.escape(', '.join(dtypes))}</li>")
