@@ -18,6 +18,8 @@ import sys
 import numpy as np
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
+from cxr.evaluate import _Resampler
+
 
 def read(path: str) -> dict[str, tuple[int, float]]:
     with open(path, newline="") as f:
@@ -34,6 +36,26 @@ def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     nll = -(y * np.log(p) + (1 - y) * np.log(1 - p))
     return {"log_loss": float(log_loss(y, p, labels=[0, 1])), "weighted_log_loss": float((weights * nll).sum() /
             weights.sum()), "brier": float(brier_score_loss(y, p)), "auroc": float(roc_auc_score(y, p))}
+
+
+class Resampled:
+    """:func:`scores` of a resample from the count of draws of each image (``np.bincount``), as cxr's own
+    bootstrap does (cxr.evaluate._Resampler, whose AUROC it uses): the same numbers, without scikit-learn's checks
+    of its inputs on every resample, which made 1,000 resamples take about 25 s."""
+
+    def __init__(self, y: np.ndarray, p: np.ndarray):
+        self.y, self.p = y, np.clip(p, 1e-7, 1 - 1e-7)
+        self.nll = -(y * np.log(self.p) + (1 - y) * np.log(1 - self.p))
+        self.sq = (self.p - y) ** 2
+        self.ranks = _Resampler(y, p, 0.5)
+
+    def scores(self, idx: np.ndarray) -> dict[str, float]:
+        w = np.bincount(idx, minlength=len(self.y)).astype(np.float64)
+        counts = np.bincount(self.y, weights=w, minlength=2)
+        cw = w * (len(idx) / (2 * counts))[self.y]
+        return {"log_loss": float((w * self.nll).sum() / w.sum()),
+                "weighted_log_loss": float((cw * self.nll).sum() / cw.sum()),
+                "brier": float((w * self.sq).sum() / w.sum()), "auroc": self.ranks.metrics(idx)["auroc"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|")
     rng = np.random.default_rng(0)
     diffs: dict[str, list[float]] = {k: [] for k in sa}
+    ra, rb = Resampled(y, pa), Resampled(y, pb)
     while len(diffs["log_loss"]) < args.boot:
         idx = rng.integers(0, len(y), len(y))
         if y[idx].min() == y[idx].max():
             continue
-        da, db = scores(y[idx], pa[idx]), scores(y[idx], pb[idx])
+        da, db = ra.scores(idx), rb.scores(idx)
         for k in diffs:
             diffs[k].append(db[k] - da[k])
     for k in sa:
