@@ -474,3 +474,27 @@ def test_the_threshold_is_shown_with_the_decimals_the_images_need(tmp_path):
     fig = plot_grid({"borderline": [tile]}, 0.57463, "test", decimals=5)
     titles = [ax.get_title() for sub in fig.subfigs for ax in sub.axes]
     assert any(t.startswith("✓ right   P(pneumonia) 0.5746\n") for t in titles), titles
+
+
+def test_confusion_matrix_of_an_absent_class_gives_it_no_rate():
+    # A NORMAL-only split drew its PNEUMONIA row as "0.0 % (0)", which the caption calls the sensitivity.
+    from cxr.report import plot_confusion
+
+    fig = plot_confusion([[5, 1], [0, 0]], "normal-only")
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert texts[4:] == ["83.3%\n(5)", "16.7%\n(1)", "–\n(no images)", "–\n(no images)"], texts
+
+
+def test_video_caption_gives_the_time_each_image_is_shown_and_an_empty_selection_says_so(tmp_path, report):
+    run = report.parent
+    # 0.3 s at 5 frames per second is 2 frames: 0.4 s (the caption said 0.3).
+    page = make_report(run, output=tmp_path / "a", heatmaps=False, frame_size=(320, 180), video_max_images=2,
+                       seconds_per_image=0.3, fps=5.0).read_text()
+    assert "0.4 s each" in page and "0.3 s each" not in page
+    # No wrong prediction to show: the page says so (the video section vanished without a word).
+    labels = np.array([0, 0, 1, 1])
+    paths = [str(f) for f in sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:4]]
+    write_evaluation(tmp_path / "ev", [SplitResult("test", paths, labels, np.array([0.1, 0.2, 0.8, 0.9]))], 0.5,
+                     n_boot=20)
+    page = make_report(tmp_path / "ev", heatmaps=False, video_select="errors", **VIDEO).read_text()
+    assert "No video: errors selects no image of test (no prediction there is wrong)." in page

@@ -128,3 +128,14 @@ def test_a_frame_shows_the_probability_and_threshold_with_the_decimals_they_need
     item = VideoItem("a.png", 1, 0.57455, np.zeros((64, 64), np.uint8))
     render_frame(item, index=0, total=1, right=0, wrong=1, threshold=0.57463, history=[False])
     assert "P(pneumonia) 0.5746" in drawn and "threshold 0.57463" in drawn, drawn
+
+
+def test_a_video_of_more_images_than_its_strip_has_pixels_is_drawn():
+    # 615 images or more at 640x360: a cell of the progress strip was under a pixel wide, and Pillow refused the
+    # rectangle (x1 < x0), which ended `cxr report --video-select all` on the 624 images of Kermany's test split.
+    item = VideoItem("a.png", 1, 0.9, np.zeros((64, 64), np.uint8))
+    history = [i % 3 > 0 for i in range(700)]
+    frame = render_frame(item, index=699, total=700, right=466, wrong=234, threshold=0.5, history=history)
+    strip_row = frame[-12]  # inside the strip, near the frame's bottom
+    colours = {tuple(c) for c in strip_row}
+    assert tuple(RIGHT_COLOUR[:3]) in colours and tuple(WRONG_COLOUR[:3]) in colours, colours

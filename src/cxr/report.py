@@ -323,16 +323,18 @@ def plot_confusion(matrix: Sequence[Sequence[int]], split: str, class_names: Seq
 
     cm = np.asarray(matrix, dtype=np.float64)
     rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    cmap = mpl.colormaps[MATRIX_CMAP]
+    # A true class with no image has no rate (not 0 %: the caption calls the diagonal specificity and sensitivity).
+    norm = np.divide(cm, rows, out=np.full_like(cm, np.nan), where=rows > 0)
+    cmap = mpl.colormaps[MATRIX_CMAP].with_extremes(bad="#eeeeee")
     with mpl.rc_context({**_RC, "axes.grid": False}):
         fig = _figure(figsize=(10.0, 3.9))
         fig.get_layout_engine().set(wspace=0.12)
         axes = fig.subplots(1, 2)
         panels = ((cm, f"{split}: counts (n = {int(cm.sum())})", lambda i, j: f"{int(cm[i, j])}"),
-                  (norm, f"{split}: row-normalised", lambda i, j: f"{norm[i, j]:.1%}\n({int(cm[i, j])})"))
+                  (norm, f"{split}: row-normalised", lambda i, j: "–\n(no images)" if np.isnan(norm[i, j])
+                   else f"{norm[i, j]:.1%}\n({int(cm[i, j])})"))
         for ax, (values, title, text) in zip(axes, panels, strict=True):
-            vmax = values.max() if values.max() > 0 else 1
+            vmax = 1 if values is norm else max(values.max(), 1)
             im = ax.imshow(values, cmap=cmap, vmin=0, vmax=1 if values is norm else vmax)
             for i in range(2):
                 for j in range(2):
@@ -950,13 +952,24 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                                             title=vsplit, poster=pics / f"flythrough_{vsplit}.png")
                 except VideoError as e:  # the video is one part of the report: the rest is written without it
                     log.warning("report: no video: %s", e)
+                except Exception as e:  # a fault of the video's own: the same, and the traceback at debug level
+                    log.warning("report: no video (%s: %s)", e.__class__.__name__, e)
+                    log.debug("the video failed", exc_info=True)
+            else:
+                log.info("report: no video: no %s in %s", "wrong prediction" if video_select == "errors" else "image",
+                         vsplit)
+                sections.append(("video", "Fly-through video", (
+                    f"<p class='meta'>No video: {html.escape(video_select)} selects no image of "
+                    f"{html.escape(vsplit)}{' (no prediction there is wrong)' if video_select == 'errors' else ''}."
+                    "</p>")))
             if path is not None:
+                shown_for = max(1, round(seconds_per_image * fps)) / fps  # whole frames: what the video shows
                 size_mb = path.stat().st_size / 1e6
                 sections.append(("video", "Fly-through video", (
                     f"<figure><video controls muted playsinline preload='auto' width='{frame_size[0]}' "
                     f"poster='{_data_uri(path.with_suffix('.png'), 'image/png')}' "
                     f"src='{_data_uri(path, 'video/mp4')}'></video><figcaption>{len(items)} images from "
-                    f"{html.escape(vsplit)} ({html.escape(video_select)}), {seconds_per_image:g} s each, "
+                    f"{html.escape(vsplit)} ({html.escape(video_select)}), {shown_for:g} s each, "
                     f"{'with heatmap, ' if explainer.net is not None else ''}"
                     f"prediction, probability, truth and a running tally. Also saved as "
                     f"{html.escape(str(path.relative_to(out)))} ({size_mb:.1f} MB).</figcaption></figure>")))

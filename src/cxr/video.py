@@ -169,7 +169,8 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     draw.rectangle([margin, sy, w - margin, sy + strip_h], outline=DIM, width=1)
     cell = (w - 2 * margin) / max(total, 1)
     for i, good in enumerate(history):
-        draw.rectangle([margin + round(i * cell), sy + 1, margin + round((i + 1) * cell) - 1, sy + strip_h - 1],
+        left = margin + round(i * cell)  # below 1 px a cell (a video of 615 images or more) shares its column
+        draw.rectangle([left, sy + 1, max(left, margin + round((i + 1) * cell) - 1), sy + strip_h - 1],
                        fill=RIGHT_COLOUR if good else WRONG_COLOUR)
     return np.asarray(im)
 
