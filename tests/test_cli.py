@@ -114,6 +114,11 @@ def test_evaluate_threshold_override(trained_run, tmp_path):
     assert metrics["test"]["threshold"] == 0 and metrics["test"]["recall"] == 1.0
     assert metrics["test"]["inference_dtype"] == "float32"  # by default, on every machine
     assert metrics["test"]["specificity"] == 0.0
+    # Into the run's own folder: refused, before its training metrics.json is replaced by this evaluation's.
+    before = (run / "metrics.json").read_bytes()
+    _one_line_error(cxr("evaluate", "--model", run, "--data", data / "test", "--output", run, "--no-report",
+                        check=False), "a training run's folder", f"say {run / 'eval-test'}")
+    assert (run / "metrics.json").read_bytes() == before
     # `cxr predict --amp off` computes as evaluate does: the same probabilities, on any machine.
     cxr("predict", "--model", run / "best.pt", data / "test", "--output", tmp_path / "p.csv", "--amp", "off")
     evaluated = {r["path"]: float(r["prob_pneumonia"]) for r in read_csv(tmp_path / "predictions_test.csv")}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cxr.config import CLASS_NAMES
-from cxr.errors import DataError
+from cxr.errors import DataError, UsageError
 from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, ensure_dir
 from cxr.model import autocast, normalize
 from cxr.report import expected_calibration_error
@@ -325,6 +325,10 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
 
     check_writable(output, folder=True)  # now, not after the predictions
+    if any((Path(output) / name).is_file() for name in ("best.pt", "last.pt", "history.csv")):
+        # Its metrics.json (the training's, on train, val and test) would be replaced, and its report would mix both.
+        raise UsageError(f"--output {output}: a training run's folder, whose metrics.json and predictions this would "
+                         f"replace; give another folder (say {Path(output) / ('eval-' + Path(data).name)})")
     ckpt = load_checkpoint(model)
     # Recorded, so that `cxr report OUT` can draw the heatmaps with the same model later.
     model_ref = "default" if str(model) == "default" else str(Path(ckpt.path).resolve())
