@@ -123,8 +123,20 @@ def test_explain_files_writes_one_picture_per_readable_image(tmp_path):
     # Every file in input order; the unreadable one with its error, as in `cxr predict`'s file.
     assert [r["path"] for r in rows] == [str(FILES[0]), str(broken), str(FILES[1])]
     assert "broken.jpeg" in rows[1]["error"] and rows[1]["prob_pneumonia"] == rows[1]["output"] == ""
-    # The same numbers `cxr predict` gives.
+    # A file given twice (a folder, then one of its files, say) is two rows, each in its place; before, both moved
+    # to the later place: [a, b, a] came out as [b, a, a], in explain and in predict.
     from cxr.predict import predict_files
+
+    again = explain_files(tmp_path / "model.pt", [FILES[0], FILES[1], FILES[0]], tmp_path / "again", device="cpu",
+                          batch_size=2)
+    assert len(again) == 3
+    rows_again = list(csv.DictReader((tmp_path / "again" / "explanations.csv").read_text().splitlines()))
+    assert [r["path"] for r in rows_again] == [str(FILES[0]), str(FILES[1]), str(FILES[0])]
+    twice = predict_files(tmp_path / "model.pt", [FILES[0], broken, FILES[1], FILES[0]], device="cpu", batch_size=3)
+    assert [p.path for p in twice] == [str(FILES[0]), str(broken), str(FILES[1]), str(FILES[0])]
+    assert twice[0].prob_pneumonia == pytest.approx(twice[3].prob_pneumonia, abs=1e-5)
+
+    # The same numbers `cxr predict` gives.
 
     preds = {p.path: p for p in predict_files(tmp_path / "model.pt", [FILES[0], FILES[1]], device="cpu")}
     for r in (rows[0], rows[2]):

@@ -246,17 +246,16 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    rows: list[Explanation] = []
+    indexed: list[tuple[int, Explanation]] = []  # by position in `files`: a file named twice is two rows in place
     for start in range(0, len(files), batch_size):
-        images, good, failed = [], [], []  # a list: a file named twice is listed twice, read or not
-        for f in files[start:start + batch_size]:
+        images, good = [], []
+        for i, f in enumerate(files[start:start + batch_size], start):
             try:
                 images.append(load_image(f, cfg.image_size, max_pixels=cfg.max_pixels))
-                good.append(f)
+                good.append((i, f))
             except ImageError as e:
                 log.warning("skipping unreadable image: %s", e)
-                failed.append(Explanation(str(f), None, None, None, error=str(e)))
-        rows.extend(failed)
+                indexed.append((i, Explanation(str(f), None, None, None, error=str(e))))
         if not images:
             continue
         stack = np.stack(images)
@@ -268,15 +267,14 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
         classes = predicted if target == "predicted" else np.full(len(stack), names.index(target.upper()))
         heats, _ = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=classes,
                                        batch_size=batch_size)
-        for f, im, heat, prob, pred, cls in zip(good, stack, heats, probs, predicted, classes, strict=True):
+        for (i, f), im, heat, prob, pred, cls in zip(good, stack, heats, probs, predicted, classes, strict=True):
             out = out_dir / _unique_name(f, used)
             d = threshold_decimals(t, [prob])
             title = (f"{f.name}\npredicted {ckpt.class_names[pred]}   P(pneumonia) {prob_text(prob, t, d)}   "
                      f"threshold {t:.{d}f}   heatmap: evidence for {ckpt.class_names[cls]}")
             _explanation_figure(im, heat, title=title, path=out)
-            rows.append(Explanation(str(f), str(out), float(prob), ckpt.class_names[pred]))
-    order = {str(f): i for i, f in enumerate(files)}
-    rows.sort(key=lambda e: order[e.path])  # stable: a file named twice keeps both rows
+            indexed.append((i, Explanation(str(f), str(out), float(prob), ckpt.class_names[pred])))
+    rows = [e for _, e in sorted(indexed, key=lambda r: r[0])]
     mid = model_id(ckpt)
     with atomic_path(out_dir / "explanations.csv") as tmp, open(tmp, "w", **CSV_TEXT) as fh:
         w = csv.writer(fh)

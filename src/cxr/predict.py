@@ -174,21 +174,20 @@ def predict_in_batches(files: list[Path], probs_of, *, image_size: int, max_pixe
     """Decode ``files`` a batch at a time (memory stays flat) and turn ``probs_of(uint8 (N, S, S))`` into
     predictions, in input order; unreadable files get an ``error``. Shared by the PyTorch and ONNX backends.
     """
-    results: list[Prediction] = []
+    results: list[tuple[int, Prediction]] = []  # by position in `files`: a file given twice is two rows in place
     for start in range(0, len(files), batch_size):
         images, good = [], []
-        for f in files[start:start + batch_size]:
+        for i, f in enumerate(files[start:start + batch_size], start):
             try:
                 images.append(load_image(f, image_size, max_pixels=max_pixels))
-                good.append(f)
+                good.append((i, f))
             except ImageError as e:
-                results.append(Prediction(str(f), error=str(e), threshold=threshold, model_id=model_id))
+                results.append((i, Prediction(str(f), error=str(e), threshold=threshold, model_id=model_id)))
         if images:
-            for f, prob in zip(good, probs_of(np.stack(images)), strict=True):
-                results.append(Prediction(str(f), float(prob), class_names[int(prob >= threshold)],
-                                          threshold=threshold, model_id=model_id))
-    order = {str(f): i for i, f in enumerate(files)}
-    return sorted(results, key=lambda r: order[r.path])
+            for (i, f), prob in zip(good, probs_of(np.stack(images)), strict=True):
+                results.append((i, Prediction(str(f), float(prob), class_names[int(prob >= threshold)],
+                                              threshold=threshold, model_id=model_id)))
+    return [p for _, p in sorted(results, key=lambda r: r[0])]
 
 
 def _check_suffix(path: str | os.PathLike) -> str:
