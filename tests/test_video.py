@@ -139,3 +139,19 @@ def test_a_video_of_more_images_than_its_strip_has_pixels_is_drawn():
     strip_row = frame[-12]  # inside the strip, near the frame's bottom
     colours = {tuple(c) for c in strip_row}
     assert tuple(RIGHT_COLOUR[:3]) in colours and tuple(WRONG_COLOUR[:3]) in colours, colours
+
+
+def test_a_row_of_an_npz_is_named_by_its_file_and_row(monkeypatch):
+    # Pictures of `.npz` images were captioned "3" (Path("/d/x.npz#test/3").name).
+    from PIL import ImageDraw
+
+    from cxr.fileio import image_name
+
+    assert image_name("/d/x.npz#test/3") == "x.npz#test/3"
+    assert image_name("/d/scan#1.png") == "scan#1.png" and image_name("/d/a#b/3") == "3"  # not an .npz: its name
+    drawn, real_text = [], ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: drawn.append(text)
+                        or real_text(self, xy, text, *a, **k))
+    render_frame(VideoItem("/d/x.npz#test/3", 0, 0.2, np.zeros((64, 64), np.uint8)), index=0, total=1, right=1,
+                 wrong=0, threshold=0.5, history=[True])
+    assert "x.npz#test/3" in drawn, drawn

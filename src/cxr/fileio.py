@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,15 @@ CSV_TEXT = {"newline": "", "encoding": "utf-8", "errors": "surrogateescape"}
 def display_name(text: str) -> str:
     """A file name fit to draw or print: bytes that were not valid UTF-8 shown as escapes (``\\udcc4``)."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def image_name(path: str) -> str:
+    """What names an image in a picture: its file's name, or for a row of an ``.npz`` (``/data/x.npz#test/3``, as
+    :func:`cxr.data.scan` names it) the file's name and the row, ``x.npz#test/3``, not a bare ``3``."""
+    head, sep, row = str(path).rpartition("#")
+    if sep and head.lower().endswith(".npz") and re.fullmatch(r"[^/\\]+/\d+", row):
+        return display_name(f"{Path(head).name}#{row}")
+    return display_name(Path(path).name)
 
 
 @contextlib.contextmanager

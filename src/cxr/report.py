@@ -35,7 +35,7 @@ import numpy as np
 
 from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError
-from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, display_name, ensure_dir
+from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, display_name, ensure_dir, image_name
 from cxr.predict import prob_text, threshold_decimals
 
 log = logging.getLogger(__name__)
@@ -506,7 +506,7 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
                 ax.set_title(f"{'✓ right' if ok else '✗ wrong'}   P(pneumonia) {shown}\n"
                              f"true {CLASS_NAMES[tile.label]} · pred {CLASS_NAMES[pred]}",
                              fontsize=9.5, color=colour if not ok else "black")
-                ax.set_xlabel(_short(display_name(Path(tile.path).name), 30), fontsize=7.5, color=OKABE_ITO["grey"],
+                ax.set_xlabel(_short(image_name(tile.path), 30), fontsize=7.5, color=OKABE_ITO["grey"],
                               parse_math=False)
         subfigs[-1].text(0.5, 0.5, DISCLAIMER, ha="center", va="center", fontsize=7.5, color=OKABE_ITO["grey"])
         if with_heat:

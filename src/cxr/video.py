@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError, VideoError
 from cxr.explain import HEATMAP_CMAP, overlay
-from cxr.fileio import atomic_path, display_name
+from cxr.fileio import atomic_path, image_name
 from cxr.predict import prob_text, threshold_decimals
 from cxr.progress import progress_bar
 
@@ -117,7 +117,7 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     head = f"{title}  ·  image {index + 1} of {total}" if title else f"image {index + 1} of {total}"
     draw.text((x0, y), head, font=small, fill=DIM)
     y += round(unit * 1.05)
-    draw.text((x0, y), _fit(draw, display_name(Path(item.path).name), small, panel_w), font=small, fill=DIM)
+    draw.text((x0, y), _fit(draw, image_name(item.path), small, panel_w), font=small, fill=DIM)
     y += round(unit * 1.6)
     label_w = max(draw.textlength("predicted ", font=normal), draw.textlength("truth ", font=normal))
     for name, value in (("truth", CLASS_NAMES[item.label]), ("predicted", CLASS_NAMES[predicted])):
