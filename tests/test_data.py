@@ -37,6 +37,13 @@ from .conftest import SHARED_DATA
     ("IM-0115-0001.jpeg", "IM-0115"),
     ("NORMAL2-IM-1427-0001.jpeg", "NORMAL2-IM-1427"),
     ("scan_42.png", "scan_42"),
+    # One patient whatever the case of the name (they were two, "IM-0001" and "im-0001", on two sides of the carve).
+    ("im-0001-0002.JPEG", "IM-0001"),
+    ("Person7_Virus_2.jpeg", "person7"),
+    ("normal2-im-0003-0001.png", "NORMAL2-IM-0003"),
+    # A DICOM named by its UID: the last part is no extension (".1" and ".2" were one "patient").
+    ("1.2.840.113619.2.55.3.604688119.1", "1.2.840.113619.2.55.3.604688119.1"),
+    ("1.2.840.113619.2.55.3.604688119.2.dcm", "1.2.840.113619.2.55.3.604688119.2"),
 ])
 def test_patient_id(name, expected):
     assert patient_id(name) == expected

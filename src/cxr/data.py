@@ -89,14 +89,25 @@ class Prepared:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def patient_id(filename: str) -> str:
-    """Patient id from a Kermany file name (``person12_virus_3`` -> ``person12``); the stem if none matches."""
+def _kermany_patient(filename: str) -> str | None:
+    """The patient id in a Kermany file name, in the dataset's own case (``IM-0001``, also from ``im-0001-0002.JPEG``,
+    which is the same patient), or None."""
     stem = Path(filename).stem
     for pattern in _PATIENT_PATTERNS:
         m = pattern.match(stem)
         if m:
-            return m.group(1)
-    return stem
+            return m.group(1).lower() if m.group(1).lower().startswith("person") else m.group(1).upper()
+    return None
+
+
+def patient_id(filename: str) -> str:
+    """Patient id from a Kermany file name (``person12_virus_3`` -> ``person12``); else the name without its image
+    extension (a DICOM named by its UID, ``1.2.840.113619.2.55.3.1``, keeps its last part: it is no extension)."""
+    found = _kermany_patient(filename)
+    if found is not None:
+        return found
+    root, ext = os.path.splitext(filename)
+    return root if ext.lower() in IMAGE_EXTENSIONS else filename
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -460,7 +471,7 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
             raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
                             "(use the dataset's own val folder with --val-source folder)")
     if len({s.patient for s in pool}) == len(pool):
-        parsed = sum(patient_id(Path(s.path).name) != Path(s.path).stem for s in pool)  # Kermany-style names
+        parsed = sum(_kermany_patient(Path(s.path).name) is not None for s in pool)  # Kermany-style names
         if parsed == len(pool):  # read, and simply one image per patient (a small sample, say): nothing to warn of
             log.info("every patient id (from the Kermany-style file names) has one image: the validation split is "
                      "patient-disjoint")
