@@ -72,7 +72,7 @@ def make_run(root: Path) -> Path:
     counts = {r.name: {"NORMAL": int((r.labels == 0).sum()), "PNEUMONIA": int((r.labels == 1).sum())}
               for r in results}
     summary = {"counts": counts, "unreadable": {"train": [{"path": "/data/broken-scan.jpeg",
-                                                           "reason": "truncated JPEG"}], "val": [], "test": []},
+                                                           "reason": "/data/broken-scan.jpeg: truncated JPEG"}], "val": [], "test": []},
                "stop_reason": "finished 3 epochs", "epochs_run": 3, "best_epoch": 2, "device": "cpu"}
     (root / "summary.json").write_text(json.dumps(summary))
     return root
@@ -277,6 +277,7 @@ def test_report_html_is_self_contained(report):
     assert f"{metrics['test']['accuracy']:.3f}" in page
     assert f"{metrics['test']['ci95']['auroc'][0]:.3f}" in page
     assert "/data/broken-scan.jpeg" in page and "finished 3 epochs" in page
+    assert "<li>train: /data/broken-scan.jpeg: truncated JPEG</li>" in page  # its path once (the reason names it too)
     assert "image_size: 64" in page and "resolved config (config.yaml)" in page
     assert "model evaluated" not in page  # a training run's metrics name no model: the run's own best.pt
 

@@ -842,8 +842,9 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     bad = [(s, u) for s, items in unreadable.items() for u in items]
     if bad:
         data_html += "<details><summary>unreadable files (" + str(len(bad)) + ")</summary><ul>" + "".join(
-            f"<li>{html.escape(s)}: {html.escape(u.get('path', ''))}: {html.escape(u.get('reason', ''))}</li>"
-            for s, u in bad) + "</ul></details>"
+            f"<li>{html.escape(display_name(s))}: {html.escape(display_name(u.get('path', '')))}: "
+            f"{html.escape(display_name(u.get('reason', '').removeprefix(u.get('path', '') + ': ')))}</li>"
+            for s, u in bad) + "</ul></details>"  # the reason names the file too: once is enough
     sections.append(("data", "Data", data_html + (f"<ul>{''.join(facts)}</ul>" if facts else "")))
 
     if art.metrics:
