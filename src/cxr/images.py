@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import warnings
 
@@ -248,7 +249,11 @@ def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: 
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(label, f"image too large to decode safely ({e})") from e
+        # PIL refuses in Image.open from twice its own limit, before the size is checked above; its message would
+        # name that limit, not max_pixels.
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(m.group(1)):,}-pixel image" if m else "image"
+        raise ImageError(label, f"{size} is over the {max_pixels:,}-pixel limit (possible decompression bomb)") from e
     except UnidentifiedImageError as e:
         raise ImageError(label, f"truncated or corrupt {fmt} (header unreadable)") from e
     except Exception as e:
