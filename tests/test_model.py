@@ -337,3 +337,38 @@ def test_devices_other_than_cpu_and_cuda_are_refused_in_one_line(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(UsageError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
         resolve_device("cuda:2")
+
+
+def test_exact_fp32_holds_while_any_thread_is_inside_it():
+    # The service predicts in several threads. A request that left first turned TF32 back on under another's fp32
+    # forward pass, and the last to leave restored "off" for good. Only device.type is read: no GPU needed.
+    import threading
+
+    from cxr.model import exact_fp32
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    cuda = torch.device("cuda")
+    b_inside, a_left, seen = threading.Event(), threading.Event(), []
+
+    def a():
+        with exact_fp32(cuda):
+            b_inside.wait(5)
+        a_left.set()
+
+    def b():
+        with exact_fp32(cuda):
+            b_inside.set()
+            a_left.wait(5)
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+
+    try:
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert seen == [(False, False)]  # B still in fp32 after A left
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, False)  # as found
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

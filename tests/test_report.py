@@ -71,8 +71,8 @@ def make_run(root: Path) -> Path:
     write_evaluation(root, results, THRESHOLD, n_boot=50)
     counts = {r.name: {"NORMAL": int((r.labels == 0).sum()), "PNEUMONIA": int((r.labels == 1).sum())}
               for r in results}
-    summary = {"counts": counts, "unreadable": {"train": [{"path": "/data/broken-scan.jpeg",
-                                                           "reason": "/data/broken-scan.jpeg: truncated JPEG"}], "val": [], "test": []},
+    broken = {"path": "/data/broken-scan.jpeg", "reason": "/data/broken-scan.jpeg: truncated JPEG"}
+    summary = {"counts": counts, "unreadable": {"train": [broken], "val": [], "test": []},
                "stop_reason": "finished 3 epochs", "epochs_run": 3, "best_epoch": 2, "device": "cpu"}
     (root / "summary.json").write_text(json.dumps(summary))
     return root

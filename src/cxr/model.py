@@ -254,16 +254,32 @@ def use_channels_last(cfg: Config, device: torch.device) -> bool:
 def exact_fp32(device: torch.device, enabled: bool = True):
     """fp32 arithmetic on CUDA without TF32, whose 10-bit mantissa cuDNN uses for "fp32" convolutions by default
     (``torch.backends.cudnn.allow_tf32``): so that fp32 predictions on a GPU agree with a CPU's to ~1e-6. The flags
-    are put back afterwards. A no-op elsewhere, and where not ``enabled`` (bf16 predictions)."""
+    are put back afterwards. A no-op elsewhere, and where not ``enabled`` (bf16 predictions).
+
+    The flags are process-wide, and the service predicts in several threads at once: the first to enter turns TF32
+    off and the last to leave puts it back, so that no request's fp32 forward pass runs with TF32 turned on by another
+    request that finished first (nor is the setting left changed for good)."""
+    global _fp32_users, _fp32_saved
     if device.type != "cuda" or not enabled:
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with _FP32_LOCK:
+        if _fp32_users == 0:
+            _fp32_saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        _fp32_users += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        with _FP32_LOCK:
+            _fp32_users -= 1
+            if _fp32_users == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _fp32_saved
+
+
+_FP32_LOCK = threading.Lock()
+_fp32_users = 0  # threads inside exact_fp32 on CUDA
+_fp32_saved = (True, False)  # the TF32 flags the first of them found
 
 
 def autocast(device: torch.device, enabled: bool):
