@@ -254,6 +254,29 @@ def test_slow_uploads_do_not_block_other_clients(server):
     assert predict(server.port) == 200
 
 
+def test_a_stalled_upload_is_answered_408_and_its_connection_freed(engine):
+    """An upload that stops sending held its connection for good: 128 of them (--max-connections) made the service
+    answer 503 to everything, health checks included. Now it gets 408 after --upload-timeout and is closed."""
+    server = Server(create_app(engine, max_upload_mb=1.0, upload_timeout=0.5))
+    try:
+        body, headers = multipart(XRAY)
+        head = (f"POST {PREDICT}?heatmap=false HTTP/1.1\r\nHost: x\r\nContent-Type: {headers['Content-Type']}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        stalled = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        stalled.sendall(head + body[:100])  # then nothing
+        t0 = time.monotonic()
+        data = b""
+        with contextlib.suppress(OSError):
+            while more := stalled.recv(4096):  # until the server closes the connection
+                data += more
+        stalled.close()
+        assert data.startswith(b"HTTP/1.1 408"), data[:200]
+        assert b"the upload sent nothing for 0.5 s" in data and time.monotonic() - t0 < 8
+        assert predict(server.port) == 200  # an upload that keeps sending is not cut off
+    finally:
+        server.stop()
+
+
 def test_many_concurrent_uploads_get_200_or_503_never_an_error(server):
     """48 uploads at once against 2 workers and a queue of 6: each answer is 200 or 503 with Retry-After, nothing
     else; the service then answers the next request normally."""

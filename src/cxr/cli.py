@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections, uploads in progress included; 503 beyond (default 128)")
     p.add_argument("--max-pixels", type=_count(1),
                    help="larger images are refused before decoding (default: the model config's, 100 million)")
+    p.add_argument("--upload-timeout", type=_positive, default=30.0,
+                   help="seconds an upload may send nothing before it gets 408 and its connection is closed, so "
+                        "stalled uploads cannot hold every connection (default 30)")
 
     p = sub.add_parser("export", help="write a model as ONNX or TorchScript with its preprocessing contract")
     p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
@@ -451,7 +454,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.model, args.host, args.port, backend=_backend(args), max_upload_mb=args.max_upload_mb,
           max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, threads=args.threads,
-          max_connections=args.max_connections, max_pixels=args.max_pixels, amp=args.amp)
+          max_connections=args.max_connections, max_pixels=args.max_pixels, amp=args.amp,
+          upload_timeout=args.upload_timeout)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

@@ -237,11 +237,16 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"  # not "0.0 MB" for a small limit
 
 
-async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
+async def read_upload(request: Request, max_bytes: int, idle_timeout: float | None = None) -> tuple[bytes, str]:
     """The bytes and file name of multipart field ``file``, parsed in memory while the body streams in.
 
+    ``idle_timeout``: seconds the body may send nothing (as nginx's ``client_body_timeout``): a stalled upload would
+    otherwise hold its connection, one of ``--max-connections``, for good, and enough of them lock the service out,
+    health checks included.
+
     Raises:
-        HttpError: 413 over ``max_bytes``, 415 not multipart/form-data, 400 malformed, 422 no ``file`` field.
+        HttpError: 413 over ``max_bytes``, 415 not multipart/form-data, 400 malformed, 422 no ``file`` field, 408
+        nothing received for ``idle_timeout`` seconds.
     """
     from python_multipart.exceptions import MultipartParseError
     from python_multipart.multipart import MultipartParser, parse_options_header
@@ -279,8 +284,17 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_part_data": on_part_data, "on_end": lambda: ended.append(True)})
     received = 0
+    chunks = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                with anyio.fail_after(idle_timeout):
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise HttpError(408, f"the upload sent nothing for {idle_timeout:g} s ({received:,} bytes received); "
+                                "send it again", headers={"Connection": "close"}) from None
             received += len(chunk)
             if received > limit:
                 raise HttpError(413, too_big)
@@ -366,6 +380,7 @@ class Limits:
     max_concurrency: int
     max_queue: int
     max_pixels: int | None
+    upload_timeout: float | None = 30.0
 
 
 class SecurityHeaders:
@@ -443,7 +458,7 @@ class HealthOut(BaseModel):
 
 def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = "torch", max_upload_mb: float = 20.0,
                max_concurrency: int = 2, max_queue: int = 32, device: str = "auto", threads: int = 0,
-               max_pixels: int | None = None, amp: str = "auto") -> FastAPI:
+               max_pixels: int | None = None, amp: str = "auto", upload_timeout: float | None = 30.0) -> FastAPI:
     """The FastAPI application serving one model.
 
     Args:
@@ -457,12 +472,15 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         threads: intra-op threads per prediction (0: the library default); see :func:`load_engine`.
         max_pixels: refuse larger images (default: the model's setting), checked before decoding.
         amp: bf16 autocast for the torch backend (auto, on, off); see :func:`load_engine`.
+        upload_timeout: seconds an upload may send nothing before it gets 408 and its connection is closed (None:
+            no limit); see :func:`read_upload`.
     """
-    if max_upload_mb <= 0 or max_concurrency < 1 or max_queue < 0:
-        raise UsageError("max_upload_mb must be > 0, max_concurrency >= 1 and max_queue >= 0")
+    if max_upload_mb <= 0 or max_concurrency < 1 or max_queue < 0 or (upload_timeout is not None
+                                                                       and not upload_timeout > 0):
+        raise UsageError("max_upload_mb must be > 0, max_concurrency >= 1, max_queue >= 0 and upload_timeout > 0")
     engine: Engine = (load_engine(model, backend, device, threads, amp) if isinstance(model, str | os.PathLike)
                       else model)
-    limits = Limits(int(max_upload_mb * 1e6), max_concurrency, max_queue, max_pixels)
+    limits = Limits(int(max_upload_mb * 1e6), max_concurrency, max_queue, max_pixels, upload_timeout)
     limiter = anyio.CapacityLimiter(max_concurrency)
     admitted = [0]  # requests running or waiting for a worker (only touched on the event loop)
     seconds = [1.0]  # recent seconds per prediction (moving average): what a client turned away should wait
@@ -523,7 +541,7 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         busy = HttpError(503, "busy: too many requests waiting; retry shortly", {"Retry-After": retry_after()})
         if admitted[0] >= bound:  # early, so a full service does not read the upload first
             raise busy
-        data, name = await read_upload(request, limits.max_upload_bytes)
+        data, name = await read_upload(request, limits.max_upload_bytes, limits.upload_timeout)
         t1 = time.perf_counter()
         # Checked again and counted with no await in between: concurrent uploads cannot all slip past the bound.
         if admitted[0] >= bound:
@@ -584,12 +602,13 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
 def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: int = 8000, *, backend: str = "torch",
           max_upload_mb: float = 20.0, max_concurrency: int = 2, max_queue: int = 32, device: str = "auto",
           threads: int | None = None, max_pixels: int | None = None, log_level: str = "info",
-          max_connections: int = 128, amp: str = "auto") -> None:
+          max_connections: int = 128, amp: str = "auto", upload_timeout: float | None = 30.0) -> None:
     """Run the service with uvicorn until interrupted (``cxr serve``). The port is taken first, then the model loads.
 
     ``max_connections`` caps the connections served at once, uploads still arriving included (uvicorn answers 503
     beyond it): the queue bounds the requests being predicted, this bounds the memory held by slow uploads
-    (at most about ``max_connections * max_upload_mb``).
+    (at most about ``max_connections * max_upload_mb``). ``upload_timeout`` frees the connection of an upload that
+    stalls, which would otherwise hold it for good.
 
     Arguments as :func:`create_app`, except ``threads``: None (default) gives each of the ``max_concurrency``
     predictions an equal share of the cores. Letting each take every core oversubscribes them, which on a busy
@@ -607,7 +626,8 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     socks = _listen(host, port)
     try:
         app = create_app(model, backend=backend, max_upload_mb=max_upload_mb, max_concurrency=max_concurrency,
-                         max_queue=max_queue, device=device, threads=threads, max_pixels=max_pixels, amp=amp)
+                         max_queue=max_queue, device=device, threads=threads, max_pixels=max_pixels, amp=amp,
+                         upload_timeout=upload_timeout)
         engine = app.state.engine
         port = socks[0].getsockname()[1]  # the one the system chose, for --port 0
         log.info("serving model %s (%s backend, %s, %d x %d threads) on http://%s:%d/  (API docs at /docs). %s",
