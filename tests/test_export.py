@@ -214,6 +214,14 @@ def test_bad_inputs_are_refused(exported, tmp_path):
     onnx.save(foreign, tmp_path / "foreign.onnx")
     with pytest.raises(CheckpointError, match="without a cxr contract"):
         OnnxPredictor(tmp_path / "foreign.onnx")
+    # Ours, with its contract edited by hand: one line when loaded, not a traceback at the first prediction.
+    for edit in ({"max_pixels": None}, {"image_size": SIZE + 8}, {"threshold": 7}):
+        model = onnx.load(exported["onnx"])
+        prop = next(p for p in model.metadata_props if p.key == CONTRACT_KEY)
+        prop.value = json.dumps({**json.loads(prop.value), **edit})
+        onnx.save(model, tmp_path / "edited.onnx")
+        with pytest.raises(CheckpointError, match="edited.onnx: its cxr contract does not fit the model"):
+            OnnxPredictor(tmp_path / "edited.onnx")
     with pytest.raises(UsageError, match="format"):
         export_model(exported["ckpt"], "tflite", tmp_path / "m.tflite")
     with pytest.raises(UsageError, match="directory"):

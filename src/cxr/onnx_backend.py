@@ -69,7 +69,20 @@ class OnnxPredictor:
             raise CheckpointError(f"{label}: an ONNX model without a cxr contract (export it with cxr export)") \
                 from None
         self.card: dict[str, Any] = self.contract.get("model_card") or {}
-        self.max_pixels = int(self.contract.get("max_pixels", 100_000_000))
+        # A contract edited by hand is said here in one line, not as a traceback at the first prediction.
+        shape = next((i.shape for i in self.session.get_inputs() if i.name == "image"), None)
+        try:
+            self.max_pixels = int(self.contract.get("max_pixels", 100_000_000))
+            fits = (shape is not None and len(shape) == 4 and self.max_pixels > 0 and 0 <= self.threshold <= 1
+                    and all(d == self.image_size for d in shape[1:] if isinstance(d, int) and d != 1)
+                    and "probabilities" in {o.name for o in self.session.get_outputs()})
+        except (TypeError, ValueError):
+            fits = False
+        if not fits:
+            raise CheckpointError(f"{label}: its cxr contract does not fit the model (input {shape}, contract "
+                                  f"image_size {self.contract.get('image_size')}, threshold "
+                                  f"{self.contract.get('threshold')}, max_pixels {self.contract.get('max_pixels')}): "
+                                  "damaged or edited by hand; export it again with cxr export")
 
     def predict_uint8(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """P(``class_names[-1]``) as float64 (N,) for uint8 images (N, S, S) or (N, 1, S, S)."""
