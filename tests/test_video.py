@@ -155,3 +155,24 @@ def test_a_row_of_an_npz_is_named_by_its_file_and_row(monkeypatch):
     render_frame(VideoItem("/d/x.npz#test/3", 0, 0.2, np.zeros((64, 64), np.uint8)), index=0, total=1, right=1,
                  wrong=0, threshold=0.5, history=[True])
     assert "x.npz#test/3" in drawn, drawn
+
+
+def test_a_flat_heatmap_is_said_to_be_flat(monkeypatch):
+    # Below a threshold under 0.5, nothing raises the PNEUMONIA score of an image at P = 0.38: Grad-CAM's map is all
+    # zeros, and the frame showed a plain X-ray under "heatmap: where the model looked".
+    from PIL import ImageDraw
+
+    drawn, real_text = [], ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: drawn.append(text)
+                        or real_text(self, xy, text, *a, **k))
+    image = np.zeros((64, 64), np.uint8)
+    for heat, legend in ((np.zeros((64, 64), np.float32), "heatmap: flat, no region raised it"),
+                         (np.eye(64, dtype=np.float32), "heatmap: where the model looked")):
+        drawn.clear()
+        render_frame(VideoItem("a.png", 1, 0.38, image, heat), index=0, total=1, right=1, wrong=0, threshold=0.31,
+                     history=[True])
+        assert legend in drawn, drawn
+    from cxr.report import GridTile, plot_grid
+
+    fig = plot_grid({"right": [GridTile(image, np.zeros((64, 64), np.float32), 1, 0.38, "a.png")]}, 0.31, "test")
+    assert any(ax.get_title().endswith("heatmap flat: no region raised it") for sub in fig.subfigs for ax in sub.axes)

@@ -271,7 +271,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
             out = out_dir / _unique_name(f, used)
             d = threshold_decimals(t, [prob])
             title = (f"{f.name}\npredicted {ckpt.class_names[pred]}   P(pneumonia) {prob_text(prob, t, d)}   "
-                     f"threshold {t:.{d}f}   heatmap: evidence for {ckpt.class_names[cls]}")
+                     f"threshold {t:.{d}f}   heatmap: evidence for {ckpt.class_names[cls]}"
+                     + (" (none: no region raised its score)" if not heat.any() else ""))
             _explanation_figure(im, heat, title=title, path=out)
             indexed.append((i, Explanation(str(f), str(out), float(prob), ckpt.class_names[pred])))
     rows = [e for _, e in sorted(indexed, key=lambda r: r[0])]

@@ -503,8 +503,10 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
                     spine.set_color(colour)
                     spine.set_linewidth(4)
                 shown = prob_text(tile.prob, threshold, decimals)
+                flat = tile.heatmap is not None and not tile.heatmap.any()  # nothing raised the class's score
                 ax.set_title(f"{'✓ right' if ok else '✗ wrong'}   P(pneumonia) {shown}\n"
-                             f"true {CLASS_NAMES[tile.label]} · pred {CLASS_NAMES[pred]}",
+                             f"true {CLASS_NAMES[tile.label]} · pred {CLASS_NAMES[pred]}"
+                             + ("\nheatmap flat: no region raised it" if flat else ""),
                              fontsize=9.5, color=colour if not ok else "black")
                 ax.set_xlabel(_short(image_name(tile.path), 30), fontsize=7.5, color=OKABE_ITO["grey"],
                               parse_math=False)

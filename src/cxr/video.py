@@ -153,7 +153,10 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
         legend_y = margin + side - round(unit * 3.4)
         ramp = (colormaps[HEATMAP_CMAP](np.linspace(0, 1, max(2, panel_w // 2)))[:, :3] * 255).astype(np.uint8)
         strip = Image.fromarray(np.repeat(ramp[None], max(4, unit // 2), axis=0))
-        draw.text((x0, legend_y - round(unit * 0.95)), "heatmap: where the model looked", font=small, fill=DIM)
+        # All zeros: nothing raised the explained class's score (Grad-CAM's map is flat after its ReLU), which happens
+        # when the threshold is below 0.5 and P lies between the two. Said, so that a plain image is not misread.
+        legend = "heatmap: where the model looked" if item.heatmap.any() else "heatmap: flat, no region raised it"
+        draw.text((x0, legend_y - round(unit * 0.95)), legend, font=small, fill=DIM)
         im.paste(strip, (x0, legend_y))
         draw.text((x0, legend_y + strip.height + 1), "low", font=small, fill=DIM)
         draw.text((x0 + strip.width - draw.textlength("high", font=small), legend_y + strip.height + 1), "high",
