@@ -697,7 +697,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
             swa_state = {"swa_start": swa_start, "swa": averaged.state_dict()} if swa_start is not None else {}
             _save_epoch(run_dir, model, optimizer, plateau, cfg, row, history, best_loss, bad_epochs, stop_reason,
                         improved, swa_state)
-        log.info("epoch %d/%d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc %.3f auroc %.3f  "
+        log.info("epoch %d/%d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc@0.5 %.3f auroc %.3f  "
                  "%.0f s  %.1f img/s  data wait %.0f%%%s", epoch + 1,
                  cfg.epochs if swa_start is None else swa_start + cfg.swa_epochs, row["lr"], row["train_loss"],
                  row["train_acc"], row["val_loss"], row["val_acc"], row["val_auroc"], row["seconds"],
@@ -810,7 +810,7 @@ def _finish_averaging(averaged: torch.optim.swa_utils.AveragedModel, run_dir: Pa
     kept = val["val_loss"] < best_loss - cfg.min_delta
     if kept:
         save_checkpoint(ckpt, run_dir / "best.pt")
-    log.info("weight average of epochs %d-%d: val loss %.4f acc %.3f auroc %.3f (best single epoch: %.4f) -> %s",
+    log.info("weight average of epochs %d-%d: val loss %.4f acc@0.5 %.3f auroc %.3f (best single epoch: %.4f) -> %s",
              first, last, val["val_loss"], val["val_acc"], val["val_auroc"], best_loss,
              "best.pt" if kept else "swa.pt only")
     return {"first_epoch": first, "last_epoch": last, "lr": cfg.swa_lr, **val, "best_epoch_val_loss": best_loss,
