@@ -123,7 +123,7 @@ def test_only_rank_zero_writes_and_the_run_completes(runs):
     assert len(read_csv(ddp / "history.csv")) == 3
     # Weight averaging under torchrun: every rank averages, rank 0 alone recomputes batch norm and decides.
     proc = _run(["train", "--resume", ddp, "--swa-epochs", "1", "--no-report"], nproc=2, script=script)
-    assert proc.stderr.count("weight average of epochs 4-4") == 1
+    assert proc.stderr.count("weight average of epoch 4:") == 1
     assert load_checkpoint(ddp / "swa.pt").extra["averaged_epochs"] == [4, 4]
     assert json.loads((ddp / "summary.json").read_text())["swa"]["last_epoch"] == 4
 

@@ -109,6 +109,10 @@ def test_a_probability_and_its_threshold_shown_compare_as_they_do():
     t = 0.57463
     assert [threshold_decimals(t, [p]) for p in (0.5745, 0.57455, 0.5746, 0.123, 0.5747)] == [4, 5, 5, 3, 3]
     assert (prob_text(0.5745, t, 4), f"{t:.4f}") == ("0.5745", "0.5746")
+    from cxr.predict import threshold_text  # alone: never 0 or 1 unless it is (a fine-tuned run's read "1.000")
+
+    assert [threshold_text(x) for x in (t, 0.99996, 0.0000004, 1.0, 0.0)] == ["0.575", "0.99996", "0.0000004",
+                                                                              "1.000", "0.000"]
     assert (prob_text(0.57455, t, 5), prob_text(0.5747, t, 5)) == ("0.5746", "0.575")  # no more decimals than needed
     rng = np.random.default_rng(0)
     for threshold in (0.57463, 0.5741, 0.5, 0.0625, 0.9):

@@ -285,10 +285,10 @@ def _print_metrics(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    threshold = next(iter(metrics.values()))["threshold"] if metrics else float("nan")
-    from cxr.predict import DISCLAIMER
+    from cxr.predict import DISCLAIMER, threshold_text
 
-    table = Table(title=f"metrics at threshold {threshold:.3f}", caption=DISCLAIMER)
+    threshold = threshold_text(next(iter(metrics.values()))["threshold"]) if metrics else "-"
+    table = Table(title=f"metrics at threshold {threshold}", caption=DISCLAIMER)
     cols = ("n", "accuracy", "recall", "specificity", "precision", "f1", "auroc", "auprc")
     table.add_column("split")
     for c in cols:

@@ -53,9 +53,16 @@ def threshold_decimals(threshold: float, probs: Iterable[float] = ()) -> int:
     would read "P 0.575, threshold 0.575, NORMAL"."""
     below = [float(p) for p in probs if p < threshold]
     for d in range(3, 9):
-        if all(float(f"{p:.{d}f}") < float(f"{threshold:.{d}f}") for p in below):
+        shown = float(f"{threshold:.{d}f}")
+        # nor a threshold inside (0, 1) shown as 0 or 1: 0.99996 is no "1.000", which reads as "never PNEUMONIA"
+        if all(float(f"{p:.{d}f}") < shown for p in below) and (shown not in (0.0, 1.0) or threshold in (0.0, 1.0)):
             return d
     return 8
+
+
+def threshold_text(threshold: float) -> str:
+    """A threshold alone: three decimals, or more where it would show as 0 or 1 (:func:`threshold_decimals`)."""
+    return f"{threshold:.{threshold_decimals(threshold)}f}"
 
 
 def prob_text(p: float, threshold: float | None = None, decimals: int = 3) -> str:
@@ -302,7 +309,7 @@ def merge_shards(output: str | os.PathLike, *, remove: bool = False) -> list[Pre
     merged = [p for r in read for p in r]
     rules = {(p.model_id, p.threshold) for p in merged if p.model_id is not None}
     if len(rules) > 1:
-        shown = ", ".join(f"model {m} at threshold {t:.3f}" for m, t in sorted(rules))
+        shown = ", ".join(f"model {m} at threshold {threshold_text(t)}" for m, t in sorted(rules))
         raise UsageError(f"{out}: the shards were predicted by different models or thresholds ({shown}); run them "
                          "again with one")
     write_predictions_file(out, merged)

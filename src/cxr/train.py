@@ -74,6 +74,7 @@ from cxr.model import (
     use_bf16,
     use_channels_last,
 )
+from cxr.predict import threshold_text
 from cxr.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -692,7 +693,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         elif cfg.patience and bad_epochs >= cfg.patience:
             stop_reason = f"early stopping: no better validation loss for {cfg.patience} epochs"
         elif epoch + 1 == cfg.epochs:
-            stop_reason = f"finished {cfg.epochs} epochs"
+            stop_reason = f"finished {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
         if info.main:
             swa_state = {"swa_start": swa_start, "swa": averaged.state_dict()} if swa_start is not None else {}
             _save_epoch(run_dir, model, optimizer, plateau, cfg, row, history, best_loss, bad_epochs, stop_reason,
@@ -719,7 +720,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         # best.pt is the weight average of an earlier session of this run (resumed with --swa-epochs 0 since)
         swa_summary = {"first_epoch": averaged_epochs[0], "last_epoch": averaged_epochs[1], "val_loss": best.val_loss,
                        "kept": True}
-        stop_reason += f", then weight averaging of epochs {averaged_epochs[0]}-{averaged_epochs[1]}"
+        stop_reason += f", then weight averaging of {_epoch_range(*averaged_epochs)}"
     summary.update({"stop_reason": stop_reason, "epochs_run": len(history),
                     "skipped_batches": sum(int(h.get("skipped_batches", 0)) for h in history),
                     # best.pt's epoch (not simply the lowest validation loss: min_delta may have passed it over)
@@ -730,12 +731,17 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     barrier()
     val_m = metrics["val"]
-    which = f"average of epochs {swa_summary['first_epoch']}-{swa_summary['last_epoch']}" \
+    which = f"average of {_epoch_range(swa_summary['first_epoch'], swa_summary['last_epoch'])}" \
         if summary["best_epoch"] is None and swa_summary else f"epoch {summary['best_epoch']}"
     log.info("best checkpoint (%s): val accuracy %.3f, sensitivity %.3f, specificity %.3f, AUROC %.3f at "
-             "threshold %.3f -> %s", which, val_m["accuracy"], val_m["recall"], val_m["specificity"],
-             val_m["auroc"], val_m["threshold"], run_dir)
+             "threshold %s -> %s", which, val_m["accuracy"], val_m["recall"], val_m["specificity"],
+             val_m["auroc"], threshold_text(val_m["threshold"]), run_dir)
     return run_dir
+
+
+def _epoch_range(first: int, last: int) -> str:
+    """``epochs 2-3``, or ``epoch 4`` for one."""
+    return f"epoch {first}" if first == last else f"epochs {first}-{last}"
 
 
 def _save_epoch(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, plateau, cfg: Config, row: dict,
@@ -810,8 +816,8 @@ def _finish_averaging(averaged: torch.optim.swa_utils.AveragedModel, run_dir: Pa
     kept = val["val_loss"] < best_loss - cfg.min_delta
     if kept:
         save_checkpoint(ckpt, run_dir / "best.pt")
-    log.info("weight average of epochs %d-%d: val loss %.4f acc@0.5 %.3f auroc %.3f (best single epoch: %.4f) -> %s",
-             first, last, val["val_loss"], val["val_acc"], val["val_auroc"], best_loss,
+    log.info("weight average of %s: val loss %.4f acc@0.5 %.3f auroc %.3f (best single epoch: %.4f) -> %s",
+             _epoch_range(first, last), val["val_loss"], val["val_acc"], val["val_auroc"], best_loss,
              "best.pt" if kept else "swa.pt only")
     return {"first_epoch": first, "last_epoch": last, "lr": cfg.swa_lr, **val, "best_epoch_val_loss": best_loss,
             "kept": kept}
