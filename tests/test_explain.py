@@ -107,7 +107,7 @@ def test_overlay_keeps_cold_pixels_grey_and_colours_hot_ones():
     assert overlay(image, None, size=48).shape == (48, 48, 3)
 
 
-def test_explain_files_writes_one_picture_per_readable_image(tmp_path):
+def test_explain_files_writes_one_picture_per_readable_image(tmp_path, caplog):
     torch.manual_seed(0)
     model = build_model("resnet18", "none")
     cfg = load_config(overrides={"image_size": 64, "arch": "resnet18"})
@@ -123,6 +123,12 @@ def test_explain_files_writes_one_picture_per_readable_image(tmp_path):
     # Every file in input order; the unreadable one with its error, as in `cxr predict`'s file.
     assert [r["path"] for r in rows] == [str(FILES[0]), str(broken), str(FILES[1])]
     assert "broken.jpeg" in rows[1]["error"] and rows[1]["prob_pneumonia"] == rows[1]["output"] == ""
+    # Again into the same folder, with one file: the other's picture stays, and is said not to be listed.
+    caplog.clear()
+    explain_files(tmp_path / "model.pt", [FILES[1]], tmp_path / "out", device="cpu")
+    assert f"1 picture(s) of an earlier run (e.g. {FILES[0].stem}_gradcam.png)" in caplog.text
+    explain_files(tmp_path / "model.pt", [FILES[0], FILES[1]], tmp_path / "out", device="cpu")  # as the first run
+
     # A file given twice (a folder, then one of its files, say) is two rows, each in its place; before, both moved
     # to the later place: [a, b, a] came out as [b, a, a], in explain and in predict.
     from cxr.predict import predict_files

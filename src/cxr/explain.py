@@ -221,7 +221,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     from cxr.export import model_id
     from cxr.fileio import check_writable
     from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
-    from cxr.predict import collect_files, prob_text, threshold_decimals
+    from cxr.predict import EXPLAIN_SUFFIX, collect_files, prob_text, threshold_decimals
 
     # Not the output folder: explaining a folder twice into a folder inside it would read the first run's figures
     # back as X-rays.
@@ -284,6 +284,11 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
             prob = "" if e.prob_pneumonia is None else repr(e.prob_pneumonia)
             w.writerow([e.path, prob, e.predicted or "", e.output or "", e.error or "", repr(float(t)), mid])
     done = [e for e in rows if e.error is None]
+    ours = {Path(e.output).name for e in done}
+    stale = sorted(p.name for p in out_dir.glob(f"*{EXPLAIN_SUFFIX}") if p.name not in ours)
+    if stale:  # an earlier run's pictures: explanations.csv, replaced, no longer describes them
+        log.warning("%s also holds %d picture(s) of an earlier run (e.g. %s), which explanations.csv, now this run's, "
+                    "does not list", out_dir, len(stale), stale[0])
     if files and not done:  # as `cxr predict`: nothing explained is no result
         raise DataError(f"none of the {len(rows)} file(s) could be read (each error is in "
                         f"{out_dir / 'explanations.csv'}); the first: {rows[0].error}")
