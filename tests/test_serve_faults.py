@@ -113,12 +113,12 @@ def test_api_fuzzed_from_its_openapi_schema_has_no_server_error(engine):
 class Server:
     """uvicorn on 127.0.0.1 (a port the kernel picks), in a thread."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **config) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=2)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, **{"timeout_keep_alive": 2, **config})
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
@@ -254,25 +254,46 @@ def test_slow_uploads_do_not_block_other_clients(server):
     assert predict(server.port) == 200
 
 
-def test_a_stalled_upload_is_answered_408_and_its_connection_freed(engine):
-    """An upload that stops sending held its connection for good: 128 of them (--max-connections) made the service
-    answer 503 to everything, health checks included. Now it gets 408 after --upload-timeout and is closed."""
-    server = Server(create_app(engine, max_upload_mb=1.0, upload_timeout=0.5))
+def _until_closed(sock: socket.socket) -> bytes:
+    """What the server sends on ``sock`` until it closes the connection."""
+    data = b""
+    with contextlib.suppress(OSError):
+        while more := sock.recv(4096):
+            data += more
+    sock.close()
+    return data
+
+
+def test_stalled_connections_are_closed_so_they_cannot_hold_every_slot(engine):
+    """A connection that stopped sending held its slot for good: 128 of them (--max-connections) made the service
+    answer 503 to everything, health checks included. Now, after --upload-timeout: an upload gets 408 and is closed,
+    and a connection that has not sent a request's headers (nothing, or half of them) is closed."""
+    from cxr.serve import http_protocol
+
+    timeout = 0.5
+    server = Server(create_app(engine, max_upload_mb=1.0, upload_timeout=timeout), http=http_protocol(timeout))
     try:
         body, headers = multipart(XRAY)
         head = (f"POST {PREDICT}?heatmap=false HTTP/1.1\r\nHost: x\r\nContent-Type: {headers['Content-Type']}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
-        stalled = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        stalled.sendall(head + body[:100])  # then nothing
         t0 = time.monotonic()
-        data = b""
-        with contextlib.suppress(OSError):
-            while more := stalled.recv(4096):  # until the server closes the connection
-                data += more
-        stalled.close()
-        assert data.startswith(b"HTTP/1.1 408"), data[:200]
-        assert b"the upload sent nothing for 0.5 s" in data and time.monotonic() - t0 < 8
-        assert predict(server.port) == 200  # an upload that keeps sending is not cut off
+        stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+        stalled[0].sendall(head + body[:100])  # then nothing
+        stalled[1].sendall(head[:30])  # half a request line
+        # stalled[2] sends nothing at all
+        answers = [_until_closed(s) for s in stalled]
+        assert answers[0].startswith(b"HTTP/1.1 408") and b"the upload sent nothing for 0.5 s" in answers[0]
+        assert answers[1:] == [b"", b""]  # closed without a word: there was no request to answer
+        assert time.monotonic() - t0 < 8
+        # A slow upload that keeps sending, a piece every 0.3 s (under the 0.5 s), is not cut off: 1.5 s in all.
+        steady = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        steady.sendall(head)
+        pieces = [body[i:i + len(body) // 4 + 1] for i in range(0, len(body), len(body) // 4 + 1)]
+        for piece in pieces:
+            time.sleep(0.3)
+            steady.sendall(piece)
+        assert status_of(steady) == b"200"
+        steady.close()
     finally:
         server.stop()
 

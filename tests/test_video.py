@@ -114,6 +114,10 @@ def test_a_probability_and_its_threshold_shown_compare_as_they_do():
     assert [threshold_text(x) for x in (t, 0.99996, 0.0000004, 1.0, 0.0)] == ["0.575", "0.99996", "0.0000004",
                                                                               "1.000", "0.000"]
     assert (prob_text(0.57455, t, 5), prob_text(0.5747, t, 5)) == ("0.5746", "0.575")  # no more decimals than needed
+    # A float32 probability just under a --threshold of 0.031: equal to 8 decimals (where the loop stopped), not to 9.
+    p32 = float(np.float32(0.031))
+    assert (prob_text(p32, 0.031, threshold_decimals(0.031, [p32])), threshold_decimals(0.031, [p32])) == \
+        ("0.030999999", 9)
     rng = np.random.default_rng(0)
     for threshold in (0.57463, 0.5741, 0.5, 0.0625, 0.9):
         probs = np.clip(threshold + rng.normal(0, 1e-3, 400), 0, 1)

@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_count(1),
                    help="larger images are refused before decoding (default: the model config's, 100 million)")
     p.add_argument("--upload-timeout", type=_positive, default=30.0,
-                   help="seconds an upload may send nothing before it gets 408 and its connection is closed, so "
-                        "stalled uploads cannot hold every connection (default 30)")
+                   help="seconds an upload may send nothing before it gets 408 and its connection is closed, and "
+                        "a request's headers may take, so stalled connections cannot hold them all (default 30)")
 
     p = sub.add_parser("export", help="write a model as ONNX or TorchScript with its preprocessing contract")
     p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")

@@ -299,7 +299,7 @@ def development_images(ckpt, mid: str):
         return None
     try:
         seen = {s.digest for name in ("train", "val") for s in read_split_csv(record).get(name, []) if s.digest}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, csv.Error) as e:
         log.warning("%s: not readable (%s), so images this model was trained on cannot be told", record, e)
         return None
     return (lambda name, samples: None if name in ("train", "val") else sum(s.digest in seen for s in samples)), \

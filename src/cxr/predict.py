@@ -48,16 +48,16 @@ EXPLAIN_SUFFIX = "_gradcam.png"
 
 
 def threshold_decimals(threshold: float, probs: Iterable[float] = ()) -> int:
-    """Decimals to show ``threshold`` with beside ``probs``: three, or more (up to eight) when a probability below it
-    would show as equal to it. At three, the bundled model's 0.57463 shows as 0.575, and an image at P = 0.5746
-    would read "P 0.575, threshold 0.575, NORMAL"."""
+    """Decimals to show ``threshold`` with beside ``probs``: three, or more (up to 17, where two doubles in (0, 1)
+    differ) when a probability below it would show as equal to it. At three, the bundled model's 0.57463 shows as
+    0.575, and an image at P = 0.5746 would read "P 0.575, threshold 0.575, NORMAL"."""
     below = [float(p) for p in probs if p < threshold]
-    for d in range(3, 9):
+    for d in range(3, 18):
         shown = float(f"{threshold:.{d}f}")
         # nor a threshold inside (0, 1) shown as 0 or 1: 0.99996 is no "1.000", which reads as "never PNEUMONIA"
         if all(float(f"{p:.{d}f}") < shown for p in below) and (shown not in (0.0, 1.0) or threshold in (0.0, 1.0)):
             return d
-    return 8
+    return 17
 
 
 def threshold_text(threshold: float) -> str:
@@ -309,7 +309,7 @@ def merge_shards(output: str | os.PathLike, *, remove: bool = False) -> list[Pre
     merged = [p for r in read for p in r]
     rules = {(p.model_id, p.threshold) for p in merged if p.model_id is not None}
     if len(rules) > 1:
-        shown = ", ".join(f"model {m} at threshold {threshold_text(t)}" for m, t in sorted(rules))
+        shown = ", ".join(f"model {m} at threshold {float(t)!r}" for m, t in sorted(rules))  # all digits: they differ
         raise UsageError(f"{out}: the shards were predicted by different models or thresholds ({shown}); run them "
                          "again with one")
     write_predictions_file(out, merged)

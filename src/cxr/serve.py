@@ -599,6 +599,52 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
     return app
 
 
+def http_protocol(header_timeout: float | None) -> type | str:
+    """uvicorn's h11 protocol, closing a connection whose request headers have not all arrived ``header_timeout``
+    seconds after it opened, or after the first byte of a later request.
+
+    uvicorn times a connection out only while it is idle between requests, and not once a byte has come: a connection
+    that sent nothing, or half its headers, held one of ``--max-connections`` for good, and enough of them had every
+    request answered 503, health checks included. (h11 rather than httptools, whose state this reads.) "auto" where
+    this uvicorn lacks what the subclass uses.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    if header_timeout is None or not hasattr(H11Protocol, "timeout_keep_alive_handler"):
+        return "auto"
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _header_timer: Any = None  # an asyncio.TimerHandle while the request's headers are awaited
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._header_timer = self.loop.call_later(header_timeout, self._headers_timed_out)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the request's headers are in
+                self._cancel_header_timer()
+            elif self._header_timer is None:  # a later request has begun
+                self._header_timer = self.loop.call_later(header_timeout, self._headers_timed_out)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_timed_out(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE:
+                self.timeout_keep_alive_handler()  # closes the connection, as uvicorn does an idle one
+
+    return HeaderTimeoutH11Protocol
+
+
 def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: int = 8000, *, backend: str = "torch",
           max_upload_mb: float = 20.0, max_concurrency: int = 2, max_queue: int = 32, device: str = "auto",
           threads: int | None = None, max_pixels: int | None = None, log_level: str = "info",
@@ -608,7 +654,8 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     ``max_connections`` caps the connections served at once, uploads still arriving included (uvicorn answers 503
     beyond it): the queue bounds the requests being predicted, this bounds the memory held by slow uploads
     (at most about ``max_connections * max_upload_mb``). ``upload_timeout`` frees the connection of an upload that
-    stalls, which would otherwise hold it for good.
+    stalls, or of a connection that does not send a request's headers in that time (:func:`http_protocol`), which
+    would otherwise hold it for good.
 
     Arguments as :func:`create_app`, except ``threads``: None (default) gives each of the ``max_concurrency``
     predictions an equal share of the cores. Letting each take every core oversubscribes them, which on a busy
@@ -634,7 +681,8 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
                  engine.model_id, engine.backend, engine.inference_dtype, max_concurrency, threads,
                  host if ":" not in host else f"[{host}]", port, DISCLAIMER)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False,
-                                access_log=False, limit_concurrency=max_connections)
+                                access_log=False, limit_concurrency=max_connections,
+                                http=http_protocol(upload_timeout))
         # uvicorn names its address only for sockets it binds itself; said here as it says it (its log level, so
         # also under cxr -q).
         for sock in socks:

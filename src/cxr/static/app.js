@@ -18,12 +18,19 @@ function fmt(p) {
 }
 
 // Decimals to show a threshold with beside a probability (cxr.predict.threshold_decimals): three, or more when
-// a probability below the threshold would show as equal to it.
-function thresholdDecimals(t, p) {
-  for (let d = 3; d <= 8; d++) {
-    if (!(p < t) || Number(p.toFixed(d)) < Number(t.toFixed(d))) return d;
+// a probability below the threshold would show as equal to it, or the threshold (inside 0-1) as 0 or 1.
+function thresholdDecimals(t, p = null) {
+  for (let d = 3; d <= 17; d++) {
+    const shown = Number(t.toFixed(d));
+    const apart = p === null || !(p < t) || Number(p.toFixed(d)) < shown;
+    if (apart && ((shown !== 0 && shown !== 1) || t === 0 || t === 1)) return d;
   }
-  return 8;
+  return 17;
+}
+
+// A threshold alone (cxr.predict.threshold_text).
+function thresholdText(t) {
+  return t.toFixed(thresholdDecimals(t));
 }
 
 // A probability as `cxr predict` shows it (cxr.predict.prob_text): three decimals that never claim certainty;
@@ -46,7 +53,7 @@ async function loadModelInfo() {
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const m = await r.json();
     threshold = m.threshold;
-    const parts = [`model ${m.model_id}`, `${m.arch || "model"}`, `threshold ${fmt(m.threshold)}`,
+    const parts = [`model ${m.model_id}`, `${m.arch || "model"}`, `threshold ${thresholdText(m.threshold)}`,
                    `${m.backend} backend`, m.served_by];
     // What the model card says it scored on its validation split (figures measured when it was trained).
     const val = m.metrics && m.metrics.val;
