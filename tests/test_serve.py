@@ -294,6 +294,26 @@ def test_service_keeps_serving_after_bad_requests(client):
     assert client.get("/api/v1/health").json()["status"] == "ok"
 
 
+class FlatEngine:
+    """P 0.4 against a threshold of 0.3: PNEUMONIA, explained by a flat map (nothing raised its score)."""
+
+    backend, model_id, class_names, threshold = "torch", "flat", ["NORMAL", "PNEUMONIA"], 0.3
+    image_size, max_pixels, card, heatmap_unavailable, inference_dtype = SIZE, 10**8, {}, None, "float32"
+
+    def predict_uint8(self, images):
+        return np.full(len(images), 0.4)
+
+    def heatmap_png(self, image, target):
+        return png_bytes(image), True
+
+
+def test_a_flat_heatmap_is_said_to_be_flat():
+    with TestClient(create_app(FlatEngine())) as c:
+        body = upload(c, NORMAL[0].read_bytes()).json()
+    assert body["label"] == "PNEUMONIA" and body["heatmap"]["flat"] is True
+    assert body["heatmap_note"].startswith("flat: no region raised the score of PNEUMONIA")
+
+
 class BrokenEngine:
     """An engine whose model fails inside, with internals in the message that must not reach a client."""
 
@@ -310,7 +330,7 @@ class BrokenEngine:
         return np.full(len(images), 0.9)
 
     def heatmap_png(self, image, target):
-        return b""
+        return b"", False
 
 
 def test_internal_error_is_500_without_internals_and_the_service_recovers(caplog):

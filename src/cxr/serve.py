@@ -86,7 +86,9 @@ class Engine(Protocol):
 
     def predict_uint8(self, images: np.ndarray) -> np.ndarray: ...
 
-    def heatmap_png(self, image: np.ndarray, target: int) -> bytes: ...
+    def heatmap_png(self, image: np.ndarray, target: int) -> tuple[bytes, bool]:
+        """The overlay as PNG, and whether the map is flat (nothing raised the class's score)."""
+        ...
 
 
 def _png(rgb_or_grey: np.ndarray) -> bytes:
@@ -97,12 +99,13 @@ def _png(rgb_or_grey: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _heatmap_png(model: Any, image: np.ndarray, *, mean: float, std: float, target: int) -> bytes:
-    """Grad-CAM of class ``target`` over the (S, S) uint8 ``image`` as PNG bytes (cxr.explain's Grad-CAM, overlay)."""
+def _heatmap_png(model: Any, image: np.ndarray, *, mean: float, std: float, target: int) -> tuple[bytes, bool]:
+    """Grad-CAM of class ``target`` over the (S, S) uint8 ``image`` as PNG bytes (cxr.explain's Grad-CAM, overlay),
+    and whether the map is flat (all zeros: nothing raised the class's score)."""
     from cxr.explain import heatmaps_for_images, overlay
 
     heats, _ = heatmaps_for_images(model, image[None], mean=mean, std=std, target=target)
-    return _png(overlay(image, heats[0]))
+    return _png(overlay(image, heats[0])), not heats[0].any()
 
 
 class TorchEngine:
@@ -116,7 +119,7 @@ class TorchEngine:
     backend = "torch"
     heatmap_unavailable = None
 
-    def __init__(self, ckpt: Any, device: str = "auto", heatmap_fn: Callable[..., bytes] = _heatmap_png,
+    def __init__(self, ckpt: Any, device: str = "auto", heatmap_fn: Callable[..., tuple[bytes, bool]] = _heatmap_png,
                  threads: int = 0, amp: str = "auto") -> None:
         import dataclasses
 
@@ -156,8 +159,8 @@ class TorchEngine:
                                     bf16=self.bf16, channels_last=self.channels_last)
         return probabilities(logits)
 
-    def heatmap_png(self, image: np.ndarray, target: int) -> bytes:
-        """Grad-CAM overlay for class index ``target`` as PNG bytes."""
+    def heatmap_png(self, image: np.ndarray, target: int) -> tuple[bytes, bool]:
+        """Grad-CAM overlay for class index ``target`` as PNG bytes, and whether the map is flat."""
         cfg = self.ckpt.config
         with self._cam_lock:
             return self._heatmap_fn(self._cam_net, image, mean=cfg.mean, std=cfg.std, target=target)
@@ -182,7 +185,7 @@ class OnnxEngine:
     def predict_uint8(self, images: np.ndarray) -> np.ndarray:
         return self.predictor.predict_uint8(images)
 
-    def heatmap_png(self, image: np.ndarray, target: int) -> bytes:
+    def heatmap_png(self, image: np.ndarray, target: int) -> tuple[bytes, bool]:
         raise NotImplementedError(self.heatmap_unavailable)
 
 
@@ -345,8 +348,12 @@ def run_prediction(engine: Engine, data: bytes, name: str, *, heatmap: bool = Tr
     predicted = int(prob >= engine.threshold)
     overlay, note = None, None
     if heatmap and engine.heatmap_unavailable is None:
-        overlay = {"method": "Grad-CAM", "target": engine.class_names[predicted],
-                   "png_base64": base64.b64encode(engine.heatmap_png(image, predicted)).decode("ascii")}
+        png, flat = engine.heatmap_png(image, predicted)
+        overlay = {"method": "Grad-CAM", "target": engine.class_names[predicted], "flat": flat,
+                   "png_base64": base64.b64encode(png).decode("ascii")}
+        if flat:
+            note = (f"flat: no region raised the score of {engine.class_names[predicted]} (as when the threshold is "
+                    "below 0.5 and P lies between the two), so the picture is the plain X-ray")
     elif heatmap:
         note = engine.heatmap_unavailable
     else:
@@ -425,6 +432,7 @@ class HeatmapOut(BaseModel):
     method: str
     target: str = Field(description="the class whose evidence is shown (the predicted one)")
     png_base64: str = Field(description="PNG of the model's input with the heatmap laid over it")
+    flat: bool = Field(False, description="the map is zero everywhere: nothing raised the class's score")
 
 
 class PredictionOut(BaseModel):
@@ -435,7 +443,7 @@ class PredictionOut(BaseModel):
     threshold: float
     model: ModelRef
     heatmap: HeatmapOut | None
-    heatmap_note: str | None = Field(description="why heatmap is null")
+    heatmap_note: str | None = Field(description="why heatmap is null, or that it is flat")
     image_png_base64: str | None = Field(description="the model's input as PNG, with include_image=true")
     format: str = Field(description="jpeg, png or dicom")
     timing_ms: dict[str, float] = Field(description="upload, queue, decode, inference, heatmap, total (server side)")

@@ -117,6 +117,7 @@ function render(card, res) {
     box.checked = showHeat.checked;
     box.addEventListener("change", () => setPicture(card, box.checked));
     setPicture(card, box.checked);
+    if (res.heatmap.flat) $(".heatnote", card).textContent = `Heatmap ${res.heatmap_note}.`;
   } else {
     $(".heatnote", card).textContent = `No heatmap: ${res.heatmap_note || "not available"}.`;
     setPicture(card, false);
