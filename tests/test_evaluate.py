@@ -339,3 +339,17 @@ def test_images_the_model_was_trained_on_are_counted_and_named(tmp_path, tiny_da
     caplog.clear()
     assert evaluate_model(run, tiny_dataset, tmp_path / "o3", device="cpu")["test"]["n_seen_in_training"] == 1
     assert "in the train or val split of the run that trained the model" in caplog.text
+
+    # A model fine-tuned from the bundled one (--weights default) was developed on its images too.
+    import dataclasses
+
+    from cxr.model import load_checkpoint, save_checkpoint
+
+    tuned = load_checkpoint(run / "best.pt")
+    (tmp_path / "tuned").mkdir()
+    save_checkpoint(dataclasses.replace(tuned, config=dataclasses.replace(tuned.config, weights="default")),
+                    tmp_path / "tuned" / "best.pt")
+    caplog.clear()
+    assert evaluate_model(tmp_path / "tuned" / "best.pt", tmp_path / "mine", tmp_path / "o4",
+                          device="cpu")["test"]["n_seen_in_training"] == 1
+    assert "which the bundled model was trained on (this model was fine-tuned from it)" in caplog.text

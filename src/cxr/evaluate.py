@@ -277,9 +277,10 @@ def development_images(ckpt, mid: str):
     """Where it can be told, a function giving how many images of an evaluated split the model was trained or
     validated on (``(split name, samples) -> int or None``), and what they are; else None.
 
-    - The bundled model: images with the file names of Kermany's official train and val splits, the images it was
-      developed on. A copy of the Kaggle or Mendeley dataset keeps those names; its ``train`` folder is no test of
-      this model. (By name, since those originals are not byte for byte the 224 px copies it was trained on.)
+    - The bundled model, and a model fine-tuned from it (``--weights default``): images with the file names of
+      Kermany's official train and val splits, the images it was developed on. A copy of the Kaggle or Mendeley
+      dataset keeps those names; its ``train`` folder is no test of this model. (By name, since those originals are
+      not byte for byte the 224 px copies it was trained on.)
     - A model in a run directory: images whose content digest is that of one in its ``split.csv``'s train or val,
       in splits named otherwise (its own ``train`` and ``val`` are expected to be so).
     """
@@ -289,21 +290,31 @@ def development_images(ckpt, mid: str):
     from cxr.export import file_sha256
     from cxr.model import BUNDLED_MODEL
 
-    if BUNDLED_MODEL.is_file() and BUNDLED_TRAINING_NAMES.is_file() and file_sha256(BUNDLED_MODEL)[:12] == mid:
+    checks = []  # (does it apply to a split of this name, is a sample one, what such samples are)
+    bundled = BUNDLED_MODEL.is_file() and file_sha256(BUNDLED_MODEL)[:12] == mid
+    if (bundled or ckpt.config.weights == "default") and BUNDLED_TRAINING_NAMES.is_file():
         with gzip.open(BUNDLED_TRAINING_NAMES, "rt", encoding="utf-8") as f:
             names = set(f.read().split())
-        return (lambda name, samples: sum(Path(s.path).name in names for s in samples)), \
-            "named as images of the official Kermany train and val splits, which the bundled model was trained on"
-    record = Path(ckpt.path).parent / "split.csv" if ckpt.path else None
-    if record is None or not record.is_file():
+        checks.append((lambda split: True, lambda s: Path(s.path).name in names,
+                       "named as images of the official Kermany train and val splits, which the bundled model was "
+                       "trained on" + ("" if bundled else " (this model was fine-tuned from it)")))
+    record = Path(ckpt.path).parent / "split.csv" if ckpt.path and not bundled else None
+    if record is not None and record.is_file():
+        try:
+            seen = {s.digest for name in ("train", "val") for s in read_split_csv(record).get(name, []) if s.digest}
+        except (OSError, ValueError, KeyError, csv.Error) as e:
+            log.warning("%s: not readable (%s), so images this model was trained on cannot be told", record, e)
+        else:
+            checks.append((lambda split: split not in ("train", "val"), lambda s: s.digest in seen,
+                           f"in the train or val split of the run that trained the model ({record})"))
+    if not checks:
         return None
-    try:
-        seen = {s.digest for name in ("train", "val") for s in read_split_csv(record).get(name, []) if s.digest}
-    except (OSError, ValueError, KeyError, csv.Error) as e:
-        log.warning("%s: not readable (%s), so images this model was trained on cannot be told", record, e)
-        return None
-    return (lambda name, samples: None if name in ("train", "val") else sum(s.digest in seen for s in samples)), \
-        f"in the train or val split of the run that trained the model ({record})"
+
+    def count(split: str, samples) -> int | None:
+        mine = [is_one for applies, is_one, _ in checks if applies(split)]
+        return sum(any(f(s) for f in mine) for s in samples) if mine else None
+
+    return count, ", or ".join(what for _, _, what in checks)
 
 
 def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
