@@ -47,7 +47,7 @@ from starlette.requests import ClientDisconnect
 from cxr import __version__
 from cxr.errors import UsageError
 from cxr.images import ImageError, load_image, sniff
-from cxr.predict import DISCLAIMER
+from cxr.predict import DISCLAIMER, prob_text
 
 log = logging.getLogger(__name__)
 
@@ -578,7 +578,8 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
             admitted[0] -= 1
         result["timing_ms"]["upload"] = round(1e3 * (t1 - t0), 2)
         result["timing_ms"]["total"] = round(1e3 * (time.perf_counter() - t0), 2)
-        log.info("predict: %s p=%.3f in %.0f ms", result["label"], result["probability"], result["timing_ms"]["total"])
+        log.info("predict: %s p=%s in %.0f ms", result["label"], prob_text(result["probability"]),
+                 result["timing_ms"]["total"])
         return result
 
     @app.head(f"{API}/health", include_in_schema=False)  # uptime checks that send HEAD
