@@ -628,7 +628,8 @@ def _interval_note(metrics: dict) -> str:
         return ""
     if any(m.get("ci95_method") for m in metrics.values()):
         return ("Below each value: its 95 % interval, Wilson score for accuracy, sensitivity, specificity and "
-                "precision, a bootstrap of the images for F1, AUROC and AUPRC.")
+                "precision, a bootstrap of the images for F1, AUROC and AUPRC (which reads 1.000–1.000 when every "
+                "resample is perfect: no error seen in these images, not certainty).")
     return "Below each value: its 95 % bootstrap interval (images resampled)."  # metrics.json of cxr before 12/2026
 
 
