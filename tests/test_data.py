@@ -271,7 +271,7 @@ def test_one_image_per_patient_warns_only_when_the_names_give_no_patient(caplog)
         caplog.clear()
         carve_validation(unnamed, 0.2, seed=0)
         (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
-        assert "only image-disjoint" in warning.getMessage() and "0 of 40 names" in warning.getMessage()
+        assert "only image-disjoint" in warning.getMessage() and "0 of 40 images" in warning.getMessage()
 
 
 def test_carve_validation_keeps_identical_images_together():
@@ -829,3 +829,23 @@ def test_unwritable_cache_decodes_without_it(tmp_path, workers, caplog):
     for p in (got, shared):
         np.testing.assert_array_equal(p.images, expected.images)
         assert p.samples == expected.samples and p.failures == []
+
+
+def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path):
+    # A PACS export names files by UID: the name tells no patient, the header does. Two images of one patient were
+    # two "patients", free to fall on both sides of the carve.
+    from .test_images import dicom_bytes
+
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    root = tmp_path / "train"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+    (root / "NORMAL" / "1.2.826.0.1.3680043.8.498.1").write_bytes(dicom_bytes(pixels, PatientID="P-007"))
+    (root / "NORMAL" / "1.2.826.0.1.3680043.8.498.2.dcm").write_bytes(dicom_bytes(pixels, PatientID="P-007"))
+    (root / "NORMAL" / "anon.dcm").write_bytes(dicom_bytes(pixels))  # no PatientID: its name, as before
+    (root / "PNEUMONIA" / "person5_virus_9.dcm").write_bytes(dicom_bytes(pixels, PatientID="P-008"))  # named: kept
+    (root / "PNEUMONIA" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 20)  # unreadable header
+    split = data.scan_folder(root, "train")
+    patients = {Path(s.path).name: s.patient for s in split.samples}
+    assert patients == {"1.2.826.0.1.3680043.8.498.1": "dicom:P-007", "1.2.826.0.1.3680043.8.498.2.dcm": "dicom:P-007",
+                        "anon.dcm": "anon", "person5_virus_9.dcm": "person5", "broken.dcm": "broken"}

@@ -33,7 +33,15 @@ import numpy as np
 from cxr.config import CLASS_NAMES, Config
 from cxr.errors import DataError, UsageError, WriteError
 from cxr.fileio import CSV_TEXT, atomic_path, display_name
-from cxr.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image, read_file, resize_square
+from cxr.images import (
+    IMAGE_EXTENSIONS,
+    ImageError,
+    dicom_patient_id,
+    is_image_file,
+    load_image,
+    read_file,
+    resize_square,
+)
 from cxr.progress import progress_bar
 from cxr.tv import import_torchvision
 
@@ -108,6 +116,20 @@ def patient_id(filename: str) -> str:
         return found
     root, ext = os.path.splitext(filename)
     return root if ext.lower() in IMAGE_EXTENSIONS else filename
+
+
+_DICOM_PATIENT = "dicom:"  # before a patient id read from a DICOM header's PatientID
+
+
+def file_patient_id(path: Path) -> str:
+    """:func:`patient_id` of a file's name, or for a DICOM file whose name has none (a PACS export named by UID, say)
+    the PatientID in its header, as ``dicom:<PatientID>``. Only files not named ``.jpg``/``.jpeg``/``.png`` are
+    opened, and only their header is read."""
+    if _kermany_patient(path.name) is None and path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+        found = dicom_patient_id(path)
+        if found is not None:
+            return _DICOM_PATIENT + found
+    return patient_id(path.name)
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -186,7 +208,7 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
                         dirs[label], len(other), ", ".join(sorted(IMAGE_EXTENSIONS)), other[0].name)
         if not images:
             problems.append(f"{dirs[label]}: class folder holds no image files")
-        samples += [Sample(str(p), label, patient_id(p.name)) for p in images]
+        samples += [Sample(str(p), label, file_patient_id(p)) for p in images]
     if problems and (require_both_classes or not samples):
         raise DataError("; ".join(problems))
     for p in problems:
@@ -471,16 +493,18 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
             raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
                             "(use the dataset's own val folder with --val-source folder)")
     if len({s.patient for s in pool}) == len(pool):
-        parsed = sum(_kermany_patient(Path(s.path).name) is not None for s in pool)  # Kermany-style names
+        # ids read from Kermany-style names or DICOM headers, not merely a file's own name
+        parsed = sum(_kermany_patient(Path(s.path).name) is not None or s.patient.startswith(_DICOM_PATIENT)
+                     for s in pool)
         if parsed == len(pool):  # read, and simply one image per patient (a small sample, say): nothing to warn of
-            log.info("every patient id (from the Kermany-style file names) has one image: the validation split is "
-                     "patient-disjoint")
+            log.info("every patient id (from Kermany-style file names or DICOM PatientIDs) has one image: the "
+                     "validation split is patient-disjoint")
         else:
             log.warning("no two images share a patient id, so the carved validation split is only image-disjoint "
                         "(and keeps byte-identical images together): if one patient has several images, validation "
                         "results will be optimistic. Patient ids come from Kermany-style file names "
-                        "(person12_virus_3.jpeg; %d of %d names here); otherwise split by patient yourself and use "
-                        "--val-source folder", parsed, len(pool))
+                        "(person12_virus_3.jpeg) or a DICOM file's PatientID (%d of %d images here); otherwise split "
+                        "by patient yourself and use --val-source folder", parsed, len(pool))
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     train_idx, val_idx = next(splitter.split(np.zeros(len(pool)), labels, groups))
     return [pool[i] for i in sorted(train_idx)], [pool[i] for i in sorted(val_idx)]

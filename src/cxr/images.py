@@ -190,6 +190,23 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+def dicom_patient_id(path: str | os.PathLike) -> str | None:
+    """The PatientID in a DICOM file's header (pixel data not read), or None: not a DICOM file, no PatientID, an
+    empty one, or a header that cannot be read (its decode, later, says why)."""
+    try:
+        with open(path, "rb") as f:
+            if sniff(f.read(132)) != "dicom":
+                return None
+            import pydicom
+
+            f.seek(0)
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"])
+        value = str(ds.get("PatientID", "") or "").strip()
+    except Exception:  # pydicom raises many types for a damaged header
+        return None
+    return value or None
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     """Whether a file found in a folder is taken as an image: by its extension (:data:`IMAGE_EXTENSIONS`), or, for
     any other name, by its first bytes (JPEG, PNG or DICOM's 'DICM' marker). PACS exports often name DICOM files
