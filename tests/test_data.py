@@ -831,7 +831,7 @@ def test_unwritable_cache_decodes_without_it(tmp_path, workers, caplog):
         assert p.samples == expected.samples and p.failures == []
 
 
-def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path):
+def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path, caplog):
     # A PACS export names files by UID: the name tells no patient, the header does. Two images of one patient were
     # two "patients", free to fall on both sides of the carve.
     from .test_images import dicom_bytes
@@ -845,7 +845,13 @@ def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path):
     (root / "NORMAL" / "anon.dcm").write_bytes(dicom_bytes(pixels))  # no PatientID: its name, as before
     (root / "PNEUMONIA" / "person5_virus_9.dcm").write_bytes(dicom_bytes(pixels, PatientID="P-008"))  # named: kept
     (root / "PNEUMONIA" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 20)  # unreadable header
-    split = data.scan_folder(root, "train")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        split = data.scan_folder(root, "train")
+    assert not [w for w in seen if "pydicom" in w.filename], [str(w.message) for w in seen]  # said by its decode
     patients = {Path(s.path).name: s.patient for s in split.samples}
     assert patients == {"1.2.826.0.1.3680043.8.498.1": "dicom:P-007", "1.2.826.0.1.3680043.8.498.2.dcm": "dicom:P-007",
                         "anon.dcm": "anon", "person5_virus_9.dcm": "person5", "broken.dcm": "broken"}
+    assert "End of file" not in caplog.text  # pydicom's own log of the damaged header

@@ -20,6 +20,7 @@ the Kermany data set were made from the originals.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import stat
@@ -193,6 +194,8 @@ def sniff(data: bytes) -> str | None:
 def dicom_patient_id(path: str | os.PathLike) -> str | None:
     """The PatientID in a DICOM file's header (pixel data not read), or None: not a DICOM file, no PatientID, an
     empty one, or a header that cannot be read (its decode, later, says why)."""
+    pydicom_log = logging.getLogger("pydicom")
+    quiet = pydicom_log.disabled
     try:
         with open(path, "rb") as f:
             if sniff(f.read(132)) != "dicom":
@@ -200,10 +203,17 @@ def dicom_patient_id(path: str | os.PathLike) -> str | None:
             import pydicom
 
             f.seek(0)
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"])
+            # A damaged header is said once, by its decode (or the file name serves): not here too, where pydicom
+            # would warn and log on its own, read as they are before the run has begun.
+            pydicom_log.disabled = True
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"])
         value = str(ds.get("PatientID", "") or "").strip()
     except Exception:  # pydicom raises many types for a damaged header
         return None
+    finally:
+        pydicom_log.disabled = quiet
     return value or None
 
 
