@@ -183,13 +183,35 @@ def test_png_16bit_matches_8bit(tmp_path):
     assert np.abs(out.astype(int) - arr8).max() <= 1
 
 
-def test_png_16bit_is_stretched_and_constant_gives_zeros(tmp_path):
+def test_png_16bit_is_stretched(tmp_path):
     narrow = 1000 + ramp().astype(np.uint16) * 4  # 1000..2020: all 255 if merely clipped to 8 bits
     out = read_grayscale(save(Image.fromarray(narrow), tmp_path / "n.png", "PNG"))
     assert out.min() == 0 and out.max() == 255
     np.testing.assert_array_equal(out, stretched(narrow))
-    flat = read_grayscale(save(Image.fromarray(np.full((8, 8), 3000, np.uint16)), tmp_path / "f.png", "PNG"))
-    np.testing.assert_array_equal(flat, np.zeros((8, 8), np.uint8))
+    # Two values are enough to be an image: the smallest range is stretched to 0 and 255, not refused.
+    two = np.full((8, 8), 3000, np.uint16)
+    two[0, 0] = 3001
+    assert set(np.unique(read_grayscale(save(Image.fromarray(two), tmp_path / "t.png", "PNG")))) == {0, 255}
+
+
+@pytest.mark.parametrize("kind", [
+    "1x1 png", "black jpeg", "white png", "constant 16-bit png", "constant dicom", "constant rgb png",
+])
+def test_blank_image_is_refused(kind):
+    """One value in every pixel shows nothing; the bundled model had called such images PNEUMONIA at P 0.99999."""
+    data = {
+        "1x1 png": lambda: save_bytes(Image.new("L", (1, 1), 90), "PNG"),
+        "black jpeg": lambda: save_bytes(Image.new("L", (64, 48)), "JPEG"),
+        "white png": lambda: save_bytes(Image.new("L", (64, 48), 255), "PNG"),
+        "constant 16-bit png": lambda: save_bytes(Image.fromarray(np.full((8, 8), 3000, np.uint16)), "PNG"),
+        "constant dicom": lambda: dicom_bytes(np.full((8, 8), 700, np.uint16)),
+        "constant rgb png": lambda: save_bytes(Image.new("RGB", (64, 48), (10, 200, 30)), "PNG"),
+    }[kind]()
+    message = r"^scan: blank image \(every pixel has the same value\), nothing to classify$"
+    with pytest.raises(ImageError, match=message):
+        read_grayscale(data, name="scan")
+    with pytest.raises(ImageError, match=message):
+        load_image(data, 16, name="scan", draft=True)
 
 
 def png_16bit(samples: np.ndarray, colour_type: int) -> bytes:

@@ -207,6 +207,7 @@ def test_wrong_request_content_type_is_415(client):
     ("bomb-png", "pixel limit (possible decompression bomb)"),
     ("dicom-no-pixels", "no pixel data"),
     ("empty", "empty"),
+    ("blank-png", "blank image (every pixel has the same value)"),  # was PNEUMONIA, P 0.99999
 ])
 def test_unreadable_image_is_422_with_a_clear_message(client, case, reason):
     jpeg = NORMAL[0].read_bytes()
@@ -216,6 +217,7 @@ def test_unreadable_image_is_422_with_a_clear_message(client, case, reason):
         "bomb-png": png_header_claiming(12_000, 12_000),
         "dicom-no-pixels": dicom(None),
         "empty": b"",
+        "blank-png": png_bytes(np.full((300, 200), 12, np.uint8)),
     }[case]
     r = upload(client, data, f"{case}.img")
     assert r.status_code == 422, r.text

@@ -8,7 +8,9 @@ Intensity policy:
 * 8-bit JPEG and PNG (modes L, RGB, RGBA, P, LA, ...) become PIL's "L" luma (ITU-R 601, alpha dropped) with
   the values kept as stored: they are not stretched, so they match the 8-bit images the models are trained on.
 * Higher bit depths (16-bit PNG, 32-bit integer or float data) are stretched linearly from the image's own
-  min..max to 0..255; a constant image becomes all zeros.
+  min..max to 0..255.
+* An image whose decoded pixels all have one value (blank, or constant before the stretch) is refused: it shows
+  nothing to classify.
 * DICOM: modality LUT (rescale slope/intercept), then VOI LUT or window when present, MONOCHROME1 inverted
   so bone is bright as in MONOCHROME2, then the min..max stretch to 0..255. Multi-frame files give their
   first frame.
@@ -234,12 +236,22 @@ def is_image_file(path: str | os.PathLike) -> bool:
 def _decode(data: bytes, label: str, max_pixels: int, draft_size: int | None) -> np.ndarray:
     kind = sniff(data)
     if kind == "dicom":
-        return _decode_dicom(data, label, max_pixels)
-    if kind is not None:
-        return _decode_pil(data, kind.upper(), label, max_pixels, draft_size)
-    if os.path.splitext(label)[1].lower() in _DICOM_EXTENSIONS:
-        return _decode_dicom(data, label, max_pixels)
-    raise ImageError(label, "not an image (content is not JPEG, PNG or DICOM)")
+        gray = _decode_dicom(data, label, max_pixels)
+    elif kind is not None:
+        gray = _decode_pil(data, kind.upper(), label, max_pixels, draft_size)
+    elif os.path.splitext(label)[1].lower() in _DICOM_EXTENSIONS:
+        gray = _decode_dicom(data, label, max_pixels)
+    else:
+        raise ImageError(label, "not an image (content is not JPEG, PNG or DICOM)")
+    _check_not_blank(gray, label)
+    return gray
+
+
+def _check_not_blank(gray: np.ndarray, label: str) -> None:
+    """Refuse an image whose pixels all have one value: it shows nothing, yet the model called such images
+    PNEUMONIA with P = 0.99999 (a 1x1 PNG, a black JPEG, a constant 16-bit PNG or DICOM)."""
+    if gray.min() == gray.max():
+        raise ImageError(label, "blank image (every pixel has the same value), nothing to classify")
 
 
 def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:
