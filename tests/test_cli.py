@@ -15,6 +15,7 @@ import torch
 from cxr.config import load_config
 from cxr.errors import UsageError
 from cxr.model import load_checkpoint
+from cxr.predict import DISCLAIMER
 
 from .conftest import TINY_TRAIN, read_csv
 
@@ -140,6 +141,7 @@ def test_predict_files_and_folders_with_a_bad_file(trained_run, tmp_path):
     assert by_path[str(bad)]["error"] and not by_path[str(bad)]["label"]
     good = [r for r in rows if not r["error"]]
     assert len(good) == 8 and all(r["label"] in ("NORMAL", "PNEUMONIA") for r in good)
+    assert {r["note"] for r in rows} == {DISCLAIMER}  # on every row, the unreadable file's too
     evaluated = {r["path"]: float(r["prob_pneumonia"]) for r in read_csv(run / "predictions_test.csv")}
     for r in good:
         assert float(r["prob_pneumonia"]) == pytest.approx(evaluated[r["path"]], abs=1e-5)

@@ -7,6 +7,7 @@ import pytest
 from sklearn import metrics as skm
 
 from cxr.evaluate import SplitResult, choose_threshold, compute_metrics, write_evaluation
+from cxr.predict import DISCLAIMER
 from cxr.report import expected_calibration_error
 
 from .conftest import read_csv
@@ -98,7 +99,8 @@ def test_write_evaluation_files(tmp_path, scores):
                 "confusion_matrix"):
         assert key in on_disk["test"]
     rows = read_csv(tmp_path / "predictions_test.csv")
-    assert len(rows) == 300 and rows[0].keys() == {"path", "label", "prob_pneumonia", "predicted"}
+    assert len(rows) == 300 and rows[0].keys() == {"path", "label", "prob_pneumonia", "predicted", "note"}
+    assert {r["note"] for r in rows} == {DISCLAIMER}
     assert rows[0]["predicted"] == ("PNEUMONIA" if probs[0] >= 0.5 else "NORMAL")
     # Exact to the last bit: the report and anyone re-thresholding the file get the labels of metrics.json. With six
     # decimals, the validation image that the Youden threshold sits on flipped about half the time.

@@ -11,7 +11,7 @@ from PIL import Image
 
 from cxr.config import load_config
 from cxr.demo import SAMPLE_DIR
-from cxr.explain import explain_files, grad_cam, heatmaps_for_images, overlay, target_layer
+from cxr.explain import DISCLAIMER, explain_files, grad_cam, heatmaps_for_images, overlay, target_layer
 from cxr.images import load_image
 from cxr.model import Checkpoint, build_model, normalize, save_checkpoint
 
@@ -123,6 +123,7 @@ def test_explain_files_writes_one_picture_per_readable_image(tmp_path, caplog):
     # Every file in input order; the unreadable one with its error, as in `cxr predict`'s file.
     assert [r["path"] for r in rows] == [str(FILES[0]), str(broken), str(FILES[1])]
     assert "broken.jpeg" in rows[1]["error"] and rows[1]["prob_pneumonia"] == rows[1]["output"] == ""
+    assert {r["note"] for r in rows} == {DISCLAIMER}
     # Again into the same folder, with one file: the other's picture stays, and is said not to be listed.
     caplog.clear()
     explain_files(tmp_path / "model.pt", [FILES[1]], tmp_path / "out", device="cpu")

@@ -24,6 +24,7 @@ from cxr.config import CLASS_NAMES
 from cxr.errors import DataError, UsageError
 from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, ensure_dir
 from cxr.model import autocast, normalize
+from cxr.predict import DISCLAIMER
 from cxr.report import expected_calibration_error
 
 log = logging.getLogger(__name__)
@@ -238,12 +239,12 @@ def confidence_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float
 
 
 def write_predictions(path: str | os.PathLike, result: SplitResult, threshold: float) -> None:
-    """``predictions_<split>.csv``: path, true label, P(PNEUMONIA), predicted label."""
+    """``predictions_<split>.csv``: path, true label, P(PNEUMONIA), predicted label, and the disclaimer."""
     with atomic_path(path) as tmp, open(tmp, "w", **CSV_TEXT) as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "prob_pneumonia", "predicted"])
+        w.writerow(["path", "label", "prob_pneumonia", "predicted", "note"])
         for p, y, prob in zip(result.paths, result.labels, result.probs, strict=True):
-            w.writerow([p, CLASS_NAMES[int(y)], repr(float(prob)), CLASS_NAMES[int(prob >= threshold)]])
+            w.writerow([p, CLASS_NAMES[int(y)], repr(float(prob)), CLASS_NAMES[int(prob >= threshold)], DISCLAIMER])
 
 
 def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], threshold: float,

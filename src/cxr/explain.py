@@ -198,7 +198,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                   batch_size: int = 8, amp: str = "auto") -> list[Path]:
     """Write one Grad-CAM picture (input beside overlay, with the prediction) per readable image file.
 
-    Also writes ``explanations.csv`` (path, prob_pneumonia, predicted, output, error, threshold, model_id) in
+    Also writes ``explanations.csv`` (path, prob_pneumonia, predicted, output, error, threshold, model_id, note) in
     ``output_dir``, one row per file in input order: an unreadable file is logged, and listed there with its error.
 
     Args:
@@ -279,10 +279,11 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     mid = model_id(ckpt)
     with atomic_path(out_dir / "explanations.csv") as tmp, open(tmp, "w", **CSV_TEXT) as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "prob_pneumonia", "predicted", "output", "error", "threshold", "model_id"])
+        w.writerow(["path", "prob_pneumonia", "predicted", "output", "error", "threshold", "model_id", "note"])
         for e in rows:  # probabilities to the last bit, as `cxr predict` writes them
             prob = "" if e.prob_pneumonia is None else repr(e.prob_pneumonia)
-            w.writerow([e.path, prob, e.predicted or "", e.output or "", e.error or "", repr(float(t)), mid])
+            w.writerow([e.path, prob, e.predicted or "", e.output or "", e.error or "", repr(float(t)), mid,
+                        DISCLAIMER])
     done = [e for e in rows if e.error is None]
     ours = {Path(e.output).name for e in done}
     stale = sorted(p.name for p in out_dir.glob(f"*{EXPLAIN_SUFFIX}") if p.name not in ours)

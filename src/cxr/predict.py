@@ -212,11 +212,12 @@ def write_predictions_file(path: str | os.PathLike, predictions: list[Prediction
             json.dump({"note": DISCLAIMER, "predictions": [asdict(p) for p in predictions]}, f, indent=2)
         else:
             w = csv.writer(f)
-            w.writerow(["path", "prob_pneumonia", "label", "error", "threshold", "model_id"])
+            # note: the disclaimer on every row, so that no copy or filtered excerpt of the file loses it
+            w.writerow(["path", "prob_pneumonia", "label", "error", "threshold", "model_id", "note"])
             for p in predictions:
                 prob = "" if p.prob_pneumonia is None else repr(float(p.prob_pneumonia))
                 t = "" if p.threshold is None else repr(float(p.threshold))
-                w.writerow([p.path, prob, p.label or "", p.error or "", t, p.model_id or ""])
+                w.writerow([p.path, prob, p.label or "", p.error or "", t, p.model_id or "", DISCLAIMER])
 
 
 def read_predictions_file(path: str | os.PathLike) -> list[Prediction]:
