@@ -138,6 +138,21 @@ def test_a_frame_shows_the_probability_and_threshold_with_the_decimals_they_need
     assert "P(pneumonia) 0.5746" in drawn and "threshold 0.57463" in drawn, drawn
 
 
+def test_every_frame_of_a_video_shows_the_threshold_alike(monkeypatch, tmp_path):
+    # The decimals were chosen per frame: 0.575 beside P 0.100, 0.57463 beside P 0.57455, in one video.
+    from PIL import ImageDraw
+
+    drawn, real_text = [], ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: drawn.append(text)
+                        or real_text(self, xy, text, *a, **k))
+    items = _items()
+    items[1].prob = 0.57455
+    write_flythrough(items, tmp_path / "fly.mp4", threshold=0.57463, frame_size=(320, 180), seconds_per_image=0.2,
+                     fps=5)
+    assert [t for t in drawn if t.startswith("threshold ")] == ["threshold 0.57463"] * 3, drawn
+    assert "P(pneumonia) 0.100" in drawn and "P(pneumonia) 0.5746" in drawn
+
+
 def test_a_video_of_more_images_than_its_strip_has_pixels_is_drawn():
     # 615 images or more at 640x360: a cell of the progress strip was under a pixel wide, and Pillow refused the
     # rectangle (x1 < x0), which ended `cxr report --video-select all` on the 624 images of Kermany's test split.

@@ -74,7 +74,8 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, wid
 
 
 def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: int, threshold: float,
-                 history: Sequence[bool], size: tuple[int, int] = (640, 360), title: str = "") -> np.ndarray:
+                 history: Sequence[bool], size: tuple[int, int] = (640, 360), title: str = "",
+                 decimals: int | None = None) -> np.ndarray:
     """Draw one frame.
 
     Args:
@@ -86,6 +87,8 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
         history: right (True) or wrong (False) for every image so far, this one included (the strip at the bottom).
         size: (width, height), even.
         title: shown above the counter, e.g. the split's name.
+        decimals: of the threshold, the same in every frame of a video (the writer passes what all its images need,
+            :func:`cxr.predict.threshold_decimals`); by default, what this image needs.
 
     Returns:
         (height, width, 3) uint8 RGB array.
@@ -124,7 +127,8 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
         draw.text((x0, y), name, font=normal, fill=DIM)
         draw.text((x0 + label_w, y), value, font=bold, fill=TEXT)
         y += round(unit * 1.3)
-    decimals = threshold_decimals(threshold, [item.prob])
+    if decimals is None:
+        decimals = threshold_decimals(threshold, [item.prob])
     draw.text((x0, y), f"P(pneumonia) {prob_text(item.prob, threshold, decimals)}", font=normal, fill=TEXT)
     y += round(unit * 1.3)
 
@@ -220,6 +224,7 @@ def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, thr
                              "(--no-video)") from None
         right = wrong = 0
         history: list[bool] = []
+        decimals = threshold_decimals(threshold, [item.prob for item in items])  # one threshold text in every frame
         try:
             with progress_bar("writing video", total=len(items), unit="img") as bar:
                 for i, item in enumerate(items):
@@ -227,7 +232,8 @@ def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, thr
                     right, wrong = right + ok, wrong + (not ok)
                     history.append(ok)
                     frame = render_frame(item, index=i, total=len(items), right=right, wrong=wrong,
-                                         threshold=threshold, history=history, size=size, title=title)
+                                         threshold=threshold, history=history, size=size, title=title,
+                                         decimals=decimals)
                     if i == 0 and poster is not None:
                         with atomic_path(poster) as png:
                             Image.fromarray(frame).save(png, format="PNG")
