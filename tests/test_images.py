@@ -166,6 +166,22 @@ def test_png_8bit_modes_keep_gray_values(tmp_path, mode):
     np.testing.assert_array_equal(out, g)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_is_applied(fmt):
+    # Stored turned a quarter with EXIF Orientation 6 ("rotate 90 degrees clockwise to show"): viewers show it upright,
+    # and so must the model see it. 8 of 8 pneumonia originals stored so had read NORMAL.
+    upright = ramp()
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, fmt, exif=exif, **({"quality": 100} if fmt == "JPEG" else {}))
+    out = read_grayscale(buf.getvalue())
+    assert out.shape == upright.shape
+    assert np.abs(out.astype(int) - upright).mean() < (0.01 if fmt == "PNG" else 2.0)
+    assert load_image(buf.getvalue(), 16, draft=True).shape == (16, 16)
+
+
 def test_png_rgb_uses_itu601_luma(tmp_path):
     rgb = np.stack([noise(seed=1), noise(seed=2), noise(seed=3)], axis=-1)[:32, :32]
     out = read_grayscale(save(Image.fromarray(rgb), tmp_path / "c.png", "PNG")).astype(int)
