@@ -184,6 +184,44 @@ def test_explain_amp_gives_the_probabilities_of_predict_amp(tmp_path):
     assert np.abs(probs["on"] - probs["off"]).max() > 1e-5
 
 
+def test_a_draft_model_is_given_draft_decoded_images_everywhere(tmp_path):
+    # A model trained with draft: true (JPEGs decoded at 1/2..1/8 first) was evaluated so, but predict, explain, the
+    # service and the report decoded its inputs in full: the same file got two probabilities.
+    from cxr.export import contract
+    from cxr.model import load_checkpoint
+    from cxr.predict import predict_files
+    from cxr.report import _PixelSource
+    from cxr.serve import load_engine, run_prediction
+
+    big = tmp_path / "big.jpeg"
+    Image.fromarray(load_image(FILES[-1], 512)).save(big, quality=95)
+    torch.manual_seed(0)
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18", "draft": True})
+    model = build_model("resnet18", "none").eval()
+    save_checkpoint(Checkpoint("resnet18", model.state_dict(), cfg, threshold=0.5), tmp_path / "model.pt")
+    drafted, full = load_image(big, 32, draft=True), load_image(big, 32)
+    assert np.abs(drafted.astype(int) - full).max() > 0
+
+    def prob(image):
+        with torch.no_grad():
+            x = normalize(torch.from_numpy(image)[None, None], cfg.mean, cfg.std)
+            return torch.softmax(model(x).double(), 1)[0, 1].item()
+
+    expected, other = prob(drafted), prob(full)
+    assert abs(expected - other) > 1e-6
+    assert predict_files(tmp_path / "model.pt", [big], device="cpu", amp="off")[0].prob_pneumonia == \
+        pytest.approx(expected, abs=1e-6)
+    explain_files(tmp_path / "model.pt", [big], tmp_path / "out", device="cpu", amp="off")
+    row = next(csv.DictReader((tmp_path / "out" / "explanations.csv").read_text().splitlines()))
+    assert float(row["prob_pneumonia"]) == pytest.approx(expected, abs=1e-6)
+    engine = load_engine(tmp_path / "model.pt", device="cpu", amp="off")
+    served = run_prediction(engine, big.read_bytes(), "big.jpeg", heatmap=False)["probability"]
+    assert served == pytest.approx(expected, abs=1e-6)
+    report_pixels = _PixelSource(32, draft=True).load(str(big))
+    np.testing.assert_array_equal(report_pixels, drafted)
+    assert contract(load_checkpoint(tmp_path / "model.pt"))["draft"] is True  # and so the ONNX backend's
+
+
 def test_explain_files_rejects_an_unknown_target(tmp_path):
     from cxr.errors import UsageError
 

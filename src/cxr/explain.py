@@ -251,7 +251,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
         images, good = [], []
         for i, f in enumerate(files[start:start + batch_size], start):
             try:
-                images.append(load_image(f, cfg.image_size, max_pixels=cfg.max_pixels))
+                images.append(load_image(f, cfg.image_size, max_pixels=cfg.max_pixels, draft=cfg.draft))
                 good.append((i, f))
             except ImageError as e:
                 log.warning("skipping unreadable image: %s", e)

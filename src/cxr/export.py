@@ -157,9 +157,11 @@ def contract(ckpt: Checkpoint) -> dict[str, Any]:
         "mean": cfg.mean,
         "std": cfg.std,
         "max_pixels": cfg.max_pixels,
+        "draft": cfg.draft,
         "input": {"name": "image", "dtype": "uint8", "shape": ["N", 1, cfg.image_size, cfg.image_size],
-                  "meaning": "grey levels 0-255, square-resized with PIL bicubic (aspect ratio not kept); "
-                             "the graph normalises (x / 255 - mean) / std itself"},
+                  "meaning": "grey levels 0-255, square-resized with PIL bicubic (aspect ratio not kept; a JPEG "
+                             "decoded in draft mode first where draft is true); the graph normalises "
+                             "(x / 255 - mean) / std itself"},
         "outputs": {"logits": "float32 (N, C)", "probabilities": "float32 (N, C), softmax, class_names order"},
         "decision": f"{ckpt.class_names[-1]} when probabilities[:, -1] >= threshold",
         "model_card": model_card(ckpt, id_=id_),

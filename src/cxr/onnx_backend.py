@@ -73,7 +73,9 @@ class OnnxPredictor:
         shape = next((i.shape for i in self.session.get_inputs() if i.name == "image"), None)
         try:
             self.max_pixels = int(self.contract.get("max_pixels", 100_000_000))
+            self.draft = self.contract.get("draft", False)  # absent from the exports of earlier cxr versions
             fits = (shape is not None and len(shape) == 4 and self.max_pixels > 0 and 0 <= self.threshold <= 1
+                    and isinstance(self.draft, bool)
                     and all(d == self.image_size for d in shape[1:] if isinstance(d, int) and d != 1)
                     and "probabilities" in {o.name for o in self.session.get_outputs()})
         except (TypeError, ValueError):
@@ -81,7 +83,8 @@ class OnnxPredictor:
         if not fits:
             raise CheckpointError(f"{label}: its cxr contract does not fit the model (input {shape}, contract "
                                   f"image_size {self.contract.get('image_size')}, threshold "
-                                  f"{self.contract.get('threshold')}, max_pixels {self.contract.get('max_pixels')}): "
+                                  f"{self.contract.get('threshold')}, max_pixels {self.contract.get('max_pixels')}, "
+                                  f"draft {self.contract.get('draft', False)!r}): "
                                   "damaged or edited by hand; export it again with cxr export")
 
     def predict_uint8(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -129,4 +132,4 @@ def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike],
     return predict_in_batches(files, lambda images: predictor.predict_uint8(images, batch_size),
                               image_size=predictor.image_size, max_pixels=predictor.max_pixels,
                               class_names=predictor.class_names, threshold=t, batch_size=batch_size,
-                              model_id=predictor.model_id)
+                              model_id=predictor.model_id, draft=predictor.draft)

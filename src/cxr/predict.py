@@ -173,20 +173,22 @@ def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, d
 
     return predict_in_batches(files, probs_of, image_size=cfg.image_size, max_pixels=cfg.max_pixels,
                               class_names=ckpt.class_names, threshold=t, batch_size=batch_size,
-                              model_id=model_id(ckpt))
+                              model_id=model_id(ckpt), draft=cfg.draft)
 
 
 def predict_in_batches(files: list[Path], probs_of, *, image_size: int, max_pixels: int, class_names: list[str],
-                       threshold: float, batch_size: int, model_id: str | None = None) -> list[Prediction]:
+                       threshold: float, batch_size: int, model_id: str | None = None,
+                       draft: bool = False) -> list[Prediction]:
     """Decode ``files`` a batch at a time (memory stays flat) and turn ``probs_of(uint8 (N, S, S))`` into
     predictions, in input order; unreadable files get an ``error``. Shared by the PyTorch and ONNX backends.
+    ``draft``: the model's JPEG decoding (its config's ``draft``), as its training and ``cxr evaluate`` decode.
     """
     results: list[tuple[int, Prediction]] = []  # by position in `files`: a file given twice is two rows in place
     for start in range(0, len(files), batch_size):
         images, good = [], []
         for i, f in enumerate(files[start:start + batch_size], start):
             try:
-                images.append(load_image(f, image_size, max_pixels=max_pixels))
+                images.append(load_image(f, image_size, max_pixels=max_pixels, draft=draft))
                 good.append((i, f))
             except ImageError as e:
                 results.append((i, Prediction(str(f), error=str(e), threshold=threshold, model_id=model_id)))

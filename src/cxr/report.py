@@ -529,8 +529,8 @@ def _short(text: str, n: int) -> str:
 class _PixelSource:
     """Load model inputs for prediction paths: image files, or ``file.npz#split/index`` array entries."""
 
-    def __init__(self, size: int, max_pixels: int = 100_000_000):
-        self.size, self.max_pixels = size, max_pixels
+    def __init__(self, size: int, max_pixels: int = 100_000_000, draft: bool = False):
+        self.size, self.max_pixels, self.draft = size, max_pixels, draft
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
         self.failed: list[str] = []
 
@@ -550,7 +550,7 @@ class _PixelSource:
                     with np.load(file, allow_pickle=False) as npz:
                         self._arrays[key] = npz_pixels(np.asarray(npz[key[1]]), f"{file}: {key[1]}")
                 return resize_square(self._arrays[key][int(index)], self.size)
-            return load_image(path, self.size, max_pixels=self.max_pixels)
+            return load_image(path, self.size, max_pixels=self.max_pixels, draft=self.draft)
         except (ImageError, DataError, OSError, KeyError, ValueError, IndexError, EOFError, zipfile.BadZipFile) as e:
             log.warning("report: skipping an image that can no longer be read: %s (%s)", path, e)
             self.failed.append(path)
@@ -570,6 +570,8 @@ class _Explainer:
     std: float
     batch_size: int = 16
     source: str | None = None  # the checkpoint read, for the heatmaps and the image size
+    draft: bool = False  # the model's JPEG decoding (cfg.draft), so that its images are the inputs it was measured on
+    max_pixels: int = 100_000_000
     other_model_id: str | None = None  # that checkpoint's model_id, when it is not the model the metrics measured
 
     def heatmaps(self, images: np.ndarray, classes: np.ndarray) -> list[np.ndarray | None]:
@@ -587,6 +589,8 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
 
     size = int((art.config or {}).get("image_size", 224))
     mean, std = float((art.config or {}).get("mean", 0.449)), float((art.config or {}).get("std", 0.226))
+    draft = bool((art.config or {}).get("draft", False))
+    max_pixels = int((art.config or {}).get("max_pixels", 100_000_000))
     source = model
     if source is None:
         try:
@@ -603,7 +607,7 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
     if source is None:
         if heatmaps:
             log.info("report: no model found for %s, images are shown without heatmaps", art.root)
-        return _Explainer(None, size, mean, std)
+        return _Explainer(None, size, mean, std, draft=draft, max_pixels=max_pixels)
     ckpt = load_checkpoint(source)
     cfg = ckpt.config
     net = ckpt.build(resolve_device(device)) if heatmaps else None
@@ -620,7 +624,8 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
                         ", ".join(measured))
     if art.config is None and other is None:  # an evaluation's model: its training config (never another model's)
         art.config = cfg.to_dict()
-    return _Explainer(net, cfg.image_size, cfg.mean, cfg.std, source=str(source), other_model_id=other)
+    return _Explainer(net, cfg.image_size, cfg.mean, cfg.std, source=str(source), draft=cfg.draft,
+                      max_pixels=cfg.max_pixels, other_model_id=other)
 
 
 def _interval_note(metrics: dict) -> str:
@@ -921,7 +926,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             "intervals for each bin's observed share: a bin of a few images says little. Below: how the predicted "
             "probabilities are spread.")))
 
-    pixels = _PixelSource(explainer.size)
+    pixels = _PixelSource(explainer.size, explainer.max_pixels, draft=explainer.draft)
     model_note = ("heatmaps: Grad-CAM" if explainer.net is not None else "heatmaps off" if not heatmaps
                   else "no model: images shown without heatmaps")
     try:

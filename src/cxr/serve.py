@@ -80,6 +80,7 @@ class Engine(Protocol):
     threshold: float
     image_size: int
     max_pixels: int
+    draft: bool  # JPEG draft-mode decoding, as the model was trained and evaluated
     card: dict[str, Any]
     heatmap_unavailable: str | None  # why there is no heatmap, or None when there is one
     inference_dtype: str  # the arithmetic of the predictions: "bfloat16" or "float32"
@@ -146,6 +147,7 @@ class TorchEngine:
         self.threshold = float(ckpt.threshold)
         self.image_size = ckpt.config.image_size
         self.max_pixels = ckpt.config.max_pixels
+        self.draft = ckpt.config.draft
         self.card = model_card(ckpt, id_=self.model_id)
 
     def predict_uint8(self, images: np.ndarray) -> np.ndarray:
@@ -180,7 +182,7 @@ class OnnxEngine:
         self.predictor = load_onnx_predictor(model, threads=threads)
         p = self.predictor
         self.model_id, self.class_names, self.threshold = p.model_id, p.class_names, p.threshold
-        self.image_size, self.max_pixels, self.card = p.image_size, p.max_pixels, p.card
+        self.image_size, self.max_pixels, self.card, self.draft = p.image_size, p.max_pixels, p.card, p.draft
 
     def predict_uint8(self, images: np.ndarray) -> np.ndarray:
         return self.predictor.predict_uint8(images)
@@ -339,7 +341,8 @@ def run_prediction(engine: Engine, data: bytes, name: str, *, heatmap: bool = Tr
                              "128-byte preamble and 'DICM' marker)")
     t0 = time.perf_counter()
     try:
-        image = load_image(data, engine.image_size, name=name, max_pixels=max_pixels or engine.max_pixels)
+        image = load_image(data, engine.image_size, name=name, max_pixels=max_pixels or engine.max_pixels,
+                           draft=getattr(engine, "draft", False))  # an engine of older code has none
     except ImageError as e:
         raise HttpError(422, str(e)) from None
     t1 = time.perf_counter()
