@@ -23,6 +23,7 @@ from cxr.data import (
     prepare,
     read_split_csv,
     scan,
+    validation_folds,
     write_split_csv,
 )
 from cxr.errors import DataError, UsageError
@@ -272,6 +273,22 @@ def test_one_image_per_patient_warns_only_when_the_names_give_no_patient(caplog)
         carve_validation(unnamed, 0.2, seed=0)
         (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
         assert "only image-disjoint" in warning.getMessage() and "0 of 40 images" in warning.getMessage()
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5])
+def test_carve_validation_takes_the_fraction_asked(fraction):
+    # One fold of round(1 / fraction) had given 0.4 a half of the pool and 0.3 a third.
+    pool = [Sample(f"/x/scan{p}.jpeg", p % 2, f"scan{p}", digest=str(p)) for p in range(1000)]
+    train, val = carve_validation(pool, fraction, seed=0)
+    assert len(train) + len(val) == 1000 and not {s.path for s in train} & {s.path for s in val}
+    assert abs(len(val) / 1000 - fraction) <= 0.011, len(val)
+    assert abs(np.mean([s.label for s in val]) - 0.5) < 0.02
+
+
+def test_validation_folds_keep_one_fold_where_it_does():
+    # The default 0.15 stays 1 of 7 folds, so the carve of earlier runs (and the bundled model's) is made again.
+    assert validation_folds(0.15) == (1, 7) and validation_folds(0.2) == (1, 5) and validation_folds(0.5) == (1, 2)
+    assert validation_folds(0.3) == (3, 10) and validation_folds(0.4) == (2, 5)
 
 
 def test_carve_validation_keeps_identical_images_together():

@@ -117,8 +117,8 @@ class Config:
             (self.batch_size >= 2, "batch_size must be >= 2 (batch norm needs two images per batch)"),
             (self.image_size >= 16, "image_size must be >= 16"),
             (self.lr > 0, "lr must be > 0"),
-            (0.0 < self.val_fraction <= 0.5, "val_fraction must be above 0 and at most 0.5 (the split is made in "
-             "round(1 / val_fraction) folds, at least 2)"),
+            (0.0 < self.val_fraction <= 0.5, "val_fraction must be above 0 and at most 0.5 (the split is made of "
+             "folds, at least 2)"),
             (0 <= self.split_seed < 2**32, "split_seed must be from 0 to 2**32 - 1"),
             (0 <= self.seed < 2**32, "seed must be from 0 to 2**32 - 1"),
             (self.max_pixels >= 1, "max_pixels must be >= 1"),

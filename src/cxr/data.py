@@ -476,22 +476,34 @@ def _groups(samples: Sequence[Sample]) -> np.ndarray:
     return np.array([find(i) for i in range(len(samples))])
 
 
+def validation_folds(fraction: float) -> tuple[int, int]:
+    """(m, n): the carved validation split is ``m`` of ``n`` folds, ``m / n`` within 0.01 of ``fraction`` where one
+    fold does it (``1 / round(1 / fraction)``: 0.15 is 1 of 7, 0.2 is 1 of 5), else the nearest ``m / n`` with ``n``
+    up to 20 (0.3 is 3 of 10, 0.4 is 2 of 5). One fold of ``round(1 / fraction)`` alone had made 0.4 a half."""
+    n = max(2, round(1 / fraction))
+    if abs(1 / n - fraction) <= 0.01:
+        return 1, n
+    return min(((m, k) for k in range(2, 21) for m in range(1, k)), key=lambda mk: (abs(mk[0] / mk[1] - fraction),
+                                                                                 mk[1]))
+
+
 def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Split ``pool`` into (train, val): class-stratified, and patient-disjoint.
 
     Images of one patient, and byte-identical images, always land on the same side. Uses scikit-learn's
-    ``StratifiedGroupKFold`` with ``round(1 / fraction)`` folds and keeps the first fold as validation.
+    ``StratifiedGroupKFold`` and keeps the first ``m`` of its ``n`` folds as validation (:func:`validation_folds`).
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    n_splits = max(2, round(1 / fraction))
+    n_val_folds, n_splits = validation_folds(fraction)
     labels = np.array([s.label for s in pool])
     groups = _groups(pool)
     for label, cls in enumerate(CLASS_NAMES):
         n_groups = len(np.unique(groups[labels == label]))
         if n_groups < n_splits:
             raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
-                            "(use the dataset's own val folder with --val-source folder)")
+                            f"({n_val_folds} of {n_splits} folds, each holding patients of both classes; use the "
+                            "dataset's own val folder with --val-source folder)")
     if len({s.patient for s in pool}) == len(pool):
         # ids read from Kermany-style names or DICOM headers, not merely a file's own name
         parsed = sum(_kermany_patient(Path(s.path).name) is not None or s.patient.startswith(_DICOM_PATIENT)
@@ -506,8 +518,10 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
                         "(person12_virus_3.jpeg) or a DICOM file's PatientID (%d of %d images here); otherwise split "
                         "by patient yourself and use --val-source folder", parsed, len(pool))
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_idx, val_idx = next(splitter.split(np.zeros(len(pool)), labels, groups))
-    return [pool[i] for i in sorted(train_idx)], [pool[i] for i in sorted(val_idx)]
+    folds = splitter.split(np.zeros(len(pool)), labels, groups)
+    val_idx = set(np.concatenate([next(folds)[1] for _ in range(n_val_folds)]).tolist())
+    return ([s for i, s in enumerate(pool) if i not in val_idx],
+            [s for i, s in enumerate(pool) if i in val_idx])
 
 
 def write_split_csv(path: str | os.PathLike, splits: dict[str, list[Sample]]) -> None:
