@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cxr import data
 from cxr.config import load_config
@@ -242,7 +243,7 @@ def _pool(n_patients: int, per_patient: int) -> list[Sample]:
     for p in range(n_patients):
         label = int(p % 3 != 0)
         for k in range(per_patient):
-            out.append(Sample(f"/x/person{p}_{k}.jpeg", label, f"person{p}", digest=f"{p:04d}{k:04d}"))
+            out.append(Sample(f"/x/person{p}_virus_{k}.jpeg", label, f"person{p}", digest=f"{p:04d}{k:04d}"))
     return out
 
 
@@ -272,7 +273,7 @@ def test_one_image_per_patient_warns_only_when_the_names_give_no_patient(caplog)
         caplog.clear()
         carve_validation(unnamed, 0.2, seed=0)
         (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
-        assert "only image-disjoint" in warning.getMessage() and "0 of 40 images" in warning.getMessage()
+        assert "only image-disjoint" in warning.getMessage() and "40 of 40 images" in warning.getMessage()
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5])
@@ -309,13 +310,46 @@ def test_carve_validation_too_few_patients():
         carve_validation(_pool(12, 2), 1 / 7, seed=0)
 
 
-def test_carve_validation_warns_when_nothing_groups_images(caplog):
-    pool = _pool(30, 1)
-    carve_validation(pool, 0.2, seed=0)
-    assert "only image-disjoint" in caplog.text
-    caplog.clear()
+def test_carve_validation_warns_of_images_whose_patient_is_only_their_name(caplog):
     carve_validation(_pool(30, 2), 0.2, seed=0)
     assert "only image-disjoint" not in caplog.text
+    # Camera names in one folder per patient: unrelated patients' IMG_0001.jpg had shared an id, which hid the warning
+    # while each patient's own images were spread over both sides.
+    pool = [Sample(f"/x/NORMAL/patient{p}/IMG_{n:04d}.jpg", p % 2, f"IMG_{n:04d}", digest=f"{p}-{k}")
+            for p in range(30) for k, n in enumerate((7 * p + 3 * k) % 40 for k in range(3))]
+    carve_validation(pool, 0.2, seed=0)
+    assert "90 of 90 images have no patient id" in caplog.text and "only image-disjoint" in caplog.text
+
+
+def test_patient_ids_from_subfolders_the_pattern_and_the_path(tmp_path):
+    # One folder per patient with camera names: by default each image is its own patient, named by its path below
+    # the class folder (IMG_0001.jpg of two patients is two patients); patient_pattern groups a patient's images.
+    from cxr.data import file_patient_id
+
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for p in range(8):
+            folder = tmp_path / "train" / cls / f"patient{cls[0]}{p}" / "study1"
+            folder.mkdir(parents=True)
+            for k in range(2):
+                Image.fromarray(np.full((8, 8), 10 * k + p, np.uint8) + np.eye(8, dtype=np.uint8)).save(
+                    folder / f"IMG_{k:04d}.png")
+    plain = scan(tmp_path)["train"].samples
+    assert {s.patient for s in plain if "patientN0/" in s.path} == {"patientN0/study1/IMG_0000",
+                                                                    "patientN0/study1/IMG_0001"}
+    grouped = scan(tmp_path, patient_pattern=r"^(patient\w+)/")["train"].samples
+    assert {s.patient for s in grouped if "patientN0/" in s.path} == {"pattern:patientN0"}
+    assert len({s.patient for s in grouped}) == 16
+    train, val = carve_validation(grouped, 0.25, seed=0)
+    assert not {s.patient for s in train} & {s.patient for s in val} and len(val) == 8
+    # The pattern comes first; a file it does not match falls back to the other rules.
+    kermany = tmp_path / "train" / "NORMAL" / "person3_virus_7.jpeg"
+    assert file_patient_id(kermany, kermany.parent, r"^(patient\w+)/") == "person3"
+    assert file_patient_id(kermany, kermany.parent, r"(person\d)") == "pattern:person3"
+    assert file_patient_id(kermany, kermany.parent, r"person\d") == "pattern:person3"  # no group: the whole match
+    from cxr.config import load_config
+
+    with pytest.raises(UsageError, match="patient_pattern is not a regular expression"):
+        load_config(overrides={"patient_pattern": "(patient"})
 
 
 def test_npz_rows_carry_their_digest_so_duplicates_stay_on_one_side(tmp_path):

@@ -89,6 +89,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-source", choices=["carve", "folder"],
                    help="carve a patient-disjoint val split from train (default) or use the dataset's val folder")
     p.add_argument("--val-fraction", type=float, help="share of train patients carved out for validation (0.15)")
+    p.add_argument("--patient-pattern", help="regular expression searched in each image's path below its class folder; "
+                   "its first group is the patient id, e.g. '^([^/]+)/' for one folder per patient")
     p.add_argument("--cache-dir", help=_CACHE_DIR_HELP)
     p.add_argument("--scheduler", choices=["cosine", "plateau", "none"])
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs (0: off)")
@@ -110,9 +112,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("data", "output", "epochs", "batch_size", "image_size", "lr", "weights", "arch", "seed", "device",
-                "val_source", "val_fraction", "cache_dir", "scheduler", "patience", "threshold_policy",
-                "target_sensitivity", "amp", "channels_last", "compile", "deterministic", "num_workers",
-                "max_train_batches", "swa_epochs", "swa_lr")
+                "val_source", "val_fraction", "patient_pattern", "cache_dir", "scheduler", "patience",
+                "threshold_policy", "target_sensitivity", "amp", "channels_last", "compile", "deterministic",
+                "num_workers", "max_train_batches", "swa_epochs", "swa_lr")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,14 @@ ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "resnet18",
 # ImageNet-pretrained weights (first convolution summed over RGB) expect.
 GRAY_MEAN = 0.449
 GRAY_STD = 0.226
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
 
 
 def default_cache_dir() -> str:
@@ -51,6 +60,9 @@ class Config:
     val_source: str = "carve"  # "carve": patient-disjoint split from train; "folder": the dataset's own val split
     val_fraction: float = 0.15
     split_seed: int = 0
+    # A regular expression searched in each image's path below its class folder (with "/" between folders); its first
+    # group (or the whole match) is the patient id, before any other rule: "^([^/]+)/" for one folder per patient.
+    patient_pattern: str = ""
     max_pixels: int = 100_000_000
     # DataLoader workers per process, or "auto": 0 on the CPU (batches come from the in-memory cache), up to 8 per
     # process on CUDA, where the per-image augmentation on the CPU is what limits a GPU (cxr.train.loader_workers)
@@ -120,6 +132,8 @@ class Config:
             (0.0 < self.val_fraction <= 0.5, "val_fraction must be above 0 and at most 0.5 (the split is made of "
              "folds, at least 2)"),
             (0 <= self.split_seed < 2**32, "split_seed must be from 0 to 2**32 - 1"),
+            (not self.patient_pattern or _compiles(self.patient_pattern),
+             f"patient_pattern is not a regular expression Python can compile: {self.patient_pattern!r}"),
             (0 <= self.seed < 2**32, "seed must be from 0 to 2**32 - 1"),
             (self.max_pixels >= 1, "max_pixels must be >= 1"),
             (self.num_workers == "auto" or (type(self.num_workers) is int and self.num_workers >= 0),

@@ -119,17 +119,36 @@ def patient_id(filename: str) -> str:
 
 
 _DICOM_PATIENT = "dicom:"  # before a patient id read from a DICOM header's PatientID
+_PATTERN_PATIENT = "pattern:"  # before a patient id matched by the config's patient_pattern
 
 
-def file_patient_id(path: Path) -> str:
-    """:func:`patient_id` of a file's name, or for a DICOM file whose name has none (a PACS export named by UID, say)
-    the PatientID in its header, as ``dicom:<PatientID>``. Only files not named ``.jpg``/``.jpeg``/``.png`` are
-    opened, and only their header is read."""
+def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = "") -> str:
+    """The patient id of an image file, by the first rule that gives one:
+
+    1. ``pattern``, a regular expression searched in the path below ``class_dir`` (folders joined by "/"): its first
+       group, or the whole match, as ``pattern:<id>``;
+    2. a Kermany file name (:func:`patient_id`);
+    3. for a file not named ``.jpg``/``.jpeg``/``.png``, the PatientID in its DICOM header (only the header is read),
+       as ``dicom:<PatientID>``: a PACS export names its files by UID;
+    4. else the file is one patient, named by its path below ``class_dir`` without its image extension. The folders
+       are part of it: ``IMG_0001.jpg`` of two patients' folders is two patients, not one.
+    """
+    below = path.relative_to(class_dir).as_posix() if class_dir is not None else path.name
+    if pattern:
+        m = re.search(pattern, below)
+        if m:
+            return _PATTERN_PATIENT + (m.group(1) if m.re.groups else m.group(0))
     if _kermany_patient(path.name) is None and path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
         found = dicom_patient_id(path)
         if found is not None:
             return _DICOM_PATIENT + found
-    return patient_id(path.name)
+    return patient_id(below)
+
+
+def _patient_from_name_only(sample: Sample) -> bool:
+    """Whether a sample's patient id is merely its own file's name or path (rule 4 of :func:`file_patient_id`)."""
+    return (_kermany_patient(Path(sample.path).name) is None
+            and not sample.patient.startswith((_DICOM_PATIENT, _PATTERN_PATIENT)))
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -188,8 +207,8 @@ def _list_images(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, other
 
 
-def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True) -> Split:
-    """Records of one split folder with class sub-folders.
+def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True, patient_pattern: str = "") -> Split:
+    """Records of one split folder with class sub-folders (patient ids: :func:`file_patient_id`).
 
     Raises:
         DataError: a class folder is missing or holds no image files (unless ``require_both_classes`` is
@@ -208,7 +227,7 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
                         dirs[label], len(other), ", ".join(sorted(IMAGE_EXTENSIONS)), other[0].name)
         if not images:
             problems.append(f"{dirs[label]}: class folder holds no image files")
-        samples += [Sample(str(p), label, file_patient_id(p)) for p in images]
+        samples += [Sample(str(p), label, file_patient_id(p, dirs[label], patient_pattern)) for p in images]
     if problems and (require_both_classes or not samples):
         raise DataError("; ".join(problems))
     for p in problems:
@@ -303,8 +322,9 @@ def _scan_npz(path: Path) -> dict[str, Split]:
     return splits
 
 
-def scan(root: str | os.PathLike, *, require_both_classes: bool = True) -> dict[str, Split]:
-    """Find the splits of a dataset root, a single split folder or an ``.npz`` (see the module docstring)."""
+def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_pattern: str = "") -> dict[str, Split]:
+    """Find the splits of a dataset root, a single split folder or an ``.npz`` (see the module docstring).
+    ``patient_pattern``: see :func:`file_patient_id`."""
     root = Path(root)
     if not root.exists():
         raise UsageError(f"{root}: no such file or directory")
@@ -324,13 +344,15 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True) -> dict[
         if name:
             split_dirs[name] = d
     if split_dirs:
-        return {name: scan_folder(split_dirs[name], name, require_both_classes=require_both_classes)
+        return {name: scan_folder(split_dirs[name], name, require_both_classes=require_both_classes,
+                                  patient_pattern=patient_pattern)
                 for name in SPLITS if name in split_dirs}
     if any(d.name.upper() in CLASS_NAMES for d in subdirs):
         # One split, named after its folder: "data", not ".." for --data ..; a name that is not UTF-8 escaped, as
         # it is a key of metrics.json, a file name (predictions_<split>.csv) and a title in the report.
         name = display_name((root.resolve() if root.name in ("", "..") else root).name)
-        return {name: scan_folder(root, name, require_both_classes=require_both_classes)}
+        return {name: scan_folder(root, name, require_both_classes=require_both_classes,
+                                  patient_pattern=patient_pattern)}
     raise DataError(f"{root}: found neither split folders (train/val/test) nor class folders (NORMAL/PNEUMONIA)")
 
 
@@ -504,19 +526,19 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
             raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
                             f"({n_val_folds} of {n_splits} folds, each holding patients of both classes; use the "
                             "dataset's own val folder with --val-source folder)")
-    if len({s.patient for s in pool}) == len(pool):
-        # ids read from Kermany-style names or DICOM headers, not merely a file's own name
-        parsed = sum(_kermany_patient(Path(s.path).name) is not None or s.patient.startswith(_DICOM_PATIENT)
-                     for s in pool)
-        if parsed == len(pool):  # read, and simply one image per patient (a small sample, say): nothing to warn of
-            log.info("every patient id (from Kermany-style file names or DICOM PatientIDs) has one image: the "
-                     "validation split is patient-disjoint")
-        else:
-            log.warning("no two images share a patient id, so the carved validation split is only image-disjoint "
-                        "(and keeps byte-identical images together): if one patient has several images, validation "
-                        "results will be optimistic. Patient ids come from Kermany-style file names "
-                        "(person12_virus_3.jpeg) or a DICOM file's PatientID (%d of %d images here); otherwise split "
-                        "by patient yourself and use --val-source folder", parsed, len(pool))
+    # Counted whether or not such ids collide: unrelated patients' IMG_0001.jpg had once shared an id, which hid this
+    # warning while one patient's images landed on both sides.
+    unnamed = sum(_patient_from_name_only(s) for s in pool)
+    if not unnamed:
+        log.info("every patient id comes from a Kermany-style file name, a DICOM PatientID or patient_pattern: the "
+                 "validation split is patient-disjoint")
+    else:
+        log.warning("%d of %d images have no patient id from a Kermany-style file name (person12_virus_3.jpeg), a "
+                    "DICOM file's PatientID or the config's patient_pattern: each is taken as its own patient, so for "
+                    "them the carved validation split is only image-disjoint (byte-identical images are kept "
+                    "together), and validation results will be optimistic where one patient has several images. Set "
+                    "patient_pattern (\"^([^/]+)/\" for one folder per patient), or split by patient yourself and use "
+                    "--val-source folder", unnamed, len(pool))
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     folds = splitter.split(np.zeros(len(pool)), labels, groups)
     val_idx = set(np.concatenate([next(folds)[1] for _ in range(n_val_folds)]).tolist())

@@ -103,7 +103,7 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True) 
     The split is a pure function of the files and the config, so every DDP rank computes the same one; only the
     rank with ``write`` records it.
     """
-    found = scan(cfg.data)
+    found = scan(cfg.data, patient_pattern=cfg.patient_pattern)
     if "train" not in found:
         raise DataError(f"{cfg.data}: no train split (expected a train/ folder or train_images in the .npz)")
     arrays = {name: s.images for name, s in found.items()}
