@@ -316,8 +316,28 @@ def test_resume_inside_weight_averaging_matches_uninterrupted_run(tmp_path, tiny
 
 
 def test_resume_through_the_cli(trained_run, tmp_path):
-    _, run, _ = trained_run
-    proc = cxr("train", "--resume", run, "--epochs", "3", "--no-report")
+    import shutil
+
+    data, run, _ = trained_run
+    # Refused before anything runs: --output elsewhere (it was dropped, and the run went on in place), a config.yaml
+    # edited since (another arch ended in a raw load_state_dict error), and a run whose last.pt is gone but whose
+    # best.pt was trained (it was trained again from epoch 1, over its best.pt).
+    _one_line_error(cxr("train", "--resume", run, "--output", tmp_path / "branch", check=False), "cannot move it")
+    assert not (tmp_path / "branch").exists()
+    config = (run / "config.yaml").read_text()
+    try:
+        (run / "config.yaml").write_text(config.replace("arch: densenet121", "arch: resnet18"))
+        _one_line_error(cxr("train", "--resume", run, check=False), "differs from the config saved in last.pt in arch")
+    finally:
+        (run / "config.yaml").write_text(config)
+    shutil.copytree(run, tmp_path / "copy")
+    (tmp_path / "copy" / "last.pt").unlink()
+    best = (tmp_path / "copy" / "best.pt").read_bytes()
+    _one_line_error(cxr("train", "--resume", tmp_path / "copy", "--swa-epochs", "1", check=False), "last.pt is gone")
+    assert (tmp_path / "copy" / "best.pt").read_bytes() == best
+    # The original command's flags may be given again, unchanged; a changed one is refused.
+    proc = cxr("train", "--resume", run, "--epochs", "3", "--no-report", "--data", data, "--image-size", "32",
+               "--output", run)
     assert "resuming" in proc.stderr
     assert load_checkpoint(run / "last.pt").epoch == 3
     bad = cxr("train", "--resume", run, "--lr", "0.5", check=False)

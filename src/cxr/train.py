@@ -298,15 +298,40 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
     if not (run_dir / "config.yaml").is_file():
         raise UsageError(f"--resume {run_dir}: not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    changed = {k: v for k, v in overrides.items() if v is not None and k not in ("output",) + RESUMABLE}
+    output = overrides.get("output")
+    if output is not None and Path(output).resolve() != run_dir.resolve():
+        # It was dropped without a word, and the run given to --resume trained on, in place.
+        raise UsageError(f"--resume {run_dir} continues the run in its own folder; --output {output} cannot move it "
+                         f"(copy the folder first to branch it: cp -r {run_dir} {output}, then --resume {output})")
+    # The flags of the original command may be given again: only a value that differs is refused.
+    given = {k: v for k, v in overrides.items() if v is not None and k not in ("output",) + RESUMABLE}
+    as_given = load_config(overrides=given, base=cfg)  # the flags' values as the fields' types ("4" -> 4)
+    changed = sorted(k for k in given if not _same_setting(k, getattr(as_given, k), getattr(cfg, k)))
     if changed:
         raise UsageError(f"--resume continues a run as configured; only --epochs, --device, --swa-epochs, "
-                         f"--swa-lr and --num-workers may change (got {', '.join(sorted(changed))})")
+                         f"--swa-lr and --num-workers may change (got {', '.join(changed)}, which differ from "
+                         f"{run_dir / 'config.yaml'})")
     # Through load_config, so that the flags' values are read as the fields' types (--num-workers 4 is "4" there)
     cfg = load_config(overrides={"output": str(run_dir), **{k: overrides[k] for k in RESUMABLE
                                                              if overrides.get(k) is not None}}, base=cfg)
     last = run_dir / "last.pt"
+    if not last.is_file() and (run_dir / "best.pt").is_file():
+        # --resume without last.pt is for a run killed before its first epoch ended; here one had trained (and maybe
+        # finished), and it was trained again from epoch 1 over its best.pt, history and metrics.
+        raise UsageError(f"--resume {run_dir}: its last.pt is gone, and it holds a trained best.pt that a fresh start "
+                         "would replace; --resume needs last.pt to continue (start a new run with --weights "
+                         f"{run_dir / 'best.pt'} to train on from its best weights)")
     state = load_checkpoint(last) if last.is_file() else None
+    if state is not None:
+        # config.yaml edited since (by hand, or by another cxr): applied mid-run without a word, or ending in a raw
+        # load_state_dict error for another arch. Where the data or cache now live may change; nothing else.
+        saved, now = state.config.to_dict(), cfg.to_dict()
+        edited = sorted(k for k in now if k not in ("output", "data", "cache_dir") + RESUMABLE
+                        and k in saved and saved[k] != now[k])
+        if edited:
+            raise UsageError(f"--resume {run_dir}: config.yaml differs from the config saved in last.pt in "
+                             f"{', '.join(edited)}; a run continues as it began (only data and cache_dir may be "
+                             "edited there)")
     if state is not None and cfg.epochs < state.config.epochs:
         # Accepted before: config.yaml said the smaller number, the cosine schedule shrank mid-run (or, below the
         # epochs done, nothing trained and summary.json gave no stop reason).
@@ -324,6 +349,13 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
             raise UsageError(f"--resume {run_dir} --epochs {cfg.epochs}: this run stopped early ({stop_reason}), so "
                              "more epochs would not train it further; start a new run")
     return cfg, state
+
+
+def _same_setting(field: str, a, b) -> bool:
+    """Whether two values of a config field are the same setting (paths: the same place, however written)."""
+    if field in ("data", "cache_dir") and isinstance(a, str) and isinstance(b, str):
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
 
 
 def _check_starting_weights(cfg: Config) -> None:
