@@ -533,6 +533,10 @@ def test_train_transform_keeps_shape_dtype_and_varies(tiny_dataset):
     assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is untouched
     assert not torch.equal(a, b) and not torch.equal(ds[1][0], b)
     assert not torch.equal(XrayDataset(prepared, train_transform(cfg), seed=1)[0][0], a)
+    # Every seed the config accepts (up to 2**32 - 1); from 1,844,675 on, the first batch had overflowed torch's seed.
+    big = XrayDataset(prepared, train_transform(cfg), seed=2**32 - 1)
+    big.set_epoch(999)
+    assert big[len(big) - 1][0].shape == (1, 64, 64)
     plain = XrayDataset(prepared)[0][0]
     assert torch.equal(plain[0], torch.from_numpy(prepared.images[0]))
 

@@ -945,7 +945,9 @@ class XrayDataset:
             torch.set_num_threads(1)
             try:
                 with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
-                    torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+                    # Modulo 2**64, torch's seed range: a --seed from 1,844,675 on overflowed it at the first batch.
+                    # Below, the value and so every augmentation are unchanged.
+                    torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)) % 2**64)
                     x = self.transform(x)
             finally:
                 torch.set_num_threads(threads)

@@ -177,6 +177,11 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+# A run stopped for non-finite numbers: what it leaves. Before its first epoch ends it has written no checkpoint at all
+# (the message had promised "the last good checkpoint" there too).
+_KEPT = ", leaving the checkpoints of earlier epochs, if any, as they were"
+
+
 def _finite(tensors) -> bool:
     """Whether every floating-point tensor holds only finite values (one device sync)."""
     checks = [torch.isfinite(t).all() for t in tensors if t is not None and t.is_floating_point()]
@@ -230,7 +235,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, op
             bad = shared[1] > 0  # decided alike on every rank, so no rank is left waiting in a collective
             if bad and not skip_bad:
                 raise TrainingError(f"the training loss became {summed.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                    "stopped, keeping the last good checkpoint (try a lower --lr, or nan_policy: skip)")
+                                    f"stopped{_KEPT}; train again into a new --output with a lower --lr, or with "
+                                    "nan_policy: skip in a --config file")
             optimizer.zero_grad(set_to_none=True)
             if not bad:
                 loss = summed * world / shared[0]
@@ -700,18 +706,19 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         if averaged is not None and swa_start is not None:
             averaged.update_parameters(model)
         row["lr"] = optimizer.param_groups[0]["lr"]  # at the epoch's last step
-        val = validate(model, prepared["val"], criterion, cfg=cfg, device=device, bf16=bf16,
-                       channels_last=channels_last) if info.main else {}
         if info.main and not _finite(model.state_dict().values()):
-            val["bad_weights"] = 1.0  # whatever validation made of them, such weights are never saved
+            # Checked before validation, whose AUROC raised scikit-learn's "Input contains NaN" on such weights (a
+            # traceback, and under DDP the other ranks left waiting); they are never validated nor saved.
+            val = {"bad_weights": 1.0}
+        else:
+            val = validate(model, prepared["val"], criterion, cfg=cfg, device=device, bf16=bf16,
+                           channels_last=channels_last) if info.main else {}
         keys = ("val_loss", "val_acc", "val_auroc", "bad_weights")
         row.update(zip(keys, broadcast_floats([val.get(k, 0.0) for k in keys], device), strict=True))
         if row.pop("bad_weights"):
-            raise TrainingError(f"the weights hold NaN or infinite values after epoch {epoch + 1}; stopped, keeping "
-                                "the last good checkpoint")
+            raise TrainingError(f"the weights hold NaN or infinite values after epoch {epoch + 1}; stopped{_KEPT}")
         if not math.isfinite(row["val_loss"]):
-            raise TrainingError(f"the validation loss is {row['val_loss']} after epoch {epoch + 1}; stopped, keeping "
-                                "the last good checkpoint")
+            raise TrainingError(f"the validation loss is {row['val_loss']} after epoch {epoch + 1}; stopped{_KEPT}")
         if plateau is not None and swa_start is None:
             plateau.step(row["val_loss"])
         history.append(row)
