@@ -161,3 +161,29 @@ def test_a_dataset_error_under_torchrun_is_one_line_on_every_rank(tmp_path):
     ours = proc.stderr[:proc.stderr.index("torch/distributed/elastic")]
     assert "Traceback" not in ours and "Connection closed" not in ours, ours
     assert ours.count("cxr train: error:") == 2, ours
+
+
+def test_the_process_group_waits_for_a_rank_building_the_cache(monkeypatch):
+    # NCCL gives up on a collective after 10 minutes by default, while local rank 0 may build the cache alone for 20:
+    # the group is made with CXR_DIST_TIMEOUT seconds (two hours by default).
+    import datetime
+
+    import torch.distributed as dist
+
+    import cxr.distributed as d
+    from cxr.errors import UsageError
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    d.init(torch.device("cpu"))
+    assert calls == [("gloo", {"timeout": datetime.timedelta(hours=2)})]
+    monkeypatch.setenv("CXR_DIST_TIMEOUT", "90")
+    assert d.dist_timeout() == datetime.timedelta(seconds=90)
+    for bad in ("0", "soon", "nan"):
+        monkeypatch.setenv("CXR_DIST_TIMEOUT", bad)
+        with pytest.raises(UsageError, match="CXR_DIST_TIMEOUT"):
+            d.dist_timeout()

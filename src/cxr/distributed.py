@@ -8,6 +8,8 @@ onnx`` uses these helpers and runs without torch (importing it takes seconds on 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -68,8 +70,23 @@ def init(device: torch.device) -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Ranks wait in a collective while local rank 0 builds the image cache alone (about 20 min per node for a
+        # million images, SCALING.md) and while rank 0 alone averages and evaluates at the end: NCCL's default of
+        # 10 minutes would abort them. CXR_DIST_TIMEOUT (seconds) sets it.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=dist_timeout())
     return info, device
+
+
+def dist_timeout() -> datetime.timedelta:
+    """How long a rank waits in a collective for the others: ``CXR_DIST_TIMEOUT`` seconds, default two hours."""
+    raw = os.environ.get("CXR_DIST_TIMEOUT", "7200")
+    try:
+        seconds = float(raw)
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"CXR_DIST_TIMEOUT={raw!r}: give a number of seconds above 0") from None
+    return datetime.timedelta(seconds=seconds)
 
 
 def shutdown() -> None:

@@ -591,7 +591,12 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         raise DataError(f"{run_dir / 'config.yaml'}: data: {cfg.data} is relative to the folder the run was started "
                         "from; resume from there, or write its absolute path into config.yaml")
     if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+        # On CUDA some kernels have no deterministic form (adaptive average pooling's backward, in DenseNet and ResNet
+        # alike): strict mode would stop the run at its first backward pass, so there PyTorch warns of them instead.
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        if device.type == "cuda" and info.main:
+            log.warning("--deterministic on CUDA: kernels without a deterministic form (PyTorch names them as they "
+                        "run) still vary from run to run; bit-repeatable runs need the CPU")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not cfg.deterministic
     bf16, channels_last = use_bf16(cfg, device), use_channels_last(cfg, device)
@@ -746,7 +751,8 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     if averaged is not None and swa_start is not None and info.main:
         swa_summary = _finish_averaging(averaged, run_dir, prepared, criterion, cfg, device, best_loss,
                                         first=swa_start + 1, last=len(history))
-        stop_reason += f", then {cfg.swa_epochs} epoch(s) of weight averaging"
+        # Counted, not cfg.swa_epochs: a resume with a lower --swa-epochs than the epochs already averaged keeps them.
+        stop_reason += f", then {len(history) - swa_start} epoch(s) of weight averaging"
     if stop_reason:
         log.info("%s", stop_reason)  # after the averaging epochs, the whole story: "finished 20 epochs, then 8 ..."
     if not info.main:
