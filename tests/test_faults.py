@@ -582,3 +582,18 @@ def test_the_write_check_survives_another_shard_removing_the_folder_it_just_made
     monkeypatch.setattr(fileio.tempfile, "mkstemp", racing_mkstemp)
     fileio.check_writable(tmp_path / "new" / "preds.shard-0-of-2.csv")
     assert len(calls) == 2 and not (tmp_path / "new").exists()
+
+
+def test_a_run_no_longer_than_its_warm_up_still_decays(tiny_dataset, monkeypatch):
+    # One epoch at the default warmup_epochs 1: every step was warm-up, and the run ended at its peak learning rate.
+    import dataclasses
+
+    model, loader, cfg = _one_epoch_setup(tiny_dataset)
+    cfg = dataclasses.replace(cfg, scheduler="cosine", warmup_epochs=1.0, lr=1e-3)
+    rates = []
+    real_set_lr = cxr.train._set_lr
+    monkeypatch.setattr(cxr.train, "_set_lr", lambda opt, lr: rates.append(lr) or real_set_lr(opt, lr))
+    _epoch(model, loader, cfg, torch.optim.Adam(model.parameters(), lr=1e-3))
+    assert len(rates) == 4
+    assert rates[1] == pytest.approx(1e-3)  # warm-up over half the run: 0.5e-3, 1e-3
+    assert rates[0] < rates[1] and rates[2] == pytest.approx(1e-3) and rates[3] == pytest.approx(0.5e-3)  # cosine

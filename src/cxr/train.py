@@ -208,7 +208,9 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, op
     skip_bad = cfg.nan_policy == "skip"
     skipped = 0
     model.train()
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    # At most half the run: a run no longer than its warm-up (one epoch at the default warmup_epochs 1) had ended at
+    # the peak learning rate, never decayed, and kept the weights of its largest steps.
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps // 2)
     totals = torch.zeros(4, dtype=torch.float64)  # weighted loss sum, weight sum, correct, seen
     wait = 0.0
     start = t_data = time.perf_counter()
