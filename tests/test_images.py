@@ -303,6 +303,19 @@ def test_truncated(tmp_path, fmt):
         read_grayscale(data[:30], name="head")
 
 
+def test_a_12bit_jpeg_is_named_as_such_not_as_damaged():
+    # An intact 12-bit JPEG (SOF1, precision 12) had been called "truncated or corrupt JPEG (header unreadable)".
+    buf = io.BytesIO()
+    Image.fromarray(ramp()).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 1], data[sof + 4] = 0xC1, 12
+    with pytest.raises(ImageError, match=r"^x12\.jpeg: 12-bit JPEG, which Pillow cannot decode"):
+        read_grayscale(bytes(data), name="x12.jpeg")
+    with pytest.raises(ImageError, match="truncated or corrupt JPEG|truncated JPEG|corrupt JPEG"):
+        read_grayscale(bytes(buf.getvalue()[:40]), name="cut.jpeg")
+
+
 def test_random_and_corrupt_bytes():
     rng = np.random.default_rng(7)
     with pytest.raises(ImageError, match="not an image"):
@@ -475,6 +488,19 @@ def test_dicom_compressed_without_decoder():
         assert "pylibjpeg" in str(info.value) and "gdcm" in str(info.value)
 
 
+def test_dicom_12bit_jpeg_says_why_and_what_to_install():
+    # JPEG Extended at 12 bits (common for lossy CR/DX) is beyond Pillow: the reason was cut to pydicom's heading
+    # ("... raised by all available plugins:") and the install hint left out.
+    data = dicom_bytes(RAW12, transfer_syntax=uid.JPEGExtended12Bit, pixel_data=encapsulate([b"\xff\xd8\xff\xc1junk"]),
+                       BitsStored=12, HighBit=11)
+    with pytest.raises(ImageError, match="JPEG Extended") as info:
+        read_grayscale(data, name="cr.dcm")
+    try:
+        import pylibjpeg  # noqa: F401
+    except ImportError:
+        assert "12-bit precision" in str(info.value) and "install pylibjpeg" in str(info.value)
+
+
 def test_dicom_size_checked_before_pixels():
     # Rows x Columns claim 400 M pixels while the pixel data is tiny: refused from the header, never decoded.
     data = dicom_bytes(RAW12, Rows=20_000, Columns=20_000)
@@ -485,11 +511,22 @@ def test_dicom_size_checked_before_pixels():
 def test_dicom_damaged_pixel_data_and_missing_preamble(tmp_path):
     with pytest.raises(ImageError, match="short.dcm: cannot decode DICOM pixel data"):
         read_grayscale(dicom_bytes(RAW12, pixel_data=RAW12.tobytes()[:100]), name="short.dcm")
-    # No 128-byte preamble: only the .dcm extension suggests DICOM, and pydicom without force refuses it.
+    # No 128-byte preamble (older and raw exports): the .dcm name has it read as DICOM, as the docstring says; it had
+    # been refused as "not a DICOM file".
     path = tmp_path / "bare.dcm"
     path.write_bytes(dicom_bytes(RAW12, preamble=False))
-    with pytest.raises(ImageError, match=r"bare\.dcm: not a DICOM file"):
-        read_grayscale(path)
+    np.testing.assert_array_equal(read_grayscale(path), read_grayscale(dicom_bytes(RAW12)))
+    # Nor file meta at all (no transfer syntax): the encoding pydicom read it in decides.
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(RAW12)))
+    del ds.file_meta
+    raw = io.BytesIO()
+    ds.save_as(raw, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    np.testing.assert_array_equal(read_grayscale(raw.getvalue(), name="raw.dcm"), read_grayscale(dicom_bytes(RAW12)))
+    # Text named .dcm, and a DICOM without an image: still "not a DICOM file" without the marker.
+    with pytest.raises(ImageError, match=r"notes\.dcm: not a DICOM file"):
+        read_grayscale(b"plain text, not a DICOM data set" * 10, name="notes.dcm")
+    with pytest.raises(ImageError, match=r"meta\.dcm: not a DICOM file"):
+        read_grayscale(dicom_bytes(RAW12, no_pixel_data=True, preamble=False), name="meta.dcm")
 
 
 # ---------------------------------------------------------------------------------------------- resize and load

@@ -298,12 +298,32 @@ def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: 
         size = f"{int(m.group(1)):,}-pixel image" if m else "image"
         raise ImageError(label, f"{size} is over the {max_pixels:,}-pixel limit (possible decompression bomb)") from e
     except UnidentifiedImageError as e:
+        bits = _jpeg_precision(data) if fmt == "JPEG" else None
+        if bits is not None and bits != 8:  # an intact file Pillow has no decoder for, not a damaged one
+            raise ImageError(label, f"{bits}-bit JPEG, which Pillow cannot decode: save it as 16-bit PNG or DICOM") \
+                from e
         raise ImageError(label, f"truncated or corrupt {fmt} (header unreadable)") from e
     except Exception as e:
         # PIL reports damage as OSError, SyntaxError, ValueError, EOFError or struct.error depending on where.
         detail = str(e) or type(e).__name__
         kind = "truncated" if isinstance(e, EOFError) or "truncated" in detail.lower() else "corrupt"
         raise ImageError(label, f"{kind} {fmt} ({detail})") from e
+
+
+def _jpeg_precision(data: bytes) -> int | None:
+    """Bits per sample in a JPEG's start-of-frame segment, or None where none is found before the scan."""
+    pos = 2
+    while pos + 4 < len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return data[pos + 4] if pos + 4 < len(data) else None
+        if marker == 0xDA:  # start of scan: no frame header before it
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
 
 
 # IHDR colour types 2 (RGB), 4 (grey + alpha) and 6 (RGBA): at 16 bits PIL keeps only each sample's high byte, so a
@@ -371,6 +391,41 @@ def _check_inflated_size(data: bytes, label: str, max_pixels: int) -> None:
         raise ImageError(label, f"corrupt deflated DICOM ({e})") from e
 
 
+def _dicom_without_preamble(data: bytes, label: str, error: Exception):
+    """A DICOM data set read without its preamble and 'DICM' marker, when it holds an image; ImageError otherwise."""
+    import pydicom
+
+    refusal = ImageError(label, "not a DICOM file (no 'DICM' marker at byte 128, and no DICOM image without one)")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        if not (any(k in ds for k in _PIXEL_DATA_KEYWORDS) and int(ds.get("Rows") or 0)):
+            raise refusal from error
+    except ImageError:
+        raise
+    except Exception as e:
+        raise refusal from e
+    return ds
+
+
+def _fill_transfer_syntax(ds) -> None:
+    """A data set without a Transfer Syntax UID (no file meta, or one without it): the encoding pydicom read it in
+    decides, as pydicom itself advises; without it pydicom refuses to decode the pixels."""
+    from pydicom import uid
+    from pydicom.dataset import FileMetaDataset
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", None) or (getattr(ds, "is_implicit_VR", None),
+                                                                   getattr(ds, "is_little_endian", None))
+    if implicit is None or little is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
+                              uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
+
+
 def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     # Imported here: pydicom costs import time that JPEG/PNG-only users (the CLI, the server) need not pay.
     import pydicom
@@ -380,11 +435,14 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
     except InvalidDicomError as e:
-        raise ImageError(label, "not a DICOM file (no 'DICM' marker at byte 128)") from e
+        # No preamble and 'DICM' marker (older or raw exports): such a file reaches here only by its .dcm/.dicom
+        # name, and is read as DICOM when it holds an image.
+        ds = _dicom_without_preamble(data, label, e)
     except Exception as e:
         raise ImageError(label, f"corrupt DICOM ({str(e) or type(e).__name__})") from e
 
     try:
+        _fill_transfer_syntax(ds)
         # dcmread parses elements lazily, so a malformed value only raises when it is read here.
         has_pixels = any(k in ds for k in _PIXEL_DATA_KEYWORDS)
         rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
@@ -409,11 +467,14 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
             ds.pixel_array_options(index=0)  # pydicom >= 3 decodes just the first frame
         arr = ds.pixel_array
     except Exception as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if compressed and "missing" in str(e):
+        # pydicom puts each plugin's reason on a line of its own, after a heading ending in a colon: all of them.
+        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()).replace(":; ", ": ")
+        detail = detail[:400] or type(e).__name__
+        if compressed and any(w in str(e).lower() for w in ("missing", "plugin", "not support")):
+            # 12-bit JPEG (Extended, common for lossy CR/DX) is beyond Pillow, which pydicom otherwise uses.
             raise ImageError(
                 label,
-                f"DICOM pixel data is compressed as {ts.name} ({ts}), which pydicom cannot decode here: "
+                f"DICOM pixel data is compressed as {ts.name} ({ts}), which pydicom cannot decode here ({detail}): "
                 "install pylibjpeg with its pylibjpeg-libjpeg/-openjpeg plugins, or python-gdcm",
             ) from e
         how = f" compressed as {ts.name}" if compressed else ""
