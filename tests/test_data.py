@@ -92,9 +92,16 @@ def test_two_folders_of_one_class_or_split_are_refused_not_one_dropped(tiny_data
 def test_scan_ignores_non_image_extensions_and_hidden_files(tiny_dataset, caplog):
     (tiny_dataset / "train" / "NORMAL" / "notes.txt").write_text("hello")
     (tiny_dataset / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\0")
+    # A hidden folder's images (a notebook's .ipynb_checkpoints, a .Trash) had been scanned as training data.
+    hidden = tiny_dataset / "train" / "NORMAL" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    shutil.copy(next((tiny_dataset / "train" / "PNEUMONIA").glob("*.jpeg")), hidden / "copy.jpeg")
+    # A link to nothing had vanished without a word.
+    (tiny_dataset / "train" / "NORMAL" / "gone.jpeg").symlink_to(tiny_dataset / "nowhere.jpeg")
     splits = scan(tiny_dataset)
     assert splits["train"].counts()["NORMAL"] == 16
     assert "notes.txt" in caplog.text
+    assert "skipping 1 link(s) to nothing" in caplog.text and "gone.jpeg" in caplog.text
 
 
 def test_images_without_an_image_extension_are_found_by_content(tiny_dataset, tmp_path):

@@ -170,14 +170,15 @@ def _class_dirs(split_dir: Path) -> dict[int, Path]:
 
 
 def walk_files(folder: Path, *, skip: Path | None = None) -> list[Path]:
-    """Every file under ``folder``, recursively and sorted, hidden files (``.name``) left out.
+    """Every file under ``folder``, recursively and sorted, hidden files and folders (``.name``: ``.ipynb_checkpoints``,
+    ``.Trash``, ...) left out. Links that lead nowhere are left out with a warning (they had vanished silently).
 
     Folders reached through symbolic links are followed (``Path.rglob`` skips them before Python 3.13, silently
     losing images that a dataset keeps elsewhere), each real folder once, so a link loop ends. ``skip``: a folder
     below ``folder`` whose contents are left out (an output folder inside the input, say); ``folder`` itself is
     always walked, even when it is ``skip`` (``cxr explain DIR --output DIR``).
     """
-    files, seen = [], set()
+    files, seen, broken = [], set(), []
     skip_id = _folder_id(skip) if skip is not None else None
     root_id = _folder_id(folder)
     for top, dirs, names in os.walk(folder, followlinks=True):
@@ -186,7 +187,18 @@ def walk_files(folder: Path, *, skip: Path | None = None) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(here)
-        files += [Path(top) / n for n in names if not n.startswith(".") and (Path(top) / n).is_file()]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for n in names:
+            p = Path(top) / n
+            if n.startswith("."):
+                continue
+            if p.is_file():
+                files.append(p)
+            elif p.is_symlink() and not p.exists():
+                broken.append(p)
+    if broken:
+        log.warning("%s: skipping %d link(s) to nothing, e.g. %s -> %s", folder, len(broken), broken[0],
+                    os.readlink(broken[0]))
     return sorted(files)
 
 

@@ -86,10 +86,10 @@ def prob_text(p: float, threshold: float | None = None, decimals: int = 3) -> st
 
 def collect_files(paths: list[str | os.PathLike], *, skip: Path | None = None) -> list[Path]:
     """Files as given, and image files (:func:`cxr.images.is_image_file`) found recursively in folders (sorted;
-    hidden files skipped; linked folders followed). ``skip``: a folder whose files are not collected (an output folder
-    inside an input folder). Grad-CAM pictures (``*_gradcam.png``, what ``cxr explain`` writes) found in a folder are
-    left out with a warning: predicting a folder after explaining into it would otherwise read them as X-rays. Named
-    one by one, they are taken."""
+    hidden files and folders skipped; linked folders followed). ``skip``: a folder whose files are not collected (an
+    output folder inside an input folder). Grad-CAM pictures (``*_gradcam.png``, what ``cxr explain`` writes) found in
+    a folder are left out with a warning: predicting a folder after explaining into it would otherwise read them as
+    X-rays. Named one by one, they are taken."""
     from cxr.data import walk_files
 
     files: list[Path] = []
