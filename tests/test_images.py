@@ -445,6 +445,41 @@ def test_dicom_monochrome1_is_inverted():
     assert np.abs(m1.astype(int) - (255 - m2.astype(int))).max() <= 1
 
 
+def test_dicom_pixel_padding_is_black_and_left_out_of_the_stretch():
+    # A collimator's border stored as Pixel Padding Value: it had taken part in the min..max stretch and, in
+    # MONOCHROME1, come out white around the image.
+    inner = (1000 + RAW12[8:24, 8:32] // 4).astype(np.uint16)  # 1000..~2000
+    padded = np.zeros((32, 40), np.uint16)
+    padded[8:24, 8:32] = inner
+    for photometric in ("MONOCHROME2", "MONOCHROME1"):
+        out = read_grayscale(dicom_bytes(padded, photometric=photometric, PixelPaddingValue=0))
+        assert out[:8].max() == 0 and out[:, :8].max() == 0  # the border: black
+        expected = stretched(inner) if photometric == "MONOCHROME2" else 255 - stretched(inner)
+        np.testing.assert_array_equal(out[8:24, 8:32], expected)  # the image spans 0..255 on its own
+    # A padding range (Pixel Padding Range Limit): 0..99 is border, as is 99 itself.
+    ranged = padded.copy()
+    ranged[:4] = 99
+    out = read_grayscale(dicom_bytes(ranged, PixelPaddingValue=0, PixelPaddingRangeLimit=99))
+    assert out[:8].max() == 0
+    np.testing.assert_array_equal(out[8:24, 8:32], stretched(inner))
+
+
+def test_dicom_palette_colour_shows_its_palette_not_its_indices():
+    # PALETTE COLOR stores indices into a palette; they had been read as grey levels.
+    index = (np.arange(32 * 40).reshape(32, 40) % 256).astype(np.uint8)
+    grey = np.arange(255, -1, -1, dtype=np.uint16) * 257  # a reversed 16-bit grey palette: index 0 is white
+    data = dicom_bytes(index, photometric="PALETTE COLOR",
+                       RedPaletteColorLookupTableDescriptor=[256, 0, 16],
+                       GreenPaletteColorLookupTableDescriptor=[256, 0, 16],
+                       BluePaletteColorLookupTableDescriptor=[256, 0, 16],
+                       RedPaletteColorLookupTableData=grey.tobytes(),
+                       GreenPaletteColorLookupTableData=grey.tobytes(),
+                       BluePaletteColorLookupTableData=grey.tobytes())
+    np.testing.assert_array_equal(read_grayscale(data), 255 - index)
+    with pytest.raises(ImageError, match="PALETTE COLOR DICOM whose palette cannot be applied"):
+        read_grayscale(dicom_bytes(index, photometric="PALETTE COLOR"), name="p.dcm")
+
+
 def test_dicom_window_applied_after_rescale():
     # Window [0, 2000] in rescaled units, i.e. raw 512..1512: a reader that skipped the rescale would cut elsewhere.
     out = read_grayscale(

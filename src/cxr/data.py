@@ -52,7 +52,8 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": 
 
 # Bumped whenever decoding, resizing or the cache's layout changes, so that old cache entries are never trusted.
 # 2: images stored in packs, not one file each. 3: 16-bit colour and grey + alpha PNGs refused (PIL had kept each
-# sample's high byte; old caches hold those decodes). 4: blank images refused, EXIF Orientation applied.
+# sample's high byte; old caches hold those decodes). 4: blank images refused, EXIF Orientation applied, DICOM pixel
+# padding and palettes applied, DICOM without a preamble read.
 PREPROCESS_VERSION = 4
 
 _PATIENT_PATTERNS = (

@@ -13,8 +13,9 @@ Intensity policy:
 * An image whose decoded pixels all have one value (blank, or constant before the stretch) is refused: it shows
   nothing to classify.
 * DICOM: modality LUT (rescale slope/intercept), then VOI LUT or window when present, MONOCHROME1 inverted
-  so bone is bright as in MONOCHROME2, then the min..max stretch to 0..255. Multi-frame files give their
-  first frame.
+  so bone is bright as in MONOCHROME2, then the min..max stretch to 0..255; pixels marked as padding (Pixel Padding
+  Value, and Range Limit) are left out of the stretch and become black. PALETTE COLOR shows its palette's luma.
+  Multi-frame files give their first frame.
 
 The square resize is PIL bicubic with the aspect ratio not kept, exactly how the shared 224x224 copies of
 the Kermany data set were made from the originals.
@@ -333,9 +334,16 @@ def _jpeg_precision(data: bytes) -> int | None:
 _PNG_COLOUR_TYPES_WITH_CHANNELS = frozenset({2, 4, 6})
 
 
-def _stretch(arr: np.ndarray) -> np.ndarray:
-    """Map the image's min..max linearly onto 0..255 (a constant image gives zeros)."""
+def _stretch(arr: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
+    """Map the image's min..max linearly onto 0..255 (a constant image gives zeros). ``padding``: pixels that are not
+    part of the image (DICOM Pixel Padding Value), left out of the min..max and set to 0, black."""
     a = np.asarray(arr)
+    if padding is not None and padding.any():
+        if padding.all():
+            return np.zeros(a.shape, dtype=np.uint8)
+        out = _stretch(np.where(padding, a[~padding].min(), a))
+        out[padding] = 0
+        return out
     lo, hi = float(a.min()), float(a.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("pixel values include NaN or infinity")
@@ -356,6 +364,27 @@ def _dicom_luts():
     except ImportError:  # pydicom < 3
         from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
     return apply_modality_lut, apply_voi_lut
+
+
+def _apply_color_lut(arr: np.ndarray, ds) -> np.ndarray:
+    try:
+        from pydicom.pixels import apply_color_lut
+    except ImportError:  # pydicom < 3
+        from pydicom.pixel_data_handlers.util import apply_color_lut
+    return apply_color_lut(arr, ds)
+
+
+def _dicom_padding(arr: np.ndarray, ds) -> np.ndarray | None:
+    """Where the stored values are Pixel Padding Value (or within it and Pixel Padding Range Limit): the area outside
+    the exposed image (a collimator's border, say), which is not part of it. None without padding."""
+    value = ds.get("PixelPaddingValue")
+    if value is None:
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is None:
+        return arr == value
+    lo, hi = sorted((int(value), int(limit)))
+    return (arr >= lo) & (arr <= hi)
 
 
 def _check_inflated_size(data: bytes, label: str, max_pixels: int) -> None:
@@ -448,7 +477,8 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
         frames = int(ds.get("NumberOfFrames") or 1)
         samples = int(ds.get("SamplesPerPixel") or 1)
-        monochrome1 = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+        monochrome1 = photometric == "MONOCHROME1"
         meta = getattr(ds, "file_meta", None)
         ts = meta.get("TransferSyntaxUID") if meta is not None else None
         # is_compressed raises for a UID that is not a known transfer syntax (a damaged or private one).
@@ -482,8 +512,18 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
 
     if arr.ndim == (3 if samples == 1 else 4):  # all frames decoded (pydicom < 3)
         arr = arr[0]
+    if samples == 1 and photometric == "PALETTE COLOR":
+        # Stored values are indices into the colour palette: its colours are the image, not the indices.
+        try:
+            arr = _apply_color_lut(arr, ds)[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        except Exception as e:
+            reason = str(e) or type(e).__name__
+            raise ImageError(label, f"PALETTE COLOR DICOM whose palette cannot be applied ({reason})") from e
+        return _stretch(arr)
     try:
+        padding = None
         if samples == 1:
+            padding = _dicom_padding(arr, ds)
             apply_modality_lut, apply_voi_lut = _dicom_luts()
             arr = apply_voi_lut(apply_modality_lut(arr, ds), ds, index=0)
             if monochrome1:
@@ -491,6 +531,6 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         else:
             # Colour DICOM is rare for X-rays; pydicom hands it over as RGB, reduced here to ITU-R 601 luma.
             arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-        return _stretch(arr)
+        return _stretch(arr, padding)
     except Exception as e:
         raise ImageError(label, f"cannot apply DICOM rescale/window ({str(e) or type(e).__name__})") from e
