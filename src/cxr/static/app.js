@@ -13,16 +13,26 @@ const results = $("#results");
 const showHeat = $("#show-heat");
 let threshold = null;
 
+// x with d decimals as Python's f"{x:.{d}f}" writes it: correctly rounded, a tie (0.5625 at 3) to the even digit.
+// toFixed takes a tie away from zero ("0.563", where cxr predict says "0.562"); toFixed(100) is the exact value.
+function fixed(x, d) {
+  const s = x.toFixed(d);
+  const [whole, frac] = Math.abs(x).toFixed(100).split(".");
+  if (frac[d] !== "5" || !/^0*$/.test(frac.slice(d + 1))) return s;
+  const last = Number(d ? frac[d - 1] : whole[whole.length - 1]);
+  return last % 2 ? s : `${x < 0 ? "-" : ""}${whole}${d ? "." + frac.slice(0, d) : ""}`;
+}
+
 function fmt(p) {
-  return Number(p).toFixed(3);
+  return fixed(Number(p), 3);
 }
 
 // Decimals to show a threshold with beside a probability (cxr.predict.threshold_decimals): three, or more when
 // a probability below the threshold would show as equal to it, or the threshold (inside 0-1) as 0 or 1.
 function thresholdDecimals(t, p = null) {
   for (let d = 3; d <= 17; d++) {
-    const shown = Number(t.toFixed(d));
-    const apart = p === null || !(p < t) || Number(p.toFixed(d)) < shown;
+    const shown = Number(fixed(t, d));
+    const apart = p === null || !(p < t) || Number(fixed(p, d)) < shown;
     if (apart && ((shown !== 0 && shown !== 1) || t === 0 || t === 1)) return d;
   }
   return 17;
@@ -30,7 +40,7 @@ function thresholdDecimals(t, p = null) {
 
 // A threshold alone (cxr.predict.threshold_text).
 function thresholdText(t) {
-  return t.toFixed(thresholdDecimals(t));
+  return fixed(t, thresholdDecimals(t));
 }
 
 // A probability as `cxr predict` shows it (cxr.predict.prob_text): three decimals that never claim certainty;
@@ -39,11 +49,11 @@ function probText(p, t = null, d = 3) {
   if (p > 0.9995) return ">0.999";
   if (p < 0.0005) return "<0.001";
   if (t === null) return fmt(p);
-  const shownT = Number(t.toFixed(d));
+  const shownT = Number(fixed(t, d));
   for (let k = 3; k <= d; k++) {
-    if ((Number(p.toFixed(k)) >= shownT) === (p >= t)) return p.toFixed(k);
+    if ((Number(fixed(p, k)) >= shownT) === (p >= t)) return fixed(p, k);
   }
-  return p.toFixed(d);
+  return fixed(p, d);
 }
 
 async function loadModelInfo() {
@@ -106,7 +116,7 @@ function render(card, res) {
   $(".fill", bar).style.width = `${(100 * res.probability).toFixed(1)}%`;
   $(".mark", bar).style.left = `${(100 * res.threshold).toFixed(1)}%`;
   $(".threshold", card).textContent =
-    `Predicted PNEUMONIA when P(pneumonia) ≥ ${res.threshold.toFixed(d)} (the model's threshold).`;
+    `Predicted PNEUMONIA when P(pneumonia) ≥ ${fixed(res.threshold, d)} (the model's threshold).`;
   $(".meta", card).textContent =
     `model ${res.model.id} (${res.model.backend}), cxr ${res.model.version}, ${res.format.toUpperCase()}, ` +
     `${Math.round(res.timing_ms.total)} ms`;
