@@ -832,6 +832,29 @@ def test_busy_cpu_warning(busy, threads, warns, monkeypatch, caplog):
     assert ("OMP_NUM_THREADS=1" in caplog.text) is warns
 
 
+def test_a_cpu_busy_through_an_epoch_is_noticed(monkeypatch, caplog):
+    # The start-up sample is a quarter of a second: a machine that got busy later went unnoticed, at 1.8-5.3 images/s
+    # against 12-14 with one thread. The epoch's own window is measured, with this process's CPU time taken out.
+    from cxr import train
+
+    samples = iter([(1000, 500, 10.0, 100.0), (3000, 500, 30.0, 110.0)])  # 2 cores all busy, all by this process
+    monkeypatch.setattr(train, "_cpu_sample", lambda: next(samples))
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
+    watch = train.ContentionWatch(2)
+    watch.begin()
+    assert not watch.check(12.0)  # busy, but all of it this process: no one else to wait for
+    samples = iter([(1000, 500, 10.0, 100.0), (3000, 500, 20.0, 110.0), (0, 0, 0.0, 0.0), (1, 1, 1.0, 1.0)])
+    watch.begin()
+    with caplog.at_level("WARNING", logger="cxr.train"):
+        assert watch.check(2.5)  # others used one core all epoch, with 2 threads here
+        watch.begin()
+        assert not watch.check(2.5)  # once per run
+    assert caplog.text.count("busy through this epoch (other processes used 1.0 of 2 cores)") == 1
+    assert not train.ContentionWatch(1).check(1.0)  # one thread: nothing to warn of
+    if train._cpu_sample() is not None:  # the real /proc/stat reads
+        assert len(train._cpu_sample()) == 4
+
+
 def test_busy_cores_sees_a_busy_process():
     from cxr.train import busy_cores
 

@@ -551,6 +551,50 @@ def busy_cores(interval: float = 0.25) -> float | None:
     return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
 
 
+def _cpu_sample() -> tuple[int, int, float, float] | None:
+    """(/proc/stat total and idle ticks, this process's CPU seconds, wall seconds), or None without /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 4:
+        return None
+    return sum(fields[:8]), fields[3] + (fields[4] if len(fields) > 4 else 0), time.process_time(), time.monotonic()
+
+
+class ContentionWatch:
+    """Other processes' CPU use over a whole epoch: the start-up sample of :func:`warn_if_cpu_contended` is a
+    quarter of a second, and missed a machine that got busy later (a helper's 2-thread run trained at 1.8-5.3 images/s
+    there against 12-14 with one thread). ``check()`` warns once per run, and only with more threads than free cores.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads, self.warned, self.start = threads, threads <= 1, None
+
+    def begin(self) -> None:
+        if not self.warned:
+            self.start = _cpu_sample()
+
+    def check(self, images_per_s: float) -> bool:
+        end = _cpu_sample() if self.start is not None and not self.warned else None
+        if end is None:
+            return False
+        (total0, idle0, own0, wall0), (total1, idle1, own1, wall1) = self.start, end
+        if total1 <= total0 or wall1 - wall0 < 5:  # too short a window to say anything
+            return False
+        cores = os.cpu_count() or 1
+        others = cores * (1 - (idle1 - idle0) / (total1 - total0)) - (own1 - own0) / (wall1 - wall0)
+        if others < 0.5 or self.threads <= cores - others + 0.5:
+            return False
+        self.warned = True
+        log.warning("the CPU was busy through this epoch (other processes used %.1f of %d cores) and torch runs %d "
+                    "threads, at %.1f images/s: OpenMP threads that wait for a busy core can make training up to 40x "
+                    "slower. On a shared machine, stop and resume the run with OMP_NUM_THREADS=1 (see BENCHMARKS.md)",
+                    others, cores, self.threads, images_per_s)
+        return True
+
+
 def warn_if_cpu_contended(threads: int) -> bool:
     """Log a warning when other processes keep cores busy and this one runs more threads than the free cores.
 
@@ -687,9 +731,11 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     averaged = _averaged_model(model, cfg, device, channels_last, state)
     epochs_left = (start_epoch < cfg.epochs and not stop_reason or averaged is not None
                    and (swa_start is None or start_epoch < swa_start + cfg.swa_epochs))
+    watch = ContentionWatch(1)  # a no-op, except on the CPU
     if device.type == "cpu" and info.main and epochs_left:
         # Here, once the data and model are ready, so that a run that fails on its input says only why.
-        warn_if_cpu_contended(torch.get_num_threads())
+        warned = warn_if_cpu_contended(torch.get_num_threads())
+        watch = ContentionWatch(1 if warned else torch.get_num_threads())
     epoch = start_epoch - 1
     while True:
         epoch += 1
@@ -706,10 +752,12 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         torch.manual_seed(cfg.seed * 100_019 + epoch + 7_919 * info.rank)
         loader = batches.loader(epoch)
         row: dict = {"epoch": epoch + 1}
+        watch.begin()
         row.update(train_one_epoch(step_model, loader, criterion, optimizer, cfg=cfg, device=device, bf16=bf16,
                                    channels_last=channels_last, epoch=epoch, steps_per_epoch=steps_per_epoch,
                                    total_steps=total_steps, info=info,
                                    constant_lr=cfg.swa_lr if swa_start is not None else None))
+        watch.check(row["images_per_s"])
         if averaged is not None and swa_start is not None:
             averaged.update_parameters(model)
         row["lr"] = optimizer.param_groups[0]["lr"]  # at the epoch's last step
