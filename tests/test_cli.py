@@ -107,6 +107,23 @@ def test_evaluate_reproduces_training_metrics(trained_run, tmp_path):
     assert "heatmaps from" in proc.stderr and "without heatmaps" not in (tmp_path / "eval" / "report.html").read_text()
 
 
+def test_a_carved_validation_split_is_scored_again_from_split_csv(trained_run, tmp_path):
+    # A carved val split is no folder: `cxr evaluate --data DIR` could only score it inside train. A run's split.csv
+    # gives its splits back, and the val metrics are training's own, to the last digit.
+    _, run, _ = trained_run
+    cxr("evaluate", "--model", run / "best.pt", "--data", run / "split.csv", "--output", tmp_path / "again",
+        "--no-report")
+    again, trained = (json.loads(p.read_text()) for p in (tmp_path / "again" / "metrics.json", run / "metrics.json"))
+    assert set(again) >= {"train", "val", "test"}
+    for key in ("n", "accuracy", "sensitivity", "specificity", "auroc", "auprc", "brier", "log_loss", "threshold"):
+        assert again["val"][key] == pytest.approx(trained["val"][key], abs=1e-6), key
+    assert again["val"]["n"] == len([r for r in read_csv(run / "split.csv") if r["split"] == "val"])
+    assert again["test"]["n_seen_in_training"] == 0 and "n_seen_in_training" not in again["val"]  # its own val
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
+    _one_line_error(cxr("evaluate", "--data", tmp_path / "notes.csv", "--output", tmp_path / "x", check=False),
+                    "not a split.csv of a cxr run")
+
+
 def test_evaluate_threshold_override(trained_run, tmp_path):
     data, run, _ = trained_run
     cxr("evaluate", "--model", run / "best.pt", "--data", data, "--output", tmp_path, "--threshold", "0",

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics and predictions of a model on a dataset")
     p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
-    p.add_argument("--data", required=True, help="dataset root, a split folder with class folders, or an .npz")
+    p.add_argument("--data", required=True,
+                   help="dataset root, a split folder with class folders, an .npz, or a run's split.csv")
     p.add_argument("--output", required=True, help="folder for metrics.json and predictions_<split>.csv")
     p.add_argument("--threshold", type=_probability,
                    help="decision threshold (default: the model's, chosen on validation)")

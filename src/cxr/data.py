@@ -8,7 +8,8 @@ Layouts read by :func:`scan`:
 
 * a dataset root ``DIR/{train,val,test}/{NORMAL,PNEUMONIA}/...`` (any subset of splits; names case-insensitive);
 * a single split folder ``DIR/{NORMAL,PNEUMONIA}/...``, keyed by its own name (e.g. ``test``);
-* a MedMNIST-style ``.npz`` with ``<split>_images`` and ``<split>_labels`` for any of the three splits.
+* a MedMNIST-style ``.npz`` with ``<split>_images`` and ``<split>_labels`` for any of the three splits;
+* a run's ``split.csv``: the splits it trained, validated and tested on, carved validation split included.
 """
 
 from __future__ import annotations
@@ -296,6 +297,26 @@ def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
     return out
 
 
+def _scan_split_csv(path: Path) -> dict[str, Split]:
+    """The splits a run recorded in its ``split.csv``: a carved validation split is no folder, and this is the one way
+    to score it again (with another model, threshold or machine). The files are read and hashed afresh."""
+    try:
+        recorded = read_split_csv(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise UsageError(f"{path}: not a split.csv of a cxr run (columns split, path, label, patient, sha256): "
+                         f"{type(e).__name__}: {e}") from None
+    if not recorded:
+        raise DataError(f"{path}: lists no images")
+    if any(_NPZ_ROW.match(s.path) for samples in recorded.values() for s in samples):
+        raise UsageError(f"{path}: its rows are rows of an .npz; give the .npz itself as --data")
+    order = [n for n in SPLITS if n in recorded] + sorted(set(recorded) - set(SPLITS))
+    # Digests cleared: the files are hashed again, so that one changed since the run is decoded as it is now.
+    return {name: Split(name, [replace(s, digest="") for s in recorded[name]]) for name in order}
+
+
+_NPZ_ROW = re.compile(r".*\.npz#[^/]+/\d+$", re.IGNORECASE)
+
+
 def _scan_npz(path: Path) -> dict[str, Split]:
     import zipfile
     import zlib
@@ -344,8 +365,10 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
     # Absolute paths in split.csv and predictions_<split>.csv, so reports and resumes work from any directory.
     root = root.absolute()
     if root.is_file():
+        if root.suffix.lower() == ".csv":
+            return _scan_split_csv(root)
         if root.suffix.lower() != ".npz":
-            raise UsageError(f"{root}: expected a folder or an .npz file")
+            raise UsageError(f"{root}: expected a folder, an .npz file or a run's split.csv")
         return _scan_npz(root)
     subdirs = sorted(c for c in root.iterdir() if c.is_dir())
     split_dirs: dict[str, Path] = {}
