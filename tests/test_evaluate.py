@@ -197,8 +197,12 @@ def test_rates_get_wilson_intervals_that_never_collapse_at_0_or_1(scores):
     # 10 of 10 NORMAL right: Wilson's [0.72, 1], not the bootstrap's [1, 1]
     assert ci["specificity"][0] == pytest.approx(0.7225, abs=1e-4) and ci["specificity"][1] == 1.0
     assert ci["precision"][0] < 1.0 and ci["sensitivity"][0] < 0.9 < ci["sensitivity"][1]
-    wilson = binomtest(19, 20).proportion_ci(method="wilson")
-    assert ci["accuracy"] == [pytest.approx(wilson.low), pytest.approx(wilson.high)]
+    # Each rate's own count: precision is 9 of the 9 called PNEUMONIA (a denominator of the 10 actual PNEUMONIA, which
+    # is sensitivity's, had passed), sensitivity 9 of 10, specificity 10 of 10, accuracy 19 of 20.
+    for k, (hits, n) in {"precision": (9, 9), "sensitivity": (9, 10), "specificity": (10, 10),
+                         "accuracy": (19, 20)}.items():
+        wilson = binomtest(hits, n).proportion_ci(method="wilson")
+        assert ci[k] == [pytest.approx(wilson.low), pytest.approx(wilson.high)], k
     # AUROC is no proportion and keeps the bootstrap's interval
     from cxr.evaluate import bootstrap_ci
 
@@ -209,6 +213,43 @@ def test_rates_get_wilson_intervals_that_never_collapse_at_0_or_1(scores):
     assert all(ci[k][0] <= point[k] <= ci[k][1] for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"))
     # one class only: the rates it does not define have none
     assert confidence_intervals(np.zeros(5, int), np.full(5, 0.1), 0.5, n_boot=50)["sensitivity"] is None
+
+
+def _bootstrap_redrawing_one_class_resamples(labels, probs, threshold, n_boot, seed=0):
+    """bootstrap_ci written plainly: compute_metrics on each resample that holds both classes, others redrawn."""
+    from cxr.evaluate import CI_METRICS
+
+    generator, values = np.random.default_rng(seed), {k: [] for k in CI_METRICS}
+    while len(values["accuracy"]) < n_boot:
+        idx = generator.integers(0, len(labels), len(labels))
+        if labels[idx].min() == labels[idx].max():
+            continue
+        m = compute_metrics(labels[idx], probs[idx], threshold)
+        for k in CI_METRICS:
+            values[k].append(np.nan if m[k] is None else m[k])
+    return {k: None if np.isnan(v).all() else [np.nanpercentile(v, 2.5), np.nanpercentile(v, 97.5)]
+            for k, v in values.items()}
+
+
+@pytest.mark.parametrize("n", [10, 20])
+def test_bootstrap_ci_of_an_imbalanced_set_redraws_resamples_that_lack_a_class(n):
+    # One PNEUMONIA image in n: about a third (n = 10) of resamples hold none. They must be redrawn, not counted: kept,
+    # they gave AUROC fewer resamples than asked and pulled accuracy, specificity and F1 towards the NORMAL-only case.
+    from cxr.evaluate import bootstrap_ci
+
+    labels = np.r_[np.zeros(n - 1, int), 1]
+    probs = np.r_[np.linspace(0.05, 0.7, n - 1), 0.6]
+    ci, want = bootstrap_ci(labels, probs, 0.5, n_boot=400), _bootstrap_redrawing_one_class_resamples(labels, probs,
+                                                                                                      0.5, 400)
+    for k, interval in want.items():
+        assert ci[k] == (None if interval is None else pytest.approx(interval, rel=1e-12, abs=1e-12)), k
+
+
+def test_threshold_of_a_one_class_validation_set_is_one_half():
+    # No ROC curve without both classes: the fallback is 0.5 (the argmax of the two probabilities), whatever the scores.
+    for policy in ("youden", "sensitivity"):
+        assert choose_threshold(np.ones(6, int), np.linspace(0.6, 0.9, 6), policy) == 0.5
+        assert choose_threshold(np.zeros(6, int), np.linspace(0.1, 0.4, 6), policy) == 0.5
 
 
 def test_bootstrap_ci_of_a_one_class_set_covers_what_it_defines():
