@@ -316,6 +316,32 @@ def test_a_flat_heatmap_is_said_to_be_flat():
     assert body["heatmap_note"].startswith("flat: no region raised the score of PNEUMONIA")
 
 
+class RecordingEngine(FlatEngine):
+    """P 0.2 against a threshold of 0.5: NORMAL. Records the class each heatmap was asked for."""
+
+    threshold = 0.5
+
+    def __init__(self) -> None:
+        self.targets: list[int] = []
+
+    def predict_uint8(self, images):
+        return np.full(len(images), 0.2)
+
+    def heatmap_png(self, image, target):
+        self.targets.append(target)
+        return png_bytes(image), False
+
+
+def test_the_heatmap_explains_the_predicted_class():
+    # A NORMAL answer is explained by NORMAL's Grad-CAM, not PNEUMONIA's: the overlay's "target" field named the
+    # predicted class whichever class the engine was asked to explain.
+    engine = RecordingEngine()
+    with TestClient(create_app(engine)) as c:
+        body = upload(c, NORMAL[0].read_bytes()).json()
+    assert body["label"] == "NORMAL" and body["heatmap"]["target"] == "NORMAL"
+    assert engine.targets == [0]
+
+
 class BrokenEngine:
     """An engine whose model fails inside, with internals in the message that must not reach a client."""
 
