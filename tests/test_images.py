@@ -506,6 +506,21 @@ def test_dicom_8bit_and_named_by_content():
     np.testing.assert_array_equal(read_grayscale(dicom_bytes(g), name="scan.jpeg"), stretched(g))
 
 
+def test_dicom_rgb_uses_itu601_luma():
+    # Colour DICOM (SamplesPerPixel 3, interleaved RGB) reduced with R, G, B weights 0.299, 0.587, 0.114, as PIL reduces
+    # a colour JPEG or PNG: weights applied in BGR order passed while only greys were tested.
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    rgb[0, 0], rgb[0, 1] = 0, 255  # full range, so the stretch to 0..255 is the identity
+    data = dicom_bytes(np.zeros(rgb.shape[:2], np.uint8), photometric="RGB", pixel_data=rgb.tobytes(),
+                       SamplesPerPixel=3, PlanarConfiguration=0)
+    out = read_grayscale(data).astype(int)
+    luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    assert out.shape == rgb.shape[:2]
+    assert np.abs(out - luma).max() <= 1
+    assert np.abs(out - rgb.astype(np.float64) @ np.array([0.114, 0.587, 0.299])).max() > 20
+
+
 def test_dicom_without_pixel_data(tmp_path):
     path = tmp_path / "meta-only.dcm"
     path.write_bytes(dicom_bytes(RAW12, no_pixel_data=True))
@@ -587,6 +602,9 @@ def test_load_image_and_draft(tmp_path):
     fast = load_image(path, 100, draft=True)
     assert fast.shape == (100, 100)
     assert np.abs(fast.astype(int) - full).mean() < 2
+    # ... but draft really decodes differently (scaled down in the DCT): bounding the difference from above alone had
+    # passed with draft switched off.
+    assert not np.array_equal(fast, full)
     # draft only changes JPEG decoding; a PNG gives the same pixels either way
     png = save(Image.fromarray(big), tmp_path / "big.png", "PNG")
     np.testing.assert_array_equal(load_image(png, 100, draft=True), load_image(png, 100))
