@@ -64,6 +64,14 @@ def test_train_writes_the_run_directory(trained_run):
     assert list(history[0]) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auroc",
                                 "seconds", "images_per_s"]
     assert "epoch 2/2" in proc.stderr and "val loss" in proc.stderr
+    # The lr column is the cosine schedule at each epoch's last step (warm-up: half an epoch), not a constant.
+    import math
+
+    steps = sum(r["split"] == "train" for r in read_csv(run / "split.csv")) // TINY_TRAIN["batch_size"]
+    total, warmup, base = 2 * steps, int(TINY_TRAIN["warmup_epochs"] * steps), load_checkpoint(run).config.lr
+    for epoch, row in enumerate(history, start=1):
+        progress = (epoch * steps - 1 - warmup) / (total - warmup)
+        assert float(row["lr"]) == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-5), epoch
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"train", "val", "test"}
     assert metrics["test"]["n"] == 8
@@ -308,6 +316,60 @@ def test_batch_norm_is_recomputed_over_the_training_batches():
     # With augmentation (the default config), the statistics are those of the augmented batches.
     augmented = norm0_after(Config(amp="off", channels_last="off", batch_size=20))
     assert not torch.allclose(augmented.features.norm0.running_var, model.features.norm0.running_var, rtol=1e-3)
+
+
+def test_cosine_lr_warms_up_linearly_then_decays_to_zero():
+    # A schedule replaced by a constant lr had passed: only whole training runs used it, and nothing read their lr.
+    import math
+
+    from cxr.train import cosine_lr
+
+    assert [cosine_lr(s, 20, 4, 1e-3) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert cosine_lr(4, 20, 4, 1e-3) == pytest.approx(1e-3)  # the end of the warm-up: the peak
+    assert cosine_lr(12, 20, 4, 1e-3) == pytest.approx(5e-4)  # half-way through the decay: half
+    assert cosine_lr(8, 20, 4, 1e-3) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert cosine_lr(19, 20, 4, 1e-3) == pytest.approx(1e-3 * (1 + math.cos(math.pi * 15 / 16)) / 2)
+    assert cosine_lr(19, 20, 4, 1e-3) < 1e-5 and cosine_lr(20, 20, 4, 1e-3) == pytest.approx(0, abs=1e-18)
+    assert cosine_lr(0, 10, 0, 0.1) == pytest.approx(0.1)  # no warm-up: the decay starts at the peak
+    lrs = [cosine_lr(s, 20, 4, 1e-3) for s in range(4, 21)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_class_weights_weigh_the_rarer_class_up():
+    # n / (2 * count): 3 NORMAL and 9 PNEUMONIA give NORMAL 12 / 6 and PNEUMONIA 12 / 18. Inverted weights had passed,
+    # since the tiny dataset is balanced (both 1).
+    from cxr.train import class_weights
+
+    w = class_weights(torch.tensor([0] * 3 + [1] * 9).numpy())
+    assert w.dtype == torch.float32 and w.tolist() == pytest.approx([2.0, 2 / 3])
+    assert class_weights(torch.tensor([0, 1] * 5).numpy()).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_early_stopping_ends_the_run_and_refuses_more_epochs(tmp_path, tiny_dataset, monkeypatch):
+    # TINY_TRAIN switches early stopping off (patience 0), so nothing had exercised it. Validation losses rising by 10
+    # an epoch: with patience 1, epoch 2 is the first without improvement and the run stops there, out of 4.
+    import cxr.train as train_mod
+
+    real_validate, calls = train_mod.validate, {"n": 0}
+
+    def rising(*args, **kwargs):
+        calls["n"] += 1
+        out = real_validate(*args, **kwargs)
+        return {**out, "val_loss": out["val_loss"] + 10.0 * calls["n"]}
+
+    monkeypatch.setattr(train_mod, "validate", rising)
+    run = train_mod.train(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 4, "patience": 1,
+                                                 "output": str(tmp_path / "run")}))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stop_reason"] == "early stopping: no better validation loss for 1 epochs"
+    assert summary["epochs_run"] == 2 and summary["best_epoch"] == 1 and calls["n"] == 2
+    assert [int(r["epoch"]) for r in read_csv(run / "history.csv")] == [1, 2]
+    assert load_checkpoint(run / "last.pt").epoch == 2 and load_checkpoint(run / "best.pt").epoch == 1
+    # More epochs would not train it further: refused, and config.yaml left as it was.
+    config = (run / "config.yaml").read_text()
+    with pytest.raises(UsageError, match="stopped early"):
+        train_mod.train(resume=run, overrides={"epochs": 6})
+    assert (run / "config.yaml").read_text() == config
 
 
 def test_resume_inside_weight_averaging_matches_uninterrupted_run(tmp_path, tiny_dataset, monkeypatch):
