@@ -200,11 +200,19 @@ def _straight_and_interrupted(train_mod, monkeypatch, tmp_path: Path, overrides:
     return straight, interrupted
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_dataset, monkeypatch):
+@pytest.mark.parametrize("scheduler", ["cosine", "plateau"])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_dataset, monkeypatch, scheduler):
     """Kill a deterministic run after its first epoch, resume it, and compare with one that ran straight through."""
     import cxr.train as train_mod
 
-    overrides = {**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 3, "deterministic": True}
+    overrides = {**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 3, "deterministic": True, "scheduler": scheduler}
+    if scheduler == "plateau":
+        # The validation loss held at 1.0: ReduceLROnPlateau (patience 0) cuts the lr after epoch 2 only if it
+        # remembers epoch 1's loss, which a resumed run must restore from last.pt (a fresh one took epoch 2 for a
+        # first, improving, epoch and kept the full lr).
+        overrides["plateau_patience"] = 0
+        real_validate = train_mod.validate
+        monkeypatch.setattr(train_mod, "validate", lambda *a, **k: {**real_validate(*a, **k), "val_loss": 1.0})
     straight, interrupted = _straight_and_interrupted(train_mod, monkeypatch, tmp_path, overrides, crash_at=2)
     assert load_checkpoint(interrupted / "last.pt").epoch == 1
     train_mod.train(resume=interrupted)
@@ -214,6 +222,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_data
     for k in a.state_dict:
         assert torch.equal(a.state_dict[k], b.state_dict[k]), k
     assert (straight / "history.csv").read_text().count("\n") == (interrupted / "history.csv").read_text().count("\n")
+    lrs = [[float(r["lr"]) for r in read_csv(run / "history.csv")] for run in (straight, interrupted)]
+    assert lrs[0] == lrs[1]
+    if scheduler == "plateau":
+        base = load_checkpoint(straight).config.lr
+        assert lrs[0] == pytest.approx([base, base, base * 0.1])
 
 
 def _run_recording_weights(train_mod, monkeypatch, overrides: dict) -> tuple[Path, list[dict]]:
