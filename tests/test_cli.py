@@ -90,6 +90,39 @@ def test_split_csv_is_patient_disjoint(trained_run):
     assert len(rows) == 40
 
 
+def test_split_csv_keeps_each_patients_images_on_one_side(tmp_path):
+    # Three images per patient (Kermany names: IM-0128-0001..3, person1017_bacteria_2948 and person1017_virus_1..2),
+    # each with its own bytes, so that only the patient id ties them. The bundled sample has one image per patient, so
+    # the trained run's split.csv was patient-disjoint even for a split by image.
+    from cxr.demo import SAMPLE_DIR
+    from cxr.train import split_dataset
+
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        for f in sorted((SAMPLE_DIR / "train" / cls).glob("*.jpeg"))[:8]:
+            data = f.read_bytes()
+            names = [f.name]
+            if cls == "NORMAL":
+                names += [f.name.replace("-0001.", f"-000{k}.") for k in (2, 3)]
+            else:
+                names += [f"{f.name.split('_')[0]}_virus_{k}.jpeg" for k in (1, 2)]
+            for k, name in enumerate(names):
+                (tmp_path / "data" / "train" / cls / name).write_bytes(data + b"\0" * k)  # bytes after the JPEG's end
+    for seed in range(5):
+        run = tmp_path / f"run{seed}"
+        cfg = load_config(overrides={**TINY_TRAIN, "data": str(tmp_path / "data"), "output": str(run),
+                                     "split_seed": seed})
+        split_dataset(cfg, run, resume=False)
+        rows = read_csv(run / "split.csv")
+        assert len(rows) == 48 and len({r["patient"] for r in rows}) == 16
+        assert len({r["sha256"] for r in rows}) == 48
+        sides = {}
+        for r in rows:
+            sides.setdefault(r["patient"], set()).add(r["split"])
+        assert all(len(s) == 1 for s in sides.values()), (seed, sides)
+        assert sorted(s for (s,) in sides.values()).count("val") == 4, seed  # 2 of 8 patients per class
+
+
 def test_evaluate_reproduces_training_metrics(trained_run, tmp_path):
     data, run, _ = trained_run
     proc = cxr("evaluate", "--model", run, "--data", data / "test", "--output", tmp_path / "eval", "--device", "cpu")
