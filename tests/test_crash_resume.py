@@ -135,6 +135,12 @@ def test_sigkill_at_every_stage_then_resume_equals_uninterrupted_run(tmp_path, t
     assert len(temporaries(entries)) == 1  # the half-written 2nd pack, under a name no run reads
     assert "last.pt" not in assert_run_dir_sound(run)
 
+    # 1b. While writing last.pt after epoch 1: best.pt (written first) is there, last.pt is not. The resume starts
+    # again from epoch 1, as for a run with no checkpoint (it had been refused as a run whose last.pt was deleted).
+    assert_killed(runs.run("save:last.pt:1", resume, cache))
+    state = assert_run_dir_sound(run)
+    assert state["best.pt"] == 1 and "last.pt" not in state
+
     # 2. While writing last.pt after epoch 2: the half-written file is a temporary one; last.pt still holds epoch 1.
     assert_killed(runs.run("save:last.pt:2", resume, cache))
     state = assert_run_dir_sound(run)

@@ -323,9 +323,11 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
     cfg = load_config(overrides={"output": str(run_dir), **{k: overrides[k] for k in RESUMABLE
                                                              if overrides.get(k) is not None}}, base=cfg)
     last = run_dir / "last.pt"
-    if not last.is_file() and (run_dir / "best.pt").is_file():
-        # --resume without last.pt is for a run killed before its first epoch ended; here one had trained (and maybe
-        # finished), and it was trained again from epoch 1 over its best.pt, history and metrics.
+    if not last.is_file() and (run_dir / "best.pt").is_file() and _trained_past_epoch_1(run_dir):
+        # --resume without last.pt starts the run again: right for one killed in its first epoch (best.pt is written
+        # before last.pt, so a kill between the two leaves an epoch-1 best.pt, which the restart writes again alike).
+        # Here the run had trained further, or finished, and it was trained again from epoch 1 over its best.pt,
+        # history and metrics.
         raise UsageError(f"--resume {run_dir}: its last.pt is gone, and it holds a trained best.pt that a fresh start "
                          "would replace; --resume needs last.pt to continue (start a new run with --weights "
                          f"{run_dir / 'best.pt'} to train on from its best weights)")
@@ -357,6 +359,17 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
             raise UsageError(f"--resume {run_dir} --epochs {cfg.epochs}: this run stopped early ({stop_reason}), so "
                              "more epochs would not train it further; start a new run")
     return cfg, state
+
+
+def _trained_past_epoch_1(run_dir: Path) -> bool:
+    """Whether a run directory holds more than a first epoch's checkpoint: a summary (it finished), or a best.pt of a
+    later epoch (an unreadable one counts: nothing is replaced on a guess)."""
+    if (run_dir / "summary.json").is_file():
+        return True
+    try:
+        return load_checkpoint(run_dir / "best.pt").epoch > 1
+    except CxrError:
+        return True
 
 
 def _same_setting(field: str, a, b) -> bool:
