@@ -300,6 +300,12 @@ def test_validation_folds_keep_one_fold_where_it_does():
     # The default 0.15 stays 1 of 7 folds, so the carve of earlier runs (and the bundled model's) is made again.
     assert validation_folds(0.15) == (1, 7) and validation_folds(0.2) == (1, 5) and validation_folds(0.5) == (1, 2)
     assert validation_folds(0.3) == (3, 10) and validation_folds(0.4) == (2, 5)
+    # The fewest folds within 0.01, and no more folds than the rarer class has patients: 0.35 on 12 patients a class
+    # had been refused (7 of 20 folds), where 1 of 3 had carved it before.
+    assert validation_folds(0.35) == (5, 14) and validation_folds(0.35, max_folds=12) == (4, 11)
+    pool = [Sample(f"/x/scan{p}.jpeg", p % 2, f"scan{p}", digest=str(p)) for p in range(24)]
+    train, val = carve_validation(pool, 0.35, seed=0)
+    assert len(val) in (8, 9, 10)
 
 
 def test_carve_validation_keeps_identical_images_together():
@@ -376,6 +382,9 @@ def test_patient_ids_from_subfolders_the_pattern_and_the_path(tmp_path):
     assert file_patient_id(kermany, kermany.parent, r"^(patient\w+)/") == "person3"
     assert file_patient_id(kermany, kermany.parent, r"(person\d)") == "pattern:person3"
     assert file_patient_id(kermany, kermany.parent, r"person\d") == "pattern:person3"  # no group: the whole match
+    # A group that took no part, or matched nothing: the other rules (it was a TypeError, or one patient for all).
+    assert file_patient_id(kermany, kermany.parent, r"^(?:(p\d+)/)?") == "person3"
+    assert file_patient_id(kermany, kermany.parent, r"(\d*)") == "person3"
     from cxr.config import load_config
 
     with pytest.raises(UsageError, match="patient_pattern is not a regular expression"):
@@ -389,6 +398,15 @@ def test_npz_rows_carry_their_digest_so_duplicates_stay_on_one_side(tmp_path):
     np.savez(tmp_path / "d.npz", train_images=images, train_labels=np.arange(40) % 2)
     samples = scan(tmp_path / "d.npz")["train"].samples
     assert samples[7].digest == samples[3].digest and len({s.digest for s in samples}) == 39
+
+
+def test_the_carve_of_an_npz_does_not_advise_patient_pattern(tmp_path, caplog):
+    # An array's rows have no paths for a pattern to read: the warning had said to set one.
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", train_images=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8),
+             train_labels=np.arange(40) % 2)
+    carve_validation(scan(tmp_path / "d.npz")["train"].samples, 0.2, seed=0)
+    assert "the 40 images of an .npz carry no patient ids" in caplog.text and "patient_pattern" not in caplog.text
 
 
 def test_split_csv_round_trip(tmp_path):

@@ -138,8 +138,9 @@ def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = ""
     below = path.relative_to(class_dir).as_posix() if class_dir is not None else path.name
     if pattern:
         m = re.search(pattern, below)
-        if m:
-            return _PATTERN_PATIENT + (m.group(1) if m.re.groups else m.group(0))
+        found = (m.group(1) if m.re.groups else m.group(0)) if m else None
+        if found:  # a group that took no part, or matched nothing, gives no id: the other rules do
+            return _PATTERN_PATIENT + found
     if _kermany_patient(path.name) is None and path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
         found = dicom_patient_id(path)
         if found is not None:
@@ -534,15 +535,20 @@ def _groups(samples: Sequence[Sample]) -> np.ndarray:
     return np.array([find(i) for i in range(len(samples))])
 
 
-def validation_folds(fraction: float) -> tuple[int, int]:
-    """(m, n): the carved validation split is ``m`` of ``n`` folds, ``m / n`` within 0.01 of ``fraction`` where one
-    fold does it (``1 / round(1 / fraction)``: 0.15 is 1 of 7, 0.2 is 1 of 5), else the nearest ``m / n`` with ``n``
-    up to 20 (0.3 is 3 of 10, 0.4 is 2 of 5). One fold of ``round(1 / fraction)`` alone had made 0.4 a half."""
+def validation_folds(fraction: float, max_folds: int = 20) -> tuple[int, int]:
+    """(m, n): the carved validation split is ``m`` of ``n`` folds. One fold of ``round(1 / fraction)`` where that is
+    within 0.01 of ``fraction`` (0.15 is 1 of 7, 0.2 is 1 of 5: the carve of earlier cxr versions); else the fewest
+    folds, up to ``max_folds``, whose ``m / n`` is within 0.01 (0.3 is 3 of 10, 0.4 is 2 of 5); else the nearest
+    ``m / n`` there is. One fold of ``round(1 / fraction)`` alone had made 0.4 a half. Each fold needs a patient of
+    each class, so the carve passes the rarer class's patient count as ``max_folds``."""
     n = max(2, round(1 / fraction))
     if abs(1 / n - fraction) <= 0.01:
         return 1, n
-    return min(((m, k) for k in range(2, 21) for m in range(1, k)), key=lambda mk: (abs(mk[0] / mk[1] - fraction),
-                                                                                 mk[1]))
+    options = [(m, k) for k in range(2, max(2, min(20, max_folds)) + 1) for m in range(1, k)]
+    close = [mk for mk in options if abs(mk[0] / mk[1] - fraction) <= 0.01]
+    if close:
+        return min(close, key=lambda mk: (mk[1], abs(mk[0] / mk[1] - fraction)))
+    return min(options, key=lambda mk: (abs(mk[0] / mk[1] - fraction), mk[1]))
 
 
 def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -553,11 +559,11 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    n_val_folds, n_splits = validation_folds(fraction)
     labels = np.array([s.label for s in pool])
     groups = _groups(pool)
-    for label, cls in enumerate(CLASS_NAMES):
-        n_groups = len(np.unique(groups[labels == label]))
+    per_class = [len(np.unique(groups[labels == label])) for label in range(len(CLASS_NAMES))]
+    n_val_folds, n_splits = validation_folds(fraction, max_folds=min(per_class))
+    for cls, n_groups in zip(CLASS_NAMES, per_class, strict=True):
         if n_groups < n_splits:
             raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
                             f"({n_val_folds} of {n_splits} folds, each holding patients of both classes; use the "
@@ -565,9 +571,15 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
     # Counted whether or not such ids collide: unrelated patients' IMG_0001.jpg had once shared an id, which hid this
     # warning while one patient's images landed on both sides.
     unnamed = sum(_patient_from_name_only(s) for s in pool)
+    rows = sum(bool(_NPZ_ROW.match(s.path)) for s in pool)
     if not unnamed:
         log.info("every patient id comes from a Kermany-style file name, a DICOM PatientID or patient_pattern: the "
                  "validation split is patient-disjoint")
+    elif rows == unnamed:  # patient_pattern reads paths, and an array's rows have none
+        log.warning("the %d images of an .npz carry no patient ids, so the carved validation split is only "
+                    "image-disjoint (byte-identical images are kept together), and validation results will be "
+                    "optimistic where one patient has several images; where the data set has its own validation split, "
+                    "use it with --val-source folder", rows)
     else:
         log.warning("%d of %d images have no patient id from a Kermany-style file name (person12_virus_3.jpeg), a "
                     "DICOM file's PatientID or the config's patient_pattern: each is taken as its own patient, so for "
