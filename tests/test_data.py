@@ -948,6 +948,10 @@ def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path, cap
     (root / "NORMAL" / "anon.dcm").write_bytes(dicom_bytes(pixels))  # no PatientID: its name, as before
     (root / "PNEUMONIA" / "person5_virus_9.dcm").write_bytes(dicom_bytes(pixels, PatientID="P-008"))  # named: kept
     (root / "PNEUMONIA" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 20)  # unreadable header
+    # Without the preamble, as its decode now reads it: its header's PatientID too (it had been its file name).
+    (root / "PNEUMONIA" / "1.2.826.0.1.3680043.8.498.3.dcm").write_bytes(dicom_bytes(pixels, PatientID="P-009",
+                                                                                     preamble=False))
+    (root / "PNEUMONIA" / "notes.dcm").write_bytes(b"plain text named .dcm, no patient in it" * 4)
     import warnings
 
     with warnings.catch_warnings(record=True) as seen:
@@ -956,5 +960,6 @@ def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path, cap
     assert not [w for w in seen if "pydicom" in w.filename], [str(w.message) for w in seen]  # said by its decode
     patients = {Path(s.path).name: s.patient for s in split.samples}
     assert patients == {"1.2.826.0.1.3680043.8.498.1": "dicom:P-007", "1.2.826.0.1.3680043.8.498.2.dcm": "dicom:P-007",
-                        "anon.dcm": "anon", "person5_virus_9.dcm": "person5", "broken.dcm": "broken"}
+                        "anon.dcm": "anon", "person5_virus_9.dcm": "person5", "broken.dcm": "broken",
+                        "1.2.826.0.1.3680043.8.498.3.dcm": "dicom:P-009", "notes.dcm": "notes"}
     assert "End of file" not in caplog.text  # pydicom's own log of the damaged header

@@ -597,3 +597,14 @@ def test_a_run_no_longer_than_its_warm_up_still_decays(tiny_dataset, monkeypatch
     assert len(rates) == 4
     assert rates[1] == pytest.approx(1e-3)  # warm-up over half the run: 0.5e-3, 1e-3
     assert rates[0] < rates[1] and rates[2] == pytest.approx(1e-3) and rates[3] == pytest.approx(0.5e-3)  # cosine
+
+
+def test_a_flag_given_again_on_resume_is_compared_as_the_setting_it_is(tmp_path, monkeypatch):
+    # --weights runs/old/best.pt and its absolute path are one setting (the second had been refused as a change).
+    from cxr.train import _same_setting
+
+    monkeypatch.chdir(tmp_path)
+    assert _same_setting("weights", "runs/old/best.pt", str(tmp_path / "runs/old/best.pt"))
+    assert _same_setting("data", "d", str(tmp_path / "d")) and not _same_setting("data", "d", "e")
+    assert not _same_setting("weights", "none", "default") and _same_setting("weights", "default", "default")
+    assert not _same_setting("lr", 1e-3, 1e-4) and _same_setting("lr", 1e-3, 0.001)

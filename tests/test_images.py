@@ -314,6 +314,11 @@ def test_a_12bit_jpeg_is_named_as_such_not_as_damaged():
         read_grayscale(bytes(data), name="x12.jpeg")
     with pytest.raises(ImageError, match="truncated or corrupt JPEG|truncated JPEG|corrupt JPEG"):
         read_grayscale(bytes(buf.getvalue()[:40]), name="cut.jpeg")
+    for bits in (0, 7, 200):  # no JPEG precision: a damaged byte, not an "N-bit JPEG"
+        data[sof + 4] = bits
+        with pytest.raises(ImageError) as info:
+            read_grayscale(bytes(data), name="odd.jpeg")
+        assert "-bit JPEG" not in str(info.value) and "JPEG" in str(info.value)
 
 
 def test_random_and_corrupt_bytes():
@@ -549,6 +554,15 @@ def test_dicom_12bit_jpeg_says_why_and_what_to_install():
         import pylibjpeg  # noqa: F401
     except ImportError:
         assert "12-bit precision" in str(info.value) and "install pylibjpeg" in str(info.value)
+
+
+def test_damaged_rle_dicom_is_not_blamed_on_a_missing_decoder():
+    # pydicom decodes RLE itself; "raised by all available plugins" heads any failure, and had drawn the install hint.
+    segments = b"\x01\x00\x00\x00" + b"\x40\x00\x00\x00" + b"\x00" * 56 + b"\xff" * 20
+    data = dicom_bytes(RAW12, transfer_syntax=uid.RLELossless, pixel_data=encapsulate([segments]))
+    with pytest.raises(ImageError, match="cannot decode DICOM pixel data compressed as RLE Lossless") as info:
+        read_grayscale(data, name="rle.dcm")
+    assert "install" not in str(info.value) and "segments" in str(info.value)
 
 
 def test_dicom_size_checked_before_pixels():

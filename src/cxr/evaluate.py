@@ -5,7 +5,7 @@ Outputs of :func:`write_evaluation` (stable names, read by reports):
 * ``metrics.json``: one object per split with ``n``, ``accuracy``, ``precision``, ``recall`` (= sensitivity),
   ``specificity``, ``f1``, ``auroc``, ``auprc``, the calibration of the probabilities (``brier``, ``log_loss``,
   ``ece``), ``threshold`` and ``confusion_matrix`` as ``[[TN, FP], [FN, TP]]``;
-* ``predictions_<split>.csv``: ``path, label, prob_pneumonia, predicted``.
+* ``predictions_<split>.csv``: ``path, label, prob_pneumonia, predicted, note`` (the research-use disclaimer).
 """
 
 from __future__ import annotations

@@ -197,12 +197,14 @@ def sniff(data: bytes) -> str | None:
 
 def dicom_patient_id(path: str | os.PathLike) -> str | None:
     """The PatientID in a DICOM file's header (pixel data not read), or None: not a DICOM file, no PatientID, an
-    empty one, or a header that cannot be read (its decode, later, says why)."""
+    empty one, or a header that cannot be read (its decode, later, says why). A ``.dcm``/``.dicom`` file without the
+    preamble and 'DICM' marker is read too, as its decode reads it."""
     pydicom_log = logging.getLogger("pydicom")
     quiet = pydicom_log.disabled
     try:
         with open(path, "rb") as f:
-            if sniff(f.read(132)) != "dicom":
+            marked = sniff(f.read(132)) == "dicom"
+            if not marked and os.path.splitext(str(path))[1].lower() not in _DICOM_EXTENSIONS:
                 return None
             import pydicom
 
@@ -212,7 +214,7 @@ def dicom_patient_id(path: str | os.PathLike) -> str | None:
             pydicom_log.disabled = True
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"])
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"], force=not marked)
         value = str(ds.get("PatientID", "") or "").strip()
     except Exception:  # pydicom raises many types for a damaged header
         return None
@@ -300,7 +302,7 @@ def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: 
         raise ImageError(label, f"{size} is over the {max_pixels:,}-pixel limit (possible decompression bomb)") from e
     except UnidentifiedImageError as e:
         bits = _jpeg_precision(data) if fmt == "JPEG" else None
-        if bits is not None and bits != 8:  # an intact file Pillow has no decoder for, not a damaged one
+        if bits in (12, 16):  # the precisions JPEG has beside 8: an intact file Pillow has no decoder for
             raise ImageError(label, f"{bits}-bit JPEG, which Pillow cannot decode: save it as 16-bit PNG or DICOM") \
                 from e
         raise ImageError(label, f"truncated or corrupt {fmt} (header unreadable)") from e
@@ -500,7 +502,9 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         # pydicom puts each plugin's reason on a line of its own, after a heading ending in a colon: all of them.
         detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()).replace(":; ", ": ")
         detail = detail[:400] or type(e).__name__
-        if compressed and any(w in str(e).lower() for w in ("missing", "plugin", "not support")):
+        # "missing" plugins, or a plugin that "does not support" this data; not pydicom's heading, which it gives for
+        # a damaged file as well ("... raised by all available plugins:").
+        if compressed and any(w in str(e).lower() for w in ("missing", "not support")):
             # 12-bit JPEG (Extended, common for lossy CR/DX) is beyond Pillow, which pydicom otherwise uses.
             raise ImageError(
                 label,

@@ -113,7 +113,7 @@ def read_history(path: str | os.PathLike) -> list[dict[str, float]]:
 
 
 def read_predictions(path: str | os.PathLike, name: str) -> SplitPredictions:
-    """One ``predictions_<split>.csv`` (columns path, label, prob_pneumonia, predicted)."""
+    """One ``predictions_<split>.csv`` (columns path, label, prob_pneumonia, predicted, and note, which is not read)."""
     paths, labels, probs = [], [], []
     with open(path, **CSV_TEXT) as f:
         reader = csv.DictReader(f)

@@ -374,7 +374,8 @@ def _trained_past_epoch_1(run_dir: Path) -> bool:
 
 def _same_setting(field: str, a, b) -> bool:
     """Whether two values of a config field are the same setting (paths: the same place, however written)."""
-    if field in ("data", "cache_dir") and isinstance(a, str) and isinstance(b, str):
+    paths = field in ("data", "cache_dir") or field == "weights" and not {a, b} & {"none", "imagenet", "default"}
+    if paths and isinstance(a, str) and isinstance(b, str):
         return Path(a).resolve() == Path(b).resolve()
     return a == b
 
