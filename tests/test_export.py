@@ -144,6 +144,32 @@ def test_predict_files_onnx(exported, tmp_path):
     assert {p.label for p in predict_files_onnx(exported["onnx"], FILES[:4], threshold=0.0)} == {"PNEUMONIA"}
 
 
+def test_an_onnx_model_of_a_draft_model_decodes_in_draft_mode(exported, tmp_path):
+    # The contract carries the model's JPEG decoding: predict and the service on ONNX Runtime decode as it was trained.
+    from PIL import Image
+
+    from cxr.serve import OnnxEngine, run_prediction
+
+    proto = onnx.load(exported["onnx"])
+    entry = next(p for p in proto.metadata_props if p.key == CONTRACT_KEY)
+    contract = json.loads(entry.value)
+    assert contract["draft"] is False
+    entry.value = json.dumps({**contract, "draft": True})
+    onnx.save(proto, tmp_path / "draft.onnx")
+    big = tmp_path / "big.jpeg"
+    Image.fromarray(load_image(FILES[-1], 512)).save(big, quality=95)
+    predictor = OnnxPredictor(tmp_path / "draft.onnx")
+    expected = predictor.predict_uint8(load_image(big, SIZE, draft=True)[None])[0]
+    assert abs(expected - predictor.predict_uint8(load_image(big, SIZE)[None])[0]) > 1e-7
+    assert predict_files_onnx(tmp_path / "draft.onnx", [big])[0].prob_pneumonia == pytest.approx(expected, abs=1e-9)
+    served = run_prediction(OnnxEngine(tmp_path / "draft.onnx"), big.read_bytes(), "big.jpeg", heatmap=False)
+    assert served["probability"] == pytest.approx(expected, abs=1e-9)
+    entry.value = json.dumps({**contract, "draft": "yes"})  # edited by hand: refused in one line
+    onnx.save(proto, tmp_path / "odd.onnx")
+    with pytest.raises(CheckpointError, match="draft 'yes'"):
+        OnnxPredictor(tmp_path / "odd.onnx")
+
+
 def test_onnx_backend_in_the_service(exported):
     from fastapi.testclient import TestClient
 
