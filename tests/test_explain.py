@@ -222,6 +222,28 @@ def test_a_draft_model_is_given_draft_decoded_images_everywhere(tmp_path):
     assert contract(load_checkpoint(tmp_path / "model.pt"))["draft"] is True  # and so the ONNX backend's
 
 
+def test_a_uid_named_file_keeps_its_whole_name_and_a_flat_map_says_flat(tmp_path, monkeypatch):
+    # Path.stem cut a UID's last part: a study's files all became 1.2.826.0.1.3680043.8.498_<n>_gradcam.png. And a flat
+    # map's note ran past the picture's edges, "flat" cut off.
+    import cxr.explain
+
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5),
+                    tmp_path / "m.pt")
+    uid = tmp_path / "1.2.826.0.1.3680043.8.498.1234"
+    uid.write_bytes(FILES[0].read_bytes())
+    titles = []
+    real = cxr.explain._explanation_figure
+    monkeypatch.setattr(cxr.explain, "heatmaps_for_images",
+                        lambda net, images, **kw: (np.zeros((len(images), 32, 32), np.float32), None))
+    monkeypatch.setattr(cxr.explain, "_explanation_figure", lambda im, heat, *, title, path: titles.append(title)
+                        or real(im, heat, title=title, path=path))
+    out = explain_files(tmp_path / "m.pt", [uid, FILES[1]], tmp_path / "out", device="cpu")
+    assert [p.name for p in out] == ["1.2.826.0.1.3680043.8.498.1234_gradcam.png", f"{FILES[1].stem}_gradcam.png"]
+    assert all(t.count("\n") == 2 and t.splitlines()[-1].startswith("heatmap: flat, no region raised the score of")
+               for t in titles), titles
+
+
 def test_explain_files_rejects_an_unknown_target(tmp_path):
     from cxr.errors import UsageError
 

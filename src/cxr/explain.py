@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cxr.fileio import CSV_TEXT, atomic_path, display_name
-from cxr.images import ImageError, load_image, resize_square
+from cxr.images import IMAGE_EXTENSIONS, ImageError, load_image, resize_square
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,10 @@ class Explanation:
 def _unique_name(path: Path, used: set[str]) -> str:
     from cxr.predict import EXPLAIN_SUFFIX
 
-    stem = path.stem
+    # Only an image extension comes off: a UID-named DICOM (1.2.826.0.1.3680043.8.498.1234) keeps every part, where
+    # Path.stem had cut its last, and a study's files all came out as 1.2.826.0.1.3680043.8.498_<n>_gradcam.png.
+    stem, ext = os.path.splitext(path.name)
+    stem = stem if ext.lower() in IMAGE_EXTENSIONS else path.name
     name, n = f"{stem}{EXPLAIN_SUFFIX}", 1
     while name in used:
         n += 1
@@ -189,6 +192,7 @@ def _explanation_figure(image: np.ndarray, heat: np.ndarray, *, title: str, path
                  label="relative importance (Grad-CAM)")
     fig.suptitle(display_name(title), fontsize=11, parse_math=False)  # a "$" in a file name is not TeX
     fig.text(0.5, 0.005, DISCLAIMER, ha="center", va="bottom", fontsize=7.5, color="#555555")
+    fig.get_layout_engine().set(rect=(0, 0.035, 1, 0.965))  # room below the pictures: the line was drawn over them
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
 
@@ -270,9 +274,11 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
         for (i, f), im, heat, prob, pred, cls in zip(good, stack, heats, probs, predicted, classes, strict=True):
             out = out_dir / _unique_name(f, used)
             d = threshold_decimals(t, [prob])
+            # Three lines: on two, a flat map's note ran past both edges of the picture, and "flat" was cut off.
             title = (f"{f.name}\npredicted {ckpt.class_names[pred]}   P(pneumonia) {prob_text(prob, t, d)}   "
-                     f"threshold {t:.{d}f}   heatmap: evidence for {ckpt.class_names[cls]}"
-                     + (" (none: no region raised its score)" if not heat.any() else ""))
+                     f"threshold {t:.{d}f}\n"
+                     + (f"heatmap: evidence for {ckpt.class_names[cls]}" if heat.any() else
+                        f"heatmap: flat, no region raised the score of {ckpt.class_names[cls]}"))
             _explanation_figure(im, heat, title=title, path=out)
             indexed.append((i, Explanation(str(f), str(out), float(prob), ckpt.class_names[pred])))
     rows = [e for _, e in sorted(indexed, key=lambda r: r[0])]

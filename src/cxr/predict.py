@@ -305,7 +305,9 @@ def merge_shards(output: str | os.PathLike, *, remove: bool = False) -> list[Pre
     (n, have), = found.items()
     missing = sorted(set(range(n)) - have)
     if missing:
-        raise UsageError(f"{out}: shard(s) {', '.join(map(str, missing))} of {n} missing; run them first")
+        raise UsageError(f"{out}: of its {n} shards (0 to {n - 1}), shard{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(map(str, missing))} {'are' if len(missing) > 1 else 'is'} missing; run "
+                         f"{'them' if len(missing) > 1 else 'it'} first")
     parts = [shard_path(out, (i, n)) for i in range(n)]
     read = [read_predictions_file(part) for part in parts]
     _check_manifests(out, parts, [len(r) for r in read])

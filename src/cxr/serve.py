@@ -355,8 +355,8 @@ def run_prediction(engine: Engine, data: bytes, name: str, *, heatmap: bool = Tr
         overlay = {"method": "Grad-CAM", "target": engine.class_names[predicted], "flat": flat,
                    "png_base64": base64.b64encode(png).decode("ascii")}
         if flat:
-            note = (f"flat: no region raised the score of {engine.class_names[predicted]} (as when the threshold is "
-                    "below 0.5 and P lies between the two), so the picture is the plain X-ray")
+            note = (f"flat: no region raised the score of {engine.class_names[predicted]} (as when P lies between "
+                    "0.5 and the threshold), so the picture is the plain X-ray")
     elif heatmap:
         note = engine.heatmap_unavailable
     else:

@@ -158,7 +158,7 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
         ramp = (colormaps[HEATMAP_CMAP](np.linspace(0, 1, max(2, panel_w // 2)))[:, :3] * 255).astype(np.uint8)
         strip = Image.fromarray(np.repeat(ramp[None], max(4, unit // 2), axis=0))
         # All zeros: nothing raised the explained class's score (Grad-CAM's map is flat after its ReLU), which happens
-        # when the threshold is below 0.5 and P lies between the two. Said, so that a plain image is not misread.
+        # when P lies between 0.5 and the threshold. Said, so that a plain image is not misread.
         legend = "heatmap: where the model looked" if item.heatmap.any() else "heatmap: flat, no region raised it"
         draw.text((x0, legend_y - round(unit * 0.95)), legend, font=small, fill=DIM)
         im.paste(strip, (x0, legend_y))
