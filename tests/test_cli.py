@@ -165,6 +165,25 @@ def test_a_carved_validation_split_is_scored_again_from_split_csv(trained_run, t
                     "not a split.csv of a cxr run")
 
 
+def test_a_test_split_that_shares_images_or_patients_with_train_is_said_to(tmp_path, tiny_dataset):
+    # A copy of a train image in test, and another image of a train patient: training said only that the val split was
+    # patient-disjoint, and the run's metrics carried no count (`cxr evaluate` of the run counted the copy alone).
+    import shutil
+
+    train_pneumonia = sorted((tiny_dataset / "train" / "PNEUMONIA").glob("person*.jpeg"))
+    shutil.copy(train_pneumonia[0], tiny_dataset / "test" / "PNEUMONIA" / "copy.jpeg")
+    patient = train_pneumonia[1].name.split("_")[0]
+    (tiny_dataset / "test" / "PNEUMONIA" / f"{patient}_bacteria_99999.jpeg").write_bytes(
+        train_pneumonia[1].read_bytes() + b"\0\0")  # another file, the same patient
+    run = tmp_path / "run"
+    proc = cxr("train", "--data", tiny_dataset, "--output", run, "--no-report", "--patient-pattern", "^(nothing)/",
+               *_flags({**TINY_TRAIN, "epochs": 1}))
+    assert "test split: 1 of its 10 images are byte-identical to images in train or val, and 1 belong to" in proc.stderr
+    assert "patient_pattern '^(nothing)/' matched none of the" in proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["n_seen_in_training"] == 1 and "n_seen_in_training" not in metrics["val"]
+
+
 def test_evaluate_threshold_override(trained_run, tmp_path):
     data, run, _ = trained_run
     cxr("evaluate", "--model", run / "best.pt", "--data", data, "--output", tmp_path, "--threshold", "0",

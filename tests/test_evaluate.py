@@ -396,3 +396,38 @@ def test_images_the_model_was_trained_on_are_counted_and_named(tmp_path, tiny_da
     assert evaluate_model(tmp_path / "tuned" / "best.pt", tmp_path / "mine", tmp_path / "o4",
                           device="cpu")["test"]["n_seen_in_training"] == 1
     assert "which the bundled model was trained on (this model was fine-tuned from it)" in caplog.text
+
+
+def test_images_the_model_saw_are_found_in_any_format_and_through_fine_tuning(tmp_path):
+    # The bundled model's training images were matched by their exact file name: the same X-ray saved as DICOM or
+    # PNG went uncounted (4 of 16 Kermany val images found). And a model fine-tuned from a run (--weights RUN) was
+    # never checked against that run's images: a carved val of the base run's images scored 1.000 without a word.
+    from cxr.config import load_config, save_config
+    from cxr.data import Sample, write_split_csv
+    from cxr.evaluate import development_images
+    from cxr.model import Checkpoint, build_model, load_checkpoint
+
+    bundled = load_checkpoint("default")
+    from cxr.export import model_id
+
+    count, what = development_images(bundled, model_id(bundled))
+    kermany = ["NORMAL2-IM-1427-0001.jpeg", "NORMAL2-IM-1427-0001.dcm", "normal2-im-1427-0001.PNG",
+               "NORMAL2-IM-1427-0001", "someone-else.dcm"]
+    assert count("test", [Sample(f"/d/{n}", 0, n) for n in kermany]) == 4
+    assert "official Kermany train and val" in what
+
+    base = tmp_path / "base"
+    base.mkdir()
+    save_config(load_config(overrides={"weights": "default"}), base / "config.yaml")
+    write_split_csv(base / "split.csv", {"train": [Sample("/d/a.png", 0, "a", "aaa")],
+                                         "val": [Sample("/d/b.png", 1, "b", "bbb")],
+                                         "test": [Sample("/d/c.png", 1, "c", "ccc")]})
+    cfg = load_config(overrides={"weights": str(base), "image_size": 32, "arch": "resnet18"})
+    tuned = Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg)
+    count, what = development_images(tuned, "0123456789ab")
+    samples = [Sample("/e/x.png", 0, "x", "aaa"), Sample("/e/y.png", 1, "y", "bbb"), Sample("/e/z.png", 1, "z", "ccc")]
+    assert count("val", samples) == 2  # the base run's train and val images, in any split; not its test image
+    assert count("test", [Sample("/e/IM-0001-0001.dcm", 0, "p")]) == 0
+    assert f"a run it was fine-tuned from ({base / 'split.csv'})" in what
+    assert "fine-tuned from it" in what  # and through it, the bundled model's names
+    assert count("test", [Sample("/e/NORMAL2-IM-1427-0001.png", 0, "p")]) == 1

@@ -121,7 +121,7 @@ def patient_id(filename: str) -> str:
 
 
 _DICOM_PATIENT = "dicom:"  # before a patient id read from a DICOM header's PatientID
-_PATTERN_PATIENT = "pattern:"  # before a patient id matched by the config's patient_pattern
+PATTERN_PATIENT = "pattern:"  # before a patient id matched by the config's patient_pattern
 
 
 def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = "") -> str:
@@ -140,7 +140,7 @@ def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = ""
         m = re.search(pattern, below)
         found = (m.group(1) if m.re.groups else m.group(0)) if m else None
         if found:  # a group that took no part, or matched nothing, gives no id: the other rules do
-            return _PATTERN_PATIENT + found
+            return PATTERN_PATIENT + found
     if _kermany_patient(path.name) is None and path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
         found = dicom_patient_id(path)
         if found is not None:
@@ -148,10 +148,10 @@ def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = ""
     return patient_id(below)
 
 
-def _patient_from_name_only(sample: Sample) -> bool:
+def patient_from_name_only(sample: Sample) -> bool:
     """Whether a sample's patient id is merely its own file's name or path (rule 4 of :func:`file_patient_id`)."""
     return (_kermany_patient(Path(sample.path).name) is None
-            and not sample.patient.startswith((_DICOM_PATIENT, _PATTERN_PATIENT)))
+            and not sample.patient.startswith((_DICOM_PATIENT, PATTERN_PATIENT)))
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -570,7 +570,7 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
                             "dataset's own val folder with --val-source folder)")
     # Counted whether or not such ids collide: unrelated patients' IMG_0001.jpg had once shared an id, which hid this
     # warning while one patient's images landed on both sides.
-    unnamed = sum(_patient_from_name_only(s) for s in pool)
+    unnamed = sum(patient_from_name_only(s) for s in pool)
     rows = sum(bool(_NPZ_ROW.match(s.path)) for s in pool)
     if not unnamed:
         log.info("every patient id comes from a Kermany-style file name, a DICOM PatientID or patient_pattern: the "

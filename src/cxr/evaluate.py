@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from cxr.config import CLASS_NAMES
-from cxr.errors import DataError, UsageError
+from cxr.errors import CxrError, DataError, UsageError
 from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, ensure_dir
+from cxr.images import IMAGE_EXTENSIONS
 from cxr.model import autocast, normalize
 from cxr.predict import DISCLAIMER
 from cxr.report import expected_calibration_error
@@ -293,21 +294,29 @@ def development_images(ckpt, mid: str):
 
     checks = []  # (does it apply to a split of this name, is a sample one, what such samples are)
     bundled = BUNDLED_MODEL.is_file() and file_sha256(BUNDLED_MODEL)[:12] == mid
-    if (bundled or ckpt.config.weights == "default") and BUNDLED_TRAINING_NAMES.is_file():
+    bases, from_bundled = _fine_tuned_from(ckpt)
+    if (bundled or from_bundled) and BUNDLED_TRAINING_NAMES.is_file():
         with gzip.open(BUNDLED_TRAINING_NAMES, "rt", encoding="utf-8") as f:
-            names = set(f.read().split())
-        checks.append((lambda split: True, lambda s: Path(s.path).name in names,
+            names = {_name_key(n) for n in f.read().split()}
+        # By name without its extension, in any case: the same X-ray as DICOM or PNG was missed.
+        checks.append((lambda split: True, lambda s: _name_key(Path(s.path).name) in names,
                        "named as images of the official Kermany train and val splits, which the bundled model was "
                        "trained on" + ("" if bundled else " (this model was fine-tuned from it)")))
     record = Path(ckpt.path).parent / "split.csv" if ckpt.path and not bundled else None
-    if record is not None and record.is_file():
+    for path, own in ([(record, True)] if record is not None else []) + [(b, False) for b in bases]:
+        if not path.is_file():
+            continue
         try:
-            seen = {s.digest for name in ("train", "val") for s in read_split_csv(record).get(name, []) if s.digest}
+            seen = {s.digest for name in ("train", "val") for s in read_split_csv(path).get(name, []) if s.digest}
         except (OSError, ValueError, KeyError, csv.Error) as e:
-            log.warning("%s: not readable (%s), so images this model was trained on cannot be told", record, e)
-        else:
-            checks.append((lambda split: split not in ("train", "val"), lambda s: s.digest in seen,
-                           f"in the train or val split of the run that trained the model ({record})"))
+            log.warning("%s: not readable (%s), so images this model was trained on cannot be told", path, e)
+            continue
+        # Its own train and val are expected to be so; a base run's are in every split (a fine-tuned run's carved
+        # val held the base run's images, and scored 1.000 without a word).
+        checks.append(((lambda split: split not in ("train", "val")) if own else (lambda split: True),
+                       lambda s, seen=seen: s.digest in seen,
+                       f"in the train or val split of the run that trained the model ({path})" if own else
+                       f"in the train or val split of a run it was fine-tuned from ({path})"))
     if not checks:
         return None
 
@@ -316,6 +325,34 @@ def development_images(ckpt, mid: str):
         return sum(any(f(s) for f in mine) for s in samples) if mine else None
 
     return count, ", or ".join(what for _, _, what in checks)
+
+
+def _name_key(name: str) -> str:
+    root, ext = os.path.splitext(name)
+    return (root if ext.lower() in IMAGE_EXTENSIONS else name).lower()
+
+
+def _fine_tuned_from(ckpt) -> tuple[list[Path], bool]:
+    """The split.csv files of the runs whose weights this model started from (``--weights RUN`` or its checkpoint,
+    followed back through their own config.yaml), and whether that chain starts at the bundled model."""
+    from cxr.config import load_config
+
+    records: list[Path] = []
+    weights, visited = ckpt.config.weights, set()
+    while weights not in ("", "none", "imagenet"):
+        if weights == "default":
+            return records, True
+        path = Path(weights)
+        run = path if path.is_dir() else path.parent
+        if run.resolve() in visited or not (run / "split.csv").is_file():
+            break
+        visited.add(run.resolve())
+        records.append(run / "split.csv")
+        try:
+            weights = load_config(run / "config.yaml").weights
+        except CxrError:
+            break
+    return records, False
 
 
 def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,

@@ -33,12 +33,14 @@ from torch import nn
 
 from cxr.config import CLASS_NAMES, Config, load_config, save_config
 from cxr.data import (
+    PATTERN_PATIENT,
     Prepared,
     Sample,
     Split,
     XrayDataset,
     add_digests,
     carve_validation,
+    patient_from_name_only,
     prepare,
     prepare_shared,
     read_split_csv,
@@ -144,8 +146,37 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True) 
     _check_classes("train", splits["train"].samples)
     _check_classes("val", splits["val"].samples)
     if write:
+        _warn_of_ids_and_overlap(splits, cfg)
         write_split_csv(split_csv, {name: s.samples for name, s in splits.items()})
     return splits
+
+
+def _warn_of_ids_and_overlap(splits: dict[str, Split], cfg: Config) -> None:
+    """Say what the run would otherwise hide: a patient_pattern that matched no path, and test images that are in
+    train or val, byte for byte or by a patient id read from their names, headers or the pattern (a test split that
+    shares them scores higher than new patients would; nothing had said so)."""
+    every = [s for split in splits.values() for s in split.samples]
+    if cfg.patient_pattern and not any(s.patient.startswith(PATTERN_PATIENT) for s in every):
+        log.warning("patient_pattern %r matched none of the %d image paths (it is searched in each path below its "
+                    "class folder, e.g. %s)", cfg.patient_pattern, len(every), _below_class_folder(every[0].path))
+    if "test" not in splits:
+        return
+    development = [s for name in ("train", "val") for s in splits[name].samples]
+    digests = {s.digest for s in development if s.digest}
+    patients = {s.patient for s in development if not patient_from_name_only(s)}
+    test = splits["test"].samples
+    copies = sum(bool(s.digest) and s.digest in digests for s in test)
+    shared = sum(not patient_from_name_only(s) and s.patient in patients for s in test)
+    if copies or shared:
+        log.warning("test split: %d of its %d images are byte-identical to images in train or val, and %d belong to "
+                    "patients who also have images there (split.csv lists the patient ids): its metrics will "
+                    "overstate how the model does on new patients", copies, len(test), shared)
+
+
+def _below_class_folder(path: str) -> str:
+    parts = Path(path).parts
+    at = max((i for i, p in enumerate(parts) if p.upper() in CLASS_NAMES), default=len(parts) - 2)
+    return "/".join(parts[at + 1:])
 
 
 # ------------------------------------------------------------------------------------------- optimisation
@@ -960,5 +991,18 @@ def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config,
         f"sensitivity>={cfg.target_sensitivity}"
     save_checkpoint(best, run_dir / "best.pt")
     extra = {r.name: {"inference_dtype": "float32"} for r in results}
+    # As `cxr evaluate` counts them: test images this model (or the one it was fine-tuned from) was trained or
+    # validated on. The run's own metrics had carried no such count, nor its report a word.
+    from cxr.evaluate import development_images
+    from cxr.export import model_id
+
+    developed_on = development_images(best, model_id(best))
+    for name, p in prepared.items():
+        seen = developed_on[0](name, p.samples) if developed_on and name in extra else None
+        if seen is not None:
+            extra[name]["n_seen_in_training"] = seen
+        if seen:
+            log.warning("%s split: %d of its %d images are %s, so its metrics there overstate how the model does on "
+                        "new images", name, seen, len(p.samples), developed_on[1])
     return write_evaluation(run_dir, results, best.threshold, extra=extra), best
 
