@@ -181,17 +181,25 @@ def test_client_path_in_file_name_is_reduced_to_its_last_part(client):
     (b"just some text, not an image", "notes.txt"),
     (b"%PDF-1.7\n" + b"0" * 500, "report.jpeg"),  # the extension lies; the content decides
     (b"GIF89a" + b"\0" * 100, "x.png"),
-    (b"plain text claiming to be DICOM", "scan.dcm"),
-    # cxr.images reads DICOM only with its preamble and DICM marker; without them there is no magic to go by.
-    (dicom(np.zeros((8, 8))), "no-preamble.dcm"),
+    (b"plain text claiming to be DICOM", "scan.dcm"),  # tried as DICOM by its name, and no data set in it
+    (None, "no-preamble.jpeg"),  # without preamble and DICM marker, only a .dcm name has it tried as DICOM
 ])
 def test_not_an_image_is_415(client, data, name):
-    if name == "no-preamble.dcm":
-        data = dicom(np.zeros((8, 8)), preamble=False)
+    if name == "no-preamble.jpeg":
+        data = dicom(np.arange(64, dtype=np.uint16).reshape(8, 8), preamble=False)
     r = upload(client, data, name)
     assert r.status_code == 415, r.text
     assert r.json()["detail"].startswith(f"{name}: not an image")
     assert_no_internals(r)
+
+
+def test_a_dcm_upload_without_preamble_is_read_as_the_command_line_reads_it(client):
+    # It was refused with 415, while `cxr predict` read the same file: the two disagreed on one file.
+    pixels = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 7) % 4096
+    with_preamble = upload(client, dicom(pixels), "a.dcm")
+    without = upload(client, dicom(pixels, preamble=False), "a_nopre.dcm")
+    assert with_preamble.status_code == without.status_code == 200, without.text
+    assert without.json()["probability"] == with_preamble.json()["probability"]
 
 
 def test_wrong_request_content_type_is_415(client):

@@ -336,14 +336,18 @@ def run_prediction(engine: Engine, data: bytes, name: str, *, heatmap: bool = Tr
         HttpError: 415 when the content is not JPEG, PNG or DICOM; 422 when it is one but cannot be decoded.
     """
     kind = sniff(data)
-    if kind is None:
-        raise HttpError(415, f"{name}: not an image (content is not JPEG, PNG or DICOM; a DICOM file needs its "
-                             "128-byte preamble and 'DICM' marker)")
+    # A .dcm upload without the preamble and 'DICM' marker is tried as DICOM, as the command line reads such a file;
+    # the decode then says whether it is one.
+    if kind is None and os.path.splitext(name)[1].lower() not in (".dcm", ".dicom"):
+        raise HttpError(415, f"{name}: not an image (content is not JPEG, PNG or DICOM; a DICOM file without its "
+                             "128-byte preamble and 'DICM' marker needs a .dcm name)")
     t0 = time.perf_counter()
     try:
         image = load_image(data, engine.image_size, name=name, max_pixels=max_pixels or engine.max_pixels,
                            draft=getattr(engine, "draft", False))  # an engine of older code has none
     except ImageError as e:
+        if kind is None:  # a .dcm name, and no DICOM data set in it either
+            raise HttpError(415, f"{name}: not an image (content is not JPEG, PNG or DICOM: {e.reason})") from None
         raise HttpError(422, str(e)) from None
     t1 = time.perf_counter()
     prob = float(engine.predict_uint8(image[None])[0])
@@ -372,7 +376,7 @@ def run_prediction(engine: Engine, data: bytes, name: str, *, heatmap: bool = Tr
         "heatmap": overlay,
         "heatmap_note": note,
         "image_png_base64": base64.b64encode(_png(image)).decode("ascii") if include_image else None,
-        "format": kind,
+        "format": kind or "dicom",  # None: a .dcm without preamble, read as DICOM
         "timing_ms": {"decode": round(1e3 * (t1 - t0), 2), "inference": round(1e3 * (t2 - t1), 2),
                       "heatmap": round(1e3 * (t3 - t2), 2)},
         "note": DISCLAIMER,
