@@ -160,6 +160,22 @@ def test_a_carved_validation_split_is_scored_again_from_split_csv(trained_run, t
         assert again["val"][key] == pytest.approx(trained["val"][key], abs=1e-6), key
     assert again["val"]["n"] == len([r for r in read_csv(run / "split.csv") if r["split"] == "val"])
     assert again["test"]["n_seen_in_training"] == 0 and "n_seen_in_training" not in again["val"]  # its own val
+    # A file changed since the run: scored as it is now, and said to differ from what the run recorded.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    rows = read_csv(copy / "split.csv")
+    test_files = [r["path"] for r in rows if r["split"] == "test"]
+    moved = tmp_path / "data-copy"
+    shutil.copytree(Path(test_files[0]).parents[2], moved)
+    text = (copy / "split.csv").read_text().replace(str(Path(test_files[0]).parents[2]), str(moved))
+    (copy / "split.csv").write_text(text)
+    first = moved / Path(test_files[0]).relative_to(Path(test_files[0]).parents[2])
+    first.write_bytes(Path(test_files[1]).read_bytes())
+    proc = cxr("evaluate", "--model", run / "best.pt", "--data", copy / "split.csv", "--output", tmp_path / "changed",
+               "--no-report")
+    assert "test split: 1 of its images are not what" in proc.stderr and first.name in proc.stderr
     (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
     _one_line_error(cxr("evaluate", "--data", tmp_path / "notes.csv", "--output", tmp_path / "x", check=False),
                     "not a split.csv of a cxr run")

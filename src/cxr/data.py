@@ -81,6 +81,7 @@ class Split:
     name: str
     samples: list[Sample]
     images: np.ndarray | None = None
+    recorded: dict[str, str] | None = None  # path -> SHA-256, as a run's split.csv recorded them
 
     def counts(self) -> dict[str, int]:
         """Images per class name."""
@@ -311,8 +312,10 @@ def _scan_split_csv(path: Path) -> dict[str, Split]:
     if any(_NPZ_ROW.match(s.path) for samples in recorded.values() for s in samples):
         raise UsageError(f"{path}: its rows are rows of an .npz; give the .npz itself as --data")
     order = [n for n in SPLITS if n in recorded] + sorted(set(recorded) - set(SPLITS))
-    # Digests cleared: the files are hashed again, so that one changed since the run is decoded as it is now.
-    return {name: Split(name, [replace(s, digest="") for s in recorded[name]]) for name in order}
+    # Digests cleared: the files are hashed again, so that one changed since the run is decoded as it is now (and
+    # said to have changed: `recorded`).
+    return {name: Split(name, [replace(s, digest="") for s in recorded[name]],
+                        recorded={s.path: s.digest for s in recorded[name] if s.digest}) for name in order}
 
 
 _NPZ_ROW = re.compile(r".*\.npz#[^/]+/\d+$", re.IGNORECASE)

@@ -396,6 +396,11 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     results, failures = [], {}
     for split in splits.values():
         prepared = prepare(split, cfg)
+        if split.recorded:
+            changed = [s.path for s in prepared.samples if split.recorded.get(s.path, s.digest) != s.digest]
+            if changed:
+                log.warning("%s split: %d of its images are not what %s recorded (changed since), e.g. %s: its "
+                            "metrics are not the run's", split.name, len(changed), data, changed[0])
         if not len(prepared.samples):
             reason = prepared.failures[0][1] if prepared.failures else "no images"
             log.warning("%s: no metrics for split %r: none of its %d images could be read (first: %s)",
