@@ -940,7 +940,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                 path, f"example images from {gsplit}",
                 f"Images from {html.escape(gsplit)}: the most confident right and wrong predictions (half from each "
                 "true class where possible) and the ones nearest the threshold (only those nearer to it than to 0 "
-                "or 1, and not already among the wrong; the right row shows none of them). Blue frame and ✓: "
+                "or 1, and not already among the wrong); the right row takes the most confident of the others, so on "
+                "a small split it can hold images near the threshold too. Blue frame and ✓: "
                 "right; vermillion frame and ✗: wrong. "
                 + ("The heatmap (Grad-CAM on the last convolutional block, explaining the predicted class) shows "
                    "which regions raised that class's score; it is not a segmentation of disease."
