@@ -1,9 +1,11 @@
 """Compare two models' predictions on the same images: log loss, Brier score, AUROC, and the paired difference.
 
 Reads ``predictions_<split>.csv`` files written by ``cxr evaluate`` (columns path, label, prob_pneumonia, ...), for
-the same images (matched by path), and prints per model the mean log loss (unweighted, and with cxr train's class
-weights, which is what its ``val_loss`` is), the Brier score and AUROC, then a paired bootstrap of the differences
-(B minus A; 1,000 resamples of the images), so that "better on validation" is a measured statement.
+the same images (matched by path), and prints per model the mean log loss (unweighted, and with inverse class-frequency
+weights from the file's own labels: like cxr train's ``val_loss``, which weighs by the train split's counts, and equal
+to it only where those match; both log losses clip P to [1e-7, 1 - 1e-7]), the Brier score and AUROC, then a paired
+bootstrap of the differences (B minus A; 1,000 resamples of the images), so that "better on validation" is a measured
+statement.
 
     python scripts/compare_predictions.py runs/eval-v1/predictions_val.csv runs/eval-v2/predictions_val.csv
 """
@@ -30,12 +32,14 @@ def read(path: str) -> dict[str, tuple[int, float]]:
 
 
 def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
+    raw, p = p, np.clip(p, 1e-7, 1 - 1e-7)
     counts = np.bincount(y, minlength=2)
     weights = (len(y) / (2 * counts))[y]  # inverse class frequency, as cxr.train.class_weights
     nll = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    # AUROC from the probabilities as they are, as metrics.json and the bootstrap below rank them: the clip tied
+    # 0.99999994 with 1.0 and moved the printed AUROC outside its own interval.
     return {"log_loss": float(log_loss(y, p, labels=[0, 1])), "weighted_log_loss": float((weights * nll).sum() /
-            weights.sum()), "brier": float(brier_score_loss(y, p)), "auroc": float(roc_auc_score(y, p))}
+            weights.sum()), "brier": float(brier_score_loss(y, p)), "auroc": float(roc_auc_score(y, raw))}
 
 
 class Resampled:

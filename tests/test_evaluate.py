@@ -58,6 +58,28 @@ def test_metrics_with_one_class_present():
     assert m["confusion_matrix"] == [[0, 0], [1, 4]]
 
 
+def test_youden_ties_go_to_the_most_specific_threshold():
+    # J = 2/3 at both 0.5 and 0.3; in floats 1 - 1/3 rounds above 2/3, and the lower threshold was taken.
+    labels = np.array([0, 0, 1, 0, 1, 1])
+    probs = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert choose_threshold(labels, probs, "youden") == pytest.approx(0.45)
+    assert choose_threshold(np.array([0, 1, 0, 1, 0, 1]), np.linspace(0.1, 0.6, 6), "youden") == pytest.approx(0.55)
+
+
+def test_calibration_error_refuses_what_is_no_probability(tmp_path):
+    # NaN fell in no bin and still counted in the total; -0.2 was dropped. From an edited predictions file, said there.
+    from cxr.errors import UsageError
+    from cxr.report import read_predictions
+
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        expected_calibration_error(np.array([1, 0, 1]), np.array([np.nan, 0.2, 0.9]))
+    f = tmp_path / "predictions_test.csv"
+    for bad in ("nan", "-0.2", "high"):
+        f.write_text(f"path,label,prob_pneumonia,predicted\na.png,NORMAL,{bad},NORMAL\n")
+        with pytest.raises(UsageError, match=f"prob_pneumonia '{bad}' for a.png is not a probability"):
+            read_predictions(f, "test")
+
+
 def test_youden_threshold_maximises_j(scores):
     labels, probs = scores
     t = choose_threshold(labels, probs, "youden")

@@ -80,7 +80,12 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, policy: str = "youde
     finite = np.isfinite(thresholds)
     fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
     if policy == "youden":
-        idx = int(np.argmax(tpr - fpr))
+        # J in whole counts (J * P * N = TP * N - FP * P): equal J values compare equal, and the first of them, the
+        # highest threshold, is taken, the most specific as the sensitivity policy takes. In floats, 1 - 1/3 and
+        # 2/3 differed in the last bit, and a tie went to whichever the rounding favoured.
+        n_pos, n_neg = int(np.sum(labels == 1)), int(np.sum(labels != 1))
+        tps, fps = np.rint(tpr * n_pos).astype(np.int64), np.rint(fpr * n_neg).astype(np.int64)
+        idx = int(np.argmax(tps * n_neg - fps * n_pos))
     elif policy == "sensitivity":
         idx = int(np.flatnonzero(tpr >= target_sensitivity)[0])
     else:

@@ -124,9 +124,16 @@ def read_predictions(path: str | os.PathLike, name: str) -> SplitPredictions:
             label = row["label"].strip().upper()
             if label not in CLASS_NAMES:
                 raise UsageError(f"{path}: unknown label {row['label']!r} for {row['path']}")
+            try:
+                prob = float(row["prob_pneumonia"])
+            except (TypeError, ValueError):
+                prob = math.nan
+            if not 0 <= prob <= 1:  # an edited file: said here, not as a calibration error dropping the image
+                raise UsageError(f"{path}: prob_pneumonia {row['prob_pneumonia']!r} for {row['path']} is not a "
+                                 "probability (a number from 0 to 1)")
             paths.append(row["path"])
             labels.append(CLASS_NAMES.index(label))
-            probs.append(float(row["prob_pneumonia"]))
+            probs.append(prob)
     return SplitPredictions(name, paths, np.array(labels, np.int64), np.array(probs, np.float64))
 
 
@@ -170,6 +177,8 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: in
     labels, probs = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
     if len(labels) == 0:
         return math.nan
+    if not np.all((probs >= 0) & (probs <= 1)):  # NaN included: it fell in no bin and still counted in the total
+        raise ValueError("probabilities must lie in [0, 1] for a calibration error")
     bins = np.minimum((probs * n_bins).astype(np.int64), n_bins - 1)
     ece = 0.0
     for b in range(n_bins):
