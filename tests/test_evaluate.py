@@ -282,6 +282,7 @@ def test_bootstrap_ci_of_a_one_class_set_covers_what_it_defines():
     ci = bootstrap_ci(np.zeros(100, int), probs, 0.5, n_boot=300)
     assert ci["specificity"] == ci["accuracy"] and ci["specificity"][0] < 0.9 < ci["specificity"][1]
     assert ci["auroc"] is None and ci["sensitivity"] is None
+    assert ci["f1"] is None  # it had been [0, 0]: 0 in every resample with a false alarm, as if certain
 
 
 def test_bootstrap_ci_of_a_metric_undefined_in_every_resample_is_none():
