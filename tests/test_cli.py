@@ -176,6 +176,8 @@ def test_a_carved_validation_split_is_scored_again_from_split_csv(trained_run, t
     proc = cxr("evaluate", "--model", run / "best.pt", "--data", copy / "split.csv", "--output", tmp_path / "changed",
                "--no-report")
     assert "test split: 1 of its images are not what" in proc.stderr and first.name in proc.stderr
+    _one_line_error(cxr("train", "--data", copy / "split.csv", "--output", tmp_path / "t", check=False),
+                    "a run's split.csv is for cxr evaluate")
     (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
     _one_line_error(cxr("evaluate", "--data", tmp_path / "notes.csv", "--output", tmp_path / "x", check=False),
                     "not a split.csv of a cxr run")
@@ -1012,8 +1014,12 @@ def test_a_cpu_busy_through_an_epoch_is_noticed(monkeypatch, caplog):
         assert not watch.check(2.5)  # once per run
     assert caplog.text.count("busy through this epoch (other processes used 1.0 of 2 cores)") == 1
     assert not train.ContentionWatch(1).check(1.0)  # one thread: nothing to warn of
-    if train._cpu_sample() is not None:  # the real /proc/stat reads
-        assert len(train._cpu_sample()) == 4
+    monkeypatch.undo()
+    before = train._cpu_sample()
+    if before is not None:  # the real /proc/stat: the run's own CPU counts its loader workers that have ended
+        spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+        subprocess.run([sys.executable, "-c", spin], check=True)
+        assert train._cpu_sample()[2] - before[2] >= 0.5
 
 
 def test_busy_cores_sees_a_busy_process():

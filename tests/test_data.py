@@ -303,6 +303,7 @@ def test_validation_folds_keep_one_fold_where_it_does():
     # The fewest folds within 0.01, and no more folds than the rarer class has patients: 0.35 on 12 patients a class
     # had been refused (7 of 20 folds), where 1 of 3 had carved it before.
     assert validation_folds(0.35) == (5, 14) and validation_folds(0.35, max_folds=12) == (4, 11)
+    assert validation_folds(0.1, max_folds=9) == (1, 9)  # 1 of 10 folds needs 10 patients a class
     pool = [Sample(f"/x/scan{p}.jpeg", p % 2, f"scan{p}", digest=str(p)) for p in range(24)]
     train, val = carve_validation(pool, 0.35, seed=0)
     assert len(val) in (8, 9, 10)

@@ -437,7 +437,7 @@ def test_images_the_model_saw_are_found_in_any_format_and_through_fine_tuning(tm
     kermany = ["NORMAL2-IM-1427-0001.jpeg", "NORMAL2-IM-1427-0001.dcm", "normal2-im-1427-0001.PNG",
                "NORMAL2-IM-1427-0001", "someone-else.dcm"]
     assert count("test", [Sample(f"/d/{n}", 0, n) for n in kermany]) == 4
-    assert "official Kermany train and val" in what
+    assert "official Kermany train and val" in what("test")
 
     base = tmp_path / "base"
     base.mkdir()
@@ -451,6 +451,7 @@ def test_images_the_model_saw_are_found_in_any_format_and_through_fine_tuning(tm
     samples = [Sample("/e/x.png", 0, "x", "aaa"), Sample("/e/y.png", 1, "y", "bbb"), Sample("/e/z.png", 1, "z", "ccc")]
     assert count("val", samples) == 2  # the base run's train and val images, in any split; not its test image
     assert count("test", [Sample("/e/IM-0001-0001.dcm", 0, "p")]) == 0
-    assert f"a run it was fine-tuned from ({base / 'split.csv'})" in what
-    assert "fine-tuned from it" in what  # and through it, the bundled model's names
+    assert f"a run it was fine-tuned from ({base / 'split.csv'})" in what("val")
+    assert "fine-tuned from it" in what("val")  # and through it, the bundled model's names
+    assert count("test", [Sample("/e/IM-0115-0001.jpeg.dcm", 0, "p")]) == 1  # a converter's double extension
     assert count("test", [Sample("/e/NORMAL2-IM-1427-0001.png", 0, "p")]) == 1

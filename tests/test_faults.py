@@ -608,3 +608,21 @@ def test_a_flag_given_again_on_resume_is_compared_as_the_setting_it_is(tmp_path,
     assert _same_setting("data", "d", str(tmp_path / "d")) and not _same_setting("data", "d", "e")
     assert not _same_setting("weights", "none", "default") and _same_setting("weights", "default", "default")
     assert not _same_setting("lr", 1e-3, 1e-4) and _same_setting("lr", 1e-3, 0.001)
+
+
+def test_a_run_that_trained_on_is_never_restarted_for_want_of_its_last_pt(tmp_path):
+    # best.pt of epoch 1 alone is a first epoch killed before last.pt (restarted, as it always was); with epochs in
+    # history.csv it is a run whose best epoch happened to be 1 (restarting it replaced its history and metrics).
+    from cxr.train import _trained_past_epoch_1
+
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, epoch=1),
+                    tmp_path / "best.pt")
+    assert _trained_past_epoch_1(tmp_path) is None
+    (tmp_path / "history.csv").write_text("epoch,lr\n")  # a header only: nothing trained yet
+    assert _trained_past_epoch_1(tmp_path) is None
+    (tmp_path / "history.csv").write_text("epoch,lr\n1,0.001\n2,0.0005\n")
+    assert "history.csv" in _trained_past_epoch_1(tmp_path)
+    (tmp_path / "history.csv").unlink()
+    (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
+    assert "cannot be read" in _trained_past_epoch_1(tmp_path)

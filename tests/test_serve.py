@@ -200,6 +200,9 @@ def test_a_dcm_upload_without_preamble_is_read_as_the_command_line_reads_it(clie
     without = upload(client, dicom(pixels, preamble=False), "a_nopre.dcm")
     assert with_preamble.status_code == without.status_code == 200, without.text
     assert without.json()["probability"] == with_preamble.json()["probability"]
+    # A DICOM data set that does not decode is 422 as with its preamble, not "not DICOM" (415).
+    blank = upload(client, dicom(np.full((8, 8), 5, np.uint16), preamble=False), "blank.dcm")
+    assert blank.status_code == 422 and "blank image" in blank.json()["detail"]
 
 
 def test_wrong_request_content_type_is_415(client):

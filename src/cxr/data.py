@@ -53,9 +53,9 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": 
 
 # Bumped whenever decoding, resizing or the cache's layout changes, so that old cache entries are never trusted.
 # 2: images stored in packs, not one file each. 3: 16-bit colour and grey + alpha PNGs refused (PIL had kept each
-# sample's high byte; old caches hold those decodes). 4: blank images refused, EXIF Orientation applied, DICOM pixel
+# sample's high byte; old caches hold those decodes). 4: blank images refused, EXIF Orientation applied. 5: DICOM pixel
 # padding and palettes applied, DICOM without a preamble read.
-PREPROCESS_VERSION = 4
+PREPROCESS_VERSION = 5
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)", re.IGNORECASE),
@@ -545,7 +545,7 @@ def validation_folds(fraction: float, max_folds: int = 20) -> tuple[int, int]:
     ``m / n`` there is. One fold of ``round(1 / fraction)`` alone had made 0.4 a half. Each fold needs a patient of
     each class, so the carve passes the rarer class's patient count as ``max_folds``."""
     n = max(2, round(1 / fraction))
-    if abs(1 / n - fraction) <= 0.01:
+    if abs(1 / n - fraction) <= 0.01 and n <= max(2, max_folds):
         return 1, n
     options = [(m, k) for k in range(2, max(2, min(20, max_folds)) + 1) for m in range(1, k)]
     close = [mk for mk in options if abs(mk[0] / mk[1] - fraction) <= 0.01]
@@ -567,7 +567,8 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
     per_class = [len(np.unique(groups[labels == label])) for label in range(len(CLASS_NAMES))]
     n_val_folds, n_splits = validation_folds(fraction, max_folds=min(per_class))
     for cls, n_groups in zip(CLASS_NAMES, per_class, strict=True):
-        if n_groups < n_splits:
+        # Too few patients for folds near the fraction asked (1 of 4 for 1/7, say) is refused, not carved as another.
+        if n_groups < n_splits or abs(n_val_folds / n_splits - fraction) > 0.05:
             raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
                             f"({n_val_folds} of {n_splits} folds, each holding patients of both classes; use the "
                             "dataset's own val folder with --val-source folder)")

@@ -287,7 +287,8 @@ BUNDLED_TRAINING_NAMES = Path(__file__).resolve().parent / "weights" / "kermany-
 
 def development_images(ckpt, mid: str):
     """Where it can be told, a function giving how many images of an evaluated split the model was trained or
-    validated on (``(split name, samples) -> int or None``), and what they are; else None.
+    validated on (``(split name, samples) -> int or None``), and one saying what they are (``split name -> str``);
+    else None.
 
     - The bundled model, and a model fine-tuned from it (``--weights default``): images with the file names of
       Kermany's official train and val splits, the images it was developed on. A copy of the Kaggle or Mendeley
@@ -334,12 +335,19 @@ def development_images(ckpt, mid: str):
         mine = [is_one for applies, is_one, _ in checks if applies(split)]
         return sum(any(f(s) for f in mine) for s in samples) if mine else None
 
-    return count, ", or ".join(what for _, _, what in checks)
+    def what(split: str) -> str:  # only the checks that apply to the split
+        return ", or ".join(w for applies, _, w in checks if applies(split))
+
+    return count, what
 
 
 def _name_key(name: str) -> str:
+    """A file name without its image extensions (``IM-0115-0001.jpeg.dcm``, a converter's, has two), lower case."""
     root, ext = os.path.splitext(name)
-    return (root if ext.lower() in IMAGE_EXTENSIONS else name).lower()
+    while ext.lower() in IMAGE_EXTENSIONS:
+        name = root
+        root, ext = os.path.splitext(name)
+    return name.lower()
 
 
 def _fine_tuned_from(ckpt) -> tuple[list[Path], bool]:
@@ -432,7 +440,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
         if seen:
             log.warning("%s split: %d of its %d images are %s, so its metrics there overstate how it does on new "
                         "images", split.name,
-                        seen, len(prepared.samples), developed_on[1])
+                        seen, len(prepared.samples), developed_on[1](split.name))
     if not results:
         name, n, reason = unusable
         raise DataError(f"{data}: none of the {n} images of split {name!r} could be read (first: {reason})")

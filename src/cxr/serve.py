@@ -346,7 +346,7 @@ def run_prediction(engine: Engine, data: bytes, name: str, *, heatmap: bool = Tr
         image = load_image(data, engine.image_size, name=name, max_pixels=max_pixels or engine.max_pixels,
                            draft=getattr(engine, "draft", False))  # an engine of older code has none
     except ImageError as e:
-        if kind is None:  # a .dcm name, and no DICOM data set in it either
+        if kind is None and e.reason.startswith("not a DICOM file"):  # a .dcm name, and no DICOM data set in it
             raise HttpError(415, f"{name}: not an image (content is not JPEG, PNG or DICOM: {e.reason})") from None
         raise HttpError(422, str(e)) from None
     t1 = time.perf_counter()

@@ -15,6 +15,7 @@ Run directory (``cfg.output``)::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -354,14 +355,14 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
     cfg = load_config(overrides={"output": str(run_dir), **{k: overrides[k] for k in RESUMABLE
                                                              if overrides.get(k) is not None}}, base=cfg)
     last = run_dir / "last.pt"
-    if not last.is_file() and (run_dir / "best.pt").is_file() and _trained_past_epoch_1(run_dir):
+    trained = _trained_past_epoch_1(run_dir) if not last.is_file() and (run_dir / "best.pt").is_file() else None
+    if trained:
         # --resume without last.pt starts the run again: right for one killed in its first epoch (best.pt is written
-        # before last.pt, so a kill between the two leaves an epoch-1 best.pt, which the restart writes again alike).
-        # Here the run had trained further, or finished, and it was trained again from epoch 1 over its best.pt,
-        # history and metrics.
-        raise UsageError(f"--resume {run_dir}: its last.pt is gone, and it holds a trained best.pt that a fresh start "
-                         "would replace; --resume needs last.pt to continue (start a new run with --weights "
-                         f"{run_dir / 'best.pt'} to train on from its best weights)")
+        # before last.pt, and history.csv after it, so a kill between the two leaves an epoch-1 best.pt and no history,
+        # which the restart writes again alike). Here the run had trained further, or finished, and it was trained
+        # again from epoch 1 over its best.pt, history and metrics.
+        raise UsageError(f"--resume {run_dir}: its last.pt is gone, and {trained} that a fresh start would replace; "
+                         "--resume needs last.pt to continue")
     state = load_checkpoint(last) if last.is_file() else None
     if state is not None:
         # config.yaml edited since (by hand, or by another cxr): applied mid-run without a word, or ending in a raw
@@ -392,15 +393,22 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
     return cfg, state
 
 
-def _trained_past_epoch_1(run_dir: Path) -> bool:
-    """Whether a run directory holds more than a first epoch's checkpoint: a summary (it finished), or a best.pt of a
-    later epoch (an unreadable one counts: nothing is replaced on a guess)."""
+def _trained_past_epoch_1(run_dir: Path) -> str | None:
+    """What shows that a run directory holds more than a first epoch killed before its last.pt: a summary (it
+    finished), an epoch in history.csv, or a best.pt of a later epoch; an unreadable best.pt counts too (nothing is
+    replaced on a guess). None when there is nothing of the kind."""
+    best = run_dir / "best.pt"
+    advice = f"(start a new run with --weights {best} to train on)"
     if (run_dir / "summary.json").is_file():
-        return True
+        return f"it finished (summary.json), with a best.pt {advice}"
+    with contextlib.suppress(OSError):
+        if len((run_dir / "history.csv").read_text().strip().splitlines()) > 1:
+            return f"it trained epochs (history.csv), with a best.pt {advice}"
     try:
-        return load_checkpoint(run_dir / "best.pt").epoch > 1
-    except CxrError:
-        return True
+        epoch = load_checkpoint(best).epoch
+    except CxrError as e:
+        return f"its best.pt cannot be read ({e}); move the folder aside and start again"
+    return f"it holds the best.pt of epoch {epoch} {advice}" if epoch > 1 else None
 
 
 def _same_setting(field: str, a, b) -> bool:
@@ -454,10 +462,18 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
         cfg, state = _resolve_resume(resume, overrides or {})
     if cfg is None or not cfg.data:
         raise UsageError("no data: pass --data DIR (a dataset folder or an .npz file)")
+    if Path(cfg.data).suffix.lower() == ".csv":
+        # scan() reads a run's split.csv for `cxr evaluate`; for training it was taken, and its val carved anew.
+        raise UsageError(f"--data {cfg.data}: a run's split.csv is for cxr evaluate; train on the dataset itself (a "
+                         "folder or an .npz)")
     cfg.validate()
     if resume is None:
         # Recorded as an absolute path, so that `--resume` works from any folder (split.csv's paths are absolute too).
+        # So are starting weights from a file or run: `cxr evaluate` follows them back to the runs the model was
+        # fine-tuned from, from whatever folder it runs in.
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).absolute()))
+        if cfg.weights not in ("none", "imagenet", "default") and Path(cfg.weights).exists():
+            cfg = dataclasses.replace(cfg, weights=str(Path(cfg.weights).absolute()))
     if state is None:
         # Before the data is hashed and cached, not after (a resumed run needs no starting weights: see _train).
         _check_starting_weights(cfg)
@@ -597,7 +613,8 @@ def busy_cores(interval: float = 0.25) -> float | None:
 
 
 def _cpu_sample() -> tuple[int, int, float, float] | None:
-    """(/proc/stat total and idle ticks, this process's CPU seconds, wall seconds), or None without /proc/stat."""
+    """(/proc/stat total and idle ticks, this run's CPU seconds, wall seconds), or None without /proc/stat. The run's
+    CPU includes its loader workers that have ended (each epoch's end theirs), which are no one else's load."""
     try:
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
@@ -605,7 +622,9 @@ def _cpu_sample() -> tuple[int, int, float, float] | None:
         return None
     if len(fields) < 4:
         return None
-    return sum(fields[:8]), fields[3] + (fields[4] if len(fields) > 4 else 0), time.process_time(), time.monotonic()
+    t = os.times()
+    own = t.user + t.system + t.children_user + t.children_system
+    return sum(fields[:8]), fields[3] + (fields[4] if len(fields) > 4 else 0), own, time.monotonic()
 
 
 class ContentionWatch:
@@ -998,11 +1017,12 @@ def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config,
 
     developed_on = development_images(best, model_id(best))
     for name, p in prepared.items():
-        seen = developed_on[0](name, p.samples) if developed_on and name in extra else None
+        # Not its own train split: trained on, of course, whichever run's images it holds too.
+        seen = developed_on[0](name, p.samples) if developed_on and name in extra and name != "train" else None
         if seen is not None:
             extra[name]["n_seen_in_training"] = seen
         if seen:
             log.warning("%s split: %d of its %d images are %s, so its metrics there overstate how the model does on "
-                        "new images", name, seen, len(p.samples), developed_on[1])
+                        "new images", name, seen, len(p.samples), developed_on[1](name))
     return write_evaluation(run_dir, results, best.threshold, extra=extra), best
 
