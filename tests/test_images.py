@@ -533,27 +533,21 @@ def test_dicom_without_pixel_data(tmp_path):
         read_grayscale(path)
 
 
-def test_dicom_compressed_without_decoder():
-    data = dicom_bytes(RAW12, transfer_syntax=uid.JPEGLSLossless, pixel_data=encapsulate([b"\xff\xd8\xff\xf7junk"]))
-    with pytest.raises(ImageError, match="JPEG-LS") as info:
-        read_grayscale(data, name="ls.dcm")
-    try:
-        import pylibjpeg  # noqa: F401
-    except ImportError:
-        assert "pylibjpeg" in str(info.value) and "gdcm" in str(info.value)
-
-
-def test_dicom_12bit_jpeg_says_why_and_what_to_install():
+@pytest.mark.parametrize(("syntax", "frame", "elements", "said"), [
+    (uid.JPEGLSLossless, b"\xff\xd8\xff\xf7junk", {}, ("JPEG-LS", "pylibjpeg", "gdcm")),
     # JPEG Extended at 12 bits (common for lossy CR/DX) is beyond Pillow: the reason was cut to pydicom's heading
     # ("... raised by all available plugins:") and the install hint left out.
-    data = dicom_bytes(RAW12, transfer_syntax=uid.JPEGExtended12Bit, pixel_data=encapsulate([b"\xff\xd8\xff\xc1junk"]),
-                       BitsStored=12, HighBit=11)
-    with pytest.raises(ImageError, match="JPEG Extended") as info:
-        read_grayscale(data, name="cr.dcm")
+    (uid.JPEGExtended12Bit, b"\xff\xd8\xff\xc1junk", {"BitsStored": 12, "HighBit": 11},
+     ("JPEG Extended", "12-bit precision", "install pylibjpeg")),
+])
+def test_dicom_compressed_without_decoder_says_why_and_what_to_install(syntax, frame, elements, said):
+    data = dicom_bytes(RAW12, transfer_syntax=syntax, pixel_data=encapsulate([frame]), **elements)
+    with pytest.raises(ImageError, match=said[0]) as info:
+        read_grayscale(data, name="x.dcm")
     try:
         import pylibjpeg  # noqa: F401
     except ImportError:
-        assert "12-bit precision" in str(info.value) and "install pylibjpeg" in str(info.value)
+        assert all(s in str(info.value) for s in said), str(info.value)
 
 
 def test_damaged_rle_dicom_is_not_blamed_on_a_missing_decoder():
