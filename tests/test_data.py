@@ -309,6 +309,26 @@ def test_validation_folds_keep_one_fold_where_it_does():
     assert len(val) in (8, 9, 10)
 
 
+def test_carve_validation_hashes_what_scan_left_unhashed_and_checks_its_arguments(tiny_dataset):
+    # Straight from scan(), samples have no digest: copies were not grouped (31 pairs straddled the split in a helper's
+    # test), under a warning that said they were.
+    normal = tiny_dataset / "train" / "NORMAL"
+    for i, f in enumerate(sorted(normal.glob("*.jpeg"))):
+        shutil.copy(f, normal / f"copy_{i}.jpeg")
+    pool = scan(tiny_dataset)["train"].samples
+    assert all(s.digest == "" for s in pool)
+    for seed in range(5):
+        train, val = carve_validation(pool, 0.25, seed)
+        assert not {s.digest for s in train} & {s.digest for s in val}
+        assert all(s.digest for s in train + val)
+    for fraction in (0, float("nan"), 0.7, -0.1):
+        with pytest.raises(UsageError, match="validation fraction"):
+            carve_validation(pool, fraction, 0)
+    for seed in (-1, 1.5):
+        with pytest.raises(UsageError, match="split seed"):
+            carve_validation(pool, 0.25, seed)
+
+
 def test_carve_validation_keeps_identical_images_together():
     pool = _pool(40, 1)
     # Two different "patients" with byte-identical images: must land on the same side for every seed.

@@ -189,3 +189,22 @@ def test_the_process_group_waits_for_a_rank_building_the_cache(monkeypatch):
         monkeypatch.setenv("CXR_DIST_TIMEOUT", bad)
         with pytest.raises(UsageError, match="CXR_DIST_TIMEOUT"):
             d.dist_timeout()
+
+
+def test_a_process_group_cxr_did_not_start_is_left_alone():
+    # cxr.train.train ended with shutdown(), which destroyed any process group: a notebook's own as well.
+    import socket
+
+    import torch.distributed as dist
+
+    import cxr.distributed as d
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        d.shutdown()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -220,6 +220,11 @@ def test_a_draft_model_is_given_draft_decoded_images_everywhere(tmp_path):
     report_pixels = _PixelSource(32, draft=True).load(str(big))
     np.testing.assert_array_equal(report_pixels, drafted)
     assert contract(load_checkpoint(tmp_path / "model.pt"))["draft"] is True  # and so the ONNX backend's
+    # One path, as a str or a Path, is one path (a str was taken as a list of its characters, and an absolute one
+    # walked the file system from "/").
+    for one in (str(big), big):
+        assert [p.path for p in predict_files(tmp_path / "model.pt", one, device="cpu")] == [str(big)]
+    assert len(explain_files(tmp_path / "model.pt", str(big), tmp_path / "one", device="cpu")) == 1
 
 
 def test_a_uid_named_file_keeps_its_whole_name_and_a_flat_map_says_flat(tmp_path, monkeypatch):

@@ -292,6 +292,35 @@ def test_building_from_checkpoints_in_threads_leaves_torch_init_intact(tmp_path)
         assert getattr(torch.nn.init, name) is fn, name
 
 
+def test_a_build_skips_initialisation_in_its_own_thread_only():
+    # The no-op initialisers were process-wide: a caller's layers built meanwhile in a thread of theirs kept
+    # torch.empty's memory.
+    import threading
+
+    from cxr.model import _skip_init
+
+    seen = {}
+
+    def other_thread():
+        t = torch.zeros(4)
+        torch.nn.init.constant_(t, 5.0)
+        seen["other"] = t.tolist()
+
+    with _skip_init():
+        mine = torch.zeros(4)
+        torch.nn.init.constant_(mine, 5.0)
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        with _skip_init():  # nested, as builds within builds are: still skipping after the inner one ends
+            pass
+        torch.nn.init.constant_(mine, 7.0)
+    assert mine.tolist() == [0.0] * 4 and seen["other"] == [5.0] * 4
+    after = torch.zeros(2)
+    torch.nn.init.constant_(after, 3.0)
+    assert after.tolist() == [3.0, 3.0]
+
+
 def test_bf16_is_not_chosen_on_gpus_that_only_emulate_it(monkeypatch):
     # A pre-Ampere GPU (V100, T4) "supports" bf16 only by emulation, which is slower than fp32: amp auto stays off.
     from cxr.config import Config

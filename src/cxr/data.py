@@ -19,6 +19,7 @@ import csv
 import hashlib
 import json
 import logging
+import numbers
 import os
 import re
 import sqlite3
@@ -559,9 +560,18 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
 
     Images of one patient, and byte-identical images, always land on the same side. Uses scikit-learn's
     ``StratifiedGroupKFold`` and keeps the first ``m`` of its ``n`` folds as validation (:func:`validation_folds`).
+    Samples without a digest (straight from :func:`scan`) are hashed here, so that copies are known; the returned
+    samples carry their digests.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
+    if not (isinstance(fraction, numbers.Real) and 0 < fraction <= 0.5):  # NaN too
+        raise UsageError(f"validation fraction must be above 0 and at most 0.5, got {fraction!r}")
+    if not (isinstance(seed, numbers.Integral) and 0 <= seed < 2**32):
+        raise UsageError(f"split seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
+    # Without digests no copies are grouped: 31 byte-identical pairs had straddled the split, under a warning that
+    # said they were kept together.
+    pool = [s if s.digest or not os.path.isfile(s.path) else replace(s, digest=file_digest(s.path)) for s in pool]
     labels = np.array([s.label for s in pool])
     groups = _groups(pool)
     per_class = [len(np.unique(groups[labels == label])) for label in range(len(CLASS_NAMES))]

@@ -74,7 +74,14 @@ def init(device: torch.device) -> tuple[DistInfo, torch.device]:
         # million images, SCALING.md) and while rank 0 alone averages and evaluates at the end: NCCL's default of
         # 10 minutes would abort them. CXR_DIST_TIMEOUT (seconds) sets it.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=dist_timeout())
+        global _OURS
+        _OURS = True
     return info, device
+
+
+# Whether this module started the process group: only such a group is torn down by shutdown(). A caller's own (a
+# notebook that set one up, say) had been destroyed by every cxr.train.train, on success and on failure alike.
+_OURS = False
 
 
 def dist_timeout() -> datetime.timedelta:
@@ -96,12 +103,14 @@ def shutdown() -> None:
     using them: once in about ten 2-process CPU runs, a rank that left first died at exit with SIGABRT ("terminate
     called without an active exception"), after the run's files were all written.
     """
-    if _started():
+    global _OURS
+    if _started() and _OURS:
         import torch.distributed as dist
 
         with contextlib.suppress(Exception):  # a peer already gone: nothing left to wait for
             dist.barrier()
         dist.destroy_process_group()
+        _OURS = False
 
 
 def barrier() -> None:

@@ -229,7 +229,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
 
     # Not the output folder: explaining a folder twice into a folder inside it would read the first run's figures
     # back as X-rays.
-    files = collect_files(list(paths), skip=Path(output_dir))
+    files = collect_files(paths, skip=Path(output_dir))
     if not files:  # as `cxr predict`
         raise UsageError(f"no image files in {', '.join(map(str, paths))}")
     check_writable(output_dir, folder=True)  # now, not after the heatmaps

@@ -84,7 +84,8 @@ def prob_text(p: float, threshold: float | None = None, decimals: int = 3) -> st
     return f"{p:.{decimals}f}"
 
 
-def collect_files(paths: list[str | os.PathLike], *, skip: Path | None = None) -> list[Path]:
+def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
+                  skip: Path | None = None) -> list[Path]:
     """Files as given, and image files (:func:`cxr.images.is_image_file`) found recursively in folders (sorted;
     hidden files and folders skipped; linked folders followed). ``skip``: a folder whose files are not collected (an
     output folder inside an input folder). Grad-CAM pictures (``*_gradcam.png``, what ``cxr explain`` writes) found in
@@ -92,6 +93,8 @@ def collect_files(paths: list[str | os.PathLike], *, skip: Path | None = None) -
     X-rays. Named one by one, they are taken."""
     from cxr.data import walk_files
 
+    if isinstance(paths, (str, os.PathLike)):  # one path, not its characters (an absolute one walked "/" first)
+        paths = [paths]
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
