@@ -626,3 +626,24 @@ def test_a_run_that_trained_on_is_never_restarted_for_want_of_its_last_pt(tmp_pa
     (tmp_path / "history.csv").unlink()
     (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
     assert "cannot be read" in _trained_past_epoch_1(tmp_path)
+
+
+def test_train_puts_the_process_back_as_it_was(tmp_path, tiny_dataset):
+    # A notebook that trained found deterministic mode on (through a later run without it), CUBLAS_WORKSPACE_CONFIG
+    # set and its random generators re-seeded with the run's seed. And overrides given without resume were ignored.
+    import random
+
+    from cxr.train import train
+
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    random.seed(1234)
+    np.random.seed(1234)
+    torch.manual_seed(1234)
+    expected = (random.random(), np.random.random(), torch.rand(1).item())
+    random.seed(1234)
+    np.random.seed(1234)
+    torch.manual_seed(1234)
+    run = train(tiny(tiny_dataset, tmp_path / "run", epochs=1, deterministic=True), overrides={"max_train_batches": 1})
+    assert (random.random(), np.random.random(), torch.rand(1).item()) == expected
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert load_config(run / "config.yaml").max_train_batches == 1

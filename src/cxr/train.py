@@ -448,14 +448,51 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
     Under ``torchrun`` every rank calls this: the global batch (``cfg.batch_size``) is split over the ranks, rank 0
     validates, writes every file and evaluates at the end; the others train and wait.
 
+    The process's torch settings (deterministic algorithms, cuDNN benchmark), ``CUBLAS_WORKSPACE_CONFIG`` and the
+    random generators of Python, NumPy and torch are put back as they were when it returns or fails: a notebook that
+    trains goes on as it was. (The CLI's report is not written here: call :func:`cxr.report.make_report`.)
+
     Args:
         cfg: the run's config (ignored with ``resume``).
         resume: a run directory to continue from its ``last.pt`` (or from the start if it has none).
-        overrides: with ``resume``, flags that may change (:data:`RESUMABLE`).
+        overrides: with ``resume``, flags that may change (:data:`RESUMABLE`); without it, applied to ``cfg``.
 
     Returns:
         The run directory.
     """
+    if resume is None and cfg is not None and overrides:  # they were ignored without a word
+        cfg = load_config(overrides=overrides, base=cfg)
+    with _process_state_kept():
+        return _train_run(cfg, resume, overrides)
+
+
+@contextlib.contextmanager
+def _process_state_kept():
+    """Put back what a run changes for the whole process: it had left deterministic mode on (through a later run
+    without it), CUBLAS_WORKSPACE_CONFIG set and every global random generator re-seeded."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: dict | None) -> Path:
     t_start = time.perf_counter()
     state: Checkpoint | None = None
     if resume is not None:
