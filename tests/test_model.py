@@ -333,22 +333,35 @@ def test_bf16_is_not_chosen_on_gpus_that_only_emulate_it(monkeypatch):
     assert use_bf16(Config(), torch.device("cuda"))
 
 
-def test_exact_fp32_switches_tf32_off_on_cuda_and_puts_it_back():
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
+def test_exact_fp32_switches_tf32_off_on_cuda_and_puts_it_back(api):
     # cuDNN runs "fp32" convolutions in TF32 by default; `cxr evaluate`'s fp32 must not (predictions as on a CPU).
-    from cxr.model import exact_fp32
+    # A caller may have set TF32 either way; through fp32_precision, reading the legacy flags raised a RuntimeError.
+    from cxr.model import _set_tf32_flags, _tf32_flags, exact_fp32
 
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    b = torch.backends
+    saved = _tf32_flags()
+    on = ("tf32", "tf32")
+
+    def state():
+        return b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision
+
+    if not hasattr(b.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy TF32 flags")
     try:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        if api == "legacy":
+            b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = True, True
+        else:
+            b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision = on
         with exact_fp32(torch.device("cuda")):
-            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+            assert state() == ("ieee", "ieee")
+        assert state() == on
         with exact_fp32(torch.device("cpu")):
-            assert torch.backends.cudnn.allow_tf32  # nothing to change on a CPU
+            assert state() == on  # nothing to change on a CPU
         with exact_fp32(torch.device("cuda"), enabled=False):
-            assert torch.backends.cudnn.allow_tf32  # bf16 predictions: left alone
+            assert state() == on  # bf16 predictions: left alone
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        _set_tf32_flags(saved)
 
 
 def test_devices_other_than_cpu_and_cuda_are_refused_in_one_line(monkeypatch):
@@ -373,10 +386,12 @@ def test_exact_fp32_holds_while_any_thread_is_inside_it():
     # forward pass, and the last to leave restored "off" for good. Only device.type is read: no GPU needed.
     import threading
 
-    from cxr.model import exact_fp32
+    from cxr.model import _NEW_TF32_API, _set_tf32_flags, _tf32_flags, exact_fp32
 
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    saved = _tf32_flags()
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    found = _tf32_flags()
+    off = ("ieee", "ieee") if _NEW_TF32_API else (False, False)
     cuda = torch.device("cuda")
     b_inside, a_left, seen = threading.Event(), threading.Event(), []
 
@@ -389,7 +404,7 @@ def test_exact_fp32_holds_while_any_thread_is_inside_it():
         with exact_fp32(cuda):
             b_inside.set()
             a_left.wait(5)
-            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            seen.append(_tf32_flags())
 
     try:
         threads = [threading.Thread(target=a), threading.Thread(target=b)]
@@ -397,7 +412,7 @@ def test_exact_fp32_holds_while_any_thread_is_inside_it():
             t.start()
         for t in threads:
             t.join(10)
-        assert seen == [(False, False)]  # B still in fp32 after A left
-        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, False)  # as found
+        assert seen == [off]  # B still in fp32 after A left
+        assert _tf32_flags() == found  # as found
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        _set_tf32_flags(saved)

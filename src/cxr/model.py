@@ -266,8 +266,8 @@ def exact_fp32(device: torch.device, enabled: bool = True):
         return
     with _FP32_LOCK:
         if _fp32_users == 0:
-            _fp32_saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            _fp32_saved = _tf32_flags()
+            _set_tf32_flags(None)
         _fp32_users += 1
     try:
         yield
@@ -275,12 +275,32 @@ def exact_fp32(device: torch.device, enabled: bool = True):
         with _FP32_LOCK:
             _fp32_users -= 1
             if _fp32_users == 0:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _fp32_saved
+                _set_tf32_flags(_fp32_saved)
+
+
+# torch >= 2.9 has per-backend fp32_precision settings. Where a caller set TF32 through them, reading the old
+# allow_tf32 flags raises ("a mix of the legacy and new APIs"), and exact_fp32 failed with a RuntimeError; reading
+# the new ones after the old were set works. So the new are used where they exist.
+_NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+
+
+def _tf32_flags() -> tuple:
+    if _NEW_TF32_API:
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set_tf32_flags(flags: tuple | None) -> None:
+    """Put back ``flags`` (from :func:`_tf32_flags`), or with None switch TF32 off for matmuls and convolutions."""
+    if _NEW_TF32_API:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = flags or ("ieee", "ieee")
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags or (False, False)
 
 
 _FP32_LOCK = threading.Lock()
 _fp32_users = 0  # threads inside exact_fp32 on CUDA
-_fp32_saved = (True, False)  # the TF32 flags the first of them found
+_fp32_saved: tuple = ()  # the TF32 flags the first of them found
 
 
 def autocast(device: torch.device, enabled: bool):
