@@ -423,10 +423,13 @@ def test_max_pixels_above_pils_own_limit_is_honoured(monkeypatch):
     # PIL refuses from 179 million pixels on, inside Image.open: a larger max_pixels (cxr serve --max-pixels) was
     # ignored ("image too large to decode safely"). The patched header claims 180 million pixels.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    before = Image.MAX_IMAGE_PIXELS
     data = jpeg_with_size(15_000, 12_000)
     with pytest.raises(ImageError, match="over the 100,000,000-pixel limit"):
         read_grayscale(data, name="big.jpeg")
     assert read_grayscale(data, name="big.jpeg", max_pixels=200_000_000).shape == (12_000, 15_000)
+    # ... for that call only: PIL's limit had been raised for the whole process, the caller's Image.open unguarded.
+    assert before == Image.MAX_IMAGE_PIXELS
 
 
 # ---------------------------------------------------------------------------------------------- DICOM

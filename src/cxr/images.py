@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import warnings
 
 import numpy as np
@@ -258,6 +259,24 @@ def _check_not_blank(gray: np.ndarray, label: str) -> None:
         raise ImageError(label, "blank image (every pixel has the same value), nothing to classify")
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_within(data: bytes, fmt: str, max_pixels: int) -> Image.Image:
+    """``Image.open``, with PIL's own bomb limit raised to ``max_pixels`` for this call only, where PIL would refuse
+    first (from twice its limit, 179 million pixels). It had been raised for the whole process, and never put back:
+    the caller's own ``Image.open`` lost its protection."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or max_pixels <= 2 * limit:
+        return Image.open(io.BytesIO(data), formats=[fmt])
+    with _PIL_LIMIT_LOCK:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            return Image.open(io.BytesIO(data), formats=[fmt])
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:
     return f"{width}x{height} image is over the {max_pixels:,}-pixel limit (possible decompression bomb)"
 
@@ -267,10 +286,7 @@ def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: 
         with warnings.catch_warnings():
             # PIL warns from 89.5 million pixels on, to stderr; the limit that counts is max_pixels, checked next.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
-                # PIL refuses from twice its own limit (179 million pixels), before a raised max_pixels is asked.
-                Image.MAX_IMAGE_PIXELS = max_pixels
-            im = Image.open(io.BytesIO(data), formats=[fmt])
+            im = _open_within(data, fmt, max_pixels)
         with im:
             width, height = im.size
             if width * height > max_pixels:
