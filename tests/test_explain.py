@@ -256,3 +256,29 @@ def test_explain_files_rejects_an_unknown_target(tmp_path):
     save_checkpoint(Checkpoint("resnet18", build_model("resnet18").state_dict(), cfg), tmp_path / "m.pt")
     with pytest.raises(UsageError, match="target"):
         explain_files(tmp_path / "m.pt", [FILES[0]], tmp_path / "out", target="EFFUSION", device="cpu")
+
+
+def test_library_calls_check_their_arguments_as_the_cli_does(tmp_path):
+    # A threshold of NaN or 2 labelled everything alike (and evaluate ended in a JSON error), an amp typo ran fp32
+    # without a word, batch_size 0 was range()'s ValueError, and the torch engine took a 64 px image for a 32 px model.
+    from cxr.errors import UsageError
+    from cxr.evaluate import evaluate_model
+    from cxr.predict import predict_files
+    from cxr.serve import load_engine
+
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg), tmp_path / "m.pt")
+    for kwargs, said in (({"threshold": float("nan")}, "threshold"), ({"threshold": 2.0}, "threshold"),
+                         ({"amp": "bf16"}, "amp"), ({"batch_size": 0}, "batch_size")):
+        with pytest.raises(UsageError, match=said):
+            predict_files(tmp_path / "m.pt", FILES[:1], device="cpu", **kwargs)
+        with pytest.raises(UsageError, match=said):
+            explain_files(tmp_path / "m.pt", FILES[:1], tmp_path / "x", device="cpu", **kwargs)
+        with pytest.raises(UsageError, match=said):
+            evaluate_model(tmp_path / "m.pt", SAMPLE_DIR / "test", tmp_path / "ev", device="cpu", **kwargs)
+    assert not (tmp_path / "ev" / "predictions_test.csv").exists()
+    engine = load_engine(tmp_path / "m.pt", device="cpu")
+    assert engine.predict_uint8(np.zeros((2, 32, 32), np.uint8)).shape == (2,)
+    for bad in (np.zeros((2, 64, 64), np.uint8), np.zeros((2, 32, 32), np.float32), np.zeros((32, 32), np.uint8)):
+        with pytest.raises(ValueError, match="expected uint8 images of shape"):
+            engine.predict_uint8(bad)

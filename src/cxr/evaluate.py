@@ -390,7 +390,9 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     from cxr.export import model_id
     from cxr.fileio import check_writable
     from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
+    from cxr.predict import check_inference_args
 
+    check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
     check_writable(output, folder=True)  # now, not after the predictions
     if any((Path(output) / name).is_file() for name in ("best.pt", "last.pt", "history.csv")):
         # Its metrics.json (the training's, on train, val and test) would be replaced, and its report would mix both.

@@ -225,7 +225,9 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     from cxr.export import model_id
     from cxr.fileio import check_writable
     from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
-    from cxr.predict import EXPLAIN_SUFFIX, collect_files, prob_text, threshold_decimals
+    from cxr.predict import EXPLAIN_SUFFIX, check_inference_args, collect_files, prob_text, threshold_decimals
+
+    check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
 
     # Not the output folder: explaining a folder twice into a folder inside it would read the first run's figures
     # back as X-rays.

@@ -124,8 +124,9 @@ def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike],
     Returns:
         ``list[cxr.predict.Prediction]`` in input order; unreadable files get an ``error``.
     """
-    from cxr.predict import collect_files, predict_in_batches, select_shard
+    from cxr.predict import check_inference_args, collect_files, predict_in_batches, select_shard
 
+    check_inference_args(threshold=threshold, batch_size=batch_size)
     files = select_shard(collect_files(paths), shard)
     predictor = load_onnx_predictor(model, threads=threads)
     t = predictor.threshold if threshold is None else float(threshold)

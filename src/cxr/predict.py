@@ -47,6 +47,25 @@ class Prediction:
 EXPLAIN_SUFFIX = "_gradcam.png"
 
 
+def check_inference_args(*, threshold: float | None = None, amp: str = "auto", batch_size: int = 1) -> None:
+    """The arguments the CLI checks with its flags, checked for library callers too: a threshold outside 0..1 (or NaN)
+    had labelled everything alike and ended evaluate in a JSON error, an ``amp`` typo ran fp32 without a word, and a
+    batch size of 0 was range()'s ValueError.
+
+    Raises:
+        UsageError: naming the argument and the value.
+    """
+    import math
+
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1
+                                      and not math.isnan(threshold)):
+        raise UsageError(f"threshold must be a number from 0 to 1, got {threshold!r}")
+    if amp not in ("auto", "on", "off"):
+        raise UsageError(f"amp must be auto, on or off, got {amp!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise UsageError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+
+
 def threshold_decimals(threshold: float, probs: Iterable[float] = ()) -> int:
     """Decimals to show ``threshold`` with beside ``probs``: three, or more (up to 17, where two doubles in (0, 1)
     differ) when a probability below it would show as equal to it. At three, the bundled model's 0.57463 shows as
@@ -155,6 +174,7 @@ def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, d
     from cxr.export import model_id
     from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
 
+    check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
     files = select_shard(collect_files(paths), shard)
     ckpt = load_checkpoint(model)
     cfg = ckpt.config

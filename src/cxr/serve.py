@@ -155,6 +155,10 @@ class TorchEngine:
         from cxr.evaluate import predict_logits, probabilities
         from cxr.model import exact_fp32
 
+        x, s = np.asarray(images), self.image_size
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (s, s):  # as the ONNX engine checks: a 64 px image
+            # for a 32 px model, or floats in 0..1, had given numbers without an error
+            raise ValueError(f"expected uint8 images of shape (N, {s}, {s}), got {x.dtype} {x.shape}")
         cfg = self.ckpt.config
         with exact_fp32(self.device, enabled=not self.bf16):
             logits = predict_logits(self.net, images, mean=cfg.mean, std=cfg.std, device=self.device,
