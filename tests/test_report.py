@@ -499,3 +499,13 @@ def test_video_caption_gives_the_time_each_image_is_shown_and_an_empty_selection
                      n_boot=20)
     page = make_report(tmp_path / "ev", heatmaps=False, video_select="errors", **VIDEO).read_text()
     assert "No video: errors selects no image of test (no prediction there is wrong)." in page
+
+
+def test_bad_video_timing_is_refused_before_any_work(tmp_path):
+    # fps 0 was logged as "no video" and the report went on; a bad frame size was refused. Both are refused now.
+    from cxr.errors import UsageError
+    from cxr.report import make_report
+
+    for kwargs in ({"fps": 0}, {"seconds_per_image": -1.0}):
+        with pytest.raises(UsageError, match="must be > 0"):
+            make_report(tmp_path, video=True, **kwargs)

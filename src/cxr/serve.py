@@ -204,6 +204,8 @@ def load_engine(model: str | os.PathLike, backend: str = "torch", device: str = 
 
     ``threads``: intra-op threads per prediction (0: the library's default, one per core). With several
     predictions at once on a few cores, ``cores / max_concurrency`` avoids oversubscription (see BENCHMARKS.md).
+    For the torch backend it is torch's one setting for the whole process (``torch.set_num_threads``): a service owns
+    its process; in a notebook, other torch work then runs with as many threads.
     """
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: use {' or '.join(BACKENDS)}")
