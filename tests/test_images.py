@@ -602,6 +602,10 @@ def test_resize_square():
         resize_square(np.stack([g] * 3, axis=-1), 16)
     with pytest.raises(ValueError):
         resize_square(g.astype(np.float32), 16)
+    # load_image's size: "64" was a TypeError from a comparison deep inside, True a 1-pixel image.
+    for size in ("64", 0, 2.5, True):
+        with pytest.raises(ValueError, match="size must be a whole number >= 1"):
+            load_image(save_bytes(Image.fromarray(g), "PNG"), size)
 
 
 def test_load_image_and_draft(tmp_path):

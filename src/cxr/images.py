@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import logging
+import numbers
 import os
 import re
 import stat
@@ -133,7 +134,10 @@ def load_image(
 
     Raises:
         ImageError: as :func:`read_grayscale`.
+        ValueError: ``size`` is not a whole number >= 1 (checked before the file is read).
     """
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"size must be a whole number >= 1, got {size!r}")
     data, label = _read_source(source, name)
     gray = _decode(data, label, max_pixels, draft_size=size if draft else None)
     return resize_square(gray, size)
