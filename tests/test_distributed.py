@@ -176,6 +176,7 @@ def test_the_process_group_waits_for_a_rank_building_the_cache(monkeypatch):
     from cxr.errors import UsageError
 
     calls = []
+    monkeypatch.setattr(d, "_OURS", False)  # put back after the test: no group was really started here
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
     monkeypatch.setenv("RANK", "1")
@@ -191,7 +192,7 @@ def test_the_process_group_waits_for_a_rank_building_the_cache(monkeypatch):
             d.dist_timeout()
 
 
-def test_a_process_group_cxr_did_not_start_is_left_alone():
+def test_a_process_group_cxr_did_not_start_is_left_alone(monkeypatch):
     # cxr.train.train ended with shutdown(), which destroyed any process group: a notebook's own as well.
     import socket
 
@@ -202,6 +203,7 @@ def test_a_process_group_cxr_did_not_start_is_left_alone():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    monkeypatch.setattr(d, "_OURS", False)
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
     try:
         d.shutdown()
