@@ -509,3 +509,16 @@ def test_bad_video_timing_is_refused_before_any_work(tmp_path):
     for kwargs in ({"fps": 0}, {"seconds_per_image": -1.0}):
         with pytest.raises(UsageError, match="must be > 0"):
             make_report(tmp_path, video=True, **kwargs)
+
+
+def test_a_report_without_video_removes_an_earlier_reports_video(tmp_path, report):
+    # `cxr report RUN --no-video` left the earlier fly-through (and its poster) beside the new page.
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(report.parent, run)
+    assert sorted(p.name for p in (run / "report").glob("flythrough_*")) == ["flythrough_test.mp4",
+                                                                            "flythrough_test.png"]
+    make_report(run, video=False, heatmaps=False, device="cpu")
+    assert not list((run / "report").glob("flythrough_*"))
+    assert (run / "report" / "grid_test.png").is_file()

@@ -958,6 +958,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                    "which regions raised that class's score; it is not a segmentation of disease."
                    if explainer.net is not None else ""))))
 
+        path = None
         if video and vsplit is not None:
             p = art.predictions[vsplit]
             idx = pick_video_indices(p, threshold, video_select, video_max_images, seed)
@@ -965,7 +966,6 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             for start in range(0, len(idx), 32):  # Grad-CAM batches of 32 images
                 for t in _gather(p, idx[start:start + 32], pixels, explainer, threshold):
                     items.append(VideoItem(t.path, t.label, t.prob, t.image, t.heatmap))
-            path = None
             if items:
                 try:
                     path = write_flythrough(items, pics / f"flythrough_{vsplit}.mp4", threshold=threshold,
@@ -994,6 +994,13 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                     f"{'with heatmap, ' if explainer.net is not None else ''}"
                     f"prediction, probability, truth and a running tally. Also saved as "
                     f"{html.escape(str(path.relative_to(out)))} ({size_mb:.1f} MB).</figcaption></figure>")))
+        # An earlier report's video (with --no-video now, or of another split) is not this report's: it had stayed
+        # beside it in report/, which cxr writes and nothing else.
+        kept = {path, path.with_suffix(".png")} if path is not None else set()
+        for old in sorted(pics.glob("flythrough_*")):
+            if old.suffix in (".mp4", ".png") and old not in kept:
+                old.unlink(missing_ok=True)
+                log.info("report: removed %s, an earlier report's video", old.name)
     finally:
         pixels.close()
     if pixels.failed:
