@@ -283,6 +283,9 @@ def test_bootstrap_ci_of_a_one_class_set_covers_what_it_defines():
     assert ci["specificity"] == ci["accuracy"] and ci["specificity"][0] < 0.9 < ci["specificity"][1]
     assert ci["auroc"] is None and ci["sensitivity"] is None
     assert ci["f1"] is None  # it had been [0, 0]: 0 in every resample with a false alarm, as if certain
+    # PNEUMONIA only: F1 is defined there (2 TP / (2 TP + FN)), and keeps its interval.
+    sick = bootstrap_ci(np.ones(100, int), probs[::-1], 0.5, n_boot=300)
+    assert sick["f1"] is not None and sick["f1"][0] < sick["f1"][1]
 
 
 def test_bootstrap_ci_of_a_metric_undefined_in_every_resample_is_none():

@@ -268,7 +268,14 @@ def test_library_calls_check_their_arguments_as_the_cli_does(tmp_path):
 
     cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
     save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg), tmp_path / "m.pt")
+    # NumPy's numbers are numbers (they had been refused by the first version of the check).
+    assert len(predict_files(tmp_path / "m.pt", FILES[:1], device="cpu", threshold=np.float32(0.5),
+                             batch_size=np.int64(2))) == 1
+    with pytest.raises(UsageError, match=r"no image files in .*empty$"):  # one path named whole, not letter by letter
+        (tmp_path / "empty").mkdir()
+        explain_files(tmp_path / "m.pt", str(tmp_path / "empty"), tmp_path / "x", device="cpu")
     for kwargs, said in (({"threshold": float("nan")}, "threshold"), ({"threshold": 2.0}, "threshold"),
+                         ({"threshold": True}, "threshold"), ({"batch_size": True}, "batch_size"),
                          ({"amp": "bf16"}, "amp"), ({"batch_size": 0}, "batch_size")):
         with pytest.raises(UsageError, match=said):
             predict_files(tmp_path / "m.pt", FILES[:1], device="cpu", **kwargs)

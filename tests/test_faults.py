@@ -644,6 +644,10 @@ def test_train_puts_the_process_back_as_it_was(tmp_path, tiny_dataset):
     np.random.seed(1234)
     torch.manual_seed(1234)
     run = train(tiny(tiny_dataset, tmp_path / "run", epochs=1, deterministic=True), overrides={"max_train_batches": 1})
+    assert load_config(run / "config.yaml").max_train_batches == 1
+    # And with overrides alone (no cfg), as a notebook may call it: they had been ignored, "no data" the answer.
+    alone = train(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(tmp_path / "alone"), "epochs": 1,
+                             "max_train_batches": 1})
     assert (random.random(), np.random.random(), torch.rand(1).item()) == expected
     assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-    assert load_config(run / "config.yaml").max_train_batches == 1
+    assert load_config(alone / "config.yaml").data == str(tiny_dataset)

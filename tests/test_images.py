@@ -430,6 +430,29 @@ def test_max_pixels_above_pils_own_limit_is_honoured(monkeypatch):
     assert read_grayscale(data, name="big.jpeg", max_pixels=200_000_000).shape == (12_000, 15_000)
     # ... for that call only: PIL's limit had been raised for the whole process, the caller's Image.open unguarded.
     assert before == Image.MAX_IMAGE_PIXELS
+    # Nor left raised when two calls overlap: one read the other's raised value and "put it back" for good.
+    import threading
+
+    import cxr.images
+
+    held, release, real_open = threading.Event(), threading.Event(), Image.open
+
+    def slow_open(*args, **kwargs):
+        held.set()
+        release.wait(5)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", slow_open)
+    first = threading.Thread(target=cxr.images._open_within, args=(data, "JPEG", 200_000_000))
+    first.start()
+    held.wait(5)
+    monkeypatch.setattr(Image, "open", real_open)
+    second = threading.Thread(target=cxr.images._open_within, args=(data, "JPEG", 10**9))
+    second.start()
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert before == Image.MAX_IMAGE_PIXELS
 
 
 # ---------------------------------------------------------------------------------------------- DICOM

@@ -336,31 +336,35 @@ def test_bf16_is_not_chosen_on_gpus_that_only_emulate_it(monkeypatch):
 @pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
 def test_exact_fp32_switches_tf32_off_on_cuda_and_puts_it_back(api):
     # cuDNN runs "fp32" convolutions in TF32 by default; `cxr evaluate`'s fp32 must not (predictions as on a CPU).
-    # A caller may have set TF32 either way; through fp32_precision, reading the legacy flags raised a RuntimeError.
-    from cxr.model import _set_tf32_flags, _tf32_flags, exact_fp32
+    # In the caller's API: where they had set TF32 through fp32_precision, reading the legacy flags raised; where they
+    # had not, writing fp32_precision made the legacy flags raise for every other reader inside the window.
+    from cxr.model import _NEW_TF32_API, _set_tf32_flags, _tf32_flags, exact_fp32
 
     b = torch.backends
-    saved = _tf32_flags()
-    on = ("tf32", "tf32")
-
-    def state():
-        return b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision
-
-    if not hasattr(b.cuda.matmul, "fp32_precision"):
+    if api == "fp32_precision" and not _NEW_TF32_API:
         pytest.skip("this torch has only the legacy TF32 flags")
+    saved = _tf32_flags()
     try:
         if api == "legacy":
             b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = True, True
-        else:
-            b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision = on
+            on, off = ("legacy", True, True), ("legacy", False, False)
+        else:  # conv and rnn apart: the legacy cuDNN flag cannot be read
+            b.cuda.matmul.fp32_precision = b.cudnn.conv.fp32_precision = "tf32"
+            b.cudnn.rnn.fp32_precision = "ieee"
+            on, off = ("new", "tf32", "tf32", "ieee"), ("new", "ieee", "ieee", "ieee")
+        assert _tf32_flags() == on
         with exact_fp32(torch.device("cuda")):
-            assert state() == ("ieee", "ieee")
-        assert state() == on
+            assert _tf32_flags() == off
+            if api == "legacy":  # still readable by anyone inside the window
+                assert not b.cudnn.allow_tf32 and not b.cuda.matmul.allow_tf32
+        assert _tf32_flags() == on
         with exact_fp32(torch.device("cpu")):
-            assert state() == on  # nothing to change on a CPU
+            assert _tf32_flags() == on  # nothing to change on a CPU
         with exact_fp32(torch.device("cuda"), enabled=False):
-            assert state() == on  # bf16 predictions: left alone
+            assert _tf32_flags() == on  # bf16 predictions: left alone
     finally:
+        if saved[0] == "legacy" and _NEW_TF32_API:
+            b.cuda.matmul.fp32_precision = b.cudnn.conv.fp32_precision = b.cudnn.rnn.fp32_precision = "none"
         _set_tf32_flags(saved)
 
 
@@ -386,12 +390,11 @@ def test_exact_fp32_holds_while_any_thread_is_inside_it():
     # forward pass, and the last to leave restored "off" for good. Only device.type is read: no GPU needed.
     import threading
 
-    from cxr.model import _NEW_TF32_API, _set_tf32_flags, _tf32_flags, exact_fp32
+    from cxr.model import _set_tf32_flags, _tf32_flags, exact_fp32
 
     saved = _tf32_flags()
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
-    found = _tf32_flags()
-    off = ("ieee", "ieee") if _NEW_TF32_API else (False, False)
+    found, off = _tf32_flags(), ("legacy", False, False)
     cuda = torch.device("cuda")
     b_inside, a_left, seen = threading.Event(), threading.Event(), []
 

@@ -506,7 +506,7 @@ def test_bad_video_timing_is_refused_before_any_work(tmp_path):
     from cxr.errors import UsageError
     from cxr.report import make_report
 
-    for kwargs in ({"fps": 0}, {"seconds_per_image": -1.0}):
+    for kwargs in ({"fps": 0}, {"seconds_per_image": -1.0}, {"fps": float("inf")}, {"fps": float("nan")}):
         with pytest.raises(UsageError, match="must be > 0"):
             make_report(tmp_path, video=True, **kwargs)
 

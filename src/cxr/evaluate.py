@@ -145,7 +145,7 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, n_b
     Where both classes are present, resamples that lack one are redrawn, so every interval is over well-defined
     values. A one-class set (a folder of NORMAL images only, say) still gets intervals for what it defines: accuracy
     and specificity, or accuracy and sensitivity (and from :func:`confidence_intervals`, precision where any image was
-    called PNEUMONIA); no F1, AUROC or AUPRC.
+    called PNEUMONIA); no AUROC or AUPRC, and no F1 for NORMAL images only.
 
     Each resample's metrics are those :func:`compute_metrics` gives for ``labels[idx], probs[idx]``, computed from
     how often each image was drawn (:class:`_Resampler`). Through scikit-learn, whose checks of its inputs cost
@@ -168,11 +168,12 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, n_b
             values[k].append(np.nan if m[k] is None else m[k])
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     # A metric undefined in every resample (precision when nothing is called PNEUMONIA) has no interval: None, not
-    # NaN, which JSON cannot carry. Nor has F1 in a one-class set: of NORMAL images only it is 0 in every resample
-    # with a false alarm, an interval of [0, 0] that reads as certainty about a score the set cannot measure.
+    # NaN, which JSON cannot carry. Nor has F1 in a set of NORMAL images only: it is 0 in every resample with a false
+    # alarm, an interval of [0, 0] that reads as certainty about a score the set cannot measure. (Of PNEUMONIA images
+    # only it is defined, and kept.)
     out = {k: [float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))] if not np.isnan(v).all() else None
            for k, v in values.items()}
-    if not both:
+    if not both and not labels.any():
         out["f1"] = None
     return out
 

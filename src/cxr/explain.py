@@ -233,7 +233,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     # back as X-rays.
     files = collect_files(paths, skip=Path(output_dir))
     if not files:  # as `cxr predict`
-        raise UsageError(f"no image files in {', '.join(map(str, paths))}")
+        given = [paths] if isinstance(paths, (str, os.PathLike)) else paths  # one path: not its letters
+        raise UsageError(f"no image files in {', '.join(map(str, given))}")
     check_writable(output_dir, folder=True)  # now, not after the heatmaps
     ckpt = load_checkpoint(model)
     names = [c.upper() for c in ckpt.class_names]

@@ -270,15 +270,17 @@ def _open_within(data: bytes, fmt: str, max_pixels: int) -> Image.Image:
     """``Image.open``, with PIL's own bomb limit raised to ``max_pixels`` for this call only, where PIL would refuse
     first (from twice its limit, 179 million pixels). It had been raised for the whole process, and never put back:
     the caller's own ``Image.open`` lost its protection."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is None or max_pixels <= 2 * limit:
-        return Image.open(io.BytesIO(data), formats=[fmt])
     with _PIL_LIMIT_LOCK:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        try:
-            return Image.open(io.BytesIO(data), formats=[fmt])
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
+        # Read under the lock, which every raise holds until it is put back: never another call's raised value, which
+        # would then be "put back" for good.
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and max_pixels > 2 * limit:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+            try:
+                return Image.open(io.BytesIO(data), formats=[fmt])
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+    return Image.open(io.BytesIO(data), formats=[fmt])
 
 
 def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:

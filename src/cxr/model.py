@@ -267,7 +267,7 @@ def exact_fp32(device: torch.device, enabled: bool = True):
     with _FP32_LOCK:
         if _fp32_users == 0:
             _fp32_saved = _tf32_flags()
-            _set_tf32_flags(None)
+            _set_tf32_flags(_fp32_saved, off=True)
         _fp32_users += 1
     try:
         yield
@@ -278,24 +278,33 @@ def exact_fp32(device: torch.device, enabled: bool = True):
                 _set_tf32_flags(_fp32_saved)
 
 
-# torch >= 2.9 has per-backend fp32_precision settings. Where a caller set TF32 through them, reading the old
-# allow_tf32 flags raises ("a mix of the legacy and new APIs"), and exact_fp32 failed with a RuntimeError; reading
-# the new ones after the old were set works. So the new are used where they exist.
+# torch >= 2.9 has per-backend fp32_precision settings beside the legacy allow_tf32 flags, and reading the legacy
+# flags after the new ones were set raises ("a mix of the legacy and new APIs"). exact_fp32 had read the legacy ones,
+# and raised where a caller had used the new; writing the new ones instead made the legacy ones raise for every other
+# reader (torch's own compiler among them) inside the window. So it speaks the caller's API: the legacy flags while
+# they can be read, else the new settings.
 _NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
 
 
 def _tf32_flags() -> tuple:
-    if _NEW_TF32_API:
-        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    """The TF32 settings as found: ``("legacy", matmul, cudnn)`` or ``("new", matmul, conv, rnn)``."""
+    try:
+        return "legacy", torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # set through the new API: the legacy flags cannot be read
+        if not _NEW_TF32_API:
+            raise
+        b = torch.backends
+        return "new", b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision
 
 
-def _set_tf32_flags(flags: tuple | None) -> None:
-    """Put back ``flags`` (from :func:`_tf32_flags`), or with None switch TF32 off for matmuls and convolutions."""
-    if _NEW_TF32_API:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = flags or ("ieee", "ieee")
+def _set_tf32_flags(flags: tuple, off: bool = False) -> None:
+    """Put back ``flags`` (from :func:`_tf32_flags`), or with ``off`` switch TF32 off in the API they were read in."""
+    b = torch.backends
+    if flags[0] == "legacy":
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = (False, False) if off else flags[1:]
     else:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags or (False, False)
+        b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = (
+            ("ieee",) * 3 if off else flags[1:])
 
 
 _FP32_LOCK = threading.Lock()

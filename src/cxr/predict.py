@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -55,14 +56,18 @@ def check_inference_args(*, threshold: float | None = None, amp: str = "auto", b
     Raises:
         UsageError: naming the argument and the value.
     """
-    import math
+    import numbers
 
-    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1
-                                      and not math.isnan(threshold)):
-        raise UsageError(f"threshold must be a number from 0 to 1, got {threshold!r}")
+    if threshold is not None:
+        try:  # any number: NumPy's and torch's scalars too; not True, which would be 1
+            value = math.nan if isinstance(threshold, bool) else float(threshold)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not 0 <= value <= 1:
+            raise UsageError(f"threshold must be a number from 0 to 1, got {threshold!r}")
     if amp not in ("auto", "on", "off"):
         raise UsageError(f"amp must be auto, on or off, got {amp!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise UsageError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
 
 

@@ -785,7 +785,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
 
     if video:
         frame_size = even_frame_size(*frame_size)  # fail before minutes of work, not after
-        if not (seconds_per_image > 0 and fps > 0):  # as frame_size: it was logged as "no video" and went on
+        # as frame_size: it was logged as "no video" and went on (infinity too, an OverflowError in the writer)
+        if not (0 < seconds_per_image < math.inf and 0 < fps < math.inf):
             raise UsageError(f"seconds per image and fps must be > 0, got {seconds_per_image} and {fps}")
     art = load_artifacts(run_dir)
     out = Path(output) if output is not None else art.root

@@ -460,7 +460,7 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
     Returns:
         The run directory.
     """
-    if resume is None and cfg is not None and overrides:  # they were ignored without a word
+    if resume is None and overrides:  # they were ignored without a word
         cfg = load_config(overrides=overrides, base=cfg)
     with _process_state_kept():
         return _train_run(cfg, resume, overrides)
