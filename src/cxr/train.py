@@ -449,8 +449,9 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
     validates, writes every file and evaluates at the end; the others train and wait.
 
     The process's torch settings (deterministic algorithms, cuDNN benchmark), ``CUBLAS_WORKSPACE_CONFIG`` and the
-    random generators of Python, NumPy and torch are put back as they were when it returns or fails: a notebook that
-    trains goes on as it was. (The CLI's report is not written here: call :func:`cxr.report.make_report`.)
+    random generators of Python, NumPy and torch (CUDA's too where CUDA was in use before the call) are put back as
+    they were when it returns or fails: a notebook that trains goes on as it was. (The CLI's report is not written
+    here: call :func:`cxr.report.make_report`.)
 
     Args:
         cfg: the run's config (ignored with ``resume``).
