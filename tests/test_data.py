@@ -309,7 +309,7 @@ def test_validation_folds_keep_one_fold_where_it_does():
     assert len(val) in (8, 9, 10)
 
 
-def test_carve_validation_hashes_what_scan_left_unhashed_and_checks_its_arguments(tiny_dataset):
+def test_carve_validation_hashes_what_scan_left_unhashed_and_checks_its_arguments(tiny_dataset, monkeypatch):
     # Straight from scan(), samples have no digest: copies were not grouped (31 pairs straddled the split in a helper's
     # test), under a warning that said they were.
     normal = tiny_dataset / "train" / "NORMAL"
@@ -317,10 +317,21 @@ def test_carve_validation_hashes_what_scan_left_unhashed_and_checks_its_argument
         shutil.copy(f, normal / f"copy_{i}.jpeg")
     pool = scan(tiny_dataset)["train"].samples
     assert all(s.digest == "" for s in pool)
+    # A file that cannot be read (permissions, or gone since the scan) gets "" (its decode says why later): the carve
+    # does not stop on it.
+    unreadable = pool[3].path
+    real_digest = data.file_digest
+
+    def digest(path):
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied", path)
+        return real_digest(path)
+
+    monkeypatch.setattr(data, "file_digest", digest)
     for seed in range(5):
         train, val = carve_validation(pool, 0.25, seed)
-        assert not {s.digest for s in train} & {s.digest for s in val}
-        assert all(s.digest for s in train + val)
+        assert not ({s.digest for s in train} & {s.digest for s in val}) - {""}
+        assert [s.path for s in train + val if not s.digest] == [unreadable]
     for fraction in (0, float("nan"), 0.7, -0.1):
         with pytest.raises(UsageError, match="validation fraction"):
             carve_validation(pool, fraction, 0)

@@ -539,6 +539,14 @@ def _groups(samples: Sequence[Sample]) -> np.ndarray:
     return np.array([find(i) for i in range(len(samples))])
 
 
+def _digest_or_blank(path: str) -> str:
+    """A file's SHA-256, or "" where it cannot be read (its decode, later, says why; the carve must not stop on it)."""
+    try:
+        return file_digest(path)
+    except OSError:
+        return ""
+
+
 def validation_folds(fraction: float, max_folds: int = 20) -> tuple[int, int]:
     """(m, n): the carved validation split is ``m`` of ``n`` folds. One fold of ``round(1 / fraction)`` where that is
     within 0.01 of ``fraction`` (0.15 is 1 of 7, 0.2 is 1 of 5: the carve of earlier cxr versions); else the fewest
@@ -571,7 +579,7 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
         raise UsageError(f"split seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
     # Without digests no copies are grouped: 31 byte-identical pairs had straddled the split, under a warning that
     # said they were kept together.
-    pool = [s if s.digest or not os.path.isfile(s.path) else replace(s, digest=file_digest(s.path)) for s in pool]
+    pool = [s if s.digest else replace(s, digest=_digest_or_blank(s.path)) for s in pool]
     labels = np.array([s.label for s in pool])
     groups = _groups(pool)
     per_class = [len(np.unique(groups[labels == label])) for label in range(len(CLASS_NAMES))]
