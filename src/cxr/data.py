@@ -39,6 +39,7 @@ from cxr.images import (
     IMAGE_EXTENSIONS,
     ImageError,
     dicom_patient_id,
+    image_stem,
     is_image_file,
     load_image,
     read_file,
@@ -118,8 +119,7 @@ def patient_id(filename: str) -> str:
     found = _kermany_patient(filename)
     if found is not None:
         return found
-    root, ext = os.path.splitext(filename)
-    return root if ext.lower() in IMAGE_EXTENSIONS else filename
+    return image_stem(filename)
 
 
 _DICOM_PATIENT = "dicom:"  # before a patient id read from a DICOM header's PatientID

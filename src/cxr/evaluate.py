@@ -23,7 +23,7 @@ import torch
 from cxr.config import CLASS_NAMES
 from cxr.errors import CxrError, DataError, UsageError
 from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, ensure_dir
-from cxr.images import IMAGE_EXTENSIONS
+from cxr.images import image_stem
 from cxr.model import autocast, normalize
 from cxr.predict import DISCLAIMER
 from cxr.report import expected_calibration_error
@@ -344,10 +344,8 @@ def development_images(ckpt, mid: str):
 
 def _name_key(name: str) -> str:
     """A file name without its image extensions (``IM-0115-0001.jpeg.dcm``, a converter's, has two), lower case."""
-    root, ext = os.path.splitext(name)
-    while ext.lower() in IMAGE_EXTENSIONS:
-        name = root
-        root, ext = os.path.splitext(name)
+    while (stem := image_stem(name)) != name:
+        name = stem
     return name.lower()
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cxr.fileio import CSV_TEXT, atomic_path, display_name
-from cxr.images import IMAGE_EXTENSIONS, ImageError, load_image, resize_square
+from cxr.images import ImageError, image_stem, load_image, resize_square
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,7 @@ def _unique_name(path: Path, used: set[str]) -> str:
 
     # Only an image extension comes off: a UID-named DICOM (1.2.826.0.1.3680043.8.498.1234) keeps every part, where
     # Path.stem had cut its last, and a study's files all came out as 1.2.826.0.1.3680043.8.498_<n>_gradcam.png.
-    stem, ext = os.path.splitext(path.name)
-    stem = stem if ext.lower() in IMAGE_EXTENSIONS else path.name
+    stem = image_stem(path.name)
     name, n = f"{stem}{EXPLAIN_SUFFIX}", 1
     while name in used:
         n += 1

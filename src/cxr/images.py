@@ -228,6 +228,13 @@ def dicom_patient_id(path: str | os.PathLike) -> str | None:
     return value or None
 
 
+def image_stem(name: str) -> str:
+    """``name`` without its image extension (``scan.DCM`` -> ``scan``); a name without one is kept whole, so that a
+    DICOM named by its UID (``1.2.840.113619.2.55.3.1``) keeps its last part, which is no extension."""
+    root, ext = os.path.splitext(name)
+    return root if ext.lower() in IMAGE_EXTENSIONS else name
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     """Whether a file found in a folder is taken as an image: by its extension (:data:`IMAGE_EXTENSIONS`), or, for
     any other name, by its first bytes (JPEG, PNG or DICOM's 'DICM' marker). PACS exports often name DICOM files
