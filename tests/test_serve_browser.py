@@ -173,6 +173,12 @@ def test_the_page_shows_a_probability_and_threshold_as_cxr_predict_does(browser_
     assert py[1] == ["0.5746", "0.57463"] and py[12][1] == "0.031000000"
     assert py[13][0] == "0.562" and py[16][0] == "0.688"  # 0.5625 to even (down), 0.6875 to even (up)
     assert page.evaluate("ts => ts.map(thresholdText)", [0.57463, 0.99996, 1.0]) == ["0.575", "0.99996", "1.000"]
+    # Metrics: never 1.000 below 1 (the bundled model's AUROC 0.9996 read so), alike in the page and in Python.
+    from cxr.predict import score_text
+
+    values = [0.9996, 0.987, 1.0, 0.0, 0.00004, 0.99999949]
+    assert page.evaluate("xs => xs.map(score)", values) == [score_text(x) for x in values] == [
+        "0.9996", "0.987", "1.000", "0.000", "0.00004", "0.999999"]
 
 
 def test_drop_an_xray_on_the_page(browser_page, checkpoint):

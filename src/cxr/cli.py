@@ -288,7 +288,7 @@ def _print_metrics(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from cxr.predict import DISCLAIMER, threshold_text
+    from cxr.predict import DISCLAIMER, score_text, threshold_text
 
     threshold = threshold_text(next(iter(metrics.values()))["threshold"]) if metrics else "-"
     table = Table(title=f"metrics at threshold {threshold}", caption=DISCLAIMER)
@@ -297,8 +297,8 @@ def _print_metrics(metrics: dict) -> None:
     for c in cols:
         table.add_column("sensitivity" if c == "recall" else c, justify="right")
     for name, m in metrics.items():
-        table.add_row(_shown(name), *[("-" if m[c] is None else f"{m[c]:.3f}" if isinstance(m[c], float) else str(m[c]))
-                              for c in cols])
+        table.add_row(_shown(name), *[("-" if m[c] is None else score_text(m[c]) if isinstance(m[c], float)
+                                       else str(m[c])) for c in cols])
     Console(width=max(Console().width, 110)).print(table)  # no truncated headers in a pipe
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError
 from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, display_name, ensure_dir, image_name
-from cxr.predict import prob_text, threshold_decimals
+from cxr.predict import prob_text, score_text, threshold_decimals
 
 log = logging.getLogger(__name__)
 
@@ -388,9 +388,9 @@ def plot_roc_pr(predictions: Sequence[SplitPredictions], threshold: float):
             precision, recall, _ = precision_recall_curve(p.labels, p.probs)
             auroc, auprc = roc_auc_score(p.labels, p.probs), average_precision_score(p.labels, p.probs)
             ax_roc.plot(fpr, tpr, ls, color=colour, linewidth=2,
-                        label=f"{p.name}: AUROC {auroc:.3f} (n={len(p.labels)})")
+                        label=f"{p.name}: AUROC {score_text(auroc)} (n={len(p.labels)})")
             ax_pr.plot(recall, precision, ls, color=colour, linewidth=2, drawstyle="steps-post",
-                       label=f"{p.name}: AUPRC {auprc:.3f} (n={len(p.labels)})")
+                       label=f"{p.name}: AUPRC {score_text(auprc)} (n={len(p.labels)})")
             ax_pr.axhline(p.labels.mean(), color=colour, linestyle=":", linewidth=1)
             op_fpr, op_tpr, op_prec = _operating_point(p.labels, p.probs, threshold)
             ax_roc.plot(op_fpr, op_tpr, marker, color=colour, markersize=10, markeredgecolor="black")
@@ -702,7 +702,7 @@ def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if isinstance(v, float):
-        return f"{v:.3f}"
+        return score_text(v)
     return html.escape(str(v))
 
 
@@ -882,7 +882,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                 key = "sensitivity" if c == "recall" else c
                 value, interval = m.get(c), ci.get(key)
                 if value is not None and interval and None not in interval:
-                    cells.append(_Html(f"{value:.3f}<br><span class='ci'>{interval[0]:.3f}–{interval[1]:.3f}</span>"))
+                    cells.append(_Html(f"{score_text(value)}<br><span class='ci'>{score_text(interval[0])}–"
+                                       f"{score_text(interval[1])}</span>"))
                 else:
                     cells.append(value)
             metric_rows.append([s, *cells, ece])

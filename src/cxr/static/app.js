@@ -27,6 +27,16 @@ function fmt(p) {
   return fixed(Number(p), 3);
 }
 
+// A metric as the report shows it (cxr.predict.score_text): three decimals, more where a value inside 0-1 would read
+// as 0 or 1 (the bundled model's AUROC, 0.9996, read "1.000").
+function score(x) {
+  for (let d = 3; d <= 6; d++) {
+    const text = fixed(x, d);
+    if (!(x > 0 && x < 1 && (Number(text) === 0 || Number(text) === 1))) return text;
+  }
+  return fixed(x, 6);
+}
+
 // Decimals to show a threshold with beside a probability (cxr.predict.threshold_decimals): three, or more when
 // a probability below the threshold would show as equal to it, or the threshold (inside 0-1) as 0 or 1.
 function thresholdDecimals(t, p = null) {
@@ -68,7 +78,7 @@ async function loadModelInfo() {
     // What the model card says it scored on its validation split (figures measured when it was trained).
     const val = m.metrics && m.metrics.val;
     if (val && typeof val.accuracy === "number" && typeof val.auroc === "number") {
-      parts.splice(3, 0, `validation (n ${val.n}): accuracy ${fmt(val.accuracy)}, AUROC ${fmt(val.auroc)}`);
+      parts.splice(3, 0, `validation (n ${val.n}): accuracy ${score(val.accuracy)}, AUROC ${score(val.auroc)}`);
     }
     info.textContent = parts.join(" · ");
     if (m.intended_use) info.title = `Intended use: ${m.intended_use}`;
