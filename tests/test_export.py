@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,22 +209,76 @@ def test_the_service_on_an_onnx_file_runs_without_torch(exported):
     assert body["probability"] == pytest.approx(exported["probs"][0], abs=1e-4) and body["heatmap"] is None
 
 
-def test_checkpoint_exported_in_memory_for_onnx_runtime(exported, monkeypatch):
-    # A checkpoint given to the ONNX backend is exported in memory, never to a file. The export itself is what
-    # the other tests check (and takes seconds), so here it hands back the bytes already exported.
+@pytest.fixture
+def counted_exports(exported, monkeypatch):
+    """``onnx_model_bytes`` replaced by one that counts its calls and hands back the bytes already exported (the
+    export itself is what the other tests check, and takes seconds)."""
     import cxr.export
 
     seen = []
 
-    def export_in_memory(ckpt):
+    def export(ckpt):
         seen.append(ckpt.path)
         return exported["onnx"].read_bytes()
 
-    monkeypatch.setattr(cxr.export, "onnx_model_bytes", export_in_memory)
-    predictor = load_onnx_predictor(exported["ckpt"])
-    assert seen == [str(exported["ckpt"])]
-    assert predictor.model_id == exported["id"]
-    assert np.abs(predictor.predict_uint8(exported["images"][:4]) - exported["probs"][:4]).max() < 1e-4
+    monkeypatch.setattr(cxr.export, "onnx_model_bytes", export)
+    return seen
+
+
+def test_a_checkpoint_is_exported_for_onnx_runtime_once(exported, counted_exports, tmp_path, caplog):
+    # `cxr predict|serve --backend onnx --model CKPT` exports on the first start and reads the cache after.
+    first = load_onnx_predictor(exported["ckpt"])
+    assert counted_exports == [str(exported["ckpt"])]
+    cached = list((Path(os.environ["CXR_CACHE_DIR"]) / "onnx").glob("*.onnx"))
+    assert len(cached) == 1 and cached[0].read_bytes() == exported["onnx"].read_bytes()
+    again = load_onnx_predictor(exported["ckpt"])
+    assert counted_exports == [str(exported["ckpt"])], "the second start exported again"
+    for predictor in (first, again):
+        assert predictor.model_id == exported["id"]
+        assert np.abs(predictor.predict_uint8(exported["images"][:4]) - exported["probs"][:4]).max() < 1e-4
+
+    # Another threshold is another contract, so another export (a cached file would carry the old one).
+    ckpt = load_checkpoint(exported["ckpt"])
+    other = tmp_path / "other.pt"
+    save_checkpoint(Checkpoint(ckpt.arch, ckpt.state_dict, ckpt.config, threshold=0.7), other)
+    load_onnx_predictor(other)
+    assert counted_exports == [str(exported["ckpt"]), str(other)]
+    assert len(list(cached[0].parent.glob("*.onnx"))) == 2
+
+    # A damaged cache file is exported again, with a warning, and replaced.
+    cached[0].write_bytes(b"not an onnx model")
+    with caplog.at_level(logging.WARNING, logger="cxr"):
+        fixed = load_onnx_predictor(exported["ckpt"])
+    assert counted_exports[-1] == str(exported["ckpt"]) and len(counted_exports) == 3
+    assert "unusable" in caplog.text and fixed.model_id == exported["id"]
+
+
+def test_an_unwritable_onnx_cache_costs_time_not_results(exported, counted_exports, tmp_path, monkeypatch, caplog):
+    blocked = tmp_path / "cache-is-a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("CXR_CACHE_DIR", str(blocked))
+    with caplog.at_level(logging.WARNING, logger="cxr"):
+        predictor = load_onnx_predictor(exported["ckpt"])
+        load_onnx_predictor(exported["ckpt"])
+    assert counted_exports == [str(exported["ckpt"])] * 2
+    assert "could not keep the ONNX export" in caplog.text
+    assert np.abs(predictor.predict_uint8(exported["images"][:2]) - exported["probs"][:2]).max() < 1e-4
+
+
+def test_the_onnx_cache_keeps_the_newest_exports(exported, counted_exports, tmp_path, monkeypatch):
+    import cxr.export
+
+    monkeypatch.setattr(cxr.export, "ONNX_CACHE_KEEP", 2)
+    ckpt = load_checkpoint(exported["ckpt"])
+    for i in range(4):
+        path = tmp_path / f"t{i}.pt"
+        save_checkpoint(Checkpoint(ckpt.arch, ckpt.state_dict, ckpt.config, threshold=0.1 + i / 10), path)
+        cxr.export.cached_onnx_model_bytes(path)
+        folder = Path(os.environ["CXR_CACHE_DIR"]) / "onnx"
+        assert len(list(folder.glob("*.onnx"))) == min(i + 1, 2)
+    assert len(counted_exports) == 4
+    data, hit = cxr.export.cached_onnx_model_bytes(tmp_path / "t3.pt")
+    assert hit is not None and len(counted_exports) == 4, "the newest export was pruned"
 
 
 def test_bad_inputs_are_refused(exported, tmp_path):

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the results to a .csv or .json file")
     p.add_argument("--threshold", type=_probability)
     p.add_argument("--backend", choices=["torch", "onnx"],
-                   help="PyTorch, or ONNX Runtime on the CPU (exports a checkpoint in memory) "
+                   help="PyTorch, or ONNX Runtime on the CPU (a checkpoint is exported once and kept in the cache) "
                         "(default: onnx for an .onnx model, else torch)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (torch backend)")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help=_INFERENCE_AMP_HELP)

@@ -16,6 +16,7 @@ Research software, not a medical device: predictions are not a diagnosis.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ FORMATS = ("onnx", "torchscript")
 TORCHSCRIPT_EXTRA_FILE = "cxr.json"
 CONTRACT_VERSION = 1
 ONNX_OPSET = 18
+ONNX_CACHE_KEEP = 8  # exports of checkpoints kept in the cache folder (about 28 MB each for DenseNet-121)
 
 INTENDED_USE = ("Research and teaching: studying how a convolutional network separates NORMAL from PNEUMONIA "
                 "chest X-rays. Not for diagnosis, triage, screening or any other clinical decision.")
@@ -228,6 +230,62 @@ def onnx_model_bytes(model: str | os.PathLike | Checkpoint) -> bytes:
     entry = proto.metadata_props.add()
     entry.key, entry.value = CONTRACT_KEY, json.dumps(contract(ckpt))
     return proto.SerializeToString()
+
+
+def _export_key(ckpt: Checkpoint) -> str:
+    """What decides an export's bytes: the contract (the weights' hash, threshold, preprocessing, model card), the
+    exporter's versions and opset, and cxr's own source (the graph is built and exported by it)."""
+    import onnx
+    import onnxscript
+
+    h = hashlib.sha256(json.dumps(contract(ckpt), sort_keys=True).encode())
+    for part in (torch.__version__, onnx.__version__, onnxscript.__version__, str(ONNX_OPSET)):
+        h.update(b"\0" + part.encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(b"\0" + source.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def cached_onnx_model_bytes(model: str | os.PathLike | Checkpoint, cache_dir: str | os.PathLike | None = None,
+                            ) -> tuple[bytes, Path | None]:
+    """:func:`onnx_model_bytes`, exported once per checkpoint and kept under ``CACHE_DIR/onnx/``.
+
+    The export takes 10-30 s for DenseNet-121, on every start of ``cxr predict`` or ``cxr serve --backend onnx``
+    with a checkpoint. A later start with the same checkpoint, contract and exporter reads the file instead. The
+    newest :data:`ONNX_CACHE_KEEP` exports are kept. A cache that cannot be written costs the time, not the result.
+
+    Returns:
+        The ONNX bytes and the cache file they came from (None when they were exported now).
+    """
+    from cxr.config import default_cache_dir
+
+    ckpt = _as_checkpoint(model)
+    try:
+        key = _export_key(ckpt)
+    except ImportError:
+        return onnx_model_bytes(ckpt), None  # onnx_model_bytes names what to install
+    folder = Path(cache_dir or default_cache_dir()) / "onnx"
+    file = folder / f"{key}.onnx"
+    name = ckpt.path or "the model"
+    with contextlib.suppress(OSError):
+        data = file.read_bytes()
+        with contextlib.suppress(OSError):
+            os.utime(file)  # the newest use is what the pruning below keeps
+        log.info("%s: its ONNX export read from %s", name, file)
+        return data, file
+    log.info("exporting %s to ONNX (once: the export is kept in %s)", name, folder)
+    data = onnx_model_bytes(ckpt)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(file, fsync=False) as tmp:
+            tmp.write_bytes(data)
+        exports = sorted(folder.glob("*.onnx"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
+        for old in exports[ONNX_CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not keep the ONNX export in %s (%s): the next start exports it again", folder,
+                    e.strerror or e)
+    return data, None
 
 
 def _interrupted(error: BaseException | None) -> bool:

@@ -2,8 +2,8 @@
 
 Nothing here imports torch, so that ``cxr predict`` and ``cxr serve`` with an exported ``.onnx`` file run without it
 (``import torch`` alone takes 1.3 to 2.4 s on the machines of BENCHMARKS.md, figure 4b, and some 450 MB). Exporting
-a checkpoint in memory, for a ``--model`` that is not an ``.onnx`` file, goes through :mod:`cxr.export` and does
-need torch.
+a checkpoint, for a ``--model`` that is not an ``.onnx`` file, goes through :mod:`cxr.export` and does need torch
+(the export is kept in the cache folder, so only the first start pays for it).
 """
 
 from __future__ import annotations
@@ -101,17 +101,27 @@ class OnnxPredictor:
 
 
 def load_onnx_predictor(model: str | os.PathLike | Checkpoint, *, threads: int = 0) -> OnnxPredictor:
-    """An :class:`OnnxPredictor` for an ``.onnx`` file, or for a checkpoint exported in memory (no file written).
+    """An :class:`OnnxPredictor` for an ``.onnx`` file, or for a checkpoint exported to ONNX (once: the export is
+    kept in the cache folder, see :func:`cxr.export.cached_onnx_model_bytes`).
 
     Only the second needs torch (to export), and only then is it imported.
     """
     if isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx"):
         return OnnxPredictor(model, threads=threads)
-    from cxr.export import _as_checkpoint, onnx_model_bytes
+    from cxr.errors import CheckpointError
+    from cxr.export import _as_checkpoint, cached_onnx_model_bytes, onnx_model_bytes
 
     ckpt = _as_checkpoint(model)
-    log.info("exporting %s to ONNX in memory (cxr export writes it to a file once)", ckpt.path or "the model")
-    return OnnxPredictor(onnx_model_bytes(ckpt), threads=threads, name=ckpt.path or "<checkpoint>")
+    name = ckpt.path or "<checkpoint>"
+    data, cached = cached_onnx_model_bytes(ckpt)
+    try:
+        return OnnxPredictor(data, threads=threads, name=name)
+    except CheckpointError as e:
+        if cached is None:
+            raise
+        log.warning("the cached ONNX export %s is unusable (%s): exporting %s again", cached, e, name)
+        cached.unlink(missing_ok=True)
+        return OnnxPredictor(onnx_model_bytes(ckpt), threads=threads, name=name)
 
 
 def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike], *, threshold: float | None = None,
@@ -119,7 +129,7 @@ def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike],
     """``cxr predict --backend onnx``: :func:`cxr.predict.predict_files` on ONNX Runtime (CPU, fp32).
 
     Args:
-        model: an ``.onnx`` file from ``cxr export``, or a checkpoint / run directory (exported in memory).
+        model: an ``.onnx`` file from ``cxr export``, or a checkpoint / run directory (exported once, cached).
 
     Returns:
         ``list[cxr.predict.Prediction]`` in input order; unreadable files get an ``error``.
