@@ -161,6 +161,21 @@ def test_scan_npz_any_subset_of_splits(tmp_path):
     assert prepared.images.shape == (10, 64, 64) and prepared.images.dtype == np.uint8
 
 
+def test_blank_npz_rows_are_skipped_as_blank_files_are(tmp_path):
+    # A row of one value shows nothing; as a file, it is refused (the model called such images PNEUMONIA at 0.99999).
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (6, 28, 28), dtype=np.uint8)
+    images[1], images[4] = 0, 200
+    path = tmp_path / "mnist.npz"
+    np.savez(path, test_images=images, test_labels=np.array([0, 1, 0, 1, 0, 1]))
+    prepared = prepare(scan(path)["test"], load_config(overrides={"image_size": 32}))
+    assert [s.path for s in prepared.samples] == [f"{path}#test/{i}" for i in (0, 2, 3, 5)]
+    assert prepared.labels.tolist() == [0, 0, 1, 1]
+    assert np.array_equal(prepared.images[1], resize_square(images[2], 32))
+    assert [p for p, _ in prepared.failures] == [f"{path}#test/1", f"{path}#test/4"]
+    assert all("blank image" in error for _, error in prepared.failures)
+
+
 def test_scan_npz_rejects_bad_labels(tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.array([0, 3]))

@@ -38,6 +38,7 @@ from cxr.fileio import CSV_TEXT, atomic_path, display_name
 from cxr.images import (
     IMAGE_EXTENSIONS,
     ImageError,
+    check_not_blank,
     dicom_patient_id,
     image_stem,
     is_image_file,
@@ -808,10 +809,20 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
     """:func:`prepare`'s work, into ``images`` (N, S, S); returns the Prepared split with its rows (compacted)."""
     size = cfg.image_size
     n = len(split.samples)
+    failures: list[tuple[str, str]] = []
     if split.images is not None:
+        digests = [s.digest for s in split.samples]
+        ok = np.ones(n, dtype=bool)
         for i, im in enumerate(split.images):
+            try:
+                check_not_blank(im, split.samples[i].path)  # as a blank file is: the model calls them PNEUMONIA
+            except ImageError as e:
+                ok[i] = False
+                failures.append((split.samples[i].path, str(e)))
+                log.warning("skipping unreadable image: %s", e)
+                continue
             images[i] = resize_square(im, size)
-        return Prepared(split.name, images, np.array([s.label for s in split.samples], np.int64), split.samples)
+        return _compact(split, images, ok, digests, failures)
 
     folder = cache_folder(cfg)
     warm = bool(_packs(folder))
@@ -830,7 +841,6 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
     for pack, rows in by_pack.items():
         _copy_from_pack(pack, size, rows, images, ok)
 
-    failures: list[tuple[str, str]] = []
     if todo:
         workers = workers or min(os.cpu_count() or 1, 8)
         # Small chunks balance the workers; large ones amortise a pack's file (64 images: about 3 MB at 224 px).
@@ -874,7 +884,13 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
                 pool.shutdown(cancel_futures=True)
         if store:
             DigestMemo(cfg.cache_dir).put(hashed)  # the next run's lookup need not read these files again
+    return _compact(split, images, ok, digests, failures)
 
+
+def _compact(split: Split, images: np.ndarray, ok: np.ndarray, digests: list[str],
+             failures: list[tuple[str, str]]) -> Prepared:
+    """The Prepared split of the rows that were read (``ok``)."""
+    n = len(split.samples)
     rows = np.flatnonzero(ok)
     if len(rows) < n:  # close the gaps of unreadable images in place (rows only move forward)
         for dst, src in enumerate(rows):

@@ -259,11 +259,11 @@ def _decode(data: bytes, label: str, max_pixels: int, draft_size: int | None) ->
         gray = _decode_dicom(data, label, max_pixels)
     else:
         raise ImageError(label, "not an image (content is not JPEG, PNG or DICOM)")
-    _check_not_blank(gray, label)
+    check_not_blank(gray, label)
     return gray
 
 
-def _check_not_blank(gray: np.ndarray, label: str) -> None:
+def check_not_blank(gray: np.ndarray, label: str) -> None:
     """Refuse an image whose pixels all have one value: it shows nothing, yet the model called such images
     PNEUMONIA with P = 0.99999 (a 1x1 PNG, a black JPEG, a constant 16-bit PNG or DICOM)."""
     if gray.min() == gray.max():
