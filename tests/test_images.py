@@ -230,6 +230,23 @@ def test_blank_image_is_refused(kind):
         load_image(data, 16, name="scan", draft=True)
 
 
+@pytest.mark.parametrize("kind, target", [
+    ("jpeg", "PIL.ImageOps.exif_transpose"),  # the PIL decode path
+    ("dicom", "pydicom.dcmread"),  # the DICOM header
+    ("dicom", "cxr.images._stretch"),  # the DICOM window and rescale
+])
+def test_out_of_memory_is_not_blamed_on_the_file(kind, target, monkeypatch):
+    # A MemoryError on a loaded machine was reported as "corrupt JPEG (MemoryError)": the service answered 422 (the
+    # client's file is bad) instead of its 503 "out of memory: retry later", and training skipped a good image.
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(target, out_of_memory)
+    data = save_bytes(Image.fromarray(ramp()), "JPEG") if kind == "jpeg" else dicom_bytes(ramp().astype(np.uint16))
+    with pytest.raises(MemoryError):
+        load_image(data, 16, name="scan")
+
+
 def png_16bit(samples: np.ndarray, colour_type: int) -> bytes:
     """A PNG of 16-bit ``samples`` (H, W, channels) of IHDR ``colour_type``, written by hand: PIL cannot write these."""
     def chunk(kind: bytes, body: bytes) -> bytes:

@@ -221,6 +221,8 @@ def dicom_patient_id(path: str | os.PathLike) -> str | None:
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"], force=not marked)
         value = str(ds.get("PatientID", "") or "").strip()
+    except MemoryError:
+        raise  # the machine's fault, not the file's: the callers' out-of-memory handling must see it
     except Exception:  # pydicom raises many types for a damaged header
         return None
     finally:
@@ -335,6 +337,8 @@ def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: 
             raise ImageError(label, f"{bits}-bit JPEG, which Pillow cannot decode: save it as 16-bit PNG or DICOM") \
                 from e
         raise ImageError(label, f"truncated or corrupt {fmt} (header unreadable)") from e
+    except MemoryError:
+        raise
     except Exception as e:
         # PIL reports damage as OSError, SyntaxError, ValueError, EOFError or struct.error depending on where.
         detail = str(e) or type(e).__name__
@@ -429,6 +433,8 @@ def _check_inflated_size(data: bytes, label: str, max_pixels: int) -> None:
         read_preamble(fp, False)
         if str(_read_file_meta_info(fp).get("TransferSyntaxUID", "")) != _DEFLATED_TS:
             return
+    except MemoryError:
+        raise
     except Exception:
         return  # dcmread reports a damaged header better
     limit = _DEFLATE_BYTES_PER_PIXEL * max_pixels
@@ -461,6 +467,8 @@ def _dicom_without_preamble(data: bytes, label: str, error: Exception):
         if not (any(k in ds for k in _PIXEL_DATA_KEYWORDS) and int(ds.get("Rows") or 0)):
             raise refusal from error
     except ImageError:
+        raise
+    except MemoryError:
         raise
     except Exception as e:
         raise refusal from e
@@ -498,6 +506,8 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         # No preamble and 'DICM' marker (older or raw exports): such a file reaches here only by its .dcm/.dicom
         # name, and is read as DICOM when it holds an image.
         ds = _dicom_without_preamble(data, label, e)
+    except MemoryError:
+        raise
     except Exception as e:
         raise ImageError(label, f"corrupt DICOM ({str(e) or type(e).__name__})") from e
 
@@ -514,6 +524,8 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         ts = meta.get("TransferSyntaxUID") if meta is not None else None
         # is_compressed raises for a UID that is not a known transfer syntax (a damaged or private one).
         compressed = ts is not None and ts.is_transfer_syntax and ts.is_compressed
+    except MemoryError:
+        raise
     except Exception as e:
         raise ImageError(label, f"corrupt DICOM header ({str(e) or type(e).__name__})") from e
     if not has_pixels:
@@ -527,6 +539,8 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         if frames > 1 and hasattr(ds, "pixel_array_options"):
             ds.pixel_array_options(index=0)  # pydicom >= 3 decodes just the first frame
         arr = ds.pixel_array
+    except MemoryError:
+        raise
     except Exception as e:
         # pydicom puts each plugin's reason on a line of its own, after a heading ending in a colon: all of them.
         detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()).replace(":; ", ": ")
@@ -549,6 +563,8 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         # Stored values are indices into the colour palette: its colours are the image, not the indices.
         try:
             arr = _apply_color_lut(arr, ds)[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        except MemoryError:
+            raise
         except Exception as e:
             reason = str(e) or type(e).__name__
             raise ImageError(label, f"PALETTE COLOR DICOM whose palette cannot be applied ({reason})") from e
@@ -565,5 +581,7 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
             # Colour DICOM is rare for X-rays; pydicom hands it over as RGB, reduced here to ITU-R 601 luma.
             arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
         return _stretch(arr, padding)
+    except MemoryError:
+        raise
     except Exception as e:
         raise ImageError(label, f"cannot apply DICOM rescale/window ({str(e) or type(e).__name__})") from e
