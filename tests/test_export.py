@@ -304,6 +304,13 @@ def test_bad_inputs_are_refused(exported, tmp_path):
         onnx.save(model, tmp_path / "edited.onnx")
         with pytest.raises(CheckpointError, match="edited.onnx: its cxr contract does not fit the model"):
             OnnxPredictor(tmp_path / "edited.onnx")
+    # A contract of a later layout than this cxr reads is refused, not half-understood.
+    model = onnx.load(exported["onnx"])
+    prop = next(p for p in model.metadata_props if p.key == CONTRACT_KEY)
+    prop.value = json.dumps({**json.loads(prop.value), "contract_version": 2})
+    onnx.save(model, tmp_path / "newer.onnx")
+    with pytest.raises(CheckpointError, match=r"newer.onnx: exported by a newer cxr \(contract 2, this cxr reads up"):
+        OnnxPredictor(tmp_path / "newer.onnx")
     with pytest.raises(UsageError, match="format"):
         export_model(exported["ckpt"], "tflite", tmp_path / "m.tflite")
     with pytest.raises(UsageError, match="directory"):

@@ -219,6 +219,20 @@ def test_safetensors_without_cxr_metadata(tmp_path):
         load_checkpoint(tmp_path / "x.safetensors")
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_checkpoint_of_a_newer_format_is_refused_in_both_kinds(tmp_path, monkeypatch, suffix):
+    # The bundled model is a .safetensors file; its loader had skipped the format check that .pt files get.
+    import cxr.model
+    from cxr.model import save_safetensors
+
+    monkeypatch.setattr(cxr.model, "CHECKPOINT_VERSION", cxr.model.CHECKPOINT_VERSION + 1)
+    path = tmp_path / f"newer{suffix}"
+    (save_checkpoint if suffix == ".pt" else save_safetensors)(_checkpoint(tmp_path), path)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"written by a newer cxr \(format 2, this cxr reads up to 1\)"):
+        load_checkpoint(path)
+
+
 def test_startup_imports_neither_dynamo_nor_breaks_it(tmp_path):
     # cxr.tv imports torchvision without torch._dynamo (a second of every start-up), and Checkpoint.build runs no
     # initialiser that would import it. Afterwards torch._dynamo is the real module and torch.compile works.

@@ -27,6 +27,7 @@ ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "resnet18",
 # ImageNet-pretrained weights (first convolution summed over RGB) expect.
 GRAY_MEAN = 0.449
 GRAY_STD = 0.226
+DEFAULT_MAX_PIXELS = 100_000_000  # an image of more pixels is refused (a decompression bomb, or not an X-ray)
 
 
 def _compiles(pattern: str) -> bool:
@@ -63,7 +64,7 @@ class Config:
     # A regular expression searched in each image's path below its class folder (with "/" between folders); its first
     # group (or the whole match) is the patient id, before any other rule: "^([^/]+)/" for one folder per patient.
     patient_pattern: str = ""
-    max_pixels: int = 100_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     # DataLoader workers per process, or "auto": 0 on the CPU (batches come from the in-memory cache), up to 8 per
     # process on CUDA, where the per-image augmentation on the CPU is what limits a GPU (cxr.train.loader_workers)
     num_workers: int | str = "auto"

@@ -34,6 +34,7 @@ from cxr.fileio import atomic_path, check_writable
 from cxr.model import Checkpoint, load_checkpoint
 from cxr.onnx_backend import (  # noqa: F401 - re-exported: ONNX Runtime inference lives there, without torch
     CONTRACT_KEY,
+    CONTRACT_VERSION,
     OnnxPredictor,
     load_onnx_predictor,
     predict_files_onnx,
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 TORCHSCRIPT_EXTRA_FILE = "cxr.json"
-CONTRACT_VERSION = 1
 ONNX_OPSET = 18
 ONNX_CACHE_KEEP = 8  # exports of checkpoints kept in the cache folder (about 28 MB each for DenseNet-121)
 

@@ -35,10 +35,10 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cxr.config import DEFAULT_MAX_PIXELS
 from cxr.errors import CxrError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".dcm", ".dicom"})
-DEFAULT_MAX_PIXELS: int = 100_000_000
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

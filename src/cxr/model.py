@@ -411,20 +411,8 @@ def _skip_init():
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
     """Write ``ckpt`` atomically as plain data (tensors, numbers, strings): loadable with ``weights_only=True``."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "arch": ckpt.arch,
-        "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
-        "config": ckpt.config.to_dict(),
-        "class_names": list(ckpt.class_names),
-        "preprocessing": ckpt.preprocessing,
-        "threshold": float(ckpt.threshold),
-        "threshold_policy": ckpt.threshold_policy,
-        "epoch": int(ckpt.epoch),
-        "val_loss": float(ckpt.val_loss),
-        "extra": ckpt.extra,
-    }
+    payload = {**_meta_fields(ckpt), "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
+               "extra": ckpt.extra}
     # Serialised in memory, then written with plain file I/O: a full disk is then an OSError naming the cause, which
     # atomic_path reports as a WriteError (torch.save writing the file itself says "unexpected pos 576 vs 534").
     buf = io.BytesIO()
@@ -485,8 +473,11 @@ def load_checkpoint(model: str | os.PathLike) -> Checkpoint:
 
 
 def _checkpoint_from(obj: dict[str, Any], path: Path) -> Checkpoint:
-    if obj.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: written by a newer cxr (format {obj['format_version']}); upgrade cxr")
+    """The Checkpoint of a file's fields (a ``torch.save`` payload, or a safetensors file's metadata and tensors)."""
+    version = obj.get("format_version", 0)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer cxr (format {version!r}, this cxr reads up to "
+                              f"{CHECKPOINT_VERSION}); upgrade cxr")
     try:
         return Checkpoint(
             arch=obj["arch"], state_dict=obj["state_dict"], config=config_from_dict(obj["config"]),
@@ -509,11 +500,13 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-def _payload_meta(ckpt: Checkpoint) -> dict[str, Any]:
+def _meta_fields(ckpt: Checkpoint) -> dict[str, Any]:
+    """Everything of a checkpoint but its tensors and ``extra``: one list for both file kinds, read back by
+    :func:`_checkpoint_from`."""
     return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "arch": ckpt.arch,
             "config": ckpt.config.to_dict(), "class_names": list(ckpt.class_names), "preprocessing": ckpt.preprocessing,
             "threshold": float(ckpt.threshold), "threshold_policy": ckpt.threshold_policy, "epoch": int(ckpt.epoch),
-            "val_loss": float(ckpt.val_loss), "info": ckpt.extra.get("info", {})}
+            "val_loss": float(ckpt.val_loss)}
 
 
 def save_safetensors(ckpt: Checkpoint, path: str | os.PathLike, *, half: bool = True) -> None:
@@ -526,7 +519,7 @@ def save_safetensors(ckpt: Checkpoint, path: str | os.PathLike, *, half: bool = 
 
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in ckpt.state_dict.items()}
-    meta = {"cxr": json.dumps(_payload_meta(ckpt))}
+    meta = {"cxr": json.dumps({**_meta_fields(ckpt), "info": ckpt.extra.get("info", {})})}
     data = save(tensors, metadata=meta)  # bytes, written below so that a full disk is a clear WriteError
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -546,11 +539,4 @@ def _load_safetensors(path: Path) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: a safetensors file without cxr metadata")
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    try:
-        return Checkpoint(arch=meta["arch"], state_dict=state, config=config_from_dict(meta["config"]),
-                          class_names=list(meta["class_names"]), threshold=float(meta["threshold"]),
-                          threshold_policy=meta.get("threshold_policy", "default"), epoch=int(meta.get("epoch", 0)),
-                          val_loss=float(meta.get("val_loss", float("nan"))), extra={"info": meta.get("info", {})},
-                          path=str(path))
-    except (KeyError, TypeError, ValueError, CxrError) as e:
-        raise CheckpointError(f"{path}: damaged cxr metadata ({e.__class__.__name__}: {e})") from None
+    return _checkpoint_from({**meta, "state_dict": state, "extra": {"info": meta.get("info", {})}}, path)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cxr.config import DEFAULT_MAX_PIXELS
 from cxr.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTRACT_KEY = "cxr.contract"  # the ONNX metadata entry holding the JSON contract (cxr.export writes it)
+CONTRACT_VERSION = 1  # the contract's layout; a file of a later one is refused, not half-understood
 
 
 class OnnxPredictor:
@@ -68,11 +70,15 @@ class OnnxPredictor:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{label}: an ONNX model without a cxr contract (export it with cxr export)") \
                 from None
+        version = self.contract.get("contract_version", 0)
+        if not isinstance(version, int) or version > CONTRACT_VERSION:
+            raise CheckpointError(f"{label}: exported by a newer cxr (contract {version!r}, this cxr reads up to "
+                                  f"{CONTRACT_VERSION}); upgrade cxr, or export the model again with this one")
         self.card: dict[str, Any] = self.contract.get("model_card") or {}
         # A contract edited by hand is said here in one line, not as a traceback at the first prediction.
         shape = next((i.shape for i in self.session.get_inputs() if i.name == "image"), None)
         try:
-            self.max_pixels = int(self.contract.get("max_pixels", 100_000_000))
+            self.max_pixels = int(self.contract.get("max_pixels", DEFAULT_MAX_PIXELS))
             self.draft = self.contract.get("draft", False)  # absent from the exports of earlier cxr versions
             fits = (shape is not None and len(shape) == 4 and self.max_pixels > 0 and 0 <= self.threshold <= 1
                     and isinstance(self.draft, bool)

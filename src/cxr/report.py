@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.config import CLASS_NAMES
+from cxr.config import CLASS_NAMES, DEFAULT_MAX_PIXELS, Config
 from cxr.errors import UsageError
 from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, display_name, ensure_dir, image_name
 from cxr.predict import prob_text, score_text, threshold_decimals
@@ -538,7 +538,7 @@ def _short(text: str, n: int) -> str:
 class _PixelSource:
     """Load model inputs for prediction paths: image files, or ``file.npz#split/index`` array entries."""
 
-    def __init__(self, size: int, max_pixels: int = 100_000_000, draft: bool = False):
+    def __init__(self, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = False):
         self.size, self.max_pixels, self.draft = size, max_pixels, draft
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
         self.failed: list[str] = []
@@ -580,7 +580,7 @@ class _Explainer:
     batch_size: int = 16
     source: str | None = None  # the checkpoint read, for the heatmaps and the image size
     draft: bool = False  # the model's JPEG decoding (cfg.draft), so that its images are the inputs it was measured on
-    max_pixels: int = 100_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     other_model_id: str | None = None  # that checkpoint's model_id, when it is not the model the metrics measured
 
     def heatmaps(self, images: np.ndarray, classes: np.ndarray) -> list[np.ndarray | None]:
@@ -596,10 +596,11 @@ class _Explainer:
 def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, heatmaps: bool) -> _Explainer:
     from cxr.model import load_checkpoint, resolve_device, resolve_model_path
 
-    size = int((art.config or {}).get("image_size", 224))
-    mean, std = float((art.config or {}).get("mean", 0.449)), float((art.config or {}).get("std", 0.226))
-    draft = bool((art.config or {}).get("draft", False))
-    max_pixels = int((art.config or {}).get("max_pixels", 100_000_000))
+    config, default = art.config or {}, Config()  # a run's config.yaml, and what its absent fields mean
+    size = int(config.get("image_size", default.image_size))
+    mean, std = float(config.get("mean", default.mean)), float(config.get("std", default.std))
+    draft = bool(config.get("draft", default.draft))
+    max_pixels = int(config.get("max_pixels", default.max_pixels))
     source = model
     if source is None:
         try:

@@ -55,6 +55,10 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 API = "/api/v1"
 BACKENDS = ("torch", "onnx")
 _MULTIPART_OVERHEAD = 64 * 1024  # boundary lines and part headers on top of the file itself
+# A browser's form sends one part, curl one per -F; 1.4 million empty parts in a 20 MB body had cost 800 MB and 19 s
+# of the event loop. Part headers are a line or two each.
+_MAX_PARTS = 16
+_MAX_PART_HEADERS = 16 * 1024
 
 # Nothing loads from elsewhere, so the service works on a network without internet access: the page and the API
 # by construction, the OpenAPI pages (Swagger UI, ReDoc) because fastapi-offline ships their scripts and the service
@@ -259,7 +263,7 @@ async def read_upload(request: Request, max_bytes: int, idle_timeout: float | No
         HttpError: 413 over ``max_bytes``, 415 not multipart/form-data, 400 malformed, 422 no ``file`` field, 408
         nothing received for ``idle_timeout`` seconds.
     """
-    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
@@ -276,27 +280,43 @@ async def read_upload(request: Request, max_bytes: int, idle_timeout: float | No
     ended = []  # the closing boundary was seen: without it, a cut-off upload would pass as a shorter file
 
     def on_part_begin() -> None:
-        parts.append({"headers": {}, "data": bytearray()})
+        if len(parts) == _MAX_PARTS:
+            raise HttpError(400, f"more than {_MAX_PARTS} form fields: send the image alone, as field 'file'")
+        parts.append({"headers": {}, "header_bytes": 0, "data": bytearray(), "keep": False})
 
     def on_header_field(b: bytes, start: int, end: int) -> None:
+        header_bytes(end - start)
         header["field"] += b[start:end]
 
     def on_header_value(b: bytes, start: int, end: int) -> None:
+        header_bytes(end - start)
         header["value"] += b[start:end]
+
+    def header_bytes(n: int) -> None:
+        parts[-1]["header_bytes"] += n
+        if parts[-1]["header_bytes"] > _MAX_PART_HEADERS:
+            raise HttpError(400, f"form field headers over {_mb(_MAX_PART_HEADERS)}")
 
     def on_header_end() -> None:
         parts[-1]["headers"][bytes(header["field"]).lower()] = bytes(header["value"])
         header["field"], header["value"] = bytearray(), bytearray()
 
-    def on_part_data(b: bytes, start: int, end: int) -> None:
-        parts[-1]["data"] += b[start:end]
+    def on_headers_finished() -> None:  # only the image's bytes are kept; other fields are counted, not stored
+        _, disp = parse_options_header(parts[-1]["headers"].get(b"content-disposition", b""))
+        parts[-1]["keep"] = disp.get(b"name") == b"file"
 
-    parser = MultipartParser(params[b"boundary"], {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_part_data": on_part_data, "on_end": lambda: ended.append(True)})
+    def on_part_data(b: bytes, start: int, end: int) -> None:
+        if parts[-1]["keep"]:
+            parts[-1]["data"] += b[start:end]
+
     received = 0
     chunks = request.stream().__aiter__()
     try:
+        # Inside the try: python-multipart refuses some boundaries (over 256 bytes) as it builds the parser.
+        parser = MultipartParser(params[b"boundary"], {
+            "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+            "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data, "on_end": lambda: ended.append(True)})
         while True:
             try:
                 with anyio.fail_after(idle_timeout):
@@ -311,7 +331,7 @@ async def read_upload(request: Request, max_bytes: int, idle_timeout: float | No
                 raise HttpError(413, too_big)
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError:
+    except FormParserError:
         raise HttpError(400, "malformed multipart/form-data body") from None
     except ClientDisconnect:
         raise HttpError(400, "the client went away during the upload") from None
@@ -320,8 +340,8 @@ async def read_upload(request: Request, max_bytes: int, idle_timeout: float | No
 
     files = []
     for part in parts:
-        _, disp = parse_options_header(part["headers"].get(b"content-disposition", b""))
-        if disp.get(b"name") == b"file":
+        if part["keep"]:
+            _, disp = parse_options_header(part["headers"].get(b"content-disposition", b""))
             files.append((bytes(part["data"]), disp.get(b"filename", b"").decode("utf-8", "replace")))
     if len(files) != 1:
         raise HttpError(422, "send exactly one image in a form field named 'file'" if files else
