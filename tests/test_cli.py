@@ -1106,6 +1106,28 @@ def test_predict_handles_awkward_file_names(tmp_path, capsys, monkeypatch):
     assert all(Path(r["path"]).is_file() and r["error"] == "" for r in rows)
 
 
+def test_hostile_file_names_are_neither_formulas_in_the_csv_nor_commands_to_the_terminal(tmp_path, capsys,
+                                                                                         monkeypatch):
+    from cxr.cli import main as cxr_main
+    from cxr.demo import SAMPLE_DIR
+
+    monkeypatch.setenv("COLUMNS", "400")
+    image = next((SAMPLE_DIR / "test" / "NORMAL").iterdir()).read_bytes()
+    formula = '=HYPERLINK("evil.example","open").jpeg'
+    (tmp_path / formula).write_bytes(image)
+    (tmp_path / "@SUM(1+1).png").write_bytes(b"not an image")
+    (tmp_path / "a\x1b[31mred\x1b]2;title\x07\u202eb.jpeg").write_bytes(image)
+    monkeypatch.chdir(tmp_path)
+    assert cxr_main(["predict", ".", "--output", "p.csv", "--table"]) == 0
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err and "\u202e" not in out + err  # shown as escapes, not obeyed
+    assert "a\\x1b[31mred" in out
+    rows = {r["path"]: r for r in read_csv(tmp_path / "p.csv")}
+    assert set(rows) == {"./" + formula, "./@SUM(1+1).png", "a\x1b[31mred\x1b]2;title\x07\u202eb.jpeg"}
+    assert rows["./@SUM(1+1).png"]["error"].startswith("./@SUM(1+1).png: not an image")
+    assert all(Path(p).is_file() for p in rows)  # the same files
+
+
 def test_predict_table_names_every_file_in_a_narrow_terminal(tmp_path, capsys, monkeypatch):
     # In an 80-column terminal the path column used to be cut at its end, so every file of a deep folder showed as
     # the same "/data/.../NO…". Paths are now shown below the folder they share (named in the title), and wrapped.

@@ -31,6 +31,7 @@ from cxr.report import (
     margin,
     pick_video_indices,
     plot_calibration,
+    plot_confusion,
     plot_roc_pr,
     reliability_bins,
     select_examples,
@@ -167,6 +168,20 @@ def test_roc_pr_legend_keys_look_like_what_is_drawn():
             in_legend = [line for line in ax.get_legend().findobj(Line2D) if line.get_visible()]
             drawn = [line for line in ax.get_lines() if len(line.get_xdata())]  # not empty legend proxies
             assert looks(in_legend) == looks(drawn), (names, ax.get_title())
+
+
+def test_a_dollar_in_a_split_name_is_drawn_as_text(tmp_path):
+    # A folder named "study$1^$" stopped the report (mathtext's ParseSyntaxException); "$\alpha$" was drawn as α.
+    name = "study$1^$"
+    from matplotlib.text import Text
+
+    rng = np.random.default_rng(0)
+    labels = (rng.uniform(size=40) < 0.5).astype(int)
+    preds = [SplitPredictions(name, [f"{i}.png" for i in range(40)], labels, np.clip(labels * 0.6 + 0.2, 0, 1))]
+    for fig in (plot_confusion([[10, 2], [3, 25]], name), plot_roc_pr(preds, 0.5), plot_calibration(preds)):
+        fig.savefig(tmp_path / "f.png")  # mathtext parses while drawing
+        texts = [t.get_text() for t in fig.findobj(Text)]
+        assert any(name in t for t in texts), texts
 
 
 def test_roc_pr_of_one_class_only_says_why_it_is_empty():

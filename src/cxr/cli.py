@@ -510,7 +510,11 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_unknown(parser, args.command, extra, sys.argv[1:] if argv is None else list(argv))
     # cxr's own messages at INFO; other libraries' only from WARNING (onnxscript, say, logs a dozen INFO lines per
     # export).
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    from cxr.fileio import PrintableFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(message)s"))  # a file name's ESC codes are shown, not obeyed
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     if args.command is None:
         parser.print_help()

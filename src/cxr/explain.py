@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr.fileio import CSV_TEXT, atomic_path, display_name
+from cxr.fileio import CSV_TEXT, atomic_path, display_name, spreadsheet_cells
 from cxr.images import ImageError, image_stem, load_image, resize_square
 
 log = logging.getLogger(__name__)
@@ -290,8 +290,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
         w.writerow(["path", "prob_pneumonia", "predicted", "output", "error", "threshold", "model_id", "note"])
         for e in rows:  # probabilities to the last bit, as `cxr predict` writes them
             prob = "" if e.prob_pneumonia is None else repr(e.prob_pneumonia)
-            w.writerow([e.path, prob, e.predicted or "", e.output or "", e.error or "", repr(float(t)), mid,
-                        DISCLAIMER])
+            path, output, error = spreadsheet_cells(e.path, e.output or "", e.error or "")
+            w.writerow([path, prob, e.predicted or "", output, error, repr(float(t)), mid, DISCLAIMER])
     done = [e for e in rows if e.error is None]
     ours = {Path(e.output).name for e in done}
     stale = sorted(p.name for p in out_dir.glob(f"*{EXPLAIN_SUFFIX}") if p.name not in ours)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import tempfile
@@ -19,9 +20,47 @@ _TEMP_SUFFIX = ".tmp"
 CSV_TEXT = {"newline": "", "encoding": "utf-8", "errors": "surrogateescape"}
 
 
-def display_name(text: str) -> str:
-    """A file name fit to draw or print: bytes that were not valid UTF-8 shown as escapes (``\\udcc4``)."""
+def valid_utf8(text: str) -> str:
+    """``text`` with bytes that were not valid UTF-8 (a path from another system's encoding) shown as escapes
+    (``\\udcc4``), so that it can be written as UTF-8."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def display_name(text: str) -> str:
+    """A file name fit to draw or print: undecodable bytes (:func:`valid_utf8`) and characters that are not printable
+    shown as escapes: control codes such as ESC (terminal colours, titles, a cleared screen) or a newline (a forged log
+    line), and bidirectional overrides (``\\x1b``, ``\\n``, ``\\u202e``)."""
+    text = valid_utf8(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes Excel or LibreOffice read a cell as a formula
+
+
+def spreadsheet_cells(path: str, *texts: str) -> list[str]:
+    """A CSV row's ``path`` and other ``texts`` that a spreadsheet shows as text, never runs as a formula (a file
+    named ``=HYPERLINK("http://...").jpeg``). The path becomes ``./path``, the same file; a text that begins with
+    the path gets the same prefix, and any other text that begins like a formula a leading ``'``."""
+    safe = "./" + path if path.startswith(_FORMULA_START) else path
+    out = [safe]
+    for text in texts:
+        if safe != path and text.startswith(path):
+            text = safe + text[len(path):]
+        elif text.startswith(_FORMULA_START):
+            text = "'" + text
+        out.append(text)
+    return out
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines whose control characters (from file names in the messages) are shown as escapes, not obeyed by the
+    terminal; line breaks and tabs of the messages themselves are kept."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        lines = super().format(record).split("\n")
+        return "\n".join(display_name(line.replace("\t", "    ")) for line in lines)
 
 
 def image_name(path: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.errors import UsageError
-from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text
+from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, spreadsheet_cells
 from cxr.images import ImageError, is_image_file, load_image
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,8 @@ def write_predictions_file(path: str | os.PathLike, predictions: list[Prediction
             for p in predictions:
                 prob = "" if p.prob_pneumonia is None else repr(float(p.prob_pneumonia))
                 t = "" if p.threshold is None else repr(float(p.threshold))
-                w.writerow([p.path, prob, p.label or "", p.error or "", t, p.model_id or "", DISCLAIMER])
+                path, error = spreadsheet_cells(p.path, p.error or "")
+                w.writerow([path, prob, p.label or "", error, t, p.model_id or "", DISCLAIMER])
 
 
 def read_predictions_file(path: str | os.PathLike) -> list[Prediction]:

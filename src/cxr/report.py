@@ -35,7 +35,15 @@ import numpy as np
 
 from cxr.config import CLASS_NAMES, DEFAULT_MAX_PIXELS, Config
 from cxr.errors import UsageError
-from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, display_name, ensure_dir, image_name
+from cxr.fileio import (
+    CSV_TEXT,
+    atomic_path,
+    atomic_write_text,
+    display_name,
+    ensure_dir,
+    image_name,
+    valid_utf8,
+)
 from cxr.predict import prob_text, score_text, threshold_decimals
 
 log = logging.getLogger(__name__)
@@ -52,7 +60,9 @@ SPLIT_STYLE = {"train": (OKABE_ITO["orange"], "--", "o"), "val": (OKABE_ITO["blu
 RIGHT_COLOUR, WRONG_COLOUR = OKABE_ITO["blue"], OKABE_ITO["vermillion"]
 MATRIX_CMAP = "cividis"
 _RC = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5, "axes.grid": True,
-       "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False, "savefig.facecolor": "white"}
+       "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False, "savefig.facecolor": "white",
+       # Titles and legends hold split and folder names: a "$" in one is text, not TeX (it broke or altered them).
+       "text.parse_math": False}
 
 
 # ------------------------------------------------------------------------------------------------ artifacts
@@ -1028,6 +1038,6 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
 
     report = out / "report.html"
     # Paths that are not UTF-8 (a folder from another system's encoding) appear escaped (\\udcff), as in the figures.
-    atomic_write_text(report, display_name(_html(art, sections, model_note)))
+    atomic_write_text(report, valid_utf8(_html(art, sections, model_note)))
     log.info("wrote %s", report)
     return report
