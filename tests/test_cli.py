@@ -930,6 +930,34 @@ def test_merge_without_usable_manifests_warns_and_merges(tmp_path, caplog):
     assert "no readable manifest" in caplog.text
 
 
+@pytest.mark.parametrize("command", [["evaluate", "--data", "d", "--output", "o"], ["explain", "x.jpeg", "--output",
+                                     "o"], ["report", "r"], ["export", "--format", "onnx", "--output", "m.onnx"]])
+def test_commands_that_run_in_one_process_refuse_torchrun(command, monkeypatch, capsys, tmp_path):
+    # `torchrun ... -m cxr evaluate` ran the whole evaluation in every process, each writing the same files.
+    from cxr.cli import main as cxr_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cxr_main(command) == 2
+    assert f"cxr {command[0]} runs in one process: run it without torchrun" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_of_a_torchrun_takes_its_own_shard_count_only(tmp_path):
+    # An earlier `--shard 0/3` beside it had made a torchrun of 2 predict everything, then refuse to merge.
+    from cxr.predict import Prediction, merge_shards, shard_path, write_predictions_file
+
+    out = tmp_path / "p.csv"
+    write_predictions_file(shard_path(out, (0, 3)), [Prediction("old.jpeg", 0.25, "NORMAL")])
+    for i in range(2):
+        write_predictions_file(shard_path(out, (i, 2)), [Prediction(f"x{i}.jpeg", 0.25, "NORMAL")])
+    with pytest.raises(UsageError, match=r"different shard counts: \[2, 3\]; delete those of the run"):
+        merge_shards(out)
+    assert [p.path for p in merge_shards(out, count=2, remove=True)] == ["x0.jpeg", "x1.jpeg"]
+    assert shard_path(out, (0, 3)).exists() and not shard_path(out, (0, 2)).exists()
+
+
 def test_merge_refuses_shards_of_different_models(tmp_path):
     from cxr.predict import Prediction, merge_shards, shard_path, write_predictions_file
 

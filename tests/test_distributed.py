@@ -165,6 +165,54 @@ def test_a_dataset_error_under_torchrun_is_one_line_on_every_rank(tmp_path):
     assert ours.count("cxr train: error:") == 2, ours
 
 
+# A rank that fails in the middle of training: here rank 1's third optimiser step.
+FAILING_RANK_CXR = """
+import os
+import sys
+import torch
+from cxr.cli import main
+
+step = torch.optim.Adam.step
+calls = []
+
+def failing_step(self, *args, **kwargs):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        raise RuntimeError("CUDA out of memory (injected on rank 1)")
+    return step(self, *args, **kwargs)
+
+torch.optim.Adam.step = failing_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_fails_mid_run_ends_the_job_at_once(tmp_path):
+    # The failing rank waited at shutdown's barrier while the other waited in the gradients' all-reduce: the job hung,
+    # without a word, for CXR_DIST_TIMEOUT (two hours by default). Now the failing rank leaves and torchrun ends
+    # the other at once; a hang here runs into the 240 s group timeout and the test's 200 s limit.
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK_CXR)
+    data = make_dataset(tmp_path / "data")
+    (tmp_path / "tiny.yaml").write_text(CONFIG)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run([*launcher, str(script), "train", "--data", str(data), "--output", str(tmp_path / "run"),
+                           "--config", str(tmp_path / "tiny.yaml"), *FLAGS], capture_output=True, text=True,
+                          timeout=200, env={**os.environ, "OMP_NUM_THREADS": "1", "CXR_DIST_TIMEOUT": "240"})
+    assert proc.returncode != 0
+    assert "injected on rank 1" in proc.stderr
+
+
+def test_one_image_per_process_is_refused_where_batch_norm_is_per_process(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run([*launcher, "-m", "cxr", "train", "--data", str(data), "--output", str(tmp_path / "run"),
+                           *FLAGS, "--batch-size", "2"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0  # torchrun's own status: 1 when a child fails
+    assert "1 image per process; batch norm needs two: use --batch-size 4 or more" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_process_group_waits_for_a_rank_building_the_cache(monkeypatch):
     # NCCL gives up on a collective after 10 minutes by default, while local rank 0 may build the cache alone for 20:
     # the group is made with CXR_DIST_TIMEOUT seconds (two hours by default).
@@ -186,7 +234,7 @@ def test_the_process_group_waits_for_a_rank_building_the_cache(monkeypatch):
     assert calls == [("gloo", {"timeout": datetime.timedelta(hours=2)})]
     monkeypatch.setenv("CXR_DIST_TIMEOUT", "90")
     assert d.dist_timeout() == datetime.timedelta(seconds=90)
-    for bad in ("0", "soon", "nan"):
+    for bad in ("0", "soon", "nan", "9.3e9"):  # the last passed, then broke torch's store with a C++ trace
         monkeypatch.setenv("CXR_DIST_TIMEOUT", bad)
         with pytest.raises(UsageError, match="CXR_DIST_TIMEOUT"):
             d.dist_timeout()

@@ -368,6 +368,17 @@ def test_report_refuses_a_folder_without_artifacts(tmp_path):
         make_report(tmp_path)
     with pytest.raises(UsageError, match="no such run directory"):
         make_report(tmp_path / "missing")
+    # A damaged config.yaml or metrics.json is one line naming the file, not a YAML or JSON traceback.
+    (tmp_path / "config.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(UsageError, match=r"config.yaml: not valid YAML at line 2"):
+        make_report(tmp_path)
+    (tmp_path / "config.yaml").write_text("- a list\n")
+    with pytest.raises(UsageError, match=r"config.yaml: not a config"):
+        make_report(tmp_path)
+    (tmp_path / "config.yaml").unlink()
+    (tmp_path / "metrics.json").write_text("{")
+    with pytest.raises(UsageError, match=r"metrics.json: not valid JSON"):
+        make_report(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ browser

@@ -77,8 +77,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint, or "
                    "extend one (of the run's settings only --epochs, --device, --swa-epochs, --swa-lr and "
                    "--num-workers may change; --no-report applies as usual)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=int, help="epochs of the learning-rate schedule (default 20)")
+    p.add_argument("--batch-size", type=int, help="images per optimiser step, over all processes under torchrun "
+                   "(the global batch; default 32)")
     p.add_argument("--image-size", type=int, help="square side in pixels (default 224)")
     p.add_argument("--lr", type=float, help="peak learning rate (Adam)")
     p.add_argument("--weights", help="imagenet | none | PATH to a local state dict | a cxr model to fine-tune: "
@@ -377,15 +378,17 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             if info.active:
                 barrier()
                 if info.main:
-                    merged = merge_shards(args.output, remove=True)
+                    merged = merge_shards(args.output, remove=True, count=info.world)
                     log.info("merged %d shards into %s (%d files)", info.world, args.output, len(merged))
                     _refuse_if_nothing_predicted(merged, args.output)
             elif shard:
                 log.info("when every shard is done: cxr merge %s", args.output)
         if nothing:
             _refuse_if_nothing_predicted(preds, args.output)
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(failed=True)  # not at a barrier the other ranks never reach: torchrun ends them when this one exits
+        raise
+    shutdown()
 
 
 def _refuse_if_nothing_predicted(preds: list, output: str | None) -> None:
@@ -502,6 +505,16 @@ def _refuse_unknown(parser: _Parser, command: str | None, extra: list[str], argv
     parser.commands.choices[command].error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
+def _refuse_torchrun(command: str) -> None:
+    """Only train and predict share their work among torchrun's processes; any other command ran once per process,
+    every one writing the same files at the same time."""
+    from cxr.distributed import env_info
+
+    if env_info().world > 1:
+        hint = "; for predictions shared among processes, use cxr predict" if command == "evaluate" else ""
+        raise UsageError(f"cxr {command} runs in one process: run it without torchrun{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cxr`` console script. Returns the exit status."""
     parser = build_parser()
@@ -529,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
                 "report": _cmd_report, "explain": _cmd_explain, "serve": _cmd_serve, "export": _cmd_export,
                 "demo": _cmd_demo}
     try:
+        if args.command not in ("train", "predict"):
+            _refuse_torchrun(args.command)
         commands[args.command](args)
     except CxrError as e:
         print(f"cxr {args.command}: error: {e}", file=sys.stderr)

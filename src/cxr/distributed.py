@@ -82,6 +82,9 @@ def init(device: torch.device) -> tuple[DistInfo, torch.device]:
 # Whether this module started the process group: only such a group is torn down by shutdown(). A caller's own (a
 # notebook that set one up, say) had been destroyed by every cxr.train.train, on success and on failure alike.
 _OURS = False
+# CXR_DIST_TIMEOUT's upper bound, more than any wait needs: 9.3e9 s had passed the check, then broken torch's store
+# (its timeout is kept in milliseconds) with a C++ trace.
+MAX_DIST_TIMEOUT = 7 * 24 * 3600
 
 
 def dist_timeout() -> datetime.timedelta:
@@ -89,27 +92,31 @@ def dist_timeout() -> datetime.timedelta:
     raw = os.environ.get("CXR_DIST_TIMEOUT", "7200")
     try:
         seconds = float(raw)
-        if not (math.isfinite(seconds) and seconds > 0):
+        if not (math.isfinite(seconds) and 0 < seconds <= MAX_DIST_TIMEOUT):
             raise ValueError
     except ValueError:
-        raise UsageError(f"CXR_DIST_TIMEOUT={raw!r}: give a number of seconds above 0") from None
+        raise UsageError(f"CXR_DIST_TIMEOUT={raw!r}: give a number of seconds above 0, at most "
+                         f"{MAX_DIST_TIMEOUT:,} (a week)") from None
     return datetime.timedelta(seconds=seconds)
 
 
-def shutdown() -> None:
+def shutdown(*, failed: bool = False) -> None:
     """Leave the process group (no-op without one).
 
     Every rank first waits for the others, so that no rank tears down its gloo connections while a peer is still
     using them: once in about ten 2-process CPU runs, a rank that left first died at exit with SIGABRT ("terminate
-    called without an active exception"), after the run's files were all written.
+    called without an active exception"), after the run's files were all written. ``failed``: this rank stops on an
+    error, and the others, waiting in some other collective, would never reach that barrier; it leaves at once.
     """
     global _OURS
     if _started() and _OURS:
         import torch.distributed as dist
 
-        with contextlib.suppress(Exception):  # a peer already gone: nothing left to wait for
-            dist.barrier()
-        dist.destroy_process_group()
+        if not failed:
+            with contextlib.suppress(Exception):  # a peer already gone: nothing left to wait for
+                dist.barrier()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
         _OURS = False
 
 

@@ -325,24 +325,27 @@ def _check_manifests(out: Path, parts: list[Path], rows: list[int]) -> None:
                          f"{manifests[0]['files']} files (a shard file edited or cut short?); run the shards again")
 
 
-def merge_shards(output: str | os.PathLike, *, remove: bool = False) -> list[Prediction]:
+def merge_shards(output: str | os.PathLike, *, remove: bool = False, count: int | None = None) -> list[Prediction]:
     """Concatenate the shard files of ``output`` in shard order into ``output`` (equal to a single-process run).
 
     Every shard ``0..n-1`` of one ``n`` must be present, cut from the same file list (their manifests say); ``remove``
-    deletes the parts and their manifests after the merged file is written.
+    deletes the parts and their manifests after the merged file is written. ``count``: merge the parts of ``n =
+    count`` only (a torchrun knows its own; parts of an earlier run with another count are then left alone).
     """
     out = Path(output)
     _check_suffix(out)
     pattern = re.compile(rf"^{re.escape(out.stem)}\.shard-(\d{{5}})-of-(\d{{5}}){re.escape(out.suffix)}$")
     found: dict[int, set[int]] = {}
     for f in out.parent.iterdir() if out.parent.is_dir() else ():
-        if m := pattern.match(f.name):
+        if (m := pattern.match(f.name)) and count in (None, int(m[2])):
             found.setdefault(int(m[2]), set()).add(int(m[1]))
     if not found:
         raise UsageError(f"no shard files {shard_path(out, (0, 1)).name.replace('00000-of-00001', '*-of-*')} "
                          f"beside {out}")
     if len(found) > 1:
-        raise UsageError(f"shard files of {out} from runs with different shard counts: {sorted(found)}")
+        raise UsageError(f"shard files of {out} from runs with different shard counts: {sorted(found)}; delete "
+                         f"those of the run you do not want ({out.stem}.shard-*-of-N{out.suffix}, with their "
+                         "manifests)")
     (n, have), = found.items()
     missing = sorted(set(range(n)) - have)
     if missing:

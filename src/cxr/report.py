@@ -160,7 +160,15 @@ def load_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
         raise UsageError(f"{root}: no such run directory")
     art = RunArtifacts(root)
     if (root / "config.yaml").is_file():
-        art.config = yaml.safe_load((root / "config.yaml").read_text()) or {}
+        try:
+            config = yaml.safe_load((root / "config.yaml").read_text())
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise UsageError(f"{root / 'config.yaml'}: not valid YAML{at}") from None
+        if config is not None and not isinstance(config, dict):
+            raise UsageError(f"{root / 'config.yaml'}: not a config (a YAML mapping of fields)")
+        art.config = config or {}
     art.summary = _read_json(root / "summary.json")
     if (root / "history.csv").is_file():
         art.history = read_history(root / "history.csv") or None

@@ -520,9 +520,14 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
     info, device = init_distributed(resolve_device(cfg.device))
     try:
-        return _train(cfg, state, run_dir, info, device, resume is not None, t_start)
-    finally:
-        shutdown_distributed()
+        result = _train(cfg, state, run_dir, info, device, resume is not None, t_start)
+    except BaseException:
+        # Not at a barrier: the other ranks wait in another collective, and the job hung silently for
+        # CXR_DIST_TIMEOUT (2 h) after one rank's disk filled up. torchrun ends them when this rank exits.
+        shutdown_distributed(failed=True)
+        raise
+    shutdown_distributed()
+    return result
 
 
 class TrainBatches:
@@ -721,6 +726,12 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
            t_start: float) -> Path:
     if cfg.batch_size % info.world:
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {info.world} processes")
+    if info.active and device.type != "cuda" and cfg.batch_size // info.world < 2:
+        # Batch norm is per process off CUDA (SyncBatchNorm needs NCCL): one image a process stopped every rank with
+        # "Expected more than 1 value per channel", or, at larger sizes, trained batch norm on single images.
+        raise UsageError(f"--batch-size {cfg.batch_size} over {info.world} processes is {cfg.batch_size // info.world} "
+                         "image per process; batch norm needs two: use --batch-size "
+                         f"{2 * info.world} or more")
     if not info.main:
         logging.getLogger("cxr").setLevel(logging.WARNING)  # one log, from rank 0
     made_folders: list[Path] = []  # what a new run that fails its data checks removes again: only what it created
