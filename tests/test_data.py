@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr import data
+from cxr import config, data
 from cxr.config import load_config
 from cxr.data import (
     Sample,
@@ -662,12 +662,11 @@ def test_loader_workers_give_the_main_process_batches():
 
 
 def test_num_workers_auto_is_none_on_the_cpu_and_most_cores_per_process_on_cuda(monkeypatch, tmp_path):
-    from cxr import train
     from cxr.train import TrainBatches, loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(train, "CGROUP_CPU_MAX", tmp_path / "absent")  # a CI container's own CPU quota must not count
+    monkeypatch.setattr(config, "CGROUP_CPU_MAX", tmp_path / "absent")  # a CI container's own CPU quota must not count
     for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
@@ -698,7 +697,7 @@ def test_num_workers_auto_respects_a_containers_cpus_ranks_and_shared_memory(mon
     for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     cpu_max = tmp_path / "cpu.max"
-    monkeypatch.setattr(train, "CGROUP_CPU_MAX", cpu_max)
+    monkeypatch.setattr(config, "CGROUP_CPU_MAX", cpu_max)
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**34, 0, 2**34))
     auto, cuda = load_config(), torch.device("cuda", 0)
     assert train.loader_workers(auto, cuda) == 8  # no cgroup file: the affinity's 64 cores

@@ -46,6 +46,24 @@ def default_cache_dir() -> str:
     return os.path.join(base, "cxr")
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "max 100000", or "200000 100000" for 2 CPUs
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity, and a container's CPU quota (cgroup v2 ``cpu.max``)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything that decides what a training run does.

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.config import CLASS_NAMES, Config
+from cxr.config import CLASS_NAMES, Config, usable_cores
 from cxr.errors import DataError, UsageError, WriteError
 from cxr.fileio import CSV_TEXT, atomic_path, display_name
 from cxr.images import (
@@ -425,7 +425,7 @@ def add_digests(split: Split, cache_dir: str | os.PathLike | None = None) -> Spl
 
     if len(todo) >= 64:
         # Hashing, reading and stat() release the GIL, so threads use every core without starting processes.
-        with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
+        with ThreadPoolExecutor(max_workers=min(usable_cores(), 8)) as pool:
             found = dict(zip(todo, pool.map(one, todo), strict=True))
     else:
         found = {path: one(path) for path in todo}
@@ -842,7 +842,7 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
         _copy_from_pack(pack, size, rows, images, ok)
 
     if todo:
-        workers = workers or min(os.cpu_count() or 1, 8)
+        workers = workers or min(usable_cores(), 8)
         # Small chunks balance the workers; large ones amortise a pack's file (64 images: about 3 MB at 224 px).
         per_chunk = max(8, min(_PACK_IMAGES, -(-len(todo) // (4 * workers))))
         chunks = [todo[k:k + per_chunk] for k in range(0, len(todo), per_chunk)]

@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cxr import __version__
+from cxr.config import usable_cores
 from cxr.errors import UsageError
 from cxr.images import ImageError, load_image, sniff
 from cxr.predict import DISCLAIMER, prob_text
@@ -706,7 +707,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     import uvicorn
 
     if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // max_concurrency)
+        threads = max(1, usable_cores() // max_concurrency)
 
     # The port is taken (bound and listening) before the model loads: one in use is said at once, in one line, and
     # no second service started meanwhile can take it. Connections that arrive while the model loads wait in the

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr.config import CLASS_NAMES, Config, load_config, save_config
+from cxr.config import CLASS_NAMES, Config, load_config, save_config, usable_cores
 from cxr.data import (
     PATTERN_PATIENT,
     Prepared,
@@ -588,24 +588,6 @@ def loader_workers(cfg: Config, device: torch.device | None, batch_bytes: int = 
                      batch_bytes / 2**20)
             workers = free // (4 * batch_bytes)
     return max(0, workers)
-
-
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "max 100000", or "200000 100000" for 2 CPUs
-
-
-def usable_cores() -> int:
-    """Cores this process may run on: its CPU affinity, and a container's CPU quota (cgroup v2 ``cpu.max``)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    try:
-        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return cores
 
 
 def processes_per_machine() -> int:
