@@ -199,3 +199,12 @@ def test_a_flat_heatmap_is_said_to_be_flat(monkeypatch):
 
     fig = plot_grid({"right": [GridTile(image, np.zeros((64, 64), np.float32), 1, 0.38, "a.png")]}, 0.31, "test")
     assert any(ax.get_title().endswith("heatmap flat: no region raised it") for sub in fig.subfigs for ax in sub.axes)
+
+
+def test_the_video_writer_does_not_load_torch():
+    # cxr.video drew its overlays with cxr.explain's, which loads torch (2 s and some 450 MB) for numpy work.
+    import subprocess
+    import sys
+
+    code = "import sys, cxr.video, cxr.report; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

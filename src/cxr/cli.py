@@ -403,7 +403,7 @@ def _print_predictions(preds, caption: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from cxr.predict import prob_text  # cxr.video would import torch (through cxr.explain)
+    from cxr.predict import prob_text
 
     # Paths below the folder they share, named once in the title, and wrapped rather than cut: cut to the width of a
     # terminal, files in one folder all looked like "/data/chest_xray/test/NO…".

@@ -26,12 +26,17 @@ import torch
 from torch import nn
 
 from cxr.fileio import CSV_TEXT, atomic_path, display_name, spreadsheet_cells
-from cxr.images import ImageError, image_stem, load_image, resize_square
+from cxr.images import (  # noqa: F401 - overlay and HEATMAP_CMAP re-exported: they lived here
+    HEATMAP_CMAP,
+    ImageError,
+    image_stem,
+    load_image,
+    overlay,
+)
 
 log = logging.getLogger(__name__)
 
 DISCLAIMER = "Research software, not a medical device: predictions and heatmaps are not a diagnosis."
-HEATMAP_CMAP = "viridis"  # perceptually uniform and readable with the common colour-vision deficiencies
 
 
 def target_layer(model: nn.Module) -> nn.Module:
@@ -113,39 +118,6 @@ def heatmaps_for_images(model: nn.Module, images: np.ndarray, *, mean: float, st
         size = images.shape[-1] if np.ndim(images) == 3 else 0
         return np.zeros((0, size, size), np.float32), np.zeros(0)
     return np.concatenate(maps), np.concatenate(probs)
-
-
-def overlay(image: np.ndarray, heatmap: np.ndarray | None, *, alpha: float = 0.55, size: int | None = None,
-            cmap: str = HEATMAP_CMAP) -> np.ndarray:
-    """An RGB picture of a grey X-ray with the heatmap laid over it.
-
-    Each pixel's opacity grows with the heat, so cold regions show the plain X-ray and only what the model
-    weighed is coloured.
-
-    Args:
-        image: (H, W) uint8 grey image.
-        heatmap: (h, w) values in [0, 1] (resized to the image with bilinear interpolation); None: no overlay.
-        alpha: opacity where the heat is 1.
-        size: resize the result to (size, size) (bicubic for the image, bilinear for the heat).
-        cmap: a matplotlib colormap name.
-
-    Returns:
-        (H, W, 3) uint8 RGB array (or (size, size, 3)).
-    """
-    from matplotlib import colormaps
-    from PIL import Image
-
-    grey = resize_square(image, size) if size and image.shape != (size, size) else np.asarray(image)
-    base = np.repeat(grey[..., None].astype(np.float32) / 255.0, 3, axis=2)
-    if heatmap is None:
-        return (base * 255).round().astype(np.uint8)
-    heat = np.asarray(heatmap, np.float32)
-    if heat.shape != grey.shape:
-        heat = np.asarray(Image.fromarray(heat, mode="F").resize(grey.shape[::-1], Image.Resampling.BILINEAR))
-    heat = np.clip(heat, 0.0, 1.0)
-    colour = colormaps[cmap](heat)[..., :3].astype(np.float32)
-    a = (alpha * heat)[..., None]
-    return (((1 - a) * base + a * colour).clip(0, 1) * 255).round().astype(np.uint8)
 
 
 @dataclass

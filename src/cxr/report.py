@@ -496,7 +496,7 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
     import matplotlib as mpl
     from matplotlib import cm, colors
 
-    from cxr.explain import HEATMAP_CMAP, overlay
+    from cxr.images import HEATMAP_CMAP, overlay
 
     rows = [(name, tiles) for name, tiles in groups.items()]
     # A group with no images (say, no wrong prediction) gets one line of text, not a blank row of tiles.

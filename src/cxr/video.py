@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError, VideoError
-from cxr.explain import HEATMAP_CMAP, overlay
 from cxr.fileio import atomic_path, image_name
+from cxr.images import HEATMAP_CMAP, overlay
 from cxr.predict import prob_text, threshold_decimals
 from cxr.progress import progress_bar
 
