@@ -71,8 +71,12 @@ def test_calibration_error_refuses_what_is_no_probability(tmp_path):
     from cxr.errors import UsageError
     from cxr.report import read_predictions
 
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        expected_calibration_error(np.array([1, 0, 1]), np.array([np.nan, 0.2, 0.9]))
+    from cxr.report import reliability_bins
+
+    for bad in (np.nan, 1.5):  # the diagram's bins dropped the NaN and put 1.5 in the last bin
+        for calibration in (expected_calibration_error, reliability_bins):
+            with pytest.raises(ValueError, match=r"\[0, 1\]"):
+                calibration(np.array([1, 0, 1]), np.array([bad, 0.2, 0.9]))
     f = tmp_path / "predictions_test.csv"
     for bad in ("nan", "-0.2", "high"):
         f.write_text(f"path,label,prob_pneumonia,predicted\na.png,NORMAL,{bad},NORMAL\n")

@@ -191,24 +191,19 @@ def load_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
     """ECE of P(PNEUMONIA): the count-weighted mean gap between mean probability and observed frequency over
-    ``n_bins`` equal-width bins (the last bin includes 1.0)."""
-    labels, probs = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
-    if len(labels) == 0:
+    ``n_bins`` equal-width bins (the last bin includes 1.0), the bins of :func:`reliability_bins`."""
+    conf, freq, count = reliability_bins(labels, probs, n_bins)
+    if not count.sum():
         return math.nan
-    if not np.all((probs >= 0) & (probs <= 1)):  # NaN included: it fell in no bin and still counted in the total
-        raise ValueError("probabilities must lie in [0, 1] for a calibration error")
-    bins = np.minimum((probs * n_bins).astype(np.int64), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        sel = bins == b
-        if sel.any():
-            ece += sel.sum() / len(labels) * abs(labels[sel].mean() - probs[sel].mean())
-    return float(ece)
+    return float(np.sum(count / count.sum() * np.abs(freq - conf)))
 
 
 def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> tuple[np.ndarray, ...]:
-    """Per non-empty bin: mean probability, observed frequency of PNEUMONIA, count."""
+    """Per non-empty bin of ``n_bins`` equal-width bins (the last includes 1.0): mean probability, observed frequency
+    of PNEUMONIA, count."""
     labels, probs = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
+    if not np.all((probs >= 0) & (probs <= 1)):  # NaN included: it fell in no bin, and 1.5 in the last
+        raise ValueError("probabilities must lie in [0, 1] for a calibration error")
     bins = np.minimum((probs * n_bins).astype(np.int64), n_bins - 1)
     conf, freq, count = [], [], []
     for b in range(n_bins):
@@ -217,7 +212,7 @@ def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) ->
             conf.append(probs[sel].mean())
             freq.append(labels[sel].mean())
             count.append(int(sel.sum()))
-    return np.array(conf), np.array(freq), np.array(count)
+    return np.array(conf), np.array(freq), np.array(count, np.int64)
 
 
 def bin_intervals(freq: np.ndarray, count: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
