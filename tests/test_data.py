@@ -974,7 +974,8 @@ def test_unwritable_cache_decodes_without_it(tmp_path, workers, caplog):
     with caplog.at_level("WARNING", logger="cxr.data"):
         got = prepare(split, cfg, workers=workers)
         shared = prepare_shared(split, cfg, build=True)
-    assert "cannot write to the image cache" in caplog.text and "not usable" not in caplog.text
+    # Said once, though two splits (here one split twice) found it unwritable.
+    assert caplog.text.count("cannot write to the image cache") == 1 and "not usable" not in caplog.text
     for p in (got, shared):
         np.testing.assert_array_equal(p.images, expected.images)
         assert p.samples == expected.samples and p.failures == []

@@ -69,9 +69,7 @@ def test_youden_ties_go_to_the_most_specific_threshold():
 def test_calibration_error_refuses_what_is_no_probability(tmp_path):
     # NaN fell in no bin and still counted in the total; -0.2 was dropped. From an edited predictions file, said there.
     from cxr.errors import UsageError
-    from cxr.report import read_predictions
-
-    from cxr.report import reliability_bins
+    from cxr.report import read_predictions, reliability_bins
 
     for bad in (np.nan, 1.5):  # the diagram's bins dropped the NaN and put 1.5 in the last bin
         for calibration in (expected_calibration_error, reliability_bins):

@@ -753,15 +753,22 @@ def _cache_chunk(chunk: list[tuple[int, str, str]], folder: str, size: int, draf
     return pack, done + failed, None
 
 
+_unwritable_warned: set[str] = set()  # cache folders already said to be unwritable: once a process, not once a split
+
+
 def _cache_writable(folder: Path) -> bool:
-    """Whether cache packs can be written in ``folder``; if not, say so once, and images are decoded without it."""
+    """Whether cache packs can be written in ``folder``; if not, say so (once per folder and process), and images
+    are decoded without it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        log.warning("cannot write to the image cache %s (%s): decoding without it, so again on every run; set "
-                    "--cache-dir or CXR_CACHE_DIR to a writable folder", folder, e.strerror or e)
+        cache = str(folder.parent if folder.name == "splits" else folder)  # the packs' folder, or its splits/ inside
+        if cache not in _unwritable_warned:
+            _unwritable_warned.add(cache)
+            log.warning("cannot write to the image cache %s (%s): decoding without it, so again on every run; set "
+                        "--cache-dir or CXR_CACHE_DIR to a writable folder", folder, e.strerror or e)
         return False
     return True
 

@@ -37,7 +37,8 @@ class _RateColumn(ProgressColumn):
 
 
 class Bar:
-    """Handle to one progress bar. Without a terminal it logs a line at every tenth of the way instead."""
+    """Handle to one progress bar. Without a terminal, a job of 500 items or more logs a line at every tenth of the
+    way instead (a shorter one is over before a log would need signs of life)."""
 
     def __init__(self, progress: Progress, task_id, description: str, total: int, unit: str):
         self._progress, self._task = progress, task_id
