@@ -335,7 +335,7 @@ class FlatEngine:
     """P 0.4 against a threshold of 0.3: PNEUMONIA, explained by a flat map (nothing raised its score)."""
 
     backend, model_id, class_names, threshold = "torch", "flat", ["NORMAL", "PNEUMONIA"], 0.3
-    image_size, max_pixels, card, heatmap_unavailable, inference_dtype = SIZE, 10**8, {}, None, "float32"
+    image_size, max_pixels, card, heatmap_unavailable, inference_dtype, draft = SIZE, 10**8, {}, None, "float32", False
 
     def predict_uint8(self, images):
         return np.full(len(images), 0.4)
@@ -381,7 +381,7 @@ class BrokenEngine:
     """An engine whose model fails inside, with internals in the message that must not reach a client."""
 
     backend, model_id, class_names, threshold = "torch", "broken", ["NORMAL", "PNEUMONIA"], 0.5
-    image_size, max_pixels, card, heatmap_unavailable = SIZE, 10**8, {}, None
+    image_size, max_pixels, card, heatmap_unavailable, inference_dtype, draft = SIZE, 10**8, {}, None, "float32", False
 
     def __init__(self) -> None:
         self.calls = 0

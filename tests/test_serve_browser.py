@@ -57,6 +57,7 @@ class SlowEngine:
 
     backend, model_id, class_names, threshold = "torch", "slow", ["NORMAL", "PNEUMONIA"], 0.5
     image_size, max_pixels, card, heatmap_unavailable = 64, 10**8, {}, "not in this test"
+    inference_dtype, draft = "float32", False
 
     def predict_uint8(self, images):
         time.sleep(0.4)

@@ -245,7 +245,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         run_dir = train(resume=args.resume, overrides=overrides)
     else:
         run_dir = train(load_config(args.config, overrides))
-    if args.report and run_dir is not None:
+    if args.report:
         _report_after(run_dir, device=args.device or "auto")
 
 
@@ -447,8 +447,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
-    from cxr.explain import explain_files
-    from cxr.predict import DISCLAIMER
+    from cxr.explain import DISCLAIMER, explain_files  # its disclaimer names the heatmaps too, as the files do
 
     written = explain_files(args.model, args.paths, args.output, device=args.device, target=args.target,
                             threshold=args.threshold, batch_size=args.batch_size, amp=args.amp)

@@ -114,7 +114,6 @@ def load_onnx_predictor(model: str | os.PathLike | Checkpoint, *, threads: int =
     """
     if isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx"):
         return OnnxPredictor(model, threads=threads)
-    from cxr.errors import CheckpointError
     from cxr.export import _as_checkpoint, cached_onnx_model_bytes, onnx_model_bytes
 
     ckpt = _as_checkpoint(model)
