@@ -324,6 +324,22 @@ def test_a_split_with_no_readable_image_is_named_not_a_traceback(tmp_path, caplo
     assert "no metrics for split 'test'" in caplog.text
 
 
+def test_a_folder_name_too_long_for_the_result_files_is_refused_before_the_work(tmp_path, monkeypatch):
+    # predictions_<240 bytes>.csv could not be written: evaluate stopped after predicting everything.
+    import shutil
+
+    import cxr.data
+    from cxr.demo import SAMPLE_DIR
+    from cxr.errors import UsageError
+    from cxr.evaluate import evaluate_model
+
+    folder = tmp_path / ("S" * 240)
+    shutil.copytree(SAMPLE_DIR / "test", folder)
+    monkeypatch.setattr(cxr.data, "prepare", lambda *a, **k: pytest.fail("the work started"))
+    with pytest.raises(UsageError, match=r"too long for the file names of its results .* give --data a link"):
+        evaluate_model("default", folder, tmp_path / "out", device="cpu")
+
+
 def test_report_ignores_predictions_an_earlier_evaluation_left(tmp_path, scores, caplog):
     from cxr.report import load_artifacts
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -247,6 +248,22 @@ def test_a_uid_named_file_keeps_its_whole_name_and_a_flat_map_says_flat(tmp_path
     assert [p.name for p in out] == ["1.2.826.0.1.3680043.8.498.1234_gradcam.png", f"{FILES[1].stem}_gradcam.png"]
     assert all(t.count("\n") == 2 and t.splitlines()[-1].startswith("heatmap: flat, no region raised the score of")
                for t in titles), titles
+
+
+def test_an_input_with_a_name_of_the_longest_length_gets_its_picture(tmp_path):
+    # A 245-byte file name plus "_gradcam.png" (and the temporary name around it) could not be written: explain stopped
+    # there ("File name too long") and wrote no explanations.csv for the others.
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5),
+                    tmp_path / "m.pt")
+    names = ["é" * 120 + ".jpeg", "é" * 120 + "x.jpeg", "L" * 250 + ".jpeg"]  # 245, 246 and 255 bytes
+    for name in names:
+        (tmp_path / name).write_bytes(FILES[0].read_bytes())
+    out = explain_files(tmp_path / "m.pt", [tmp_path / n for n in names], tmp_path / "out", device="cpu")
+    assert len({p.name for p in out}) == 3 and all(p.is_file() and len(os.fsencode(p.name)) <= 230 for p in out)
+    assert all(p.name.endswith("_gradcam.png") for p in out)
+    with open(tmp_path / "out" / "explanations.csv", newline="") as f:
+        assert sorted(r["path"] for r in csv.DictReader(f)) == sorted(str(tmp_path / n) for n in names)
 
 
 def test_explain_files_rejects_an_unknown_target(tmp_path):

@@ -22,7 +22,7 @@ import torch
 
 from cxr.config import CLASS_NAMES
 from cxr.errors import CxrError, DataError, UsageError
-from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, ensure_dir
+from cxr.fileio import CSV_TEXT, MAX_NAME_BYTES, atomic_path, atomic_write_text, ensure_dir
 from cxr.images import image_stem
 from cxr.model import autocast, normalize
 from cxr.predict import DISCLAIMER
@@ -410,6 +410,12 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     if use_channels_last(cfg, dev):
         net = net.to(memory_format=torch.channels_last)
     splits = scan(data, require_both_classes=False)
+    for name in splits:  # a split's name is its folder's, and names the output files: checked before the work
+        longest = f"flythrough_{name}.mp4"
+        if len(os.fsencode(longest)) > MAX_NAME_BYTES:
+            raise UsageError(f"{data}: the folder name {name[:40]}... is too long for the file names of its results "
+                             f"({longest[:20]}...: {len(os.fsencode(longest))} bytes, at most {MAX_NAME_BYTES}); "
+                             "give --data a link to it with a shorter name")
     t = ckpt.threshold if threshold is None else float(threshold)
     developed_on = development_images(ckpt, mid)
     results, failures = [], {}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr.fileio import CSV_TEXT, atomic_path, display_name, spreadsheet_cells
+from cxr.fileio import CSV_TEXT, atomic_path, display_name, fit_name, spreadsheet_cells
 from cxr.images import (  # noqa: F401 - overlay and HEATMAP_CMAP re-exported: they lived here
     HEATMAP_CMAP,
     ImageError,
@@ -137,10 +137,10 @@ def _unique_name(path: Path, used: set[str]) -> str:
     # Only an image extension comes off: a UID-named DICOM (1.2.826.0.1.3680043.8.498.1234) keeps every part, where
     # Path.stem had cut its last, and a study's files all came out as 1.2.826.0.1.3680043.8.498_<n>_gradcam.png.
     stem = image_stem(path.name)
-    name, n = f"{stem}{EXPLAIN_SUFFIX}", 1
+    name, n = fit_name(stem, EXPLAIN_SUFFIX), 1  # an input's name of 240 bytes, plus the suffix, was too long to write
     while name in used:
         n += 1
-        name = f"{stem}_{n}{EXPLAIN_SUFFIX}"
+        name = fit_name(stem, f"_{n}{EXPLAIN_SUFFIX}")
     used.add(name)
     return name
 

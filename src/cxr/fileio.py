@@ -14,6 +14,9 @@ from pathlib import Path
 from cxr.errors import WriteError
 
 _TEMP_SUFFIX = ".tmp"
+# What an output file's name may take, in bytes: 255 (NAME_MAX of common file systems) less room for a temporary
+# name around it (.NAME.<random>.tmp) and a suffix.
+MAX_NAME_BYTES = 230
 # How cxr opens its CSV files (split.csv, predictions, explanations, history), for writing and reading: UTF-8
 # wherever the locale says otherwise, and a file name that is not valid UTF-8 (bytes from another system's encoding)
 # written as its own bytes and read back as the same name, instead of ending the run after its last prediction.
@@ -37,6 +40,25 @@ def display_name(text: str) -> str:
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes Excel or LibreOffice read a cell as a formula
+
+
+def _head(name: str, max_bytes: int) -> str:
+    """The start of ``name`` that takes at most ``max_bytes`` in the file system's encoding, whole characters only."""
+    if len(os.fsencode(name)) <= max_bytes:
+        return name
+    kept, used = [], 0
+    for c in name:
+        used += len(os.fsencode(c))
+        if used > max_bytes:
+            break
+        kept.append(c)
+    return "".join(kept)
+
+
+def fit_name(stem: str, suffix: str, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """``stem + suffix``, the stem cut (at a character's boundary) so that the whole takes at most ``max_bytes``: a
+    file named after an input of 240 bytes, plus a suffix, could not be written (File name too long)."""
+    return _head(stem, max_bytes - len(os.fsencode(suffix))) + suffix
 
 
 def spreadsheet_cells(path: str, *texts: str) -> list[str]:
@@ -88,7 +110,7 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TEMP_SUFFIX, dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_head(target.name, 200)}.", suffix=_TEMP_SUFFIX, dir=target.parent)
         os.close(fd)
     except OSError as e:
         raise WriteError.from_os_error(target, e) from e
