@@ -275,6 +275,25 @@ def test_multipart_bodies_built_to_cost_memory_are_400(client, monkeypatch):
     assert_no_internals(r)
 
 
+def test_a_service_on_the_loopback_answers_to_its_own_names_only(engine):
+    # A web page could point a name of its own at 127.0.0.1 (DNS rebinding) and use the service through a browser.
+    from cxr.serve import API, LOOPBACK_HOSTS, host_name, resolve_allowed_hosts
+
+    assert resolve_allowed_hosts("127.0.0.1", None) == LOOPBACK_HOSTS == resolve_allowed_hosts("::1", None)
+    assert resolve_allowed_hosts("0.0.0.0", None) is None and resolve_allowed_hosts("127.0.0.1", ["*"]) is None
+    assert [host_name(h) for h in ("[::1]:8000", "Example.org:80", "::1", "localhost")] == \
+        ["::1", "example.org", "::1", "localhost"]
+    app = create_app(engine, allowed_hosts=LOOPBACK_HOSTS)
+    for base in ("http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000"):
+        with TestClient(app, base_url=base) as c:
+            assert c.get(f"{API}/health").status_code == 200, base
+    with TestClient(app, base_url="http://attacker.example:8000") as c:
+        r = c.get(f"{API}/model")
+        assert r.status_code == 400 and "answers to 127.0.0.1, ::1, localhost" in r.json()["detail"]
+        assert r.headers["x-frame-options"] == "DENY"  # the security headers on this answer too
+        assert c.get("/").status_code == 400
+
+
 def test_upload_cut_off_before_its_closing_boundary_is_400(client):
     # A client that stops sending (a dropped connection behind a proxy that still ends the request) must not have the
     # first part of its image classified as if it were the whole file.

@@ -28,7 +28,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -424,6 +424,48 @@ class Limits:
     upload_timeout: float | None = 30.0
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def host_name(header: str) -> str:
+    """The name in a ``Host`` header, lower case, without its port: ``[::1]:8000`` -> ``::1``, ``Example.org:80``
+    -> ``example.org``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def resolve_allowed_hosts(host: str, given: Sequence[str] | None) -> Sequence[str] | None:
+    """What ``cxr serve --host HOST [--allowed-hosts ...]`` checks: the names given (None for ``*``), else on the
+    loopback address its own names (against DNS rebinding), else any (a public service is reached by many names)."""
+    if given is not None:
+        return None if "*" in given else given
+    return LOOPBACK_HOSTS if host.strip("[]").lower() in LOOPBACK_HOSTS else None
+
+
+class AllowedHosts:
+    """ASGI middleware answering 400 to a request whose ``Host`` is not one of ``names``.
+
+    A service bound to the loopback address is reachable from the browsers of its machine; without this check a web
+    page could point a name of its own at 127.0.0.1 (DNS rebinding) and use the service through the browser.
+    """
+
+    def __init__(self, app: Any, names: Sequence[str]) -> None:
+        self.app, self.names = app, {n.lower().strip("[]") for n in names}
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+            if host_name(header) not in self.names:
+                response = JSONResponse({"detail": f"this service answers to {', '.join(sorted(self.names))}, not "
+                                                   "to the host name of this request (see cxr serve --allowed-hosts)"},
+                                        status_code=400)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class SecurityHeaders:
     """ASGI middleware adding security headers to every response (a strict CSP except on the OpenAPI pages)."""
 
@@ -500,7 +542,8 @@ class HealthOut(BaseModel):
 
 def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = "torch", max_upload_mb: float = 20.0,
                max_concurrency: int = 2, max_queue: int = 32, device: str = "auto", threads: int = 0,
-               max_pixels: int | None = None, amp: str = "auto", upload_timeout: float | None = 30.0) -> FastAPI:
+               max_pixels: int | None = None, amp: str = "auto", upload_timeout: float | None = 30.0,
+               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
     """The FastAPI application serving one model.
 
     Args:
@@ -516,6 +559,8 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         amp: bf16 autocast for the torch backend (auto, on, off); see :func:`load_engine`.
         upload_timeout: seconds an upload may send nothing before it gets 408 and its connection is closed (None:
             no limit); see :func:`read_upload`.
+        allowed_hosts: the host names requests may be addressed to (400 for others; see :class:`AllowedHosts`);
+            None: any.
     """
     if max_upload_mb <= 0 or max_concurrency < 1 or max_queue < 0 or (upload_timeout is not None
                                                                        and not upload_timeout > 0):
@@ -637,6 +682,8 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if allowed_hosts is not None:
+        app.add_middleware(AllowedHosts, names=allowed_hosts)
     # Outermost, so error responses and static files get the headers too.
     app.add_middleware(SecurityHeaders)
     return app
@@ -691,7 +738,8 @@ def http_protocol(header_timeout: float | None) -> type | str:
 def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: int = 8000, *, backend: str = "torch",
           max_upload_mb: float = 20.0, max_concurrency: int = 2, max_queue: int = 32, device: str = "auto",
           threads: int | None = None, max_pixels: int | None = None, log_level: str = "info",
-          max_connections: int = 128, amp: str = "auto", upload_timeout: float | None = 30.0) -> None:
+          max_connections: int = 128, amp: str = "auto", upload_timeout: float | None = 30.0,
+          allowed_hosts: Sequence[str] | None = None) -> None:
     """Run the service with uvicorn until interrupted (``cxr serve``). The port is taken first, then the model loads.
 
     ``max_connections`` caps the connections served at once, uploads still arriving included (uvicorn answers 503
@@ -702,10 +750,12 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
 
     Arguments as :func:`create_app`, except ``threads``: None (default) gives each of the ``max_concurrency``
     predictions an equal share of the cores. Letting each take every core oversubscribes them, which on a busy
-    machine made PyTorch's OpenMP ~90x slower (see BENCHMARKS.md).
+    machine made PyTorch's OpenMP ~90x slower (see BENCHMARKS.md). And ``allowed_hosts``: None (default) is the
+    loopback names on a loopback ``host``, any name elsewhere; ``["*"]`` any name.
     """
     import uvicorn
 
+    allowed_hosts = resolve_allowed_hosts(host, allowed_hosts)
     if threads is None:
         threads = max(1, usable_cores() // max_concurrency)
 
@@ -717,7 +767,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     try:
         app = create_app(model, backend=backend, max_upload_mb=max_upload_mb, max_concurrency=max_concurrency,
                          max_queue=max_queue, device=device, threads=threads, max_pixels=max_pixels, amp=amp,
-                         upload_timeout=upload_timeout)
+                         upload_timeout=upload_timeout, allowed_hosts=allowed_hosts)
         engine = app.state.engine
         port = socks[0].getsockname()[1]  # the one the system chose, for --port 0
         log.info("serving model %s (%s backend, %s, %d x %d threads) on http://%s:%d/  (API docs at /docs). %s",
