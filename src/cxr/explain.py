@@ -161,7 +161,7 @@ def _explanation_figure(image: np.ndarray, heat: np.ndarray, *, title: str, path
         ax.set_yticks([])
     fig.colorbar(cm.ScalarMappable(colors.Normalize(0, 1), HEATMAP_CMAP), ax=axes[1], shrink=0.8,
                  label="relative importance (Grad-CAM)")
-    fig.suptitle(display_name(title), fontsize=11, parse_math=False)  # a "$" in a file name is not TeX
+    fig.suptitle(title, fontsize=11, parse_math=False)  # a "$" in a file name is not TeX
     fig.text(0.5, 0.005, DISCLAIMER, ha="center", va="bottom", fontsize=7.5, color="#555555")
     fig.get_layout_engine().set(rect=(0, 0.035, 1, 0.965))  # room below the pictures: the line was drawn over them
     with atomic_path(path) as tmp:
@@ -249,8 +249,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
             out = out_dir / _unique_name(f, used)
             d = threshold_decimals(t, [prob])
             # Three lines: on two, a flat map's note ran past both edges of the picture, and "flat" was cut off.
-            title = (f"{f.name}\npredicted {ckpt.class_names[pred]}   P(pneumonia) {prob_text(prob, t, d)}   "
-                     f"threshold {t:.{d}f}\n"
+            title = (f"{display_name(f.name)}\npredicted {ckpt.class_names[pred]}   "
+                     f"P(pneumonia) {prob_text(prob, t, d)}   threshold {t:.{d}f}\n"
                      + (f"heatmap: evidence for {ckpt.class_names[cls]}" if heat.any() else
                         f"heatmap: flat, no region raised the score of {ckpt.class_names[cls]}"))
             _explanation_figure(im, heat, title=title, path=out)
