@@ -208,6 +208,13 @@ def test_evaluate_threshold_override(trained_run, tmp_path):
         "--no-report")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test"]["threshold"] == 0 and metrics["test"]["recall"] == 1.0
+    # A report of an earlier evaluation into this folder would describe those results: --no-report removes it.
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report.html").write_text("an earlier evaluation's report")
+    (tmp_path / "report" / "confusion_test.png").write_bytes(b"")
+    cxr("evaluate", "--model", run / "best.pt", "--data", data, "--output", tmp_path, "--threshold", "0",
+        "--no-report")
+    assert not (tmp_path / "report.html").exists() and not (tmp_path / "report").exists()
     assert metrics["test"]["inference_dtype"] == "float32"  # by default, on every machine
     assert metrics["test"]["specificity"] == 0.0
     # Into the run's own folder: refused, before its training metrics.json is replaced by this evaluation's.

@@ -340,16 +340,24 @@ def test_a_folder_name_too_long_for_the_result_files_is_refused_before_the_work(
         evaluate_model("default", folder, tmp_path / "out", device="cpu")
 
 
-def test_report_ignores_predictions_an_earlier_evaluation_left(tmp_path, scores, caplog):
+def test_an_earlier_evaluations_predictions_go_and_the_report_ignores_any_left(tmp_path, scores, caplog):
+    import logging
+
     from cxr.report import load_artifacts
 
     labels, probs = scores
     paths = [f"img{i}.png" for i in range(len(labels))]
     write_evaluation(tmp_path, [SplitResult("test", paths, labels, probs)], 0.5)
-    write_evaluation(tmp_path, [SplitResult("val", paths, labels, 1 - probs)], 0.5)  # the same folder again
+    with caplog.at_level(logging.INFO, logger="cxr"):
+        write_evaluation(tmp_path, [SplitResult("val", paths, labels, 1 - probs)], 0.5)  # the same folder again
+    assert sorted(f.name for f in tmp_path.glob("predictions_*.csv")) == ["predictions_val.csv"]
+    assert "removed" in caplog.text and "predictions_test.csv" in caplog.text
+    # One left by other means (an older cxr) is not shown with these metrics.
+    write_evaluation(tmp_path / "x", [SplitResult("test", paths, labels, probs)], 0.5)
+    (tmp_path / "x" / "predictions_test.csv").rename(tmp_path / "predictions_test.csv")
     art = load_artifacts(tmp_path)
     assert set(art.metrics) == set(art.predictions) == {"val"}
-    assert "ignoring" in caplog.text and "predictions_test.csv" in caplog.text
+    assert "ignoring" in caplog.text
 
 
 def test_npz_of_16_bit_images_evaluates_like_8_bit(tmp_path):

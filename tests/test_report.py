@@ -537,7 +537,7 @@ def test_bad_video_timing_is_refused_before_any_work(tmp_path):
             make_report(tmp_path, video=True, **kwargs)
 
 
-def test_a_report_without_video_removes_an_earlier_reports_video(tmp_path, report):
+def test_a_report_removes_an_earlier_reports_pictures_it_did_not_make_again(tmp_path, report):
     # `cxr report RUN --no-video` left the earlier fly-through (and its poster) beside the new page.
     import shutil
 
@@ -545,6 +545,16 @@ def test_a_report_without_video_removes_an_earlier_reports_video(tmp_path, repor
     shutil.copytree(report.parent, run)
     assert sorted(p.name for p in (run / "report").glob("flythrough_*")) == ["flythrough_test.mp4",
                                                                             "flythrough_test.png"]
+    # And the pictures of a split no longer there (an evaluation folder used again for other data).
+    (run / "report" / "confusion_old.png").write_bytes((run / "report" / "confusion_test.png").read_bytes())
+    (run / "report" / "notes.txt").write_text("not cxr's")
     make_report(run, video=False, heatmaps=False, device="cpu")
-    assert not list((run / "report").glob("flythrough_*"))
-    assert (run / "report" / "grid_test.png").is_file()
+    assert not list((run / "report").glob("flythrough_*")) and not (run / "report" / "confusion_old.png").exists()
+    assert (run / "report" / "grid_test.png").is_file() and (run / "report" / "notes.txt").is_file()
+    # No report this time (--no-report, or one that failed): the earlier one goes, not what else is there.
+    from cxr.report import remove_report
+
+    assert remove_report(run) and not (run / "report.html").exists()
+    assert [p.name for p in (run / "report").iterdir()] == ["notes.txt"]
+    (run / "report" / "notes.txt").unlink()
+    assert not remove_report(run) and not (run / "report").exists()

@@ -251,6 +251,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         run_dir = train(load_config(args.config, overrides))
     if args.report:
         _report_after(run_dir, device=args.device or "auto")
+    else:
+        _no_report(run_dir)
 
 
 def _report_after(folder, **kwargs) -> None:
@@ -265,8 +267,19 @@ def _report_after(folder, **kwargs) -> None:
     except Exception as e:  # a fault of the report's own (a bug, too) must not turn a finished run into a failure
         cause = str(e) if isinstance(e, CxrError) else f"{type(e).__name__}: {e}"
         log.debug("the report failed", exc_info=True)
+        _no_report(folder)
         log.warning("the report could not be made (%s); the results are in %s. Retry: cxr report %s", cause, folder,
                     folder)  # make_report logs where it wrote the report
+
+
+def _no_report(folder) -> None:
+    """No report this time: an earlier one in ``folder`` would describe results that are no longer there."""
+    from cxr.distributed import env_info
+    from cxr.report import remove_report
+
+    if env_info().main and remove_report(folder):
+        log.info("removed the earlier report in %s, which described earlier results (cxr report %s makes one)",
+                 folder, folder)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -278,6 +291,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     log.info("wrote %s", Path(args.output) / "metrics.json")
     if args.report:
         _report_after(args.output, model=args.model, device=args.device)
+    else:
+        _no_report(args.output)
 
 
 def _shown(text: str) -> str:

@@ -278,6 +278,10 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
             metrics[r.name].update(extra[r.name])
         write_predictions(out / f"predictions_{r.name}.csv", r, threshold)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    for old in sorted(out.glob("predictions_*.csv")):  # an earlier evaluation's, not in metrics.json
+        if old.stem.removeprefix("predictions_") not in metrics:
+            old.unlink(missing_ok=True)
+            log.info("removed %s, an earlier evaluation's predictions (not of these results)", old)
     return metrics
 
 

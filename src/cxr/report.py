@@ -20,6 +20,7 @@ Research software, not a medical device.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import datetime
 import html
@@ -806,6 +807,11 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     out = Path(output) if output is not None else art.root
     pics = out / "report"
     ensure_dir(pics)
+    written: set[Path] = set()
+
+    def made(path: Path) -> Path:  # a picture this report writes (the others in report/ are an earlier one's)
+        written.add(path)
+        return path
     # A run directory has its own config.yaml; an evaluation folder has none, and _explainer fills in the
     # checkpoint's, which is the model's training config (its data and output are not this evaluation's).
     own_config = art.config is not None
@@ -915,7 +921,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
         if best is None and not (swa and swa.get("kept")):
             losses = [h["val_loss"] for h in art.history]
             best = int(art.history[int(np.nanargmin(losses))]["epoch"]) if not all(map(math.isnan, losses)) else None
-        path = _save(plot_history(art.history, best, swa), pics / "history.png")
+        path = made(_save(plot_history(art.history, best, swa), pics / "history.png"))
         sections.append(("training", "Training curves", _figure_html(
             path, "loss, accuracy and learning rate per epoch",
             "Loss and accuracy per epoch on train (dashed) and validation (solid), with the learning rate. "
@@ -930,7 +936,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     for s in splits:
         m = art.metrics.get(s)
         if m and "confusion_matrix" in m:
-            path = _save(plot_confusion(m["confusion_matrix"], s), pics / f"confusion_{s}.png")
+            path = made(_save(plot_confusion(m["confusion_matrix"], s), pics / f"confusion_{s}.png"))
             cms.append(_figure_html(path, f"confusion matrix for {s}",
                                     f"{html.escape(s)}: rows are the true class, columns the prediction at threshold "
                                     f"{shown_threshold}. Row-normalised: the diagonal is specificity (NORMAL) and "
@@ -939,13 +945,13 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
         sections.append(("confusion", "Confusion matrices", "".join(cms)))
 
     if preds:
-        path = _save(plot_roc_pr(preds, threshold), pics / "roc_pr.png")
+        path = made(_save(plot_roc_pr(preds, threshold), pics / "roc_pr.png"))
         sections.append(("curves", "ROC and precision-recall", _figure_html(
             path, "ROC and precision-recall curves",
             f"One curve per split; the large markers are the operating point at threshold {shown_threshold}. The "
             "dotted horizontal lines in the precision-recall panel are each split's share of PNEUMONIA (what a model "
             "that guesses gets).")))
-        path = _save(plot_calibration(preds), pics / "calibration.png")
+        path = made(_save(plot_calibration(preds), pics / "calibration.png"))
         sections.append(("calibration", "Calibration", _figure_html(
             path, "reliability diagram",
             "Points on the diagonal mean that a predicted probability p comes true a share p of the time; the "
@@ -962,7 +968,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             groups = select_examples(p.labels, p.probs, threshold, grid_per_group)
             tiles = {name: _gather(p, idx, pixels, explainer, threshold) for name, idx in groups.items()}
             grid = plot_grid(tiles, threshold, gsplit, columns=grid_per_group, decimals=decimals)
-            path = _save(grid, pics / f"grid_{gsplit}.png")
+            path = made(_save(grid, pics / f"grid_{gsplit}.png"))
             sections.append(("examples", "Examples", _figure_html(
                 path, f"example images from {gsplit}",
                 f"Images from {html.escape(gsplit)}: the most confident right and wrong predictions (half from each "
@@ -984,9 +990,10 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                     items.append(VideoItem(t.path, t.label, t.prob, t.image, t.heatmap))
             if items:
                 try:
-                    path = write_flythrough(items, pics / f"flythrough_{vsplit}.mp4", threshold=threshold,
-                                            frame_size=frame_size, seconds_per_image=seconds_per_image, fps=fps,
-                                            title=vsplit, poster=pics / f"flythrough_{vsplit}.png")
+                    path = made(write_flythrough(items, pics / f"flythrough_{vsplit}.mp4", threshold=threshold,
+                                                 frame_size=frame_size, seconds_per_image=seconds_per_image, fps=fps,
+                                                 title=vsplit, poster=pics / f"flythrough_{vsplit}.png"))
+                    made(pics / f"flythrough_{vsplit}.png")
                 except VideoError as e:  # the video is one part of the report: the rest is written without it
                     log.warning("report: no video: %s", e)
                 except Exception as e:  # a fault of the video's own: the same, and the traceback at debug level
@@ -1010,13 +1017,6 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                     f"{'with heatmap, ' if explainer.net is not None else ''}"
                     f"prediction, probability, truth and a running tally. Also saved as "
                     f"{html.escape(str(path.relative_to(out)))} ({size_mb:.1f} MB).</figcaption></figure>")))
-        # An earlier report's video (with --no-video now, or of another split) is not this report's: it had stayed
-        # beside it in report/, which cxr writes and nothing else.
-        kept = {path, path.with_suffix(".png")} if path is not None else set()
-        for old in sorted(pics.glob("flythrough_*")):
-            if old.suffix in (".mp4", ".png") and old not in kept:
-                old.unlink(missing_ok=True)
-                log.info("report: removed %s, an earlier report's video", old.name)
     finally:
         pixels.close()
     if pixels.failed:
@@ -1043,4 +1043,31 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     # Paths that are not UTF-8 (a folder from another system's encoding) appear escaped (\\udcff), as in the figures.
     atomic_write_text(report, valid_utf8(_html(art, sections, model_note)))
     log.info("wrote %s", report)
+    # An earlier report's pictures that this one did not make again (its video with --no-video now, the confusion
+    # matrices and grid of splits no longer evaluated) are not this report's: they had stayed beside it in report/.
+    for old in _pictures(pics):
+        if old not in written:
+            old.unlink(missing_ok=True)
+            log.info("report: removed %s, a picture of an earlier report", old.name)
     return report
+
+
+_PICTURES = ("history.png", "roc_pr.png", "calibration.png", "confusion_*.png", "grid_*.png", "flythrough_*.mp4",
+             "flythrough_*.png")  # what make_report writes in report/, and nothing else does
+
+
+def _pictures(folder: Path) -> list[Path]:
+    return sorted({p for pattern in _PICTURES for p in folder.glob(pattern) if p.is_file()})
+
+
+def remove_report(folder: str | os.PathLike) -> bool:
+    """Delete the report of a run or evaluation folder (``report.html`` and the pictures in ``report/``), so that an
+    earlier one does not stand beside results it no longer describes (``--no-report``, or a report that failed).
+    Returns whether there was one."""
+    folder = Path(folder)
+    found = [f for f in [folder / "report.html"] if f.is_file()] + _pictures(folder / "report")
+    for f in found:
+        f.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (folder / "report").rmdir()  # only when empty: anything else there is not cxr's
+    return bool(found)
