@@ -277,6 +277,40 @@ def test_drop_a_folder_of_xrays(slow_queue_page, tmp_path):
         expect(cards.nth(k).get_by_test_id("status")).to_have_text("Done", timeout=30_000)
 
 
+class FlatEngine(SlowEngine):
+    """P 0.4 against a threshold of 0.3, explained by a flat map: nothing raised the score of PNEUMONIA."""
+
+    threshold, heatmap_unavailable = 0.3, None
+
+    def predict_uint8(self, images):
+        return [0.4] * len(images)
+
+    def heatmap_png(self, image, target):
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, "PNG")
+        return buf.getvalue(), True
+
+
+@pytest.fixture
+def flat_page(browser_page):
+    for base in _serving(create_app(FlatEngine())):
+        yield from _page_of(browser_page, base)
+
+
+def test_a_flat_heatmap_is_not_captioned_as_where_the_evidence_lies(flat_page):
+    # The caption said "where the evidence for the label lies" under a plain X-ray, beside a note saying it is flat.
+    flat_page.set_input_files("input[type=file]", str(XRAYS[0]))
+    card = flat_page.get_by_test_id("result")
+    expect = sync_api.expect
+    expect(card.get_by_test_id("status")).to_have_text("Done", timeout=30_000)
+    expect(card.locator(".caption")).to_have_text("Grad-CAM: flat, no region raised the score (see the note)")
+    expect(card.locator(".heatnote")).to_contain_text("flat: no region raised the score of PNEUMONIA")
+
+
 @pytest.mark.parametrize("path", ["/docs", "/redoc"])
 def test_api_docs_render_without_internet(browser_page, server, path):
     """Swagger UI and ReDoc come from the service itself: with every other host blocked they still list the API."""

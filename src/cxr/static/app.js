@@ -106,14 +106,19 @@ function setPicture(card, heat) {
   const img = $(".picture", card);
   const src = heat ? card.dataset.overlay : card.dataset.plain;
   if (src) img.src = src;
-  img.alt = heat ? "the X-ray with the Grad-CAM heatmap laid over it" : "the X-ray as the model saw it";
-  $(".caption", card).textContent = heat ? "Grad-CAM: where the evidence for the label lies" : "model input";
+  // A flat map colours nothing: the picture is the plain X-ray, and no caption should say where evidence lies.
+  const flat = heat && card.dataset.flat === "true";
+  img.alt = heat && !flat ? "the X-ray with the Grad-CAM heatmap laid over it" : "the X-ray as the model saw it";
+  $(".caption", card).textContent = !heat ? "model input"
+    : flat ? "Grad-CAM: flat, no region raised the score (see the note)"
+    : "Grad-CAM: where the evidence for the label lies";
 }
 
 function render(card, res) {
   $(".status", card).textContent = "Done";
   card.dataset.plain = res.image_png_base64 ? `data:image/png;base64,${res.image_png_base64}` : "";
   card.dataset.overlay = res.heatmap ? `data:image/png;base64,${res.heatmap.png_base64}` : "";
+  card.dataset.flat = res.heatmap && res.heatmap.flat ? "true" : "false";
   const verdict = $(".verdict", card);
   verdict.hidden = false;
   const label = $(".label", card);
