@@ -909,7 +909,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             metric_rows.append([s, *cells, ece])
         header = ["split", "n", "accuracy", "sensitivity", "specificity", "precision", "F1", "AUROC", "AUPRC", "ECE"]
         given = any(m.get("threshold_source") == "given" for m in art.metrics.values())
-        chosen = "set by hand (--threshold)" if given else "chosen on validation"
+        chosen = ("set by hand (--threshold)" if given else "chosen on this run's validation split" if own_config
+                  else "the model's own, chosen on the validation split of its training run")
         sections.append(("metrics", "Metrics", _table(header, metric_rows) +
                          f"<p class='meta'>At decision threshold P(pneumonia) ≥ {shown_threshold}, {chosen}. "
                          "Sensitivity = recall of PNEUMONIA, specificity = recall of NORMAL; AUROC and AUPRC do not "
