@@ -834,6 +834,28 @@ def test_unknown_config_field(tmp_path, tiny_dataset):
 # ---------------------------------------------------------------------------------------- the other commands
 
 
+def test_an_output_that_is_an_input_is_refused_before_it_is_replaced(tmp_path, capsys):
+    # `cxr export --model RUN --output RUN/best.pt` replaced the trained model with its TorchScript export, and
+    # `cxr predict scan.csv --output scan.csv` the image with the predictions.
+    import shutil
+
+    from cxr.cli import main as cxr_main
+    from cxr.demo import SAMPLE_DIR
+    from cxr.model import BUNDLED_MODEL
+
+    model = tmp_path / "m.safetensors"
+    shutil.copy(BUNDLED_MODEL, model)
+    before = model.read_bytes()
+    assert cxr_main(["export", "--model", str(model), "--format", "torchscript", "--output", str(model)]) == 2
+    assert "--output " + str(model) + ": that is an input" in capsys.readouterr().err
+    assert model.read_bytes() == before
+    scan = tmp_path / "scan.csv"
+    shutil.copy(next((SAMPLE_DIR / "test" / "NORMAL").iterdir()), scan)
+    image = scan.read_bytes()
+    assert cxr_main(["predict", str(scan), "--output", str(scan)]) == 2
+    assert "that is an input" in capsys.readouterr().err and scan.read_bytes() == image
+
+
 def test_report_explain_export_and_onnx_predict(trained_run, tmp_path):
     data, run, _ = trained_run
     cxr("report", run, "--output", tmp_path / "rep", "--no-video", "--per-group", "2")

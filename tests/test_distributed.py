@@ -258,3 +258,13 @@ def test_a_process_group_cxr_did_not_start_is_left_alone(monkeypatch):
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_leaving_after_a_ctrl_c_during_import_torch_is_no_second_traceback(monkeypatch):
+    # A Ctrl-C in the first second of `cxr predict` left torch half-imported; leaving the (never started) process
+    # group imported it again and raised ("partially initialized module 'torch'") over "interrupted".
+    import cxr.distributed as d
+
+    monkeypatch.setitem(sys.modules, "torch.distributed", None)  # its import now raises, as a half-import does
+    assert d._started() is False
+    d.shutdown(failed=True)

@@ -304,6 +304,21 @@ def test_bad_inputs_are_refused(exported, tmp_path):
         onnx.save(model, tmp_path / "edited.onnx")
         with pytest.raises(CheckpointError, match="edited.onnx: its cxr contract does not fit the model"):
             OnnxPredictor(tmp_path / "edited.onnx")
+    # A graph that takes floats, or gives probabilities of one class or three: refused when loaded (it failed at the
+    # first prediction with a traceback, or labelled every image alike).
+    contract_text = next(p for p in onnx.load(exported["onnx"]).metadata_props if p.key == CONTRACT_KEY).value
+    for dtype, width in ((onnx.TensorProto.FLOAT, 2), (onnx.TensorProto.UINT8, 1), (onnx.TensorProto.UINT8, 3)):
+        image = onnx.helper.make_tensor_value_info("image", dtype, ["N", 1, SIZE, SIZE])
+        probs = onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [1, width])
+        const = onnx.helper.make_node("Constant", [], ["probabilities"], value=onnx.helper.make_tensor(
+            "p", onnx.TensorProto.FLOAT, [1, width], [1.0 / width] * width))
+        odd = onnx.helper.make_model(onnx.helper.make_graph([const], "g", [image], [probs]),
+                                     opset_imports=[onnx.helper.make_opsetid("", 18)])
+        entry = odd.metadata_props.add()
+        entry.key, entry.value = CONTRACT_KEY, contract_text
+        onnx.save(odd, tmp_path / "odd.onnx")
+        with pytest.raises(CheckpointError, match="odd.onnx: its cxr contract does not fit the model"):
+            OnnxPredictor(tmp_path / "odd.onnx")
     # A contract of a later layout than this cxr reads is refused, not half-understood.
     model = onnx.load(exported["onnx"])
     prop = next(p for p in model.metadata_props if p.key == CONTRACT_KEY)

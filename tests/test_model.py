@@ -233,6 +233,20 @@ def test_a_checkpoint_of_a_newer_format_is_refused_in_both_kinds(tmp_path, monke
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("threshold", [float("nan"), 5.0, -0.1])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_checkpoint_whose_threshold_is_no_probability_is_refused(tmp_path, threshold, suffix):
+    # NaN or 5 labelled every image NORMAL, with exit 0.
+    from cxr.model import save_safetensors
+
+    ckpt = _checkpoint(tmp_path)
+    ckpt.threshold = threshold
+    path = tmp_path / f"m{suffix}"
+    (save_checkpoint if suffix == ".pt" else save_safetensors)(ckpt, path)
+    with pytest.raises(CheckpointError, match=r"threshold .* is no probability"):
+        load_checkpoint(path)
+
+
 def test_startup_imports_neither_dynamo_nor_breaks_it(tmp_path):
     # cxr.tv imports torchvision without torch._dynamo (a second of every start-up), and Checkpoint.build runs no
     # initialiser that would import it. Afterwards torch._dynamo is the real module and torch.compile works.

@@ -324,7 +324,7 @@ def _print_metrics(metrics: dict) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from cxr.distributed import barrier, env_info, init, shutdown
-    from cxr.fileio import check_writable
+    from cxr.fileio import check_not_an_input, check_writable
     from cxr.predict import (
         DISCLAIMER,
         collect_files,
@@ -357,6 +357,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             raise UsageError(f"no image files in {', '.join(map(str, args.paths))}")
         if args.output:
             check_writable(shard_path(args.output, shard) if shard else args.output)  # now, not after the work
+            check_not_an_input(args.output, files)
         mine = select_shard(files, shard)
         if _backend(args) == "onnx":
             from cxr.onnx_backend import predict_files_onnx  # no torch for an .onnx file

@@ -53,9 +53,12 @@ def _started() -> bool:
     """Whether this process is in a process group. Without torch loaded it cannot be, so torch is not imported."""
     if "torch.distributed" not in sys.modules:
         return False
-    import torch.distributed as dist
+    try:
+        import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized()
+        return dist.is_available() and dist.is_initialized()
+    except Exception:  # torch half-imported (a Ctrl-C during `import torch`): no group was started then
+        return False
 
 
 def init(device: torch.device) -> tuple[DistInfo, torch.device]:

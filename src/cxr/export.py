@@ -30,7 +30,7 @@ from torch import nn
 
 from cxr import __version__
 from cxr.errors import CheckpointError, UsageError
-from cxr.fileio import atomic_path, check_writable
+from cxr.fileio import atomic_path, check_not_an_input, check_writable
 from cxr.model import Checkpoint, load_checkpoint
 from cxr.onnx_backend import (  # noqa: F401 - re-exported: ONNX Runtime inference lives there, without torch
     CONTRACT_KEY,
@@ -316,6 +316,8 @@ def export_model(model: str | os.PathLike | Checkpoint, fmt: str, output: str | 
         raise UsageError(f"--output {out}: is a directory; give a file name")
     check_writable(out)  # now, not after an export of seconds
     ckpt = _as_checkpoint(model)
+    if ckpt.path:
+        check_not_an_input(out, [ckpt.path])  # an export over its own checkpoint lost the trained model
     if fmt == "onnx":
         data = onnx_model_bytes(ckpt)
         with atomic_path(out) as tmp:

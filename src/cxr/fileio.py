@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cxr.errors import WriteError
@@ -181,6 +181,25 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
     finally:
         remove_empty_folders(created)
     return target
+
+
+def check_not_an_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], flag: str = "--output") -> None:
+    """Refuse an output file that is one of the inputs: it would be replaced by the results (a checkpoint exported
+    over itself, an image overwritten by the predictions file), and the input lost."""
+    from cxr.errors import UsageError
+
+    out = Path(output)
+    if not out.exists():
+        return  # not there yet, so no input
+    names = {out.name, Path(os.path.realpath(out)).name}
+    for given in inputs:
+        path = Path(given)
+        # Only a file of the output's name (or its link's target's) is compared: a stat of every input is a crawl.
+        if path.name in names:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(path, out):
+                    raise UsageError(f"{flag} {out}: that is an input ({path}), which the results would replace; "
+                                     "give another file name")
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:

@@ -478,6 +478,10 @@ def _checkpoint_from(obj: dict[str, Any], path: Path) -> Checkpoint:
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: written by a newer cxr (format {version!r}, this cxr reads up to "
                               f"{CHECKPOINT_VERSION}); upgrade cxr")
+    threshold = obj.get("threshold")
+    if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+        # NaN or 5 labelled every image NORMAL, exit 0 (the ONNX contract check refused the same value).
+        raise CheckpointError(f"{path}: damaged cxr checkpoint (threshold {threshold!r} is no probability)")
     try:
         return Checkpoint(
             arch=obj["arch"], state_dict=obj["state_dict"], config=config_from_dict(obj["config"]),

@@ -76,18 +76,25 @@ class OnnxPredictor:
                                   f"{CONTRACT_VERSION}); upgrade cxr, or export the model again with this one")
         self.card: dict[str, Any] = self.contract.get("model_card") or {}
         # A contract edited by hand is said here in one line, not as a traceback at the first prediction.
-        shape = next((i.shape for i in self.session.get_inputs() if i.name == "image"), None)
+        image = next((i for i in self.session.get_inputs() if i.name == "image"), None)
+        shape = image.shape if image is not None else None
+        probs = next((o for o in self.session.get_outputs() if o.name == "probabilities"), None)
         try:
             self.max_pixels = int(self.contract.get("max_pixels", DEFAULT_MAX_PIXELS))
             self.draft = self.contract.get("draft", False)  # absent from the exports of earlier cxr versions
-            fits = (shape is not None and len(shape) == 4 and self.max_pixels > 0 and 0 <= self.threshold <= 1
-                    and isinstance(self.draft, bool)
+            # A float input failed at the first prediction with a traceback; probabilities of one class or three
+            # labelled every image alike, exit 0.
+            fits = (shape is not None and len(shape) == 4 and image.type == "tensor(uint8)"
+                    and self.max_pixels > 0 and 0 <= self.threshold <= 1 and isinstance(self.draft, bool)
                     and all(d == self.image_size for d in shape[1:] if isinstance(d, int) and d != 1)
-                    and "probabilities" in {o.name for o in self.session.get_outputs()})
+                    and len(self.class_names) == 2 and probs is not None and len(probs.shape) == 2
+                    and (not isinstance(probs.shape[1], int) or probs.shape[1] == len(self.class_names)))
         except (TypeError, ValueError):
             fits = False
         if not fits:
-            raise CheckpointError(f"{label}: its cxr contract does not fit the model (input {shape}, contract "
+            raise CheckpointError(f"{label}: its cxr contract does not fit the model (input {shape} "
+                                  f"{image.type if image is not None else ''}, probabilities "
+                                  f"{probs.shape if probs is not None else None}, contract "
                                   f"image_size {self.contract.get('image_size')}, threshold "
                                   f"{self.contract.get('threshold')}, max_pixels {self.contract.get('max_pixels')}, "
                                   f"draft {self.contract.get('draft', False)!r}): "
