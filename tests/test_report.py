@@ -532,7 +532,8 @@ def test_bad_video_timing_is_refused_before_any_work(tmp_path):
     from cxr.errors import UsageError
     from cxr.report import make_report
 
-    for kwargs in ({"fps": 0}, {"seconds_per_image": -1.0}, {"fps": float("inf")}, {"fps": float("nan")}):
+    for kwargs in ({"fps": 0}, {"seconds_per_image": -1.0}, {"fps": float("inf")}, {"fps": float("nan")},
+                   {"fps": 1e9}, {"seconds_per_image": 1e308}):  # fps 1e9 had run for good
         with pytest.raises(UsageError, match="must be > 0"):
             make_report(tmp_path, video=True, **kwargs)
 

@@ -32,8 +32,9 @@ def _probability(text: str) -> float:
     return value
 
 
-def _count(minimum: int):
-    """An integer of at least ``minimum``."""
+def _count(minimum: int, maximum: int | None = None):
+    """An integer of at least ``minimum`` (and at most ``maximum``: 100,000 threads crashed the process, a grid of
+    100,000 columns ran for good)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -41,6 +42,8 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{text} is above {maximum:,}")
         return value
     parse.__name__ = "count"  # argparse names the type in its messages
     return parse
@@ -54,17 +57,31 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> float:
-    """A finite number above 0."""
+def _positive(text: str, maximum: float = float("inf")) -> float:
+    """A finite number above 0 (and at most ``maximum``)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text} is not a number above 0")
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"{text} is above {maximum:g}")
     return value
 
 
+def _positive_upto(maximum: float):
+    def parse(text: str) -> float:
+        return _positive(text, maximum)
+    parse.__name__ = "number"
+    return parse
+
+
+MAX_THREADS = 1024  # more than any machine's cores; 100,000 crashed predict (segmentation fault)
+
+
+_DEVICE_HELP = "auto (default: CUDA where there is one, else the CPU), cpu, cuda or cuda:N"
+_THRESHOLD_HELP = "decision threshold on P(PNEUMONIA) (default: the model's, chosen on its validation split)"
 _CACHE_DIR_HELP = "where decoded images are cached (default $CXR_CACHE_DIR, else $XDG_CACHE_HOME/cxr or ~/.cache/cxr)"
 _INFERENCE_AMP_HELP = ("bf16 autocast (torch backend; default auto: bf16 where the device is fast at it; off: fp32, "
                        "the probabilities `cxr evaluate` gives by default)")
@@ -136,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for metrics.json and predictions_<split>.csv")
     p.add_argument("--threshold", type=_probability,
                    help="decision threshold (default: the model's, chosen on validation)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--cache-dir", help=_CACHE_DIR_HELP)
-    p.add_argument("--batch-size", type=_count(1), default=64)
+    p.add_argument("--batch-size", type=_count(1), default=64, help="images per forward pass (default 64)")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="off",
                    help="bf16 autocast for the predictions (default off: fp32, so that bf16 does not move the "
                    "metrics on machines that have it; auto: bf16 where it is fast, as in training)")
@@ -150,14 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default",
                    help="checkpoint, run directory, default (the bundled model), or an .onnx file from cxr export")
     p.add_argument("--output", help="also write the results to a .csv or .json file")
-    p.add_argument("--threshold", type=_probability)
+    p.add_argument("--threshold", type=_probability, help=_THRESHOLD_HELP)
     p.add_argument("--backend", choices=["torch", "onnx"],
                    help="PyTorch, or ONNX Runtime on the CPU (a checkpoint is exported once and kept in the cache) "
                         "(default: onnx for an .onnx model, else torch)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (torch backend)")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help=_INFERENCE_AMP_HELP)
-    p.add_argument("--batch-size", type=_count(1), default=32)
-    p.add_argument("--threads", type=_count(0), default=0, help="CPU threads (0: the library's default)")
+    p.add_argument("--batch-size", type=_count(1), default=32, help="images per forward pass (default 32)")
+    p.add_argument("--threads", type=_count(0, MAX_THREADS), default=0, help="CPU threads (0: the library's default)")
     p.add_argument("--shard", metavar="I/N",
                    help="predict only the I-th of N contiguous blocks of the files (0-based; for job arrays); "
                         "with --output, writes OUTPUT's shard file. Under torchrun the rank picks the shard.")
@@ -176,17 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-video", dest="video", action="store_false", help="skip the fly-through video")
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", help="skip Grad-CAM overlays")
     p.add_argument("--split", help="whose images the grid and the video show (default test, else val)")
-    p.add_argument("--per-group", type=_count(1), default=4,
-                   help="grid images per group (confident right, confident wrong, borderline)")
+    p.add_argument("--per-group", type=_count(1, 50), default=4,
+                   help="grid images per group (confident right, confident wrong, borderline; default 4, at most 50)")
     p.add_argument("--video-select", choices=["sample", "errors", "all"], default="sample",
                    help="which images the video shows: a random sample, whose running tally estimates the accuracy "
                         "(default); the errors; or all")
-    p.add_argument("--video-max-images", type=_count(1), default=60)
-    p.add_argument("--seconds-per-image", type=_positive, default=1.0)
-    p.add_argument("--frame-size", default="640x360", metavar="WxH", help="video frame size (default 640x360)")
-    p.add_argument("--fps", type=_positive, default=5.0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0, help="for the video's random sample")
+    p.add_argument("--video-max-images", type=_count(1, 10_000), default=60,
+                   help="images in the video at most (default 60)")
+    p.add_argument("--seconds-per-image", type=_positive_upto(60), default=1.0,
+                   help="how long the video shows each image (default 1, at most 60)")
+    p.add_argument("--frame-size", default="640x360", metavar="WxH",
+                   help="video frame size (default 640x360, at most 3840x2160)")
+    p.add_argument("--fps", type=_positive_upto(60), default=5.0,
+                   help="video frames per second (default 5, at most 60)")
+    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    p.add_argument("--seed", type=_count(0), default=0, help="for the video's random sample (default 0)")
 
     p = sub.add_parser("explain", help="Grad-CAM heatmap overlays for image files")
     p.add_argument("paths", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
@@ -194,9 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for <name>_gradcam.png and explanations.csv")
     p.add_argument("--target", default="predicted",
                    help="the class whose evidence is shown: predicted (default), PNEUMONIA or NORMAL")
-    p.add_argument("--threshold", type=_probability)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=_count(1), default=8)
+    p.add_argument("--threshold", type=_probability, help=_THRESHOLD_HELP)
+    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    p.add_argument("--batch-size", type=_count(1), default=8, help="images per forward pass (default 8)")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast for the probabilities shown (default auto: bf16 where the device is fast at "
                    "it; off: fp32, the probabilities `cxr evaluate` gives by default); the heatmaps never use bf16")
@@ -204,15 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="web service (API and page) for a model")
     p.add_argument("--model", default="default",
                    help="checkpoint, run directory, default (the bundled model), or an .onnx file")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free one)")
     p.add_argument("--backend", choices=["torch", "onnx"], help="default: onnx for an .onnx model, else torch")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help=_INFERENCE_AMP_HELP)
-    p.add_argument("--max-upload-mb", type=_positive, default=20.0, help="larger uploads get 413 (default 20)")
+    p.add_argument("--max-upload-mb", type=_positive_upto(1000), default=20.0,
+                   help="larger uploads get 413 (default 20, at most 1000)")
     p.add_argument("--max-concurrency", type=_count(1), default=2, help="predictions run at once (default 2)")
     p.add_argument("--max-queue", type=_count(0), default=32, help="requests waiting beyond that get 503 (default 32)")
-    p.add_argument("--threads", type=_count(1), help="CPU threads per prediction (default: cores / max-concurrency)")
+    p.add_argument("--threads", type=_count(1, MAX_THREADS),
+                   help="CPU threads per prediction (default: cores / max-concurrency)")
     p.add_argument("--max-connections", type=_count(1), default=128,
                    help="open connections, uploads in progress included; 503 beyond (default 128)")
     p.add_argument("--max-pixels", type=_count(1),
@@ -227,13 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a model as ONNX or TorchScript with its preprocessing contract")
     p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default onnx")
     p.add_argument("--output", required=True, help="the file to write, e.g. model.onnx")
 
     p = sub.add_parser("demo", help="train briefly on the bundled sample, then evaluate and predict (CPU, minutes)")
     p.add_argument("--output", default="runs/demo", help="run directory (default runs/demo)")
-    p.add_argument("--epochs", type=_count(1), default=8)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--epochs", type=_count(1), default=8, help="default 8")
+    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     parser.commands = sub  # main() names a subcommand's unknown flags through its own parser
     return parser
 

@@ -801,8 +801,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     if video:
         frame_size = even_frame_size(*frame_size)  # fail before minutes of work, not after
         # as frame_size: it was logged as "no video" and went on (infinity too, an OverflowError in the writer)
-        if not (0 < seconds_per_image < math.inf and 0 < fps < math.inf):
-            raise UsageError(f"seconds per image and fps must be > 0, got {seconds_per_image} and {fps}")
+        if not (0 < seconds_per_image <= 60 and 0 < fps <= 60):  # fps 1e9 ran for good
+            raise UsageError(f"seconds per image and fps must be > 0 and at most 60, got {seconds_per_image} and {fps}")
     art = load_artifacts(run_dir)
     out = Path(output) if output is not None else art.root
     pics = out / "report"
@@ -968,7 +968,9 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             p = art.predictions[gsplit]
             groups = select_examples(p.labels, p.probs, threshold, grid_per_group)
             tiles = {name: _gather(p, idx, pixels, explainer, threshold) for name, idx in groups.items()}
-            grid = plot_grid(tiles, threshold, gsplit, columns=grid_per_group, decimals=decimals)
+            # No wider than the largest group: --per-group 100000 had drawn 100,000 columns, for good.
+            columns = max(1, min(grid_per_group, max((len(t) for t in tiles.values()), default=1)))
+            grid = plot_grid(tiles, threshold, gsplit, columns=columns, decimals=decimals)
             path = made(_save(grid, pics / f"grid_{gsplit}.png"))
             sections.append(("examples", "Examples", _figure_html(
                 path, f"example images from {gsplit}",

@@ -32,6 +32,7 @@ BACKGROUND = (24, 24, 24)
 TEXT = (240, 240, 240)
 DIM = (170, 170, 170)
 MIN_FRAME = (320, 180)
+MAX_FRAME = (3840, 2160)  # 4K UHD
 
 
 @dataclass
@@ -52,6 +53,8 @@ def even_frame_size(width: int, height: int) -> tuple[int, int]:
         raise UsageError(f"video frame size {width}x{height} is too small (at least {MIN_FRAME[0]}x{MIN_FRAME[1]})")
     if width < height:
         raise UsageError(f"video frame size {width}x{height}: use a landscape frame (width >= height)")
+    if width > MAX_FRAME[0] or height > MAX_FRAME[1]:  # 100000x100000 took 22 GB and the kernel killed the process
+        raise UsageError(f"video frame size {width}x{height} is too large (at most {MAX_FRAME[0]}x{MAX_FRAME[1]})")
     return width, height
 
 
