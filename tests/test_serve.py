@@ -283,15 +283,53 @@ def test_a_service_on_the_loopback_answers_to_its_own_names_only(engine):
     assert resolve_allowed_hosts("0.0.0.0", None) is None and resolve_allowed_hosts("127.0.0.1", ["*"]) is None
     assert [host_name(h) for h in ("[::1]:8000", "Example.org:80", "::1", "localhost")] == \
         ["::1", "example.org", "::1", "localhost"]
+    # Names given are written as host names, and the loopback names stay (a local health check got 400 before).
+    assert resolve_allowed_hosts("127.0.0.1", ["https://CXR.example.org:443/", "pacs.local:8000"]) == \
+        ("127.0.0.1", "::1", "cxr.example.org", "localhost", "pacs.local")
     app = create_app(engine, allowed_hosts=LOOPBACK_HOSTS)
     for base in ("http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000"):
         with TestClient(app, base_url=base) as c:
             assert c.get(f"{API}/health").status_code == 200, base
     with TestClient(app, base_url="http://attacker.example:8000") as c:
         r = c.get(f"{API}/model")
-        assert r.status_code == 400 and "answers to 127.0.0.1, ::1, localhost" in r.json()["detail"]
+        assert r.status_code == 400 and r.json()["detail"] == (
+            "this service answers to 127.0.0.1, ::1, localhost, not to 'attacker.example': if a proxy forwards that "
+            "name, start it with --allowed-hosts attacker.example")
         assert r.headers["x-frame-options"] == "DENY"  # the security headers on this answer too
         assert c.get("/").status_code == 400
+    # No Host at all (an HTTP/1.0 health check of a load balancer): let through; browsers always send one.
+    import anyio
+
+    from cxr.serve import AllowedHosts
+
+    reached = []
+
+    async def inner(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def request(headers):
+        await AllowedHosts(inner, LOOPBACK_HOSTS)({"type": "http", "path": "/x", "headers": headers}, None,
+                                                 lambda message: anyio.sleep(0))
+
+    anyio.run(request, [])
+    anyio.run(request, [(b"host", b"evil.example")])
+    assert reached == ["/x"]
+
+
+def test_behind_a_proxy_under_a_path_the_page_and_docs_name_it(engine):
+    # Under https://host/cxr/ the page's /static/app.js and /api/v1 calls went to the host's root (404: the page
+    # waited for ever), the docs asked for /static-docs and /openapi.json there, and the strict page CSP hit /docs.
+    from cxr.serve import _CSP, _DOCS_CSP, API, STATIC_DIR
+
+    page = (STATIC_DIR / "index.html").read_text() + (STATIC_DIR / "app.js").read_text()
+    assert 'src="/' not in page and 'href="/' not in page and '"/api' not in page  # relative: under any path
+    with TestClient(create_app(engine), root_path="/cxr") as c:
+        docs = c.get("/cxr/docs")
+        assert docs.status_code == 200 and "/cxr/static-docs/" in docs.text and "/cxr/openapi.json" in docs.text
+        assert docs.headers["content-security-policy"] == _DOCS_CSP
+        api = c.get(f"/cxr{API}/health")
+        assert api.status_code == 200 and api.headers["cache-control"] == "no-store"
+        assert c.get("/cxr/").headers["content-security-policy"] == _CSP
 
 
 def test_upload_cut_off_before_its_closing_boundary_is_400(client):

@@ -277,6 +277,26 @@ def test_drop_a_folder_of_xrays(slow_queue_page, tmp_path):
         expect(cards.nth(k).get_by_test_id("status")).to_have_text("Done", timeout=30_000)
 
 
+def test_a_proxys_refusal_is_not_blamed_on_the_file(browser_page):
+    # nginx's own 413 (an HTML page, for a body over its client_max_body_size) read "The server could not use this
+    # file (413): HTTP 413", and its 502 likewise.
+    page, _, _ = browser_page
+    expect = sync_api.expect
+    for status, text in ((413, "refused as too large (413) by a proxy in front of the service"),
+                         (502, "The service did not answer (HTTP 502 from a proxy in front of it)")):
+        page.get_by_role("button", name="Clear results").click()
+        def refuse(route, code=status):  # what nginx sends: its own HTML page, no JSON detail
+            route.fulfill(status=code, content_type="text/html", body=f"<html><body>{code} nginx</body></html>")
+
+        page.route("**/api/v1/predict*", lambda route: refuse(route))
+        try:
+            page.set_input_files("input[type=file]", str(XRAYS[0]))
+            expect(page.get_by_test_id("result").locator(".error")).to_contain_text(text, timeout=30_000)
+        finally:
+            page.unroute("**/api/v1/predict*")
+    page.get_by_role("button", name="Clear results").click()
+
+
 class FlatEngine(SlowEngine):
     """P 0.4 against a threshold of 0.3, explained by a flat map: nothing raised the score of PNEUMONIA."""
 

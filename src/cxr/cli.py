@@ -246,8 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "a request's headers may take, so stalled connections cannot hold them all (default 30)")
     p.add_argument("--allowed-hosts", type=lambda v: [h.strip() for h in v.split(",") if h.strip()],
                    help="comma-separated host names requests may be addressed to (the Host header), e.g. the name a "
-                        "proxy forwards; * for any (default: localhost, 127.0.0.1, ::1 on the loopback address, "
-                        "against DNS rebinding; any elsewhere)")
+                        "proxy forwards, besides localhost, 127.0.0.1 and ::1; * for any (default: those three on "
+                        "the loopback address, against DNS rebinding; any elsewhere)")
+    p.add_argument("--root-path", default="", metavar="PATH",
+                   help="the path a reverse proxy serves the service under, e.g. /cxr (for the API docs and "
+                        "redirects; the proxy strips it before passing requests on)")
 
     p = sub.add_parser("export", help="write a model as ONNX or TorchScript with its preprocessing contract")
     p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
@@ -504,7 +507,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port, backend=_backend(args), max_upload_mb=args.max_upload_mb,
           max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, threads=args.threads,
           max_connections=args.max_connections, max_pixels=args.max_pixels, amp=args.amp,
-          upload_timeout=args.upload_timeout, allowed_hosts=args.allowed_hosts)
+          upload_timeout=args.upload_timeout, allowed_hosts=args.allowed_hosts, root_path=args.root_path)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

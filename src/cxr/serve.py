@@ -437,10 +437,18 @@ def host_name(header: str) -> str:
 
 
 def resolve_allowed_hosts(host: str, given: Sequence[str] | None) -> Sequence[str] | None:
-    """What ``cxr serve --host HOST [--allowed-hosts ...]`` checks: the names given (None for ``*``), else on the
-    loopback address its own names (against DNS rebinding), else any (a public service is reached by many names)."""
+    """What ``cxr serve --host HOST [--allowed-hosts ...]`` checks (None: any name).
+
+    ``*`` allows any name. Names given are allowed with the loopback names (local health checks and a proxy that
+    forwards no Host of its own keep working), written as host names: ``https://cxr.example.org:443/`` counts as
+    ``cxr.example.org``. Without names, a service on the loopback address answers to its own names only (against DNS
+    rebinding), one on another address to any (a public service is reached by many names).
+    """
     if given is not None:
-        return None if "*" in given else given
+        if "*" in given:
+            return None
+        names = {host_name(re.sub(r"^[a-z]+://", "", g.strip(), flags=re.I).split("/", 1)[0]) for g in given}
+        return tuple(sorted(names - {""} | set(LOOPBACK_HOSTS)))
     return LOOPBACK_HOSTS if host.strip("[]").lower() in LOOPBACK_HOSTS else None
 
 
@@ -448,20 +456,26 @@ class AllowedHosts:
     """ASGI middleware answering 400 to a request whose ``Host`` is not one of ``names``.
 
     A service bound to the loopback address is reachable from the browsers of its machine; without this check a web
-    page could point a name of its own at 127.0.0.1 (DNS rebinding) and use the service through the browser.
+    page could point a name of its own at 127.0.0.1 (DNS rebinding) and use the service through the browser. A
+    request without a Host header (an HTTP/1.0 health check) is let through: browsers always send one.
     """
 
     def __init__(self, app: Any, names: Sequence[str]) -> None:
-        self.app, self.names = app, {n.lower().strip("[]") for n in names}
+        self.app, self.names = app, {host_name(n) for n in names}
+        self.refused: set[str] = set()  # names already logged: once each, not once per request
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http":
-            header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
-            if host_name(header) not in self.names:
-                response = JSONResponse({"detail": f"this service answers to {', '.join(sorted(self.names))}, not "
-                                                   "to the host name of this request (see cxr serve --allowed-hosts)"},
-                                        status_code=400)
-                await response(scope, receive, send)
+            header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), None)
+            name = host_name(header) if header is not None else None
+            if name is not None and name not in self.names:
+                shown = _safe_name(name)[:100]
+                advice = (f"this service answers to {', '.join(sorted(self.names))}, not to {shown!r}: if a proxy "
+                          f"forwards that name, start it with --allowed-hosts {shown}")
+                if name not in self.refused and len(self.refused) < 100:
+                    self.refused.add(name)
+                    log.warning("refused a request for host %r (400): %s", shown, advice.split(": ", 1)[1])
+                await JSONResponse({"detail": advice}, status_code=400)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -476,7 +490,9 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # behind a proxy under a path (--root-path): the path within the app
+            path = path[len(root):]
         csp = _DOCS_CSP if path.startswith(_DOCS_PATHS) else _CSP
 
         async def send_with_headers(message: dict) -> None:
@@ -739,7 +755,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
           max_upload_mb: float = 20.0, max_concurrency: int = 2, max_queue: int = 32, device: str = "auto",
           threads: int | None = None, max_pixels: int | None = None, log_level: str = "info",
           max_connections: int = 128, amp: str = "auto", upload_timeout: float | None = 30.0,
-          allowed_hosts: Sequence[str] | None = None) -> None:
+          allowed_hosts: Sequence[str] | None = None, root_path: str = "") -> None:
     """Run the service with uvicorn until interrupted (``cxr serve``). The port is taken first, then the model loads.
 
     ``max_connections`` caps the connections served at once, uploads still arriving included (uvicorn answers 503
@@ -750,12 +766,15 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
 
     Arguments as :func:`create_app`, except ``threads``: None (default) gives each of the ``max_concurrency``
     predictions an equal share of the cores. Letting each take every core oversubscribes them, which on a busy
-    machine made PyTorch's OpenMP ~90x slower (see BENCHMARKS.md). And ``allowed_hosts``: None (default) is the
-    loopback names on a loopback ``host``, any name elsewhere; ``["*"]`` any name.
+    machine made PyTorch's OpenMP ~90x slower (see BENCHMARKS.md). ``allowed_hosts``: see
+    :func:`resolve_allowed_hosts`. ``root_path``: the path a reverse proxy serves the service under (``/cxr``), so
+    that the API docs and redirects name it (the page and its calls are relative and need nothing).
     """
     import uvicorn
 
     allowed_hosts = resolve_allowed_hosts(host, allowed_hosts)
+    if root_path and not root_path.startswith("/"):
+        raise UsageError(f"--root-path {root_path}: a path from the root of the proxy's address, such as /cxr")
     if threads is None:
         threads = max(1, usable_cores() // max_concurrency)
 
@@ -773,9 +792,11 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
         log.info("serving model %s (%s backend, %s, %d x %d threads) on http://%s:%d/  (API docs at /docs). %s",
                  engine.model_id, engine.backend, engine.inference_dtype, max_concurrency, threads,
                  host if ":" not in host else f"[{host}]", port, DISCLAIMER)
+        if allowed_hosts is not None:
+            log.info("answering requests for %s only (--allowed-hosts)", ", ".join(allowed_hosts))
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False,
                                 access_log=False, limit_concurrency=max_connections,
-                                http=http_protocol(upload_timeout))
+                                http=http_protocol(upload_timeout), root_path=root_path.rstrip("/"))
         # uvicorn names its address only for sockets it binds itself; said here as it says it (its log level, so
         # also under cxr -q).
         for sock in socks:

@@ -2,7 +2,7 @@
 // the internet; every server string is put in the page as text, never as HTML.
 "use strict";
 
-const API = "/api/v1";
+const API = "api/v1";  // relative: the page also works behind a proxy under a path (/cxr/, say)
 const PARALLEL = 2; // uploads in flight at once; the server queues the rest anyway
 const BUSY_RETRIES = 5; // a 503 (server busy) is waited out this many times, as its Retry-After says
 let generation = 0; // "Clear results" starts a new one: files queued or in flight for an older one are dropped
@@ -180,8 +180,7 @@ async function analyse(file, mine) {
         continue;
       }
       if (!r.ok) {
-        const detail = body && typeof body.detail === "string" ? body.detail : `HTTP ${r.status}`;
-        showError(card, `The server could not use this file (${r.status}): ${detail}`);
+        showError(card, failureText(r.status, body, file));
         return;
       }
       render(card, body);
@@ -191,6 +190,23 @@ async function analyse(file, mine) {
     if (mine !== generation) return;
     showError(card, `Could not reach the server (${e.message}).`);
   }
+}
+
+// What a failed upload means. The service answers in JSON with a detail; anything else came from a proxy in front
+// of it (nginx's own 413 for a body over its client_max_body_size, a 502 or 504 when the service does not answer),
+// and is not the file's fault.
+function failureText(status, body, file) {
+  if (body && typeof body.detail === "string") return `The server could not use this file (${status}): ${body.detail}`;
+  const mb = (file.size / 1e6).toFixed(1);
+  if (status === 413) {
+    return `The upload (${mb} MB) was refused as too large (413) by a proxy in front of the service: its body ` +
+      "size limit (nginx: client_max_body_size) is below the service's; ask the administrator.";
+  }
+  if (status === 502 || status === 503 || status === 504) {
+    return `The service did not answer (HTTP ${status} from a proxy in front of it): try again later, or ask the ` +
+      "administrator.";
+  }
+  return `The server could not use this file (HTTP ${status}).`;
 }
 
 async function analyseAll(files) {
