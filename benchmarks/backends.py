@@ -31,7 +31,7 @@ from common import cell, ratio_cell
 def machine() -> str:
     cpu = platform.processor() or "cpu"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{cell(ips)} | {ratio_cell(ips, results[base]['images_per_s']) if name != base else '1'} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args), "results": results},
-                                              indent=2))
+                                              indent=2), encoding="utf-8")
     return 0
 
 

@@ -26,7 +26,7 @@ ORIGINALS = SHARED_DATA / "kermany-original-sample"
 
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -37,7 +37,7 @@ def cpu_model() -> str:
 def loadavg() -> str:
     """The 1/5/15-minute load averages (the machine is shared: say how busy it was)."""
     try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        return " ".join(Path("/proc/loadavg").read_text(encoding="utf-8").split()[:3])
     except OSError:
         return "n/a"
 
@@ -49,7 +49,7 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     flags = ""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
         flags = ", AVX512-BF16" if "avx512_bf16" in text else ""
         flags += ", AMX" if "amx_bf16" in text else ""
     except OSError:
@@ -152,4 +152,4 @@ def header(argv: list[str] | None, script: str, rounds: int, load_before: str) -
 
 def dump_json(path: str | None, payload: dict) -> None:
     if path:
-        Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")

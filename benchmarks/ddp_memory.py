@@ -30,7 +30,7 @@ from common import SHARED_DATA, header, loadavg
 def smaps() -> dict[str, float]:
     """This process's memory from /proc/self/smaps_rollup, in MB."""
     out = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+    for line in Path("/proc/self/smaps_rollup").read_text(encoding="utf-8").splitlines()[1:]:
         key, value = line.split(":", 1)
         out[key] = int(value.split()[0]) / 1024
     return out

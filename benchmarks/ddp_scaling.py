@@ -35,7 +35,7 @@ def run_once(data: str, out: Path, procs: int, threads: int, args: argparse.Name
            "--cache-dir", str(args.cache_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    with open(out / "history.csv", newline="") as f:
+    with open(out / "history.csv", encoding="utf-8", newline="") as f:
         return float(list(csv.DictReader(f))[-1]["images_per_s"])
 
 

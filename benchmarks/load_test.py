@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{cell('throughput_rps', '.2f')} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs},
-                                              indent=2))
+                                              indent=2), encoding="utf-8")
     return 1 if any(r["errors"] for r in runs) else 0
 
 

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     header(argv, "omp_wait.py", args.rounds, load_before)
     autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
     print(f"competitor: {args.competitor}, {args.session} session; sched_autogroup_enabled: "
-          f"{autogroup.read_text().strip() if autogroup.exists() else 'n/a'}\n")
+          f"{autogroup.read_text(encoding='utf-8').strip() if autogroup.exists() else 'n/a'}\n")
     print("| measure | default policy, median [min, max] | OMP_WAIT_POLICY=PASSIVE | PASSIVE vs default (paired) |")
     print("|---|---:|---:|---:|")
     for what in ("cxr predict (s)", "training (images/s)"):

@@ -32,7 +32,7 @@ from common import dump_json, header, interleaved, loadavg, make_fullres_dataset
 
 def drop_page_cache() -> None:
     os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    Path("/proc/sys/vm/drop_caches").write_text("3\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from cxr.evaluate import _Resampler
 
 
 def read(path: str) -> dict[str, tuple[int, float]]:
-    with open(path, newline="") as f:
+    with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     label_of = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
     # normpath: "/a/main/../runs/x.jpeg" (a relative --data from another folder) is "/a/runs/x.jpeg"

@@ -96,7 +96,7 @@ def check_sound(run: Path) -> None:
         if p.suffix == ".pt":
             load_checkpoint(p)
         elif p.suffix == ".csv":
-            with open(p, newline="") as f:
+            with open(p, encoding="utf-8", newline="") as f:
                 list(csv.DictReader(f))
         elif p.suffix == ".json":
             json.loads(p.read_text())

@@ -70,7 +70,7 @@ def plain(n: int, seed: int) -> dict:
     import tests.test_fuzz_images as fuzz
 
     def rss_mb() -> float:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        return int(Path("/proc/self/statm").read_text(encoding="utf-8").split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     rng, names, memory = random.Random(seed), sorted(fuzz.SEEDS), []
     fuzz.OUTCOMES.clear()

@@ -32,7 +32,7 @@ from cxr.evaluate import probabilities
 
 def write(path: Path, samples, labels: np.ndarray, probs: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "prob_pneumonia"])
         for s, y, p in zip(samples, labels, probs, strict=True):

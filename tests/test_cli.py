@@ -856,6 +856,21 @@ def test_an_output_that_is_an_input_is_refused_before_it_is_replaced(tmp_path, c
     assert "that is an input" in capsys.readouterr().err and scan.read_bytes() == image
 
 
+def test_a_console_without_the_names_characters_gets_escapes_not_a_crash(tmp_path):
+    # Windows' consoles and pipes (cp1252): a file named in Cyrillic stopped `cxr predict` at its table, exit 1, before
+    # it wrote --output.
+    import shutil
+
+    from cxr.demo import SAMPLE_DIR
+
+    shutil.copy(next((SAMPLE_DIR / "test" / "NORMAL").iterdir()), tmp_path / "снимок_肺.jpeg")
+    proc = subprocess.run([sys.executable, "-m", "cxr", "predict", str(tmp_path / "снимок_肺.jpeg"), "--output",
+                           str(tmp_path / "p.csv")], capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONIOENCODING": "cp1252", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr.decode("cp1252", "replace")
+    assert b"\\u0441\\u043d" in proc.stdout and read_csv(tmp_path / "p.csv")[0]["label"] == "NORMAL"
+
+
 def test_report_explain_export_and_onnx_predict(trained_run, tmp_path):
     data, run, _ = trained_run
     cxr("report", run, "--output", tmp_path / "rep", "--no-video", "--per-group", "2")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -570,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     # cxr's own messages at INFO; other libraries' only from WARNING (onnxscript, say, logs a dozen INFO lines per
     # export).
     from cxr.fileio import PrintableFormatter
+
+    for stream in (sys.stdout, sys.stderr):  # a file name the console's code page (cp1252) lacks: escaped, no crash
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(PrintableFormatter("%(message)s"))  # a file name's ESC codes are shown, not obeyed

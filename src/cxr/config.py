@@ -56,7 +56,7 @@ def usable_cores() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     try:
-        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        quota, period = CGROUP_CPU_MAX.read_text(encoding="utf-8").split()[:2]
         if quota != "max":
             cores = min(cores, max(1, int(quota) // int(period)))
     except (OSError, ValueError):
@@ -246,7 +246,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         if not p.is_file():
             raise UsageError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise UsageError(f"{p}: not valid YAML ({e.__class__.__name__})") from None
         if not isinstance(loaded, dict):

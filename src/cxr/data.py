@@ -941,7 +941,7 @@ def prepare_shared(split: Split, cfg: Config, *, build: bool) -> Prepared:
         index = {s.path: i for i, s in enumerate(split.samples)}
         record = {"kept": [[index[s.path], s.digest] for s in prepared.samples], "failures": prepared.failures}
         with atomic_path(meta, fsync=False) as tmp:  # written last: its presence says the .npy is whole
-            tmp.write_text(json.dumps(record))
+            tmp.write_text(json.dumps(record), encoding="utf-8")
     except WriteError as e:  # a full disk, say: each process prepares its own copy, as without torchrun
         log.warning("cannot write the shared copy of the %s split (%s): every process prepares its own", split.name,
                     e)
@@ -954,7 +954,7 @@ def prepare_shared(split: Split, cfg: Config, *, build: bool) -> Prepared:
 def _open_shared(split: Split, cfg: Config, npy: Path, meta: Path) -> Prepared | None:
     """The split as :func:`prepare_shared` stored it, mapped; None when it is not there or not whole."""
     try:
-        record = json.loads(meta.read_text())
+        record = json.loads(meta.read_text(encoding="utf-8"))
         images = np.load(npy, mmap_mode="c")
         kept = [replace(split.samples[i], digest=d) for i, d in record["kept"]]
         failures = [(path, reason) for path, reason in record["failures"]]

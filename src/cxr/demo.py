@@ -20,7 +20,7 @@ def _is_demo_run(run_dir: Path) -> bool:
     import yaml
 
     try:
-        data = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data", "")
+        data = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("data", "")
     except (OSError, yaml.YAMLError, AttributeError):
         return False
     return Path(str(data)).parts[-3:] == SAMPLE_DIR.parts[-3:]

@@ -89,7 +89,7 @@ def model_id(ckpt: Checkpoint) -> str:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None

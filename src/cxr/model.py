@@ -226,9 +226,10 @@ def resolve_device(name: str) -> torch.device:
 def cpu_has_fast_bf16() -> bool:
     """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX); without them bf16 is emulated and slow."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:  # not Linux: ask torch's own CPU feature checks (private, hence looked up), else assume none
+        checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(bool(check()) for check in checks if callable(check))
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

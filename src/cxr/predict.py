@@ -309,7 +309,7 @@ def _check_manifests(out: Path, parts: list[Path], rows: list[int]) -> None:
     manifests = []
     for part in parts:
         try:
-            m = json.loads(manifest_path(part).read_text())
+            m = json.loads(manifest_path(part).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             m = None
         ok = isinstance(m, dict) and isinstance(m.get("files"), int) and isinstance(m.get("files_sha256"), str)

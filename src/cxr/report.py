@@ -109,7 +109,7 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
@@ -162,7 +162,7 @@ def load_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
     art = RunArtifacts(root)
     if (root / "config.yaml").is_file():
         try:
-            config = yaml.safe_load((root / "config.yaml").read_text())
+            config = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}" if where is not None else ""

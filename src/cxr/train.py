@@ -402,7 +402,7 @@ def _trained_past_epoch_1(run_dir: Path) -> str | None:
     if (run_dir / "summary.json").is_file():
         return f"it finished (summary.json), with a best.pt {advice}"
     with contextlib.suppress(OSError):
-        if len((run_dir / "history.csv").read_text().strip().splitlines()) > 1:
+        if len((run_dir / "history.csv").read_text(encoding="utf-8").strip().splitlines()) > 1:
             return f"it trained epochs (history.csv), with a best.pt {advice}"
     try:
         epoch = load_checkpoint(best).epoch
@@ -621,7 +621,7 @@ def busy_cores(interval: float = 0.25) -> float | None:
     Measured, not read from the load average: that average still holds this run's own cache build a minute later.
     """
     def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
+        with open("/proc/stat", encoding="utf-8") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
         return sum(fields[:8]), idle
@@ -641,7 +641,7 @@ def _cpu_sample() -> tuple[int, int, float, float] | None:
     """(/proc/stat total and idle ticks, this run's CPU seconds, wall seconds), or None without /proc/stat. The run's
     CPU includes its loader workers that have ended (each epoch's end theirs), which are no one else's load."""
     try:
-        with open("/proc/stat") as f:
+        with open("/proc/stat", encoding="utf-8") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
