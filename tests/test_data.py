@@ -895,9 +895,12 @@ def test_a_full_cache_disk_decodes_without_the_cache(tmp_path, tiny_dataset, mon
 # ------------------------------------------------------------------------------ one copy of a split per node
 
 
-def test_prepare_shared_maps_one_file_for_every_process(tmp_path, tiny_dataset, monkeypatch, caplog):
+@pytest.mark.parametrize("platform", ["linux", "macos"])
+def test_prepare_shared_maps_one_file_for_every_process(tmp_path, tiny_dataset, monkeypatch, caplog, platform):
     from cxr.data import prepare_shared
 
+    if platform == "macos":  # no posix_fallocate there (nor on Windows): a traceback on every torchrun training
+        monkeypatch.delattr(os, "posix_fallocate")
     cfg = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "cache")})
     (tiny_dataset / "test" / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8 not a jpeg")
     split = scan(tiny_dataset / "test")["test"]
@@ -1010,3 +1013,25 @@ def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path, cap
                         "anon.dcm": "anon", "person5_virus_9.dcm": "person5", "broken.dcm": "broken",
                         "1.2.826.0.1.3680043.8.498.3.dcm": "dicom:P-009", "notes.dcm": "notes"}
     assert "End of file" not in caplog.text  # pydicom's own log of the damaged header
+
+
+def test_a_script_without_its_main_guard_is_told_so_on_spawn_platforms(tmp_path):
+    # On macOS and Windows the cache's workers start by `spawn` and import the calling script again: the README's
+    # library example, unguarded, ended in BrokenProcessPool's traceback. Emulated here by forcing spawn.
+    import subprocess
+
+    from .conftest import make_dataset
+
+    make_dataset(tmp_path / "d", per_class=20, test_per_class=0)
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import multiprocessing\n"
+        "multiprocessing.set_start_method('spawn', force=True)\n"
+        "from cxr.config import load_config\n"
+        "from cxr.data import prepare, scan\n"
+        f"prepare(scan({str(tmp_path / 'd')!r})['train'], load_config(overrides={{'image_size': 32, "
+        f"'cache_dir': {str(tmp_path / 'cache')!r}}}), workers=2)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "a script calling cxr lacks its guard: `if __name__ == '__main__':`" in proc.stderr

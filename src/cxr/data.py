@@ -27,13 +27,14 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from cxr.config import CLASS_NAMES, Config, usable_cores
-from cxr.errors import DataError, UsageError, WriteError
+from cxr.errors import CxrError, DataError, UsageError, WriteError
 from cxr.fileio import CSV_TEXT, atomic_path, display_name
 from cxr.images import (
     IMAGE_EXTENSIONS,
@@ -796,10 +797,13 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None, out: Path 
         images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size))
         # The file is sparse until written: reserve its blocks now, so that a full disk is an error here and not a
         # SIGBUS (the process killed without a word) when a page of the mapping is first written.
-        with open(tmp, "r+b") as f:
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        if hasattr(os, "posix_fallocate"):  # not on macOS or Windows, where a full disk is found as pages are written
+            with open(tmp, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         prepared = _fill(split, cfg, images, workers)
         images.flush()
+        # Every reference to the mapping goes before the rename: Windows refuses to rename a mapped file.
+        prepared = replace(prepared, images=None)
         del images
         os.replace(tmp, out)
     except WriteError:
@@ -886,6 +890,10 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
                             failures.append((paths[i], error))
                             log.warning("skipping unreadable image: %s", error)
                     bar.advance(len(outcome))
+        except BrokenProcessPool:
+            raise CxrError(f"the worker processes decoding {split.name}'s images stopped: one was killed (out of "
+                           "memory?), or, on macOS and Windows, a script calling cxr lacks its guard: `if __name__ "
+                           "== '__main__':` (the workers import the script again)") from None
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
