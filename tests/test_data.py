@@ -461,6 +461,10 @@ def test_split_csv_round_trip(tmp_path):
     write_split_csv(tmp_path / "split.csv", {"train": pool[:15], "val": pool[15:]})
     back = read_split_csv(tmp_path / "split.csv")
     assert back == {"train": pool[:15], "val": pool[15:]}
+    # Saved again by Excel as "CSV UTF-8", with its byte-order mark and CRLF: the same (it was "not a split.csv").
+    text = (tmp_path / "split.csv").read_text(encoding="utf-8")
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    assert read_split_csv(tmp_path / "excel.csv") == back
 
 
 def _count_decodes(monkeypatch) -> list[str]:

@@ -270,6 +270,19 @@ def test_an_input_with_a_name_of_the_longest_length_gets_its_picture(tmp_path):
         assert sorted(r["path"] for r in csv.DictReader(f)) == sorted(str(tmp_path / n) for n in names)
 
 
+def test_pictures_of_names_that_differ_only_in_case_are_two_files(tmp_path):
+    # a/Scan.jpeg and b/scan.jpeg became Scan_gradcam.png and scan_gradcam.png: one file on macOS and Windows.
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5),
+                    tmp_path / "m.pt")
+    for folder, name in (("a", "Scan.jpeg"), ("b", "scan.jpeg")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(FILES[0].read_bytes())
+    out = explain_files(tmp_path / "m.pt", [tmp_path / "a" / "Scan.jpeg", tmp_path / "b" / "scan.jpeg"],
+                        tmp_path / "out", device="cpu")
+    assert [p.name for p in out] == ["Scan_gradcam.png", "scan_2_gradcam.png"]
+
+
 def test_explain_files_rejects_an_unknown_target(tmp_path):
     from cxr.errors import UsageError
 

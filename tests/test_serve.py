@@ -332,6 +332,17 @@ def test_behind_a_proxy_under_a_path_the_page_and_docs_name_it(engine):
         assert c.get("/cxr/").headers["content-security-policy"] == _CSP
 
 
+def test_the_pages_script_is_served_as_javascript_whatever_the_registry_says(engine):
+    # On Windows mimetypes reads the registry; a .js entry of text/plain (with nosniff) and no browser runs the page.
+    import mimetypes
+
+    mimetypes.add_type("text/plain", ".js")
+    mimetypes.add_type("text/plain", ".css")
+    with TestClient(create_app(engine)) as c:
+        assert c.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+        assert c.get("/static/style.css").headers["content-type"].startswith("text/css")
+
+
 def test_upload_cut_off_before_its_closing_boundary_is_400(client):
     # A client that stops sending (a dropped connection behind a proxy that still ends the request) must not have the
     # first part of its image classified as if it were the whole file.

@@ -35,7 +35,7 @@ import numpy as np
 
 from cxr.config import CLASS_NAMES, Config, usable_cores
 from cxr.errors import CxrError, DataError, UsageError, WriteError
-from cxr.fileio import CSV_TEXT, atomic_path, display_name
+from cxr.fileio import CSV_READ, CSV_TEXT, atomic_path, display_name
 from cxr.images import (
     IMAGE_EXTENSIONS,
     ImageError,
@@ -631,7 +631,7 @@ def write_split_csv(path: str | os.PathLike, splits: dict[str, list[Sample]]) ->
 def read_split_csv(path: str | os.PathLike) -> dict[str, list[Sample]]:
     """Read a ``split.csv`` written by :func:`write_split_csv`."""
     out: dict[str, list[Sample]] = {}
-    with open(path, **CSV_TEXT) as f:
+    with open(path, **CSV_READ) as f:
         for row in csv.DictReader(f):
             sample = Sample(row["path"], CLASS_NAMES.index(row["label"]), row["patient"], row["sha256"])
             out.setdefault(row["split"], []).append(sample)

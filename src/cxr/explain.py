@@ -138,10 +138,11 @@ def _unique_name(path: Path, used: set[str]) -> str:
     # Path.stem had cut its last, and a study's files all came out as 1.2.826.0.1.3680043.8.498_<n>_gradcam.png.
     stem = image_stem(path.name)
     name, n = fit_name(stem, EXPLAIN_SUFFIX), 1  # an input's name of 240 bytes, plus the suffix, was too long to write
-    while name in used:
+    # Compared without case: on macOS and Windows Scan_gradcam.png and scan_gradcam.png are one file.
+    while name.casefold() in used:
         n += 1
         name = fit_name(stem, f"_{n}{EXPLAIN_SUFFIX}")
-    used.add(name)
+    used.add(name.casefold())
     return name
 
 

@@ -21,6 +21,8 @@ MAX_NAME_BYTES = 230
 # wherever the locale says otherwise, and a file name that is not valid UTF-8 (bytes from another system's encoding)
 # written as its own bytes and read back as the same name, instead of ending the run after its last prediction.
 CSV_TEXT = {"newline": "", "encoding": "utf-8", "errors": "surrogateescape"}
+# Reading: a byte-order mark (Excel's "CSV UTF-8" writes one) is no part of the first column's name.
+CSV_READ = {**CSV_TEXT, "encoding": "utf-8-sig"}
 
 
 def valid_utf8(text: str) -> str:
@@ -191,11 +193,11 @@ def check_not_an_input(output: str | os.PathLike, inputs: Iterable[str | os.Path
     out = Path(output)
     if not out.exists():
         return  # not there yet, so no input
-    names = {out.name, Path(os.path.realpath(out)).name}
+    names = {out.name.casefold(), Path(os.path.realpath(out)).name.casefold()}  # macOS and Windows ignore case
     for given in inputs:
         path = Path(given)
         # Only a file of the output's name (or its link's target's) is compared: a stat of every input is a crawl.
-        if path.name in names:
+        if path.name.casefold() in names:
             with contextlib.suppress(OSError):
                 if os.path.samefile(path, out):
                     raise UsageError(f"{flag} {out}: that is an input ({path}), which the results would replace; "

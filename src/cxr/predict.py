@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.errors import UsageError
-from cxr.fileio import CSV_TEXT, atomic_path, atomic_write_text, spreadsheet_cells
+from cxr.fileio import CSV_READ, CSV_TEXT, atomic_path, atomic_write_text, spreadsheet_cells
 from cxr.images import ImageError, is_image_file, load_image
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def read_predictions_file(path: str | os.PathLike) -> list[Prediction]:
     """Predictions from a file written by :func:`write_predictions_file`."""
     suffix = _check_suffix(path)
     try:
-        with open(path, **CSV_TEXT) as f:
+        with open(path, **CSV_READ) as f:
             if suffix == ".json":
                 return [Prediction(**p) for p in json.load(f)["predictions"]]
             # threshold and model_id: absent from the files of earlier cxr versions

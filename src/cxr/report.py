@@ -37,7 +37,7 @@ import numpy as np
 from cxr.config import CLASS_NAMES, DEFAULT_MAX_PIXELS, Config
 from cxr.errors import UsageError
 from cxr.fileio import (
-    CSV_TEXT,
+    CSV_READ,
     atomic_path,
     atomic_write_text,
     display_name,
@@ -117,7 +117,7 @@ def _read_json(path: Path) -> dict | None:
 def read_history(path: str | os.PathLike) -> list[dict[str, float]]:
     """``history.csv`` as one dict of floats per epoch (empty cells become NaN)."""
     rows = []
-    with open(path, **CSV_TEXT) as f:
+    with open(path, **CSV_READ) as f:
         for row in csv.DictReader(f):
             rows.append({k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()})
     return rows
@@ -126,7 +126,7 @@ def read_history(path: str | os.PathLike) -> list[dict[str, float]]:
 def read_predictions(path: str | os.PathLike, name: str) -> SplitPredictions:
     """One ``predictions_<split>.csv`` (columns path, label, prob_pneumonia, predicted, and note, which is not read)."""
     paths, labels, probs = [], [], []
-    with open(path, **CSV_TEXT) as f:
+    with open(path, **CSV_READ) as f:
         reader = csv.DictReader(f)
         missing = {"path", "label", "prob_pneumonia"} - set(reader.fieldnames or [])
         if missing:

@@ -23,6 +23,7 @@ import contextlib
 import io
 import logging
 import math
+import mimetypes
 import os
 import re
 import socket
@@ -697,6 +698,10 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    # Content types from the file name through mimetypes, which on Windows reads the registry: a .js entry of
+    # text/plain there, with nosniff, and the browser runs no script (the page does nothing). Set here, not read.
+    mimetypes.add_type("text/javascript", ".js")
+    mimetypes.add_type("text/css", ".css")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if allowed_hosts is not None:
         app.add_middleware(AllowedHosts, names=allowed_hosts)
