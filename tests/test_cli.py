@@ -1362,3 +1362,17 @@ def test_serve_answers_on_its_port_and_a_second_one_there_is_one_line(trained_ru
         server.terminate()
         server.wait(timeout=60)
 
+
+
+def test_wildcards_are_expanded_where_the_shell_does_not(tmp_path, monkeypatch):
+    # cmd and PowerShell pass `scans\*.jpeg` as it is: "no such file or directory" before.
+    import cxr.predict
+    from cxr.predict import collect_files
+
+    for name in ("a.jpeg", "b.jpeg", "x[1].jpeg"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setattr(cxr.predict.sys, "platform", "win32")
+    assert collect_files([str(tmp_path / "*.jpeg")]) == [tmp_path / n for n in ("a.jpeg", "b.jpeg", "x[1].jpeg")]
+    assert collect_files([str(tmp_path / "x[1].jpeg")]) == [tmp_path / "x[1].jpeg"]  # a file of that very name
+    with pytest.raises(UsageError, match=r"\*\.png: no such file"):
+        collect_files([str(tmp_path / "*.png")])

@@ -447,3 +447,18 @@ def test_exact_fp32_holds_while_any_thread_is_inside_it():
         assert _tf32_flags() == found  # as found
     finally:
         _set_tf32_flags(saved)
+
+
+def test_auto_says_once_that_an_apple_gpu_goes_unused(monkeypatch, caplog):
+    import logging
+
+    import cxr.model
+    from cxr.model import resolve_device
+
+    cxr.model._say_mps_is_unused.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with caplog.at_level(logging.INFO, logger="cxr"):
+        assert resolve_device("auto") == torch.device("cpu") == resolve_device("auto")
+    assert caplog.text.count("an Apple GPU (mps) is present") == 1
+    cxr.model._say_mps_is_unused.cache_clear()

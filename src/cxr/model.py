@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
 import pickle
 import re
@@ -24,6 +25,8 @@ from cxr.config import ARCHS, CLASS_NAMES, Config, config_from_dict
 from cxr.errors import CheckpointError, CxrError, UsageError
 from cxr.fileio import atomic_path
 from cxr.tv import import_torchvision
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "cxr-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -205,9 +208,19 @@ def build_model(arch: str = "densenet121", weights: str = "none", num_classes: i
 # ----------------------------------------------------------------------------------------------- devices
 
 
+@functools.lru_cache(maxsize=1)
+def _say_mps_is_unused() -> None:
+    """Once: an Apple GPU is there and cxr does not use it (it runs on cpu or cuda)."""
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        log.info("an Apple GPU (mps) is present, but cxr runs on the CPU or CUDA only: using the CPU")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if name == "auto":
+        if not torch.cuda.is_available():
+            _say_mps_is_unused()
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,6 +125,11 @@ def prob_text(p: float, threshold: float | None = None, decimals: int = 3) -> st
     return f"{p:.{decimals}f}"
 
 
+def _is_pattern(path: str | os.PathLike) -> bool:
+    """A wildcard pattern that names no file itself (a file may be called ``x[1].jpeg``)."""
+    return any(c in str(path) for c in "*?[") and not os.path.exists(path)
+
+
 def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
                   skip: Path | None = None) -> list[Path]:
     """Files as given, and image files (:func:`cxr.images.is_image_file`) found recursively in folders (sorted;
@@ -134,6 +141,8 @@ def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
 
     if isinstance(paths, (str, os.PathLike)):  # one path, not its characters (an absolute one walked "/" first)
         paths = [paths]
+    if sys.platform == "win32":  # cmd and PowerShell hand `scans\*.jpeg` over as it is: expanded here, as a shell would
+        paths = [m for p in paths for m in (sorted(glob.glob(str(p))) if _is_pattern(p) else [p]) or [p]]
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
