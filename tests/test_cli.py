@@ -1376,3 +1376,39 @@ def test_wildcards_are_expanded_where_the_shell_does_not(tmp_path, monkeypatch):
     assert collect_files([str(tmp_path / "x[1].jpeg")]) == [tmp_path / "x[1].jpeg"]  # a file of that very name
     with pytest.raises(UsageError, match=r"\*\.png: no such file"):
         collect_files([str(tmp_path / "*.png")])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target-sensitivity", "0.9"], "--target-sensitivity applies only with --threshold-policy sensitivity"),
+    (["--swa-lr", "0.5"], "--swa-lr applies only with --swa-epochs N"),
+    (["--val-source", "folder", "--val-fraction", "0.4"], "--val-fraction applies only with --val-source carve"),
+])
+def test_train_flags_without_effect_are_refused_not_ignored(tmp_path, capsys, flags, message):
+    from cxr.cli import main as cxr_main
+
+    assert cxr_main(["train", "--data", str(tmp_path), "--output", str(tmp_path / "run"), *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_outputs_among_the_data_or_where_a_result_file_cannot_go_are_refused_before_the_work(tmp_path, capsys):
+    # Each of these failed only after the work (a folder named metrics.json, explanations.csv or best.pt), wrote a
+    # run into the dataset, or wrote the results into the current folder (--output "").
+    from cxr.cli import main as cxr_main
+    from cxr.demo import SAMPLE_DIR
+
+    data = SAMPLE_DIR
+    image = next((data / "test" / "NORMAL").iterdir())
+    for name, argv in (("metrics.json", ["evaluate", "--data", str(data / "test")]),
+                       ("explanations.csv", ["explain", str(image)]),
+                       ("best.pt", ["train", "--data", str(data), "--epochs", "1"])):
+        out = tmp_path / name.split(".")[0]
+        (out / name).mkdir(parents=True)
+        assert cxr_main([*argv, "--output", str(out)]) == 1, name
+        err = capsys.readouterr().err
+        assert f"cannot write {out / name}" in err and err.count("\n") == 1, err
+        assert [p.name for p in out.iterdir()] == [name]  # nothing else written
+    for inside in (data, data / "train" / "runs"):
+        assert cxr_main(["train", "--data", str(data), "--output", str(inside)]) == 2
+        assert "give a folder outside the data" in capsys.readouterr().err
+    assert cxr_main(["evaluate", "--data", str(data / "test"), "--output", ""]) == 2
+    assert "--output is empty" in capsys.readouterr().err

@@ -559,3 +559,21 @@ def test_a_report_removes_an_earlier_reports_pictures_it_did_not_make_again(tmp_
     assert [p.name for p in (run / "report").iterdir()] == ["notes.txt"]
     (run / "report" / "notes.txt").unlink()
     assert not remove_report(run) and not (run / "report").exists()
+
+
+def test_a_report_into_another_runs_folder_is_refused(tmp_path):
+    # `cxr report EVAL --output RUN` replaced the run's report.html and removed its pictures.
+    from cxr.errors import UsageError
+    from cxr.evaluate import SplitResult, write_evaluation
+
+    rng = np.random.default_rng(0)
+    labels = (rng.uniform(size=40) < 0.5).astype(int)
+    write_evaluation(tmp_path / "ev", [SplitResult("test", [f"{i}.png" for i in range(40)], labels,
+                                                   np.clip(labels * 0.6 + 0.2, 0, 1))], 0.5, n_boot=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "history.csv").write_text("epoch\n")
+    (run / "report.html").write_text("the run's own report")
+    with pytest.raises(UsageError, match="a training run's folder, whose report would be replaced"):
+        make_report(tmp_path / "ev", output=run, video=False, heatmaps=False)
+    assert (run / "report.html").read_text() == "the run's own report"

@@ -276,11 +276,24 @@ def _cmd_train(args: argparse.Namespace) -> None:
             raise UsageError("--resume uses the run's own config.yaml; drop --config")
         run_dir = train(resume=args.resume, overrides=overrides)
     else:
-        run_dir = train(load_config(args.config, overrides))
+        cfg = load_config(args.config, overrides)
+        _refuse_flags_without_effect(args, cfg)
+        run_dir = train(cfg)
     if args.report:
         _report_after(run_dir, device=args.device or "auto")
     else:
         _no_report(run_dir)
+
+
+def _refuse_flags_without_effect(args: argparse.Namespace, cfg) -> None:
+    """A flag given for a setting the run does not use (it was ignored without a word)."""
+    for flag, given, unused, needs in (
+            ("--target-sensitivity", args.target_sensitivity, cfg.threshold_policy != "sensitivity",
+             "--threshold-policy sensitivity"),
+            ("--swa-lr", args.swa_lr, cfg.swa_epochs == 0, "--swa-epochs N"),
+            ("--val-fraction", args.val_fraction, cfg.val_source != "carve", "--val-source carve")):
+        if given is not None and unused:
+            raise UsageError(f"{flag} applies only with {needs}")
 
 
 def _report_after(folder, **kwargs) -> None:
@@ -593,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
                 "report": _cmd_report, "explain": _cmd_explain, "serve": _cmd_serve, "export": _cmd_export,
                 "demo": _cmd_demo}
     try:
+        if getattr(args, "output", None) == "":  # Path("") is the current folder: results written there unasked
+            raise UsageError("--output is empty: give a folder or file name")
         if args.command not in ("train", "predict"):
             _refuse_torchrun(args.command)
         commands[args.command](args)

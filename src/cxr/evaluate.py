@@ -397,6 +397,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
     check_writable(output, folder=True)  # now, not after the predictions
+    check_writable(Path(output) / "metrics.json")  # a folder of that name failed only after predicting everything
     if any((Path(output) / name).is_file() for name in ("best.pt", "last.pt", "history.csv")):
         # Its metrics.json (the training's, on train, val and test) would be replaced, and its report would mix both.
         raise UsageError(f"--output {output}: a training run's folder, whose metrics.json and predictions this would "

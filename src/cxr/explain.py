@@ -208,6 +208,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
         given = [paths] if isinstance(paths, (str, os.PathLike)) else paths  # one path: not its letters
         raise UsageError(f"no image files in {', '.join(map(str, given))}")
     check_writable(output_dir, folder=True)  # now, not after the heatmaps
+    check_writable(Path(output_dir) / "explanations.csv")
     ckpt = load_checkpoint(model)
     names = [c.upper() for c in ckpt.class_names]
     if target.upper() not in names and target != "predicted":

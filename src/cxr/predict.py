@@ -254,7 +254,7 @@ def predict_in_batches(files: list[Path], probs_of, *, image_size: int, max_pixe
 def _check_suffix(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in (".csv", ".json"):
-        raise UsageError(f"--output {path}: use a .csv or .json file name")
+        raise UsageError(f"{path}: a predictions file is named .csv or .json")
     return suffix
 
 

@@ -40,6 +40,7 @@ from cxr.fileio import (
     CSV_READ,
     atomic_path,
     atomic_write_text,
+    check_writable,
     display_name,
     ensure_dir,
     image_name,
@@ -805,6 +806,11 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             raise UsageError(f"seconds per image and fps must be > 0 and at most 60, got {seconds_per_image} and {fps}")
     art = load_artifacts(run_dir)
     out = Path(output) if output is not None else art.root
+    if out.resolve() != art.root.resolve() and any((out / n).is_file() for n in ("best.pt", "last.pt", "history.csv")):
+        # Another run's report was replaced, and its pictures removed, as `cxr evaluate --output RUN` is refused for.
+        raise UsageError(f"--output {out}: a training run's folder, whose report would be replaced; give another "
+                         f"folder (say {out / ('report-' + art.root.name)})")
+    check_writable(out / "report.html")  # a folder of that name failed after the pictures were made
     pics = out / "report"
     ensure_dir(pics)
     written: set[Path] = set()

@@ -516,6 +516,7 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         # Before the data is hashed and cached, not after (a resumed run needs no starting weights: see _train).
         _check_starting_weights(cfg)
     run_dir = Path(cfg.output)
+    _check_output_outside_data(run_dir, Path(cfg.data))
     if resume is None and (run_dir / "last.pt").exists():
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
     info, device = init_distributed(resolve_device(cfg.device))
@@ -528,6 +529,16 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         raise
     shutdown_distributed()
     return result
+
+
+def _check_output_outside_data(run_dir: Path, data: Path) -> None:
+    """Refuse a run directory that is the dataset's root or inside one of its splits: a run wrote its checkpoints
+    and predictions among the data, and its pictures would be scanned as X-rays by the next run."""
+    out, root = run_dir.resolve(), data.resolve()
+    inside = root in out.parents and out.relative_to(root).parts[0].lower() in ("train", "val", "validation", "test")
+    if out == root or inside:
+        raise UsageError(f"--output {run_dir}: {'the dataset itself' if out == root else 'inside a split of --data'}; "
+                         f"give a folder outside the data, say {root.parent / 'runs' / root.name}")
 
 
 class TrainBatches:
@@ -720,6 +731,8 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     made_files: list[Path] = []
     if info.main:
         check_writable(run_dir, folder=True)  # a read-only output fails now, not after the cache build
+        for name in ("best.pt", "last.pt", "history.csv", "metrics.json", "summary.json", "split.csv"):
+            check_writable(run_dir / name)  # a folder of that name failed after the first epoch
         made_folders = missing_folders(run_dir)
         ensure_dir(run_dir)
         if resumed:
