@@ -1412,3 +1412,12 @@ def test_outputs_among_the_data_or_where_a_result_file_cannot_go_are_refused_bef
         assert "give a folder outside the data" in capsys.readouterr().err
     assert cxr_main(["evaluate", "--data", str(data / "test"), "--output", ""]) == 2
     assert "--output is empty" in capsys.readouterr().err
+
+
+def test_an_error_line_shows_a_names_control_characters_as_escapes(tmp_path, capsys):
+    # The last line of a failed command printed the name raw: ESC [2J cleared the screen, ESC ]0; set the title.
+    from cxr.cli import main as cxr_main
+
+    assert cxr_main(["predict", str(tmp_path / "\x1b[2J\x1b]0;owned\x07x.jpeg")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\\x1b[2J\\x1b]0;owned\\x07x.jpeg: no such file" in err

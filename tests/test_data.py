@@ -1039,3 +1039,14 @@ def test_a_script_without_its_main_guard_is_told_so_on_spawn_platforms(tmp_path)
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert "a script calling cxr lacks its guard: `if __name__ == '__main__':`" in proc.stderr
+
+
+def test_a_single_splits_name_is_its_folders_as_it_is(tmp_path):
+    # Escaping control characters for display had turned an ideographic space (U+3000) in the folder's name into
+    # "\u3000" in metrics.json's keys and the predictions file's name (a path separator on Windows).
+    from .conftest import make_dataset
+
+    root = make_dataset(tmp_path / "d", per_class=2, test_per_class=0)
+    (root / "train").rename(tmp_path / "chest\u3000xray")
+    assert list(scan(tmp_path / "chest\u3000xray")) == ["chest\u3000xray"]
+

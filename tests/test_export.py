@@ -245,12 +245,25 @@ def test_a_checkpoint_is_exported_for_onnx_runtime_once(exported, counted_export
     assert counted_exports == [str(exported["ckpt"]), str(other)]
     assert len(list(cached[0].parent.glob("*.onnx"))) == 2
 
-    # A damaged cache file is exported again, with a warning, and replaced.
-    cached[0].write_bytes(b"not an onnx model")
-    with caplog.at_level(logging.WARNING, logger="cxr"):
-        fixed = load_onnx_predictor(exported["ckpt"])
-    assert counted_exports[-1] == str(exported["ckpt"]) and len(counted_exports) == 3
-    assert "unusable" in caplog.text and fixed.model_id == exported["id"]
+    # A damaged cache file is exported again, with a warning, and replaced: one that no longer parses, and one whose
+    # weights changed and that still parses (it had given other probabilities without a word).
+    for damage in ("unreadable", "weights"):
+        data = bytearray(cached[0].read_bytes())
+        if damage == "unreadable":
+            data = bytearray(b"not an onnx model")
+        else:
+            data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+        cached[0].write_bytes(bytes(data))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cxr"):
+            fixed = load_onnx_predictor(exported["ckpt"])
+        assert counted_exports[-1] == str(exported["ckpt"]), damage
+        assert "damaged (its bytes are not the ones written)" in caplog.text and fixed.model_id == exported["id"]
+        assert np.abs(fixed.predict_uint8(exported["images"][:4]) - exported["probs"][:4]).max() < 1e-4
+        key = cached[0].name.rsplit("-", 1)[0]
+        (cached[0],) = cached[0].parent.glob(f"{key}-*.onnx")  # the new export, in place of the damaged one
+        assert cached[0].read_bytes() == exported["onnx"].read_bytes()
+    assert len(counted_exports) == 4
 
 
 def test_an_unwritable_onnx_cache_costs_time_not_results(exported, counted_exports, tmp_path, monkeypatch, caplog):

@@ -583,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_unknown(parser, args.command, extra, sys.argv[1:] if argv is None else list(argv))
     # cxr's own messages at INFO; other libraries' only from WARNING (onnxscript, say, logs a dozen INFO lines per
     # export).
-    from cxr.fileio import PrintableFormatter
+    from cxr.fileio import PrintableFormatter, display_name
 
     for stream in (sys.stdout, sys.stderr):  # a file name the console's code page (cp1252) lacks: escaped, no crash
         with contextlib.suppress(AttributeError, ValueError):
@@ -611,8 +611,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("train", "predict"):
             _refuse_torchrun(args.command)
         commands[args.command](args)
-    except CxrError as e:
-        print(f"cxr {args.command}: error: {e}", file=sys.stderr)
+    except CxrError as e:  # messages name files: their control characters shown, not obeyed (display_name)
+        print(display_name(f"cxr {args.command}: error: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"cxr {args.command}: interrupted", file=sys.stderr)
@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:  # a file system problem cxr did not foresee: still one line, naming the file
         where = f"{e.filename}: " if e.filename else ""
-        print(f"cxr {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(display_name(f"cxr {args.command}: error: {where}{e.strerror or e}"), file=sys.stderr)
         return 1
     return 0
 

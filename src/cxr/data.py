@@ -35,7 +35,7 @@ import numpy as np
 
 from cxr.config import CLASS_NAMES, Config, usable_cores
 from cxr.errors import CxrError, DataError, UsageError, WriteError
-from cxr.fileio import CSV_READ, CSV_TEXT, atomic_path, display_name
+from cxr.fileio import CSV_READ, CSV_TEXT, atomic_path, valid_utf8
 from cxr.images import (
     IMAGE_EXTENSIONS,
     ImageError,
@@ -393,7 +393,7 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
     if any(d.name.upper() in CLASS_NAMES for d in subdirs):
         # One split, named after its folder: "data", not ".." for --data ..; a name that is not UTF-8 escaped, as
         # it is a key of metrics.json, a file name (predictions_<split>.csv) and a title in the report.
-        name = display_name((root.resolve() if root.name in ("", "..") else root).name)
+        name = valid_utf8((root.resolve() if root.name in ("", "..") else root).name)
         return {name: scan_folder(root, name, require_both_classes=require_both_classes,
                                   patient_pattern=patient_pattern)}
     raise DataError(f"{root}: found neither split folders (train/val/test) nor class folders (NORMAL/PNEUMONIA)")

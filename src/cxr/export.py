@@ -265,19 +265,24 @@ def cached_onnx_model_bytes(model: str | os.PathLike | Checkpoint, cache_dir: st
     except ImportError:
         return onnx_model_bytes(ckpt), None  # onnx_model_bytes names what to install
     folder = Path(cache_dir or default_cache_dir()) / "onnx"
-    file = folder / f"{key}.onnx"
     name = ckpt.path or "the model"
-    with contextlib.suppress(OSError):
-        data = file.read_bytes()
+    # The file's name ends in its bytes' own digest: a file damaged since (a torn write, a bad disk) that still
+    # parses would have given other probabilities without a word; it is exported again instead.
+    for file in sorted(folder.glob(f"{key}-*.onnx")):
         with contextlib.suppress(OSError):
-            os.utime(file)  # the newest use is what the pruning below keeps
-        log.info("%s: its ONNX export read from %s", name, file)
-        return data, file
+            data = file.read_bytes()
+            if hashlib.sha256(data).hexdigest()[:16] == file.stem.rsplit("-", 1)[-1]:
+                with contextlib.suppress(OSError):
+                    os.utime(file)  # the newest use is what the pruning below keeps
+                log.info("%s: its ONNX export read from %s", name, file)
+                return data, file
+            log.warning("%s: damaged (its bytes are not the ones written), exporting again", file)
+            file.unlink(missing_ok=True)
     log.info("exporting %s to ONNX (once: the export is kept in %s)", name, folder)
     data = onnx_model_bytes(ckpt)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(file, fsync=False) as tmp:
+        with atomic_path(folder / f"{key}-{hashlib.sha256(data).hexdigest()[:16]}.onnx") as tmp:
             tmp.write_bytes(data)
         exports = sorted(folder.glob("*.onnx"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
         for old in exports[ONNX_CACHE_KEEP:]:

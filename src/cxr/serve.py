@@ -372,7 +372,7 @@ def run_prediction(engine: Engine, data: bytes, name: str, *, heatmap: bool = Tr
     t0 = time.perf_counter()
     try:
         image = load_image(data, engine.image_size, name=name, max_pixels=max_pixels or engine.max_pixels,
-                           draft=engine.draft)
+                           draft=getattr(engine, "draft", False))  # an Engine written before draft was declared
     except ImageError as e:
         if kind is None and e.reason.startswith("not a DICOM file"):  # a .dcm name, and no DICOM data set in it
             raise HttpError(415, f"{name}: not an image (content is not JPEG, PNG or DICOM: {e.reason})") from None
@@ -689,7 +689,8 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
     async def model_card() -> dict[str, Any]:
         return {**engine.card, "model_id": engine.model_id, "threshold": engine.threshold,
                 "class_names": engine.class_names, "backend": engine.backend,
-                "inference_dtype": engine.inference_dtype, "served_by": f"cxr {__version__}",
+                "inference_dtype": getattr(engine, "inference_dtype", None),
+                "served_by": f"cxr {__version__}",
                 "heatmap": engine.heatmap_unavailable or "Grad-CAM of the predicted class",
                 "limits": {"max_upload_mb": max_upload_mb, "max_concurrency": max_concurrency,
                            "formats": ["jpeg", "png", "dicom"]}}
