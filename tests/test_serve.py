@@ -588,9 +588,9 @@ def test_page_is_offline_and_carries_the_disclaimer(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "not a medical device" in page.text and "not a diagnosis" in page.text
-    for asset in ("/static/app.js", "/static/style.css"):
+    for asset in ("static/app.js", "static/style.css"):  # relative: the page works under a proxy's path too
         assert f'"{asset}"' in page.text
-        r = client.get(asset)
+        r = client.get("/" + asset)
         assert r.status_code == 200
         # Nothing fetched from elsewhere: no absolute URLs in the page or its assets.
         assert "http://" not in r.text and "https://" not in r.text and "//cdn" not in r.text
