@@ -210,8 +210,10 @@ def test_evaluate_threshold_override(trained_run, tmp_path):
     assert metrics["test"]["threshold"] == 0 and metrics["test"]["recall"] == 1.0
     # A report of an earlier evaluation into this folder would describe those results: --no-report removes it.
     (tmp_path / "report").mkdir()
-    (tmp_path / "report.html").write_text("an earlier evaluation's report")
+    (tmp_path / "report.html").write_text("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+                                          "<meta name='generator' content='cxr report 0.1.0'>an earlier report")
     (tmp_path / "report" / "confusion_test.png").write_bytes(b"")
+    (tmp_path / "report" / ".cxr-pictures.json").write_text('["confusion_test.png"]')
     cxr("evaluate", "--model", run / "best.pt", "--data", data, "--output", tmp_path, "--threshold", "0",
         "--no-report")
     assert not (tmp_path / "report.html").exists() and not (tmp_path / "report").exists()

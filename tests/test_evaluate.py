@@ -348,9 +348,12 @@ def test_an_earlier_evaluations_predictions_go_and_the_report_ignores_any_left(t
     labels, probs = scores
     paths = [f"img{i}.png" for i in range(len(labels))]
     write_evaluation(tmp_path, [SplitResult("test", paths, labels, probs)], 0.5)
+    (tmp_path / "predictions_normal.csv").write_text("path\n")  # `cxr predict --output` of the user's: not ours
     with caplog.at_level(logging.INFO, logger="cxr"):
         write_evaluation(tmp_path, [SplitResult("val", paths, labels, 1 - probs)], 0.5)  # the same folder again
-    assert sorted(f.name for f in tmp_path.glob("predictions_*.csv")) == ["predictions_val.csv"]
+    assert sorted(f.name for f in tmp_path.glob("predictions_*.csv")) == ["predictions_normal.csv",
+                                                                          "predictions_val.csv"]
+    (tmp_path / "predictions_normal.csv").unlink()
     assert "removed" in caplog.text and "predictions_test.csv" in caplog.text
     # One left by other means (an older cxr) is not shown with these metrics.
     write_evaluation(tmp_path / "x", [SplitResult("test", paths, labels, probs)], 0.5)

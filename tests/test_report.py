@@ -546,19 +546,30 @@ def test_a_report_removes_an_earlier_reports_pictures_it_did_not_make_again(tmp_
     shutil.copytree(report.parent, run)
     assert sorted(p.name for p in (run / "report").glob("flythrough_*")) == ["flythrough_test.mp4",
                                                                             "flythrough_test.png"]
-    # And the pictures of a split no longer there (an evaluation folder used again for other data).
+    # And the pictures of a split no longer there (an evaluation folder used again for other data), as the earlier
+    # report listed them; a file of such a name that the report did not write (the user's own) stays.
+    import json
+
+    from cxr.report import PICTURES_LIST, remove_report
+
+    listed = json.loads((run / "report" / PICTURES_LIST).read_text())
     (run / "report" / "confusion_old.png").write_bytes((run / "report" / "confusion_test.png").read_bytes())
+    (run / "report" / PICTURES_LIST).write_text(json.dumps(listed + ["confusion_old.png"]))
+    (run / "report" / "grid_search.png").write_bytes(b"the user's own")
     (run / "report" / "notes.txt").write_text("not cxr's")
     make_report(run, video=False, heatmaps=False, device="cpu")
     assert not list((run / "report").glob("flythrough_*")) and not (run / "report" / "confusion_old.png").exists()
     assert (run / "report" / "grid_test.png").is_file() and (run / "report" / "notes.txt").is_file()
+    assert (run / "report" / "grid_search.png").read_bytes() == b"the user's own"
     # No report this time (--no-report, or one that failed): the earlier one goes, not what else is there.
-    from cxr.report import remove_report
-
     assert remove_report(run) and not (run / "report.html").exists()
-    assert [p.name for p in (run / "report").iterdir()] == ["notes.txt"]
-    (run / "report" / "notes.txt").unlink()
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["grid_search.png", "notes.txt"]
+    for f in (run / "report").iterdir():
+        f.unlink()
     assert not remove_report(run) and not (run / "report").exists()
+    # A report.html that cxr did not write is not removed.
+    (run / "report.html").write_text("<html>the user's notes</html>")
+    assert not remove_report(run) and (run / "report.html").is_file()
 
 
 def test_a_report_into_another_runs_folder_is_refused(tmp_path):

@@ -268,6 +268,10 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
     """
     out = Path(out_dir)
     ensure_dir(out)
+    try:  # the splits of an earlier evaluation into this folder, whose predictions files go below
+        earlier = set(json.loads((out / "metrics.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        earlier = set()
     metrics = {}
     for r in results:
         metrics[r.name] = compute_metrics(r.labels, r.probs, threshold)
@@ -278,9 +282,10 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
             metrics[r.name].update(extra[r.name])
         write_predictions(out / f"predictions_{r.name}.csv", r, threshold)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    for old in sorted(out.glob("predictions_*.csv")):  # an earlier evaluation's, not in metrics.json
-        if old.stem.removeprefix("predictions_") not in metrics:
-            old.unlink(missing_ok=True)
+    for split in sorted(earlier - set(metrics)):  # only files cxr wrote: a predictions_x.csv of `cxr predict` stays
+        old = out / f"predictions_{split}.csv"
+        if isinstance(split, str) and "/" not in split and "\\" not in split and old.is_file():
+            old.unlink()
             log.info("removed %s, an earlier evaluation's predictions (not of these results)", old)
     return metrics
 

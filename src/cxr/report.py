@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr import __version__
 from cxr.config import CLASS_NAMES, DEFAULT_MAX_PIXELS, Config
 from cxr.errors import UsageError
 from cxr.fileio import (
@@ -760,6 +761,7 @@ def _html(art: RunArtifacts, sections: list[tuple[str, str, str]], model_note: s
     body = "".join(f"<section id='{sid}'><h2>{html.escape(name)}</h2>{content}</section>"
                    for sid, name, content in sections)
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='generator' content='{GENERATOR} {__version__}'>"
             f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body><main><h1>{html.escape(title)}</h1>"
             f"<p class='note' role='note'>{html.escape(DISCLAIMER)}</p>"
@@ -1049,34 +1051,52 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                 f"{config}</details>")))
 
     report = out / "report.html"
-    # Paths that are not UTF-8 (a folder from another system's encoding) appear escaped (\\udcff), as in the figures.
-    atomic_write_text(report, valid_utf8(_html(art, sections, model_note)))
-    log.info("wrote %s", report)
     # An earlier report's pictures that this one did not make again (its video with --no-video now, the confusion
     # matrices and grid of splits no longer evaluated) are not this report's: they had stayed beside it in report/.
-    for old in _pictures(pics):
+    # Only what that report listed as its own goes: files of the same names put there by someone else stay.
+    earlier = _written_by_cxr(out)
+    # Paths that are not UTF-8 (a folder from another system's encoding) appear escaped (\\udcff), as in the figures.
+    atomic_write_text(report, valid_utf8(_html(art, sections, model_note)))
+    atomic_write_text(pics / PICTURES_LIST, json.dumps(sorted(p.name for p in written)) + "\n")
+    log.info("wrote %s", report)
+    for old in earlier:
         if old not in written:
             old.unlink(missing_ok=True)
             log.info("report: removed %s, a picture of an earlier report", old.name)
     return report
 
 
-_PICTURES = ("history.png", "roc_pr.png", "calibration.png", "confusion_*.png", "grid_*.png", "flythrough_*.mp4",
-             "flythrough_*.png")  # what make_report writes in report/, and nothing else does
+PICTURES_LIST = ".cxr-pictures.json"  # in report/: the pictures the report beside it wrote, and only those
+GENERATOR = "cxr report"  # in report.html's <meta name="generator">: a report that cxr wrote
 
 
-def _pictures(folder: Path) -> list[Path]:
-    return sorted({p for pattern in _PICTURES for p in folder.glob(pattern) if p.is_file()})
+def _written_by_cxr(folder: Path) -> list[Path]:
+    """The pictures in ``folder/report/`` that the report there listed as its own (none when there is no list)."""
+    try:
+        names = json.loads((folder / "report" / PICTURES_LIST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(names, list):
+        return []
+    return [folder / "report" / n for n in names
+            if isinstance(n, str) and "/" not in n and "\\" not in n and (folder / "report" / n).is_file()]
 
 
 def remove_report(folder: str | os.PathLike) -> bool:
-    """Delete the report of a run or evaluation folder (``report.html`` and the pictures in ``report/``), so that an
-    earlier one does not stand beside results it no longer describes (``--no-report``, or a report that failed).
-    Returns whether there was one."""
+    """Delete the report of a run or evaluation folder (a ``report.html`` that cxr wrote, and the pictures it listed in
+    ``report/``), so that an earlier one does not stand beside results it no longer describes (``--no-report``, or a
+    report that failed). Files cxr did not write stay. Returns whether there was one."""
     folder = Path(folder)
-    found = [f for f in [folder / "report.html"] if f.is_file()] + _pictures(folder / "report")
+    page = folder / "report.html"
+    try:
+        head = page.read_text(encoding="utf-8", errors="replace")[:2000]
+        ours = f"<meta name='generator' content='{GENERATOR}" in head
+    except OSError:
+        ours = False
+    found = ([page] if ours else []) + _written_by_cxr(folder)
     for f in found:
         f.unlink(missing_ok=True)
+    (folder / "report" / PICTURES_LIST).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         (folder / "report").rmdir()  # only when empty: anything else there is not cxr's
     return bool(found)
