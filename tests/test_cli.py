@@ -1409,9 +1409,12 @@ def test_outputs_among_the_data_or_where_a_result_file_cannot_go_are_refused_bef
         err = capsys.readouterr().err
         assert f"cannot write {out / name}" in err and err.count("\n") == 1, err
         assert [p.name for p in out.iterdir()] == [name]  # nothing else written
-    for inside in (data, data / "train" / "runs"):
+    for inside in (data, data / "train" / "runs", data / "Valid" / "run"):
         assert cxr_main(["train", "--data", str(data), "--output", str(inside)]) == 2
         assert "give a folder outside the data" in capsys.readouterr().err
+    # evaluate too: its pictures in test/NORMAL/eval would be NORMAL X-rays the next time.
+    assert cxr_main(["evaluate", "--data", str(data / "test"), "--output", str(data / "test" / "NORMAL" / "ev")]) == 2
+    assert "inside a folder of --data" in capsys.readouterr().err
     assert cxr_main(["evaluate", "--data", str(data / "test"), "--output", ""]) == 2
     assert "--output is empty" in capsys.readouterr().err
 

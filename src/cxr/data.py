@@ -363,6 +363,19 @@ def _scan_npz(path: Path) -> dict[str, Split]:
     return splits
 
 
+def check_output_outside_data(output: str | os.PathLike, data: str | os.PathLike) -> None:
+    """Refuse an output folder that is the dataset's root or inside one of its splits or class folders: a run or
+    evaluation wrote its files among the data, and its pictures would be scanned as X-rays the next time."""
+    out, root = Path(output).resolve(), Path(data).resolve()
+    if root.is_file():
+        return  # an .npz or a split.csv: no folder of images to write into
+    folders = set(_SPLIT_ALIASES) | {c.lower() for c in CLASS_NAMES}
+    inside = root in out.parents and out.relative_to(root).parts[0].lower() in folders
+    if out == root or inside:
+        raise UsageError(f"--output {output}: {'the dataset itself' if out == root else 'inside a folder of --data'};"
+                         f" give a folder outside the data, say {root.parent / 'runs' / root.name}")
+
+
 def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_pattern: str = "") -> dict[str, Split]:
     """Find the splits of a dataset root, a single split folder or an ``.npz`` (see the module docstring).
     ``patient_pattern``: see :func:`file_patient_id`."""

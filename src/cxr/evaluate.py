@@ -394,13 +394,14 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     import dataclasses
 
     from cxr.config import default_cache_dir
-    from cxr.data import prepare, scan
+    from cxr.data import check_output_outside_data, prepare, scan
     from cxr.export import model_id
     from cxr.fileio import check_writable
     from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
     from cxr.predict import check_inference_args
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
+    check_output_outside_data(output, data)  # its pictures among the images would be X-rays the next time
     check_writable(output, folder=True)  # now, not after the predictions
     check_writable(Path(output) / "metrics.json")  # a folder of that name failed only after predicting everything
     if any((Path(output) / name).is_file() for name in ("best.pt", "last.pt", "history.csv")):

@@ -41,6 +41,7 @@ from cxr.data import (
     XrayDataset,
     add_digests,
     carve_validation,
+    check_output_outside_data,
     patient_from_name_only,
     prepare,
     prepare_shared,
@@ -516,7 +517,7 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         # Before the data is hashed and cached, not after (a resumed run needs no starting weights: see _train).
         _check_starting_weights(cfg)
     run_dir = Path(cfg.output)
-    _check_output_outside_data(run_dir, Path(cfg.data))
+    check_output_outside_data(run_dir, Path(cfg.data))
     if resume is None and (run_dir / "last.pt").exists():
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
     info, device = init_distributed(resolve_device(cfg.device))
@@ -529,16 +530,6 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         raise
     shutdown_distributed()
     return result
-
-
-def _check_output_outside_data(run_dir: Path, data: Path) -> None:
-    """Refuse a run directory that is the dataset's root or inside one of its splits: a run wrote its checkpoints
-    and predictions among the data, and its pictures would be scanned as X-rays by the next run."""
-    out, root = run_dir.resolve(), data.resolve()
-    inside = root in out.parents and out.relative_to(root).parts[0].lower() in ("train", "val", "validation", "test")
-    if out == root or inside:
-        raise UsageError(f"--output {run_dir}: {'the dataset itself' if out == root else 'inside a split of --data'}; "
-                         f"give a folder outside the data, say {root.parent / 'runs' / root.name}")
 
 
 class TrainBatches:
