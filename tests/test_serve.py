@@ -281,6 +281,8 @@ def test_a_service_on_the_loopback_answers_to_its_own_names_only(engine):
 
     assert resolve_allowed_hosts("127.0.0.1", None) == LOOPBACK_HOSTS == resolve_allowed_hosts("::1", None)
     assert resolve_allowed_hosts("0.0.0.0", None) is None and resolve_allowed_hosts("127.0.0.1", ["*"]) is None
+    for loopback in ("127.0.0.2", "127.0.1.1", "::ffff:127.0.0.1", "[::1]", "LOCALHOST"):  # unprotected before
+        assert resolve_allowed_hosts(loopback, None) == LOOPBACK_HOSTS, loopback
     assert [host_name(h) for h in ("[::1]:8000", "Example.org:80", "::1", "localhost")] == \
         ["::1", "example.org", "::1", "localhost"]
     # Names given are written as host names, and the loopback names stay (a local health check got 400 before).
@@ -312,8 +314,9 @@ def test_a_service_on_the_loopback_answers_to_its_own_names_only(engine):
                                                  lambda message: anyio.sleep(0))
 
     anyio.run(request, [])
+    anyio.run(request, [(b"host", b"")])
     anyio.run(request, [(b"host", b"evil.example")])
-    assert reached == ["/x"]
+    assert reached == ["/x", "/x"]
 
 
 def test_behind_a_proxy_under_a_path_the_page_and_docs_name_it(engine):

@@ -48,6 +48,7 @@ from starlette.requests import ClientDisconnect
 from cxr import __version__
 from cxr.config import usable_cores
 from cxr.errors import UsageError
+from cxr.fileio import display_name
 from cxr.images import ImageError, load_image, sniff
 from cxr.predict import DISCLAIMER, prob_text
 
@@ -450,7 +451,22 @@ def resolve_allowed_hosts(host: str, given: Sequence[str] | None) -> Sequence[st
             return None
         names = {host_name(re.sub(r"^[a-z]+://", "", g.strip(), flags=re.I).split("/", 1)[0]) for g in given}
         return tuple(sorted(names - {""} | set(LOOPBACK_HOSTS)))
-    return LOOPBACK_HOSTS if host.strip("[]").lower() in LOOPBACK_HOSTS else None
+    return LOOPBACK_HOSTS if _is_loopback(host) else None
+
+
+def _is_loopback(host: str) -> bool:
+    """localhost, or any loopback address (127.0.0.0/8, ::1, ::ffff:127.x.y.z): 127.0.0.2 had gone unprotected."""
+    import ipaddress
+
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 class AllowedHosts:
@@ -467,10 +483,10 @@ class AllowedHosts:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http":
-            header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), None)
-            name = host_name(header) if header is not None else None
-            if name is not None and name not in self.names:
-                shown = _safe_name(name)[:100]
+            header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+            name = host_name(header)
+            if name and name not in self.names:  # none or empty: an HTTP/1.0 health check (browsers send one)
+                shown = display_name(name)[:100]
                 advice = (f"this service answers to {', '.join(sorted(self.names))}, not to {shown!r}: if a proxy "
                           f"forwards that name, start it with --allowed-hosts {shown}")
                 if name not in self.refused and len(self.refused) < 100:
