@@ -1392,17 +1392,24 @@ def test_train_flags_without_effect_are_refused_not_ignored(tmp_path, capsys, fl
     assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
-def test_outputs_among_the_data_or_where_a_result_file_cannot_go_are_refused_before_the_work(tmp_path, capsys):
+def test_outputs_among_the_data_or_where_a_result_file_cannot_go_are_refused_before_the_work(tmp_path, capsys,
+                                                                                            monkeypatch):
     # Each of these failed only after the work (a folder named metrics.json, explanations.csv or best.pt), wrote a
-    # run into the dataset, or wrote the results into the current folder (--output "").
+    # run into the dataset, or wrote the results into the current folder (--output ""). A copy of the sample, and a
+    # working folder of the test's own: should a refusal regress, nothing is written into the checkout.
+    import shutil
+
     from cxr.cli import main as cxr_main
     from cxr.demo import SAMPLE_DIR
 
-    data = SAMPLE_DIR
+    data = tmp_path / "sample"
+    shutil.copytree(SAMPLE_DIR, data)
+    monkeypatch.chdir(tmp_path)
+    cheap = ["--epochs", "1", "--image-size", "32", "--weights", "none"]
     image = next((data / "test" / "NORMAL").iterdir())
     for name, argv in (("metrics.json", ["evaluate", "--data", str(data / "test")]),
                        ("explanations.csv", ["explain", str(image)]),
-                       ("best.pt", ["train", "--data", str(data), "--epochs", "1"])):
+                       ("best.pt", ["train", "--data", str(data), *cheap])):
         out = tmp_path / name.split(".")[0]
         (out / name).mkdir(parents=True)
         assert cxr_main([*argv, "--output", str(out)]) == 1, name
@@ -1410,7 +1417,7 @@ def test_outputs_among_the_data_or_where_a_result_file_cannot_go_are_refused_bef
         assert f"cannot write {out / name}" in err and err.count("\n") == 1, err
         assert [p.name for p in out.iterdir()] == [name]  # nothing else written
     for inside in (data, data / "train" / "runs", data / "Valid" / "run"):
-        assert cxr_main(["train", "--data", str(data), "--output", str(inside)]) == 2
+        assert cxr_main(["train", "--data", str(data), "--output", str(inside), *cheap]) == 2
         assert "give a folder outside the data" in capsys.readouterr().err
     # evaluate too: its pictures in test/NORMAL/eval would be NORMAL X-rays the next time.
     assert cxr_main(["evaluate", "--data", str(data / "test"), "--output", str(data / "test" / "NORMAL" / "ev")]) == 2
@@ -1426,3 +1433,23 @@ def test_an_error_line_shows_a_names_control_characters_as_escapes(tmp_path, cap
     assert cxr_main(["predict", str(tmp_path / "\x1b[2J\x1b]0;owned\x07x.jpeg")]) == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\\x1b[2J\\x1b]0;owned\\x07x.jpeg: no such file" in err
+
+
+def test_log_lines_show_control_characters_as_escapes_and_keep_their_own_lines():
+    # Under pytest the CLI's handler is not installed (logging is configured already), so its formatter is checked
+    # directly: a name's ESC codes shown, the message's own line breaks and tabs kept.
+    import logging
+
+    from cxr.fileio import PrintableFormatter
+
+    record = logging.LogRecord("cxr", logging.WARNING, __file__, 1, "skipping %s\n\tsecond line", ("a\x1b[31mb\u202e",),
+                               None)
+    assert PrintableFormatter("%(message)s").format(record) == "skipping a\\x1b[31mb\\u202e\n    second line"
+
+
+def test_metrics_never_read_as_certain_unless_they_are():
+    from cxr.predict import score_text
+
+    assert [score_text(x) for x in (0.9996, 0.99999949, 0.9999999999999999, 1e-17, 1.0, 0.0)] == [
+        "0.9996", "0.999999", "1.000", "0.000", "1.000", "0.000"]
+

@@ -240,12 +240,14 @@ def test_a_uid_named_file_keeps_its_whole_name_and_a_flat_map_says_flat(tmp_path
     uid.write_bytes(FILES[0].read_bytes())
     odd = tmp_path / "a\nb.jpeg"  # a newline of a name is shown as \n, while the title keeps its own three lines
     odd.write_bytes(FILES[1].read_bytes())
-    titles = []
-    real = cxr.explain._explanation_figure
+    titles = []  # as drawn: the figure's title when it is saved
+    from matplotlib.figure import Figure
+
+    savefig = Figure.savefig
     monkeypatch.setattr(cxr.explain, "heatmaps_for_images",
                         lambda net, images, **kw: (np.zeros((len(images), 32, 32), np.float32), None))
-    monkeypatch.setattr(cxr.explain, "_explanation_figure", lambda im, heat, *, title, path: titles.append(title)
-                        or real(im, heat, title=title, path=path))
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: titles.append(fig._suptitle.get_text())
+                        or savefig(fig, *a, **k))
     out = explain_files(tmp_path / "m.pt", [uid, FILES[1], odd], tmp_path / "out", device="cpu")
     assert [p.name for p in out] == ["1.2.826.0.1.3680043.8.498.1234_gradcam.png", f"{FILES[1].stem}_gradcam.png",
                                      "a\nb_gradcam.png"]

@@ -103,7 +103,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="imagenet | none | PATH to a local state dict | a cxr model to fine-tune: "
                    "default (the bundled one), RUN_DIR, CKPT or .safetensors (default none)")
     p.add_argument("--arch", help="densenet121 (default), densenet169, resnet18, ...")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="for the weights, the batches and the augmentation (default 0)")
     p.add_argument("--device", help="auto | cpu | cuda (default auto)")
     p.add_argument("--val-source", choices=["carve", "folder"],
                    help="carve a patient-disjoint val split from train (default) or use the dataset's val folder")
@@ -111,15 +111,19 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patient-pattern", help="regular expression searched in each image's path below its class folder; "
                    "its first group is the patient id, e.g. '^([^/]+)/' for one folder per patient")
     p.add_argument("--cache-dir", help=_CACHE_DIR_HELP)
-    p.add_argument("--scheduler", choices=["cosine", "plateau", "none"])
+    p.add_argument("--scheduler", choices=["cosine", "plateau", "none"],
+                   help="learning-rate schedule after the warm-up (default cosine)")
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs (0: off)")
     p.add_argument("--swa-epochs", type=int, help="epochs of stochastic weight averaging after the schedule (0: off); "
                    "the average is kept when its validation loss is the lowest")
     p.add_argument("--swa-lr", type=float, help="constant learning rate of the weight-averaging epochs (1e-4)")
-    p.add_argument("--threshold-policy", choices=["youden", "sensitivity"])
+    p.add_argument("--threshold-policy", choices=["youden", "sensitivity"],
+                   help="how the decision threshold is chosen on validation: Youden's J (default), or the "
+                        "highest that keeps --target-sensitivity")
     p.add_argument("--target-sensitivity", type=float, help="with --threshold-policy sensitivity (default 0.97)")
     p.add_argument("--amp", choices=["auto", "on", "off"], help="bf16 autocast (auto: on where it is fast)")
-    p.add_argument("--channels-last", choices=["auto", "on", "off"])
+    p.add_argument("--channels-last", choices=["auto", "on", "off"],
+                   help="channels-last memory layout (default auto: on CUDA, and on the CPU with bf16)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="bit-repeatable runs on the CPU (slower)")

@@ -61,7 +61,7 @@ _MULTIPART_OVERHEAD = 64 * 1024  # boundary lines and part headers on top of the
 # A browser's form sends one part, curl one per -F; 1.4 million empty parts in a 20 MB body had cost 800 MB and 19 s
 # of the event loop. Part headers are a line or two each.
 _MAX_PARTS = 16
-_MAX_PART_HEADERS = 16 * 1024
+_MAX_PART_HEADERS = 16_000
 
 # Nothing loads from elsewhere, so the service works on a network without internet access: the page and the API
 # by construction, the OpenAPI pages (Swagger UI, ReDoc) because fastapi-offline ships their scripts and the service
