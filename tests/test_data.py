@@ -1050,3 +1050,17 @@ def test_a_single_splits_name_is_its_folders_as_it_is(tmp_path):
     (root / "train").rename(tmp_path / "chest\u3000xray")
     assert list(scan(tmp_path / "chest\u3000xray")) == ["chest\u3000xray"]
 
+
+
+def test_a_training_split_smaller_than_the_global_batch_is_said_to_lose_images_over_processes(caplog):
+    # 13 images, a global batch of 16 over 2 processes: each takes 6, so one image sits out every epoch, where one
+    # process takes all 13 in its batch.
+    from cxr.train import TrainBatches
+
+    cfg = load_config(overrides={"image_size": 32, "batch_size": 16})
+    with caplog.at_level("WARNING", logger="cxr"):
+        batches = TrainBatches(_random_split(13), cfg, rank=0, world=2)
+        TrainBatches(_random_split(14), cfg, rank=0, world=2)  # even: none sits out
+        TrainBatches(_random_split(13), cfg, rank=1, world=2)  # said once, by rank 0
+    assert len(batches.sampler) == 6
+    assert caplog.text.count("smaller than the global batch") == 1 and "1 of them sit out each epoch" in caplog.text

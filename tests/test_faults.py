@@ -651,3 +651,29 @@ def test_train_puts_the_process_back_as_it_was(tmp_path, tiny_dataset):
     assert (random.random(), np.random.random(), torch.rand(1).item()) == expected
     assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     assert load_config(alone / "config.yaml").data == str(tiny_dataset)
+
+
+def test_a_file_held_open_on_windows_is_waited_for_then_named(tmp_path, monkeypatch):
+    # Windows refuses to rename onto a file another program has open (history.csv in Excel): the write is retried a
+    # while, and then the error says what to do. Emulated: sys.platform and a replace that is refused.
+
+    import cxr.fileio
+    from cxr.errors import WriteError
+
+    monkeypatch.setattr(cxr.fileio.sys, "platform", "win32")
+    monkeypatch.setattr(cxr.fileio.time, "sleep", lambda s: None)
+    real, refusals = os.replace, []
+
+    def held_open(src, dst):
+        if len(refusals) < 2:
+            refusals.append(dst)
+            raise PermissionError(13, "Access is denied")
+        real(src, dst)
+
+    monkeypatch.setattr(cxr.fileio.os, "replace", held_open)
+    atomic_write_text(tmp_path / "history.csv", "epoch\n")  # closed after two tries: written
+    assert (tmp_path / "history.csv").read_text() == "epoch\n" and len(refusals) == 2
+    monkeypatch.setattr(cxr.fileio.os, "replace", lambda src, dst: (_ for _ in ()).throw(PermissionError(13, "no")))
+    with pytest.raises(WriteError, match="open in another program"):
+        atomic_write_text(tmp_path / "history.csv", "epoch\n1\n")
+    assert (tmp_path / "history.csv").read_text() == "epoch\n" and not list(tmp_path.glob(".*.tmp"))

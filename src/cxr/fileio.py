@@ -7,7 +7,9 @@ import errno
 import logging
 import os
 import re
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -122,7 +124,7 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, target)
+        _replace(tmp, target)
         if fsync:
             _fsync_dir(target.parent)
     except BaseException as e:
@@ -131,6 +133,25 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             raise WriteError.from_os_error(target, e) from e
         raise
+
+
+def _replace(tmp: str, target: Path) -> None:
+    """``os.replace``; on Windows, retried for a few seconds while another program holds ``target`` open (a CSV in
+    Excel, a virus scanner's look at a new file), and then said so: it refuses the rename there (WinError 5 or 32)."""
+    for attempt in range(_REPLACE_TRIES):
+        try:
+            os.replace(tmp, target)
+            return
+        except PermissionError as e:
+            if sys.platform != "win32":
+                raise
+            if attempt == _REPLACE_TRIES - 1:
+                raise PermissionError(e.errno, f"{e.strerror or e} (is it open in another program? close it and run "
+                                               "again)", str(target)) from e
+            time.sleep(0.5)
+
+
+_REPLACE_TRIES = 10
 
 
 def missing_folders(folder: str | os.PathLike) -> list[Path]:

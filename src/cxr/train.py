@@ -553,6 +553,11 @@ class TrainBatches:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_train_batches)
         self.pin_memory = device is not None and device.type == "cuda"
         self.workers = loader_workers(cfg, device, batch_bytes=self.per_rank_batch * cfg.image_size**2)
+        n = len(self.dataset)
+        if world > 1 and n < cfg.batch_size and n % world and rank == 0:
+            # Each rank takes the same number of images; one process would have taken all n in its one batch.
+            log.warning("the training split (%d images) is smaller than the global batch (%d): over %d processes, "
+                        "%d of them sit out each epoch (not the same ones)", n, cfg.batch_size, world, n % world)
 
     def loader(self, epoch: int) -> torch.utils.data.DataLoader:
         """This rank's batches of ``epoch`` (0-based): its permutation and its augmentations."""
