@@ -552,8 +552,17 @@ def test_resume_from_another_folder_and_a_failed_resume_changes_nothing(tmp_path
     # The data moved: the resume fails with one line, and leaves config.yaml as it was (epochs 2, not 3).
     before = (run_dir / "config.yaml").read_text()
     tiny_dataset.rename(tmp_path / "moved")
-    _one_line_error(run("train", "--resume", run_dir, "--epochs", "3", "--no-report", cwd=elsewhere), "data")
+    _one_line_error(run("train", "--resume", run_dir, "--epochs", "3", "--no-report", cwd=elsewhere),
+                    "if the data moved, set data: in")
     assert (run_dir / "config.yaml").read_text() == before
+    # Told where it went (data edited in config.yaml, as the refusal advises), the run follows it: split.csv's
+    # absolute paths had kept it at "recorded images are gone" though every file was there.
+    (run_dir / "config.yaml").write_text(before.replace(str(tiny_dataset), str(tmp_path / "moved")))
+    proc = run("train", "--resume", run_dir, "--epochs", "3", "--no-report", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(run_dir / "last.pt").epoch == 3
+    paths = [r["path"] for r in read_csv(run_dir / "split.csv")]
+    assert paths and all(p.startswith(str(tmp_path / "moved") + os.sep) and Path(p).is_file() for p in paths)
 
 
 def test_weights_that_do_not_fit_the_arch_are_refused_before_the_data_is_read(tmp_path, tiny_dataset):

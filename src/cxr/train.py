@@ -101,12 +101,17 @@ def _check_classes(name: str, samples: list[Sample]) -> None:
         raise DataError(f"the {name} split must hold both NORMAL and PNEUMONIA images; it has {have}")
 
 
-def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True) -> dict[str, Split]:
+def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
+                  recorded_data: str | None = None) -> dict[str, Split]:
     """Scan ``cfg.data`` and decide the train / val / test records; written to (or, on resume, read from) split.csv.
 
     The split is a pure function of the files and the config, so every DDP rank computes the same one; only the
-    rank with ``write`` records it.
+    rank with ``write`` records it. ``recorded_data``: where the data was when the run began (its last.pt's config);
+    a resumed run whose data has moved since (``data`` edited in config.yaml) follows it, split.csv's paths with it.
     """
+    if resume and not os.path.exists(cfg.data):
+        raise DataError(f"{cfg.data}: no such file or directory; if the data moved, set data: in "
+                        f"{run_dir / 'config.yaml'} to where it is now, and the run follows it")
     found = scan(cfg.data, patient_pattern=cfg.patient_pattern)
     if "train" not in found:
         raise DataError(f"{cfg.data}: no train split (expected a train/ folder or train_images in the .npz)")
@@ -115,9 +120,20 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True) 
     if resume and split_csv.is_file():
         recorded = read_split_csv(split_csv)
         by_path = {s.path: (name, i) for name, split in found.items() for i, s in enumerate(split.samples)}
+        old, new = str(Path(recorded_data or cfg.data).absolute()), str(Path(cfg.data).absolute())
+        if old != new:  # moved: the same files below the new root (split.csv's paths are absolute)
+            def moved(path: str) -> str:
+                rest = path[len(old):]
+                return new + rest if path.startswith(old) and rest[:1] in ("/", "\\", "#") else path
+
+            recorded = {name: [dataclasses.replace(s, path=moved(s.path)) for s in samples]
+                        for name, samples in recorded.items()}
         missing = [s.path for samples in recorded.values() for s in samples if s.path not in by_path]
         if missing:
             raise DataError(f"{split_csv}: {len(missing)} recorded image(s) are gone, e.g. {missing[0]}")
+        if old != new and write:
+            write_split_csv(split_csv, recorded)  # `cxr evaluate --data RUN/split.csv` finds them there too
+            log.info("the data moved from %s to %s: %s follows it", old, new, split_csv)
         splits = {}
         for name, samples in recorded.items():
             sources = [by_path[s.path] for s in samples]
@@ -753,7 +769,8 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
 
     try:
         with local_main_first(info):  # one hashing and cache build per node; the node's other ranks reuse them
-            splits = split_dataset(cfg, run_dir, resumed, write=info.main)
+            splits = split_dataset(cfg, run_dir, resumed, write=info.main,
+                                   recorded_data=state.config.data if state is not None else None)
             if info.active:  # the pixels once per node, in one file every rank maps, not once per rank
                 prepared = {name: prepare_shared(split, cfg, build=info.local_rank == 0)
                             for name, split in splits.items()}
