@@ -1428,8 +1428,14 @@ def test_outputs_among_the_data_or_where_a_result_file_cannot_go_are_refused_bef
     for inside in (data, data / "train" / "runs", data / "Valid" / "run"):
         assert cxr_main(["train", "--data", str(data), "--output", str(inside), *cheap]) == 2
         assert "give a folder outside the data" in capsys.readouterr().err
-    # evaluate too: its pictures in test/NORMAL/eval would be NORMAL X-rays the next time.
+    # evaluate too: its pictures in test/NORMAL/eval would be NORMAL X-rays the next time; and through a split folder
+    # that is a link (the scan follows it, and the output's resolved path had left the data).
     assert cxr_main(["evaluate", "--data", str(data / "test"), "--output", str(data / "test" / "NORMAL" / "ev")]) == 2
+    assert "inside a folder of --data" in capsys.readouterr().err
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "test").symlink_to(data / "test", target_is_directory=True)
+    assert cxr_main(["evaluate", "--data", str(linked), "--output", str(linked / "test" / "NORMAL" / "ev")]) == 2
     assert "inside a folder of --data" in capsys.readouterr().err
     assert cxr_main(["evaluate", "--data", str(data / "test"), "--output", ""]) == 2
     assert "--output is empty" in capsys.readouterr().err

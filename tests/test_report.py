@@ -588,6 +588,34 @@ def test_a_report_into_another_runs_folder_is_refused(tmp_path):
     run.mkdir()
     (run / "history.csv").write_text("epoch\n")
     (run / "report.html").write_text("the run's own report")
-    with pytest.raises(UsageError, match="a training run's folder, whose report would be replaced"):
+    with pytest.raises(UsageError, match="the folder of other results, whose report would be replaced"):
         make_report(tmp_path / "ev", output=run, video=False, heatmaps=False)
     assert (run / "report.html").read_text() == "the run's own report"
+
+
+def test_a_report_that_failed_midway_or_an_older_cxrs_report_is_still_cleaned_up(tmp_path, report, monkeypatch):
+    # A report that failed after some pictures left them unlisted, and no later report removed them; a report of a
+    # cxr that kept no list was never cleaned up. Its pictures are those its page embeds.
+    import json
+    import shutil
+
+    import cxr.report
+    from cxr.report import PICTURES_LIST, remove_report
+
+    run = tmp_path / "run"
+    shutil.copytree(report.parent, run)
+    (run / "report" / PICTURES_LIST).unlink()  # as an older cxr left it
+    (run / "report" / "notes.png").write_bytes(b"the user's, not in the page")
+    assert remove_report(run) and not (run / "report.html").exists()
+    assert [p.name for p in (run / "report").iterdir()] == ["notes.png"]
+
+    def fail(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(cxr.report, "plot_roc_pr", fail)  # after history.png and the confusion matrices
+    with pytest.raises(MemoryError):
+        make_report(run, video=False, heatmaps=False, device="cpu")
+    listed = json.loads((run / "report" / PICTURES_LIST).read_text())
+    assert "history.png" in listed and "confusion_test.png" in listed and "notes.png" not in listed
+    assert remove_report(run) is True
+    assert [p.name for p in (run / "report").iterdir()] == ["notes.png"]

@@ -371,6 +371,10 @@ def check_output_outside_data(output: str | os.PathLike, data: str | os.PathLike
         return  # an .npz or a split.csv: no folder of images to write into
     folders = set(_SPLIT_ALIASES) | {c.lower() for c in CLASS_NAMES}
     inside = root in out.parents and out.relative_to(root).parts[0].lower() in folders
+    # A split or class folder that is a link (the scan follows it) is compared where it leads.
+    with contextlib.suppress(OSError):
+        targets = [d.resolve() for d in root.iterdir() if d.name.lower() in folders and d.is_dir()]
+        inside = inside or any(t == out or t in out.parents for t in targets)
     if out == root or inside:
         raise UsageError(f"--output {output}: {'the dataset itself' if out == root else 'inside a folder of --data'};"
                          f" give a folder outside the data, say {root.parent / 'runs' / root.name}")

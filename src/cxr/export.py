@@ -284,12 +284,20 @@ def cached_onnx_model_bytes(model: str | os.PathLike | Checkpoint, cache_dir: st
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / f"{key}-{hashlib.sha256(data).hexdigest()[:16]}.onnx") as tmp:
             tmp.write_bytes(data)
-        exports = sorted(folder.glob("*.onnx"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
-        for old in exports[ONNX_CACHE_KEEP:]:
-            old.unlink(missing_ok=True)
     except OSError as e:
         log.warning("could not keep the ONNX export in %s (%s): the next start exports it again", folder,
                     e.strerror or e)
+        return data, None
+    with contextlib.suppress(OSError):  # another process pruning at the same time: nothing lost either way
+
+        def age(f: Path) -> int:
+            try:
+                return f.stat().st_mtime_ns
+            except OSError:
+                return 0
+
+        for old in sorted(folder.glob("*.onnx"), key=age, reverse=True)[ONNX_CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
     return data, None
 
 

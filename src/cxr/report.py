@@ -808,17 +808,22 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             raise UsageError(f"seconds per image and fps must be > 0 and at most 60, got {seconds_per_image} and {fps}")
     art = load_artifacts(run_dir)
     out = Path(output) if output is not None else art.root
-    if out.resolve() != art.root.resolve() and any((out / n).is_file() for n in ("best.pt", "last.pt", "history.csv")):
-        # Another run's report was replaced, and its pictures removed, as `cxr evaluate --output RUN` is refused for.
-        raise UsageError(f"--output {out}: a training run's folder, whose report would be replaced; give another "
+    if out.resolve() != art.root.resolve() and any((out / n).is_file() for n in ("best.pt", "last.pt", "history.csv",
+                                                                                   "metrics.json")):
+        # Another run's (or evaluation's) report was replaced, and its pictures removed.
+        raise UsageError(f"--output {out}: the folder of other results, whose report would be replaced; give another "
                          f"folder (say {out / ('report-' + art.root.name)})")
     check_writable(out / "report.html")  # a folder of that name failed after the pictures were made
     pics = out / "report"
     ensure_dir(pics)
     written: set[Path] = set()
+    earlier = _written_by_cxr(out)  # the pictures of the report there before
 
     def made(path: Path) -> Path:  # a picture this report writes (the others in report/ are an earlier one's)
         written.add(path)
+        # Listed at once, with the earlier report's: a report that fails midway leaves no picture unlisted, which
+        # no later report would remove.
+        atomic_write_text(pics / PICTURES_LIST, json.dumps(sorted({p.name for p in earlier | written})) + "\n")
         return path
     # A run directory has its own config.yaml; an evaluation folder has none, and _explainer fills in the
     # checkpoint's, which is the model's training config (its data and output are not this evaluation's).
@@ -1054,12 +1059,11 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     # An earlier report's pictures that this one did not make again (its video with --no-video now, the confusion
     # matrices and grid of splits no longer evaluated) are not this report's: they had stayed beside it in report/.
     # Only what that report listed as its own goes: files of the same names put there by someone else stay.
-    earlier = _written_by_cxr(out)
     # Paths that are not UTF-8 (a folder from another system's encoding) appear escaped (\\udcff), as in the figures.
     atomic_write_text(report, valid_utf8(_html(art, sections, model_note)))
     atomic_write_text(pics / PICTURES_LIST, json.dumps(sorted(p.name for p in written)) + "\n")
     log.info("wrote %s", report)
-    for old in earlier:
+    for old in sorted(earlier):
         if old not in written:
             old.unlink(missing_ok=True)
             log.info("report: removed %s, a picture of an earlier report", old.name)
@@ -1070,16 +1074,31 @@ PICTURES_LIST = ".cxr-pictures.json"  # in report/: the pictures the report besi
 GENERATOR = "cxr report"  # in report.html's <meta name="generator">: a report that cxr wrote
 
 
-def _written_by_cxr(folder: Path) -> list[Path]:
-    """The pictures in ``folder/report/`` that the report there listed as its own (none when there is no list)."""
+def _written_by_cxr(folder: Path) -> set[Path]:
+    """The pictures in ``folder/report/`` that the report there listed as its own; for a report of a cxr that kept no
+    list, those its page embeds byte for byte (it embedded every one)."""
+    pics = folder / "report"
     try:
-        names = json.loads((folder / "report" / PICTURES_LIST).read_text(encoding="utf-8"))
+        names = json.loads((pics / PICTURES_LIST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return []
-    if not isinstance(names, list):
-        return []
-    return [folder / "report" / n for n in names
-            if isinstance(n, str) and "/" not in n and "\\" not in n and (folder / "report" / n).is_file()]
+        names = None
+    if isinstance(names, list):
+        return {pics / n for n in names
+                if isinstance(n, str) and "/" not in n and "\\" not in n and (pics / n).is_file()}
+    if not _is_cxr_report(folder / "report.html") or not pics.is_dir():
+        return set()
+    page = (folder / "report.html").read_text(encoding="utf-8", errors="replace")
+    return {p for p in pics.iterdir() if p.is_file() and p.stat().st_size < 100_000_000
+            and base64.b64encode(p.read_bytes()).decode() in page}
+
+
+def _is_cxr_report(page: Path) -> bool:
+    """A report.html that cxr wrote: its generator mark, or (before the mark) its title."""
+    try:
+        head = page.read_text(encoding="utf-8", errors="replace")[:2000]
+    except OSError:
+        return False
+    return f"<meta name='generator' content='{GENERATOR}" in head or "<title>cxr report: " in head
 
 
 def remove_report(folder: str | os.PathLike) -> bool:
@@ -1088,12 +1107,7 @@ def remove_report(folder: str | os.PathLike) -> bool:
     report that failed). Files cxr did not write stay. Returns whether there was one."""
     folder = Path(folder)
     page = folder / "report.html"
-    try:
-        head = page.read_text(encoding="utf-8", errors="replace")[:2000]
-        ours = f"<meta name='generator' content='{GENERATOR}" in head
-    except OSError:
-        ours = False
-    found = ([page] if ours else []) + _written_by_cxr(folder)
+    found = sorted(_written_by_cxr(folder)) + ([page] if _is_cxr_report(page) else [])
     for f in found:
         f.unlink(missing_ok=True)
     (folder / "report" / PICTURES_LIST).unlink(missing_ok=True)

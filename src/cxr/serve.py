@@ -451,22 +451,32 @@ def resolve_allowed_hosts(host: str, given: Sequence[str] | None) -> Sequence[st
             return None
         names = {host_name(re.sub(r"^[a-z]+://", "", g.strip(), flags=re.I).split("/", 1)[0]) for g in given}
         return tuple(sorted(names - {""} | set(LOOPBACK_HOSTS)))
-    return LOOPBACK_HOSTS if _is_loopback(host) else None
+    if not _is_loopback(host):
+        return None
+    own = host_name(host if ":" not in host.strip("[]") else f"[{host.strip('[]')}]")
+    return tuple(sorted(set(LOOPBACK_HOSTS) | {own}))  # and the name it was started with (127.0.0.2 refused itself)
 
 
 def _is_loopback(host: str) -> bool:
-    """localhost, or any loopback address (127.0.0.0/8, ::1, ::ffff:127.x.y.z): 127.0.0.2 had gone unprotected."""
+    """Whether ``host`` is, or resolves only to, loopback addresses (127.0.0.0/8, ::1, ::ffff:127.x.y.z): 127.0.0.2, a
+    name of /etc/hosts for 127.0.1.1 (Ubuntu's own host name) and 127.1 had gone unprotected."""
     import ipaddress
+    import socket
 
     name = host.strip("[]").lower()
     if name == "localhost":
         return True
     try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, None)}
+    except (OSError, UnicodeError):
         return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+    def loopback(text: str) -> bool:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+        mapped = getattr(address, "ipv4_mapped", None)
+        return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+    return bool(addresses) and all(loopback(a) for a in addresses)
 
 
 class AllowedHosts:
