@@ -993,10 +993,27 @@ def test_commands_that_run_in_one_process_refuse_torchrun(command, monkeypatch, 
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("RANK", "0")
     assert cxr_main(command) == 2
     assert f"cxr {command[0]} runs in one process: run it without torchrun" in capsys.readouterr().err
+    # The other ranks stop the same way without saying it again (32 GPUs had printed it 32 times).
+    monkeypatch.setenv("RANK", "1")
+    assert cxr_main(command) == 2
+    assert capsys.readouterr().err == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_under_torchrun_a_flag_error_is_said_by_the_first_rank_only(monkeypatch, capsys):
+    from cxr.cli import main as cxr_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        for argv in (["train", "--data", "d", "--output", "o", "--epochs", "x"], ["train", "--no-such-flag"]):
+            with pytest.raises(SystemExit) as stop:
+                cxr_main(argv)
+            assert stop.value.code == 2
+            assert ("cxr train: error:" in capsys.readouterr().err) == said, (rank, argv)
 
 
 def test_merge_of_a_torchrun_takes_its_own_shard_count_only(tmp_path):
@@ -1437,6 +1454,12 @@ def test_outputs_among_the_data_or_where_a_result_file_cannot_go_are_refused_bef
     (linked / "test").symlink_to(data / "test", target_is_directory=True)
     assert cxr_main(["evaluate", "--data", str(linked), "--output", str(linked / "test" / "NORMAL" / "ev")]) == 2
     assert "inside a folder of --data" in capsys.readouterr().err
+    # --data a split folder guards its dataset's other splits: evaluate's pictures in train/NORMAL/ev were NORMAL
+    # training images the next time (only DATA/test had been looked at).
+    assert cxr_main(["evaluate", "--data", str(data / "test"), "--output", str(data / "train" / "NORMAL" / "ev")]) == 2
+    assert "inside a folder of --data" in capsys.readouterr().err
+    assert cxr_main(["evaluate", "--data", str(data / "test"), "--output", str(data / "train" / ".." / "ev")]) == 0
+    assert (data / "ev" / "metrics.json").is_file()  # beside the splits, not in one: allowed (".." not a way in)
     assert cxr_main(["evaluate", "--data", str(data / "test"), "--output", ""]) == 2
     assert "--output is empty" in capsys.readouterr().err
 

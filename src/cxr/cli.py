@@ -19,7 +19,13 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr (``cxr train: error: ...``), exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # Under torchrun every process parses the same flags: rank 0 alone says what is wrong.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if _first_rank() else None)
+
+
+def _first_rank() -> bool:
+    """Not one of torchrun's processes other than the first (whose words every process would repeat)."""
+    return os.environ.get("RANK", "0").strip() in ("0", "")
 
 
 def _probability(text: str) -> float:
@@ -616,7 +622,10 @@ def main(argv: list[str] | None = None) -> int:
             _refuse_torchrun(args.command)
         commands[args.command](args)
     except CxrError as e:  # messages name files: their control characters shown, not obeyed (display_name)
-        print(display_name(f"cxr {args.command}: error: {e}"), file=sys.stderr)
+        # Under torchrun, wrong usage is the same in every process: said once, by rank 0, not 32 times on 32 GPUs.
+        # Other errors (a file one node cannot read) may be a process's own, and each says its own.
+        if _first_rank() or not isinstance(e, UsageError):
+            print(display_name(f"cxr {args.command}: error: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"cxr {args.command}: interrupted", file=sys.stderr)

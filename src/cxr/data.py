@@ -365,19 +365,43 @@ def _scan_npz(path: Path) -> dict[str, Split]:
 
 def check_output_outside_data(output: str | os.PathLike, data: str | os.PathLike) -> None:
     """Refuse an output folder that is the dataset's root or inside one of its splits or class folders: a run or
-    evaluation wrote its files among the data, and its pictures would be scanned as X-rays the next time."""
+    evaluation wrote its files among the data, and its pictures would be scanned as X-rays the next time.
+
+    Folders are compared by identity (device and inode), not by name: on a case-insensitive file system (macOS,
+    Windows) ``DATA/Train`` is ``data/train``, and a split or class folder that is a link is where it leads (the scan
+    follows it). ``--data`` a split folder (``DATA/test``) guards the dataset it belongs to as well."""
     out, root = Path(output).resolve(), Path(data).resolve()
     if root.is_file():
         return  # an .npz or a split.csv: no folder of images to write into
     folders = set(_SPLIT_ALIASES) | {c.lower() for c in CLASS_NAMES}
-    inside = root in out.parents and out.relative_to(root).parts[0].lower() in folders
-    # A split or class folder that is a link (the scan follows it) is compared where it leads.
-    with contextlib.suppress(OSError):
-        targets = [d.resolve() for d in root.iterdir() if d.name.lower() in folders and d.is_dir()]
-        inside = inside or any(t == out or t in out.parents for t in targets)
-    if out == root or inside:
-        raise UsageError(f"--output {output}: {'the dataset itself' if out == root else 'inside a folder of --data'};"
-                         f" give a folder outside the data, say {root.parent / 'runs' / root.name}")
+
+    def identity(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    # The output and each of its folders that exist, each with the name of the one below it (the output's own first).
+    names = ["", out.name, *(p.name for p in out.parents)]
+    chain = [(identity(p), below) for p, below in zip([out, *out.parents], names, strict=False)]
+    roots = [root] + ([root.parent] if root.name.lower() in folders else [])
+    guarded = {identity(d) for r in roots for d in _children(r) if d.name.lower() in folders and d.is_dir()} - {None}
+    within = any(i in guarded for i, _ in chain)
+    same = identity(root)
+    if same is not None and chain[0][0] == same:
+        raise UsageError(f"--output {output}: the dataset itself; give a folder outside the data, say "
+                         f"{root.parent / 'runs' / root.name}")
+    if within or any(i == same and below.lower() in folders for i, below in chain[1:]):
+        raise UsageError(f"--output {output}: inside a folder of --data; give a folder outside the data, say "
+                         f"{roots[-1].parent / 'runs' / roots[-1].name}")
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_pattern: str = "") -> dict[str, Split]:

@@ -282,9 +282,12 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
             metrics[r.name].update(extra[r.name])
         write_predictions(out / f"predictions_{r.name}.csv", r, threshold)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    written = [out / f"predictions_{r.name}.csv" for r in results]
     for split in sorted(earlier - set(metrics)):  # only files cxr wrote: a predictions_x.csv of `cxr predict` stays
         old = out / f"predictions_{split}.csv"
         if isinstance(split, str) and "/" not in split and "\\" not in split and old.is_file():
+            if any(old.samefile(new) for new in written):
+                continue  # a case-insensitive file system: predictions_Test.csv is the predictions_test.csv written
             old.unlink()
             log.info("removed %s, an earlier evaluation's predictions (not of these results)", old)
     return metrics
