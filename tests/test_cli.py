@@ -809,6 +809,27 @@ def test_config_values_that_cannot_work_are_refused(tmp_path, tiny_dataset, yaml
         load_config(tmp_path / "c.yaml")
 
 
+def test_a_config_edited_in_python_keeps_each_fields_type():
+    # dataclasses.replace(cfg, epochs=1.5) trained, then every checkpoint of the run was "damaged" (its loader checks
+    # types); lr=np.float64 (a sweep's np.logspace) and output=Path stopped at writing config.yaml, leaving a folder.
+    import dataclasses
+    from pathlib import Path
+
+    import numpy as np
+
+    from cxr.config import Config
+    from cxr.errors import UsageError
+
+    cfg = dataclasses.replace(Config(), epochs=2.0, lr=np.logspace(-4, -2, 3)[1], output=Path("runs/x"),
+                              batch_size=np.int32(8), num_workers=np.int64(1), hflip=np.True_)
+    assert [type(getattr(cfg, k)) for k in ("epochs", "lr", "output", "batch_size", "num_workers", "hflip")] == [
+        int, float, str, int, int, bool]
+    assert (cfg.epochs, cfg.lr, cfg.output) == (2, 0.001, "runs/x")
+    for field, value in (("epochs", 1.5), ("epochs", np.float32(1.5)), ("epochs", True), ("seed", "x")):
+        with pytest.raises(UsageError, match=f"{field} must be int"):
+            dataclasses.replace(cfg, **{field: value})
+
+
 def test_yaml_on_and_off_mean_on_and_off(tmp_path):
     # YAML 1.1 reads an unquoted on/off as a boolean; for the on|auto|off settings it means the word.
     from cxr.config import load_config
@@ -1050,6 +1071,12 @@ def test_shards_are_contiguous_and_cover_everything():
         parts = [select_shard(files, (i, n)) for i in range(n)]
         assert [f for part in parts for f in part] == files
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    # From Python as from the flag: (5, 2) had predicted nothing without a word, (0, 0) divided by zero.
+    from cxr.errors import UsageError
+
+    for shard in ((5, 2), (-1, 2), (0, 0), (0.5, 2), (1,)):
+        with pytest.raises(UsageError, match="shard"):
+            select_shard(files, shard)
 
 
 def test_evaluate_accepts_a_test_only_npz(trained_run, tmp_path):

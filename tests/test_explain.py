@@ -325,3 +325,45 @@ def test_library_calls_check_their_arguments_as_the_cli_does(tmp_path):
     for bad in (np.zeros((2, 64, 64), np.uint8), np.zeros((2, 32, 32), np.float32), np.zeros((32, 32), np.uint8)):
         with pytest.raises(ValueError, match="expected uint8 images of shape"):
             engine.predict_uint8(bad)
+
+
+def test_the_array_functions_refuse_what_the_model_would_answer_wrongly(densenet):
+    # A 0..1 float image (the usual notebook form) was divided by 255 again: a NORMAL X-ray read as black, P 0.99999.
+    from cxr.errors import UsageError
+    from cxr.evaluate import predict_logits
+
+    images = np.stack([load_image(f, SIZE) for f in FILES])
+    kw = {"mean": 0.449, "std": 0.226}
+    for bad in (images.astype(np.float32) / 255, images[0], images[:, :, :SIZE // 2]):
+        with pytest.raises(UsageError, match="expected uint8 grey images of shape"):
+            predict_logits(densenet, bad, device=torch.device("cpu"), **kw)
+        with pytest.raises(UsageError, match="expected uint8 grey images of shape"):
+            heatmaps_for_images(densenet, bad, **kw)
+    for target, says in ((5, "class index 0 or 1"), ("COVID", "not a class"), ([1], "one for each of 2")):
+        with pytest.raises(UsageError, match=says):
+            heatmaps_for_images(densenet, images, target=target, **kw)
+    with pytest.raises(UsageError, match="batch_size must be"):
+        heatmaps_for_images(densenet, images, batch_size=0, **kw)
+    # A class by name is the class by index.
+    by_name = heatmaps_for_images(densenet, images, target="pneumonia", **kw)[0]
+    np.testing.assert_array_equal(by_name, heatmaps_for_images(densenet, images, target=1, **kw)[0])
+
+
+def test_a_loaded_checkpoint_is_a_model_for_the_library_functions(tmp_path):
+    # A model trained in one's own loop had to be written to a file first (a TypeError for a Checkpoint).
+    from cxr.evaluate import evaluate_model
+    from cxr.model import load_checkpoint
+    from cxr.predict import predict_files
+    from cxr.serve import create_app
+
+    torch.manual_seed(0)
+    cfg = load_config(overrides={"image_size": 64, "arch": "resnet18"})
+    ckpt = Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5)
+    assert load_checkpoint(ckpt) is ckpt
+    save_checkpoint(ckpt, tmp_path / "m.pt")
+    in_memory = [p.prob_pneumonia for p in predict_files(ckpt, FILES, device="cpu", amp="off")]
+    assert in_memory == [p.prob_pneumonia for p in predict_files(tmp_path / "m.pt", FILES, device="cpu", amp="off")]
+    assert len(explain_files(ckpt, FILES, tmp_path / "explained", device="cpu")) == len(FILES)
+    metrics = evaluate_model(ckpt, SAMPLE_DIR / "test", tmp_path / "eval", device="cpu")
+    assert metrics["test"]["n"] == 16
+    assert create_app(ckpt, device="cpu").title

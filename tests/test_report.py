@@ -210,6 +210,10 @@ def test_select_examples_picks_informative_images():
     assert groups["borderline"] == [5, 2]  # 0.45 and 0.55, nearest the threshold
     chosen = [i for g in groups.values() for i in g]
     assert len(chosen) == len(set(chosen))
+    # A negative count was a slice's end: "at most -2" had shown all but two.
+    for bad in (-2, 0, 51, 2.5):
+        with pytest.raises(UsageError, match="per_group must be a whole number from 1 to 50"):
+            select_examples(labels, probs, threshold=0.5, per_group=bad)
 
 
 def test_select_examples_in_small_sets_keep_borderline_and_confident_apart():

@@ -641,6 +641,12 @@ def test_bad_settings_are_refused(ckpt_path):
         load_engine(ckpt_path.with_suffix(".onnx"), "torch")
     with pytest.raises(UsageError):
         create_app(BrokenEngine(), max_concurrency=0)
+    # From Python: NaN had passed (then int(nan) in the limits), max_pixels 0 meant the default, -1 refused everything.
+    with pytest.raises(UsageError, match="max_upload_mb"):
+        create_app(BrokenEngine(), max_upload_mb=float("nan"))
+    for pixels in (0, -1, 10.5, True):
+        with pytest.raises(UsageError, match="max_pixels"):
+            create_app(BrokenEngine(), max_pixels=pixels)
 
 
 def test_amp_gives_the_probabilities_of_predict_amp_and_the_card_names_the_arithmetic(ckpt_path):

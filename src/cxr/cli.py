@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from cxr import __version__
+from cxr.config import MAX_PER_GROUP, MAX_UPLOAD_MB, MAX_VIDEO_IMAGES
 from cxr.errors import CxrError, DataError, UsageError
 
 log = logging.getLogger("cxr")
@@ -204,12 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-video", dest="video", action="store_false", help="skip the fly-through video")
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", help="skip Grad-CAM overlays")
     p.add_argument("--split", help="whose images the grid and the video show (default test, else val)")
-    p.add_argument("--per-group", type=_count(1, 50), default=4,
+    p.add_argument("--per-group", type=_count(1, MAX_PER_GROUP), default=4,
                    help="grid images per group (confident right, confident wrong, borderline; default 4, at most 50)")
     p.add_argument("--video-select", choices=["sample", "errors", "all"], default="sample",
                    help="which images the video shows: a random sample, whose running tally estimates the accuracy "
                         "(default); the errors; or all")
-    p.add_argument("--video-max-images", type=_count(1, 10_000), default=60,
+    p.add_argument("--video-max-images", type=_count(1, MAX_VIDEO_IMAGES), default=60,
                    help="images in the video at most (default 60)")
     p.add_argument("--seconds-per-image", type=_positive_upto(60), default=1.0,
                    help="how long the video shows each image (default 1, at most 60)")
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "onnx"], help="default: onnx for an .onnx model, else torch")
     p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help=_INFERENCE_AMP_HELP)
-    p.add_argument("--max-upload-mb", type=_positive_upto(1000), default=20.0,
+    p.add_argument("--max-upload-mb", type=_positive_upto(MAX_UPLOAD_MB), default=20.0,
                    help="larger uploads get 413 (default 20, at most 1000)")
     p.add_argument("--max-concurrency", type=_count(1), default=2, help="predictions run at once (default 2)")
     p.add_argument("--max-queue", type=_count(0), default=32, help="requests waiting beyond that get 503 (default 32)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, fields
@@ -28,6 +29,9 @@ ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "resnet18",
 GRAY_MEAN = 0.449
 GRAY_STD = 0.226
 DEFAULT_MAX_PIXELS = 100_000_000  # an image of more pixels is refused (a decompression bomb, or not an X-ray)
+MAX_PER_GROUP = 50  # images per group of the report's prediction grid: more is no picture a page can show
+MAX_VIDEO_IMAGES = 10_000  # in the report's video: nearly three hours at a second each
+MAX_UPLOAD_MB = 1000  # the service holds an upload in memory whole: beyond this, a few workers run out of it
 
 
 def _compiles(pattern: str) -> bool:
@@ -137,6 +141,12 @@ class Config:
     threshold_policy: str = "youden"  # "youden" or "sensitivity"
     target_sensitivity: float = 0.97
 
+    def __post_init__(self) -> None:
+        # Every field as its own type, however it was set (dataclasses.replace, a NumPy scalar from a sweep, a Path):
+        # epochs=1.5 trained, then no checkpoint of the run could be read back, and np.float64 stopped the YAML.
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
+
     def validate(self) -> Config:
         """Raise UsageError naming the first field that makes no sense; return self otherwise."""
         for name, value in self.to_dict().items():  # inf and NaN pass most comparisons below, then crash mid-run
@@ -204,8 +214,8 @@ def _coerce(name: str, value: Any) -> Any:
     if value is None:  # `key:` or `key: ~` in YAML, which would silently replace the default with nothing
         raise UsageError(f"invalid config: {name} has no value (give one, or leave the line out for the default)")
     if name in _AUTO_OR_INT:
-        if type(value) is int:
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str) and value.strip().lower() == "auto":
@@ -217,15 +227,21 @@ def _coerce(name: str, value: Any) -> Any:
         return "on" if value else "off"
     if target in (int, float) and isinstance(value, bool):  # `patience: yes` became 1, `lr: true` 1.0
         raise UsageError(f"invalid config: {name} must be {target.__name__}, got {value!r}")
-    if isinstance(value, target) and not (target is int and isinstance(value, bool)):
+    if type(value) is target:
         return value
+    if target is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
     try:
         if target is bool:
+            if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # np.True_
+                return bool(value)
             if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
                 return value.lower() in ("true", "yes", "1", "on")
             raise ValueError
-        if target is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
+        if target is int and not isinstance(value, (numbers.Integral, str)):  # 2.0 is 2; 1.5 (np.float32 too) is no int
+            if not float(value).is_integer():
+                raise ValueError
+            return int(float(value))
         return target(value)
     except (TypeError, ValueError):
         raise UsageError(f"invalid config: {name} must be {target.__name__}, got {value!r}") from None

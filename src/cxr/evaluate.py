@@ -24,7 +24,7 @@ from cxr.config import CLASS_NAMES
 from cxr.errors import CxrError, DataError, UsageError
 from cxr.fileio import CSV_TEXT, MAX_NAME_BYTES, atomic_path, atomic_write_text, ensure_dir
 from cxr.images import image_stem
-from cxr.model import autocast, normalize
+from cxr.model import autocast, check_model_inputs, normalize
 from cxr.predict import DISCLAIMER
 from cxr.report import expected_calibration_error
 
@@ -44,7 +44,9 @@ class SplitResult:
 def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, *, mean: float, std: float,
                    device: torch.device, batch_size: int = 64, bf16: bool = False,
                    channels_last: bool = False) -> torch.Tensor:
-    """Logits (N, 2) in float32 on the CPU for uint8 images (N, S, S), in batches, without augmentation."""
+    """Logits (N, 2) in float32 on the CPU for uint8 images (N, S, S), in batches, without augmentation (S: the
+    model's image size, ``Checkpoint.config.image_size``)."""
+    check_model_inputs(images, batch_size)
     images = torch.as_tensor(images)
     model.eval()
     out = []

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxr.config import CLASS_NAMES
+from cxr.errors import UsageError
 from cxr.fileio import CSV_TEXT, atomic_path, display_name, fit_name, spreadsheet_cells
 from cxr.images import (  # noqa: F401 - overlay and HEATMAP_CMAP re-exported: they lived here
     HEATMAP_CMAP,
@@ -99,13 +101,24 @@ def heatmaps_for_images(model: nn.Module, images: np.ndarray, *, mean: float, st
     """Grad-CAM maps and P(PNEUMONIA) for uint8 model inputs (N, S, S), in batches.
 
     Args:
-        target: the class to explain: one index for all, one per image (N,), or None for each argmax.
+        target: the class to explain: an index or class name for all, one index per image (N,), or None for each
+            image's predicted class.
 
     Returns:
         ``(heatmaps (N, S, S) float32 in [0, 1], probs (N,) float64)``.
     """
-    from cxr.model import normalize
+    from cxr.model import check_model_inputs, normalize
 
+    check_model_inputs(images, batch_size)
+    if isinstance(target, str):
+        if target.upper() not in CLASS_NAMES:
+            raise UsageError(f"target {target!r}: not a class ({', '.join(CLASS_NAMES)})")
+        target = CLASS_NAMES.index(target.upper())
+    if target is not None and not set(np.ravel(target).tolist()) <= set(range(len(CLASS_NAMES))):
+        raise UsageError(f"target must be a class index 0 or 1 ({', '.join(CLASS_NAMES)}), one for each image or "
+                         f"one for all, or None; got {target!r}")
+    if target is not None and not np.isscalar(target) and np.shape(target) != (len(images),):
+        raise UsageError(f"target: one class for all images or one for each of {len(images)}, got {np.shape(target)}")
     device = next(model.parameters()).device
     maps, probs = [], []
     for start in range(0, len(images), batch_size):
@@ -192,7 +205,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     Returns:
         The written picture paths, in input order.
     """
-    from cxr.errors import DataError, UsageError
+    from cxr.errors import DataError
     from cxr.evaluate import predict_logits, probabilities
     from cxr.export import model_id
     from cxr.fileio import check_writable

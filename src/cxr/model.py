@@ -10,6 +10,7 @@ import contextlib
 import functools
 import io
 import logging
+import numbers
 import os
 import pickle
 import re
@@ -333,6 +334,18 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def check_model_inputs(images: Any, batch_size: int) -> None:
+    """Refuse what the model would answer wrongly without an error: floats (an image in 0..1 was divided by 255
+    again and read as black: a NORMAL X-ray P(PNEUMONIA) 0.99999), or anything but a stack of square grey images."""
+    shape, dtype = tuple(images.shape), images.dtype
+    if str(dtype) not in ("uint8", "torch.uint8") or len(shape) != 3 or shape[1] != shape[2]:
+        raise UsageError(f"expected uint8 grey images of shape (N, S, S) with values 0-255 (cxr.images.load_image, "
+                         f"or np.asarray(pil_image.convert('L')) resized to the model's image size), got {dtype} "
+                         f"{shape}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise UsageError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+
+
 def normalize(x: torch.Tensor, mean: float, std: float, channels_last: bool = False) -> torch.Tensor:
     """uint8 (B, 1, S, S) -> float32 normalised, on whatever device ``x`` is already on."""
     x = (x.float().div_(255.0).sub_(mean)).div_(std)
@@ -455,12 +468,15 @@ def resolve_model_path(model: str | os.PathLike, *, flag: str = "--model") -> Pa
     return p
 
 
-def load_checkpoint(model: str | os.PathLike) -> Checkpoint:
-    """Load a checkpoint file or a run directory's best checkpoint, never unpickling code.
+def load_checkpoint(model: str | os.PathLike | Checkpoint) -> Checkpoint:
+    """Load a checkpoint file or a run directory's best checkpoint, never unpickling code (a :class:`Checkpoint`
+    already loaded is returned as it is: the library's functions that take a model take one too).
 
     Raises:
         CheckpointError: the file is not a cxr checkpoint, is damaged, or holds anything but plain data.
     """
+    if isinstance(model, Checkpoint):
+        return model
     path = resolve_model_path(model)
     if path.suffix == ".safetensors":
         return _load_safetensors(path)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import operator
 import os
 import re
 import sys
@@ -184,7 +185,12 @@ def select_shard(files: list[Path], shard: tuple[int, int] | None) -> list[Path]
     """
     if shard is None:
         return files
-    i, n = shard
+    try:
+        i, n = (operator.index(x) for x in shard)
+    except (TypeError, ValueError):
+        raise UsageError(f"shard {shard!r}: give (i, n), two whole numbers") from None
+    if n < 1 or not 0 <= i < n:  # (5, 2) had predicted nothing without a word, (0, 0) divided by zero
+        raise UsageError(f"shard {shard!r}: need 0 <= i < n")
     return files[len(files) * i // n:len(files) * (i + 1) // n]
 
 

@@ -27,6 +27,7 @@ import html
 import json
 import logging
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr import __version__
-from cxr.config import CLASS_NAMES, DEFAULT_MAX_PIXELS, Config
+from cxr.config import CLASS_NAMES, DEFAULT_MAX_PIXELS, MAX_PER_GROUP, MAX_VIDEO_IMAGES, Config
 from cxr.errors import UsageError
 from cxr.fileio import (
     CSV_READ,
@@ -243,6 +244,11 @@ def margin(probs: np.ndarray, threshold: float) -> np.ndarray:
 BORDERLINE_MARGIN = 0.5
 
 
+def _check_count(name: str, value: int, most: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= most:
+        raise UsageError(f"{name} must be a whole number from 1 to {most}, got {value!r}")
+
+
 def select_examples(labels: np.ndarray, probs: np.ndarray, threshold: float,
                     per_group: int = 4) -> dict[str, list[int]]:
     """Indices of informative examples: most confident right, most confident wrong, borderline.
@@ -254,6 +260,7 @@ def select_examples(labels: np.ndarray, probs: np.ndarray, threshold: float,
     the rest, so an image sitting on the threshold is not shown as a sure one. Right and wrong take half from each
     true class where they can, so one class cannot fill the row. No image is in two groups.
     """
+    _check_count("per_group", per_group, MAX_PER_GROUP)
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
     m = margin(probs, threshold)
     right = (probs >= threshold).astype(np.int64) == labels
@@ -690,6 +697,7 @@ def pick_video_indices(pred: SplitPredictions, threshold: float, select: str = "
     ``sample``: up to ``max_images`` drawn at random (seeded), in random order, so the tally mixes both classes;
     ``errors``: the wrong predictions, up to ``max_images``, in file order; ``all``: every image in file order.
     """
+    _check_count("max_images", max_images, MAX_VIDEO_IMAGES)
     n = len(pred.paths)
     if select == "all":
         return list(range(n))
@@ -801,6 +809,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     from cxr.errors import VideoError
     from cxr.video import VideoItem, even_frame_size, write_flythrough
 
+    _check_count("grid_per_group", grid_per_group, MAX_PER_GROUP)  # -2 had been "all but two" (a slice's end)
+    _check_count("video_max_images", video_max_images, MAX_VIDEO_IMAGES)
     if video:
         frame_size = even_frame_size(*frame_size)  # fail before minutes of work, not after
         # as frame_size: it was logged as "no video" and went on (infinity too, an OverflowError in the writer)

@@ -24,6 +24,7 @@ import io
 import logging
 import math
 import mimetypes
+import numbers
 import os
 import re
 import socket
@@ -46,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cxr import __version__
-from cxr.config import usable_cores
+from cxr.config import MAX_UPLOAD_MB, usable_cores
 from cxr.errors import UsageError
 from cxr.fileio import display_name
 from cxr.images import ImageError, load_image, sniff
@@ -225,8 +226,10 @@ def load_engine(model: str | os.PathLike, backend: str = "torch", device: str = 
             raise UsageError("--backend onnx runs on the CPU; drop --device or use --device cpu")
         if amp == "on":
             raise UsageError("--backend onnx computes in fp32; drop --amp on")
+        if not isinstance(model, str | os.PathLike):
+            raise UsageError("the onnx backend takes a model file, run directory or 'default', not a loaded Checkpoint")
         return OnnxEngine(model, threads=threads)
-    if str(model).lower().endswith(".onnx"):
+    if isinstance(model, str | os.PathLike) and str(model).lower().endswith(".onnx"):
         raise UsageError(f"{model}: an ONNX file needs --backend onnx")
     from cxr.model import load_checkpoint
 
@@ -605,11 +608,17 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         allowed_hosts: the host names requests may be addressed to (400 for others; see :class:`AllowedHosts`);
             None: any.
     """
-    if max_upload_mb <= 0 or max_concurrency < 1 or max_queue < 0 or (upload_timeout is not None
-                                                                       and not upload_timeout > 0):
-        raise UsageError("max_upload_mb must be > 0, max_concurrency >= 1, max_queue >= 0 and upload_timeout > 0")
-    engine: Engine = (load_engine(model, backend, device, threads, amp) if isinstance(model, str | os.PathLike)
-                      else model)
+    if not (0 < max_upload_mb <= MAX_UPLOAD_MB) or max_concurrency < 1 or max_queue < 0 or (
+            upload_timeout is not None and not upload_timeout > 0):  # NaN fails each of these, as it must
+        raise UsageError(f"max_upload_mb must be > 0 and <= {MAX_UPLOAD_MB}, max_concurrency >= 1, max_queue >= 0 and "
+                         "upload_timeout > 0")
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral)
+                                   or max_pixels < 1):
+        # 0 had meant the model's default, -1 or 10.5 refused every image
+        raise UsageError(f"max_pixels must be None (the model's setting) or a whole number >= 1, got {max_pixels!r}")
+    # An Engine as it is; a file, run directory, name or loaded Checkpoint through load_engine (which imports torch
+    # only for the torch backend: an ONNX service runs without it).
+    engine: Engine = model if hasattr(model, "predict_uint8") else load_engine(model, backend, device, threads, amp)
     limits = Limits(int(max_upload_mb * 1e6), max_concurrency, max_queue, max_pixels, upload_timeout)
     limiter = anyio.CapacityLimiter(max_concurrency)
     admitted = [0]  # requests running or waiting for a worker (only touched on the event loop)
