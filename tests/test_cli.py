@@ -200,6 +200,20 @@ def test_a_test_split_that_shares_images_or_patients_with_train_is_said_to(tmp_p
     assert "patient_pattern '^(nothing)/' matched none of the" in proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["n_seen_in_training"] == 1 and "n_seen_in_training" not in metrics["val"]
+    # The dataset's own val folder (--val-source folder) was not compared with train: a hospital's export with one
+    # image of each patient in each folder trained and chose its threshold on the same patients without a word. And
+    # one picture under both classes went by unsaid.
+    train_normal = sorted((tiny_dataset / "train" / "NORMAL").glob("*.jpeg"))
+    for cls, sources in (("NORMAL", train_normal[:2]), ("PNEUMONIA", train_pneumonia[2:4])):
+        (tiny_dataset / "val" / cls).mkdir(parents=True)
+        for f in sources:
+            shutil.copy(f, tiny_dataset / "val" / cls / f.name)
+    shutil.copy(train_normal[5], tiny_dataset / "train" / "PNEUMONIA" / "mislabelled.jpeg")
+    proc = cxr("train", "--data", tiny_dataset, "--output", tmp_path / "folder", "--no-report", "--val-source",
+               "folder", *_flags({k: v for k, v in TINY_TRAIN.items() if k != "val_fraction"} | {"epochs": 1}))
+    assert "val split: 4 of its 4 images are byte-identical to images in train, and 4 belong to patients" in proc.stderr
+    assert "the decision threshold is chosen on them too" in proc.stderr
+    assert "2 image files are byte-identical to an image of the other class" in proc.stderr
 
 
 def test_evaluate_threshold_override(trained_run, tmp_path):

@@ -104,6 +104,20 @@ def test_scan_ignores_non_image_extensions_and_hidden_files(tiny_dataset, caplog
     assert "skipping 1 link(s) to nothing" in caplog.text and "gone.jpeg" in caplog.text
 
 
+def test_folders_and_files_beside_the_class_folders_are_said_to_be_left_out(tiny_dataset, caplog):
+    # A hospital's COVID/ folder and an image dropped beside the class folders were left out without a word.
+    image = next((tiny_dataset / "train" / "PNEUMONIA").glob("*.jpeg"))
+    for folder in ("COVID", "PNEUMONIA_viral", ".cache"):
+        (tiny_dataset / "train" / folder).mkdir()
+        shutil.copy(image, tiny_dataset / "train" / folder / "x.jpeg")
+    shutil.copy(image, tiny_dataset / "train" / "loose.jpeg")
+    counts = scan(tiny_dataset)["train"].counts()
+    assert counts == {"NORMAL": 16, "PNEUMONIA": 16}
+    assert "ignoring 2 folder(s) that are not a class (NORMAL, PNEUMONIA): COVID, PNEUMONIA_viral" in caplog.text
+    assert "ignoring 1 file(s) beside the class folders" in caplog.text and "loose.jpeg" in caplog.text
+    assert ".cache" not in caplog.text and str(tiny_dataset / "test") not in caplog.text
+
+
 def test_images_without_an_image_extension_are_found_by_content(tiny_dataset, tmp_path):
     # PACS exports name DICOM files by UID or not at all; a JPEG can lose its extension. Both are found in folders,
     # by scan (train, evaluate) and by predict, and read; a text file without an extension is not taken.
@@ -1000,7 +1014,12 @@ def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path, cap
     (root / "NORMAL" / "1.2.826.0.1.3680043.8.498.1").write_bytes(dicom_bytes(pixels, PatientID="P-007"))
     (root / "NORMAL" / "1.2.826.0.1.3680043.8.498.2.dcm").write_bytes(dicom_bytes(pixels, PatientID="P-007"))
     (root / "NORMAL" / "anon.dcm").write_bytes(dicom_bytes(pixels))  # no PatientID: its name, as before
-    (root / "PNEUMONIA" / "person5_virus_9.dcm").write_bytes(dicom_bytes(pixels, PatientID="P-008"))  # named: kept
+    # A Kermany-like name is no patient where the header names one: OsiriX exports IM-<series>-<n>.dcm, and the
+    # name's rule had made one patient of series 1 of every patient.
+    (root / "PNEUMONIA" / "person5_virus_9.dcm").write_bytes(dicom_bytes(pixels, PatientID="P-008"))
+    (root / "PNEUMONIA" / "IM-0001-0001.dcm").write_bytes(dicom_bytes(pixels + 1, PatientID="MRN-1"))
+    (root / "PNEUMONIA" / "IM-0001-0002.dcm").write_bytes(dicom_bytes(pixels + 2, PatientID="MRN-2"))
+    (root / "NORMAL" / "person6_bacteria_1.dcm").write_bytes(dicom_bytes(pixels + 3))  # no PatientID: its name
     (root / "PNEUMONIA" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 20)  # unreadable header
     # Without the preamble, as its decode now reads it: its header's PatientID too (it had been its file name).
     (root / "PNEUMONIA" / "1.2.826.0.1.3680043.8.498.3.dcm").write_bytes(dicom_bytes(pixels, PatientID="P-009",
@@ -1014,7 +1033,9 @@ def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path, cap
     assert not [w for w in seen if "pydicom" in w.filename], [str(w.message) for w in seen]  # said by its decode
     patients = {Path(s.path).name: s.patient for s in split.samples}
     assert patients == {"1.2.826.0.1.3680043.8.498.1": "dicom:P-007", "1.2.826.0.1.3680043.8.498.2.dcm": "dicom:P-007",
-                        "anon.dcm": "anon", "person5_virus_9.dcm": "person5", "broken.dcm": "broken",
+                        "anon.dcm": "anon", "person5_virus_9.dcm": "dicom:P-008", "broken.dcm": "broken",
+                        "IM-0001-0001.dcm": "dicom:MRN-1", "IM-0001-0002.dcm": "dicom:MRN-2",
+                        "person6_bacteria_1.dcm": "person6",
                         "1.2.826.0.1.3680043.8.498.3.dcm": "dicom:P-009", "notes.dcm": "notes"}
     assert "End of file" not in caplog.text  # pydicom's own log of the damaged header
 

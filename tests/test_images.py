@@ -493,6 +493,32 @@ def test_dicom_monochrome1_is_inverted():
     assert np.abs(m1.astype(int) - (255 - m2.astype(int))).max() <= 1
 
 
+def test_an_inverse_presentation_lut_inverts_monochrome2_and_not_monochrome1_twice():
+    # MONOCHROME2 + INVERSE is shown with bone bright by viewers; cxr had read it as stored (correlation -1 with the
+    # display; the bundled model said PNEUMONIA at 0.93 for a NORMAL X-ray). DX files pair MONOCHROME1 with INVERSE to
+    # say the same inversion again.
+    m2 = read_grayscale(dicom_bytes(RAW12))
+    inverse = read_grayscale(dicom_bytes(RAW12, PresentationLUTShape="INVERSE"))
+    np.testing.assert_array_equal(inverse, 255 - m2)
+    np.testing.assert_array_equal(read_grayscale(dicom_bytes(RAW12, PresentationLUTShape="IDENTITY")), m2)
+    m1 = read_grayscale(dicom_bytes(RAW12, photometric="MONOCHROME1"))
+    np.testing.assert_array_equal(read_grayscale(dicom_bytes(RAW12, photometric="MONOCHROME1",
+                                                             PresentationLUTShape="INVERSE")), m1)
+
+
+def test_a_few_hot_or_dead_pixels_do_not_decide_the_stretch():
+    # One pixel at 65535 in a 12-bit X-ray set the top of the min..max stretch: the image came out nearly black (mean
+    # grey 8 for 129) and the bundled model said PNEUMONIA for a NORMAL X-ray.
+    image = np.tile(RAW12, (8, 8))  # 256 x 320, 12-bit
+    plain = read_grayscale(dicom_bytes(image))
+    hot = image.copy()
+    hot[3, 5], hot[100, 7] = 65535, 0  # a hot and a dead pixel (16 bits stored)
+    for decoded in (read_grayscale(dicom_bytes(hot)), read_grayscale(save_bytes(Image.fromarray(hot), "PNG"))):
+        assert np.abs(decoded.astype(int) - plain).mean() < 1.0
+        assert decoded[3, 5] == 255 and decoded[100, 7] == 0  # saturated, not the range
+    np.testing.assert_array_equal(read_grayscale(save_bytes(Image.fromarray(image), "PNG")), plain)
+
+
 def test_dicom_pixel_padding_is_black_and_left_out_of_the_stretch():
     # A collimator's border stored as Pixel Padding Value: it had taken part in the min..max stretch and, in
     # MONOCHROME1, come out white around the image.

@@ -58,8 +58,9 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": 
 # Bumped whenever decoding, resizing or the cache's layout changes, so that old cache entries are never trusted.
 # 2: images stored in packs, not one file each. 3: 16-bit colour and grey + alpha PNGs refused (PIL had kept each
 # sample's high byte; old caches hold those decodes). 4: blank images refused, EXIF Orientation applied. 5: DICOM pixel
-# padding and palettes applied, DICOM without a preamble read.
-PREPROCESS_VERSION = 5
+# padding and palettes applied, DICOM without a preamble read. 6: 16-bit and DICOM stretched between percentiles, not
+# min..max; MONOCHROME2 with an INVERSE Presentation LUT Shape inverted.
+PREPROCESS_VERSION = 6
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)", re.IGNORECASE),
@@ -133,9 +134,10 @@ def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = ""
 
     1. ``pattern``, a regular expression searched in the path below ``class_dir`` (folders joined by "/"): its first
        group, or the whole match, as ``pattern:<id>``;
-    2. a Kermany file name (:func:`patient_id`);
-    3. for a file not named ``.jpg``/``.jpeg``/``.png``, the PatientID in its DICOM header (only the header is read),
-       as ``dicom:<PatientID>``: a PACS export names its files by UID;
+    2. for a file not named ``.jpg``/``.jpeg``/``.png``, the PatientID in its DICOM header (only the header is read),
+       as ``dicom:<PatientID>``: a PACS export names its files by UID, and OsiriX's and Horos' ``IM-<series>-<n>.dcm``
+       look like Kermany names (whose rule had made one patient of each series number, across patients);
+    3. a Kermany file name (:func:`patient_id`);
     4. else the file is one patient, named by its path below ``class_dir`` without its image extension. The folders
        are part of it: ``IMG_0001.jpg`` of two patients' folders is two patients, not one.
     """
@@ -145,7 +147,7 @@ def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = ""
         found = (m.group(1) if m.re.groups else m.group(0)) if m else None
         if found:  # a group that took no part, or matched nothing, gives no id: the other rules do
             return PATTERN_PATIENT + found
-    if _kermany_patient(path.name) is None and path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+    if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
         found = dicom_patient_id(path)
         if found is not None:
             return _DICOM_PATIENT + found
@@ -234,6 +236,7 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
             False, in which case at least one class must have images).
     """
     dirs = _class_dirs(split_dir)
+    _say_what_is_left_out(split_dir, dirs)
     samples: list[Sample] = []
     problems = []
     for label, cls in enumerate(CLASS_NAMES):
@@ -254,12 +257,30 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
     return Split(name, samples)
 
 
+def _say_what_is_left_out(split_dir: Path, class_dirs: dict[int, Path]) -> None:
+    """Warn of the folders and files beside the class folders, which no class takes (a COVID/ folder, loose images):
+    they had been left out without a word, at any log level."""
+    try:
+        others = [p for p in sorted(split_dir.iterdir())
+                  if not p.name.startswith(".") and p not in class_dirs.values()]
+    except OSError:
+        return
+    folders = [p.name for p in others if p.is_dir()]
+    files = [p.name for p in others if not p.is_dir()]
+    if folders:
+        log.warning("%s: ignoring %d folder(s) that are not a class (%s): %s", split_dir, len(folders),
+                    ", ".join(CLASS_NAMES), ", ".join(folders[:5]) + (", ..." if len(folders) > 5 else ""))
+    if files:
+        log.warning("%s: ignoring %d file(s) beside the class folders (an image belongs in NORMAL/ or PNEUMONIA/), "
+                    "e.g. %s", split_dir, len(files), files[0])
+
+
 def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
     """uint8 (N, H, W) pixels from an ``.npz`` array of N images, (N, H, W) or channels-last (N, H, W, 1 | 3).
 
     The whole array decides how values become 0..255: uint8 as it is; other integers within 0..255 cast; floats
     within 0..1 (torchvision's ``ToTensor`` convention) times 255; anything else (16-bit, wider integers, other
-    floats) stretched per image from its min..max, as 16-bit PNG and DICOM files are. Three channels become grey
+    floats) stretched per image from its min..max. Three channels become grey
     with ITU-R 601 luma, as PIL converts colour files. ``where`` names the array in errors.
     """
     if images.ndim == 4 and images.shape[-1] in (1, 3):
@@ -630,9 +651,13 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
     for cls, n_groups in zip(CLASS_NAMES, per_class, strict=True):
         # Too few patients for folds near the fraction asked (1 of 4 for 1/7, say) is refused, not carved as another.
         if n_groups < n_splits or abs(n_val_folds / n_splits - fraction) > 0.05:
+            label = CLASS_NAMES.index(cls)
+            from_headers = sum(s.patient.startswith(_DICOM_PATIENT) for s in pool if s.label == label)
+            hint = (f"; {from_headers} of its images take their patient from a DICOM PatientID: where an anonymiser "
+                    "gave them all one, set --patient-pattern") if from_headers else ""
             raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
                             f"({n_val_folds} of {n_splits} folds, each holding patients of both classes; use the "
-                            "dataset's own val folder with --val-source folder)")
+                            f"dataset's own val folder with --val-source folder){hint}")
     # Counted whether or not such ids collide: unrelated patients' IMG_0001.jpg had once shared an id, which hid this
     # warning while one patient's images landed on both sides.
     unnamed = sum(patient_from_name_only(s) for s in pool)

@@ -170,25 +170,37 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
 
 
 def _warn_of_ids_and_overlap(splits: dict[str, Split], cfg: Config) -> None:
-    """Say what the run would otherwise hide: a patient_pattern that matched no path, and test images that are in
-    train or val, byte for byte or by a patient id read from their names, headers or the pattern (a test split that
-    shares them scores higher than new patients would; nothing had said so)."""
+    """Say what the run would otherwise hide: a patient_pattern that matched no path; val images (the dataset's own
+    val folder) in train, and test images in train or val, byte for byte or by a patient id read from their names,
+    headers or the pattern (a split that shares them scores higher than new patients would; nothing had said so, and
+    the threshold is chosen on val); one image file under both classes."""
     every = [s for split in splits.values() for s in split.samples]
     if cfg.patient_pattern and not any(s.patient.startswith(PATTERN_PATIENT) for s in every):
         log.warning("patient_pattern %r matched none of the %d image paths (it is searched in each path below its "
                     "class folder, e.g. %s)", cfg.patient_pattern, len(every), _below_class_folder(every[0].path))
-    if "test" not in splits:
-        return
-    development = [s for name in ("train", "val") for s in splits[name].samples]
-    digests = {s.digest for s in development if s.digest}
-    patients = {s.patient for s in development if not patient_from_name_only(s)}
-    test = splits["test"].samples
-    copies = sum(bool(s.digest) and s.digest in digests for s in test)
-    shared = sum(not patient_from_name_only(s) and s.patient in patients for s in test)
-    if copies or shared:
-        log.warning("test split: %d of its %d images are byte-identical to images in train or val, and %d belong to "
-                    "patients who also have images there (split.csv lists the patient ids): its metrics will "
-                    "overstate how the model does on new patients", copies, len(test), shared)
+    for name, earlier in (("val", ("train",)), ("test", ("train", "val"))):
+        if name not in splits:
+            continue
+        development = [s for other in earlier for s in splits[other].samples]
+        digests = {s.digest for s in development if s.digest}
+        patients = {s.patient for s in development if not patient_from_name_only(s)}
+        later = splits[name].samples
+        copies = sum(bool(s.digest) and s.digest in digests for s in later)
+        shared = sum(not patient_from_name_only(s) and s.patient in patients for s in later)
+        if copies or shared:
+            log.warning("%s split: %d of its %d images are byte-identical to images in %s, and %d belong to patients "
+                        "who also have images there (split.csv lists the patient ids): its metrics will overstate how "
+                        "the model does on new patients%s", name, copies, len(later), " or ".join(earlier), shared,
+                        "; the decision threshold is chosen on them too" if name == "val" else "")
+    labels: dict[str, set[int]] = {}
+    for s in every:
+        if s.digest:
+            labels.setdefault(s.digest, set()).add(s.label)
+    both = [s.path for s in every if len(labels.get(s.digest, ())) > 1]
+    if both:
+        log.warning("%d image files are byte-identical to an image of the other class (e.g. %s): the same picture is "
+                    "taught, and scored, as NORMAL and as PNEUMONIA; remove the wrong copies", len(both),
+                    both[0])
 
 
 def _below_class_folder(path: str) -> str:
