@@ -649,6 +649,16 @@ def test_dicom_damaged_pixel_data_and_missing_preamble(tmp_path):
     raw = io.BytesIO()
     ds.save_as(raw, implicit_vr=True, little_endian=True, enforce_file_format=False)
     np.testing.assert_array_equal(read_grayscale(raw.getvalue(), name="raw.dcm"), read_grayscale(dicom_bytes(RAW12)))
+    # Nor a .dcm name: a DICOM data set is known by its first element (a PACS export's UID names, no extension), in a
+    # folder and when decoded; a file of text is not.
+    from cxr.images import is_image_file
+
+    uid_named = tmp_path / "1.2.840.113619.2.55.3.604688"
+    uid_named.write_bytes(dicom_bytes(RAW12, preamble=False))
+    assert is_image_file(uid_named)
+    np.testing.assert_array_equal(read_grayscale(uid_named), read_grayscale(dicom_bytes(RAW12)))
+    (tmp_path / "README").write_bytes(b"\x08\x00 starts like a tag, no more" * 4)
+    assert not is_image_file(tmp_path / "README")
     # Text named .dcm, and a DICOM without an image: still "not a DICOM file" without the marker.
     with pytest.raises(ImageError, match=r"notes\.dcm: not a DICOM file"):
         read_grayscale(b"plain text, not a DICOM data set" * 10, name="notes.dcm")

@@ -189,10 +189,26 @@ def _read_source(source: str | os.PathLike | bytes, name: str | None) -> tuple[b
     return data, label
 
 
+# DICOM's value representations: in a data set without preamble, explicit VR, bytes 4-5 of its first element.
+_DICOM_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR "
+                       b"US UT UV".split())
+
+
+def _dicom_without_marker(data: bytes) -> bool:
+    """A DICOM data set written without the preamble and 'DICM' (older and raw exports): its first element is one of
+    group 0002 (file meta) or 0008 (identification), little endian, with an explicit VR or a short implicit length."""
+    if len(data) < 8 or data[0:2] not in (b"\x02\x00", b"\x08\x00") or data[3] != 0:
+        return False
+    return data[4:6] in _DICOM_VRS or int.from_bytes(data[4:8], "little") <= 1024
+
+
 def sniff(data: bytes) -> str | None:
     """``jpeg``, ``png`` or ``dicom`` from a file's first bytes, as the decoder decides, or None for anything else.
-    DICOM first: its 128-byte preamble is free-form and may itself start like a JPEG."""
+    DICOM first: its 128-byte preamble is free-form and may itself start like a JPEG. A DICOM data set without the
+    preamble and marker is known by its first element (a UID-named file of an old PACS had been "not an image")."""
     if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if _dicom_without_marker(data):
         return "dicom"
     if data.startswith(_JPEG_MAGIC):
         return "jpeg"
@@ -209,8 +225,9 @@ def dicom_patient_id(path: str | os.PathLike) -> str | None:
     quiet = pydicom_log.disabled
     try:
         with open(path, "rb") as f:
-            marked = sniff(f.read(132)) == "dicom"
-            if not marked and os.path.splitext(str(path))[1].lower() not in _DICOM_EXTENSIONS:
+            head = f.read(132)
+            marked = head[128:132] == b"DICM"
+            if sniff(head) != "dicom" and os.path.splitext(str(path))[1].lower() not in _DICOM_EXTENSIONS:
                 return None
             import pydicom
 
@@ -240,8 +257,9 @@ def image_stem(name: str) -> str:
 
 def is_image_file(path: str | os.PathLike) -> bool:
     """Whether a file found in a folder is taken as an image: by its extension (:data:`IMAGE_EXTENSIONS`), or, for
-    any other name, by its first bytes (JPEG, PNG or DICOM's 'DICM' marker). PACS exports often name DICOM files
-    without an extension, or by their UID ('1.2.840.113619....'), whose last part looks like one."""
+    any other name, by its first bytes (JPEG, PNG, DICOM's 'DICM' marker or a DICOM data set's first element). PACS
+    exports often name DICOM files without an extension, or by their UID ('1.2.840.113619....'), whose last part
+    looks like one."""
     if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
         return True
     try:
