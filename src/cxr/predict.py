@@ -133,7 +133,8 @@ def _is_pattern(path: str | os.PathLike) -> bool:
 
 def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
                   skip: Path | None = None) -> list[Path]:
-    """Files as given, and image files (:func:`cxr.images.is_image_file`) found recursively in folders (sorted;
+    """Files as given (a name that is no file too: its reading fails, and says so), and image files
+    (:func:`cxr.images.is_image_file`) found recursively in folders (sorted;
     hidden files and folders skipped; linked folders followed). ``skip``: a folder whose files are not collected (an
     output folder inside an input folder). Grad-CAM pictures (``*_gradcam.png``, what ``cxr explain`` writes) found in
     a folder are left out with a warning: predicting a folder after explaining into it would otherwise read them as
@@ -160,10 +161,9 @@ def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
                             "as files to predict them anyway", p, len(pictures), EXPLAIN_SUFFIX, pictures[0])
                 found = [f for f in found if not f.name.lower().endswith(EXPLAIN_SUFFIX)]
             files += found
-        elif p.exists():
+        else:  # a file, or a name that is none (a typo, a link to nothing): its row says so when it is read, as for
+            # any file that cannot be read; one such name among thousands had stopped the whole run before it began
             files.append(p)
-        else:
-            raise UsageError(f"{p}: no such file or directory")
     return files
 
 
