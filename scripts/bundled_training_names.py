@@ -17,8 +17,16 @@ from cxr.evaluate import BUNDLED_TRAINING_NAMES
 
 
 def main(argv: list[str]) -> int:
-    root = Path(argv[0] if argv else "../shared/data/kermany-224")
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    root = Path(argv[0])
+    # Run elsewhere, a default folder that was not there had written an empty list: evaluate's warning switched off.
     names = sorted({f.name for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")})
+    if not (root / "train").is_dir() or len(names) < 5000:
+        print(f"{root}: not the Kermany 224 data set (train/ and val/, 5,232 images); the list is unchanged",
+              file=sys.stderr)
+        return 2
     # mtime 0: the same names give the same bytes
     with open(BUNDLED_TRAINING_NAMES, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
         f.write(("\n".join(names) + "\n").encode())

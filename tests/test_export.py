@@ -366,6 +366,16 @@ def test_a_model_file_of_another_kind_is_named_for_what_it_is(exported, tmp_path
         assert cxr_main(["explain", "--model", str(model), image, "--output", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err and "possibly code" not in err, err
+    # A plain pickle of another protocol: torch warned of it in two lines before cxr's one.
+    import pickle
+    import warnings
+
+    (tmp_path / "pickled.pt").write_bytes(pickle.dumps({"weights": [1, 2]}, protocol=4))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="not a cxr checkpoint"):
+            load_checkpoint(tmp_path / "pickled.pt")
+    assert not seen, [str(w.message) for w in seen]
 
 
 @pytest.mark.parametrize("change", ["arch", "missing tensor", "classes"])

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -487,7 +488,9 @@ def load_checkpoint(model: str | os.PathLike | Checkpoint) -> Checkpoint:
         raise CheckpointError(f"{path}: a TorchScript file (cxr export writes them for other runtimes); give cxr the "
                               "checkpoint or the .safetensors file it was exported from")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol, warned of in two lines before cxr's one
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message always mentions weights_only; only an unsupported global or class means objects that
         # would run code. Anything else ("Unsupported operand", "invalid load key") is a file of another kind.
