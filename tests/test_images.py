@@ -567,6 +567,22 @@ def test_dicom_window_applied_after_rescale():
     assert np.abs(out - stretched(hu)).max() > 50  # the window really changed the picture
 
 
+@pytest.mark.parametrize("groups", ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"])
+def test_an_enhanced_dicoms_window_in_its_functional_groups_is_applied(groups):
+    # An enhanced (multi-frame) DX keeps its rescale and window in functional group macros, which pydicom's LUT
+    # functions do not read: the window had been ignored (88 grey levels off the viewer's rendering).
+    from pydicom.sequence import Sequence
+
+    top = read_grayscale(dicom_bytes(RAW12, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=1000,
+                                     WindowWidth=2000))
+    voi, rescale, item = Dataset(), Dataset(), Dataset()
+    voi.WindowCenter, voi.WindowWidth = 1000, 2000
+    rescale.RescaleSlope, rescale.RescaleIntercept = 2, -1024
+    item.FrameVOILUTSequence, item.PixelValueTransformationSequence = Sequence([voi]), Sequence([rescale])
+    enhanced = read_grayscale(dicom_bytes(np.stack([RAW12, RAW12[::-1]]), **{groups: Sequence([item])}))
+    np.testing.assert_array_equal(enhanced, top)
+
+
 def test_dicom_multiframe_gives_first_frame():
     frames = np.stack([RAW12, RAW12[::-1], RAW12[:, ::-1]])
     out = read_grayscale(dicom_bytes(frames))

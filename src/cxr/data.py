@@ -59,7 +59,7 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": 
 # 2: images stored in packs, not one file each. 3: 16-bit colour and grey + alpha PNGs refused (PIL had kept each
 # sample's high byte; old caches hold those decodes). 4: blank images refused, EXIF Orientation applied. 5: DICOM pixel
 # padding and palettes applied, DICOM without a preamble read. 6: 16-bit and DICOM stretched between percentiles, not
-# min..max; MONOCHROME2 with an INVERSE Presentation LUT Shape inverted.
+# min..max; MONOCHROME2 with an INVERSE Presentation LUT Shape inverted; an enhanced DICOM's functional group window.
 PREPROCESS_VERSION = 6
 
 _PATIENT_PATTERNS = (

@@ -445,6 +445,32 @@ def _apply_color_lut(arr: np.ndarray, ds) -> np.ndarray:
     return apply_color_lut(arr, ds)
 
 
+# Where an enhanced (multi-frame) DICOM keeps the rescale and window of its frames: in functional group macros, which
+# pydicom's LUT functions do not read. They are copied to the top level of the first frame's data set.
+_FRAME_MACROS = {"PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+                 "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction")}
+
+
+def _first_frame_attributes(ds):
+    """``ds`` (a data set read for this decode alone) with the first frame's rescale and window from its functional
+    groups (per-frame, else shared) set at its top level where that has none: an enhanced DX's window had been ignored
+    (88 grey levels off the viewer's rendering)."""
+    found = {}
+    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        items = ds.get(groups)
+        if not items:
+            continue
+        for macro, keywords in _FRAME_MACROS.items():
+            inner = items[0].get(macro)
+            if inner:
+                for keyword in keywords:
+                    if keyword in inner[0] and keyword not in ds and keyword not in found:
+                        found[keyword] = inner[0][keyword].value
+    for keyword, value in found.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
 def _dicom_padding(arr: np.ndarray, ds) -> np.ndarray | None:
     """Where the stored values are Pixel Padding Value (or within it and Pixel Padding Range Limit): the area outside
     the exposed image (a collimator's border, say), which is not part of it. None without padding."""
@@ -611,7 +637,8 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         if samples == 1:
             padding = _dicom_padding(arr, ds)
             apply_modality_lut, apply_voi_lut = _dicom_luts()
-            arr = apply_voi_lut(apply_modality_lut(arr, ds), ds, index=0)
+            frame = _first_frame_attributes(ds)
+            arr = apply_voi_lut(apply_modality_lut(arr, frame), frame, index=0)
             # MONOCHROME1 is shown inverted; so is MONOCHROME2 under an INVERSE Presentation LUT Shape (for
             # MONOCHROME1, DX files carry INVERSE to say the same inversion again: it is not applied twice).
             if monochrome1 or (photometric == "MONOCHROME2" and inverse):
