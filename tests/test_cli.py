@@ -572,6 +572,13 @@ def test_resume_from_another_folder_and_a_failed_resume_changes_nothing(tmp_path
     # Told where it went (data edited in config.yaml, as the refusal advises), the run follows it: split.csv's
     # absolute paths had kept it at "recorded images are gone" though every file was there.
     (run_dir / "config.yaml").write_text(before.replace(str(tiny_dataset), str(tmp_path / "moved")))
+    # `cxr evaluate --data RUN/split.csv` follows it too, before any resume (it had found every image gone).
+    proc = run("evaluate", "--model", run_dir, "--data", run_dir / "split.csv", "--output", tmp_path / "ev",
+               "--no-report", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    assert "where the run's config.yaml says its data is now" in proc.stderr
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["val"]["n"] == json.loads((run_dir / "metrics.json").read_text())["val"]["n"] > 0
     proc = run("train", "--resume", run_dir, "--epochs", "3", "--no-report", cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr
     assert load_checkpoint(run_dir / "last.pt").epoch == 3

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from cxr.config import CLASS_NAMES, Config, usable_cores
 from cxr.errors import CxrError, DataError, UsageError, WriteError
@@ -335,11 +336,42 @@ def _scan_split_csv(path: Path) -> dict[str, Split]:
         raise DataError(f"{path}: lists no images")
     if any(_NPZ_ROW.match(s.path) for samples in recorded.values() for s in samples):
         raise UsageError(f"{path}: its rows are rows of an .npz; give the .npz itself as --data")
+    recorded = _follow_moved_data(path, recorded)
     order = [n for n in SPLITS if n in recorded] + sorted(set(recorded) - set(SPLITS))
     # Digests cleared: the files are hashed again, so that one changed since the run is decoded as it is now (and
     # said to have changed: `recorded`).
     return {name: Split(name, [replace(s, digest="") for s in recorded[name]],
                         recorded={s.path: s.digest for s in recorded[name] if s.digest}) for name in order}
+
+
+def rebase(path: str, old: str, new: str) -> str:
+    """``path`` below the folder ``old`` as the same path below ``new`` (a data set that moved); others as they are."""
+    rest = path[len(old):]
+    return new + rest if path.startswith(old) and rest[:1] in ("/", "\\", "#") else path
+
+
+def _follow_moved_data(split_csv: Path, recorded: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
+    """A run's split.csv whose images are not where it says, read where the run's ``config.yaml`` now says its data
+    is (edited after the data moved), from where its ``summary.json`` says the data was: as ``cxr train --resume``
+    follows it, which writes split.csv anew; before any resume, evaluate had found every image gone."""
+    every = [s.path for samples in recorded.values() for s in samples]
+    if all(os.path.exists(p) for p in every):
+        return recorded
+    try:
+        old = json.loads((split_csv.parent / "summary.json").read_text(encoding="utf-8"))["data"]
+        new = (yaml.safe_load((split_csv.parent / "config.yaml").read_text(encoding="utf-8")) or {})["data"]
+        old, new = str(Path(old).absolute()), str(Path(new).absolute())
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return recorded
+    if old == new or not os.path.exists(new):
+        return recorded
+    moved = {name: [replace(s, path=rebase(s.path, old, new)) for s in samples] for name, samples in recorded.items()}
+    found = sum(os.path.exists(s.path) for samples in moved.values() for s in samples)
+    if found <= sum(os.path.exists(p) for p in every):
+        return recorded
+    log.info("%s: its images are read below %s, where the run's config.yaml says its data is now (it was %s)",
+             split_csv, new, old)
+    return moved
 
 
 _NPZ_ROW = re.compile(r".*\.npz#[^/]+/\d+$", re.IGNORECASE)

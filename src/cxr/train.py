@@ -46,6 +46,7 @@ from cxr.data import (
     prepare,
     prepare_shared,
     read_split_csv,
+    rebase,
     scan,
     train_transform,
     write_split_csv,
@@ -122,11 +123,7 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
         by_path = {s.path: (name, i) for name, split in found.items() for i, s in enumerate(split.samples)}
         old, new = str(Path(recorded_data or cfg.data).absolute()), str(Path(cfg.data).absolute())
         if old != new:  # moved: the same files below the new root (split.csv's paths are absolute)
-            def moved(path: str) -> str:
-                rest = path[len(old):]
-                return new + rest if path.startswith(old) and rest[:1] in ("/", "\\", "#") else path
-
-            recorded = {name: [dataclasses.replace(s, path=moved(s.path)) for s in samples]
+            recorded = {name: [dataclasses.replace(s, path=rebase(s.path, old, new)) for s in samples]
                         for name, samples in recorded.items()}
         missing = [s.path for samples in recorded.values() for s in samples if s.path not in by_path]
         if missing:
