@@ -1002,6 +1002,39 @@ def test_unwritable_cache_decodes_without_it(tmp_path, workers, caplog):
         assert p.samples == expected.samples and p.failures == []
 
 
+def test_a_16_bit_npz_image_gives_the_pixels_of_the_same_image_as_a_file():
+    # .npz rows were stretched min..max while files take percentiles: one hot pixel made a model trained from the
+    # .npz see another picture than predict and the service give it (mean grey 6 against 126).
+    import io
+
+    from PIL import Image
+
+    from cxr.data import npz_pixels
+    from cxr.images import read_grayscale
+
+    image = (np.random.default_rng(0).random((224, 224)) * 4095).astype(np.uint16)
+    image[5, 5] = 65535
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    np.testing.assert_array_equal(npz_pixels(image[None], "x")[0], read_grayscale(buf.getvalue(), name="x.png"))
+
+
+def test_a_header_patient_and_a_kermany_name_both_tie_images_together():
+    # Kermany files converted to DICOM by an anonymiser that gave each file its own PatientID: the header alone had
+    # made 18 patients straddle the split. Both ids are kept: images sharing either are one group.
+    from cxr.data import _groups
+
+    samples = [Sample("/x/person1_virus_1.dcm", 1, "dicom:A1", digest="1"),
+               Sample("/x/person1_virus_2.dcm", 1, "dicom:A2", digest="2"),
+               Sample("/x/person1_bacteria_3.jpeg", 1, "person1", digest="3"),  # the same patient, as a JPEG
+               Sample("/x/IM-0001-0001.dcm", 0, "dicom:MRN-1", digest="4"),
+               Sample("/x/IM-0002-0001.dcm", 0, "dicom:MRN-1", digest="5"),
+               Sample("/x/IM-0003-0001.dcm", 0, "dicom:MRN-2", digest="6"),
+               Sample("/x/scan.dcm", 0, "pattern:IM-0003", digest="7")]  # a pattern's id is not joined by name
+    g = _groups(samples)
+    assert g[0] == g[1] == g[2] and g[3] == g[4] and len({g[0], g[3], g[5], g[6]}) == 4
+
+
 def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path, caplog):
     # A PACS export names files by UID: the name tells no patient, the header does. Two images of one patient were
     # two "patients", free to fall on both sides of the carve.

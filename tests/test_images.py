@@ -519,6 +519,27 @@ def test_a_few_hot_or_dead_pixels_do_not_decide_the_stretch():
     np.testing.assert_array_equal(read_grayscale(save_bytes(Image.fromarray(image), "PNG")), plain)
 
 
+def test_the_stretch_range_ignores_padding_values_and_a_columns_parity():
+    # With Pixel Padding, the padding had been filled with the image's minimum before the percentiles: a dead pixel
+    # among the real ones then set the bottom again (mean grey 170 for 128).
+    inner = (1000 + (np.arange(400 * 400) % 2001)).reshape(400, 400).astype(np.uint16)
+    plain = read_grayscale(dicom_bytes(inner))
+    padded = inner.copy()
+    padded[:60], padded[200, 200] = 0, 5  # a border marked as padding, and one dead pixel
+    out = read_grayscale(dicom_bytes(padded, PixelPaddingValue=0))
+    assert (out[:60] == 0).all()
+    assert np.abs(out[60:].astype(int) - plain[60:]).mean() < 1.0
+    # A large image's percentiles come from every n-th pixel: with n a multiple of the width, a bad detector column
+    # was taken into them, or not, by its parity (mean grey 82 or 128).
+    wide = np.tile(inner[:50, :250], (20, 8))  # 1000 x 2000: every 2nd pixel would be every 2nd column
+    means = []
+    for column in (1000, 1001):
+        hot = wide.copy()
+        hot[:, column] = 65535
+        means.append(read_grayscale(save_bytes(Image.fromarray(hot), "PNG")).mean())
+    assert abs(means[0] - means[1]) < 0.5, means
+
+
 def test_dicom_pixel_padding_is_black_and_left_out_of_the_stretch():
     # A collimator's border stored as Pixel Padding Value: it had taken part in the min..max stretch and, in
     # MONOCHROME1, come out white around the image.

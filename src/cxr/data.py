@@ -47,6 +47,7 @@ from cxr.images import (
     load_image,
     read_file,
     resize_square,
+    stretch_range,
 )
 from cxr.progress import progress_bar
 from cxr.tv import import_torchvision
@@ -281,8 +282,8 @@ def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
 
     The whole array decides how values become 0..255: uint8 as it is; other integers within 0..255 cast; floats
     within 0..1 (torchvision's ``ToTensor`` convention) times 255; anything else (16-bit, wider integers, other
-    floats) stretched per image from its min..max. Three channels become grey
-    with ITU-R 601 luma, as PIL converts colour files. ``where`` names the array in errors.
+    floats) stretched per image as a 16-bit PNG or DICOM file of it would be (:func:`cxr.images.stretch_range`).
+    Three channels become grey with ITU-R 601 luma, as PIL converts colour files. ``where`` names the array in errors.
     """
     if images.ndim == 4 and images.shape[-1] in (1, 3):
         channels = images.shape[-1]
@@ -314,10 +315,10 @@ def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
             x = x @ np.array([0.299, 0.587, 0.114], np.float32)
         elif channels == 1:
             x = x[..., 0]
-        if mode == "stretch":
-            lo_i = x.min(axis=(1, 2), keepdims=True)
-            span = x.max(axis=(1, 2), keepdims=True) - lo_i
-            x = np.where(span > 0, (x - lo_i) * (255.0 / np.where(span > 0, span, 1)), 0)
+        if mode == "stretch":  # per image, as a 16-bit PNG or DICOM file of it is read (cxr.images.stretch_range)
+            for i in range(len(x)):
+                lo_i, hi_i = stretch_range(x[i], row=x.shape[-1])
+                x[i] = (x[i] - lo_i) * (255.0 / (hi_i - lo_i)) if hi_i > lo_i else 0
         else:
             x *= scale
         out[k:k + 256] = np.clip(np.rint(x), 0, 255)
@@ -616,7 +617,10 @@ def _memo_key(path: str) -> bytes:
 
 
 def _groups(samples: Sequence[Sample]) -> np.ndarray:
-    """Group index per sample: same patient or byte-identical content means same group (union-find)."""
+    """Group index per sample: same patient or byte-identical content means same group (union-find). A DICOM file
+    whose patient came from its header and whose name is a Kermany one joins that name's patient too: either id may be
+    the one that ties images together (a per-file anonymised PatientID in Kermany-named files had let 18 patients
+    straddle the split), so both are kept, at the cost of merging patients where names repeat across them."""
     parent = list(range(len(samples)))
 
     def find(i: int) -> int:
@@ -627,7 +631,8 @@ def _groups(samples: Sequence[Sample]) -> np.ndarray:
 
     first: dict[tuple[str, str], int] = {}
     for i, s in enumerate(samples):
-        for key in (("patient", s.patient), ("digest", s.digest)):
+        named = _kermany_patient(Path(s.path).name) if s.patient.startswith(_DICOM_PATIENT) else None
+        for key in (("patient", s.patient), ("digest", s.digest), ("patient", named or "")):
             if key[1] == "":
                 continue
             j = first.setdefault(key, i)
@@ -685,8 +690,10 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
         if n_groups < n_splits or abs(n_val_folds / n_splits - fraction) > 0.05:
             label = CLASS_NAMES.index(cls)
             from_headers = sum(s.patient.startswith(_DICOM_PATIENT) for s in pool if s.label == label)
-            hint = (f"; {from_headers} of its images take their patient from a DICOM PatientID: where an anonymiser "
-                    "gave them all one, set --patient-pattern") if from_headers else ""
+            hint = (f"; {from_headers} of its images take their patient from a DICOM PatientID, joined with the "
+                    "patient of a Kermany-style file name (IM-0001-...) where they have one: where an anonymiser gave "
+                    "them all one PatientID, or names repeat across patients, set --patient-pattern to say which part "
+                    "of the path names the patient") if from_headers else ""
             raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
                             f"({n_val_folds} of {n_splits} folds, each holding patients of both classes; use the "
                             f"dataset's own val folder with --val-source folder){hint}")

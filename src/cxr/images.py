@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import numbers
 import os
 import re
@@ -400,34 +401,49 @@ def _stretch(arr: np.ndarray, padding: np.ndarray | None = None, in_place: bool 
     (DICOM Pixel Padding Value), left out of the range and set to 0, black. ``in_place``: ``arr``, float32 and the
     caller's own, may be changed and used as the working copy."""
     a = np.asarray(arr)
-    if padding is not None and padding.any():
-        if padding.all():
-            return np.zeros(a.shape, dtype=np.uint8)
-        out = _stretch(np.where(padding, a[~padding].min(), a), in_place=True)  # a new array: ours to change
-        out[padding] = 0
-        return out
-    lo, hi = float(a.min()), float(a.max())
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError("pixel values include NaN or infinity")
+    padded = padding is not None and padding.any()
+    if padded and padding.all():
+        return np.zeros(a.shape, dtype=np.uint8)
+    # The padding's own values are no part of the range (a dead pixel's had been, through the fill they were given).
+    lo, hi = stretch_range(a[~padding] if padded else a, row=a.shape[-1] if a.ndim > 1 and not padded else 1)
     if hi <= lo:
         return np.zeros(a.shape, dtype=np.uint8)
-    # The k-th smallest and largest values (np.partition: linear time), of every n-th pixel in a large image: a copy
-    # of at most 4 million values, not of the whole image (its decode already holds a few).
-    sample = a.reshape(-1)[::max(1, a.size // 4_000_000)]
-    k = int(sample.size * STRETCH_TAIL)
-    if k:
-        flat = np.partition(sample, (k, sample.size - 1 - k))
-        robust_lo, robust_hi = float(flat[k]), float(flat[sample.size - 1 - k])
-        del flat
-        if robust_hi > robust_lo:
-            lo, hi = robust_lo, robust_hi
     # One float32 working copy, changed in place: 4 bytes per pixel (float64 temporaries took 16-24, 2 GB for a
     # 100-megapixel image). float32 holds 16-bit values exactly, and 0..255 needs far less precision than it has.
     out = a if in_place and a.dtype == np.float32 and a.flags.writeable else a.astype(np.float32)
     out -= np.float32(lo)
     out *= np.float32(255.0 / (hi - lo))
     np.rint(out, out=out)
-    return np.clip(out, 0, 255, out=out).astype(np.uint8)
+    out = np.clip(out, 0, 255, out=out).astype(np.uint8)
+    if padded:
+        out[padding] = 0
+    return out
+
+
+_STRETCH_SAMPLE = 1_000_000  # pixels the percentiles are taken from, at most
+
+
+def stretch_range(values: np.ndarray, row: int = 1) -> tuple[float, float]:
+    """The range :func:`_stretch` maps onto 0..255: the 0.01th and 99.99th percentile of ``values``, or their min
+    and max where those percentiles are equal (hi <= lo: a constant image). Taken from every n-th value of a large
+    image (np.partition, linear time, on a copy of at most a million values), ``n`` coprime to the ``row`` length, so
+    that every column is sampled alike (with ``n`` a multiple of it, a bad detector column decided or not by its
+    parity)."""
+    flat = values.reshape(-1)
+    lo, hi = float(flat.min()), float(flat.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("pixel values include NaN or infinity")
+    step = max(1, flat.size // _STRETCH_SAMPLE)
+    while math.gcd(step, row) != 1:
+        step += 1
+    sample = flat[::step]
+    k = int(sample.size * STRETCH_TAIL)
+    if hi > lo and k:
+        part = np.partition(sample, (k, sample.size - 1 - k))
+        robust_lo, robust_hi = float(part[k]), float(part[sample.size - 1 - k])
+        if robust_hi > robust_lo:
+            return robust_lo, robust_hi
+    return lo, hi
 
 
 def _dicom_luts():
