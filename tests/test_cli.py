@@ -652,6 +652,11 @@ def _one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
 def test_path_that_does_not_exist(tmp_path):
     _one_line_error(cxr("train", "--data", tmp_path / "nope", "--output", tmp_path / "r", check=False),
                     "nope", "no such file or directory")
+    # Into a folder named like a split (test/): a missing --data and a missing output were both "no folder", and that
+    # had read as the same folder: "inside a folder of --data".
+    out = tmp_path / "fresh" / "test" / "r"
+    _one_line_error(cxr("train", "--data", tmp_path / "nope", "--output", out, check=False),
+                    "nope", "no such file or directory")
 
 
 def test_predict_with_nothing_to_predict_exits_non_zero_in_one_line(tmp_path):
@@ -1065,6 +1070,21 @@ def test_under_torchrun_a_flag_error_is_said_by_the_first_rank_only(monkeypatch,
                 cxr_main(argv)
             assert stop.value.code == 2
             assert ("cxr train: error:" in capsys.readouterr().err) == said, (rank, argv)
+    # A process's own problem (a path its node lacks) is said by every process: only one may have it.
+    import cxr.cli
+    from cxr.errors import UsageError
+
+    def missing(args):
+        raise UsageError("/data/scans: no such file or directory")
+
+    monkeypatch.setattr(cxr.cli, "_cmd_train", missing)
+    assert cxr_main(["train", "--data", "d", "--output", "o"]) == 2
+    assert "/data/scans: no such file or directory" in capsys.readouterr().err
+    # Outside torchrun (RANK set by another launcher, one process), every error is said.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit):
+        cxr_main(["train", "--epochs", "x"])
+    assert "cxr train: error:" in capsys.readouterr().err
 
 
 def test_merge_of_a_torchrun_takes_its_own_shard_count_only(tmp_path):
@@ -1459,8 +1479,11 @@ def test_wildcards_are_expanded_where_the_shell_does_not(tmp_path, monkeypatch):
     monkeypatch.setattr(cxr.predict.sys, "platform", "win32")
     assert collect_files([str(tmp_path / "*.jpeg")]) == [tmp_path / n for n in ("a.jpeg", "b.jpeg", "x[1].jpeg")]
     assert collect_files([str(tmp_path / "x[1].jpeg")]) == [tmp_path / "x[1].jpeg"]  # a file of that very name
-    # A pattern that matches nothing is kept as the name given: its row says that no such file is there.
-    assert collect_files([str(tmp_path / "*.png")]) == [tmp_path / "*.png"]
+    # A pattern that matches nothing is kept as the name given: alone, it is refused; beside a file, its row says so.
+    with pytest.raises(UsageError, match=r"\*\.png: no such file"):
+        collect_files([str(tmp_path / "*.png")])
+    both = [tmp_path / "*.png", tmp_path / "a.jpeg"]
+    assert collect_files([str(p) for p in both]) == both
 
 
 @pytest.mark.parametrize("flags, message", [

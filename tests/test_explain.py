@@ -339,7 +339,8 @@ def test_the_array_functions_refuse_what_the_model_would_answer_wrongly(densenet
             predict_logits(densenet, bad, device=torch.device("cpu"), **kw)
         with pytest.raises(UsageError, match="expected uint8 grey images of shape"):
             heatmaps_for_images(densenet, bad, **kw)
-    for target, says in ((5, "class index 0 or 1"), ("COVID", "not a class"), ([1], "one for each of 2")):
+    for target, says in ((5, "class index 0 or 1"), ("COVID", "not a class"), ([1], "one for each of 2"),
+                         (True, "class index"), (0.5, "class index")):
         with pytest.raises(UsageError, match=says):
             heatmaps_for_images(densenet, images, target=target, **kw)
     with pytest.raises(UsageError, match="batch_size must be"):
@@ -347,6 +348,7 @@ def test_the_array_functions_refuse_what_the_model_would_answer_wrongly(densenet
     # A class by name is the class by index.
     by_name = heatmaps_for_images(densenet, images, target="pneumonia", **kw)[0]
     np.testing.assert_array_equal(by_name, heatmaps_for_images(densenet, images, target=1, **kw)[0])
+    np.testing.assert_array_equal(by_name, heatmaps_for_images(densenet, images, target=np.array(1), **kw)[0])
 
 
 def test_a_loaded_checkpoint_is_a_model_for_the_library_functions(tmp_path):
@@ -366,4 +368,5 @@ def test_a_loaded_checkpoint_is_a_model_for_the_library_functions(tmp_path):
     assert len(explain_files(ckpt, FILES, tmp_path / "explained", device="cpu")) == len(FILES)
     metrics = evaluate_model(ckpt, SAMPLE_DIR / "test", tmp_path / "eval", device="cpu")
     assert metrics["test"]["n"] == 16
+    assert metrics["test"]["model"] == "(a Checkpoint in memory)"  # not the current folder, which its path "" was
     assert create_app(ckpt, device="cpu").title

@@ -722,6 +722,11 @@ def test_dicom_damaged_pixel_data_and_missing_preamble(tmp_path):
     np.testing.assert_array_equal(read_grayscale(uid_named), read_grayscale(dicom_bytes(RAW12)))
     (tmp_path / "README").write_bytes(b"\x08\x00 starts like a tag, no more" * 4)
     assert not is_image_file(tmp_path / "README")
+    # Nor a raw dump of small integers whose first one looks like a tag of group 0008 (it had been taken for DICOM):
+    # the element after the first must be a later one of the data set's groups.
+    for name, numbers in (("counts.bin", np.arange(8, 4000)), ("pairs.bin", [2, 0, 7, 7, *range(100)])):
+        np.asarray(numbers, "<i4").tofile(tmp_path / name)
+        assert not is_image_file(tmp_path / name), name
     # Text named .dcm, and a DICOM without an image: still "not a DICOM file" without the marker.
     with pytest.raises(ImageError, match=r"notes\.dcm: not a DICOM file"):
         read_grayscale(b"plain text, not a DICOM data set" * 10, name="notes.dcm")

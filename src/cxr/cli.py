@@ -25,8 +25,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _first_rank() -> bool:
-    """Not one of torchrun's processes other than the first (whose words every process would repeat)."""
-    return os.environ.get("RANK", "0").strip() in ("0", "")
+    """Not one of several torchrun processes other than the first (whose words every process would repeat)."""
+    try:
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        several = False
+    return not several or os.environ.get("RANK", "0").strip() in ("0", "")
+
+
+class _SameOnEveryRank(UsageError):
+    """Wrong usage that every torchrun process finds alike (its command, its flags): said by the first alone. Others,
+    such as a path one node lacks, are each process's own to say."""
 
 
 def _probability(text: str) -> float:
@@ -284,7 +293,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     overrides = {f: getattr(args, f) for f in _FLAG_FIELDS}
     if args.resume:
         if args.config:
-            raise UsageError("--resume uses the run's own config.yaml; drop --config")
+            raise _SameOnEveryRank("--resume uses the run's own config.yaml; drop --config")
         run_dir = train(resume=args.resume, overrides=overrides)
     else:
         cfg = load_config(args.config, overrides)
@@ -304,7 +313,7 @@ def _refuse_flags_without_effect(args: argparse.Namespace, cfg) -> None:
             ("--swa-lr", args.swa_lr, cfg.swa_epochs == 0, "--swa-epochs N"),
             ("--val-fraction", args.val_fraction, cfg.val_source != "carve", "--val-source carve")):
         if given is not None and unused:
-            raise UsageError(f"{flag} applies only with {needs}")
+            raise _SameOnEveryRank(f"{flag} applies only with {needs}")
 
 
 def _report_after(folder, **kwargs) -> None:
@@ -393,9 +402,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         raise UsageError(f"--output {args.output}: use a .csv or .json file name")
     info = env_info()
     if info.active and args.shard:
-        raise UsageError("--shard and torchrun: under torchrun each rank predicts its own shard; drop --shard")
+        raise _SameOnEveryRank("--shard and torchrun: under torchrun each rank predicts its own shard; drop --shard")
     if info.active and not args.output:
-        raise UsageError("under torchrun, give --output: each rank writes its shard and rank 0 merges them")
+        raise _SameOnEveryRank("under torchrun, give --output: each rank writes its shard and rank 0 merges them")
     shard = (info.rank, info.world) if info.active else parse_shard(args.shard) if args.shard else None
     if info.active:
         import torch
@@ -583,7 +592,7 @@ def _refuse_torchrun(command: str) -> None:
 
     if env_info().world > 1:
         hint = "; for predictions shared among processes, use cxr predict" if command == "evaluate" else ""
-        raise UsageError(f"cxr {command} runs in one process: run it without torchrun{hint}")
+        raise _SameOnEveryRank(f"cxr {command} runs in one process: run it without torchrun{hint}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,14 +627,14 @@ def main(argv: list[str] | None = None) -> int:
                 "demo": _cmd_demo}
     try:
         if getattr(args, "output", None) == "":  # Path("") is the current folder: results written there unasked
-            raise UsageError("--output is empty: give a folder or file name")
+            raise _SameOnEveryRank("--output is empty: give a folder or file name")
         if args.command not in ("train", "predict"):
             _refuse_torchrun(args.command)
         commands[args.command](args)
     except CxrError as e:  # messages name files: their control characters shown, not obeyed (display_name)
         # Under torchrun, wrong usage is the same in every process: said once, by rank 0, not 32 times on 32 GPUs.
         # Other errors (a file one node cannot read) may be a process's own, and each says its own.
-        if _first_rank() or not isinstance(e, UsageError):
+        if _first_rank() or not isinstance(e, _SameOnEveryRank):
             print(display_name(f"cxr {args.command}: error: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -446,7 +446,7 @@ def check_output_outside_data(output: str | os.PathLike, data: str | os.PathLike
     if same is not None and chain[0][0] == same:
         raise UsageError(f"--output {output}: the dataset itself; give a folder outside the data, say "
                          f"{root.parent / 'runs' / root.name}")
-    if within or any(i == same and below.lower() in folders for i, below in chain[1:]):
+    if within or any(same is not None and i == same and below.lower() in folders for i, below in chain[1:]):
         raise UsageError(f"--output {output}: inside a folder of --data; give a folder outside the data, say "
                          f"{roots[-1].parent / 'runs' / roots[-1].name}")
 

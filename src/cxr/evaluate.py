@@ -26,7 +26,7 @@ from cxr.fileio import CSV_TEXT, MAX_NAME_BYTES, atomic_path, atomic_write_text,
 from cxr.images import image_stem
 from cxr.model import autocast, check_model_inputs, normalize
 from cxr.predict import DISCLAIMER
-from cxr.report import expected_calibration_error
+from cxr.report import IN_MEMORY, expected_calibration_error
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +415,9 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
                          f"replace; give another folder (say {Path(output) / ('eval-' + Path(data).name)})")
     ckpt = load_checkpoint(model)
     # Recorded, so that `cxr report OUT` can draw the heatmaps with the same model later.
-    model_ref = "default" if str(model) == "default" else str(Path(ckpt.path).resolve())
+    # A Checkpoint given in memory has no file to name (its empty path had been recorded as the current folder).
+    model_ref = ("default" if isinstance(model, str) and model == "default"
+                 else str(Path(ckpt.path).resolve()) if ckpt.path else IN_MEMORY)
     mid = model_id(ckpt)  # the name `cxr predict` gives the same file
     cfg = ckpt.config
     # The cache is this machine's, not the one recorded by whoever trained the model.

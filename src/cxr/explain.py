@@ -114,11 +114,15 @@ def heatmaps_for_images(model: nn.Module, images: np.ndarray, *, mean: float, st
         if target.upper() not in CLASS_NAMES:
             raise UsageError(f"target {target!r}: not a class ({', '.join(CLASS_NAMES)})")
         target = CLASS_NAMES.index(target.upper())
-    if target is not None and not set(np.ravel(target).tolist()) <= set(range(len(CLASS_NAMES))):
-        raise UsageError(f"target must be a class index 0 or 1 ({', '.join(CLASS_NAMES)}), one for each image or "
-                         f"one for all, or None; got {target!r}")
-    if target is not None and not np.isscalar(target) and np.shape(target) != (len(images),):
-        raise UsageError(f"target: one class for all images or one for each of {len(images)}, got {np.shape(target)}")
+    if target is not None:
+        t = np.asarray(target)
+        if t.dtype.kind not in "iu" or not set(t.ravel().tolist()) <= set(range(len(CLASS_NAMES))):
+            raise UsageError(f"target must be a class index 0 or 1 ({', '.join(CLASS_NAMES)}), one for each image or "
+                             f"one for all, or None; got {target!r}")
+        if t.ndim == 0:
+            target = int(t)
+        elif t.shape != (len(images),):
+            raise UsageError(f"target: one class for all images or one for each of {len(images)}, got {t.shape}")
     device = next(model.parameters()).device
     maps, probs = [], []
     for start in range(0, len(images), batch_size):

@@ -195,12 +195,28 @@ _DICOM_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW P
                        b"US UT UV".split())
 
 
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # a 4-byte length after 2 reserved bytes
+
+
 def _dicom_without_marker(data: bytes) -> bool:
-    """A DICOM data set written without the preamble and 'DICM' (older and raw exports): its first element is one of
-    group 0002 (file meta) or 0008 (identification), little endian, with an explicit VR or a short implicit length."""
-    if len(data) < 8 or data[0:2] not in (b"\x02\x00", b"\x08\x00") or data[3] != 0:
+    """A DICOM data set written without the preamble and 'DICM' (older and raw exports), little endian: its first
+    element one of group 0002 (file meta) or 0008 (identification) with an explicit VR or a short implicit length, and
+    the element after it a later one of group 0002 or 0008 (a raw dump of small integers matched the first alone)."""
+    if len(data) < 12 or data[0:2] not in (b"\x02\x00", b"\x08\x00") or data[3] != 0:
         return False
-    return data[4:6] in _DICOM_VRS or int.from_bytes(data[4:8], "little") <= 1024
+    tag = (int.from_bytes(data[0:2], "little"), int.from_bytes(data[2:4], "little"))
+    if data[4:6] in _DICOM_VRS:
+        if data[4:6] in _LONG_VRS:
+            start, length = 12, int.from_bytes(data[8:12], "little")
+        else:
+            start, length = 8, int.from_bytes(data[6:8], "little")
+    else:
+        start, length = 8, int.from_bytes(data[4:8], "little")
+    if length > 1024 or len(data) < start + length + 4:
+        return False
+    following = data[start + length:start + length + 4]
+    after = (int.from_bytes(following[0:2], "little"), int.from_bytes(following[2:4], "little"))
+    return after > tag and after[0] in (0x0002, 0x0008)
 
 
 def sniff(data: bytes) -> str | None:

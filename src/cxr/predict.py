@@ -133,7 +133,8 @@ def _is_pattern(path: str | os.PathLike) -> bool:
 
 def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
                   skip: Path | None = None) -> list[Path]:
-    """Files as given (a name that is no file too: its reading fails, and says so), and image files
+    """Files as given (a name that is no file too, where another path given exists: its reading fails, and says so;
+    where none exists, a UsageError), and image files
     (:func:`cxr.images.is_image_file`) found recursively in folders (sorted;
     hidden files and folders skipped; linked folders followed). ``skip``: a folder whose files are not collected (an
     output folder inside an input folder). Grad-CAM pictures (``*_gradcam.png``, what ``cxr explain`` writes) found in
@@ -145,6 +146,10 @@ def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
         paths = [paths]
     if sys.platform == "win32":  # cmd and PowerShell hand `scans\*.jpeg` over as it is: expanded here, as a shell would
         paths = [m for p in paths for m in (sorted(glob.glob(str(p))) if _is_pattern(p) else [p]) or [p]]
+    if paths and not any(os.path.lexists(p) for p in paths):  # a typo in the one folder given: said now, not after
+        # loading the model and writing a file of error rows (every shard of a job array had exited 0 on it)
+        raise UsageError(f"{paths[0]}: no such file or directory" if len(paths) == 1 else
+                         f"none of the {len(paths)} paths given exists, e.g. {paths[0]}: no such file or directory")
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():

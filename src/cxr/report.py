@@ -52,6 +52,7 @@ from cxr.predict import prob_text, score_text, threshold_decimals
 
 log = logging.getLogger(__name__)
 
+IN_MEMORY = "(a Checkpoint in memory)"  # metrics.json's "model" of an evaluation given no model file (cxr.evaluate)
 DISCLAIMER = ("Research software, not a medical device. These results describe a model on a data set; "
               "they are not a diagnosis and must not be used for clinical decisions.")
 SPLIT_ORDER = ("train", "val", "test")
@@ -632,8 +633,9 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
             source = next((m["model"] for m in art.metrics.values() if isinstance(m, dict) and m.get("model")), None)
             if source is not None and source != "default" and not Path(source).is_file():
                 if heatmaps:
-                    log.warning("report: %s, the model evaluated, is gone; images are shown without heatmaps (pass "
-                                "--model)", source)
+                    why = "was a Checkpoint in memory, not a file" if source == IN_MEMORY else "is gone"
+                    log.warning("report: the model evaluated, %s, %s; images are shown without heatmaps (pass "
+                                "--model)", source, why)
                 source = None
             elif source is not None and heatmaps:  # with heatmaps off the model only gives the image size
                 log.info("report: heatmaps from %s, the model evaluated", source)

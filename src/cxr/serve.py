@@ -371,14 +371,14 @@ def run_prediction(engine: Engine, data: bytes, name: str, *, heatmap: bool = Tr
     # A .dcm upload without the preamble and 'DICM' marker is tried as DICOM, as the command line reads such a file;
     # the decode then says whether it is one.
     if kind is None and os.path.splitext(name)[1].lower() not in (".dcm", ".dicom"):
-        raise HttpError(415, f"{name}: not an image (content is not JPEG, PNG or DICOM; a DICOM file without its "
-                             "128-byte preamble and 'DICM' marker needs a .dcm name)")
+        raise HttpError(415, f"{name}: not an image (content is not JPEG, PNG or DICOM)")
+    marked = data[128:132] == b"DICM"
     t0 = time.perf_counter()
     try:
         image = load_image(data, engine.image_size, name=name, max_pixels=max_pixels or engine.max_pixels,
                            draft=getattr(engine, "draft", False))  # an Engine written before draft was declared
     except ImageError as e:
-        if kind is None and e.reason.startswith("not a DICOM file"):  # a .dcm name, and no DICOM data set in it
+        if not marked and e.reason.startswith("not a DICOM file"):  # no DICOM data set in it after all
             raise HttpError(415, f"{name}: not an image (content is not JPEG, PNG or DICOM: {e.reason})") from None
         raise HttpError(422, str(e)) from None
     t1 = time.perf_counter()
