@@ -393,6 +393,47 @@ def test_weight_averaging_averages_the_epochs_and_keeps_the_better(tmp_path, tin
     assert "weight averaging" in summary["stop_reason"]
 
 
+def test_more_averaging_keeps_an_earlier_average_that_stays_the_best_and_says_so(tmp_path, tiny_dataset, monkeypatch,
+                                                                                caplog):
+    # Validation losses scripted: epoch 1 0.50; averaging epoch 2 0.45; its average 0.30 (best.pt). Resumed with one
+    # more averaging epoch: epoch 3 0.40, the average of 2-3 0.35. Both are worse than best.pt's 0.30: the single
+    # epoch had replaced it all the same (compared with the best single epoch's 0.45), and the log had named the
+    # new average as best.pt.
+    import cxr.train as train_mod
+
+    real_validate, losses = train_mod.validate, [0.50, 0.45, 0.30, 0.40, 0.35]
+
+    def scripted(*args, **kwargs):
+        return {**real_validate(*args, **kwargs), "val_loss": losses.pop(0)}
+
+    monkeypatch.setattr(train_mod, "validate", scripted)
+    run = train_mod.train(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 1,
+                                                 "swa_epochs": 1, "output": str(tmp_path / "run")}))
+    assert load_checkpoint(run / "best.pt").extra["averaged_epochs"] == [2, 2]
+    caplog.set_level("INFO", logger="cxr")
+    caplog.clear()
+    train_mod.train(resume=run, overrides={"swa_epochs": 2})
+    assert not losses
+    best = load_checkpoint(run / "best.pt")
+    assert best.extra["averaged_epochs"] == [2, 2] and best.val_loss == pytest.approx(0.30)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["swa"]["kept"] is False and summary["best_epoch"] is None
+    assert summary["swa"]["best_pt_average"] == {"first_epoch": 2, "last_epoch": 2, "val_loss": pytest.approx(0.30)}
+    assert "best checkpoint (average of epoch 2)" in caplog.text
+
+
+def test_patience_that_runs_out_on_the_last_epoch_stopped_nothing(tmp_path, tiny_dataset):
+    # min_delta 100: no epoch after the first improves, so patience 1 runs out at epoch 2 of 2. The run was said to
+    # have stopped early, and could not be extended as a finished run can.
+    import cxr.train as train_mod
+
+    run = train_mod.train(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 2, "patience": 1,
+                                                 "min_delta": 100.0, "output": str(tmp_path / "run")}))
+    assert json.loads((run / "summary.json").read_text())["stop_reason"] == "finished 2 epochs"
+    train_mod.train(resume=run, overrides={"epochs": 3})
+    assert load_checkpoint(run / "last.pt").epoch == 3
+
+
 def test_batch_norm_is_recomputed_over_the_training_batches():
     import numpy as np
 
@@ -834,6 +875,9 @@ def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
     ("lr: .inf\n", "lr must be a finite number"),
     ("patience: yes\n", "patience must be int, got True"),  # was 1
     ("lr: true\n", "lr must be float, got True"),  # was 1.0
+    # A traceback after the data had been hashed, cached and split (DenseNet leaves nothing of 28 px); resnet18 runs.
+    ("image_size: 28\n", "image_size must be >= 32 for densenet121"),
+    ("image_size: 12\narch: resnet18\n", "image_size must be >= 16 for resnet18"),
 ])
 def test_config_values_that_cannot_work_are_refused(tmp_path, tiny_dataset, yaml_text, says):
     from cxr.config import load_config

@@ -828,6 +828,9 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
 
     history: list[dict] = []
     start_epoch, best_loss, bad_epochs, stop_reason = 0, math.inf, 0, ""
+    # best.pt where it is the weight average of an earlier session: (its epochs, its loss). A later averaging epoch
+    # or average must beat its loss, not only the best single epoch's (one between the two had replaced it).
+    kept_average: tuple[list[int], float] | None = None
     swa_start: int | None = None  # the first weight-averaging epoch (0-based), once the schedule is over
     if state is not None:
         model.load_state_dict(state.state_dict)
@@ -841,6 +844,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         swa_start = state.extra.get("swa_start")
         if swa_start is None and stop_reason.startswith("finished") and cfg.epochs > start_epoch:
             stop_reason = ""  # resumed with a larger --epochs: train on (the cosine schedule stretches to the new end)
+        kept_average = _kept_average(run_dir)
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     if info.main:
         _write_history(run_dir / "history.csv", history)
@@ -907,17 +911,18 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         if plateau is not None and swa_start is None:
             plateau.step(row["val_loss"])
         history.append(row)
-        improved = row["val_loss"] < best_loss - cfg.min_delta
+        improved = row["val_loss"] < min(best_loss, kept_average[1] if kept_average else math.inf) - cfg.min_delta
         if improved:
             best_loss, bad_epochs = row["val_loss"], 0
         else:
             bad_epochs += 1
         if swa_start is not None:
             pass  # the averaging epochs all run: early stopping ended the schedule, not them
+        elif epoch + 1 == cfg.epochs:  # first: patience that runs out on the last epoch stopped nothing (and a run
+            # said to have stopped early cannot be extended)
+            stop_reason = f"finished {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
         elif cfg.patience and bad_epochs >= cfg.patience:
             stop_reason = f"early stopping: no better validation loss for {cfg.patience} epochs"
-        elif epoch + 1 == cfg.epochs:
-            stop_reason = f"finished {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
         if info.main:
             swa_state = {"swa_start": swa_start, "swa": averaged.state_dict()} if swa_start is not None else {}
             _save_epoch(run_dir, model, optimizer, plateau, cfg, row, history, best_loss, bad_epochs, stop_reason,
@@ -929,8 +934,12 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
                  row["images_per_s"], 100 * row["data_wait"], "  *best*" if improved else "")
     swa_summary = None
     if averaged is not None and swa_start is not None and info.main:
+        first, last = swa_start + 1, len(history)
+        # Against an earlier session's average in best.pt too; not against this very average (kept by a finish that
+        # was interrupted after it and runs again: the outcome is the same).
+        earlier = kept_average[1] if kept_average and kept_average[0] != [first, last] else math.inf
         swa_summary = _finish_averaging(averaged, run_dir, prepared, criterion, cfg, device, best_loss,
-                                        first=swa_start + 1, last=len(history))
+                                        first=first, last=last, earlier_average=earlier)
         # Counted, not cfg.swa_epochs: a resume with a lower --swa-epochs than the epochs already averaged keeps them.
         stop_reason += f", then {len(history) - swa_start} epoch(s) of weight averaging"
     if stop_reason:
@@ -946,6 +955,10 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         swa_summary = {"first_epoch": averaged_epochs[0], "last_epoch": averaged_epochs[1], "val_loss": best.val_loss,
                        "kept": True}
         stop_reason += f", then weight averaging of {_epoch_range(*averaged_epochs)}"
+    elif averaged_epochs and swa_summary is not None and not swa_summary["kept"]:
+        # this session's average was not kept: best.pt is still an earlier one (it had been named as this one)
+        swa_summary["best_pt_average"] = {"first_epoch": averaged_epochs[0], "last_epoch": averaged_epochs[1],
+                                          "val_loss": best.val_loss}
     summary.update({"stop_reason": stop_reason, "epochs_run": len(history),
                     "skipped_batches": sum(int(h.get("skipped_batches", 0)) for h in history),
                     # best.pt's epoch (not simply the lowest validation loss: min_delta may have passed it over)
@@ -956,12 +969,21 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     barrier()
     val_m = metrics["val"]
-    which = f"average of {_epoch_range(swa_summary['first_epoch'], swa_summary['last_epoch'])}" \
-        if summary["best_epoch"] is None and swa_summary else f"epoch {summary['best_epoch']}"
+    which = f"average of {_epoch_range(*averaged_epochs)}" if averaged_epochs else f"epoch {best.epoch}"
     log.info("best checkpoint (%s): val accuracy %.3f, sensitivity %.3f, specificity %.3f, AUROC %.3f at "
              "threshold %s -> %s", which, val_m["accuracy"], val_m["recall"], val_m["specificity"],
              val_m["auroc"], threshold_text(val_m["threshold"]), run_dir)
     return run_dir
+
+
+def _kept_average(run_dir: Path) -> tuple[list[int], float] | None:
+    """best.pt's averaged epochs and validation loss where it is a weight average, else None."""
+    try:
+        best = load_checkpoint(run_dir / "best.pt")
+    except CxrError:
+        return None
+    epochs = best.extra.get("averaged_epochs")
+    return (list(epochs), best.val_loss) if epochs else None
 
 
 def _epoch_range(first: int, last: int) -> str:
@@ -1026,8 +1048,9 @@ def recompute_batch_norm(model: nn.Module, train: Prepared, cfg: Config, device:
 
 def _finish_averaging(averaged: torch.optim.swa_utils.AveragedModel, run_dir: Path, prepared: dict[str, Prepared],
                       criterion: nn.CrossEntropyLoss, cfg: Config, device: torch.device, best_loss: float, *,
-                      first: int, last: int) -> dict:
-    """Batch-norm statistics for the average, its validation loss, swa.pt; and best.pt when its loss is lowest.
+                      first: int, last: int, earlier_average: float = math.inf) -> dict:
+    """Batch-norm statistics for the average, its validation loss, swa.pt; and best.pt when its loss is lowest (below
+    the best single epoch's, ``best_loss``, and an earlier session's average's in best.pt, ``earlier_average``).
 
     Run again on resume if the process died here: the average is in last.pt, and the outcome is the same.
     """
@@ -1038,7 +1061,7 @@ def _finish_averaging(averaged: torch.optim.swa_utils.AveragedModel, run_dir: Pa
     ckpt = Checkpoint(cfg.arch, model.state_dict(), cfg, epoch=last, val_loss=val["val_loss"],
                       extra={"averaged_epochs": [first, last]})
     save_checkpoint(ckpt, run_dir / "swa.pt")
-    kept = val["val_loss"] < best_loss - cfg.min_delta
+    kept = val["val_loss"] < min(best_loss, earlier_average) - cfg.min_delta
     if kept:
         save_checkpoint(ckpt, run_dir / "best.pt")
     log.info("weight average of %s: val loss %.4f acc@0.5 %.3f auroc %.3f (best single epoch: %.4f) -> %s",
