@@ -434,6 +434,33 @@ def test_patience_that_runs_out_on_the_last_epoch_stopped_nothing(tmp_path, tiny
     assert load_checkpoint(run / "last.pt").epoch == 3
 
 
+def test_a_resume_says_when_it_computes_otherwise_or_its_images_changed(tmp_path, tiny_dataset, caplog):
+    # Resumed with 1 thread where it had 2 (as the busy-CPU warning advised), or after a training image was edited
+    # in place: each gives another model than the run that went through, and nothing had said so. summary.json lists
+    # the sessions (config.yaml holds only the last --epochs).
+    import shutil
+
+    import cxr.train as train_mod
+
+    threads = torch.get_num_threads()
+    caplog.set_level("INFO", logger="cxr")
+    try:
+        torch.set_num_threads(2)
+        run = train_mod.train(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 1,
+                                                     "output": str(tmp_path / "run")}))
+        edited = Path(read_csv(run / "split.csv")[0]["path"])
+        shutil.copy(next(p for p in edited.parent.iterdir() if p != edited), edited)
+        torch.set_num_threads(1)
+        caplog.clear()
+        train_mod.train(resume=run, overrides={"epochs": 2})
+    finally:
+        torch.set_num_threads(threads)
+    assert "computes otherwise than the run's last one (threads 2 -> 1)" in caplog.text
+    assert "train split: 1 of its images are not what" in caplog.text and edited.name in caplog.text
+    sessions = json.loads((run / "summary.json").read_text())["sessions"]
+    assert [(s["after_epoch"], s["epochs"], s["threads"]) for s in sessions] == [(0, 1, 2), (1, 2, 1)]
+
+
 def test_batch_norm_is_recomputed_over_the_training_batches():
     import numpy as np
 

@@ -137,7 +137,8 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
             images = None
             if all(arrays[src] is not None for src, _ in sources):
                 images = np.stack([arrays[src][i] for src, i in sources]) if sources else None
-            splits[name] = Split(name, [found[src].samples[i] for src, i in sources], images)
+            splits[name] = Split(name, [found[src].samples[i] for src, i in sources], images,
+                                 recorded={s.path: s.digest for s in samples if s.digest})
         return splits
 
     train = add_digests(found["train"], cfg.cache_dir)
@@ -198,6 +199,19 @@ def _warn_of_ids_and_overlap(splits: dict[str, Split], cfg: Config) -> None:
         log.warning("%d image files are byte-identical to an image of the other class (e.g. %s): the same picture is "
                     "taught, and scored, as NORMAL and as PNEUMONIA; remove the wrong copies", len(both),
                     both[0])
+
+
+def _warn_of_changed_images(splits: dict[str, Split], prepared: dict[str, Prepared], run_dir: Path) -> None:
+    """A resumed run whose images changed since split.csv recorded them (edited in place): it trains on and is
+    measured against what they are now, and nothing had said so (``cxr evaluate`` of split.csv did)."""
+    for name, split in splits.items():
+        if not split.recorded:
+            continue
+        changed = [s.path for s in prepared[name].samples if split.recorded.get(s.path, s.digest) != s.digest]
+        if changed:
+            log.warning("%s split: %d of its images are not what %s recorded (changed since), e.g. %s: the resumed "
+                        "run goes on with them as they are now, and differs from one that ran through",
+                        name, len(changed), run_dir / "split.csv", changed[0])
 
 
 def _below_class_folder(path: str) -> str:
@@ -711,8 +725,9 @@ class ContentionWatch:
         self.warned = True
         log.warning("the CPU was busy through this epoch (other processes used %.1f of %d cores) and torch runs %d "
                     "threads, at %.1f images/s: OpenMP threads that wait for a busy core can make training up to 40x "
-                    "slower. On a shared machine, stop and resume the run with OMP_NUM_THREADS=1 (see BENCHMARKS.md)",
-                    others, cores, self.threads, images_per_s)
+                    "slower. On a shared machine, stop and resume the run with OMP_NUM_THREADS=1 (see BENCHMARKS.md; "
+                    "it then goes on otherwise than at %d threads, and is not bit-identical to a run that kept them)",
+                    others, cores, self.threads, images_per_s, self.threads)
         return True
 
 
@@ -785,6 +800,8 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
                             for name, split in splits.items()}
             else:
                 prepared = {name: prepare(split, cfg) for name, split in splits.items()}
+        if info.main:
+            _warn_of_changed_images(splits, prepared, run_dir)
         for name in ("train", "val"):
             if len(prepared[name].labels) == 0 or len(set(prepared[name].labels.tolist())) < 2:
                 raise DataError(f"the {name} split has too few readable images of each class "
@@ -846,6 +863,14 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
             stop_reason = ""  # resumed with a larger --epochs: train on (the cosine schedule stretches to the new end)
         kept_average = _kept_average(run_dir)
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
+    # What this session computes with, recorded with each session that trains an epoch: a run repeats bit for bit only
+    # with the same threads, processes, device, arithmetic and torch (2 threads against 1 gave another model).
+    session = {"after_epoch": start_epoch, "epochs": cfg.epochs, "swa_epochs": cfg.swa_epochs,
+               "threads": torch.get_num_threads(), "processes": info.world, "device": str(device), "bf16": bf16,
+               "channels_last": channels_last, "torch": str(torch.__version__)}  # a str, not TorchVersion (pickled)
+    sessions = list(state.extra.get("sessions", [])) if state is not None else []
+    if sessions and info.main:
+        _warn_of_changed_arithmetic(sessions[-1], session)
     if info.main:
         _write_history(run_dir / "history.csv", history)
 
@@ -926,7 +951,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         if info.main:
             swa_state = {"swa_start": swa_start, "swa": averaged.state_dict()} if swa_start is not None else {}
             _save_epoch(run_dir, model, optimizer, plateau, cfg, row, history, best_loss, bad_epochs, stop_reason,
-                        improved, swa_state)
+                        improved, {**swa_state, "sessions": [*sessions, session]})
         log.info("epoch %d/%d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc@0.5 %.3f auroc %.3f  "
                  "%.0f s  %.1f img/s  data wait %.0f%%%s", epoch + 1,
                  cfg.epochs if swa_start is None else swa_start + cfg.swa_epochs, row["lr"], row["train_loss"],
@@ -965,7 +990,10 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
                     "best_epoch": None if averaged_epochs else best.epoch,
                     "swa": swa_summary,
                     "wall_seconds_this_session": round(time.perf_counter() - t_start, 1),
-                    "device": str(device), "processes": info.world, "bf16": bf16, "channels_last": channels_last})
+                    "device": str(device), "processes": info.world, "bf16": bf16, "channels_last": channels_last,
+                    "threads": torch.get_num_threads(),
+                    # the sessions that trained epochs: config.yaml holds the last one's epochs only
+                    "sessions": [*sessions, session] if len(history) > start_epoch else sessions})
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     barrier()
     val_m = metrics["val"]
@@ -974,6 +1002,19 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
              "threshold %s -> %s", which, val_m["accuracy"], val_m["recall"], val_m["specificity"],
              val_m["auroc"], threshold_text(val_m["threshold"]), run_dir)
     return run_dir
+
+
+_ARITHMETIC = ("threads", "processes", "device", "bf16", "channels_last", "torch")
+
+
+def _warn_of_changed_arithmetic(before: dict, now: dict) -> None:
+    """Say when a resumed run computes otherwise than its last session did: it goes on as well, but not as the run
+    would have gone on (a resume with 1 thread where it had 2 chose another threshold, 0.452 for 0.173)."""
+    changed = [f"{k} {before[k]} -> {now[k]}" for k in _ARITHMETIC if k in before and before[k] != now[k]]
+    if changed:
+        log.warning("this session computes otherwise than the run's last one (%s): the run goes on, but will not be "
+                    "bit-identical to one that ran through in one setting (summary.json lists its sessions)",
+                    ", ".join(changed))
 
 
 def _kept_average(run_dir: Path) -> tuple[list[int], float] | None:
@@ -993,15 +1034,15 @@ def _epoch_range(first: int, last: int) -> str:
 
 def _save_epoch(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, plateau, cfg: Config, row: dict,
                 history: list[dict], best_loss: float, bad_epochs: int, stop_reason: str, improved: bool,
-                swa_state: dict) -> None:
-    """best.pt when validation improved, then last.pt (with optimiser state and, while averaging, the running
-    average), then history.csv: each atomic."""
+                state: dict) -> None:
+    """best.pt when validation improved, then last.pt (with optimiser state, the sessions that trained the run and,
+    while averaging, the running average: ``state``), then history.csv: each atomic."""
     weights_now = model.state_dict()
     if improved:
         save_checkpoint(Checkpoint(cfg.arch, weights_now, cfg, epoch=row["epoch"], val_loss=row["val_loss"]),
                         run_dir / "best.pt")
     extra = {"optimizer": optimizer.state_dict(), "history": history, "best_val_loss": best_loss,
-             "bad_epochs": bad_epochs, "stop_reason": stop_reason, **swa_state}
+             "bad_epochs": bad_epochs, "stop_reason": stop_reason, **state}
     if plateau is not None:
         extra["plateau"] = plateau.state_dict()
     save_checkpoint(Checkpoint(cfg.arch, weights_now, cfg, epoch=row["epoch"], val_loss=row["val_loss"], extra=extra),
