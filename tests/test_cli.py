@@ -459,6 +459,19 @@ def test_a_resume_says_when_it_computes_otherwise_or_its_images_changed(tmp_path
     assert "train split: 1 of its images are not what" in caplog.text and edited.name in caplog.text
     sessions = json.loads((run / "summary.json").read_text())["sessions"]
     assert [(s["after_epoch"], s["epochs"], s["threads"]) for s in sessions] == [(0, 1, 2), (1, 2, 1)]
+    # A run of a cxr that recorded no sessions: its summary's device and arithmetic stand for them.
+    last = load_checkpoint(run / "last.pt")
+    del last.extra["sessions"]
+    from cxr.model import save_checkpoint
+
+    save_checkpoint(last, run / "last.pt")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "bf16": not summary["bf16"]}))
+    caplog.clear()
+    train_mod.train(resume=run, overrides={"epochs": 3})
+    assert f"bf16 {not summary['bf16']} -> {summary['bf16']}" in caplog.text
+    sessions = json.loads((run / "summary.json").read_text())["sessions"]
+    assert sessions[0]["recorded"] is False and sessions[1]["after_epoch"] == 2
 
 
 def test_batch_norm_is_recomputed_over_the_training_batches():
@@ -1151,6 +1164,15 @@ def test_under_torchrun_a_flag_error_is_said_by_the_first_rank_only(monkeypatch,
     monkeypatch.setattr(cxr.cli, "_cmd_train", missing)
     assert cxr_main(["train", "--data", "d", "--output", "o"]) == 2
     assert "/data/scans: no such file or directory" in capsys.readouterr().err
+    # A config value that cannot work is the same in every process: rank 0 says it.
+    from cxr.config import Config
+
+    def bad_config(args):
+        Config(epochs=1.5)
+
+    monkeypatch.setattr(cxr.cli, "_cmd_train", bad_config)
+    assert cxr_main(["train", "--data", "d", "--output", "o"]) == 2
+    assert capsys.readouterr().err == ""
     # Outside torchrun (RANK set by another launcher, one process), every error is said.
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(SystemExit):

@@ -1027,12 +1027,16 @@ def test_a_header_patient_and_a_kermany_name_both_tie_images_together():
     samples = [Sample("/x/person1_virus_1.dcm", 1, "dicom:A1", digest="1"),
                Sample("/x/person1_virus_2.dcm", 1, "dicom:A2", digest="2"),
                Sample("/x/person1_bacteria_3.jpeg", 1, "person1", digest="3"),  # the same patient, as a JPEG
-               Sample("/x/IM-0001-0001.dcm", 0, "dicom:MRN-1", digest="4"),
-               Sample("/x/IM-0002-0001.dcm", 0, "dicom:MRN-1", digest="5"),
-               Sample("/x/IM-0003-0001.dcm", 0, "dicom:MRN-2", digest="6"),
+               Sample("/x/a/IM-0001-0001.dcm", 0, "dicom:MRN-1", digest="4"),
+               Sample("/x/a/IM-0002-0001.dcm", 0, "dicom:MRN-1", digest="5"),
+               # OsiriX's series 1 of another patient: IM-0001 in every patient's folder, not a Kermany patient
+               Sample("/x/b/IM-0001-0001.dcm", 0, "dicom:MRN-2", digest="6"),
+               Sample("/x/NORMAL2-IM-0007-0001.dcm", 0, "dicom:A3", digest="8"),
+               Sample("/x/NORMAL2-IM-0007-0002.jpeg", 0, "NORMAL2-IM-0007", digest="9"),
                Sample("/x/scan.dcm", 0, "pattern:IM-0003", digest="7")]  # a pattern's id is not joined by name
     g = _groups(samples)
-    assert g[0] == g[1] == g[2] and g[3] == g[4] and len({g[0], g[3], g[5], g[6]}) == 4
+    assert g[0] == g[1] == g[2] and g[3] == g[4] and g[6] == g[7]
+    assert len({g[0], g[3], g[5], g[6], g[8]}) == 5
 
 
 def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path, caplog):

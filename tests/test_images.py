@@ -531,13 +531,18 @@ def test_the_stretch_range_ignores_padding_values_and_a_columns_parity():
     assert np.abs(out[60:].astype(int) - plain[60:]).mean() < 1.0
     # A large image's percentiles come from every n-th pixel: with n a multiple of the width, a bad detector column
     # was taken into them, or not, by its parity (mean grey 82 or 128).
-    wide = np.tile(inner[:50, :250], (20, 8))  # 1000 x 2000: every 2nd pixel would be every 2nd column
-    means = []
-    for column in (1000, 1001):
-        hot = wide.copy()
-        hot[:, column] = 65535
-        means.append(read_grayscale(save_bytes(Image.fromarray(hot), "PNG")).mean())
-    assert abs(means[0] - means[1]) < 0.5, means
+    wide = np.tile(inner[:50, :250], (22, 8))  # 1100 x 2000: every 2nd pixel would be every 2nd column
+    for padding in (False, True):  # with padding too (its pixels had been sampled as a flat list, the parity kept)
+        means = []
+        for column in (1000, 1001):
+            hot = wide.copy()
+            hot[:, column] = 65535
+            if padding:
+                hot[:50] = 0
+                means.append(read_grayscale(dicom_bytes(hot, PixelPaddingValue=0))[50:].mean())
+            else:
+                means.append(read_grayscale(save_bytes(Image.fromarray(hot), "PNG")).mean())
+        assert abs(means[0] - means[1]) < 0.5, (padding, means)
 
 
 def test_dicom_pixel_padding_is_black_and_left_out_of_the_stretch():
@@ -722,6 +727,19 @@ def test_dicom_damaged_pixel_data_and_missing_preamble(tmp_path):
     np.testing.assert_array_equal(read_grayscale(uid_named), read_grayscale(dicom_bytes(RAW12)))
     (tmp_path / "README").write_bytes(b"\x08\x00 starts like a tag, no more" * 4)
     assert not is_image_file(tmp_path / "README")
+    # A minimal data set (one element of group 0008, then the patient's group 0010), implicit and explicit VR.
+    minimal = Dataset()
+    minimal.Modality, minimal.PatientID = "DX", "P1"
+    minimal.Rows, minimal.Columns = RAW12.shape
+    minimal.SamplesPerPixel, minimal.PhotometricInterpretation = 1, "MONOCHROME2"
+    minimal.BitsAllocated, minimal.BitsStored, minimal.HighBit, minimal.PixelRepresentation = 16, 16, 15, 0
+    minimal.PixelData = RAW12.tobytes()
+    for implicit in (True, False):
+        raw = io.BytesIO()
+        pydicom.dcmwrite(raw, minimal, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+        (tmp_path / "1.2.3.4").write_bytes(raw.getvalue())
+        assert is_image_file(tmp_path / "1.2.3.4"), implicit
+        np.testing.assert_array_equal(read_grayscale(tmp_path / "1.2.3.4"), read_grayscale(dicom_bytes(RAW12)))
     # Nor a raw dump of small integers whose first one looks like a tag of group 0008 (it had been taken for DICOM):
     # the element after the first must be a later one of the data set's groups.
     for name, numbers in (("counts.bin", np.arange(8, 4000)), ("pairs.bin", [2, 0, 7, 7, *range(100)])):

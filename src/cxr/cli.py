@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cxr import __version__
 from cxr.config import MAX_PER_GROUP, MAX_UPLOAD_MB, MAX_VIDEO_IMAGES
-from cxr.errors import CxrError, DataError, UsageError
+from cxr.errors import ConfigError, CxrError, DataError, UsageError
 
 log = logging.getLogger("cxr")
 
@@ -33,9 +33,9 @@ def _first_rank() -> bool:
     return not several or os.environ.get("RANK", "0").strip() in ("0", "")
 
 
-class _SameOnEveryRank(UsageError):
-    """Wrong usage that every torchrun process finds alike (its command, its flags): said by the first alone. Others,
-    such as a path one node lacks, are each process's own to say."""
+class _SameOnEveryRank(ConfigError):
+    """Wrong usage that every torchrun process finds alike (its command, its flags), as a ConfigError: said by the
+    first alone. Other errors, such as a path one node lacks, are each process's own to say."""
 
 
 def _probability(text: str) -> float:
@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     except CxrError as e:  # messages name files: their control characters shown, not obeyed (display_name)
         # Under torchrun, wrong usage is the same in every process: said once, by rank 0, not 32 times on 32 GPUs.
         # Other errors (a file one node cannot read) may be a process's own, and each says its own.
-        if _first_rank() or not isinstance(e, _SameOnEveryRank):
+        if _first_rank() or not isinstance(e, ConfigError):
             print(display_name(f"cxr {args.command}: error: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

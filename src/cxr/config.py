@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from cxr.errors import UsageError
+from cxr.errors import ConfigError, UsageError
 
 CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
 
@@ -151,7 +151,7 @@ class Config:
         """Raise UsageError naming the first field that makes no sense; return self otherwise."""
         for name, value in self.to_dict().items():  # inf and NaN pass most comparisons below, then crash mid-run
             if isinstance(value, float) and not math.isfinite(value):
-                raise UsageError(f"invalid config: {name} must be a finite number, got {value}")
+                raise ConfigError(f"invalid config: {name} must be a finite number, got {value}")
         checks = [
             (self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}"),
             (self.epochs >= 1, "epochs must be >= 1"),
@@ -196,7 +196,7 @@ class Config:
         ]
         for ok, message in checks:
             if not ok:
-                raise UsageError(f"invalid config: {message}")
+                raise ConfigError(f"invalid config: {message}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,7 +215,7 @@ def _coerce(name: str, value: Any) -> Any:
         default = _FIELDS[name].default_factory()  # type: ignore[misc]
     target = type(default)
     if value is None:  # `key:` or `key: ~` in YAML, which would silently replace the default with nothing
-        raise UsageError(f"invalid config: {name} has no value (give one, or leave the line out for the default)")
+        raise ConfigError(f"invalid config: {name} has no value (give one, or leave the line out for the default)")
     if name in _AUTO_OR_INT:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
@@ -225,11 +225,11 @@ def _coerce(name: str, value: Any) -> Any:
             return "auto"
         if isinstance(value, str) and value.strip().isdecimal():
             return int(value)
-        raise UsageError(f"invalid config: {name} must be auto or a whole number, got {value!r}")
+        raise ConfigError(f"invalid config: {name} must be auto or a whole number, got {value!r}")
     if target is str and isinstance(value, bool):  # YAML 1.1 reads on/off and yes/no as booleans
         return "on" if value else "off"
     if target in (int, float) and isinstance(value, bool):  # `patience: yes` became 1, `lr: true` 1.0
-        raise UsageError(f"invalid config: {name} must be {target.__name__}, got {value!r}")
+        raise ConfigError(f"invalid config: {name} must be {target.__name__}, got {value!r}")
     if type(value) is target:
         return value
     if target is str and isinstance(value, os.PathLike):
@@ -247,7 +247,7 @@ def _coerce(name: str, value: Any) -> Any:
             return int(float(value))
         return target(value)
     except (TypeError, ValueError):
-        raise UsageError(f"invalid config: {name} must be {target.__name__}, got {value!r}") from None
+        raise ConfigError(f"invalid config: {name} must be {target.__name__}, got {value!r}") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
@@ -274,7 +274,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
-        raise UsageError(f"unknown config field(s): {', '.join(unknown)}")
+        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
     coerced = {k: _coerce(k, v) for k, v in values.items()}
     cfg = dataclasses.replace(base, **coerced) if base is not None else Config(**coerced)
     return cfg.validate()

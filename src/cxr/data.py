@@ -118,6 +118,13 @@ def _kermany_patient(filename: str) -> str | None:
     return None
 
 
+def _unambiguous_kermany_patient(filename: str) -> str | None:
+    """The patient of a Kermany name no other convention makes (``person12_virus_3``, ``NORMAL2-IM-0012-0001``), or
+    None: OsiriX's and Horos' ``IM-<series>-<n>.dcm`` repeat ``IM-0001`` in every patient's folder."""
+    found = _kermany_patient(filename)
+    return found if found is not None and not found.startswith("IM-") else None
+
+
 def patient_id(filename: str) -> str:
     """Patient id from a Kermany file name (``person12_virus_3`` -> ``person12``); else the name without its image
     extension (a DICOM named by its UID, ``1.2.840.113619.2.55.3.1``, keeps its last part: it is no extension)."""
@@ -618,9 +625,10 @@ def _memo_key(path: str) -> bytes:
 
 def _groups(samples: Sequence[Sample]) -> np.ndarray:
     """Group index per sample: same patient or byte-identical content means same group (union-find). A DICOM file
-    whose patient came from its header and whose name is a Kermany one joins that name's patient too: either id may be
-    the one that ties images together (a per-file anonymised PatientID in Kermany-named files had let 18 patients
-    straddle the split), so both are kept, at the cost of merging patients where names repeat across them."""
+    whose patient came from its header and whose name is an unambiguous Kermany one (``person12_...``,
+    ``NORMAL2-IM-...``) joins that name's patient too: either id may be the one that ties images together (a per-file
+    anonymised PatientID in Kermany-named files had let 18 patients straddle the split). A bare ``IM-0001-0001.dcm`` is
+    OsiriX's series 1 of any patient: not joined."""
     parent = list(range(len(samples)))
 
     def find(i: int) -> int:
@@ -631,7 +639,7 @@ def _groups(samples: Sequence[Sample]) -> np.ndarray:
 
     first: dict[tuple[str, str], int] = {}
     for i, s in enumerate(samples):
-        named = _kermany_patient(Path(s.path).name) if s.patient.startswith(_DICOM_PATIENT) else None
+        named = _unambiguous_kermany_patient(Path(s.path).name) if s.patient.startswith(_DICOM_PATIENT) else None
         for key in (("patient", s.patient), ("digest", s.digest), ("patient", named or "")):
             if key[1] == "":
                 continue
@@ -690,10 +698,9 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
         if n_groups < n_splits or abs(n_val_folds / n_splits - fraction) > 0.05:
             label = CLASS_NAMES.index(cls)
             from_headers = sum(s.patient.startswith(_DICOM_PATIENT) for s in pool if s.label == label)
-            hint = (f"; {from_headers} of its images take their patient from a DICOM PatientID, joined with the "
-                    "patient of a Kermany-style file name (IM-0001-...) where they have one: where an anonymiser gave "
-                    "them all one PatientID, or names repeat across patients, set --patient-pattern to say which part "
-                    "of the path names the patient") if from_headers else ""
+            hint = (f"; {from_headers} of its images take their patient from a DICOM PatientID: where an anonymiser "
+                    "gave them all one, set --patient-pattern to say which part of the path names the patient")\
+                if from_headers else ""
             raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
                             f"({n_val_folds} of {n_splits} folds, each holding patients of both classes; use the "
                             f"dataset's own val folder with --val-source folder){hint}")

@@ -15,6 +15,10 @@ class UsageError(CxrError):
     exit_code = 2
 
 
+class ConfigError(UsageError):
+    """Flags or config values that cannot work: every torchrun process finds them alike, so the first alone says so."""
+
+
 class DataError(CxrError):
     """A dataset that cannot be used as given (missing class folder, one class only, no readable images)."""
 

@@ -201,22 +201,26 @@ _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # a 4-
 def _dicom_without_marker(data: bytes) -> bool:
     """A DICOM data set written without the preamble and 'DICM' (older and raw exports), little endian: its first
     element one of group 0002 (file meta) or 0008 (identification) with an explicit VR or a short implicit length, and
-    the element after it a later one of group 0002 or 0008 (a raw dump of small integers matched the first alone)."""
+    the element after it a later one of an even (public) group up to the pixel data's, with a valid VR where the first
+    had one (a raw dump of small integers had matched the first alone)."""
     if len(data) < 12 or data[0:2] not in (b"\x02\x00", b"\x08\x00") or data[3] != 0:
         return False
     tag = (int.from_bytes(data[0:2], "little"), int.from_bytes(data[2:4], "little"))
-    if data[4:6] in _DICOM_VRS:
+    explicit = data[4:6] in _DICOM_VRS
+    if explicit:
         if data[4:6] in _LONG_VRS:
             start, length = 12, int.from_bytes(data[8:12], "little")
         else:
             start, length = 8, int.from_bytes(data[6:8], "little")
     else:
         start, length = 8, int.from_bytes(data[4:8], "little")
-    if length > 1024 or len(data) < start + length + 4:
+    end = start + length
+    if length > 1024 or len(data) < end + (6 if explicit else 4):
         return False
-    following = data[start + length:start + length + 4]
-    after = (int.from_bytes(following[0:2], "little"), int.from_bytes(following[2:4], "little"))
-    return after > tag and after[0] in (0x0002, 0x0008)
+    after = (int.from_bytes(data[end:end + 2], "little"), int.from_bytes(data[end + 2:end + 4], "little"))
+    if not (after > tag and after[0] % 2 == 0 and after[0] <= 0x7FE0):
+        return False
+    return not explicit or data[end + 4:end + 6] in _DICOM_VRS
 
 
 def sniff(data: bytes) -> str | None:
@@ -421,7 +425,7 @@ def _stretch(arr: np.ndarray, padding: np.ndarray | None = None, in_place: bool 
     if padded and padding.all():
         return np.zeros(a.shape, dtype=np.uint8)
     # The padding's own values are no part of the range (a dead pixel's had been, through the fill they were given).
-    lo, hi = stretch_range(a[~padding] if padded else a, row=a.shape[-1] if a.ndim > 1 and not padded else 1)
+    lo, hi = stretch_range(a, row=a.shape[-1] if a.ndim > 1 else 1, keep=~padding if padded else None)
     if hi <= lo:
         return np.zeros(a.shape, dtype=np.uint8)
     # One float32 working copy, changed in place: 4 bytes per pixel (float64 temporaries took 16-24, 2 GB for a
@@ -439,20 +443,23 @@ def _stretch(arr: np.ndarray, padding: np.ndarray | None = None, in_place: bool 
 _STRETCH_SAMPLE = 1_000_000  # pixels the percentiles are taken from, at most
 
 
-def stretch_range(values: np.ndarray, row: int = 1) -> tuple[float, float]:
-    """The range :func:`_stretch` maps onto 0..255: the 0.01th and 99.99th percentile of ``values``, or their min
-    and max where those percentiles are equal (hi <= lo: a constant image). Taken from every n-th value of a large
-    image (np.partition, linear time, on a copy of at most a million values), ``n`` coprime to the ``row`` length, so
-    that every column is sampled alike (with ``n`` a multiple of it, a bad detector column decided or not by its
-    parity)."""
+def stretch_range(values: np.ndarray, row: int = 1, keep: np.ndarray | None = None) -> tuple[float, float]:
+    """The range :func:`_stretch` maps onto 0..255: the 0.01th and 99.99th percentile of ``values`` (those where
+    ``keep`` is true, if given), or their min and max where those percentiles are equal (hi <= lo: a constant image).
+    Taken from every n-th value of a large image (np.partition, linear time, on a copy of at most a million values),
+    ``n`` coprime to the ``row`` length, so that every column is sampled alike (with ``n`` a multiple of it, a bad
+    detector column decided or not by its parity)."""
     flat = values.reshape(-1)
-    lo, hi = float(flat.min()), float(flat.max())
+    kept = flat if keep is None else flat[keep.reshape(-1)]
+    lo, hi = float(kept.min()), float(kept.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("pixel values include NaN or infinity")
-    step = max(1, flat.size // _STRETCH_SAMPLE)
+    step = max(1, kept.size // _STRETCH_SAMPLE)
     while math.gcd(step, row) != 1:
         step += 1
-    sample = flat[::step]
+    sample = flat[::step] if keep is None else flat[::step][keep.reshape(-1)[::step]]
+    if not sample.size:
+        return lo, hi
     k = int(sample.size * STRETCH_TAIL)
     if hi > lo and k:
         part = np.partition(sample, (k, sample.size - 1 - k))

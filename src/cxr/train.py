@@ -35,6 +35,7 @@ from torch import nn
 from cxr.config import CLASS_NAMES, Config, load_config, save_config, usable_cores
 from cxr.data import (
     PATTERN_PATIENT,
+    PREPROCESS_VERSION,
     Prepared,
     Sample,
     Split,
@@ -54,7 +55,7 @@ from cxr.data import (
 from cxr.distributed import DistInfo, all_reduce_sum, barrier, broadcast_floats, local_main_first
 from cxr.distributed import init as init_distributed
 from cxr.distributed import shutdown as shutdown_distributed
-from cxr.errors import CxrError, DataError, UsageError
+from cxr.errors import ConfigError, CxrError, DataError, UsageError
 from cxr.evaluate import SplitResult, choose_threshold, predict_logits, probabilities, write_evaluation
 from cxr.fileio import (
     CSV_TEXT,
@@ -209,8 +210,9 @@ def _warn_of_changed_images(splits: dict[str, Split], prepared: dict[str, Prepar
             continue
         changed = [s.path for s in prepared[name].samples if split.recorded.get(s.path, s.digest) != s.digest]
         if changed:
-            log.warning("%s split: %d of its images are not what %s recorded (changed since), e.g. %s: the resumed "
-                        "run goes on with them as they are now, and differs from one that ran through",
+            log.warning("%s split: %d of its images are not what %s recorded (changed since, or read otherwise by "
+                        "this cxr version), e.g. %s: the resumed run goes on with them as they are now, and differs "
+                        "from one that ran through",
                         name, len(changed), run_dir / "split.csv", changed[0])
 
 
@@ -754,13 +756,13 @@ def warn_if_cpu_contended(threads: int) -> bool:
 def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo, device: torch.device, resumed: bool,
            t_start: float) -> Path:
     if cfg.batch_size % info.world:
-        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {info.world} processes")
+        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {info.world} processes")
     if info.active and device.type != "cuda" and cfg.batch_size // info.world < 2:
         # Batch norm is per process off CUDA (SyncBatchNorm needs NCCL): one image a process stopped every rank with
         # "Expected more than 1 value per channel", or, at larger sizes, trained batch norm on single images.
-        raise UsageError(f"--batch-size {cfg.batch_size} over {info.world} processes is {cfg.batch_size // info.world} "
-                         "image per process; batch norm needs two: use --batch-size "
-                         f"{2 * info.world} or more")
+        raise ConfigError(f"--batch-size {cfg.batch_size} over {info.world} processes is "
+                          f"{cfg.batch_size // info.world} image per process; batch norm needs two: use --batch-size "
+                          f"{2 * info.world} or more")
     if not info.main:
         logging.getLogger("cxr").setLevel(logging.WARNING)  # one log, from rank 0
     made_folders: list[Path] = []  # what a new run that fails its data checks removes again: only what it created
@@ -867,8 +869,11 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     # with the same threads, processes, device, arithmetic and torch (2 threads against 1 gave another model).
     session = {"after_epoch": start_epoch, "epochs": cfg.epochs, "swa_epochs": cfg.swa_epochs,
                "threads": torch.get_num_threads(), "processes": info.world, "device": str(device), "bf16": bf16,
-               "channels_last": channels_last, "torch": str(torch.__version__)}  # a str, not TorchVersion (pickled)
+               "channels_last": channels_last, "torch": str(torch.__version__),  # a str, not TorchVersion (pickled)
+               "preprocessing": PREPROCESS_VERSION}  # cxr's decoding: another reads some images otherwise
     sessions = list(state.extra.get("sessions", [])) if state is not None else []
+    if state is not None and not sessions:  # a run of a cxr before sessions were recorded: what its summary says
+        sessions = [_unrecorded_session(run_dir)]
     if sessions and info.main:
         _warn_of_changed_arithmetic(sessions[-1], session)
     if info.main:
@@ -1004,7 +1009,18 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     return run_dir
 
 
-_ARITHMETIC = ("threads", "processes", "device", "bf16", "channels_last", "torch")
+_ARITHMETIC = ("threads", "processes", "device", "bf16", "channels_last", "torch", "preprocessing")
+
+
+def _unrecorded_session(run_dir: Path) -> dict:
+    """The earlier sessions of a run made before cxr recorded them, as far as its summary.json tells (its device,
+    processes and arithmetic; not its threads or torch)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    known = {k: summary[k] for k in ("device", "processes", "bf16", "channels_last") if k in summary}
+    return {"after_epoch": 0, **known, "recorded": False}
 
 
 def _warn_of_changed_arithmetic(before: dict, now: dict) -> None:
