@@ -435,21 +435,13 @@ def check_output_outside_data(output: str | os.PathLike, data: str | os.PathLike
     if root.is_file():
         return  # an .npz or a split.csv: no folder of images to write into
     folders = set(_SPLIT_ALIASES) | {c.lower() for c in CLASS_NAMES}
-
-    def identity(path: Path) -> tuple[int, int] | None:
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino
-
     # The output and each of its folders that exist, each with the name of the one below it (the output's own first).
     names = ["", out.name, *(p.name for p in out.parents)]
-    chain = [(identity(p), below) for p, below in zip([out, *out.parents], names, strict=False)]
+    chain = [(_folder_id(p), below) for p, below in zip([out, *out.parents], names, strict=False)]
     roots = [root] + ([root.parent] if root.name.lower() in folders else [])
-    guarded = {identity(d) for r in roots for d in _children(r) if d.name.lower() in folders and d.is_dir()} - {None}
+    guarded = {_folder_id(d) for r in roots for d in _children(r) if d.name.lower() in folders and d.is_dir()} - {None}
     within = any(i in guarded for i, _ in chain)
-    same = identity(root)
+    same = _folder_id(root)
     if same is not None and chain[0][0] == same:
         raise UsageError(f"--output {output}: the dataset itself; give a folder outside the data, say "
                          f"{root.parent / 'runs' / root.name}")
