@@ -474,6 +474,29 @@ def test_a_resume_says_when_it_computes_otherwise_or_its_images_changed(tmp_path
     assert sessions[0]["recorded"] is False and sessions[1]["after_epoch"] == 2
 
 
+def test_a_deterministic_resume_takes_the_runs_thread_count_and_repeats_it(tmp_path, tiny_dataset, monkeypatch,
+                                                                            caplog):
+    # Killed at 2 threads, resumed at 1 (as the busy-CPU advice says): --deterministic had given another model. It now
+    # computes with the run's 2 threads, matches the run that went through, and puts the process's count back.
+    import cxr.train as train_mod
+
+    threads = torch.get_num_threads()
+    caplog.set_level("INFO", logger="cxr")
+    overrides = {**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 2, "deterministic": True}
+    try:
+        torch.set_num_threads(2)
+        straight, interrupted = _straight_and_interrupted(train_mod, monkeypatch, tmp_path, overrides, crash_at=2)
+        torch.set_num_threads(1)
+        train_mod.train(resume=interrupted)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(interrupted / "last.pt")
+    for k in a.state_dict:
+        assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+    assert "--deterministic: 2 threads, as the run's earlier sessions (this process had 1)" in caplog.text
+
+
 def test_batch_norm_is_recomputed_over_the_training_batches():
     import numpy as np
 

@@ -512,7 +512,9 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
 @contextlib.contextmanager
 def _process_state_kept():
     """Put back what a run changes for the whole process: it had left deterministic mode on (through a later run
-    without it), CUBLAS_WORKSPACE_CONFIG set and every global random generator re-seeded."""
+    without it), CUBLAS_WORKSPACE_CONFIG set and every global random generator re-seeded; and torch's thread count,
+    which a deterministic resume sets to its run's."""
+    threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
@@ -522,6 +524,8 @@ def _process_state_kept():
     try:
         yield
     finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
         if cublas is None:
@@ -874,6 +878,14 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     sessions = list(state.extra.get("sessions", [])) if state is not None else []
     if state is not None and not sessions:  # a run of a cxr before sessions were recorded: what its summary says
         sessions = [_unrecorded_session(run_dir)]
+    recorded_threads = sessions[-1].get("threads") if sessions else None
+    if cfg.deterministic and device.type == "cpu" and recorded_threads and recorded_threads != session["threads"]:
+        # Bit-repeatable asks for the run's own thread count: the CPU kernels' sums depend on it.
+        torch.set_num_threads(recorded_threads)
+        if info.main:
+            log.info("--deterministic: %d threads, as the run's earlier sessions (this process had %d)",
+                     recorded_threads, session["threads"])
+        session["threads"] = recorded_threads
     if sessions and info.main:
         _warn_of_changed_arithmetic(sessions[-1], session)
     if info.main:
