@@ -732,7 +732,8 @@ class ContentionWatch:
         log.warning("the CPU was busy through this epoch (other processes used %.1f of %d cores) and torch runs %d "
                     "threads, at %.1f images/s: OpenMP threads that wait for a busy core can make training up to 40x "
                     "slower. On a shared machine, stop and resume the run with OMP_NUM_THREADS=1 (see BENCHMARKS.md; "
-                    "it then goes on otherwise than at %d threads, and is not bit-identical to a run that kept them)",
+                    "it then goes on otherwise than at %d threads, not bit-identical to a run that kept them; a "
+                    "--deterministic run keeps them when resumed)",
                     others, cores, self.threads, images_per_s, self.threads)
         return True
 
