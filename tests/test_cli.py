@@ -470,6 +470,7 @@ def test_a_resume_says_when_it_computes_otherwise_or_its_images_changed(tmp_path
     caplog.clear()
     train_mod.train(resume=run, overrides={"epochs": 3})
     assert f"bf16 {not summary['bf16']} -> {summary['bf16']}" in caplog.text
+    assert "the run's earlier sessions did not record their threads, torch, preprocessing (an older cxr)" in caplog.text
     sessions = json.loads((run / "summary.json").read_text())["sessions"]
     assert sessions[0]["recorded"] is False and sessions[1]["after_epoch"] == 2
 

@@ -1044,6 +1044,11 @@ def _warn_of_changed_arithmetic(before: dict, now: dict) -> None:
         log.warning("this session computes otherwise than the run's last one (%s): the run goes on, but will not be "
                     "bit-identical to one that ran through in one setting (summary.json lists its sessions)",
                     ", ".join(changed))
+    unknown = [k for k in _ARITHMETIC if k not in before]
+    if before.get("recorded") is False and unknown:  # a run of a cxr before sessions: nothing to compare (or pin)
+        log.warning("the run's earlier sessions did not record their %s (an older cxr): this one goes on with %s, and "
+                    "is bit-identical to a run that went through only where those are the same", ", ".join(unknown),
+                    ", ".join(f"{k} {now[k]}" for k in unknown))
 
 
 def _kept_average(run_dir: Path) -> tuple[list[int], float] | None:
