@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import os
@@ -479,6 +480,18 @@ def test_split_csv_round_trip(tmp_path):
     text = (tmp_path / "split.csv").read_text(encoding="utf-8")
     (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
     assert read_split_csv(tmp_path / "excel.csv") == back
+
+
+def test_split_csv_patients_are_text_to_a_spreadsheet(tmp_path):
+    # A file that is its own patient gives the patient column its name: `=HYPERLINK(...)` was a formula in Excel.
+    patients = ['=HYPERLINK("http://x")', "+1", "-a", "@b", "'quoted", "''", "plain"]
+    pool = [Sample(f"/d/train/NORMAL/{i}.png", i % 2, p, "0" * 64) for i, p in enumerate(patients)]
+    write_split_csv(tmp_path / "split.csv", {"train": pool})
+    with open(tmp_path / "split.csv", encoding="utf-8", newline="") as f:
+        cells = [row["patient"] for row in csv.DictReader(f)]
+    assert all(not c.startswith(("=", "+", "-", "@")) for c in cells)
+    assert cells[-1] == "plain"
+    assert read_split_csv(tmp_path / "split.csv") == {"train": pool}
 
 
 def _count_decodes(monkeypatch) -> list[str]:

@@ -36,7 +36,7 @@ import yaml
 
 from cxr.config import CLASS_NAMES, Config, usable_cores
 from cxr.errors import CxrError, DataError, UsageError, WriteError
-from cxr.fileio import CSV_READ, CSV_TEXT, atomic_path, valid_utf8
+from cxr.fileio import CSV_READ, CSV_TEXT, FORMULA_START, atomic_path, valid_utf8
 from cxr.images import (
     IMAGE_EXTENSIONS,
     ImageError,
@@ -729,7 +729,14 @@ def write_split_csv(path: str | os.PathLike, splits: dict[str, list[Sample]]) ->
         w.writerow(["split", "path", "label", "patient", "sha256"])
         for name, samples in splits.items():
             for s in samples:
-                w.writerow([name, s.path, CLASS_NAMES[s.label], s.patient, s.digest])
+                w.writerow([name, s.path, CLASS_NAMES[s.label], _patient_cell(s.patient), s.digest])
+
+
+def _patient_cell(patient: str) -> str:
+    """A patient id as split.csv's cell: one that a spreadsheet would run as a formula (a file ``=HYPERLINK(...).png``
+    is its own patient) gets a leading ``'``, as does one that begins with ``'``, so that reading takes exactly one
+    back off (the paths are absolute, which no spreadsheet reads as a formula)."""
+    return "'" + patient if patient.startswith((*FORMULA_START, "'")) else patient
 
 
 def read_split_csv(path: str | os.PathLike) -> dict[str, list[Sample]]:
@@ -737,7 +744,8 @@ def read_split_csv(path: str | os.PathLike) -> dict[str, list[Sample]]:
     out: dict[str, list[Sample]] = {}
     with open(path, **CSV_READ) as f:
         for row in csv.DictReader(f):
-            sample = Sample(row["path"], CLASS_NAMES.index(row["label"]), row["patient"], row["sha256"])
+            patient = row["patient"][1:] if row["patient"].startswith("'") else row["patient"]
+            sample = Sample(row["path"], CLASS_NAMES.index(row["label"]), patient, row["sha256"])
             out.setdefault(row["split"], []).append(sample)
     return out
 

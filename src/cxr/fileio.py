@@ -43,7 +43,7 @@ def display_name(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes Excel or LibreOffice read a cell as a formula
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes Excel or LibreOffice read a cell as a formula
 
 
 def _head(name: str, max_bytes: int) -> str:
@@ -69,12 +69,12 @@ def spreadsheet_cells(path: str, *texts: str) -> list[str]:
     """A CSV row's ``path`` and other ``texts`` that a spreadsheet shows as text, never runs as a formula (a file
     named ``=HYPERLINK("http://...").jpeg``). The path becomes ``./path``, the same file; a text that begins with
     the path gets the same prefix, and any other text that begins like a formula a leading ``'``."""
-    safe = "./" + path if path.startswith(_FORMULA_START) else path
+    safe = "./" + path if path.startswith(FORMULA_START) else path
     out = [safe]
     for text in texts:
         if safe != path and text.startswith(path):
             text = safe + text[len(path):]
-        elif text.startswith(_FORMULA_START):
+        elif text.startswith(FORMULA_START):
             text = "'" + text
         out.append(text)
     return out
