@@ -635,6 +635,14 @@ def test_the_float32_rescale_and_window_give_pydicoms_pixels_in_less_memory(monk
         assert peak < 16 * image.size, peak
 
 
+def test_a_dicom_rescale_slope_of_zero_is_a_blank_image_and_an_empty_one_no_rescale():
+    # `slope or 1` had read a slope of 0 as 1: a DICOM whose every pixel is its intercept was classified (P 0.264).
+    with pytest.raises(ImageError, match="blank image"):
+        read_grayscale(dicom_bytes(RAW12, RescaleSlope=0, RescaleIntercept=100), name="x.dcm")
+    empty = dicom_bytes(RAW12, RescaleSlope="", RescaleIntercept="")
+    np.testing.assert_array_equal(read_grayscale(empty, name="x.dcm"), read_grayscale(dicom_bytes(RAW12), name="x.dcm"))
+
+
 def test_dicom_multiframe_gives_first_frame():
     frames = np.stack([RAW12, RAW12[::-1], RAW12[:, ::-1]])
     out = read_grayscale(dicom_bytes(frames))

@@ -491,7 +491,11 @@ def _linear_luts_float32(arr: np.ndarray, ds) -> np.ndarray | None:
         return None
     function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
     try:
-        slope, intercept = _first(ds.get("RescaleSlope", 1) or 1), _first(ds.get("RescaleIntercept", 0) or 0)
+        # An empty value is no rescale; a slope of 0 is one (every pixel the intercept: blank, refused as such, where
+        # `or 1` had classified the stored values as if the slope were 1).
+        slope = ds.get("RescaleSlope")
+        slope = 1.0 if slope is None or slope == "" else _first(slope)
+        intercept = _first(ds.get("RescaleIntercept", 0) or 0)
         window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
         center = _first(ds.WindowCenter) if window else 0.0
         width = _first(ds.WindowWidth) if window else 1.0
