@@ -704,6 +704,15 @@ def test_damaged_rle_dicom_is_not_blamed_on_a_missing_decoder():
     assert "install" not in str(info.value) and "segments" in str(info.value)
 
 
+def test_a_decoders_message_names_no_memory_address():
+    # Damaged JPEG 2000 pixel data: pydicom's reason ended "cannot identify image file <_io.BytesIO object at
+    # 0x7f44f5a0a1b0>", which the service passed to its clients.
+    data = dicom_bytes(RAW12, transfer_syntax=uid.JPEG2000Lossless, pixel_data=encapsulate([b"\xff\x4f\xff\x51junk"]))
+    with pytest.raises(ImageError, match="cannot decode DICOM pixel data compressed as JPEG 2000") as info:
+        read_grayscale(data, name="j2k.dcm")
+    assert " at 0x" not in str(info.value) and " at 0x" not in info.value.reason
+
+
 def test_dicom_size_checked_before_pixels():
     # Rows x Columns claim 400 M pixels while the pixel data is tiny: refused from the header, never decoded.
     data = dicom_bytes(RAW12, Rows=20_000, Columns=20_000)

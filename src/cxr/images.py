@@ -53,6 +53,8 @@ _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _DEFLATE_BYTES_PER_PIXEL = 8
 _DEFLATED_TS = "1.2.840.10008.1.2.1.99"
 
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
 
 class ImageError(CxrError, ValueError):
     """A file that cannot be used as an X-ray. ``str(e)`` names the file and the problem.
@@ -62,6 +64,9 @@ class ImageError(CxrError, ValueError):
     """
 
     def __init__(self, name: str, reason: str = "") -> None:
+        # A library's message may name the object it read from (pydicom's "cannot identify image file <_io.BytesIO
+        # object at 0x7f44...>"): a memory address, which told a service's client nothing and was the process's.
+        reason = _OBJECT_REPR.sub("the data", reason)
         # Both parts go to args so the error survives pickling from a worker process.
         super().__init__(name, reason)
         self.name = name
