@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cxr.config import load_config
+from cxr.demo import SAMPLE_DIR
 from cxr.errors import UsageError
 from cxr.model import load_checkpoint
 from cxr.predict import DISCLAIMER
@@ -94,7 +95,6 @@ def test_split_csv_keeps_each_patients_images_on_one_side(tmp_path):
     # Three images per patient (Kermany names: IM-0128-0001..3, person1017_bacteria_2948 and person1017_virus_1..2),
     # each with its own bytes, so that only the patient id ties them. The bundled sample has one image per patient, so
     # the trained run's split.csv was patient-disjoint even for a split by image.
-    from cxr.demo import SAMPLE_DIR
     from cxr.train import split_dataset
 
     for cls in ("NORMAL", "PNEUMONIA"):
@@ -776,7 +776,6 @@ def test_predict_with_nothing_to_predict_exits_non_zero_in_one_line(tmp_path):
     assert [bool(r["error"]) and not r["label"] for r in read_csv(out)] == [True, True]  # the errors, kept
     # A name that is no file is a file that cannot be read: its row says so and the others are predicted (one typo
     # among thousands of names had stopped the run before it began).
-    from cxr.demo import SAMPLE_DIR
 
     image = next((SAMPLE_DIR / "test" / "NORMAL").iterdir())
     cxr("predict", image, tmp_path / "gone.jpeg", "--output", out)
@@ -796,6 +795,19 @@ def test_shards_that_read_nothing_pass_and_their_merge_says_so(tmp_path):
     proc = cxr("merge", out, check=False)
     assert proc.returncode == 2 and "none of the 2 file(s) could be read" in proc.stderr.splitlines()[-1]
     assert [r["error"] != "" for r in read_csv(out)] == [True, True]
+
+
+def test_a_shard_whose_files_are_all_gone_writes_their_rows(tmp_path):
+    # Shard 1 of [an image, a name that is no file] had exited 2 ("missing.jpeg: no such file or directory"): its own
+    # files were listed again, as if they were all the paths given, and the merge could not finish.
+    image = next((SAMPLE_DIR / "test" / "NORMAL").iterdir())
+    out = tmp_path / "p.csv"
+    for i in range(2):
+        cxr("predict", image, tmp_path / "missing.jpeg", "--shard", f"{i}/2", "--output", out)
+    cxr("merge", out)
+    rows = read_csv(out)
+    assert [r["path"] for r in rows] == [str(image), str(tmp_path / "missing.jpeg")]
+    assert not rows[0]["error"] and rows[1]["error"].endswith("missing.jpeg: no such file")
 
 
 def test_predict_on_onnx_runtime_refuses_a_gpu_instead_of_ignoring_it(tmp_path, tiny_dataset):
@@ -1015,7 +1027,6 @@ def test_an_output_that_is_an_input_is_refused_before_it_is_replaced(tmp_path, c
     import shutil
 
     from cxr.cli import main as cxr_main
-    from cxr.demo import SAMPLE_DIR
     from cxr.model import BUNDLED_MODEL
 
     model = tmp_path / "m.safetensors"
@@ -1036,7 +1047,6 @@ def test_a_console_without_the_names_characters_gets_escapes_not_a_crash(tmp_pat
     # it wrote --output.
     import shutil
 
-    from cxr.demo import SAMPLE_DIR
 
     shutil.copy(next((SAMPLE_DIR / "test" / "NORMAL").iterdir()), tmp_path / "снимок_肺.jpeg")
     proc = subprocess.run([sys.executable, "-m", "cxr", "predict", str(tmp_path / "снимок_肺.jpeg"), "--output",
@@ -1361,7 +1371,6 @@ def _names_folder(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     UTF-8 (a zip from another system's encoding), and a folder reached through a symbolic link, with a link loop."""
     import shutil
 
-    from cxr.demo import SAMPLE_DIR
 
     src = sorted((SAMPLE_DIR / "test").glob("*/*.jpeg"))
     root = tmp_path / "in"
@@ -1403,7 +1412,6 @@ def test_predict_handles_awkward_file_names(tmp_path, capsys, monkeypatch):
 def test_hostile_file_names_are_neither_formulas_in_the_csv_nor_commands_to_the_terminal(tmp_path, capsys,
                                                                                          monkeypatch):
     from cxr.cli import main as cxr_main
-    from cxr.demo import SAMPLE_DIR
 
     monkeypatch.setenv("COLUMNS", "400")
     image = next((SAMPLE_DIR / "test" / "NORMAL").iterdir()).read_bytes()
@@ -1428,7 +1436,6 @@ def test_predict_table_names_every_file_in_a_narrow_terminal(tmp_path, capsys, m
     import shutil
 
     from cxr.cli import main as cxr_main
-    from cxr.demo import SAMPLE_DIR
 
     monkeypatch.setenv("COLUMNS", "80")
     deep = tmp_path / ("a_long_folder_name_" * 4) / "test"
@@ -1623,7 +1630,6 @@ def test_outputs_among_the_data_or_where_a_result_file_cannot_go_are_refused_bef
     import shutil
 
     from cxr.cli import main as cxr_main
-    from cxr.demo import SAMPLE_DIR
 
     data = tmp_path / "sample"
     shutil.copytree(SAMPLE_DIR, data)

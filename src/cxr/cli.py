@@ -429,14 +429,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                 raise UsageError("--backend onnx computes in fp32; drop --amp on")
 
             preds = predict_files_onnx(args.model, mine, threshold=args.threshold, batch_size=args.batch_size,
-                                       threads=args.threads)
+                                       threads=args.threads, listed=True)
         else:
             if args.threads:
                 import torch
 
                 torch.set_num_threads(args.threads)
             preds = predict_files(args.model, mine, device=args.device, threshold=args.threshold,
-                                  batch_size=args.batch_size, amp=args.amp)
+                                  batch_size=args.batch_size, amp=args.amp, listed=True)
         show = args.table if args.table is not None else len(preds) <= 200
         if show and not info.active:
             _print_predictions(preds, DISCLAIMER)

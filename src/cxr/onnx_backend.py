@@ -137,8 +137,10 @@ def load_onnx_predictor(model: str | os.PathLike | Checkpoint, *, threads: int =
 
 
 def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike], *, threshold: float | None = None,
-                       batch_size: int = 32, threads: int = 0, shard: tuple[int, int] | None = None) -> list:
-    """``cxr predict --backend onnx``: :func:`cxr.predict.predict_files` on ONNX Runtime (CPU, fp32).
+                       batch_size: int = 32, threads: int = 0, shard: tuple[int, int] | None = None,
+                       listed: bool = False) -> list:
+    """``cxr predict --backend onnx``: :func:`cxr.predict.predict_files` on ONNX Runtime (CPU, fp32; ``listed`` as
+    there).
 
     Args:
         model: an ``.onnx`` file from ``cxr export``, or a checkpoint / run directory (exported once, cached).
@@ -149,7 +151,7 @@ def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike],
     from cxr.predict import check_inference_args, collect_files, predict_in_batches, select_shard
 
     check_inference_args(threshold=threshold, batch_size=batch_size)
-    files = select_shard(collect_files(paths), shard)
+    files = select_shard([Path(p) for p in paths] if listed else collect_files(paths), shard)
     predictor = load_onnx_predictor(model, threads=threads)
     t = predictor.threshold if threshold is None else float(threshold)
     return predict_in_batches(files, lambda images: predictor.predict_uint8(images, batch_size),

@@ -201,8 +201,11 @@ def select_shard(files: list[Path], shard: tuple[int, int] | None) -> list[Path]
 
 def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, device: str = "auto",
                   threshold: float | None = None, batch_size: int = 32,
-                  shard: tuple[int, int] | None = None, amp: str = "auto") -> list[Prediction]:
+                  shard: tuple[int, int] | None = None, amp: str = "auto", listed: bool = False) -> list[Prediction]:
     """Predict every file under ``paths`` (or shard ``(i, n)`` of them, see :func:`select_shard`).
+
+    ``listed``: ``paths`` are files :func:`collect_files` already listed (a shard's part of them), taken as they are:
+    a shard whose every file has gone since gets their error rows, where listing them again refused the shard.
 
     Unreadable files get an ``error`` instead of a prediction. ``amp`` "auto" computes in bf16 where the device is
     fast at it; "off" in fp32 (TF32 off on CUDA), the arithmetic of ``cxr evaluate``'s default, whose probabilities it
@@ -215,7 +218,7 @@ def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, d
     from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
-    files = select_shard(collect_files(paths), shard)
+    files = select_shard([Path(p) for p in paths] if listed else collect_files(paths), shard)
     ckpt = load_checkpoint(model)
     cfg = ckpt.config
     dev = resolve_device(device)
