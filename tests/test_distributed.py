@@ -277,3 +277,18 @@ def test_leaving_after_a_ctrl_c_during_import_torch_is_no_second_traceback(monke
     monkeypatch.setitem(sys.modules, "torch.distributed", None)  # its import now raises, as a half-import does
     assert d._started() is False
     d.shutdown(failed=True)
+
+
+def test_each_predicting_rank_takes_its_own_gpu(monkeypatch):
+    # `torchrun --nproc-per-node 4 -m cxr predict`: every rank had resolved "auto" to torch.device("cuda"), GPU 0.
+    from cxr.distributed import rank_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    assert [rank_device(d) for d in ("auto", "cuda", "cuda:2", "cpu")] == ["cuda:1", "cuda:1", "cuda:2", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device("auto") == "auto"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert rank_device("auto") == "auto"

@@ -384,7 +384,7 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from cxr.distributed import barrier, env_info, init, shutdown
+    from cxr.distributed import barrier, env_info, init, rank_device, shutdown
     from cxr.fileio import check_not_an_input, check_writable
     from cxr.predict import (
         DISCLAIMER,
@@ -435,7 +435,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                 import torch
 
                 torch.set_num_threads(args.threads)
-            preds = predict_files(args.model, mine, device=args.device, threshold=args.threshold,
+            preds = predict_files(args.model, mine, device=rank_device(args.device), threshold=args.threshold,
                                   batch_size=args.batch_size, amp=args.amp, listed=True)
         show = args.table if args.table is not None else len(preds) <= 200
         if show and not info.active:

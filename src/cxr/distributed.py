@@ -82,6 +82,17 @@ def init(device: torch.device) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+def rank_device(name: str) -> str:
+    """The ``--device`` a torchrun rank that predicts (``cxr predict``) uses: ``auto`` or ``cuda`` where CUDA is, its
+    own GPU, ``cuda:LOCAL_RANK``, as training's ranks have. Every rank had predicted on GPU 0. Otherwise ``name``."""
+    import torch
+
+    info = env_info()
+    if info.active and name in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{info.local_rank}"
+    return name
+
+
 # Whether this module started the process group: only such a group is torn down by shutdown(). A caller's own (a
 # notebook that set one up, say) had been destroyed by every cxr.train.train, on success and on failure alike.
 _OURS = False
