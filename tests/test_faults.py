@@ -677,3 +677,18 @@ def test_a_file_held_open_on_windows_is_waited_for_then_named(tmp_path, monkeypa
     with pytest.raises(WriteError, match="open in another program"):
         atomic_write_text(tmp_path / "history.csv", "epoch\n1\n")
     assert (tmp_path / "history.csv").read_text() == "epoch\n" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_output_that_is_a_link_is_written_where_it_points(tmp_path):
+    # `ln -s shared/preds.csv preds.csv; cxr predict ... --output preds.csv`: the link had become a file of its own
+    # and shared/preds.csv kept the old predictions.
+    from cxr.fileio import atomic_write_text
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "preds.csv").write_text("old")
+    (tmp_path / "preds.csv").symlink_to(Path("shared") / "preds.csv")
+    (tmp_path / "dangling.csv").symlink_to(tmp_path / "shared" / "new.csv")
+    atomic_write_text(tmp_path / "preds.csv", "new")
+    atomic_write_text(tmp_path / "dangling.csv", "made")
+    assert (tmp_path / "preds.csv").is_symlink() and (tmp_path / "shared" / "preds.csv").read_text() == "new"
+    assert (tmp_path / "dangling.csv").is_symlink() and (tmp_path / "shared" / "new.csv").read_text() == "made"

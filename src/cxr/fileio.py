@@ -101,6 +101,7 @@ def image_name(path: str) -> str:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it, ``os.replace`` it onto ``path``, fsync the folder.
+    A ``path`` that is a symbolic link is written where it points (the link stays).
 
     The folder's fsync makes the rename itself durable, so after a power cut ``path`` is the old file or the new one.
 
@@ -112,6 +113,8 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
     A process killed mid-write leaves only the hidden temporary file (``.NAME.*.tmp``), never a partial ``path``.
     """
     target = Path(path)
+    if target.is_symlink():  # written where the link points, as open(path, "w") writes: the link itself had been
+        target = Path(os.path.realpath(target))  # replaced by a file, and what it pointed to kept its old contents
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{_head(target.name, 200)}.", suffix=_TEMP_SUFFIX, dir=target.parent)
