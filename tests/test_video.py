@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -83,6 +85,37 @@ def test_a_failed_video_leaves_nothing_behind(tmp_path):
     with pytest.raises(ValueError):
         write_flythrough(items, tmp_path / "fly.mp4", threshold=0.5, frame_size=(320, 180))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_video_ffmpeg_could_not_finish_is_an_error_and_no_file(tmp_path, monkeypatch):
+    # ffmpeg out of room for the file's end ("Error writing trailer: No space left on device") exits non-zero, which
+    # imageio-ffmpeg does not look at: the cut file had been put in place and the report said it was written.
+    import imageio_ffmpeg
+
+    from cxr.errors import VideoError
+    from cxr.video import whole_mp4
+
+    real = imageio_ffmpeg.write_frames
+
+    def cut_short(path, *args, **kwargs):
+        writer = real(path, *args, **kwargs)
+        writer.send(None)
+        try:
+            while True:
+                writer.send((yield))
+        finally:
+            writer.close()
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+
+    good = write_flythrough(_items(), tmp_path / "good.mp4", threshold=0.5, frame_size=(320, 180), fps=2)
+    assert whole_mp4(good)
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", cut_short)
+    with pytest.raises(VideoError, match="ffmpeg did not finish fly.mp4"):
+        write_flythrough(_items(), tmp_path / "fly.mp4", threshold=0.5, frame_size=(320, 180), fps=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.mp4"]
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    assert not whole_mp4(tmp_path / "empty.mp4") and not whole_mp4(tmp_path / "none.mp4")
 
 
 def test_bad_settings_are_refused(tmp_path):

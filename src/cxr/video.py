@@ -252,7 +252,40 @@ def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, thr
         finally:
             with contextlib.suppress(Exception):  # closing a dead ffmpeg raises again; the cause is above
                 writer.close()
+        # imageio-ffmpeg does not look at how ffmpeg ended: one that could not write the file's end ("Error writing
+        # trailer: No space left on device") had left an MP4 no player opens, put in place as a success.
+        if not whole_mp4(tmp):
+            raise VideoError(f"ffmpeg did not finish {path.name} (its index is missing: was there room for the "
+                             "file?); nothing was written. Or leave the video out (--no-video)")
     return path
+
+
+def whole_mp4(path: str | os.PathLike) -> bool:
+    """Whether the file is a whole MP4: top-level boxes that end exactly at its end, among them the index (``moov``)
+    and the media (``mdat``); a file cut short, or one whose index ffmpeg could not write, is not."""
+    seen, offset = set(), 0
+    try:
+        with open(path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            while offset < end:
+                f.seek(offset)
+                head = f.read(16)
+                if len(head) < 8:
+                    return False
+                size, kind = int.from_bytes(head[:4], "big"), head[4:8]
+                if size == 1:  # a 64-bit size follows the type
+                    if len(head) < 16:
+                        return False
+                    size = int.from_bytes(head[8:16], "big")
+                elif size == 0:  # the box runs to the end of the file
+                    size = end - offset
+                if size < 8:
+                    return False
+                seen.add(kind)
+                offset += size
+    except OSError:
+        return False
+    return offset == end and {b"moov", b"mdat"} <= seen
 
 
 def probe_video(path: str | os.PathLike) -> dict:
