@@ -1022,11 +1022,17 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                                                  frame_size=frame_size, seconds_per_image=seconds_per_image, fps=fps,
                                                  title=vsplit, poster=pics / f"flythrough_{vsplit}.png"))
                     made(pics / f"flythrough_{vsplit}.png")
-                except VideoError as e:  # the video is one part of the report: the rest is written without it
-                    log.warning("report: no video: %s", e)
-                except Exception as e:  # a fault of the video's own: the same, and the traceback at debug level
-                    log.warning("report: no video (%s: %s)", e.__class__.__name__, e)
-                    log.debug("the video failed", exc_info=True)
+                except Exception as e:  # the video is one part of the report: the rest is written without it
+                    why = str(e) if isinstance(e, VideoError) else f"{e.__class__.__name__}: {e}"
+                    log.warning("report: no video: %s", why)
+                    if not isinstance(e, VideoError):  # a fault of the video's own: the traceback at debug level
+                        log.debug("the video failed", exc_info=True)
+                    with contextlib.suppress(OSError):  # its poster, written with the first frame, shows no video
+                        (pics / f"flythrough_{vsplit}.png").unlink()
+                    # Said in the report too: without it, the page read as one made with --no-video.
+                    sections.append(("video", "Fly-through video", (
+                        f"<p class='note'>No video: it could not be written ({html.escape(display_name(why))}). "
+                        "The rest of the report is complete.</p>")))
             else:
                 log.info("report: no video: no %s in %s", "wrong prediction" if video_select == "errors" else "image",
                          vsplit)
