@@ -1694,3 +1694,29 @@ def test_metrics_never_read_as_certain_unless_they_are():
     assert [score_text(x) for x in (0.9996, 0.99999949, 0.9999999999999999, 1e-17, 1.0, 0.0)] == [
         "0.9996", "0.999999", "1.000", "0.000", "1.000", "0.000"]
 
+
+
+@pytest.mark.parametrize(("raised", "one_line"), [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 9633792000 bytes."), True),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),  # a bug: its traceback, as before
+])
+def test_torch_out_of_memory_is_one_line(monkeypatch, capsys, raised, one_line):
+    # torch raises RuntimeError when an allocation fails: `cxr predict --batch-size 1000` had ended in a traceback,
+    # where a MemoryError ends in one line.
+    import cxr.predict
+    from cxr.cli import main
+
+    def out_of_memory(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(cxr.predict, "predict_files", out_of_memory)
+    image = next((SAMPLE_DIR / "test" / "NORMAL").iterdir())
+    if not one_line:
+        with pytest.raises(RuntimeError, match="shapes"):
+            main(["predict", str(image)])
+        return
+    assert main(["predict", str(image)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cxr predict: error: out of memory (") and "--batch-size" in err[0]

@@ -643,11 +643,24 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print(f"cxr {args.command}: error: out of memory (try a smaller --batch-size or --image-size)", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        # torch's allocators raise RuntimeError ("DefaultCPUAllocator: can't allocate memory", torch.OutOfMemoryError
+        # on CUDA), which had ended in a traceback where MemoryError ends in one line.
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if type(e).__name__ != "OutOfMemoryError" and not any(s in text for s in _OUT_OF_MEMORY):
+            raise
+        print(display_name(f"cxr {args.command}: error: out of memory ({text[:300]}); try a smaller --batch-size or "
+                           "--image-size"), file=sys.stderr)
+        return 1
     except OSError as e:  # a file system problem cxr did not foresee: still one line, naming the file
         where = f"{e.filename}: " if e.filename else ""
         print(display_name(f"cxr {args.command}: error: {where}{e.strerror or e}"), file=sys.stderr)
         return 1
     return 0
+
+
+# How torch's allocators say they are out of memory (CPU, CUDA), in a RuntimeError.
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory")
 
 
 if __name__ == "__main__":
