@@ -94,6 +94,16 @@ def test_a_checkpoint_of_an_arch_cxr_does_not_have_is_named_damaged(tmp_path):
             load(tmp_path / "vgg.pt")
 
 
+def test_a_checkpoint_with_weights_that_are_no_numbers_is_named_damaged(tmp_path):
+    # One NaN in the head: every probability NaN, every image labelled NORMAL, exit 0, and "NaN" in the JSON.
+    ckpt = _checkpoint(tmp_path)
+    key = next(k for k in ckpt.state_dict if k.endswith("weight") and "classifier" in k or k.startswith("fc."))
+    ckpt.state_dict[key][0, 0] = float("nan")
+    save_checkpoint(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=rf"nan.pt: damaged model: 1 of its tensors .*NaN or infinite.*{key}"):
+        load_checkpoint(tmp_path / "nan.pt").build()
+
+
 def test_imagenet_weights_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch cache
 

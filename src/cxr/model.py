@@ -398,6 +398,12 @@ class Checkpoint:
                 f"{self.path or 'checkpoint'}: its weights do not fit {self.arch} with {len(self.class_names)} "
                 f"classes ({len(set(ours) - theirs)} missing, {len(theirs - set(ours))} unexpected, {shapes} of "
                 "another shape): damaged, or edited by hand") from None
+        # A weight that is no number makes every probability NaN, which labelled every image NORMAL with exit 0 and
+        # wrote "NaN" into a JSON file no strict parser reads.
+        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(f"{self.path or 'checkpoint'}: damaged model: {len(bad)} of its tensors hold values "
+                                  f"that are not numbers (NaN or infinite), e.g. {bad[0]}")
         return model.to(device).eval()
 
 
