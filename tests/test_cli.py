@@ -1720,3 +1720,19 @@ def test_torch_out_of_memory_is_one_line(monkeypatch, capsys, raised, one_line):
     assert main(["predict", str(image)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cxr predict: error: out of memory (") and "--batch-size" in err[0]
+
+
+def test_the_predictions_table_tells_apart_what_its_threshold_does_and_keeps_rows_whole(capsys):
+    # 0.1143936 and 0.1143933 about a threshold of 0.11439343 both read 0.114, one PNEUMONIA and one NORMAL; and in a
+    # file or a pipe rich folded paths at 80 columns, so grep found none of the rows.
+    from cxr.cli import _print_predictions
+    from cxr.predict import Prediction
+
+    long = "/data/" + "a_long_folder_name_" * 6 + "/"
+    preds = [Prediction(long + "a.png", 0.1143936, "PNEUMONIA", threshold=0.11439343),
+             Prediction("/elsewhere/b.png", 0.1143933, "NORMAL", threshold=0.11439343)]
+    _print_predictions(preds, "note")
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines() if ".png" in line}
+    assert rows[long[1:] + "a.png"] != rows["elsewhere/b.png"], rows
+    assert "threshold 0.1143934" in out

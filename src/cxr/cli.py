@@ -484,7 +484,7 @@ def _print_predictions(preds, caption: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from cxr.predict import prob_text
+    from cxr.predict import prob_text, threshold_decimals
 
     # Paths below the folder they share, named once in the title, and wrapped rather than cut: cut to the width of a
     # terminal, files in one folder all looked like "/data/chest_xray/test/NO…".
@@ -492,6 +492,14 @@ def _print_predictions(preds, caption: str) -> None:
         common = os.path.commonpath([os.path.dirname(str(p.path)) for p in preds]) if preds else ""
     except ValueError:  # absolute and relative paths, or several Windows drives
         common = ""
+    # The threshold is shown, with the decimals that tell the probabilities beside it apart: at three, P 0.114 had
+    # read PNEUMONIA on one row and NORMAL on the next (0.1143936 and 0.1143933 about a threshold of 0.11439343).
+    thresholds = {p.threshold for p in preds if p.threshold is not None}
+    t = thresholds.pop() if len(thresholds) == 1 else None
+    decimals = threshold_decimals(t, [p.prob_pneumonia for p in preds if p.prob_pneumonia is not None]) \
+        if t is not None else 3
+    if t is not None:
+        caption = f"threshold {t:.{decimals}f} (PNEUMONIA at or above it). {caption}"
     table = Table(caption=caption, title=f"under {_shown(common)}{os.sep}" if common else None)
     table.add_column("path", overflow="fold")
     table.add_column("P(pneumonia)", justify="right")
@@ -501,8 +509,12 @@ def _print_predictions(preds, caption: str) -> None:
         if p.error:
             table.add_row(path, "-", f"[red]unreadable: {_shown(p.error)}[/red]")
         else:
-            table.add_row(path, prob_text(p.prob_pneumonia), p.label)
-    Console().print(table)
+            table.add_row(path, prob_text(p.prob_pneumonia, t, decimals) if t is not None else
+                          prob_text(p.prob_pneumonia), p.label)
+    # Into a file or a pipe, a row per line: at rich's 80 columns there, paths were folded mid-name, and grep found
+    # none of them. In a terminal, its width.
+    console = Console()
+    (console if console.is_terminal else Console(width=100_000)).print(table)
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
