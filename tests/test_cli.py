@@ -1736,3 +1736,15 @@ def test_the_predictions_table_tells_apart_what_its_threshold_does_and_keeps_row
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines() if ".png" in line}
     assert rows[long[1:] + "a.png"] != rows["elsewhere/b.png"], rows
     assert "threshold 0.1143934" in out
+
+
+def test_every_train_flag_of_a_config_field_names_its_default():
+    # --lr, --patience and --amp had not said theirs (1e-3, 5, auto), and two others said a bare "(0.15)".
+    import argparse
+
+    from cxr.cli import _FLAG_FIELDS, build_parser
+
+    train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    helps = {a.dest: a.help or "" for a in train._actions}
+    missing = [f for f in _FLAG_FIELDS if f not in ("data", "patient_pattern") and "default" not in helps[f]]
+    assert not missing, missing

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cxr import __version__
-from cxr.config import MAX_PER_GROUP, MAX_UPLOAD_MB, MAX_VIDEO_IMAGES
+from cxr.config import MAX_PER_GROUP, MAX_UPLOAD_MB, MAX_VIDEO_IMAGES, Config
 from cxr.errors import ConfigError, CxrError, DataError, UsageError
 
 log = logging.getLogger("cxr")
@@ -104,6 +104,9 @@ _INFERENCE_AMP_HELP = ("bf16 autocast (torch backend; default auto: bf16 where t
                        "the probabilities `cxr evaluate` gives by default)")
 
 
+_D = Config()  # the defaults each train flag's help names: taken from the config, so that they stay true
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset root (train/val/test with NORMAL/PNEUMONIA), or a MedMNIST-style .npz")
     p.add_argument("--output", help="run directory (default runs/cxr)")
@@ -111,41 +114,47 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint, or "
                    "extend one (of the run's settings only --epochs, --device, --swa-epochs, --swa-lr and "
                    "--num-workers may change; --no-report applies as usual)")
-    p.add_argument("--epochs", type=int, help="epochs of the learning-rate schedule (default 20)")
+    p.add_argument("--epochs", type=int, help=f"epochs of the learning-rate schedule (default {_D.epochs})")
     p.add_argument("--batch-size", type=int, help="images per optimiser step, over all processes under torchrun "
-                   "(the global batch; default 32)")
-    p.add_argument("--image-size", type=int, help="square side in pixels (default 224)")
-    p.add_argument("--lr", type=float, help="peak learning rate (Adam)")
+                   f"(the global batch; default {_D.batch_size})")
+    p.add_argument("--image-size", type=int, help=f"square side in pixels (default {_D.image_size})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (Adam; default {_D.lr:g})")
     p.add_argument("--weights", help="imagenet | none | PATH to a local state dict | a cxr model to fine-tune: "
                    "default (the bundled one), RUN_DIR, CKPT or .safetensors (default none)")
     p.add_argument("--arch", help="densenet121 (default), densenet169, resnet18, ...")
-    p.add_argument("--seed", type=int, help="for the weights, the batches and the augmentation (default 0)")
+    p.add_argument("--seed", type=int, help=f"for the weights, the batches and the augmentation (default {_D.seed})")
     p.add_argument("--device", help="auto | cpu | cuda (default auto)")
     p.add_argument("--val-source", choices=["carve", "folder"],
                    help="carve a patient-disjoint val split from train (default) or use the dataset's val folder")
-    p.add_argument("--val-fraction", type=float, help="share of train patients carved out for validation (0.15)")
+    p.add_argument("--val-fraction", type=float,
+                   help=f"share of train patients carved out for validation (default {_D.val_fraction:g})")
     p.add_argument("--patient-pattern", help="regular expression searched in each image's path below its class folder; "
                    "its first group is the patient id, e.g. '^([^/]+)/' for one folder per patient")
     p.add_argument("--cache-dir", help=_CACHE_DIR_HELP)
     p.add_argument("--scheduler", choices=["cosine", "plateau", "none"],
                    help="learning-rate schedule after the warm-up (default cosine)")
-    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (0: off)")
-    p.add_argument("--swa-epochs", type=int, help="epochs of stochastic weight averaging after the schedule (0: off); "
-                   "the average is kept when its validation loss is the lowest")
-    p.add_argument("--swa-lr", type=float, help="constant learning rate of the weight-averaging epochs (1e-4)")
+    p.add_argument("--patience", type=int, help=f"early-stopping patience in epochs (default {_D.patience}; 0: off)")
+    p.add_argument("--swa-epochs", type=int, help="epochs of stochastic weight averaging after the schedule (default "
+                   "0: off); the average is kept when its validation loss is the lowest")
+    p.add_argument("--swa-lr", type=float,
+                   help=f"constant learning rate of the weight-averaging epochs (default {_D.swa_lr:g})")
     p.add_argument("--threshold-policy", choices=["youden", "sensitivity"],
                    help="how the decision threshold is chosen on validation: Youden's J (default), or the "
                         "highest that keeps --target-sensitivity")
-    p.add_argument("--target-sensitivity", type=float, help="with --threshold-policy sensitivity (default 0.97)")
-    p.add_argument("--amp", choices=["auto", "on", "off"], help="bf16 autocast (auto: on where it is fast)")
+    p.add_argument("--target-sensitivity", type=float,
+                   help=f"with --threshold-policy sensitivity (default {_D.target_sensitivity:g})")
+    p.add_argument("--amp", choices=["auto", "on", "off"],
+                   help=f"bf16 autocast (default {_D.amp}: on where it is fast)")
     p.add_argument("--channels-last", choices=["auto", "on", "off"],
                    help="channels-last memory layout (default auto: on CUDA, and on the CPU with bf16)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: off)")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
-                   help="bit-repeatable runs on the CPU (slower)")
+                   help="bit-repeatable runs on the CPU (slower; default: off)")
     p.add_argument("--num-workers", help="DataLoader worker processes per process: auto (default: 0 on the CPU, up "
                    "to 8 on CUDA) or a number")
-    p.add_argument("--max-train-batches", type=int, help="cap on training batches per epoch (0: none)")
+    p.add_argument("--max-train-batches", type=int,
+                   help=f"cap on training batches per epoch (default {_D.max_train_batches}: none)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write report.html (plots, heatmap grid, video) at the end (default: on)")
 
