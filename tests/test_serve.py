@@ -427,6 +427,22 @@ def test_a_flat_heatmap_is_said_to_be_flat():
     assert body["heatmap_note"].startswith("flat: no region raised the score of PNEUMONIA")
 
 
+class LeaningEngine(FlatEngine):
+    """P 0.4 against a threshold of 0.3 again, with a map that is not flat."""
+
+    def heatmap_png(self, image, target):
+        return png_bytes(image), False
+
+
+def test_a_heatmap_of_a_label_the_output_leans_away_from_says_so():
+    # PNEUMONIA by the threshold while P < 0.5: the bright map had read as the reason for the label (the README had
+    # said such maps are flat; they are not always).
+    with TestClient(create_app(LeaningEngine())) as c:
+        body = upload(c, NORMAL[0].read_bytes()).json()
+    assert body["label"] == "PNEUMONIA" and body["heatmap"]["flat"] is False
+    assert "raised PNEUMONIA" in body["heatmap_note"] and "leans NORMAL" in body["heatmap_note"]
+
+
 class RecordingEngine(FlatEngine):
     """P 0.2 against a threshold of 0.5: NORMAL. Records the class each heatmap was asked for."""
 

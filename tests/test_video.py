@@ -226,16 +226,23 @@ def test_a_flat_heatmap_is_said_to_be_flat(monkeypatch):
     monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: drawn.append(text)
                         or real_text(self, xy, text, *a, **k))
     image = np.zeros((64, 64), np.uint8)
-    for heat, legend in ((np.zeros((64, 64), np.float32), "heatmap: flat, no region raised it"),
-                         (np.eye(64, dtype=np.float32), "heatmap: where the model looked")):
+    # A map that is not flat, of a label the output leans away from (P 0.38, PNEUMONIA by the threshold 0.31), had
+    # read as the label's reason: it says which way the output leans.
+    for heat, prob, legend in ((np.zeros((64, 64), np.float32), 0.38, "heatmap: flat, no region raised it"),
+                               (np.eye(64, dtype=np.float32), 0.38, "heatmap of PNEUMONIA; output leans NORMAL"),
+                               (np.eye(64, dtype=np.float32), 0.9, "heatmap: where the model looked")):
         drawn.clear()
-        render_frame(VideoItem("a.png", 1, 0.38, image, heat), index=0, total=1, right=1, wrong=0, threshold=0.31,
+        render_frame(VideoItem("a.png", 1, prob, image, heat), index=0, total=1, right=1, wrong=0, threshold=0.31,
                      history=[True])
         assert legend in drawn, drawn
     from cxr.report import GridTile, plot_grid
 
-    fig = plot_grid({"right": [GridTile(image, np.zeros((64, 64), np.float32), 1, 0.38, "a.png")]}, 0.31, "test")
-    assert any(ax.get_title().endswith("heatmap flat: no region raised it") for sub in fig.subfigs for ax in sub.axes)
+    fig = plot_grid({"right": [GridTile(image, np.zeros((64, 64), np.float32), 1, 0.38, "a.png"),
+                               GridTile(image, np.eye(64, dtype=np.float32), 1, 0.38, "b.png"),
+                               GridTile(image, np.eye(64, dtype=np.float32), 1, 0.9, "c.png")]}, 0.31, "test")
+    titles = [ax.get_title() for sub in fig.subfigs for ax in sub.axes if ax.get_title()]
+    assert titles[0].endswith("heatmap flat: no region raised it"), titles
+    assert titles[1].endswith("heatmap of PNEUMONIA; output leans NORMAL") and "leans" not in titles[2], titles
 
 
 def test_the_video_writer_does_not_load_torch():

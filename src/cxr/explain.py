@@ -214,7 +214,14 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     from cxr.export import model_id
     from cxr.fileio import check_writable
     from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
-    from cxr.predict import EXPLAIN_SUFFIX, check_inference_args, collect_files, prob_text, threshold_decimals
+    from cxr.predict import (
+        EXPLAIN_SUFFIX,
+        check_inference_args,
+        collect_files,
+        leans_away,
+        prob_text,
+        threshold_decimals,
+    )
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
 
@@ -271,7 +278,10 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
             title = (f"{display_name(f.name)}\npredicted {ckpt.class_names[pred]}   "
                      f"P(pneumonia) {prob_text(prob, t, d)}   threshold {t:.{d}f}\n"
                      + (f"heatmap: evidence for {ckpt.class_names[cls]}" if heat.any() else
-                        f"heatmap: flat, no region raised the score of {ckpt.class_names[cls]}"))
+                        f"heatmap: flat, no region raised the score of {ckpt.class_names[cls]}")
+                     # P between 0.5 and the threshold: a bright map had read as the reason for a label the
+                     # model's own output leans away from.
+                     + (f"; the output leans {ckpt.class_names[1 - cls]}" if leans_away(prob, cls) else ""))
             _explanation_figure(im, heat, title=title, path=out)
             indexed.append((i, Explanation(str(f), str(out), float(prob), ckpt.class_names[pred])))
     rows = [e for _, e in sorted(indexed, key=lambda r: r[0])]

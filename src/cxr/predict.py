@@ -107,6 +107,14 @@ def threshold_text(threshold: float) -> str:
     return f"{threshold:.{threshold_decimals(threshold)}f}"
 
 
+def leans_away(prob: float, cls: int) -> bool:
+    """Whether the model's output leans away from class ``cls`` (0 NORMAL, 1 PNEUMONIA), the class a heatmap explains:
+    so for a P between 0.5 and the threshold, labelled one class while its log-odds favour the other. Its Grad-CAM
+    map still shows what raised that class's score, where anything did; the pictures say which way the output leans,
+    so that the map is not read as the reason for the label."""
+    return (prob < 0.5) if cls == 1 else (prob > 0.5)
+
+
 def prob_text(p: float, threshold: float | None = None, decimals: int = 3) -> str:
     """A probability with three decimals that never claims certainty (``>0.999`` rather than ``1.000``).
 

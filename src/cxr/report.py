@@ -48,7 +48,7 @@ from cxr.fileio import (
     image_name,
     valid_utf8,
 )
-from cxr.predict import prob_text, score_text, threshold_decimals
+from cxr.predict import leans_away, prob_text, score_text, threshold_decimals
 
 log = logging.getLogger(__name__)
 
@@ -539,7 +539,9 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
                 flat = tile.heatmap is not None and not tile.heatmap.any()  # nothing raised the class's score
                 ax.set_title(f"{'✓ right' if ok else '✗ wrong'}   P(pneumonia) {shown}\n"
                              f"true {CLASS_NAMES[tile.label]} · pred {CLASS_NAMES[pred]}"
-                             + ("\nheatmap flat: no region raised it" if flat else ""),
+                             + ("\nheatmap flat: no region raised it" if flat else "")
+                             + (f"\nheatmap of {CLASS_NAMES[pred]}; output leans {CLASS_NAMES[1 - pred]}"
+                                if tile.heatmap is not None and not flat and leans_away(tile.prob, pred) else ""),
                              fontsize=9.5, color=colour if not ok else "black")
                 ax.set_xlabel(_short(image_name(tile.path), 30), fontsize=7.5, color=OKABE_ITO["grey"],
                               parse_math=False)

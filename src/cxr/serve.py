@@ -51,7 +51,7 @@ from cxr.config import MAX_UPLOAD_MB, usable_cores
 from cxr.errors import UsageError
 from cxr.fileio import display_name
 from cxr.images import ImageError, load_image, sniff
-from cxr.predict import DISCLAIMER, prob_text
+from cxr.predict import DISCLAIMER, leans_away, prob_text
 
 log = logging.getLogger(__name__)
 
@@ -391,8 +391,11 @@ def run_prediction(engine: Engine, data: bytes, name: str, *, heatmap: bool = Tr
         overlay = {"method": "Grad-CAM", "target": engine.class_names[predicted], "flat": flat,
                    "png_base64": base64.b64encode(png).decode("ascii")}
         if flat:
-            note = (f"flat: no region raised the score of {engine.class_names[predicted]} (as when P lies between "
-                    "0.5 and the threshold), so the picture is the plain X-ray")
+            note = (f"flat: no region raised the score of {engine.class_names[predicted]}, so the picture is the "
+                    "plain X-ray")
+        elif leans_away(prob, predicted):  # P between 0.5 and the threshold: the map is not the label's reason
+            note = (f"the map shows what raised {engine.class_names[predicted]}, the label the threshold gives; the "
+                    f"model's output leans {engine.class_names[1 - predicted]} (P on that side of 0.5)")
     elif heatmap:
         note = engine.heatmap_unavailable
     else:
@@ -565,7 +568,8 @@ class PredictionOut(BaseModel):
     threshold: float
     model: ModelRef
     heatmap: HeatmapOut | None
-    heatmap_note: str | None = Field(description="why heatmap is null, or that it is flat")
+    heatmap_note: str | None = Field(description="why heatmap is null, that it is flat, or that the "
+                                            "model's output leans away from the label the map explains")
     image_png_base64: str | None = Field(description="the model's input as PNG, with include_image=true")
     format: str = Field(description="jpeg, png or dicom")
     timing_ms: dict[str, float] = Field(description="upload, queue, decode, inference, heatmap, total (server side)")

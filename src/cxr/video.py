@@ -21,7 +21,7 @@ from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError, VideoError
 from cxr.fileio import atomic_path, image_name
 from cxr.images import HEATMAP_CMAP, overlay
-from cxr.predict import prob_text, threshold_decimals
+from cxr.predict import leans_away, prob_text, threshold_decimals
 from cxr.progress import progress_bar
 
 # Okabe-Ito colours, the light variants that read well on the dark frame; right/wrong also differ in symbol and word.
@@ -162,7 +162,10 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
         strip = Image.fromarray(np.repeat(ramp[None], max(4, unit // 2), axis=0))
         # All zeros: nothing raised the explained class's score (Grad-CAM's map is flat after its ReLU), which happens
         # when P lies between 0.5 and the threshold. Said, so that a plain image is not misread.
-        legend = "heatmap: where the model looked" if item.heatmap.any() else "heatmap: flat, no region raised it"
+        legend = ("heatmap: flat, no region raised it" if not item.heatmap.any() else
+                  # P between 0.5 and the threshold: the map is of the label, which the output leans away from
+                  f"heatmap of {CLASS_NAMES[predicted]}; output leans {CLASS_NAMES[1 - predicted]}"
+                  if leans_away(item.prob, predicted) else "heatmap: where the model looked")
         draw.text((x0, legend_y - round(unit * 0.95)), legend, font=small, fill=DIM)
         im.paste(strip, (x0, legend_y))
         draw.text((x0, legend_y + strip.height + 1), "low", font=small, fill=DIM)

@@ -143,7 +143,10 @@ function render(card, res) {
     box.checked = showHeat.checked;
     box.addEventListener("change", () => setPicture(card, box.checked));
     setPicture(card, box.checked);
-    if (res.heatmap.flat) $(".heatnote", card).textContent = `Heatmap ${res.heatmap_note}.`;
+    // Flat, or the output leaning away from the label the map explains (P between 0.5 and the threshold).
+    if (res.heatmap_note) {
+      $(".heatnote", card).textContent = res.heatmap.flat ? `Heatmap ${res.heatmap_note}.` : `Heatmap: ${res.heatmap_note}.`;
+    }
   } else {
     $(".heatnote", card).textContent = `No heatmap: ${res.heatmap_note || "not available"}.`;
     setPicture(card, false);
