@@ -200,6 +200,11 @@ def test_a_test_split_that_shares_images_or_patients_with_train_is_said_to(tmp_p
     assert "patient_pattern '^(nothing)/' matched none of the" in proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["n_seen_in_training"] == 1 and "n_seen_in_training" not in metrics["val"]
+    assert metrics["test"]["n_sharing_patients"] == 1  # in the metrics and the report, not only in the log
+    from cxr.report import make_report
+
+    page = make_report(run, video=False, heatmaps=False).read_text()
+    assert "images of patients who have training or validation images</strong>: test 1 of 10" in page
     # The dataset's own val folder (--val-source folder) was not compared with train: a hospital's export with one
     # image of each patient in each folder trained and chose its threshold on the same patients without a word. And
     # one picture under both classes went by unsaid.

@@ -453,6 +453,39 @@ def test_images_the_model_was_trained_on_are_counted_and_named(tmp_path, tiny_da
     assert "which the bundled model was trained on (this model was fine-tuned from it)" in caplog.text
 
 
+def test_copies_by_name_and_shared_patients_of_a_runs_images_are_counted_wherever_evaluated(tmp_path):
+    # Kermany's full-resolution originals of a run's 224 px training images, evaluated as another dataset's val
+    # split, were reported as 0 seen in training: digests only, and no split named train or val was looked at.
+    from cxr.config import load_config
+    from cxr.data import Sample, write_split_csv
+    from cxr.evaluate import count_development, development_images
+    from cxr.model import Checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_split_csv(run / "split.csv", {
+        "train": [Sample("/d/train/PNEUMONIA/person1034_bacteria_2966.jpeg", 1, "person1034", "aaa"),
+                  Sample("/d/train/NORMAL/a/IM-0001-0001.dcm", 0, "dicom:x1", "bbb"),
+                  Sample("/d/train/NORMAL/b/IM-0001-0001.dcm", 0, "dicom:x2", "ccc")],
+        "val": [Sample("/d/train/NORMAL/IMG_7.png", 0, "IMG_7", "ddd")],
+        "test": [Sample("/d/test/NORMAL/t.png", 0, "t", "eee")]})
+    ckpt = Checkpoint("resnet18", {}, load_config(overrides={"image_size": 32, "arch": "resnet18"}),
+                      path=str(run / "best.pt"))
+    dev = development_images(ckpt, "0123456789ab")
+    other = [Sample("/o/val/PNEUMONIA/person1034_bacteria_2966.jpeg", 1, "person1034", "zzz1"),  # a resized copy
+             Sample("/o/val/PNEUMONIA/person1034_bacteria_2967.jpeg", 1, "person1034", "zzz2"),  # the same patient
+             Sample("/o/val/NORMAL/c/IM-0001-0001.dcm", 0, "dicom:x3", "zzz3"),  # a name the run holds twice
+             Sample("/o/val/NORMAL/IMG_7.png", 0, "IMG_7", "ddd")]  # a byte-identical copy
+    assert count_development(dev, "val", other) == {"n_seen_in_training": 1, "n_named_as_training": 1,
+                                                     "n_sharing_patients": 2}
+    # The run's own train and val images, evaluated where they are: expected, not counted.
+    own = [Sample("/d/train/PNEUMONIA/person1034_bacteria_2966.jpeg", 1, "person1034", "aaa"),
+           Sample("/d/train/NORMAL/IMG_7.png", 0, "IMG_7", "ddd")]
+    assert count_development(dev, "train", own) == {}
+    assert count_development(dev, "test", own) == {"n_seen_in_training": 2, "n_named_as_training": 0,
+                                                    "n_sharing_patients": 1}
+
+
 def test_images_the_model_saw_are_found_in_any_format_and_through_fine_tuning(tmp_path):
     # The bundled model's training images were matched by their exact file name: the same X-ray saved as DICOM or
     # PNG went uncounted (4 of 16 Kermany val images found). And a model fine-tuned from a run (--weights RUN) was

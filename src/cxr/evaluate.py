@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,21 +301,45 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
 BUNDLED_TRAINING_NAMES = Path(__file__).resolve().parent / "weights" / "kermany-224-trainval-names.txt.gz"
 
 
-def development_images(ckpt, mid: str):
-    """Where it can be told, a function giving how many images of an evaluated split the model was trained or
-    validated on (``(split name, samples) -> int or None``), and one saying what they are (``split name -> str``);
-    else None.
+@dataclass
+class Development:
+    """What can be told of the images a model was trained or validated on (:func:`development_images`).
+
+    ``count(split, samples)``: how many of the samples are such images by content (or, for the bundled model, by the
+    published names); ``what(split)`` says what they are. ``named`` and ``sharing``: of the other samples, how many
+    have the file name of one (a resized or re-encoded copy, such as Kermany's full-resolution originals of its 224 px
+    copies, is no byte-identical file), and how many belong to a patient who has images there. Each is None where it
+    cannot be told for the split.
+    """
+
+    count: Callable[[str, list], int | None]
+    what: Callable[[str], str]
+    named: Callable[[str, list], int | None] = lambda split, samples: None
+    sharing: Callable[[str, list], int | None] = lambda split, samples: None
+
+    def __iter__(self):  # count, what = development_images(...)
+        return iter((self.count, self.what))
+
+
+def development_images(ckpt, mid: str) -> Development | None:
+    """Where it can be told, how many images of an evaluated split the model was trained or validated on (a
+    :class:`Development`); else None.
 
     - The bundled model, and a model fine-tuned from it (``--weights default``): images with the file names of
       Kermany's official train and val splits, the images it was developed on. A copy of the Kaggle or Mendeley
       dataset keeps those names; its ``train`` folder is no test of this model. (By name, since those originals are
       not byte for byte the 224 px copies it was trained on.)
-    - A model in a run directory: images whose content digest is that of one in its ``split.csv``'s train or val,
-      in splits named otherwise (its own ``train`` and ``val`` are expected to be so).
+    - A model in a run directory (and the runs it was fine-tuned from): images whose content digest is that of one in
+      its ``split.csv``'s train or val; besides, images with the name of one there (a name the run's train and val
+      hold once: ``IM-0001-0001`` in every patient's folder of an OsiriX export is no one image), and images of
+      patients with images there (patient ids read from names, DICOM headers or the run's pattern, not a file's own
+      name). The run's own train and val images, evaluated where they are, are not counted: they are expected to be
+      so. The name and patient counts had been missing: the Kermany originals of a run's 224 px training images had
+      been reported as 0 of 16 seen.
     """
     import gzip
 
-    from cxr.data import read_split_csv
+    from cxr.data import patient_from_name_only, read_split_csv
     from cxr.export import file_sha256
     from cxr.model import BUNDLED_MODEL
 
@@ -329,31 +354,92 @@ def development_images(ckpt, mid: str):
                        "named as images of the official Kermany train and val splits, which the bundled model was "
                        "trained on" + ("" if bundled else " (this model was fine-tuned from it)")))
     record = Path(ckpt.path).parent / "split.csv" if ckpt.path and not bundled else None
+    own_paths: set[str] = set()  # the run's own train and val images, where it recorded them
+    digests: set[str] = set()
+    name_counts: dict[str, int] = {}
+    patients: set[str] = set()
     for path, own in ([(record, True)] if record is not None else []) + [(b, False) for b in bases]:
         if not path.is_file():
             continue
         try:
-            seen = {s.digest for name in ("train", "val") for s in read_split_csv(path).get(name, []) if s.digest}
+            development = [s for name in ("train", "val") for s in read_split_csv(path).get(name, [])]
         except (OSError, ValueError, KeyError, csv.Error) as e:
             log.warning("%s: not readable (%s), so images this model was trained on cannot be told", path, e)
             continue
-        # Its own train and val are expected to be so; a base run's are in every split (a fine-tuned run's carved
-        # val held the base run's images, and scored 1.000 without a word).
-        checks.append(((lambda split: split not in ("train", "val")) if own else (lambda split: True),
-                       lambda s, seen=seen: s.digest in seen,
+        seen = {s.digest for s in development if s.digest}
+        if own:
+            own_paths = {s.path for s in development}
+        digests |= seen
+        for s in development:
+            key = _name_key(Path(s.path).name)
+            name_counts[key] = name_counts.get(key, 0) + 1
+        patients |= {s.patient for s in development if not patient_from_name_only(s)}
+        # A base run's images count in every split (a fine-tuned run's carved val held the base run's images, and
+        # scored 1.000 without a word).
+        checks.append((lambda split: True, lambda s, seen=seen: s.digest in seen,
                        f"in the train or val split of the run that trained the model ({path})" if own else
                        f"in the train or val split of a run it was fine-tuned from ({path})"))
     if not checks:
         return None
 
+    def others(split: str, samples) -> list | None:
+        """The samples to judge: not the run's own train and val images in its train or val split, where they are
+        expected; None when that leaves none (the run's own train split, say)."""
+        if split in ("train", "val") and own_paths:
+            samples = [s for s in samples if s.path not in own_paths]
+            if not samples:
+                return None
+        return list(samples)
+
     def count(split: str, samples) -> int | None:
+        judged = others(split, samples)
         mine = [is_one for applies, is_one, _ in checks if applies(split)]
-        return sum(any(f(s) for f in mine) for s in samples) if mine else None
+        return sum(any(f(s) for f in mine) for s in judged) if mine and judged is not None else None
 
     def what(split: str) -> str:  # only the checks that apply to the split
         return ", or ".join(w for applies, _, w in checks if applies(split))
 
-    return count, what
+    unique = {key for key, n in name_counts.items() if n == 1}
+
+    def named(split: str, samples) -> int | None:
+        judged = others(split, samples)
+        if judged is None or not unique:
+            return None
+        return sum(not (s.digest and s.digest in digests) and _name_key(Path(s.path).name) in unique for s in judged)
+
+    def sharing(split: str, samples) -> int | None:
+        judged = others(split, samples)
+        if judged is None or not patients:
+            return None
+        return sum(not patient_from_name_only(s) and s.patient in patients for s in judged)
+
+    return Development(count, what, named, sharing)
+
+
+def count_development(developed_on: Development, split: str, samples) -> dict[str, int]:
+    """A split's counts of :class:`Development` as its metrics record them (``n_seen_in_training``,
+    ``n_named_as_training``, ``n_sharing_patients``: those that can be told), each said in a warning when not 0."""
+    out = {}
+    for key, n in (("n_seen_in_training", developed_on.count(split, samples)),
+                   ("n_named_as_training", developed_on.named(split, samples)),
+                   ("n_sharing_patients", developed_on.sharing(split, samples))):
+        if n is not None:
+            out[key] = n
+    seen, named, sharing = (out.get(k, 0) for k in ("n_seen_in_training", "n_named_as_training",
+                                                     "n_sharing_patients"))
+    if seen:
+        log.warning("%s split: %d of its %d images are %s, so its metrics there overstate how the model does on new "
+                    "images", split, seen, len(samples), developed_on.what(split))
+    if named:
+        log.warning("%s split: %d of its %d images have the file names of images in the train or val split of the "
+                    "run that trained the model (or one it was fine-tuned from), though not their bytes: if they are "
+                    "the same X-rays (resized or re-encoded copies), its metrics there overstate how the model does "
+                    "on new images", split, named, len(samples))
+    if sharing:
+        log.warning("%s split: %d of its %d images belong to patients who have images in the train or val split of "
+                    "the run that trained the model (by the patient ids in its split.csv): its metrics there "
+                    "overstate how the model does on new patients", split, sharing, len(samples))
+    return out
 
 
 def _name_key(name: str) -> str:
@@ -459,13 +545,8 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
                                 "threshold_source": "model" if threshold is None else "given",
                                 "model": model_ref, "model_id": mid, "data": str(Path(data).resolve()),
                                 "inference_dtype": "bfloat16" if bf16 else "float32"}
-        seen = developed_on[0](split.name, prepared.samples) if developed_on else None
-        if seen is not None:
-            failures[split.name]["n_seen_in_training"] = seen
-        if seen:
-            log.warning("%s split: %d of its %d images are %s, so its metrics there overstate how it does on new "
-                        "images", split.name,
-                        seen, len(prepared.samples), developed_on[1](split.name))
+        if developed_on is not None:
+            failures[split.name].update(count_development(developed_on, split.name, prepared.samples))
     if not results:
         name, n, reason = unusable
         raise DataError(f"{data}: none of the {n} images of split {name!r} could be read (first: {reason})")

@@ -891,6 +891,16 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
         facts.append("<li><strong>images the model was trained or validated on</strong>: "
                      f"{html.escape(', '.join(seen))}; its metrics on those splits overstate how it does on new "
                      "images</li>")
+    # The training log had said these; the report, which is what is shown, had not.
+    for key, text, after in (
+            ("n_named_as_training", "images with the file names of training or validation images",
+             "not byte-identical to them; if they are the same X-rays (resized or re-encoded copies), the metrics "
+             "there overstate how the model does on new images"),
+            ("n_sharing_patients", "images of patients who have training or validation images",
+             "the metrics there overstate how the model does on new patients")):
+        counted = [f"{display_name(s)} {m[key]} of {m['n']}" for s, m in art.metrics.items() if m.get(key)]
+        if counted:
+            facts.append(f"<li><strong>{text}</strong>: {html.escape(', '.join(counted))}; {after}</li>")
     dtypes = list(dict.fromkeys(m["inference_dtype"] for m in art.metrics.values() if m.get("inference_dtype")))
     if dtypes:
         facts.append(f"<li>predictions computed in {html.escape(', '.join(dtypes))}</li>")

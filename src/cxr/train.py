@@ -1176,17 +1176,13 @@ def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config,
     extra = {r.name: {"inference_dtype": "float32"} for r in results}
     # As `cxr evaluate` counts them: test images this model (or the one it was fine-tuned from) was trained or
     # validated on. The run's own metrics had carried no such count, nor its report a word.
-    from cxr.evaluate import development_images
+    from cxr.evaluate import count_development, development_images
     from cxr.export import model_id
 
     developed_on = development_images(best, model_id(best))
     for name, p in prepared.items():
         # Not its own train split: trained on, of course, whichever run's images it holds too.
-        seen = developed_on[0](name, p.samples) if developed_on and name in extra and name != "train" else None
-        if seen is not None:
-            extra[name]["n_seen_in_training"] = seen
-        if seen:
-            log.warning("%s split: %d of its %d images are %s, so its metrics there overstate how the model does on "
-                        "new images", name, seen, len(p.samples), developed_on[1](name))
+        if developed_on is not None and name in extra and name != "train":
+            extra[name].update(count_development(developed_on, name, p.samples))
     return write_evaluation(run_dir, results, best.threshold, extra=extra), best
 
