@@ -96,6 +96,31 @@ def test_onnx_file_carries_the_preprocessing_contract(exported):
     dims = [d.dim_value or d.dim_param for d in inp.type.tensor_type.shape.dim]
     assert dims[1:] == [1, SIZE, SIZE] and isinstance(dims[0], str)  # any batch size
     assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+    assert any("EXIF Orientation" in step for step in contract["decoding"])  # it had said "grey levels 0-255" alone
+
+
+def test_the_contracts_stretch_as_written_gives_cxrs_pixels(tmp_path):
+    # A system without cxr follows the contract's words: a 12-bit image in a 16-bit PNG, with a hot and a dead pixel
+    # and 1.5 million pixels (so the sample is every n-th), decoded as written, must be what cxr decodes.
+    from PIL import Image
+
+    from cxr.export import DECODING
+    from cxr.images import read_grayscale
+
+    assert any("0.01th and 99.99th percentile" in step for step in DECODING)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(200, 3800, (1000, 1500)).astype(np.uint16)
+    raw[3, 7], raw[9, 11] = 65535, 0
+    Image.fromarray(raw).save(tmp_path / "x.png")
+    flat = raw.reshape(-1)
+    n = max(1, flat.size // 1_000_000)
+    while np.gcd(n, raw.shape[1]) != 1:
+        n += 1
+    sample = np.sort(flat[::n])
+    k = int(np.floor(0.0001 * sample.size))
+    lo, hi = float(sample[k]), float(sample[sample.size - 1 - k])
+    expected = np.clip(np.rint((raw.astype(np.float32) - lo) * np.float32(255.0 / (hi - lo))), 0, 255)
+    np.testing.assert_array_equal(read_grayscale(tmp_path / "x.png"), expected.astype(np.uint8))
 
 
 def test_torchscript_matches_pytorch_and_carries_the_contract(exported, tmp_path):

@@ -143,6 +143,31 @@ def model_card(ckpt: Checkpoint, *, id_: str | None = None) -> dict[str, Any]:
     return card
 
 
+# How cxr turns a file into the grey levels the graph takes (cxr.images.load_image does all of it; its module
+# docstring is the reference): what an exported model's contract tells a system that has no cxr.
+DECODING = [
+    "The format is found from the content (JPEG, PNG or DICOM), not the file's extension.",
+    "JPEG and PNG: an EXIF Orientation tag is applied first (the image turned upright, as viewers show it).",
+    "8-bit JPEG and PNG of any mode (L, RGB, RGBA, P, LA, CMYK): PIL's convert('L'), ITU-R 601 luma with alpha "
+    "dropped; the values are kept as stored, not stretched.",
+    "More than 8 bits (16-bit PNG, 32-bit integer or float): stretched linearly to 0..255 between the image's "
+    "0.01th and 99.99th percentile (its min and max where those are equal), rounded to the nearest integer and "
+    "clipped. cxr takes the percentiles from every n-th pixel (n = size // 1,000,000 at least 1, raised until it "
+    "shares no factor with the row length), sorted, the values at 0-based positions k and count - 1 - k with "
+    "k = floor(0.0001 x count) (where k is 0, or those two are equal: min and max); np.percentile of all pixels "
+    "differs by about a grey level at most.",
+    "DICOM: the modality LUT (Rescale Slope and Intercept, or a Modality LUT Sequence), then the VOI LUT or the "
+    "first window (Window Center/Width, VOI LUT Function), as DICOM PS3.3 C.11.2 defines them (an enhanced DICOM's "
+    "from its functional groups); MONOCHROME1, and MONOCHROME2 under an INVERSE Presentation LUT Shape, inverted "
+    "(max - value) so that bone is bright; then the stretch of the previous step, leaving out pixels marked as "
+    "padding (Pixel Padding Value and Range Limit), which become 0. Colour DICOM: ITU-R 601 luma; PALETTE COLOR: "
+    "its palette's luma. Multi-frame: the first frame.",
+    "An image whose pixels all have one value (before or after these steps) is refused: nothing to classify.",
+    "Then the square resize (input.meaning) to image_size; with draft true, a JPEG is first decoded by PIL's "
+    "draft(mode 'L', (image_size, image_size)), which lets the decoder scale it down by 1/2, 1/4 or 1/8.",
+]
+
+
 def contract(ckpt: Checkpoint) -> dict[str, Any]:
     """Everything a consumer of an exported file needs besides the graph (see the module docstring)."""
     cfg = ckpt.config
@@ -164,7 +189,14 @@ def contract(ckpt: Checkpoint) -> dict[str, Any]:
                   "meaning": "grey levels 0-255, square-resized with PIL bicubic (aspect ratio not kept; a JPEG "
                              "decoded in draft mode first where draft is true); the graph normalises "
                              "(x / 255 - mean) / std itself"},
-        "outputs": {"logits": "float32 (N, C)", "probabilities": "float32 (N, C), softmax, class_names order"},
+        # Every step of the decoding that changes the pixels, so that a system without cxr can prepare them: the
+        # contract had said "grey levels 0-255" alone, and a 12-bit PNG read by PIL as "L" gave P 1.000 where cxr
+        # gave 0.269, a DICOM window min-maxed by hand P 0.975 where cxr gave 0.269, a JPEG with EXIF Orientation 6
+        # P 0.001 where cxr gave 0.272.
+        "decoding": DECODING,
+        "outputs": {"logits": "float32 (N, C)", "probabilities": "float32 (N, C), softmax, class_names order",
+                    "form": "ONNX: two outputs named logits and probabilities; TorchScript: the tuple "
+                            "(logits, probabilities)"},
         "decision": f"{ckpt.class_names[-1]} when probabilities[:, -1] >= threshold",
         "model_card": model_card(ckpt, id_=id_),
     }

@@ -379,7 +379,9 @@ class Checkpoint:
     def preprocessing(self) -> dict[str, Any]:
         """How an image must be prepared for this model."""
         return {"image_size": self.config.image_size, "mean": self.config.mean, "std": self.config.std,
-                "channels": 1, "resize": "bicubic to a square, aspect ratio not kept", "input": "uint8 grey / 255"}
+                "channels": 1, "resize": "bicubic to a square, aspect ratio not kept",
+                "input": "uint8 grey levels as cxr.images.load_image decodes them (an exported model's contract "
+                         "lists the steps under decoding) / 255"}
 
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
         """The model with these weights, in eval mode, on ``device``."""
