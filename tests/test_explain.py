@@ -370,3 +370,33 @@ def test_a_loaded_checkpoint_is_a_model_for_the_library_functions(tmp_path):
     assert metrics["test"]["n"] == 16
     assert metrics["test"]["model"] == "(a Checkpoint in memory)"  # not the current folder, which its path "" was
     assert create_app(ckpt, device="cpu").title
+
+
+def test_an_interrupted_explain_lists_the_pictures_it_made(tmp_path, monkeypatch):
+    # Ctrl-C after some pictures left them beside no explanations.csv, or beside an earlier run's describing others.
+    import cxr.explain
+
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5),
+                    tmp_path / "m.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "explanations.csv").write_text("path\nsomething-else.jpeg\n")
+    real, calls = cxr.explain._explanation_figure, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cxr.explain, "_explanation_figure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        explain_files(tmp_path / "m.pt", FILES[:3], out, device="cpu", batch_size=1)
+    from pathlib import Path
+
+    from .conftest import read_csv
+
+    rows = read_csv(out / "explanations.csv")
+    assert [r["path"] for r in rows] == [str(FILES[0])] and rows[0]["output"].endswith("_gradcam.png")
+    assert sorted(p.name for p in out.glob("*_gradcam.png")) == [Path(rows[0]["output"]).name]

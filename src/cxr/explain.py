@@ -251,48 +251,51 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     indexed: list[tuple[int, Explanation]] = []  # by position in `files`: a file named twice is two rows in place
-    for start in range(0, len(files), batch_size):
-        images, good = [], []
-        for i, f in enumerate(files[start:start + batch_size], start):
-            try:
-                images.append(load_image(f, cfg.image_size, max_pixels=cfg.max_pixels, draft=cfg.draft))
-                good.append((i, f))
-            except ImageError as e:
-                log.warning("skipping unreadable image: %s", e)
-                indexed.append((i, Explanation(str(f), None, None, None, error=str(e))))
-        if not images:
-            continue
-        stack = np.stack(images)
-        # The prediction uses the checkpoint's threshold, so the explained class is the one the user is shown.
-        with exact_fp32(dev, enabled=not bf16):
-            probs = probabilities(predict_logits(net, stack, mean=cfg.mean, std=cfg.std, device=dev, bf16=bf16,
-                                                 channels_last=channels_last))
-        predicted = (probs >= t).astype(np.int64)
-        classes = predicted if target == "predicted" else np.full(len(stack), names.index(target.upper()))
-        heats, _ = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=classes,
-                                       batch_size=batch_size)
-        for (i, f), im, heat, prob, pred, cls in zip(good, stack, heats, probs, predicted, classes, strict=True):
-            out = out_dir / _unique_name(f, used)
-            d = threshold_decimals(t, [prob])
-            # Three lines: on two, a flat map's note ran past both edges of the picture, and "flat" was cut off.
-            title = (f"{display_name(f.name)}\npredicted {ckpt.class_names[pred]}   "
-                     f"P(pneumonia) {prob_text(prob, t, d)}   threshold {t:.{d}f}\n"
-                     + (f"heatmap: evidence for {ckpt.class_names[cls]}" if heat.any() else
-                        f"heatmap: flat, no region raised the score of {ckpt.class_names[cls]}")
-                     # P between 0.5 and the threshold: a bright map had read as the reason for a label the
-                     # model's own output leans away from.
-                     + (f"; the output leans {ckpt.class_names[1 - cls]}" if leans_away(prob, cls) else ""))
-            _explanation_figure(im, heat, title=title, path=out)
-            indexed.append((i, Explanation(str(f), str(out), float(prob), ckpt.class_names[pred])))
-    rows = [e for _, e in sorted(indexed, key=lambda r: r[0])]
     mid = model_id(ckpt)
-    with atomic_path(out_dir / "explanations.csv") as tmp, open(tmp, "w", **CSV_TEXT) as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "prob_pneumonia", "predicted", "output", "error", "threshold", "model_id", "note"])
-        for e in rows:  # probabilities to the last bit, as `cxr predict` writes them
-            prob = "" if e.prob_pneumonia is None else repr(e.prob_pneumonia)
-            path, output, error = spreadsheet_cells(e.path, e.output or "", e.error or "")
-            w.writerow([path, prob, e.predicted or "", output, error, repr(float(t)), mid, DISCLAIMER])
+    try:
+        for start in range(0, len(files), batch_size):
+            images, good = [], []
+            for i, f in enumerate(files[start:start + batch_size], start):
+                try:
+                    images.append(load_image(f, cfg.image_size, max_pixels=cfg.max_pixels, draft=cfg.draft))
+                    good.append((i, f))
+                except ImageError as e:
+                    log.warning("skipping unreadable image: %s", e)
+                    indexed.append((i, Explanation(str(f), None, None, None, error=str(e))))
+            if not images:
+                continue
+            stack = np.stack(images)
+            # The prediction uses the checkpoint's threshold, so the explained class is the one the user is shown.
+            with exact_fp32(dev, enabled=not bf16):
+                probs = probabilities(predict_logits(net, stack, mean=cfg.mean, std=cfg.std, device=dev, bf16=bf16,
+                                                     channels_last=channels_last))
+            predicted = (probs >= t).astype(np.int64)
+            classes = predicted if target == "predicted" else np.full(len(stack), names.index(target.upper()))
+            heats, _ = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=classes,
+                                           batch_size=batch_size)
+            for (i, f), im, heat, prob, pred, cls in zip(good, stack, heats, probs, predicted, classes, strict=True):
+                out = out_dir / _unique_name(f, used)
+                d = threshold_decimals(t, [prob])
+                # Three lines: on two, a flat map's note ran past both edges of the picture, and "flat" was cut off.
+                title = (f"{display_name(f.name)}\npredicted {ckpt.class_names[pred]}   "
+                         f"P(pneumonia) {prob_text(prob, t, d)}   threshold {t:.{d}f}\n"
+                         + (f"heatmap: evidence for {ckpt.class_names[cls]}" if heat.any() else
+                            f"heatmap: flat, no region raised the score of {ckpt.class_names[cls]}")
+                         # P between 0.5 and the threshold: a bright map had read as the reason for a label the
+                         # model's own output leans away from.
+                         + (f"; the output leans {ckpt.class_names[1 - cls]}" if leans_away(prob, cls) else ""))
+                _explanation_figure(im, heat, title=title, path=out)
+                indexed.append((i, Explanation(str(f), str(out), float(prob), ckpt.class_names[pred])))
+    except BaseException:
+        # Interrupted (Ctrl-C) or failed: the pictures made so far are listed, not left beside no explanations.csv
+        # (or beside an earlier run's, which describes other files).
+        if indexed:
+            _write_explanations(out_dir, [e for _, e in sorted(indexed, key=lambda r: r[0])], t, mid)
+            log.warning("stopped after %d of %d file(s): %s lists those", len(indexed), len(files),
+                        out_dir / "explanations.csv")
+        raise
+    rows = [e for _, e in sorted(indexed, key=lambda r: r[0])]
+    _write_explanations(out_dir, rows, t, mid)
     done = [e for e in rows if e.error is None]
     ours = {Path(e.output).name for e in done}
     stale = sorted(p.name for p in out_dir.glob(f"*{EXPLAIN_SUFFIX}") if p.name not in ours)
@@ -303,3 +306,14 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
         raise DataError(f"none of the {len(rows)} file(s) could be read (each error is in "
                         f"{out_dir / 'explanations.csv'}); the first: {rows[0].error}")
     return [Path(e.output) for e in done]
+
+
+def _write_explanations(out_dir: Path, rows: list[Explanation], threshold: float, mid: str) -> None:
+    """``explanations.csv``: one row per file, in input order."""
+    with atomic_path(out_dir / "explanations.csv") as tmp, open(tmp, "w", **CSV_TEXT) as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "prob_pneumonia", "predicted", "output", "error", "threshold", "model_id", "note"])
+        for e in rows:  # probabilities to the last bit, as `cxr predict` writes them
+            prob = "" if e.prob_pneumonia is None else repr(e.prob_pneumonia)
+            path, output, error = spreadsheet_cells(e.path, e.output or "", e.error or "")
+            w.writerow([path, prob, e.predicted or "", output, error, repr(float(threshold)), mid, DISCLAIMER])
