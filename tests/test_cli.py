@@ -1696,8 +1696,9 @@ def test_log_lines_show_control_characters_as_escapes_and_keep_their_own_lines()
 def test_metrics_never_read_as_certain_unless_they_are():
     from cxr.predict import score_text
 
-    assert [score_text(x) for x in (0.9996, 0.99999949, 0.9999999999999999, 1e-17, 1.0, 0.0)] == [
-        "0.9996", "0.999999", "1.000", "0.000", "1.000", "0.000"]
+    assert [score_text(x) for x in (0.9996, 0.99999949, 0.9999999999999999, 1e-17, 1.0, 0.0, 0.9999999,
+                                    1 - 1 / 32_000**2 * 1.1, 3e-7)] == [
+        "0.9996", "0.999999", "1.000", "0.000", "1.000", "0.000", ">0.999999", ">0.999999", "<0.000001"]
 
 
 

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn import metrics as skm
 
 from cxr.evaluate import SplitResult, choose_threshold, compute_metrics, write_evaluation
@@ -46,7 +47,14 @@ def test_calibration_metrics_of_certain_and_one_class_predictions():
     m = compute_metrics(np.array([0, 1, 1]), np.array([0.0, 1.0, 1.0]), 0.5)
     assert m["brier"] == 0 and m["ece"] == 0 and m["log_loss"] == pytest.approx(0, abs=1e-12)
     wrong = compute_metrics(np.array([0, 1]), np.array([1.0, 0.0]), 0.5)  # certain and wrong: large, but finite
-    assert wrong["brier"] == 1 and wrong["ece"] == 1 and 30 < wrong["log_loss"] < 40
+    assert wrong["brier"] == 1 and wrong["ece"] == 1 and wrong["log_loss"] == pytest.approx(-np.log(5.96e-8), rel=1e-3)
+    # A float32 softmax resolves P near 1 to 6e-8 only: a NORMAL image at a logit gap of 17 (P rounds to 1.0) cost
+    # 34.5 and a PNEUMONIA image at the same gap 17.0. Clipped alike on both sides, each costs the same.
+    from cxr.evaluate import probabilities
+
+    p = probabilities(torch.tensor([[-8.5, 8.5], [8.5, -8.5]]))
+    one_way, other_way = (compute_metrics(np.array([y]), p[i:i + 1], 0.5)["log_loss"] for i, y in ((0, 0), (1, 1)))
+    assert one_way == pytest.approx(other_way, rel=1e-6) and 16 < one_way < 17
     one = compute_metrics(np.ones(4, int), np.array([0.5, 0.5, 1.0, 1.0]), 0.5)
     assert one["brier"] == pytest.approx(0.125) and one["log_loss"] == pytest.approx(np.log(2) / 2)
 
@@ -204,11 +212,28 @@ def test_each_resample_gets_the_metrics_compute_metrics_gives_it():
                 m = compute_metrics(labels[idx], probs[idx], 0.5)
                 for k in CI_METRICS:
                     values[k].append(m[k])
-        return {k: [np.percentile(v, 2.5), np.percentile(v, 97.5)] for k, v in values.items()}
+        return values
 
-    ci, want = bootstrap_ci(labels, probs, 0.5, n_boot=300), sklearn_bootstrap(300)
+    from cxr.evaluate import _bootstrap_values
+
+    got, want = _bootstrap_values(resampler, labels, np.arange(300), 300, 0), sklearn_bootstrap(300)
     for k in CI_METRICS:
-        assert ci[k] == pytest.approx(want[k], rel=1e-12), k
+        assert got[k] == pytest.approx(want[k], rel=1e-12), k
+    assert all(lo <= compute_metrics(labels, probs, 0.5)[k] <= hi for k, (lo, hi) in bootstrap_ci(
+        labels, probs, 0.5, n_boot=300).items())
+
+
+def test_bca_intervals_are_scipys():
+    # BCa, as scipy.stats.bootstrap computes it (its default method), from the same resamples and jackknife.
+    from scipy.stats import bootstrap
+
+    from cxr.evaluate import _bca
+
+    x = np.random.default_rng(5).exponential(size=60)  # skewed: the bias and acceleration matter
+    res = bootstrap((x,), np.mean, n_resamples=2000, method="BCa", random_state=np.random.default_rng(1))
+    jack = np.array([np.delete(x, i).mean() for i in range(len(x))])
+    ours = _bca(res.bootstrap_distribution, float(x.mean()), jack, 0.95)
+    assert ours == pytest.approx([res.confidence_interval.low, res.confidence_interval.high], rel=1e-9)
 
 
 def test_rates_get_wilson_intervals_that_never_collapse_at_0_or_1(scores):
@@ -251,22 +276,21 @@ def _bootstrap_redrawing_one_class_resamples(labels, probs, threshold, n_boot, s
         m = compute_metrics(labels[idx], probs[idx], threshold)
         for k in CI_METRICS:
             values[k].append(np.nan if m[k] is None else m[k])
-    return {k: None if np.isnan(v).all() else [np.nanpercentile(v, 2.5), np.nanpercentile(v, 97.5)]
-            for k, v in values.items()}
+    return values
 
 
 @pytest.mark.parametrize("n", [10, 20])
 def test_bootstrap_ci_of_an_imbalanced_set_redraws_resamples_that_lack_a_class(n):
     # One PNEUMONIA image in n: about a third (n = 10) of resamples hold none. They must be redrawn, not counted: kept,
     # they gave AUROC fewer resamples than asked and pulled accuracy, specificity and F1 towards the NORMAL-only case.
-    from cxr.evaluate import bootstrap_ci
+    from cxr.evaluate import _bootstrap_values, _Resampler
 
     labels = np.r_[np.zeros(n - 1, int), 1]
     probs = np.r_[np.linspace(0.05, 0.7, n - 1), 0.6]
-    ci, want = bootstrap_ci(labels, probs, 0.5, n_boot=400), _bootstrap_redrawing_one_class_resamples(labels, probs,
-                                                                                                      0.5, 400)
-    for k, interval in want.items():
-        assert ci[k] == (None if interval is None else pytest.approx(interval, rel=1e-12, abs=1e-12)), k
+    got = _bootstrap_values(_Resampler(labels, probs, 0.5), labels, np.arange(n), 400, 0)
+    want = _bootstrap_redrawing_one_class_resamples(labels, probs, 0.5, 400)
+    for k, values in want.items():
+        assert got[k] == pytest.approx(values, rel=1e-12, abs=1e-12, nan_ok=True), k
 
 
 def test_threshold_of_a_one_class_validation_set_is_one_half():
@@ -520,3 +544,24 @@ def test_images_the_model_saw_are_found_in_any_format_and_through_fine_tuning(tm
     assert "fine-tuned from it" in what("val")  # and through it, the bundled model's names
     assert count("test", [Sample("/e/IM-0115-0001.jpeg.dcm", 0, "p")]) == 1  # a converter's double extension
     assert count("test", [Sample("/e/NORMAL2-IM-1427-0001.png", 0, "p")]) == 1
+
+
+def test_intervals_resample_patients_so_copies_of_an_image_add_no_certainty():
+    # Images of one patient go together: each image of a set written three times over under its own patient gives
+    # the intervals of the set itself, where resampling the 3n images as independent made them ~1.7 times narrower.
+    from cxr.evaluate import confidence_intervals
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 2, 120)
+    probs = np.clip(labels * 0.3 + rng.random(120) * 0.7, 0, 1)
+    alone = confidence_intervals(labels, probs, 0.5, n_boot=300)
+    tripled = np.repeat(labels, 3), np.repeat(probs, 3)
+    by_patient = confidence_intervals(*tripled, 0.5, n_boot=300, patients=np.repeat(np.arange(120), 3).astype(str))
+    by_image = confidence_intervals(*tripled, 0.5, n_boot=300)
+    for k in ("f1", "auroc", "auprc"):  # the same resamples, weighted three times: the same intervals
+        assert by_patient[k] == pytest.approx(alone[k], rel=1e-12), k
+    for k in ("accuracy", "sensitivity", "specificity", "precision"):  # Wilson over n_eff = n - 1 of the patients
+        assert by_patient[k] == pytest.approx(alone[k], abs=2e-3), k
+        assert by_image[k][1] - by_image[k][0] < 0.65 * (alone[k][1] - alone[k][0]), k
+    # One image per patient is the image bootstrap itself.
+    assert confidence_intervals(labels, probs, 0.5, n_boot=300, patients=[f"p{i}" for i in range(120)]) == alone

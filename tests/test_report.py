@@ -624,3 +624,18 @@ def test_a_report_that_failed_midway_or_an_older_cxrs_report_is_still_cleaned_up
     assert "history.png" in listed and "confusion_test.png" in listed and "notes.png" not in listed
     assert remove_report(run) is True
     assert [p.name for p in (run / "report").iterdir()] == ["notes.png"]
+
+
+def test_the_reliability_diagram_bins_as_the_error_does_and_draws_no_line_over_an_empty_bin():
+    # np.histogram's float edges put 0.3, 0.6 and 0.7 a bin below the ECE's floor(p * 10); and the line went straight
+    # across an empty bin, as if there were images there.
+    probs = np.array([0.05, 0.15, 0.3, 0.3, 0.35, 0.6])  # bins 0, 1, 3, 3, 3, 6: bin 2 and bins 4-5 empty
+    labels = np.array([0, 0, 1, 0, 1, 1])
+    fig = plot_calibration([SplitPredictions("val", [f"{i}.png" for i in range(6)], labels, probs)])
+    (step,) = fig.axes[1].patches
+    xy = step.get_xy()  # the step outline: (left edge, height) of each bin, then (right edge, height)
+    shares = {round(float(x), 2): float(y) for x, y in xy[1:-1:2]}
+    assert shares[0.3] == pytest.approx(3 / 6) and shares[0.2] == 0.0 and shares[0.6] == pytest.approx(1 / 6)
+    (line,) = [ln for ln in fig.axes[0].lines if ln.get_label().startswith("val")]
+    y = np.asarray(line.get_ydata(), dtype=float)
+    assert np.isnan(y).sum() == 2 and not np.isnan(y[:2]).any()  # 0-1 joined; 1 | 3 | 6 not

@@ -177,9 +177,9 @@ def test_the_page_shows_a_probability_and_threshold_as_cxr_predict_does(browser_
     # Metrics: never 1.000 below 1 (the bundled model's AUROC 0.9996 read so), alike in the page and in Python.
     from cxr.predict import score_text
 
-    values = [0.9996, 0.987, 1.0, 0.0, 0.00004, 0.99999949, 0.9999999999999999, 1e-17]
+    values = [0.9996, 0.987, 1.0, 0.0, 0.00004, 0.99999949, 0.9999999999999999, 1e-17, 0.9999999, 3e-7]
     assert page.evaluate("xs => xs.map(score)", values) == [score_text(x) for x in values] == [
-        "0.9996", "0.987", "1.000", "0.000", "0.00004", "0.999999", "1.000", "0.000"]
+        "0.9996", "0.987", "1.000", "0.000", "0.00004", "0.999999", "1.000", "0.000", ">0.999999", "<0.000001"]
 
 
 def test_drop_an_xray_on_the_page(browser_page, checkpoint):

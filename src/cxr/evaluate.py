@@ -33,12 +33,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SplitResult:
-    """Predictions for one split: paths, true labels (1 = PNEUMONIA) and P(PNEUMONIA)."""
+    """Predictions for one split: paths, true labels (1 = PNEUMONIA) and P(PNEUMONIA); ``patients``, where known, the
+    patient of each image (:func:`patients_of`), which the confidence intervals resample."""
 
     name: str
     paths: list[str]
     labels: np.ndarray
     probs: np.ndarray
+    patients: list[str] | None = None
+
+
+def patients_of(samples) -> list[str]:
+    """Each sample's patient for the intervals: its patient id where one was read (a Kermany name, a DICOM header, the
+    config's pattern), else the image itself (its path): a file's own name says nothing of who it shows."""
+    from cxr.data import patient_from_name_only
+
+    return [f"image:{s.path}" if patient_from_name_only(s) else s.patient for s in samples]
 
 
 @torch.inference_mode()
@@ -100,10 +110,17 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, policy: str = "youde
     return middle if lower < middle <= higher else higher  # scores one float apart have no middle
 
 
+# The probabilities come from a float32 softmax, which resolves P near 1 only to 6e-8 (P rounds to exactly 1.0 once
+# the logits differ by about 16.6) but P near 0 to 1e-38: clipped at 1e-15, a confidently wrong NORMAL image cost
+# 34.5 and a PNEUMONIA image of the same logit gap 17. Both sides are clipped at float32's resolution below 1, so
+# one image costs at most -log(5.96e-8) = 16.6 whichever its class.
+LOG_LOSS_FLOOR = float(np.finfo(np.float32).epsneg)
+
+
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
     """Classification metrics at ``threshold``, plus threshold-free AUROC and AUPRC and the probabilities'
-    calibration: Brier score, log loss (natural log, unweighted) and expected calibration error (None when
-    undefined)."""
+    calibration: Brier score, log loss (natural log, unweighted; each P clipped to [6e-8, 1 - 6e-8],
+    :data:`LOG_LOSS_FLOOR`) and expected calibration error (None when undefined)."""
     from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
     labels = np.asarray(labels, dtype=np.int64)
@@ -126,12 +143,15 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> 
         "recall": recall,
         "sensitivity": recall,
         "specificity": ratio(tn, tn + fp),
-        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        # None without PNEUMONIA images, as sensitivity: a set of NORMAL images only cannot measure it (it had read
+        # 0.000 beside an interval withheld as unmeasurable).
+        "f1": ratio(2 * tp, 2 * tp + fp + fn) if tp + fn else None,
         "auroc": float(roc_auc_score(labels, probs)) if both else None,
         "auprc": float(average_precision_score(labels, probs)) if both else None,
         # Calibration of P(PNEUMONIA), whatever the threshold: what a user reading the probability relies on.
         "brier": float(np.mean((probs - labels) ** 2)) if n else None,
-        "log_loss": float(-np.mean(np.log(np.where(labels == 1, probs, 1 - probs).clip(1e-15, 1)))) if n else None,
+        "log_loss": float(-np.mean(np.log(np.where(labels == 1, probs, 1 - probs).clip(LOG_LOSS_FLOOR, 1))))
+        if n else None,
         "ece": expected_calibration_error(labels, probs) if n else None,
         "threshold": float(threshold),
         "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]],
@@ -141,44 +161,119 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> 
 CI_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "auprc")
 
 
-def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict[str, list[float] | None]:
-    """Percentile bootstrap confidence intervals (images resampled with replacement) for the main metrics.
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, patients=None, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> dict[str, list[float] | None]:
+    """Bias-corrected and accelerated (BCa) bootstrap intervals (Efron 1987; ``scipy.stats.bootstrap``'s default
+    method) for the main metrics, resampling the patients (each with all of its images) where ``patients`` gives each
+    image's, else the images.
+
+    Percentile intervals, which cxr gave before, sit too high near AUROC 1: in a simulation of this model's
+    validation set (n = 748, AUROC 0.9996) the "95 %" interval held the true AUROC 82 % of the time, BCa's 92 %
+    (RELIABILITY.md). Images of one patient are alike, so resampling images as if independent made intervals too
+    narrow where patients have several images (Kermany's pneumonia patients have 2.4 on average).
 
     Where both classes are present, resamples that lack one are redrawn, so every interval is over well-defined
     values. A one-class set (a folder of NORMAL images only, say) still gets intervals for what it defines: accuracy
     and specificity, or accuracy and sensitivity (and from :func:`confidence_intervals`, precision where any image was
     called PNEUMONIA); no AUROC or AUPRC, and no F1 for NORMAL images only.
 
-    Each resample's metrics are those :func:`compute_metrics` gives for ``labels[idx], probs[idx]``, computed from
-    how often each image was drawn (:class:`_Resampler`). Through scikit-learn, whose checks of its inputs cost
-    ~12 ms a resample whatever the split's size, 1,000 resamples took 12 s (BENCHMARKS.md, figure 10).
+    Each resample's metrics are those :func:`compute_metrics` gives for its images, computed from how often each
+    image was drawn (:class:`_Resampler`). Through scikit-learn, whose checks of its inputs cost ~12 ms a resample
+    whatever the split's size, 1,000 resamples took 12 s (BENCHMARKS.md, figure 10). BCa's acceleration comes from a
+    jackknife that leaves out one patient (or image) at a time, or one of 1,000 random blocks of them where there are
+    more.
     """
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     if not len(labels):
         return {k: None for k in CI_METRICS}
     both = len(np.unique(labels)) == 2
-    rng = np.random.default_rng(seed)
+    clusters = _cluster_index(patients, len(labels))
+    n_clusters = int(clusters.max()) + 1
     resampler = _Resampler(labels, probs, threshold)
+    values = _bootstrap_values(resampler, labels, clusters, n_boot, seed)
+    point = resampler.metrics_weighted(np.ones(len(labels)))
+    jackknife = _jackknife(resampler, clusters, n_clusters, labels == 1, both, seed)
+    # A metric undefined in every resample (precision when nothing is called PNEUMONIA) has no interval: None, not
+    # NaN, which JSON cannot carry. Nor has F1 in a set of NORMAL images only (see compute_metrics).
+    out: dict[str, list[float] | None] = {}
+    for k in CI_METRICS:
+        v = values[k][np.isfinite(values[k])]
+        out[k] = None if not len(v) or point[k] is None else _bca(v, point[k], jackknife[k], level)
+    return out
+
+
+def _bootstrap_values(resampler: _Resampler, labels: np.ndarray, clusters: np.ndarray, n_boot: int,
+                      seed: int) -> dict[str, np.ndarray]:
+    """Each metric of ``n_boot`` resamples of the patients (``clusters``: each image's, 0..G-1), NaN where a resample
+    leaves it undefined; resamples that lack a class present in ``labels`` are drawn again."""
+    n_clusters = int(clusters.max()) + 1
+    positive = labels == 1
+    both = positive.any() and not positive.all()
+    rng = np.random.default_rng(seed)
     values: dict[str, list[float]] = {k: [] for k in CI_METRICS}
     while len(values["accuracy"]) < n_boot:
-        idx = rng.integers(0, len(labels), len(labels))
-        if both and labels[idx].min() == labels[idx].max():
+        # With one image a patient, the draws (and so every resample) are the image bootstrap's.
+        w = np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters)[clusters].astype(np.float64)
+        if both and not (w[positive].any() and w[~positive].any()):
             continue
-        m = resampler.metrics(idx)
+        m = resampler.metrics_weighted(w)
         for k in CI_METRICS:
             values[k].append(np.nan if m[k] is None else m[k])
-    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    # A metric undefined in every resample (precision when nothing is called PNEUMONIA) has no interval: None, not
-    # NaN, which JSON cannot carry. Nor has F1 in a set of NORMAL images only: it is 0 in every resample with a false
-    # alarm, an interval of [0, 0] that reads as certainty about a score the set cannot measure. (Of PNEUMONIA images
-    # only it is defined, and kept.)
-    out = {k: [float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))] if not np.isnan(v).all() else None
-           for k, v in values.items()}
-    if not both and not labels.any():
-        out["f1"] = None
-    return out
+    return {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
+
+
+def _cluster_index(patients, n: int) -> np.ndarray:
+    """Each image's patient as an index 0..G-1 (in order of first appearance); each image its own without
+    ``patients``."""
+    if patients is None:
+        return np.arange(n)
+    if len(patients) != n:
+        raise ValueError(f"{len(patients)} patients for {n} images")
+    _, first, inverse = np.unique(np.asarray(patients, dtype=object).astype(str), return_index=True,
+                                  return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse.reshape(-1)]  # numbered as they first appear
+
+
+_JACKKNIFE_BLOCKS = 1000  # leave-one-out jackknife up to this many patients (or images); random blocks beyond
+
+
+def _jackknife(resampler: _Resampler, clusters: np.ndarray, n_clusters: int, positive: np.ndarray, both: bool,
+               seed: int) -> dict[str, np.ndarray]:
+    """Each metric with one patient (or one block of them) left out at a time, for BCa's acceleration."""
+    if n_clusters <= _JACKKNIFE_BLOCKS:
+        blocks = clusters
+        n_blocks = n_clusters
+    else:
+        assign = np.random.default_rng([seed, 1]).permutation(n_clusters) % _JACKKNIFE_BLOCKS
+        blocks, n_blocks = assign[clusters], _JACKKNIFE_BLOCKS
+    out: dict[str, list[float]] = {k: [] for k in CI_METRICS}
+    for b in range(n_blocks):
+        w = (blocks != b).astype(np.float64)
+        if not w.any() or (both and not (w[positive].any() and w[~positive].any())):
+            continue
+        m = resampler.metrics_weighted(w)
+        for k in CI_METRICS:
+            out[k].append(np.nan if m[k] is None else m[k])
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def _bca(values: np.ndarray, estimate: float, jackknife: np.ndarray, level: float) -> list[float]:
+    """The BCa interval of bootstrap ``values`` around ``estimate`` (Efron and Tibshirani, 1993, 14.3)."""
+    from scipy.stats import norm
+
+    below = (np.sum(values < estimate) + 0.5 * np.sum(values == estimate)) / len(values)
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    jack = jackknife[np.isfinite(jackknife)]
+    d = jack.mean() - jack if len(jack) else np.zeros(1)
+    spread = float(np.sum(d ** 2))
+    a = float(np.sum(d ** 3)) / (6 * spread ** 1.5) if spread > 0 else 0.0
+    if not 0 < below < 1:  # every resample on one side of the estimate: no bias correction can be made
+        qs = [lo, hi]
+    else:
+        z0 = norm.ppf(below)
+        qs = [float(norm.cdf(z0 + (z0 + z) / (1 - a * (z0 + z)))) for z in norm.ppf([lo, hi])]
+    return [float(np.percentile(values, 100 * q)) for q in qs]
 
 
 class _Resampler:
@@ -201,7 +296,12 @@ class _Resampler:
         self.called = probs[self.order] >= threshold
 
     def metrics(self, idx: np.ndarray) -> dict[str, float | None]:
-        w = np.bincount(idx, minlength=self.n)[self.order].astype(np.float64)
+        """The metrics of the images ``idx`` (with repeats)."""
+        return self.metrics_weighted(np.bincount(idx, minlength=self.n).astype(np.float64))
+
+    def metrics_weighted(self, weights: np.ndarray) -> dict[str, float | None]:
+        """The metrics of the images taken ``weights[i]`` times each (in the images' own order)."""
+        w = np.asarray(weights, dtype=np.float64)[self.order]
         pos_w, neg_w = np.where(self.positive, w, 0.0), np.where(self.positive, 0.0, w)
         tp, fn = pos_w[self.called].sum(), pos_w[~self.called].sum()
         fp, tn = neg_w[self.called].sum(), neg_w[~self.called].sum()
@@ -210,8 +310,9 @@ class _Resampler:
         def ratio(a: float, b: float) -> float | None:
             return float(a / b) if b else None
 
-        out = {"accuracy": ratio(tp + tn, self.n), "sensitivity": ratio(tp, n_pos), "specificity": ratio(tn, n_neg),
-               "precision": ratio(tp, tp + fp), "f1": ratio(2 * tp, 2 * tp + fp + fn), "auroc": None, "auprc": None}
+        out = {"accuracy": ratio(tp + tn, n_pos + n_neg), "sensitivity": ratio(tp, n_pos),
+               "specificity": ratio(tn, n_neg), "precision": ratio(tp, tp + fp),
+               "f1": ratio(2 * tp, 2 * tp + fp + fn) if n_pos else None, "auroc": None, "auprc": None}
         if n_pos and n_neg:
             pos = np.bincount(self.group, pos_w, minlength=self.n_groups)
             neg = np.bincount(self.group, neg_w, minlength=self.n_groups)
@@ -224,33 +325,56 @@ class _Resampler:
         return out
 
 
-CI_METHOD = ("Wilson score for accuracy, sensitivity, specificity and precision; percentile bootstrap of the images "
+CI_METHOD = ("Wilson score for accuracy, sensitivity, specificity and precision; BCa bootstrap of the images "
              "for f1, auroc and auprc")
+CI_METHOD_PATIENTS = ("Wilson score for accuracy, sensitivity, specificity and precision, over the effective number of "
+                      "images (design effect of the patients' several images); BCa bootstrap of the patients, each "
+                      "with all of its images, for f1, auroc and auprc")
 
 
-def confidence_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, *, n_boot: int = 1000,
-                         seed: int = 0, level: float = 0.95) -> dict[str, list[float] | None]:
-    """95 % intervals of the main metrics (:data:`CI_METHOD`).
+def confidence_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, *, patients=None,
+                         n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, list[float] | None]:
+    """95 % intervals of the main metrics (:data:`CI_METHOD`, or :data:`CI_METHOD_PATIENTS` with ``patients``).
 
-    The four rates are binomial proportions at a fixed threshold, so they get Wilson score intervals: the percentile
-    bootstrap of a rate of 0 or 1 (193 of 193 NORMAL images right, say) is [1, 1], as if it were certain, where
-    Wilson gives [0.98, 1]. F1, AUROC and AUPRC are no proportions and keep :func:`bootstrap_ci`.
+    The four rates are binomial proportions at a fixed threshold, so they get Wilson score intervals: the bootstrap
+    of a rate of 0 or 1 (193 of 193 NORMAL images right, say) is [1, 1], as if it were certain, where Wilson gives
+    [0.98, 1]. Where patients have several images, whose results go together, a rate's Wilson interval is taken over
+    the effective number of images, n divided by the design effect (the ratio estimator's variance over the
+    patients, against the binomial one; never below 1, so never narrower than Wilson's over all n). F1, AUROC and
+    AUPRC are no proportions and keep :func:`bootstrap_ci`.
     """
-    from scipy.stats import binomtest
-
-    ci = bootstrap_ci(labels, probs, threshold, n_boot=n_boot, seed=seed, level=level)
+    ci = bootstrap_ci(labels, probs, threshold, patients=patients, n_boot=n_boot, seed=seed, level=level)
     labels = np.asarray(labels, dtype=np.int64)
     pred = (np.asarray(probs, dtype=np.float64) >= threshold).astype(np.int64)
-    tp, tn = int(np.sum((pred == 1) & (labels == 1))), int(np.sum((pred == 0) & (labels == 0)))
-    counts = {"accuracy": (tp + tn, len(labels)), "sensitivity": (tp, int(np.sum(labels == 1))),
-              "specificity": (tn, int(np.sum(labels == 0))), "precision": (tp, int(np.sum(pred == 1)))}
-    for k, (hits, n) in counts.items():
-        if n:
-            interval = binomtest(hits, n).proportion_ci(confidence_level=level, method="wilson")
-            ci[k] = [float(interval.low), float(interval.high)]
-        else:
-            ci[k] = None
+    clusters = _cluster_index(patients, len(labels))
+    hit = pred == labels
+    for k, among in {"accuracy": np.ones(len(labels), bool), "sensitivity": labels == 1,
+                     "specificity": labels == 0, "precision": pred == 1}.items():
+        ci[k] = _wilson(hit[among], clusters[among], level) if among.any() else None
     return ci
+
+
+def _wilson(hits: np.ndarray, clusters: np.ndarray, level: float) -> list[float]:
+    """Wilson's score interval of the proportion of ``hits``, over the effective number of images where the
+    ``clusters`` (patients) hold several."""
+    from scipy.stats import binomtest, norm
+
+    n = len(hits)
+    p = float(hits.mean())
+    n_eff = float(n)
+    _, cluster = np.unique(clusters, return_inverse=True)
+    m, y = np.bincount(cluster), np.bincount(cluster, weights=hits.astype(np.float64))
+    if len(m) < n and 0 < p < 1 and len(m) > 1:
+        ratio_var = len(m) / (len(m) - 1) * float(np.sum((y - p * m) ** 2)) / n ** 2
+        design_effect = ratio_var / (p * (1 - p) / n)
+        n_eff = n / max(design_effect, 1.0)
+    if n_eff == n:  # independent images: scipy's Wilson interval, to the last digit
+        interval = binomtest(int(hits.sum()), n).proportion_ci(confidence_level=level, method="wilson")
+        return [float(interval.low), float(interval.high)]
+    z = float(norm.ppf((1 + level) / 2))
+    centre = (p + z * z / (2 * n_eff)) / (1 + z * z / n_eff)
+    half = z / (1 + z * z / n_eff) * np.sqrt(p * (1 - p) / n_eff + z * z / (4 * n_eff ** 2))
+    return [max(0.0, float(centre - half)), min(1.0, float(centre + half))]
 
 
 def write_predictions(path: str | os.PathLike, result: SplitResult, threshold: float) -> None:
@@ -279,8 +403,12 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
     for r in results:
         metrics[r.name] = compute_metrics(r.labels, r.probs, threshold)
         if n_boot:
-            metrics[r.name]["ci95"] = confidence_intervals(r.labels, r.probs, threshold, n_boot=n_boot)
-            metrics[r.name]["ci95_method"] = CI_METHOD
+            several = r.patients is not None and len(set(r.patients)) < len(r.patients)
+            metrics[r.name]["ci95"] = confidence_intervals(r.labels, r.probs, threshold, n_boot=n_boot,
+                                                           patients=r.patients if several else None)
+            metrics[r.name]["ci95_method"] = CI_METHOD_PATIENTS if several else CI_METHOD
+            if r.patients is not None:
+                metrics[r.name]["n_patients"] = len(set(r.patients))
         if extra and r.name in extra:
             metrics[r.name].update(extra[r.name])
         write_predictions(out / f"predictions_{r.name}.csv", r, threshold)
@@ -540,7 +668,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
             logits = predict_logits(net, prepared.images, mean=cfg.mean, std=cfg.std, device=dev,
                                     batch_size=batch_size, bf16=bf16, channels_last=use_channels_last(cfg, dev))
         results.append(SplitResult(split.name, [s.path for s in prepared.samples], prepared.labels,
-                                   probabilities(logits)))
+                                   probabilities(logits), patients_of(prepared.samples)))
         failures[split.name] = {"n_unreadable": len(prepared.failures),
                                 "threshold_source": "model" if threshold is None else "given",
                                 "model": model_ref, "model_id": mid, "data": str(Path(data).resolve()),

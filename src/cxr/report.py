@@ -203,13 +203,20 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: in
     return float(np.sum(count / count.sum() * np.abs(freq - conf)))
 
 
+def bin_index(probs: np.ndarray, n_bins: int = 10) -> np.ndarray:
+    """Each probability's bin of ``n_bins`` equal-width bins, ``floor(p * n_bins)`` (1.0 in the last): the bins of the
+    calibration error, its diagram and the histogram under it alike (np.histogram's float edges had put 0.3, 0.6 and
+    0.7 one bin lower than the error did)."""
+    return np.minimum((np.asarray(probs, np.float64) * n_bins).astype(np.int64), n_bins - 1)
+
+
 def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> tuple[np.ndarray, ...]:
     """Per non-empty bin of ``n_bins`` equal-width bins (the last includes 1.0): mean probability, observed frequency
     of PNEUMONIA, count."""
     labels, probs = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
     if not np.all((probs >= 0) & (probs <= 1)):  # NaN included: it fell in no bin, and 1.5 in the last
         raise ValueError("probabilities must lie in [0, 1] for a calibration error")
-    bins = np.minimum((probs * n_bins).astype(np.int64), n_bins - 1)
+    bins = bin_index(probs, n_bins)
     conf, freq, count = [], [], []
     for b in range(n_bins):
         sel = bins == b
@@ -465,15 +472,19 @@ def plot_calibration(predictions: Sequence[SplitPredictions], n_bins: int = 10):
             conf, freq, count = reliability_bins(p.labels, p.probs, n_bins)
             lo, hi = bin_intervals(freq, count)
             ece = expected_calibration_error(p.labels, p.probs, n_bins)
-            ax.plot(conf, freq, linestyle=ls, color=colour, marker=marker, linewidth=2,
-                    label=f"{p.name}: ECE {ece:.3f} (n={len(p.labels)})")
+            # The line joins neighbouring bins only: drawn across an empty bin, it showed data where there was none.
+            filled = np.unique(bin_index(p.probs, n_bins))
+            gap = np.flatnonzero(np.diff(filled) > 1) + 1
+            ax.plot(np.insert(conf, gap, np.nan), np.insert(freq, gap, np.nan), linestyle=ls, color=colour,
+                    marker=marker, linewidth=2, label=f"{p.name}: ECE {ece:.3f} (n={len(p.labels)})")
             # Splits often share a bin at nearly the same confidence: their bars stand side by side (the points stay
             # where they are), each drawn in its split's line style.
             dodge = (i - (len(drawn) - 1) / 2) * 0.01
             bars = ax.errorbar(conf + dodge, freq, yerr=np.clip([freq - lo, hi - freq], 0, None), fmt="none",
                                ecolor=colour, capsize=3, elinewidth=1)
             bars.lines[2][0].set_linestyle(ls)
-            ax_hist.hist(p.probs, bins=edges, histtype="step", color=colour, linestyle=ls, linewidth=2,
+            ax_hist.hist((bin_index(p.probs, n_bins) + 0.5) / n_bins, bins=edges, histtype="step", color=colour,
+                         linestyle=ls, linewidth=2,
                          weights=np.full(len(p.probs), 1 / len(p.probs)), label=p.name)
         ax.set(title=f"Reliability diagram ({n_bins} equal-width bins, 95 % Wilson intervals)",
                ylabel="observed share of PNEUMONIA",
@@ -668,10 +679,16 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
 def _interval_note(metrics: dict) -> str:
     if not any(m.get("ci95") for m in metrics.values()):
         return ""
-    if any(m.get("ci95_method") for m in metrics.values()):
+    methods = [m.get("ci95_method", "") for m in metrics.values()]
+    if any("BCa" in m for m in methods):
+        unit = "patients (each with all of its images)" if any("patients" in m for m in methods) else "images"
         return ("Below each value: its 95 % interval, Wilson score for accuracy, sensitivity, specificity and "
-                "precision, a bootstrap of the images for F1, AUROC and AUPRC (which reads 1.000–1.000 when every "
-                "resample is perfect: no error seen in these images, not certainty).")
+                f"precision, a BCa bootstrap of the {unit} for F1, AUROC and AUPRC (which reads 1.000–1.000 when "
+                "every resample is perfect: no error seen in these images, not certainty). Where patients have "
+                "several images, the intervals count patients, not images.")
+    if any(methods):  # metrics.json of cxr before 12/2026, session 20
+        return ("Below each value: its 95 % interval, Wilson score for accuracy, sensitivity, specificity and "
+                "precision, a percentile bootstrap of the images for F1, AUROC and AUPRC.")
     return "Below each value: its 95 % bootstrap interval (images resampled)."  # metrics.json of cxr before 12/2026
 
 
@@ -948,6 +965,11 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
         given = any(m.get("threshold_source") == "given" for m in art.metrics.values())
         chosen = ("set by hand (--threshold)" if given else "chosen on this run's validation split" if own_config
                   else "the model's own, chosen on the validation split of its training run")
+        # The val row of a run: its threshold (and epoch) were chosen on those images, which makes its figures
+        # optimistic, and its intervals do not count the choice. It had stood beside test without a word.
+        if own_config and not given and "val" in art.metrics:
+            chosen += (", so the val row is optimistic: the threshold and the epoch were chosen on those very "
+                       "images, which its intervals do not count")
         sections.append(("metrics", "Metrics", _table(header, metric_rows) +
                          f"<p class='meta'>At decision threshold P(pneumonia) ≥ {shown_threshold}, {chosen}. "
                          "Sensitivity = recall of PNEUMONIA, specificity = recall of NORMAL; AUROC and AUPRC do not "

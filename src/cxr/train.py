@@ -56,7 +56,14 @@ from cxr.distributed import DistInfo, all_reduce_sum, barrier, broadcast_floats,
 from cxr.distributed import init as init_distributed
 from cxr.distributed import shutdown as shutdown_distributed
 from cxr.errors import ConfigError, CxrError, DataError, UsageError
-from cxr.evaluate import SplitResult, choose_threshold, predict_logits, probabilities, write_evaluation
+from cxr.evaluate import (
+    SplitResult,
+    choose_threshold,
+    patients_of,
+    predict_logits,
+    probabilities,
+    write_evaluation,
+)
 from cxr.fileio import (
     CSV_TEXT,
     atomic_path,
@@ -354,7 +361,9 @@ def validate(model: nn.Module, val: Prepared, criterion: nn.CrossEntropyLoss, *,
     labels = torch.from_numpy(val.labels)
     weight = criterion.weight.cpu() if criterion.weight is not None else None
     loss = float(nn.functional.cross_entropy(logits, labels, weight=weight, label_smoothing=criterion.label_smoothing))
-    return {"val_loss": loss, "val_acc": float((logits.argmax(1) == labels).float().mean()),
+    # PNEUMONIA at P >= 0.5, as everywhere else (argmax gave NORMAL where the two logits are equal).
+    called = (logits[:, 1] >= logits[:, 0]).long()
+    return {"val_loss": loss, "val_acc": float((called == labels).float().mean()),
             "val_auroc": float(roc_auc_score(val.labels, probabilities(logits)))}
 
 
@@ -1167,7 +1176,8 @@ def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config,
                 continue
             logits = predict_logits(model, p.images, mean=cfg.mean, std=cfg.std, device=device,
                                     batch_size=cfg.eval_batch_size, bf16=False, channels_last=channels_last)
-            results.append(SplitResult(name, [s.path for s in p.samples], p.labels, probabilities(logits)))
+            results.append(SplitResult(name, [s.path for s in p.samples], p.labels, probabilities(logits),
+                                       patients_of(p.samples)))
     val = next(r for r in results if r.name == "val")
     best.threshold = choose_threshold(val.labels, val.probs, cfg.threshold_policy, cfg.target_sensitivity)
     best.threshold_policy = cfg.threshold_policy if cfg.threshold_policy == "youden" else \

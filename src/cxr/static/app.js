@@ -30,12 +30,12 @@ function fmt(p) {
 // A metric as the report shows it (cxr.predict.score_text): three decimals, more where a value inside 0-1 would read
 // as 0 or 1 (the bundled model's AUROC, 0.9996, read "1.000").
 function score(x) {
-  if (Math.min(x, 1 - x) > 0 && Math.min(x, 1 - x) < 1e-9) x = Math.round(x);  // float rounding of an exact 0 or 1
+  if (Math.min(x, 1 - x) > 0 && Math.min(x, 1 - x) < 1e-12) x = Math.round(x);  // float rounding of an exact 0 or 1
   for (let d = 3; d <= 6; d++) {
     const text = fixed(x, d);
     if (!(x > 0 && x < 1 && (Number(text) === 0 || Number(text) === 1))) return text;
   }
-  return fixed(x, 6);
+  return x > 0.5 ? ">0.999999" : "<0.000001";  // never 1.000000 below 1
 }
 
 // Decimals to show a threshold with beside a probability (cxr.predict.threshold_decimals): three, or more when
