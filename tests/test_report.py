@@ -639,3 +639,25 @@ def test_the_reliability_diagram_bins_as_the_error_does_and_draws_no_line_over_a
     (line,) = [ln for ln in fig.axes[0].lines if ln.get_label().startswith("val")]
     y = np.asarray(line.get_ydata(), dtype=float)
     assert np.isnan(y).sum() == 2 and not np.isnan(y[:2]).any()  # 0-1 joined; 1 | 3 | 6 not
+
+
+def test_a_resumed_runs_report_marks_the_resume_and_names_its_wall_time(tmp_path, report):
+    # After --resume, "wall time (s)" was the last session's alone and the learning rate jumped with no mark.
+    import json
+    import shutil
+
+    from cxr.report import plot_history
+
+    history = [{"epoch": e, "lr": lr, "train_loss": 0.5, "train_acc": 0.8, "val_loss": 0.4, "val_acc": 0.8,
+                "val_auroc": 0.9} for e, lr in ((1, 1e-3), (2, 1e-5), (3, 5e-4), (4, 1e-5))]
+    fig = plot_history(history, 4, None, [2])
+    marks = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label() == "resumed (--resume)"]
+    assert len(marks) == 3 and all(ln.get_xdata()[0] == 2.5 for ln in marks)
+    folder = tmp_path / "run"
+    shutil.copytree(report.parent, folder, ignore=shutil.ignore_patterns("report*"))
+    summary = json.loads((folder / "summary.json").read_text())
+    summary.update(sessions=[{"after_epoch": 0}, {"after_epoch": 1}], wall_seconds_this_session=12.3)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    page = make_report(folder, device="cpu", video=False, heatmaps=False).read_text()
+    assert "wall time of the last of 2 sessions (s)" in page and "resumed after epoch 1" in page
+    assert "Dashed grey lines: where the run was resumed" in page

@@ -310,10 +310,12 @@ def _split_style(name: str) -> tuple[str, str, str]:
     return SPLIT_STYLE.get(name, (OKABE_ITO["purple"], ":", "D"))
 
 
-def plot_history(history: list[dict[str, float]], best_epoch: int | None = None, averaged: dict | None = None):
+def plot_history(history: list[dict[str, float]], best_epoch: int | None = None, averaged: dict | None = None,
+                 resumed_after: Sequence[int] = ()):
     """Loss, accuracy (with validation AUROC) and learning rate per epoch; the best epoch marked on each, and the
     weight-averaging epochs shaded (``averaged``: the ``swa`` entry of summary.json), with the average's validation
-    loss."""
+    loss. ``resumed_after``: the epochs after which a session resumed the run (a lengthened schedule's learning rate
+    jumps there, which read as a fault without the mark)."""
     import matplotlib as mpl
     from matplotlib.ticker import MaxNLocator
 
@@ -349,6 +351,9 @@ def plot_history(history: list[dict[str, float]], best_epoch: int | None = None,
             if best_epoch is not None:
                 ax.axvline(best_epoch, color=OKABE_ITO["purple"], linestyle=":", linewidth=2,
                            label=f"best epoch ({best_epoch})")
+            for k, after in enumerate(resumed_after):
+                ax.axvline(after + 0.5, color=OKABE_ITO["grey"], linestyle="--", linewidth=1.2,
+                           label="resumed (--resume)" if k == 0 else None)
             if len(epochs) == 1:
                 ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
             else:
@@ -921,8 +926,15 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     dtypes = list(dict.fromkeys(m["inference_dtype"] for m in art.metrics.values() if m.get("inference_dtype")))
     if dtypes:
         facts.append(f"<li>predictions computed in {html.escape(', '.join(dtypes))}</li>")
+    sessions = summary.get("sessions") or []
+    # After a --resume, the wall time is the last session's alone: said so, and the sessions named (it had read as the
+    # whole run's time).
+    wall = "wall time (s)" if len(sessions) < 2 else f"wall time of the last of {len(sessions)} sessions (s)"
+    if len(sessions) > 1:
+        facts.append("<li>trained in sessions: resumed after epoch "
+                     f"{html.escape(', '.join(str(x.get('after_epoch')) for x in sessions[1:]))}</li>")
     for key, name in (("stop_reason", "stopped"), ("epochs_run", "epochs run"), ("best_epoch", "best epoch"),
-                      ("device", "device"), ("wall_seconds_this_session", "wall time (s)"), ("data", "data")):
+                      ("device", "device"), ("wall_seconds_this_session", wall), ("data", "data")):
         if summary.get(key) is not None:
             facts.append(f"<li>{html.escape(name)}: {html.escape(str(summary[key]))}</li>")
     swa = summary.get("swa")
@@ -981,7 +993,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
         if best is None and not (swa and swa.get("kept")):
             losses = [h["val_loss"] for h in art.history]
             best = int(art.history[int(np.nanargmin(losses))]["epoch"]) if not all(map(math.isnan, losses)) else None
-        path = made(_save(plot_history(art.history, best, swa), pics / "history.png"))
+        resumed = [int(x["after_epoch"]) for x in summary.get("sessions") or [] if x.get("after_epoch")]
+        path = made(_save(plot_history(art.history, best, swa, resumed), pics / "history.png"))
         sections.append(("training", "Training curves", _figure_html(
             path, "loss, accuracy and learning rate per epoch",
             "Loss and accuracy per epoch on train (dashed) and validation (solid), with the learning rate. "
@@ -989,8 +1002,11 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                + (", whose weights are the model. " if not (swa and swa.get("kept")) else ". ") if best else "")
             + ("The shaded epochs' weights were averaged; the star is the average's validation loss"
                + (", and the average is the model. " if swa.get("kept") else ". ") if swa else "")
+            + ("Dashed grey lines: where the run was resumed. " if resumed else "")
             + "Training accuracy is measured on augmented images while the weights change, validation after the "
-            "epoch.")))
+            "epoch. The loss is class-weighted, as training minimises it"
+            + (", in bf16 as training computed it: the metrics table's figures (unweighted log loss, fp32) differ "
+               "from the curves in their last digits. " if summary.get("bf16") else ". "))))
 
     cms = []
     for s in splits:
