@@ -895,6 +895,14 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
              len(unreadable.get(s, [])) if s in unreadable else art.metrics.get(s, {}).get("n_unreadable")]
             for s, c in counts.items()]
     facts = []
+    # Where val came from: carved, it pools the train folder and the dataset's own val folder (16 images in Kermany's
+    # release), and a val row of 46 beside a val folder of 16 had gone unexplained.
+    if own_config and art.config and "val" in counts:
+        if art.config.get("val_source", "carve") == "carve":
+            facts.append("<li>val: carved from the train and val folders together, patient-disjoint "
+                         f"({float(art.config.get('val_fraction', 0.15)):.0%} of the patients; the rest is train)</li>")
+        else:
+            facts.append("<li>val: the dataset's own val folder (--val-source folder)</li>")
     # `cxr evaluate` names its model in each split's metrics (model_id in later versions); training's metrics do not.
     evaluated = list(dict.fromkeys(_model_name(m["model"], m.get("model_id")) for m in art.metrics.values()
                                    if m.get("model")))
@@ -1097,7 +1105,10 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                     f"<figure><video controls muted playsinline preload='auto' width='{frame_size[0]}' "
                     f"poster='{_data_uri(path.with_suffix('.png'), 'image/png')}' "
                     f"src='{_data_uri(path, 'video/mp4')}'></video><figcaption>{len(items)} images from "
-                    f"{html.escape(vsplit)} ({html.escape(video_select)}), {shown_for:g} s each, "
+                    f"{html.escape(vsplit)} ("
+                    # "sample" of a split the video shows whole had read as a part of it
+                    f"{'all of them' if len(items) == len(p.paths) else html.escape(video_select)}), "
+                    f"{shown_for:g} s each, "
                     f"{'with heatmap, ' if explainer.net is not None else ''}"
                     f"prediction, probability, truth and a running tally. Also saved as "
                     f"{html.escape(str(path.relative_to(out)))} ({size_mb:.1f} MB).</figcaption></figure>")))
