@@ -294,6 +294,18 @@ def test_a_proxys_refusal_is_not_blamed_on_the_file(browser_page):
             expect(page.get_by_test_id("result").locator(".error")).to_contain_text(text, timeout=30_000)
         finally:
             page.unroute("**/api/v1/predict*")
+    # A file over the service's own limit (5 MB here), refused by a proxy whose limit is higher: the file is too large,
+    # not the proxy's setting (which had been blamed, behind README's nginx with 21 MB).
+    page.get_by_role("button", name="Clear results").click()
+    page.route("**/api/v1/predict*", lambda route: route.fulfill(status=413, content_type="text/html",
+                                                                body="<html><body>413 nginx</body></html>"))
+    try:
+        page.set_input_files("input[type=file]", {"name": "big.jpeg", "mimeType": "image/jpeg",
+                                                   "buffer": b"\xff\xd8" + b"\0" * 6_000_000})
+        expect(page.get_by_test_id("result").locator(".error")).to_contain_text(
+            "The file (6.0 MB) is too large: the service takes files of at most 5 MB", timeout=30_000)
+    finally:
+        page.unroute("**/api/v1/predict*")
     page.get_by_role("button", name="Clear results").click()
 
 

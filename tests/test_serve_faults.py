@@ -298,6 +298,41 @@ def test_stalled_connections_are_closed_so_they_cannot_hold_every_slot(engine):
         server.stop()
 
 
+def test_beyond_max_connections_the_answer_is_the_apis_json_503(engine):
+    """uvicorn's own refusal beyond --max-connections was text/plain "Service Unavailable" without Retry-After or the
+    service's headers: clients reading the API's JSON errors, and the page, could not take it."""
+    from cxr.serve import http_protocol
+
+    server = Server(create_app(engine), http=http_protocol(5.0), limit_concurrency=2)
+    held = []
+    try:
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+        for s in held:
+            s.sendall(b"GET /api/v1/hea")  # half a request line: each holds its connection
+        time.sleep(0.2)
+        status, body = http(server.port, "GET", "/api/v1/health", timeout=10)
+        assert status == 503 and "too many connections" in json.loads(body)["detail"]
+        from http.client import HTTPConnection
+
+        conn = HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/api/v1/health")
+        answer = conn.getresponse()
+        assert answer.getheader("Retry-After") == "2" and answer.getheader("Content-Type") == "application/json"
+        assert answer.getheader("X-Content-Type-Options") == "nosniff"
+        assert answer.getheader("Cache-Control") == "no-store"
+        conn.close()
+    finally:
+        for s in held:
+            s.close()
+        server.stop()
+    # Fewer connections than the limit: answered as ever.
+    server = Server(create_app(engine), http=http_protocol(5.0), limit_concurrency=2)
+    try:
+        assert http(server.port, "GET", "/api/v1/health")[0] == 200
+    finally:
+        server.stop()
+
+
 def test_many_concurrent_uploads_get_200_or_503_never_an_error(server):
     """48 uploads at once against 2 workers and a queue of 6: each answer is 200 or 503 with Retry-After, nothing
     else; the service then answers the next request normally."""

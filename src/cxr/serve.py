@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import logging
 import math
 import mimetypes
@@ -757,23 +758,37 @@ def http_protocol(header_timeout: float | None) -> type | str:
     uvicorn times a connection out only while it is idle between requests, and not once a byte has come: a connection
     that sent nothing, or half its headers, held one of ``--max-connections`` for good, and enough of them had every
     request answered 503, health checks included. (h11 rather than httptools, whose state this reads.) "auto" where
-    this uvicorn lacks what the subclass uses.
+    this uvicorn lacks what the subclass uses. It also answers beyond ``limit_concurrency`` (``--max-connections``) as
+    the API answers a full queue (:func:`_connection_limit`), with or without ``header_timeout``.
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    if header_timeout is None or not hasattr(H11Protocol, "timeout_keep_alive_handler"):
+    if not all(hasattr(H11Protocol, a) for a in ("timeout_keep_alive_handler", "connection_made", "data_received")):
         return "auto"
 
     class HeaderTimeoutH11Protocol(H11Protocol):
         _header_timer: Any = None  # an asyncio.TimerHandle while the request's headers are awaited
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # uvicorn's own answer beyond --max-connections was a plain-text 503 without Retry-After or the service's
+            # headers, which clients that read the API's JSON errors (and the page) could not take: the same check,
+            # answered as the API answers a full queue.
+            limit = getattr(self, "limit_concurrency", None)
+            if limit is not None and hasattr(self, "connections") and hasattr(self, "tasks"):
+                self.limit_concurrency = None
+                self.app = _connection_limit(self.app, self, limit)
+
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._header_timer = self.loop.call_later(header_timeout, self._headers_timed_out)
+            if header_timeout is not None:
+                self._header_timer = self.loop.call_later(header_timeout, self._headers_timed_out)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
+            if header_timeout is None:
+                return
             if self.conn.their_state is not h11.IDLE:  # the request's headers are in
                 self._cancel_header_timer()
             elif self._header_timer is None:  # a later request has begun
@@ -794,6 +809,30 @@ def http_protocol(header_timeout: float | None) -> type | str:
                 self.timeout_keep_alive_handler()  # closes the connection, as uvicorn does an idle one
 
     return HeaderTimeoutH11Protocol
+
+
+def _connection_limit(app: Any, protocol: Any, limit: int) -> Callable:
+    """``app`` behind uvicorn's ``limit_concurrency`` check (the connections, or the requests in progress, at the
+    limit), whose refusal is the API's: a JSON ``ErrorOut``, 503 with Retry-After, the service's headers."""
+
+    async def limited(scope: dict, receive: Callable, send: Callable) -> None:
+        # This request's own task is among protocol.tasks already; uvicorn counted before adding it.
+        if scope["type"] == "http" and (len(protocol.connections) >= limit or len(protocol.tasks) > limit):
+            logging.getLogger("uvicorn.error").warning("Exceeded concurrency limit (--max-connections %d).", limit)
+            await SecurityHeaders(_too_many_connections)(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return limited
+
+
+async def _too_many_connections(scope: dict, receive: Callable, send: Callable) -> None:
+    body = json.dumps({"detail": "busy: too many connections (--max-connections); retry after the number of seconds "
+                                 "in Retry-After"}).encode()
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", b"2"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: int = 8000, *, backend: str = "torch",

@@ -12,6 +12,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 const results = $("#results");
 const showHeat = $("#show-heat");
 let threshold = null;
+let maxUploadMb = null; // the service's own limit (GET model), to tell a file over it from a proxy's lower limit
 
 // x with d decimals as Python's f"{x:.{d}f}" writes it: correctly rounded, a tie (0.5625 at 3) to the even digit.
 // toFixed takes a tie away from zero ("0.563", where cxr predict says "0.562"); toFixed(100) is the exact value.
@@ -74,6 +75,7 @@ async function loadModelInfo() {
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const m = await r.json();
     threshold = m.threshold;
+    maxUploadMb = m.limits && typeof m.limits.max_upload_mb === "number" ? m.limits.max_upload_mb : null;
     const parts = [`model ${m.model_id}`, `${m.arch || "model"}`, `threshold ${thresholdText(m.threshold)}`,
                    `${m.backend} backend`, m.served_by];
     // What the model card says it scored on its validation split (figures measured when it was trained).
@@ -201,6 +203,11 @@ async function analyse(file, mine) {
 function failureText(status, body, file) {
   if (body && typeof body.detail === "string") return `The server could not use this file (${status}): ${body.detail}`;
   const mb = (file.size / 1e6).toFixed(1);
+  if (status === 413 && maxUploadMb !== null && file.size > maxUploadMb * 1e6) {
+    // Over the service's own limit too: the file is too large, whichever refused it first (a proxy with a higher
+    // limit than the service's had been blamed for it).
+    return `The file (${mb} MB) is too large: the service takes files of at most ${maxUploadMb} MB.`;
+  }
   if (status === 413) {
     return `The upload (${mb} MB) was refused as too large (413) by a proxy in front of the service: its body ` +
       "size limit (nginx: client_max_body_size) is below the service's; ask the administrator.";
