@@ -171,9 +171,13 @@ def _explanation_figure(image: np.ndarray, heat: np.ndarray, *, title: str, path
     fig = Figure(figsize=(8.4, 4.6), layout="constrained")
     axes = fig.subplots(1, 2)
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
-    axes[0].set_title("input")
+    # What the model saw, and how coarse its map is: the square input (the X-ray's aspect ratio not kept) and the
+    # last block's grid (3x3 at 96 px), smoothed up to the picture; "input" alone invited reading fine localisation.
+    side = image.shape[0]
+    axes[0].set_title(f"model input: {side}x{side} px\nsquare, aspect ratio not kept", fontsize=9.5)
     axes[1].imshow(overlay(image, heat))
-    axes[1].set_title("Grad-CAM overlay")
+    cells = max(1, side // 32)
+    axes[1].set_title(f"Grad-CAM overlay\n{cells}x{cells} cells, interpolated", fontsize=9.5)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
