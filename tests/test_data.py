@@ -565,6 +565,30 @@ def test_cache_ignores_damaged_packs_and_temporary_files(tmp_path, tiny_dataset,
     np.testing.assert_array_equal(again.images[0], resize_square(read_grayscale(again.samples[0].path), 48))
 
 
+def test_a_pack_whose_pixels_changed_on_disk_is_decoded_again(tmp_path, tiny_dataset, monkeypatch, caplog):
+    # Bytes changed in place with the size kept (a bad sector, a stray write) were served as the images' pixels for
+    # good; the pack's name now carries its CRC-32, checked when it is read.
+    cfg = load_config(overrides={"image_size": 48, "cache_dir": str(tmp_path / "cache")})
+    split = scan(tiny_dataset / "test")["test"]
+    first = prepare(split, cfg, workers=1)
+    (pack,) = cache_folder(cfg).glob("*.npy")
+    raw = bytearray(pack.read_bytes())
+    raw[-100:] = bytes(255 - b for b in raw[-100:])  # the last image's last pixels
+    pack.write_bytes(bytes(raw))
+    decoded = _count_decodes(monkeypatch)
+    again = prepare(split, cfg, workers=1)
+    assert len(decoded) == 8 and "is damaged (its checksum or size" in caplog.text
+    np.testing.assert_array_equal(again.images, first.images)
+    decoded.clear()
+    np.testing.assert_array_equal(prepare(split, cfg, workers=1).images, first.images)
+    assert decoded == []  # the pack written again is whole
+    # A pack of an older cxr, named without a checksum, is still read.
+    (pack,) = cache_folder(cfg).glob("*.npy")
+    pack.rename(pack.with_name(pack.stem.rpartition("-")[0] + ".npy"))
+    np.testing.assert_array_equal(prepare(split, cfg, workers=1).images, first.images)
+    assert decoded == []
+
+
 def test_prepare_hashes_what_it_decodes(tmp_path, tiny_dataset):
     from cxr.data import file_digest
 

@@ -25,6 +25,7 @@ import re
 import sqlite3
 import tempfile
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -805,16 +806,17 @@ def cache_lookup(folder: Path, size: int, digests: set[str]) -> dict[str, tuple[
 
 def _write_pack(folder: Path, digests: Sequence[str], images: Sequence[np.ndarray]) -> Path:
     """Store decoded images as one pack: a temporary file renamed into place, so an interrupted build leaves no pack
-    a later run would trust. Its name comes from its digests, so two runs caching the same chunk write one pack. Not
-    fsynced: a pack is cheap to rebuild and its size is checked when read. The temporary name holds the process id,
-    so two runs filling one cache do not collide.
+    a later run would trust. Its name comes from its digests, so two runs caching the same chunk write one pack, and
+    ends in the CRC-32 of its contents (:func:`_pack_is_whole`). Not fsynced: a pack is cheap to rebuild, and its size
+    and checksum are checked when read. The temporary name holds the process id, so two runs filling one cache do not
+    collide.
     """
     k, size = len(images), images[0].shape[0]
     blob = np.empty(k * (_DIGEST_BYTES + size * size), np.uint8)
     blob[: k * _DIGEST_BYTES] = np.frombuffer(b"".join(bytes.fromhex(d) for d in digests), np.uint8)
     np.stack(images, out=blob[k * _DIGEST_BYTES:].reshape(k, size, size))
     name = hashlib.sha256("".join(digests).encode()).hexdigest()[:32]
-    path = folder / f"{name}.npy"
+    path = folder / f"{name}-{zlib.crc32(blob):08x}.npy"
     tmp = folder / f".{name}.{os.getpid()}.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -960,9 +962,14 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
         if d in found:
             pack, row = found[d]
             by_pack.setdefault(pack, []).append((i, row))
-    todo = [(i, s.path, s.digest) for i, s in enumerate(split.samples) if s.digest not in found]
     for pack, rows in by_pack.items():
-        _copy_from_pack(pack, size, rows, images, ok)
+        if not _copy_from_pack(pack, size, rows, images, ok):
+            # Damaged on disk (or gone since the lookup): its images are decoded again, into a new pack.
+            log.warning("cache pack %s is damaged (its checksum or size is not what was written): its %d image(s) "
+                        "are decoded again", pack, len(rows))
+            with contextlib.suppress(OSError):
+                pack.unlink()
+    todo = [(i, s.path, s.digest) for i, s in enumerate(split.samples) if not ok[i]]
 
     if todo:
         workers = workers or min(usable_cores(), 8)
@@ -986,7 +993,9 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
                 for pack, outcome, pixels in results:
                     stored = [(i, row) for row, (i, _, error, _) in enumerate(outcome) if not error]
                     if stored and pack:
-                        _copy_from_pack(Path(pack), size, stored, images, ok)
+                        if not _copy_from_pack(Path(pack), size, stored, images, ok):
+                            # just written by a worker: removed or changed since, a real fault, not a cache miss
+                            raise DataError(f"cache pack {pack} vanished or is damaged while in use; run again")
                     elif stored:  # no writable cache: the pixels came back with the outcome
                         if store and not full_warned:
                             full_warned = True
@@ -1088,14 +1097,29 @@ def _open_shared(split: Split, cfg: Config, npy: Path, meta: Path) -> Prepared |
     return Prepared(split.name, images[:len(kept)], np.array([s.label for s in kept], np.int64), kept, failures)
 
 
-def _copy_from_pack(pack: Path, size: int, rows: list[tuple[int, int]], images: np.ndarray, ok: np.ndarray) -> None:
-    """Copy pack rows into ``images``: ``rows`` holds (index in images, row in the pack)."""
+def _pack_is_whole(pack: Path, read: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether a pack's contents are what was written: the CRC-32 its name ends in (``<name>-<crc>.npy``; packs of
+    a cxr before session 20 carry none and are taken as they are). Bytes changed on disk with the size kept had been
+    served as the images' pixels for good."""
+    stem = pack.stem
+    crc = stem.rpartition("-")[2] if "-" in stem else ""
+    if len(crc) != 8:
+        return True
+    whole = zlib.crc32(read[0]) if read[0].size else 0
+    whole = zlib.crc32(read[1], whole)
+    return f"{whole:08x}" == crc
+
+
+def _copy_from_pack(pack: Path, size: int, rows: list[tuple[int, int]], images: np.ndarray, ok: np.ndarray) -> bool:
+    """Copy pack rows into ``images`` (``rows``: (index in images, row in the pack)) and mark them ``ok``; False, and
+    nothing copied, where the pack is gone, cut short or not what was written (its checksum)."""
     read = _read_pack(pack, size)
-    if read is None:  # removed or damaged since it was looked up or written: a real fault, not a cache miss
-        raise DataError(f"cache pack {pack} vanished or is damaged while in use; run again")
+    if read is None or not _pack_is_whole(pack, read):
+        return False
     for i, row in rows:
         images[i] = read[1][row]
         ok[i] = True
+    return True
 
 
 # ------------------------------------------------------------------------------------------- torch datasets
