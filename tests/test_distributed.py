@@ -284,9 +284,12 @@ def test_each_predicting_rank_takes_its_own_gpu(monkeypatch):
     from cxr.distributed import rank_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for name, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")):
         monkeypatch.setenv(name, value)
     assert [rank_device(d) for d in ("auto", "cuda", "cuda:2", "cpu")] == ["cuda:1", "cuda:1", "cuda:2", "cpu"]
+    monkeypatch.setenv("LOCAL_RANK", "3")  # four processes, two GPUs: they share them
+    assert rank_device("auto") == "cuda:1"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert rank_device("auto") == "auto"
     monkeypatch.setenv("WORLD_SIZE", "1")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -506,6 +507,9 @@ def test_copies_by_name_and_shared_patients_of_a_runs_images_are_counted_whereve
     own = [Sample("/d/train/PNEUMONIA/person1034_bacteria_2966.jpeg", 1, "person1034", "aaa"),
            Sample("/d/train/NORMAL/IMG_7.png", 0, "IMG_7", "ddd")]
     assert count_development(dev, "train", own) == {}
+    # The same data given as ../ or through a link is the run's own too (it had flagged the whole train split).
+    dotted = [dataclasses.replace(s, path=s.path.replace("/d/train/", "/d/x/../train/")) for s in own]
+    assert count_development(dev, "train", dotted) == {}
     assert count_development(dev, "test", own) == {"n_seen_in_training": 2, "n_named_as_training": 0,
                                                     "n_sharing_patients": 1}
 
@@ -565,3 +569,45 @@ def test_intervals_resample_patients_so_copies_of_an_image_add_no_certainty():
         assert by_image[k][1] - by_image[k][0] < 0.65 * (alone[k][1] - alone[k][0]), k
     # One image per patient is the image bootstrap itself.
     assert confidence_intervals(labels, probs, 0.5, n_boot=300, patients=[f"p{i}" for i in range(120)]) == alone
+
+
+def test_too_few_patients_or_one_id_on_every_image_resample_the_images_and_say_so(caplog):
+    # An anonymised export's constant PatientID made one "patient": AUROC [0.8056, 0.8056], as if certain. Two
+    # patients, one a class, likewise: every resample held the same images.
+    from cxr.evaluate import CI_METHOD, confidence_intervals, interval_patients
+
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], 18)
+    probs = np.clip(labels * 0.4 + rng.random(36) * 0.6, 0, 1)
+    assert interval_patients("x", labels, ["ANONYMOUS"] * 36) == (None, CI_METHOD)
+    assert "all 36 images have one patient id (ANONYMOUS)" in caplog.text
+    two = [f"p{y}" for y in labels]
+    patients, method = interval_patients("x", labels, two)
+    assert patients is None and "too few patients" in method and "1 with NORMAL, 1 with PNEUMONIA" in caplog.text
+    enough = [f"p{y}-{i % 6}" for i, y in enumerate(labels)]  # 6 patients a class, 3 images each
+    assert interval_patients("x", labels, enough)[0] == enough
+    ci = confidence_intervals(labels, probs, 0.5, n_boot=200)
+    assert ci["auroc"][1] - ci["auroc"][0] > 0.01
+
+
+def test_a_rate_of_one_over_patients_counts_the_patients():
+    # 10 patients x 10 NORMAL images, all right: specificity [0.963, 1] was the interval of 100 independent images.
+    from scipy.stats import binomtest
+
+    from cxr.evaluate import confidence_intervals
+
+    labels, probs = np.r_[np.zeros(100, int), np.ones(20, int)], np.r_[np.full(100, 0.1), np.linspace(0.2, 0.9, 20)]
+    patients = [f"n{i // 10}" for i in range(100)] + [f"p{i}" for i in range(20)]
+    ci = confidence_intervals(labels, probs, 0.5, n_boot=100, patients=patients)
+    ten = binomtest(10, 10).proportion_ci(method="wilson")
+    assert ci["specificity"] == [pytest.approx(ten.low), pytest.approx(ten.high)]
+
+
+def test_n_patients_only_where_every_images_patient_is_known(tmp_path):
+    from cxr.evaluate import SplitResult, write_evaluation
+
+    labels, probs = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])
+    known = SplitResult("a", list("wxyz"), labels, probs, ["p1", "p1", "p2", "p3"])
+    unknown = SplitResult("b", list("wxyz"), labels, probs, ["image:w", "image:x", "p2", "p3"])
+    m = write_evaluation(tmp_path, [known, unknown], 0.5, n_boot=20)
+    assert m["a"]["n_patients"] == 3 and "n_patients" not in m["b"]

@@ -325,8 +325,19 @@ def test_beyond_max_connections_the_answer_is_the_apis_json_503(engine):
         for s in held:
             s.close()
         server.stop()
-    # Fewer connections than the limit: answered as ever.
+    # Up to the limit: answered as ever (uvicorn's own check had served limit - 1, and nothing at 1).
     server = Server(create_app(engine), http=http_protocol(5.0), limit_concurrency=2)
+    held = []
+    try:
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=10)]
+        held[0].sendall(b"GET /api/v1/hea")
+        time.sleep(0.2)
+        assert http(server.port, "GET", "/api/v1/health")[0] == 200
+    finally:
+        for s in held:
+            s.close()
+        server.stop()
+    server = Server(create_app(engine), http=http_protocol(5.0), limit_concurrency=1)
     try:
         assert http(server.port, "GET", "/api/v1/health")[0] == 200
     finally:

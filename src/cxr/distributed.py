@@ -89,7 +89,8 @@ def rank_device(name: str) -> str:
 
     info = env_info()
     if info.active and name in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{info.local_rank}"
+        # More processes than GPUs on the node share them in turn ("auto" must not ask for a GPU that is not there).
+        return f"cuda:{info.local_rank % torch.cuda.device_count()}"
     return name
 
 

@@ -43,12 +43,41 @@ class SplitResult:
     patients: list[str] | None = None
 
 
+_UNKNOWN_PATIENT = "image:"  # before the path of an image whose patient is not known (its own "patient")
+
+
 def patients_of(samples) -> list[str]:
     """Each sample's patient for the intervals: its patient id where one was read (a Kermany name, a DICOM header, the
     config's pattern), else the image itself (its path): a file's own name says nothing of who it shows."""
     from cxr.data import patient_from_name_only
 
-    return [f"image:{s.path}" if patient_from_name_only(s) else s.patient for s in samples]
+    return [f"{_UNKNOWN_PATIENT}{s.path}" if patient_from_name_only(s) else s.patient for s in samples]
+
+
+MIN_PATIENTS_PER_CLASS = 5  # fewer patients than this in a class: resampling them says nothing (every resample alike)
+
+
+def interval_patients(split: str, labels: np.ndarray, patients: list[str] | None) -> tuple[list[str] | None, str]:
+    """The patients the intervals resample, and the method they record: the images' patients where some have several
+    images and each class present has at least :data:`MIN_PATIENTS_PER_CLASS`; else the images (None), said.
+
+    One patient id on every image (an anonymised export's constant PatientID) is no patient: taken as unknown. With
+    one or two patients in a class, every resample held the same images of it, and the intervals had zero width."""
+    if patients is None or len(set(patients)) == len(patients):
+        return None, CI_METHOD
+    labels = np.asarray(labels)
+    if len(set(patients)) == 1 and len(patients) > 1:
+        log.warning("%s split: all %d images have one patient id (%s): taken as unknown (an anonymised export?), so "
+                    "the intervals resample images", split, len(patients), patients[0])
+        return None, CI_METHOD
+    per_class = {int(c): len({p for p, y in zip(patients, labels, strict=True) if y == c}) for c in np.unique(labels)}
+    if min(per_class.values()) < MIN_PATIENTS_PER_CLASS:
+        log.warning("%s split: too few patients to resample (%s), so the intervals resample the images as if they "
+                    "were independent, and are too narrow", split,
+                    ", ".join(f"{n} with {CLASS_NAMES[c]}" for c, n in per_class.items()))
+        return None, CI_METHOD + (f"; images resampled as if independent: too few patients (fewer than "
+                                  f"{MIN_PATIENTS_PER_CLASS} in a class)")
+    return list(patients), CI_METHOD_PATIENTS
 
 
 @torch.inference_mode()
@@ -168,7 +197,7 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, pat
     image's, else the images.
 
     Percentile intervals, which cxr gave before, sit too high near AUROC 1: in a simulation of this model's
-    validation set (n = 748, AUROC 0.9996) the "95 %" interval held the true AUROC 82 % of the time, BCa's 92 %
+    validation set (n = 748, AUROC 0.9996) the "95 %" interval held the true AUROC 82 % of the time, BCa's 91 %
     (RELIABILITY.md). Images of one patient are alike, so resampling images as if independent made intervals too
     narrow where patients have several images (Kermany's pneumonia patients have 2.4 on average).
 
@@ -328,8 +357,8 @@ class _Resampler:
 CI_METHOD = ("Wilson score for accuracy, sensitivity, specificity and precision; BCa bootstrap of the images "
              "for f1, auroc and auprc")
 CI_METHOD_PATIENTS = ("Wilson score for accuracy, sensitivity, specificity and precision, over the effective number of "
-                      "images (design effect of the patients' several images); BCa bootstrap of the patients, each "
-                      "with all of its images, for f1, auroc and auprc")
+                      "images (design effect of the patients' several images; as many as the patients for a rate of "
+                      "0 or 1); BCa bootstrap of the patients, each with all of its images, for f1, auroc and auprc")
 
 
 def confidence_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, *, patients=None,
@@ -368,6 +397,10 @@ def _wilson(hits: np.ndarray, clusters: np.ndarray, level: float) -> list[float]
         ratio_var = len(m) / (len(m) - 1) * float(np.sum((y - p * m) ** 2)) / n ** 2
         design_effect = ratio_var / (p * (1 - p) / n)
         n_eff = n / max(design_effect, 1.0)
+    elif len(m) < n:
+        # All right (or all wrong): no spread to measure the patients' likeness by. As many as the patients, the
+        # most their images can be worth: 100 images of 10 patients, all right, had read as 100 independent ones.
+        n_eff = float(len(m))
     if n_eff == n:  # independent images: scipy's Wilson interval, to the last digit
         interval = binomtest(int(hits.sum()), n).proportion_ci(confidence_level=level, method="wilson")
         return [float(interval.low), float(interval.high)]
@@ -403,12 +436,13 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
     for r in results:
         metrics[r.name] = compute_metrics(r.labels, r.probs, threshold)
         if n_boot:
-            several = r.patients is not None and len(set(r.patients)) < len(r.patients)
+            patients, method = interval_patients(r.name, r.labels, r.patients)
             metrics[r.name]["ci95"] = confidence_intervals(r.labels, r.probs, threshold, n_boot=n_boot,
-                                                           patients=r.patients if several else None)
-            metrics[r.name]["ci95_method"] = CI_METHOD_PATIENTS if several else CI_METHOD
-            if r.patients is not None:
-                metrics[r.name]["n_patients"] = len(set(r.patients))
+                                                           patients=patients)
+            metrics[r.name]["ci95_method"] = method
+        known = [p for p in r.patients or [] if not p.startswith(_UNKNOWN_PATIENT)]
+        if r.patients and len(known) == len(r.patients):  # patients counted only where every image's is known
+            metrics[r.name]["n_patients"] = len(set(known))
         if extra and r.name in extra:
             metrics[r.name].update(extra[r.name])
         write_predictions(out / f"predictions_{r.name}.csv", r, threshold)
@@ -496,7 +530,7 @@ def development_images(ckpt, mid: str) -> Development | None:
             continue
         seen = {s.digest for s in development if s.digest}
         if own:
-            own_paths = {s.path for s in development}
+            own_paths = {os.path.realpath(s.path) for s in development}
         digests |= seen
         for s in development:
             key = _name_key(Path(s.path).name)
@@ -513,8 +547,8 @@ def development_images(ckpt, mid: str) -> Development | None:
     def others(split: str, samples) -> list | None:
         """The samples to judge: not the run's own train and val images in its train or val split, where they are
         expected; None when that leaves none (the run's own train split, say)."""
-        if split in ("train", "val") and own_paths:
-            samples = [s for s in samples if s.path not in own_paths]
+        if split in ("train", "val") and own_paths:  # by real path: --data through a link or ../ is the same data
+            samples = [s for s in samples if os.path.realpath(s.path) not in own_paths]
             if not samples:
                 return None
         return list(samples)

@@ -816,8 +816,9 @@ def _connection_limit(app: Any, protocol: Any, limit: int) -> Callable:
     limit), whose refusal is the API's: a JSON ``ErrorOut``, 503 with Retry-After, the service's headers."""
 
     async def limited(scope: dict, receive: Callable, send: Callable) -> None:
-        # This request's own task is among protocol.tasks already; uvicorn counted before adding it.
-        if scope["type"] == "http" and (len(protocol.connections) >= limit or len(protocol.tasks) > limit):
+        # This request's own connection and task are counted (uvicorn's own check, ">=", served limit - 1 connections,
+        # and none at --max-connections 1).
+        if scope["type"] == "http" and (len(protocol.connections) > limit or len(protocol.tasks) > limit):
             logging.getLogger("uvicorn.error").warning("Exceeded concurrency limit (--max-connections %d).", limit)
             await SecurityHeaders(_too_many_connections)(scope, receive, send)
             return
