@@ -407,7 +407,7 @@ def _wilson(hits: np.ndarray, clusters: np.ndarray, level: float) -> list[float]
     z = float(norm.ppf((1 + level) / 2))
     centre = (p + z * z / (2 * n_eff)) / (1 + z * z / n_eff)
     half = z / (1 + z * z / n_eff) * np.sqrt(p * (1 - p) / n_eff + z * z / (4 * n_eff ** 2))
-    return [max(0.0, float(centre - half)), min(1.0, float(centre + half))]
+    return [0.0 if p == 0 else max(0.0, float(centre - half)), 1.0 if p == 1 else min(1.0, float(centre + half))]
 
 
 def write_predictions(path: str | os.PathLike, result: SplitResult, threshold: float) -> None:
