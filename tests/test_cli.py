@@ -959,6 +959,12 @@ def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
     # A traceback after the data had been hashed, cached and split (DenseNet leaves nothing of 28 px); resnet18 runs.
     ("image_size: 28\n", "image_size must be >= 32 for densenet121"),
     ("image_size: 12\narch: resnet18\n", "image_size must be >= 16 for resnet18"),
+    # A run written into the current folder, a cache there, a folder named "['a', 'b']": each had been accepted.
+    ('output: ""\n', "output must name a folder"),
+    ('cache_dir: ""\n', "cache_dir must name a folder"),
+    ("output: [a, b]\n", "output must be a single value"),
+    ("device: [cpu]\n", "device must be a single value"),
+    ("epochs: 1\n\tlr: 1\n", "not valid YAML at line 2, column 1"),
 ])
 def test_config_values_that_cannot_work_are_refused(tmp_path, tiny_dataset, yaml_text, says):
     from cxr.config import load_config
@@ -967,6 +973,34 @@ def test_config_values_that_cannot_work_are_refused(tmp_path, tiny_dataset, yaml
     (tmp_path / "c.yaml").write_text(yaml_text)
     with pytest.raises(UsageError, match=says):
         load_config(tmp_path / "c.yaml")
+
+
+def test_config_files_that_are_no_utf8_text_or_a_folder_and_home_paths(tmp_path, monkeypatch):
+    from cxr.config import load_config
+    from cxr.errors import UsageError
+
+    (tmp_path / "latin1.yaml").write_bytes(b"epochs: 1\n# caf\xe9\n")  # a traceback before
+    with pytest.raises(UsageError, match=r"latin1.yaml: not UTF-8 text \(byte 15"):
+        load_config(tmp_path / "latin1.yaml")
+    with pytest.raises(UsageError, match="a folder, not a config file"):
+        load_config(tmp_path)
+    # ~ is the home folder in a config file as in a shell (it had made a folder named "~").
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "home.yaml").write_text("cache_dir: ~/cache\noutput: ~/runs/x\ndata: ~/d\n")
+    cfg = load_config(tmp_path / "home.yaml")
+    assert (cfg.cache_dir, cfg.output, cfg.data) == (str(tmp_path / "cache"), str(tmp_path / "runs/x"),
+                                                     str(tmp_path / "d"))
+
+
+def test_resume_refuses_swa_lr_without_averaging(trained_run, tmp_path):
+    # Saved into config.yaml unused, it had set the rate of a later `--resume --swa-epochs K`.
+    import shutil
+
+    _, run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report*"))
+    _one_line_error(cxr("train", "--resume", copy, "--swa-lr", "1e-3", check=False),
+                    "--swa-lr applies only with --swa-epochs N")
 
 
 def test_a_config_edited_in_python_keeps_each_fields_type():
@@ -1754,3 +1788,26 @@ def test_every_train_flag_of_a_config_field_names_its_default():
     helps = {a.dest: a.help or "" for a in train._actions}
     missing = [f for f in _FLAG_FIELDS if f not in ("data", "patient_pattern") and "default" not in helps[f]]
     assert not missing, missing
+
+
+def test_a_run_folder_in_use_or_holding_a_model_is_refused(trained_run, tmp_path, tiny_dataset):
+    # Two `cxr train` into one --output both exited 0, leaving one run's config.yaml and split.csv beside the other's
+    # checkpoints; and a finished run whose last.pt was deleted (3x best.pt's size) was silently trained over.
+    import shutil
+
+    from cxr.train import _run_folder_lock, train
+
+    run = tmp_path / "busy"
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(run)})
+    with _run_folder_lock(run, True), pytest.raises(UsageError, match="is in use by another cxr train"):
+        train(cfg)
+    assert not run.exists()  # the lock's folder, which held nothing else, is gone
+    _, finished, _ = trained_run
+    copy = tmp_path / "finished"
+    shutil.copytree(finished, copy, ignore=shutil.ignore_patterns("report*"))
+    # a --resume while the run still trains
+    with _run_folder_lock(copy, True), pytest.raises(UsageError, match="is in use by another cxr train"):
+        train(resume=copy, overrides={"epochs": 3})
+    (copy / "last.pt").unlink()
+    proc = cxr("train", "--data", tiny_dataset, "--output", copy, *_flags(TINY_TRAIN), check=False)
+    _one_line_error(proc, "holds a trained model (best.pt or its results)")

@@ -250,6 +250,14 @@ def test_a_npy_file_named_npz_is_named_not_a_traceback(tmp_path):
         np.save(f, np.zeros((3, 8, 8), np.uint8))
     with pytest.raises(DataError, match="arr.npz: holds one array"):
         scan(path)
+    # A 0-d array of images (np.savez(f, train_images=np.array(5), ...)): a TypeError traceback before.
+    np.savez(tmp_path / "zero.npz", train_images=np.array(5), train_labels=np.array(1))
+    with pytest.raises(DataError, match="train_images is a single value"):
+        scan(tmp_path / "zero.npz")
+    # A text file named .npz: numpy's advice to load it with allow_pickle=True is not passed on.
+    (tmp_path / "text.npz").write_text("not numpy")
+    with pytest.raises(DataError, match=r"text.npz: not a readable .npz file \(not a NumPy file\)"):
+        scan(tmp_path / "text.npz")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "member"])

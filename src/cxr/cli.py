@@ -303,6 +303,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.config:
             raise _SameOnEveryRank("--resume uses the run's own config.yaml; drop --config")
+        if args.swa_lr is not None and not args.swa_epochs:
+            # As for a fresh run: --swa-lr without averaging had been saved into config.yaml unused, and a later
+            # `--resume --swa-epochs K` then averaged at it instead of the default.
+            try:
+                averaging = load_config(Path(args.resume) / "config.yaml").swa_epochs
+            except CxrError:
+                averaging = None  # the resume itself says what is wrong with the folder
+            if averaging == 0:
+                raise _SameOnEveryRank("--swa-lr applies only with --swa-epochs N (this run averages no weights)")
         run_dir = train(resume=args.resume, overrides=overrides)
     else:
         cfg = load_config(args.config, overrides)

@@ -154,6 +154,10 @@ class Config:
                 raise ConfigError(f"invalid config: {name} must be a finite number, got {value}")
         checks = [
             (self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}"),
+            # "" is the current folder: a run's files, or the cache, written there unasked (`--output ""` was refused
+            # as a flag, not in a config file)
+            (self.output.strip() != "", "output must name a folder (an empty one is the current folder)"),
+            (self.cache_dir.strip() != "", "cache_dir must name a folder (an empty one is the current folder)"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 2, "batch_size must be >= 2 (batch norm needs two images per batch)"),
             # DenseNet's four halvings and three poolings leave nothing of a 28 px image (a traceback once the data
@@ -206,6 +210,7 @@ class Config:
 
 _FIELDS = {f.name: f for f in fields(Config)}
 _AUTO_OR_INT = {"num_workers"}  # "auto", or a number that replaces it
+_PATH_FIELDS = {"data", "output", "cache_dir", "weights"}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -216,6 +221,9 @@ def _coerce(name: str, value: Any) -> Any:
     target = type(default)
     if value is None:  # `key:` or `key: ~` in YAML, which would silently replace the default with nothing
         raise ConfigError(f"invalid config: {name} has no value (give one, or leave the line out for the default)")
+    if name in _PATH_FIELDS and isinstance(value, str) and value.startswith("~"):
+        # A shell expands ~ in a flag; a YAML file does not: `cache_dir: ~/.cache/x` had made a folder named "~".
+        return os.path.expanduser(value)
     if name in _AUTO_OR_INT:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
@@ -234,6 +242,8 @@ def _coerce(name: str, value: Any) -> Any:
         return value
     if target is str and isinstance(value, os.PathLike):
         return os.fspath(value)
+    if target is str and isinstance(value, list | dict | tuple | set):  # `output: [a, b]` made a folder "['a', 'b']"
+        raise ConfigError(f"invalid config: {name} must be a single value, got {value!r}")
     try:
         if target is bool:
             if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # np.True_
@@ -262,12 +272,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise UsageError(f"{p}: a folder, not a config file")
         if not p.is_file():
             raise UsageError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+        except UnicodeDecodeError as e:  # a Latin-1 editor's "é": a traceback before
+            raise UsageError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save it as "
+                             "UTF-8") from None
         except yaml.YAMLError as e:
-            raise UsageError(f"{p}: not valid YAML ({e.__class__.__name__})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None)
+            raise UsageError(f"{p}: not valid YAML{where} ({problem or e.__class__.__name__})") from None
         if not isinstance(loaded, dict):
             raise UsageError(f"{p}: the top level must be a mapping of config fields")
         values.update(loaded)

@@ -388,12 +388,14 @@ _NPZ_ROW = re.compile(r".*\.npz#[^/]+/\d+$", re.IGNORECASE)
 
 def _scan_npz(path: Path) -> dict[str, Split]:
     import zipfile
-    import zlib
 
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+        # numpy's message for a file that is no .npy or .npz suggests allow_pickle=True: advice to run what a pickle
+        # holds, not cxr's to pass on
+        reason = "not a NumPy file" if "allow_pickle" in str(e) else str(e)
+        raise DataError(f"{path}: not a readable .npz file ({reason})") from None
     splits = {}
     if not isinstance(npz, np.lib.npyio.NpzFile):  # np.load reads a .npy (one array) too, whatever the suffix
         raise DataError(f"{path}: holds one array (a .npy file), not the named arrays of an .npz (train_images, "
@@ -409,6 +411,8 @@ def _scan_npz(path: Path) -> dict[str, Split]:
                 labels = np.asarray(npz[f"{name}_labels"]).reshape(-1)
             except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
                 raise DataError(f"{path}: cannot read {name}_images / {name}_labels ({e})") from None
+            if images.ndim == 0:  # len() of a 0-d array had ended in a traceback
+                raise DataError(f"{path}: {name}_images is a single value, not an array of images")
             if len(images) != len(labels):
                 raise DataError(f"{path}: {len(images)} {name}_images but {len(labels)} {name}_labels")
             if not len(labels):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -535,7 +536,11 @@ def _process_state_kept():
     finally:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        # Only where the run changed it: the call imports torch._inductor, and a Ctrl-C that had left an import half
+        # done (sympy, in torch.optim's setup) then ended in that import's traceback instead of "interrupted".
+        if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != (
+                deterministic, warn_only):
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
         if cublas is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
@@ -574,9 +579,14 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
     check_output_outside_data(run_dir, Path(cfg.data))
     if resume is None and (run_dir / "last.pt").exists():
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
+    if resume is None and any((run_dir / name).exists() for name in ("best.pt", "metrics.json", "summary.json")):
+        # last.pt deleted to save its space (3x best.pt's): the finished run's model and results had been replaced
+        raise UsageError(f"{run_dir} holds a trained model (best.pt or its results); pick another --output, or delete "
+                         "the folder to start over there")
     info, device = init_distributed(resolve_device(cfg.device))
     try:
-        result = _train(cfg, state, run_dir, info, device, resume is not None, t_start)
+        with _run_folder_lock(run_dir, info.main):
+            result = _train(cfg, state, run_dir, info, device, resume is not None, t_start)
     except BaseException:
         # Not at a barrier: the other ranks wait in another collective, and the job hung silently for
         # CXR_DIST_TIMEOUT (2 h) after one rank's disk filled up. torchrun ends them when this rank exits.
@@ -584,6 +594,54 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         raise
     shutdown_distributed()
     return result
+
+
+_LOCK_NAME = ".cxr-train.lock"
+
+
+@contextlib.contextmanager
+def _run_folder_lock(run_dir: Path, main: bool):
+    """Hold the run folder for this process's training (the main process of a torchrun): a second ``cxr train`` into
+    it, fresh or ``--resume``, is refused while this one runs. Two had both exited 0, leaving config.yaml and
+    split.csv of one run beside the checkpoints and metrics of the other. An advisory lock (``flock``; ``msvcrt`` on
+    Windows), released by the system when the process ends however it ends."""
+    if not main:
+        yield
+        return
+    made = missing_folders(run_dir)
+    path = run_dir / _LOCK_NAME
+    try:
+        ensure_dir(run_dir)
+        f = open(path, "a+b")  # noqa: SIM115 (held until the run ends)
+    except OSError as e:  # no lock where it cannot be made (a read-only folder fails at the first write anyway)
+        log.debug("no lock on %s (%s)", run_dir, e)
+        remove_empty_folders(made)
+        yield
+        return
+    try:
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
+                log.debug("no lock on %s (%s)", run_dir, e)  # a file system without locks (some network ones)
+            else:
+                raise UsageError(f"{run_dir} is in use by another cxr train (it holds {path}); wait for it to end, "
+                                 "or pick another --output") from None
+        yield
+    finally:
+        f.close()
+        # A run that failed before writing anything leaves no folder of its own behind, lock included.
+        with contextlib.suppress(OSError):
+            if made and [p.name for p in run_dir.iterdir()] == [_LOCK_NAME]:
+                path.unlink()
+                remove_empty_folders(made)
 
 
 class TrainBatches:
