@@ -1811,3 +1811,41 @@ def test_a_run_folder_in_use_or_holding_a_model_is_refused(trained_run, tmp_path
     (copy / "last.pt").unlink()
     proc = cxr("train", "--data", tiny_dataset, "--output", copy, *_flags(TINY_TRAIN), check=False)
     _one_line_error(proc, "holds a trained model (best.pt or its results)")
+
+
+def test_a_resumed_session_cut_short_marks_its_summary_and_its_unchosen_threshold_is_said(trained_run, tmp_path,
+                                                                                           monkeypatch, caplog):
+    # Extending a finished run, killed after an improving epoch: best.pt was newer and had threshold 0.5, never chosen,
+    # while summary.json still said "finished" and predict used 0.5 without a word.
+    import shutil
+
+    import cxr.train
+    from cxr.model import save_checkpoint
+    from cxr.predict import predict_files
+
+    _, run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report*"))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxr.train, "finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cxr.train.train(resume=copy, overrides={"epochs": 4})
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["stop_reason"].startswith("in progress: resumed after epoch 2 (was: finished")
+    assert "no threshold chosen" in summary["in_progress"]
+    # A best.pt of the session (as an improving epoch writes it: no threshold chosen) is said to be so when used.
+    best = load_checkpoint(copy / "best.pt")
+    image = next((SAMPLE_DIR / "test" / "NORMAL").iterdir())
+    for policy, said in (("youden", False), ("default", True)):
+        best.threshold_policy = policy
+        save_checkpoint(best, copy / "best.pt")
+        caplog.clear()
+        predict_files(copy, [image], device="cpu")
+        assert ("its decision threshold was never chosen on validation" in caplog.text) == said, policy
+    from cxr.report import make_report
+
+    page = make_report(copy, video=False, heatmaps=False).read_text()
+    assert "run in progress or interrupted" in page

@@ -650,7 +650,14 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     from cxr.data import check_output_outside_data, prepare, scan
     from cxr.export import model_id
     from cxr.fileio import check_writable
-    from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
+    from cxr.model import (
+        exact_fp32,
+        load_checkpoint,
+        resolve_device,
+        use_bf16,
+        use_channels_last,
+        warn_if_threshold_unchosen,
+    )
     from cxr.predict import check_inference_args
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
@@ -662,6 +669,8 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
         raise UsageError(f"--output {output}: a training run's folder, whose metrics.json and predictions this would "
                          f"replace; give another folder (say {Path(output) / ('eval-' + Path(data).name)})")
     ckpt = load_checkpoint(model)
+    if threshold is None:
+        warn_if_threshold_unchosen(ckpt)
     # Recorded, so that `cxr report OUT` can draw the heatmaps with the same model later.
     # A Checkpoint given in memory has no file to name (its empty path had been recorded as the current folder).
     model_ref = ("default" if isinstance(model, str) and model == "default"

@@ -217,7 +217,14 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     from cxr.evaluate import predict_logits, probabilities
     from cxr.export import model_id
     from cxr.fileio import check_writable
-    from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
+    from cxr.model import (
+        exact_fp32,
+        load_checkpoint,
+        resolve_device,
+        use_bf16,
+        use_channels_last,
+        warn_if_threshold_unchosen,
+    )
     from cxr.predict import (
         EXPLAIN_SUFFIX,
         check_inference_args,
@@ -238,6 +245,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     check_writable(output_dir, folder=True)  # now, not after the heatmaps
     check_writable(Path(output_dir) / "explanations.csv")
     ckpt = load_checkpoint(model)
+    if threshold is None:
+        warn_if_threshold_unchosen(ckpt)
     names = [c.upper() for c in ckpt.class_names]
     if target.upper() not in names and target != "predicted":
         raise UsageError(f"--target {target!r}: use predicted, {' or '.join(ckpt.class_names)}")

@@ -534,6 +534,18 @@ def _checkpoint_from(obj: dict[str, Any], path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: damaged cxr checkpoint ({e.__class__.__name__}: {e})") from None
 
 
+def warn_if_threshold_unchosen(ckpt: Checkpoint) -> None:
+    """Say so where a run's checkpoint has no threshold chosen on validation: training writes best.pt after each
+    improving epoch, and chooses its threshold only at the end. A run interrupted (or a resumed session still
+    training) left one that predict, evaluate, explain and serve used at 0.5 without a word."""
+    path = Path(ckpt.path) if ckpt.path else None
+    if (ckpt.threshold_policy == "default" and path is not None and path.name in ("best.pt", "last.pt")
+            and (path.parent / "config.yaml").is_file()):
+        log.warning("%s: its decision threshold was never chosen on validation (the run stopped before its end, or "
+                    "is still training), so %s is used; `cxr train --resume %s` ends the run, or give --threshold",
+                    path, f"{ckpt.threshold:g}", path.parent)
+
+
 def _is_torchscript(path: Path) -> bool:
     """A zip archive holding TorchScript code (what ``torch.jit.save`` writes), as opposed to a ``torch.save`` file."""
     import zipfile

@@ -224,11 +224,20 @@ def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, d
 
     from cxr.evaluate import predict_logits, probabilities
     from cxr.export import model_id
-    from cxr.model import exact_fp32, load_checkpoint, resolve_device, use_bf16, use_channels_last
+    from cxr.model import (
+        exact_fp32,
+        load_checkpoint,
+        resolve_device,
+        use_bf16,
+        use_channels_last,
+        warn_if_threshold_unchosen,
+    )
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
     files = select_shard([Path(p) for p in paths] if listed else collect_files(paths), shard)
     ckpt = load_checkpoint(model)
+    if threshold is None:
+        warn_if_threshold_unchosen(ckpt)
     cfg = ckpt.config
     dev = resolve_device(device)
     net = ckpt.build(dev)

@@ -934,6 +934,9 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     dtypes = list(dict.fromkeys(m["inference_dtype"] for m in art.metrics.values() if m.get("inference_dtype")))
     if dtypes:
         facts.append(f"<li>predictions computed in {html.escape(', '.join(dtypes))}</li>")
+    if summary.get("in_progress"):
+        facts.append("<li><strong>run in progress or interrupted</strong>: "
+                     f"{html.escape(str(summary['in_progress']))}</li>")
     sessions = summary.get("sessions") or []
     # After a --resume, the wall time is the last session's alone: said so, and the sessions named (it had read as the
     # whole run's time).

@@ -232,9 +232,11 @@ def load_engine(model: str | os.PathLike, backend: str = "torch", device: str = 
         return OnnxEngine(model, threads=threads)
     if isinstance(model, str | os.PathLike) and str(model).lower().endswith(".onnx"):
         raise UsageError(f"{model}: an ONNX file needs --backend onnx")
-    from cxr.model import load_checkpoint
+    from cxr.model import load_checkpoint, warn_if_threshold_unchosen
 
-    return TorchEngine(load_checkpoint(model), device=device, threads=threads, amp=amp)
+    ckpt = load_checkpoint(model)
+    warn_if_threshold_unchosen(ckpt)
+    return TorchEngine(ckpt, device=device, threads=threads, amp=amp)
 
 
 # ----------------------------------------------------------------------------------------------- requests

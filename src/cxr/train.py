@@ -596,6 +596,24 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
     return result
 
 
+def _mark_in_progress(run_dir: Path, after_epoch: int) -> None:
+    """An earlier session's summary.json, marked as this session begins: best.pt may change from the next improving
+    epoch on, and its threshold is chosen at the end. A session killed meanwhile had left a folder whose summary and
+    metrics said "finished" beside a newer best.pt with no threshold chosen, which the report then described."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(summary, dict):
+        return
+    before = summary.get("stop_reason")
+    summary["stop_reason"] = f"in progress: resumed after epoch {after_epoch}" + (f" (was: {before})" if before else "")
+    summary["in_progress"] = (f"resumed after epoch {after_epoch}; until that session ends, best.pt may be newer than "
+                              "these figures, with no threshold chosen (cxr train --resume ends it)")
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+
+
 _LOCK_NAME = ".cxr-train.lock"
 
 
@@ -937,6 +955,8 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
             stop_reason = ""  # resumed with a larger --epochs: train on (the cosine schedule stretches to the new end)
         kept_average = _kept_average(run_dir)
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
+        if info.main:
+            _mark_in_progress(run_dir, start_epoch)
     # What this session computes with, recorded with each session that trains an epoch: a run repeats bit for bit only
     # with the same threads, processes, device, arithmetic and torch (2 threads against 1 gave another model).
     session = {"after_epoch": start_epoch, "epochs": cfg.epochs, "swa_epochs": cfg.swa_epochs,
