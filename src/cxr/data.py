@@ -872,6 +872,7 @@ def _cache_chunk(chunk: list[tuple[int, str, str]], folder: str, size: int, draf
     return pack, done + failed, None
 
 
+_full_warned: set[str] = set()  # cache folders already said to be full (or to refuse a pack's write)
 _unwritable_warned: set[str] = set()  # cache folders already said to be unwritable: once a process, not once a split
 
 
@@ -991,7 +992,6 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
             results = (_cache_chunk(chunk, *spec) for chunk in chunks)
         paths = [s.path for s in split.samples]
         hashed: list[tuple[str, StatKey, str]] = []
-        full_warned = False
         try:
             with progress_bar(f"caching {split.name}", total=len(todo), unit="img") as bar:
                 for pack, outcome, pixels in results:
@@ -1001,8 +1001,8 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
                             # just written by a worker: removed or changed since, a real fault, not a cache miss
                             raise DataError(f"cache pack {pack} vanished or is damaged while in use; run again")
                     elif stored:  # no writable cache: the pixels came back with the outcome
-                        if store and not full_warned:
-                            full_warned = True
+                        if store and str(folder) not in _full_warned:  # once a process, not once a split
+                            _full_warned.add(str(folder))
                             log.warning("could not write to the image cache %s (disk full?): decoding without it "
                                         "where it fails; free space or set --cache-dir", folder)
                         for i, row in stored:

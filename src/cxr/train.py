@@ -416,6 +416,8 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
         raise UsageError(f"--resume {run_dir}: its last.pt is gone, and {trained} that a fresh start would replace; "
                          "--resume needs last.pt to continue")
     state = load_checkpoint(last) if last.is_file() else None
+    if state is None:  # killed in its first epoch: said, as the start of a run it is (it had said nothing)
+        log.info("%s has no last.pt (stopped during its first epoch): starting it again from epoch 1", run_dir)
     if state is not None:
         # config.yaml edited since (by hand, or by another cxr): applied mid-run without a word, or ending in a raw
         # load_state_dict error for another arch. Where the data or cache now live may change; nothing else.
