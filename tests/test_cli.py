@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -999,6 +1000,8 @@ def test_resume_refuses_swa_lr_without_averaging(trained_run, tmp_path):
     _, run, _ = trained_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report*"))
+    config = (copy / "config.yaml").read_text()  # other tests extend the shared run: as it was, without averaging
+    (copy / "config.yaml").write_text(re.sub(r"(?m)^swa_epochs: .*$", "swa_epochs: 0", config))
     _one_line_error(cxr("train", "--resume", copy, "--swa-lr", "1e-3", check=False),
                     "--swa-lr applies only with --swa-epochs N")
 
@@ -1813,19 +1816,17 @@ def test_a_run_folder_in_use_or_holding_a_model_is_refused(trained_run, tmp_path
     _one_line_error(proc, "holds a trained model (best.pt or its results)")
 
 
-def test_a_resumed_session_cut_short_marks_its_summary_and_its_unchosen_threshold_is_said(trained_run, tmp_path,
+def test_a_resumed_session_cut_short_marks_its_summary_and_its_unchosen_threshold_is_said(tmp_path, tiny_dataset,
                                                                                            monkeypatch, caplog):
     # Extending a finished run, killed after an improving epoch: best.pt was newer and had threshold 0.5, never chosen,
     # while summary.json still said "finished" and predict used 0.5 without a word.
-    import shutil
-
     import cxr.train
     from cxr.model import save_checkpoint
     from cxr.predict import predict_files
 
-    _, run, _ = trained_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report*"))
+    copy = tmp_path / "run"  # a run of its own: the shared one is extended by other tests
+    cxr.train.train(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(copy),
+                                           "cache_dir": str(tmp_path / "cache")}))
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt

@@ -581,7 +581,7 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
     check_output_outside_data(run_dir, Path(cfg.data))
     if resume is None and (run_dir / "last.pt").exists():
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
-    if resume is None and any((run_dir / name).exists() for name in ("best.pt", "metrics.json", "summary.json")):
+    if resume is None and any((run_dir / name).is_file() for name in ("best.pt", "metrics.json", "summary.json")):
         # last.pt deleted to save its space (3x best.pt's): the finished run's model and results had been replaced
         raise UsageError(f"{run_dir} holds a trained model (best.pt or its results); pick another --output, or delete "
                          "the folder to start over there")
@@ -624,7 +624,8 @@ def _run_folder_lock(run_dir: Path, main: bool):
     """Hold the run folder for this process's training (the main process of a torchrun): a second ``cxr train`` into
     it, fresh or ``--resume``, is refused while this one runs. Two had both exited 0, leaving config.yaml and
     split.csv of one run beside the checkpoints and metrics of the other. An advisory lock (``flock``; ``msvcrt`` on
-    Windows), released by the system when the process ends however it ends."""
+    Windows), released by the system when the process ends however it ends; its file is removed when the run ends
+    (one left by a killed run is taken over by the next)."""
     if not main:
         yield
         return
@@ -656,12 +657,12 @@ def _run_folder_lock(run_dir: Path, main: bool):
                                  "or pick another --output") from None
         yield
     finally:
-        f.close()
-        # A run that failed before writing anything leaves no folder of its own behind, lock included.
+        # Removed while still held, then released: the folder is left as the run left it (a run that failed before
+        # writing anything, with no folder of its own, the lock's included).
         with contextlib.suppress(OSError):
-            if made and [p.name for p in run_dir.iterdir()] == [_LOCK_NAME]:
-                path.unlink()
-                remove_empty_folders(made)
+            path.unlink()
+        f.close()
+        remove_empty_folders(made)
 
 
 class TrainBatches:
