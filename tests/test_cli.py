@@ -960,10 +960,9 @@ def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
     # A traceback after the data had been hashed, cached and split (DenseNet leaves nothing of 28 px); resnet18 runs.
     ("image_size: 28\n", "image_size must be >= 32 for densenet121"),
     ("image_size: 12\narch: resnet18\n", "image_size must be >= 16 for resnet18"),
-    # A run written into the current folder, a cache there, a folder named "['a', 'b']": each had been accepted.
-    ('output: ""\n', "output must name a folder"),
-    ('cache_dir: ""\n', "cache_dir must name a folder"),
+    # A folder named "['a', 'b']", one named "~nosuchuser": each had been accepted.
     ("output: [a, b]\n", "output must be a single value"),
+    ("cache_dir: ~nosuchuser-cxr/x\n", "no such user's home folder here"),
     ("device: [cpu]\n", "device must be a single value"),
     ("epochs: 1\n\tlr: 1\n", "not valid YAML at line 2, column 1"),
 ])
@@ -993,6 +992,23 @@ def test_config_files_that_are_no_utf8_text_or_a_folder_and_home_paths(tmp_path,
                                                      str(tmp_path / "d"))
 
 
+def test_a_run_or_cache_in_the_current_folder_is_refused_but_an_old_runs_config_still_loads(tmp_path, tiny_dataset,
+                                                                                             monkeypatch):
+    # `output: ""` wrote the whole run into the current folder (the flag was refused, the config file not); a model
+    # trained so by an older cxr must still load (its config is read back through the same checks).
+    from cxr.config import config_from_dict, load_config
+
+    monkeypatch.chdir(tmp_path)
+    for field in ("output", "cache_dir"):
+        (tmp_path / "c.yaml").write_text(f'{field}: ""\n')
+        _one_line_error(cxr("train", "--config", tmp_path / "c.yaml", "--data", tiny_dataset, check=False),
+                        f"{field} must name a folder")
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "digests.sqlite").exists()
+    _one_line_error(cxr("evaluate", "--cache-dir", "", "--data", tiny_dataset, "--output", tmp_path / "e", check=False),
+                    "--cache-dir is empty")
+    assert config_from_dict({**load_config().to_dict(), "output": "", "cache_dir": ""}).output == ""
+
+
 def test_resume_refuses_swa_lr_without_averaging(trained_run, tmp_path):
     # Saved into config.yaml unused, it had set the rate of a later `--resume --swa-epochs K`.
     import shutil
@@ -1003,6 +1019,9 @@ def test_resume_refuses_swa_lr_without_averaging(trained_run, tmp_path):
     config = (copy / "config.yaml").read_text()  # other tests extend the shared run: as it was, without averaging
     (copy / "config.yaml").write_text(re.sub(r"(?m)^swa_epochs: .*$", "swa_epochs: 0", config))
     _one_line_error(cxr("train", "--resume", copy, "--swa-lr", "1e-3", check=False),
+                    "--swa-lr applies only with --swa-epochs N")
+    # With --swa-epochs 0 given, whatever the run had: saved, it set a later average's rate (5e-2 blew the loss up).
+    _one_line_error(cxr("train", "--resume", copy, "--swa-epochs", "0", "--swa-lr", "5e-2", check=False),
                     "--swa-lr applies only with --swa-epochs N")
 
 
@@ -1798,18 +1817,26 @@ def test_a_run_folder_in_use_or_holding_a_model_is_refused(trained_run, tmp_path
     # checkpoints; and a finished run whose last.pt was deleted (3x best.pt's size) was silently trained over.
     import shutil
 
-    from cxr.train import _run_folder_lock, train
+    from cxr.distributed import DistInfo
+    from cxr.train import _run_folder_lock, folder_in_use, train
 
     run = tmp_path / "busy"
     cfg = load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(run)})
-    with _run_folder_lock(run, True), pytest.raises(UsageError, match="is in use by another cxr train"):
-        train(cfg)
-    assert not run.exists()  # the lock's folder, which held nothing else, is gone
+    with _run_folder_lock(run, DistInfo()):
+        for _ in range(2):  # the refused run leaves the holder's lock alone: a third is refused too (it had got in)
+            with pytest.raises(UsageError, match="is in use by another cxr train"):
+                train(cfg)
+        assert folder_in_use(run) and (run / ".cxr-train.lock").is_file()
+    assert not run.exists() and not folder_in_use(run)  # the lock's folder, which held nothing else, is gone
+    # A lock file another user made read-only (a umask 022) still locks: it is opened read-only.
+    with _run_folder_lock(run, DistInfo()):
+        (run / ".cxr-train.lock").chmod(0o444)
+        assert folder_in_use(run)
     _, finished, _ = trained_run
     copy = tmp_path / "finished"
     shutil.copytree(finished, copy, ignore=shutil.ignore_patterns("report*"))
     # a --resume while the run still trains
-    with _run_folder_lock(copy, True), pytest.raises(UsageError, match="is in use by another cxr train"):
+    with _run_folder_lock(copy, DistInfo()), pytest.raises(UsageError, match="is in use by another cxr train"):
         train(resume=copy, overrides={"epochs": 3})
     (copy / "last.pt").unlink()
     proc = cxr("train", "--data", tiny_dataset, "--output", copy, *_flags(TINY_TRAIN), check=False)
@@ -1846,6 +1873,13 @@ def test_a_resumed_session_cut_short_marks_its_summary_and_its_unchosen_threshol
         caplog.clear()
         predict_files(copy, [image], device="cpu")
         assert ("its decision threshold was never chosen on validation" in caplog.text) == said, policy
+    caplog.clear()  # last.pt is training state, which never carries a threshold: no advice to finish the run
+    predict_files(copy / "last.pt", [image], device="cpu")
+    assert "never chosen on validation" not in caplog.text
+    # Killed again in a later session: the mark is not nested ("was: in progress: ... (was: finished ...)").
+    cxr.train._mark_in_progress(copy, 3)
+    reason = json.loads((copy / "summary.json").read_text())["stop_reason"]
+    assert reason.startswith("in progress: resumed after epoch 3 (was: finished") and reason.count("in progress") == 1
     from cxr.report import make_report
 
     page = make_report(copy, video=False, heatmaps=False).read_text()

@@ -303,13 +303,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.config:
             raise _SameOnEveryRank("--resume uses the run's own config.yaml; drop --config")
-        if args.swa_lr is not None and not args.swa_epochs:
+        if args.swa_lr is not None:
             # As for a fresh run: --swa-lr without averaging had been saved into config.yaml unused, and a later
-            # `--resume --swa-epochs K` then averaged at it instead of the default.
-            try:
-                averaging = load_config(Path(args.resume) / "config.yaml").swa_epochs
-            except CxrError:
-                averaging = None  # the resume itself says what is wrong with the folder
+            # `--resume --swa-epochs K` then averaged at it instead of the default (--swa-epochs 0 given too).
+            averaging = args.swa_epochs
+            if averaging is None:
+                try:
+                    averaging = load_config(Path(args.resume) / "config.yaml").swa_epochs
+                except CxrError:
+                    averaging = None  # the resume itself says what is wrong with the folder
             if averaging == 0:
                 raise _SameOnEveryRank("--swa-lr applies only with --swa-epochs N (this run averages no weights)")
         run_dir = train(resume=args.resume, overrides=overrides)
@@ -658,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "output", None) == "":  # Path("") is the current folder: results written there unasked
             raise _SameOnEveryRank("--output is empty: give a folder or file name")
+        if getattr(args, "cache_dir", None) == "":  # the cache (digests.sqlite, packs) in the current folder
+            raise _SameOnEveryRank("--cache-dir is empty: give a folder")
         if args.command not in ("train", "predict"):
             _refuse_torchrun(args.command)
         commands[args.command](args)

@@ -154,10 +154,6 @@ class Config:
                 raise ConfigError(f"invalid config: {name} must be a finite number, got {value}")
         checks = [
             (self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}"),
-            # "" is the current folder: a run's files, or the cache, written there unasked (`--output ""` was refused
-            # as a flag, not in a config file)
-            (self.output.strip() != "", "output must name a folder (an empty one is the current folder)"),
-            (self.cache_dir.strip() != "", "cache_dir must name a folder (an empty one is the current folder)"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 2, "batch_size must be >= 2 (batch norm needs two images per batch)"),
             # DenseNet's four halvings and three poolings leave nothing of a 28 px image (a traceback once the data
@@ -223,7 +219,10 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"invalid config: {name} has no value (give one, or leave the line out for the default)")
     if name in _PATH_FIELDS and isinstance(value, str) and value.startswith("~"):
         # A shell expands ~ in a flag; a YAML file does not: `cache_dir: ~/.cache/x` had made a folder named "~".
-        return os.path.expanduser(value)
+        expanded = os.path.expanduser(value)
+        if expanded.startswith("~"):
+            raise ConfigError(f"invalid config: {name} {value!r}: no such user's home folder here")
+        return expanded
     if name in _AUTO_OR_INT:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)

@@ -58,6 +58,10 @@ def run_demo(output: str = "runs/demo", *, epochs: int = 8, device: str = "auto"
     if (out / "last.pt").exists() or (out / "split.csv").exists():
         if not _is_demo_run(out):  # `cxr demo --output` a real run's folder must not delete it
             raise UsageError(f"{out} holds a training run that is not a demo run; pick another --output")
+        from cxr.train import folder_in_use
+
+        if folder_in_use(out):  # its files had been deleted under a run still training there, before the refusal
+            raise UsageError(f"{out} is in use by another cxr train; wait for it to end, or pick another --output")
         _remove_demo_outputs(out)
     cfg = load_config(overrides={"data": str(SAMPLE_DIR), "output": str(out), "epochs": epochs, "image_size": 128,
                                  "batch_size": 16, "lr": 1e-3, "weights": "none", "val_fraction": 0.2,

@@ -539,7 +539,8 @@ def warn_if_threshold_unchosen(ckpt: Checkpoint) -> None:
     improving epoch, and chooses its threshold only at the end. A run interrupted (or a resumed session still
     training) left one that predict, evaluate, explain and serve used at 0.5 without a word."""
     path = Path(ckpt.path) if ckpt.path else None
-    if (ckpt.threshold_policy == "default" and path is not None and path.name in ("best.pt", "last.pt")
+    # Not last.pt: training state, which never carries the threshold (finish() chooses it for best.pt alone).
+    if (ckpt.threshold_policy == "default" and path is not None and path.name == "best.pt"
             and (path.parent / "config.yaml").is_file()):
         log.warning("%s: its decision threshold was never chosen on validation (the run stopped before its end, or "
                     "is still training), so %s is used; `cxr train --resume %s` ends the run, or give --threshold",

@@ -562,6 +562,9 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         cfg, state = _resolve_resume(resume, overrides or {})
     if cfg is None or not cfg.data:
         raise UsageError("no data: pass --data DIR (a dataset folder or an .npz file)")
+    for name in ("output", "cache_dir"):  # "" is the current folder: a run's files, or its cache, written there unasked
+        if not str(getattr(cfg, name)).strip():
+            raise ConfigError(f"invalid config: {name} must name a folder (an empty one is the current folder)")
     if Path(cfg.data).suffix.lower() == ".csv":
         # scan() reads a run's split.csv for `cxr evaluate`; for training it was taken, and its val carved anew.
         raise UsageError(f"--data {cfg.data}: a run's split.csv is for cxr evaluate; train on the dataset itself (a "
@@ -587,7 +590,7 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
                          "the folder to start over there")
     info, device = init_distributed(resolve_device(cfg.device))
     try:
-        with _run_folder_lock(run_dir, info.main):
+        with _run_folder_lock(run_dir, info, device):
             result = _train(cfg, state, run_dir, info, device, resume is not None, t_start)
     except BaseException:
         # Not at a barrier: the other ranks wait in another collective, and the job hung silently for
@@ -609,7 +612,8 @@ def _mark_in_progress(run_dir: Path, after_epoch: int) -> None:
         return
     if not isinstance(summary, dict):
         return
-    before = summary.get("stop_reason")
+    before = summary.get("stop_reason_before_resume") or summary.get("stop_reason")  # not nested at a second kill
+    summary["stop_reason_before_resume"] = before
     summary["stop_reason"] = f"in progress: resumed after epoch {after_epoch}" + (f" (was: {before})" if before else "")
     summary["in_progress"] = (f"resumed after epoch {after_epoch}; until that session ends, best.pt may be newer than "
                               "these figures, with no threshold chosen (cxr train --resume ends it)")
@@ -619,50 +623,82 @@ def _mark_in_progress(run_dir: Path, after_epoch: int) -> None:
 _LOCK_NAME = ".cxr-train.lock"
 
 
-@contextlib.contextmanager
-def _run_folder_lock(run_dir: Path, main: bool):
-    """Hold the run folder for this process's training (the main process of a torchrun): a second ``cxr train`` into
-    it, fresh or ``--resume``, is refused while this one runs. Two had both exited 0, leaving config.yaml and
-    split.csv of one run beside the checkpoints and metrics of the other. An advisory lock (``flock``; ``msvcrt`` on
-    Windows), released by the system when the process ends however it ends; its file is removed when the run ends
-    (one left by a killed run is taken over by the next)."""
-    if not main:
-        yield
-        return
-    made = missing_folders(run_dir)
-    path = run_dir / _LOCK_NAME
-    try:
-        ensure_dir(run_dir)
-        f = open(path, "a+b")  # noqa: SIM115 (held until the run ends)
-    except OSError as e:  # no lock where it cannot be made (a read-only folder fails at the first write anyway)
-        log.debug("no lock on %s (%s)", run_dir, e)
-        remove_empty_folders(made)
-        yield
-        return
-    try:
+def _try_lock(path: Path) -> int | None:
+    """A descriptor of ``path`` (created if need be) holding its exclusive advisory lock, or None where another process
+    holds it. Opened read-only on POSIX (``flock`` needs no write access: a lock file made by a colleague's umask 022
+    had been no lock at all). An OSError where no lock can be had here."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            if sys.platform == "win32":
-                import msvcrt
-
-                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
-                log.debug("no lock on %s (%s)", run_dir, e)  # a file system without locks (some network ones)
-            else:
-                raise UsageError(f"{run_dir} is in use by another cxr train (it holds {path}); wait for it to end, "
-                                 "or pick another --output") from None
+            os.close(fd)
+            if e.errno in (errno.EACCES, errno.EDEADLK):
+                return None
+            raise
+        return fd
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+def folder_in_use(run_dir: str | os.PathLike) -> bool:
+    """Whether a ``cxr train`` holds ``run_dir`` now (its lock is taken); a look, nothing held after it."""
+    path = Path(run_dir) / _LOCK_NAME
+    if not path.is_file():
+        return False
+    try:
+        fd = _try_lock(path)
+    except OSError:
+        return False
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+@contextlib.contextmanager
+def _run_folder_lock(run_dir: Path, info: DistInfo, device: torch.device | None = None):
+    """Hold the run folder for this training (its main process does, for every rank of a torchrun): a second
+    ``cxr train`` into it, fresh or ``--resume``, is refused while this one runs. Two had both exited 0, leaving
+    config.yaml and split.csv of one run beside the checkpoints and metrics of the other. An advisory lock (``flock``;
+    ``msvcrt`` on Windows), released by the system when the process ends however it ends. Its holder removes the
+    file when the run ends (one left by a killed run is taken over by the next); a process refused touches nothing.
+    """
+    fd, made, path = None, [], run_dir / _LOCK_NAME
+    refused = False
+    if info.main:
+        made = missing_folders(run_dir)
+        try:
+            ensure_dir(run_dir)
+            fd = _try_lock(path)
+            refused = fd is None
+        except OSError as e:  # a file system without locks: the run goes on, said
+            log.warning("%s: no lock on the run folder (%s); do not start another cxr train into it meanwhile",
+                        run_dir, e.strerror or e)
+    if info.active:  # every rank refuses alike, before any collective of the run (rank 1 had died in gloo)
+        refused = bool(broadcast_floats([float(refused)], device or torch.device("cpu"))[0])
+    if refused:
+        raise ConfigError(f"{run_dir} is in use by another cxr train (it holds {path}); wait for it to end, or pick "
+                          "another --output")
+    try:
         yield
     finally:
-        # Removed while still held, then released: the folder is left as the run left it (a run that failed before
-        # writing anything, with no folder of its own, the lock's included).
-        with contextlib.suppress(OSError):
-            path.unlink()
-        f.close()
-        remove_empty_folders(made)
+        if fd is not None:  # removed while still held, then released
+            with contextlib.suppress(OSError):
+                path.unlink()
+            os.close(fd)
+            remove_empty_folders(made)  # a run that failed before writing anything leaves no folder of its own
 
 
 class TrainBatches:
