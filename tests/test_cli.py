@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1880,3 +1881,21 @@ def test_a_resumed_session_cut_short_marks_its_summary_and_its_unchosen_threshol
 
     page = make_report(copy, video=False, heatmaps=False).read_text()
     assert "run in progress or interrupted" in page
+
+
+@pytest.mark.skipif(not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("setpriv")),
+                    reason="needs root and setpriv to act as a user who cannot write the lock file")
+def test_a_lock_file_another_user_cannot_write_still_locks(tmp_path):
+    # A colleague's run leaves the lock file 0644 (umask 022): opened for writing, it had failed, and the second run
+    # went on without a lock. Opened read-only, flock still holds it. Here: root without CAP_DAC_OVERRIDE.
+    from cxr.distributed import DistInfo
+    from cxr.train import _run_folder_lock
+
+    run = tmp_path / "run"
+    with _run_folder_lock(run, DistInfo()):
+        (run / ".cxr-train.lock").chmod(0o444)
+        probe = ("from cxr.train import folder_in_use; import sys; "
+                 f"sys.exit(0 if folder_in_use({str(run)!r}) else 3)")
+        proc = subprocess.run(["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override",
+                               sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
