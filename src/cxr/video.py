@@ -166,7 +166,10 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
                   # P between 0.5 and the threshold: the map is of the label, which the output leans away from
                   f"heatmap of {CLASS_NAMES[predicted]}; output leans {CLASS_NAMES[1 - predicted]}"
                   if leans_away(item.prob, predicted) else "heatmap: where the model looked")
-        draw.text((x0, legend_y - round(unit * 0.95)), legend, font=small, fill=DIM)
+        if draw.textlength(legend, font=small) > panel_w and leans_away(item.prob, predicted):
+            # at 640 px the long form ran off the frame ("... output leans PNEUM"): the short one
+            legend = f"map of {CLASS_NAMES[predicted]}; leans {CLASS_NAMES[1 - predicted]}"
+        draw.text((x0, legend_y - round(unit * 0.95)), _fit(draw, legend, small, panel_w), font=small, fill=DIM)
         im.paste(strip, (x0, legend_y))
         draw.text((x0, legend_y + strip.height + 1), "low", font=small, fill=DIM)
         draw.text((x0 + strip.width - draw.textlength("high", font=small), legend_y + strip.height + 1), "high",
