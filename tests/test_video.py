@@ -243,7 +243,9 @@ def test_a_flat_heatmap_is_said_to_be_flat(monkeypatch):
                                GridTile(image, np.eye(64, dtype=np.float32), 1, 0.9, "c.png")]}, 0.31, "test")
     titles = [ax.get_title() for sub in fig.subfigs for ax in sub.axes if ax.get_title()]
     assert titles[0].endswith("heatmap flat: no region raised it"), titles
-    assert titles[1].endswith("heatmap of PNEUMONIA; output leans NORMAL") and "leans" not in titles[2], titles
+    assert titles[1].endswith("map of PNEUMONIA; leans NORMAL") and "leans" not in titles[2], titles
+    # Each title's lines no wider than the flat note's, which fits its tile (the long form ran into the next one).
+    assert max(len(line) for t in titles for line in t.splitlines()) <= len("heatmap flat: no region raised it")
 
 
 def test_the_video_writer_does_not_load_torch():

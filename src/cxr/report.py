@@ -556,7 +556,8 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
                 ax.set_title(f"{'✓ right' if ok else '✗ wrong'}   P(pneumonia) {shown}\n"
                              f"true {CLASS_NAMES[tile.label]} · pred {CLASS_NAMES[pred]}"
                              + ("\nheatmap flat: no region raised it" if flat else "")
-                             + (f"\nheatmap of {CLASS_NAMES[pred]}; output leans {CLASS_NAMES[1 - pred]}"
+                             # short: the tile's width (a longer line ran into the next tile)
+                             + (f"\nmap of {CLASS_NAMES[pred]}; leans {CLASS_NAMES[1 - pred]}"
                                 if tile.heatmap is not None and not flat and leans_away(tile.prob, pred) else ""),
                              fontsize=9.5, color=colour if not ok else "black")
                 ax.set_xlabel(_short(image_name(tile.path), 30), fontsize=7.5, color=OKABE_ITO["grey"],
