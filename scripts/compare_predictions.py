@@ -4,8 +4,16 @@ Reads ``predictions_<split>.csv`` files written by ``cxr evaluate`` (columns pat
 the same images (matched by path), and prints per model the mean log loss (unweighted, and with inverse class-frequency
 weights from the file's own labels: like cxr train's ``val_loss``, which weighs by the train split's counts, and equal
 to it only where those match; both log losses clip P to [1e-7, 1 - 1e-7]), the Brier score and AUROC, then a paired
-bootstrap of the differences (B minus A; 1,000 resamples of the images), so that "better on validation" is a measured
-statement.
+bootstrap of the differences (B minus A; 1,000 resamples, percentile intervals), so that "better on validation" is a
+measured statement.
+
+The bootstrap resamples patients, each with all of its images, as ``cxr evaluate``'s intervals do: images of one
+patient are alike, and resampling them as if independent made the intervals too narrow (Kermany's pneumonia patients
+have 2.4 images on average). Each image's patient is read as ``cxr train`` reads it (cxr.data.file_patient_id): a
+Kermany file name, a DICOM file's PatientID (where the file is still there to read), or ``--patient-pattern``, a
+regular expression searched in the path as the CSV gives it (its first group, or the whole match). Images with none
+of these are their own patients; where no patient has several images, or a class has fewer than 5 patients, the
+images are resampled, and the output says which.
 
     python scripts/compare_predictions.py runs/eval-v1/predictions_val.csv runs/eval-v2/predictions_val.csv
 """
@@ -15,12 +23,15 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
-from cxr.evaluate import _Resampler
+from cxr.data import PATTERN_PATIENT, Sample, file_patient_id
+from cxr.evaluate import _cluster_index, _Resampler, interval_patients, patients_of
 
 
 def read(path: str) -> dict[str, tuple[int, float]]:
@@ -42,10 +53,22 @@ def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
             weights.sum()), "brier": float(brier_score_loss(y, p)), "auroc": float(roc_auc_score(y, raw))}
 
 
+def patients(paths: list[str], y: np.ndarray, pattern: str = "") -> list[str]:
+    """Each image's patient, as :func:`cxr.evaluate.patients_of` names them for the intervals (an image whose
+    patient is not known is its own)."""
+    samples = []
+    for path, label in zip(paths, y, strict=True):
+        m = re.search(pattern, path) if pattern else None
+        found = (m.group(1) if m.re.groups else m.group(0)) if m else None
+        patient = PATTERN_PATIENT + found if found else file_patient_id(Path(path))
+        samples.append(Sample(path, int(label), patient))
+    return patients_of(samples)
+
+
 class Resampled:
-    """:func:`scores` of a resample from the count of draws of each image (``np.bincount``), as cxr's own
-    bootstrap does (cxr.evaluate._Resampler, whose AUROC it uses): the same numbers, without scikit-learn's checks
-    of its inputs on every resample, which made 1,000 resamples take about 25 s."""
+    """:func:`scores` of a resample from the number of times each image was drawn, as cxr's own bootstrap does
+    (cxr.evaluate._Resampler, whose AUROC it uses): the same numbers, without scikit-learn's checks of its inputs on
+    every resample, which made 1,000 resamples take about 25 s."""
 
     def __init__(self, y: np.ndarray, p: np.ndarray):
         self.y, self.p = y, np.clip(p, 1e-7, 1 - 1e-7)
@@ -53,13 +76,13 @@ class Resampled:
         self.sq = (self.p - y) ** 2
         self.ranks = _Resampler(y, p, 0.5)
 
-    def scores(self, idx: np.ndarray) -> dict[str, float]:
-        w = np.bincount(idx, minlength=len(self.y)).astype(np.float64)
+    def scores(self, w: np.ndarray) -> dict[str, float]:
+        """The scores of a resample that holds image i ``w[i]`` times."""
         counts = np.bincount(self.y, weights=w, minlength=2)
-        cw = w * (len(idx) / (2 * counts))[self.y]
+        cw = w * (w.sum() / (2 * counts))[self.y]
         return {"log_loss": float((w * self.nll).sum() / w.sum()),
                 "weighted_log_loss": float((cw * self.nll).sum() / cw.sum()),
-                "brier": float((w * self.sq).sum() / w.sum()), "auroc": self.ranks.metrics(idx)["auroc"]}
+                "brier": float((w * self.sq).sum() / w.sum()), "auroc": self.ranks.metrics_weighted(w)["auroc"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("a", help="predictions CSV of model A (the current one)")
     ap.add_argument("b", help="predictions CSV of model B (the candidate)")
     ap.add_argument("--boot", type=int, default=1000)
+    ap.add_argument("--patient-pattern", default="", metavar="REGEX",
+                    help="regular expression whose first group (or whole match) in an image's path names its patient")
     args = ap.parse_args(argv)
     a, b = read(args.a), read(args.b)
     if set(a) != set(b):
@@ -79,17 +104,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pa, pb = np.array([a[k][1] for k in paths]), np.array([b[k][1] for k in paths])
     sa, sb = scores(y, pa), scores(y, pb)
-    print(f"{len(y)} images ({int((y == 0).sum())} NORMAL / {int(y.sum())} PNEUMONIA)")
+    try:
+        re.compile(args.patient_pattern)
+    except re.error as e:
+        print(f"--patient-pattern {args.patient_pattern!r}: {e}", file=sys.stderr)
+        return 2
+    resampled, _ = interval_patients("compared", y, patients(paths, y, args.patient_pattern))
+    clusters = _cluster_index(resampled, len(y))
+    n_clusters = int(clusters.max()) + 1
+    what = f"{n_clusters} patients" if resampled is not None else "the images, as if independent"
+    print(f"{len(y)} images ({int((y == 0).sum())} NORMAL / {int(y.sum())} PNEUMONIA); the bootstrap resamples {what}")
     print("| measure | A | B | B - A, 95 % paired bootstrap |")
     print("|---|---:|---:|---:|")
     rng = np.random.default_rng(0)
     diffs: dict[str, list[float]] = {k: [] for k in sa}
     ra, rb = Resampled(y, pa), Resampled(y, pb)
     while len(diffs["log_loss"]) < args.boot:
-        idx = rng.integers(0, len(y), len(y))
-        if y[idx].min() == y[idx].max():
+        w = np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters)[clusters].astype(np.float64)
+        if not (w[y == 0].any() and w[y == 1].any()):
             continue
-        da, db = ra.scores(idx), rb.scores(idx)
+        da, db = ra.scores(w), rb.scores(w)
         for k in diffs:
             diffs[k].append(db[k] - da[k])
     for k in sa:
