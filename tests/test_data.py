@@ -1167,3 +1167,23 @@ def test_a_training_split_smaller_than_the_global_batch_is_said_to_lose_images_o
         TrainBatches(_random_split(13), cfg, rank=1, world=2)  # said once, by rank 0
     assert len(batches.sampler) == 6
     assert caplog.text.count("smaller than the global batch") == 1 and "1 of them sit out each epoch" in caplog.text
+
+
+def test_a_resume_says_images_added_since_the_split_are_left_out(tmp_path, tiny_dataset, caplog):
+    from cxr.train import split_dataset
+
+    from .conftest import TINY_TRAIN
+
+    run = tmp_path / "run"
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(run)})
+    first = split_dataset(cfg, run, resume=False)
+    caplog.clear()
+    again = split_dataset(cfg, run, resume=True)
+    assert "added since" not in caplog.text
+    new = tiny_dataset / "train" / "NORMAL" / "added-later.jpeg"
+    shutil.copy(first["train"].samples[0].path, new)
+    new.write_bytes(new.read_bytes() + b"\0")  # its own bytes
+    caplog.clear()
+    resumed = split_dataset(cfg, run, resume=True)
+    assert "1 image(s) that" in caplog.text and "added-later.jpeg" in caplog.text
+    assert [s.path for s in resumed["train"].samples] == [s.path for s in again["train"].samples]  # split kept

@@ -140,6 +140,12 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
         if old != new and write:
             write_split_csv(split_csv, recorded)  # `cxr evaluate --data RUN/split.csv` finds them there too
             log.info("the data moved from %s to %s: %s follows it", old, new, split_csv)
+        known = {s.path for samples in recorded.values() for s in samples}
+        added = [path for path in by_path if path not in known]
+        if added and write:  # a resume keeps its split: images added since were left out without a word
+            log.warning("%s holds %d image(s) that %s does not list (added since the run began), e.g. %s: the resumed "
+                        "run goes on with the split it recorded and leaves them out; start a new run to use them",
+                        cfg.data, len(added), split_csv, added[0])
         splits = {}
         for name, samples in recorded.items():
             sources = [by_path[s.path] for s in samples]
