@@ -255,3 +255,29 @@ def test_the_video_writer_does_not_load_torch():
 
     code = "import sys, cxr.video, cxr.report; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+@pytest.mark.parametrize("size", [(640, 360), (1280, 720), (480, 360), (320, 240)])
+def test_the_disclaimer_is_clear_of_a_players_controls_and_no_text_overlaps(monkeypatch, size):
+    # At the panel's foot, the disclaimer lay under the controls a player draws over a paused video (the report's page,
+    # its printout): it goes near the top, and the frame's texts still do not run into each other.
+    from PIL import ImageDraw
+
+    boxes, real_text = [], ImageDraw.ImageDraw.text
+
+    def record(self, xy, text, *a, **k):
+        if text:
+            boxes.append((text, self.textbbox(xy, text, font=k.get("font"))))
+        return real_text(self, xy, text, *a, **k)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", record)
+    for heat in (np.eye(64, dtype=np.float32), None):
+        boxes.clear()
+        render_frame(VideoItem("a.png", 1, 0.38, np.zeros((64, 64), np.uint8), heat), index=0, total=1, right=1,
+                     wrong=0, threshold=0.31, history=[True], size=size, title="test")
+        note = [box for text, box in boxes if "research software" in text or "medical device" in text]
+        assert note and max(box[3] for box in note) < size[1] / 2, boxes
+        assert all(0 <= b[0] and b[2] <= size[0] and 0 <= b[1] and b[3] <= size[1] for _, b in boxes), boxes
+        overlaps = [(s, t) for i, (s, a) in enumerate(boxes) for t, b in boxes[i + 1:]
+                    if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]]
+        assert not overlaps, overlaps

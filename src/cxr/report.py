@@ -494,7 +494,7 @@ def plot_calibration(predictions: Sequence[SplitPredictions], n_bins: int = 10):
         ax.set(title=f"Reliability diagram ({n_bins} equal-width bins, 95 % Wilson intervals)",
                ylabel="observed share of PNEUMONIA",
                xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))  # the fullest bins sit near 0 and 1, their bars dodged outward
-        ax.legend(loc="upper left")
+        ax.legend(loc="best")  # upper left had hidden an under-confident model's points, which lie there
         ax_hist.set(xlabel="predicted P(pneumonia)", ylabel="share of images")
         ax_hist.legend(loc="upper center")
     return fig
@@ -759,10 +759,13 @@ def _fmt(v) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence], numeric_from: int = 1) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td class='{'num' if j >= numeric_from else ''}'>{_fmt(c)}</td>"
+    """A table whose first column names its rows (``<th scope=row>``), in a box that scrolls sideways where the page
+    is narrower than the table (on a phone the metrics' columns ran off the page)."""
+    head = "".join(f"<th scope='col'>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<th scope='row'>{_fmt(c)}</th>" if j == 0 and numeric_from > 0 else
+                                    f"<td class='{'num' if j >= numeric_from else ''}'>{_fmt(c)}</td>"
                                     for j, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='table'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _figure_html(path: Path, alt: str, caption: str) -> str:
@@ -784,8 +787,18 @@ font-variant-numeric:tabular-nums}
 figure{margin:1rem 0;background:white;border:1px solid #e3e3e3;padding:.6rem}
 figure img,figure video{max-width:100%;height:auto;display:block;margin:0 auto}
 figcaption{color:#444;font-size:.9rem;margin-top:.4rem}
-.ci{color:#666;font-size:.78rem}
+tbody th{background:white;font-weight:600}
+.table{overflow-x:auto;max-width:100%}
+li{overflow-wrap:anywhere}
+.ci{color:#666;font-size:.78rem;white-space:nowrap}
 pre{background:#f3f3f3;padding:.7rem;overflow:auto;font-size:.85rem}
+@media print{
+body{background:white}main{max-width:none;padding:0}
+h2{break-after:avoid;page-break-after:avoid}
+figure,table,.note{break-inside:avoid;page-break-inside:avoid}
+details>*{display:block}
+nav{display:none}
+}
 """
 
 
@@ -1115,7 +1128,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                     f"{shown_for:g} s each, "
                     f"{'with heatmap, ' if explainer.net is not None else ''}"
                     f"prediction, probability, truth and a running tally. Also saved as "
-                    f"{html.escape(str(path.relative_to(out)))} ({size_mb:.1f} MB).</figcaption></figure>")))
+                    f"{html.escape(str(path.relative_to(out)))} ({size_mb:.1f} MB). "
+                    f"{html.escape(DISCLAIMER)}</figcaption></figure>")))
     finally:
         pixels.close()
     if pixels.failed:

@@ -124,7 +124,16 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     draw.text((x0, y), head, font=small, fill=DIM)
     y += round(unit * 1.05)
     draw.text((x0, y), _fit(draw, image_name(item.path), small, panel_w), font=small, fill=DIM)
-    y += round(unit * 1.6)
+    y += round(unit * 1.05)
+    # The disclaimer, never shortened (on a narrow panel it takes two lines), near the top: at the bottom, a player's
+    # controls covered it whenever the video was paused (the report's page, its printout, VLC).
+    note = "research software, not a medical device"
+    lines = [note] if draw.textlength(note, font=small) <= panel_w else ["research software,", "not a medical device"]
+    line_step = max(round(unit * 0.8), round(small.size * 1.2))  # 0.8 units overlapped at the smallest font
+    for line in lines:
+        draw.text((x0, y), line, font=small, fill=DIM)
+        y += line_step
+    y += round(unit * 0.55)
     label_w = max(draw.textlength("predicted ", font=normal), draw.textlength("truth ", font=normal))
     for name, value in (("truth", CLASS_NAMES[item.label]), ("predicted", CLASS_NAMES[predicted])):
         draw.text((x0, y), name, font=normal, fill=DIM)
@@ -157,7 +166,7 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     if item.heatmap is not None:
         from matplotlib import colormaps
 
-        legend_y = margin + side - round(unit * 3.4)
+        legend_y = margin + side - round(unit * 3.4) + line_step * len(lines)  # down to where the disclaimer was
         ramp = (colormaps[HEATMAP_CMAP](np.linspace(0, 1, max(2, panel_w // 2)))[:, :3] * 255).astype(np.uint8)
         strip = Image.fromarray(np.repeat(ramp[None], max(4, unit // 2), axis=0))
         # All zeros: nothing raised the explained class's score (Grad-CAM's map is flat after its ReLU), which happens
@@ -174,11 +183,6 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
         draw.text((x0, legend_y + strip.height + 1), "low", font=small, fill=DIM)
         draw.text((x0 + strip.width - draw.textlength("high", font=small), legend_y + strip.height + 1), "high",
                   font=small, fill=DIM)
-    # The disclaimer is never shortened: on a narrow panel it takes two lines.
-    note = "research software, not a medical device"
-    lines = [note] if draw.textlength(note, font=small) <= panel_w else ["research software,", "not a medical device"]
-    for k, line in enumerate(reversed(lines)):
-        draw.text((x0, margin + side - round(unit * 0.8) * (k + 1)), line, font=small, fill=DIM)
 
     # Progress strip: one cell per image so far, coloured right or wrong.
     sy = h - margin // 2 - strip_h
