@@ -151,7 +151,9 @@ def test_the_image_at_the_threshold_keeps_its_label_in_the_file(tmp_path):
 
 def test_metrics_json_refuses_nan(tmp_path, scores):
     labels, probs = scores
-    with pytest.raises(ValueError):
+    from cxr.errors import UsageError
+
+    with pytest.raises(UsageError, match="threshold"):
         write_evaluation(tmp_path, [SplitResult("test", ["a"] * len(labels), labels, probs)], float("nan"))
     assert not (tmp_path / "metrics.json").exists()
 
@@ -659,3 +661,59 @@ def test_compare_predictions_resamples_patients_where_names_give_them(tmp_path, 
     assert as_patients > 1.5 * as_images
     by_pattern, said = auroc_width(False, "--patient-pattern", r"img(\d+)x")
     assert "resamples 40 patients" in said and by_pattern == pytest.approx(as_patients, rel=0.3)
+
+
+def test_the_metrics_functions_refuse_what_they_cannot_score():
+    # A label 2 had been dropped from every count but n; NaN and a length mismatch met scikit-learn's own errors; a
+    # threshold of 5, a policy misspelt and a level of 95 (for 0.95) each went their own way.
+    from cxr.errors import UsageError
+    from cxr.evaluate import confidence_intervals
+
+    for labels, probs, threshold, what in (([1, 1, 2, 2], [0.1, 0.2, 0.8, 0.7], 0.5, "labels"),
+                                           (["NORMAL", "PNEUMONIA"], [0.1, 0.9], 0.5, "labels"),
+                                           ([0, 1], [0.1, float("nan")], 0.5, "probabilities"),
+                                           ([0, 1], [0.1, 1.5], 0.5, "probabilities"),
+                                           ([0, 1, 1], [0.1, 0.9], 0.5, "one length"),
+                                           ([0, 1], [0.1, 0.9], 5, "threshold")):
+        with pytest.raises(UsageError, match=what):
+            compute_metrics(labels, probs, threshold)
+    assert compute_metrics(np.array([0.0, 1.0]), [0.1, 0.9], 0.5)["accuracy"] == 1.0  # whole floats are labels
+    assert compute_metrics([False, True], [0.1, 0.9], 0.5)["accuracy"] == 1.0
+    with pytest.raises(UsageError, match="policy"):
+        choose_threshold([0, 1], [0.1, 0.9], "youdn")
+    with pytest.raises(UsageError, match="sensitivity"):
+        choose_threshold([0, 1], [0.1, 0.9], "sensitivity", 1.5)
+    with pytest.raises(UsageError, match="level"):
+        confidence_intervals([0, 1] * 10, [0.1, 0.9] * 10, 0.5, level=95)
+    with pytest.raises(UsageError, match="n_boot"):
+        confidence_intervals([0, 1] * 10, [0.1, 0.9] * 10, 0.5, n_boot=1)
+
+
+def test_an_evaluation_that_fails_midway_leaves_no_metrics_of_another_model(tmp_path, monkeypatch):
+    # Written split by split, a failure in the second split's intervals left the first split's new predictions beside
+    # the earlier evaluation's metrics.json, and a report was made of the mix.
+    from cxr import evaluate
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 40)
+    first = [SplitResult(name, [f"{name}{i}.png" for i in range(40)], labels, rng.random(40))
+             for name in ("train", "test")]
+    write_evaluation(tmp_path, first, 0.5, n_boot=20)
+    second = [dataclasses.replace(r, probs=rng.random(40)) for r in first]
+    calls, real = [0], evaluate.confidence_intervals
+
+    def fail_on_the_second(*a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate, "confidence_intervals", fail_on_the_second)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(KeyboardInterrupt):
+        write_evaluation(tmp_path, second, 0.5, n_boot=20)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written before the numbers
+    monkeypatch.setattr(evaluate, "write_predictions", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        write_evaluation(tmp_path, second, 0.5, n_boot=20)
+    assert not (tmp_path / "metrics.json").exists()  # files of two models are not passed off as one evaluation

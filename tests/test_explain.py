@@ -400,3 +400,30 @@ def test_an_interrupted_explain_lists_the_pictures_it_made(tmp_path, monkeypatch
     rows = read_csv(out / "explanations.csv")
     assert [r["path"] for r in rows] == [str(FILES[0])] and rows[0]["output"].endswith("_gradcam.png")
     assert sorted(p.name for p in out.glob("*_gradcam.png")) == [Path(rows[0]["output"]).name]
+
+
+def test_predict_and_explain_take_any_iterable_of_paths_and_refuse_an_empty_output(tmp_path, monkeypatch):
+    # Path.glob's generator lost the files the existence check consumed (7 results of 8); a NumPy array of paths met
+    # NumPy's "truth value is ambiguous"; an empty output folder wrote into the current folder.
+    from cxr.errors import UsageError
+    from cxr.predict import predict_files
+
+    torch.manual_seed(0)
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5),
+                    tmp_path / "model.pt")
+    folder = SAMPLE_DIR / "test" / "NORMAL"
+    every = sorted(folder.glob("*.jpeg"))
+    for given in (folder.glob("*.jpeg"), (str(f) for f in every), np.array([str(f) for f in every])):
+        assert sorted(p.path for p in predict_files(tmp_path / "model.pt", given, device="cpu")) == \
+            sorted(map(str, every))
+    missing_first = (p for p in [tmp_path / "gone.jpeg", *every[:2]])
+    assert len(predict_files(tmp_path / "model.pt", missing_first, device="cpu")) == 3
+    made = explain_files(tmp_path / "model.pt", (f for f in every[:2]), tmp_path / "out", device="cpu")
+    assert len(made) == 2
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="empty"):
+        explain_files(tmp_path / "model.pt", every[:1], "", device="cpu")
+    with pytest.raises(UsageError, match="target"):
+        explain_files(tmp_path / "model.pt", every[:1], tmp_path / "t", device="cpu", target=None)
+    assert not list(tmp_path.glob("*_gradcam.png")) and not (tmp_path / "explanations.csv").exists()

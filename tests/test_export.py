@@ -473,3 +473,11 @@ def test_the_bundled_model_card_belongs_to_the_bundled_model():
     assert 0 < val["ci95"]["accuracy"][0] <= val["accuracy"] <= val["ci95"]["accuracy"][1] <= 1
     counts = card["training_data"]["counts"]
     assert sum(counts["train"].values()) + sum(counts["val"].values()) == 5232  # Kermany train + val
+
+
+def test_export_model_itself_refuses_a_suffix_of_the_other_format(exported, tmp_path):
+    # The check was the CLI's only: from Python, a TorchScript file named *.onnx went to ONNX Runtime later.
+    for fmt, name in (("torchscript", "ts.onnx"), ("onnx", "model.pt")):
+        with pytest.raises(UsageError, match=r"name an ONNX file \*\.onnx"):
+            export_model(exported["ckpt"], fmt, tmp_path / name)
+        assert not (tmp_path / name).exists()

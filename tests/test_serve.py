@@ -751,3 +751,21 @@ def test_the_port_is_held_from_the_start_so_a_second_service_cannot_take_it(monk
             sock.close()
     with pytest.raises(UsageError, match="no address of it can be opened"):
         _listen("::1", 0)
+
+
+def test_create_app_reads_allowed_hosts_and_its_numbers_as_the_flags_do(engine):
+    # One name as a string had been taken letter by letter, and "*" refused every request; a string or a fraction for
+    # a number met TypeErrors of its own.
+    from cxr.errors import UsageError
+    from cxr.serve import API
+
+    for given, host, status in (("pacs.local", "pacs.local", 200), ("pacs.local", "localhost", 200),
+                                (["*"], "anything.example", 200), (["https://CXR.example.org/"], "cxr.example.org",
+                                                                   200), ("pacs.local", "other.example", 400)):
+        with TestClient(create_app(engine, allowed_hosts=given), base_url=f"http://{host}") as c:
+            assert c.get(f"{API}/health").status_code == status, (given, host)
+    for bad in ({"max_upload_mb": "5"}, {"max_concurrency": 1.5}, {"max_queue": "3"}, {"upload_timeout": "9"}):
+        with pytest.raises(UsageError):
+            create_app(engine, **bad)
+    with pytest.raises(UsageError, match="whole number"):
+        load_engine(Path("unused.pt"), "torch", "cpu", threads=1.5)

@@ -277,7 +277,7 @@ def test_the_disclaimer_is_clear_of_a_players_controls_and_no_text_overlaps(monk
                      wrong=0, threshold=0.31, history=[True], size=size, title="test")
         note = [box for text, box in boxes if "research software" in text or "medical device" in text]
         assert note and max(box[3] for box in note) < size[1] / 2, boxes
-        assert all(0 <= b[0] and b[2] <= size[0] and 0 <= b[1] and b[3] <= size[1] for _, b in boxes), boxes
+        assert all(b[0] >= 0 and b[1] >= 0 and b[2] <= size[0] and b[3] <= size[1] for _, b in boxes), boxes
         overlaps = [(s, t) for i, (s, a) in enumerate(boxes) for t, b in boxes[i + 1:]
                     if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]]
         assert not overlaps, overlaps

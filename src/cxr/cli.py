@@ -579,10 +579,6 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from cxr.export import export_model
 
-    # cxr predict and serve recognise ONNX files by their suffix: another name would later pass for a checkpoint, and
-    # a TorchScript file named *.onnx would go to ONNX Runtime.
-    if (args.format == "onnx") != (Path(args.output).suffix.lower() == ".onnx"):
-        raise UsageError(f"--output {args.output}: name an ONNX file *.onnx, and only an ONNX file")
     export_model(args.model, args.format, args.output)
 
 

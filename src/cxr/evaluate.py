@@ -10,9 +10,11 @@ Outputs of :func:`write_evaluation` (stable names, read by reports):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +104,32 @@ def probabilities(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits.float(), dim=1)[:, 1].numpy().astype(np.float64)
 
 
+def _checked(labels, probs, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``labels`` (0 NORMAL, 1 PNEUMONIA) and ``probs`` (P(PNEUMONIA)) as arrays, or a UsageError saying what is
+    wrong with them: a label 2 had been dropped from every count but ``n``, a NaN or a length mismatch met
+    scikit-learn's errors, a threshold of 5 passed."""
+    try:
+        y = np.asarray(labels)
+        p = np.asarray(probs, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"probabilities: {e}") from None
+    if y.ndim != 1 or p.ndim != 1 or len(y) != len(p):
+        raise UsageError(f"labels and probabilities must be two lists of one length, got shapes {y.shape} and "
+                         f"{p.shape}")
+    if len(y) and not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool
+                       or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))) \
+            or not np.isin(y, (0, 1)).all():
+        bad = next((v for v in y.tolist() if v not in (0, 1)), y.tolist()[0] if len(y) else None)
+        raise UsageError(f"labels must be 0 (NORMAL) or 1 (PNEUMONIA), got {bad!r}")
+    if not np.all((p >= 0) & (p <= 1)):  # NaN fails too
+        bad = p[~((p >= 0) & (p <= 1))][0]
+        raise UsageError(f"probabilities must lie in [0, 1], got {bad!r}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+                                  or not 0 <= threshold <= 1):
+        raise UsageError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    return y.astype(np.int64), p
+
+
 def choose_threshold(labels: np.ndarray, probs: np.ndarray, policy: str = "youden",
                      target_sensitivity: float = 0.97) -> float:
     """Decision threshold on P(PNEUMONIA) from validation predictions (predict PNEUMONIA when prob >= threshold).
@@ -115,7 +143,12 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, policy: str = "youde
     """
     from sklearn.metrics import roc_curve
 
-    labels = np.asarray(labels)
+    if policy not in ("youden", "sensitivity"):
+        raise UsageError(f"threshold policy {policy!r}: use youden or sensitivity")
+    if policy == "sensitivity" and not (isinstance(target_sensitivity, numbers.Real)
+                                        and 0 < target_sensitivity <= 1):
+        raise UsageError(f"target sensitivity must be in (0, 1], got {target_sensitivity!r}")
+    labels, probs = _checked(labels, probs)
     if len(np.unique(labels)) < 2:
         return 0.5
     fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
@@ -130,8 +163,6 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, policy: str = "youde
         idx = int(np.argmax(tps * n_neg - fps * n_pos))
     elif policy == "sensitivity":
         idx = int(np.flatnonzero(tpr >= target_sensitivity)[0])
-    else:
-        raise ValueError(f"unknown threshold policy {policy!r}")
     if idx + 1 == len(thresholds):  # every validation image positive: no lower score to go halfway to
         return float(thresholds[idx])
     higher, lower = float(thresholds[idx]), float(thresholds[idx + 1])
@@ -152,8 +183,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> 
     :data:`LOG_LOSS_FLOOR`) and expected calibration error (None when undefined)."""
     from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
-    labels = np.asarray(labels, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
+    labels, probs = _checked(labels, probs, threshold)
     pred = (probs >= threshold).astype(np.int64)
     (tn, fp), (fn, tp) = confusion_matrix(labels, pred, labels=[0, 1])
     n = len(labels)
@@ -212,8 +242,11 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, *, pat
     jackknife that leaves out one patient (or image) at a time, or one of 1,000 random blocks of them where there are
     more.
     """
-    labels = np.asarray(labels, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
+    labels, probs = _checked(labels, probs, threshold)
+    if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0 < level < 1:
+        raise UsageError(f"level must be a fraction in (0, 1), e.g. 0.95, got {level!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 10:
+        raise UsageError(f"n_boot must be a whole number >= 10 (1,000 is usual), got {n_boot!r}")
     if not len(labels):
         return {k: None for k in CI_METRICS}
     both = len(np.unique(labels)) == 2
@@ -373,8 +406,8 @@ def confidence_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float
     AUPRC are no proportions and keep :func:`bootstrap_ci`.
     """
     ci = bootstrap_ci(labels, probs, threshold, patients=patients, n_boot=n_boot, seed=seed, level=level)
-    labels = np.asarray(labels, dtype=np.int64)
-    pred = (np.asarray(probs, dtype=np.float64) >= threshold).astype(np.int64)
+    labels, probs = _checked(labels, probs, threshold)
+    pred = (probs >= threshold).astype(np.int64)
     clusters = _cluster_index(patients, len(labels))
     hit = pred == labels
     for k, among in {"accuracy": np.ones(len(labels), bool), "sensitivity": labels == 1,
@@ -445,8 +478,15 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
             metrics[r.name]["n_patients"] = len(set(known))
         if extra and r.name in extra:
             metrics[r.name].update(extra[r.name])
+    # Every split's numbers first, then the files, metrics.json last, after an earlier one is gone: written split by
+    # split, an interruption (or a failure) in the second split's intervals had left the first split's predictions of
+    # the new model beside the old model's metrics.json, and a report was made of the mix.
+    text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
+    with contextlib.suppress(FileNotFoundError):
+        (out / "metrics.json").unlink()
+    for r in results:
         write_predictions(out / f"predictions_{r.name}.csv", r, threshold)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "metrics.json", text)
     written = [out / f"predictions_{r.name}.csv" for r in results]
     for split in sorted(earlier - set(metrics)):  # only files cxr wrote: a predictions_x.csv of `cxr predict` stays
         old = out / f"predictions_{split}.csv"

@@ -235,13 +235,15 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     )
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
+    if not isinstance(target, str):
+        raise UsageError(f"target {target!r}: use predicted, NORMAL or PNEUMONIA")
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)  # a generator, read once, is kept
 
     # Not the output folder: explaining a folder twice into a folder inside it would read the first run's figures
     # back as X-rays.
     files = collect_files(paths, skip=Path(output_dir))
     if not files:  # as `cxr predict`
-        given = [paths] if isinstance(paths, (str, os.PathLike)) else paths  # one path: not its letters
-        raise UsageError(f"no image files in {', '.join(map(str, given))}")
+        raise UsageError(f"no image files in {', '.join(map(str, paths))}")
     check_writable(output_dir, folder=True)  # now, not after the heatmaps
     check_writable(Path(output_dir) / "explanations.csv")
     ckpt = load_checkpoint(model)

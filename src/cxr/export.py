@@ -360,6 +360,10 @@ def export_model(model: str | os.PathLike | Checkpoint, fmt: str, output: str | 
     out = Path(output)
     if out.is_dir():
         raise UsageError(f"--output {out}: is a directory; give a file name")
+    # cxr predict and serve recognise ONNX files by their suffix: another name would later pass for a checkpoint, and
+    # a TorchScript file named *.onnx would go to ONNX Runtime (checked here, not only by the CLI).
+    if (fmt == "onnx") != (out.suffix.lower() == ".onnx"):
+        raise UsageError(f"--output {out}: name an ONNX file *.onnx, and only an ONNX file")
     check_writable(out)  # now, not after an export of seconds
     ckpt = _as_checkpoint(model)
     if ckpt.path:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from cxr.errors import WriteError
+from cxr.errors import UsageError, WriteError
 
 _TEMP_SUFFIX = ".tmp"
 # What an output file's name may take, in bytes: 255 (NAME_MAX of common file systems) less room for a temporary
@@ -179,8 +179,11 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
 
     Creates the folder (or the file's folder) and a temporary file in it, then removes the file and the folders it
     created, so that a run that fails later leaves no empty output folder behind (the writers create their folders
-    again). An ``OSError`` comes out as :class:`~cxr.errors.WriteError`, naming ``path``.
+    again). An ``OSError`` comes out as :class:`~cxr.errors.WriteError`, naming ``path``. An empty ``path`` is a
+    :class:`~cxr.errors.UsageError`: ``Path("")`` is the current folder, where results would be written unasked.
     """
+    if not os.fspath(path):
+        raise UsageError("the output path is empty: give a folder or file name")
     target = Path(path)
     where = target if folder else target.parent
     created = missing_folders(where)

@@ -153,6 +153,9 @@ def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
 
     if isinstance(paths, (str, os.PathLike)):  # one path, not its characters (an absolute one walked "/" first)
         paths = [paths]
+    # A generator (Path.glob) had lost the files the existence check below consumed; a NumPy array raised NumPy's
+    # "truth value is ambiguous".
+    paths = list(paths)
     if sys.platform == "win32":  # cmd and PowerShell hand `scans\*.jpeg` over as it is: expanded here, as a shell would
         paths = [m for p in paths for m in (sorted(glob.glob(str(p))) if _is_pattern(p) else [p]) or [p]]
     if paths and not any(os.path.lexists(p) for p in paths):  # a typo in the one folder given: said now, not after

@@ -185,6 +185,11 @@ def load_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
             log.warning("report: ignoring %s: metrics.json has no %r split (an earlier evaluation's file?)", f, name)
             continue
         art.predictions[name] = read_predictions(f, name)
+    if art.predictions and not art.metrics and not (root / "metrics.json").exists():
+        # cxr evaluate writes metrics.json last, after removing an earlier one: its absence beside predictions files
+        # is an evaluation that did not finish, whose files may be of two models
+        log.warning("report: %s has predictions files but no metrics.json (an evaluation that did not finish?): they "
+                    "may not be of one model; run cxr evaluate again", root)
     if not (art.history or art.metrics or art.predictions):
         raise UsageError(f"{root}: neither a run directory nor an evaluation folder (no history.csv, metrics.json "
                          "or predictions_<split>.csv)")

@@ -218,8 +218,8 @@ def load_engine(model: str | os.PathLike, backend: str = "torch", device: str = 
     """
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: use {' or '.join(BACKENDS)}")
-    if threads < 0:
-        raise UsageError(f"--threads {threads}: must be >= 0")
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 0:
+        raise UsageError(f"--threads {threads}: must be a whole number >= 0")
     if amp not in ("auto", "on", "off"):
         raise UsageError(f"--amp {amp!r}: use auto, on or off")
     if backend == "onnx":
@@ -612,9 +612,18 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         amp: bf16 autocast for the torch backend (auto, on, off); see :func:`load_engine`.
         upload_timeout: seconds an upload may send nothing before it gets 408 and its connection is closed (None:
             no limit); see :func:`read_upload`.
-        allowed_hosts: the host names requests may be addressed to (400 for others; see :class:`AllowedHosts`);
-            None: any.
+        allowed_hosts: the host names requests may be addressed to (400 for others; see :class:`AllowedHosts`),
+            read as ``--allowed-hosts`` reads them (:func:`resolve_allowed_hosts`: ``*`` any, URLs as their host
+            names, the loopback names always); None: any.
     """
+    def number(v, whole: bool = False) -> bool:
+        return not isinstance(v, bool) and isinstance(v, numbers.Integral if whole else numbers.Real)
+
+    if not (number(max_upload_mb) and number(max_concurrency, True) and number(max_queue, True)
+            and (upload_timeout is None or number(upload_timeout))):  # "5" had met a TypeError of `<` below
+        raise UsageError(f"max_upload_mb, max_concurrency, max_queue and upload_timeout must be numbers (whole for "
+                         f"the two counts), got {max_upload_mb!r}, {max_concurrency!r}, {max_queue!r}, "
+                         f"{upload_timeout!r}")
     if not (0 < max_upload_mb <= MAX_UPLOAD_MB) or max_concurrency < 1 or max_queue < 0 or (
             upload_timeout is not None and not upload_timeout > 0):  # NaN fails each of these, as it must
         raise UsageError(f"max_upload_mb must be > 0 and <= {MAX_UPLOAD_MB}, max_concurrency >= 1, max_queue >= 0 and "
@@ -625,6 +634,10 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         raise UsageError(f"max_pixels must be None (the model's setting) or a whole number >= 1, got {max_pixels!r}")
     # An Engine as it is; a file, run directory, name or loaded Checkpoint through load_engine (which imports torch
     # only for the torch backend: an ONNX service runs without it).
+    if allowed_hosts is not None:  # as --allowed-hosts: "*" any name, URLs as their host names, the loopback names
+        # too (a name given as one string had been taken letter by letter, and "*" refused every request)
+        allowed_hosts = resolve_allowed_hosts("", [allowed_hosts] if isinstance(allowed_hosts, str)
+                                              else list(allowed_hosts))
     engine: Engine = model if hasattr(model, "predict_uint8") else load_engine(model, backend, device, threads, amp)
     limits = Limits(int(max_upload_mb * 1e6), max_concurrency, max_queue, max_pixels, upload_timeout)
     limiter = anyio.CapacityLimiter(max_concurrency)
