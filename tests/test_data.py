@@ -1187,3 +1187,46 @@ def test_a_resume_says_images_added_since_the_split_are_left_out(tmp_path, tiny_
     resumed = split_dataset(cfg, run, resume=True)
     assert "1 image(s) that" in caplog.text and "added-later.jpeg" in caplog.text
     assert [s.path for s in resumed["train"].samples] == [s.path for s in again["train"].samples]  # split kept
+
+
+def test_a_resume_follows_data_moved_into_a_folder_below_its_old_place(tmp_path, tiny_dataset):
+    # data/ moved to data/data/ (the Kaggle zip's chest_xray/chest_xray): rank 0 rewrote split.csv, and the other
+    # ranks (or the next resume, whose last.pt still names the old place) moved its paths a second time: all "gone".
+    import dataclasses
+
+    from cxr.train import split_dataset
+
+    from .conftest import TINY_TRAIN
+
+    old = tmp_path / "mv" / "data"
+    shutil.copytree(tiny_dataset, old)
+    run = tmp_path / "run"
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(old), "output": str(run)})
+    first = split_dataset(cfg, run, resume=False)
+    os.rename(old, tmp_path / "mv" / "data0")
+    old.mkdir()
+    os.rename(tmp_path / "mv" / "data0", old / "data")
+    moved = dataclasses.replace(cfg, data=str(old / "data"))
+    for write in (True, False, True):  # rank 0, then another rank, then a later resume
+        again = split_dataset(moved, run, resume=True, write=write, recorded_data=str(old))
+        assert [s.path for s in again["val"].samples] == \
+            [str(old / "data" / Path(s.path).relative_to(old)) for s in first["val"].samples]
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_after_its_data_moved(tmp_path, tiny_dataset):
+    # No last.pt: nothing had recorded where the data was, split.csv's paths were not moved, every image was "gone".
+    from cxr.config import save_config
+    from cxr.train import split_dataset, train
+
+    from .conftest import TINY_TRAIN
+
+    run = tmp_path / "run"
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(run), "epochs": 1})
+    split_dataset(cfg, run, resume=False)  # what the run had written when it was killed
+    save_config(cfg, run / "config.yaml")
+    moved = tmp_path / "moved"
+    os.rename(tiny_dataset, moved)
+    text = (run / "config.yaml").read_text().replace(str(tiny_dataset), str(moved))
+    (run / "config.yaml").write_text(text)
+    train(resume=run)
+    assert (run / "best.pt").is_file() and str(moved) in (run / "split.csv").read_text()

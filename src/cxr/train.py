@@ -132,8 +132,10 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
         by_path = {s.path: (name, i) for name, split in found.items() for i, s in enumerate(split.samples)}
         old, new = str(Path(recorded_data or cfg.data).absolute()), str(Path(cfg.data).absolute())
         if old != new:  # moved: the same files below the new root (split.csv's paths are absolute)
-            recorded = {name: [dataclasses.replace(s, path=rebase(s.path, old, new)) for s in samples]
-                        for name, samples in recorded.items()}
+            # Only paths not found as they are: under torchrun the other ranks read the split.csv rank 0 has just
+            # rewritten, and a dataset moved into a folder of its own (data/ into data/data/) was moved twice there.
+            recorded = {name: [s if s.path in by_path else dataclasses.replace(s, path=rebase(s.path, old, new))
+                               for s in samples] for name, samples in recorded.items()}
         missing = [s.path for samples in recorded.values() for s in samples if s.path not in by_path]
         if missing:
             raise DataError(f"{split_csv}: {len(missing)} recorded image(s) are gone, e.g. {missing[0]}")
@@ -930,7 +932,9 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
 
     try:
         with local_main_first(info):  # one hashing and cache build per node; the node's other ranks reuse them
-            splits = split_dataset(cfg, run_dir, resumed, write=info.main,
+            # Without a last.pt nothing was trained: the split is carved again (the same one, from the same files and
+            # seed), not read from a split.csv whose paths may be where the data was (it had moved: every image gone).
+            splits = split_dataset(cfg, run_dir, resumed and state is not None, write=info.main,
                                    recorded_data=state.config.data if state is not None else None)
             if info.active:  # the pixels once per node, in one file every rank maps, not once per rank
                 prepared = {name: prepare_shared(split, cfg, build=info.local_rank == 0)
