@@ -966,6 +966,11 @@ def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
     ("cache_dir: ~nosuchuser-cxr/x\n", "no such user's home folder here"),
     ("device: [cpu]\n", "device must be a single value"),
     ("epochs: 1\n\tlr: 1\n", "not valid YAML at line 2, column 1"),
+    # YAML's int and bool keys had ended in a TypeError of the message's join
+    ("epochs: 1\n2: 3\n", r"unknown config field\(s\): 2$"),
+    ("yes: 3\n", r"unknown config field\(s\): True$"),
+    ("batchsize: 3\n", r"unknown config field\(s\): batchsize \(did you mean batch_size\?\)"),
+    ("image_size: 100000\n", "image_size must be <= 4096"),  # was a MemoryError of 382 GiB when the cache began
 ])
 def test_config_values_that_cannot_work_are_refused(tmp_path, tiny_dataset, yaml_text, says):
     from cxr.config import load_config

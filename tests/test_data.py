@@ -1230,3 +1230,22 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_after_its_data_moved(t
     (run / "config.yaml").write_text(text)
     train(resume=run)
     assert (run / "best.pt").is_file() and str(moved) in (run / "split.csv").read_text()
+
+
+def test_a_split_csv_with_a_broken_row_is_refused_naming_its_line(tmp_path, tiny_dataset):
+    # A short row ended in AttributeError ('NoneType' ... 'startswith'), a label "Normal" in a ValueError of
+    # tuple.index, a NUL in a path in "embedded null byte".
+    from cxr.train import split_dataset
+
+    from .conftest import TINY_TRAIN
+
+    run = tmp_path / "run"
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(run)})
+    split_dataset(cfg, run, resume=False)
+    good = (run / "split.csv").read_text(encoding="utf-8")
+    for broken in (good + "train,/tmp/x.jpeg\n", good.replace(",NORMAL,", ",Normal,", 1),
+                   good.replace(".jpeg,", ".jp\0eg,", 1)):
+        (run / "split.csv").write_text(broken, encoding="utf-8")
+        for read in (lambda: data.scan(run / "split.csv"), lambda: split_dataset(cfg, run, resume=True)):
+            with pytest.raises(UsageError, match=r"split\.csv, line \d+: not a row"):
+                read()

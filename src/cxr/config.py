@@ -29,6 +29,7 @@ ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "resnet18",
 GRAY_MEAN = 0.449
 GRAY_STD = 0.226
 DEFAULT_MAX_PIXELS = 100_000_000  # an image of more pixels is refused (a decompression bomb, or not an X-ray)
+MAX_IMAGE_SIZE = 4096  # a side in pixels: beyond the originals' ~2000 px, and 4096^2 bytes an image in the cache
 MAX_PER_GROUP = 50  # images per group of the report's prediction grid: more is no picture a page can show
 MAX_VIDEO_IMAGES = 10_000  # in the report's video: nearly three hours at a second each
 MAX_UPLOAD_MB = 1000  # the service holds an upload in memory whole: beyond this, a few workers run out of it
@@ -160,6 +161,8 @@ class Config:
             # had been hashed, cached and split); 32 px for it, as for the .npz's 28 px images (resized up).
             (self.image_size >= (32 if self.arch.startswith("densenet") else 16),
              f"image_size must be >= {32 if self.arch.startswith('densenet') else 16} for {self.arch}"),
+            # 100000 had passed, to a MemoryError (382 GiB) when the cache was allocated; the originals are ~2000 px
+            (self.image_size <= MAX_IMAGE_SIZE, f"image_size must be <= {MAX_IMAGE_SIZE} (a side in pixels)"),
             (self.lr > 0, "lr must be > 0"),
             (0.0 < self.val_fraction <= 0.5, "val_fraction must be above 0 and at most 0.5 (the split is made of "
              "folds, at least 2)"),
@@ -289,9 +292,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             raise UsageError(f"{p}: the top level must be a mapping of config fields")
         values.update(loaded)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    unknown = sorted(set(values) - set(_FIELDS))
+    # str(): YAML reads `2:` and `yes:` as an int and a bool, which had ended in a TypeError of the join
+    unknown = sorted(str(k) for k in set(values) - set(_FIELDS))
     if unknown:
-        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        import difflib
+
+        close = {k: difflib.get_close_matches(k.replace("-", "_"), list(_FIELDS), n=1) for k in unknown}
+        hints = [f"{k} (did you mean {m[0]}?)" if m else k for k, m in close.items()]
+        raise ConfigError(f"unknown config field(s): {', '.join(hints)}")
     coerced = {k: _coerce(k, v) for k, v in values.items()}
     cfg = dataclasses.replace(base, **coerced) if base is not None else Config(**coerced)
     return cfg.validate()

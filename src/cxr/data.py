@@ -745,13 +745,21 @@ def _patient_cell(patient: str) -> str:
 
 
 def read_split_csv(path: str | os.PathLike) -> dict[str, list[Sample]]:
-    """Read a ``split.csv`` written by :func:`write_split_csv`."""
+    """Read a ``split.csv`` written by :func:`write_split_csv`. A row that is not whole (a short or hand-edited line:
+    a cell missing, a label other than NORMAL or PNEUMONIA, a NUL in a path) is a UsageError naming the file and its
+    line; they had ended in tracebacks of their own."""
     out: dict[str, list[Sample]] = {}
     with open(path, **CSV_READ) as f:
-        for row in csv.DictReader(f):
-            patient = row["patient"][1:] if row["patient"].startswith("'") else row["patient"]
-            sample = Sample(row["path"], CLASS_NAMES.index(row["label"]), patient, row["sha256"])
-            out.setdefault(row["split"], []).append(sample)
+        reader = csv.DictReader(f)
+        for row in reader:
+            cells = [row.get(k) for k in ("split", "path", "label", "patient", "sha256")]
+            if any(c is None for c in cells) or not cells[0] or not cells[1] or "\0" in cells[1] \
+                    or cells[2] not in CLASS_NAMES:
+                raise UsageError(f"{path}, line {reader.line_num}: not a row of a split.csv (split, path, label "
+                                 f"NORMAL or PNEUMONIA, patient, sha256), got {list(row.values())!r}")
+            split, file, label, patient, digest = cells
+            patient = patient[1:] if patient.startswith("'") else patient
+            out.setdefault(split, []).append(Sample(file, CLASS_NAMES.index(label), patient, digest))
     return out
 
 

@@ -128,7 +128,10 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
     arrays = {name: s.images for name, s in found.items()}
     split_csv = run_dir / "split.csv"
     if resume and split_csv.is_file():
-        recorded = read_split_csv(split_csv)
+        try:
+            recorded = read_split_csv(split_csv)
+        except ValueError as e:  # not text (UnicodeDecodeError); a row that is not whole says so itself
+            raise UsageError(f"{split_csv}: not a split.csv of a cxr run: {e}") from None
         by_path = {s.path: (name, i) for name, split in found.items() for i, s in enumerate(split.samples)}
         old, new = str(Path(recorded_data or cfg.data).absolute()), str(Path(cfg.data).absolute())
         if old != new:  # moved: the same files below the new root (split.csv's paths are absolute)
