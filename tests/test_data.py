@@ -1249,3 +1249,51 @@ def test_a_split_csv_with_a_broken_row_is_refused_naming_its_line(tmp_path, tiny
         for read in (lambda: data.scan(run / "split.csv"), lambda: split_dataset(cfg, run, resume=True)):
             with pytest.raises(UsageError, match=r"split\.csv, line \d+: not a row"):
                 read()
+
+
+def test_an_npz_whose_train_and_val_images_differ_in_size_is_refused_in_words(tmp_path):
+    from cxr.train import split_dataset
+
+    from .conftest import TINY_TRAIN
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mixed.npz"
+    np.savez(path, train_images=rng.integers(1, 255, (40, 28, 28), dtype=np.uint8), train_labels=np.arange(40) % 2,
+             val_images=rng.integers(1, 255, (10, 32, 32), dtype=np.uint8), val_labels=np.arange(10) % 2)
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(path), "output": str(tmp_path / "run")})
+    with pytest.raises(DataError, match="train_images are 28x28 and val_images 32x32"):
+        split_dataset(cfg, tmp_path / "run", resume=False)
+
+
+def test_a_training_split_of_one_image_a_process_is_refused_in_words():
+    # torchrun with 2 processes and 3 training images: one image each, and batch norm's traceback on every rank.
+    from cxr.data import Prepared, Sample
+    from cxr.train import TrainBatches
+
+    from .conftest import TINY_TRAIN
+
+    cfg = load_config(overrides={**TINY_TRAIN, "batch_size": 4})
+    prepared = Prepared("train", np.full((3, 32, 32), 100, np.uint8), np.array([0, 1, 1]),
+                        [Sample(f"{i}.png", int(i > 0), f"p{i}") for i in range(3)])
+    TrainBatches(prepared, cfg)  # one process takes all three
+    for rank in (0, 1):
+        with pytest.raises(DataError, match="3 images give 1 a process over 2 processes"):
+            TrainBatches(prepared, cfg, rank=rank, world=2)
+
+
+def test_empty_files_are_no_copies_of_each_other(tmp_path, tiny_dataset, caplog):
+    # Every empty file has one SHA-256: two of them, one a class, were "the same picture taught as NORMAL and as
+    # PNEUMONIA", and tied their unrelated patients together in the carve.
+    from cxr.train import split_dataset
+
+    from .conftest import TINY_TRAIN
+
+    (tiny_dataset / "train" / "NORMAL" / "a.jpeg").write_bytes(b"")
+    (tiny_dataset / "train" / "PNEUMONIA" / "b.jpeg").write_bytes(b"")
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(tmp_path / "run")})
+    split_dataset(cfg, tmp_path / "run", resume=False)
+    assert "the same picture is taught" not in caplog.text
+    pool = [Sample("/d/NORMAL/a.jpeg", 0, "a", data.EMPTY_DIGEST), Sample("/d/PNEUMONIA/b.jpeg", 1, "b",
+                                                                          data.EMPTY_DIGEST)]
+    groups = data._groups(pool)
+    assert groups[0] != groups[1]

@@ -638,11 +638,14 @@ def _groups(samples: Sequence[Sample]) -> np.ndarray:
     for i, s in enumerate(samples):
         named = _unambiguous_kermany_patient(Path(s.path).name) if s.patient.startswith(_DICOM_PATIENT) else None
         for key in (("patient", s.patient), ("digest", s.digest), ("patient", named or "")):
-            if key[1] == "":
+            if key[1] in ("", EMPTY_DIGEST):  # empty files are alike, and no picture of anyone
                 continue
             j = first.setdefault(key, i)
             parent[find(i)] = find(j)
     return np.array([find(i) for i in range(len(samples))])
+
+
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()  # of every empty file: no image, so no copy of another
 
 
 def _digest_or_blank(path: str) -> str:

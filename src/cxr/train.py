@@ -35,6 +35,7 @@ from torch import nn
 
 from cxr.config import CLASS_NAMES, Config, load_config, save_config, usable_cores
 from cxr.data import (
+    EMPTY_DIGEST,
     PATTERN_PATIENT,
     PREPROCESS_VERSION,
     Prepared,
@@ -172,7 +173,13 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
         pool = train.samples + (add_digests(found["val"], cfg.cache_dir).samples if "val" in found else [])
         images = None
         if train.images is not None:
-            images = np.concatenate([train.images] + ([found["val"].images] if "val" in found else []))
+            sources = [train.images] + ([found["val"].images] if "val" in found else [])
+            if len({a.shape[1:] for a in sources}) > 1:  # np.concatenate's own ValueError had been the message
+                raise DataError(f"{cfg.data}: train_images are {'x'.join(map(str, sources[0].shape[1:]))} and "
+                                f"val_images {'x'.join(map(str, sources[1].shape[1:]))} pixels: the validation split "
+                                "is carved from both together, so they must be of one size (or use --val-source "
+                                "folder to keep val_images apart)")
+            images = np.concatenate(sources)
         index = {s.path: i for i, s in enumerate(pool)}
         tr, va = carve_validation(pool, cfg.val_fraction, cfg.split_seed)
         pick = (lambda samples: images[[index[s.path] for s in samples]]) if images is not None else (lambda _: None)
@@ -200,7 +207,7 @@ def _warn_of_ids_and_overlap(splits: dict[str, Split], cfg: Config) -> None:
         if name not in splits:
             continue
         development = [s for other in earlier for s in splits[other].samples]
-        digests = {s.digest for s in development if s.digest}
+        digests = {s.digest for s in development if s.digest} - {EMPTY_DIGEST}
         patients = {s.patient for s in development if not patient_from_name_only(s)}
         later = splits[name].samples
         copies = sum(bool(s.digest) and s.digest in digests for s in later)
@@ -212,7 +219,7 @@ def _warn_of_ids_and_overlap(splits: dict[str, Split], cfg: Config) -> None:
                         "; the decision threshold is chosen on them too" if name == "val" else "")
     labels: dict[str, set[int]] = {}
     for s in every:
-        if s.digest:
+        if s.digest and s.digest != EMPTY_DIGEST:  # empty files are alike, and unreadable: said as such
             labels.setdefault(s.digest, set()).add(s.label)
     both = [s.path for s in every if len(labels.get(s.digest, ())) > 1]
     if both:
@@ -727,6 +734,9 @@ class TrainBatches:
         self.per_rank_batch = cfg.batch_size // world
         self.sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True,
                                                            seed=cfg.seed, drop_last=True)
+        if len(self.sampler) < 2:  # one image a process: batch norm's "Expected more than 1 value", a traceback
+            raise DataError(f"the training split's {len(self.dataset)} images give {len(self.sampler)} a process over "
+                            f"{world} processes; batch norm needs two: use fewer processes or more images")
         self.drop_last = len(self.sampler) > self.per_rank_batch  # a batch of one breaks batch norm
         self.steps_per_epoch = max(1, len(self.sampler) // self.per_rank_batch)
         if cfg.max_train_batches:
