@@ -1297,3 +1297,11 @@ def test_empty_files_are_no_copies_of_each_other(tmp_path, tiny_dataset, caplog)
                                                                           data.EMPTY_DIGEST)]
     groups = data._groups(pool)
     assert groups[0] != groups[1]
+
+
+def test_five_patients_a_class_carve_a_validation_split_of_15_percent():
+    # 1 of 5 folds is 0.05 from 0.15 in decimals, 0.05000000000000002 in floats: refused, where 4 patients a class
+    # at 0.25 were accepted.
+    pool = [Sample(f"/d/{c}/p{c}{i}.png", c, f"p{c}{i}", f"{c}{i}".ljust(64, "0")) for c in (0, 1) for i in range(5)]
+    train, val = data.carve_validation(pool, 0.15, 0)
+    assert len(val) == 2 and len(train) == 8
