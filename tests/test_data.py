@@ -1305,3 +1305,18 @@ def test_five_patients_a_class_carve_a_validation_split_of_15_percent():
     pool = [Sample(f"/d/{c}/p{c}{i}.png", c, f"p{c}{i}", f"{c}{i}".ljust(64, "0")) for c in (0, 1) for i in range(5)]
     train, val = data.carve_validation(pool, 0.15, 0)
     assert len(val) == 2 and len(train) == 8
+
+
+def test_a_lower_max_pixels_refuses_images_a_warm_cache_holds(tmp_path, tiny_dataset):
+    # The cache served what it held without decoding: 40 of 40 images used on a warm cache, 0 of 40 on a cold one.
+    import dataclasses
+
+    from .conftest import TINY_TRAIN
+
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "cache_dir": str(tmp_path / "cache")})
+    split = data.scan(tiny_dataset)["train"]
+    assert not data.prepare(split, cfg).failures  # the cache is warm now
+    low = dataclasses.replace(cfg, max_pixels=1000)  # the sample's images are 224 x 224
+    prepared = data.prepare(split, low)
+    assert len(prepared.failures) == len(split.samples) and not len(prepared.images)
+    assert not data.prepare(split, cfg).failures  # the default limit's cache is still there, as it was

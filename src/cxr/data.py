@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from cxr.config import CLASS_NAMES, Config, usable_cores
+from cxr.config import CLASS_NAMES, DEFAULT_MAX_PIXELS, Config, usable_cores
 from cxr.errors import CxrError, DataError, UsageError, WriteError
 from cxr.fileio import CSV_READ, CSV_TEXT, FORMULA_START, atomic_path, valid_utf8
 from cxr.images import (
@@ -780,8 +780,13 @@ _PACK_IMAGES = 64  # images per pack at most: the work an interrupted build can 
 
 
 def cache_folder(cfg: Config) -> Path:
-    """Cache entries for one set of preprocessing parameters live together; a change starts a new folder."""
-    return Path(cfg.cache_dir) / f"v{PREPROCESS_VERSION}-size{cfg.image_size}-{'draft' if cfg.draft else 'full'}"
+    """Cache entries for one set of preprocessing parameters live together; a change starts a new folder.
+
+    ``max_pixels`` decides which images are refused, not their pixels, but an entry is served without decoding
+    again: a limit lowered after the cache was filled had refused nothing. A limit other than the default has a
+    folder of its own (the default's keeps its name, so no cache is built again)."""
+    limit = "" if cfg.max_pixels == DEFAULT_MAX_PIXELS else f"-max{cfg.max_pixels}"
+    return Path(cfg.cache_dir) / f"v{PREPROCESS_VERSION}-size{cfg.image_size}-{'draft' if cfg.draft else 'full'}{limit}"
 
 
 def _read_pack(path: Path, size: int) -> tuple[np.ndarray, np.ndarray] | None:
