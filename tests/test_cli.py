@@ -1904,3 +1904,20 @@ def test_a_lock_file_another_user_cannot_write_still_locks(tmp_path):
         proc = subprocess.run(["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override",
                                sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
+
+
+def test_evaluate_names_its_unreadable_files_in_metrics_and_the_report(trained_run, tmp_path):
+    # The count alone was recorded: which files, and why, were left to the console's log.
+    from cxr.evaluate import evaluate_model
+    from cxr.report import make_report
+
+    data, run, _ = trained_run
+    shutil.copytree(data / "test", tmp_path / "data" / "test")
+    (tmp_path / "data" / "test" / "NORMAL" / "broken<b>.jpeg").write_bytes(b"\xff\xd8\xff not a whole JPEG")
+    metrics = evaluate_model(run / "best.pt", tmp_path / "data", tmp_path / "ev", cache_dir=tmp_path / "cache")
+    assert metrics["test"]["n_unreadable"] == 1
+    (bad,) = metrics["test"]["unreadable"]
+    assert bad["path"].endswith("broken<b>.jpeg") and bad["reason"]
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["test"]["unreadable"] == [bad]
+    page = make_report(tmp_path / "ev", video=False, heatmaps=False).read_text()
+    assert "unreadable files (1)" in page and "broken&lt;b&gt;.jpeg" in page

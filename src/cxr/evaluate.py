@@ -753,6 +753,8 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
         results.append(SplitResult(split.name, [s.path for s in prepared.samples], prepared.labels,
                                    probabilities(logits), patients_of(prepared.samples)))
         failures[split.name] = {"n_unreadable": len(prepared.failures),
+                                # which, and why: the count alone had left them to the console's log
+                                "unreadable": [{"path": path, "reason": why} for path, why in prepared.failures],
                                 "threshold_source": "model" if threshold is None else "given",
                                 "model": model_ref, "model_id": mid, "data": str(Path(data).resolve()),
                                 "inference_dtype": "bfloat16" if bf16 else "float32"}

@@ -909,7 +909,9 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     summary = art.summary or {}
     counts = summary.get("counts") or {s: {"NORMAL": m.get("n_normal"), "PNEUMONIA": m.get("n_pneumonia")}
                                        for s, m in art.metrics.items()}
-    unreadable = summary.get("unreadable") or {}
+    # a training run's summary lists them; cxr evaluate's metrics.json since session 21
+    unreadable = summary.get("unreadable") or {s: m["unreadable"] for s, m in art.metrics.items()
+                                               if isinstance(m.get("unreadable"), list)}
     rows = [[s, c.get("NORMAL"), c.get("PNEUMONIA"), (c.get("NORMAL") or 0) + (c.get("PNEUMONIA") or 0),
              len(unreadable.get(s, [])) if s in unreadable else art.metrics.get(s, {}).get("n_unreadable")]
             for s, c in counts.items()]
