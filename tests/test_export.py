@@ -473,6 +473,13 @@ def test_the_bundled_model_card_belongs_to_the_bundled_model():
     assert 0 < val["ci95"]["accuracy"][0] <= val["accuracy"] <= val["ci95"]["accuracy"][1] <= 1
     counts = card["training_data"]["counts"]
     assert sum(counts["train"].values()) + sum(counts["val"].values()) == 5232  # Kermany train + val
+    # Intervals by cxr's current method, as MODEL_CARD.md gives them: the service and every ONNX export had shown
+    # session 11's percentile bootstrap of the images after the method changed (session 20).
+    from cxr.evaluate import CI_METHOD_PATIENTS
+
+    assert val["ci95_method"] == CI_METHOD_PATIENTS and val["n_patients"] == 409
+    assert [round(x, 3) for x in val["ci95"]["specificity"]] == [0.978, 1.0]
+    assert [round(x, 4) for x in val["ci95"]["auroc"]] == [0.9989, 0.9999]
 
 
 def test_export_model_itself_refuses_a_suffix_of_the_other_format(exported, tmp_path):

@@ -96,7 +96,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 _CARD_METRICS = ("n", "accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "auprc", "threshold",
-                 "ci95", "ci95_method")
+                 "ci95", "ci95_method", "n_patients")
 
 
 def model_card(ckpt: Checkpoint, *, id_: str | None = None) -> dict[str, Any]:
