@@ -855,3 +855,23 @@ def test_draft_close_to_full_decode(originals):
     to_copy = [np.abs(a["draft"] - a["copy"]).mean() for a in originals.values()]
     assert max(between) < 3.5 and np.mean(between) < 1.2
     assert max(to_copy) < 4.5 and np.mean(to_copy) < 3.0
+
+
+def test_a_dicom_with_a_voi_lut_sequence_and_a_window_takes_the_lut_as_the_export_contract_says(tmp_path):
+    # DX headers often carry both; the contract had said "the VOI LUT or the first window", and a reading that took
+    # the window flipped a label (P 0.57 against 1.0).
+    from pydicom.sequence import Sequence
+
+    from cxr.export import DECODING
+
+    pixels = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096)
+    curve = np.rint(4095 * (np.arange(4096) / 4095) ** 0.5).astype(np.uint16)  # a gamma curve
+    voi = Dataset()
+    voi.LUTDescriptor = [4096, 0, 16]
+    voi.add_new(0x00283006, "US", curve.tolist())  # LUTData
+    data = dicom_bytes(pixels, BitsStored=12, WindowCenter=500, WindowWidth=200, VOILUTSequence=Sequence([voi]))
+    (tmp_path / "lut-and-window.dcm").write_bytes(data)
+    got = read_grayscale(tmp_path / "lut-and-window.dcm")
+    np.testing.assert_array_equal(got, stretched(curve[pixels]))
+    assert any("VOI LUT Sequence where the file has one, else the first window" in step and "never both" in step
+               for step in DECODING)

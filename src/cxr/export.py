@@ -156,12 +156,13 @@ DECODING = [
     "shares no factor with the row length), sorted, the values at 0-based positions k and count - 1 - k with "
     "k = floor(0.0001 x count) (where k is 0, or those two are equal: min and max); np.percentile of all pixels "
     "differs by about a grey level at most.",
-    "DICOM: the modality LUT (Rescale Slope and Intercept, or a Modality LUT Sequence), then the VOI LUT or the "
-    "first window (Window Center/Width, VOI LUT Function), as DICOM PS3.3 C.11.2 defines them (an enhanced DICOM's "
-    "from its functional groups); MONOCHROME1, and MONOCHROME2 under an INVERSE Presentation LUT Shape, inverted "
-    "(max - value) so that bone is bright; then the stretch of the previous step, leaving out pixels marked as "
-    "padding (Pixel Padding Value and Range Limit), which become 0. Colour DICOM: ITU-R 601 luma; PALETTE COLOR: "
-    "its palette's luma. Multi-frame: the first frame.",
+    "DICOM: the modality LUT (Rescale Slope and Intercept, or a Modality LUT Sequence), then the VOI LUT Sequence "
+    "where the file has one, else the first window (Window Center/Width, VOI LUT Function), never both, as DICOM "
+    "PS3.3 C.11.2 defines them (an enhanced DICOM's from its functional groups); MONOCHROME1, and MONOCHROME2 under "
+    "an INVERSE Presentation LUT Shape, inverted (max - value) so that bone is bright; then the stretch of the "
+    "previous step, leaving out pixels marked as padding (Pixel Padding Value and Range Limit), which become 0. "
+    "Colour DICOM: ITU-R 601 luma, then the same stretch; PALETTE COLOR: its palette's luma, then the same stretch "
+    "(8-bit DICOM is stretched too, unlike 8-bit JPEG and PNG). Multi-frame: the first frame.",
     "An image whose pixels all have one value (before or after these steps) is refused: nothing to classify.",
     "Then the square resize (input.meaning) to image_size; with draft true, a JPEG is first decoded by PIL's "
     "draft(mode 'L', (image_size, image_size)), which lets the decoder scale it down by 1/2, 1/4 or 1/8.",

@@ -12,10 +12,11 @@ Intensity policy:
   range to 0..255: its 0.01th to 99.99th percentile, so that a few dead or hot pixels do not decide it.
 * An image whose decoded pixels all have one value (blank, or constant before the stretch) is refused: it shows
   nothing to classify.
-* DICOM: modality LUT (rescale slope/intercept), then VOI LUT or window when present, MONOCHROME1 (and MONOCHROME2
-  under an INVERSE Presentation LUT Shape) inverted so bone is bright, then the same stretch to 0..255; pixels
-  marked as padding (Pixel Padding Value, and Range Limit) are left out of the stretch and become black. PALETTE
-  COLOR shows its palette's luma.
+* DICOM: modality LUT (rescale slope/intercept), then the VOI LUT Sequence where there is one, else the first
+  window when present (never both), MONOCHROME1 (and MONOCHROME2 under an INVERSE Presentation LUT Shape) inverted
+  so bone is bright, then the same stretch to 0..255 (8-bit DICOM too); pixels marked as padding (Pixel Padding
+  Value, and Range Limit) are left out of the stretch and become black. Colour DICOM shows its luma, PALETTE COLOR
+  its palette's luma, each stretched as well.
   Multi-frame files give their first frame.
 
 The square resize is PIL bicubic with the aspect ratio not kept, exactly how the shared 224x224 copies of
