@@ -875,3 +875,39 @@ def test_a_dicom_with_a_voi_lut_sequence_and_a_window_takes_the_lut_as_the_expor
     np.testing.assert_array_equal(got, stretched(curve[pixels]))
     assert any("VOI LUT Sequence where the file has one, else the first window" in step and "never both" in step
                for step in DECODING)
+
+
+def test_dicom_objects_without_an_image_are_not_taken_as_images(tmp_path, caplog):
+    # A PACS or CD export holds a DICOMDIR, presentation states and reports: "unreadable images" before, each its own
+    # patient in the carve. A DICOM image beside them, named by its UID, is still found.
+    from cxr.data import scan
+    from cxr.images import dicom_sop_class, is_image_file
+    from cxr.predict import collect_files
+
+    def non_image(sop_class: str) -> bytes:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+        meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = sop_class
+        ds.PatientID = "P1"
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+        return buf.getvalue()
+
+    for cls in ("NORMAL", "PNEUMONIA"):
+        folder = tmp_path / "train" / cls
+        folder.mkdir(parents=True)
+        (folder / "DICOMDIR").write_bytes(non_image("1.2.840.10008.1.3.10"))
+        (folder / "pr.dcm").write_bytes(non_image("1.2.840.10008.5.1.4.1.1.11.1"))  # a presentation state
+        (folder / "sr").write_bytes(non_image("1.2.840.10008.5.1.4.1.1.88.22"))  # a structured report
+        (folder / "1.2.826.0.1.3680043.8.498.1").write_bytes(dicom_bytes(ramp()))
+    image = tmp_path / "train" / "NORMAL" / "1.2.826.0.1.3680043.8.498.1"
+    assert dicom_sop_class(image.read_bytes()[:1024]) == uid.SecondaryCaptureImageStorage
+    assert [p.name for p in (tmp_path / "train" / "NORMAL").iterdir() if is_image_file(p)] == [image.name]
+    found = scan(tmp_path)["train"].samples
+    assert sorted(Path(s.path).name for s in found) == [image.name] * 2
+    assert "DICOM objects without an image" in caplog.text
+    assert collect_files([tmp_path]) == sorted(tmp_path.glob("train/*/1.2.826*"))

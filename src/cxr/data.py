@@ -255,7 +255,8 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
             continue
         images, other = _list_images(dirs[label])
         if other:
-            log.warning("%s: ignoring %d file(s) that are not JPEG, PNG or DICOM by name (%s) or content, e.g. %s",
+            log.warning("%s: ignoring %d file(s) that are not JPEG, PNG or DICOM by name (%s) or content, or are "
+                        "DICOM objects without an image (a DICOMDIR, a report, a presentation state), e.g. %s",
                         dirs[label], len(other), ", ".join(sorted(IMAGE_EXTENSIONS)), other[0].name)
         if not images:
             problems.append(f"{dirs[label]}: class folder holds no image files")

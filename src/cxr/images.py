@@ -32,6 +32,7 @@ import numbers
 import os
 import re
 import stat
+import struct
 import threading
 import warnings
 
@@ -287,14 +288,63 @@ def is_image_file(path: str | os.PathLike) -> bool:
     any other name, by its first bytes (JPEG, PNG, DICOM's 'DICM' marker or a DICOM data set's first element). PACS
     exports often name DICOM files without an extension, or by their UID ('1.2.840.113619....'), whose last part
     looks like one."""
-    if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+    extension = os.path.splitext(path)[1].lower()
+    if extension in IMAGE_EXTENSIONS and extension not in _DICOM_EXTENSIONS:
         return True
     try:
         with open(path, "rb") as f:
-            head = f.read(132)
+            head = f.read(1024)
     except OSError:
-        return False
-    return sniff(head) is not None
+        return extension in IMAGE_EXTENSIONS  # its reading, later, says why
+    kind = sniff(head)
+    if kind == "dicom" or extension in _DICOM_EXTENSIONS:
+        # A PACS or CD export holds a DICOMDIR and objects with no image (presentation states, reports, key object
+        # selections, PDFs): they had been "unreadable images", and each its own patient in the carve.
+        return not dicom_sop_class(head).startswith(NON_IMAGE_SOP_CLASSES)
+    return kind is not None
+
+
+# DICOM storage classes (PS3.4 B.5, PS3.6 A) of objects that are no image: the Media Storage Directory (DICOMDIR),
+# presentation states, waveforms, raw data and registrations, structured reports and key object selections,
+# encapsulated documents, RT structure sets, plans and treatment records.
+NON_IMAGE_SOP_CLASSES = (
+    "1.2.840.10008.1.3.10",
+    "1.2.840.10008.5.1.4.1.1.11.",
+    "1.2.840.10008.5.1.4.1.1.9.",
+    "1.2.840.10008.5.1.4.1.1.66",
+    "1.2.840.10008.5.1.4.1.1.88.",
+    "1.2.840.10008.5.1.4.1.1.104.",
+    "1.2.840.10008.5.1.4.1.1.481.3",
+    "1.2.840.10008.5.1.4.1.1.481.4",
+    "1.2.840.10008.5.1.4.1.1.481.5",
+    "1.2.840.10008.5.1.4.1.1.481.6",
+    "1.2.840.10008.5.1.4.1.1.481.7",
+    "1.2.840.10008.5.1.4.1.1.481.8",
+    "1.2.840.10008.5.1.4.1.1.481.9",
+)
+
+
+def dicom_sop_class(head: bytes) -> str:
+    """The Media Storage SOP Class UID of a DICOM file's meta information (group 0002, explicit VR little endian
+    after the preamble and 'DICM'), from the file's first bytes; "" where it is not there to read."""
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return ""
+    at = 132
+    while at + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, at)
+        if group != 0x0002:
+            return ""
+        vr = head[at + 4:at + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            if at + 12 > len(head):
+                return ""
+            length, at = struct.unpack_from("<I", head, at + 8)[0], at + 12
+        else:
+            length, at = struct.unpack_from("<H", head, at + 6)[0], at + 8
+        if element == 0x0002:
+            return head[at:at + length].rstrip(b"\0 ").decode("ascii", "replace")
+        at += length
+    return ""
 
 
 def _decode(data: bytes, label: str, max_pixels: int, draft_size: int | None) -> np.ndarray:

@@ -170,7 +170,8 @@ def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
             if len(found) < len(everything):
                 images = set(found)
                 other = [f for f in everything if f not in images]
-                log.warning("%s: ignoring %d file(s) that are not JPEG, PNG or DICOM by name or content, e.g. %s",
+                log.warning("%s: ignoring %d file(s) that are not JPEG, PNG or DICOM by name or content, or are "
+                            "DICOM objects without an image (a DICOMDIR, a report, a presentation state), e.g. %s",
                             p, len(other), other[0])
             pictures = [f for f in found if f.name.lower().endswith(EXPLAIN_SUFFIX)]
             if pictures:
