@@ -679,7 +679,9 @@ def test_dicom_without_pixel_data(tmp_path):
 
 
 @pytest.mark.parametrize(("syntax", "frame", "elements", "said"), [
-    (uid.JPEGLSLossless, b"\xff\xd8\xff\xf7junk", {}, ("JPEG-LS", "pylibjpeg", "gdcm")),
+    (uid.JPEGLSLossless, b"\xff\xd8\xff\xf7junk", {}, ("JPEG-LS", "pip install pyjpegls", "pylibjpeg", "gdcm")),
+    # HTJ2K: python-gdcm cannot decode it, yet was the hint (one hint served every syntax)
+    (uid.HTJ2KLossless, b"\xff\x4f\xff\x51junk", {}, ("High-Throughput", "pip install pylibjpeg pylibjpeg-openjpeg")),
     # JPEG Extended at 12 bits (common for lossy CR/DX) is beyond Pillow: the reason was cut to pydicom's heading
     # ("... raised by all available plugins:") and the install hint left out.
     (uid.JPEGExtended12Bit, b"\xff\xd8\xff\xc1junk", {"BitsStored": 12, "HighBit": 11},
@@ -693,6 +695,19 @@ def test_dicom_compressed_without_decoder_says_why_and_what_to_install(syntax, f
         import pylibjpeg  # noqa: F401
     except ImportError:
         assert all(s in str(info.value) for s in said), str(info.value)
+        if syntax == uid.HTJ2KLossless:
+            assert "gdcm" not in str(info.value).split("(")[0]
+
+
+def test_dicom_of_another_modality_is_refused_not_classified():
+    # A study's export mixes objects: a CT slice had been called NORMAL, an MR image PNEUMONIA, without a word.
+    for modality, said in (("CT", "computed tomography"), ("MR", "magnetic resonance"),
+                           ("RTDOSE", "radiotherapy dose")):
+        with pytest.raises(ImageError, match=rf"x\.dcm: DICOM of modality {modality} \({said}[^)]*\), not a "
+                                             "radiograph"):
+            read_grayscale(dicom_bytes(RAW12, Modality=modality), name="x.dcm")
+    for modality in ("CR", "DX", "OT", ""):  # radiographs, and what exports of them carry
+        assert read_grayscale(dicom_bytes(RAW12, Modality=modality), name="x.dcm").shape == RAW12.shape
 
 
 def test_damaged_rle_dicom_is_not_blamed_on_a_missing_decoder():

@@ -163,7 +163,9 @@ DECODING = [
     "previous step, leaving out pixels marked as padding (Pixel Padding Value and Range Limit), which become 0. "
     "Colour DICOM: ITU-R 601 luma, then the same stretch; PALETTE COLOR: its palette's luma, then the same stretch "
     "(8-bit DICOM is stretched too, unlike 8-bit JPEG and PNG). Multi-frame: the first frame.",
-    "An image whose pixels all have one value (before or after these steps) is refused: nothing to classify.",
+    "An image whose pixels all have one value (before or after these steps) is refused: nothing to classify. So is "
+    "a DICOM image of a modality that is no radiograph (CT, MR, US, NM, PT, MG, XA, RF and the others of "
+    "cxr.images.NOT_RADIOGRAPHS); CR, DX, OT and other or no Modality are taken.",
     "Then the square resize (input.meaning) to image_size; with draft true, a JPEG is first decoded by PIL's "
     "draft(mode 'L', (image_size, image_size)), which lets the decoder scale it down by 1/2, 1/4 or 1/8.",
 ]

@@ -694,6 +694,29 @@ def _fill_transfer_syntax(ds) -> None:
                               uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
 
 
+# DICOM modalities (PS3.3 C.7.3.1.1.1) whose images are no radiographs: refused, not classified. Not listed (so taken):
+# CR, DX, RG, OT and other or no modality, which hospital exports of radiographs carry.
+NOT_RADIOGRAPHS = {
+    "CT": "computed tomography", "MR": "magnetic resonance", "US": "ultrasound", "NM": "nuclear medicine",
+    "PT": "PET", "MG": "mammography", "XA": "X-ray angiography", "RF": "fluoroscopy", "RTDOSE": "radiotherapy dose",
+    "RTIMAGE": "radiotherapy image", "OP": "ophthalmic photography", "OPT": "ophthalmic tomography",
+    "IVUS": "intravascular ultrasound", "ES": "endoscopy", "SM": "slide microscopy", "PX": "panoramic dental X-ray",
+    "IO": "intra-oral X-ray", "XC": "external camera photography", "GM": "general microscopy",
+    "BMD": "bone densitometry", "SEG": "segmentation",
+}
+
+
+def _decoder_hint(ts: str) -> str:
+    """What to install for a compressed transfer syntax pydicom could not decode (pydicom's pixel data plugins)."""
+    if ts in ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"):  # HTJ2K
+        return "pip install pylibjpeg pylibjpeg-openjpeg"
+    if ts in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"):  # JPEG-LS
+        return "pip install pyjpegls (or pylibjpeg pylibjpeg-libjpeg, or python-gdcm)"
+    if ts.startswith("1.2.840.10008.1.2.4.9"):  # JPEG 2000
+        return "pip install pylibjpeg pylibjpeg-openjpeg (or python-gdcm)"
+    return "pip install pylibjpeg pylibjpeg-libjpeg (or python-gdcm)"  # JPEG baseline, extended, lossless
+
+
 def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     # Imported here: pydicom costs import time that JPEG/PNG-only users (the CLI, the server) need not pay.
     import pydicom
@@ -731,6 +754,11 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         raise ImageError(label, f"corrupt DICOM header ({str(e) or type(e).__name__})") from e
     if not has_pixels:
         raise ImageError(label, "DICOM has no pixel data")
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in NOT_RADIOGRAPHS:
+        # A study's export mixes objects: a CT slice had been called NORMAL, an MR image and an RT dose grid PNEUMONIA
+        raise ImageError(label, f"DICOM of modality {modality} ({NOT_RADIOGRAPHS[modality]}), not a radiograph: cxr "
+                                "classifies chest radiographs (CR, DX)")
     if rows * cols == 0:
         raise ImageError(label, "DICOM has no image size (Rows or Columns missing or zero)")
     if rows * cols > max_pixels:
@@ -750,11 +778,8 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         # a damaged file as well ("... raised by all available plugins:").
         if compressed and any(w in str(e).lower() for w in ("missing", "not support")):
             # 12-bit JPEG (Extended, common for lossy CR/DX) is beyond Pillow, which pydicom otherwise uses.
-            raise ImageError(
-                label,
-                f"DICOM pixel data is compressed as {ts.name} ({ts}), which pydicom cannot decode here ({detail}): "
-                "install pylibjpeg with its pylibjpeg-libjpeg/-openjpeg plugins, or python-gdcm",
-            ) from e
+            raise ImageError(label, f"DICOM pixel data is compressed as {ts.name} ({ts}), which pydicom cannot "
+                                    f"decode here: {_decoder_hint(str(ts))} ({detail[:200]})") from e
         how = f" compressed as {ts.name}" if compressed else ""
         raise ImageError(label, f"cannot decode DICOM pixel data{how} ({detail})") from e
 
