@@ -1107,6 +1107,9 @@ def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path, cap
     (root / "PNEUMONIA" / "1.2.826.0.1.3680043.8.498.3.dcm").write_bytes(dicom_bytes(pixels, PatientID="P-009",
                                                                                      preamble=False))
     (root / "PNEUMONIA" / "notes.dcm").write_bytes(b"plain text named .dcm, no patient in it" * 4)
+    # OsiriX's names without a PatientID: series 1 of two patients had been one patient "IM-0001" (of both classes)
+    (root / "NORMAL" / "IM-0001-0073.dcm").write_bytes(dicom_bytes(pixels + 4))
+    (root / "PNEUMONIA" / "IM-0001-0074.dcm").write_bytes(dicom_bytes(pixels + 5))
     import warnings
 
     with warnings.catch_warnings(record=True) as seen:
@@ -1118,7 +1121,9 @@ def test_dicom_files_are_grouped_by_the_patient_id_in_their_header(tmp_path, cap
                         "anon.dcm": "anon", "person5_virus_9.dcm": "dicom:P-008", "broken.dcm": "broken",
                         "IM-0001-0001.dcm": "dicom:MRN-1", "IM-0001-0002.dcm": "dicom:MRN-2",
                         "person6_bacteria_1.dcm": "person6",
-                        "1.2.826.0.1.3680043.8.498.3.dcm": "dicom:P-009", "notes.dcm": "notes"}
+                        "1.2.826.0.1.3680043.8.498.3.dcm": "dicom:P-009", "notes.dcm": "notes",
+                        "IM-0001-0073.dcm": "IM-0001-0073", "IM-0001-0074.dcm": "IM-0001-0074"}
+    assert [data.patient_from_name_only(s) for s in split.samples if "IM-0001-007" in s.path] == [True, True]
     assert "End of file" not in caplog.text  # pydicom's own log of the damaged header
 
 

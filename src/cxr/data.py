@@ -147,7 +147,8 @@ def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = ""
     2. for a file not named ``.jpg``/``.jpeg``/``.png``, the PatientID in its DICOM header (only the header is read),
        as ``dicom:<PatientID>``: a PACS export names its files by UID, and OsiriX's and Horos' ``IM-<series>-<n>.dcm``
        look like Kermany names (whose rule had made one patient of each series number, across patients);
-    3. a Kermany file name (:func:`patient_id`);
+    3. a Kermany file name (:func:`patient_id`); for a file not named as JPEG or PNG, only one no other convention
+       makes (not OsiriX's bare ``IM-<series>-<n>``);
     4. else the file is one patient, named by its path below ``class_dir`` without its image extension. The folders
        are part of it: ``IMG_0001.jpg`` of two patients' folders is two patients, not one.
     """
@@ -161,12 +162,23 @@ def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = ""
         found = dicom_patient_id(path)
         if found is not None:
             return _DICOM_PATIENT + found
+        if _name_patient(path.name) is None:  # OsiriX's IM-0001-0001.dcm without a PatientID: no patient in its name
+            return image_stem(below)
     return patient_id(below)
+
+
+def _name_patient(filename: str) -> str | None:
+    """The patient a file's name gives (Kermany's convention), or None. For a file that is not JPEG or PNG by name
+    (DICOM), only a name no other convention makes: OsiriX's and Horos' ``IM-<series>-<n>.dcm`` repeat ``IM-0001`` in
+    every patient's folder, and without a PatientID had made one patient of unrelated patients of both classes."""
+    if Path(filename).suffix.lower() in (".jpg", ".jpeg", ".png"):
+        return _kermany_patient(filename)
+    return _unambiguous_kermany_patient(filename)
 
 
 def patient_from_name_only(sample: Sample) -> bool:
     """Whether a sample's patient id is merely its own file's name or path (rule 4 of :func:`file_patient_id`)."""
-    return (_kermany_patient(Path(sample.path).name) is None
+    return (_name_patient(Path(sample.path).name) is None
             and not sample.patient.startswith((_DICOM_PATIENT, PATTERN_PATIENT)))
 
 
