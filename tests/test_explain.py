@@ -427,3 +427,36 @@ def test_predict_and_explain_take_any_iterable_of_paths_and_refuse_an_empty_outp
     with pytest.raises(UsageError, match="target"):
         explain_files(tmp_path / "model.pt", every[:1], tmp_path / "t", device="cpu", target=None)
     assert not list(tmp_path.glob("*_gradcam.png")) and not (tmp_path / "explanations.csv").exists()
+
+
+def test_names_in_pictures_keep_their_start_and_end_and_unknown_glyphs_are_escaped(tmp_path):
+    # A 150-character name ran off both edges of explain's title; CJK characters were empty boxes (and a matplotlib
+    # warning each), so that two Chinese names looked alike; the grid and the video kept a name's end only.
+    import shutil
+    import warnings
+
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    from cxr.fileio import shorten_middle
+    from cxr.report import GridTile, plot_grid
+    from cxr.video import _fit, _font, drawable
+
+    assert drawable("胸部X線_Ünï.jpeg") == "\\u80f8\\u90e8X\\u7dda_Ünï.jpeg"
+    assert shorten_middle("abcdefghij", 7) == "abc…hij" and shorten_middle("short", 7) == "short"
+    draw = ImageDraw.Draw(PILImage.new("RGB", (10, 10)))
+    fitted = _fit(draw, "start_" + "x" * 200 + "_end.jpeg", _font(12), 200)
+    assert fitted.startswith("start_") and fitted.endswith("_end.jpeg") and "…" in fitted
+    name = "胸部X線_" + "x" * 150 + "_end.jpeg"
+    shutil.copy(FILES[0], tmp_path / name)
+    torch.manual_seed(0)
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5),
+                    tmp_path / "model.pt")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        explain_files(tmp_path / "model.pt", [tmp_path / name], tmp_path / "out", device="cpu")
+        fig = plot_grid({"right": [GridTile(np.zeros((32, 32), np.uint8), None, 1, 0.9, f"/d/{name}")]}, 0.5, "test")
+    assert not [w for w in seen if "Glyph" in str(w.message)], [str(w.message) for w in seen]
+    (label,) = [ax.get_xlabel() for sub in fig.subfigs for ax in sub.axes if ax.get_xlabel()]
+    assert label.startswith("\\u80f8") and label.endswith("_end.jpeg") and len(label) == 30

@@ -27,7 +27,7 @@ from torch import nn
 
 from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError
-from cxr.fileio import CSV_TEXT, atomic_path, display_name, fit_name, spreadsheet_cells
+from cxr.fileio import CSV_TEXT, atomic_path, display_name, fit_name, shorten_middle, spreadsheet_cells
 from cxr.images import (  # noqa: F401 - overlay and HEATMAP_CMAP re-exported: they lived here
     HEATMAP_CMAP,
     ImageError,
@@ -233,6 +233,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
         prob_text,
         threshold_decimals,
     )
+    from cxr.video import drawable
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
     if not isinstance(target, str):
@@ -292,7 +293,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                 out = out_dir / _unique_name(f, used)
                 d = threshold_decimals(t, [prob])
                 # Three lines: on two, a flat map's note ran past both edges of the picture, and "flat" was cut off.
-                title = (f"{display_name(f.name)}\npredicted {ckpt.class_names[pred]}   "
+                # the name in its start and end: a long one had run off both edges, neither end of it to be seen
+                title = (f"{shorten_middle(drawable(display_name(f.name)), 80)}\npredicted {ckpt.class_names[pred]}   "
                          f"P(pneumonia) {prob_text(prob, t, d)}   threshold {t:.{d}f}\n"
                          + (f"heatmap: evidence for {ckpt.class_names[cls]}" if heat.any() else
                             f"heatmap: flat, no region raised the score of {ckpt.class_names[cls]}")

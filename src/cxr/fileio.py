@@ -33,6 +33,15 @@ def valid_utf8(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def shorten_middle(text: str, n: int) -> str:
+    """``text`` in at most ``n`` characters: its start and its end with an ellipsis between, so that names that
+    differ only at their start (or only at their end) stay apart where they are drawn."""
+    if len(text) <= n:
+        return text
+    head = (n - 1) // 2
+    return text[:head] + "…" + text[len(text) - (n - 1 - head):]
+
+
 def display_name(text: str) -> str:
     """A file name fit to draw or print: undecodable bytes (:func:`valid_utf8`) and characters that are not printable
     shown as escapes: control codes such as ESC (terminal colours, titles, a cleared screen) or a newline (a forged log

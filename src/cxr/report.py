@@ -46,6 +46,7 @@ from cxr.fileio import (
     display_name,
     ensure_dir,
     image_name,
+    shorten_middle,
     valid_utf8,
 )
 from cxr.predict import leans_away, prob_text, score_text, threshold_decimals
@@ -524,6 +525,7 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
     from matplotlib import cm, colors
 
     from cxr.images import HEATMAP_CMAP, overlay
+    from cxr.video import drawable
 
     rows = [(name, tiles) for name, tiles in groups.items()]
     # A group with no images (say, no wrong prediction) gets one line of text, not a blank row of tiles.
@@ -565,8 +567,8 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
                              + (f"\nmap of {CLASS_NAMES[pred]}; leans {CLASS_NAMES[1 - pred]}"
                                 if tile.heatmap is not None and not flat and leans_away(tile.prob, pred) else ""),
                              fontsize=9.5, color=colour if not ok else "black")
-                ax.set_xlabel(_short(image_name(tile.path), 30), fontsize=7.5, color=OKABE_ITO["grey"],
-                              parse_math=False)
+                ax.set_xlabel(shorten_middle(drawable(image_name(tile.path)), 30), fontsize=7.5,
+                              color=OKABE_ITO["grey"], parse_math=False)
         subfigs[-1].text(0.5, 0.5, DISCLAIMER, ha="center", va="center", fontsize=7.5, color=OKABE_ITO["grey"])
         if with_heat:
             cax = subfigs[-2].add_axes((0.3, 0.55, 0.4, 0.2))
@@ -576,8 +578,6 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
     return fig
 
 
-def _short(text: str, n: int) -> str:
-    return text if len(text) <= n else "…" + text[-(n - 1):]
 
 
 # -------------------------------------------------------------------------------------------- images

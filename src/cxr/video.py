@@ -59,6 +59,22 @@ def even_frame_size(width: int, height: int) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=32)
+@lru_cache(maxsize=1)
+def _font_characters() -> frozenset[int]:
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    return frozenset(FT2Font(font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"))).get_charmap())
+
+
+def drawable(text: str) -> str:
+    """``text`` with each character that DejaVu Sans, the font of cxr's pictures, has no glyph for written as its
+    escape (``\u80f8``): empty boxes had stood for them, so that names in Chinese script were unreadable and looked
+    alike, and matplotlib warned of each missing glyph."""
+    chars = _font_characters()
+    return "".join(c if ord(c) in chars or c == "\n" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
     # DejaVu ships with matplotlib, so the same font (with the check and cross glyphs) is there on every machine.
     from matplotlib import font_manager
@@ -68,12 +84,17 @@ def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
-    """``text`` shortened from the left with an ellipsis until it fits ``width`` pixels (file names keep their end)."""
+    """``text`` shortened in its middle, with an ellipsis, until it fits ``width`` pixels: a file name keeps its start
+    and its end (kept its end alone, names that differ at their start had looked alike)."""
     if draw.textlength(text, font=font) <= width:
         return text
-    while len(text) > 1 and draw.textlength("…" + text, font=font) > width:
-        text = text[1:]
-    return "…" + text
+    head, tail = text[:len(text) // 2], text[len(text) // 2:]
+    while (head or tail) and draw.textlength(head + "…" + tail, font=font) > width:
+        if len(head) >= len(tail):
+            head = head[:-1]
+        else:
+            tail = tail[1:]
+    return head + "…" + tail
 
 
 def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: int, threshold: float,
@@ -123,7 +144,7 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     head = f"{title}  ·  image {index + 1} of {total}" if title else f"image {index + 1} of {total}"
     draw.text((x0, y), head, font=small, fill=DIM)
     y += round(unit * 1.05)
-    draw.text((x0, y), _fit(draw, image_name(item.path), small, panel_w), font=small, fill=DIM)
+    draw.text((x0, y), _fit(draw, drawable(image_name(item.path)), small, panel_w), font=small, fill=DIM)
     y += round(unit * 1.05)
     # The disclaimer, never shortened (on a narrow panel it takes two lines), near the top: at the bottom, a player's
     # controls covered it whenever the video was paused (the report's page, its printout, VLC).
