@@ -145,9 +145,16 @@ def test_pick_xrays_and_read_the_predictions(browser_page, checkpoint, tmp_path)
         with_heat = picture.get_attribute("src")
         assert with_heat.startswith("data:image/png;base64,")
         assert picture.evaluate("img => img.complete && img.naturalWidth") == 64
+        # Each card's picture and toggle named by its file (a screen reader heard the same words on every card), and
+        # the heatmap's colour scale shown with the heatmap only.
+        assert picture.get_attribute("alt").startswith(f"{f.name}: the X-ray with the Grad-CAM heatmap")
+        assert toggle.get_attribute("aria-label") == f"heatmap overlay on {f.name}"
+        expect(card.locator(".scale")).to_be_visible()
         toggle.uncheck()
         plain = picture.get_attribute("src")
         assert plain.startswith("data:image/png;base64,") and plain != with_heat
+        expect(card.locator(".scale")).to_be_hidden()
+        assert picture.get_attribute("alt") == f"{f.name}: the X-ray as the model saw it"
         toggle.check()
         assert picture.get_attribute("src") == with_heat
 
@@ -340,6 +347,7 @@ def test_a_flat_heatmap_is_not_captioned_as_where_the_evidence_lies(flat_page):
     expect = sync_api.expect
     expect(card.get_by_test_id("status")).to_have_text("Done", timeout=30_000)
     expect(card.locator(".caption")).to_have_text("Grad-CAM: flat, no region raised the score (see the note)")
+    expect(card.locator(".scale")).to_be_hidden()  # no colours to read off a scale
     expect(card.locator(".heatnote")).to_contain_text("flat: no region raised the score of PNEUMONIA")
 
 

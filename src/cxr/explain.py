@@ -211,7 +211,9 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
             it), on, or off (fp32, TF32 off on CUDA: the probabilities of ``cxr evaluate``).
 
     Returns:
-        The written picture paths, in input order.
+        The written picture paths, in input order, for the files that could be read: an unreadable file has no
+        picture, so this list is not parallel to ``paths``. ``explanations.csv`` has one row per file, with its
+        probability, label and picture, or its error.
     """
     from cxr.errors import DataError
     from cxr.evaluate import predict_logits, probabilities

@@ -93,6 +93,9 @@ async function loadModelInfo() {
 function newCard(file) {
   const node = $("#card").content.firstElementChild.cloneNode(true);
   $(".name", node).textContent = file.name;
+  node.dataset.name = file.name;
+  // Each card's controls named by its file: a screen reader heard the same "heatmap overlay" on every card.
+  $(".toggle input", node).setAttribute("aria-label", `heatmap overlay on ${file.name}`);
   results.append(node);
   return node;
 }
@@ -111,7 +114,9 @@ function setPicture(card, heat) {
   if (src) img.src = src;
   // A flat map colours nothing: the picture is the plain X-ray, and no caption should say where evidence lies.
   const flat = heat && card.dataset.flat === "true";
-  img.alt = heat && !flat ? "the X-ray with the Grad-CAM heatmap laid over it" : "the X-ray as the model saw it";
+  img.alt = `${card.dataset.name}: ` +
+    (heat && !flat ? "the X-ray with the Grad-CAM heatmap laid over it" : "the X-ray as the model saw it");
+  $(".scale", card).hidden = !(heat && !flat); // the heatmap's colours, low to high, as the report's pictures show
   $(".caption", card).textContent = !heat ? "model input"
     : flat ? "Grad-CAM: flat, no region raised the score (see the note)"
     : "Grad-CAM: where the evidence for the label lies";
