@@ -768,6 +768,9 @@ def read_split_csv(path: str | os.PathLike) -> dict[str, list[Sample]]:
     out: dict[str, list[Sample]] = {}
     with open(path, **CSV_READ) as f:
         reader = csv.DictReader(f)
+        if not {"split", "path", "label", "patient", "sha256"} <= set(reader.fieldnames or ()):
+            raise UsageError(f"{path}: not a split.csv of a cxr run (columns split, path, label, patient, sha256; it "
+                             f"has {', '.join(reader.fieldnames or ()) or 'none'})")
         for row in reader:
             cells = [row.get(k) for k in ("split", "path", "label", "patient", "sha256")]
             if any(c is None for c in cells) or not cells[0] or not cells[1] or "\0" in cells[1] \
