@@ -682,6 +682,8 @@ def test_dicom_without_pixel_data(tmp_path):
     (uid.JPEGLSLossless, b"\xff\xd8\xff\xf7junk", {}, ("JPEG-LS", "pip install pyjpegls", "pylibjpeg", "gdcm")),
     # HTJ2K: python-gdcm cannot decode it, yet was the hint (one hint served every syntax)
     (uid.HTJ2KLossless, b"\xff\x4f\xff\x51junk", {}, ("High-Throughput", "pip install pylibjpeg pylibjpeg-openjpeg")),
+    # video: no package decodes it, yet the JPEG hint was given
+    (uid.UID("1.2.840.10008.1.2.4.102"), b"\x00\x00\x01junk", {}, ("MPEG-4", "no pydicom plugin decodes it")),
     # JPEG Extended at 12 bits (common for lossy CR/DX) is beyond Pillow: the reason was cut to pydicom's heading
     # ("... raised by all available plugins:") and the install hint left out.
     (uid.JPEGExtended12Bit, b"\xff\xd8\xff\xc1junk", {"BitsStored": 12, "HighBit": 11},

@@ -369,3 +369,27 @@ def test_api_docs_render_without_internet(browser_page, server, path):
     # leaves), and the browser logs the block. Anything else is a fault.
     assert [e for e in errors if "cdn.redoc.ly/redoc/logo-mini.svg" not in e] == [], errors
     page.goto(server + "/")
+
+
+def test_the_report_fits_a_phone_and_prints_whole(tmp_path):
+    # On a 390 px phone the metrics table ran off the page (the whole page scrolled sideways); a printout left out
+    # what closed <details> hold (the unreadable files) and ended pages with a heading whose figure was on the next.
+    from cxr.report import make_report
+
+    from .test_report import make_run
+
+    page_file = make_report(make_run(tmp_path / "run"), device="cpu", video=False)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 390, "height": 800})
+        page.goto(page_file.as_uri())
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        assert page.evaluate("[...document.querySelectorAll('table')].every(t => t.parentElement.className == "
+                             "'table')")
+        assert page.evaluate("document.querySelectorAll('details').length") >= 1
+        page.evaluate("dispatchEvent(new Event('beforeprint'))")
+        assert page.evaluate("[...document.querySelectorAll('details')].every(d => d.open)")
+        page.emulate_media(media="print")
+        assert page.evaluate("getComputedStyle(document.querySelector('h2')).breakAfter") == "avoid"
+        assert page.evaluate("getComputedStyle(document.querySelector('figure')).breakInside") == "avoid"
+        browser.close()

@@ -63,7 +63,8 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": 
 # sample's high byte; old caches hold those decodes). 4: blank images refused, EXIF Orientation applied. 5: DICOM pixel
 # padding and palettes applied, DICOM without a preamble read. 6: 16-bit and DICOM stretched between percentiles, not
 # min..max; MONOCHROME2 with an INVERSE Presentation LUT Shape inverted; an enhanced DICOM's functional group window.
-PREPROCESS_VERSION = 6
+# 7: DICOM images of modalities that are no radiograph (CT, MR, ...) refused (a warm cache had served them still).
+PREPROCESS_VERSION = 7
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)", re.IGNORECASE),

@@ -708,6 +708,9 @@ NOT_RADIOGRAPHS = {
 
 def _decoder_hint(ts: str) -> str:
     """What to install for a compressed transfer syntax pydicom could not decode (pydicom's pixel data plugins)."""
+    if ts.startswith("1.2.840.10008.1.2.4.10") or ts in ("1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95"):
+        # MPEG-2, MPEG-4 and HEVC video, and JPIP's references to pixels elsewhere: no pydicom plugin decodes them
+        return "no pydicom plugin decodes it; export the image uncompressed, or as JPEG or JPEG 2000"
     if ts in ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"):  # HTJ2K
         return "pip install pylibjpeg pylibjpeg-openjpeg"
     if ts in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"):  # JPEG-LS

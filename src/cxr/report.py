@@ -801,7 +801,7 @@ pre{background:#f3f3f3;padding:.7rem;overflow:auto;font-size:.85rem}
 body{background:white}main{max-width:none;padding:0}
 h2{break-after:avoid;page-break-after:avoid}
 figure,table,.note{break-inside:avoid;page-break-inside:avoid}
-details>*{display:block}
+details::details-content{content-visibility:visible;display:block}
 nav{display:none}
 }
 """
@@ -820,7 +820,11 @@ def _html(art: RunArtifacts, sections: list[tuple[str, str, str]], model_note: s
             f"<p class='note' role='note'>{html.escape(DISCLAIMER)}</p>"
             f"<p class='meta'>{html.escape(str(art.root.resolve()))} · generated {html.escape(now)} · "
             f"{html.escape(model_note)}</p><nav class='meta'>{nav}</nav>{body}"
-            f"<p class='note'>{html.escape(DISCLAIMER)}</p></main></body></html>")
+            f"<p class='note'>{html.escape(DISCLAIMER)}</p></main>"
+            # A printout shows what closed <details> hold (the unreadable files, the config): no CSS opens them in
+            # every browser.
+            "<script>addEventListener('beforeprint',()=>document.querySelectorAll('details')"
+            ".forEach(d=>{d.open=true}))</script></body></html>")
 
 
 # ------------------------------------------------------------------------------------------------ the report

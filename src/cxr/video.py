@@ -58,7 +58,6 @@ def even_frame_size(width: int, height: int) -> tuple[int, int]:
     return width, height
 
 
-@lru_cache(maxsize=32)
 @lru_cache(maxsize=1)
 def _font_characters() -> frozenset[int]:
     from matplotlib import font_manager
@@ -69,12 +68,13 @@ def _font_characters() -> frozenset[int]:
 
 def drawable(text: str) -> str:
     """``text`` with each character that DejaVu Sans, the font of cxr's pictures, has no glyph for written as its
-    escape (``\u80f8``): empty boxes had stood for them, so that names in Chinese script were unreadable and looked
+    escape (``\\u80f8``): empty boxes had stood for them, so that names in Chinese script were unreadable and looked
     alike, and matplotlib warned of each missing glyph."""
     chars = _font_characters()
     return "".join(c if ord(c) in chars or c == "\n" else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+@lru_cache(maxsize=32)
 def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
     # DejaVu ships with matplotlib, so the same font (with the check and cross glyphs) is there on every machine.
     from matplotlib import font_manager
