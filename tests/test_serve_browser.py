@@ -371,7 +371,7 @@ def test_api_docs_render_without_internet(browser_page, server, path):
     page.goto(server + "/")
 
 
-def test_the_report_fits_a_phone_and_prints_whole(tmp_path):
+def test_the_report_fits_a_phone_and_prints_whole(browser_page, tmp_path):
     # On a 390 px phone the metrics table ran off the page (the whole page scrolled sideways); a printout left out
     # what closed <details> hold (the unreadable files) and ended pages with a heading whose figure was on the next.
     from cxr.report import make_report
@@ -379,17 +379,16 @@ def test_the_report_fits_a_phone_and_prints_whole(tmp_path):
     from .test_report import make_run
 
     page_file = make_report(make_run(tmp_path / "run"), device="cpu", video=False)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 390, "height": 800})
-        page.goto(page_file.as_uri())
-        assert page.evaluate("document.documentElement.scrollWidth") <= 390
-        assert page.evaluate("[...document.querySelectorAll('table')].every(t => t.parentElement.className == "
-                             "'table')")
-        assert page.evaluate("document.querySelectorAll('details').length") >= 1
-        page.evaluate("dispatchEvent(new Event('beforeprint'))")
-        assert page.evaluate("[...document.querySelectorAll('details')].every(d => d.open)")
-        page.emulate_media(media="print")
-        assert page.evaluate("getComputedStyle(document.querySelector('h2')).breakAfter") == "avoid"
-        assert page.evaluate("getComputedStyle(document.querySelector('figure')).breakInside") == "avoid"
-        browser.close()
+    # The module's browser (one Playwright per thread), in a context of its own (the page's routes allow its server)
+    context = browser_page[0].context.browser.new_context(viewport={"width": 390, "height": 800})
+    page = context.new_page()
+    page.goto(page_file.as_uri())
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.evaluate("[...document.querySelectorAll('table')].every(t => t.parentElement.className == 'table')")
+    assert page.evaluate("document.querySelectorAll('details').length") >= 1
+    page.evaluate("dispatchEvent(new Event('beforeprint'))")
+    assert page.evaluate("[...document.querySelectorAll('details')].every(d => d.open)")
+    page.emulate_media(media="print")
+    assert page.evaluate("getComputedStyle(document.querySelector('h2')).breakAfter") == "avoid"
+    assert page.evaluate("getComputedStyle(document.querySelector('figure')).breakInside") == "avoid"
+    context.close()
