@@ -1921,3 +1921,24 @@ def test_evaluate_names_its_unreadable_files_in_metrics_and_the_report(trained_r
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["test"]["unreadable"] == [bad]
     page = make_report(tmp_path / "ev", video=False, heatmaps=False).read_text()
     assert "unreadable files (1)" in page and "broken&lt;b&gt;.jpeg" in page
+
+
+def test_flags_are_not_abbreviated_and_home_folders_in_paths_are_expanded(tmp_path, monkeypatch, capsys):
+    # `cxr train --threshold 0.5` was taken for --threshold-policy and refused as a policy never named; the shell
+    # leaves ~ after "=" as it is, and predict wrote into a folder named "~" ("wrote ~/p.csv", not in the home folder).
+    from cxr.cli import main as cxr_main
+
+    with pytest.raises(SystemExit) as e:
+        cxr_main(["train", "--data", "d", "--threshold", "0.5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: --threshold 0.5; train chooses the threshold" in err
+    with pytest.raises(SystemExit):
+        cxr_main(["train", "--data", "d", "--target", "0.9"])  # not --target-sensitivity
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    image = sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[0]
+    assert cxr_main(["predict", str(image), "--output=~/p.csv"]) == 0
+    assert (tmp_path / "p.csv").is_file() and not (tmp_path / "elsewhere" / "~").exists()
+    assert cxr_main(["predict", str(image), "--output=~nosuchuser-cxr/p.csv"]) == 2
+    assert "--output ~nosuchuser-cxr/p.csv: no such user's home folder here" in capsys.readouterr().err

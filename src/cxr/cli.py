@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,9 +18,17 @@ log = logging.getLogger("cxr")
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr (``cxr train: error: ...``), exit status 2."""
+    """Usage errors as one line on stderr (``cxr train: error: ...``), exit status 2. No abbreviated flags: ``cxr
+    train --threshold 0.5`` had been taken for ``--threshold-policy`` and refused as a policy the user never named."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if self.prog == "cxr train" and re.search(r"unrecognized arguments:.*--threshold\b(?!-)", message):
+            message += ("; train chooses the threshold on validation (--threshold-policy says how): give --threshold "
+                        "to evaluate, predict, explain or serve")
         # Under torchrun every process parses the same flags: rank 0 alone says what is wrong.
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if _first_rank() else None)
 
@@ -658,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             raise _SameOnEveryRank("--output is empty: give a folder or file name")
         if getattr(args, "cache_dir", None) == "":  # the cache (digests.sqlite, packs) in the current folder
             raise _SameOnEveryRank("--cache-dir is empty: give a folder")
+        _expand_home(args)
         if args.command not in ("train", "predict"):
             _refuse_torchrun(args.command)
         commands[args.command](args)
@@ -687,6 +697,30 @@ def main(argv: list[str] | None = None) -> int:
         print(display_name(f"cxr {args.command}: error: {where}{e.strerror or e}"), file=sys.stderr)
         return 1
     return 0
+
+
+_PATH_ARGUMENTS = ("data", "output", "config", "resume", "cache_dir", "model", "weights", "run_dir", "paths")
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    """``~`` and ``~user`` at the start of a path argument are home folders, as in a config file: a shell leaves them
+    as they are after ``=`` (``--output=~/preds.csv``), and ``cxr predict`` had written into a folder named "~"."""
+
+    def home(value: str, name: str) -> str:
+        if not value.startswith("~"):
+            return value
+        expanded = os.path.expanduser(value)
+        if expanded.startswith("~"):
+            flag = name if name in ("paths", "run_dir") else f"--{name.replace('_', '-')}"
+            raise _SameOnEveryRank(f"{flag} {value}: no such user's home folder here")
+        return expanded
+
+    for name in _PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, home(value, name))
+        elif isinstance(value, list):
+            setattr(args, name, [home(v, name) if isinstance(v, str) else v for v in value])
 
 
 # How torch's allocators say they are out of memory (CPU, CUDA), in a RuntimeError.
