@@ -1325,3 +1325,16 @@ def test_a_lower_max_pixels_refuses_images_a_warm_cache_holds(tmp_path, tiny_dat
     prepared = data.prepare(split, low)
     assert len(prepared.failures) == len(split.samples) and not len(prepared.images)
     assert not data.prepare(split, cfg).failures  # the default limit's cache is still there, as it was
+
+
+def test_a_dataset_one_folder_down_is_pointed_at(tmp_path):
+    # The Kaggle archive unpacks to chest_xray/chest_xray/ with __MACOSX/ beside it: the message said only what was
+    # not found.
+    (tmp_path / "chest_xray" / "chest_xray" / "train" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "chest_xray" / "__MACOSX").mkdir()
+    with pytest.raises(DataError, match=r"only __MACOSX, chest_xray; the data seems to be one folder down: --data "
+                                        r".*chest_xray/chest_xray$"):
+        data.scan(tmp_path / "chest_xray")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no folders at all$"):
+        data.scan(tmp_path / "empty")

@@ -509,7 +509,15 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
         name = valid_utf8((root.resolve() if root.name in ("", "..") else root).name)
         return {name: scan_folder(root, name, require_both_classes=require_both_classes,
                                   patient_pattern=patient_pattern)}
-    raise DataError(f"{root}: found neither split folders (train/val/test) nor class folders (NORMAL/PNEUMONIA)")
+    # The Kaggle archive unpacks to chest_xray/chest_xray/ (and __MACOSX/ beside it): name the folder one level down
+    # that holds the data, and what was seen here.
+    below = [d for d in subdirs if not d.name.startswith((".", "__MACOSX"))
+             and any(e.is_dir() and (e.name.lower() in _SPLIT_ALIASES or e.name.upper() in CLASS_NAMES)
+                     for e in _children(d))]
+    hint = f"; the data seems to be one folder down: --data {below[0]}" if len(below) == 1 else ""
+    seen = f"only {', '.join(sorted(d.name for d in subdirs)[:8])}" if subdirs else "no folders at all"
+    raise DataError(f"{root}: found neither split folders (train/val/test) nor class folders (NORMAL/PNEUMONIA), "
+                    f"{seen}{hint}")
 
 
 def add_digests(split: Split, cache_dir: str | os.PathLike | None = None) -> Split:
