@@ -1942,3 +1942,29 @@ def test_flags_are_not_abbreviated_and_home_folders_in_paths_are_expanded(tmp_pa
     assert (tmp_path / "p.csv").is_file() and not (tmp_path / "elsewhere" / "~").exists()
     assert cxr_main(["predict", str(image), "--output=~nosuchuser-cxr/p.csv"]) == 2
     assert "--output ~nosuchuser-cxr/p.csv: no such user's home folder here" in capsys.readouterr().err
+
+
+def test_what_to_do_with_a_finished_or_unstarted_run_is_said(trained_run, tmp_path):
+    # A finished run was told "continue it with --resume", which re-evaluated it and trained nothing; a run stopped
+    # before its first epoch was "not a run directory"; "interrupted" said neither what was kept nor what to do.
+    import argparse
+
+    from cxr.cli import _how_to_go_on
+    from cxr.errors import CheckpointError
+    from cxr.model import resolve_model_path
+    from cxr.train import train
+
+    data, run, _ = trained_run
+    with pytest.raises(UsageError, match=rf"holds a finished run \(finished 2 epochs\); pick another --output, or "
+                                         rf"train it longer with --resume {re.escape(str(run))} --epochs N"):
+        train(load_config(overrides={**TINY_TRAIN, "data": str(data), "output": str(run)}))
+    unstarted = tmp_path / "unstarted"
+    unstarted.mkdir()
+    (unstarted / "config.yaml").write_text((run / "config.yaml").read_text())
+    with pytest.raises(CheckpointError, match="a run without a model yet .*cxr train --resume .* trains it"):
+        resolve_model_path(unstarted)
+    said = {name: _how_to_go_on(argparse.Namespace(command="train", resume=None, output=str(folder)))
+            for name, folder in (("run", run), ("unstarted", unstarted), ("none", tmp_path / "none"))}
+    assert said == {"run": f"; its last finished epoch is kept: cxr train --resume {run} goes on from there",
+                    "unstarted": f"; no epoch had finished: cxr train --resume {unstarted} starts it again",
+                    "none": ""}

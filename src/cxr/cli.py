@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
             print(display_name(f"cxr {args.command}: error: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"cxr {args.command}: interrupted", file=sys.stderr)
+        print(f"cxr {args.command}: interrupted{_how_to_go_on(args)}", file=sys.stderr)
         return 130
     except MemoryError:
         print(f"cxr {args.command}: error: out of memory (try a smaller --batch-size or --image-size)", file=sys.stderr)
@@ -697,6 +697,16 @@ def main(argv: list[str] | None = None) -> int:
         print(display_name(f"cxr {args.command}: error: {where}{e.strerror or e}"), file=sys.stderr)
         return 1
     return 0
+
+
+def _how_to_go_on(args: argparse.Namespace) -> str:
+    """What an interrupted ``cxr train`` left and how to go on with it ("interrupted" alone had said neither)."""
+    run = getattr(args, "resume", None) or getattr(args, "output", None)
+    if args.command != "train" or not run or not (Path(run) / "config.yaml").is_file():
+        return ""
+    if (Path(run) / "last.pt").is_file():
+        return f"; its last finished epoch is kept: cxr train --resume {run} goes on from there"
+    return f"; no epoch had finished: cxr train --resume {run} starts it again"
 
 
 _PATH_ARGUMENTS = ("data", "output", "config", "resume", "cache_dir", "model", "weights", "run_dir", "paths")

@@ -471,6 +471,9 @@ def resolve_model_path(model: str | os.PathLike, *, flag: str = "--model") -> Pa
         for name in ("best.pt", "last.pt"):
             if (p / name).is_file():
                 return p / name
+        if (p / "config.yaml").is_file():  # a run stopped before its first epoch ended
+            raise CheckpointError(f"{p}: a run without a model yet (it stopped before its first epoch ended); cxr "
+                                  f"train --resume {p} trains it")
         raise CheckpointError(f"{p}: a folder without best.pt or last.pt, so not a run directory")
     if not p.exists():
         raise UsageError(f"{p}: no such model file or run directory")

@@ -601,6 +601,14 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
     run_dir = Path(cfg.output)
     check_output_outside_data(run_dir, Path(cfg.data))
     if resume is None and (run_dir / "last.pt").exists():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            summary = {}
+        if isinstance(summary, dict) and summary.get("stop_reason") and not summary.get("in_progress"):
+            # --resume alone re-evaluated a finished run and trained nothing: the advice had not said so
+            raise UsageError(f"{run_dir} holds a finished run ({summary['stop_reason']}); pick another --output, or "
+                             f"train it longer with --resume {run_dir} --epochs N")
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
     if resume is None and any((run_dir / name).is_file() for name in ("best.pt", "metrics.json", "summary.json")):
         # last.pt deleted to save its space (3x best.pt's): the finished run's model and results had been replaced
