@@ -426,6 +426,9 @@ def test_predict_and_explain_take_any_iterable_of_paths_and_refuse_an_empty_outp
         explain_files(tmp_path / "model.pt", every[:1], "", device="cpu")
     with pytest.raises(UsageError, match="target"):
         explain_files(tmp_path / "model.pt", every[:1], tmp_path / "t", device="cpu", target=None)
+    with pytest.raises(UsageError, match="a folder for the pictures and explanations.csv, not a file"):
+        explain_files(tmp_path / "model.pt", every[:1], tmp_path / "x.png", device="cpu")  # had made a folder x.png
+    assert not (tmp_path / "x.png").exists()
     assert not list(tmp_path.glob("*_gradcam.png")) and not (tmp_path / "explanations.csv").exists()
 
 

@@ -241,6 +241,11 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     if not isinstance(target, str):
         raise UsageError(f"target {target!r}: use predicted, NORMAL or PNEUMONIA")
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)  # a generator, read once, is kept
+    out = Path(output_dir)
+    if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".csv", ".pdf") and not out.is_dir():
+        # `--output x.png` had made a folder named x.png
+        raise UsageError(f"--output {out}: a folder for the pictures and explanations.csv, not a file; give a folder "
+                         f"name, such as {out.with_suffix('')}")
 
     # Not the output folder: explaining a folder twice into a folder inside it would read the first run's figures
     # back as X-rays.
