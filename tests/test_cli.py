@@ -1968,3 +1968,28 @@ def test_what_to_do_with_a_finished_or_unstarted_run_is_said(trained_run, tmp_pa
     assert said == {"run": f"; its last finished epoch is kept: cxr train --resume {run} goes on from there",
                     "unstarted": f"; no epoch had finished: cxr train --resume {unstarted} starts it again",
                     "none": ""}
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_error_not_a_lock_warning_first(tmp_path, monkeypatch, caplog):
+    # A read-only output had printed "no lock on the run folder (Read-only file system); do not start another cxr
+    # train into it meanwhile" before the error, of a run that was never going to start.
+    import errno
+
+    from cxr import train as train_mod
+    from cxr.distributed import DistInfo
+    from cxr.errors import WriteError
+
+    def fail(code):
+        def lock(path):
+            raise OSError(code, os.strerror(code))
+        return lock
+
+    monkeypatch.setattr(train_mod, "_try_lock", fail(errno.EROFS))
+    with pytest.raises(WriteError, match="Read-only file system"), train_mod._run_folder_lock(tmp_path / "r",
+                                                                                                 DistInfo()):
+        pass
+    assert "no lock" not in caplog.text
+    monkeypatch.setattr(train_mod, "_try_lock", fail(errno.ENOLCK))  # no locks here: the run goes on, said
+    with train_mod._run_folder_lock(tmp_path / "r", DistInfo()):
+        pass
+    assert "no lock on the run folder" in caplog.text

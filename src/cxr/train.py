@@ -57,7 +57,7 @@ from cxr.data import (
 from cxr.distributed import DistInfo, all_reduce_sum, barrier, broadcast_floats, local_main_first
 from cxr.distributed import init as init_distributed
 from cxr.distributed import shutdown as shutdown_distributed
-from cxr.errors import ConfigError, CxrError, DataError, UsageError
+from cxr.errors import ConfigError, CxrError, DataError, UsageError, WriteError
 from cxr.evaluate import (
     SplitResult,
     choose_threshold,
@@ -649,6 +649,10 @@ def _mark_in_progress(run_dir: Path, after_epoch: int) -> None:
 _LOCK_NAME = ".cxr-train.lock"
 
 
+# How a file system without advisory locks answers flock (some network file systems)
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
+
+
 def _try_lock(path: Path) -> int | None:
     """A descriptor of ``path`` (created if need be) holding its exclusive advisory lock, or None where another process
     holds it. Opened read-only on POSIX (``flock`` needs no write access: a lock file made by a colleague's umask 022
@@ -702,18 +706,26 @@ def _run_folder_lock(run_dir: Path, info: DistInfo, device: torch.device | None 
     file when the run ends (one left by a killed run is taken over by the next); a process refused touches nothing.
     """
     fd, made, path = None, [], run_dir / _LOCK_NAME
-    refused = False
+    refused, unwritable = False, None
     if info.main:
         made = missing_folders(run_dir)
         try:
             ensure_dir(run_dir)
             fd = _try_lock(path)
             refused = fd is None
-        except OSError as e:  # a file system without locks: the run goes on, said
-            log.warning("%s: no lock on the run folder (%s); do not start another cxr train into it meanwhile",
-                        run_dir, e.strerror or e)
+        except OSError as e:
+            if e.errno in _NO_LOCKS:  # a file system without locks: the run goes on, said
+                log.warning("%s: no lock on the run folder (%s); do not start another cxr train into it meanwhile",
+                            run_dir, e.strerror or e)
+            else:  # a read-only or forbidden folder: the run could write nothing (a warning of locks had come first)
+                unwritable = e
     if info.active:  # every rank refuses alike, before any collective of the run (rank 1 had died in gloo)
-        refused = bool(broadcast_floats([float(refused)], device or torch.device("cpu"))[0])
+        code = broadcast_floats([2.0 if unwritable else float(refused)], device or torch.device("cpu"))[0]
+        refused = code == 1.0
+        if code == 2.0 and unwritable is None:
+            raise ConfigError(f"{run_dir}: cannot be written (the first process says why)")
+    if unwritable is not None:
+        raise WriteError.from_os_error(run_dir, unwritable)
     if refused:
         raise ConfigError(f"{run_dir} is in use by another cxr train (it holds {path}); wait for it to end, or pick "
                           "another --output")
