@@ -681,6 +681,9 @@ def test_resume_from_another_folder_and_a_failed_resume_changes_nothing(tmp_path
     _one_line_error(run("train", "--resume", run_dir, "--epochs", "3", "--no-report", cwd=elsewhere),
                     "if the data moved, set data: in")
     assert (run_dir / "config.yaml").read_text() == before
+    # evaluate of its split.csv: one line with the same advice (a warning an image, then "none could be read", before)
+    _one_line_error(run("evaluate", "--model", run_dir, "--data", run_dir / "split.csv", "--output", tmp_path / "e0",
+                        "--no-report", cwd=elsewhere), "is where it says (e.g. ")
     # Told where it went (data edited in config.yaml, as the refusal advises), the run follows it: split.csv's
     # absolute paths had kept it at "recorded images are gone" though every file was there.
     (run_dir / "config.yaml").write_text(before.replace(str(tiny_dataset), str(tmp_path / "moved")))

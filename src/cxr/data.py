@@ -360,6 +360,11 @@ def _scan_split_csv(path: Path) -> dict[str, Split]:
     if any(_NPZ_ROW.match(s.path) for samples in recorded.values() for s in samples):
         raise UsageError(f"{path}: its rows are rows of an .npz; give the .npz itself as --data")
     recorded = _follow_moved_data(path, recorded)
+    every = [s.path for samples in recorded.values() for s in samples]
+    if not any(os.path.exists(p) for p in every):  # one line, not one warning an image and "none could be read"
+        raise DataError(f"{path}: none of its {len(every)} images is where it says (e.g. {every[0]}); if the data "
+                        f"moved, set data: in {path.parent / 'config.yaml'} to where it is now, and they are read "
+                        "there")
     order = [n for n in SPLITS if n in recorded] + sorted(set(recorded) - set(SPLITS))
     # Digests cleared: the files are hashed again, so that one changed since the run is decoded as it is now (and
     # said to have changed: `recorded`).
