@@ -1162,7 +1162,8 @@ def test_sharded_prediction_equals_single_process(trained_run, tmp_path):
         # "shard(s) 1 of 3 missing" read as one of three shards missing, whichever it was
         assert missing.returncode == 2 and "of its 3 shards (0 to 2), shard 1 is missing" in missing.stderr
         cxr("predict", "--model", run, data, "--output", tmp_path / "sharded.csv", "--shard", "1/3", "--amp", "off")
-        cxr("merge", tmp_path / "sharded.csv", "--remove-parts")
+        # the shard files themselves, as a shell's glob gives them: they name their output ("unrecognized arguments")
+        cxr("merge", *sorted(tmp_path.glob("sharded.shard-*-of-00003.csv")), "--remove-parts")
     finally:
         (data / "test" / "NORMAL" / "broken.jpeg").unlink()
     single = (tmp_path / "all.csv").read_text()

@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a table of every result (default: when there are at most 200)")
 
     p = sub.add_parser("merge", help="merge the shard files of `cxr predict --shard` into one predictions file")
-    p.add_argument("output", metavar="OUTPUT", help="the --output given to the sharded runs (.csv or .json)")
+    p.add_argument("output", metavar="OUTPUT", nargs="+",
+                   help="the --output given to the sharded runs (.csv or .json); shard files name it too")
     p.add_argument("--remove-parts", action="store_true", help="delete the shard files after merging")
 
     p = sub.add_parser("report", help="plots, heatmap grid, fly-through video and report.html for a run")
@@ -549,9 +550,17 @@ def _print_predictions(preds, caption: str) -> None:
 def _cmd_merge(args: argparse.Namespace) -> None:
     from cxr.predict import merge_shards
 
-    merged = merge_shards(args.output, remove=args.remove_parts)
-    log.info("wrote %s (%d files)", args.output, len(merged))
-    _refuse_if_nothing_predicted(merged, args.output)
+    # The shard files themselves (a shell's glob of preds.shard-*, or one of them) name the output they were made for
+    outputs = {re.sub(r"\.shard-\d{5}-of-\d{5}(\.[^./\\]+)$", r"\1", name) for name in args.output}
+    if len(outputs) > 1:
+        raise UsageError(f"give the one --output the shards were made with (cxr merge preds.csv), not "
+                         f"{len(args.output)} files of {len(outputs)} outputs")
+    (output,) = outputs
+    if output != args.output[0] or len(args.output) > 1:
+        log.info("merging the shards of %s", output)
+    merged = merge_shards(output, remove=args.remove_parts)
+    log.info("wrote %s (%d files)", output, len(merged))
+    _refuse_if_nothing_predicted(merged, output)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
