@@ -1997,3 +1997,11 @@ def test_a_run_folder_that_cannot_be_written_is_one_error_not_a_lock_warning_fir
     with train_mod._run_folder_lock(tmp_path / "r", DistInfo()):
         pass
     assert "no lock on the run folder" in caplog.text
+
+
+def test_a_shard_number_out_of_range_says_shards_count_from_zero():
+    from cxr.predict import parse_shard
+
+    assert parse_shard("1/2") == (1, 2)
+    with pytest.raises(UsageError, match=r"--shard '2/2': need 0 <= I < N \(shards count from 0: the last of 2 is 1/2\)"):
+        parse_shard("2/2")

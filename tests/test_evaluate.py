@@ -165,6 +165,9 @@ def test_threshold_flag_is_a_probability(capsys):
         with pytest.raises(SystemExit) as e:
             cxr_main(["evaluate", "--data", "d", "--output", "o", "--threshold", bad])
         assert e.value.code == 2 and "argument --threshold" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cxr_main(["evaluate", "--data", "d", "--output", "o", "--threshold", "57"])
+    assert "57 is not a probability from 0 to 1 (0.57?)" in capsys.readouterr().err  # 57 meant as 57 %
     for flag in ("--batch-size", "--threads"):
         with pytest.raises(SystemExit) as e:
             cxr_main(["predict", "x.jpeg", flag, "-1"])

@@ -414,8 +414,11 @@ def test_devices_other_than_cpu_and_cuda_are_refused_in_one_line(monkeypatch):
     for name in ("mps", "xpu", "meta"):
         with pytest.raises(UsageError, match=f"--device {name}: cxr runs on cpu or cuda"):
             resolve_device(name)
-    with pytest.raises(UsageError, match="unknown device 'gpu'"):
+    with pytest.raises(UsageError, match="--device 'gpu': unknown device"):
         resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the value typed, not another ("cuda")
+    with pytest.raises(UsageError, match="--device cuda:1: no CUDA device is available here"):
+        resolve_device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with two GPUs
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda:1") == torch.device("cuda:1")

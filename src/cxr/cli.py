@@ -54,7 +54,8 @@ def _probability(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 <= value <= 1.0:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"{text} is not a probability from 0 to 1")
+        percent = f" ({value / 100:g}?)" if 1 < value <= 100 else ""  # 57 meant as 57 %
+        raise argparse.ArgumentTypeError(f"{text} is not a probability from 0 to 1{percent}")
     return value
 
 

@@ -227,11 +227,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
+        raise UsageError(f"--device {name!r}: unknown device (use auto, cpu or cuda)") from None
     if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: failed later with a traceback
         raise UsageError(f"--device {name}: cxr runs on cpu or cuda (or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu)")
+        raise UsageError(f"--device {name}: no CUDA device is available here (use --device cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         n = torch.cuda.device_count()
         raise UsageError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")

@@ -192,7 +192,8 @@ def parse_shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise UsageError(f"--shard {text!r}: use I/N, e.g. 0/4 for the first of four shards") from None
     if n < 1 or not 0 <= i < n:
-        raise UsageError(f"--shard {text!r}: need 0 <= I < N")
+        raise UsageError(f"--shard {text!r}: need 0 <= I < N (shards count from 0: the last of {max(n, 1)} is "
+                         f"{max(n, 1) - 1}/{max(n, 1)})")
     return i, n
 
 
