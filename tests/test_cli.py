@@ -2003,5 +2003,6 @@ def test_a_shard_number_out_of_range_says_shards_count_from_zero():
     from cxr.predict import parse_shard
 
     assert parse_shard("1/2") == (1, 2)
-    with pytest.raises(UsageError, match=r"--shard '2/2': need 0 <= I < N \(shards count from 0: the last of 2 is 1/2\)"):
+    with pytest.raises(UsageError, match=r"--shard '2/2': need 0 <= I < N \(shards count from 0: the last of 2 is "
+                                         r"1/2\)"):
         parse_shard("2/2")
