@@ -359,19 +359,23 @@ def _report_after(folder, **kwargs) -> None:
     except Exception as e:  # a fault of the report's own (a bug, too) must not turn a finished run into a failure
         cause = str(e) if isinstance(e, CxrError) else f"{type(e).__name__}: {e}"
         log.debug("the report failed", exc_info=True)
-        _no_report(folder)
+        _no_report(folder, failed=True)
         log.warning("the report could not be made (%s); the results are in %s. Retry: cxr report %s", cause, folder,
                     folder)  # make_report logs where it wrote the report
 
 
-def _no_report(folder) -> None:
-    """No report this time: an earlier one in ``folder`` would describe results that are no longer there."""
+def _no_report(folder, failed: bool = False) -> None:
+    """No report this time: an earlier one in ``folder`` would describe results that are no longer there, and a
+    failed one's pictures are no report."""
     from cxr.distributed import env_info
     from cxr.report import remove_report
 
     if env_info().main and remove_report(folder):
-        log.info("removed the earlier report in %s, which described earlier results (cxr report %s makes one)",
-                 folder, folder)
+        if failed:  # "the earlier report" had been said of the pictures the failed one had just made
+            log.info("removed the report files in %s (those the failed report made, and any earlier report's)", folder)
+        else:
+            log.info("removed the earlier report in %s, which described earlier results (cxr report %s makes one)",
+                     folder, folder)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
