@@ -962,6 +962,10 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     if summary.get("in_progress"):
         facts.append("<li><strong>run in progress or interrupted</strong>: "
                      f"{html.escape(str(summary['in_progress']))}</li>")
+    elif art.history and art.summary is None:  # a first session stopped before its end writes no summary.json
+        facts.append("<li><strong>run in progress or interrupted</strong>: no summary.json yet, so no final "
+                     "evaluation and no threshold chosen on validation; <code>cxr train --resume</code> ends the run"
+                     "</li>")
     sessions = summary.get("sessions") or []
     # After a --resume, the wall time is the last session's alone: said so, and the sessions named (it had read as the
     # whole run's time).
