@@ -494,7 +494,9 @@ def load_checkpoint(model: str | os.PathLike | Checkpoint) -> Checkpoint:
         return _load_safetensors(path)
     if path.suffix.lower() == ".onnx":
         raise CheckpointError(f"{path}: an ONNX file, which cxr runs only in `cxr predict` and `cxr serve` (ONNX "
-                              "Runtime); for this, give the checkpoint or the .safetensors file it was exported from")
+                              "Runtime; from Python, cxr.onnx_backend.predict_files_onnx and create_app(..., "
+                              "backend='onnx')); for this, give the checkpoint or the .safetensors file it was "
+                              "exported from")
     if _is_torchscript(path):
         raise CheckpointError(f"{path}: a TorchScript file (cxr export writes them for other runtimes); give cxr the "
                               "checkpoint or the .safetensors file it was exported from")
