@@ -1162,8 +1162,10 @@ def test_sharded_prediction_equals_single_process(trained_run, tmp_path):
         # "shard(s) 1 of 3 missing" read as one of three shards missing, whichever it was
         assert missing.returncode == 2 and "of its 3 shards (0 to 2), shard 1 is missing" in missing.stderr
         cxr("predict", "--model", run, data, "--output", tmp_path / "sharded.csv", "--shard", "1/3", "--amp", "off")
-        # the shard files themselves, as a shell's glob gives them: they name their output ("unrecognized arguments")
-        cxr("merge", *sorted(tmp_path.glob("sharded.shard-*-of-00003.csv")), "--remove-parts")
+        # the shard files themselves, as a shell's glob gives them, their manifests too: they name their output (two
+        # names had been "unrecognized arguments")
+        assert len(list(tmp_path.glob("sharded.shard-*"))) == 6  # 3 shards, 3 manifests
+        cxr("merge", *sorted(tmp_path.glob("sharded.shard-*")), "--remove-parts")
     finally:
         (data / "test" / "NORMAL" / "broken.jpeg").unlink()
     single = (tmp_path / "all.csv").read_text()
@@ -1946,11 +1948,15 @@ def test_flags_are_not_abbreviated_and_home_folders_in_paths_are_expanded(tmp_pa
     assert (tmp_path / "p.csv").is_file() and not (tmp_path / "elsewhere" / "~").exists()
     assert cxr_main(["predict", str(image), "--output=~nosuchuser-cxr/p.csv"]) == 2
     assert "--output ~nosuchuser-cxr/p.csv: no such user's home folder here" in capsys.readouterr().err
+    shutil.copy(image, tmp_path / "elsewhere" / "~scan.jpeg")  # a file of that very name is itself, not a home
+    assert cxr_main(["predict", "~scan.jpeg", "--output", "q.csv"]) == 0
+    assert "~scan.jpeg" in (tmp_path / "elsewhere" / "q.csv").read_text()
 
 
-def test_what_to_do_with_a_finished_or_unstarted_run_is_said(trained_run, tmp_path):
-    # A finished run was told "continue it with --resume", which re-evaluated it and trained nothing; a run stopped
-    # before its first epoch was "not a run directory"; "interrupted" said neither what was kept nor what to do.
+def test_what_to_do_with_a_finished_or_unstarted_run_is_said(tmp_path):
+    # A finished run was told "continue it with --resume", which re-evaluated it and trained nothing (and a run that
+    # stopped early, or averaged weights, cannot be lengthened); a run stopped before its first epoch was "not a run
+    # directory"; "interrupted" said neither what was kept nor what to do.
     import argparse
 
     from cxr.cli import _how_to_go_on
@@ -1958,18 +1964,37 @@ def test_what_to_do_with_a_finished_or_unstarted_run_is_said(trained_run, tmp_pa
     from cxr.model import resolve_model_path
     from cxr.train import train
 
-    data, run, _ = trained_run
-    with pytest.raises(UsageError, match=rf"holds a finished run \(finished 2 epochs\); pick another --output, or "
-                                         rf"train it longer with --resume {re.escape(str(run))} --epochs N"):
-        train(load_config(overrides={**TINY_TRAIN, "data": str(data), "output": str(run)}))
-    unstarted = tmp_path / "unstarted"
-    unstarted.mkdir()
-    (unstarted / "config.yaml").write_text((run / "config.yaml").read_text())
+    def run_folder(name: str, summary: dict | None, last: bool = True) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text("epochs: 2\n")
+        if last:
+            (folder / "last.pt").write_bytes(b"")
+        if summary is not None:
+            (folder / "summary.json").write_text(json.dumps(summary))
+        return folder
+
+    finished = run_folder("finished", {"stop_reason": "finished 2 epochs", "epochs_run": 2})
+    early = run_folder("early", {"stop_reason": "early stopping: no better validation loss for 1 epochs"})
+    averaged = run_folder("averaged", {"stop_reason": "finished 3 epochs, then 1 epoch(s) of weight averaging",
+                                       "swa": {"kept": True}})
+    going = run_folder("going", {"stop_reason": "in progress: resumed after epoch 1", "in_progress": "resumed"})
+    unstarted = run_folder("unstarted", None, last=False)
+    for folder, longer in ((finished, True), (early, False), (averaged, False)):
+        with pytest.raises(UsageError, match="holds a finished run") as e:
+            train(load_config(overrides={**TINY_TRAIN, "data": str(tmp_path), "output": str(folder)}))
+        assert (f"train it longer with --resume {folder} --epochs N" in str(e.value)) is longer, str(e.value)
+    with pytest.raises(UsageError, match="already holds a run; continue it with --resume"):
+        train(load_config(overrides={**TINY_TRAIN, "data": str(tmp_path), "output": str(going)}))
     with pytest.raises(CheckpointError, match="a run without a model yet .*cxr train --resume .* trains it"):
         resolve_model_path(unstarted)
-    said = {name: _how_to_go_on(argparse.Namespace(command="train", resume=None, output=str(folder)))
-            for name, folder in (("run", run), ("unstarted", unstarted), ("none", tmp_path / "none"))}
-    assert said == {"run": f"; its last finished epoch is kept: cxr train --resume {run} goes on from there",
+    (finished / "last.pt").unlink()  # a trained run whose checkpoints were moved: not "stopped before its first epoch"
+    with pytest.raises(CheckpointError, match=r"a run whose checkpoints \(best.pt, last.pt\) are gone"):
+        resolve_model_path(finished)
+    said = {folder.name: _how_to_go_on(argparse.Namespace(command="train", resume=None, output=str(folder)))
+            for folder in (early, going, unstarted, tmp_path / "none")}
+    assert said == {"early": f"; the run had finished, its results are kept: cxr report {early} makes its report",
+                    "going": f"; its last finished epoch is kept: cxr train --resume {going} goes on from there",
                     "unstarted": f"; no epoch had finished: cxr train --resume {unstarted} starts it again",
                     "none": ""}
 
@@ -1997,6 +2022,15 @@ def test_a_run_folder_that_cannot_be_written_is_one_error_not_a_lock_warning_fir
     with train_mod._run_folder_lock(tmp_path / "r", DistInfo()):
         pass
     assert "no lock on the run folder" in caplog.text
+    # A lock file another user's killed run left, which this user cannot open, in a folder that can be written: the
+    # run goes on, said (it had been refused as a folder that "cannot be written").
+    caplog.clear()
+    (tmp_path / "r").mkdir(exist_ok=True)
+    (tmp_path / "r" / ".cxr-train.lock").write_bytes(b"")
+    monkeypatch.setattr(train_mod, "_try_lock", fail(errno.EACCES))
+    with train_mod._run_folder_lock(tmp_path / "r", DistInfo()):
+        pass
+    assert "no lock on the run folder (.cxr-train.lock: Permission denied)" in caplog.text
 
 
 def test_a_shard_number_out_of_range_says_shards_count_from_zero():

@@ -1338,3 +1338,17 @@ def test_a_dataset_one_folder_down_is_pointed_at(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no folders at all$"):
         data.scan(tmp_path / "empty")
+
+
+def test_images_that_cannot_be_read_are_not_taken_for_moved_ones(tmp_path, monkeypatch):
+    # A split.csv whose images all failed os.path.exists for want of permission got the advice for moved data.
+    assert data._may_be_there(str(tmp_path)) and not data._may_be_there(str(tmp_path / "gone.jpeg"))
+    assert not data._may_be_there(str(tmp_path / "gone" / "x.jpeg"))
+
+    def forbidden(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(data.os, "stat", forbidden)
+    assert data._may_be_there(str(tmp_path / "x.jpeg"))
+    monkeypatch.setattr(Path, "is_dir", lambda self: forbidden(self))
+    assert data._is_dir(tmp_path) is False  # Python 3.11's is_dir raises where a folder cannot be entered

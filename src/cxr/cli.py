@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import re
@@ -556,7 +557,9 @@ def _cmd_merge(args: argparse.Namespace) -> None:
     from cxr.predict import merge_shards
 
     # The shard files themselves (a shell's glob of preds.shard-*, or one of them) name the output they were made for
-    outputs = {re.sub(r"\.shard-\d{5}-of-\d{5}(\.[^./\\]+)$", r"\1", name) for name in args.output}
+    # (a glob's manifests too: preds.shard-00000-of-00002.csv.manifest.json is preds.csv's)
+    outputs = {os.path.normpath(re.sub(r"\.shard-\d{5}-of-\d{5}(\.[^./\\]+)(\.manifest\.json)?$", r"\1", name))
+               for name in args.output}
     if len(outputs) > 1:
         raise UsageError(f"give the one --output the shards were made with (cxr merge preds.csv), not "
                          f"{len(args.output)} files of {len(outputs)} outputs")
@@ -718,6 +721,12 @@ def _how_to_go_on(args: argparse.Namespace) -> str:
     run = getattr(args, "resume", None) or getattr(args, "output", None)
     if args.command != "train" or not run or not (Path(run) / "config.yaml").is_file():
         return ""
+    try:
+        summary = json.loads((Path(run) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    if isinstance(summary, dict) and summary.get("stop_reason") and not summary.get("in_progress"):
+        return f"; the run had finished, its results are kept: cxr report {run} makes its report"  # Ctrl-C in it
     if (Path(run) / "last.pt").is_file():
         return f"; its last finished epoch is kept: cxr train --resume {run} goes on from there"
     return f"; no epoch had finished: cxr train --resume {run} starts it again"
@@ -731,11 +740,15 @@ def _expand_home(args: argparse.Namespace) -> None:
     as they are after ``=`` (``--output=~/preds.csv``), and ``cxr predict`` had written into a folder named "~"."""
 
     def home(value: str, name: str) -> str:
-        if not value.startswith("~"):
+        # A file or folder of that very name (~scan.jpeg) is itself; on Windows only ~ and ~\ (its expanduser makes
+        # any ~name the home folder's sibling, a file read from the wrong place).
+        if not value.startswith("~") or os.path.lexists(value):
+            return value
+        if sys.platform == "win32" and not re.match(r"~($|[\\/])", value):
             return value
         expanded = os.path.expanduser(value)
         if expanded.startswith("~"):
-            flag = name if name in ("paths", "run_dir") else f"--{name.replace('_', '-')}"
+            flag = {"paths": "PATH", "run_dir": "RUN_DIR"}.get(name, f"--{name.replace('_', '-')}")
             raise _SameOnEveryRank(f"{flag} {value}: no such user's home folder here")
         return expanded
 

@@ -361,7 +361,7 @@ def _scan_split_csv(path: Path) -> dict[str, Split]:
         raise UsageError(f"{path}: its rows are rows of an .npz; give the .npz itself as --data")
     recorded = _follow_moved_data(path, recorded)
     every = [s.path for samples in recorded.values() for s in samples]
-    if not any(os.path.exists(p) for p in every):  # one line, not one warning an image and "none could be read"
+    if not any(_may_be_there(p) for p in every):  # one line, not one warning an image and "none could be read"
         raise DataError(f"{path}: none of its {len(every)} images is where it says (e.g. {every[0]}); if the data "
                         f"moved, set data: in {path.parent / 'config.yaml'} to where it is now, and they are read "
                         "there")
@@ -370,6 +370,17 @@ def _scan_split_csv(path: Path) -> dict[str, Split]:
     # said to have changed: `recorded`).
     return {name: Split(name, [replace(s, digest="") for s in recorded[name]],
                         recorded={s.path: s.digest for s in recorded[name] if s.digest}) for name in order}
+
+
+def _may_be_there(path: str) -> bool:
+    """False only where ``path`` is surely not there (not where it cannot be read: that is said when it is read)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def rebase(path: str, old: str, new: str) -> str:
@@ -474,6 +485,13 @@ def check_output_outside_data(output: str | os.PathLike, data: str | os.PathLike
                          f"{roots[-1].parent / 'runs' / roots[-1].name}")
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a folder that can be listed but not entered: Python 3.11's is_dir raises
+        return False
+
+
 def _children(folder: Path) -> list[Path]:
     try:
         return list(folder.iterdir())
@@ -517,7 +535,7 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
     # The Kaggle archive unpacks to chest_xray/chest_xray/ (and __MACOSX/ beside it): name the folder one level down
     # that holds the data, and what was seen here.
     below = [d for d in subdirs if not d.name.startswith((".", "__MACOSX"))
-             and any(e.is_dir() and (e.name.lower() in _SPLIT_ALIASES or e.name.upper() in CLASS_NAMES)
+             and any(_is_dir(e) and (e.name.lower() in _SPLIT_ALIASES or e.name.upper() in CLASS_NAMES)
                      for e in _children(d))]
     hint = f"; the data seems to be one folder down: --data {below[0]}" if len(below) == 1 else ""
     seen = f"only {', '.join(sorted(d.name for d in subdirs)[:8])}" if subdirs else "no folders at all"

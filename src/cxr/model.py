@@ -471,9 +471,13 @@ def resolve_model_path(model: str | os.PathLike, *, flag: str = "--model") -> Pa
         for name in ("best.pt", "last.pt"):
             if (p / name).is_file():
                 return p / name
-        if (p / "config.yaml").is_file():  # a run stopped before its first epoch ended
+        if (p / "config.yaml").is_file() and not any((p / n).exists() for n in ("summary.json", "metrics.json")):
+            # a run stopped before its first epoch ended
             raise CheckpointError(f"{p}: a run without a model yet (it stopped before its first epoch ended); cxr "
                                   f"train --resume {p} trains it")
+        if (p / "config.yaml").is_file():  # a trained run whose checkpoints were deleted or moved
+            raise CheckpointError(f"{p}: a run whose checkpoints (best.pt, last.pt) are gone; give the model file "
+                                  "where it is now")
         raise CheckpointError(f"{p}: a folder without best.pt or last.pt, so not a run directory")
     if not p.exists():
         raise UsageError(f"{p}: no such model file or run directory")

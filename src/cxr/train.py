@@ -606,9 +606,12 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         except (OSError, ValueError):
             summary = {}
         if isinstance(summary, dict) and summary.get("stop_reason") and not summary.get("in_progress"):
-            # --resume alone re-evaluated a finished run and trained nothing: the advice had not said so
-            raise UsageError(f"{run_dir} holds a finished run ({summary['stop_reason']}); pick another --output, or "
-                             f"train it longer with --resume {run_dir} --epochs N")
+            # --resume alone re-evaluated a finished run and trained nothing: the advice had not said so. A run that
+            # stopped early, or went on to weight averaging, cannot be lengthened (--resume refuses it).
+            longer = (f", or train it longer with --resume {run_dir} --epochs N"
+                      if str(summary["stop_reason"]).startswith("finished") and not summary.get("swa") else "")
+            raise UsageError(f"{run_dir} holds a finished run ({summary['stop_reason']}); pick another --output"
+                             f"{longer}")
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
     if resume is None and any((run_dir / name).is_file() for name in ("best.pt", "metrics.json", "summary.json")):
         # last.pt deleted to save its space (3x best.pt's): the finished run's model and results had been replaced
@@ -711,21 +714,29 @@ def _run_folder_lock(run_dir: Path, info: DistInfo, device: torch.device | None 
         made = missing_folders(run_dir)
         try:
             ensure_dir(run_dir)
-            fd = _try_lock(path)
-            refused = fd is None
-        except OSError as e:
-            if e.errno in _NO_LOCKS:  # a file system without locks: the run goes on, said
-                log.warning("%s: no lock on the run folder (%s); do not start another cxr train into it meanwhile",
-                            run_dir, e.strerror or e)
-            else:  # a read-only or forbidden folder: the run could write nothing (a warning of locks had come first)
-                unwritable = e
+        except OSError as e:  # a read-only or forbidden place: the run could write nothing (a lock warning came first)
+            unwritable = e
+        if unwritable is None:
+            try:
+                fd = _try_lock(path)
+                refused = fd is None
+            except OSError as e:
+                # A file system without locks, or a lock file another user's killed run left that this user cannot
+                # open: the run goes on, said. Any other error: the folder cannot be written.
+                if e.errno in _NO_LOCKS or (path.exists() and e.errno in (errno.EACCES, errno.EPERM)):
+                    log.warning("%s: no lock on the run folder (%s: %s); do not start another cxr train into it "
+                                "meanwhile", run_dir, path.name, e.strerror or e)
+                else:
+                    unwritable = e
     if info.active:  # every rank refuses alike, before any collective of the run (rank 1 had died in gloo)
         code = broadcast_floats([2.0 if unwritable else float(refused)], device or torch.device("cpu"))[0]
         refused = code == 1.0
         if code == 2.0 and unwritable is None:
             raise ConfigError(f"{run_dir}: cannot be written (the first process says why)")
     if unwritable is not None:
-        raise WriteError.from_os_error(run_dir, unwritable)
+        error = WriteError.from_os_error(run_dir, unwritable)
+        error.replacing = False  # a folder: no "existing file unchanged"
+        raise error
     if refused:
         raise ConfigError(f"{run_dir} is in use by another cxr train (it holds {path}); wait for it to end, or pick "
                           "another --output")
