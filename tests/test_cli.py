@@ -2040,3 +2040,16 @@ def test_a_shard_number_out_of_range_says_shards_count_from_zero():
     with pytest.raises(UsageError, match=r"--shard '2/2': need 0 <= I < N \(shards count from 0: the last of 2 is "
                                          r"1/2\)"):
         parse_shard("2/2")
+
+
+def test_merge_expands_a_pattern_on_windows_as_predict_does(tmp_path, monkeypatch):
+    # cmd and PowerShell hand `preds.shard-*` over as it is: merge had said ".csv or .json" of the pattern.
+    from cxr.cli import main as cxr_main
+
+    for i in range(2):
+        (tmp_path / f"preds.shard-{i:05d}-of-00002.csv").write_text(
+            "path,prob_pneumonia,label,error,threshold,model_id,note\n"
+            f"/d/{i}.png,0.9,PNEUMONIA,,0.5,abc,{DISCLAIMER}\n", encoding="utf-8")
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert cxr_main(["merge", str(tmp_path / "preds.shard-*")]) == 0
+    assert len(read_csv(tmp_path / "preds.csv")) == 2

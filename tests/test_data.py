@@ -1352,3 +1352,24 @@ def test_images_that_cannot_be_read_are_not_taken_for_moved_ones(tmp_path, monke
     assert data._may_be_there(str(tmp_path / "x.jpeg"))
     monkeypatch.setattr(Path, "is_dir", lambda self: forbidden(self))
     assert data._is_dir(tmp_path) is False  # Python 3.11's is_dir raises where a folder cannot be entered
+
+
+def test_folders_whose_file_system_gives_no_inode_are_walked_and_told_apart(tmp_path, monkeypatch):
+    # Python: st_ino identifies a file "if non-zero"; some Windows file systems give 0. With 0 for every folder, the
+    # sub-folders were skipped as walked already, and every --output was "inside a folder of --data".
+    for patient in ("p1", "p2"):
+        (tmp_path / "data" / "train" / "NORMAL" / patient).mkdir(parents=True)
+        (tmp_path / "data" / "train" / "NORMAL" / patient / "IM-0001-0001.jpeg").write_bytes(b"x")
+    real_stat = Path.stat
+
+    def no_inode(self, *a, **k):
+        st = real_stat(self, *a, **k)
+        return os.stat_result((st.st_mode, 0, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
+                               st.st_atime, st.st_mtime, st.st_ctime))
+
+    monkeypatch.setattr(Path, "stat", no_inode)
+    found = data.walk_files(tmp_path / "data" / "train" / "NORMAL")
+    assert sorted(p.parent.name for p in found) == ["p1", "p2"]
+    data.check_output_outside_data(tmp_path / "runs" / "x", tmp_path / "data")  # not refused
+    with pytest.raises(UsageError):
+        data.check_output_outside_data(tmp_path / "data" / "train" / "out", tmp_path / "data")

@@ -692,3 +692,52 @@ def test_an_output_that_is_a_link_is_written_where_it_points(tmp_path):
     atomic_write_text(tmp_path / "dangling.csv", "made")
     assert (tmp_path / "preds.csv").is_symlink() and (tmp_path / "shared" / "preds.csv").read_text() == "new"
     assert (tmp_path / "dangling.csv").is_symlink() and (tmp_path / "shared" / "new.csv").read_text() == "made"
+
+
+# ------------------------------------------------------------------------------------------------ Windows, emulated
+
+
+def test_a_durable_write_flushes_a_descriptor_open_for_writing(tmp_path, monkeypatch):
+    # Windows' fsync (_commit) fails with EBADF on a descriptor opened read-only: every output of cxr had been
+    # "cannot write ...: Bad file descriptor" there. Emulated: fsync refuses a read-only descriptor.
+    import fcntl
+
+    from cxr import fileio
+
+    real = os.fsync
+
+    def windows_fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    fileio.atomic_write_text(tmp_path / "out.txt", "kept\n")
+    assert (tmp_path / "out.txt").read_text() == "kept\n"
+
+
+def test_a_windows_lock_is_undone_before_its_close_and_its_file_removed_after(tmp_path, monkeypatch):
+    # An open file cannot be removed on Windows (every run folder kept its lock file), and a lock left to the close is
+    # released "depending upon available system resources". Emulated with a stand-in msvcrt.
+    import types
+
+    from cxr import train as train_mod
+
+    events = []
+    fake = types.SimpleNamespace(LK_UNLCK=0, LK_NBLCK=2, locking=lambda fd, mode, n: events.append(("lock", mode)))
+    monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    monkeypatch.setattr(sys, "platform", "win32")
+    real_close = os.close
+    monkeypatch.setattr(os, "close", lambda fd: events.append(("close", fd)) or real_close(fd))
+    path = tmp_path / ".cxr-train.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    real_unlink = Path.unlink
+
+    def windows_unlink(self, *a, **k):
+        if any(e == ("close", fd) for e in events):
+            return real_unlink(self, *a, **k)
+        raise PermissionError(13, "in use by another process", str(self))
+
+    monkeypatch.setattr(Path, "unlink", windows_unlink)
+    train_mod._release(fd, path)
+    assert events == [("lock", 0), ("close", fd)] and not path.exists()

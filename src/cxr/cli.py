@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -556,6 +557,9 @@ def _print_predictions(preds, caption: str) -> None:
 def _cmd_merge(args: argparse.Namespace) -> None:
     from cxr.predict import merge_shards
 
+    if sys.platform == "win32":  # cmd and PowerShell hand `preds.shard-*` over as it is: expanded here, as predict does
+        args.output = [m for p in args.output for m in (sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p])
+                       or [p]]
     # The shard files themselves (a shell's glob of preds.shard-*, or one of them) name the output they were made for
     # (a glob's manifests too: preds.shard-00000-of-00002.csv.manifest.json is preds.csv's)
     outputs = {os.path.normpath(re.sub(r"\.shard-\d{5}-of-\d{5}(\.[^./\\]+)(\.manifest\.json)?$", r"\1", name))

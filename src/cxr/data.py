@@ -234,11 +234,17 @@ def walk_files(folder: Path, *, skip: Path | None = None) -> list[Path]:
     return sorted(files)
 
 
-def _folder_id(path: Path) -> tuple[int, int] | None:
+def _folder_id(path: Path) -> tuple[int, int | str] | None:
+    """A folder's identity (device, inode), or None where it cannot be read. Python's docs: ``st_ino`` identifies the
+    file only "if non-zero" (some Windows file systems give 0): its real path then, as the case-insensitive name Windows
+    compares (with 0 for all, sub-folders were taken for folders already walked, and every --output for one inside
+    --data)."""
     try:
         st = path.stat()
     except OSError:
         return None
+    if not st.st_ino:
+        return -1, os.path.normcase(os.path.realpath(path))
     return st.st_dev, st.st_ino
 
 

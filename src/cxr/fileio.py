@@ -134,8 +134,7 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         yield Path(tmp)
         if fsync:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            _fsync_file(tmp)
         _replace(tmp, target)
         if fsync:
             _fsync_dir(target.parent)
@@ -181,6 +180,21 @@ def remove_empty_folders(folders: list[Path]) -> None:
     for p in folders:
         with contextlib.suppress(OSError):
             p.rmdir()
+
+
+def _fsync_file(path: str) -> None:
+    """Flush a written file to the disk. Opened for writing: on Windows ``os.fsync`` is ``_commit``, which fails with
+    EBADF on a descriptor opened read-only (and every output of cxr had been "cannot write ...: Bad file
+    descriptor"); read-only only where writing is refused (POSIX flushes such a descriptor too)."""
+    binary = getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, os.O_RDWR | binary)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY | binary)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:

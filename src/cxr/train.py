@@ -696,8 +696,30 @@ def folder_in_use(run_dir: str | os.PathLike) -> bool:
         return False
     if fd is None:
         return True
-    os.close(fd)
+    _release(fd)
     return False
+
+
+def _release(fd: int, path: Path | None = None) -> None:
+    """Give up a lock of :func:`_try_lock`, and remove its file (``path``) where given. On Windows the lock is undone
+    before the close (Microsoft: a lock left to the close is released "depending upon available system resources",
+    so a run started just after could be refused), and the file removed after it (an open file cannot be removed
+    there: every run folder had kept its lock file)."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        with contextlib.suppress(OSError):
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        os.close(fd)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return
+    if path is not None:  # removed while still held, then released: no other process can take the old file meanwhile
+        with contextlib.suppress(OSError):
+            path.unlink()
+    os.close(fd)
 
 
 @contextlib.contextmanager
@@ -743,10 +765,8 @@ def _run_folder_lock(run_dir: Path, info: DistInfo, device: torch.device | None 
     try:
         yield
     finally:
-        if fd is not None:  # removed while still held, then released
-            with contextlib.suppress(OSError):
-                path.unlink()
-            os.close(fd)
+        if fd is not None:
+            _release(fd, path)
             remove_empty_folders(made)  # a run that failed before writing anything leaves no folder of its own
 
 
