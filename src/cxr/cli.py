@@ -729,6 +729,8 @@ def _how_to_go_on(args: argparse.Namespace) -> str:
         summary = json.loads((Path(run) / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         summary = {}
+    if getattr(args, "resume", None) and getattr(args, "epochs", None):  # a run being lengthened
+        return f"; cxr train --resume {run} --epochs {args.epochs} goes on from its last finished epoch"
     if isinstance(summary, dict) and summary.get("stop_reason") and not summary.get("in_progress"):
         return f"; the run had finished, its results are kept: cxr report {run} makes its report"  # Ctrl-C in it
     if (Path(run) / "last.pt").is_file():
@@ -746,8 +748,8 @@ def _expand_home(args: argparse.Namespace) -> None:
     def home(value: str, name: str) -> str:
         # A file or folder of that very name (~scan.jpeg) is itself; on Windows only ~ and ~\ (its expanduser makes
         # any ~name the home folder's sibling, a file read from the wrong place).
-        if not value.startswith("~") or os.path.lexists(value):
-            return value
+        if not value.startswith("~") or (os.path.lexists(value) and not re.search(r"[\\/]", value)):
+            return value  # ~scan.jpeg that is there; never ~/x, which is the home folder's x
         if sys.platform == "win32" and not re.match(r"~($|[\\/])", value):
             return value
         expanded = os.path.expanduser(value)

@@ -471,7 +471,10 @@ def resolve_model_path(model: str | os.PathLike, *, flag: str = "--model") -> Pa
         for name in ("best.pt", "last.pt"):
             if (p / name).is_file():
                 return p / name
-        if (p / "config.yaml").is_file() and not any((p / n).exists() for n in ("summary.json", "metrics.json")):
+        trained = any((p / n).exists() for n in ("summary.json", "metrics.json"))
+        with contextlib.suppress(OSError, UnicodeDecodeError):  # an epoch in history.csv: trained, too
+            trained = trained or len((p / "history.csv").read_text(encoding="utf-8").strip().splitlines()) > 1
+        if (p / "config.yaml").is_file() and not trained:
             # a run stopped before its first epoch ended
             raise CheckpointError(f"{p}: a run without a model yet (it stopped before its first epoch ended); cxr "
                                   f"train --resume {p} trains it")

@@ -674,15 +674,26 @@ def _try_lock(path: Path) -> int | None:
         return fd
     import fcntl
 
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+    for _ in range(10):
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                return None
+            raise
+        # The file locked must still be the lock file: a holder that ends removes it, and a process that had opened
+        # it just before could lock the removed file while a third made a new one (two holders at once; a review's
+        # race test found 16,402 such moments in 15 s of three processes).
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
         os.close(fd)
-        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-            return None
-        raise
-    return fd
+    raise OSError(errno.EAGAIN, "the lock file kept changing", str(path))
 
 
 def folder_in_use(run_dir: str | os.PathLike) -> bool:
@@ -731,34 +742,38 @@ def _run_folder_lock(run_dir: Path, info: DistInfo, device: torch.device | None 
     file when the run ends (one left by a killed run is taken over by the next); a process refused touches nothing.
     """
     fd, made, path = None, [], run_dir / _LOCK_NAME
-    refused, unwritable = False, None
+    refused, failure = False, None
     if info.main:
         made = missing_folders(run_dir)
         try:
             ensure_dir(run_dir)
         except OSError as e:  # a read-only or forbidden place: the run could write nothing (a lock warning came first)
-            unwritable = e
-        if unwritable is None:
+            failure = WriteError.from_os_error(run_dir, e)
+            failure.replacing = False  # a folder: no "existing file unchanged"
+        if failure is None:
             try:
                 fd = _try_lock(path)
                 refused = fd is None
             except OSError as e:
-                # A file system without locks, or a lock file another user's killed run left that this user cannot
-                # open: the run goes on, said. Any other error: the folder cannot be written.
-                if e.errno in _NO_LOCKS or (path.exists() and e.errno in (errno.EACCES, errno.EPERM)):
-                    log.warning("%s: no lock on the run folder (%s: %s); do not start another cxr train into it "
-                                "meanwhile", run_dir, path.name, e.strerror or e)
+                if e.errno in _NO_LOCKS:  # a file system without locks: the run goes on, said
+                    log.warning("%s: no lock on the run folder (%s); do not start another cxr train into it "
+                                "meanwhile", run_dir, e.strerror or e)
+                elif path.exists() and e.errno in (errno.EACCES, errno.EPERM):
+                    # Another user's lock file (umask 077): whether their run still holds it cannot be told from
+                    # here, so no second run goes on beside it (it had gone on, said, a review found).
+                    failure = UsageError(f"{run_dir}: its lock file {path.name} is another user's and cannot be "
+                                         f"opened here ({e.strerror}), so whether a cxr train runs there cannot be "
+                                         f"told; if none does, delete {path}")
                 else:
-                    unwritable = e
+                    failure = WriteError.from_os_error(run_dir, e)
+                    failure.replacing = False
     if info.active:  # every rank refuses alike, before any collective of the run (rank 1 had died in gloo)
-        code = broadcast_floats([2.0 if unwritable else float(refused)], device or torch.device("cpu"))[0]
+        code = broadcast_floats([2.0 if failure else float(refused)], device or torch.device("cpu"))[0]
         refused = code == 1.0
-        if code == 2.0 and unwritable is None:
-            raise ConfigError(f"{run_dir}: cannot be written (the first process says why)")
-    if unwritable is not None:
-        error = WriteError.from_os_error(run_dir, unwritable)
-        error.replacing = False  # a folder: no "existing file unchanged"
-        raise error
+        if code == 2.0 and failure is None:
+            raise ConfigError(f"{run_dir}: cannot be used (the first process says why)")
+    if failure is not None:
+        raise failure
     if refused:
         raise ConfigError(f"{run_dir} is in use by another cxr train (it holds {path}); wait for it to end, or pick "
                           "another --output")
