@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import numbers
@@ -23,11 +24,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr.config import CLASS_NAMES
+from cxr.config import CLASS_NAMES, Config
 from cxr.errors import CxrError, DataError, UsageError
 from cxr.fileio import CSV_TEXT, MAX_NAME_BYTES, atomic_path, atomic_write_text, ensure_dir
 from cxr.images import image_stem
-from cxr.model import autocast, check_model_inputs, normalize
+from cxr.model import (
+    Checkpoint,
+    autocast,
+    check_model_inputs,
+    exact_fp32,
+    load_checkpoint,
+    normalize,
+    resolve_device,
+    use_bf16,
+    use_channels_last,
+    warn_if_threshold_unchosen,
+)
 from cxr.predict import DISCLAIMER
 from cxr.report import IN_MEMORY, expected_calibration_error
 
@@ -97,6 +109,44 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, *,
         with autocast(device, bf16):
             out.append(model(normalize(x, mean, std, channels_last)).float().cpu())
     return torch.cat(out) if out else torch.zeros((0, 2))
+
+
+@dataclass
+class Inference:
+    """A model ready to predict with the numerics of the inference commands (:func:`load_for_inference`)."""
+
+    ckpt: Checkpoint
+    net: torch.nn.Module
+    cfg: Config  # the checkpoint's config, with this run's device and amp
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+    threshold: float  # the one given, else the checkpoint's
+
+    def probs(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """P(PNEUMONIA) of uint8 images (N, S, S): bf16 autocast where chosen, else exact fp32 (TF32 off on CUDA)."""
+        with exact_fp32(self.device, enabled=not self.bf16):
+            logits = predict_logits(self.net, images, mean=self.cfg.mean, std=self.cfg.std, device=self.device,
+                                    batch_size=batch_size, bf16=self.bf16, channels_last=self.channels_last)
+        return probabilities(logits)
+
+
+def load_for_inference(model: str | os.PathLike | Checkpoint, *, device: str = "auto", amp: str = "off",
+                       threshold: float | None = None) -> Inference:
+    """What predict, evaluate and explain each did before they predict: load the model (warning when it is a run's
+    best.pt whose threshold was never chosen and none is given), build it on the device, and decide bf16 and
+    channels_last from ``device`` and ``amp``, as one setting gives one arithmetic in all three."""
+    ckpt = load_checkpoint(model)
+    if threshold is None:
+        warn_if_threshold_unchosen(ckpt)
+    dev = resolve_device(device)
+    net = ckpt.build(dev)
+    cfg = dataclasses.replace(ckpt.config, device=device, amp=amp)
+    bf16, channels_last = use_bf16(cfg, dev), use_channels_last(cfg, dev)
+    if channels_last:  # the memory format changes bf16 kernels, hence the last digits: alike in every command
+        net = net.to(memory_format=torch.channels_last)
+    return Inference(ckpt, net, cfg, dev, bf16, channels_last,
+                     ckpt.threshold if threshold is None else float(threshold))
 
 
 def probabilities(logits: torch.Tensor) -> np.ndarray:
@@ -690,14 +740,6 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     from cxr.data import check_output_outside_data, prepare, scan
     from cxr.export import model_id
     from cxr.fileio import check_writable
-    from cxr.model import (
-        exact_fp32,
-        load_checkpoint,
-        resolve_device,
-        use_bf16,
-        use_channels_last,
-        warn_if_threshold_unchosen,
-    )
     from cxr.predict import check_inference_args
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
@@ -708,22 +750,15 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
         # Its metrics.json (the training's, on train, val and test) would be replaced, and its report would mix both.
         raise UsageError(f"--output {output}: a training run's folder, whose metrics.json and predictions this would "
                          f"replace; give another folder (say {Path(output) / ('eval-' + Path(data).name)})")
-    ckpt = load_checkpoint(model)
-    if threshold is None:
-        warn_if_threshold_unchosen(ckpt)
+    run = load_for_inference(model, device=device, amp=amp, threshold=threshold)
+    ckpt = run.ckpt
     # Recorded, so that `cxr report OUT` can draw the heatmaps with the same model later.
     # A Checkpoint given in memory has no file to name (its empty path had been recorded as the current folder).
     model_ref = ("default" if isinstance(model, str) and model == "default"
                  else str(Path(ckpt.path).resolve()) if ckpt.path else IN_MEMORY)
     mid = model_id(ckpt)  # the name `cxr predict` gives the same file
-    cfg = ckpt.config
     # The cache is this machine's, not the one recorded by whoever trained the model.
-    cfg = dataclasses.replace(cfg, cache_dir=cache_dir or default_cache_dir(), device=device, amp=amp)
-    dev = resolve_device(device)
-    bf16 = use_bf16(cfg, dev)
-    net = ckpt.build(dev)
-    if use_channels_last(cfg, dev):
-        net = net.to(memory_format=torch.channels_last)
+    cfg = dataclasses.replace(run.cfg, cache_dir=cache_dir or default_cache_dir())
     splits = scan(data, require_both_classes=False)
     for name in splits:  # a split's name is its folder's, and names the output files: checked before the work
         longest = f"flythrough_{name}.mp4"
@@ -731,7 +766,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
             raise UsageError(f"{data}: the folder name {name[:40]}... is too long for the file names of its results "
                              f"({longest[:20]}...: {len(os.fsencode(longest))} bytes, at most {MAX_NAME_BYTES}); "
                              "give --data a link to it with a shorter name")
-    t = ckpt.threshold if threshold is None else float(threshold)
+    t = run.threshold
     developed_on = development_images(ckpt, mid)
     results, failures = [], {}
     for split in splits.values():
@@ -747,17 +782,14 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
                         data, split.name, len(split.samples), reason)
             unusable = (split.name, len(split.samples), reason)
             continue
-        with exact_fp32(dev, enabled=not bf16):
-            logits = predict_logits(net, prepared.images, mean=cfg.mean, std=cfg.std, device=dev,
-                                    batch_size=batch_size, bf16=bf16, channels_last=use_channels_last(cfg, dev))
         results.append(SplitResult(split.name, [s.path for s in prepared.samples], prepared.labels,
-                                   probabilities(logits), patients_of(prepared.samples)))
+                                   run.probs(prepared.images, batch_size), patients_of(prepared.samples)))
         failures[split.name] = {"n_unreadable": len(prepared.failures),
                                 # which, and why: the count alone had left them to the console's log
                                 "unreadable": [{"path": path, "reason": why} for path, why in prepared.failures],
                                 "threshold_source": "model" if threshold is None else "given",
                                 "model": model_ref, "model_id": mid, "data": str(Path(data).resolve()),
-                                "inference_dtype": "bfloat16" if bf16 else "float32"}
+                                "inference_dtype": "bfloat16" if run.bf16 else "float32"}
         if developed_on is not None:
             failures[split.name].update(count_development(developed_on, split.name, prepared.samples))
     if not results:

@@ -15,7 +15,6 @@ Research software, not a medical device: a heatmap is not a finding.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -216,17 +215,10 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
         probability, label and picture, or its error.
     """
     from cxr.errors import DataError
-    from cxr.evaluate import predict_logits, probabilities
+    from cxr.evaluate import load_for_inference
     from cxr.export import model_id
     from cxr.fileio import check_writable
-    from cxr.model import (
-        exact_fp32,
-        load_checkpoint,
-        resolve_device,
-        use_bf16,
-        use_channels_last,
-        warn_if_threshold_unchosen,
-    )
+    from cxr.model import load_checkpoint
     from cxr.predict import (
         EXPLAIN_SUFFIX,
         check_inference_args,
@@ -255,21 +247,13 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     check_writable(output_dir, folder=True)  # now, not after the heatmaps
     check_writable(Path(output_dir) / "explanations.csv")
     ckpt = load_checkpoint(model)
-    if threshold is None:
-        warn_if_threshold_unchosen(ckpt)
     names = [c.upper() for c in ckpt.class_names]
-    if target.upper() not in names and target != "predicted":
+    if target.upper() not in names and target != "predicted":  # before the model is built
         raise UsageError(f"--target {target!r}: use predicted, {' or '.join(ckpt.class_names)}")
-    cfg = ckpt.config
-    dev = resolve_device(device)
-    net = ckpt.build(dev)
     # Probabilities with the numerics of `cxr predict --amp` of the same value, so the two agree (`cxr evaluate`
     # computes in fp32 unless given --amp auto); the heatmaps never use bf16.
-    run_cfg = dataclasses.replace(cfg, device=device, amp=amp)
-    bf16, channels_last = use_bf16(run_cfg, dev), use_channels_last(run_cfg, dev)
-    if channels_last:  # as predict and evaluate do: the memory format changes bf16 kernels, hence the last digits
-        net = net.to(memory_format=torch.channels_last)
-    t = ckpt.threshold if threshold is None else float(threshold)
+    run = load_for_inference(ckpt, device=device, amp=amp, threshold=threshold)
+    cfg, net, t = run.cfg, run.net, run.threshold
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
@@ -289,9 +273,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                 continue
             stack = np.stack(images)
             # The prediction uses the checkpoint's threshold, so the explained class is the one the user is shown.
-            with exact_fp32(dev, enabled=not bf16):
-                probs = probabilities(predict_logits(net, stack, mean=cfg.mean, std=cfg.std, device=dev, bf16=bf16,
-                                                     channels_last=channels_last))
+            probs = run.probs(stack)
             predicted = (probs >= t).astype(np.int64)
             classes = predicted if target == "predicted" else np.full(len(stack), names.index(target.upper()))
             heats, _ = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=classes,

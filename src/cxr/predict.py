@@ -6,7 +6,6 @@ Research software, not a medical device: a prediction is not a diagnosis.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import glob
 import hashlib
 import json
@@ -225,40 +224,18 @@ def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, d
     fast at it; "off" in fp32 (TF32 off on CUDA), the arithmetic of ``cxr evaluate``'s default, whose probabilities it
     then gives to the last bits (exactly when the images are batched alike: another batch size may run other kernels).
     """
-    import torch
-
-    from cxr.evaluate import predict_logits, probabilities
+    from cxr.evaluate import load_for_inference
     from cxr.export import model_id
-    from cxr.model import (
-        exact_fp32,
-        load_checkpoint,
-        resolve_device,
-        use_bf16,
-        use_channels_last,
-        warn_if_threshold_unchosen,
-    )
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
     files = select_shard([Path(p) for p in paths] if listed else collect_files(paths), shard)
-    ckpt = load_checkpoint(model)
-    if threshold is None:
-        warn_if_threshold_unchosen(ckpt)
-    cfg = ckpt.config
-    dev = resolve_device(device)
-    net = ckpt.build(dev)
     # bf16 where the device is fast at it (auto): the speed of training's numerics. `cxr evaluate` computes in fp32
     # unless told otherwise; `--amp off` here gives its probabilities to the last bit.
-    cfg = dataclasses.replace(cfg, device=device, amp=amp)
-    bf16, channels_last = use_bf16(cfg, dev), use_channels_last(cfg, dev)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    t = ckpt.threshold if threshold is None else float(threshold)
+    run = load_for_inference(model, device=device, amp=amp, threshold=threshold)
+    ckpt, cfg, t = run.ckpt, run.cfg, run.threshold
 
     def probs_of(images: np.ndarray) -> np.ndarray:
-        with exact_fp32(dev, enabled=not bf16):
-            logits = predict_logits(net, images, mean=cfg.mean, std=cfg.std, device=dev, batch_size=batch_size,
-                                    bf16=bf16, channels_last=channels_last)
-        return probabilities(logits)
+        return run.probs(images, batch_size)
 
     return predict_in_batches(files, probs_of, image_size=cfg.image_size, max_pixels=cfg.max_pixels,
                               class_names=ckpt.class_names, threshold=t, batch_size=batch_size,
