@@ -690,6 +690,8 @@ def test_the_metrics_functions_refuse_what_they_cannot_score():
         confidence_intervals([0, 1] * 10, [0.1, 0.9] * 10, 0.5, level=95)
     with pytest.raises(UsageError, match="n_boot"):
         confidence_intervals([0, 1] * 10, [0.1, 0.9] * 10, 0.5, n_boot=1)
+    with pytest.raises(UsageError, match="patients: one for each image, got 1 for 20"):  # a bare ValueError
+        confidence_intervals([0, 1] * 10, [0.1, 0.9] * 10, 0.5, patients=["a"])
 
 
 def test_an_evaluation_that_fails_midway_leaves_no_metrics_of_another_model(tmp_path, monkeypatch):

@@ -368,7 +368,7 @@ def test_bad_inputs_are_refused(exported, tmp_path):
         export_model(exported["ckpt"], "tflite", tmp_path / "m.tflite")
     with pytest.raises(UsageError, match="directory"):
         export_model(exported["ckpt"], "onnx", tmp_path)
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(UsageError, match="uint8"):
         OnnxPredictor(exported["onnx"]).predict_uint8(np.zeros((2, SIZE, SIZE), np.float32))
     assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
 

@@ -741,3 +741,20 @@ def test_a_windows_lock_is_undone_before_its_close_and_its_file_removed_after(tm
     monkeypatch.setattr(Path, "unlink", windows_unlink)
     train_mod._release(fd, path)
     assert events == [("lock", 0), ("close", fd)] and not path.exists()
+
+
+def test_training_accuracy_calls_a_tie_pneumonia_as_validation_and_every_command_do(tiny_dataset):
+    # Equal logits are P(PNEUMONIA) 0.5, which the threshold 0.5 calls PNEUMONIA; training counted argmax, NORMAL.
+    from cxr.data import prepare, scan
+
+    model, _, cfg = _one_epoch_setup(tiny_dataset)
+    prepared = prepare(scan(tiny_dataset)["train"], cfg)
+    pick = np.r_[np.flatnonzero(prepared.labels == 0)[:4], np.flatnonzero(prepared.labels == 1)[:8]]
+    loader = [(torch.from_numpy(prepared.images[pick[i:i + 4]]).unsqueeze(1),
+               torch.from_numpy(prepared.labels[pick[i:i + 4]])) for i in range(0, 12, 4)]
+    torch.nn.init.zeros_(model.classifier.weight)  # every image's two logits are 0: a tie
+    torch.nn.init.zeros_(model.classifier.bias)
+    row = _epoch(model, loader, cfg, torch.optim.SGD(model.parameters(), lr=0.0))
+    labels = torch.cat([y for _, y in loader])
+    assert 0 < labels.float().mean() < 1
+    assert row["train_acc"] == pytest.approx(float(labels.float().mean()))

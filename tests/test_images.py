@@ -928,3 +928,27 @@ def test_dicom_objects_without_an_image_are_not_taken_as_images(tmp_path, caplog
     assert sorted(Path(s.path).name for s in found) == [image.name] * 2
     assert "DICOM objects without an image" in caplog.text
     assert collect_files([tmp_path]) == sorted(tmp_path.glob("train/*/1.2.826*"))
+
+
+def test_decoding_in_threads_leaves_the_processs_warning_filters_as_they_were():
+    # The service decodes in worker threads; warnings.catch_warnings around PIL's open, run by two threads at once,
+    # had left its "ignore DecompressionBombWarning" in the process's filters for good (3 runs in 3 before the fix).
+    import sys
+    import threading
+
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) % 251).astype(np.uint8)).save(buf, "PNG")
+    data = buf.getvalue()
+    before = list(warnings.filters)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: the interleaving comes at once
+    try:
+        for _ in range(3):
+            threads = [threading.Thread(target=lambda: [load_image(data, 16) for _ in range(300)]) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert warnings.filters == before
+    finally:
+        sys.setswitchinterval(switch)

@@ -475,3 +475,12 @@ def test_auto_says_once_that_an_apple_gpu_goes_unused(monkeypatch, caplog):
         assert resolve_device("auto") == torch.device("cpu") == resolve_device("auto")
     assert caplog.text.count("an Apple GPU (mps) is present") == 1
     cxr.model._say_mps_is_unused.cache_clear()
+
+
+def test_a_safetensors_file_is_known_by_its_suffix_in_any_case(tmp_path):
+    # ".ONNX" was read as ONNX everywhere, ".SAFETENSORS" as a damaged torch file ("not a cxr checkpoint").
+    from cxr.model import BUNDLED_MODEL, load_checkpoint
+
+    link = tmp_path / "m.SAFETENSORS"
+    link.symlink_to(BUNDLED_MODEL)
+    assert load_checkpoint(link).threshold == load_checkpoint("default").threshold

@@ -673,3 +673,21 @@ def test_a_run_stopped_in_its_first_session_is_said_to_be_unfinished(report, tmp
     page = make_report(folder, device="cpu", video=False, heatmaps=False).read_text()
     assert "run in progress or interrupted</strong>: no summary.json yet" in page
     assert "run in progress or interrupted" not in report.read_text()  # a finished run is not
+
+
+def test_the_report_reads_the_rows_of_an_npz_in_a_folder_with_a_hash_in_its_name(tmp_path):
+    # The report split "ds#1/x.npz#test/0" at its first "#" and showed none of the file's images ("no such file");
+    # the scan, the pictures' names and the report now part a row's path at its last.
+    from cxr.data import scan
+    from cxr.fileio import image_name
+    from cxr.report import _PixelSource
+
+    folder = tmp_path / "ds#1"
+    folder.mkdir()
+    images = np.stack([np.full((28, 28), v, np.uint8) for v in (10, 200)])
+    images[:, :14] = 0  # not blank
+    np.savez(folder / "x.npz", test_images=images, test_labels=np.array([0, 1]))
+    paths = [s.path for s in scan(folder / "x.npz")["test"].samples]
+    assert [image_name(p) for p in paths] == ["x.npz#test/0", "x.npz#test/1"]
+    pixels = _PixelSource(28)
+    assert [int(pixels.load(p)[-1, -1]) for p in paths] == [10, 200] and not pixels.failed

@@ -28,6 +28,7 @@ from PIL import Image  # noqa: E402
 import cxr  # noqa: E402
 from cxr.config import load_config  # noqa: E402
 from cxr.demo import SAMPLE_DIR  # noqa: E402
+from cxr.errors import UsageError  # noqa: E402
 from cxr.model import Checkpoint, build_model, save_checkpoint  # noqa: E402
 from cxr.predict import DISCLAIMER, predict_files  # noqa: E402
 from cxr.serve import create_app, load_engine, sniff  # noqa: E402
@@ -769,3 +770,19 @@ def test_create_app_reads_allowed_hosts_and_its_numbers_as_the_flags_do(engine):
             create_app(engine, **bad)
     with pytest.raises(UsageError, match="whole number"):
         load_engine(Path("unused.pt"), "torch", "cpu", threads=1.5)
+    from cxr.serve import serve  # which divides the cores by max_concurrency first: ZeroDivisionError, TypeError
+    for bad in (0, "2"):
+        with pytest.raises(UsageError, match="max_concurrency"):
+            serve(Path("unused.pt"), port=0, max_concurrency=bad)
+
+
+def test_the_engine_and_the_inference_commands_refuse_images_of_another_size_than_the_models(engine, ckpt_path):
+    # The engine now predicts through load_for_inference; neither had checked the size there: a 32 px image for a
+    # 64 px model gave a probability without an error.
+    from cxr.evaluate import load_for_inference
+
+    small = np.zeros((1, SIZE // 2, SIZE // 2), np.uint8)
+    for predict in (engine.predict_uint8, load_for_inference(ckpt_path, device="cpu").probs):
+        with pytest.raises(UsageError, match=rf"shape \(N, {SIZE}, {SIZE}\).*\(1, 32, 32\)"):
+            predict(small)
+        assert predict(np.zeros((2, SIZE, SIZE), np.uint8)).shape == (2,)

@@ -37,7 +37,7 @@ import yaml
 
 from cxr.config import CLASS_NAMES, DEFAULT_MAX_PIXELS, Config, usable_cores
 from cxr.errors import CxrError, DataError, UsageError, WriteError
-from cxr.fileio import CSV_READ, CSV_TEXT, FORMULA_START, atomic_path, valid_utf8
+from cxr.fileio import CSV_READ, CSV_TEXT, FORMULA_START, atomic_path, npz_row, valid_utf8
 from cxr.images import (
     IMAGE_EXTENSIONS,
     ImageError,
@@ -363,7 +363,7 @@ def _scan_split_csv(path: Path) -> dict[str, Split]:
                          f"{type(e).__name__}: {e}") from None
     if not recorded:
         raise DataError(f"{path}: lists no images")
-    if any(_NPZ_ROW.match(s.path) for samples in recorded.values() for s in samples):
+    if any(npz_row(s.path) is not None for samples in recorded.values() for s in samples):
         raise UsageError(f"{path}: its rows are rows of an .npz; give the .npz itself as --data")
     recorded = _follow_moved_data(path, recorded)
     every = [s.path for samples in recorded.values() for s in samples]
@@ -417,9 +417,6 @@ def _follow_moved_data(split_csv: Path, recorded: dict[str, list[Sample]]) -> di
     log.info("%s: its images are read below %s, where the run's config.yaml says its data is now (it was %s)",
              split_csv, new, old)
     return moved
-
-
-_NPZ_ROW = re.compile(r".*\.npz#[^/]+/\d+$", re.IGNORECASE)
 
 
 def _scan_npz(path: Path) -> dict[str, Split]:
@@ -759,7 +756,7 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
     # Counted whether or not such ids collide: unrelated patients' IMG_0001.jpg had once shared an id, which hid this
     # warning while one patient's images landed on both sides.
     unnamed = sum(patient_from_name_only(s) for s in pool)
-    rows = sum(bool(_NPZ_ROW.match(s.path)) for s in pool)
+    rows = sum(npz_row(s.path) is not None for s in pool)
     if not unnamed:
         log.info("every patient id comes from a Kermany-style file name, a DICOM PatientID or patient_pattern: the "
                  "validation split is patient-disjoint")

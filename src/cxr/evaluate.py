@@ -124,7 +124,9 @@ class Inference:
     threshold: float  # the one given, else the checkpoint's
 
     def probs(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """P(PNEUMONIA) of uint8 images (N, S, S): bf16 autocast where chosen, else exact fp32 (TF32 off on CUDA)."""
+        """P(PNEUMONIA) of uint8 images (N, S, S), S the model's image size: bf16 autocast where chosen, else exact
+        fp32 (TF32 off on CUDA)."""
+        check_model_inputs(images, batch_size, self.cfg.image_size)
         with exact_fp32(self.device, enabled=not self.bf16):
             logits = predict_logits(self.net, images, mean=self.cfg.mean, std=self.cfg.std, device=self.device,
                                     batch_size=batch_size, bf16=self.bf16, channels_last=self.channels_last)
@@ -341,7 +343,7 @@ def _cluster_index(patients, n: int) -> np.ndarray:
     if patients is None:
         return np.arange(n)
     if len(patients) != n:
-        raise ValueError(f"{len(patients)} patients for {n} images")
+        raise UsageError(f"patients: one for each image, got {len(patients)} for {n} images")
     _, first, inverse = np.unique(np.asarray(patients, dtype=object).astype(str), return_index=True,
                                   return_inverse=True)
     return np.argsort(np.argsort(first))[inverse.reshape(-1)]  # numbered as they first appear

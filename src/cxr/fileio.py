@@ -98,12 +98,23 @@ class PrintableFormatter(logging.Formatter):
         return "\n".join(display_name(line.replace("\t", "    ")) for line in lines)
 
 
+def npz_row(path: str | os.PathLike) -> tuple[str, str, int] | None:
+    """``(file, split, index)`` of a row of an ``.npz`` as :func:`cxr.data.scan` names it (``/data/x.npz#test/3``),
+    else None. The last ``#`` parts them: a folder's name may hold one (``ds#1/x.npz#test/3``), which the report had
+    split at and so showed none of the file's images."""
+    head, sep, row = str(path).rpartition("#")
+    m = re.fullmatch(r"([^/\\]+)/(\d+)", row)
+    if sep and head.lower().endswith(".npz") and m:
+        return head, m[1], int(m[2])
+    return None
+
+
 def image_name(path: str) -> str:
     """What names an image in a picture: its file's name, or for a row of an ``.npz`` (``/data/x.npz#test/3``, as
     :func:`cxr.data.scan` names it) the file's name and the row, ``x.npz#test/3``, not a bare ``3``."""
-    head, sep, row = str(path).rpartition("#")
-    if sep and head.lower().endswith(".npz") and re.fullmatch(r"[^/\\]+/\d+", row):
-        return display_name(f"{Path(head).name}#{row}")
+    row = npz_row(path)
+    if row is not None:
+        return display_name(f"{Path(row[0]).name}#{row[1]}/{row[2]}")
     return display_name(Path(path).name)
 
 

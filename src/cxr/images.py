@@ -373,9 +373,15 @@ _PIL_LIMIT_LOCK = threading.Lock()
 
 def _open_within(data: bytes, fmt: str, max_pixels: int) -> Image.Image:
     """``Image.open``, with PIL's own bomb limit raised to ``max_pixels`` for this call only, where PIL would refuse
-    first (from twice its limit, 179 million pixels). It had been raised for the whole process, and never put back:
-    the caller's own ``Image.open`` lost its protection."""
-    with _PIL_LIMIT_LOCK:
+    first (from twice its limit, 179 million pixels), and its warning from 89.5 million pixels on silenced (the limit
+    that counts is ``max_pixels``, which the caller checks). The limit had been raised for the whole process, and
+    never put back: the caller's own ``Image.open`` lost its protection.
+
+    All under one lock, which only a header's read holds: ``catch_warnings`` saves and puts back the process's
+    warning filters, and two of the service's threads interleaving it had left the "ignore" in place for good.
+    """
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         # Read under the lock, which every raise holds until it is put back: never another call's raised value, which
         # would then be "put back" for good.
         limit = Image.MAX_IMAGE_PIXELS
@@ -385,7 +391,7 @@ def _open_within(data: bytes, fmt: str, max_pixels: int) -> Image.Image:
                 return Image.open(io.BytesIO(data), formats=[fmt])
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
-    return Image.open(io.BytesIO(data), formats=[fmt])
+        return Image.open(io.BytesIO(data), formats=[fmt])
 
 
 def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:
@@ -394,10 +400,7 @@ def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:
 
 def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: int | None) -> np.ndarray:
     try:
-        with warnings.catch_warnings():
-            # PIL warns from 89.5 million pixels on, to stderr; the limit that counts is max_pixels, checked next.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = _open_within(data, fmt, max_pixels)
+        im = _open_within(data, fmt, max_pixels)
         with im:
             width, height = im.size
             if width * height > max_pixels:

@@ -130,7 +130,7 @@ def _starting_weights(weights: str) -> Checkpoint | dict[str, torch.Tensor] | No
                          + "expected 'imagenet', 'none', 'default' (the bundled model), a run directory, or the path "
                          "of a cxr model or state dict file")
     path = resolve_model_path(weights, flag="--weights")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         return _load_safetensors(path)
     if path.suffix.lower() == ".onnx" or _is_torchscript(path):
         kind = "an ONNX" if path.suffix.lower() == ".onnx" else "a TorchScript"
@@ -335,12 +335,15 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def check_model_inputs(images: Any, batch_size: int) -> None:
+def check_model_inputs(images: Any, batch_size: int, image_size: int | None = None) -> None:
     """Refuse what the model would answer wrongly without an error: floats (an image in 0..1 was divided by 255
-    again and read as black: a NORMAL X-ray P(PNEUMONIA) 0.99999), or anything but a stack of square grey images."""
+    again and read as black: a NORMAL X-ray P(PNEUMONIA) 0.99999), anything but a stack of square grey images, or
+    (given ``image_size``) images of another size than the model's: a 64 px image for a 224 px model gave a number."""
     shape, dtype = tuple(images.shape), images.dtype
-    if str(dtype) not in ("uint8", "torch.uint8") or len(shape) != 3 or shape[1] != shape[2]:
-        raise UsageError(f"expected uint8 grey images of shape (N, S, S) with values 0-255 (cxr.images.load_image, "
+    s = "S" if image_size is None else image_size
+    if str(dtype) not in ("uint8", "torch.uint8") or len(shape) != 3 or shape[1] != shape[2] \
+            or image_size is not None and shape[1] != image_size:
+        raise UsageError(f"expected uint8 grey images of shape (N, {s}, {s}) with values 0-255 (cxr.images.load_image, "
                          f"or np.asarray(pil_image.convert('L')) resized to the model's image size), got {dtype} "
                          f"{shape}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
@@ -497,7 +500,7 @@ def load_checkpoint(model: str | os.PathLike | Checkpoint) -> Checkpoint:
     if isinstance(model, Checkpoint):
         return model
     path = resolve_model_path(model)
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         return _load_safetensors(path)
     if path.suffix.lower() == ".onnx":
         raise CheckpointError(f"{path}: an ONNX file, which cxr runs only in `cxr predict` and `cxr serve` (ONNX "

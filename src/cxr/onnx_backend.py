@@ -107,7 +107,8 @@ class OnnxPredictor:
             x = x[:, None]
         s = self.image_size
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (1, s, s):
-            raise ValueError(f"expected uint8 images of shape (N, {s}, {s}), got {x.dtype} {images.shape}")
+            raise UsageError(f"expected uint8 grey images of shape (N, {s}, {s}) with values 0-255, got {x.dtype} "
+                             f"{images.shape}")
         out = [self.session.run(["probabilities"], {"image": np.ascontiguousarray(x[i:i + batch_size])})[0][:, -1]
                for i in range(0, len(x), batch_size)]
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)

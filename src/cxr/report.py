@@ -46,6 +46,7 @@ from cxr.fileio import (
     display_name,
     ensure_dir,
     image_name,
+    npz_row,
     shorten_middle,
     valid_utf8,
 )
@@ -599,14 +600,14 @@ class _PixelSource:
         from cxr.images import ImageError, load_image, resize_square
 
         try:
-            if "#" in path and path.split("#", 1)[0].lower().endswith(".npz"):
-                file, entry = path.split("#", 1)
-                split, index = entry.rsplit("/", 1)
+            row = npz_row(path)
+            if row is not None:
+                file, split, index = row
                 key = (file, f"{split}_images")
                 if key not in self._arrays:  # each access to an npz member decompresses all of it: once per array
                     with np.load(file, allow_pickle=False) as npz:
                         self._arrays[key] = npz_pixels(np.asarray(npz[key[1]]), f"{file}: {key[1]}")
-                return resize_square(self._arrays[key][int(index)], self.size)
+                return resize_square(self._arrays[key][index], self.size)
             return load_image(path, self.size, max_pixels=self.max_pixels, draft=self.draft)
         except (ImageError, DataError, OSError, KeyError, ValueError, IndexError, EOFError, zipfile.BadZipFile) as e:
             log.warning("report: skipping an image that can no longer be read: %s (%s)", path, e)

@@ -129,28 +129,21 @@ class TorchEngine:
     backend = "torch"
     heatmap_unavailable = None
 
-    def __init__(self, ckpt: Any, device: str = "auto", heatmap_fn: Callable[..., tuple[bytes, bool]] = _heatmap_png,
-                 threads: int = 0, amp: str = "auto") -> None:
-        import dataclasses
-
+    def __init__(self, ckpt: Any, device: str = "auto", threads: int = 0, amp: str = "auto") -> None:
         import torch
 
+        from cxr.evaluate import load_for_inference
         from cxr.export import model_card, model_id
-        from cxr.model import resolve_device, use_bf16, use_channels_last
 
-        self.ckpt = ckpt
-        self.device = resolve_device(device)
         if threads > 0:
             torch.set_num_threads(threads)  # process-wide: PyTorch has one intra-op setting
-        cfg = dataclasses.replace(ckpt.config, device=device, amp=amp)
-        self.bf16, self.channels_last = use_bf16(cfg, self.device), use_channels_last(cfg, self.device)
+        # The loading, device and numerics of predict, evaluate and explain (load_engine warns of an unchosen threshold)
+        self._run = load_for_inference(ckpt, device=device, amp=amp, threshold=ckpt.threshold)
+        self.ckpt, self.device, self.net = ckpt, self._run.device, self._run.net
+        self.bf16, self.channels_last = self._run.bf16, self._run.channels_last
         self.inference_dtype = "bfloat16" if self.bf16 else "float32"
-        self.net = ckpt.build(self.device)
-        if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
         self._cam_net = ckpt.build(self.device)
         self._cam_lock = threading.Lock()
-        self._heatmap_fn = heatmap_fn
         self.model_id = model_id(ckpt)
         self.class_names = list(ckpt.class_names)
         self.threshold = float(ckpt.threshold)
@@ -160,25 +153,14 @@ class TorchEngine:
         self.card = model_card(ckpt, id_=self.model_id)
 
     def predict_uint8(self, images: np.ndarray) -> np.ndarray:
-        """P(positive class), float64 (N,), for uint8 images (N, S, S)."""
-        from cxr.evaluate import predict_logits, probabilities
-        from cxr.model import exact_fp32
-
-        x, s = np.asarray(images), self.image_size
-        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (s, s):  # as the ONNX engine checks: a 64 px image
-            # for a 32 px model, or floats in 0..1, had given numbers without an error
-            raise ValueError(f"expected uint8 images of shape (N, {s}, {s}), got {x.dtype} {x.shape}")
-        cfg = self.ckpt.config
-        with exact_fp32(self.device, enabled=not self.bf16):
-            logits = predict_logits(self.net, images, mean=cfg.mean, std=cfg.std, device=self.device,
-                                    bf16=self.bf16, channels_last=self.channels_last)
-        return probabilities(logits)
+        """P(positive class), float64 (N,), for uint8 images (N, S, S) of the model's size S."""
+        return self._run.probs(np.asarray(images))
 
     def heatmap_png(self, image: np.ndarray, target: int) -> tuple[bytes, bool]:
         """Grad-CAM overlay for class index ``target`` as PNG bytes, and whether the map is flat."""
         cfg = self.ckpt.config
         with self._cam_lock:
-            return self._heatmap_fn(self._cam_net, image, mean=cfg.mean, std=cfg.std, target=target)
+            return _heatmap_png(self._cam_net, image, mean=cfg.mean, std=cfg.std, target=target)
 
 
 class OnnxEngine:
@@ -593,6 +575,28 @@ class HealthOut(BaseModel):
     waiting: int = Field(description="requests waiting for a worker")
 
 
+def _check_limits(max_upload_mb: Any, max_concurrency: Any, max_queue: Any, upload_timeout: Any,
+                  max_pixels: Any) -> None:
+    """A UsageError for limits of :func:`create_app` that cannot work (checked by :func:`serve` too, before it
+    divides the cores by ``max_concurrency``: 0 had met a ZeroDivisionError there)."""
+    def number(v, whole: bool = False) -> bool:
+        return not isinstance(v, bool) and isinstance(v, numbers.Integral if whole else numbers.Real)
+
+    if not (number(max_upload_mb) and number(max_concurrency, True) and number(max_queue, True)
+            and (upload_timeout is None or number(upload_timeout))):  # "5" had met a TypeError of `<` below
+        raise UsageError(f"max_upload_mb, max_concurrency, max_queue and upload_timeout must be numbers (whole for "
+                         f"the two counts), got {max_upload_mb!r}, {max_concurrency!r}, {max_queue!r}, "
+                         f"{upload_timeout!r}")
+    if not (0 < max_upload_mb <= MAX_UPLOAD_MB) or max_concurrency < 1 or max_queue < 0 or (
+            upload_timeout is not None and not upload_timeout > 0):  # NaN fails each of these, as it must
+        raise UsageError(f"max_upload_mb must be > 0 and <= {MAX_UPLOAD_MB}, max_concurrency >= 1, max_queue >= 0 and "
+                         "upload_timeout > 0")
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral)
+                                   or max_pixels < 1):
+        # 0 had meant the model's default, -1 or 10.5 refused every image
+        raise UsageError(f"max_pixels must be None (the model's setting) or a whole number >= 1, got {max_pixels!r}")
+
+
 def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = "torch", max_upload_mb: float = 20.0,
                max_concurrency: int = 2, max_queue: int = 32, device: str = "auto", threads: int = 0,
                max_pixels: int | None = None, amp: str = "auto", upload_timeout: float | None = 30.0,
@@ -616,22 +620,7 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
             read as ``--allowed-hosts`` reads them (:func:`resolve_allowed_hosts`: ``*`` any, URLs as their host
             names, the loopback names always); None: any.
     """
-    def number(v, whole: bool = False) -> bool:
-        return not isinstance(v, bool) and isinstance(v, numbers.Integral if whole else numbers.Real)
-
-    if not (number(max_upload_mb) and number(max_concurrency, True) and number(max_queue, True)
-            and (upload_timeout is None or number(upload_timeout))):  # "5" had met a TypeError of `<` below
-        raise UsageError(f"max_upload_mb, max_concurrency, max_queue and upload_timeout must be numbers (whole for "
-                         f"the two counts), got {max_upload_mb!r}, {max_concurrency!r}, {max_queue!r}, "
-                         f"{upload_timeout!r}")
-    if not (0 < max_upload_mb <= MAX_UPLOAD_MB) or max_concurrency < 1 or max_queue < 0 or (
-            upload_timeout is not None and not upload_timeout > 0):  # NaN fails each of these, as it must
-        raise UsageError(f"max_upload_mb must be > 0 and <= {MAX_UPLOAD_MB}, max_concurrency >= 1, max_queue >= 0 and "
-                         "upload_timeout > 0")
-    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral)
-                                   or max_pixels < 1):
-        # 0 had meant the model's default, -1 or 10.5 refused every image
-        raise UsageError(f"max_pixels must be None (the model's setting) or a whole number >= 1, got {max_pixels!r}")
+    _check_limits(max_upload_mb, max_concurrency, max_queue, upload_timeout, max_pixels)
     # An Engine as it is; a file, run directory, name or loaded Checkpoint through load_engine (which imports torch
     # only for the torch backend: an ONNX service runs without it).
     if allowed_hosts is not None:  # as --allowed-hosts: "*" any name, URLs as their host names, the loopback names
@@ -875,6 +864,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     allowed_hosts = resolve_allowed_hosts(host, allowed_hosts)
     if root_path and not root_path.startswith("/"):
         raise UsageError(f"--root-path {root_path}: a path from the root of the proxy's address, such as /cxr")
+    _check_limits(max_upload_mb, max_concurrency, max_queue, upload_timeout, max_pixels)
     if threads is None:
         threads = max(1, usable_cores() // max_concurrency)
 

@@ -356,7 +356,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, op
                 t_data = time.perf_counter()
                 continue
             optimizer.step()
-            totals += torch.tensor([summed.item(), weight.item(), int((logits.argmax(1) == y).sum()), len(y)],
+            called = (logits[:, 1] >= logits[:, 0]).long()  # PNEUMONIA at P >= 0.5, as validate and every command
+            totals += torch.tensor([summed.item(), weight.item(), int((called == y).sum()), len(y)],
                                    dtype=torch.float64)
             bar.advance(len(y) * world, info=f"loss {totals[0] / totals[1]:.4f}")
             t_data = time.perf_counter()
