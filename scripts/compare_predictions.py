@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
+from cxr.config import CLASS_NAMES
 from cxr.data import PATTERN_PATIENT, Sample, file_patient_id
 from cxr.evaluate import _cluster_index, _Resampler, interval_patients, patients_of
 
@@ -101,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     y = np.array([a[k][0] for k in paths])
     if any(a[k][0] != b[k][0] for k in paths):
         print("the two files disagree on labels", file=sys.stderr)
+        return 2
+    if len(np.unique(y)) < 2:  # no resample could hold both classes: the loop below had never ended
+        print(f"the files hold {CLASS_NAMES[int(y[0])] if len(y) else 'no'} images only: AUROC and the paired "
+              "bootstrap need both classes", file=sys.stderr)
         return 2
     pa, pb = np.array([a[k][1] for k in paths]), np.array([b[k][1] for k in paths])
     sa, sb = scores(y, pa), scores(y, pb)

@@ -664,6 +664,11 @@ def test_compare_predictions_resamples_patients_where_names_give_them(tmp_path, 
     assert as_patients > 1.5 * as_images
     by_pattern, said = auroc_width(False, "--patient-pattern", r"img(\d+)x")
     assert "resamples 40 patients" in said and by_pattern == pytest.approx(as_patients, rel=0.3)
+    one_class = tmp_path / "one.csv"  # its bootstrap had drawn forever for a resample holding both classes
+    one_class.write_text("path,label,prob_pneumonia,predicted,note\n" + "".join(
+        f"/d/{i}.jpeg,NORMAL,0.{i + 1},,\n" for i in range(6)))
+    assert compare.main([str(one_class), str(one_class)]) == 2
+    assert "NORMAL images only" in capsys.readouterr().err
 
 
 def test_the_metrics_functions_refuse_what_they_cannot_score():
@@ -692,6 +697,8 @@ def test_the_metrics_functions_refuse_what_they_cannot_score():
         confidence_intervals([0, 1] * 10, [0.1, 0.9] * 10, 0.5, n_boot=1)
     with pytest.raises(UsageError, match="patients: one for each image, got 1 for 20"):  # a bare ValueError
         confidence_intervals([0, 1] * 10, [0.1, 0.9] * 10, 0.5, patients=["a"])
+    empty = compute_metrics([], [], 0.5)  # scikit-learn's "Found empty input array"
+    assert empty["n"] == 0 and empty["accuracy"] is None and empty["confusion_matrix"] == [[0, 0], [0, 0]]
 
 
 def test_an_evaluation_that_fails_midway_leaves_no_metrics_of_another_model(tmp_path, monkeypatch):

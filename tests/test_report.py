@@ -691,3 +691,29 @@ def test_the_report_reads_the_rows_of_an_npz_in_a_folder_with_a_hash_in_its_name
     assert [image_name(p) for p in paths] == ["x.npz#test/0", "x.npz#test/1"]
     pixels = _PixelSource(28)
     assert [int(pixels.load(p)[-1, -1]) for p in paths] == [10, 200] and not pixels.failed
+
+
+def test_the_interval_note_says_which_splits_resampled_images_for_want_of_patients():
+    # A fallback's method ("...; images resampled as if independent: too few patients ...") names patients too, and
+    # the report had called it a bootstrap of the patients.
+    from cxr.evaluate import CI_METHOD, CI_METHOD_PATIENTS
+    from cxr.report import _interval_note
+
+    ci = {"ci95": {"auroc": [0.8, 0.9]}}
+    fallback = CI_METHOD + "; images resampled as if independent: too few patients (fewer than 5 in a class)"
+    note = _interval_note({"test": {**ci, "ci95_method": fallback}})
+    assert "bootstrap of the images" in note and "count patients" not in note
+    assert "test: patients have several images, but the images were resampled" in note
+    note = _interval_note({"val": {**ci, "ci95_method": CI_METHOD_PATIENTS}})
+    assert "bootstrap of the patients" in note and "count patients" in note and "too narrow" not in note
+    note = _interval_note({"val": {**ci, "ci95_method": CI_METHOD_PATIENTS}, "test": {**ci, "ci95_method": fallback}})
+    assert "in the splits whose patients have several images" in note and "test: patients have several" in note
+    assert "bootstrap of the images for F1" in _interval_note({"test": {**ci, "ci95_method": CI_METHOD}})
+
+
+def test_a_rate_inside_0_and_1_never_reads_0_or_100_percent_in_the_confusion_matrix():
+    from cxr.report import _percent
+
+    assert _percent(2499 / 2500) == "99.96%" and _percent(1 / 2500) == "0.04%"  # had read "100.0%" and "0.0%"
+    assert _percent(1.0) == "100.0%" and _percent(0.0) == "0.0%" and _percent(0.5) == "50.0%"
+    assert _percent(1 - 1e-9) == ">99.99%" and _percent(1e-9) == "<0.01%"

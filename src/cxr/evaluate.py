@@ -233,11 +233,12 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> 
     """Classification metrics at ``threshold``, plus threshold-free AUROC and AUPRC and the probabilities'
     calibration: Brier score, log loss (natural log, unweighted; each P clipped to [6e-8, 1 - 6e-8],
     :data:`LOG_LOSS_FLOOR`) and expected calibration error (None when undefined)."""
-    from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+    from sklearn.metrics import average_precision_score, roc_auc_score
 
     labels, probs = _checked(labels, probs, threshold)
     pred = (probs >= threshold).astype(np.int64)
-    (tn, fp), (fn, tp) = confusion_matrix(labels, pred, labels=[0, 1])
+    # Counted, not by scikit-learn's confusion_matrix, which refuses an empty split ("Found empty input array")
+    (tn, fp), (fn, tp) = np.bincount(2 * labels + pred, minlength=4).reshape(2, 2)
     n = len(labels)
 
     def ratio(a: float, b: float) -> float | None:

@@ -384,7 +384,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], split: str, class_names: Seq
         axes = fig.subplots(1, 2)
         panels = ((cm, f"{split}: counts (n = {int(cm.sum())})", lambda i, j: f"{int(cm[i, j])}"),
                   (norm, f"{split}: row-normalised", lambda i, j: "–\n(no images)" if np.isnan(norm[i, j])
-                   else f"{norm[i, j]:.1%}\n({int(cm[i, j])})"))
+                   else f"{_percent(norm[i, j])}\n({int(cm[i, j])})"))
         for ax, (values, title, text) in zip(axes, panels, strict=True):
             vmax = 1 if values is norm else max(values.max(), 1)
             im = ax.imshow(values, cmap=cmap, vmin=0, vmax=1 if values is norm else vmax)
@@ -688,16 +688,37 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
                       max_pixels=cfg.max_pixels, other_model_id=other)
 
 
+def _percent(rate: float) -> str:
+    """A rate as a percentage with one decimal, or as many more (up to four) as it takes for a rate inside (0, 1) not
+    to read 0 % or 100 %: a specificity of 2499 of 2500 had read "100.0%" beside "0.0% (1)"."""
+    for d in range(1, 5):
+        text = f"{rate:.{d}%}"
+        if not (0 < rate < 1 and float(text[:-1]) in (0.0, 100.0)):
+            return text
+    return ">99.99%" if rate > 0.5 else "<0.01%"
+
+
 def _interval_note(metrics: dict) -> str:
     if not any(m.get("ci95") for m in metrics.values()):
         return ""
     methods = [m.get("ci95_method", "") for m in metrics.values()]
     if any("BCa" in m for m in methods):
-        unit = "patients (each with all of its images)" if any("patients" in m for m in methods) else "images"
-        return ("Below each value: its 95 % interval, Wilson score for accuracy, sensitivity, specificity and "
+        # The method's whole text: a fallback's "images resampled as if independent: too few patients" names
+        # patients too, and had been reported as the patients' bootstrap.
+        by_patient = ["bootstrap of the patients" in m for m in methods if m]
+        unit = ("patients (each with all of its images)" if all(by_patient) else "images" if not any(by_patient)
+                else "patients (each with all of its images) in the splits whose patients have several images, else of "
+                "the images")
+        note = ("Below each value: its 95 % interval, Wilson score for accuracy, sensitivity, specificity and "
                 f"precision, a BCa bootstrap of the {unit} for F1, AUROC and AUPRC (which reads 1.000–1.000 when "
-                "every resample is perfect: no error seen in these images, not certainty). Where patients have "
-                "several images, the intervals count patients, not images.")
+                "every resample is perfect: no error seen in these images, not certainty).")
+        if any(by_patient):
+            note += " Where patients have several images, these intervals count patients, not images."
+        fallbacks = [name for name, m in metrics.items() if "as if independent" in m.get("ci95_method", "")]
+        if fallbacks:
+            note += (f" {', '.join(fallbacks)}: patients have several images, but the images were resampled as if "
+                     "independent (too few patients in a class), so these intervals are too narrow.")
+        return note
     if any(methods):  # metrics.json of cxr before 12/2026, session 20
         return ("Below each value: its 95 % interval, Wilson score for accuracy, sensitivity, specificity and "
                 "precision, a percentile bootstrap of the images for F1, AUROC and AUPRC.")
