@@ -486,6 +486,9 @@ def _wilson(hits: np.ndarray, clusters: np.ndarray, level: float) -> list[float]
     elif len(m) < n:
         # All right (or all wrong): no spread to measure the patients' likeness by. As many as the patients, the
         # most their images can be worth: 100 images of 10 patients, all right, had read as 100 independent ones.
+        # Hence 100 of 100 right reads [0.72, 1] and 99 of 100 [0.95, 1.00] where the one error's patient had 9
+        # images right (which shows them unalike): kept, and said in README, since copies of an image must add no
+        # certainty at 0 or 1 either (tests/test_evaluate.py, the tripled set).
         n_eff = float(len(m))
     if n_eff == n:  # independent images: scipy's Wilson interval, to the last digit
         interval = binomtest(int(hits.sum()), n).proportion_ci(confidence_level=level, method="wilson")
