@@ -488,3 +488,33 @@ def test_export_model_itself_refuses_a_suffix_of_the_other_format(exported, tmp_
         with pytest.raises(UsageError, match=r"name an ONNX file \*\.onnx"):
             export_model(exported["ckpt"], fmt, tmp_path / name)
         assert not (tmp_path / name).exists()
+
+
+def test_an_export_of_a_run_whose_threshold_was_never_chosen_warns_and_so_do_its_users(tmp_path, caplog):
+    # The torch path warned of a run's placeholder 0.5 (stopped before its end); cxr export, predict --backend onnx
+    # and serve --backend onnx used it without a word, and the exported file carried it on as if chosen.
+    from cxr.export import predict_files_onnx
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("arch: resnet18\n")
+    tiny_checkpoint(run / "best.pt", "resnet18")
+    said = "never chosen on validation"
+    with caplog.at_level(logging.WARNING, logger="cxr"):
+        out = export_model(run, "onnx", tmp_path / "m.onnx")
+        assert said in caplog.text
+        caplog.clear()
+        OnnxPredictor(out)
+        assert f"{out}: exported from a run's best.pt whose decision threshold was {said}" in caplog.text
+        caplog.clear()
+        OnnxPredictor(out, warn_threshold=False)
+        predict_files_onnx(run, FILES[:1], threshold=0.3)  # a threshold given: nothing to warn of
+        assert said not in caplog.text
+        predict_files_onnx(run, FILES[:1])
+        assert said in caplog.text
+    caplog.clear()
+    other = tmp_path / "other.pt"  # the same checkpoint, not a run's best.pt: its threshold is its own, no warning
+    other.write_bytes((run / "best.pt").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="cxr"):
+        OnnxPredictor(export_model(other, "onnx", tmp_path / "other.onnx"))
+    assert said not in caplog.text

@@ -31,7 +31,7 @@ from torch import nn
 from cxr import __version__
 from cxr.errors import CheckpointError, UsageError
 from cxr.fileio import atomic_path, check_not_an_input, check_writable
-from cxr.model import Checkpoint, load_checkpoint
+from cxr.model import Checkpoint, load_checkpoint, threshold_unchosen, warn_if_threshold_unchosen
 from cxr.onnx_backend import (  # noqa: F401 - re-exported: ONNX Runtime inference lives there, without torch
     CONTRACT_KEY,
     CONTRACT_VERSION,
@@ -202,6 +202,9 @@ def contract(ckpt: Checkpoint) -> dict[str, Any]:
                             "(logits, probabilities)"},
         "decision": f"{ckpt.class_names[-1]} when probabilities[:, -1] >= threshold",
         "model_card": model_card(ckpt, id_=id_),
+        # Exported from a run's best.pt before the run chose its threshold: the file's users are warned as the
+        # checkpoint's are (an export had carried the placeholder 0.5 on without a word).
+        **({"threshold_unchosen": True} if threshold_unchosen(ckpt) else {}),
     }
 
 
@@ -369,6 +372,7 @@ def export_model(model: str | os.PathLike | Checkpoint, fmt: str, output: str | 
         raise UsageError(f"--output {out}: name an ONNX file *.onnx, and only an ONNX file")
     check_writable(out)  # now, not after an export of seconds
     ckpt = _as_checkpoint(model)
+    warn_if_threshold_unchosen(ckpt)
     if ckpt.path:
         check_not_an_input(out, [ckpt.path])  # an export over its own checkpoint lost the trained model
     if fmt == "onnx":

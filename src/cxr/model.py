@@ -549,14 +549,21 @@ def _checkpoint_from(obj: dict[str, Any], path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: damaged cxr checkpoint ({e.__class__.__name__}: {e})") from None
 
 
-def warn_if_threshold_unchosen(ckpt: Checkpoint) -> None:
-    """Say so where a run's checkpoint has no threshold chosen on validation: training writes best.pt after each
-    improving epoch, and chooses its threshold only at the end. A run interrupted (or a resumed session still
-    training) left one that predict, evaluate, explain and serve used at 0.5 without a word."""
+def threshold_unchosen(ckpt: Checkpoint) -> bool:
+    """Whether ``ckpt`` is a run's best.pt whose threshold was never chosen on validation: training writes best.pt
+    after each improving epoch, and chooses its threshold only at the end."""
     path = Path(ckpt.path) if ckpt.path else None
     # Not last.pt: training state, which never carries the threshold (finish() chooses it for best.pt alone).
-    if (ckpt.threshold_policy == "default" and path is not None and path.name == "best.pt"
-            and (path.parent / "config.yaml").is_file()):
+    return (ckpt.threshold_policy == "default" and path is not None and path.name == "best.pt"
+            and (path.parent / "config.yaml").is_file())
+
+
+def warn_if_threshold_unchosen(ckpt: Checkpoint) -> None:
+    """Say so where a run's checkpoint has no threshold chosen on validation (:func:`threshold_unchosen`). A run
+    interrupted (or a resumed session still training) left one that predict, evaluate, explain and serve used at 0.5
+    without a word."""
+    if threshold_unchosen(ckpt):
+        path = Path(ckpt.path)
         log.warning("%s: its decision threshold was never chosen on validation (the run stopped before its end, or "
                     "is still training), so %s is used; `cxr train --resume %s` ends the run, or give --threshold",
                     path, f"{ckpt.threshold:g}", path.parent)

@@ -38,12 +38,14 @@ class OnnxPredictor:
             ``class_names``, ``model_id`` and ``card`` are copied out of it.
     """
 
-    def __init__(self, source: str | os.PathLike | bytes, *, threads: int = 0, name: str = "") -> None:
+    def __init__(self, source: str | os.PathLike | bytes, *, threads: int = 0, name: str = "",
+                 warn_threshold: bool = True) -> None:
         """
         Args:
             source: an ``.onnx`` file, or its bytes (from :func:`cxr.export.onnx_model_bytes`).
             threads: intra-op threads (0: ONNX Runtime's default, one per core).
             name: what error messages call the model (default: the path).
+            warn_threshold: warn where the file's threshold was never chosen (False: the caller gives its own).
         """
         import onnxruntime as ort
 
@@ -75,6 +77,10 @@ class OnnxPredictor:
             raise CheckpointError(f"{label}: exported by a newer cxr (contract {version!r}, this cxr reads up to "
                                   f"{CONTRACT_VERSION}); upgrade cxr, or export the model again with this one")
         self.card: dict[str, Any] = self.contract.get("model_card") or {}
+        if warn_threshold and self.contract.get("threshold_unchosen") is True:
+            log.warning("%s: exported from a run's best.pt whose decision threshold was never chosen on validation "
+                        "(the run had not ended), so %g is used; give --threshold, or end the run (cxr train "
+                        "--resume) and export it again", label, self.threshold)
         # A contract edited by hand is said here in one line, not as a traceback at the first prediction.
         image = next((i for i in self.session.get_inputs() if i.name == "image"), None)
         shape = image.shape if image is not None else None
@@ -114,27 +120,29 @@ class OnnxPredictor:
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
-def load_onnx_predictor(model: str | os.PathLike | Checkpoint, *, threads: int = 0) -> OnnxPredictor:
+def load_onnx_predictor(model: str | os.PathLike | Checkpoint, *, threads: int = 0,
+                        warn_threshold: bool = True) -> OnnxPredictor:
     """An :class:`OnnxPredictor` for an ``.onnx`` file, or for a checkpoint exported to ONNX (once: the export is
     kept in the cache folder, see :func:`cxr.export.cached_onnx_model_bytes`).
 
-    Only the second needs torch (to export), and only then is it imported.
+    Only the second needs torch (to export), and only then is it imported. ``warn_threshold``: warn, as the torch
+    path does, where the threshold is a run's placeholder (False where the caller gives one).
     """
     if isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx"):
-        return OnnxPredictor(model, threads=threads)
+        return OnnxPredictor(model, threads=threads, warn_threshold=warn_threshold)
     from cxr.export import _as_checkpoint, cached_onnx_model_bytes, onnx_model_bytes
 
     ckpt = _as_checkpoint(model)
     name = ckpt.path or "<checkpoint>"
     data, cached = cached_onnx_model_bytes(ckpt)
     try:
-        return OnnxPredictor(data, threads=threads, name=name)
+        return OnnxPredictor(data, threads=threads, name=name, warn_threshold=warn_threshold)
     except CheckpointError as e:
         if cached is None:
             raise
         log.warning("the cached ONNX export %s is unusable (%s): exporting %s again", cached, e, name)
         cached.unlink(missing_ok=True)
-        return OnnxPredictor(onnx_model_bytes(ckpt), threads=threads, name=name)
+        return OnnxPredictor(onnx_model_bytes(ckpt), threads=threads, name=name, warn_threshold=warn_threshold)
 
 
 def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike], *, threshold: float | None = None,
@@ -153,7 +161,7 @@ def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike],
 
     check_inference_args(threshold=threshold, batch_size=batch_size)
     files = select_shard([Path(p) for p in paths] if listed else collect_files(paths), shard)
-    predictor = load_onnx_predictor(model, threads=threads)
+    predictor = load_onnx_predictor(model, threads=threads, warn_threshold=threshold is None)
     t = predictor.threshold if threshold is None else float(threshold)
     return predict_in_batches(files, lambda images: predictor.predict_uint8(images, batch_size),
                               image_size=predictor.image_size, max_pixels=predictor.max_pixels,
