@@ -729,3 +729,36 @@ def test_an_evaluation_that_fails_midway_leaves_no_metrics_of_another_model(tmp_
     with pytest.raises(OSError):
         write_evaluation(tmp_path, second, 0.5, n_boot=20)
     assert not (tmp_path / "metrics.json").exists()  # files of two models are not passed off as one evaluation
+
+
+def test_evaluate_reads_patients_by_the_models_own_pattern_or_the_one_given(tmp_path):
+    # A run trained with --patient-pattern (one folder per patient) was evaluated with each image its own patient:
+    # intervals resampling images, and test images of training patients not counted.
+    from PIL import Image
+
+    from cxr.config import load_config
+    from cxr.demo import SAMPLE_DIR
+    from cxr.errors import UsageError
+    from cxr.evaluate import evaluate_model
+    from cxr.model import Checkpoint, build_model, save_checkpoint
+
+    sources = sorted((SAMPLE_DIR / "test").glob("*/*.jpeg"))
+    for i, f in enumerate(sources):  # 5 patients a class, of 1 or 2 images, named img<i> (no Kermany name)
+        folder = tmp_path / "data" / f.parent.name / f"{f.parent.name[0]}{i % 5}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.open(f).convert("L").resize((48, 48)).save(folder / f"img{i}.png")
+    torch.manual_seed(0)
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18", "patient_pattern": "^([^/]+)/"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg), tmp_path / "m.pt")
+
+    def evaluated(**kw) -> dict:
+        out = tmp_path / f"out{len(kw)}{kw.get('patient_pattern', '')!r}"
+        return evaluate_model(tmp_path / "m.pt", tmp_path / "data", out, device="cpu", **kw)["data"]
+
+    by_model = evaluated()
+    assert by_model["n_patients"] == 10 and "bootstrap of the patients" in by_model["ci95_method"]
+    assert evaluated(patient_pattern="^([^/]+)/")["n_patients"] == 10
+    none = evaluated(patient_pattern="")
+    assert none.get("n_patients") is None and "bootstrap of the images" in none["ci95_method"]
+    with pytest.raises(UsageError, match="--patient-pattern"):
+        evaluated(patient_pattern="(")

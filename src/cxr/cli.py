@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["auto", "on", "off"], default="off",
                    help="bf16 autocast for the predictions (default off: fp32, so that bf16 does not move the "
                    "metrics on machines that have it; auto: bf16 where it is fast, as in training)")
+    p.add_argument("--patient-pattern", metavar="REGEX",
+                   help="regular expression whose first group in an image's path below its class folder is its "
+                   "patient (default: the one the model was trained with; '' for none): for the intervals and the "
+                   "count of test images of training patients")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUT/report.html (plots, heatmap grid, video) (default: on)")
 
@@ -384,7 +388,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from cxr.evaluate import evaluate_model
 
     metrics = evaluate_model(args.model, args.data, args.output, threshold=args.threshold, device=args.device,
-                             cache_dir=args.cache_dir, batch_size=args.batch_size, amp=args.amp)
+                             cache_dir=args.cache_dir, batch_size=args.batch_size, amp=args.amp,
+                             patient_pattern=args.patient_pattern)
     _print_metrics(metrics)
     log.info("wrote %s", Path(args.output) / "metrics.json")
     if args.report:

@@ -35,7 +35,7 @@ MAX_VIDEO_IMAGES = 10_000  # in the report's video: nearly three hours at a seco
 MAX_UPLOAD_MB = 1000  # the service holds an upload in memory whole: beyond this, a few workers run out of it
 
 
-def _compiles(pattern: str) -> bool:
+def compiles_as_regex(pattern: str) -> bool:
     try:
         re.compile(pattern)
     except re.error:
@@ -167,7 +167,7 @@ class Config:
             (0.0 < self.val_fraction <= 0.5, "val_fraction must be above 0 and at most 0.5 (the split is made of "
              "folds, at least 2)"),
             (0 <= self.split_seed < 2**32, "split_seed must be from 0 to 2**32 - 1"),
-            (not self.patient_pattern or _compiles(self.patient_pattern),
+            (not self.patient_pattern or compiles_as_regex(self.patient_pattern),
              f"patient_pattern is not a regular expression Python can compile: {self.patient_pattern!r}"),
             (0 <= self.seed < 2**32, "seed must be from 0 to 2**32 - 1"),
             (self.max_pixels >= 1, "max_pixels must be >= 1"),

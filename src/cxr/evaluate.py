@@ -732,8 +732,12 @@ def _fine_tuned_from(ckpt) -> tuple[list[Path], bool]:
 
 def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
                    threshold: float | None = None, device: str = "auto", cache_dir: str | None = None,
-                   batch_size: int = 64, amp: str = "off") -> dict:
+                   batch_size: int = 64, amp: str = "off", patient_pattern: str | None = None) -> dict:
     """Evaluate a checkpoint (or run directory) on every split found at ``data``; write the artifacts to ``output``.
+
+    ``patient_pattern`` reads each image's patient from its path (:func:`cxr.data.file_patient_id`), for the
+    intervals and the count of images of training patients; None: the model's training config's (a run trained
+    with one folder per patient had been evaluated with each image its own patient), "" none.
 
     The decision threshold is the checkpoint's (chosen on validation at training time) unless ``threshold``
     is given. ``amp`` "off" (the default) predicts in fp32, TF32 off on CUDA, so that bf16 does not move the
@@ -742,13 +746,16 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     """
     import dataclasses
 
-    from cxr.config import default_cache_dir
+    from cxr.config import compiles_as_regex, default_cache_dir
     from cxr.data import check_output_outside_data, prepare, scan
     from cxr.export import model_id
     from cxr.fileio import check_writable
     from cxr.predict import check_inference_args
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
+    if patient_pattern is not None and not isinstance(patient_pattern, str) or patient_pattern \
+            and not compiles_as_regex(patient_pattern):
+        raise UsageError(f"--patient-pattern {patient_pattern!r}: not a regular expression Python can compile")
     check_output_outside_data(output, data)  # its pictures among the images would be X-rays the next time
     check_writable(output, folder=True)  # now, not after the predictions
     check_writable(Path(output) / "metrics.json")  # a folder of that name failed only after predicting everything
@@ -765,7 +772,8 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     mid = model_id(ckpt)  # the name `cxr predict` gives the same file
     # The cache is this machine's, not the one recorded by whoever trained the model.
     cfg = dataclasses.replace(run.cfg, cache_dir=cache_dir or default_cache_dir())
-    splits = scan(data, require_both_classes=False)
+    pattern = ckpt.config.patient_pattern if patient_pattern is None else patient_pattern
+    splits = scan(data, require_both_classes=False, patient_pattern=pattern)
     for name in splits:  # a split's name is its folder's, and names the output files: checked before the work
         longest = f"flythrough_{name}.mp4"
         if len(os.fsencode(longest)) > MAX_NAME_BYTES:
