@@ -121,6 +121,7 @@ class Config:
     label_smoothing: float = 0.0
     class_weights: bool = True
     patience: int = 5  # early stopping on validation loss; 0 switches it off
+    # early stopping: a fall of the validation loss by no more than this is none (best.pt is the lowest loss whatever)
     min_delta: float = 0.0
     max_train_batches: int = 0  # cap per epoch (0: no cap); for smoke tests and demos
     nan_policy: str = "stop"  # a non-finite loss: "stop" the run (last good checkpoint kept) or "skip" the batch

@@ -1066,6 +1066,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
 
     history: list[dict] = []
     start_epoch, best_loss, bad_epochs, stop_reason = 0, math.inf, 0, ""
+    patience_loss = math.inf  # the loss early stopping last saw fall by more than min_delta (best_loss: best.pt's)
     # best.pt where it is the weight average of an earlier session: (its epochs, its loss). A later averaging epoch
     # or average must beat its loss, not only the best single epoch's (one between the two had replaced it).
     kept_average: tuple[list[int], float] | None = None
@@ -1078,6 +1079,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         history = list(state.extra["history"])
         start_epoch = state.epoch
         best_loss, bad_epochs = state.extra["best_val_loss"], state.extra["bad_epochs"]
+        patience_loss = state.extra.get("patience_val_loss", best_loss)  # absent before 12/2026: one loss for both
         stop_reason = state.extra.get("stop_reason", "")
         swa_start = state.extra.get("swa_start")
         if swa_start is None and stop_reason.startswith("finished") and cfg.epochs > start_epoch:
@@ -1170,9 +1172,15 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         if plateau is not None and swa_start is None:
             plateau.step(row["val_loss"])
         history.append(row)
-        improved = row["val_loss"] < min(best_loss, kept_average[1] if kept_average else math.inf) - cfg.min_delta
+        # best.pt: the lowest validation loss, as README says. min_delta is early stopping's alone (as Lightning's
+        # ModelCheckpoint and EarlyStopping have it): it had decided best.pt too, which kept epoch 1 at 0.757 over
+        # epoch 2 at 0.658 for min_delta 0.1, with early stopping off.
+        average_loss = kept_average[1] if kept_average else math.inf
+        improved = row["val_loss"] < min(best_loss, average_loss)
         if improved:
-            best_loss, bad_epochs = row["val_loss"], 0
+            best_loss = row["val_loss"]
+        if row["val_loss"] < min(patience_loss, average_loss) - cfg.min_delta:
+            patience_loss, bad_epochs = row["val_loss"], 0
         else:
             bad_epochs += 1
         if swa_start is not None:
@@ -1185,7 +1193,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         if info.main:
             swa_state = {"swa_start": swa_start, "swa": averaged.state_dict()} if swa_start is not None else {}
             _save_epoch(run_dir, model, optimizer, plateau, cfg, row, history, best_loss, bad_epochs, stop_reason,
-                        improved, {**swa_state, "sessions": [*sessions, session]})
+                        improved, {**swa_state, "sessions": [*sessions, session], "patience_val_loss": patience_loss})
         log.info("epoch %d/%d  lr %.2e  train loss %.4f acc %.3f  val loss %.4f acc@0.5 %.3f auroc %.3f  "
                  "%.0f s  %.1f img/s  data wait %.0f%%%s", epoch + 1,
                  cfg.epochs if swa_start is None else swa_start + cfg.swa_epochs, row["lr"], row["train_loss"],
@@ -1220,7 +1228,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
                                           "val_loss": best.val_loss}
     summary.update({"stop_reason": stop_reason, "epochs_run": len(history),
                     "skipped_batches": sum(int(h.get("skipped_batches", 0)) for h in history),
-                    # best.pt's epoch (not simply the lowest validation loss: min_delta may have passed it over)
+                    # best.pt's epoch: None where it is a weight average
                     "best_epoch": None if averaged_epochs else best.epoch,
                     "swa": swa_summary,
                     "wall_seconds_this_session": round(time.perf_counter() - t_start, 1),
@@ -1352,7 +1360,7 @@ def _finish_averaging(averaged: torch.optim.swa_utils.AveragedModel, run_dir: Pa
     ckpt = Checkpoint(cfg.arch, model.state_dict(), cfg, epoch=last, val_loss=val["val_loss"],
                       extra={"averaged_epochs": [first, last]})
     save_checkpoint(ckpt, run_dir / "swa.pt")
-    kept = val["val_loss"] < min(best_loss, earlier_average) - cfg.min_delta
+    kept = val["val_loss"] < min(best_loss, earlier_average)
     if kept:
         save_checkpoint(ckpt, run_dir / "best.pt")
     log.info("weight average of %s: val loss %.4f acc@0.5 %.3f auroc %.3f (best single epoch: %.4f) -> %s",
