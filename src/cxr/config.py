@@ -115,7 +115,7 @@ class Config:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     scheduler: str = "cosine"  # "cosine" (linear warm-up, then cosine), "plateau" or "none"
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 1.0  # cosine's warm-up (at most half the run); plateau and none have none
     plateau_factor: float = 0.1
     plateau_patience: int = 2
     label_smoothing: float = 0.0

@@ -799,8 +799,10 @@ class TrainBatches:
         self.cfg = cfg
         self.dataset = dataset_class(prepared, train_transform(cfg), seed=cfg.seed)
         self.per_rank_batch = cfg.batch_size // world
+        # The sampler draws epoch e's order from seed + e: seed 1's epoch 0 was seed 0's epoch 1, so a sweep over
+        # seeds 0-4 saw nearly one sequence of batches. Spread as the augmentation's seed is (seed 0 keeps its orders).
         self.sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                           seed=cfg.seed, drop_last=True)
+                                                           seed=sampler_seed(cfg.seed), drop_last=True)
         if len(self.sampler) < 2:  # one image a process: batch norm's "Expected more than 1 value", a traceback
             raise DataError(f"the training split's {len(self.dataset)} images give {len(self.sampler)} a process over "
                             f"{world} processes; batch norm needs two: use fewer processes or more images")
@@ -825,6 +827,12 @@ class TrainBatches:
                                            drop_last=self.drop_last, num_workers=workers,
                                            pin_memory=self.pin_memory, persistent_workers=False,
                                            multiprocessing_context=loader_start_method() if workers else None)
+
+
+def sampler_seed(seed: int) -> int:
+    """The batch order's seed for ``--seed``: apart for every two seeds over any number of epochs below a million
+    (torch's sampler adds the epoch), and below 2**63 with room for the epoch (a generator's seed range)."""
+    return seed * 1_000_003 % 2**62
 
 
 def loader_workers(cfg: Config, device: torch.device | None, batch_bytes: int = 0) -> int:
