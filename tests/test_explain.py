@@ -323,7 +323,7 @@ def test_library_calls_check_their_arguments_as_the_cli_does(tmp_path):
     engine = load_engine(tmp_path / "m.pt", device="cpu")
     assert engine.predict_uint8(np.zeros((2, 32, 32), np.uint8)).shape == (2,)
     for bad in (np.zeros((2, 64, 64), np.uint8), np.zeros((2, 32, 32), np.float32), np.zeros((32, 32), np.uint8)):
-        with pytest.raises(ValueError, match="expected uint8 images of shape"):
+        with pytest.raises(UsageError, match=r"expected uint8 grey images of shape \(N, 32, 32\)"):
             engine.predict_uint8(bad)
 
 
@@ -463,3 +463,15 @@ def test_names_in_pictures_keep_their_start_and_end_and_unknown_glyphs_are_escap
     assert not [w for w in seen if "Glyph" in str(w.message)], [str(w.message) for w in seen]
     (label,) = [ax.get_xlabel() for sub in fig.subfigs for ax in sub.axes if ax.get_xlabel()]
     assert label.startswith("\\u80f8") and label.endswith("_end.jpeg") and len(label) == 30
+
+
+def test_a_grid_of_one_cell_gives_a_uniform_map_not_its_rounding_noise(densenet, xrays):
+    # At 32 px DenseNet's last block is 1x1: upsampled, its one value differed by ~2e-7 across the picture, and that
+    # noise, stretched to [0, 1], was drawn as "evidence for PNEUMONIA".
+    small = torch.nn.functional.interpolate(xrays, size=(32, 32), mode="bilinear")
+    for target in (0, 1):
+        cam, _ = grad_cam(densenet, small, target)
+        for m in cam:
+            assert set(np.unique(m).tolist()) <= {0.0, 1.0} and m.min() == m.max()
+    cam, _ = grad_cam(densenet, xrays, 1)  # a grid with structure is still stretched to [0, 1]
+    assert cam.reshape(len(cam), -1).max(axis=1).tolist() == [1.0] * len(cam) and (cam.std(axis=(1, 2)) > 0.05).all()

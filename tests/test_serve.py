@@ -777,8 +777,8 @@ def test_create_app_reads_allowed_hosts_and_its_numbers_as_the_flags_do(engine):
 
 
 def test_the_engine_and_the_inference_commands_refuse_images_of_another_size_than_the_models(engine, ckpt_path):
-    # The engine now predicts through load_for_inference; neither had checked the size there: a 32 px image for a
-    # 64 px model gave a probability without an error.
+    # load_for_inference had not checked the size (a 32 px image for a 64 px model gave a probability without an
+    # error); the engine, which had a check of its own, now predicts through it.
     from cxr.evaluate import load_for_inference
 
     small = np.zeros((1, SIZE // 2, SIZE // 2), np.uint8)

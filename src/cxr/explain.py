@@ -2,8 +2,8 @@
 
 Grad-CAM (Selvaraju et al., 2017) weighs each channel of the last block's activations by the mean gradient of
 the class score with respect to it, sums the channels, keeps the positive part and upsamples the map to the
-input's size. The block is ``features`` for DenseNets (the output of ``norm5``, after the last dense block) and
-``layer4`` for ResNets.
+input's size. The block is ``features`` for DenseNets (the output of ``norm5`` after the final ReLU, which
+torchvision applies in place to the block's output) and ``layer4`` for ResNets.
 
 The score explained is the log-odds of the target class (its logit minus the other's), not its raw logit: with
 two classes that is what the decision depends on, and the maps of the two classes are then each other's
@@ -87,11 +87,18 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | Non
         handle.remove()
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activations).sum(dim=1, keepdim=True)).detach().float()
+    # Min-max per image (as pytorch-grad-cam does): the least weighed region becomes transparent in overlays. Whether
+    # the map varies at all is judged on the grid, before upsampling: a 1x1 grid (DenseNet below 64 px) had been
+    # upsampled into values 2e-7 apart, and that rounding noise stretched to [0, 1] and shown as evidence.
+    high = cam.flatten(1).max(dim=1).values
+    varies = (high - cam.flatten(1).min(dim=1).values) > 1e-5 * high
     cam = nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    # Min-max per image (as pytorch-grad-cam does): the least weighed region becomes transparent in overlays.
     low = cam.flatten(1).min(dim=1).values[:, None, None]
     span = cam.flatten(1).max(dim=1).values[:, None, None] - low
-    cam = torch.where(span > 1e-12, (cam - low) / span.clamp_min(1e-12), torch.zeros_like(cam))
+    # A map alike over the whole grid: all ones where it is positive (no place stands out: evidence everywhere, or a
+    # grid of one cell), all zeros where nothing raised the score (flat).
+    cam = torch.where(varies[:, None, None], (cam - low) / span.clamp_min(1e-30),
+                      (high > 0).float()[:, None, None].expand_as(cam))
     return cam.cpu().numpy().astype(np.float32), logits.detach().cpu().numpy().astype(np.float32)
 
 
