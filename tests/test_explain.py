@@ -475,3 +475,10 @@ def test_a_grid_of_one_cell_gives_a_uniform_map_not_its_rounding_noise(densenet,
             assert set(np.unique(m).tolist()) <= {0.0, 1.0} and m.min() == m.max()
     cam, _ = grad_cam(densenet, xrays, 1)  # a grid with structure is still stretched to [0, 1]
     assert cam.reshape(len(cam), -1).max(axis=1).tolist() == [1.0] * len(cam) and (cam.std(axis=(1, 2)) > 0.05).all()
+
+
+def test_the_caption_counts_the_cells_of_the_grid_the_model_has(densenet):
+    # side // 32 said 5x5 for 190 px and 2x2 for 94 px: DenseNet's stem rounds up, to 6x6 and 3x3.
+    from cxr.explain import grid_cells
+
+    assert [grid_cells(densenet, s) for s in (32, 94, 96, 190, 224)] == [1, 3, 3, 6, 7]

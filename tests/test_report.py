@@ -717,3 +717,38 @@ def test_a_rate_inside_0_and_1_never_reads_0_or_100_percent_in_the_confusion_mat
     assert _percent(2499 / 2500) == "99.96%" and _percent(1 / 2500) == "0.04%"  # had read "100.0%" and "0.0%"
     assert _percent(1.0) == "100.0%" and _percent(0.0) == "0.0%" and _percent(0.5) == "50.0%"
     assert _percent(1 - 1e-9) == ">99.99%" and _percent(1e-9) == "<0.01%"
+
+
+def test_a_split_named_in_chinese_script_is_written_as_escapes_in_the_pictures(recwarn, monkeypatch):
+    # Its name had been empty boxes in the confusion matrix, the grid's headings and the video's header, with a
+    # matplotlib warning for each glyph.
+    from cxr.report import GridTile, plot_confusion, plot_grid
+    from cxr.video import VideoItem, render_frame
+
+    image = np.zeros((64, 64), np.uint8)
+    for fig in (plot_confusion([[3, 1], [0, 4]], "测试"),
+                plot_grid({"right": [GridTile(image, np.eye(64, dtype=np.float32), 1, 0.9, "a.png")]}, 0.5, "测试")):
+        fig.canvas.draw()
+        texts = [t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text"))]
+        assert any("\\u6d4b\\u8bd5" in t for t in texts) and not any("测" in t for t in texts), texts
+    assert not [w for w in recwarn if "missing from font" in str(w.message)]
+    from PIL import ImageDraw
+
+    drawn, real_text = [], ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: drawn.append(text)
+                        or real_text(self, xy, text, *a, **k))
+    render_frame(VideoItem("a.png", 1, 0.9, image, None), index=0, total=1, right=1, wrong=0, threshold=0.5,
+                 history=[True], title="测试")
+    assert "\\u6d4b\\u8bd5  ·  image 1 of 1" in drawn, drawn
+
+
+def test_an_image_gone_is_counted_once_though_the_grid_and_the_video_both_ask(tmp_path, caplog):
+    import logging
+
+    from cxr.report import _PixelSource
+
+    pixels = _PixelSource(32)
+    with caplog.at_level(logging.WARNING, logger="cxr"):
+        for _ in range(2):
+            assert pixels.load(str(tmp_path / "gone.png")) is None
+    assert list(pixels.failed) == [str(tmp_path / "gone.png")] and caplog.text.count("skipping an image") == 1

@@ -230,7 +230,8 @@ def test_a_flat_heatmap_is_said_to_be_flat(monkeypatch):
     # read as the label's reason: it says which way the output leans.
     for heat, prob, legend in ((np.zeros((64, 64), np.float32), 0.38, "heatmap: flat, no region raised it"),
                                (np.eye(64, dtype=np.float32), 0.38, "map of PNEUMONIA; leans NORMAL"),
-                               (np.eye(64, dtype=np.float32), 0.9, "heatmap: where the model looked")):
+                               # the class it is of ("where the model looked" left a NORMAL image's map unnamed)
+                               (np.eye(64, dtype=np.float32), 0.9, "heatmap: evidence for PNEUMONIA")):
         drawn.clear()
         render_frame(VideoItem("a.png", 1, prob, image, heat), index=0, total=1, right=1, wrong=0, threshold=0.31,
                      history=[True])
@@ -281,3 +282,26 @@ def test_the_disclaimer_is_clear_of_a_players_controls_and_no_text_overlaps(monk
         overlaps = [(s, t) for i, (s, a) in enumerate(boxes) for t, b in boxes[i + 1:]
                     if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]]
         assert not overlaps, overlaps
+
+
+def test_the_heatmap_legend_stays_below_the_tally_on_small_frames(monkeypatch):
+    # From 180 to 234 px high, the legend ("heatmap: ...") was drawn over the "accuracy" line.
+    from PIL import ImageDraw
+
+    boxes, real_text = [], ImageDraw.ImageDraw.text
+
+    def record(self, xy, text, *a, **k):
+        if text:
+            boxes.append((self.textbbox(xy, text, font=k.get("font")), text))
+        return real_text(self, xy, text, *a, **k)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", record)
+    heat = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    for size in ((320, 180), (408, 230), (702, 234), (640, 360), (1000, 180)):
+        for prob, label in ((0.9, 1), (0.52, 1), (0.1, 0)):
+            boxes.clear()
+            render_frame(VideoItem("/d/x.png", label, prob, np.zeros((64, 64), np.uint8), heat), index=0, total=3,
+                         right=1, wrong=0, threshold=0.55, history=[True], size=size)
+            for i, (a, text_a) in enumerate(boxes):
+                for b, text_b in boxes[i + 1:]:
+                    assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (size, text_a, text_b)

@@ -169,7 +169,22 @@ def _unique_name(path: Path, used: set[str]) -> str:
     return name
 
 
-def _explanation_figure(image: np.ndarray, heat: np.ndarray, *, title: str, path: Path, dpi: int = 110) -> None:
+def grid_cells(model: nn.Module, size: int) -> int:
+    """The side of the grid Grad-CAM weighs for ``size`` px inputs (the target layer's output, measured: DenseNet's
+    stem rounds up, so ``size // 32`` said 5x5 for 190 px where the grid is 6x6)."""
+    shapes: list[torch.Size] = []
+    handle = target_layer(model).register_forward_hook(lambda _m, _i, out: shapes.append(out.shape))
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, 1, size, size), dtype=param.dtype, device=param.device))
+    finally:
+        handle.remove()
+    return int(shapes[-1][-1])
+
+
+def _explanation_figure(image: np.ndarray, heat: np.ndarray, *, title: str, path: Path, cells: int,
+                        dpi: int = 110) -> None:
     # A bare Figure renders with Agg and touches no global pyplot state (safe in servers and threads).
     from matplotlib import cm, colors
     from matplotlib.figure import Figure
@@ -182,7 +197,6 @@ def _explanation_figure(image: np.ndarray, heat: np.ndarray, *, title: str, path
     side = image.shape[0]
     axes[0].set_title(f"model input: {side}x{side} px\nsquare, aspect ratio not kept", fontsize=9.5)
     axes[1].imshow(overlay(image, heat))
-    cells = max(1, side // 32)
     axes[1].set_title(f"Grad-CAM overlay\n{cells}x{cells} cells, interpolated", fontsize=9.5)
     for ax in axes:
         ax.set_xticks([])
@@ -266,6 +280,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     used: set[str] = set()
     indexed: list[tuple[int, Explanation]] = []  # by position in `files`: a file named twice is two rows in place
     mid = model_id(ckpt)
+    cells = grid_cells(net, cfg.image_size)
     try:
         for start in range(0, len(files), batch_size):
             images, good = [], []
@@ -297,7 +312,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                          # P between 0.5 and the threshold: a bright map had read as the reason for a label the
                          # model's own output leans away from.
                          + (f"; the output leans {ckpt.class_names[1 - cls]}" if leans_away(prob, cls) else ""))
-                _explanation_figure(im, heat, title=title, path=out)
+                _explanation_figure(im, heat, title=title, path=out, cells=cells)
                 indexed.append((i, Explanation(str(f), str(out), float(prob), ckpt.class_names[pred])))
     except BaseException:
         # Interrupted (Ctrl-C) or failed: the pictures made so far are listed, not left beside no explanations.csv

@@ -373,6 +373,8 @@ def plot_confusion(matrix: Sequence[Sequence[int]], split: str, class_names: Seq
     """Two panels for one split: counts, and row-normalised (each true class sums to 1)."""
     import matplotlib as mpl
 
+    from cxr.video import drawable
+
     cm = np.asarray(matrix, dtype=np.float64)
     rows = cm.sum(axis=1, keepdims=True)
     # A true class with no image has no rate (not 0 %: the caption calls the diagonal specificity and sensitivity).
@@ -382,8 +384,9 @@ def plot_confusion(matrix: Sequence[Sequence[int]], split: str, class_names: Seq
         fig = _figure(figsize=(10.0, 3.9))
         fig.get_layout_engine().set(wspace=0.12)
         axes = fig.subplots(1, 2)
-        panels = ((cm, f"{split}: counts (n = {int(cm.sum())})", lambda i, j: f"{int(cm[i, j])}"),
-                  (norm, f"{split}: row-normalised", lambda i, j: "–\n(no images)" if np.isnan(norm[i, j])
+        shown = drawable(display_name(split))  # a folder's name in Chinese script had been empty boxes
+        panels = ((cm, f"{shown}: counts (n = {int(cm.sum())})", lambda i, j: f"{int(cm[i, j])}"),
+                  (norm, f"{shown}: row-normalised", lambda i, j: "–\n(no images)" if np.isnan(norm[i, j])
                    else f"{_percent(norm[i, j])}\n({int(cm[i, j])})"))
         for ax, (values, title, text) in zip(axes, panels, strict=True):
             vmax = 1 if values is norm else max(values.max(), 1)
@@ -538,7 +541,7 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
         ratios = [3.05 * h for h in heights] + ([0.75] if with_heat else []) + [0.3]
         subfigs = list(np.atleast_1d(fig.subfigures(len(ratios), 1, height_ratios=ratios)))
         for sub, (name, tiles) in zip(subfigs[:len(rows)], rows, strict=True):
-            sub.suptitle(f"{name} ({display_name(split)})", fontsize=12, fontweight="bold", x=0.02, ha="left",
+            sub.suptitle(f"{name} ({drawable(display_name(split))})", fontsize=12, fontweight="bold", x=0.02, ha="left",
                          parse_math=False)
             if not tiles:
                 empty = "no other image near the threshold" if name == "borderline" else "no images in this group"
@@ -590,7 +593,7 @@ class _PixelSource:
     def __init__(self, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = False):
         self.size, self.max_pixels, self.draft = size, max_pixels, draft
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
-        self.failed: list[str] = []
+        self.failed: dict[str, None] = {}  # the paths that could not be read, once each, in order
 
     def load(self, path: str) -> np.ndarray | None:
         import zipfile
@@ -610,8 +613,9 @@ class _PixelSource:
                 return resize_square(self._arrays[key][index], self.size)
             return load_image(path, self.size, max_pixels=self.max_pixels, draft=self.draft)
         except (ImageError, DataError, OSError, KeyError, ValueError, IndexError, EOFError, zipfile.BadZipFile) as e:
-            log.warning("report: skipping an image that can no longer be read: %s (%s)", path, e)
-            self.failed.append(path)
+            if path not in self.failed:  # once each: the grid and the video both asked, and two read as four
+                log.warning("report: skipping an image that can no longer be read: %s (%s)", path, e)
+                self.failed[path] = None
             return None
 
     def close(self) -> None:
@@ -1171,8 +1175,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
         pixels.close()
     if pixels.failed:
         missing = (f"<p class='note'>{len(pixels.failed)} image(s) could not be read for the pictures, e.g. "
-                   f"{html.escape(pixels.failed[0])}. Paths are as recorded in the predictions files; relative ones "
-                   f"are taken from the current directory ({html.escape(os.getcwd())}).</p>")
+                   f"{html.escape(next(iter(pixels.failed)))}. Paths are as recorded in the predictions files; "
+                   f"relative ones are taken from the current directory ({html.escape(os.getcwd())}).</p>")
         sections.append(("missing", "Images not found", missing))
 
     if art.config:

@@ -141,7 +141,7 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     small, normal, big = _font(max(8, round(unit * 0.75))), _font(unit), _font(round(unit * 1.5), bold=True)
     bold = _font(unit, bold=True)
     y = margin
-    head = f"{title}  ·  image {index + 1} of {total}" if title else f"image {index + 1} of {total}"
+    head = f"{drawable(title)}  ·  image {index + 1} of {total}" if title else f"image {index + 1} of {total}"
     draw.text((x0, y), head, font=small, fill=DIM)
     y += round(unit * 1.05)
     draw.text((x0, y), _fit(draw, drawable(image_name(item.path)), small, panel_w), font=small, fill=DIM)
@@ -182,12 +182,15 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     draw.text((x0, y), f"so far: {right} right, {wrong} wrong", font=normal, fill=TEXT)
     y += round(unit * 1.2)
     draw.text((x0, y), f"accuracy {right / seen:.1%}" if seen else "", font=small, fill=DIM)
+    y += line_step
 
     # Heatmap legend, bottom of the panel (only when there is a heatmap).
     if item.heatmap is not None:
         from matplotlib import colormaps
 
         legend_y = margin + side - round(unit * 3.4) + line_step * len(lines)  # down to where the disclaimer was
+        # below the accuracy line whatever the frame: from 180 to 234 px high the legend was drawn over it
+        legend_y = max(legend_y, y + round(unit * 0.95))
         ramp = (colormaps[HEATMAP_CMAP](np.linspace(0, 1, max(2, panel_w // 2)))[:, :3] * 255).astype(np.uint8)
         strip = Image.fromarray(np.repeat(ramp[None], max(4, unit // 2), axis=0))
         # All zeros: nothing raised the explained class's score (Grad-CAM's map is flat after its ReLU), which happens
@@ -195,10 +198,12 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
         legend = ("heatmap: flat, no region raised it" if not item.heatmap.any() else
                   # P between 0.5 and the threshold: the map is of the label, which the output leans away from
                   f"heatmap of {CLASS_NAMES[predicted]}; output leans {CLASS_NAMES[1 - predicted]}"
-                  if leans_away(item.prob, predicted) else "heatmap: where the model looked")
-        if draw.textlength(legend, font=small) > panel_w and leans_away(item.prob, predicted):
+                  # the class it is of: a NORMAL image's bright region, "where the model looked", read as a finding
+                  if leans_away(item.prob, predicted) else f"heatmap: evidence for {CLASS_NAMES[predicted]}")
+        if draw.textlength(legend, font=small) > panel_w and item.heatmap.any():
             # at 640 px the long form ran off the frame ("... output leans PNEUM"): the short one
-            legend = f"map of {CLASS_NAMES[predicted]}; leans {CLASS_NAMES[1 - predicted]}"
+            legend = (f"map of {CLASS_NAMES[predicted]}; leans {CLASS_NAMES[1 - predicted]}"
+                      if leans_away(item.prob, predicted) else f"evidence for {CLASS_NAMES[predicted]}")
         draw.text((x0, legend_y - round(unit * 0.95)), _fit(draw, legend, small, panel_w), font=small, fill=DIM)
         im.paste(strip, (x0, legend_y))
         draw.text((x0, legend_y + strip.height + 1), "low", font=small, fill=DIM)
