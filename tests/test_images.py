@@ -444,7 +444,9 @@ def test_max_pixels_above_pils_own_limit_is_honoured(monkeypatch):
     data = jpeg_with_size(15_000, 12_000)
     with pytest.raises(ImageError, match="over the 100,000,000-pixel limit"):
         read_grayscale(data, name="big.jpeg")
-    assert read_grayscale(data, name="big.jpeg", max_pixels=200_000_000).shape == (12_000, 15_000)
+    # Past PIL's limit, decoded whole: a header that claims a larger picture than its data holds is told as such.
+    with pytest.raises(ImageError, match="truncated JPEG .* its header claims a larger picture"):
+        read_grayscale(data, name="big.jpeg", max_pixels=200_000_000)
     # ... for that call only: PIL's limit had been raised for the whole process, the caller's Image.open unguarded.
     assert before == Image.MAX_IMAGE_PIXELS
     # Nor left raised when two calls overlap: one read the other's raised value and "put it back" for good.
@@ -952,3 +954,21 @@ def test_decoding_in_threads_leaves_the_processs_warning_filters_as_they_were():
             assert warnings.filters == before
     finally:
         sys.setswitchinterval(switch)
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_a_jpeg_cut_short_but_ending_with_its_end_marker_is_refused(tmp_path, draft):
+    # Pillow decodes it without an error, the missing blocks grey 128: a NORMAL X-ray had been called PNEUMONIA at
+    # P 0.97 by the service and cxr predict. Its intact form, and a real X-ray, still load.
+    arr = (np.add.outer(np.arange(256), np.arange(200)) % 251).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    assert load_image(data, 32, draft=draft).shape == (32, 32)
+    with pytest.raises(ImageError, match=r"cut\.jpeg: truncated JPEG \(its last rows of blocks hold no data"):
+        load_image(data[: len(data) * 2 // 5] + b"\xff\xd9", 32, name="cut.jpeg", draft=draft)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90, progressive=True)  # blurred, not grey, when cut: not told
+    assert load_image(buf.getvalue(), 32, draft=draft).shape == (32, 32)
+    for f in sorted((Path(__file__).parents[1] / "src/cxr/sample/kermany-mini/test").glob("*/*.jpeg")):
+        load_image(f, 64, draft=draft)

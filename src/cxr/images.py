@@ -412,6 +412,9 @@ def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: 
                                  "leaves a 12-bit X-ray nearly black; save it as 16-bit greyscale (or 8-bit)")
             # Image.open only read the header; load() decodes, so truncation surfaces here and not later.
             im.load()
+            if fmt == "JPEG" and _missing_jpeg_blocks(im, height):
+                raise ImageError(label, "truncated JPEG (its last rows of blocks hold no data: the file was cut short "
+                                 "and given an end marker, or its header claims a larger picture)")
             # Upright as a viewer shows it: a JPEG stored sideways with an EXIF Orientation tag (a phone photo of a
             # film, a viewer's export) went to the model sideways, and 8 of 8 such pneumonia originals read NORMAL.
             im = ImageOps.exif_transpose(im)
@@ -443,6 +446,17 @@ def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: 
         detail = str(e) or type(e).__name__
         kind = "truncated" if isinstance(e, EOFError) or "truncated" in detail.lower() else "corrupt"
         raise ImageError(label, f"{kind} {fmt} ({detail})") from e
+
+
+def _missing_jpeg_blocks(im: Image.Image, height: int) -> bool:
+    """Whether a decoded baseline JPEG's last row of 8x8 blocks (at the draft's scale) is exactly grey 128, what
+    libjpeg leaves where the data ran out: a file cut short but ending with its end marker was decoded without an
+    error, its lower part one flat grey, and a NORMAL X-ray called PNEUMONIA at P 0.97 (none of 3,116 Kermany JPEGs
+    ends so). A progressive JPEG cut short is blurred, not grey, and not caught."""
+    if im.mode not in ("L", "RGB") or im.info.get("progressive") or im.info.get("progression"):
+        return False
+    rows = max(1, round(8 * im.size[1] / height))
+    return bool((np.asarray(im)[-rows:] == 128).all())
 
 
 def _jpeg_precision(data: bytes) -> int | None:
