@@ -732,6 +732,26 @@ def test_a_decoders_message_names_no_memory_address():
     assert " at 0x" not in str(info.value) and " at 0x" not in info.value.reason
 
 
+def test_a_damaged_dicom_leaves_no_traceback_in_the_log_and_pydicom_speaks_again_after(caplog):
+    # pydicom logged each failed decoder's traceback (LOGGER.exception): 14 lines on the service's log and on
+    # predict's stderr beside cxr's one-line error. Silenced in the decoding thread only, and only while it decodes.
+    import logging
+    import threading
+
+    data = dicom_bytes(RAW12, transfer_syntax=uid.JPEG2000Lossless, pixel_data=encapsulate([b"\xff\x4f\xff\x51junk"]))
+    with caplog.at_level(logging.DEBUG, logger="pydicom"):
+        threads = [threading.Thread(target=lambda: pytest.raises(ImageError, read_grayscale, data, name="j.dcm"))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.name.startswith("pydicom")]
+        logging.getLogger("pydicom.pixels.decoders.base").warning("heard")
+        logging.getLogger("pydicom").warning("heard too")
+    assert "heard" in caplog.text and "heard too" in caplog.text
+
+
 def test_dicom_size_checked_before_pixels():
     # Rows x Columns claim 400 M pixels while the pixel data is tiny: refused from the header, never decoded.
     data = dicom_bytes(RAW12, Rows=20_000, Columns=20_000)

@@ -202,6 +202,21 @@ def test_a_dcm_upload_without_preamble_is_read_as_the_command_line_reads_it(clie
     named_otherwise = upload(client, dicom(pixels, preamble=False), "1.2.840.113619.2.55.jpeg")
     assert named_otherwise.status_code == 200, named_otherwise.text
     assert named_otherwise.json()["probability"] == with_preamble.json()["probability"]
+    # One that starts at group 0028 (no first element to know it by) is read by its .dcm: a name of over 120
+    # characters (a PACS export's UIDs) had been cut, the extension with it, and refused 415 as "not an image".
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 64, 64, 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation, ds.PixelData = 15, 0, pixels.astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False, implicit_vr=True, little_endian=True)  # no preamble, no file meta
+    long_name = ".".join(["1.2.840.113619.2.55.3.604688119.971.1234567890"] * 3) + ".dcm"
+    for name in ("x.dcm", long_name):
+        r = upload(client, buf.getvalue(), name)
+        assert r.status_code == 200 and r.json()["probability"] == with_preamble.json()["probability"], r.text
+    assert len(r.json()["filename"]) == 120 and r.json()["filename"].endswith("1234567890.dcm")
     # A DICOM data set that does not decode is 422 as with its preamble, not "not DICOM" (415).
     blank = upload(client, dicom(np.full((8, 8), 5, np.uint16), preamble=False), "blank.dcm")
     assert blank.status_code == 422 and "blank image" in blank.json()["detail"]
@@ -270,7 +285,17 @@ def test_multipart_bodies_built_to_cost_memory_are_400(client, monkeypatch):
     # One part's headers without end: five lines of 4 kB, each within python-multipart's own limit of a line.
     lines = b"".join(b"x-long-%d: " % i + b"a" * 4000 + b"\r\n" for i in range(5))
     r = client.post(PREDICT, content=b"--b\r\n" + lines + b"\r\n\r\n--b--\r\n", headers=headers)
-    assert r.status_code == 400 and r.json()["detail"] == "form field headers over 16.0 kB", r.text
+    assert r.status_code == 400 and r.json()["detail"].startswith("form field headers over 16.0 kB"), r.text
+    # A file name of 4,500 characters, or nine headers, within that: python-multipart's own limits (a line of 4,224
+    # bytes, 8 headers) had answered "malformed body" first.
+    long_name = b'--b\r\nContent-Disposition: form-data; name="file"; filename="' + b"n" * 4500 + b'.jpeg"\r\n'
+    extra = b"".join(b"x-extra-%d: 1\r\n" % i for i in range(9))
+    r = client.post(PREDICT, content=long_name + extra + b"\r\n" + NORMAL[0].read_bytes() + b"\r\n--b--\r\n",
+                    headers=headers)
+    assert r.status_code == 200, r.text
+    r = client.post(PREDICT, content=b'--b\r\nContent-Disposition: form-data; name="file"; filename="'
+                    + b"n" * 17000 + b'"\r\n\r\nx\r\n--b--\r\n', headers=headers)
+    assert r.status_code == 400 and "(a file name that long?)" in r.json()["detail"], r.text
     # A boundary python-multipart refuses to parse with (over 256 bytes) was a 500 and two logged tracebacks.
     r = client.post(PREDICT, content=b"--" + b"x" * 5000 + b"--\r\n",
                     headers={"content-type": "multipart/form-data; boundary=" + "x" * 5000})

@@ -25,6 +25,7 @@ the Kermany data set were made from the originals.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -245,12 +246,36 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+_PYDICOM_QUIET = threading.local()  # how deep this thread is in pydicom calls whose log records are dropped
+# pydicom's loggers that speak while a file is read or decoded: its own, and the pixel decoders' (a traceback at
+# ERROR for a damaged JPEG 2000, on the service's log and predict's stderr, beside cxr's one-line error).
+_PYDICOM_LOGGERS = ("pydicom", "pydicom.pixels.decoders.base", "pydicom.pixels.utils")
+
+
+def _not_while_quiet(record: logging.LogRecord) -> bool:
+    return not getattr(_PYDICOM_QUIET, "depth", 0)
+
+
+@contextlib.contextmanager
+def _quiet_pydicom():
+    """Drop what pydicom logs, in this thread only, while it reads a file for cxr: cxr's ImageError says why a file
+    cannot be used, in one line. A filter that reads a thread-local count, not ``Logger.disabled``: the service
+    decodes in several threads, and their saves and restores of one flag had left pydicom silenced for good."""
+    for name in _PYDICOM_LOGGERS:
+        logger = logging.getLogger(name)
+        if _not_while_quiet not in logger.filters:
+            logger.addFilter(_not_while_quiet)
+    _PYDICOM_QUIET.depth = getattr(_PYDICOM_QUIET, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _PYDICOM_QUIET.depth -= 1
+
+
 def dicom_patient_id(path: str | os.PathLike) -> str | None:
     """The PatientID in a DICOM file's header (pixel data not read), or None: not a DICOM file, no PatientID, an
     empty one, or a header that cannot be read (its decode, later, says why). A ``.dcm``/``.dicom`` file without the
     preamble and 'DICM' marker is read too, as its decode reads it."""
-    pydicom_log = logging.getLogger("pydicom")
-    quiet = pydicom_log.disabled
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -262,8 +287,7 @@ def dicom_patient_id(path: str | os.PathLike) -> str | None:
             f.seek(0)
             # A damaged header is said once, by its decode (or the file name serves): not here too, where pydicom
             # would warn and log on its own, read as they are before the run has begun.
-            pydicom_log.disabled = True
-            with warnings.catch_warnings():
+            with _quiet_pydicom(), warnings.catch_warnings():  # run before the work starts, in one thread
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"], force=not marked)
         value = str(ds.get("PatientID", "") or "").strip()
@@ -271,8 +295,6 @@ def dicom_patient_id(path: str | os.PathLike) -> str | None:
         raise  # the machine's fault, not the file's: the callers' out-of-memory handling must see it
     except Exception:  # pydicom raises many types for a damaged header
         return None
-    finally:
-        pydicom_log.disabled = quiet
     return value or None
 
 
@@ -738,6 +760,11 @@ def _decoder_hint(ts: str) -> str:
 
 
 def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
+    with _quiet_pydicom():  # its reasons are in the ImageError
+        return _decode_dicom_data(data, label, max_pixels)
+
+
+def _decode_dicom_data(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     # Imported here: pydicom costs import time that JPEG/PNG-only users (the CLI, the server) need not pay.
     import pydicom
     from pydicom.errors import InvalidDicomError

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -50,7 +51,7 @@ from starlette.requests import ClientDisconnect
 from cxr import __version__
 from cxr.config import MAX_UPLOAD_MB, usable_cores
 from cxr.errors import UsageError
-from cxr.fileio import display_name
+from cxr.fileio import display_name, shorten_middle
 from cxr.images import ImageError, load_image, sniff
 from cxr.predict import DISCLAIMER, leans_away, prob_text
 
@@ -235,12 +236,28 @@ class HttpError(Exception):
 def _safe_name(filename: str | None) -> str:
     """The last component of a client's file name, printable and short: it is only echoed back, never opened."""
     name = re.split(r"[\\/]", filename or "")[-1]
-    name = "".join(c for c in name if c.isprintable()).strip()[:120]
+    # Shortened in the middle, its end kept: a DICOM without its preamble is known by its ".dcm", cut off with the
+    # rest of a PACS export's name of UIDs (often over 120 characters), whose last digits tell its files apart.
+    name = shorten_middle("".join(c for c in name if c.isprintable()).strip(), 120)
     return name or "upload"
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"  # not "0.0 MB" for a small limit
+
+
+@functools.cache
+def _parser_limits() -> dict[str, int]:
+    """The part-header limits named here, not those of recent python-multipart releases (8 headers, a line of 4,224
+    bytes): a file name of 4,500 characters had met their "malformed body" before :data:`_MAX_PART_HEADERS` could
+    say what was too long. Earlier releases have no such limits, nor the arguments."""
+    import inspect
+
+    from python_multipart.multipart import MultipartParser
+
+    if "max_header_count" in inspect.signature(MultipartParser).parameters:
+        return {"max_header_count": _MAX_PART_HEADERS, "max_header_size": 4 * _MAX_PART_HEADERS}  # ours first
+    return {}
 
 
 async def read_upload(request: Request, max_bytes: int, idle_timeout: float | None = None) -> tuple[bytes, str]:
@@ -286,7 +303,7 @@ async def read_upload(request: Request, max_bytes: int, idle_timeout: float | No
     def header_bytes(n: int) -> None:
         parts[-1]["header_bytes"] += n
         if parts[-1]["header_bytes"] > _MAX_PART_HEADERS:
-            raise HttpError(400, f"form field headers over {_mb(_MAX_PART_HEADERS)}")
+            raise HttpError(400, f"form field headers over {_mb(_MAX_PART_HEADERS)} (a file name that long?)")
 
     def on_header_end() -> None:
         parts[-1]["headers"][bytes(header["field"]).lower()] = bytes(header["value"])
@@ -307,7 +324,7 @@ async def read_upload(request: Request, max_bytes: int, idle_timeout: float | No
         parser = MultipartParser(params[b"boundary"], {
             "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
             "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data, "on_end": lambda: ended.append(True)})
+            "on_part_data": on_part_data, "on_end": lambda: ended.append(True)}, **_parser_limits())
         while True:
             try:
                 with anyio.fail_after(idle_timeout):
