@@ -139,6 +139,38 @@ def test_images_without_an_image_extension_are_found_by_content(tiny_dataset, tm
     assert load_image(normal / "IM-9999-0001", 32).shape == (32, 32)
 
 
+def test_folder_names_with_spaces_around_them_are_read_as_their_class_and_split(tiny_dataset, caplog):
+    # "NORMAL " (a space a file manager shows as nothing) was "not a class" and NORMAL/ "missing", in one breath;
+    # "train " was no split, and the hint named a path without the space.
+    (tiny_dataset / "train" / "NORMAL").rename(tiny_dataset / "train" / "NORMAL ")
+    (tiny_dataset / "test").rename(tiny_dataset / " Test")
+    splits = scan(tiny_dataset)
+    assert splits["train"].counts() == {"NORMAL": 16, "PNEUMONIA": 16} and splits["test"].counts()["NORMAL"] == 4
+    assert "not a class" not in caplog.text
+
+
+def test_evaluate_refuses_a_missing_class_beside_folders_no_class_takes(tiny_dataset):
+    # PNEUMONIA/ as bacteria/ and virus/: the NORMAL images alone had been scored (accuracy 0.000), exit 0.
+    (tiny_dataset / "test" / "PNEUMONIA").rename(tiny_dataset / "test" / "bacteria")
+    with pytest.raises(DataError, match=r"PNEUMONIA/ is missing, and folders that are not a class are there "
+                                        r"\('bacteria'\): put each class's images in NORMAL/ and PNEUMONIA/"):
+        scan(tiny_dataset / "test", require_both_classes=False)
+    shutil.rmtree(tiny_dataset / "test" / "bacteria")  # one class alone is a split evaluate can score
+    assert scan(tiny_dataset / "test", require_both_classes=False)["test"].counts() == {"NORMAL": 4, "PNEUMONIA": 0}
+
+
+def test_an_output_below_the_target_of_a_class_folder_that_is_a_link_is_refused(tiny_dataset, tmp_path):
+    # train/NORMAL a link to store/normals: an evaluation written to store/normals/ev was accepted, and the next run
+    # trained on its report's pictures as NORMAL X-rays.
+    store = tmp_path / "store"
+    store.mkdir()
+    (tiny_dataset / "train" / "NORMAL").rename(store / "normals")
+    (tiny_dataset / "train" / "NORMAL").symlink_to(store / "normals")
+    with pytest.raises(UsageError, match="inside a folder of --data"):
+        data.check_output_outside_data(store / "normals" / "ev", tiny_dataset)
+    data.check_output_outside_data(store / "elsewhere", tiny_dataset)  # beside it: not refused
+
+
 def test_missing_class_folder_is_named(tiny_dataset):
     shutil.rmtree(tiny_dataset / "train" / "PNEUMONIA")
     with pytest.raises(DataError, match=r"PNEUMONIA/ is missing"):

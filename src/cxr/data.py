@@ -189,11 +189,23 @@ def file_digest(path: str | os.PathLike) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _class_of(name: str) -> int | None:
+    """The class a folder's name gives, in any case and with spaces around it ignored (``"NORMAL "``, whose space a
+    file manager shows as nothing, had been left out as "not a class" and its class said to be missing), or None."""
+    name = name.strip().upper()
+    return CLASS_NAMES.index(name) if name in CLASS_NAMES else None
+
+
+def _split_of(name: str) -> str | None:
+    """The split a folder's name gives (``validation`` is val), as :func:`_class_of` reads names, or None."""
+    return _SPLIT_ALIASES.get(name.strip().lower())
+
+
 def _class_dirs(split_dir: Path) -> dict[int, Path]:
     found: dict[int, Path] = {}
     for child in sorted(split_dir.iterdir()):
-        if child.is_dir() and child.name.upper() in CLASS_NAMES:
-            label = CLASS_NAMES.index(child.name.upper())
+        label = _class_of(child.name)
+        if label is not None and child.is_dir():
             if label in found:  # NORMAL and normal: one would be dropped, which one decided by the listing order
                 raise DataError(f"{split_dir}: two folders for class {CLASS_NAMES[label]}, {found[label].name} and "
                                 f"{child.name}; merge them into one")
@@ -271,6 +283,13 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
     for label, cls in enumerate(CLASS_NAMES):
         if label not in dirs:
             problems.append(f"{split_dir}: class folder {cls}/ is missing")
+            if not require_both_classes and _other_folders(split_dir, dirs):
+                # Beside folders no class takes (bacteria/ and virus/): a layout of other classes, whose one class
+                # found had been scored alone, exit 0 (accuracy 0.000 of 10 NORMAL images, 12 pneumonias unseen)
+                raise DataError(f"{split_dir}: class folder {cls}/ is missing, and folders that are not a class are "
+                                f"there ({', '.join(repr(p.name) for p in _other_folders(split_dir, dirs)[:5])}): "
+                                f"put each class's images in {' and '.join(c + '/' for c in CLASS_NAMES)} (for "
+                                "instance bacteria/ and virus/ together in PNEUMONIA/)")
             continue
         images, other = _list_images(dirs[label])
         if other:
@@ -287,6 +306,12 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
     return Split(name, samples)
 
 
+def _other_folders(split_dir: Path, class_dirs: dict[int, Path]) -> list[Path]:
+    """The folders beside a split's class folders, which no class takes (hidden ones left out)."""
+    return [p for p in sorted(_children(split_dir))
+            if not p.name.startswith(".") and p not in class_dirs.values() and _is_dir(p)]
+
+
 def _say_what_is_left_out(split_dir: Path, class_dirs: dict[int, Path]) -> None:
     """Warn of the folders and files beside the class folders, which no class takes (a COVID/ folder, loose images):
     they had been left out without a word, at any log level."""
@@ -295,7 +320,7 @@ def _say_what_is_left_out(split_dir: Path, class_dirs: dict[int, Path]) -> None:
                   if not p.name.startswith(".") and p not in class_dirs.values()]
     except OSError:
         return
-    folders = [p.name for p in others if p.is_dir()]
+    folders = [repr(p.name) if p.name != p.name.strip() else p.name for p in others if p.is_dir()]
     files = [p.name for p in others if not p.is_dir()]
     if folders:
         log.warning("%s: ignoring %d folder(s) that are not a class (%s): %s", split_dir, len(folders),
@@ -472,18 +497,22 @@ def check_output_outside_data(output: str | os.PathLike, data: str | os.PathLike
     out, root = Path(output).resolve(), Path(data).resolve()
     if root.is_file():
         return  # an .npz or a split.csv: no folder of images to write into
-    folders = set(_SPLIT_ALIASES) | {c.lower() for c in CLASS_NAMES}
+    folders = set(_SPLIT_ALIASES) | {c.lower() for c in CLASS_NAMES}  # names as _split_of and _class_of read them
     # The output and each of its folders that exist, each with the name of the one below it (the output's own first).
     names = ["", out.name, *(p.name for p in out.parents)]
     chain = [(_folder_id(p), below) for p, below in zip([out, *out.parents], names, strict=False)]
-    roots = [root] + ([root.parent] if root.name.lower() in folders else [])
-    guarded = {_folder_id(d) for r in roots for d in _children(r) if d.name.lower() in folders and d.is_dir()} - {None}
+    roots = [root] + ([root.parent] if root.name.strip().lower() in folders else [])
+    tops = [d for r in roots for d in _children(r) if d.name.strip().lower() in folders and _is_dir(d)]
+    # and the class folders of the splits: one that is a link leads elsewhere, and an output below its target was
+    # scanned as X-rays by the next run (its report's pictures in the training split)
+    classes = [c for d in tops for c in _children(d) if _class_of(c.name) is not None and _is_dir(c)]
+    guarded = {_folder_id(d) for d in tops + classes} - {None}
     within = any(i in guarded for i, _ in chain)
     same = _folder_id(root)
     if same is not None and chain[0][0] == same:
         raise UsageError(f"--output {output}: the dataset itself; give a folder outside the data, say "
                          f"{root.parent / 'runs' / root.name}")
-    if within or any(same is not None and i == same and below.lower() in folders for i, below in chain[1:]):
+    if within or any(same is not None and i == same and below.strip().lower() in folders for i, below in chain[1:]):
         raise UsageError(f"--output {output}: inside a folder of --data; give a folder outside the data, say "
                          f"{roots[-1].parent / 'runs' / roots[-1].name}")
 
@@ -519,7 +548,7 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
     subdirs = sorted(c for c in root.iterdir() if c.is_dir())
     split_dirs: dict[str, Path] = {}
     for d in subdirs:
-        name = _SPLIT_ALIASES.get(d.name.lower())
+        name = _split_of(d.name)
         if name in split_dirs:  # val and validation: one would be dropped, which one decided by the listing order
             raise DataError(f"{root}: two folders for split {name}, {split_dirs[name].name} and {d.name}; merge them "
                             "into one")
@@ -529,7 +558,7 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
         return {name: scan_folder(split_dirs[name], name, require_both_classes=require_both_classes,
                                   patient_pattern=patient_pattern)
                 for name in SPLITS if name in split_dirs}
-    if any(d.name.upper() in CLASS_NAMES for d in subdirs):
+    if any(_class_of(d.name) is not None for d in subdirs):
         # One split, named after its folder: "data", not ".." for --data ..; a name that is not UTF-8 escaped, as
         # it is a key of metrics.json, a file name (predictions_<split>.csv) and a title in the report.
         name = valid_utf8((root.resolve() if root.name in ("", "..") else root).name)
@@ -538,8 +567,7 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
     # The Kaggle archive unpacks to chest_xray/chest_xray/ (and __MACOSX/ beside it): name the folder one level down
     # that holds the data, and what was seen here.
     below = [d for d in subdirs if not d.name.startswith((".", "__MACOSX"))
-             and any(_is_dir(e) and (e.name.lower() in _SPLIT_ALIASES or e.name.upper() in CLASS_NAMES)
-                     for e in _children(d))]
+             and any(_is_dir(e) and (_split_of(e.name) or _class_of(e.name) is not None) for e in _children(d))]
     hint = f"; the data seems to be one folder down: --data {below[0]}" if len(below) == 1 else ""
     seen = f"only {', '.join(sorted(d.name for d in subdirs)[:8])}" if subdirs else "no folders at all"
     raise DataError(f"{root}: found neither split folders (train/val/test) nor class folders (NORMAL/PNEUMONIA), "
