@@ -356,6 +356,22 @@ def test_one_image_per_patient_warns_only_when_the_names_give_no_patient(caplog)
         assert "only image-disjoint" in warning.getMessage() and "40 of 40 images" in warning.getMessage()
 
 
+def test_too_few_patients_because_file_names_repeat_in_every_patients_folder_says_so():
+    # An OsiriX/Horos JPEG export, <patient>/IM-0001-000k.jpg: Kermany's name rule made 20 patients of both classes
+    # one, refused as "only 1 NORMAL patients" with no word of why or of --patient-pattern.
+    pool = [Sample(f"/d/train/{'PNEUMONIA' if p % 2 else 'NORMAL'}/pt{p}/IM-0001-000{k}.jpg", p % 2,
+                   patient_id(f"IM-0001-000{k}.jpg"), digest=f"{p}-{k}") for p in range(20) for k in range(3)]
+    with pytest.raises(DataError, match=r"only 1 NORMAL patients: .*1 patient id\(s\) read from file names span "
+                                        r"several folders or both classes \(IM-0001 in 20 folders, both classes\).*"
+                                        r"set --patient-pattern .*'\^\(\[\^/\]\+\)/'"):
+        carve_validation(pool, 0.2, seed=0)
+    kermany = [Sample(f"/d/{split}/PNEUMONIA/person{p}_virus_{k}.jpeg", 1, f"person{p}", digest=f"{p}{k}")
+               for p in range(3) for k, split in enumerate(("train", "val"))]  # one folder name: no such hint
+    with pytest.raises(DataError, match=r"only 0 NORMAL patients") as info:
+        carve_validation(kermany, 0.2, seed=0)
+    assert "span several folders" not in str(info.value)
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5])
 def test_carve_validation_takes_the_fraction_asked(fraction):
     # One fold of round(1 / fraction) had given 0.4 a half of the pool and 0.3 a third.

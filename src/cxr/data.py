@@ -748,6 +748,27 @@ def validation_folds(fraction: float, max_folds: int = 20) -> tuple[int, int]:
     return min(options, key=lambda mk: (abs(mk[0] / mk[1] - fraction), mk[1]))
 
 
+def _merged_by_name_hint(pool: Sequence[Sample]) -> str:
+    """Where one patient id read from file names (Kermany's rule) spans folders of other names, or both classes, the
+    likely cause of too few patients, and what to do: OsiriX and Horos export ``<patient>/IM-0001-0001.jpg`` in every
+    patient's folder, which the rule made one patient (20 patients of both classes had been "only 1 NORMAL patient",
+    with no word of why)."""
+    spread: dict[str, tuple[set[str], set[int]]] = {}
+    for s in pool:
+        if not s.patient.startswith((_DICOM_PATIENT, PATTERN_PATIENT)) and _name_patient(Path(s.path).name):
+            folders, labels = spread.setdefault(s.patient, (set(), set()))
+            folders.add(Path(s.path).parent.name)
+            labels.add(s.label)
+    wide = [(p, f, lab) for p, (f, lab) in spread.items() if len(f) > 1 or len(lab) > 1]
+    if not wide:
+        return ""
+    patient, folders, labels = max(wide, key=lambda w: len(w[1]))
+    return (f"; {len(wide)} patient id(s) read from file names span several folders or both classes ({patient} in "
+            f"{len(folders)} folders{', both classes' if len(labels) > 1 else ''}): file names such as "
+            "IM-0001-0001.jpg repeat in every patient's folder (an OsiriX or Horos export); set --patient-pattern to "
+            "the part of the path that names the patient ('^([^/]+)/' for one folder per patient)")
+
+
 def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Split ``pool`` into (train, val): class-stratified, and patient-disjoint.
 
@@ -777,7 +798,7 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
             from_headers = sum(s.patient.startswith(_DICOM_PATIENT) for s in pool if s.label == label)
             hint = (f"; {from_headers} of its images take their patient from a DICOM PatientID: where an anonymiser "
                     "gave them all one, set --patient-pattern to say which part of the path names the patient")\
-                if from_headers else ""
+                if from_headers else _merged_by_name_hint(pool)
             raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
                             f"({n_val_folds} of {n_splits} folds, each holding patients of both classes; use the "
                             f"dataset's own val folder with --val-source folder){hint}")
