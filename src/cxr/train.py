@@ -585,9 +585,11 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         if not str(getattr(cfg, name)).strip():
             raise ConfigError(f"invalid config: {name} must name a folder (an empty one is the current folder)")
     if Path(cfg.data).suffix.lower() == ".csv":
-        # scan() reads a run's split.csv for `cxr evaluate`; for training it was taken, and its val carved anew.
-        raise UsageError(f"--data {cfg.data}: a run's split.csv is for cxr evaluate; train on the dataset itself (a "
-                         "folder or an .npz)")
+        # scan() reads a run's split.csv for `cxr evaluate`; for training it was taken, and its val carved anew. A
+        # labels file of the user's own (filename,label) had been called "a run's split.csv" too.
+        raise UsageError(f"--data {cfg.data}: cxr trains on images in class folders, not on a CSV of labels (a run's "
+                         "split.csv is for cxr evaluate): lay the images out as DIR/train/NORMAL/ and "
+                         "DIR/train/PNEUMONIA/ (links to the files will do) and give --data DIR, or an .npz")
     cfg.validate()
     if resume is None:
         # Recorded as an absolute path, so that `--resume` works from any folder (split.csv's paths are absolute too).
