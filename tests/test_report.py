@@ -752,3 +752,15 @@ def test_an_image_gone_is_counted_once_though_the_grid_and_the_video_both_ask(tm
         for _ in range(2):
             assert pixels.load(str(tmp_path / "gone.png")) is None
     assert list(pixels.failed) == [str(tmp_path / "gone.png")] and caplog.text.count("skipping an image") == 1
+
+
+def test_grid_tiles_that_share_a_file_name_are_captioned_with_their_folder_too():
+    # One folder per patient, img1.dcm in each: the captions repeated, and a wrong image could not be traced.
+    from cxr.report import GridTile, plot_grid
+
+    image = np.zeros((64, 64), np.uint8)
+    fig = plot_grid({"wrong": [GridTile(image, None, 1, 0.1, "/d/PNEUMONIA/pt07/img1.dcm"),
+                               GridTile(image, None, 1, 0.2, "/d/PNEUMONIA/pt12/img1.dcm"),
+                               GridTile(image, None, 0, 0.9, "/d/NORMAL/pt03/scan.png")]}, 0.5, "test")
+    labels = [ax.get_xlabel() for sub in fig.subfigs for ax in sub.axes if ax.get_xlabel()]
+    assert labels == ["pt07/img1.dcm", "pt12/img1.dcm", "scan.png"], labels

@@ -29,6 +29,7 @@ import logging
 import math
 import numbers
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -532,6 +533,14 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
     from cxr.video import drawable
 
     rows = [(name, tiles) for name, tiles in groups.items()]
+    # A file's name, or where several tiles share it (one folder per patient, img1.dcm in each), its folder's name
+    # too: a confidently wrong image could not be traced to its patient.
+    names = Counter(image_name(t.path) for _, tiles in rows for t in tiles)
+
+    def caption(path: str) -> str:
+        name = image_name(path)
+        return name if names[name] < 2 or npz_row(path) else f"{Path(path).parent.name}/{name}"
+
     # A group with no images (say, no wrong prediction) gets one line of text, not a blank row of tiles.
     heights = [math.ceil(len(t) / columns) if t else 0.2 for _, t in rows]
     with_heat = any(t.heatmap is not None for _, tiles in rows for t in tiles)
@@ -571,7 +580,7 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
                              + (f"\nmap of {CLASS_NAMES[pred]}; leans {CLASS_NAMES[1 - pred]}"
                                 if tile.heatmap is not None and not flat and leans_away(tile.prob, pred) else ""),
                              fontsize=9.5, color=colour if not ok else "black")
-                ax.set_xlabel(shorten_middle(drawable(image_name(tile.path)), 30), fontsize=7.5,
+                ax.set_xlabel(shorten_middle(drawable(caption(tile.path)), 30), fontsize=7.5,
                               color=OKABE_ITO["grey"], parse_math=False)
         subfigs[-1].text(0.5, 0.5, DISCLAIMER, ha="center", va="center", fontsize=7.5, color=OKABE_ITO["grey"])
         if with_heat:
