@@ -744,8 +744,6 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     metrics on machines that have it; "auto" uses bf16 where it is fast, as training does. On an H200 bf16 moved
     P(PNEUMONIA) of the bundled model by up to 0.014 and turned one of 748 validation labels (MODEL_CARD.md).
     """
-    import dataclasses
-
     from cxr.config import compiles_as_regex, default_cache_dir
     from cxr.data import check_output_outside_data, prepare, scan
     from cxr.export import model_id

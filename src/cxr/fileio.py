@@ -249,8 +249,6 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
 def check_not_an_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], flag: str = "--output") -> None:
     """Refuse an output file that is one of the inputs: it would be replaced by the results (a checkpoint exported
     over itself, an image overwritten by the predictions file), and the input lost."""
-    from cxr.errors import UsageError
-
     out = Path(output)
     if not out.exists():
         return  # not there yet, so no input

@@ -890,7 +890,6 @@ def overlay(image: np.ndarray, heatmap: np.ndarray | None, *, alpha: float = 0.5
         (H, W, 3) uint8 RGB array (or (size, size, 3)).
     """
     from matplotlib import colormaps
-    from PIL import Image
 
     grey = resize_square(image, size) if size and image.shape != (size, size) else np.asarray(image)
     base = np.repeat(grey[..., None].astype(np.float32) / 255.0, 3, axis=2)
