@@ -865,86 +865,9 @@ def _html(art: RunArtifacts, sections: list[tuple[str, str, str]], model_note: s
 # ------------------------------------------------------------------------------------------------ the report
 
 
-def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None = None,
-                model: str | os.PathLike | None = None, video: bool = True, heatmaps: bool = True,
-                grid_split: str | None = None, grid_per_group: int = 4, video_split: str | None = None,
-                video_select: str = "sample", video_max_images: int = 60, seconds_per_image: float = 1.0,
-                frame_size: tuple[int, int] = (640, 360), fps: float = 5.0, device: str = "auto",
-                seed: int = 0) -> Path:
-    """Make every picture of a run (or an evaluation folder) from its artifacts, and ``report.html`` with them.
-
-    Args:
-        run_dir: a training run directory, or an evaluation output folder (metrics.json + predictions).
-        output: where ``report.html`` and ``report/`` go (default ``run_dir``).
-        model: checkpoint or run directory for the heatmaps (default: ``run_dir``'s best.pt, if any).
-        video: write the fly-through MP4 and embed it.
-        heatmaps: overlay Grad-CAM heatmaps on the grid and the video (needs a model).
-        grid_split, video_split: which split's images to show (default test, else val, else the last one).
-        grid_per_group: images per grid row group (most confident right / wrong, borderline).
-        video_select: ``sample`` | ``errors`` | ``all`` (see :func:`pick_video_indices`).
-        video_max_images: at most this many images in the video (``sample`` and ``errors``).
-        seconds_per_image, frame_size, fps: the video's timing and (width, height) in pixels.
-        device: where the model runs for the heatmaps.
-        seed: for the video's random sample.
-
-    Returns:
-        The path of ``report.html``.
-    """
-    from cxr.errors import VideoError
-    from cxr.video import VideoItem, even_frame_size, write_flythrough
-
-    _check_count("grid_per_group", grid_per_group, MAX_PER_GROUP)  # -2 had been "all but two" (a slice's end)
-    _check_count("video_max_images", video_max_images, MAX_VIDEO_IMAGES)
-    if video:
-        frame_size = even_frame_size(*frame_size)  # fail before minutes of work, not after
-        # as frame_size: it was logged as "no video" and went on (infinity too, an OverflowError in the writer)
-        if not (0 < seconds_per_image <= 60 and 0 < fps <= 60):  # fps 1e9 ran for good
-            raise UsageError(f"seconds per image and fps must be > 0 and at most 60, got {seconds_per_image} and {fps}")
-    art = load_artifacts(run_dir)
-    out = Path(output) if output is not None else art.root
-    if out.resolve() != art.root.resolve() and any((out / n).is_file() for n in ("best.pt", "last.pt", "history.csv",
-                                                                                   "metrics.json")):
-        # Another run's (or evaluation's) report was replaced, and its pictures removed.
-        raise UsageError(f"--output {out}: the folder of other results, whose report would be replaced; give another "
-                         f"folder (say {out / ('report-' + art.root.name)})")
-    check_writable(out / "report.html")  # a folder of that name failed after the pictures were made
-    pics = out / "report"
-    ensure_dir(pics)
-    written: set[Path] = set()
-    earlier = _written_by_cxr(out)  # the pictures of the report there before
-
-    def made(path: Path) -> Path:  # a picture this report writes (the others in report/ are an earlier one's)
-        written.add(path)
-        # Listed at once, with the earlier report's: a report that fails midway leaves no picture unlisted, which
-        # no later report would remove.
-        atomic_write_text(pics / PICTURES_LIST, json.dumps(sorted({p.name for p in earlier | written})) + "\n")
-        return path
-    # A run directory has its own config.yaml; an evaluation folder has none, and _explainer fills in the
-    # checkpoint's, which is the model's training config (its data and output are not this evaluation's).
-    own_config = art.config is not None
-    explainer = _explainer(art, model, device, heatmaps)
-    threshold = art.threshold if art.threshold is not None else 0.5
-    splits = art.splits
-    preds = [art.predictions[s] for s in splits if s in art.predictions]
-    # Shown with more than three decimals when an image below it would show as on it (cxr.predict.prob_text).
-    decimals = threshold_decimals(threshold, [q for p in preds for q in p.probs])
-    shown_threshold = f"{threshold:.{decimals}f}"
-    sections: list[tuple[str, str, str]] = []  # (id, title, html)
-
-    def default_split(asked: str | None) -> str | None:
-        if asked is not None:
-            if asked not in art.predictions:
-                raise UsageError(f"split {asked!r} has no predictions in {art.root} (have: "
-                                 f"{', '.join(art.predictions) or 'none'})")
-            return asked
-        for name in ("test", "val"):
-            if name in art.predictions:
-                return name
-        return next(reversed(art.predictions), None)
-
-    gsplit, vsplit = default_split(grid_split), default_split(video_split)  # a wrong name fails before any work
-
-    # Data and metrics tables.
+def _data_html(art: RunArtifacts, explainer: _Explainer, own_config: bool) -> str:
+    """The report's Data section: images per split (and the unreadable ones), and the facts of the run or
+    evaluation that its numbers rest on."""
     summary = art.summary or {}
     counts = summary.get("counts") or {s: {"NORMAL": m.get("n_normal"), "PNEUMONIA": m.get("n_pneumonia")}
                                        for s, m in art.metrics.items()}
@@ -1026,42 +949,130 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             f"<li>{html.escape(display_name(s))}: {html.escape(display_name(u.get('path', '')))}: "
             f"{html.escape(display_name(u.get('reason', '').removeprefix(u.get('path', '') + ': ')))}</li>"
             for s, u in bad) + "</ul></details>"  # the reason names the file too: once is enough
-    sections.append(("data", "Data", data_html + (f"<ul>{''.join(facts)}</ul>" if facts else "")))
+    return data_html + (f"<ul>{''.join(facts)}</ul>" if facts else "")
 
+
+def _metrics_html(art: RunArtifacts, splits: Sequence[str], own_config: bool, shown_threshold: str) -> str:
+    """The report's Metrics section: each split's metrics with their intervals, and at what threshold."""
+    cols = ("n", "accuracy", "recall", "specificity", "precision", "f1", "auroc", "auprc")
+    metric_rows = []
+    for s in splits:
+        m = art.metrics.get(s)
+        if m is None:
+            continue
+        ece = expected_calibration_error(art.predictions[s].labels, art.predictions[s].probs) \
+            if s in art.predictions else None
+        ci = m.get("ci95") or {}
+        cells = []
+        for c in cols:
+            key = "sensitivity" if c == "recall" else c
+            value, interval = m.get(c), ci.get(key)
+            if value is not None and interval and None not in interval:
+                cells.append(_Html(f"{score_text(value)}<br><span class='ci'>{score_text(interval[0])}–"
+                                   f"{score_text(interval[1])}</span>"))
+            else:
+                cells.append(value)
+        metric_rows.append([s, *cells, ece])
+    header = ["split", "n", "accuracy", "sensitivity", "specificity", "precision", "F1", "AUROC", "AUPRC", "ECE"]
+    given = any(m.get("threshold_source") == "given" for m in art.metrics.values())
+    chosen = ("set by hand (--threshold)" if given else "chosen on this run's validation split" if own_config
+              else "the model's own, chosen on the validation split of its training run")
+    # The val row of a run: its threshold (and epoch) were chosen on those images, which makes its figures
+    # optimistic, and its intervals do not count the choice. It had stood beside test without a word.
+    if own_config and not given and "val" in art.metrics:
+        chosen += (", so the val row is optimistic: the threshold and the epoch were chosen on those very "
+                   "images, which its intervals do not count")
+    return (_table(header, metric_rows) +
+            f"<p class='meta'>At decision threshold P(pneumonia) ≥ {shown_threshold}, {chosen}. "
+            "Sensitivity = recall of PNEUMONIA, specificity = recall of NORMAL; AUROC and AUPRC do not "
+            "depend on the threshold; ECE = expected calibration error (10 bins). "
+            + _interval_note(art.metrics) + "</p>")
+
+
+def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None = None,
+                model: str | os.PathLike | None = None, video: bool = True, heatmaps: bool = True,
+                grid_split: str | None = None, grid_per_group: int = 4, video_split: str | None = None,
+                video_select: str = "sample", video_max_images: int = 60, seconds_per_image: float = 1.0,
+                frame_size: tuple[int, int] = (640, 360), fps: float = 5.0, device: str = "auto",
+                seed: int = 0) -> Path:
+    """Make every picture of a run (or an evaluation folder) from its artifacts, and ``report.html`` with them.
+
+    Args:
+        run_dir: a training run directory, or an evaluation output folder (metrics.json + predictions).
+        output: where ``report.html`` and ``report/`` go (default ``run_dir``).
+        model: checkpoint or run directory for the heatmaps (default: ``run_dir``'s best.pt, if any).
+        video: write the fly-through MP4 and embed it.
+        heatmaps: overlay Grad-CAM heatmaps on the grid and the video (needs a model).
+        grid_split, video_split: which split's images to show (default test, else val, else the last one).
+        grid_per_group: images per grid row group (most confident right / wrong, borderline).
+        video_select: ``sample`` | ``errors`` | ``all`` (see :func:`pick_video_indices`).
+        video_max_images: at most this many images in the video (``sample`` and ``errors``).
+        seconds_per_image, frame_size, fps: the video's timing and (width, height) in pixels.
+        device: where the model runs for the heatmaps.
+        seed: for the video's random sample.
+
+    Returns:
+        The path of ``report.html``.
+    """
+    from cxr.errors import VideoError
+    from cxr.video import VideoItem, even_frame_size, write_flythrough
+
+    _check_count("grid_per_group", grid_per_group, MAX_PER_GROUP)  # -2 had been "all but two" (a slice's end)
+    _check_count("video_max_images", video_max_images, MAX_VIDEO_IMAGES)
+    if video:
+        frame_size = even_frame_size(*frame_size)  # fail before minutes of work, not after
+        # as frame_size: it was logged as "no video" and went on (infinity too, an OverflowError in the writer)
+        if not (0 < seconds_per_image <= 60 and 0 < fps <= 60):  # fps 1e9 ran for good
+            raise UsageError(f"seconds per image and fps must be > 0 and at most 60, got {seconds_per_image} and {fps}")
+    art = load_artifacts(run_dir)
+    out = Path(output) if output is not None else art.root
+    if out.resolve() != art.root.resolve() and any((out / n).is_file() for n in ("best.pt", "last.pt", "history.csv",
+                                                                                   "metrics.json")):
+        # Another run's (or evaluation's) report was replaced, and its pictures removed.
+        raise UsageError(f"--output {out}: the folder of other results, whose report would be replaced; give another "
+                         f"folder (say {out / ('report-' + art.root.name)})")
+    check_writable(out / "report.html")  # a folder of that name failed after the pictures were made
+    pics = out / "report"
+    ensure_dir(pics)
+    written: set[Path] = set()
+    earlier = _written_by_cxr(out)  # the pictures of the report there before
+
+    def made(path: Path) -> Path:  # a picture this report writes (the others in report/ are an earlier one's)
+        written.add(path)
+        # Listed at once, with the earlier report's: a report that fails midway leaves no picture unlisted, which
+        # no later report would remove.
+        atomic_write_text(pics / PICTURES_LIST, json.dumps(sorted({p.name for p in earlier | written})) + "\n")
+        return path
+    # A run directory has its own config.yaml; an evaluation folder has none, and _explainer fills in the
+    # checkpoint's, which is the model's training config (its data and output are not this evaluation's).
+    own_config = art.config is not None
+    explainer = _explainer(art, model, device, heatmaps)
+    threshold = art.threshold if art.threshold is not None else 0.5
+    splits = art.splits
+    preds = [art.predictions[s] for s in splits if s in art.predictions]
+    # Shown with more than three decimals when an image below it would show as on it (cxr.predict.prob_text).
+    decimals = threshold_decimals(threshold, [q for p in preds for q in p.probs])
+    shown_threshold = f"{threshold:.{decimals}f}"
+    sections: list[tuple[str, str, str]] = []  # (id, title, html)
+
+    def default_split(asked: str | None) -> str | None:
+        if asked is not None:
+            if asked not in art.predictions:
+                raise UsageError(f"split {asked!r} has no predictions in {art.root} (have: "
+                                 f"{', '.join(art.predictions) or 'none'})")
+            return asked
+        for name in ("test", "val"):
+            if name in art.predictions:
+                return name
+        return next(reversed(art.predictions), None)
+
+    gsplit, vsplit = default_split(grid_split), default_split(video_split)  # a wrong name fails before any work
+
+    summary = art.summary or {}
+    swa = summary.get("swa")
+    sections.append(("data", "Data", _data_html(art, explainer, own_config)))
     if art.metrics:
-        cols = ("n", "accuracy", "recall", "specificity", "precision", "f1", "auroc", "auprc")
-        metric_rows = []
-        for s in splits:
-            m = art.metrics.get(s)
-            if m is None:
-                continue
-            ece = expected_calibration_error(art.predictions[s].labels, art.predictions[s].probs) \
-                if s in art.predictions else None
-            ci = m.get("ci95") or {}
-            cells = []
-            for c in cols:
-                key = "sensitivity" if c == "recall" else c
-                value, interval = m.get(c), ci.get(key)
-                if value is not None and interval and None not in interval:
-                    cells.append(_Html(f"{score_text(value)}<br><span class='ci'>{score_text(interval[0])}–"
-                                       f"{score_text(interval[1])}</span>"))
-                else:
-                    cells.append(value)
-            metric_rows.append([s, *cells, ece])
-        header = ["split", "n", "accuracy", "sensitivity", "specificity", "precision", "F1", "AUROC", "AUPRC", "ECE"]
-        given = any(m.get("threshold_source") == "given" for m in art.metrics.values())
-        chosen = ("set by hand (--threshold)" if given else "chosen on this run's validation split" if own_config
-                  else "the model's own, chosen on the validation split of its training run")
-        # The val row of a run: its threshold (and epoch) were chosen on those images, which makes its figures
-        # optimistic, and its intervals do not count the choice. It had stood beside test without a word.
-        if own_config and not given and "val" in art.metrics:
-            chosen += (", so the val row is optimistic: the threshold and the epoch were chosen on those very "
-                       "images, which its intervals do not count")
-        sections.append(("metrics", "Metrics", _table(header, metric_rows) +
-                         f"<p class='meta'>At decision threshold P(pneumonia) ≥ {shown_threshold}, {chosen}. "
-                         "Sensitivity = recall of PNEUMONIA, specificity = recall of NORMAL; AUROC and AUPRC do not "
-                         "depend on the threshold; ECE = expected calibration error (10 bins). "
-                         + _interval_note(art.metrics) + "</p>"))
+        sections.append(("metrics", "Metrics", _metrics_html(art, splits, own_config, shown_threshold)))
 
     if art.history:
         best = summary.get("best_epoch")
