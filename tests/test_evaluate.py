@@ -762,3 +762,6 @@ def test_evaluate_reads_patients_by_the_models_own_pattern_or_the_one_given(tmp_
     assert none.get("n_patients") is None and "bootstrap of the images" in none["ci95_method"]
     with pytest.raises(UsageError, match="--patient-pattern"):
         evaluated(patient_pattern="(")
+    np.savez(tmp_path / "d.npz", test_images=np.zeros((2, 28, 28), np.uint8), test_labels=np.array([0, 1]))
+    with pytest.raises(UsageError, match="--patient-pattern reads image paths below class folders; d.npz has none"):
+        evaluate_model(tmp_path / "m.pt", tmp_path / "d.npz", tmp_path / "o", device="cpu", patient_pattern="")

@@ -985,10 +985,36 @@ def test_a_jpeg_cut_short_but_ending_with_its_end_marker_is_refused(tmp_path, dr
     Image.fromarray(arr).save(buf, "JPEG", quality=90)
     data = buf.getvalue()
     assert load_image(data, 32, draft=draft).shape == (32, 32)
-    with pytest.raises(ImageError, match=r"cut\.jpeg: truncated JPEG \(its last rows of blocks hold no data"):
+    with pytest.raises(ImageError, match=r"cut\.jpeg: truncated JPEG \(its last row of 8x8 blocks is exactly mid-grey"):
         load_image(data[: len(data) * 2 // 5] + b"\xff\xd9", 32, name="cut.jpeg", draft=draft)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "JPEG", quality=90, progressive=True)  # blurred, not grey, when cut: not told
     assert load_image(buf.getvalue(), 32, draft=draft).shape == (32, 32)
     for f in sorted((Path(__file__).parents[1] / "src/cxr/sample/kermany-mini/test").glob("*/*.jpeg")):
         load_image(f, 64, draft=draft)
+    # A height no multiple of 8 (260): the last row of blocks is 4 rows high, and had been looked for in the last 8.
+    tall = (np.add.outer(np.arange(260), np.arange(200)) % 251).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(tall).save(buf, "JPEG", quality=90)
+    cut = buf.getvalue()[:-300] + b"\xff\xd9"
+    assert (read_grayscale(buf.getvalue())[-4:] != 128).any()
+    with pytest.raises(ImageError, match="truncated JPEG"):
+        load_image(cut, 32, draft=draft)
+    # An image that is mid-grey all over is blank, said so (not "truncated").
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(buf, "JPEG")
+    with pytest.raises(ImageError, match="blank image"):
+        load_image(buf.getvalue(), 32, draft=draft)
+
+
+def test_a_jpeg_baseline_dicom_cut_short_is_refused_as_the_jpeg_file_is():
+    arr = (np.add.outer(np.arange(256), np.arange(200)) % 251).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    whole = dicom_bytes(arr, transfer_syntax=uid.JPEGBaseline8Bit, pixel_data=encapsulate([data]))
+    assert read_grayscale(whole, name="whole.dcm").shape == (256, 200)
+    cut = dicom_bytes(arr, transfer_syntax=uid.JPEGBaseline8Bit,
+                      pixel_data=encapsulate([data[: len(data) * 2 // 5] + b"\xff\xd9"]))
+    with pytest.raises(ImageError, match=r"cut\.dcm: DICOM pixel data: truncated JPEG .* export it uncompressed"):
+        read_grayscale(cut, name="cut.dcm")

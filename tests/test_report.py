@@ -712,11 +712,11 @@ def test_the_interval_note_says_which_splits_resampled_images_for_want_of_patien
 
 
 def test_a_rate_inside_0_and_1_never_reads_0_or_100_percent_in_the_confusion_matrix():
-    from cxr.report import _percent
+    from cxr.predict import percent_text
 
-    assert _percent(2499 / 2500) == "99.96%" and _percent(1 / 2500) == "0.04%"  # had read "100.0%" and "0.0%"
-    assert _percent(1.0) == "100.0%" and _percent(0.0) == "0.0%" and _percent(0.5) == "50.0%"
-    assert _percent(1 - 1e-9) == ">99.99%" and _percent(1e-9) == "<0.01%"
+    assert percent_text(2499 / 2500) == "99.96%" and percent_text(1 / 2500) == "0.04%"  # had read 100.0% and 0.0%
+    assert percent_text(1.0) == "100.0%" and percent_text(0.0) == "0.0%" and percent_text(0.5) == "50.0%"
+    assert percent_text(1 - 1e-9) == ">99.99%" and percent_text(1e-9) == "<0.01%"
 
 
 def test_a_split_named_in_chinese_script_is_written_as_escapes_in_the_pictures(recwarn, monkeypatch):

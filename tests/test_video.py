@@ -285,7 +285,8 @@ def test_the_disclaimer_is_clear_of_a_players_controls_and_no_text_overlaps(monk
 
 
 def test_the_heatmap_legend_stays_below_the_tally_on_small_frames(monkeypatch):
-    # From 180 to 234 px high, the legend ("heatmap: ...") was drawn over the "accuracy" line.
+    # From 180 to 234 px high, the legend ("heatmap: ...") was drawn over the "accuracy" line; then, moved below it,
+    # its "low" and "high" into the progress strip. And "accuracy 100.0%" was drawn beside one wrong of 2500.
     from PIL import ImageDraw
 
     boxes, real_text = [], ImageDraw.ImageDraw.text
@@ -297,11 +298,17 @@ def test_the_heatmap_legend_stays_below_the_tally_on_small_frames(monkeypatch):
 
     monkeypatch.setattr(ImageDraw.ImageDraw, "text", record)
     heat = np.random.default_rng(0).random((64, 64)).astype(np.float32)
-    for size in ((320, 180), (408, 230), (702, 234), (640, 360), (1000, 180)):
+    for size in ((320, 180), (320, 190), (320, 194), (408, 230), (702, 234), (640, 360), (1000, 180)):
         for prob, label in ((0.9, 1), (0.52, 1), (0.1, 0)):
             boxes.clear()
             render_frame(VideoItem("/d/x.png", label, prob, np.zeros((64, 64), np.uint8), heat), index=0, total=3,
                          right=1, wrong=0, threshold=0.55, history=[True], size=size)
+            strip_top = size[1] - max(8, round(size[1] * 0.035)) // 2 - max(6, round(size[1] * 0.03))
             for i, (a, text_a) in enumerate(boxes):
+                assert a[3] <= strip_top, (size, text_a)  # "low" and "high" had run into the progress strip
                 for b, text_b in boxes[i + 1:]:
                     assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (size, text_a, text_b)
+    boxes.clear()
+    render_frame(VideoItem("/d/x.png", 1, 0.9, np.zeros((64, 64), np.uint8), None), index=2499, total=2500,
+                 right=2499, wrong=1, threshold=0.5, history=[True] * 2499 + [False])
+    assert "accuracy 99.96%" in [text for _, text in boxes]

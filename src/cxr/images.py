@@ -434,9 +434,10 @@ def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: 
                                  "leaves a 12-bit X-ray nearly black; save it as 16-bit greyscale (or 8-bit)")
             # Image.open only read the header; load() decodes, so truncation surfaces here and not later.
             im.load()
-            if fmt == "JPEG" and _missing_jpeg_blocks(im, height):
-                raise ImageError(label, "truncated JPEG (its last rows of blocks hold no data: the file was cut short "
-                                 "and given an end marker, or its header claims a larger picture)")
+            if fmt == "JPEG" and im.mode in ("L", "RGB") and not (im.info.get("progressive")
+                                                                  or im.info.get("progression")) \
+                    and _last_block_row_grey(np.asarray(im), height, 128):
+                raise ImageError(label, _CUT_SHORT)
             # Upright as a viewer shows it: a JPEG stored sideways with an EXIF Orientation tag (a phone photo of a
             # film, a viewer's export) went to the model sideways, and 8 of 8 such pneumonia originals read NORMAL.
             im = ImageOps.exif_transpose(im)
@@ -470,15 +471,23 @@ def _decode_pil(data: bytes, fmt: str, label: str, max_pixels: int, draft_size: 
         raise ImageError(label, f"{kind} {fmt} ({detail})") from e
 
 
-def _missing_jpeg_blocks(im: Image.Image, height: int) -> bool:
-    """Whether a decoded baseline JPEG's last row of 8x8 blocks (at the draft's scale) is exactly grey 128, what
-    libjpeg leaves where the data ran out: a file cut short but ending with its end marker was decoded without an
-    error, its lower part one flat grey, and a NORMAL X-ray called PNEUMONIA at P 0.97 (none of 3,116 Kermany JPEGs
-    ends so). A progressive JPEG cut short is blurred, not grey, and not caught."""
-    if im.mode not in ("L", "RGB") or im.info.get("progressive") or im.info.get("progression"):
-        return False
-    rows = max(1, round(8 * im.size[1] / height))
-    return bool((np.asarray(im)[-rows:] == 128).all())
+# What libjpeg leaves where a baseline JPEG's data ran out: all-zero blocks, which decode to exactly mid-grey. A file
+# cut short but ending with its end marker (or whose header claims a larger picture) was decoded without an error, its
+# lower part one flat grey, and a NORMAL X-ray called PNEUMONIA at P 0.97. A whole file whose last row of blocks is
+# exactly mid-grey reads alike (none of 3,116 Kermany JPEGs ends so): the message says what to do then. A progressive
+# JPEG cut short is blurred, not grey, and is not caught.
+_CUT_SHORT = ("truncated JPEG (its last row of 8x8 blocks is exactly mid-grey, what a file cut short decodes to: "
+              "cut short and given an end marker, or its header claims a larger picture; if the picture really ends "
+              "in exact mid-grey, save it as PNG)")
+
+
+def _last_block_row_grey(pixels: np.ndarray, height: int, grey: int) -> bool:
+    """Whether the last row of 8x8 blocks of decoded JPEG ``pixels`` (at a draft's scale, ``height`` the full one;
+    a short last row where the height is no multiple of 8) is all exactly ``grey``, while the picture is not (a blank
+    one is said to be blank)."""
+    block = max(1, round(8 * pixels.shape[0] / height))
+    tail = pixels[block * ((pixels.shape[0] - 1) // block):]
+    return bool((tail == grey).all()) and not bool((pixels == grey).all())
 
 
 def _jpeg_precision(data: bytes) -> int | None:
@@ -759,6 +768,10 @@ def _decoder_hint(ts: str) -> str:
     return "pip install pylibjpeg pylibjpeg-libjpeg (or python-gdcm)"  # JPEG baseline, extended, lossless
 
 
+# JPEG Baseline and Extended, whose blocks libjpeg leaves at mid-grey where the data ran out (see _CUT_SHORT)
+_DCT_JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+
+
 def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     with _quiet_pydicom():  # its reasons are in the ImageError
         return _decode_dicom_data(data, label, max_pixels)
@@ -832,6 +845,9 @@ def _decode_dicom_data(data: bytes, label: str, max_pixels: int) -> np.ndarray:
 
     if arr.ndim == (3 if samples == 1 else 4):  # all frames decoded (pydicom < 3)
         arr = arr[0]
+    bits = int(ds.get("BitsStored") or 8)
+    if str(ts) in _DCT_JPEG_SYNTAXES and 1 < bits <= 16 and _last_block_row_grey(arr, arr.shape[0], 1 << (bits - 1)):
+        raise ImageError(label, "DICOM pixel data: " + _CUT_SHORT.replace("save it as PNG", "export it uncompressed"))
     if samples == 1 and photometric == "PALETTE COLOR":
         # Stored values are indices into the colour palette: its colours are the image, not the indices.
         try:

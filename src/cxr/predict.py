@@ -102,6 +102,17 @@ def score_text(x: float) -> str:
     return ">0.999999" if x > 0.5 else "<0.000001"
 
 
+def percent_text(rate: float) -> str:
+    """A rate as a percentage with one decimal, or as many more (up to four) as it takes for a rate inside (0, 1) not
+    to read 0 % or 100 %: a specificity of 2499 of 2500 had read "100.0%" beside "0.0% (1)" in the report's confusion
+    matrix, and the video's running accuracy "100.0%" beside its one wrong."""
+    for d in range(1, 5):
+        text = f"{rate:.{d}%}"
+        if not (0 < rate < 1 and float(text[:-1]) in (0.0, 100.0)):
+            return text
+    return ">99.99%" if rate > 0.5 else "<0.01%"
+
+
 def threshold_text(threshold: float) -> str:
     """A threshold alone: three decimals, or more where it would show as 0 or 1 (:func:`threshold_decimals`)."""
     return f"{threshold:.{threshold_decimals(threshold)}f}"

@@ -51,7 +51,7 @@ from cxr.fileio import (
     shorten_middle,
     valid_utf8,
 )
-from cxr.predict import leans_away, prob_text, score_text, threshold_decimals
+from cxr.predict import leans_away, percent_text, prob_text, score_text, threshold_decimals
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], split: str, class_names: Seq
         shown = drawable(display_name(split))  # a folder's name in Chinese script had been empty boxes
         panels = ((cm, f"{shown}: counts (n = {int(cm.sum())})", lambda i, j: f"{int(cm[i, j])}"),
                   (norm, f"{shown}: row-normalised", lambda i, j: "–\n(no images)" if np.isnan(norm[i, j])
-                   else f"{_percent(norm[i, j])}\n({int(cm[i, j])})"))
+                   else f"{percent_text(norm[i, j])}\n({int(cm[i, j])})"))
         for ax, (values, title, text) in zip(axes, panels, strict=True):
             vmax = 1 if values is norm else max(values.max(), 1)
             im = ax.imshow(values, cmap=cmap, vmin=0, vmax=1 if values is norm else vmax)
@@ -699,16 +699,6 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
         art.config = cfg.to_dict()
     return _Explainer(net, cfg.image_size, cfg.mean, cfg.std, source=str(source), draft=cfg.draft,
                       max_pixels=cfg.max_pixels, other_model_id=other)
-
-
-def _percent(rate: float) -> str:
-    """A rate as a percentage with one decimal, or as many more (up to four) as it takes for a rate inside (0, 1) not
-    to read 0 % or 100 %: a specificity of 2499 of 2500 had read "100.0%" beside "0.0% (1)"."""
-    for d in range(1, 5):
-        text = f"{rate:.{d}%}"
-        if not (0 < rate < 1 and float(text[:-1]) in (0.0, 100.0)):
-            return text
-    return ">99.99%" if rate > 0.5 else "<0.01%"
 
 
 def _interval_note(metrics: dict) -> str:

@@ -21,7 +21,7 @@ from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError, VideoError
 from cxr.fileio import atomic_path, image_name
 from cxr.images import HEATMAP_CMAP, overlay
-from cxr.predict import leans_away, prob_text, threshold_decimals
+from cxr.predict import leans_away, percent_text, prob_text, threshold_decimals
 from cxr.progress import progress_bar
 
 # Okabe-Ito colours, the light variants that read well on the dark frame; right/wrong also differ in symbol and word.
@@ -181,7 +181,7 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     seen = right + wrong
     draw.text((x0, y), f"so far: {right} right, {wrong} wrong", font=normal, fill=TEXT)
     y += round(unit * 1.2)
-    draw.text((x0, y), f"accuracy {right / seen:.1%}" if seen else "", font=small, fill=DIM)
+    draw.text((x0, y), f"accuracy {percent_text(right / seen)}" if seen else "", font=small, fill=DIM)
     y += line_step
 
     # Heatmap legend, bottom of the panel (only when there is a heatmap).
@@ -189,10 +189,14 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
         from matplotlib import colormaps
 
         legend_y = margin + side - round(unit * 3.4) + line_step * len(lines)  # down to where the disclaimer was
-        # below the accuracy line whatever the frame: from 180 to 234 px high the legend was drawn over it
-        legend_y = max(legend_y, y + round(unit * 0.95))
+        # Below the accuracy line whatever the frame (from 180 to 234 px high the legend was drawn over it), and above
+        # the progress strip (at 320x190 its "low" and "high" had run into it): on the smallest frames without them.
+        ramp_h, label_h, sy = max(4, unit // 2), round(small.size * 1.2), h - margin // 2 - strip_h
+        lowest = y + round(unit * 0.95)
+        labels = lowest <= sy - 2 - ramp_h - 1 - label_h
+        legend_y = min(max(legend_y, lowest), sy - 2 - ramp_h - (1 + label_h if labels else 0))
         ramp = (colormaps[HEATMAP_CMAP](np.linspace(0, 1, max(2, panel_w // 2)))[:, :3] * 255).astype(np.uint8)
-        strip = Image.fromarray(np.repeat(ramp[None], max(4, unit // 2), axis=0))
+        strip = Image.fromarray(np.repeat(ramp[None], ramp_h, axis=0))
         # All zeros: nothing raised the explained class's score (Grad-CAM's map is flat after its ReLU), which happens
         # when P lies between 0.5 and the threshold. Said, so that a plain image is not misread.
         legend = ("heatmap: flat, no region raised it" if not item.heatmap.any() else
@@ -206,9 +210,10 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
                       if leans_away(item.prob, predicted) else f"evidence for {CLASS_NAMES[predicted]}")
         draw.text((x0, legend_y - round(unit * 0.95)), _fit(draw, legend, small, panel_w), font=small, fill=DIM)
         im.paste(strip, (x0, legend_y))
-        draw.text((x0, legend_y + strip.height + 1), "low", font=small, fill=DIM)
-        draw.text((x0 + strip.width - draw.textlength("high", font=small), legend_y + strip.height + 1), "high",
-                  font=small, fill=DIM)
+        if labels:
+            draw.text((x0, legend_y + strip.height + 1), "low", font=small, fill=DIM)
+            draw.text((x0 + strip.width - draw.textlength("high", font=small), legend_y + strip.height + 1), "high",
+                      font=small, fill=DIM)
 
     # Progress strip: one cell per image so far, coloured right or wrong.
     sy = h - margin // 2 - strip_h
