@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import cell, ratio_cell
+from common import cell, loadavg, ratio_cell
 
 
 def machine() -> str:
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for both backends (0: their default)")
     p.add_argument("--json", help="also write the raw numbers here")
     args = p.parse_args(argv)
+    load_before = loadavg()
 
     from cxr.evaluate import predict_logits
     from cxr.export import load_onnx_predictor
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmachine: {machine()}")
     print(f"model: {ckpt.arch} at {cfg.image_size} px ({'given' if args.model else 'random init'}); "
           f"{args.rounds} rounds, median [min, max]")
-    print(f"command: python benchmarks/backends.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    print(f"command: python benchmarks/backends.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"load average (1/5/15 min) before {load_before}, after {loadavg()}\n")
     print(f"| backend | latency, 1 image (ms) | vs {fast} | throughput, batch {args.batch} (images/s) | vs {base} |")
     print("|---|---:|---:|---:|---:|")
     for name, v in results.items():

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     import cxr.images
 
     width, height = map(int, args.size.split("x"))
-    header(argv, "dicom_decode.py", args.rounds, loadavg())
+    load_before = loadavg()  # the header, printed after the rounds, reads the load after them (it had run first)
     source = sorted(ORIGINALS.rglob("*.jpeg"))[0]
     with Image.open(source) as im:
         grey = np.asarray(im.convert("L").resize((width, height), Image.Resampling.BICUBIC), np.float32)
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if not same:
             raise SystemExit("the two decodes differ")
     pixels = width * height
+    header(argv, "dicom_decode.py", args.rounds, load_before)
     print("| decode | peak MB, median [min, max] | bytes a pixel | seconds | vs pydicom LUTs (memory, time) |")
     print("|---|---:|---:|---:|---:|")
     for name in peaks:

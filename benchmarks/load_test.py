@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import loadavg
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "cxr" / "sample" / "kermany-mini" / "test" / "PNEUMONIA"
 
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", type=Path, default=sorted(SAMPLE.glob("*.jpeg"))[0], help="the X-ray to send")
     p.add_argument("--json", help="also write the raw numbers here")
     args = p.parse_args(argv)
+    load_before = loadavg()
 
     image = args.image.read_bytes()
     proc, tmp = None, None
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"{statistics.median(v):{fmt}} [{min(v):{fmt}}, {max(v):{fmt}}]"
 
     print(f"\ncommand: python benchmarks/load_test.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"load average (1/5/15 min) before {load_before}, after {loadavg()}")
     heat = "n/a" if args.backend == "onnx" else "on" if args.heatmap else "off"
     threads = "the service's default" if args.threads is None else args.threads
     print(f"{args.clients} clients x {args.duration:g} s, {args.runs} runs, backend {args.backend}, heatmap {heat}, "

@@ -16,6 +16,7 @@ the documented way to change what PIL returns.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -81,9 +82,7 @@ def train_steps(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
     """``steps`` training steps, loading included; returns the number of images seen."""
     model.train()
     seen = 0
-    for step, batch in enumerate(loader):
-        if step >= steps:
-            break
+    for batch in itertools.islice(loader, steps):  # not enumerate + break: that loaded one more batch, timed
         inputs, labels = batch["img"].to(device), batch["label"].to(device)
         optimizer.zero_grad()
         loss = criterion(model(inputs), labels)
@@ -95,9 +94,7 @@ def train_steps(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
 
 def load_only(loader: DataLoader, batches: int) -> int:
     seen = 0
-    for step, batch in enumerate(loader):
-        if step >= batches:
-            break
+    for batch in itertools.islice(loader, batches):  # enumerate + break had loaded (and timed) one batch more
         seen += len(batch["label"])
     return seen
 

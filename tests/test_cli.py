@@ -444,6 +444,20 @@ def test_patience_that_runs_out_on_the_last_epoch_stopped_nothing(tmp_path, tiny
     assert load_checkpoint(run / "last.pt").epoch == 3
 
 
+def test_a_relative_cache_dir_is_the_runs_own_wherever_it_is_resumed(tmp_path, tiny_dataset, monkeypatch):
+    # Recorded as given, a resume from another folder decoded every image again into a new cache there (inside the
+    # dataset, from one of its folders, which evaluate then called a folder that is no class).
+    import cxr.train as train_mod
+
+    monkeypatch.chdir(tmp_path)
+    run = train_mod.train(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 1,
+                                                 "cache_dir": "relcache", "output": str(tmp_path / "run")}))
+    assert load_checkpoint(run / "last.pt").config.cache_dir == str(tmp_path / "relcache")
+    monkeypatch.chdir(tiny_dataset / "test")
+    train_mod.train(resume=run, overrides={"epochs": 2})
+    assert load_checkpoint(run / "last.pt").epoch == 2 and not (tiny_dataset / "test" / "relcache").exists()
+
+
 def test_a_resume_says_when_it_computes_otherwise_or_its_images_changed(tmp_path, tiny_dataset, caplog):
     # Resumed with 1 thread where it had 2 (as the busy-CPU warning advised), or after a training image was edited
     # in place: each gives another model than the run that went through, and nothing had said so. summary.json lists

@@ -601,7 +601,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, tiny_dataset, monkeypatch):
     assert len(decoded) == 8
 
 
-def test_cache_ignores_damaged_packs_and_temporary_files(tmp_path, tiny_dataset, monkeypatch):
+def test_cache_ignores_damaged_packs_and_temporary_files(tmp_path, tiny_dataset, monkeypatch, caplog):
     cfg = load_config(overrides={"image_size": 48, "cache_dir": str(tmp_path / "cache")})
     found = scan(tiny_dataset)
     for name in ("train", "test"):
@@ -618,6 +618,9 @@ def test_cache_ignores_damaged_packs_and_temporary_files(tmp_path, tiny_dataset,
     assert decoded == []  # the train pack is intact
     again = prepare(found["test"], cfg, workers=1)
     assert len(decoded) == len(found["test"].samples) == 8  # the damaged pack's images, decoded again
+    # Said and removed, as a pack whose checksum fails is (it had been skipped at debug level, read on every run)
+    assert f"cache pack {damaged} is damaged (not a whole pack: cut short?): removed" in caplog.text
+    assert not (folder / "stray.npy").exists() and all(p.stat().st_size > 5000 for p in folder.glob("*.npy"))
     np.testing.assert_array_equal(again.images[0], resize_square(read_grayscale(again.samples[0].path), 48))
 
 

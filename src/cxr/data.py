@@ -915,8 +915,11 @@ def cache_lookup(folder: Path, size: int, digests: set[str]) -> dict[str, tuple[
     found: dict[str, tuple[Path, int]] = {}
     for path in _packs(folder):
         pack = _read_pack(path, size)
-        if pack is None:
-            log.debug("ignoring damaged cache pack %s", path)
+        if pack is None:  # cut short (or not a pack): said and removed, as a pack whose checksum fails is (README)
+            log.warning("cache pack %s is damaged (not a whole pack: cut short?): removed; any of its images needed "
+                        "are decoded again", path)
+            with contextlib.suppress(OSError):
+                path.unlink()
             continue
         for row, raw in enumerate(pack[0]):
             digest = raw.tobytes().hex()

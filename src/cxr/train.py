@@ -19,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import errno
+import itertools
 import json
 import logging
 import math
@@ -318,9 +319,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, op
         _set_lr(optimizer, constant_lr)
     label = f"epoch {epoch + 1}/{cfg.epochs}" if constant_lr is None else f"epoch {epoch + 1} (weight averaging)"
     with progress_bar(label, total=steps_per_epoch * cfg.batch_size, unit="img") as bar:
-        for step, (x, y) in enumerate(loader):
-            if step >= steps_per_epoch:
-                break
+        # islice, not a break at steps_per_epoch: that drew (and augmented) one batch more under max_train_batches
+        for step, (x, y) in enumerate(itertools.islice(loader, steps_per_epoch)):
             wait += time.perf_counter() - t_data
             if cfg.scheduler == "cosine" and constant_lr is None:
                 _set_lr(optimizer, cosine_lr(epoch * steps_per_epoch + step, total_steps, warmup, cfg.lr))
@@ -596,6 +596,8 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         # So are starting weights from a file or run: `cxr evaluate` follows them back to the runs the model was
         # fine-tuned from, from whatever folder it runs in.
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).absolute()))
+        # The cache too: a relative one, resumed from another folder, was a new cache there (inside the data, even)
+        cfg = dataclasses.replace(cfg, cache_dir=str(Path(cfg.cache_dir).expanduser().absolute()))
         if cfg.weights not in ("none", "imagenet", "default") and Path(cfg.weights).exists():
             cfg = dataclasses.replace(cfg, weights=str(Path(cfg.weights).absolute()))
     if state is None:
