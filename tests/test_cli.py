@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -605,6 +606,53 @@ def test_early_stopping_ends_the_run_and_refuses_more_epochs(tmp_path, tiny_data
     with pytest.raises(UsageError, match="stopped early"):
         train_mod.train(resume=run, overrides={"epochs": 6})
     assert (run / "config.yaml").read_text() == config
+
+
+def test_a_resumed_run_keeps_counting_the_epochs_without_improvement(tmp_path, tiny_dataset, monkeypatch):
+    # Killed after epoch 2 (one epoch without improvement, of patience 2), resumed: it stops after epoch 3, as the run
+    # straight through does. Every resume test had patience 0, so a resume that forgot the count went unseen.
+    import cxr.train as train_mod
+
+    real_validate, calls = train_mod.validate, {"n": 0}
+
+    def rising_then_killed(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3 and kill["now"]:
+            kill["now"] = False
+            raise KeyboardInterrupt  # during epoch 3, after epoch 2's last.pt
+        out = real_validate(*args, **kwargs)
+        return {**out, "val_loss": out["val_loss"] + 10.0 * calls["n"]}
+
+    monkeypatch.setattr(train_mod, "validate", rising_then_killed)
+    overrides = {**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 6, "patience": 2}
+    kill = {"now": False}
+    straight = train_mod.train(load_config(overrides={**overrides, "output": str(tmp_path / "straight")}))
+    assert json.loads((straight / "summary.json").read_text())["epochs_run"] == 3
+    calls["n"], kill["now"] = 0, True
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(load_config(overrides={**overrides, "output": str(tmp_path / "run")}))
+    assert load_checkpoint(tmp_path / "run" / "last.pt").epoch == 2
+    calls["n"] = 3  # the validation of epoch 3 is the fourth call: losses go on rising
+    summary = json.loads((train_mod.train(resume=tmp_path / "run") / "summary.json").read_text())
+    assert summary["epochs_run"] == 3 and summary["stop_reason"].startswith("early stopping"), summary
+
+
+def test_a_run_with_the_sensitivity_policy_stores_the_threshold_that_policy_chose(tmp_path, tiny_dataset):
+    # Only choose_threshold had been tested with it: a run that stored Youden's threshold under the name
+    # "sensitivity" would have passed every test.
+    import cxr.train as train_mod
+    from cxr.evaluate import choose_threshold
+
+    run = train_mod.train(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 1,
+                                                 "threshold_policy": "sensitivity", "target_sensitivity": 1.0,
+                                                 "output": str(tmp_path / "run")}))
+    best = load_checkpoint(run / "best.pt")
+    rows = read_csv(run / "predictions_val.csv")
+    labels = np.array([r["label"] == "PNEUMONIA" for r in rows], dtype=np.int64)
+    probs = np.array([float(r["prob_pneumonia"]) for r in rows])
+    assert best.threshold_policy == "sensitivity>=1.0"
+    assert best.threshold == choose_threshold(labels, probs, "sensitivity", 1.0)
+    assert json.loads((run / "metrics.json").read_text())["val"]["recall"] == 1.0
 
 
 def test_resume_inside_weight_averaging_matches_uninterrupted_run(tmp_path, tiny_dataset, monkeypatch):

@@ -372,6 +372,16 @@ def test_too_few_patients_because_file_names_repeat_in_every_patients_folder_say
     assert "span several folders" not in str(info.value)
 
 
+def test_a_carve_far_from_the_fraction_asked_is_refused_and_folds_reach_100():
+    # 4 patients a class for 0.15: the nearest carve is 1 of 4 folds (25 %), 0.10 off: refused, not carved silently
+    # (README: refused where that is more than 0.05 off); nothing had tested between 0.05 and 0.10 off.
+    pool = [Sample(f"/d/{'PNEUMONIA' if c else 'NORMAL'}/p{c}{i}.png", c, f"pattern:p{c}{i}", digest=f"{c}{i}")
+            for c in (0, 1) for i in range(4)]
+    with pytest.raises(DataError, match="only 4 NORMAL patients: too few to carve a validation split of 15%"):
+        carve_validation(pool, 0.15, seed=0)
+    assert validation_folds(0.01, max_folds=100) == (1, 100)  # round(1 / fraction) folds, up to the rarer class's
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5])
 def test_carve_validation_takes_the_fraction_asked(fraction):
     # One fold of round(1 / fraction) had given 0.4 a half of the pool and 0.3 a third.

@@ -697,6 +697,10 @@ def test_the_metrics_functions_refuse_what_they_cannot_score():
         confidence_intervals([0, 1] * 10, [0.1, 0.9] * 10, 0.5, n_boot=1)
     with pytest.raises(UsageError, match="patients: one for each image, got 1 for 20"):  # a bare ValueError
         confidence_intervals([0, 1] * 10, [0.1, 0.9] * 10, 0.5, patients=["a"])
+    # The intervals call an image at the threshold PNEUMONIA, as the point figures beside them do.
+    ci = confidence_intervals([0, 1] * 10, [0.5] * 20, 0.5, n_boot=50)
+    assert compute_metrics([0, 1] * 10, [0.5] * 20, 0.5)["sensitivity"] == 1.0 and ci["sensitivity"][1] == 1.0
+    assert ci["specificity"] == [0.0, pytest.approx(0.2775, abs=1e-4)]
     empty = compute_metrics([], [], 0.5)  # scikit-learn's "Found empty input array"
     assert empty["n"] == 0 and empty["accuracy"] is None and empty["confusion_matrix"] == [[0, 0], [0, 0]]
 

@@ -482,3 +482,40 @@ def test_the_caption_counts_the_cells_of_the_grid_the_model_has(densenet):
     from cxr.explain import grid_cells
 
     assert [grid_cells(densenet, s) for s in (32, 94, 96, 190, 224)] == [1, 3, 3, 6, 7]
+
+
+def test_an_image_exactly_at_the_threshold_is_pneumonia_in_every_command(tmp_path, monkeypatch):
+    # "PNEUMONIA when P >= threshold" had been pinned in evaluate alone: predict, the service, explain's pictures,
+    # the report's operating point and error video, and the video's frames each had a rule of their own, any of
+    # which could have turned to ">" unseen. A head of zeros gives equal logits: P exactly 0.5, at threshold 0.5.
+    from fastapi.testclient import TestClient
+    from PIL import ImageDraw
+
+    from cxr.predict import predict_files
+    from cxr.report import SplitPredictions, _operating_point, pick_video_indices
+    from cxr.serve import create_app, load_engine
+    from cxr.video import VideoItem, render_frame
+
+    net = build_model("resnet18", "none")
+    torch.nn.init.zeros_(net.fc.weight)
+    torch.nn.init.zeros_(net.fc.bias)
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    model = tmp_path / "m.pt"
+    save_checkpoint(Checkpoint("resnet18", net.state_dict(), cfg, threshold=0.5), model)
+    preds = predict_files(model, FILES, device="cpu", amp="off")
+    assert [(p.prob_pneumonia, p.label) for p in preds] == [(0.5, "PNEUMONIA")] * len(FILES)
+    with TestClient(create_app(load_engine(model, "torch", "cpu", amp="off"))) as client:
+        r = client.post("/api/v1/predict?heatmap=false", files={"file": ("x.jpeg", FILES[0].read_bytes())})
+    assert (r.json()["probability"], r.json()["label"]) == (0.5, "PNEUMONIA"), r.text
+    explain_files(model, FILES, tmp_path / "ex", device="cpu", amp="off")
+    with open(tmp_path / "ex" / "explanations.csv", encoding="utf-8") as f:
+        assert {row["predicted"] for row in csv.DictReader(f)} == {"PNEUMONIA"}
+    at = np.array([0.5, 0.5])
+    assert pick_video_indices(SplitPredictions("test", ["a", "b"], np.array([0, 0]), at), 0.5, "errors") == [0, 1]
+    assert _operating_point(np.array([0, 1]), at, 0.5) == (1.0, 1.0, 0.5)
+    drawn, real_text = [], ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: drawn.append(text)
+                        or real_text(self, xy, text, *a, **k))
+    render_frame(VideoItem("a.png", 1, 0.5, np.zeros((64, 64), np.uint8), None), index=0, total=1, right=1, wrong=0,
+                 threshold=0.5, history=[True])
+    assert "✓ RIGHT" in drawn and drawn[drawn.index("predicted") + 1] == "PNEUMONIA"

@@ -167,8 +167,10 @@ def test_predict_files_onnx(exported, tmp_path):
         assert p.prob_pneumonia == pytest.approx(expected, abs=1e-4)
         assert p.label == ("PNEUMONIA" if p.prob_pneumonia >= THRESHOLD else "NORMAL")
     assert preds[4].error and "broken.jpeg" in preds[4].error and preds[4].label is None
-    # An explicit threshold overrides the file's.
+    # An explicit threshold overrides the file's (both ways: every image at or above the file's own was PNEUMONIA at
+    # 0.0 whatever the threshold used, so that check alone could not fail).
     assert {p.label for p in predict_files_onnx(exported["onnx"], FILES[:4], threshold=0.0)} == {"PNEUMONIA"}
+    assert {p.label for p in predict_files_onnx(exported["onnx"], FILES[:4], threshold=1.0)} == {"NORMAL"}
 
 
 def test_an_onnx_model_of_a_draft_model_decodes_in_draft_mode(exported, tmp_path):
@@ -335,7 +337,7 @@ def test_bad_inputs_are_refused(exported, tmp_path):
     with pytest.raises(CheckpointError, match="without a cxr contract"):
         OnnxPredictor(tmp_path / "foreign.onnx")
     # Ours, with its contract edited by hand: one line when loaded, not a traceback at the first prediction.
-    for edit in ({"max_pixels": None}, {"image_size": SIZE + 8}, {"threshold": 7}):
+    for edit in ({"max_pixels": None}, {"image_size": SIZE + 8}, {"threshold": 7}, {"threshold": -0.1}):
         model = onnx.load(exported["onnx"])
         prop = next(p for p in model.metadata_props if p.key == CONTRACT_KEY)
         prop.value = json.dumps({**json.loads(prop.value), **edit})

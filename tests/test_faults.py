@@ -758,3 +758,19 @@ def test_training_accuracy_calls_a_tie_pneumonia_as_validation_and_every_command
     labels = torch.cat([y for _, y in loader])
     assert 0 < labels.float().mean() < 1
     assert row["train_acc"] == pytest.approx(float(labels.float().mean()))
+
+
+def test_outputs_are_written_with_the_permissions_the_umask_gives(tmp_path):
+    # Written through a temporary file (mkstemp makes it 0600): without the chmod, every checkpoint, CSV and
+    # metrics.json was unreadable by the colleagues of a shared group, and no test had looked.
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "metrics.json", "{}")
+        os.umask(0o027)
+        atomic_write_text(tmp_path / "group.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "group.json").stat().st_mode) == 0o640

@@ -812,3 +812,12 @@ def test_the_engine_and_the_inference_commands_refuse_images_of_another_size_tha
         with pytest.raises(UsageError, match=rf"shape \(N, {SIZE}, {SIZE}\).*\(1, 32, 32\)"):
             predict(small)
         assert predict(np.zeros((2, SIZE, SIZE), np.uint8)).shape == (2,)
+
+
+def test_an_upload_one_byte_over_max_upload_mb_is_413_and_one_at_it_is_read(client):
+    # The body's own checks allow the multipart overhead (64 kB) on top of the limit; the file's size is checked
+    # after, and nothing had tested that check: a file up to 64 kB over --max-upload-mb would have been taken.
+    over = upload(client, b"\xff\xd8\xff" + b"\0" * (200_001 - 3))  # the client fixture's limit: 0.2 MB
+    assert over.status_code == 413 and "over the 0.2 MB limit" in over.json()["detail"], over.text
+    at = upload(client, b"\xff\xd8\xff" + b"\0" * (200_000 - 3))
+    assert at.status_code == 422, at.text  # read, and refused as the broken JPEG it is
