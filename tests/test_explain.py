@@ -519,3 +519,34 @@ def test_an_image_exactly_at_the_threshold_is_pneumonia_in_every_command(tmp_pat
     render_frame(VideoItem("a.png", 1, 0.5, np.zeros((64, 64), np.uint8), None), index=0, total=1, right=1, wrong=0,
                  threshold=0.5, history=[True])
     assert "✓ RIGHT" in drawn and drawn[drawn.index("predicted") + 1] == "PNEUMONIA"
+
+
+def test_grad_cams_graph_starts_at_the_explained_block_and_gives_the_maps_of_the_whole_one(densenet, xrays):
+    # The whole network's graph had been kept (the input and every parameter required gradients): 2.8 GB for 16
+    # images at 224 px. Now nothing before the block is differentiated, the maps are those of the whole graph, and
+    # the parameters' flags are as they were.
+    saved = []  # the bytes autograd keeps for the backward pass
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        cam, logits = grad_cam(densenet, xrays, 1)
+    # the head's few tensors (about the block's output), not the network's 1,098 (1,300 times the input, at 96 px)
+    assert sum(saved) < 2 * xrays.numel() * 4 and all(p.requires_grad for p in densenet.parameters())
+    # The reference: the whole graph, from an input that requires gradients.
+    captured = []
+    hook = densenet.features.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        x = xrays.clone().requires_grad_(True)
+        out = densenet(x)
+        (grads,) = torch.autograd.grad((out[:, 1] - out[:, 0]).sum(), captured[-1])
+    finally:
+        hook.remove()
+    ref = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * captured[-1]).sum(dim=1, keepdim=True)).detach()
+    ref = torch.nn.functional.interpolate(ref, size=xrays.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    ref = (ref - ref.flatten(1).min(1).values[:, None, None]) / (
+        ref.flatten(1).max(1).values - ref.flatten(1).min(1).values)[:, None, None]
+    np.testing.assert_allclose(cam, ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(logits, out.detach().numpy(), atol=1e-5)

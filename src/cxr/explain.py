@@ -67,11 +67,23 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | Non
     model.eval()
     layer = layer if layer is not None else target_layer(model)
     captured: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+
+    def start_the_graph_here(_module, _inputs, out: torch.Tensor) -> torch.Tensor:
+        # Gradients are needed from the block's output on, not before: the graph starts at it. With the input and
+        # every parameter requiring gradients, autograd had kept the whole network's activations, 2.8 GB for 16
+        # images at 224 px (0.9 GB now, the same maps). "* 1": not a leaf, which DenseNet's in-place ReLU after its
+        # features would refuse.
+        captured.append(out.detach().requires_grad_(True) * 1)
+        return captured[-1]
+
+    handle = layer.register_forward_hook(start_the_graph_here)
+    wanted = [p.requires_grad for p in model.parameters()]
     try:
+        for p in model.parameters():
+            p.requires_grad_(False)
         # Works when called under torch.inference_mode() or no_grad() too: this needs a graph.
         with torch.inference_mode(False), torch.enable_grad():
-            x = x.detach().clone().requires_grad_(True)  # so the graph exists even with frozen parameters
+            x = x.detach().clone()  # a normal tensor, not an inference one
             logits = model(x).float()
             activations = captured[-1]
             if target is None:
@@ -85,6 +97,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | Non
             (grads,) = torch.autograd.grad(score, activations)
     finally:
         handle.remove()
+        for p, w in zip(model.parameters(), wanted, strict=True):
+            p.requires_grad_(w)
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activations).sum(dim=1, keepdim=True)).detach().float()
     # Min-max per image (as pytorch-grad-cam does): the least weighed region becomes transparent in overlays. Whether
