@@ -764,3 +764,20 @@ def test_grid_tiles_that_share_a_file_name_are_captioned_with_their_folder_too()
                                GridTile(image, None, 0, 0.9, "/d/NORMAL/pt03/scan.png")]}, 0.5, "test")
     labels = [ax.get_xlabel() for sub in fig.subfigs for ax in sub.axes if ax.get_xlabel()]
     assert labels == ["pt07/img1.dcm", "pt12/img1.dcm", "scan.png"], labels
+
+
+def test_the_video_of_the_grids_split_explains_no_image_of_the_grid_again(tmp_path, monkeypatch):
+    # Each of the grid and the video had decoded and Grad-CAM'd its images: an image in both, twice (16 images with
+    # the default sample: 20 decodes and maps).
+    import cxr.report as report_mod
+
+    run = make_run(tmp_path / "run")
+    loads, explained = [], []
+    real_load, real_maps = report_mod._PixelSource.load, report_mod._Explainer.heatmaps
+    monkeypatch.setattr(report_mod._PixelSource, "load", lambda self, path: loads.append(path)
+                        or real_load(self, path))
+    monkeypatch.setattr(report_mod._Explainer, "heatmaps", lambda self, images, classes: explained.append(len(images))
+                        or real_maps(self, images, classes))
+    make_report(run, device="cpu", video_select="all", **{**VIDEO, "video_max_images": 100})
+    n_test = len((run / "predictions_test.csv").read_text().splitlines()) - 1
+    assert len(loads) == len(set(loads)) == n_test and sum(explained) == n_test  # once each: grid, then the rest

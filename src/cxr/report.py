@@ -734,17 +734,20 @@ def _model_name(ref: str | os.PathLike | None, model_id: str | None = None) -> s
 
 
 def _gather(pred: SplitPredictions, indices: Sequence[int], pixels: _PixelSource, explainer: _Explainer,
-            threshold: float) -> list[GridTile]:
-    """Load the images at ``indices`` and their heatmaps (explaining the predicted class); unreadable ones dropped."""
-    loaded = [(i, pixels.load(pred.paths[i])) for i in indices]
+            threshold: float, known: dict[int, GridTile] | None = None, remember: bool = False) -> list[GridTile]:
+    """Load the images at ``indices`` and their heatmaps (explaining the predicted class); unreadable ones dropped.
+    ``known``: tiles already made, by index, used again, and with ``remember`` added to (the grid's: the video of
+    the same split had decoded and explained them a second time; the video's many are not kept)."""
+    known = {} if known is None else known
+    loaded = [(i, pixels.load(pred.paths[i])) for i in indices if i not in known]
     loaded = [(i, im) for i, im in loaded if im is not None]
-    if not loaded:
-        return []
-    images = np.stack([im for _, im in loaded])
-    classes = np.array([int(pred.probs[i] >= threshold) for i, _ in loaded])
-    maps = explainer.heatmaps(images, classes)
-    return [GridTile(im, heat, int(pred.labels[i]), float(pred.probs[i]), pred.paths[i])
-            for (i, im), heat in zip(loaded, maps, strict=True)]
+    maps = explainer.heatmaps(np.stack([im for _, im in loaded]),
+                              np.array([int(pred.probs[i] >= threshold) for i, _ in loaded])) if loaded else []
+    made = {i: GridTile(im, heat, int(pred.labels[i]), float(pred.probs[i]), pred.paths[i])
+            for (i, im), heat in zip(loaded, maps, strict=True)}
+    if remember:
+        known.update(made)
+    return [known[i] if i in known else made[i] for i in indices if i in known or i in made]
 
 
 def pick_video_indices(pred: SplitPredictions, threshold: float, select: str = "sample", max_images: int = 60,
@@ -1114,11 +1117,13 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     pixels = _PixelSource(explainer.size, explainer.max_pixels, draft=explainer.draft)
     model_note = ("heatmaps: Grad-CAM" if explainer.net is not None else "heatmaps off" if not heatmaps
                   else "no model: images shown without heatmaps")
+    grid_tiles: dict[int, GridTile] = {}  # the grid's, by index: the video of the same split shows some again
     try:
         if gsplit is not None:
             p = art.predictions[gsplit]
             groups = select_examples(p.labels, p.probs, threshold, grid_per_group)
-            tiles = {name: _gather(p, idx, pixels, explainer, threshold) for name, idx in groups.items()}
+            tiles = {name: _gather(p, idx, pixels, explainer, threshold, grid_tiles, remember=True)
+                     for name, idx in groups.items()}
             # No wider than the largest group: --per-group 100000 had drawn 100,000 columns, for good.
             columns = max(1, min(grid_per_group, max((len(t) for t in tiles.values()), default=1)))
             grid = plot_grid(tiles, threshold, gsplit, columns=columns, decimals=decimals)
@@ -1140,7 +1145,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             idx = pick_video_indices(p, threshold, video_select, video_max_images, seed)
             items = []
             for start in range(0, len(idx), 32):  # Grad-CAM batches of 32 images
-                for t in _gather(p, idx[start:start + 32], pixels, explainer, threshold):
+                for t in _gather(p, idx[start:start + 32], pixels, explainer, threshold,
+                                 grid_tiles if vsplit == gsplit else None):
                     items.append(VideoItem(t.path, t.label, t.prob, t.image, t.heatmap))
             if items:
                 try:
