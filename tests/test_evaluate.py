@@ -235,11 +235,14 @@ def test_bca_intervals_are_scipys():
 
     from cxr.evaluate import _bca
 
-    x = np.random.default_rng(5).exponential(size=60)  # skewed: the bias and acceleration matter
-    res = bootstrap((x,), np.mean, n_resamples=2000, method="BCa", random_state=np.random.default_rng(1))
-    jack = np.array([np.delete(x, i).mean() for i in range(len(x))])
-    ours = _bca(res.bootstrap_distribution, float(x.mean()), jack, 0.95)
-    assert ours == pytest.approx([res.confidence_interval.low, res.confidence_interval.high], rel=1e-9)
+    # skewed (the bias and acceleration matter); and 0/1 data, whose resamples' means often equal the estimate
+    # (counted half below it, as scipy does: nothing had tested that count)
+    for x in (np.random.default_rng(5).exponential(size=60), np.r_[np.zeros(3), np.ones(17)]):
+        res = bootstrap((x,), np.mean, n_resamples=2000, method="BCa", random_state=np.random.default_rng(1))
+        assert (res.bootstrap_distribution == x.mean()).sum() > 100 or x.max() > 1
+        jack = np.array([np.delete(x, i).mean() for i in range(len(x))])
+        ours = _bca(res.bootstrap_distribution, float(x.mean()), jack, 0.95)
+        assert ours == pytest.approx([res.confidence_interval.low, res.confidence_interval.high], rel=1e-9)
 
 
 def test_rates_get_wilson_intervals_that_never_collapse_at_0_or_1(scores):
