@@ -147,6 +147,9 @@ def test_folder_names_with_spaces_around_them_are_read_as_their_class_and_split(
     splits = scan(tiny_dataset)
     assert splits["train"].counts() == {"NORMAL": 16, "PNEUMONIA": 16} and splits["test"].counts()["NORMAL"] == 4
     assert "not a class" not in caplog.text
+    from cxr.train import _below_class_folder  # the example path of the patient_pattern warning
+
+    assert _below_class_folder("/d/train/NORMAL /pt01/img.png") == "pt01/img.png"
 
 
 def test_evaluate_refuses_a_missing_class_beside_folders_no_class_takes(tiny_dataset):
@@ -169,6 +172,11 @@ def test_an_output_below_the_target_of_a_class_folder_that_is_a_link_is_refused(
     with pytest.raises(UsageError, match="inside a folder of --data"):
         data.check_output_outside_data(store / "normals" / "ev", tiny_dataset)
     data.check_output_outside_data(store / "elsewhere", tiny_dataset)  # beside it: not refused
+    # A link one level down (a patient's folder in a class folder) leads the scan there too.
+    (store / "pt01").mkdir()
+    (tiny_dataset / "train" / "PNEUMONIA" / "pt01").symlink_to(store / "pt01")
+    with pytest.raises(UsageError, match="inside a folder of --data"):
+        data.check_output_outside_data(store / "pt01" / "ev", tiny_dataset)
 
 
 def test_missing_class_folder_is_named(tiny_dataset):
@@ -1452,3 +1460,26 @@ def test_neighbouring_seeds_draw_batch_orders_of_their_own():
     assert len({tuple(o) for o in orders}) == 16
     assert sampler_seed(0) == 0  # seed 0's orders, the bundled model's, unchanged
     assert 0 <= sampler_seed(2**64 - 1) < 2**62
+
+
+def test_a_pack_that_cannot_be_mapped_now_is_skipped_not_removed(tmp_path, tiny_dataset, monkeypatch, caplog):
+    # Any OSError of np.load (a memory limit, another user's pack) had counted as damage: the valid pack was said to
+    # be damaged and removed.
+    import errno
+
+    cfg = load_config(overrides={"image_size": 48, "cache_dir": str(tmp_path / "cache")})
+    split = scan(tiny_dataset / "test")["test"]
+    first = prepare(split, cfg, workers=1)
+    packs = sorted(cache_folder(cfg).glob("*.npy"))
+    real_load = np.load
+
+    def no_memory(*args, **kwargs):
+        if kwargs.get("mmap_mode"):
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(np, "load", no_memory)
+    assert cache_lookup(cache_folder(cfg), 48, {s.digest for s in first.samples}) == {}
+    monkeypatch.setattr(np, "load", real_load)
+    assert sorted(cache_folder(cfg).glob("*.npy")) == packs and "damaged" not in caplog.text
+    np.testing.assert_array_equal(prepare(split, cfg, workers=1).images, first.images)

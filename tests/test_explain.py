@@ -550,3 +550,21 @@ def test_grad_cams_graph_starts_at_the_explained_block_and_gives_the_maps_of_the
         ref.flatten(1).max(1).values - ref.flatten(1).min(1).values)[:, None, None]
     np.testing.assert_allclose(cam, ref.numpy(), atol=1e-5)
     np.testing.assert_allclose(logits, out.detach().numpy(), atol=1e-5)
+
+
+def test_grad_cam_in_two_threads_on_one_model_leaves_its_parameters_as_they_were():
+    # Each call switches the parameters' gradients off and back: interleaved, the "back" wrote False (0 of 62 left).
+    import threading
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", "none").eval()
+    x = torch.randn(2, 1, 32, 32)
+    maps = []
+    threads = [threading.Thread(target=lambda: [maps.append(grad_cam(net, x, 1)[0]) for _ in range(10)])
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(p.requires_grad for p in net.parameters()) and len(maps) == 20
+    assert all(np.array_equal(m, maps[0]) for m in maps)  # and no call saw the other's hook fire

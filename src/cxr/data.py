@@ -189,7 +189,7 @@ def file_digest(path: str | os.PathLike) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _class_of(name: str) -> int | None:
+def class_of_folder(name: str) -> int | None:
     """The class a folder's name gives, in any case and with spaces around it ignored (``"NORMAL "``, whose space a
     file manager shows as nothing, had been left out as "not a class" and its class said to be missing), or None."""
     name = name.strip().upper()
@@ -197,14 +197,14 @@ def _class_of(name: str) -> int | None:
 
 
 def _split_of(name: str) -> str | None:
-    """The split a folder's name gives (``validation`` is val), as :func:`_class_of` reads names, or None."""
+    """The split a folder's name gives (``validation`` is val), as :func:`class_of_folder` reads names, or None."""
     return _SPLIT_ALIASES.get(name.strip().lower())
 
 
 def _class_dirs(split_dir: Path) -> dict[int, Path]:
     found: dict[int, Path] = {}
     for child in sorted(split_dir.iterdir()):
-        label = _class_of(child.name)
+        label = class_of_folder(child.name)
         if label is not None and child.is_dir():
             if label in found:  # NORMAL and normal: one would be dropped, which one decided by the listing order
                 raise DataError(f"{split_dir}: two folders for class {CLASS_NAMES[label]}, {found[label].name} and "
@@ -497,16 +497,15 @@ def check_output_outside_data(output: str | os.PathLike, data: str | os.PathLike
     out, root = Path(output).resolve(), Path(data).resolve()
     if root.is_file():
         return  # an .npz or a split.csv: no folder of images to write into
-    folders = set(_SPLIT_ALIASES) | {c.lower() for c in CLASS_NAMES}  # names as _split_of and _class_of read them
+    folders = set(_SPLIT_ALIASES) | {c.lower() for c in CLASS_NAMES}  # names as _split_of and class_of_folder read them
     # The output and each of its folders that exist, each with the name of the one below it (the output's own first).
     names = ["", out.name, *(p.name for p in out.parents)]
     chain = [(_folder_id(p), below) for p, below in zip([out, *out.parents], names, strict=False)]
     roots = [root] + ([root.parent] if root.name.strip().lower() in folders else [])
     tops = [d for r in roots for d in _children(r) if d.name.strip().lower() in folders and _is_dir(d)]
-    # and the class folders of the splits: one that is a link leads elsewhere, and an output below its target was
-    # scanned as X-rays by the next run (its report's pictures in the training split)
-    classes = [c for d in tops for c in _children(d) if _class_of(c.name) is not None and _is_dir(c)]
-    guarded = {_folder_id(d) for d in tops + classes} - {None}
+    # and every folder the scan reaches below them: one that is a link (a class folder, a patient's) leads elsewhere,
+    # and an output below its target was scanned as X-rays by the next run (its report's pictures in training)
+    guarded = {i for d in tops for i in _folders_reached(d)} - {None}
     within = any(i in guarded for i, _ in chain)
     same = _folder_id(root)
     if same is not None and chain[0][0] == same:
@@ -515,6 +514,20 @@ def check_output_outside_data(output: str | os.PathLike, data: str | os.PathLike
     if within or any(same is not None and i == same and below.strip().lower() in folders for i, below in chain[1:]):
         raise UsageError(f"--output {output}: inside a folder of --data; give a folder outside the data, say "
                          f"{roots[-1].parent / 'runs' / roots[-1].name}")
+
+
+def _folders_reached(top: Path) -> set:
+    """The identities (:func:`_folder_id`) of ``top`` and every folder below it that the scan walks (links followed,
+    hidden folders left out, as :func:`walk_files` does), each once, so a link loop ends."""
+    seen: set = set()
+    for folder, dirs, _ in os.walk(top, followlinks=True):
+        here = _folder_id(Path(folder))
+        if here in seen:
+            dirs[:] = []
+            continue
+        seen.add(here)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    return seen
 
 
 def _is_dir(path: Path) -> bool:
@@ -558,7 +571,7 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
         return {name: scan_folder(split_dirs[name], name, require_both_classes=require_both_classes,
                                   patient_pattern=patient_pattern)
                 for name in SPLITS if name in split_dirs}
-    if any(_class_of(d.name) is not None for d in subdirs):
+    if any(class_of_folder(d.name) is not None for d in subdirs):
         # One split, named after its folder: "data", not ".." for --data ..; a name that is not UTF-8 escaped, as
         # it is a key of metrics.json, a file name (predictions_<split>.csv) and a title in the report.
         name = valid_utf8((root.resolve() if root.name in ("", "..") else root).name)
@@ -567,7 +580,7 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
     # The Kaggle archive unpacks to chest_xray/chest_xray/ (and __MACOSX/ beside it): name the folder one level down
     # that holds the data, and what was seen here.
     below = [d for d in subdirs if not d.name.startswith((".", "__MACOSX"))
-             and any(_is_dir(e) and (_split_of(e.name) or _class_of(e.name) is not None) for e in _children(d))]
+             and any(_is_dir(e) and (_split_of(e.name) or class_of_folder(e.name) is not None) for e in _children(d))]
     hint = f"; the data seems to be one folder down: --data {below[0]}" if len(below) == 1 else ""
     seen = f"only {', '.join(sorted(d.name for d in subdirs)[:8])}" if subdirs else "no folders at all"
     raise DataError(f"{root}: found neither split folders (train/val/test) nor class folders (NORMAL/PNEUMONIA), "
@@ -890,10 +903,15 @@ def cache_folder(cfg: Config) -> Path:
 
 
 def _read_pack(path: Path, size: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """A pack's (digests (k, 32), images (k, size, size)), memory-mapped; None for a file that is not a whole pack."""
+    """A pack's (digests (k, 32), images (k, size, size)), memory-mapped; None for a file that is not a whole pack.
+
+    Raises:
+        OSError: the file could not be read or mapped now (gone, no permission, no memory): not the pack's fault,
+            and no reason to remove it.
+    """
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
+    except ValueError:  # numpy's "cannot reshape", "not a pickle", a bad header: the file is damaged
         return None
     row = _DIGEST_BYTES + size * size
     if arr.dtype != np.uint8 or arr.ndim != 1 or arr.size == 0 or arr.size % row:
@@ -914,7 +932,11 @@ def cache_lookup(folder: Path, size: int, digests: set[str]) -> dict[str, tuple[
     """Where each of ``digests`` that the cache holds is stored: digest -> (pack, row). Damaged packs are skipped."""
     found: dict[str, tuple[Path, int]] = {}
     for path in _packs(folder):
-        pack = _read_pack(path, size)
+        try:
+            pack = _read_pack(path, size)
+        except OSError as e:  # kept: a valid pack that cannot be mapped now (a memory limit) had been removed
+            log.debug("cache pack %s cannot be read now (%s): skipped", path, e)
+            continue
         if pack is None:  # cut short (or not a pack): said and removed, as a pack whose checksum fails is (README)
             log.warning("cache pack %s is damaged (not a whole pack: cut short?): removed; any of its images needed "
                         "are decoded again", path)
@@ -1088,7 +1110,12 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
             pack, row = found[d]
             by_pack.setdefault(pack, []).append((i, row))
     for pack, rows in by_pack.items():
-        if not _copy_from_pack(pack, size, rows, images, ok):
+        try:
+            whole = _copy_from_pack(pack, size, rows, images, ok)
+        except OSError as e:  # gone since the lookup, or not readable now: decoded again, the pack left alone
+            log.debug("cache pack %s cannot be read now (%s): its images are decoded again", pack, e)
+            continue
+        if not whole:
             # Damaged on disk (or gone since the lookup): its images are decoded again, into a new pack.
             log.warning("cache pack %s is damaged (its checksum or size is not what was written): its %d image(s) "
                         "are decoded again", pack, len(rows))
@@ -1236,7 +1263,8 @@ def _pack_is_whole(pack: Path, read: tuple[np.ndarray, np.ndarray]) -> bool:
 
 def _copy_from_pack(pack: Path, size: int, rows: list[tuple[int, int]], images: np.ndarray, ok: np.ndarray) -> bool:
     """Copy pack rows into ``images`` (``rows``: (index in images, row in the pack)) and mark them ``ok``; False, and
-    nothing copied, where the pack is gone, cut short or not what was written (its checksum)."""
+    nothing copied, where the pack is cut short or not what was written (its checksum); OSError where it cannot be
+    read now."""
     read = _read_pack(pack, size)
     if read is None or not _pack_is_whole(pack, read):
         return False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def target_layer(model: nn.Module) -> nn.Module:
     raise ValueError(f"no Grad-CAM layer known for {type(model).__name__} (expected a torchvision DenseNet or ResNet)")
 
 
+_GRAD_CAM_LOCK = threading.Lock()
+
+
 def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None = None,
              layer: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM heatmaps for a batch of normalised inputs.
@@ -76,29 +80,32 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | Non
         captured.append(out.detach().requires_grad_(True) * 1)
         return captured[-1]
 
-    handle = layer.register_forward_hook(start_the_graph_here)
-    wanted = [p.requires_grad for p in model.parameters()]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        # Works when called under torch.inference_mode() or no_grad() too: this needs a graph.
-        with torch.inference_mode(False), torch.enable_grad():
-            x = x.detach().clone()  # a normal tensor, not an inference one
-            logits = model(x).float()
-            activations = captured[-1]
-            if target is None:
-                idx = logits.argmax(dim=1)
-            else:
-                idx = torch.as_tensor(target, device=logits.device).long().expand(len(logits))
-            chosen = logits.gather(1, idx[:, None])[:, 0]
-            # Log-odds of the target against the other classes (see the module docstring).
-            others = (logits.sum(dim=1) - chosen) / max(logits.shape[1] - 1, 1)
-            score = (chosen - others).sum()
-            (grads,) = torch.autograd.grad(score, activations)
-    finally:
-        handle.remove()
-        for p, w in zip(model.parameters(), wanted, strict=True):
-            p.requires_grad_(w)
+    # One call at a time: the hook and the parameters' flags are the model's, and two threads' calls on one model
+    # had fired each other's hooks, and left every parameter frozen (a later fine-tune trained nothing).
+    with _GRAD_CAM_LOCK:
+        handle = layer.register_forward_hook(start_the_graph_here)
+        wanted = [p.requires_grad for p in model.parameters()]
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            # Works when called under torch.inference_mode() or no_grad() too: this needs a graph.
+            with torch.inference_mode(False), torch.enable_grad():
+                x = x.detach().clone()  # a normal tensor, not an inference one
+                logits = model(x).float()
+                activations = captured[-1]
+                if target is None:
+                    idx = logits.argmax(dim=1)
+                else:
+                    idx = torch.as_tensor(target, device=logits.device).long().expand(len(logits))
+                chosen = logits.gather(1, idx[:, None])[:, 0]
+                # Log-odds of the target against the other classes (see the module docstring).
+                others = (logits.sum(dim=1) - chosen) / max(logits.shape[1] - 1, 1)
+                score = (chosen - others).sum()
+                (grads,) = torch.autograd.grad(score, activations)
+        finally:
+            handle.remove()
+            for p, w in zip(model.parameters(), wanted, strict=True):
+                p.requires_grad_(w)
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activations).sum(dim=1, keepdim=True)).detach().float()
     # Min-max per image (as pytorch-grad-cam does): the least weighed region becomes transparent in overlays. Whether

@@ -46,6 +46,7 @@ from cxr.data import (
     add_digests,
     carve_validation,
     check_output_outside_data,
+    class_of_folder,
     patient_from_name_only,
     prepare,
     prepare_shared,
@@ -245,7 +246,7 @@ def _warn_of_changed_images(splits: dict[str, Split], prepared: dict[str, Prepar
 
 def _below_class_folder(path: str) -> str:
     parts = Path(path).parts
-    at = max((i for i, p in enumerate(parts) if p.upper() in CLASS_NAMES), default=len(parts) - 2)
+    at = max((i for i, p in enumerate(parts) if class_of_folder(p) is not None), default=len(parts) - 2)
     return "/".join(parts[at + 1:])
 
 
