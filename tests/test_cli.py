@@ -2153,3 +2153,14 @@ def test_merge_expands_a_pattern_on_windows_as_predict_does(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "platform", "win32")
     assert cxr_main(["merge", str(tmp_path / "preds.shard-*")]) == 0
     assert len(read_csv(tmp_path / "preds.csv")) == 2
+
+
+def test_a_usage_error_shows_a_file_names_control_characters_as_escapes(capsys):
+    # argparse's "unrecognized arguments" printed file names raw: their escape sequences reached the terminal (a
+    # window title, a cleared screen) from `cxr predict *` in a folder with a file whose name starts with "-".
+    from cxr.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "x.jpeg", "-2+3.jpeg", "a\x1b]0;PWNED\x07\x1b[2Jb.jpeg"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "\x1b" not in err and "\\x1b]0;PWNED\\x07\\x1b[2Jb.jpeg" in err, err

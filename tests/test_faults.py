@@ -774,3 +774,22 @@ def test_outputs_are_written_with_the_permissions_the_umask_gives(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "group.json").stat().st_mode) == 0o640
+
+
+def test_a_line_break_in_a_file_name_forges_no_log_line(capsys):
+    # The formatter kept every line break of a formatted message, those of its arguments too: a file named
+    # "bad\nINFO fake.jpeg" printed a second, forged line. The template's own line breaks stay.
+    import logging
+
+    from cxr.fileio import PrintableFormatter
+    from cxr.images import ImageError
+
+    fmt = PrintableFormatter("%(levelname)s %(message)s")
+
+    def formatted(msg, *args):
+        return fmt.format(logging.LogRecord("cxr", logging.WARNING, __file__, 1, msg, args, None))
+
+    assert formatted("skipping unreadable image: %s", "bad\nINFO fake.jpeg") == \
+        "WARNING skipping unreadable image: bad\\nINFO fake.jpeg"
+    assert formatted("skipping: %s", ImageError("a\nb.png", "not an image")).count("\n") == 0
+    assert formatted("first line\nsecond: %d of %s", 3, "x") == "WARNING first line\nsecond: 3 of x"

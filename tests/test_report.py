@@ -781,3 +781,22 @@ def test_the_video_of_the_grids_split_explains_no_image_of_the_grid_again(tmp_pa
     make_report(run, device="cpu", video_select="all", **{**VIDEO, "video_max_images": 100})
     n_test = len((run / "predictions_test.csv").read_text().splitlines()) - 1
     assert len(loads) == len(set(loads)) == n_test and sum(explained) == n_test  # once each: grid, then the rest
+
+
+def test_names_and_values_from_the_files_of_a_run_are_text_in_the_page(tmp_path):
+    # A split folder named <img src=x onerror=alert(1)> ran as script through the interval note, and summary.json's
+    # weight-averaging values did too (both raised a dialog in Chromium).
+    from cxr.evaluate import CI_METHOD
+    from cxr.report import _interval_note
+
+    evil = "<img src=x onerror=alert(1)>"
+    fallback = CI_METHOD + "; images resampled as if independent: too few patients (fewer than 5 in a class)"
+    note = _interval_note({evil: {"ci95": {"auroc": [0.8, 0.9]}, "ci95_method": fallback}})
+    assert evil not in note and "&lt;img src=x onerror=alert(1)&gt;: patients have several images" in note
+    run = make_run(tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["swa"] = {"first_epoch": "<script>alert('swa')</script>", "last_epoch": 3, "lr": 0.001, "val_loss": 0.4,
+                      "best_epoch_val_loss": 0.45, "kept": True}
+    (run / "summary.json").write_text(json.dumps(summary))
+    page = make_report(run, video=False, heatmaps=False, device="cpu").read_text()  # not a TypeError in the curves
+    assert "<script>alert" not in page and "weight averaging: epochs" not in page  # left out, said in the log

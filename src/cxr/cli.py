@@ -32,7 +32,11 @@ class _Parser(argparse.ArgumentParser):
             message += ("; train chooses the threshold on validation (--threshold-policy says how): give --threshold "
                         "to evaluate, predict, explain or serve")
         # Under torchrun every process parses the same flags: rank 0 alone says what is wrong.
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if _first_rank() else None)
+        # display_name: file names among unrecognized arguments had reached the terminal with their escape sequences
+        from cxr.fileio import display_name
+
+        self.exit(2, f"{self.prog}: error: {display_name(message)} (see {self.prog} --help)\n" if _first_rank()
+                  else None)
 
 
 def _first_rank() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import numbers
 import os
 import re
 import sys
@@ -89,12 +90,24 @@ def spreadsheet_cells(path: str, *texts: str) -> list[str]:
     return out
 
 
+def _breaks(text: str) -> bool:
+    return "\n" in text or "\r" in text
+
+
 class PrintableFormatter(logging.Formatter):
     """Log lines whose control characters (from file names in the messages) are shown as escapes, not obeyed by the
-    terminal; line breaks and tabs of the messages themselves are kept."""
+    terminal; line breaks and tabs of the messages' own templates are kept, those of their arguments escaped (a file
+    named ``bad\nINFO fake.jpeg`` had printed a forged log line)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        lines = super().format(record).split("\n")
+        args = record.args
+        if isinstance(args, tuple):  # strings, paths and errors (an ImageError names its file); numbers as they are
+            record.args = tuple(a if isinstance(a, numbers.Number) or not _breaks(str(a)) else display_name(str(a))
+                                for a in args)
+        try:
+            lines = super().format(record).split("\n")
+        finally:
+            record.args = args  # other handlers of the record see it as it was
         return "\n".join(display_name(line.replace("\t", "    ")) for line in lines)
 
 

@@ -178,6 +178,15 @@ def load_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
             raise UsageError(f"{root / 'config.yaml'}: not a config (a YAML mapping of fields)")
         art.config = config or {}
     art.summary = _read_json(root / "summary.json")
+    swa = (art.summary or {}).get("swa")
+    if swa is not None and not (isinstance(swa, dict) and all(
+            isinstance(swa.get(k), numbers.Real) and not isinstance(swa.get(k), bool)
+            for k in ("first_epoch", "last_epoch", "lr", "val_loss", "best_epoch_val_loss"))
+            and isinstance(swa.get("kept"), bool)):
+        # Edited or from elsewhere: a text for an epoch had failed the curves' plot with a TypeError
+        log.warning("report: %s: its weight-averaging entry is not what cxr train writes: left out",
+                    root / "summary.json")
+        art.summary = {k: v for k, v in art.summary.items() if k != "swa"}
     if (root / "history.csv").is_file():
         art.history = read_history(root / "history.csv") or None
     art.metrics = _read_json(root / "metrics.json") or {}
@@ -719,8 +728,9 @@ def _interval_note(metrics: dict) -> str:
             note += " Where patients have several images, these intervals count patients, not images."
         fallbacks = [name for name, m in metrics.items() if "as if independent" in m.get("ci95_method", "")]
         if fallbacks:
-            note += (f" {', '.join(fallbacks)}: patients have several images, but the images were resampled as if "
-                     "independent (too few patients in a class), so these intervals are too narrow.")
+            named = html.escape(", ".join(display_name(n) for n in fallbacks))  # split names are a folder's: text
+            note += (f" {named}: patients have several images, but the images were resampled as if independent (too "
+                     "few patients in a class), so these intervals are too narrow.")
         return note
     if any(methods):  # metrics.json of cxr before 12/2026, session 20
         return ("Below each value: its 95 % interval, Wilson score for accuracy, sensitivity, specificity and "
@@ -858,6 +868,11 @@ def _html(art: RunArtifacts, sections: list[tuple[str, str, str]], model_note: s
 # ------------------------------------------------------------------------------------------------ the report
 
 
+def _number(value: object, spec: str) -> str:
+    """``value`` formatted as a number where it is one, else as the text it is."""
+    return format(value, spec) if isinstance(value, numbers.Real) and not isinstance(value, bool) else str(value)
+
+
 def _data_html(art: RunArtifacts, explainer: _Explainer, own_config: bool) -> str:
     """The report's Data section: images per split (and the unreadable ones), and the facts of the run or
     evaluation that its numbers rest on."""
@@ -930,10 +945,12 @@ def _data_html(art: RunArtifacts, explainer: _Explainer, own_config: bool) -> st
             facts.append(f"<li>{html.escape(name)}: {html.escape(str(summary[key]))}</li>")
     swa = summary.get("swa")
     if swa:
-        facts.append(f"<li>weight averaging: epochs {swa['first_epoch']}-{swa['last_epoch']} at learning rate "
-                     f"{swa['lr']:.2g}; validation loss of the average {swa['val_loss']:.4f} against "
-                     f"{swa['best_epoch_val_loss']:.4f} for the best single epoch, so the model is "
-                     f"{'the average' if swa['kept'] else 'that epoch'}</li>")
+        # escaped: a summary.json from elsewhere is text like any other (its epochs had gone into the page as HTML)
+        facts.append("<li>" + html.escape(
+            f"weight averaging: epochs {swa['first_epoch']}-{swa['last_epoch']} at learning rate "
+            f"{_number(swa['lr'], '.2g')}; validation loss of the average {_number(swa['val_loss'], '.4f')} against "
+            f"{_number(swa['best_epoch_val_loss'], '.4f')} for the best single epoch, so the model is "
+            f"{'the average' if swa['kept'] else 'that epoch'}") + "</li>")
     data_html = _table(["split", "NORMAL", "PNEUMONIA", "total", "unreadable"], rows) if rows else \
         "<p>No data counts recorded.</p>"
     bad = [(s, u) for s, items in unreadable.items() for u in items]
