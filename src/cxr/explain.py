@@ -74,9 +74,9 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | Non
 
     def start_the_graph_here(_module, _inputs, out: torch.Tensor) -> torch.Tensor:
         # Gradients are needed from the block's output on, not before: the graph starts at it. With the input and
-        # every parameter requiring gradients, autograd had kept the whole network's activations, 2.8 GB for 16
-        # images at 224 px (0.9 GB now, the same maps). "* 1": not a leaf, which DenseNet's in-place ReLU after its
-        # features would refuse.
+        # every parameter requiring gradients, autograd had kept the whole network's activations: a peak of 2.6 GB
+        # for 16 images at 224 px, 0.9 GB now, the same maps (BENCHMARKS.md, figure 11). "* 1": not a leaf, which
+        # DenseNet's in-place ReLU after its features would refuse.
         captured.append(out.detach().requires_grad_(True) * 1)
         return captured[-1]
 
