@@ -12,6 +12,7 @@ from PIL import Image
 
 from cxr.config import load_config
 from cxr.demo import SAMPLE_DIR
+from cxr.errors import UsageError
 from cxr.explain import DISCLAIMER, explain_files, grad_cam, heatmaps_for_images, overlay, target_layer
 from cxr.images import load_image
 from cxr.model import Checkpoint, build_model, normalize, save_checkpoint
@@ -158,7 +159,6 @@ def test_explain_files_writes_one_picture_per_readable_image(tmp_path, caplog):
     with pytest.raises(DataError, match="none of the 2 file"):  # named twice, listed twice
         explain_files(tmp_path / "model.pt", [broken, broken], tmp_path / "none", device="cpu")
     assert (tmp_path / "none" / "explanations.csv").read_text().count("broken.jpeg") == 4  # path and error, twice
-    from cxr.errors import UsageError
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no image files in"):
@@ -568,3 +568,34 @@ def test_grad_cam_in_two_threads_on_one_model_leaves_its_parameters_as_they_were
         t.join()
     assert all(p.requires_grad for p in net.parameters()) and len(maps) == 20
     assert all(np.array_equal(m, maps[0]) for m in maps)  # and no call saw the other's hook fire
+
+
+def test_in_fp32_explain_predicts_and_explains_in_one_pass_at_the_models_threshold(tmp_path, monkeypatch):
+    # The probabilities had taken a forward pass of their own before Grad-CAM's (in fp32 the same numbers): one pass
+    # now gives both, and explains the class the threshold gives, not the larger logit's.
+    import cxr.evaluate
+    from cxr.predict import predict_files
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", "none").eval()
+    images = np.stack([load_image(f, 64) for f in FILES])
+    kw = {"mean": 0.449, "std": 0.226, "batch_size": 8}
+    _, probs = heatmaps_for_images(net, images, **kw)
+    cut = float(np.sort(probs)[len(probs) // 2])  # half the images on each side
+    maps, same = heatmaps_for_images(net, images, threshold=cut, **kw)
+    np.testing.assert_array_equal(same, probs)
+    np.testing.assert_array_equal(maps, heatmaps_for_images(net, images, target=(probs >= cut).astype(int), **kw)[0])
+    assert not np.array_equal(maps, heatmaps_for_images(net, images, target=(probs >= 0.5).astype(int), **kw)[0])
+    with pytest.raises(UsageError, match="threshold"):
+        heatmaps_for_images(net, images, threshold=1.5, **kw)
+
+    cfg = load_config(overrides={"image_size": 64, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", net.state_dict(), cfg, threshold=cut), tmp_path / "m.pt")
+    monkeypatch.setattr(cxr.evaluate.Inference, "probs", lambda *a, **k: 1 / 0)  # no second pass
+    explain_files(tmp_path / "m.pt", FILES, tmp_path / "ex", device="cpu", amp="off", batch_size=len(FILES))
+    monkeypatch.undo()
+    rows = list(csv.DictReader((tmp_path / "ex" / "explanations.csv").read_text().splitlines()))
+    preds = predict_files(tmp_path / "m.pt", FILES, device="cpu", amp="off", batch_size=len(FILES))
+    assert [float(r["prob_pneumonia"]) for r in rows] == [p.prob_pneumonia for p in preds]
+    assert [r["predicted"] for r in rows] == [p.label for p in preds]
+    assert {p.label for p in preds} == {"NORMAL", "PNEUMONIA"}

@@ -18,6 +18,7 @@ import csv
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def target_layer(model: nn.Module) -> nn.Module:
 _GRAD_CAM_LOCK = threading.Lock()
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None = None,
+def grad_cam(model: nn.Module, x: torch.Tensor,
+             target: int | torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
              layer: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM heatmaps for a batch of normalised inputs.
 
@@ -61,7 +63,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | Non
         model: a two-class classifier; it is put in eval mode and its parameters get no gradients.
         x: (B, 1, H, W) float input, normalised as for the model, on the model's device.
         target: class index to explain (an int, or a (B,) tensor of indices); None explains each image's
-            predicted class (argmax of the logits).
+            predicted class (argmax of the logits); a callable is given the (B, C) float32 logits of this forward
+            pass and returns the (B,) indices (a class chosen at a threshold, with no second pass to know it).
         layer: the block whose activations are weighed (default :func:`target_layer`).
 
     Returns:
@@ -95,6 +98,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | Non
                 activations = captured[-1]
                 if target is None:
                     idx = logits.argmax(dim=1)
+                elif callable(target):
+                    idx = torch.as_tensor(target(logits.detach()), device=logits.device).long()
                 else:
                     idx = torch.as_tensor(target, device=logits.device).long().expand(len(logits))
                 chosen = logits.gather(1, idx[:, None])[:, 0]
@@ -124,17 +129,25 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | Non
 
 
 def heatmaps_for_images(model: nn.Module, images: np.ndarray, *, mean: float, std: float,
-                        target: int | np.ndarray | None = None, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+                        target: int | np.ndarray | None = None, batch_size: int = 16,
+                        threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps and P(PNEUMONIA) for uint8 model inputs (N, S, S), in batches.
+
+    Both come from one forward pass, in fp32 (TF32 off on CUDA): the probabilities are those of ``cxr predict
+    --amp off`` and ``cxr evaluate`` (on the CPU the same bits, for the same batches), so a caller that predicts in
+    fp32 needs no pass of its own to know the label before it explains it.
 
     Args:
         target: the class to explain: an index or class name for all, one index per image (N,), or None for each
             image's predicted class.
+        threshold: with ``target`` None, the predicted class is PNEUMONIA where P(PNEUMONIA) >= threshold (the
+            model's decision rule); without it, the larger logit (threshold 0.5, ties to the first class).
 
     Returns:
         ``(heatmaps (N, S, S) float32 in [0, 1], probs (N,) float64)``.
     """
-    from cxr.model import check_model_inputs, normalize
+    from cxr.evaluate import probabilities
+    from cxr.model import check_model_inputs, exact_fp32, normalize
 
     check_model_inputs(images, batch_size)
     if isinstance(target, str):
@@ -150,14 +163,26 @@ def heatmaps_for_images(model: nn.Module, images: np.ndarray, *, mean: float, st
             target = int(t)
         elif t.shape != (len(images),):
             raise UsageError(f"target: one class for all images or one for each of {len(images)}, got {t.shape}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 <= threshold <= 1):
+        raise UsageError(f"threshold must be a number in [0, 1], got {threshold!r}")
     device = next(model.parameters()).device
+
+    def at_threshold(logits: torch.Tensor) -> torch.Tensor:
+        # The decision rule of predict and evaluate, on the same float64 probabilities they compare.
+        return torch.from_numpy((probabilities(logits.cpu()) >= threshold).astype(np.int64))
+
     maps, probs = [], []
     for start in range(0, len(images), batch_size):
         x = torch.as_tensor(np.asarray(images[start:start + batch_size]))[:, None].to(device)
-        t = target if target is None or np.isscalar(target) else torch.as_tensor(target[start:start + batch_size])
-        cam, logits = grad_cam(model, normalize(x, mean, std), t)
+        if target is None:
+            t = None if threshold is None else at_threshold
+        else:
+            t = target if np.isscalar(target) else torch.as_tensor(target[start:start + batch_size])
+        with exact_fp32(device):
+            cam, logits = grad_cam(model, normalize(x, mean, std), t)
         maps.append(cam)
-        probs.append(torch.softmax(torch.from_numpy(logits), dim=1)[:, 1].double().numpy())
+        probs.append(probabilities(torch.from_numpy(logits)))
     if not maps:
         size = images.shape[-1] if np.ndim(images) == 3 else 0
         return np.zeros((0, size, size), np.float32), np.zeros(0)
@@ -316,11 +341,20 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                 continue
             stack = np.stack(images)
             # The prediction uses the checkpoint's threshold, so the explained class is the one the user is shown.
-            probs = run.probs(stack)
-            predicted = (probs >= t).astype(np.int64)
-            classes = predicted if target == "predicted" else np.full(len(stack), names.index(target.upper()))
-            heats, _ = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=classes,
-                                           batch_size=batch_size)
+            fixed = None if target == "predicted" else names.index(target.upper())
+            if run.bf16 or run.channels_last:
+                # bf16 probabilities as `cxr predict --amp` gives them (or channels_last's kernels, which change the
+                # last digits): the maps, in fp32 and the default memory format, take a pass of their own.
+                probs = run.probs(stack)
+                predicted = (probs >= t).astype(np.int64)
+                classes = predicted if fixed is None else np.full(len(stack), fixed)
+                heats, _ = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=classes,
+                                               batch_size=batch_size)
+            else:  # fp32: the maps' forward pass gives predict's probabilities too, to the bit (one pass, not two)
+                heats, probs = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=fixed, threshold=t,
+                                                   batch_size=batch_size)
+                predicted = (probs >= t).astype(np.int64)
+                classes = predicted if fixed is None else np.full(len(stack), fixed)
             for (i, f), im, heat, prob, pred, cls in zip(good, stack, heats, probs, predicted, classes, strict=True):
                 out = out_dir / _unique_name(f, used)
                 d = threshold_decimals(t, [prob])
