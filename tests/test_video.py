@@ -201,6 +201,30 @@ def test_a_video_of_more_images_than_its_strip_has_pixels_is_drawn():
     assert tuple(RIGHT_COLOUR[:3]) in colours and tuple(WRONG_COLOUR[:3]) in colours, colours
 
 
+def test_the_progress_strip_colours_each_images_cell_as_a_rectangle_per_image_did():
+    # Drawn by column now (a rectangle per image so far, in every frame, was quadratic in the video's length): the
+    # same pixels as the rectangles drawn in order, later cells over earlier, for cells wider and narrower than 1 px.
+    from PIL import Image, ImageDraw
+
+    item = VideoItem("a.png", 1, 0.9, np.zeros((64, 64), np.uint8))
+    rng = np.random.default_rng(0)
+    for size in ((640, 360), (320, 190)):
+        w, h = size
+        margin, strip_h = max(8, round(h * 0.035)), max(6, round(h * 0.03))
+        sy = h - margin // 2 - strip_h
+        for total, n in ((1, 1), (7, 3), (616, 616), (700, 351), (5000, 4999)):
+            history = (rng.random(n) < 0.8).tolist()
+            kw = {"index": n - 1, "total": total, "right": 1, "wrong": 0, "threshold": 0.5, "size": size}
+            frame = render_frame(item, history=history, **kw)
+            im = Image.fromarray(render_frame(item, history=[], **kw))  # the frame with an empty strip
+            draw, cell = ImageDraw.Draw(im), (w - 2 * margin) / total
+            for i, good in enumerate(history):
+                left = margin + round(i * cell)
+                draw.rectangle([left, sy + 1, max(left, margin + round((i + 1) * cell) - 1), sy + strip_h - 1],
+                               fill=RIGHT_COLOUR if good else WRONG_COLOUR)
+            assert (frame != np.asarray(im)).sum() == 0, f"{size}, {n} of {total}"
+
+
 def test_a_row_of_an_npz_is_named_by_its_file_and_row(monkeypatch):
     # Pictures of `.npz` images were captioned "3" (Path("/d/x.npz#test/3").name).
     from PIL import ImageDraw

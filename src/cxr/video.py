@@ -218,12 +218,19 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     # Progress strip: one cell per image so far, coloured right or wrong.
     sy = h - margin // 2 - strip_h
     draw.rectangle([margin, sy, w - margin, sy + strip_h], outline=DIM, width=1)
-    cell = (w - 2 * margin) / max(total, 1)
-    for i, good in enumerate(history):
-        left = margin + round(i * cell)  # below 1 px a cell (a video of 615 images or more) shares its column
-        draw.rectangle([left, sy + 1, max(left, margin + round((i + 1) * cell) - 1), sy + strip_h - 1],
-                       fill=RIGHT_COLOUR if good else WRONG_COLOUR)
-    return np.asarray(im)
+    frame = np.array(im)
+    if len(history):
+        # Cell i spans columns edges[i] .. max(edges[i], edges[i + 1] - 1); below 1 px a cell (a video of 615 images
+        # or more) shares its column, and the later cell shows. Coloured by column, not by a rectangle per cell: one
+        # per image so far, in every frame, had made a video's drawing quadratic in its length.
+        cell = (w - 2 * margin) / max(total, 1)
+        n = len(history)
+        edges = margin + np.round(np.arange(n + 1) * cell).astype(np.int64)
+        columns = np.arange(margin, max(edges[n - 1], edges[n] - 1) + 1)
+        owner = np.searchsorted(edges[:n], columns, side="right") - 1
+        good = np.asarray(history, dtype=bool)[owner]
+        frame[sy + 1:sy + strip_h, columns] = np.where(good[:, None], RIGHT_COLOUR, WRONG_COLOUR).astype(np.uint8)
+    return frame
 
 
 def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, threshold: float,
