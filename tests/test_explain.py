@@ -245,7 +245,8 @@ def test_a_uid_named_file_keeps_its_whole_name_and_a_flat_map_says_flat(tmp_path
 
     savefig = Figure.savefig
     monkeypatch.setattr(cxr.explain, "heatmaps_for_images",
-                        lambda net, images, **kw: (np.zeros((len(images), 32, 32), np.float32), None))
+                        lambda net, images, **kw: (np.zeros((len(images), 32, 32), np.float32),
+                                                   np.full(len(images), 0.7)))  # its P is used in fp32
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: titles.append(fig._suptitle.get_text())
                         or savefig(fig, *a, **k))
     out = explain_files(tmp_path / "m.pt", [uid, FILES[1], odd], tmp_path / "out", device="cpu")
@@ -599,3 +600,26 @@ def test_in_fp32_explain_predicts_and_explains_in_one_pass_at_the_models_thresho
     assert [float(r["prob_pneumonia"]) for r in rows] == [p.prob_pneumonia for p in preds]
     assert [r["predicted"] for r in rows] == [p.label for p in preds]
     assert {p.label for p in preds} == {"NORMAL", "PNEUMONIA"}
+
+
+def test_a_map_of_a_label_the_output_leans_away_from_is_titled_as_the_report_and_video_say(tmp_path, monkeypatch):
+    # "heatmap: evidence for NORMAL; the output leans PNEUMONIA" read as the label's reason: "heatmap of NORMAL".
+    from matplotlib.figure import Figure
+
+    import cxr.evaluate
+    import cxr.explain
+
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.6),
+                    tmp_path / "m.pt")
+    titles, savefig = [], Figure.savefig
+    heat = np.zeros((32, 32), np.float32)
+    heat[8:16, 8:16] = 1
+    monkeypatch.setattr(cxr.explain, "heatmaps_for_images", lambda net, images, **kw: (
+        np.stack([heat] * len(images)), np.full(len(images), 0.55)))
+    monkeypatch.setattr(cxr.evaluate.Inference, "probs", lambda self, images, **kw: np.full(len(images), 0.55))
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: titles.append(fig._suptitle.get_text())
+                        or savefig(fig, *a, **k))
+    for amp in ("off", "on"):  # one pass and two
+        explain_files(tmp_path / "m.pt", FILES[:1], tmp_path / amp, device="cpu", amp=amp)
+    assert [t.splitlines()[-1] for t in titles] == ["heatmap of NORMAL; the output leans PNEUMONIA"] * 2, titles

@@ -346,9 +346,35 @@ def test_a_flat_heatmap_is_not_captioned_as_where_the_evidence_lies(flat_page):
     card = flat_page.get_by_test_id("result")
     expect = sync_api.expect
     expect(card.get_by_test_id("status")).to_have_text("Done", timeout=30_000)
-    expect(card.locator(".caption")).to_have_text("Grad-CAM: flat, no region raised the score (see the note)")
+    expect(card.locator(".caption")).to_have_text("Grad-CAM: flat, no region raised the score (see the note) "
+                                                  "(square, aspect ratio not kept)")
     expect(card.locator(".scale")).to_be_hidden()  # no colours to read off a scale
     expect(card.locator(".heatnote")).to_contain_text("flat: no region raised the score of PNEUMONIA")
+
+
+class LeaningEngine(FlatEngine):
+    """P 0.4 against a threshold of 0.3 again: PNEUMONIA, with a map that is not flat."""
+
+    def heatmap_png(self, image, target):
+        return FlatEngine.heatmap_png(self, image, target)[0], False
+
+
+@pytest.fixture
+def leaning_page(browser_page):
+    for base in _serving(create_app(LeaningEngine())):
+        yield from _page_of(browser_page, base)
+
+
+def test_a_heatmap_of_a_label_the_output_leans_away_from_is_captioned_so(leaning_page):
+    # The caption said "where the evidence for the label lies" beside a note saying the output leans the other way
+    # (the report's grid and the video say "map of PNEUMONIA; leans NORMAL").
+    leaning_page.set_input_files("input[type=file]", str(XRAYS[0]))
+    card = leaning_page.get_by_test_id("result")
+    expect = sync_api.expect
+    expect(card.get_by_test_id("status")).to_have_text("Done", timeout=30_000)
+    expect(card.locator(".caption")).to_have_text("Grad-CAM: map of PNEUMONIA; the output leans NORMAL (square, "
+                                                  "aspect ratio not kept)")
+    expect(card.locator(".heatnote")).to_contain_text("leans NORMAL")
 
 
 @pytest.mark.parametrize("path", ["/docs", "/redoc"])

@@ -362,11 +362,13 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                 # the name in its start and end: a long one had run off both edges, neither end of it to be seen
                 title = (f"{shorten_middle(drawable(display_name(f.name)), 80)}\npredicted {ckpt.class_names[pred]}   "
                          f"P(pneumonia) {prob_text(prob, t, d)}   threshold {t:.{d}f}\n"
-                         + (f"heatmap: evidence for {ckpt.class_names[cls]}" if heat.any() else
-                            f"heatmap: flat, no region raised the score of {ckpt.class_names[cls]}")
-                         # P between 0.5 and the threshold: a bright map had read as the reason for a label the
-                         # model's own output leans away from.
-                         + (f"; the output leans {ckpt.class_names[1 - cls]}" if leans_away(prob, cls) else ""))
+                         + (f"heatmap: flat, no region raised the score of {ckpt.class_names[cls]}"
+                            + (f"; the output leans {ckpt.class_names[1 - cls]}" if leans_away(prob, cls) else "")
+                            if not heat.any() else
+                            # P between 0.5 and the threshold: a bright map had read as the reason for a label the
+                            # model's own output leans away from; "heatmap of", as the report and the video say.
+                            f"heatmap of {ckpt.class_names[cls]}; the output leans {ckpt.class_names[1 - cls]}"
+                            if leans_away(prob, cls) else f"heatmap: evidence for {ckpt.class_names[cls]}"))
                 _explanation_figure(im, heat, title=title, path=out, cells=cells)
                 indexed.append((i, Explanation(str(f), str(out), float(prob), ckpt.class_names[pred])))
     except BaseException:

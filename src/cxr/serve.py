@@ -176,8 +176,8 @@ class TorchEngine:
         """P(positive class) of the (S, S) uint8 ``image`` and the Grad-CAM map of the class the threshold gives it,
         from one forward pass; None where the predictions are not plain fp32 (bf16 or channels_last kernels give
         other last digits than Grad-CAM's fp32 pass: the caller then predicts and explains in two passes). In fp32
-        the pass gives the probability of :meth:`predict_uint8` to the bit, in 0.33 s rather than 0.6 s on the
-        2-core Xeon."""
+        the pass gives the probability of :meth:`predict_uint8` to the bit, and a request takes half the time
+        (``--amp off`` on the 2-core Xeon; BENCHMARKS.md, figure 12)."""
         from cxr.explain import heatmaps_for_images
 
         if self.bf16 or self.channels_last:

@@ -117,9 +117,12 @@ function setPicture(card, heat) {
   img.alt = `${card.dataset.name}: ` +
     (heat && !flat ? "the X-ray with the Grad-CAM heatmap laid over it" : "the X-ray as the model saw it");
   $(".scale", card).hidden = !(heat && !flat); // the heatmap's colours, low to high, as the report's pictures show
-  $(".caption", card).textContent = !heat ? "model input"
+  // The model's input is square: the X-ray was squashed to it, so a heart or lung is not its true shape.
+  $(".caption", card).textContent = (!heat ? "model input"
     : flat ? "Grad-CAM: flat, no region raised the score (see the note)"
-    : "Grad-CAM: where the evidence for the label lies";
+    // P between 0.5 and the threshold: the map is of the label, but the output leans the other way (the note)
+    : card.dataset.leans ? `Grad-CAM: map of ${card.dataset.target}; the output leans ${card.dataset.leans}`
+    : "Grad-CAM: where the evidence for the label lies") + " (square, aspect ratio not kept)";
 }
 
 function render(card, res) {
@@ -127,6 +130,13 @@ function render(card, res) {
   card.dataset.plain = res.image_png_base64 ? `data:image/png;base64,${res.image_png_base64}` : "";
   card.dataset.overlay = res.heatmap ? `data:image/png;base64,${res.heatmap.png_base64}` : "";
   card.dataset.flat = res.heatmap && res.heatmap.flat ? "true" : "false";
+  // As cxr.predict.leans_away: the class the map explains against the side of 0.5 the output is on.
+  const target = res.heatmap ? res.heatmap.target : "";
+  const positive = target === "PNEUMONIA";
+  card.dataset.target = target;
+  card.dataset.leans = !res.heatmap ? ""
+    : positive && res.probability < 0.5 ? "NORMAL"
+    : !positive && res.probability > 0.5 ? "PNEUMONIA" : "";
   const verdict = $(".verdict", card);
   verdict.hidden = false;
   const label = $(".label", card);
