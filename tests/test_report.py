@@ -6,6 +6,7 @@ The run directory is made from artifacts (the real writers, real X-rays, a tiny 
 from __future__ import annotations
 
 import base64
+import csv
 import json
 import re
 import shutil
@@ -302,6 +303,14 @@ def test_report_html_is_self_contained(report):
     assert "<li>train: /data/broken-scan.jpeg: truncated JPEG</li>" in page  # its path once (the reason names it too)
     assert "image_size: 64" in page and "resolved config (config.yaml)" in page
     assert "model evaluated" not in page  # a training run's metrics name no model: the run's own best.pt
+    # The grid pictures test: the splits it leaves out are named, with their errors (one train error had gone unseen)
+    wrong = {}
+    for split in ("train", "val"):
+        with open(report.parent / f"predictions_{split}.csv", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        wrong[split] = (sum(r["predicted"] != r["label"] for r in rows), len(rows))
+    assert (f"Not pictured here: train ({wrong['train'][0]} wrong of {wrong['train'][1]}), val ({wrong['val'][0]} "
+            f"wrong of {wrong['val'][1]}); <code>cxr report DIR --split NAME</code>") in page
 
 
 def test_report_video_decodes(report):
@@ -518,6 +527,35 @@ def test_confusion_matrix_of_an_absent_class_gives_it_no_rate():
     fig = plot_confusion([[5, 1], [0, 0]], "normal-only")
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert texts[4:] == ["83.3%\n(5)", "16.7%\n(1)", "–\n(no images)", "–\n(no images)"], texts
+
+
+def test_a_long_split_name_keeps_the_pictures_titles_and_legends_apart_and_inside():
+    # A folder named like this ran the confusion matrix's two titles into each other, cut at the picture's edges, and
+    # spread the ROC/PR legends over the curves and past the axes: shortened in the middle now.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from cxr.report import SplitPredictions, plot_calibration, plot_confusion, plot_roc_pr
+
+    name = "hospital_A_external_validation_cohort_2024_full_resolution"
+    fig = plot_confusion([[3, 1], [1, 5]], name)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    assert len(boxes) == 2 and not boxes[0].overlaps(boxes[1]), boxes
+    assert all(b.x0 >= 0 and b.x1 <= fig.bbox.width for b in boxes), (boxes, fig.bbox)
+    assert all(ax.get_title().startswith("hospital_A_ex") and "…" in ax.get_title() for ax in fig.axes
+               if ax.get_title())
+    labels, probs = np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.6, 0.4, 0.8, 0.9])
+    for fig in (plot_roc_pr([SplitPredictions(name, ["a"] * 5, labels, probs)], 0.5),
+                plot_calibration([SplitPredictions(name, ["a"] * 5, labels, probs)])):
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            if legend is not None:
+                assert all(len(t.get_text()) < 60 for t in legend.get_texts()), [t.get_text() for t in legend.texts]
+                inside, box = ax.get_window_extent(renderer), legend.get_window_extent(renderer)
+                assert inside.x0 <= box.x0 and box.x1 <= inside.x1, (box, inside)
 
 
 def test_video_caption_gives_the_time_each_image_is_shown_and_an_empty_selection_says_so(tmp_path, report):

@@ -379,11 +379,27 @@ def plot_history(history: list[dict[str, float]], best_epoch: int | None = None,
     return fig
 
 
+def _other_splits_note(predictions: dict[str, SplitPredictions], shown: str, threshold: float) -> str:
+    """HTML: the splits with predictions that a picture of ``shown`` leaves out, how many of each are wrong, and how
+    to see them."""
+    parts = [f"{html.escape(display_name(name))} ({int(np.sum((p.probs >= threshold) != p.labels))} wrong of "
+             f"{len(p.labels)})" for name, p in predictions.items() if name != shown]
+    return (f" Not pictured here: {', '.join(parts)}; <code>cxr report DIR --split NAME</code> shows another split's "
+            "images." if parts else "")
+
+
+def _split_label(name: str, limit: int = 28) -> str:
+    """A split's name as the pictures show it: drawable, and a long one shortened in the middle (a folder named
+    ``hospital_A_external_validation_cohort_2024_full_resolution`` had run two panels' titles into each other and
+    the legends over the curves)."""
+    from cxr.video import drawable
+
+    return shorten_middle(drawable(display_name(name)), limit)
+
+
 def plot_confusion(matrix: Sequence[Sequence[int]], split: str, class_names: Sequence[str] = CLASS_NAMES):
     """Two panels for one split: counts, and row-normalised (each true class sums to 1)."""
     import matplotlib as mpl
-
-    from cxr.video import drawable
 
     cm = np.asarray(matrix, dtype=np.float64)
     rows = cm.sum(axis=1, keepdims=True)
@@ -394,7 +410,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], split: str, class_names: Seq
         fig = _figure(figsize=(10.0, 3.9))
         fig.get_layout_engine().set(wspace=0.12)
         axes = fig.subplots(1, 2)
-        shown = drawable(display_name(split))  # a folder's name in Chinese script had been empty boxes
+        shown = _split_label(split)  # a folder's name in Chinese script had been empty boxes
         panels = ((cm, f"{shown}: counts (n = {int(cm.sum())})", lambda i, j: f"{int(cm[i, j])}"),
                   (norm, f"{shown}: row-normalised", lambda i, j: "–\n(no images)" if np.isnan(norm[i, j])
                    else f"{percent_text(norm[i, j])}\n({int(cm[i, j])})"))
@@ -444,9 +460,9 @@ def plot_roc_pr(predictions: Sequence[SplitPredictions], threshold: float):
             precision, recall, _ = precision_recall_curve(p.labels, p.probs)
             auroc, auprc = roc_auc_score(p.labels, p.probs), average_precision_score(p.labels, p.probs)
             ax_roc.plot(fpr, tpr, ls, color=colour, linewidth=2,
-                        label=f"{p.name}: AUROC {score_text(auroc)} (n={len(p.labels)})")
+                        label=f"{_split_label(p.name)}: AUROC {score_text(auroc)} (n={len(p.labels)})")
             ax_pr.plot(recall, precision, ls, color=colour, linewidth=2, drawstyle="steps-post",
-                       label=f"{p.name}: AUPRC {score_text(auprc)} (n={len(p.labels)})")
+                       label=f"{_split_label(p.name)}: AUPRC {score_text(auprc)} (n={len(p.labels)})")
             ax_pr.axhline(p.labels.mean(), color=colour, linestyle=":", linewidth=1)
             op_fpr, op_tpr, op_prec = _operating_point(p.labels, p.probs, threshold)
             ax_roc.plot(op_fpr, op_tpr, marker, color=colour, markersize=10, markeredgecolor="black")
@@ -455,7 +471,7 @@ def plot_roc_pr(predictions: Sequence[SplitPredictions], threshold: float):
             points.append(Line2D([], [], linestyle="none", marker=marker, color=colour, markersize=7,
                                  markeredgecolor="black"))
             chance.append(Line2D([], [], linestyle=":", color=colour, linewidth=1))
-        one_class = [p.name for p in predictions if len(np.unique(p.labels)) < 2]
+        one_class = [_split_label(p.name) for p in predictions if len(np.unique(p.labels)) < 2]
         for ax in (ax_roc, ax_pr):
             if one_class and not points:  # nothing drawn: say why rather than show empty axes
                 ax.text(0.5, 0.5, f"undefined: {', '.join(one_class)} holds one class only", ha="center",
@@ -501,7 +517,7 @@ def plot_calibration(predictions: Sequence[SplitPredictions], n_bins: int = 10):
             filled = np.unique(bin_index(p.probs, n_bins))
             gap = np.flatnonzero(np.diff(filled) > 1) + 1
             ax.plot(np.insert(conf, gap, np.nan), np.insert(freq, gap, np.nan), linestyle=ls, color=colour,
-                    marker=marker, linewidth=2, label=f"{p.name}: ECE {ece:.3f} (n={len(p.labels)})")
+                    marker=marker, linewidth=2, label=f"{_split_label(p.name)}: ECE {ece:.3f} (n={len(p.labels)})")
             # Splits often share a bin at nearly the same confidence: their bars stand side by side (the points stay
             # where they are), each drawn in its split's line style.
             dodge = (i - (len(drawn) - 1) / 2) * 0.01
@@ -510,13 +526,13 @@ def plot_calibration(predictions: Sequence[SplitPredictions], n_bins: int = 10):
             bars.lines[2][0].set_linestyle(ls)
             ax_hist.hist((bin_index(p.probs, n_bins) + 0.5) / n_bins, bins=edges, histtype="step", color=colour,
                          linestyle=ls, linewidth=2,
-                         weights=np.full(len(p.probs), 1 / len(p.probs)), label=p.name)
+                         weights=np.full(len(p.probs), 1 / len(p.probs)), label=_split_label(p.name))
         ax.set(title=f"Reliability diagram ({n_bins} equal-width bins, 95 % Wilson intervals)",
                ylabel="observed share of PNEUMONIA",
                xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))  # the fullest bins sit near 0 and 1, their bars dodged outward
         ax.legend(loc="best")  # upper left had hidden an under-confident model's points, which lie there
         ax_hist.set(xlabel="predicted P(pneumonia)", ylabel="share of images")
-        ax_hist.legend(loc="upper center")
+        ax_hist.legend(loc="best")  # upper center had hidden the bars of the middle bins
     return fig
 
 
@@ -559,7 +575,7 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
         ratios = [3.05 * h for h in heights] + ([0.75] if with_heat else []) + [0.3]
         subfigs = list(np.atleast_1d(fig.subfigures(len(ratios), 1, height_ratios=ratios)))
         for sub, (name, tiles) in zip(subfigs[:len(rows)], rows, strict=True):
-            sub.suptitle(f"{name} ({drawable(display_name(split))})", fontsize=12, fontweight="bold", x=0.02, ha="left",
+            sub.suptitle(f"{name} ({_split_label(split, 60)})", fontsize=12, fontweight="bold", x=0.02, ha="left",
                          parse_math=False)
             if not tiles:
                 empty = "no other image near the threshold" if name == "borderline" else "no images in this group"
@@ -1154,7 +1170,9 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                 "right; vermillion frame and ✗: wrong. "
                 + ("The heatmap (Grad-CAM on the last convolutional block, explaining the predicted class) shows "
                    "which regions raised that class's score; it is not a segmentation of disease."
-                   if explainer.net is not None else ""))))
+                   if explainer.net is not None else "")
+                # One split is pictured: a train split's only error had gone unseen, with nothing said of it.
+                + _other_splits_note(art.predictions, gsplit, threshold))))
 
         path = None
         if video and vsplit is not None:

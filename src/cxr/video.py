@@ -141,7 +141,11 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     small, normal, big = _font(max(8, round(unit * 0.75))), _font(unit), _font(round(unit * 1.5), bold=True)
     bold = _font(unit, bold=True)
     y = margin
-    head = f"{drawable(title)}  ·  image {index + 1} of {total}" if title else f"image {index + 1} of {total}"
+    # The counter whole, the title shortened in its middle to the room left: a split folder's long name had pushed
+    # "image 1 of 6" off every frame.
+    counter = f"image {index + 1} of {total}"
+    head = (f"{_fit(draw, drawable(title), small, panel_w - round(draw.textlength('  ·  ' + counter, font=small)))}"
+            f"  ·  {counter}" if title else counter)
     draw.text((x0, y), head, font=small, fill=DIM)
     y += round(unit * 1.05)
     draw.text((x0, y), _fit(draw, drawable(image_name(item.path)), small, panel_w), font=small, fill=DIM)
