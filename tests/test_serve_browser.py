@@ -410,6 +410,9 @@ def test_the_report_fits_a_phone_and_prints_whole(browser_page, tmp_path):
     page = context.new_page()
     page.goto(page_file.as_uri())
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    # Pictures shrunk to the phone's width had 2 px tick labels: 640 px wide, scrolled sideways inside their figure
+    assert page.evaluate("[...document.querySelectorAll('figure img')].every(i => i.clientWidth >= 640 "
+                         "&& getComputedStyle(i.parentElement).overflowX == 'auto')")
     assert page.evaluate("[...document.querySelectorAll('table')].every(t => t.parentElement.className == 'table')")
     assert page.evaluate("document.querySelectorAll('details').length") >= 1
     page.evaluate("dispatchEvent(new Event('beforeprint'))")

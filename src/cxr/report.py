@@ -851,6 +851,7 @@ tbody th{background:white;font-weight:600}
 li{overflow-wrap:anywhere}
 .ci{color:#666;font-size:.78rem;white-space:nowrap}
 pre{background:#f3f3f3;padding:.7rem;overflow:auto;font-size:.85rem}
+@media screen and (max-width:700px){figure{overflow-x:auto}figure img{width:640px;max-width:none}}
 @media print{
 body{background:white}main{max-width:none;padding:0}
 h2{break-after:avoid;page-break-after:avoid}
