@@ -395,6 +395,13 @@ def test_weight_averaging_averages_the_epochs_and_keeps_the_better(tmp_path, tin
         assert again["best_epoch"] is None and again["swa"]["kept"], again
         assert (again["swa"]["first_epoch"], again["swa"]["last_epoch"]) == (2, 3)
         assert again["stop_reason"].endswith("then weight averaging of epochs 2-3"), again["stop_reason"]
+        # The entry whole, as the session that averaged wrote it: without its rate and the best epoch's loss, the
+        # report left it out and named the best epoch's weights the model.
+        assert {k: again["swa"][k] for k in ("lr", "best_epoch_val_loss")} == \
+            {k: info[k] for k in ("lr", "best_epoch_val_loss")}
+        from cxr.report import load_artifacts
+
+        assert load_artifacts(run).summary["swa"] == again["swa"]
     else:
         assert best.epoch == summary["best_epoch"] == 1 + losses.index(min(losses))
         assert not torch.equal(best.state_dict["features.conv0.weight"], swa.state_dict["features.conv0.weight"])

@@ -607,11 +607,8 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
     run_dir = Path(cfg.output)
     check_output_outside_data(run_dir, Path(cfg.data))
     if resume is None and (run_dir / "last.pt").exists():
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            summary = {}
-        if isinstance(summary, dict) and summary.get("stop_reason") and not summary.get("in_progress"):
+        summary = _read_summary(run_dir)
+        if summary.get("stop_reason") and not summary.get("in_progress"):
             # --resume alone re-evaluated a finished run and trained nothing: the advice had not said so. A run that
             # stopped early, or went on to weight averaging, cannot be lengthened (--resume refuses it).
             longer = (f", or train it longer with --resume {run_dir} --epochs N"
@@ -636,16 +633,21 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
     return result
 
 
+def _read_summary(run_dir: Path) -> dict:
+    """The run's summary.json as a dict ({} where it is missing or not one)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
 def _mark_in_progress(run_dir: Path, after_epoch: int) -> None:
     """An earlier session's summary.json, marked as this session begins: best.pt may change from the next improving
     epoch on, and its threshold is chosen at the end. A session killed meanwhile had left a folder whose summary and
     metrics said "finished" beside a newer best.pt with no threshold chosen, which the report then described."""
-    path = run_dir / "summary.json"
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if not isinstance(summary, dict):
+    path, summary = run_dir / "summary.json", _read_summary(run_dir)
+    if not summary:
         return
     before = summary.get("stop_reason_before_resume") or summary.get("stop_reason")  # not nested at a second kill
     summary["stop_reason_before_resume"] = before
@@ -1231,9 +1233,15 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     metrics, best = finish(run_dir, prepared, cfg, device)
     averaged_epochs = best.extra.get("averaged_epochs")
     if averaged_epochs and swa_summary is None:
-        # best.pt is the weight average of an earlier session of this run (resumed with --swa-epochs 0 since)
-        swa_summary = {"first_epoch": averaged_epochs[0], "last_epoch": averaged_epochs[1], "val_loss": best.val_loss,
+        # best.pt is the weight average of an earlier session of this run (resumed with --swa-epochs 0 since): its
+        # entry as that session wrote it, whole (without its rate and the best epoch's loss, the report had left it
+        # out and named the best epoch's weights the model)
+        earlier = _read_summary(run_dir).get("swa")
+        same = isinstance(earlier, dict) and [earlier.get("first_epoch"), earlier.get("last_epoch")] == averaged_epochs
+        swa_summary = {**({"lr": cfg.swa_lr, "best_epoch_val_loss": best_loss} if not same else earlier),
+                       "first_epoch": averaged_epochs[0], "last_epoch": averaged_epochs[1], "val_loss": best.val_loss,
                        "kept": True}
+        swa_summary.pop("best_pt_average", None)
         stop_reason += f", then weight averaging of {_epoch_range(*averaged_epochs)}"
     elif averaged_epochs and swa_summary is not None and not swa_summary["kept"]:
         # this session's average was not kept: best.pt is still an earlier one (it had been named as this one)
