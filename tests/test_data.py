@@ -155,10 +155,19 @@ def test_folder_names_with_spaces_around_them_are_read_as_their_class_and_split(
 def test_evaluate_refuses_a_missing_class_beside_folders_no_class_takes(tiny_dataset):
     # PNEUMONIA/ as bacteria/ and virus/: the NORMAL images alone had been scored (accuracy 0.000), exit 0.
     (tiny_dataset / "test" / "PNEUMONIA").rename(tiny_dataset / "test" / "bacteria")
-    with pytest.raises(DataError, match=r"PNEUMONIA/ is missing, and folders that are not a class are there "
-                                        r"\('bacteria'\): put each class's images in NORMAL/ and PNEUMONIA/"):
+    with pytest.raises(DataError, match=r"PNEUMONIA/ is missing, and folders of images that are not a class are "
+                                        r"there \('bacteria'\): put each class's images in NORMAL/ and PNEUMONIA/"):
         scan(tiny_dataset / "test", require_both_classes=False)
     shutil.rmtree(tiny_dataset / "test" / "bacteria")  # one class alone is a split evaluate can score
+    assert scan(tiny_dataset / "test", require_both_classes=False)["test"].counts() == {"NORMAL": 4, "PNEUMONIA": 0}
+    # Beside it, an evaluation's output (its report's PNGs are images) and a folder of no images are no other class:
+    # an evaluation written into the folder, as allowed, had made the next one refuse it.
+    ev = tiny_dataset / "test" / "eval"
+    (ev / "report").mkdir(parents=True)
+    (ev / "metrics.json").write_text("{}")
+    shutil.copy(next((tiny_dataset / "test" / "NORMAL").iterdir()), ev / "report" / "grid_test.jpeg")
+    (tiny_dataset / "test" / "__MACOSX").mkdir()
+    (tiny_dataset / "test" / "__MACOSX" / "notes.txt").write_text("x")
     assert scan(tiny_dataset / "test", require_both_classes=False)["test"].counts() == {"NORMAL": 4, "PNEUMONIA": 0}
 
 

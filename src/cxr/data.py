@@ -283,11 +283,12 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
     for label, cls in enumerate(CLASS_NAMES):
         if label not in dirs:
             problems.append(f"{split_dir}: class folder {cls}/ is missing")
-            if not require_both_classes and _other_folders(split_dir, dirs):
+            others = [] if require_both_classes else _other_image_folders(split_dir, dirs)
+            if others:
                 # Beside folders no class takes (bacteria/ and virus/): a layout of other classes, whose one class
                 # found had been scored alone, exit 0 (accuracy 0.000 of 10 NORMAL images, 12 pneumonias unseen)
-                raise DataError(f"{split_dir}: class folder {cls}/ is missing, and folders that are not a class are "
-                                f"there ({', '.join(repr(p.name) for p in _other_folders(split_dir, dirs)[:5])}): "
+                raise DataError(f"{split_dir}: class folder {cls}/ is missing, and folders of images that are not a "
+                                f"class are there ({', '.join(repr(p.name) for p in others[:5])}): "
                                 f"put each class's images in {' and '.join(c + '/' for c in CLASS_NAMES)} (for "
                                 "instance bacteria/ and virus/ together in PNEUMONIA/)")
             continue
@@ -302,14 +303,21 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
     if problems and (require_both_classes or not samples):
         raise DataError("; ".join(problems))
     for p in problems:
-        log.warning(p)
+        log.warning("%s", p)  # the message holds folder names: as an argument, a line break in one is escaped
     return Split(name, samples)
 
 
-def _other_folders(split_dir: Path, class_dirs: dict[int, Path]) -> list[Path]:
-    """The folders beside a split's class folders, which no class takes (hidden ones left out)."""
+# What cxr's own commands leave in a folder they write: such a folder beside a class folder is not a class of images
+OUTPUT_MARKERS = ("metrics.json", "summary.json", "explanations.csv")
+
+
+def _other_image_folders(split_dir: Path, class_dirs: dict[int, Path]) -> list[Path]:
+    """The folders beside a split's class folders that no class takes and that hold an image file (hidden ones, and
+    the outputs of cxr's commands, left out: an evaluation written into a one-class folder, as allowed, had made the
+    next evaluation of it refuse the folder)."""
     return [p for p in sorted(_children(split_dir))
-            if not p.name.startswith(".") and p not in class_dirs.values() and _is_dir(p)]
+            if not p.name.startswith(".") and p not in class_dirs.values() and _is_dir(p)
+            and not any((p / m).is_file() for m in OUTPUT_MARKERS) and any(map(is_image_file, walk_files(p)))]
 
 
 def _say_what_is_left_out(split_dir: Path, class_dirs: dict[int, Path]) -> None:
