@@ -640,6 +640,7 @@ def test_cache_ignores_damaged_packs_and_temporary_files(tmp_path, tiny_dataset,
     damaged.write_bytes(damaged.read_bytes()[:5000])  # as if cut short by a crash
     (folder / ".half.123.tmp").write_bytes(b"\x93NUMPY")  # a build killed mid-write leaves such a file
     (folder / "stray.npy").write_bytes(b"not a pack")
+    (folder / "empty.npy").write_bytes(b"")  # a file never written out before a power cut: it had ended the run
     decoded = _count_decodes(monkeypatch)
     prepare(found["train"], cfg, workers=1)
     assert decoded == []  # the train pack is intact
@@ -647,7 +648,8 @@ def test_cache_ignores_damaged_packs_and_temporary_files(tmp_path, tiny_dataset,
     assert len(decoded) == len(found["test"].samples) == 8  # the damaged pack's images, decoded again
     # Said and removed, as a pack whose checksum fails is (it had been skipped at debug level, read on every run)
     assert f"cache pack {damaged} is damaged (not a whole pack: cut short?): removed" in caplog.text
-    assert not (folder / "stray.npy").exists() and all(p.stat().st_size > 5000 for p in folder.glob("*.npy"))
+    assert not (folder / "stray.npy").exists() and not (folder / "empty.npy").exists()
+    assert all(p.stat().st_size > 5000 for p in folder.glob("*.npy"))
     np.testing.assert_array_equal(again.images[0], resize_square(read_grayscale(again.samples[0].path), 48))
 
 

@@ -919,7 +919,8 @@ def _read_pack(path: Path, size: int) -> tuple[np.ndarray, np.ndarray] | None:
     """
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError:  # numpy's "cannot reshape", "not a pickle", a bad header: the file is damaged
+    except (ValueError, EOFError):  # the file is damaged: numpy's "cannot reshape", "not a pickle", a bad header;
+        # EOFError: empty (0 bytes, a file never written out before a power cut), which had ended the run
         return None
     row = _DIGEST_BYTES + size * size
     if arr.dtype != np.uint8 or arr.ndim != 1 or arr.size == 0 or arr.size % row:
