@@ -149,8 +149,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help=_CACHE_DIR_HELP)
     p.add_argument("--scheduler", choices=["cosine", "plateau", "none"],
                    help="learning-rate schedule: cosine (default; a linear warm-up of warmup_epochs, then cosine decay "
-                   "to 0), plateau (the rate times plateau_factor, 0.1, after plateau_patience epochs without a "
-                   "better validation loss; no warm-up) or none (--lr throughout)")
+                   "to 0), plateau (the rate times plateau_factor, 0.1, once more than plateau_patience epochs "
+                   "in a row bring no better validation loss; no warm-up) or none (--lr throughout)")
     p.add_argument("--patience", type=int, help=f"early-stopping patience in epochs (default {_D.patience}; 0: off)")
     p.add_argument("--swa-epochs", type=int, help="epochs of stochastic weight averaging after the schedule (default "
                    "0: off); the average is kept when its validation loss is the lowest")

@@ -114,7 +114,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor,
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activations).sum(dim=1, keepdim=True)).detach().float()
     # Min-max per image (as pytorch-grad-cam does): the least weighed region becomes transparent in overlays. Whether
-    # the map varies at all is judged on the grid, before upsampling: a 1x1 grid (DenseNet below 64 px) had been
+    # the map varies at all is judged on the grid, before upsampling: a 1x1 grid (DenseNet below 61 px) had been
     # upsampled into values 2e-7 apart, and that rounding noise stretched to [0, 1] and shown as evidence.
     high = cam.flatten(1).max(dim=1).values
     varies = (high - cam.flatten(1).min(dim=1).values) > 1e-5 * high
