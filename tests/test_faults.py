@@ -793,3 +793,62 @@ def test_a_line_break_in_a_file_name_forges_no_log_line(capsys):
         "WARNING skipping unreadable image: bad\\nINFO fake.jpeg"
     assert formatted("skipping: %s", ImageError("a\nb.png", "not an image")).count("\n") == 0
     assert formatted("first line\nsecond: %d of %s", 3, "x") == "WARNING first line\nsecond: 3 of x"
+
+
+ORPHAN_SCRIPT = """
+import sys, time
+
+import cxr.data as d
+from cxr.config import load_config
+
+
+def slow(*args):  # decoding that takes its time: the workers are busy when their parent is killed
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    d._cache_chunk = slow
+    cfg = load_config(overrides={"image_size": 32, "cache_dir": sys.argv[2]})
+    d.prepare(d.scan(sys.argv[1])["train"], cfg, workers=2)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cache_workers_end_when_their_parent_is_killed(tmp_path, tiny_dataset):
+    # SIGKILL to the main process alone (the OOM killer, a container stopped) left its cache-building workers waiting
+    # on their queue for good, 400 MB each, holding the run's lock inherited by fork: --resume was refused.
+    import time
+
+    script = tmp_path / "orphans.py"
+    script.write_text(ORPHAN_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_dataset), str(tmp_path / "cache")],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    children: list[int] = []
+    try:
+        for _ in range(600):  # the workers start when the pool gets its first chunk
+            with contextlib.suppress(OSError):
+                children = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir()
+                            for c in (t / "children").read_text().split()]
+            if len(children) >= 2 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert len(children) >= 2 and proc.poll() is None, (children, proc.returncode)
+        time.sleep(0.5)  # the workers' initializer has run
+        proc.kill()
+        proc.wait()
+
+        def alive(pid: int) -> bool:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return False
+            return state != "Z"  # a zombie has ended; only its entry waits for a parent to read it
+
+        deadline = time.monotonic() + 10
+        while any(map(alive, children)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(alive, children)), [c for c in children if alive(c)]
+    finally:
+        for pid in [proc.pid, *children]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)

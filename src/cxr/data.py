@@ -23,6 +23,7 @@ import numbers
 import os
 import re
 import sqlite3
+import sys
 import tempfile
 import time
 import zlib
@@ -910,6 +911,30 @@ def cache_folder(cfg: Config) -> Path:
     return Path(cfg.cache_dir) / f"v{PREPROCESS_VERSION}-size{cfg.image_size}-{'draft' if cfg.draft else 'full'}{limit}"
 
 
+def end_with_parent() -> None:
+    """Initializer of worker processes: end when the process that started them ends. Killed alone (the OOM killer, a
+    SIGKILL or SIGTERM to the main process, a container stopped), it had left its cache-building workers waiting on
+    their queue for good, 400 MB each, holding the run's lock (inherited by fork): ``--resume`` was refused until
+    they were found and killed. Linux ends them at once (``PR_SET_PDEATHSIG``); elsewhere a thread sees the parent
+    gone within half a second."""
+    import signal
+    import threading
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="cxr-end-with-parent", daemon=True).start()
+
+
 def _read_pack(path: Path, size: int) -> tuple[np.ndarray, np.ndarray] | None:
     """A pack's (digests (k, 32), images (k, size, size)), memory-mapped; None for a file that is not a whole pack.
 
@@ -1142,7 +1167,7 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
         pool = None
         if workers > 1 and len(todo) >= 32:
             # Workers only run PIL and NumPy (never torch), so the platform's default start method is safe.
-            pool = ProcessPoolExecutor(max_workers=workers)
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=end_with_parent)
             results = pool.map(_cache_chunk, chunks, *([x] * len(chunks) for x in spec))
         else:
             results = (_cache_chunk(chunk, *spec) for chunk in chunks)
