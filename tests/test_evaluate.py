@@ -732,10 +732,28 @@ def test_an_evaluation_that_fails_midway_leaves_no_metrics_of_another_model(tmp_
     with pytest.raises(KeyboardInterrupt):
         write_evaluation(tmp_path, second, 0.5, n_boot=20)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written before the numbers
-    monkeypatch.setattr(evaluate, "write_predictions", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(evaluate, "confidence_intervals", real)
+    # The disk fills up at the second file: the earlier evaluation stays whole (its metrics.json had been removed
+    # first, while the error said the file was unchanged), no temporary file is left.
+    files, real_write = [], evaluate._write_predictions_to
+
+    def full_at_the_second(path, *a):
+        files.append(path)
+        if len(files) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(path, *a)
+
+    monkeypatch.setattr(evaluate, "_write_predictions_to", full_at_the_second)
+    with pytest.raises(OSError, match="No space left"):
+        write_evaluation(tmp_path, second, 0.5, n_boot=20)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # Failing as a file is put in place (after the earlier metrics.json went): files of two models are not passed
+    # off as one evaluation.
+    monkeypatch.setattr(evaluate, "_write_predictions_to", real_write)
+    monkeypatch.setattr("cxr.fileio._replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         write_evaluation(tmp_path, second, 0.5, n_boot=20)
-    assert not (tmp_path / "metrics.json").exists()  # files of two models are not passed off as one evaluation
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_evaluate_reads_patients_by_the_models_own_pattern_or_the_one_given(tmp_path):

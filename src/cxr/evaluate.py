@@ -501,7 +501,12 @@ def _wilson(hits: np.ndarray, clusters: np.ndarray, level: float) -> list[float]
 
 def write_predictions(path: str | os.PathLike, result: SplitResult, threshold: float) -> None:
     """``predictions_<split>.csv``: path, true label, P(PNEUMONIA), predicted label, and the disclaimer."""
-    with atomic_path(path) as tmp, open(tmp, "w", **CSV_TEXT) as f:
+    with atomic_path(path) as tmp:
+        _write_predictions_to(tmp, result, threshold)
+
+
+def _write_predictions_to(path: Path, result: SplitResult, threshold: float) -> None:
+    with open(path, "w", **CSV_TEXT) as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "prob_pneumonia", "predicted", "note"])
         for p, y, prob in zip(result.paths, result.labels, result.probs, strict=True):
@@ -536,12 +541,16 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
             metrics[r.name].update(extra[r.name])
     # Every split's numbers first, then the files, metrics.json last, after an earlier one is gone: written split by
     # split, an interruption (or a failure) in the second split's intervals had left the first split's predictions of
-    # the new model beside the old model's metrics.json, and a report was made of the mix.
+    # the new model beside the old model's metrics.json, and a report was made of the mix. The new predictions are
+    # all written (beside, as temporary files) before the earlier metrics.json goes: a disk that filled up had cost
+    # an earlier evaluation its metrics.json, while the error said the file was unchanged.
     text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
-    with contextlib.suppress(FileNotFoundError):
-        (out / "metrics.json").unlink()
-    for r in results:
-        write_predictions(out / f"predictions_{r.name}.csv", r, threshold)
+    with contextlib.ExitStack() as written_last:  # each file put in place as the stack closes, after the unlink
+        for r in results:
+            _write_predictions_to(written_last.enter_context(atomic_path(out / f"predictions_{r.name}.csv")), r,
+                                  threshold)
+        with contextlib.suppress(FileNotFoundError):
+            (out / "metrics.json").unlink()
     atomic_write_text(out / "metrics.json", text)
     written = [out / f"predictions_{r.name}.csv" for r in results]
     for split in sorted(earlier - set(metrics)):  # only files cxr wrote: a predictions_x.csv of `cxr predict` stays
