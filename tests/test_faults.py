@@ -852,3 +852,21 @@ def test_cache_workers_end_when_their_parent_is_killed(tmp_path, tiny_dataset):
         for pid in [proc.pid, *children]:
             with contextlib.suppress(OSError):
                 os.kill(pid, 9)
+
+
+def test_a_torchscript_export_to_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, tmpfs):
+    # torch.jit.save wrote the file itself: a full disk aborted the process in C++ (exit 134, 21 frames of its stack)
+    # and left the temporary file. In a process of its own, as that abort ends the process.
+    fs = tmpfs(1)
+    if fs is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5),
+                    tmp_path / "m.pt")
+    proc = subprocess.run([sys.executable, "-m", "cxr", "export", "--model", str(tmp_path / "m.pt"), "--format",
+                           "torchscript", "--output", str(fs / "m.ts")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"cxr export: error: cannot write {fs / 'm.ts'}: No space left on " \
+        "device; the existing file, if any, is unchanged", proc.stderr
+    assert "Traceback" not in proc.stderr and "c10" not in proc.stderr and not list(fs.iterdir())

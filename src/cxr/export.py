@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -381,12 +382,17 @@ def export_model(model: str | os.PathLike | Checkpoint, fmt: str, output: str | 
             tmp.write_bytes(data)
     else:
         module, example = _deployable(ckpt)
-        with torch.no_grad(), warnings.catch_warnings(), atomic_path(out) as tmp:
+        buf = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings():
             # TorchScript is deprecated in favour of torch.export, but it is still what C++/mobile runtimes load.
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(module, example, check_trace=False)
-            torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(contract(ckpt))})
+            # Into memory, then written by Python: saved to the file itself, a full disk had aborted the process
+            # in C++ (exit 134, 21 frames of its stack) and left the temporary file.
+            torch.jit.save(traced, buf, _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(contract(ckpt))})
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(buf.getbuffer())
     log.info("wrote %s (%s, %.1f MB)", out, fmt, out.stat().st_size / 1e6)
     return out
 
