@@ -870,3 +870,25 @@ def test_a_torchscript_export_to_a_full_disk_is_one_line_and_leaves_no_file(tmp_
     assert proc.stderr.strip().splitlines()[-1] == f"cxr export: error: cannot write {fs / 'm.ts'}: No space left on " \
         "device; the existing file, if any, is unchanged", proc.stderr
     assert "Traceback" not in proc.stderr and "c10" not in proc.stderr and not list(fs.iterdir())
+
+
+def test_an_output_on_a_full_disk_is_refused_before_the_work(tmpfs):
+    # The check made an empty file, which a full disk allows: predict and evaluate did all their work, then failed
+    # to write the results.
+    from cxr.fileio import check_writable
+
+    fs = tmpfs(1)
+    if fs is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    filler = fs / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    with pytest.raises(WriteError, match="No space left on device"):
+        check_writable(fs / "p.csv")
+    with pytest.raises(WriteError, match="No space left on device"):
+        check_writable(fs / "ev", folder=True)
+    assert sorted(p.name for p in fs.iterdir()) == ["filler"]  # nothing left behind
+    filler.unlink()
+    assert check_writable(fs / "p.csv") == fs / "p.csv" and not list(fs.iterdir())

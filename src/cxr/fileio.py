@@ -248,8 +248,15 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
             except FileNotFoundError:  # another process's probe (a torchrun shard) removed the folder just now
                 if attempt == 2:
                     raise
-        os.close(fd)
-        os.unlink(tmp)
+        try:
+            # A byte, not an empty file, and the file system's free blocks: a full disk allows an empty file, and
+            # predict and evaluate had done all their work before they failed to write the results.
+            os.write(fd, b"\0")
+            if hasattr(os, "statvfs") and os.statvfs(where).f_bfree == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
     except OSError as e:
         error = WriteError.from_os_error(target, e)
         error.replacing = False
