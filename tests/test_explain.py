@@ -623,3 +623,29 @@ def test_a_map_of_a_label_the_output_leans_away_from_is_titled_as_the_report_and
     for amp in ("off", "on"):  # one pass and two
         explain_files(tmp_path / "m.pt", FILES[:1], tmp_path / amp, device="cpu", amp=amp)
     assert [t.splitlines()[-1] for t in titles] == ["heatmap of NORMAL; the output leans PNEUMONIA"] * 2, titles
+
+
+def test_a_disk_that_fills_up_mid_way_is_the_error_said_not_the_listings(tmp_path, monkeypatch, caplog):
+    # A picture's write failed on a full disk; the listing of those made so far failed too, and its error replaced
+    # the real one ("cannot write explanations.csv"), with no word of the pictures left unlisted.
+    import cxr.explain
+    from cxr.errors import WriteError
+
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5),
+                    tmp_path / "m.pt")
+    drawn = []
+
+    def full_at_the_second(image, heat, *, path, **kw):
+        drawn.append(path)
+        if len(drawn) == 2:
+            raise WriteError.from_os_error(path, OSError(28, "No space left on device"))
+        path.write_bytes(b"png")
+
+    monkeypatch.setattr(cxr.explain, "_explanation_figure", full_at_the_second)
+    monkeypatch.setattr(cxr.explain, "_write_explanations", lambda *a: (_ for _ in ()).throw(
+        WriteError.from_os_error(tmp_path / "out" / "explanations.csv", OSError(28, "No space left on device"))))
+    with pytest.raises(WriteError) as e:
+        explain_files(tmp_path / "m.pt", FILES, tmp_path / "out", device="cpu", batch_size=1)
+    assert "_gradcam.png" in str(e.value), str(e.value)
+    assert "stopped after 1 of" in caplog.text and "could not be listed" in caplog.text

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from cxr.config import CLASS_NAMES
-from cxr.errors import UsageError
+from cxr.errors import CxrError, UsageError
 from cxr.fileio import CSV_TEXT, atomic_path, display_name, fit_name, shorten_middle, spreadsheet_cells
 from cxr.images import (  # noqa: F401 - overlay and HEATMAP_CMAP re-exported: they lived here
     HEATMAP_CMAP,
@@ -375,9 +375,14 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
         # Interrupted (Ctrl-C) or failed: the pictures made so far are listed, not left beside no explanations.csv
         # (or beside an earlier run's, which describes other files).
         if indexed:
-            _write_explanations(out_dir, [e for _, e in sorted(indexed, key=lambda r: r[0])], t, mid)
-            log.warning("stopped after %d of %d file(s): %s lists those", len(indexed), len(files),
-                        out_dir / "explanations.csv")
+            try:
+                _write_explanations(out_dir, [e for _, e in sorted(indexed, key=lambda r: r[0])], t, mid)
+            except (OSError, CxrError) as e:  # a full disk, say: the error that stopped the run is the one raised
+                log.warning("stopped after %d of %d file(s), which could not be listed: %s", len(indexed), len(files),
+                            e)
+            else:
+                log.warning("stopped after %d of %d file(s): %s lists those", len(indexed), len(files),
+                            out_dir / "explanations.csv")
         raise
     rows = [e for _, e in sorted(indexed, key=lambda r: r[0])]
     _write_explanations(out_dir, rows, t, mid)
