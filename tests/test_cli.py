@@ -766,6 +766,8 @@ def test_resume_from_another_folder_and_a_failed_resume_changes_nothing(tmp_path
     assert "where the run's config.yaml says its data is now" in proc.stderr
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["val"]["n"] == json.loads((run_dir / "metrics.json").read_text())["val"]["n"] > 0
+    # Its own train and val images, moved with it, are no images seen in training (34 of 34 had been "overstated")
+    assert "n_seen_in_training" not in ev["val"] and "overstate" not in proc.stderr, proc.stderr
     proc = run("train", "--resume", run_dir, "--epochs", "3", "--no-report", cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr
     assert load_checkpoint(run_dir / "last.pt").epoch == 3

@@ -399,7 +399,7 @@ def _scan_split_csv(path: Path) -> dict[str, Split]:
         raise DataError(f"{path}: lists no images")
     if any(npz_row(s.path) is not None for samples in recorded.values() for s in samples):
         raise UsageError(f"{path}: its rows are rows of an .npz; give the .npz itself as --data")
-    recorded = _follow_moved_data(path, recorded)
+    recorded = follow_moved_data(path, recorded)
     every = [s.path for samples in recorded.values() for s in samples]
     if not any(_may_be_there(p) for p in every):  # one line, not one warning an image and "none could be read"
         raise DataError(f"{path}: none of its {len(every)} images is where it says (e.g. {every[0]}); if the data "
@@ -429,7 +429,7 @@ def rebase(path: str, old: str, new: str) -> str:
     return new + rest if path.startswith(old) and rest[:1] in ("/", "\\", "#") else path
 
 
-def _follow_moved_data(split_csv: Path, recorded: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
+def follow_moved_data(split_csv: Path, recorded: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
     """A run's split.csv whose images are not where it says, read where the run's ``config.yaml`` now says its data
     is (edited after the data moved), from where its ``summary.json`` says the data was: as ``cxr train --resume``
     follows it, which writes split.csv anew; before any resume, evaluate had found every image gone."""

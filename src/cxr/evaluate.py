@@ -606,7 +606,7 @@ def development_images(ckpt, mid: str) -> Development | None:
     """
     import gzip
 
-    from cxr.data import patient_from_name_only, read_split_csv
+    from cxr.data import follow_moved_data, patient_from_name_only, read_split_csv
     from cxr.export import file_sha256
     from cxr.model import BUNDLED_MODEL
 
@@ -629,7 +629,10 @@ def development_images(ckpt, mid: str) -> Development | None:
         if not path.is_file():
             continue
         try:
-            development = [s for name in ("train", "val") for s in read_split_csv(path).get(name, [])]
+            # where the run's config.yaml says its data is now, as its split.csv given as --data is read: the run's
+            # own images, moved with their data, had been counted as images seen in training
+            recorded = follow_moved_data(path, read_split_csv(path))
+            development = [s for name in ("train", "val") for s in recorded.get(name, [])]
         except (OSError, ValueError, KeyError, csv.Error) as e:
             log.warning("%s: not readable (%s), so images this model was trained on cannot be told", path, e)
             continue
