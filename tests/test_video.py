@@ -127,6 +127,8 @@ def test_bad_settings_are_refused(tmp_path):
         with pytest.raises(UsageError, match="too large"):
             even_frame_size(width, height)
     assert even_frame_size(3840, 2160) == (3840, 2160)
+    with pytest.raises(UsageError, match=r"^video frame size 3841x100 is too large"):  # as given: "3840x100 too small"
+        even_frame_size(3841, 100)
     with pytest.raises(UsageError, match="no images"):
         write_flythrough([], tmp_path / "x.mp4", threshold=0.5)
     assert even_frame_size(641, 361) == (640, 360)

@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds-per-image", type=_positive_upto(60), default=1.0,
                    help="how long the video shows each image (default 1, at most 60)")
     p.add_argument("--frame-size", default="640x360", metavar="WxH",
-                   help="video frame size (default 640x360, at most 3840x2160)")
+                   help="video frame size, landscape, from 320x180 to 3840x2160 (default 640x360; odd sizes are "
+                   "rounded down to even)")
     p.add_argument("--fps", type=_positive_upto(60), default=5.0,
                    help="video frames per second (default 5, at most 60)")
     p.add_argument("--device", default="auto", help=_DEVICE_HELP)

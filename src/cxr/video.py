@@ -48,13 +48,16 @@ class VideoItem:
 
 def even_frame_size(width: int, height: int) -> tuple[int, int]:
     """The frame size rounded down to even numbers (yuv420p halves the chroma planes), checked against a minimum."""
-    width, height = int(width) - int(width) % 2, int(height) - int(height) % 2
-    if width < MIN_FRAME[0] or height < MIN_FRAME[1]:
-        raise UsageError(f"video frame size {width}x{height} is too small (at least {MIN_FRAME[0]}x{MIN_FRAME[1]})")
-    if width < height:
-        raise UsageError(f"video frame size {width}x{height}: use a landscape frame (width >= height)")
+    width, height = int(width), int(height)
+    # Checked as given, then rounded: 3841x100 had been "3840x100 is too small", a size never asked for.
+    given = f"video frame size {width}x{height}"
     if width > MAX_FRAME[0] or height > MAX_FRAME[1]:  # 100000x100000 took 22 GB and the kernel killed the process
-        raise UsageError(f"video frame size {width}x{height} is too large (at most {MAX_FRAME[0]}x{MAX_FRAME[1]})")
+        raise UsageError(f"{given} is too large (at most {MAX_FRAME[0]}x{MAX_FRAME[1]})")
+    width, height = width - width % 2, height - height % 2
+    if width < MIN_FRAME[0] or height < MIN_FRAME[1]:
+        raise UsageError(f"{given} is too small (at least {MIN_FRAME[0]}x{MIN_FRAME[1]})")
+    if width < height:
+        raise UsageError(f"{given}: use a landscape frame (width >= height)")
     return width, height
 
 
