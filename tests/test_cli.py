@@ -1955,9 +1955,18 @@ def test_a_resumed_session_cut_short_marks_its_summary_and_its_unchosen_threshol
         caplog.clear()
         predict_files(copy, [image], device="cpu")
         assert ("its decision threshold was never chosen on validation" in caplog.text) == said, policy
-    caplog.clear()  # last.pt is training state, which never carries a threshold: no advice to finish the run
+    caplog.clear()  # last.pt is training state, which never carries a threshold: said (it was used at 0.5 silently)
     predict_files(copy / "last.pt", [image], device="cpu")
-    assert "never chosen on validation" not in caplog.text
+    assert "the last epoch's training state, not the run's model (best.pt)" in caplog.text
+    assert "never chosen on validation" in caplog.text and "--resume" not in caplog.text
+    # The run's folder without best.pt: refused, not its last.pt taken in its place at 0.5 without a word
+    from cxr.errors import CheckpointError
+
+    no_best = tmp_path / "no-best"
+    shutil.copytree(copy, no_best)
+    (no_best / "best.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"no best.pt, the run's model; its last.pt is the last epoch's"):
+        predict_files(no_best, [image], device="cpu")
     # Killed again in a later session: the mark is not nested ("was: in progress: ... (was: finished ...)").
     cxr.train._mark_in_progress(copy, 3)
     reason = json.loads((copy / "summary.json").read_text())["stop_reason"]

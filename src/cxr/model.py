@@ -471,9 +471,14 @@ def resolve_model_path(model: str | os.PathLike, *, flag: str = "--model") -> Pa
         return BUNDLED_MODEL
     p = Path(model)
     if p.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (p / name).is_file():
-                return p / name
+        if (p / "best.pt").is_file():
+            return p / "best.pt"
+        if (p / "last.pt").is_file():
+            # Not taken in its place: the last epoch's training state, whose threshold was never chosen, had been used
+            # at 0.5 without a word (labels that differ from the run's own).
+            raise CheckpointError(f"{p}: no best.pt, the run's model; its last.pt is the last epoch's training state "
+                                  f"(for --resume), with no threshold chosen on validation: give {p / 'last.pt'} "
+                                  "to use it all the same, or `cxr train --resume` to end the run")
         trained = any((p / n).exists() for n in ("summary.json", "metrics.json"))
         with contextlib.suppress(OSError, UnicodeDecodeError):  # an epoch in history.csv: trained, too
             trained = trained or len((p / "history.csv").read_text(encoding="utf-8").strip().splitlines()) > 1
@@ -553,8 +558,8 @@ def threshold_unchosen(ckpt: Checkpoint) -> bool:
     """Whether ``ckpt`` is a run's best.pt whose threshold was never chosen on validation: training writes best.pt
     after each improving epoch, and chooses its threshold only at the end."""
     path = Path(ckpt.path) if ckpt.path else None
-    # Not last.pt: training state, which never carries the threshold (finish() chooses it for best.pt alone).
-    return (ckpt.threshold_policy == "default" and path is not None and path.name == "best.pt"
+    # last.pt too: training state, which never carries the threshold (finish() chooses it for best.pt alone)
+    return (ckpt.threshold_policy == "default" and path is not None and path.name in ("best.pt", "last.pt")
             and (path.parent / "config.yaml").is_file())
 
 
@@ -564,6 +569,11 @@ def warn_if_threshold_unchosen(ckpt: Checkpoint) -> None:
     without a word."""
     if threshold_unchosen(ckpt):
         path = Path(ckpt.path)
+        if path.name == "last.pt":
+            log.warning("%s: the last epoch's training state, not the run's model (best.pt), and its decision "
+                        "threshold was never chosen on validation, so %s is used; give --threshold, or use the run's "
+                        "best.pt", path, f"{ckpt.threshold:g}")
+            return
         log.warning("%s: its decision threshold was never chosen on validation (the run stopped before its end, or "
                     "is still training), so %s is used; `cxr train --resume %s` ends the run, or give --threshold",
                     path, f"{ckpt.threshold:g}", path.parent)
