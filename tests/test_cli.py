@@ -1048,6 +1048,12 @@ def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
     ("yes: 3\n", r"unknown config field\(s\): True$"),
     ("batchsize: 3\n", r"unknown config field\(s\): batchsize \(did you mean batch_size\?\)"),
     ("image_size: 100000\n", "image_size must be <= 4096"),  # was a MemoryError of 382 GiB when the cache began
+    # A key given twice: the later one had won without a word (lr 0.1 trained); [] and 0 had been an empty config
+    ("lr: 0.0001\nimage_size: 64\nlr: 0.1\n", r"'lr' is given twice \(lines 1 and 3\)"),
+    ("[]\n", "the top level must be a mapping"),
+    ("0\n", "the top level must be a mapping"),
+    # The file named: "invalid config: lr must be > 0" had not said where
+    ("lr: -1\n", r"lr must be > 0 \(settings read from .*c.yaml\)$"),
 ])
 def test_config_values_that_cannot_work_are_refused(tmp_path, tiny_dataset, yaml_text, says):
     from cxr.config import load_config

@@ -94,6 +94,20 @@ def test_a_checkpoint_of_an_arch_cxr_does_not_have_is_named_damaged(tmp_path):
             load(tmp_path / "vgg.pt")
 
 
+def test_a_model_trained_with_a_setting_an_earlier_cxr_allowed_still_predicts(tmp_path, caplog):
+    # val_fraction 0.6 and batch_size 1 passed an earlier cxr: its models were refused as "damaged" by this one. A
+    # setting a prediction needs is still checked.
+    save_checkpoint(_checkpoint(tmp_path), tmp_path / "ok.pt")
+    obj = torch.load(tmp_path / "ok.pt", weights_only=True)
+    torch.save({**obj, "config": {**obj["config"], "val_fraction": 0.6, "batch_size": 1}}, tmp_path / "old.pt")
+    ckpt = load_checkpoint(tmp_path / "old.pt")
+    assert (ckpt.config.val_fraction, ckpt.config.image_size) == (0.6, obj["config"]["image_size"])
+    assert "old.pt: trained with a setting this cxr no longer accepts" in caplog.text
+    torch.save({**obj, "config": {**obj["config"], "val_fraction": 0.6, "std": -1}}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad.pt: damaged cxr checkpoint .*std must be > 0"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
 def test_a_checkpoint_with_weights_that_are_no_numbers_is_named_damaged(tmp_path):
     # One NaN in the head: every probability NaN, every image labelled NORMAL, exit 0, and "NaN" in the JSON.
     ckpt = _checkpoint(tmp_path)

@@ -280,7 +280,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         if not p.is_file():
             raise UsageError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+            loaded = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
+            loaded = {} if loaded is None else loaded  # an empty file; not [] or 0, which are no mapping either
         except UnicodeDecodeError as e:  # a Latin-1 editor's "é": a traceback before
             raise UsageError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save it as "
                              "UTF-8") from None
@@ -301,14 +302,48 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         close = {k: difflib.get_close_matches(k.replace("-", "_"), list(_FIELDS), n=1) for k in unknown}
         hints = [f"{k} (did you mean {m[0]}?)" if m else k for k, m in close.items()]
         raise ConfigError(f"unknown config field(s): {', '.join(hints)}")
-    coerced = {k: _coerce(k, v) for k, v in values.items()}
-    cfg = dataclasses.replace(base, **coerced) if base is not None else Config(**coerced)
-    return cfg.validate()
+    try:
+        coerced = {k: _coerce(k, v) for k, v in values.items()}
+        cfg = dataclasses.replace(base, **coerced) if base is not None else Config(**coerced)
+        return cfg.validate()
+    except ConfigError as e:
+        if path is None:
+            raise
+        # the file named: "invalid config: lr must be > 0" had not said where (a run's config.yaml, on --resume)
+        raise ConfigError(f"{e} (settings read from {path}{' and the flags given' if overrides else ''})") from None
 
 
-def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config saved by ``to_dict`` (unknown keys from other versions are dropped)."""
-    return load_config(overrides={k: v for k, v in d.items() if k in _FIELDS})
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the later one had won without a word: an
+    ``lr: 0.1`` further down a file trained at 0.1)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (lines {seen[key]} and {line})", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+# What a prediction needs of a saved config (the rest describes how the model was trained)
+INFERENCE_FIELDS = ("arch", "image_size", "mean", "std", "max_pixels", "draft", "patient_pattern")
+
+
+def config_from_dict(d: dict[str, Any], *, inference_only: bool = False) -> Config:
+    """Rebuild a Config saved by ``to_dict`` (unknown keys from other versions are dropped).
+
+    ``inference_only``: only the fields a prediction needs (:data:`INFERENCE_FIELDS`) are checked; the others are
+    taken as saved, for a model trained by an earlier cxr with settings it allowed and this one refuses."""
+    values = {k: v for k, v in d.items() if k in _FIELDS}
+    if not inference_only:
+        return load_config(overrides=values)
+    cfg = Config(**{k: _coerce(k, v) for k, v in values.items() if v is not None})
+    dataclasses.replace(Config(), **{k: getattr(cfg, k) for k in INFERENCE_FIELDS}).validate()
+    return cfg
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

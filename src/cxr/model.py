@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from cxr.config import ARCHS, CLASS_NAMES, Config, config_from_dict
-from cxr.errors import CheckpointError, CxrError, UsageError
+from cxr.errors import CheckpointError, ConfigError, CxrError, UsageError
 from cxr.fileio import atomic_path
 from cxr.tv import import_torchvision
 
@@ -544,8 +544,16 @@ def _checkpoint_from(obj: dict[str, Any], path: Path) -> Checkpoint:
         # NaN or 5 labelled every image NORMAL, exit 0 (the ONNX contract check refused the same value).
         raise CheckpointError(f"{path}: damaged cxr checkpoint (threshold {threshold!r} is no probability)")
     try:
+        try:
+            config = config_from_dict(obj["config"])
+        except ConfigError as e:
+            # A setting of training that an earlier cxr allowed (val_fraction 0.6, batch_size 1): the model had been
+            # refused as "damaged". Read for what a prediction needs (those fields checked), and said.
+            config = config_from_dict(obj["config"], inference_only=True)
+            log.warning("%s: trained with a setting this cxr no longer accepts (%s, an earlier cxr?); read as saved, "
+                        "for predictions", path, str(e).removeprefix("invalid config: "))
         return Checkpoint(
-            arch=obj["arch"], state_dict=obj["state_dict"], config=config_from_dict(obj["config"]),
+            arch=obj["arch"], state_dict=obj["state_dict"], config=config,
             class_names=list(obj["class_names"]), threshold=float(obj["threshold"]),
             threshold_policy=obj.get("threshold_policy", "default"), epoch=int(obj.get("epoch", 0)),
             val_loss=float(obj.get("val_loss", float("nan"))), extra=obj.get("extra", {}), path=str(path),
