@@ -484,6 +484,15 @@ def test_images_the_model_was_trained_on_are_counted_and_named(tmp_path, tiny_da
     assert evaluate_model(tmp_path / "tuned" / "best.pt", tmp_path / "mine", tmp_path / "o4",
                           device="cpu")["test"]["n_seen_in_training"] == 1
     assert "which the bundled model was trained on (this model was fine-tuned from it)" in caplog.text
+    # ... and one fine-tuned from its file given by path, or a copy of it under another name (0 and no word before)
+    from cxr.model import BUNDLED_MODEL
+
+    shutil.copy(BUNDLED_MODEL, tmp_path / "copy.pt")
+    for i, weights in enumerate((str(BUNDLED_MODEL), str(tmp_path / "copy.pt"))):
+        save_checkpoint(dataclasses.replace(tuned, config=dataclasses.replace(tuned.config, weights=weights)),
+                        tmp_path / "tuned" / "best.pt")
+        assert evaluate_model(tmp_path / "tuned" / "best.pt", tmp_path / "mine", tmp_path / f"o5{i}",
+                              device="cpu")["test"]["n_seen_in_training"] == 1, weights
 
 
 def test_copies_by_name_and_shared_patients_of_a_runs_images_are_counted_wherever_evaluated(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import numbers
@@ -719,6 +720,21 @@ def _name_key(name: str) -> str:
     return name.lower()
 
 
+def _is_the_bundled_model(path: Path) -> bool:
+    """Whether ``path`` is the bundled model's file, or a copy of it (the same bytes): a model fine-tuned from it by
+    path had not been checked for the Kermany images it was trained on, as one given ``--weights default`` is."""
+    from cxr.model import BUNDLED_MODEL
+
+    try:
+        if not path.is_file() or path.stat().st_size != BUNDLED_MODEL.stat().st_size:
+            return False
+        if path.resolve() == BUNDLED_MODEL.resolve():
+            return True
+        return hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(BUNDLED_MODEL.read_bytes()).digest()
+    except OSError:
+        return False
+
+
 def _fine_tuned_from(ckpt) -> tuple[list[Path], bool]:
     """The split.csv files of the runs whose weights this model started from (``--weights RUN`` or its checkpoint,
     followed back through their own config.yaml), and whether that chain starts at the bundled model."""
@@ -727,9 +743,9 @@ def _fine_tuned_from(ckpt) -> tuple[list[Path], bool]:
     records: list[Path] = []
     weights, visited = ckpt.config.weights, set()
     while weights not in ("", "none", "imagenet"):
-        if weights == "default":
-            return records, True
         path = Path(weights)
+        if weights == "default" or _is_the_bundled_model(path):  # by name, or its file by path (a copy, too)
+            return records, True
         run = path if path.is_dir() else path.parent
         if run.resolve() in visited or not (run / "split.csv").is_file():
             break
