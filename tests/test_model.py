@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -233,6 +234,21 @@ def test_safetensors_bundle_round_trip(tmp_path):
         p_full = torch.softmax(ckpt.build()(x), 1)
         p_half = torch.softmax(back.build()(x), 1)
     torch.testing.assert_close(p_half, p_full, atol=5e-3, rtol=0)
+
+
+def test_a_model_file_is_read_by_its_content_whatever_its_name(tmp_path):
+    # The bundled file copied to model.pt was "damaged, or not a torch file"; a best.pt renamed .safetensors "not a
+    # readable safetensors file (header too large)".
+    from cxr.model import BUNDLED_MODEL, save_safetensors
+
+    ckpt = _checkpoint(tmp_path)
+    save_safetensors(ckpt, tmp_path / "renamed.pt")
+    save_checkpoint(ckpt, tmp_path / "renamed.safetensors")
+    for name in ("renamed.pt", "renamed.safetensors"):
+        assert load_checkpoint(tmp_path / name).threshold == pytest.approx(0.37), name
+        assert build_model("densenet121", str(tmp_path / name)) is not None
+    shutil.copy(BUNDLED_MODEL, tmp_path / "bundled.pt")
+    assert load_checkpoint(tmp_path / "bundled.pt").threshold == load_checkpoint("default").threshold
 
 
 def test_safetensors_without_cxr_metadata(tmp_path):

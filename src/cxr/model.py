@@ -86,10 +86,17 @@ def _imagenet_model(arch: str) -> nn.Module:
         ) from None
 
 
+def _torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load`` of plain data from an open file: given a path, torch reads a name ending in .safetensors as
+    safetensors, whatever the file holds (a checkpoint so named had been unreadable)."""
+    with open(path, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
 def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a state dict from a ``.pth``/``.pt`` file (plain, or under 'state_dict'/'model') without pickled code."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
     except FileNotFoundError:
         raise UsageError(f"{path}: weights file not found") from None
     except Exception as e:  # torch raises many types for a file that is not a state dict
@@ -130,14 +137,14 @@ def _starting_weights(weights: str) -> Checkpoint | dict[str, torch.Tensor] | No
                          + "expected 'imagenet', 'none', 'default' (the bundled model), a run directory, or the path "
                          "of a cxr model or state dict file")
     path = resolve_model_path(weights, flag="--weights")
-    if path.suffix.lower() == ".safetensors":
+    if _is_safetensors(path):
         return _load_safetensors(path)
     if path.suffix.lower() == ".onnx" or _is_torchscript(path):
         kind = "an ONNX" if path.suffix.lower() == ".onnx" else "a TorchScript"
         raise CheckpointError(f"--weights {path}: {kind} file, which cannot be trained on; give the checkpoint or "
                               ".safetensors file it was exported from")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
     except Exception:  # torch raises many types; read_state_dict_file names the problem
         return read_state_dict_file(path)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
@@ -505,7 +512,7 @@ def load_checkpoint(model: str | os.PathLike | Checkpoint) -> Checkpoint:
     if isinstance(model, Checkpoint):
         return model
     path = resolve_model_path(model)
-    if path.suffix.lower() == ".safetensors":
+    if _is_safetensors(path):
         return _load_safetensors(path)
     if path.suffix.lower() == ".onnx":
         raise CheckpointError(f"{path}: an ONNX file, which cxr runs only in `cxr predict` and `cxr serve` (ONNX "
@@ -518,7 +525,7 @@ def load_checkpoint(model: str | os.PathLike | Checkpoint) -> Checkpoint:
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol, warned of in two lines before cxr's one
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path)
     except pickle.UnpicklingError as e:
         # torch's message always mentions weights_only; only an unsupported global or class means objects that
         # would run code. Anything else ("Unsupported operand", "invalid load key") is a file of another kind.
@@ -585,6 +592,19 @@ def warn_if_threshold_unchosen(ckpt: Checkpoint) -> None:
         log.warning("%s: its decision threshold was never chosen on validation (the run stopped before its end, or "
                     "is still training), so %s is used; `cxr train --resume %s` ends the run, or give --threshold",
                     path, f"{ckpt.threshold:g}", path.parent)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file by its content (an 8-byte header length, then the JSON header), whatever its name: the
+    bundled file copied to ``model.pt`` was "damaged, or not a torch file", a checkpoint named ``.safetensors`` "not a
+    readable safetensors file (header too large)". A file that cannot be read is judged by its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return path.suffix.lower() == ".safetensors"
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
 
 
 def _is_torchscript(path: Path) -> bool:
