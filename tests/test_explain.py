@@ -649,3 +649,23 @@ def test_a_disk_that_fills_up_mid_way_is_the_error_said_not_the_listings(tmp_pat
         explain_files(tmp_path / "m.pt", FILES, tmp_path / "out", device="cpu", batch_size=1)
     assert "_gradcam.png" in str(e.value), str(e.value)
     assert "stopped after 1 of" in caplog.text and "could not be listed" in caplog.text
+
+
+def test_pictures_explained_into_a_class_folder_are_no_xrays_to_train_or_evaluate_on(tmp_path, caplog):
+    # explain into data/test/NORMAL/cams was accepted, and evaluate then scored its pictures as NORMAL X-rays (10 of
+    # a folder of 5); predict left them out, the data scan did not.
+    from cxr.data import scan
+
+    data = tmp_path / "data"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (data / "test" / cls).mkdir(parents=True)
+        for f in sorted((SAMPLE_DIR / "test" / cls).glob("*.jpeg"))[:3]:
+            (data / "test" / cls / f.name).write_bytes(f.read_bytes())
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5),
+                    tmp_path / "m.pt")
+    explain_files(tmp_path / "m.pt", [data / "test" / "NORMAL"], data / "test" / "NORMAL" / "cams", device="cpu")
+    assert len(list((data / "test" / "NORMAL" / "cams").glob("*_gradcam.png"))) == 3
+    caplog.clear()
+    assert scan(data)["test"].counts() == {"NORMAL": 3, "PNEUMONIA": 3}
+    assert "left out 3 Grad-CAM picture(s) written by cxr explain" in caplog.text

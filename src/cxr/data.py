@@ -40,6 +40,7 @@ from cxr.config import CLASS_NAMES, DEFAULT_MAX_PIXELS, Config, usable_cores
 from cxr.errors import CxrError, DataError, UsageError, WriteError
 from cxr.fileio import CSV_READ, CSV_TEXT, FORMULA_START, atomic_path, npz_row, valid_utf8
 from cxr.images import (
+    EXPLAIN_SUFFIX,
     IMAGE_EXTENSIONS,
     ImageError,
     check_not_blank,
@@ -263,10 +264,17 @@ def _folder_id(path: Path) -> tuple[int, int | str] | None:
 
 def _list_images(folder: Path) -> tuple[list[Path], list[Path]]:
     """Image files under ``folder`` (recursive, sorted; see :func:`cxr.images.is_image_file`) and the other files,
-    which are ignored."""
-    images, other = [], []
+    which are ignored. Pictures of ``cxr explain`` (``*_gradcam.png``) are left out, with a warning, as ``cxr
+    predict`` leaves them out: explained into a class folder, they had been scored and trained on as X-rays."""
+    images, other, pictures = [], [], []
     for p in walk_files(folder):
-        (images if is_image_file(p) else other).append(p)
+        if p.name.lower().endswith(EXPLAIN_SUFFIX):
+            pictures.append(p)
+        else:
+            (images if is_image_file(p) else other).append(p)
+    if pictures:
+        log.warning("%s: left out %d Grad-CAM picture(s) written by cxr explain (*%s), e.g. %s", folder,
+                    len(pictures), EXPLAIN_SUFFIX, pictures[0])
     return images, other
 
 
@@ -318,7 +326,8 @@ def _other_image_folders(split_dir: Path, class_dirs: dict[int, Path]) -> list[P
     next evaluation of it refuse the folder)."""
     return [p for p in sorted(_children(split_dir))
             if not p.name.startswith(".") and p not in class_dirs.values() and _is_dir(p)
-            and not any((p / m).is_file() for m in OUTPUT_MARKERS) and any(map(is_image_file, walk_files(p)))]
+            and not any((p / m).is_file() for m in OUTPUT_MARKERS)
+            and any(is_image_file(f) and not f.name.lower().endswith(EXPLAIN_SUFFIX) for f in walk_files(p))]
 
 
 def _say_what_is_left_out(split_dir: Path, class_dirs: dict[int, Path]) -> None:

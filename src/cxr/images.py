@@ -43,6 +43,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cxr.config import DEFAULT_MAX_PIXELS
 from cxr.errors import CxrError
 
+# `cxr explain` names its pictures so; found in a folder, they are its output, not X-rays.
+EXPLAIN_SUFFIX = "_gradcam.png"
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".dcm", ".dicom"})
 
 _JPEG_MAGIC = b"\xff\xd8\xff"

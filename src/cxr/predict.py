@@ -23,7 +23,7 @@ import numpy as np
 
 from cxr.errors import UsageError
 from cxr.fileio import CSV_READ, CSV_TEXT, atomic_path, atomic_write_text, spreadsheet_cells
-from cxr.images import ImageError, is_image_file, load_image
+from cxr.images import EXPLAIN_SUFFIX, ImageError, is_image_file, load_image  # noqa: F401 - EXPLAIN_SUFFIX lived here
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ class Prediction:
     model_id: str | None = None
 
 
-# `cxr explain` names its pictures so; found in a folder, they are its output, not X-rays.
-EXPLAIN_SUFFIX = "_gradcam.png"
 
 
 def check_inference_args(*, threshold: float | None = None, amp: str = "auto", batch_size: int = 1) -> None:
