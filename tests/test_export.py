@@ -372,7 +372,22 @@ def test_bad_inputs_are_refused(exported, tmp_path):
         export_model(exported["ckpt"], "onnx", tmp_path)
     with pytest.raises(UsageError, match="uint8"):
         OnnxPredictor(exported["onnx"]).predict_uint8(np.zeros((2, SIZE, SIZE), np.float32))
+    with pytest.raises(UsageError, match="batch_size must be a whole number >= 1, got 0"):  # range()'s ValueError
+        OnnxPredictor(exported["onnx"]).predict_uint8(exported["images"][:2], batch_size=0)
     assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_images_as_a_list_or_a_flipped_view_are_predicted_as_an_array(exported):
+    # A list had failed inside the input check (AttributeError), a flipped view in torch (negative strides)
+    from cxr.evaluate import load_for_inference
+
+    run = load_for_inference(exported["ckpt"], device="cpu", amp="off")
+    images = exported["images"][:3]
+    flipped = images[:, ::-1]
+    np.testing.assert_array_equal(run.probs(list(images)), run.probs(images))
+    np.testing.assert_array_equal(run.probs(flipped), run.probs(np.ascontiguousarray(flipped)))
+    np.testing.assert_array_equal(OnnxPredictor(exported["onnx"]).predict_uint8(list(images)),
+                                  OnnxPredictor(exported["onnx"]).predict_uint8(images))
 
 
 def test_a_model_file_of_another_kind_is_named_for_what_it_is(exported, tmp_path, capsys):

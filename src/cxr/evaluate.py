@@ -101,6 +101,8 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, *,
                    channels_last: bool = False) -> torch.Tensor:
     """Logits (N, 2) in float32 on the CPU for uint8 images (N, S, S), in batches, without augmentation (S: the
     model's image size, ``Checkpoint.config.image_size``)."""
+    if not isinstance(images, torch.Tensor):
+        images = np.ascontiguousarray(images)  # a list of images; a flipped view (negative strides) torch refuses
     check_model_inputs(images, batch_size)
     images = torch.as_tensor(images)
     model.eval()
@@ -127,6 +129,8 @@ class Inference:
     def probs(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """P(PNEUMONIA) of uint8 images (N, S, S), S the model's image size: bf16 autocast where chosen, else exact
         fp32 (TF32 off on CUDA)."""
+        if not isinstance(images, torch.Tensor):
+            images = np.ascontiguousarray(images)  # a list of images; a flipped view (negative strides)
         check_model_inputs(images, batch_size, self.cfg.image_size)
         with exact_fp32(self.device, enabled=not self.bf16):
             logits = predict_logits(self.net, images, mean=self.cfg.mean, std=self.cfg.std, device=self.device,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,12 +110,15 @@ class OnnxPredictor:
     def predict_uint8(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """P(``class_names[-1]``) as float64 (N,) for uint8 images (N, S, S) or (N, 1, S, S)."""
         x = np.asarray(images)
+        shape = x.shape
         if x.ndim == 3:
             x = x[:, None]
         s = self.image_size
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (1, s, s):
             raise UsageError(f"expected uint8 grey images of shape (N, {s}, {s}) with values 0-255, got {x.dtype} "
-                             f"{images.shape}")
+                             f"{shape}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise UsageError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         out = [self.session.run(["probabilities"], {"image": np.ascontiguousarray(x[i:i + batch_size])})[0][:, -1]
                for i in range(0, len(x), batch_size)]
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
