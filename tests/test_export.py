@@ -535,3 +535,23 @@ def test_an_export_of_a_run_whose_threshold_was_never_chosen_warns_and_so_do_its
     with caplog.at_level(logging.WARNING, logger="cxr"):
         OnnxPredictor(export_model(other, "onnx", tmp_path / "other.onnx"))
     assert said not in caplog.text
+
+
+def test_an_export_leaves_torchs_random_numbers_alone(exported, tmp_path):
+    # Its example input was drawn from torch's global generator: a seeded script's later numbers changed with an export
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    export_model(exported["ckpt"], "torchscript", tmp_path / "m.ts")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_an_onnx_export_from_python_keeps_the_exporters_chatter_out_of_the_users_log(tmp_path, caplog):
+    # onnxscript and onnx_ir logged a dozen INFO lines an export ("Removed 1091 unused nodes") into a script's log
+    import logging
+
+    tiny_checkpoint(tmp_path / "r.pt", "resnet18")
+    with caplog.at_level(logging.INFO):
+        export_model(tmp_path / "r.pt", "onnx", tmp_path / "r.onnx")
+    assert not [r.name for r in caplog.records if not r.name.startswith("cxr")], caplog.text
+    assert [logging.getLogger(n).level for n in ("onnxscript", "onnx_ir")] == [logging.NOTSET] * 2  # as they were

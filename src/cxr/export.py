@@ -235,7 +235,8 @@ def _as_checkpoint(model: str | os.PathLike | Checkpoint) -> Checkpoint:
 def _deployable(ckpt: Checkpoint) -> tuple[Deployable, torch.Tensor]:
     size = ckpt.config.image_size
     module = Deployable(ckpt.build("cpu"), ckpt.config.mean, ckpt.config.std).eval()
-    example = torch.randint(0, 256, (2, 1, size, size), dtype=torch.uint8)
+    # A generator of its own: drawn from torch's global one, an export changed a seeded script's later numbers
+    example = torch.randint(0, 256, (2, 1, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return module, example
 
 
@@ -250,8 +251,14 @@ def onnx_model_bytes(model: str | os.PathLike | Checkpoint) -> bytes:
     ckpt = _as_checkpoint(model)
     module, example = _deployable(ckpt)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter's libraries log a dozen INFO lines an export ("Removed 1091 unused nodes"): the command line hides
+    # them, and a script or notebook calling this had them in its own log. Quiet for the export, then as they were.
+    chatty = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in chatty]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter about its own internals, nothing a user can act on
+        for logger in chatty:
+            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
         try:
             program = torch.onnx.export(module, (example,), dynamo=True, input_names=["image"],
                                         output_names=["logits", "probabilities"], dynamic_shapes=({0: batch},),
@@ -261,6 +268,9 @@ def onnx_model_bytes(model: str | os.PathLike | Checkpoint) -> bytes:
             if _interrupted(e):
                 raise KeyboardInterrupt from None
             raise
+        finally:
+            for logger, level in zip(chatty, levels, strict=True):
+                logger.setLevel(level)
     proto = program.model_proto
     proto.producer_name = "cxr"
     proto.producer_version = __version__
