@@ -160,6 +160,8 @@ def test_explain_files_writes_one_picture_per_readable_image(tmp_path, caplog):
         explain_files(tmp_path / "model.pt", [broken, broken], tmp_path / "none", device="cpu")
     assert (tmp_path / "none" / "explanations.csv").read_text().count("broken.jpeg") == 4  # path and error, twice
 
+    with pytest.raises(UsageError, match="no image files: no paths given"):  # "no image files in " and nothing
+        explain_files(tmp_path / "model.pt", [], tmp_path / "none", device="cpu")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no image files in"):
         explain_files(tmp_path / "model.pt", [tmp_path / "empty"], tmp_path / "out-empty", device="cpu")
