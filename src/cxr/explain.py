@@ -310,7 +310,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     # back as X-rays.
     files = collect_files(paths, skip=Path(output_dir))
     if not files:  # as `cxr predict`
-        raise UsageError(f"no image files in {', '.join(map(str, paths))}" if paths else "no image files: no paths given")
+        raise UsageError(f"no image files in {', '.join(map(str, paths))}" if paths
+                         else "no image files: no paths given")
     check_writable(output_dir, folder=True)  # now, not after the heatmaps
     check_writable(Path(output_dir) / "explanations.csv")
     ckpt = load_checkpoint(model)
