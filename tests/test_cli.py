@@ -1054,6 +1054,14 @@ def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
     ("0\n", "the top level must be a mapping"),
     # The file named: "invalid config: lr must be > 0" had not said where
     ("lr: -1\n", r"lr must be > 0 \(settings read from .*c.yaml\)$"),
+    # Pinned at their edges: each of these would be accepted without its own check
+    ("label_smoothing: 1.0\n", r"label_smoothing must be in \[0, 1\)"),  # every target 0.5: a zero gradient
+    ("translate: 3.0\n", "translate must be at most 1"),
+    ("warmup_epochs: -2\n", "warmup_epochs must be >= 0"),
+    ("epochs: 0\n", "epochs must be >= 1"),
+    ("swa_lr: 0\n", "swa_lr must be > 0"),
+    ("std: 0\n", "std must be > 0"),
+    ("seed: -5\n", r"seed must be from 0 to 2\*\*32 - 1"),
 ])
 def test_config_values_that_cannot_work_are_refused(tmp_path, tiny_dataset, yaml_text, says):
     from cxr.config import load_config
@@ -2188,3 +2196,109 @@ def test_a_usage_error_shows_a_file_names_control_characters_as_escapes(capsys):
         main(["predict", "x.jpeg", "-2+3.jpeg", "a\x1b]0;PWNED\x07\x1b[2Jb.jpeg"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "\x1b" not in err and "\\x1b]0;PWNED\\x07\\x1b[2Jb.jpeg" in err, err
+
+
+def test_config_values_at_the_edge_of_their_range_are_accepted(tmp_path):
+    # Pinned: the largest image size (4096) and a fixed crop scale (scale_min == scale_max == 1.0, no random crop)
+    # are allowed values, not "must be < 4096" or "must be below scale_max".
+    (tmp_path / "c.yaml").write_text("image_size: 4096\nscale_min: 1.0\nscale_max: 1.0\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.image_size, cfg.scale_min, cfg.scale_max) == (4096, 1.0, 1.0)
+
+
+def test_an_output_that_is_a_link_to_an_input_under_another_name_is_refused(tmp_path, capsys):
+    # Pinned: `cxr predict scan.jpeg --output preds.csv`, preds.csv a link to scan.jpeg, is refused. Comparing only an
+    # output of an input's own name would let the predictions replace the image.
+    from cxr.cli import main as cxr_main
+
+    scan = tmp_path / "scan.jpeg"
+    shutil.copy(next((SAMPLE_DIR / "test" / "NORMAL").iterdir()), scan)
+    image = scan.read_bytes()
+    (tmp_path / "preds.csv").symlink_to(scan)
+    assert cxr_main(["predict", str(scan), "--output", str(tmp_path / "preds.csv")]) == 2
+    assert "that is an input" in capsys.readouterr().err and scan.read_bytes() == image
+
+
+def test_a_one_epoch_run_decays_its_learning_rate_below_the_peak():
+    # Pinned: the warm-up is at most half the run. Uncapped, a one-epoch run at the default warmup_epochs 1 warms up
+    # all epoch, ends at the peak learning rate and keeps the weights of its largest steps. Here 4 steps: 2 up, 2 down.
+    from cxr.train import cosine_lr, train_one_epoch
+
+    cfg = load_config(overrides={"epochs": 1, "warmup_epochs": 1, "lr": 1e-3, "batch_size": 2})
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    loader = [(torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8), torch.tensor([0, 1])) for _ in range(4)]
+    train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(reduction="sum"), optimizer, cfg=cfg,
+                    device=torch.device("cpu"), bf16=False, channels_last=False, epoch=0, steps_per_epoch=4,
+                    total_steps=4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cosine_lr(3, 4, 2, 1e-3)) == pytest.approx(5e-4)
+
+
+def test_a_resume_keeps_early_stoppings_reference_loss_with_min_delta(tmp_path, tiny_dataset, monkeypatch):
+    # min_delta 0.1, patience 2, validation losses 1.0, 0.95, 0.86, 0.85 (scripted). Straight through, epoch 2 is no
+    # improvement (not below 1.0 - 0.1), epoch 3 is (0.86 < 0.9), epoch 4 is not: it finishes its 4 epochs. Killed
+    # after epoch 2 and resumed, it must do the same: taking best.pt's loss 0.95 as the reference in place of early
+    # stopping's 1.0, epoch 3 is no improvement (0.86 is not below 0.85), and the run stops early after 3.
+    import cxr.train as train_mod
+
+    real_validate, losses, calls, kill = train_mod.validate, [1.0, 0.95, 0.86, 0.85], {"n": 0}, {"now": True}
+
+    def scripted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3 and kill["now"]:
+            kill["now"] = False
+            raise KeyboardInterrupt  # during epoch 3, after epoch 2's last.pt
+        return {**real_validate(*args, **kwargs), "val_loss": losses[calls["n"] - 1]}
+
+    monkeypatch.setattr(train_mod, "validate", scripted)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(run),
+                                               "epochs": 4, "patience": 2, "min_delta": 0.1,
+                                               "max_train_batches": 1}))
+    assert load_checkpoint(run / "last.pt").epoch == 2
+    calls["n"] = 2
+    summary = json.loads((train_mod.train(resume=run) / "summary.json").read_text())
+    assert (summary["epochs_run"], summary["stop_reason"]) == (4, "finished 4 epochs")
+
+
+def test_a_resume_that_trains_no_epoch_records_no_session(tmp_path, tiny_dataset, monkeypatch):
+    # Pinned: killed after its last epoch, inside finish (choosing the threshold), then resumed, the resume trains
+    # nothing and summary.json lists no second session "after epoch 1" that computed no epoch (read as a changed setup).
+    import cxr.train as train_mod
+
+    real_finish = train_mod.finish
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "finish", killed)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(run),
+                                               "epochs": 1, "max_train_batches": 1}))
+    monkeypatch.setattr(train_mod, "finish", real_finish)
+    summary = json.loads((train_mod.train(resume=run) / "summary.json").read_text())
+    assert summary["epochs_run"] == 1
+    assert [(s["after_epoch"], s["epochs"]) for s in summary["sessions"]] == [(0, 1)]
+
+
+def test_main_called_from_python_leaves_the_process_as_it_found_it(tmp_path, monkeypatch, capsys):
+    # A notebook calling main(argv) kept cxr's logging set-up for good (its later library calls lost their INFO
+    # messages; its own basicConfig did nothing) and OMP_WAIT_POLICY=PASSIVE in its environment.
+    import logging
+    import sys
+
+    from cxr.cli import main as cxr_main
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    root, ours = logging.getLogger(), logging.getLogger("cxr")
+    before = (list(root.handlers), root.level, ours.level, sys.stderr.errors)
+    assert cxr_main(["-q", "merge", str(tmp_path / "missing.csv")]) == 2
+    assert "missing.csv" in capsys.readouterr().err  # the command ran, through its error
+    assert (list(root.handlers), root.level, ours.level, sys.stderr.errors) == before
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # one the user set stays theirs
+    cxr_main(["-q", "merge", str(tmp_path / "missing.csv")])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -1494,3 +1494,76 @@ def test_a_pack_that_cannot_be_mapped_now_is_skipped_not_removed(tmp_path, tiny_
     monkeypatch.setattr(np, "load", real_load)
     assert sorted(cache_folder(cfg).glob("*.npy")) == packs and "damaged" not in caplog.text
     np.testing.assert_array_equal(prepare(split, cfg, workers=1).images, first.images)
+
+
+def test_float_npz_images_in_0_1_reaching_exactly_1_are_scaled_not_stretched(tmp_path):
+    # Pinned: floats in [0, 1] are x * 255 when the top value is 1.0 itself (torchvision's ToTensor range). Taken as
+    # "not in 0..1", a dark low-contrast image (0.2..0.6, greys 51..153) would be stretched to 0..255.
+    images = np.stack([np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16),
+                       np.linspace(0.2, 0.6, 256, dtype=np.float32).reshape(16, 16)])
+    assert images.max() == 1.0
+    pixels = _npz_pixels_of(tmp_path, images)
+    np.testing.assert_array_equal(pixels, np.rint(images * np.float32(255)).astype(np.uint8))
+    assert (pixels[1].min(), pixels[1].max()) == (51, 153)
+
+
+def test_osirix_dicoms_without_a_patient_id_in_two_patients_folders_are_two_patients(tmp_path):
+    # OsiriX and Horos name every patient's first image IM-0001-0001.dcm: without a PatientID in the header, the
+    # file's path below the class folder names its patient. By its name alone, two patients would be one.
+    from cxr.data import file_patient_id
+
+    root = tmp_path / "train" / "NORMAL"
+    ids = []
+    for patient in ("alice", "bob"):
+        f = root / patient / "IM-0001-0001.dcm"
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"not a DICOM data set, so no PatientID")
+        ids.append(file_patient_id(f, root))
+    assert ids == ["alice/IM-0001-0001", "bob/IM-0001-0001"]
+
+
+def test_cells_starting_with_a_tab_or_a_carriage_return_are_text_to_a_spreadsheet(tmp_path):
+    # OWASP's CSV-injection list names tab and carriage return beside = + - @: a patient cell or a path beginning
+    # with either is escaped like those: written as it is, a spreadsheet could take it for a formula.
+    from cxr.fileio import spreadsheet_cells
+
+    pool = [Sample(f"/d/train/NORMAL/{i}.png", i, p, "0" * 64) for i, p in enumerate(["\t=cmd|' /C calc'!A0", "\r=1"])]
+    write_split_csv(tmp_path / "split.csv", {"train": pool})
+    with open(tmp_path / "split.csv", encoding="utf-8", newline="") as f:
+        assert [row["patient"] for row in csv.DictReader(f)] == ["'\t=cmd|' /C calc'!A0", "'\r=1"]
+    assert read_split_csv(tmp_path / "split.csv") == {"train": pool}
+    # The rows of predictions.csv and of explain's index: a path is written ./path, another text with a leading '.
+    assert spreadsheet_cells("\t=x.jpeg", "\r=1+1") == ["./\t=x.jpeg", "'\r=1+1"]
+
+
+def test_the_datasets_val_folder_joins_the_pool_the_validation_split_is_carved_from(tmp_path, tiny_dataset):
+    # README: with the default --val-source carve, the dataset's val/ images (16 in the Kermany release) are pooled
+    # with train/ before the carve. Pinned: none of them is dropped on the way.
+    from cxr.demo import SAMPLE_DIR
+    from cxr.train import split_dataset
+
+    from .conftest import TINY_TRAIN
+
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (tiny_dataset / "val" / cls).mkdir(parents=True)
+        for f in sorted((SAMPLE_DIR / "train" / cls).glob("*.jpeg"))[16:20]:  # not among train/'s 16
+            shutil.copy(f, tiny_dataset / "val" / cls / f.name)
+    run = tmp_path / "run"
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(run)})
+    assert cfg.val_source == "carve"
+    splits = split_dataset(cfg, run, resume=False)
+    used = [s.path for name in ("train", "val") for s in splits[name].samples]
+    given = [str(p) for p in sorted((tiny_dataset / "val").glob("*/*.jpeg"))]
+    assert len(given) == 8 and set(given) <= set(used)
+    assert len(used) == len(set(used)) == 40
+
+
+def test_a_container_given_half_a_cpu_has_one_usable_core(monkeypatch, tmp_path):
+    # cgroup v2 cpu.max "50000 100000" (docker --cpus 0.5): quota // period is 0 cores, and the hashing pool of
+    # add_digests (ThreadPoolExecutor(max_workers=0)) would fail with "max_workers must be greater than 0".
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("50000 100000\n")
+    monkeypatch.setattr(config, "CGROUP_CPU_MAX", cpu_max)
+    assert config.usable_cores() == 1

@@ -1018,3 +1018,161 @@ def test_a_jpeg_baseline_dicom_cut_short_is_refused_as_the_jpeg_file_is():
                       pixel_data=encapsulate([data[: len(data) * 2 // 5] + b"\xff\xd9"]))
     with pytest.raises(ImageError, match=r"cut\.dcm: DICOM pixel data: truncated JPEG .* export it uncompressed"):
         read_grayscale(cut, name="cut.dcm")
+
+
+# ---------------------------------------------------------------------------------------------- pinned edges
+
+
+def cut_short(pixels: np.ndarray, keep: float = 0.4) -> bytes:
+    """A baseline JPEG (quality 90) of ``pixels`` cut to ``keep`` of its bytes and given its end marker back."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    return data[: int(len(data) * keep)] + b"\xff\xd9"
+
+
+def test_a_colour_jpeg_cut_short_is_refused_as_a_grey_one_is():
+    # Pinned: the last row of 8x8 blocks is looked at in RGB baseline JPEGs too, not in grey ones alone; a colour
+    # JPEG cut short would decode with its lower part flat mid-grey, and be classified.
+    arr = (np.add.outer(np.arange(256), np.arange(200)) % 251).astype(np.uint8)
+    for pixels in (arr, np.stack([arr, np.flipud(arr), arr], axis=-1)):
+        with pytest.raises(ImageError, match=r"^cut\.jpeg: truncated JPEG \(its last row of 8x8 blocks"):
+            load_image(cut_short(pixels), 32, name="cut.jpeg")
+
+
+def test_a_jpeg_whose_cut_greys_exactly_its_last_row_of_blocks_is_refused():
+    # Pinned: the block row looked at is 8 pixels high (at full scale). Looking at the last 16 rows would let a file
+    # cut by a few hundred bytes, its last 8 rows flat mid-grey, through.
+    arr = (np.add.outer(np.arange(256), np.arange(200)) % 251).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    for cut in range(50, 2000, 10):  # the first cut that greys some of the rows greys exactly the last 8
+        cropped = data[:-cut] + b"\xff\xd9"
+        decoded = np.asarray(Image.open(io.BytesIO(cropped)).convert("L"))
+        grey_rows = int((decoded == 128).all(axis=1)[::-1].cumprod().sum())
+        if grey_rows:
+            break
+    assert grey_rows == 8
+    with pytest.raises(ImageError, match=r"^cut\.jpeg: truncated JPEG"):
+        read_grayscale(cropped, name="cut.jpeg")
+
+
+def test_a_16bit_jpeg_is_named_as_such_not_as_damaged():
+    # Pinned beside the 12-bit case: an intact lossless JPEG of precision 16 (SOF3) is told as a JPEG Pillow cannot
+    # decode, not "truncated or corrupt JPEG".
+    data = bytearray(save_bytes(Image.fromarray(ramp()), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 1], data[sof + 4] = 0xC3, 16
+    with pytest.raises(ImageError, match=r"^x16\.jpeg: 16-bit JPEG, which Pillow cannot decode"):
+        read_grayscale(bytes(data), name="x16.jpeg")
+
+
+def test_a_padding_value_above_its_range_limit_is_padding_too():
+    # PS3.3 lets Pixel Padding Value be either end of the padding range: with the value (4095) above the Range Limit
+    # (4000), taking the pair in one order only, nothing is padding: the white border takes part in the stretch.
+    inner = (1000 + np.arange(16 * 24).reshape(16, 24) * 2).astype(np.uint16)
+    padded = np.full((32, 40), 4095, np.uint16)
+    padded[:4] = 4000
+    padded[8:24, 8:32] = inner
+    for value, limit in ((4095, 4000), (4000, 4095)):
+        out = read_grayscale(dicom_bytes(padded, BitsStored=12, HighBit=11, PixelPaddingValue=value,
+                                         PixelPaddingRangeLimit=limit))
+        assert out[:8].max() == 0 and out[:, :8].max() == 0, (value, limit)
+        np.testing.assert_array_equal(out[8:24, 8:32], stretched(inner))
+
+
+def test_a_dicom_of_exactly_max_pixels_is_decoded():
+    # Pinned: max_pixels is the most an image may have ("refuse images with more pixels"), for DICOM as for PNG.
+    assert read_grayscale(dicom_bytes(RAW12), name="x.dcm", max_pixels=RAW12.size).shape == RAW12.shape
+    with pytest.raises(ImageError, match="over the 1,279-pixel limit"):
+        read_grayscale(dicom_bytes(RAW12), name="x.dcm", max_pixels=RAW12.size - 1)
+
+
+# Every modality cxr refuses, written out: a table read from NOT_RADIOGRAPHS would lose a row with it.
+NO_RADIOGRAPH_MODALITIES = ["CT", "MR", "US", "NM", "PT", "MG", "XA", "RF", "RTDOSE", "RTIMAGE", "OP", "OPT", "IVUS",
+                            "ES", "SM", "PX", "IO", "XC", "GM", "BMD", "SEG"]
+
+
+@pytest.mark.parametrize("modality", NO_RADIOGRAPH_MODALITIES + ["ct", " mg "])
+def test_every_modality_that_is_no_radiograph_is_refused_in_any_case(modality):
+    # Pinned for each modality, and in any case: a mammogram (MG), or a CT slice whose exporter wrote its Modality in
+    # lower case ("ct"), is refused, not classified as a chest X-ray.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of a CS value in lower case, and writes it
+        data = dicom_bytes(RAW12, Modality=modality)
+    name = modality.strip().upper()
+    with pytest.raises(ImageError, match=rf"^x\.dcm: DICOM of modality {name} \([^)]+\), not a radiograph"):
+        read_grayscale(data, name="x.dcm")
+
+
+def non_image_dicom(sop_class: str) -> bytes:
+    """A DICOM file of storage class ``sop_class`` holding no image (a patient ID and no more)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.PatientID = "P1"
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("sop_class", [
+    "1.2.840.10008.1.3.10",  # Media Storage Directory (DICOMDIR)
+    "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
+    "1.2.840.10008.5.1.4.1.1.9.1.1",  # 12-lead ECG waveform
+    "1.2.840.10008.5.1.4.1.1.66.1",  # Spatial Registration
+    "1.2.840.10008.5.1.4.1.1.88.59",  # Key Object Selection
+    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF (a scanned report)
+    "1.2.840.10008.5.1.4.1.1.481.3",  # RT Structure Set
+    "1.2.840.10008.5.1.4.1.1.481.4",  # RT Beams Treatment Record
+    "1.2.840.10008.5.1.4.1.1.481.5",  # RT Plan
+    "1.2.840.10008.5.1.4.1.1.481.6",  # RT Brachy Treatment Record
+    "1.2.840.10008.5.1.4.1.1.481.7",  # RT Treatment Summary Record
+    "1.2.840.10008.5.1.4.1.1.481.8",  # RT Ion Plan
+    "1.2.840.10008.5.1.4.1.1.481.9",  # RT Ion Beams Treatment Record
+])
+def test_every_dicom_class_without_an_image_is_not_an_image_file(tmp_path, sop_class):
+    # Pinned for each storage class listed as holding no image: an encapsulated PDF in a class folder must not be taken
+    # for an X-ray ("unreadable image", and a patient of its own in the carve).
+    from cxr.images import is_image_file
+
+    (tmp_path / "object.dcm").write_bytes(non_image_dicom(sop_class))
+    (tmp_path / "1.2.3.4").write_bytes(non_image_dicom(sop_class))
+    assert not is_image_file(tmp_path / "object.dcm")
+    assert not is_image_file(tmp_path / "1.2.3.4")
+
+
+def test_an_inverse_presentation_lut_in_lower_case_still_inverts():
+    # Pinned: a non-conforming exporter's "inverse" is shown inverted by viewers, and so read by cxr.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of a CS value in lower case, and writes it
+        data = dicom_bytes(RAW12, PresentationLUTShape="inverse")
+    np.testing.assert_array_equal(read_grayscale(data), 255 - read_grayscale(dicom_bytes(RAW12)))
+
+
+@pytest.mark.parametrize("width", [0, 0.5])
+def test_a_dicom_window_narrower_than_one_is_refused_not_binarised(width):
+    # PS3.3 C.11.2.1.2: Window Width >= 1. A width of 0 or 0.5 is refused; thresholded, it would make a two-level
+    # picture (every pixel 0 or 255) that is classified.
+    with pytest.raises(ImageError, match=r"^w\.dcm: cannot apply DICOM rescale/window .*Window Width"):
+        read_grayscale(dicom_bytes(RAW12, BitsStored=12, HighBit=11, WindowCenter=2000, WindowWidth=width),
+                       name="w.dcm")
+
+
+def test_a_top_level_window_wins_over_one_in_an_enhanced_dicoms_functional_groups():
+    # Pinned: the functional groups fill in only what the top level lacks; a shared group's window (centre 3000,
+    # width 400) replacing the top level's (1000, 2000) would turn two thirds of the picture black.
+    from pydicom.sequence import Sequence
+
+    voi, item = Dataset(), Dataset()
+    voi.WindowCenter, voi.WindowWidth = 3000, 400
+    item.FrameVOILUTSequence = Sequence([voi])
+    top = read_grayscale(dicom_bytes(RAW12, WindowCenter=1000, WindowWidth=2000))
+    both = read_grayscale(dicom_bytes(np.stack([RAW12, RAW12]), WindowCenter=1000, WindowWidth=2000,
+                                      SharedFunctionalGroupsSequence=Sequence([item])))
+    np.testing.assert_array_equal(both, top)

@@ -838,3 +838,13 @@ def test_names_and_values_from_the_files_of_a_run_are_text_in_the_page(tmp_path)
     (run / "summary.json").write_text(json.dumps(summary))
     page = make_report(run, video=False, heatmaps=False, device="cpu").read_text()  # not a TypeError in the curves
     assert "<script>alert" not in page and "weight averaging: epochs" not in page  # left out, said in the log
+
+
+def test_a_bins_wilson_interval_counts_its_positives_by_rounding_not_truncating():
+    # 29 PNEUMONIA of 100 is a frequency of 29/100, and 29/100 * 100 is 28.999999999999996: cut to 28 positives,
+    # the interval would be 28/100's (0.2014, 0.3749) where scipy's for 29/100 is (0.2101, 0.3854).
+    from scipy.stats import binomtest
+
+    lo, hi = bin_intervals(np.array([29 / 100]), np.array([100]))
+    ci = binomtest(29, 100).proportion_ci(method="wilson")
+    assert (lo[0], hi[0]) == pytest.approx((ci.low, ci.high), abs=1e-12)

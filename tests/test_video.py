@@ -341,3 +341,13 @@ def test_the_heatmap_legend_stays_below_the_tally_on_small_frames(monkeypatch):
     render_frame(VideoItem("/d/x.png", 1, 0.9, np.zeros((64, 64), np.uint8), None), index=2499, total=2500,
                  right=2499, wrong=1, threshold=0.5, history=[True] * 2499 + [False])
     assert "accuracy 99.96%" in [text for _, text in boxes]
+
+
+def test_an_image_is_shown_for_the_rounded_number_of_frames_the_report_says(tmp_path):
+    # 0.3 s an image at 5 fps is 1.5 frames: rounded to 2, as the report's caption says (0.4 s an image). Cut down to
+    # 1 frame, each image would be shown half as long as the caption says.
+    image = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.uint8)
+    items = [VideoItem(f"{i}.png", i % 2, 0.2 + 0.3 * i, image) for i in range(3)]
+    out = write_flythrough(items, tmp_path / "fly.mp4", threshold=0.5, frame_size=(320, 180), seconds_per_image=0.3,
+                           fps=5)
+    assert probe_video(out)["frames"] == 3 * round(0.3 * 5) == 6

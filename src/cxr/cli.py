@@ -666,7 +666,33 @@ def _refuse_torchrun(command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``cxr`` console script. Returns the exit status."""
+    """Entry point of the ``cxr`` console script. Returns the exit status.
+
+    Called from Python, it leaves the process as it found it: the logging it sets up for the command (a handler on
+    the root logger, cxr's level), the standard streams' error handling and ``OMP_WAIT_POLICY`` are put back after
+    it. They had stayed: a notebook's later library calls lost their INFO messages, and its own ``basicConfig`` did
+    nothing."""
+    root, ours = logging.getLogger(), log
+    saved = (list(root.handlers), root.level, ours.level, os.environ.get("OMP_WAIT_POLICY"),
+             [(stream, getattr(stream, "errors", None)) for stream in (sys.stdout, sys.stderr)])
+    try:
+        return _main(argv)
+    finally:
+        handlers, level, our_level, policy, streams = saved
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        ours.setLevel(our_level)
+        if policy is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        else:
+            os.environ["OMP_WAIT_POLICY"] = policy
+        for stream, errors in streams:
+            if errors is not None and getattr(stream, "errors", None) != errors:
+                with contextlib.suppress(AttributeError, ValueError):
+                    stream.reconfigure(errors=errors)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
