@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -687,7 +688,10 @@ def test_resume_inside_weight_averaging_matches_uninterrupted_run(tmp_path, tiny
 def test_resume_through_the_cli(trained_run, tmp_path):
     import shutil
 
-    data, run, _ = trained_run
+    data, shared, _ = trained_run
+    # A copy: resumed, averaged and its report removed, the shared run had changed under the tests after this one
+    run = tmp_path / "run"
+    shutil.copytree(shared, run)
     # Refused before anything runs: --output elsewhere (it was dropped, and the run went on in place), a config.yaml
     # edited since (another arch ended in a raw load_state_dict error), and a run whose last.pt is gone but whose
     # best.pt was trained (it was trained again from epoch 1, over its best.pt).
@@ -1495,6 +1499,10 @@ def test_busy_cores_sees_a_busy_process():
 
     if busy_cores() is None:
         pytest.skip("no /proc/stat here")
+    with contextlib.suppress(OSError, ValueError):  # a container given under one core: the spinner gets less
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max" and int(quota) < int(period):
+            pytest.skip(f"a CPU quota under one core ({quota}/{period})")
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         import time

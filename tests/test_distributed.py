@@ -18,6 +18,15 @@ from cxr.train import seed_everything
 
 from .conftest import make_dataset, read_csv
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _torchrun_temporary_folder(tmp_path_factory):
+    """torchrun leaves torchelastic_* folders in the temporary folder: this module's launches use one of their own
+    (they had piled up in the machine's /tmp)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("torchrun-tmp")))
+        yield
+
 # 24 training images after the carve, global batch 8: 3 steps per epoch, 2 epochs.
 FLAGS = ["--image-size", "32", "--batch-size", "8", "--epochs", "2", "--weights", "none", "--patience", "0",
          "--device", "cpu", "--seed", "0", "--no-report"]

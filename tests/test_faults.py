@@ -62,12 +62,14 @@ def _mount_tmpfs(where: Path, size_mb: int) -> str | None:
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """``mount(size_mb) -> Path or None``: a real small file system (None where mounting is not allowed)."""
+    """``mount(size_mb) -> Path or None``: a real small file system (None where mounting is not allowed: why, in
+    ``mount.why``)."""
     mounted = []
 
     def mount(size_mb: int) -> Path | None:
         where = tmp_path / f"fs{len(mounted)}"
-        if _mount_tmpfs(where, size_mb) is not None:
+        mount.why = _mount_tmpfs(where, size_mb)  # a test that skips says why (root without mount rights: a container)
+        if mount.why is not None:
             return None
         mounted.append(where)
         return where
@@ -84,7 +86,7 @@ def test_a_full_disk_under_the_shared_split_file_falls_back_not_sigbus(tmpfs, ca
 
     fs = tmpfs(1)
     if fs is None:
-        pytest.skip("needs root to mount a small tmpfs")
+        pytest.skip(f"a small tmpfs cannot be mounted here: {tmpfs.why}")
     # 16 images at 400 px, 160 kB each: more than the 1 MB file system holds. In a child process: a SIGBUS there
     # fails this test instead of killing the test run.
     code = ("import sys; from cxr.config import load_config; from cxr.data import prepare_shared, scan; "
@@ -813,7 +815,8 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.skipif(not Path(f"/proc/self/task/{os.getpid()}/children").exists(),
+                    reason="reads /proc/PID/task/*/children (Linux with CONFIG_PROC_CHILDREN)")
 def test_cache_workers_end_when_their_parent_is_killed(tmp_path, tiny_dataset):
     # SIGKILL to the main process alone (the OOM killer, a container stopped) left its cache-building workers waiting
     # on their queue for good, 400 MB each, holding the run's lock inherited by fork: --resume was refused.
@@ -859,7 +862,7 @@ def test_a_torchscript_export_to_a_full_disk_is_one_line_and_leaves_no_file(tmp_
     # and left the temporary file. In a process of its own, as that abort ends the process.
     fs = tmpfs(1)
     if fs is None:
-        pytest.skip("needs root to mount a small tmpfs")
+        pytest.skip(f"a small tmpfs cannot be mounted here: {tmpfs.why}")
     cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
     save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5),
                     tmp_path / "m.pt")
@@ -879,7 +882,7 @@ def test_an_output_on_a_full_disk_is_refused_before_the_work(tmpfs):
 
     fs = tmpfs(1)
     if fs is None:
-        pytest.skip("needs root to mount a small tmpfs")
+        pytest.skip(f"a small tmpfs cannot be mounted here: {tmpfs.why}")
     filler = fs / "filler"
     with open(filler, "wb") as f, contextlib.suppress(OSError):
         while True:

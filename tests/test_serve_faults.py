@@ -389,7 +389,7 @@ def _writes(events: list[tuple]) -> list[str]:
     return out
 
 
-def test_uploads_are_never_written_and_no_client_path_is_opened(server, tmp_path):
+def test_uploads_are_never_written_and_no_client_path_is_opened(server, tmp_path, monkeypatch):
     """Uploads named after real files (absolute, relative, traversal, URL, NUL), with paths in the query and headers:
     while they are served, the process opens for writing nothing outside the temporary folder and leaves nothing
     there, and never opens any path a client named."""
@@ -397,6 +397,10 @@ def test_uploads_are_never_written_and_no_client_path_is_opened(server, tmp_path
     bait.write_bytes(XRAY)
     names = [str(bait), "../" * 12 + str(bait).lstrip("/"), "/etc/passwd", "..\\..\\windows\\win.ini",
              f"file://{bait}", f"{bait}\0.jpeg", "~/.ssh/id_rsa", "/proc/self/environ", "C:/x.jpeg"]
+    # A temporary folder of the test's own: the system's is shared with every other process on the machine, whose
+    # files had failed the check below
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     tmp_before = set(os.listdir(tempfile.gettempdir()))
     statuses = []
     with file_audit() as events:
