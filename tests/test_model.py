@@ -514,3 +514,23 @@ def test_a_safetensors_file_is_known_by_its_suffix_in_any_case(tmp_path):
     link = tmp_path / "m.SAFETENSORS"
     link.symlink_to(BUNDLED_MODEL)
     assert load_checkpoint(link).threshold == load_checkpoint("default").threshold
+
+
+def test_library_calls_with_arguments_of_the_wrong_kind_raise_usage_errors(tmp_path):
+    # README: wrong arguments raise UsageError. These had raised pathlib's TypeError, an AttributeError deep in train
+    # ("'str' object has no attribute 'data'"), or matplotlib's and the writer's own errors.
+    from cxr.demo import SAMPLE_DIR
+    from cxr.predict import predict_files
+    from cxr.report import make_report
+    from cxr.train import train
+
+    xray = next((SAMPLE_DIR / "test" / "NORMAL").iterdir())
+    for call, says in ((lambda: predict_files(None, [xray]), "got NoneType"),
+                       (lambda: predict_files(torch.nn.Linear(1, 1), [xray]), "got Linear"),
+                       (lambda: predict_files("default", None), "paths: a file or folder"),
+                       (lambda: train("data"), "cfg must be a cxr.config.Config"),
+                       (lambda: load_config(overrides=[("lr", 1)]), "overrides must be a mapping"),
+                       (lambda: make_report(tmp_path, frame_size=(640,)), "frame_size must be"),
+                       (lambda: make_report(tmp_path, fps="x"), "fps numbers")):
+        with pytest.raises(UsageError, match=says):
+            call()

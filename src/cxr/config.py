@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         overrides: values from flags; keys are field names.
         base: start from this config instead of the defaults (used by ``--resume``).
     """
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise UsageError(f"overrides must be a mapping of config fields to values, got {type(overrides).__name__}")
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)

@@ -472,6 +472,9 @@ BUNDLED_MODEL = Path(__file__).resolve().parent / "weights" / "cxr-densenet121-k
 
 def resolve_model_path(model: str | os.PathLike, *, flag: str = "--model") -> Path:
     """``default`` (the bundled model), a checkpoint file, or a run directory (its ``best.pt``)."""
+    if not isinstance(model, (str, os.PathLike)):  # None or a module: a TypeError of pathlib's
+        raise UsageError(f"{flag}: 'default', a checkpoint file or a run directory (or a loaded cxr Checkpoint), got "
+                         f"{type(model).__name__}")
     if str(model) == "default":
         if not BUNDLED_MODEL.is_file():
             raise CheckpointError(f"the bundled model {BUNDLED_MODEL.name} is not installed; pass {flag} PATH")

@@ -161,6 +161,8 @@ def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
 
     if isinstance(paths, (str, os.PathLike)):  # one path, not its characters (an absolute one walked "/" first)
         paths = [paths]
+    elif paths is None or not isinstance(paths, Iterable):
+        raise UsageError(f"paths: a file or folder, or a list of them, got {type(paths).__name__}")
     # A generator (Path.glob) had lost the files the existence check below consumed; a NumPy array raised NumPy's
     # "truth value is ambiguous".
     paths = list(paths)

@@ -1047,6 +1047,11 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     _check_count("grid_per_group", grid_per_group, MAX_PER_GROUP)  # -2 had been "all but two" (a slice's end)
     _check_count("video_max_images", video_max_images, MAX_VIDEO_IMAGES)
     if video:
+        if not (isinstance(frame_size, Sequence) and len(frame_size) == 2 and all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in frame_size)) \
+                or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (seconds_per_image, fps)):
+            raise UsageError(f"frame_size must be (width, height) in whole pixels and seconds_per_image and fps "
+                             f"numbers, got {frame_size!r}, {seconds_per_image!r} and {fps!r}")
         frame_size = even_frame_size(*frame_size)  # fail before minutes of work, not after
         # as frame_size: it was logged as "no video" and went on (infinity too, an OverflowError in the writer)
         if not (0 < seconds_per_image <= 60 and 0 < fps <= 60):  # fps 1e9 ran for good

@@ -535,6 +535,9 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
     Returns:
         The run directory.
     """
+    if cfg is not None and not isinstance(cfg, Config):  # a folder's name: an AttributeError deep inside
+        raise UsageError(f"cfg must be a cxr.config.Config (cxr.config.load_config(...)), got {type(cfg).__name__} "
+                         f"{cfg!r:.80}")
     if resume is None and overrides:  # they were ignored without a word
         cfg = load_config(overrides=overrides, base=cfg)
     with _process_state_kept():
