@@ -1054,6 +1054,7 @@ def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
     ("image_size: 100000\n", "image_size must be <= 4096"),  # was a MemoryError of 382 GiB when the cache began
     # A key given twice: the later one had won without a word (lr 0.1 trained); [] and 0 had been an empty config
     ("lr: 0.0001\nimage_size: 64\nlr: 0.1\n", r"'lr' is given twice \(lines 1 and 3\)"),
+    ("? [a, b]\n: 1\n", "not valid YAML .*unhashable key"),  # a TypeError of the duplicate check, for a moment
     ("[]\n", "the top level must be a mapping"),
     ("0\n", "the top level must be a mapping"),
     # The file named: "invalid config: lr must be > 0" had not said where
@@ -2204,6 +2205,13 @@ def test_a_usage_error_shows_a_file_names_control_characters_as_escapes(capsys):
         main(["predict", "x.jpeg", "-2+3.jpeg", "a\x1b]0;PWNED\x07\x1b[2Jb.jpeg"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "\x1b" not in err and "\\x1b]0;PWNED\\x07\\x1b[2Jb.jpeg" in err, err
+
+
+def test_a_config_may_merge_a_mapping_in_and_override_what_it_brings(tmp_path):
+    # YAML's merge key (`<<: *defaults`) had been refused by the check of keys given twice
+    (tmp_path / "c.yaml").write_text("<<: {lr: 0.01, epochs: 2}\nepochs: 3\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.lr, cfg.epochs) == (0.01, 3)
 
 
 def test_config_values_at_the_edge_of_their_range_are_accepted(tmp_path):

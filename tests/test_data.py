@@ -166,6 +166,10 @@ def test_evaluate_refuses_a_missing_class_beside_folders_no_class_takes(tiny_dat
     (ev / "report").mkdir(parents=True)
     (ev / "metrics.json").write_text("{}")
     shutil.copy(next((tiny_dataset / "test" / "NORMAL").iterdir()), ev / "report" / "grid_test.jpeg")
+    rep = tiny_dataset / "test" / "rep"  # `cxr report EV --output rep`: its pictures beside report.html
+    (rep / "report").mkdir(parents=True)
+    (rep / "report.html").write_text("<html></html>")
+    shutil.copy(next((tiny_dataset / "test" / "NORMAL").iterdir()), rep / "report" / "grid_test.jpeg")
     (tiny_dataset / "test" / "__MACOSX").mkdir()
     (tiny_dataset / "test" / "__MACOSX" / "notes.txt").write_text("x")
     assert scan(tiny_dataset / "test", require_both_classes=False)["test"].counts() == {"NORMAL": 4, "PNEUMONIA": 0}

@@ -591,6 +591,7 @@ def test_in_fp32_explain_predicts_and_explains_in_one_pass_at_the_models_thresho
     assert not np.array_equal(maps, heatmaps_for_images(net, images, target=(probs >= 0.5).astype(int), **kw)[0])
     with pytest.raises(UsageError, match="threshold"):
         heatmaps_for_images(net, images, threshold=1.5, **kw)
+    np.testing.assert_array_equal(heatmaps_for_images(net, images, threshold=np.float32(cut), **kw)[1], probs)
 
     cfg = load_config(overrides={"image_size": 64, "arch": "resnet18"})
     save_checkpoint(Checkpoint("resnet18", net.state_dict(), cfg, threshold=cut), tmp_path / "m.pt")

@@ -797,6 +797,18 @@ def test_a_line_break_in_a_file_name_forges_no_log_line(capsys):
     assert formatted("first line\nsecond: %d of %s", 3, "x") == "WARNING first line\nsecond: 3 of x"
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, theirs, ...), from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").iterdir():
+            with contextlib.suppress(OSError):
+                kids = [int(c) for c in (task / "children").read_text().split()]
+                found += kids
+                todo += kids
+    return found
+
+
 ORPHAN_SCRIPT = """
 import sys, time
 
@@ -809,6 +821,9 @@ def slow(*args):  # decoding that takes its time: the workers are busy when thei
 
 
 if __name__ == "__main__":
+    import multiprocessing
+
+    multiprocessing.set_start_method(sys.argv[3])
     d._cache_chunk = slow
     cfg = load_config(overrides={"image_size": 32, "cache_dir": sys.argv[2]})
     d.prepare(d.scan(sys.argv[1])["train"], cfg, workers=2)
@@ -817,22 +832,22 @@ if __name__ == "__main__":
 
 @pytest.mark.skipif(not Path(f"/proc/self/task/{os.getpid()}/children").exists(),
                     reason="reads /proc/PID/task/*/children (Linux with CONFIG_PROC_CHILDREN)")
-def test_cache_workers_end_when_their_parent_is_killed(tmp_path, tiny_dataset):
+@pytest.mark.parametrize("start", ["fork", "forkserver"])  # forkserver: Python 3.14's default on Linux
+def test_cache_workers_end_when_their_parent_is_killed(tmp_path, tiny_dataset, start):
     # SIGKILL to the main process alone (the OOM killer, a container stopped) left its cache-building workers waiting
     # on their queue for good, 400 MB each, holding the run's lock inherited by fork: --resume was refused.
     import time
 
     script = tmp_path / "orphans.py"
     script.write_text(ORPHAN_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), str(tiny_dataset), str(tmp_path / "cache")],
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_dataset), str(tmp_path / "cache"), start],
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     children: list[int] = []
     try:
         for _ in range(600):  # the workers start when the pool gets its first chunk
             with contextlib.suppress(OSError):
-                children = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir()
-                            for c in (t / "children").read_text().split()]
-            if len(children) >= 2 or proc.poll() is not None:
+                children = _descendants(proc.pid)
+            if len(children) >= 2 + (start == "forkserver") or proc.poll() is not None:
                 break
             time.sleep(0.1)
         assert len(children) >= 2 and proc.poll() is None, (children, proc.returncode)
@@ -895,3 +910,11 @@ def test_an_output_on_a_full_disk_is_refused_before_the_work(tmpfs):
     assert sorted(p.name for p in fs.iterdir()) == ["filler"]  # nothing left behind
     filler.unlink()
     assert check_writable(fs / "p.csv") == fs / "p.csv" and not list(fs.iterdir())
+    # ramfs counts no blocks at all (free 0 of 0): writable, not full
+    ram = fs.parent / "ram"
+    ram.mkdir()
+    if subprocess.run(["mount", "-t", "ramfs", "ramfs", str(ram)], capture_output=True).returncode == 0:
+        try:
+            assert check_writable(ram / "p.csv") == ram / "p.csv"
+        finally:
+            subprocess.run(["umount", "-l", str(ram)], capture_output=True)

@@ -317,7 +317,7 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
 
 
 # What cxr's own commands leave in a folder they write: such a folder beside a class folder is not a class of images
-OUTPUT_MARKERS = ("metrics.json", "summary.json", "explanations.csv")
+OUTPUT_MARKERS = ("metrics.json", "summary.json", "explanations.csv", "report.html")
 
 
 def _other_image_folders(split_dir: Path, class_dirs: dict[int, Path]) -> list[Path]:
@@ -920,12 +920,13 @@ def cache_folder(cfg: Config) -> Path:
     return Path(cfg.cache_dir) / f"v{PREPROCESS_VERSION}-size{cfg.image_size}-{'draft' if cfg.draft else 'full'}{limit}"
 
 
-def end_with_parent() -> None:
+def end_with_parent(main: int | None = None) -> None:
     """Initializer of worker processes: end when the process that started them ends. Killed alone (the OOM killer, a
     SIGKILL or SIGTERM to the main process, a container stopped), it had left its cache-building workers waiting on
     their queue for good, 400 MB each, holding the run's lock (inherited by fork): ``--resume`` was refused until
     they were found and killed. Linux ends them at once (``PR_SET_PDEATHSIG``); elsewhere a thread sees the parent
-    gone within half a second."""
+    gone within half a second. ``main``: the process that made the pool, watched too: under the forkserver start
+    method (Python 3.14's default on Linux) a worker's parent is the fork server, which outlived it."""
     import signal
     import threading
 
@@ -936,8 +937,17 @@ def end_with_parent() -> None:
 
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # there, another user's (PermissionError)
+            return True
+        return True
+
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent and (main is None or alive(main)):
             time.sleep(0.5)
         os._exit(1)
 
@@ -1176,7 +1186,7 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
         pool = None
         if workers > 1 and len(todo) >= 32:
             # Workers only run PIL and NumPy (never torch), so the platform's default start method is safe.
-            pool = ProcessPoolExecutor(max_workers=workers, initializer=end_with_parent)
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=end_with_parent, initargs=(os.getpid(),))
             results = pool.map(_cache_chunk, chunks, *([x] * len(chunks) for x in spec))
         else:
             results = (_cache_chunk(chunk, *spec) for chunk in chunks)

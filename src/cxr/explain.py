@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import numbers
 import os
 import threading
 from collections.abc import Callable
@@ -163,7 +164,7 @@ def heatmaps_for_images(model: nn.Module, images: np.ndarray, *, mean: float, st
             target = int(t)
         elif t.shape != (len(images),):
             raise UsageError(f"target: one class for all images or one for each of {len(images)}, got {t.shape}")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
                                   or not 0 <= threshold <= 1):
         raise UsageError(f"threshold must be a number in [0, 1], got {threshold!r}")
     device = next(model.parameters()).device

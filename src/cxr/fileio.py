@@ -252,8 +252,10 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
             # A byte, not an empty file, and the file system's free blocks: a full disk allows an empty file, and
             # predict and evaluate had done all their work before they failed to write the results.
             os.write(fd, b"\0")
-            if hasattr(os, "statvfs") and os.statvfs(where).f_bfree == 0:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if hasattr(os, "statvfs"):
+                space = os.statvfs(where)
+                if space.f_blocks > 0 and space.f_bfree == 0:  # ramfs and unlimited tmpfs count no blocks at all
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         finally:
             os.close(fd)
             os.unlink(tmp)

@@ -488,7 +488,7 @@ def resolve_model_path(model: str | os.PathLike, *, flag: str = "--model") -> Pa
             # at 0.5 without a word (labels that differ from the run's own).
             raise CheckpointError(f"{p}: no best.pt, the run's model; its last.pt is the last epoch's training state "
                                   f"(for --resume), with no threshold chosen on validation: give {p / 'last.pt'} "
-                                  "to use it all the same, or `cxr train --resume` to end the run")
+                                  "to use it all the same")
         trained = any((p / n).exists() for n in ("summary.json", "metrics.json"))
         with contextlib.suppress(OSError, UnicodeDecodeError):  # an epoch in history.csv: trained, too
             trained = trained or len((p / "history.csv").read_text(encoding="utf-8").strip().splitlines()) > 1

@@ -79,9 +79,9 @@ class OnnxPredictor:
                                   f"{CONTRACT_VERSION}); upgrade cxr, or export the model again with this one")
         self.card: dict[str, Any] = self.contract.get("model_card") or {}
         if warn_threshold and self.contract.get("threshold_unchosen") is True:
-            log.warning("%s: exported from a run's best.pt whose decision threshold was never chosen on validation "
-                        "(the run had not ended), so %g is used; give --threshold, or end the run (cxr train "
-                        "--resume) and export it again", label, self.threshold)
+            log.warning("%s: exported from a run's checkpoint (best.pt of a run that had not ended, or last.pt) "
+                        "whose decision threshold was never chosen on validation, so %g is used; give --threshold, "
+                        "or export the run's best.pt once the run has ended", label, self.threshold)
         # A contract edited by hand is said here in one line, not as a traceback at the first prediction.
         image = next((i for i in self.session.get_inputs() if i.name == "image"), None)
         shape = image.shape if image is not None else None

@@ -125,7 +125,7 @@ class Explained:
 
     prob: float
     heat: np.ndarray  # (S, S) float32 in [0, 1], zeros where flat
-    seconds: float  # the pass: forward and the heatmap's gradient
+    seconds: float  # the pass (forward and the heatmap's gradient), with its wait for the heatmap model
 
 
 class TorchEngine:
@@ -183,8 +183,8 @@ class TorchEngine:
         if self.bf16 or self.channels_last:
             return None
         cfg = self.ckpt.config
+        t0 = time.perf_counter()  # the wait for the lock counts as the pass's, not as the overlay's drawing
         with self._cam_lock:
-            t0 = time.perf_counter()
             heats, probs = heatmaps_for_images(self._cam_net, image[None], mean=cfg.mean, std=cfg.std,
                                                threshold=self.threshold)
             return Explained(float(probs[0]), heats[0], time.perf_counter() - t0)
@@ -615,7 +615,8 @@ class PredictionOut(BaseModel):
     format: str = Field(description="jpeg, png or dicom")
     timing_ms: dict[str, float] = Field(description="upload, queue, decode, inference, heatmap, total (server side); "
                                         "where one fp32 pass gives the prediction and the heatmap, inference is "
-                                        "that pass and heatmap the overlay's drawing")
+                                        "that pass (its wait for the model included) and heatmap the overlay's "
+                                        "drawing")
     note: str
 
 
