@@ -858,6 +858,7 @@ h2{break-after:avoid;page-break-after:avoid}
 figure,table,.note{break-inside:avoid;page-break-inside:avoid}
 details::details-content{content-visibility:visible;display:block}
 nav{display:none}
+video::-webkit-media-controls{display:none!important}
 }
 """
 
