@@ -6,6 +6,8 @@ import io
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import tracemalloc
 import warnings
 import zlib
@@ -1176,3 +1178,18 @@ def test_a_top_level_window_wins_over_one_in_an_enhanced_dicoms_functional_group
     both = read_grayscale(dicom_bytes(np.stack([RAW12, RAW12]), WindowCenter=1000, WindowWidth=2000,
                                       SharedFunctionalGroupsSequence=Sequence([item])))
     np.testing.assert_array_equal(both, top)
+
+
+def test_pydicoms_own_warnings_stay_out_of_the_output_while_cxr_decodes(tmp_path):
+    # Logged records were silenced, warnings.warn not: the service's log had pydicom's raw "UserWarning: Unknown
+    # encoding 'ISO_IR 999'" with its source line, under -q too. In a process of its own: pytest records warnings.
+    dcm = tmp_path / "odd.dcm"
+    with warnings.catch_warnings():  # pydicom warns of the encoding as it writes the file, too
+        warnings.simplefilter("ignore")
+        dcm.write_bytes(dicom_bytes(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64),
+                                    SpecificCharacterSet="ISO_IR 999", PatientName="Ünïcode^Näme"))
+    code = ("import sys, warnings; from cxr.images import load_image; "
+            f"print(load_image({str(dcm)!r}, 32).shape); warnings.warn('a warning of the caller', UserWarning)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "(32, 32)", proc.stderr
+    assert "pydicom" not in proc.stderr and "a warning of the caller" in proc.stderr, proc.stderr

@@ -290,7 +290,11 @@ def test_a_proxys_refusal_is_not_blamed_on_the_file(browser_page):
     page, _, _ = browser_page
     expect = sync_api.expect
     for status, text in ((413, "refused as too large (413) by a proxy in front of the service"),
-                         (502, "The service did not answer (HTTP 502 from a proxy in front of it)")):
+                         (502, "The service did not answer (HTTP 502 from a proxy in front of it)"),
+                         # a 200 whose answer is no prediction (cut off): "Cannot read properties of null" before
+                         (200, "The answer from the server was cut off or unreadable: try again"),
+                         # busy after every retry (1 s each): the server's state, "could not use this file" before
+                         (503, "The server is busy: try this file again later")):
         page.get_by_role("button", name="Clear results").click()
         def refuse(route, code=status):  # what nginx sends: its own HTML page, no JSON detail
             route.fulfill(status=code, content_type="text/html", body=f"<html><body>{code} nginx</body></html>")

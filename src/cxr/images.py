@@ -268,11 +268,23 @@ def _quiet_pydicom():
         logger = logging.getLogger(name)
         if _not_while_quiet not in logger.filters:
             logger.addFilter(_not_while_quiet)
+    if getattr(warnings.showwarning, "__name__", "") != _quiet_showwarning.__name__:
+        _quiet_showwarning.shown = warnings.showwarning  # what showed warnings before: called for all others
+        warnings.showwarning = _quiet_showwarning
     _PYDICOM_QUIET.depth = getattr(_PYDICOM_QUIET, "depth", 0) + 1
     try:
         yield
     finally:
         _PYDICOM_QUIET.depth -= 1
+
+
+def _quiet_showwarning(message, category, filename, lineno, file=None, line=None):
+    """``warnings.showwarning``, less pydicom's warnings in a thread that decodes for cxr (:func:`_quiet_pydicom`):
+    ``warnings.catch_warnings`` is not for threads, and the service's log had had pydicom's raw UserWarnings
+    ("Unknown encoding 'ISO_IR 999'"), with their source lines, under ``-q`` too."""
+    if getattr(_PYDICOM_QUIET, "depth", 0) > 0 and f"{os.sep}pydicom{os.sep}" in str(filename):
+        return
+    _quiet_showwarning.shown(message, category, filename, lineno, file, line)
 
 
 def dicom_patient_id(path: str | os.PathLike) -> str | None:

@@ -18,6 +18,7 @@ Research software, not a medical device: predictions are not a diagnosis.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import functools
@@ -29,6 +30,7 @@ import mimetypes
 import numbers
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -482,7 +484,8 @@ def host_name(header: str) -> str:
     header = header.strip().lower()
     if header.startswith("["):
         return header[1:header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    # the fully qualified form, "cxr.example.org.", names the same host (a browser sends it when the URL has the dot)
+    return (header.rsplit(":", 1)[0] if header.count(":") == 1 else header).rstrip(".")
 
 
 def resolve_allowed_hosts(host: str, given: Sequence[str] | None) -> Sequence[str] | None:
@@ -764,7 +767,11 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
             return out
 
         try:
-            result = await anyio.to_thread.run_sync(work, limiter=limiter)
+            async with limiter:  # a worker's turn; then not spent on a client that has left meanwhile
+                if await request.is_disconnected():
+                    log.info("predict: the client left before its turn; not computed")
+                    raise HttpError(408, "the client closed the connection before the prediction")
+                result = await anyio.to_thread.run_sync(work)
         except HttpError:
             raise
         except Exception as e:
@@ -881,7 +888,11 @@ def _connection_limit(app: Any, protocol: Any, limit: int) -> Callable:
     async def limited(scope: dict, receive: Callable, send: Callable) -> None:
         # This request's own connection and task are counted (uvicorn's own check, ">=", served limit - 1 connections,
         # and none at --max-connections 1).
-        if scope["type"] == "http" and (len(protocol.connections) > limit or len(protocol.tasks) > limit):
+        # The health check is answered at the limit: a burst of slow uploads had had a working service's every
+        # check answered 503, and a load balancer would have pulled it.
+        health = scope.get("method") in ("GET", "HEAD") and scope.get("path", "").endswith(f"{API}/health")
+        if scope["type"] == "http" and not health and (len(protocol.connections) > limit
+                                                       or len(protocol.tasks) > limit):
             logging.getLogger("uvicorn.error").warning("Exceeded concurrency limit (--max-connections %d).", limit)
             await SecurityHeaders(_too_many_connections)(scope, receive, send)
             return
@@ -943,9 +954,12 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
                  host if ":" not in host else f"[{host}]", port, DISCLAIMER)
         if allowed_hosts is not None:
             log.info("answering requests for %s only (--allowed-hosts)", ", ".join(allowed_hosts))
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False,
+        config = uvicorn.Config(_cut_off_quietly(app), host=host, port=port, log_level=log_level, server_header=False,
                                 access_log=False, limit_concurrency=max_connections,
-                                http=http_protocol(upload_timeout), root_path=root_path.rstrip("/"))
+                                http=http_protocol(upload_timeout), root_path=root_path.rstrip("/"),
+                                # a stop waits this long for requests in progress, then ends: an upload trickling
+                                # in had kept a stopped service up until its own timeout, or for good
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         # uvicorn names its address only for sockets it binds itself; said here as it says it (its log level, so
         # also under cxr -q).
         for sock in socks:
@@ -953,7 +967,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
             logging.getLogger("uvicorn.error").info(
                 "Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
                 f"[{address}]" if sock.family == socket.AF_INET6 else address, bound_port)
-        server = uvicorn.Server(config)
+        server = _Server(config)
         # uvicorn shuts down on Ctrl-C, then raises it again: a clean stop (exit 0), as uvicorn.run makes it.
         with contextlib.suppress(KeyboardInterrupt):
             server.run(sockets=socks)
@@ -963,6 +977,49 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     if not server.started:
         # uvicorn exits by itself when its startup fails; this is a Ctrl-C in the instant before it took the signal.
         raise KeyboardInterrupt
+
+
+# How long a stopped service waits for the requests in progress (SIGTERM, Ctrl-C): within Kubernetes' 30 s grace
+SHUTDOWN_GRACE_S = 10.0
+
+
+def _cut_off_quietly(app: Any) -> Callable:
+    """``app``, whose requests cancelled by uvicorn (those still in progress when a stop's grace period ends, or at
+    a second Ctrl-C) end with one line in the log: each had left uvicorn's "Exception in ASGI application" and a
+    traceback of forty frames."""
+
+    async def quiet(scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await app(scope, receive, send)
+        except asyncio.CancelledError:
+            if scope.get("type") != "http":
+                raise
+            logging.getLogger("uvicorn.error").warning("a request still in progress was cut off by the stop")
+
+    return quiet
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, which after a stop by SIGTERM does not kill its own process with that signal again (its
+        capture_signals re-raises every signal it caught): a service stopped by a supervisor (docker stop, Kubernetes)
+        had exited with status 143, read as a failure. Ctrl-C is still raised again, as KeyboardInterrupt."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                caught = getattr(self, "_captured_signals", None)
+                if isinstance(caught, list):
+                    caught[:] = [s for s in caught if s != signal.SIGTERM]
+
+    return Server
+
+
+def _Server(config: Any) -> Any:  # noqa: N802 - a class, made when uvicorn is imported
+    return _server_class()(config)
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:

@@ -203,6 +203,11 @@ async function analyse(file, mine) {
         showError(card, failureText(r.status, body, file));
         return;
       }
+      if (!body || typeof body.probability !== "number") {
+        // A 200 whose answer was cut off (or is not the service's): said so, not a script's internals
+        showError(card, "The answer from the server was cut off or unreadable: try again.");
+        return;
+      }
       render(card, body);
       return;
     }
@@ -216,6 +221,11 @@ async function analyse(file, mine) {
 // of it (nginx's own 413 for a body over its client_max_body_size, a 502 or 504 when the service does not answer),
 // and is not the file's fault.
 function failureText(status, body, file) {
+  if (status === 503) {
+    // Busy after every retry: the server's state, not the file's fault (nor a proxy's, when the service said why)
+    const why = body && typeof body.detail === "string" ? ` (${body.detail})` : "";
+    return `The server is busy${why}: try this file again later.`;
+  }
   if (body && typeof body.detail === "string") return `The server could not use this file (${status}): ${body.detail}`;
   const mb = (file.size / 1e6).toFixed(1);
   if (status === 413 && maxUploadMb !== null && file.size > maxUploadMb * 1e6) {
@@ -227,7 +237,7 @@ function failureText(status, body, file) {
     return `The upload (${mb} MB) was refused as too large (413) by a proxy in front of the service: its body ` +
       "size limit (nginx: client_max_body_size) is below the service's; ask the administrator.";
   }
-  if (status === 502 || status === 503 || status === 504) {
+  if (status === 502 || status === 504) {
     return `The service did not answer (HTTP ${status} from a proxy in front of it): try again later, or ask the ` +
       "administrator.";
   }
