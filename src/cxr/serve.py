@@ -959,7 +959,10 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
                                 http=http_protocol(upload_timeout), root_path=root_path.rstrip("/"),
                                 # a stop waits this long for requests in progress, then ends: an upload trickling
                                 # in had kept a stopped service up until its own timeout, or for good
-                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                                # the app has no startup or shutdown of its own: without the lifespan protocol, a
+                                # second Ctrl-C leaves no traceback of its cancelled lifespan task
+                                lifespan="off")
         # uvicorn names its address only for sockets it binds itself; said here as it says it (its log level, so
         # also under cxr -q).
         for sock in socks:
@@ -989,12 +992,25 @@ def _cut_off_quietly(app: Any) -> Callable:
     traceback of forty frames."""
 
     async def quiet(scope: dict, receive: Callable, send: Callable) -> None:
+        started = []
+
+        async def sending(message: dict) -> None:
+            started.append(message.get("type"))
+            await send(message)
+
         try:
-            await app(scope, receive, send)
+            await app(scope, receive, sending)
         except asyncio.CancelledError:
             if scope.get("type") != "http":
                 raise
             logging.getLogger("uvicorn.error").warning("a request still in progress was cut off by the stop")
+            if not started:  # answered, where the connection still takes it (uvicorn logs an app that does not)
+                body = json.dumps({"detail": "the service stopped before this request was done; retry"}).encode()
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.start", "status": 503,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+                    await send({"type": "http.response.body", "body": body})
 
     return quiet
 
