@@ -473,3 +473,20 @@ def test_a_request_whose_client_has_left_is_not_computed(engine, monkeypatch):
 
     assert asyncio.run(ask(leaves=True))[0]["status"] != 200 and calls == []
     assert asyncio.run(ask(leaves=False))[0]["status"] == 200 and calls == [1]
+
+
+def test_refusals_beyond_max_connections_are_counted_in_the_log_not_one_line_each(monkeypatch, caplog):
+    # A burst of refusals had logged a line each: 2,638 in 8 s.
+    import cxr.serve
+
+    monkeypatch.setattr(cxr.serve, "_REFUSED", {"count": 0, "said": -float("inf")})
+    clock = [100.0]
+    monkeypatch.setattr(cxr.serve.time, "monotonic", lambda: clock[0])
+    with caplog.at_level("WARNING", logger="uvicorn.error"):
+        for _ in range(500):
+            cxr.serve._said_refused(4)
+        clock[0] += 12
+        cxr.serve._said_refused(4)
+    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error"]
+    assert lines == ["Exceeded concurrency limit (--max-connections 4): 1 request(s) answered 503 so far",
+                     "Exceeded concurrency limit (--max-connections 4): 500 request(s) answered 503 in the last 12 s"]
