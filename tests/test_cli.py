@@ -2350,6 +2350,7 @@ def test_main_called_from_python_leaves_the_process_as_it_found_it(tmp_path, mon
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     root, ours = logging.getLogger(), logging.getLogger("cxr")
+    monkeypatch.setattr(root, "handlers", [])  # as in a fresh process: pytest's own handlers would stop basicConfig
     before = (list(root.handlers), root.level, ours.level, sys.stderr.errors)
     assert cxr_main(["-q", "merge", str(tmp_path / "missing.csv")]) == 2
     assert "missing.csv" in capsys.readouterr().err  # the command ran, through its error

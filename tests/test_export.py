@@ -388,6 +388,8 @@ def test_images_as_a_list_or_a_flipped_view_are_predicted_as_an_array(exported):
     np.testing.assert_array_equal(run.probs(flipped), run.probs(np.ascontiguousarray(flipped)))
     np.testing.assert_array_equal(OnnxPredictor(exported["onnx"]).predict_uint8(list(images)),
                                   OnnxPredictor(exported["onnx"]).predict_uint8(images))
+    with pytest.raises(UsageError, match="one size"):  # images of two sizes: NumPy's ValueError before
+        run.probs([images[0], images[0][:8, :8]])
 
 
 def test_a_model_file_of_another_kind_is_named_for_what_it_is(exported, tmp_path, capsys):

@@ -852,8 +852,7 @@ def test_cache_workers_end_when_their_parent_is_killed(tmp_path, tiny_dataset, s
             time.sleep(0.1)
         assert len(children) >= 2 and proc.poll() is None, (children, proc.returncode)
         time.sleep(0.5)  # the workers' initializer has run
-        proc.kill()
-        proc.wait()
+        proc.kill()  # and not reaped until the workers are gone: a zombie main process had kept them alive
 
         def alive(pid: int) -> bool:
             try:
@@ -866,6 +865,7 @@ def test_cache_workers_end_when_their_parent_is_killed(tmp_path, tiny_dataset, s
         while any(map(alive, children)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(map(alive, children)), [c for c in children if alive(c)]
+        proc.wait()
     finally:
         for pid in [proc.pid, *children]:
             with contextlib.suppress(OSError):

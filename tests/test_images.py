@@ -1188,8 +1188,13 @@ def test_pydicoms_own_warnings_stay_out_of_the_output_while_cxr_decodes(tmp_path
         warnings.simplefilter("ignore")
         dcm.write_bytes(dicom_bytes(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64),
                                     SpecificCharacterSet="ISO_IR 999", PatientName="Ünïcode^Näme"))
+    # And a showwarning of the caller's that wraps cxr's, set between two decodes, is called once a warning (each had
+    # called the other until the recursion limit).
     code = ("import sys, warnings; from cxr.images import load_image; "
-            f"print(load_image({str(dcm)!r}, 32).shape); warnings.warn('a warning of the caller', UserWarning)")
+            f"print(load_image({str(dcm)!r}, 32).shape); warnings.warn('a warning of the caller', UserWarning)\n"
+            "previous = warnings.showwarning\n"
+            "def mine(*a, **k):\n    print('mine', a[0])\n    previous(*a, **k)\n"
+            f"warnings.showwarning = mine; load_image({str(dcm)!r}, 32); warnings.warn('once', UserWarning)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "(32, 32)", proc.stderr
+    assert proc.returncode == 0 and proc.stdout.splitlines() == ["(32, 32)", "mine once"], proc.stderr
     assert "pydicom" not in proc.stderr and "a warning of the caller" in proc.stderr, proc.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -534,3 +535,6 @@ def test_library_calls_with_arguments_of_the_wrong_kind_raise_usage_errors(tmp_p
                        (lambda: make_report(tmp_path, fps="x"), "fps numbers")):
         with pytest.raises(UsageError, match=says):
             call()
+    with pytest.raises(UsageError) as refused:  # a NumPy array is a size: refused for what the folder lacks instead
+        make_report(tmp_path, frame_size=np.array([640, 360]))
+    assert "frame_size" not in str(refused.value)

@@ -315,8 +315,10 @@ def test_a_service_on_the_loopback_answers_to_its_own_names_only(engine):
     for loopback, own in (("127.0.0.2", "127.0.0.2"), ("127.1", "127.1"), ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
                           ("[::1]", "::1"), ("LOCALHOST", "localhost")):  # unprotected before, or refused themselves
         assert resolve_allowed_hosts(loopback, None) == tuple(sorted({*LOOPBACK_HOSTS, own})), loopback
-    assert [host_name(h) for h in ("[::1]:8000", "Example.org:80", "::1", "localhost", "cxr.example.org.:443")] == \
-        ["::1", "example.org", "::1", "localhost", "cxr.example.org"]  # the fully qualified form: refused before
+    assert [host_name(h) for h in ("[::1]:8000", "Example.org:80", "::1", "localhost", "cxr.example.org.:443", ".",
+                                   ".:8000", "..")] == \
+        ["::1", "example.org", "::1", "localhost", "cxr.example.org", ".", ".", ".."]  # FQDN: refused before; "." is
+    # no host (stripped to nothing, it had read as no Host header, and passed)
     # Names given are written as host names, and the loopback names stay (a local health check got 400 before).
     assert resolve_allowed_hosts("127.0.0.1", ["https://CXR.example.org:443/", "pacs.local:8000"]) == \
         ("127.0.0.1", "::1", "cxr.example.org", "localhost", "pacs.local")

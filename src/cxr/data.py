@@ -944,7 +944,10 @@ def end_with_parent(main: int | None = None) -> None:
             return False
         except OSError:  # there, another user's (PermissionError)
             return True
-        return True
+        try:  # a zombie, killed but not yet reaped by its own parent, answers os.kill too
+            return Path(f"/proc/{pid}/stat").read_text(encoding="latin-1").rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
 
     def watch() -> None:
         while os.getppid() == parent and (main is None or alive(main)):

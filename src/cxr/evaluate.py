@@ -95,14 +95,24 @@ def interval_patients(split: str, labels: np.ndarray, patients: list[str] | None
     return list(patients), CI_METHOD_PATIENTS
 
 
+def _as_array(images: object) -> np.ndarray | torch.Tensor:
+    """``images`` as one contiguous array (a tensor as it is), or a UsageError: a list of images of mixed sizes had
+    raised NumPy's ValueError."""
+    if isinstance(images, torch.Tensor):
+        return images
+    try:
+        return np.ascontiguousarray(images)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"expected uint8 grey images of one size (N, S, S): {e}") from None
+
+
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, *, mean: float, std: float,
                    device: torch.device, batch_size: int = 64, bf16: bool = False,
                    channels_last: bool = False) -> torch.Tensor:
     """Logits (N, 2) in float32 on the CPU for uint8 images (N, S, S), in batches, without augmentation (S: the
     model's image size, ``Checkpoint.config.image_size``)."""
-    if not isinstance(images, torch.Tensor):
-        images = np.ascontiguousarray(images)  # a list of images; a flipped view (negative strides) torch refuses
+    images = _as_array(images)  # a list of images; a flipped view (negative strides) torch refuses
     check_model_inputs(images, batch_size)
     images = torch.as_tensor(images)
     model.eval()
@@ -129,8 +139,7 @@ class Inference:
     def probs(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """P(PNEUMONIA) of uint8 images (N, S, S), S the model's image size: bf16 autocast where chosen, else exact
         fp32 (TF32 off on CUDA)."""
-        if not isinstance(images, torch.Tensor):
-            images = np.ascontiguousarray(images)  # a list of images; a flipped view (negative strides)
+        images = _as_array(images)  # a list of images; a flipped view (negative strides)
         check_model_inputs(images, batch_size, self.cfg.image_size)
         with exact_fp32(self.device, enabled=not self.bf16):
             logits = predict_logits(self.net, images, mean=self.cfg.mean, std=self.cfg.std, device=self.device,

@@ -268,14 +268,19 @@ def _quiet_pydicom():
         logger = logging.getLogger(name)
         if _not_while_quiet not in logger.filters:
             logger.addFilter(_not_while_quiet)
-    if getattr(warnings.showwarning, "__name__", "") != _quiet_showwarning.__name__:
-        _quiet_showwarning.shown = warnings.showwarning  # what showed warnings before: called for all others
-        warnings.showwarning = _quiet_showwarning
+    with _SHOWWARNING_LOCK:
+        if not hasattr(_quiet_showwarning, "shown"):  # once a process: a caller's wrapper of it is theirs to keep (set
+            # again over a wrapper that calls it, each had called the other until Python's recursion limit)
+            _quiet_showwarning.shown = warnings.showwarning  # what showed warnings before: called for all others
+            warnings.showwarning = _quiet_showwarning
     _PYDICOM_QUIET.depth = getattr(_PYDICOM_QUIET, "depth", 0) + 1
     try:
         yield
     finally:
         _PYDICOM_QUIET.depth -= 1
+
+
+_SHOWWARNING_LOCK = threading.Lock()
 
 
 def _quiet_showwarning(message, category, filename, lineno, file=None, line=None):

@@ -1048,6 +1048,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     _check_count("grid_per_group", grid_per_group, MAX_PER_GROUP)  # -2 had been "all but two" (a slice's end)
     _check_count("video_max_images", video_max_images, MAX_VIDEO_IMAGES)
     if video:
+        if isinstance(frame_size, np.ndarray):  # np.array([640, 360]) was a size before, and stays one
+            frame_size = tuple(frame_size.tolist())
         if not (isinstance(frame_size, Sequence) and len(frame_size) == 2 and all(
                 isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in frame_size)) \
                 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (seconds_per_image, fps)):

@@ -484,8 +484,10 @@ def host_name(header: str) -> str:
     header = header.strip().lower()
     if header.startswith("["):
         return header[1:header.find("]")] if "]" in header else header
-    # the fully qualified form, "cxr.example.org.", names the same host (a browser sends it when the URL has the dot)
-    return (header.rsplit(":", 1)[0] if header.count(":") == 1 else header).rstrip(".")
+    name = header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    # the fully qualified form, "cxr.example.org.", names the same host (a browser sends it when the URL has the dot);
+    # one dot, of a name: "." or ".." stays itself (stripped, it had read as no Host at all, and passed the check)
+    return name[:-1] if name.endswith(".") and name.strip(".") else name
 
 
 def resolve_allowed_hosts(host: str, given: Sequence[str] | None) -> Sequence[str] | None:
@@ -692,6 +694,9 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
     engine: Engine = model if hasattr(model, "predict_uint8") else load_engine(model, backend, device, threads, amp)
     limits = Limits(int(max_upload_mb * 1e6), max_concurrency, max_queue, max_pixels, upload_timeout)
     limiter = anyio.CapacityLimiter(max_concurrency)
+    # The predictions' own threads: anyio's default pool (40) is shared with the page and the static files, and had
+    # capped --max-concurrency above 40 and kept the page waiting behind the predictions
+    worker_threads = anyio.CapacityLimiter(max_concurrency)
     admitted = [0]  # requests running or waiting for a worker (only touched on the event loop)
     seconds = [1.0]  # recent seconds per prediction (moving average): what a client turned away should wait
 
@@ -771,7 +776,7 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
                 if await request.is_disconnected():
                     log.info("predict: the client left before its turn; not computed")
                     raise HttpError(408, "the client closed the connection before the prediction")
-                result = await anyio.to_thread.run_sync(work)
+                result = await anyio.to_thread.run_sync(work, limiter=worker_threads)
         except HttpError:
             raise
         except Exception as e:
@@ -1041,10 +1046,12 @@ def _server_class() -> type:
 
         @contextlib.contextmanager
         def capture_signals(self):
+            # only the default action's kill is spared: a handler of the caller's own (serve() from Python) still runs
+            default = signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
             with super().capture_signals():
                 yield
                 caught = getattr(self, "_captured_signals", None)
-                if isinstance(caught, list):
+                if default and isinstance(caught, list):
                     caught[:] = [s for s in caught if s != signal.SIGTERM]
 
     return Server

@@ -223,7 +223,8 @@ async function analyse(file, mine) {
 function failureText(status, body, file) {
   if (status === 503) {
     // Busy after every retry: the server's state, not the file's fault (nor a proxy's, when the service said why)
-    const why = body && typeof body.detail === "string" ? ` (${body.detail})` : "";
+    // the service's own "busy: ..." is what this says already; another reason (out of memory) is added
+    const why = body && typeof body.detail === "string" && !body.detail.startsWith("busy") ? ` (${body.detail})` : "";
     return `The server is busy${why}: try this file again later.`;
   }
   if (body && typeof body.detail === "string") return `The server could not use this file (${status}): ${body.detail}`;
