@@ -925,18 +925,7 @@ def test_dicom_objects_without_an_image_are_not_taken_as_images(tmp_path, caplog
     from cxr.images import dicom_sop_class, is_image_file
     from cxr.predict import collect_files
 
-    def non_image(sop_class: str) -> bytes:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = uid.generate_uid()
-        meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = sop_class
-        ds.PatientID = "P1"
-        buf = io.BytesIO()
-        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-        return buf.getvalue()
+    non_image = non_image_dicom
 
     for cls in ("NORMAL", "PNEUMONIA"):
         folder = tmp_path / "train" / cls

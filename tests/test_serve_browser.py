@@ -338,24 +338,6 @@ class FlatEngine(SlowEngine):
         return buf.getvalue(), True
 
 
-@pytest.fixture
-def flat_page(browser_page):
-    for base in _serving(create_app(FlatEngine())):
-        yield from _page_of(browser_page, base)
-
-
-def test_a_flat_heatmap_is_not_captioned_as_where_the_evidence_lies(flat_page):
-    # The caption said "where the evidence for the label lies" under a plain X-ray, beside a note saying it is flat.
-    flat_page.set_input_files("input[type=file]", str(XRAYS[0]))
-    card = flat_page.get_by_test_id("result")
-    expect = sync_api.expect
-    expect(card.get_by_test_id("status")).to_have_text("Done", timeout=30_000)
-    expect(card.locator(".caption")).to_have_text("Grad-CAM: flat, no region raised the score (see the note) "
-                                                  "(square, aspect ratio not kept)")
-    expect(card.locator(".scale")).to_be_hidden()  # no colours to read off a scale
-    expect(card.locator(".heatnote")).to_contain_text("flat: no region raised the score of PNEUMONIA")
-
-
 class LeaningEngine(FlatEngine):
     """P 0.4 against a threshold of 0.3 again: PNEUMONIA, with a map that is not flat."""
 
@@ -363,22 +345,32 @@ class LeaningEngine(FlatEngine):
         return FlatEngine.heatmap_png(self, image, target)[0], False
 
 
-@pytest.fixture
-def leaning_page(browser_page):
-    for base in _serving(create_app(LeaningEngine())):
-        yield from _page_of(browser_page, base)
+@pytest.fixture(params=[
+    # A flat map: the caption said "where the evidence for the label lies" under a plain X-ray, beside a note saying
+    # it is flat.
+    (FlatEngine, "Grad-CAM: flat, no region raised the score (see the note) (square, aspect ratio not kept)",
+     "flat: no region raised the score of PNEUMONIA", True),
+    # A map of a label the output leans away from: the same caption, beside a note saying the output leans the other
+    # way (the report's grid and the video say "map of PNEUMONIA; leans NORMAL").
+    (LeaningEngine, "Grad-CAM: map of PNEUMONIA; the output leans NORMAL (square, aspect ratio not kept)",
+     "leans NORMAL", False)], ids=["flat", "leaning"])
+def captioned(browser_page, request):
+    engine, caption, note, scale_hidden = request.param
+    for base in _serving(create_app(engine())):
+        for page in _page_of(browser_page, base):
+            yield page, caption, note, scale_hidden
 
 
-def test_a_heatmap_of_a_label_the_output_leans_away_from_is_captioned_so(leaning_page):
-    # The caption said "where the evidence for the label lies" beside a note saying the output leans the other way
-    # (the report's grid and the video say "map of PNEUMONIA; leans NORMAL").
-    leaning_page.set_input_files("input[type=file]", str(XRAYS[0]))
-    card = leaning_page.get_by_test_id("result")
+def test_a_heatmap_is_captioned_as_what_it_shows(captioned):
+    page, caption, note, scale_hidden = captioned
+    page.set_input_files("input[type=file]", str(XRAYS[0]))
+    card = page.get_by_test_id("result")
     expect = sync_api.expect
     expect(card.get_by_test_id("status")).to_have_text("Done", timeout=30_000)
-    expect(card.locator(".caption")).to_have_text("Grad-CAM: map of PNEUMONIA; the output leans NORMAL (square, "
-                                                  "aspect ratio not kept)")
-    expect(card.locator(".heatnote")).to_contain_text("leans NORMAL")
+    expect(card.locator(".caption")).to_have_text(caption)
+    if scale_hidden:
+        expect(card.locator(".scale")).to_be_hidden()  # no colours to read off a scale
+    expect(card.locator(".heatnote")).to_contain_text(note)
 
 
 @pytest.mark.parametrize("path", ["/docs", "/redoc"])
