@@ -524,7 +524,8 @@ def test_an_export_of_a_run_whose_threshold_was_never_chosen_warns_and_so_do_its
         assert said in caplog.text
         caplog.clear()
         OnnxPredictor(out)
-        assert f"{out}: exported from a run's best.pt whose decision threshold was {said}" in caplog.text
+        assert f"{out}: exported from a run's checkpoint (best.pt of a run that had not ended, or last.pt) whose " \
+            f"decision threshold was {said}" in caplog.text
         caplog.clear()
         OnnxPredictor(out, warn_threshold=False)
         predict_files_onnx(run, FILES[:1], threshold=0.3)  # a threshold given: nothing to warn of
