@@ -348,15 +348,13 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                 # bf16 probabilities as `cxr predict --amp` gives them (or channels_last's kernels, which change the
                 # last digits): the maps, in fp32 and the default memory format, take a pass of their own.
                 probs = run.probs(stack)
-                predicted = (probs >= t).astype(np.int64)
-                classes = predicted if fixed is None else np.full(len(stack), fixed)
-                heats, _ = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=classes,
-                                               batch_size=batch_size)
+                heats, _ = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, batch_size=batch_size,
+                                               target=(probs >= t).astype(np.int64) if fixed is None else fixed)
             else:  # fp32: the maps' forward pass gives predict's probabilities too, to the bit (one pass, not two)
                 heats, probs = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=fixed, threshold=t,
                                                    batch_size=batch_size)
-                predicted = (probs >= t).astype(np.int64)
-                classes = predicted if fixed is None else np.full(len(stack), fixed)
+            predicted = (probs >= t).astype(np.int64)
+            classes = predicted if fixed is None else np.full(len(stack), fixed)
             for (i, f), im, heat, prob, pred, cls in zip(good, stack, heats, probs, predicted, classes, strict=True):
                 out = out_dir / _unique_name(f, used)
                 d = threshold_decimals(t, [prob])
