@@ -991,7 +991,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
             logging.getLogger("uvicorn.error").info(
                 "Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
                 f"[{address}]" if sock.family == socket.AF_INET6 else address, bound_port)
-        server = _Server(config)
+        server = _server_class()(config)
         # uvicorn shuts down on Ctrl-C, then raises it again: a clean stop (exit 0), as uvicorn.run makes it.
         with contextlib.suppress(KeyboardInterrupt):
             server.run(sockets=socks)
@@ -1055,10 +1055,6 @@ def _server_class() -> type:
                     caught[:] = [s for s in caught if s != signal.SIGTERM]
 
     return Server
-
-
-def _Server(config: Any) -> Any:  # noqa: N802 - a class, made when uvicorn is imported
-    return _server_class()(config)
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:
