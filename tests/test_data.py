@@ -1278,6 +1278,30 @@ def test_a_resume_says_images_added_since_the_split_are_left_out(tmp_path, tiny_
     assert [s.path for s in resumed["train"].samples] == [s.path for s in again["train"].samples]  # split kept
 
 
+def test_a_resume_whose_split_lists_an_explain_picture_says_why_it_cannot_go_on(tmp_path, tiny_dataset):
+    # An earlier cxr scanned *_gradcam.png as an X-ray, and split.csv lists it; scans leave it out now, and the
+    # resume had said the file was "gone", beside the file itself.
+    from cxr.data import read_split_csv, write_split_csv
+    from cxr.train import split_dataset
+
+    from .conftest import TINY_TRAIN
+
+    run = tmp_path / "run"
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(run)})
+    split_dataset(cfg, run, resume=False)
+    recorded = read_split_csv(run / "split.csv")
+    sample = recorded["train"][0]
+    picture = Path(sample.path).with_name(Path(sample.path).stem + "_gradcam.png")
+    os.rename(sample.path, picture)
+    recorded["train"][0] = dataclasses.replace(sample, path=str(picture))
+    write_split_csv(run / "split.csv", recorded)
+    with pytest.raises(DataError, match=r"1 recorded image\(s\) are pictures of `cxr explain` .*start a new run"):
+        split_dataset(cfg, run, resume=True)
+    picture.unlink()
+    with pytest.raises(DataError, match=r"1 recorded image\(s\) are gone"):
+        split_dataset(cfg, run, resume=True)
+
+
 def test_a_resume_follows_data_moved_into_a_folder_below_its_old_place(tmp_path, tiny_dataset):
     # data/ moved to data/data/ (the Kaggle zip's chest_xray/chest_xray): rank 0 rewrote split.csv, and the other
     # ranks (or the next resume, whose last.pt still names the old place) moved its paths a second time: all "gone".

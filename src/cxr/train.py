@@ -78,6 +78,7 @@ from cxr.fileio import (
     remove_empty_folders,
     remove_stale_temps,
 )
+from cxr.images import EXPLAIN_SUFFIX
 from cxr.model import (
     Checkpoint,
     autocast,
@@ -144,6 +145,12 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
                                for s in samples] for name, samples in recorded.items()}
         missing = [s.path for samples in recorded.values() for s in samples if s.path not in by_path]
         if missing:
+            there = [m for m in missing if os.path.isfile(m)]
+            if there:  # there, but left out of the scan (as explain pictures are, which an earlier cxr had listed)
+                why = (f"pictures of `cxr explain` (*{EXPLAIN_SUFFIX}), which data scans now leave out"
+                       if all(m.lower().endswith(EXPLAIN_SUFFIX) for m in there) else "files the data scan leaves out")
+                raise DataError(f"{split_csv}: {len(there)} recorded image(s) are {why}, e.g. {there[0]}; this "
+                                "run cannot go on with its split: start a new run")
             raise DataError(f"{split_csv}: {len(missing)} recorded image(s) are gone, e.g. {missing[0]}")
         if old != new and write:
             write_split_csv(split_csv, recorded)  # `cxr evaluate --data RUN/split.csv` finds them there too
