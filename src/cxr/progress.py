@@ -62,6 +62,17 @@ class Bar:
                      rate, self._unit, eta, info or "")
 
 
+def _in_notebook() -> bool:
+    """Whether a Jupyter kernel can show rich's bar: its stderr is no terminal, and rich draws there with ipywidgets."""
+    if not _console.is_jupyter:
+        return False
+    try:
+        import ipywidgets  # noqa: F401 - without it rich only warns, and draws nothing
+    except ImportError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, unit: str = "it") -> Iterator[Bar]:
     """A bar with count, rate, free text, elapsed time and ETA."""
@@ -78,7 +89,7 @@ def progress_bar(description: str, total: int, unit: str = "it") -> Iterator[Bar
         transient=True,
         # Under torchrun, rank 0 only; and none with `cxr -q` ("only warnings and errors"), which sets the cxr
         # logger's own level (a script using cxr as a library leaves it unset, and keeps its bars).
-        disable=not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0"
+        disable=not (sys.stderr.isatty() or _in_notebook()) or os.environ.get("RANK", "0") != "0"
         or logging.getLogger("cxr").level > logging.INFO,
     )
     with progress:
