@@ -1737,7 +1737,8 @@ def test_serve_answers_on_its_port_and_a_second_one_there_is_one_line(trained_ru
     _, run, _ = trained_run
     # --port 0: the system picks a free port, and the log says which (under -q too: uvicorn's own line).
     server = subprocess.Popen([sys.executable, "-m", "cxr", "-q", "serve", "--model", str(run), "--port", "0",
-                               "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               "--device", "cpu", "--access-log"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in server.stderr], daemon=True).start()
     try:
@@ -1760,6 +1761,8 @@ def test_serve_answers_on_its_port_and_a_second_one_there_is_one_line(trained_ru
         _one_line_error(second, f"cannot listen on 127.0.0.1:{port}", "--port")
         server.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop
         assert server.wait(timeout=60) == 0
+        # --access-log: uvicorn's line for each request, on stdout as uvicorn writes it
+        assert re.search(r'"GET /api/v1/health HTTP/1.1" 200', server.stdout.read())
     finally:
         server.terminate()
         server.wait(timeout=60)

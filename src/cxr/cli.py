@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root-path", default="", metavar="PATH",
                    help="the path a reverse proxy serves the service under, e.g. /cxr (for the API docs and "
                         "redirects; the proxy strips it before passing requests on)")
+    p.add_argument("--access-log", action="store_true",
+                   help="log a line for every request: client, method, path, status (default: a line for each "
+                        "prediction only)")
 
     p = sub.add_parser("export", help="write a model as ONNX or TorchScript with its preprocessing contract")
     p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
@@ -615,7 +618,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port, backend=_backend(args), max_upload_mb=args.max_upload_mb,
           max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, threads=args.threads,
           max_connections=args.max_connections, max_pixels=args.max_pixels, amp=args.amp,
-          upload_timeout=args.upload_timeout, allowed_hosts=args.allowed_hosts, root_path=args.root_path)
+          upload_timeout=args.upload_timeout, allowed_hosts=args.allowed_hosts, root_path=args.root_path,
+          access_log=args.access_log)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

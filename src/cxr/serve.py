@@ -935,7 +935,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
           max_upload_mb: float = 20.0, max_concurrency: int = 2, max_queue: int = 32, device: str = "auto",
           threads: int | None = None, max_pixels: int | None = None, log_level: str = "info",
           max_connections: int = 128, amp: str = "auto", upload_timeout: float | None = 30.0,
-          allowed_hosts: Sequence[str] | None = None, root_path: str = "") -> None:
+          allowed_hosts: Sequence[str] | None = None, root_path: str = "", access_log: bool = False) -> None:
     """Run the service with uvicorn until interrupted (``cxr serve``). The port is taken first, then the model loads.
 
     ``max_connections`` caps the connections served at once, uploads still arriving included (uvicorn answers 503
@@ -948,7 +948,9 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     predictions an equal share of the cores. Letting each take every core oversubscribes them, which on a busy
     machine made PyTorch's OpenMP ~90x slower (see BENCHMARKS.md). ``allowed_hosts``: see
     :func:`resolve_allowed_hosts`. ``root_path``: the path a reverse proxy serves the service under (``/cxr``), so
-    that the API docs and redirects name it (the page and its calls are relative and need nothing).
+    that the API docs and redirects name it (the page and its calls are relative and need nothing). ``access_log``:
+    uvicorn's line for every request (client, method, path, status); without it only predictions are logged, one line
+    each.
     """
     import uvicorn
 
@@ -976,7 +978,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
         if allowed_hosts is not None:
             log.info("answering requests for %s only (--allowed-hosts)", ", ".join(allowed_hosts))
         config = uvicorn.Config(_cut_off_quietly(app), host=host, port=port, log_level=log_level, server_header=False,
-                                access_log=False, limit_concurrency=max_connections,
+                                access_log=access_log, limit_concurrency=max_connections,
                                 http=http_protocol(upload_timeout), root_path=root_path.rstrip("/"),
                                 # a stop waits this long for requests in progress, then ends: an upload trickling
                                 # in had kept a stopped service up until its own timeout, or for good
