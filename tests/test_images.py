@@ -1187,3 +1187,9 @@ def test_pydicoms_own_warnings_stay_out_of_the_output_while_cxr_decodes(tmp_path
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.splitlines() == ["(32, 32)", "mine once"], proc.stderr
     assert "pydicom" not in proc.stderr and "a warning of the caller" in proc.stderr, proc.stderr
+    # Put in place first inside a caller's catch_warnings, whose end undid it: the decodes after it had warned.
+    code = ("import warnings; from cxr.images import load_image\n"
+            f"with warnings.catch_warnings():\n    load_image({str(dcm)!r}, 32)\n"
+            f"load_image({str(dcm)!r}, 32); warnings.warn('after', UserWarning)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "pydicom" not in proc.stderr and "after" in proc.stderr, proc.stderr

@@ -269,8 +269,10 @@ def _quiet_pydicom():
         if _not_while_quiet not in logger.filters:
             logger.addFilter(_not_while_quiet)
     with _SHOWWARNING_LOCK:
-        if not hasattr(_quiet_showwarning, "shown"):  # once a process: a caller's wrapper of it is theirs to keep (set
-            # again over a wrapper that calls it, each had called the other until Python's recursion limit)
+        # Once, and again where a `catch_warnings` block (a caller's, or _open_within's in another thread) put back
+        # the function it wraps: installed inside one, it had been undone for good. A caller's own wrapper of it is
+        # theirs to keep (set again over a wrapper that calls it, each had called the other to the recursion limit).
+        if not hasattr(_quiet_showwarning, "shown") or warnings.showwarning is _quiet_showwarning.shown:
             _quiet_showwarning.shown = warnings.showwarning  # what showed warnings before: called for all others
             warnings.showwarning = _quiet_showwarning
     _PYDICOM_QUIET.depth = getattr(_PYDICOM_QUIET, "depth", 0) + 1
