@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -476,17 +477,34 @@ def test_a_request_whose_client_has_left_is_not_computed(engine, monkeypatch):
 
 
 def test_refusals_beyond_max_connections_are_counted_in_the_log_not_one_line_each(monkeypatch, caplog):
-    # A burst of refusals had logged a line each: 2,638 in 8 s.
+    # A burst of refusals had logged a line each: 2,638 in 8 s. Then only the first was said, and the rest of a burst
+    # waited for the next refusal, lost when none came.
     import cxr.serve
 
-    monkeypatch.setattr(cxr.serve, "_REFUSED", {"count": 0, "said": -float("inf")})
-    clock = [100.0]
+    clock, timers = [100.0], []
+
+    class Loop:
+        def call_later(self, delay, callback):
+            timers.append((clock[0] + delay, callback))
+            return types.SimpleNamespace(cancel=timers.clear)
+
     monkeypatch.setattr(cxr.serve.time, "monotonic", lambda: clock[0])
+    refusals = cxr.serve.Refusals(4)
     with caplog.at_level("WARNING", logger="uvicorn.error"):
         for _ in range(500):
-            cxr.serve._said_refused(4)
-        clock[0] += 12
-        cxr.serve._said_refused(4)
+            refusals.add(Loop())
+        assert len(timers) == 1 and timers[0][0] == 110.0  # the rest of the burst: said 10 s after the first line
+        clock[0] = 110.0
+        timers[0][1]()
+        clock[0] = 113.0
+        refusals.add(Loop())  # within 10 s of the last line: counted, and said when the service stops
+        refusals.flush()
+        refusals.flush()  # nothing left: nothing said
+        clock[0] = 200.0
+        refusals.add(Loop())  # long after: said at once
     lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error"]
     assert lines == ["Exceeded concurrency limit (--max-connections 4): 1 request(s) answered 503 so far",
-                     "Exceeded concurrency limit (--max-connections 4): 500 request(s) answered 503 in the last 12 s"]
+                     "Exceeded concurrency limit (--max-connections 4): 499 request(s) answered 503 in the last 10 s",
+                     "Exceeded concurrency limit (--max-connections 4): 1 request(s) answered 503 in the last 3 s",
+                     "Exceeded concurrency limit (--max-connections 4): 1 request(s) answered 503 in the last 87 s"]
+    assert timers == []

@@ -844,6 +844,7 @@ def http_protocol(header_timeout: float | None) -> type | str:
 
     class HeaderTimeoutH11Protocol(H11Protocol):
         _header_timer: Any = None  # an asyncio.TimerHandle while the request's headers are awaited
+        refusals: Refusals | None = None  # beyond --max-connections, counted for the log
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -853,7 +854,9 @@ def http_protocol(header_timeout: float | None) -> type | str:
             limit = getattr(self, "limit_concurrency", None)
             if limit is not None and hasattr(self, "connections") and hasattr(self, "tasks"):
                 self.limit_concurrency = None
-                self.app = _connection_limit(self.app, self, limit)
+                if HeaderTimeoutH11Protocol.refusals is None:  # one count for the server's connections
+                    HeaderTimeoutH11Protocol.refusals = Refusals(limit)
+                self.app = _connection_limit(self.app, self, limit, HeaderTimeoutH11Protocol.refusals)
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -886,23 +889,40 @@ def http_protocol(header_timeout: float | None) -> type | str:
     return HeaderTimeoutH11Protocol
 
 
-_REFUSED = {"count": 0, "said": -math.inf}  # beyond --max-connections, since last said (the event loop's thread)
+class Refusals:
+    """Refusals beyond ``--max-connections``, logged with their count at most once every ``every_s`` seconds: a line
+    each had been 2,638 lines in 8 s of a burst. A count not yet said is said ``every_s`` s after the line before it
+    (a timer on the event loop), and when the service stops (:meth:`flush`): the rest of a burst had waited for the next
+    refusal, and been lost when none came. One per server (the event loop's thread)."""
 
+    def __init__(self, limit: int, every_s: float = 10.0) -> None:
+        self.limit, self.every_s = limit, every_s
+        self.count, self.said, self._timer = 0, -math.inf, None
 
-def _said_refused(limit: int, every_s: float = 10.0) -> None:
-    """A refusal beyond ``--max-connections``, logged at most once every ``every_s`` seconds with the count since:
-    a line each had been 2,638 lines in 8 s of a burst."""
-    _REFUSED["count"] += 1
-    now = time.monotonic()
-    if now - _REFUSED["said"] >= every_s:
-        since = "so far" if _REFUSED["said"] == -math.inf else f"in the last {now - _REFUSED['said']:.0f} s"
+    def add(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.count += 1
+        wait = self.said + self.every_s - time.monotonic()
+        if wait <= 0:
+            self.flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        """Log the refusals not yet said, if any."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.count:
+            return
+        now = time.monotonic()
+        since = "so far" if self.said == -math.inf else f"in the last {now - self.said:.0f} s"
         logging.getLogger("uvicorn.error").warning(
-            "Exceeded concurrency limit (--max-connections %d): %d request(s) answered 503 %s", limit,
-            _REFUSED["count"], since)
-        _REFUSED["count"], _REFUSED["said"] = 0, now
+            "Exceeded concurrency limit (--max-connections %d): %d request(s) answered 503 %s", self.limit,
+            self.count, since)
+        self.count, self.said = 0, now
 
 
-def _connection_limit(app: Any, protocol: Any, limit: int) -> Callable:
+def _connection_limit(app: Any, protocol: Any, limit: int, refusals: Refusals) -> Callable:
     """``app`` behind uvicorn's ``limit_concurrency`` check (the connections, or the requests in progress, at the
     limit), whose refusal is the API's: a JSON ``ErrorOut``, 503 with Retry-After, the service's headers."""
 
@@ -914,7 +934,7 @@ def _connection_limit(app: Any, protocol: Any, limit: int) -> Callable:
         health = scope.get("method") in ("GET", "HEAD") and scope.get("path", "").endswith(f"{API}/health")
         if scope["type"] == "http" and not health and (len(protocol.connections) > limit
                                                        or len(protocol.tasks) > limit):
-            _said_refused(limit)
+            refusals.add(protocol.loop)
             await SecurityHeaders(_too_many_connections)(scope, receive, send)
             return
         await app(scope, receive, send)
@@ -977,9 +997,10 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
                  host if ":" not in host else f"[{host}]", port, DISCLAIMER)
         if allowed_hosts is not None:
             log.info("answering requests for %s only (--allowed-hosts)", ", ".join(allowed_hosts))
+        protocol = http_protocol(upload_timeout)
         config = uvicorn.Config(_cut_off_quietly(app), host=host, port=port, log_level=log_level, server_header=False,
                                 access_log=access_log, limit_concurrency=max_connections,
-                                http=http_protocol(upload_timeout), root_path=root_path.rstrip("/"),
+                                http=protocol, root_path=root_path.rstrip("/"),
                                 # a stop waits this long for requests in progress, then ends: an upload trickling
                                 # in had kept a stopped service up until its own timeout, or for good
                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
@@ -995,8 +1016,12 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
                 f"[{address}]" if sock.family == socket.AF_INET6 else address, bound_port)
         server = _server_class()(config)
         # uvicorn shuts down on Ctrl-C, then raises it again: a clean stop (exit 0), as uvicorn.run makes it.
-        with contextlib.suppress(KeyboardInterrupt):
-            server.run(sockets=socks)
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                server.run(sockets=socks)
+        finally:
+            if getattr(protocol, "refusals", None) is not None:
+                protocol.refusals.flush()  # the count of a last burst
     finally:
         for sock in socks:
             sock.close()
