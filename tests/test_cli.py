@@ -1077,6 +1077,18 @@ def test_config_values_that_cannot_work_are_refused(tmp_path, tiny_dataset, yaml
         load_config(tmp_path / "c.yaml")
 
 
+def test_a_bad_config_value_names_the_flags_only_where_some_were_given(tmp_path):
+    # The CLI passes every flag, None where not given: "and the flags given" had been said of a file alone.
+    from cxr.config import load_config
+    from cxr.errors import UsageError
+
+    (tmp_path / "c.yaml").write_text("lr: -1\n")
+    with pytest.raises(UsageError, match=r"\(settings read from .*c.yaml\)$"):
+        load_config(tmp_path / "c.yaml", overrides={"epochs": None, "data": None})
+    with pytest.raises(UsageError, match=r"\(settings read from .*c.yaml and the flags given\)$"):
+        load_config(tmp_path / "c.yaml", overrides={"epochs": 3, "data": None})
+
+
 def test_config_files_that_are_no_utf8_text_or_a_folder_and_home_paths(tmp_path, monkeypatch):
     from cxr.config import load_config
     from cxr.errors import UsageError

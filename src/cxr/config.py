@@ -313,7 +313,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         if path is None:
             raise
         # the file named: "invalid config: lr must be > 0" had not said where (a run's config.yaml, on --resume)
-        raise ConfigError(f"{e} (settings read from {path}{' and the flags given' if overrides else ''})") from None
+        # the CLI passes every flag, None where it was not given: "and the flags given" where none was had misled
+        flags = any(v is not None for v in (overrides or {}).values())
+        raise ConfigError(f"{e} (settings read from {path}{' and the flags given' if flags else ''})") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
