@@ -521,12 +521,18 @@ def test_an_export_of_a_run_whose_threshold_was_never_chosen_warns_and_so_do_its
     said = "never chosen on validation"
     with caplog.at_level(logging.WARNING, logger="cxr"):
         out = export_model(run, "onnx", tmp_path / "m.onnx")
-        assert said in caplog.text
+        assert said in caplog.text and "--threshold" not in caplog.text  # export has no --threshold to advise
         caplog.clear()
         OnnxPredictor(out)
         assert f"{out}: exported from a run's checkpoint (best.pt of a run that had not ended, or last.pt) whose " \
-            f"decision threshold was {said}" in caplog.text
+            f"decision threshold was {said}" in caplog.text and "give --threshold" in caplog.text
         caplog.clear()
+        from cxr.serve import load_engine
+
+        for backend, model in (("onnx", out), ("torch", run)):  # nor has serve
+            load_engine(model, backend=backend, device="cpu")
+            assert said in caplog.text and "--threshold" not in caplog.text, backend
+            caplog.clear()
         OnnxPredictor(out, warn_threshold=False)
         predict_files_onnx(run, FILES[:1], threshold=0.3)  # a threshold given: nothing to warn of
         assert said not in caplog.text

@@ -383,7 +383,7 @@ def export_model(model: str | os.PathLike | Checkpoint, fmt: str, output: str | 
         raise UsageError(f"--output {out}: name an ONNX file *.onnx, and only an ONNX file")
     check_writable(out)  # now, not after an export of seconds
     ckpt = _as_checkpoint(model)
-    warn_if_threshold_unchosen(ckpt)
+    warn_if_threshold_unchosen(ckpt, threshold_flag=False)
     if ckpt.path:
         check_not_an_input(out, [ckpt.path])  # an export over its own checkpoint lost the trained model
     if fmt == "onnx":

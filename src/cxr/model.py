@@ -581,20 +581,21 @@ def threshold_unchosen(ckpt: Checkpoint) -> bool:
             and (path.parent / "config.yaml").is_file())
 
 
-def warn_if_threshold_unchosen(ckpt: Checkpoint) -> None:
+def warn_if_threshold_unchosen(ckpt: Checkpoint, threshold_flag: bool = True) -> None:
     """Say so where a run's checkpoint has no threshold chosen on validation (:func:`threshold_unchosen`). A run
     interrupted (or a resumed session still training) left one that predict, evaluate, explain and serve used at 0.5
-    without a word."""
+    without a word. ``threshold_flag``: whether the command has ``--threshold`` to advise (export and serve have
+    none)."""
     if threshold_unchosen(ckpt):
         path = Path(ckpt.path)
         if path.name == "last.pt":
             log.warning("%s: the last epoch's training state, not the run's model (best.pt), and its decision "
-                        "threshold was never chosen on validation, so %s is used; give --threshold, or use the run's "
-                        "best.pt", path, f"{ckpt.threshold:g}")
+                        "threshold was never chosen on validation, so %s is used; %suse the run's best.pt", path,
+                        f"{ckpt.threshold:g}", "give --threshold, or " if threshold_flag else "")
             return
         log.warning("%s: its decision threshold was never chosen on validation (the run stopped before its end, or "
-                    "is still training), so %s is used; `cxr train --resume %s` ends the run, or give --threshold",
-                    path, f"{ckpt.threshold:g}", path.parent)
+                    "is still training), so %s is used; `cxr train --resume %s` ends the run%s", path,
+                    f"{ckpt.threshold:g}", path.parent, ", or give --threshold" if threshold_flag else "")
 
 
 def _is_safetensors(path: Path) -> bool:

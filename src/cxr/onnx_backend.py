@@ -40,13 +40,14 @@ class OnnxPredictor:
     """
 
     def __init__(self, source: str | os.PathLike | bytes, *, threads: int = 0, name: str = "",
-                 warn_threshold: bool = True) -> None:
+                 warn_threshold: bool = True, threshold_flag: bool = True) -> None:
         """
         Args:
             source: an ``.onnx`` file, or its bytes (from :func:`cxr.export.onnx_model_bytes`).
             threads: intra-op threads (0: ONNX Runtime's default, one per core).
             name: what error messages call the model (default: the path).
             warn_threshold: warn where the file's threshold was never chosen (False: the caller gives its own).
+            threshold_flag: whether the command has ``--threshold`` for the warning to advise (serve has none).
         """
         import onnxruntime as ort
 
@@ -80,8 +81,9 @@ class OnnxPredictor:
         self.card: dict[str, Any] = self.contract.get("model_card") or {}
         if warn_threshold and self.contract.get("threshold_unchosen") is True:
             log.warning("%s: exported from a run's checkpoint (best.pt of a run that had not ended, or last.pt) "
-                        "whose decision threshold was never chosen on validation, so %g is used; give --threshold, "
-                        "or export the run's best.pt once the run has ended", label, self.threshold)
+                        "whose decision threshold was never chosen on validation, so %g is used; %sexport the run's "
+                        "best.pt once the run has ended", label, self.threshold,
+                        "give --threshold, or " if threshold_flag else "")
         # A contract edited by hand is said here in one line, not as a traceback at the first prediction.
         image = next((i for i in self.session.get_inputs() if i.name == "image"), None)
         shape = image.shape if image is not None else None
@@ -125,28 +127,31 @@ class OnnxPredictor:
 
 
 def load_onnx_predictor(model: str | os.PathLike | Checkpoint, *, threads: int = 0,
-                        warn_threshold: bool = True) -> OnnxPredictor:
+                        warn_threshold: bool = True, threshold_flag: bool = True) -> OnnxPredictor:
     """An :class:`OnnxPredictor` for an ``.onnx`` file, or for a checkpoint exported to ONNX (once: the export is
     kept in the cache folder, see :func:`cxr.export.cached_onnx_model_bytes`).
 
     Only the second needs torch (to export), and only then is it imported. ``warn_threshold``: warn, as the torch
-    path does, where the threshold is a run's placeholder (False where the caller gives one).
+    path does, where the threshold is a run's placeholder (False where the caller gives one); ``threshold_flag``:
+    whether that warning may advise ``--threshold``.
     """
     if isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx"):
-        return OnnxPredictor(model, threads=threads, warn_threshold=warn_threshold)
+        return OnnxPredictor(model, threads=threads, warn_threshold=warn_threshold, threshold_flag=threshold_flag)
     from cxr.export import _as_checkpoint, cached_onnx_model_bytes, onnx_model_bytes
 
     ckpt = _as_checkpoint(model)
     name = ckpt.path or "<checkpoint>"
     data, cached = cached_onnx_model_bytes(ckpt)
     try:
-        return OnnxPredictor(data, threads=threads, name=name, warn_threshold=warn_threshold)
+        return OnnxPredictor(data, threads=threads, name=name, warn_threshold=warn_threshold,
+                             threshold_flag=threshold_flag)
     except CheckpointError as e:
         if cached is None:
             raise
         log.warning("the cached ONNX export %s is unusable (%s): exporting %s again", cached, e, name)
         cached.unlink(missing_ok=True)
-        return OnnxPredictor(onnx_model_bytes(ckpt), threads=threads, name=name, warn_threshold=warn_threshold)
+        return OnnxPredictor(onnx_model_bytes(ckpt), threads=threads, name=name, warn_threshold=warn_threshold,
+                             threshold_flag=threshold_flag)
 
 
 def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike], *, threshold: float | None = None,

@@ -203,7 +203,7 @@ class OnnxEngine:
     def __init__(self, model: Any, threads: int = 0) -> None:
         from cxr.onnx_backend import load_onnx_predictor  # no torch for an .onnx file
 
-        self.predictor = load_onnx_predictor(model, threads=threads)
+        self.predictor = load_onnx_predictor(model, threads=threads, threshold_flag=False)
         p = self.predictor
         self.model_id, self.class_names, self.threshold = p.model_id, p.class_names, p.threshold
         self.image_size, self.max_pixels, self.card, self.draft = p.image_size, p.max_pixels, p.card, p.draft
@@ -246,7 +246,7 @@ def load_engine(model: str | os.PathLike, backend: str = "torch", device: str = 
     from cxr.model import load_checkpoint, warn_if_threshold_unchosen
 
     ckpt = load_checkpoint(model)
-    warn_if_threshold_unchosen(ckpt)
+    warn_if_threshold_unchosen(ckpt, threshold_flag=False)  # the service has no --threshold
     return TorchEngine(ckpt, device=device, threads=threads, amp=amp)
 
 
