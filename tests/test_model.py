@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,6 +251,17 @@ def test_a_model_file_is_read_by_its_content_whatever_its_name(tmp_path):
         assert build_model("densenet121", str(tmp_path / name)) is not None
     shutil.copy(BUNDLED_MODEL, tmp_path / "bundled.pt")
     assert load_checkpoint(tmp_path / "bundled.pt").threshold == load_checkpoint("default").threshold
+    # Cut off inside its header (a copy that stopped early): said to be a safetensors file that cannot be read, not
+    # "not a torch file"; so is one cut in its tensors, and a torch file cut short is still a torch file.
+    for name, data in (("cut-in-header.safetensors", Path(BUNDLED_MODEL).read_bytes()[:5000]),
+                       ("cut-in-header.pt", Path(BUNDLED_MODEL).read_bytes()[:5000]),
+                       ("cut-in-tensors.safetensors", Path(BUNDLED_MODEL).read_bytes()[:-5000])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+            load_checkpoint(tmp_path / name)
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "renamed.safetensors").read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match="not a cxr checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
 
 
 def test_safetensors_without_cxr_metadata(tmp_path):

@@ -601,14 +601,16 @@ def warn_if_threshold_unchosen(ckpt: Checkpoint, threshold_flag: bool = True) ->
 def _is_safetensors(path: Path) -> bool:
     """A safetensors file by its content (an 8-byte header length, then the JSON header), whatever its name: the
     bundled file copied to ``model.pt`` was "damaged, or not a torch file", a checkpoint named ``.safetensors`` "not a
-    readable safetensors file (header too large)". A file that cannot be read is judged by its name."""
+    readable safetensors file (header too large)". A file that cannot be read is judged by its name. The header's
+    length is not checked against the file's size: a file cut off in its header is then said to be a safetensors file
+    cut off, not "not a torch file". At most safetensors' own limit (100 MB), which the first bytes of a torch zip or
+    pickle far exceed."""
     try:
         with open(path, "rb") as f:
             head = f.read(9)
-        size = path.stat().st_size
     except OSError:
         return path.suffix.lower() == ".safetensors"
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000
 
 
 def _is_torchscript(path: Path) -> bool:
