@@ -558,6 +558,27 @@ def test_a_long_split_name_keeps_the_pictures_titles_and_legends_apart_and_insid
                 assert inside.x0 <= box.x0 and box.x1 <= inside.x1, (box, inside)
 
 
+def test_long_split_names_that_shorten_alike_are_told_apart_in_the_legends():
+    # Two external cohorts differing in the middle of their names read alike in one legend once shortened; and a
+    # small ECE read 0.000 in the legend beside 0.0003 in the table.
+    from cxr.report import SplitPredictions, plot_calibration, plot_roc_pr
+
+    names = ["cohort_2024_hospital_A_external_test_set", "cohort_2024_hospital_B_external_test_set", "val"]
+    labels, probs = np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.6, 0.4, 0.8, 0.9])
+    preds = [SplitPredictions(n, ["a"] * 5, labels, probs) for n in names]
+    for fig in (plot_roc_pr(preds, 0.5), plot_calibration(preds)):
+        for ax in fig.axes:
+            if ax.get_legend() is not None:
+                texts = [t.get_text().split(":")[0] for t in ax.get_legend().get_texts()]
+                split_keys = [t for t in texts if t in names or "…" in t]
+                assert len(split_keys) == len(set(split_keys)) == 3, texts
+                assert "val" in split_keys
+    calm = SplitPredictions("test", ["a"] * 250, np.array([0] * 200 + [1] * 50),
+                            np.array([0.0003] * 200 + [0.9999] * 50))
+    legend = plot_calibration([calm]).axes[0].get_legend()
+    assert any("ECE 0.0003 " in t.get_text() for t in legend.get_texts()), [t.get_text() for t in legend.get_texts()]
+
+
 def test_video_caption_gives_the_time_each_image_is_shown_and_an_empty_selection_says_so(tmp_path, report):
     run = report.parent
     # 0.3 s at 5 frames per second is 2 frames: 0.4 s (the caption said 0.3).

@@ -397,6 +397,17 @@ def _split_label(name: str, limit: int = 28) -> str:
     return shorten_middle(drawable(display_name(name)), limit)
 
 
+def _split_labels(names: Sequence[str], limit: int = 28) -> dict[str, str]:
+    """:func:`_split_label` of each split a picture shows together, told apart: where two would read alike when
+    shortened (``cohort_2024_hospital_A_external_test_set`` and ``..._B_...``), longer, up to whole."""
+    longest = max((len(n) for n in names), default=0)
+    for n in range(limit, max(limit, longest) + 1):  # at the longest, every name whole
+        labels = {name: _split_label(name, n) for name in names}
+        if len(set(labels.values())) == len(labels):
+            break
+    return labels
+
+
 def plot_confusion(matrix: Sequence[Sequence[int]], split: str, class_names: Sequence[str] = CLASS_NAMES):
     """Two panels for one split: counts, and row-normalised (each true class sums to 1)."""
     import matplotlib as mpl
@@ -452,6 +463,7 @@ def plot_roc_pr(predictions: Sequence[SplitPredictions], threshold: float):
         ax_roc, ax_pr = fig.subplots(1, 2)
         ax_roc.plot([0, 1], [0, 1], color=OKABE_ITO["grey"], linestyle=":", linewidth=1, label="chance")
         points, chance = [], []  # legend keys, one per split, drawn as on the axes
+        label = _split_labels([p.name for p in predictions])
         for p in predictions:
             if len(np.unique(p.labels)) < 2:
                 continue
@@ -460,9 +472,9 @@ def plot_roc_pr(predictions: Sequence[SplitPredictions], threshold: float):
             precision, recall, _ = precision_recall_curve(p.labels, p.probs)
             auroc, auprc = roc_auc_score(p.labels, p.probs), average_precision_score(p.labels, p.probs)
             ax_roc.plot(fpr, tpr, ls, color=colour, linewidth=2,
-                        label=f"{_split_label(p.name)}: AUROC {score_text(auroc)} (n={len(p.labels)})")
+                        label=f"{label[p.name]}: AUROC {score_text(auroc)} (n={len(p.labels)})")
             ax_pr.plot(recall, precision, ls, color=colour, linewidth=2, drawstyle="steps-post",
-                       label=f"{_split_label(p.name)}: AUPRC {score_text(auprc)} (n={len(p.labels)})")
+                       label=f"{label[p.name]}: AUPRC {score_text(auprc)} (n={len(p.labels)})")
             ax_pr.axhline(p.labels.mean(), color=colour, linestyle=":", linewidth=1)
             op_fpr, op_tpr, op_prec = _operating_point(p.labels, p.probs, threshold)
             ax_roc.plot(op_fpr, op_tpr, marker, color=colour, markersize=10, markeredgecolor="black")
@@ -471,7 +483,7 @@ def plot_roc_pr(predictions: Sequence[SplitPredictions], threshold: float):
             points.append(Line2D([], [], linestyle="none", marker=marker, color=colour, markersize=7,
                                  markeredgecolor="black"))
             chance.append(Line2D([], [], linestyle=":", color=colour, linewidth=1))
-        one_class = [_split_label(p.name) for p in predictions if len(np.unique(p.labels)) < 2]
+        one_class = [label[p.name] for p in predictions if len(np.unique(p.labels)) < 2]
         for ax in (ax_roc, ax_pr):
             if one_class and not points:  # nothing drawn: say why rather than show empty axes
                 ax.text(0.5, 0.5, f"undefined: {', '.join(one_class)} holds one class only", ha="center",
@@ -508,6 +520,7 @@ def plot_calibration(predictions: Sequence[SplitPredictions], n_bins: int = 10):
         ax.plot([0, 1], [0, 1], color=OKABE_ITO["grey"], linestyle=":", label="perfectly calibrated")
         edges = np.linspace(0, 1, n_bins + 1)
         drawn = [p for p in predictions if len(p.labels)]
+        label = _split_labels([p.name for p in drawn])
         for i, p in enumerate(drawn):
             colour, ls, marker = _split_style(p.name)
             conf, freq, count = reliability_bins(p.labels, p.probs, n_bins)
@@ -517,7 +530,7 @@ def plot_calibration(predictions: Sequence[SplitPredictions], n_bins: int = 10):
             filled = np.unique(bin_index(p.probs, n_bins))
             gap = np.flatnonzero(np.diff(filled) > 1) + 1
             ax.plot(np.insert(conf, gap, np.nan), np.insert(freq, gap, np.nan), linestyle=ls, color=colour,
-                    marker=marker, linewidth=2, label=f"{_split_label(p.name)}: ECE {ece:.3f} (n={len(p.labels)})")
+                    marker=marker, linewidth=2, label=f"{label[p.name]}: ECE {score_text(ece)} (n={len(p.labels)})")
             # Splits often share a bin at nearly the same confidence: their bars stand side by side (the points stay
             # where they are), each drawn in its split's line style.
             dodge = (i - (len(drawn) - 1) / 2) * 0.01
@@ -526,7 +539,7 @@ def plot_calibration(predictions: Sequence[SplitPredictions], n_bins: int = 10):
             bars.lines[2][0].set_linestyle(ls)
             ax_hist.hist((bin_index(p.probs, n_bins) + 0.5) / n_bins, bins=edges, histtype="step", color=colour,
                          linestyle=ls, linewidth=2,
-                         weights=np.full(len(p.probs), 1 / len(p.probs)), label=_split_label(p.name))
+                         weights=np.full(len(p.probs), 1 / len(p.probs)), label=label[p.name])
         ax.set(title=f"Reliability diagram ({n_bins} equal-width bins, 95 % Wilson intervals)",
                ylabel="observed share of PNEUMONIA",
                xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))  # the fullest bins sit near 0 and 1, their bars dodged outward
