@@ -442,6 +442,7 @@ def test_images_the_model_was_trained_on_are_counted_and_named(tmp_path, tiny_da
     import shutil
 
     from cxr.config import load_config
+    from cxr.data import read_split_csv
     from cxr.demo import SAMPLE_DIR
     from cxr.evaluate import evaluate_model
     from cxr.train import train
@@ -465,6 +466,16 @@ def test_images_the_model_was_trained_on_are_counted_and_named(tmp_path, tiny_da
                                        "output": str(tmp_path / "run")}))
     evaluated = evaluate_model(run, tiny_dataset, tmp_path / "o2", device="cpu")
     assert evaluated["test"]["n_seen_in_training"] == 0 and "n_seen_in_training" not in evaluated["train"]
+    # The train folder holds the run's train and its carved val: said, in the metrics and the report (its rows had
+    # read as results on new images), and not of test.
+    recorded = {name: len(v) for name, v in read_split_csv(run / "split.csv").items()}
+    assert (evaluated["train"]["n_run_train"], evaluated["train"]["n_run_val"]) == (recorded["train"], recorded["val"])
+    assert "n_run_train" not in evaluated["test"] and "n_run_val" not in evaluated["test"]
+    page = make_report(tmp_path / "o2", video=False, heatmaps=False).read_text()
+    assert f"the run's own validation images</strong>: train {recorded['val']} of {evaluated['train']['n']};" in page
+    assert "the run's own validation images: see Data), so their rows are optimistic" in page
+    again = evaluate_model(run, run / "split.csv", tmp_path / "o2b", device="cpu")  # README's way to get them back
+    assert again["val"]["n_run_val"] == again["val"]["n"] and "n_run_train" not in again["val"]
     leaked = next((tiny_dataset / "train" / "PNEUMONIA").glob("*"))
     shutil.copy(leaked, tiny_dataset / "test" / "PNEUMONIA" / "renamed.jpeg")
     caplog.clear()
@@ -527,6 +538,9 @@ def test_copies_by_name_and_shared_patients_of_a_runs_images_are_counted_whereve
     # The same data given as ../ or through a link is the run's own too (it had flagged the whole train split).
     dotted = [dataclasses.replace(s, path=s.path.replace("/d/train/", "/d/x/../train/")) for s in own]
     assert count_development(dev, "train", dotted) == {}
+    # ... but counted as the run's own, for the report to say what those rows are
+    assert dev.own("train", own) == dev.own("train", dotted) == {"n_run_train": 1, "n_run_val": 1}
+    assert dev.own("test", own) == {} and dev.own("val", other) == {}  # a copy elsewhere: counted as seen, above
     assert count_development(dev, "test", own) == {"n_seen_in_training": 2, "n_named_as_training": 0,
                                                     "n_sharing_patients": 1}
 

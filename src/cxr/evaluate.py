@@ -590,13 +590,16 @@ class Development:
     published names); ``what(split)`` says what they are. ``named`` and ``sharing``: of the other samples, how many
     have the file name of one (a resized or re-encoded copy, such as Kermany's full-resolution originals of its 224 px
     copies, is no byte-identical file), and how many belong to a patient who has images there. Each is None where it
-    cannot be told for the split.
+    cannot be told for the split. ``own(split, samples)``: of a split named train or val, how many are the run's own
+    train and val images where it recorded them (``n_run_train``, ``n_run_val``; those that are not 0), which the
+    other counts leave out as expected there.
     """
 
     count: Callable[[str, list], int | None]
     what: Callable[[str], str]
     named: Callable[[str, list], int | None] = lambda split, samples: None
     sharing: Callable[[str, list], int | None] = lambda split, samples: None
+    own: Callable[[str, list], dict[str, int]] = lambda split, samples: {}
 
     def __iter__(self):  # count, what = development_images(...)
         return iter((self.count, self.what))
@@ -635,7 +638,7 @@ def development_images(ckpt, mid: str) -> Development | None:
                        "named as images of the official Kermany train and val splits, which the bundled model was "
                        "trained on" + ("" if bundled else " (this model was fine-tuned from it)")))
     record = Path(ckpt.path).parent / "split.csv" if ckpt.path and not bundled else None
-    own_paths: set[str] = set()  # the run's own train and val images, where it recorded them
+    own_paths: dict[str, set[str]] = {}  # the run's own train and val images, where it recorded them
     digests: set[str] = set()
     name_counts: dict[str, int] = {}
     patients: set[str] = set()
@@ -652,7 +655,7 @@ def development_images(ckpt, mid: str) -> Development | None:
             continue
         seen = {s.digest for s in development if s.digest}
         if own:
-            own_paths = {os.path.realpath(s.path) for s in development}
+            own_paths = {name: {os.path.realpath(s.path) for s in recorded.get(name, [])} for name in ("train", "val")}
         digests |= seen
         for s in development:
             key = _name_key(Path(s.path).name)
@@ -670,10 +673,17 @@ def development_images(ckpt, mid: str) -> Development | None:
         """The samples to judge: not the run's own train and val images in its train or val split, where they are
         expected; None when that leaves none (the run's own train split, say)."""
         if split in ("train", "val") and own_paths:  # by real path: --data through a link or ../ is the same data
-            samples = [s for s in samples if os.path.realpath(s.path) not in own_paths]
+            samples = [s for s in samples if not any(os.path.realpath(s.path) in p for p in own_paths.values())]
             if not samples:
                 return None
         return list(samples)
+
+    def own(split: str, samples) -> dict[str, int]:
+        if split not in ("train", "val") or not own_paths:
+            return {}
+        real = [os.path.realpath(s.path) for s in samples]
+        counts = {f"n_run_{name}": sum(r in paths for r in real) for name, paths in own_paths.items()}
+        return {k: n for k, n in counts.items() if n}
 
     def count(split: str, samples) -> int | None:
         judged = others(split, samples)
@@ -697,7 +707,7 @@ def development_images(ckpt, mid: str) -> Development | None:
             return None
         return sum(not patient_from_name_only(s) and s.patient in patients for s in judged)
 
-    return Development(count, what, named, sharing)
+    return Development(count, what, named, sharing, own)
 
 
 def count_development(developed_on: Development, split: str, samples) -> dict[str, int]:
@@ -849,6 +859,15 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
                                 "inference_dtype": "bfloat16" if run.bf16 else "float32"}
         if developed_on is not None:
             failures[split.name].update(count_development(developed_on, split.name, prepared.samples))
+            # The run's own train and val images (`--data RUN/split.csv`, or the data it was trained on): its report
+            # had shown those rows as results on new images, without the training report's word of caution.
+            own = developed_on.own(split.name, prepared.samples)
+            failures[split.name].update(own)
+            for key, what in (("n_run_train", "training images"),
+                              ("n_run_val", "validation images, on which its epoch and threshold were chosen")):
+                if own.get(key):
+                    log.info("%s split: %d of its %d images are the run's own %s: its metrics there are no measure "
+                             "of new images", split.name, own[key], len(prepared.samples), what)
     if not results:
         name, n, reason = unusable
         raise DataError(f"{data}: none of the {n} images of split {name!r} could be read (first: {reason})")

@@ -943,6 +943,14 @@ def _data_html(art: RunArtifacts, explainer: _Explainer, own_config: bool) -> st
         facts.append("<li><strong>images the model was trained or validated on</strong>: "
                      f"{html.escape(', '.join(seen))}; its metrics on those splits overstate how it does on new "
                      "images</li>")
+    # `cxr evaluate --data RUN/split.csv` (or of the run's own data): rows that read like results on new images
+    for key, text, after in (
+            ("n_run_train", "the run's own training images", "trained on, so no measure of new images"),
+            ("n_run_val", "the run's own validation images",
+             "its epoch and threshold were chosen on them, so the metrics there are optimistic")):
+        counted = [f"{display_name(s)} {m[key]} of {m['n']}" for s, m in art.metrics.items() if m.get(key)]
+        if counted:
+            facts.append(f"<li><strong>{text}</strong>: {html.escape(', '.join(counted))}; {after}</li>")
     # The training log had said these; the report, which is what is shown, had not.
     for key, text, after in (
             ("n_named_as_training", "images with the file names of training or validation images",
@@ -1023,6 +1031,9 @@ def _metrics_html(art: RunArtifacts, splits: Sequence[str], own_config: bool, sh
     if own_config and not given and "val" in art.metrics:
         chosen += (", so the val row is optimistic: the threshold and the epoch were chosen on those very "
                    "images, which its intervals do not count")
+    elif not given and any(m.get("n_run_val") for m in art.metrics.values()):  # evaluate of the run's own split
+        chosen += (", on images that are here too (the run's own validation images: see Data), so their rows are "
+                   "optimistic, which their intervals do not count")
     return (_table(header, metric_rows) +
             f"<p class='meta'>At decision threshold P(pneumonia) ≥ {shown_threshold}, {chosen}. "
             "Sensitivity = recall of PNEUMONIA, specificity = recall of NORMAL; AUROC and AUPRC do not "
