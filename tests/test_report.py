@@ -6,7 +6,9 @@ The run directory is made from artifacts (the real writers, real X-rays, a tiny 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
+import io
 import json
 import re
 import shutil
@@ -508,10 +510,17 @@ def test_the_threshold_is_shown_with_the_decimals_the_images_need(tmp_path):
     labels = np.array([0, 0, 1, 1, 0, 1])
     probs = np.array([0.1, 0.57455, 0.9, 0.7, 0.2, 0.8])
     paths = [str(f) for f in sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:6]]
-    write_evaluation(tmp_path / "ev", [SplitResult("test", paths, labels, probs)], 0.57463, n_boot=20)
+    metrics = write_evaluation(tmp_path / "ev", [SplitResult("test", paths, labels, probs)], 0.57463, n_boot=20)
     page = make_report(tmp_path / "ev", video=False, heatmaps=False)
     text = page.read_text()
     assert "P(pneumonia) ≥ 0.57463" in text and "threshold 0.575" not in text
+    # So do the metrics, for the console's table and training's last line, which had said "threshold 0.575"
+    assert metrics["test"]["threshold_shown"] == "0.57463"
+    from cxr.cli import _print_metrics
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        _print_metrics(metrics)
+    assert "metrics at threshold 0.57463" in out.getvalue()
     from cxr.report import GridTile, plot_grid
 
     tile = GridTile(image=np.full((32, 32), 128, np.uint8), heatmap=None, label=0, prob=0.57455, path="a.jpeg")

@@ -423,7 +423,8 @@ def _print_metrics(metrics: dict) -> None:
 
     from cxr.predict import DISCLAIMER, score_text, threshold_text
 
-    threshold = threshold_text(next(iter(metrics.values()))["threshold"]) if metrics else "-"
+    first = next(iter(metrics.values()), None)
+    threshold = "-" if first is None else first.get("threshold_shown") or threshold_text(first["threshold"])
     table = Table(title=f"metrics at threshold {threshold}", caption=DISCLAIMER)
     cols = ("n", "accuracy", "recall", "specificity", "precision", "f1", "auroc", "auprc")
     table.add_column("split")

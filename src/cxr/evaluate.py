@@ -41,7 +41,7 @@ from cxr.model import (
     use_channels_last,
     warn_if_threshold_unchosen,
 )
-from cxr.predict import DISCLAIMER
+from cxr.predict import DISCLAIMER, threshold_decimals
 from cxr.report import IN_MEMORY, expected_calibration_error
 
 log = logging.getLogger(__name__)
@@ -245,8 +245,8 @@ LOG_LOSS_FLOOR = float(np.finfo(np.float32).epsneg)
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
     """Classification metrics at ``threshold``, plus threshold-free AUROC and AUPRC and the probabilities'
-    calibration: Brier score, log loss (natural log, unweighted; each P clipped to [6e-8, 1 - 6e-8],
-    :data:`LOG_LOSS_FLOOR`) and expected calibration error (None when undefined)."""
+    calibration: Brier score, log loss (natural log, unweighted; the probability of each image's true class clipped
+    below at 6e-8, :data:`LOG_LOSS_FLOOR`) and expected calibration error (None when undefined)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     labels, probs = _checked(labels, probs, threshold)
@@ -541,8 +541,11 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
     except (OSError, ValueError, TypeError):
         earlier = set()
     metrics = {}
+    # The threshold as the console, the log and the report show it: with the decimals that keep every probability
+    # below it below it as shown ("threshold 0.002" had stood above images at P 0.00200 labelled NORMAL).
+    shown = f"{threshold:.{threshold_decimals(threshold, [p for r in results for p in r.probs])}f}"
     for r in results:
-        metrics[r.name] = compute_metrics(r.labels, r.probs, threshold)
+        metrics[r.name] = {**compute_metrics(r.labels, r.probs, threshold), "threshold_shown": shown}
         if n_boot:
             patients, method = interval_patients(r.name, r.labels, r.patients)
             metrics[r.name]["ci95"] = confidence_intervals(r.labels, r.probs, threshold, n_boot=n_boot,

@@ -1273,7 +1273,7 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     which = f"average of {_epoch_range(*averaged_epochs)}" if averaged_epochs else f"epoch {best.epoch}"
     log.info("best checkpoint (%s): val accuracy %.3f, sensitivity %.3f, specificity %.3f, AUROC %.3f at "
              "threshold %s -> %s", which, val_m["accuracy"], val_m["recall"], val_m["specificity"],
-             val_m["auroc"], threshold_text(val_m["threshold"]), run_dir)
+             val_m["auroc"], val_m.get("threshold_shown") or threshold_text(val_m["threshold"]), run_dir)
     return run_dir
 
 
