@@ -247,8 +247,6 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> 
     """Classification metrics at ``threshold``, plus threshold-free AUROC and AUPRC and the probabilities'
     calibration: Brier score, log loss (natural log, unweighted; the probability of each image's true class clipped
     below at 6e-8, :data:`LOG_LOSS_FLOOR`) and expected calibration error (None when undefined)."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
     labels, probs = _checked(labels, probs, threshold)
     pred = (probs >= threshold).astype(np.int64)
     # Counted, not by scikit-learn's confusion_matrix, which refuses an empty split ("Found empty input array")
@@ -260,6 +258,8 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> 
 
     precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
     both = len(np.unique(labels)) == 2
+    ranked = {k: min(1.0, v) for k, v in _Resampler(labels, probs, threshold).metrics_weighted(np.ones(n)).items()
+              if k in ("auroc", "auprc")} if both else {}
     return {
         "n": int(n),
         "n_normal": int(tn + fp),
@@ -272,8 +272,9 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> 
         # None without PNEUMONIA images, as sensitivity: a set of NORMAL images only cannot measure it (it had read
         # 0.000 beside an interval withheld as unmeasurable).
         "f1": ratio(2 * tp, 2 * tp + fp + fn) if tp + fn else None,
-        "auroc": float(roc_auc_score(labels, probs)) if both else None,
-        "auprc": float(average_precision_score(labels, probs)) if both else None,
+        # sklearn's areas, as their intervals' resamples sum them (:class:`_Resampler`, the same to the last bits or
+        # two): sklearn's own sums had given an AUPRC of 1.0000000000000002, above 1 and outside its interval.
+        **({k: ranked[k] for k in ("auroc", "auprc")} if both else {"auroc": None, "auprc": None}),
         # Calibration of P(PNEUMONIA), whatever the threshold: what a user reading the probability relies on.
         "brier": float(np.mean((probs - labels) ** 2)) if n else None,
         "log_loss": float(-np.mean(np.log(np.where(labels == 1, probs, 1 - probs).clip(LOG_LOSS_FLOOR, 1))))
