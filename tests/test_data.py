@@ -1258,6 +1258,25 @@ def test_a_training_split_smaller_than_the_global_batch_is_said_to_lose_images_o
     assert caplog.text.count("smaller than the global batch") == 1 and "1 of them sit out each epoch" in caplog.text
 
 
+def test_a_folder_of_the_other_class_inside_a_class_folder_is_refused(tmp_path, tiny_dataset):
+    # PNEUMONIA/NORMAL/, a folder dropped into its neighbour: its NORMAL X-rays were labelled PNEUMONIA without a
+    # word (scored as missed pneumonias, and trained on so).
+    nested = tiny_dataset / "test" / "PNEUMONIA" / "sub" / "normal "
+    nested.mkdir(parents=True)
+    for f in sorted((tiny_dataset / "test" / "NORMAL").iterdir())[:2]:
+        shutil.move(f, nested / f.name)
+    with pytest.raises(DataError, match=r"sub/normal : a folder named NORMAL inside the PNEUMONIA class folder, "
+                                        r"with 2 image\(s\) that would be labelled PNEUMONIA; move its images "
+                                        r"into .*test/NORMAL"):
+        scan(tiny_dataset)
+    os.rename(nested, nested.parent / "NORMAL-ish")  # a name that is no class: its images are the outer class's
+    assert len(scan(tiny_dataset)["test"].samples) == 8
+    same = tiny_dataset / "test" / "NORMAL" / "NORMAL"  # the class's own name twice (an unzipped folder): fine
+    same.mkdir()
+    shutil.move(sorted((tiny_dataset / "test" / "NORMAL").glob("*.*"))[0], same)
+    assert len(scan(tiny_dataset)["test"].samples) == 8
+
+
 def test_a_resume_says_images_added_since_the_split_are_left_out(tmp_path, tiny_dataset, caplog):
     from cxr.train import split_dataset
 

@@ -302,6 +302,7 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
                                 "instance bacteria/ and virus/ together in PNEUMONIA/)")
             continue
         images, other = _list_images(dirs[label])
+        _refuse_other_class_inside(dirs[label], label, images)
         if other:
             log.warning("%s: ignoring %d file(s) that are not JPEG, PNG or DICOM by name (%s) or content, or are "
                         "DICOM objects without an image (a DICOMDIR, a report, a presentation state), e.g. %s",
@@ -314,6 +315,27 @@ def scan_folder(split_dir: Path, name: str, *, require_both_classes: bool = True
     for p in problems:
         log.warning("%s", p)  # the message holds folder names: as an argument, a line break in one is escaped
     return Split(name, samples)
+
+
+def _refuse_other_class_inside(class_dir: Path, label: int, images: list[Path]) -> None:
+    """Refuse a folder named for the other class inside a class folder (``PNEUMONIA/NORMAL/``, a folder dropped into
+    its neighbour in a file manager): its images had been labelled by the outer folder without a word, NORMAL X-rays
+    scored as missed pneumonias and trained on as such."""
+    inside: dict[Path, int] = {}
+    for p in images:
+        parts = p.relative_to(class_dir).parts[:-1]
+        for i, part in enumerate(parts):
+            if class_of_folder(part) == 1 - label:
+                folder = class_dir.joinpath(*parts[:i + 1])
+                inside[folder] = inside.get(folder, 0) + 1
+                break
+    if inside:
+        folder, n = next(iter(inside.items()))
+        other = CLASS_NAMES[1 - label]
+        raise DataError(f"{folder}: a folder named {other} inside the {CLASS_NAMES[label]} class folder, with {n} "
+                        f"image(s) that would be labelled {CLASS_NAMES[label]}"
+                        f"{f' ({len(inside)} such folders)' if len(inside) > 1 else ''}; move its images into "
+                        f"{class_dir.parent / other}, or rename the folder if they are {CLASS_NAMES[label]}")
 
 
 # What cxr's own commands leave in a folder they write: such a folder beside a class folder is not a class of images
