@@ -1695,6 +1695,32 @@ def test_predict_on_a_folder_leaves_out_pictures_explain_wrote_there(tmp_path, c
     assert [r["path"] for r in read_csv(out)] == [str(pictures[0])]
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_predict_interrupted_keeps_the_predictions_it_made(tmp_path, caplog, monkeypatch, backend):
+    # Ctrl-C an hour into a PACS export had lost every prediction (explain keeps the pictures it made).
+    import cxr.predict
+    from cxr.cli import main as cxr_main
+
+    files = sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:5]
+    real, calls = cxr.predict.load_image, []
+
+    def stop_at_the_fifth(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cxr.predict, "load_image", stop_at_the_fifth)
+    out = tmp_path / "p.csv"
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))  # the ONNX export of the bundled model goes there
+    assert cxr_main(["predict", *map(str, files), "--batch-size", "2", "--output", str(out), "--backend",
+                     backend]) == 130
+    assert not out.exists()  # not a whole job's file
+    rows = read_csv(tmp_path / "p.partial.csv")
+    assert [r["path"] for r in rows] == list(map(str, files[:4])) and all(r["label"] for r in rows)
+    assert "stopped after 4 of 5 file(s): " in caplog.text
+
+
 def test_demo_refuses_to_replace_a_run_that_is_not_a_demo(tmp_path, tiny_dataset):
     # `cxr demo --output DIR` replaces an earlier demo there; it used to delete any run directory (last.pt and
     # split.csv), evaluations stored inside it included.

@@ -441,6 +441,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from cxr.fileio import check_not_an_input, check_writable
     from cxr.predict import (
         DISCLAIMER,
+        Interrupted,
         collect_files,
         merge_shards,
         parse_shard,
@@ -474,22 +475,26 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             check_not_an_input(args.output, files)
         mine = select_shard(files, shard)
         if _backend(args) == "onnx":
-            from cxr.onnx_backend import predict_files_onnx  # no torch for an .onnx file
-
             if args.device not in ("auto", "cpu"):  # as `cxr serve`: not ignored in silence
                 raise UsageError("--backend onnx runs on the CPU; drop --device or use --device cpu")
             if args.amp == "on":
                 raise UsageError("--backend onnx computes in fp32; drop --amp on")
+        try:
+            if _backend(args) == "onnx":
+                from cxr.onnx_backend import predict_files_onnx  # no torch for an .onnx file
 
-            preds = predict_files_onnx(args.model, mine, threshold=args.threshold, batch_size=args.batch_size,
-                                       threads=args.threads, listed=True)
-        else:
-            if args.threads:
-                import torch
+                preds = predict_files_onnx(args.model, mine, threshold=args.threshold, batch_size=args.batch_size,
+                                           threads=args.threads, listed=True)
+            else:
+                if args.threads:
+                    import torch
 
-                torch.set_num_threads(args.threads)
-            preds = predict_files(args.model, mine, device=rank_device(args.device), threshold=args.threshold,
-                                  batch_size=args.batch_size, amp=args.amp, listed=True)
+                    torch.set_num_threads(args.threads)
+                preds = predict_files(args.model, mine, device=rank_device(args.device), threshold=args.threshold,
+                                      batch_size=args.batch_size, amp=args.amp, listed=True)
+        except Interrupted as e:
+            _keep_partial(e, shard_path(args.output, shard) if args.output and shard else args.output)
+            raise
         show = args.table if args.table is not None else len(preds) <= 200
         if show and not info.active:
             _print_predictions(preds, DISCLAIMER)
@@ -761,6 +766,24 @@ def _main(argv: list[str] | None) -> int:
         print(display_name(f"cxr {args.command}: error: {where}{e.strerror or e}"), file=sys.stderr)
         return 1
     return 0
+
+
+def _keep_partial(stopped, output: str | os.PathLike | None) -> None:
+    """Write the predictions an interrupted ``cxr predict`` had made (a :class:`cxr.predict.Interrupted`) beside its
+    output, as ``<name>.partial.csv``: Ctrl-C an hour into a long job had lost them all."""
+    from cxr.predict import partial_path, write_predictions_file
+
+    if not output or not stopped.predictions:
+        return
+    out = partial_path(output)
+    try:
+        write_predictions_file(out, stopped.predictions)
+    except (OSError, CxrError) as e:  # a full disk, say: the interruption is what is said
+        log.warning("stopped after %d of %d file(s), which could not be written: %s", len(stopped.predictions),
+                    stopped.total, e)
+    else:
+        log.warning("stopped after %d of %d file(s): %s holds their predictions (not %s, which is for a whole run)",
+                    len(stopped.predictions), stopped.total, out, output)
 
 
 def _how_to_go_on(args: argparse.Namespace) -> str:

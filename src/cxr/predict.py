@@ -260,20 +260,46 @@ def predict_in_batches(files: list[Path], probs_of, *, image_size: int, max_pixe
     predictions, in input order; unreadable files get an ``error``. Shared by the PyTorch and ONNX backends.
     ``draft``: the model's JPEG decoding (its config's ``draft``), as its training and ``cxr evaluate`` decode.
     """
+    from cxr.progress import progress_bar
+
     results: list[tuple[int, Prediction]] = []  # by position in `files`: a file given twice is two rows in place
-    for start in range(0, len(files), batch_size):
-        images, good = [], []
-        for i, f in enumerate(files[start:start + batch_size], start):
-            try:
-                images.append(load_image(f, image_size, max_pixels=max_pixels, draft=draft))
-                good.append((i, f))
-            except ImageError as e:
-                results.append((i, Prediction(str(f), error=str(e), threshold=threshold, model_id=model_id)))
-        if images:
-            for (i, f), prob in zip(good, probs_of(np.stack(images)), strict=True):
-                results.append((i, Prediction(str(f), float(prob), class_names[int(prob >= threshold)],
-                                              threshold=threshold, model_id=model_id)))
+    try:  # a batch interrupted halfway gives none of its rows
+        with progress_bar("predict", len(files), unit="img") as bar:
+            for start in range(0, len(files), batch_size):
+                images, good, batch = [], [], []
+                for i, f in enumerate(files[start:start + batch_size], start):
+                    try:
+                        images.append(load_image(f, image_size, max_pixels=max_pixels, draft=draft))
+                        good.append((i, f))
+                    except ImageError as e:
+                        batch.append((i, Prediction(str(f), error=str(e), threshold=threshold, model_id=model_id)))
+                if images:
+                    for (i, f), prob in zip(good, probs_of(np.stack(images)), strict=True):
+                        batch.append((i, Prediction(str(f), float(prob), class_names[int(prob >= threshold)],
+                                                    threshold=threshold, model_id=model_id)))
+                results += batch
+                bar.advance(len(batch))
+    except KeyboardInterrupt:
+        # Ctrl-C an hour into a PACS export had lost every prediction made: they go with the interruption, for the
+        # CLI to write (as `cxr explain` lists the pictures it made).
+        raise Interrupted([p for _, p in sorted(results, key=lambda r: r[0])], len(files)) from None
     return [p for _, p in sorted(results, key=lambda r: r[0])]
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C during predictions, with the ``predictions`` of the batches finished before it (in input order) and
+    the ``total`` number of files."""
+
+    def __init__(self, predictions: list[Prediction], total: int) -> None:
+        super().__init__(f"stopped after {len(predictions)} of {total} file(s)")
+        self.predictions, self.total = predictions, total
+
+
+def partial_path(output: str | os.PathLike) -> Path:
+    """Where an interrupted ``cxr predict --output preds.csv`` writes what it had done: ``preds.partial.csv`` (not
+    ``preds.csv``, which a pipeline would take for the whole job)."""
+    out = Path(output)
+    return out.with_name(f"{out.stem}.partial{out.suffix}")
 
 
 def _check_suffix(path: str | os.PathLike) -> str:
