@@ -848,3 +848,15 @@ def test_in_fp32_one_pass_gives_the_probability_and_heatmap_of_two_and_explains_
     # bf16 predictions (or channels_last kernels) keep a pass of their own: Grad-CAM's fp32 would change the digits
     engine.bf16 = True
     assert engine.predict_with_heatmap(image) is None
+
+
+def test_the_default_threads_share_the_cores_and_keep_to_omp_num_threads(monkeypatch):
+    # README advises OMP_NUM_THREADS=1 on a shared machine; the service had overridden it ("1 x 2 threads").
+    import cxr.serve
+
+    monkeypatch.setattr(cxr.serve, "usable_cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [cxr.serve.default_threads(c) for c in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    for value, threads in (("1", 1), ("3", 3), ("16", 4), ("", 4), ("0", 4), ("two", 4)):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert cxr.serve.default_threads(2) == threads, value

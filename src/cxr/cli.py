@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=_count(1), default=2, help="predictions run at once (default 2)")
     p.add_argument("--max-queue", type=_count(0), default=32, help="requests waiting beyond that get 503 (default 32)")
     p.add_argument("--threads", type=_count(1, MAX_THREADS),
-                   help="CPU threads per prediction (default: cores / max-concurrency)")
+                   help="CPU threads per prediction (default: cores / max-concurrency, at most OMP_NUM_THREADS "
+                        "where it is set)")
     p.add_argument("--max-connections", type=_count(1), default=128,
                    help="open connections, uploads in progress included; 503 beyond (default 128)")
     p.add_argument("--max-pixels", type=_count(1),

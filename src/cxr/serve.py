@@ -965,8 +965,9 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     would otherwise hold it for good.
 
     Arguments as :func:`create_app`, except ``threads``: None (default) gives each of the ``max_concurrency``
-    predictions an equal share of the cores. Letting each take every core oversubscribes them, which on a busy
-    machine made PyTorch's OpenMP ~90x slower (see BENCHMARKS.md). ``allowed_hosts``: see
+    predictions an equal share of the cores, at most ``OMP_NUM_THREADS`` (:func:`default_threads`). Letting each
+    take every core oversubscribes them, which on a busy machine made PyTorch's OpenMP ~90x slower (see
+    BENCHMARKS.md). ``allowed_hosts``: see
     :func:`resolve_allowed_hosts`. ``root_path``: the path a reverse proxy serves the service under (``/cxr``), so
     that the API docs and redirects name it (the page and its calls are relative and need nothing). ``access_log``:
     uvicorn's line for every request (client, method, path, status); without it only predictions are logged, one line
@@ -979,7 +980,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
         raise UsageError(f"--root-path {root_path}: a path from the root of the proxy's address, such as /cxr")
     _check_limits(max_upload_mb, max_concurrency, max_queue, upload_timeout, max_pixels)
     if threads is None:
-        threads = max(1, usable_cores() // max_concurrency)
+        threads = default_threads(max_concurrency)
 
     # The port is taken (bound and listening) before the model loads: one in use is said at once, in one line, and
     # no second service started meanwhile can take it. Connections that arrive while the model loads wait in the
@@ -1028,6 +1029,17 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     if not server.started:
         # uvicorn exits by itself when its startup fails; this is a Ctrl-C in the instant before it took the signal.
         raise KeyboardInterrupt
+
+
+def default_threads(max_concurrency: int) -> int:
+    """Threads for each of ``max_concurrency`` predictions at once: an equal share of the usable cores, and at most
+    ``OMP_NUM_THREADS`` where it is set (README advises it on a shared machine, and the service had overridden it:
+    "1 x 2 threads" under OMP_NUM_THREADS=1)."""
+    threads = max(1, usable_cores() // max_concurrency)
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        threads = min(threads, int(omp))
+    return threads
 
 
 # How long a stopped service waits for the requests in progress (SIGTERM, Ctrl-C): within Kubernetes' 30 s grace
