@@ -2002,6 +2002,29 @@ def test_every_train_flag_of_a_config_field_names_its_default():
     assert not missing, missing
 
 
+def test_an_evaluation_or_report_folder_in_use_is_refused(trained_run, tmp_path, tiny_dataset):
+    # Two `cxr evaluate --output F` at once left one model's metrics.json beside the other's predictions and report,
+    # each saying only "wrote"; a `cxr report F` during an evaluation reported the mix.
+    _, run, _ = trained_run
+    out = tmp_path / "ev"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cxr.fileio import output_lock\n"
+                               f"with output_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = cxr("evaluate", "--model", run, "--data", tiny_dataset / "test", "--output", out, check=False)
+        _one_line_error(proc, f"{out} is in use by another cxr evaluate or cxr report")
+        assert proc.returncode == 2 and sorted(p.name for p in out.iterdir()) == [".cxr-output.lock"]
+        proc = cxr("report", run, "--output", out, "--no-video", check=False)
+        _one_line_error(proc, f"{out} is in use by another cxr evaluate or cxr report")
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder gone (however it ended), the folder is free; one process's evaluation and report nest.
+    assert cxr("evaluate", "--model", run, "--data", tiny_dataset / "test", "--output", out, "--no-report")
+    assert (out / "metrics.json").is_file() and not (out / ".cxr-output.lock").exists()
+
+
 def test_a_run_folder_in_use_or_holding_a_model_is_refused(trained_run, tmp_path, tiny_dataset):
     # Two `cxr train` into one --output both exited 0, leaving one run's config.yaml and split.csv beside the other's
     # checkpoints; and a finished run whose last.pt was deleted (3x best.pt's size) was silently trained over.
@@ -2021,9 +2044,30 @@ def test_a_run_folder_in_use_or_holding_a_model_is_refused(trained_run, tmp_path
     _, finished, _ = trained_run
     copy = tmp_path / "finished"
     shutil.copytree(finished, copy, ignore=shutil.ignore_patterns("report*"))
-    # a --resume while the run still trains
-    with _run_folder_lock(copy, DistInfo()), pytest.raises(UsageError, match="is in use by another cxr train"):
-        train(resume=copy, overrides={"epochs": 3})
+    import dataclasses
+
+    # a --resume while the run still trains; and a fresh run there, which had been told to --resume it
+    with _run_folder_lock(copy, DistInfo()):
+        with pytest.raises(UsageError, match="is in use by another cxr train"):
+            train(resume=copy, overrides={"epochs": 3})
+        with pytest.raises(UsageError, match="is in use by another cxr train"):
+            train(dataclasses.replace(cfg, output=str(copy)))
+    # A run that finished in the folder while this one waited to start (a slow torchrun rendezvous): checked again
+    # under the lock, where it had been replaced without a word.
+    import cxr.train as train_mod
+
+    late = tmp_path / "late"
+    real_init = train_mod.init_distributed
+
+    def slow_start(device):
+        shutil.copytree(copy, late)  # the other run, done meanwhile
+        return real_init(device)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "init_distributed", slow_start)
+        with pytest.raises(UsageError, match="holds a finished run"):
+            train(dataclasses.replace(cfg, output=str(late)))
+    assert (late / "best.pt").read_bytes() == (copy / "best.pt").read_bytes()
     (copy / "last.pt").unlink()
     proc = cxr("train", "--data", tiny_dataset, "--output", copy, *_flags(TINY_TRAIN), check=False)
     _one_line_error(proc, "holds a trained model (best.pt or its results)")

@@ -364,6 +364,14 @@ def _refuse_flags_without_effect(args: argparse.Namespace, cfg) -> None:
             raise _SameOnEveryRank(f"{flag} applies only with {needs}")
 
 
+def output_lock(folder):
+    """:func:`cxr.fileio.output_lock` of an evaluation's or report's folder, against another cxr evaluate or report
+    into it at once."""
+    from cxr.fileio import output_lock as lock
+
+    return lock(folder, "cxr evaluate or cxr report")
+
+
 def _report_after(folder, **kwargs) -> None:
     """The report at the end of train / evaluate: a failure there is logged, and loses none of the results."""
     from cxr.distributed import env_info
@@ -372,7 +380,8 @@ def _report_after(folder, **kwargs) -> None:
     if not env_info().main:
         return
     try:
-        make_report(folder, **kwargs)
+        with output_lock(folder):  # a `cxr report` of the folder meanwhile had mixed its pictures with this one's
+            make_report(folder, **kwargs)
     except Exception as e:  # a fault of the report's own (a bug, too) must not turn a finished run into a failure
         cause = str(e) if isinstance(e, CxrError) else f"{type(e).__name__}: {e}"
         log.debug("the report failed", exc_info=True)
@@ -387,7 +396,11 @@ def _no_report(folder, failed: bool = False) -> None:
     from cxr.distributed import env_info
     from cxr.report import remove_report
 
-    if env_info().main and remove_report(folder):
+    if not env_info().main:
+        return
+    with output_lock(folder):
+        removed = remove_report(folder)
+    if removed:
         if failed:  # "the earlier report" had been said of the pictures the failed one had just made
             log.info("removed the report files in %s (those the failed report made, and any earlier report's)", folder)
         else:
@@ -397,16 +410,19 @@ def _no_report(folder, failed: bool = False) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from cxr.evaluate import evaluate_model
+    from cxr.fileio import check_writable
 
-    metrics = evaluate_model(args.model, args.data, args.output, threshold=args.threshold, device=args.device,
-                             cache_dir=args.cache_dir, batch_size=args.batch_size, amp=args.amp,
-                             patient_pattern=args.patient_pattern)
-    _print_metrics(metrics)
-    log.info("wrote %s", Path(args.output) / "metrics.json")
-    if args.report:
-        _report_after(args.output, model=args.model, device=args.device)
-    else:
-        _no_report(args.output)
+    check_writable(args.output, folder=True)  # said as such, before the lock makes the folder
+    with output_lock(args.output):  # the evaluation and its report (or the earlier report's removal) as one
+        metrics = evaluate_model(args.model, args.data, args.output, threshold=args.threshold, device=args.device,
+                                 cache_dir=args.cache_dir, batch_size=args.batch_size, amp=args.amp,
+                                 patient_pattern=args.patient_pattern)
+        _print_metrics(metrics)
+        log.info("wrote %s", Path(args.output) / "metrics.json")
+        if args.report:
+            _report_after(args.output, model=args.model, device=args.device)
+        else:
+            _no_report(args.output)
 
 
 def _shown(text: str) -> str:
@@ -604,11 +620,14 @@ def _cmd_report(args: argparse.Namespace) -> None:
         w, h = (int(v) for v in args.frame_size.lower().split("x"))
     except ValueError:
         raise UsageError(f"--frame-size {args.frame_size!r}: use WIDTHxHEIGHT, e.g. 640x360") from None
-    make_report(args.run_dir, output=args.output, model=args.model, video=args.video, heatmaps=args.heatmaps,
-                grid_split=args.split, grid_per_group=args.per_group, video_split=args.split,
-                video_select=args.video_select, video_max_images=args.video_max_images,
-                seconds_per_image=args.seconds_per_image, frame_size=(w, h), fps=args.fps, device=args.device,
-                seed=args.seed)  # it logs where it wrote
+    if not Path(args.run_dir).is_dir():  # said by make_report, before a lock would make the folder
+        make_report(args.run_dir)
+    with output_lock(args.output or args.run_dir):
+        make_report(args.run_dir, output=args.output, model=args.model, video=args.video, heatmaps=args.heatmaps,
+                    grid_split=args.split, grid_per_group=args.per_group, video_split=args.split,
+                    video_select=args.video_select, video_max_images=args.video_max_images,
+                    seconds_per_image=args.seconds_per_image, frame_size=(w, h), fps=args.fps, device=args.device,
+                    seed=args.seed)  # it logs where it wrote
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:

@@ -802,7 +802,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     from cxr.config import compiles_as_regex, default_cache_dir
     from cxr.data import check_output_outside_data, prepare, scan
     from cxr.export import model_id
-    from cxr.fileio import check_writable
+    from cxr.fileio import check_writable, output_lock
     from cxr.predict import check_inference_args
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
@@ -820,60 +820,63 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
         # Its metrics.json (the training's, on train, val and test) would be replaced, and its report would mix both.
         raise UsageError(f"--output {output}: a training run's folder, whose metrics.json and predictions this would "
                          f"replace; give another folder (say {Path(output) / ('eval-' + Path(data).name)})")
-    run = load_for_inference(model, device=device, amp=amp, threshold=threshold)
-    ckpt = run.ckpt
-    # Recorded, so that `cxr report OUT` can draw the heatmaps with the same model later.
-    # A Checkpoint given in memory has no file to name (its empty path had been recorded as the current folder).
-    model_ref = ("default" if isinstance(model, str) and model == "default"
-                 else str(Path(ckpt.path).resolve()) if ckpt.path else IN_MEMORY)
-    mid = model_id(ckpt)  # the name `cxr predict` gives the same file
-    # The cache is this machine's, not the one recorded by whoever trained the model.
-    cfg = dataclasses.replace(run.cfg, cache_dir=cache_dir or default_cache_dir())
-    pattern = ckpt.config.patient_pattern if patient_pattern is None else patient_pattern
-    splits = scan(data, require_both_classes=False, patient_pattern=pattern)
-    for name in splits:  # a split's name is its folder's, and names the output files: checked before the work
-        longest = f"flythrough_{name}.mp4"
-        if len(os.fsencode(longest)) > MAX_NAME_BYTES:
-            raise UsageError(f"{data}: the folder name {name[:40]}... is too long for the file names of its results "
-                             f"({longest[:20]}...: {len(os.fsencode(longest))} bytes, at most {MAX_NAME_BYTES}); "
-                             "give --data a link to it with a shorter name")
-    t = run.threshold
-    developed_on = development_images(ckpt, mid)
-    results, failures = [], {}
-    for split in splits.values():
-        prepared = prepare(split, cfg)
-        if split.recorded:
-            changed = [s.path for s in prepared.samples if split.recorded.get(s.path, s.digest) != s.digest]
-            if changed:
-                log.warning("%s split: %d of its images are not what %s recorded (changed since), e.g. %s: its "
-                            "metrics are not the run's", split.name, len(changed), data, changed[0])
-        if not len(prepared.samples):
-            reason = prepared.failures[0][1] if prepared.failures else "no images"
-            log.warning("%s: no metrics for split %r: none of its %d images could be read (first: %s)",
-                        data, split.name, len(split.samples), reason)
-            unusable = (split.name, len(split.samples), reason)
-            continue
-        results.append(SplitResult(split.name, [s.path for s in prepared.samples], prepared.labels,
-                                   run.probs(prepared.images, batch_size), patients_of(prepared.samples)))
-        failures[split.name] = {"n_unreadable": len(prepared.failures),
-                                # which, and why: the count alone had left them to the console's log
-                                "unreadable": [{"path": path, "reason": why} for path, why in prepared.failures],
-                                "threshold_source": "model" if threshold is None else "given",
-                                "model": model_ref, "model_id": mid, "data": str(Path(data).resolve()),
-                                "inference_dtype": "bfloat16" if run.bf16 else "float32"}
-        if developed_on is not None:
-            failures[split.name].update(count_development(developed_on, split.name, prepared.samples))
-            # The run's own train and val images (`--data RUN/split.csv`, or the data it was trained on): its report
-            # had shown those rows as results on new images, without the training report's word of caution.
-            own = developed_on.own(split.name, prepared.samples)
-            failures[split.name].update(own)
-            for key, what in (("n_run_train", "training images"),
-                              ("n_run_val", "validation images, on which its epoch and threshold were chosen")):
-                if own.get(key):
-                    log.info("%s split: %d of its %d images are the run's own %s: its metrics there are no measure "
-                             "of new images", split.name, own[key], len(prepared.samples), what)
-    if not results:
-        name, n, reason = unusable
-        raise DataError(f"{data}: none of the {n} images of split {name!r} could be read (first: {reason})")
-    return write_evaluation(output, results, t, extra=failures)
+    # Held to the end (and through the CLI's report): two evaluations into one folder at once had left one model's
+    # metrics.json beside the other's predictions and report.
+    with output_lock(output, "cxr evaluate or cxr report"):
+        run = load_for_inference(model, device=device, amp=amp, threshold=threshold)
+        ckpt = run.ckpt
+        # Recorded, so that `cxr report OUT` can draw the heatmaps with the same model later.
+        # A Checkpoint given in memory has no file to name (its empty path had been recorded as the current folder).
+        model_ref = ("default" if isinstance(model, str) and model == "default"
+                     else str(Path(ckpt.path).resolve()) if ckpt.path else IN_MEMORY)
+        mid = model_id(ckpt)  # the name `cxr predict` gives the same file
+        # The cache is this machine's, not the one recorded by whoever trained the model.
+        cfg = dataclasses.replace(run.cfg, cache_dir=cache_dir or default_cache_dir())
+        pattern = ckpt.config.patient_pattern if patient_pattern is None else patient_pattern
+        splits = scan(data, require_both_classes=False, patient_pattern=pattern)
+        for name in splits:  # a split's name is its folder's, and names the output files: checked before the work
+            longest = f"flythrough_{name}.mp4"
+            if len(os.fsencode(longest)) > MAX_NAME_BYTES:
+                raise UsageError(f"{data}: the folder name {name[:40]}... is too long for the file names of its "
+                                 f"results ({longest[:20]}...: {len(os.fsencode(longest))} bytes, at most "
+                                 f"{MAX_NAME_BYTES}); give --data a link to it with a shorter name")
+        t = run.threshold
+        developed_on = development_images(ckpt, mid)
+        results, failures = [], {}
+        for split in splits.values():
+            prepared = prepare(split, cfg)
+            if split.recorded:
+                changed = [s.path for s in prepared.samples if split.recorded.get(s.path, s.digest) != s.digest]
+                if changed:
+                    log.warning("%s split: %d of its images are not what %s recorded (changed since), e.g. %s: its "
+                                "metrics are not the run's", split.name, len(changed), data, changed[0])
+            if not len(prepared.samples):
+                reason = prepared.failures[0][1] if prepared.failures else "no images"
+                log.warning("%s: no metrics for split %r: none of its %d images could be read (first: %s)",
+                            data, split.name, len(split.samples), reason)
+                unusable = (split.name, len(split.samples), reason)
+                continue
+            results.append(SplitResult(split.name, [s.path for s in prepared.samples], prepared.labels,
+                                       run.probs(prepared.images, batch_size), patients_of(prepared.samples)))
+            failures[split.name] = {"n_unreadable": len(prepared.failures),
+                                    # which, and why: the count alone had left them to the console's log
+                                    "unreadable": [{"path": path, "reason": why} for path, why in prepared.failures],
+                                    "threshold_source": "model" if threshold is None else "given",
+                                    "model": model_ref, "model_id": mid, "data": str(Path(data).resolve()),
+                                    "inference_dtype": "bfloat16" if run.bf16 else "float32"}
+            if developed_on is not None:
+                failures[split.name].update(count_development(developed_on, split.name, prepared.samples))
+                # The run's own train and val images (`--data RUN/split.csv`, or the data it was trained on): its report
+                # had shown those rows as results on new images, without the training report's word of caution.
+                own = developed_on.own(split.name, prepared.samples)
+                failures[split.name].update(own)
+                for key, what in (("n_run_train", "training images"),
+                                  ("n_run_val", "validation images, on which its epoch and threshold were chosen")):
+                    if own.get(key):
+                        log.info("%s split: %d of its %d images are the run's own %s: its metrics there are no measure "
+                                 "of new images", split.name, own[key], len(prepared.samples), what)
+        if not results:
+            name, n, reason = unusable
+            raise DataError(f"{data}: none of the {n} images of split {name!r} could be read (first: {reason})")
+        return write_evaluation(output, results, t, extra=failures)
 

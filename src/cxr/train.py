@@ -28,6 +28,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ from cxr.data import (
     train_transform,
     write_split_csv,
 )
-from cxr.distributed import DistInfo, all_reduce_sum, barrier, broadcast_floats, local_main_first
+from cxr.distributed import DistInfo, all_reduce_sum, barrier, broadcast_floats, env_info, local_main_first
 from cxr.distributed import init as init_distributed
 from cxr.distributed import shutdown as shutdown_distributed
 from cxr.errors import ConfigError, CxrError, DataError, UsageError, WriteError
@@ -78,6 +79,9 @@ from cxr.fileio import (
     remove_empty_folders,
     remove_stale_temps,
 )
+from cxr.fileio import NO_LOCKS as _NO_LOCKS
+from cxr.fileio import release_lock as _release
+from cxr.fileio import try_lock as _try_lock
 from cxr.images import EXPLAIN_SUFFIX
 from cxr.model import (
     Checkpoint,
@@ -151,7 +155,9 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
                        if all(m.lower().endswith(EXPLAIN_SUFFIX) for m in there) else "files the data scan leaves out")
                 raise DataError(f"{split_csv}: {len(there)} recorded image(s) are {why}, e.g. {there[0]}; this "
                                 "run cannot go on with its split: start a new run")
-            raise DataError(f"{split_csv}: {len(missing)} recorded image(s) are gone, e.g. {missing[0]}")
+            raise DataError(f"{split_csv}: {len(missing)} recorded image(s) are gone, e.g. {missing[0]}; put them "
+                            "back to go on with this run's split (if the data moved, set data: in its config.yaml), "
+                            "or start a new run")
         if old != new and write:
             write_split_csv(split_csv, recorded)  # `cxr evaluate --data RUN/split.csv` finds them there too
             log.info("the data moved from %s to %s: %s follows it", old, new, split_csv)
@@ -616,7 +622,30 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         _check_starting_weights(cfg)
     run_dir = Path(cfg.output)
     check_output_outside_data(run_dir, Path(cfg.data))
-    if resume is None and (run_dir / "last.pt").exists():
+    if env_info().main and folder_in_use(run_dir):  # its advice ("continue it with --resume") would be refused
+        raise ConfigError(f"{run_dir} is in use by another cxr train (it holds {run_dir / _LOCK_NAME}); wait for it "
+                          "to end, or pick another --output")
+
+    def occupied() -> None:
+        _refuse_occupied(run_dir, resume is not None)
+
+    occupied()
+    info, device = init_distributed(resolve_device(cfg.device))
+    try:
+        with _run_folder_lock(run_dir, info, device, check=occupied):
+            result = _train(cfg, state, run_dir, info, device, resume is not None, t_start)
+    except BaseException:
+        # Not at a barrier: the other ranks wait in another collective, and the job hung silently for
+        # CXR_DIST_TIMEOUT (2 h) after one rank's disk filled up. torchrun ends them when this rank exits.
+        shutdown_distributed(failed=True)
+        raise
+    shutdown_distributed()
+    return result
+
+
+def _refuse_occupied(run_dir: Path, resumed: bool) -> None:
+    """Refuse a fresh run into a folder that holds a run (made before the work, and again under the run's lock)."""
+    if not resumed and (run_dir / "last.pt").exists():
         summary = _read_summary(run_dir)
         if summary.get("stop_reason") and not summary.get("in_progress"):
             # --resume alone re-evaluated a finished run and trained nothing: the advice had not said so. A run that
@@ -626,21 +655,10 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
             raise UsageError(f"{run_dir} holds a finished run ({summary['stop_reason']}); pick another --output"
                              f"{longer}")
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
-    if resume is None and any((run_dir / name).is_file() for name in ("best.pt", "metrics.json", "summary.json")):
+    if not resumed and any((run_dir / name).is_file() for name in ("best.pt", "metrics.json", "summary.json")):
         # last.pt deleted to save its space (3x best.pt's): the finished run's model and results had been replaced
         raise UsageError(f"{run_dir} holds a trained model (best.pt or its results); pick another --output, or delete "
                          "the folder to start over there")
-    info, device = init_distributed(resolve_device(cfg.device))
-    try:
-        with _run_folder_lock(run_dir, info, device):
-            result = _train(cfg, state, run_dir, info, device, resume is not None, t_start)
-    except BaseException:
-        # Not at a barrier: the other ranks wait in another collective, and the job hung silently for
-        # CXR_DIST_TIMEOUT (2 h) after one rank's disk filled up. torchrun ends them when this rank exits.
-        shutdown_distributed(failed=True)
-        raise
-    shutdown_distributed()
-    return result
 
 
 def _read_summary(run_dir: Path) -> dict:
@@ -670,50 +688,6 @@ def _mark_in_progress(run_dir: Path, after_epoch: int) -> None:
 _LOCK_NAME = ".cxr-train.lock"
 
 
-# How a file system without advisory locks answers flock (some network file systems)
-_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
-
-
-def _try_lock(path: Path) -> int | None:
-    """A descriptor of ``path`` (created if need be) holding its exclusive advisory lock, or None where another process
-    holds it. Opened read-only on POSIX (``flock`` needs no write access: a lock file made by a colleague's umask 022
-    had been no lock at all). An OSError where no lock can be had here."""
-    if sys.platform == "win32":
-        import msvcrt
-
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EACCES, errno.EDEADLK):
-                return None
-            raise
-        return fd
-    import fcntl
-
-    for _ in range(10):
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                return None
-            raise
-        # The file locked must still be the lock file: a holder that ends removes it, and a process that had opened
-        # it just before could lock the removed file while a third made a new one (two holders at once; a review's
-        # race test found 16,402 such moments in 15 s of three processes).
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)
-    raise OSError(errno.EAGAIN, "the lock file kept changing", str(path))
-
-
 def folder_in_use(run_dir: str | os.PathLike) -> bool:
     """Whether a ``cxr train`` holds ``run_dir`` now (its lock is taken); a look, nothing held after it."""
     path = Path(run_dir) / _LOCK_NAME
@@ -729,35 +703,17 @@ def folder_in_use(run_dir: str | os.PathLike) -> bool:
     return False
 
 
-def _release(fd: int, path: Path | None = None) -> None:
-    """Give up a lock of :func:`_try_lock`, and remove its file (``path``) where given. On Windows the lock is undone
-    before the close (Microsoft: a lock left to the close is released "depending upon available system resources",
-    so a run started just after could be refused), and the file removed after it (an open file cannot be removed
-    there: every run folder had kept its lock file)."""
-    if sys.platform == "win32":
-        import msvcrt
-
-        with contextlib.suppress(OSError):
-            os.lseek(fd, 0, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-        os.close(fd)
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        return
-    if path is not None:  # removed while still held, then released: no other process can take the old file meanwhile
-        with contextlib.suppress(OSError):
-            path.unlink()
-    os.close(fd)
-
-
 @contextlib.contextmanager
-def _run_folder_lock(run_dir: Path, info: DistInfo, device: torch.device | None = None):
+def _run_folder_lock(run_dir: Path, info: DistInfo, device: torch.device | None = None,
+                     check: Callable[[], None] | None = None):
     """Hold the run folder for this training (its main process does, for every rank of a torchrun): a second
     ``cxr train`` into it, fresh or ``--resume``, is refused while this one runs. Two had both exited 0, leaving
     config.yaml and split.csv of one run beside the checkpoints and metrics of the other. An advisory lock (``flock``;
     ``msvcrt`` on Windows), released by the system when the process ends however it ends. Its holder removes the
     file when the run ends (one left by a killed run is taken over by the next); a process refused touches nothing.
+    ``check``: run by the main process once it holds the lock (its CxrError refuses the run on every rank): the
+    checks made before it (a finished run there) had not been made again, and a run that started while a slow
+    torchrun rendezvous waited had been replaced without a word.
     """
     fd, made, path = None, [], run_dir / _LOCK_NAME
     refused, failure = False, None
@@ -785,6 +741,14 @@ def _run_folder_lock(run_dir: Path, info: DistInfo, device: torch.device | None 
                 else:
                     failure = WriteError.from_os_error(run_dir, e)
                     failure.replacing = False
+        if failure is None and not refused and check is not None:
+            try:
+                check()
+            except CxrError as e:
+                failure = e
+            if failure is not None and fd is not None:
+                _release(fd, path)
+                fd = None
     if info.active:  # every rank refuses alike, before any collective of the run (rank 1 had died in gloo)
         code = broadcast_floats([2.0 if failure else float(refused)], device or torch.device("cpu"))[0]
         refused = code == 1.0
