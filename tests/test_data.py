@@ -657,6 +657,41 @@ def test_cache_ignores_damaged_packs_and_temporary_files(tmp_path, tiny_dataset,
     np.testing.assert_array_equal(again.images[0], resize_square(read_grayscale(again.samples[0].path), 48))
 
 
+def test_two_writers_of_one_pack_at_once_do_not_share_a_temporary_file(tmp_path, monkeypatch):
+    # The temporary name held the process id, which two containers sharing a cache volume both have (1, 2, ...):
+    # one build truncated the other's file, and a rename found it gone ("disk full?" with 65 GB free). Threads of one
+    # process have one id too: they stand in for the containers.
+    import threading
+
+    from cxr.data import _write_pack
+
+    both_open = threading.Barrier(2, timeout=30)
+    real_save = np.save
+
+    def save_when_both_have_opened(f, *args, **kwargs):
+        both_open.wait()
+        real_save(f, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", save_when_both_have_opened)
+    images, digests = [np.full((8, 8), 7, np.uint8)] * 2, ["ab" * 32, "cd" * 32]
+    written, errors = [], []
+
+    def write():
+        try:
+            written.append(_write_pack(tmp_path, digests, images))
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(set(written)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [written[0].name]  # no temporary file left
+    assert np.load(written[0]).size == 2 * (32 + 64)
+
+
 def test_a_pack_whose_pixels_changed_on_disk_is_decoded_again(tmp_path, tiny_dataset, monkeypatch, caplog):
     # Bytes changed in place with the size kept (a bad sector, a stray write) were served as the images' pixels for
     # good; the pack's name now carries its CRC-32, checked when it is read.

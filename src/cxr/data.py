@@ -38,7 +38,7 @@ import yaml
 
 from cxr.config import CLASS_NAMES, DEFAULT_MAX_PIXELS, Config, usable_cores
 from cxr.errors import CxrError, DataError, UsageError, WriteError
-from cxr.fileio import CSV_READ, CSV_TEXT, FORMULA_START, atomic_path, npz_row, valid_utf8
+from cxr.fileio import CSV_READ, CSV_TEXT, FORMULA_START, _umask, atomic_path, npz_row, valid_utf8
 from cxr.images import (
     EXPLAIN_SUFFIX,
     IMAGE_EXTENSIONS,
@@ -1032,8 +1032,9 @@ def _write_pack(folder: Path, digests: Sequence[str], images: Sequence[np.ndarra
     """Store decoded images as one pack: a temporary file renamed into place, so an interrupted build leaves no pack
     a later run would trust. Its name comes from its digests, so two runs caching the same chunk write one pack, and
     ends in the CRC-32 of its contents (:func:`_pack_is_whole`). Not fsynced: a pack is cheap to rebuild, and its size
-    and checksum are checked when read. The temporary name holds the process id, so two runs filling one cache do not
-    collide.
+    and checksum are checked when read. The temporary name is random and made exclusively (``mkstemp``), so two runs
+    filling one cache do not collide: one named by the process id had collided between containers sharing a cache
+    volume, whose processes have the same ids, and one build had truncated the other's pack as it was read.
     """
     k, size = len(images), images[0].shape[0]
     blob = np.empty(k * (_DIGEST_BYTES + size * size), np.uint8)
@@ -1041,15 +1042,18 @@ def _write_pack(folder: Path, digests: Sequence[str], images: Sequence[np.ndarra
     np.stack(images, out=blob[k * _DIGEST_BYTES:].reshape(k, size, size))
     name = hashlib.sha256("".join(digests).encode()).hexdigest()[:32]
     path = folder / f"{name}-{zlib.crc32(blob):08x}.npy"
-    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
             np.save(f, blob, allow_pickle=False)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep a shared cache's packs from its other users
         os.replace(tmp, path)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise WriteError.from_os_error(path, e) from e
     return path
 
