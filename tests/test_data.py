@@ -657,6 +657,27 @@ def test_cache_ignores_damaged_packs_and_temporary_files(tmp_path, tiny_dataset,
     np.testing.assert_array_equal(again.images[0], resize_square(read_grayscale(again.samples[0].path), 48))
 
 
+def test_a_pack_removed_as_soon_as_it_is_written_is_decoded_again(tmp_path, tiny_dataset, monkeypatch, caplog):
+    # Another process cleaning the cache removed a pack between its worker's write and the copy out of it: the run
+    # ended with a bare "No such file or directory".
+    import cxr.data
+
+    cfg = load_config(overrides={"image_size": 48, "cache_dir": str(tmp_path / "cache")})
+    split = scan(tiny_dataset)["test"]
+    real = cxr.data._copy_from_pack
+
+    def removed_first(pack, *args):
+        pack.unlink()
+        return real(pack, *args)
+
+    monkeypatch.setattr(cxr.data, "_copy_from_pack", removed_first)
+    prepared = prepare(split, cfg, workers=1)
+    assert "was removed or changed as soon as it was written" in caplog.text
+    assert len(prepared.samples) == 8 and not prepared.failures
+    for sample, image in zip(prepared.samples, prepared.images, strict=True):
+        np.testing.assert_array_equal(image, resize_square(read_grayscale(sample.path), 48))
+
+
 def test_two_writers_of_one_pack_at_once_do_not_share_a_temporary_file(tmp_path, monkeypatch):
     # The temporary name held the process id, which two containers sharing a cache volume both have (1, 2, ...):
     # one build truncated the other's file, and a rename found it gone ("disk full?" with 65 GB free). Threads of one

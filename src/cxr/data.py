@@ -1226,9 +1226,22 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
                 for pack, outcome, pixels in results:
                     stored = [(i, row) for row, (i, _, error, _) in enumerate(outcome) if not error]
                     if stored and pack:
-                        if not _copy_from_pack(Path(pack), size, stored, images, ok):
-                            # just written by a worker: removed or changed since, a real fault, not a cache miss
-                            raise DataError(f"cache pack {pack} vanished or is damaged while in use; run again")
+                        try:
+                            copied = _copy_from_pack(Path(pack), size, stored, images, ok)
+                        except OSError:  # gone: another process cleaning the cache (it had ended the run)
+                            copied = False
+                        if not copied:
+                            # just written by a worker, and removed or changed since: decoded again, here
+                            log.warning("cache pack %s was removed or changed as soon as it was written (another "
+                                        "process cleaning the cache?): its %d image(s) are decoded again", pack,
+                                        len(stored))
+                            chunk = [(i, paths[i], outcome[row][1]) for i, row in stored]
+                            _, redone, pixels = _cache_chunk(chunk, "", size, cfg.draft, cfg.max_pixels)
+                            if any(error for _, _, error, _ in redone):
+                                raise DataError(f"cache pack {pack} vanished or is damaged while in use, and its "
+                                                "images could not be decoded again; run again")
+                            for (i, _), picture in zip(stored, pixels, strict=True):
+                                images[i], ok[i] = picture, True
                     elif stored:  # no writable cache: the pixels came back with the outcome
                         if store and str(folder) not in _full_warned:  # once a process, not once a split
                             _full_warned.add(str(folder))
