@@ -1193,3 +1193,14 @@ def test_pydicoms_own_warnings_stay_out_of_the_output_while_cxr_decodes(tmp_path
             f"load_image({str(dcm)!r}, 32); warnings.warn('after', UserWarning)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "pydicom" not in proc.stderr and "after" in proc.stderr, proc.stderr
+
+
+def test_a_decoders_long_reason_is_cut_after_a_whole_word():
+    # pydicom's reasons were cut at 200 characters: "... requires gdcm>=3.0.10; p)", in the CLI and the service.
+    from cxr.images import _clip_words
+
+    reason = "; ".join(f"plugin{i} - requires package{i}>=3.0.10" for i in range(12))
+    cut = _clip_words(reason, 200)
+    assert len(cut) <= 202 and cut.endswith(" …") and reason.startswith(cut[:-2])
+    assert cut[:-2].split()[-1] in reason.split()  # a whole word (its separator dropped), not a part of one
+    assert _clip_words("short", 200) == "short"

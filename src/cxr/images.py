@@ -784,6 +784,16 @@ NOT_RADIOGRAPHS = {
 }
 
 
+def _clip_words(text: str, n: int) -> str:
+    """``text`` in at most about ``n`` characters, cut after a whole word with "…" (pydicom's reasons, cut at a fixed
+    length, had ended "requires gdcm>=3.0.10; p")."""
+    if len(text) <= n:
+        return text
+    cut = text[:n].rstrip()
+    space = cut.rfind(" ")
+    return (cut[:space] if space > n // 2 else cut).rstrip(" ;,:") + " …"
+
+
 def _decoder_hint(ts: str) -> str:
     """What to install for a compressed transfer syntax pydicom could not decode (pydicom's pixel data plugins)."""
     if ts.startswith("1.2.840.10008.1.2.4.10") or ts in ("1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95"):
@@ -863,13 +873,13 @@ def _decode_dicom_data(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     except Exception as e:
         # pydicom puts each plugin's reason on a line of its own, after a heading ending in a colon: all of them.
         detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()).replace(":; ", ": ")
-        detail = detail[:400] or type(e).__name__
+        detail = _clip_words(detail, 400) or type(e).__name__
         # "missing" plugins, or a plugin that "does not support" this data; not pydicom's heading, which it gives for
         # a damaged file as well ("... raised by all available plugins:").
         if compressed and any(w in str(e).lower() for w in ("missing", "not support")):
             # 12-bit JPEG (Extended, common for lossy CR/DX) is beyond Pillow, which pydicom otherwise uses.
             raise ImageError(label, f"DICOM pixel data is compressed as {ts.name} ({ts}), which pydicom cannot "
-                                    f"decode here: {_decoder_hint(str(ts))} ({detail[:200]})") from e
+                                    f"decode here: {_decoder_hint(str(ts))} ({_clip_words(detail, 200)})") from e
         how = f" compressed as {ts.name}" if compressed else ""
         raise ImageError(label, f"cannot decode DICOM pixel data{how} ({detail})") from e
 
