@@ -680,6 +680,17 @@ def test_dicom_without_pixel_data(tmp_path):
     path.write_bytes(dicom_bytes(RAW12, no_pixel_data=True))
     with pytest.raises(ImageError, match=r"meta-only\.dcm: DICOM has no pixel data"):
         read_grayscale(path)
+    # A report or a DICOMDIR named by the user (or posted by a PACS router) is no image, not a damaged one
+    for sop, kind in (("1.2.840.10008.5.1.4.1.1.88.11", "structured report or key object selection"),
+                      ("1.2.840.10008.1.3.10", "directory \\(DICOMDIR\\)"),
+                      ("1.2.840.10008.5.1.4.1.1.104.1", "encapsulated document \\(PDF or CDA\\)")):
+        ds = pydicom.dcmread(io.BytesIO(dicom_bytes(RAW12, no_pixel_data=True)))
+        ds.SOPClassUID = sop
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, ds)
+        path.write_bytes(buf.getvalue())
+        with pytest.raises(ImageError, match=rf"meta-only\.dcm: not an image: a DICOM {kind} \(SOP class {sop}\)"):
+            read_grayscale(path)
 
 
 @pytest.mark.parametrize(("syntax", "frame", "elements", "said"), [

@@ -255,6 +255,22 @@ def test_unreadable_image_is_422_with_a_clear_message(client, case, reason):
     assert_no_internals(r)
 
 
+def test_a_dicom_object_that_holds_no_image_is_415(client):
+    # A PACS router posts every object of a study: its structured reports had been 422, "unreadable images".
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom(None)))
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds)
+    r = upload(client, buf.getvalue(), "report.dcm")
+    assert r.status_code == 415, r.text
+    assert r.json()["detail"].startswith("report.dcm: not an image: a DICOM structured report")
+    assert_no_internals(r)
+
+
 def test_missing_file_field_is_422(client):
     r = client.post(PREDICT, files={"image": ("x.jpeg", NORMAL[0].read_bytes())})
     assert r.status_code == 422 and "'file'" in r.json()["detail"]

@@ -368,6 +368,20 @@ NON_IMAGE_SOP_CLASSES = (
 )
 
 
+def _non_image_kind(sop_class: str) -> str:
+    """What a DICOM object of one of :data:`NON_IMAGE_SOP_CLASSES` is, in a few words."""
+    for prefix, kind in (("1.2.840.10008.1.3.10", "directory (DICOMDIR)"),
+                         ("1.2.840.10008.5.1.4.1.1.11.", "presentation state"),
+                         ("1.2.840.10008.5.1.4.1.1.9.", "waveform"),
+                         ("1.2.840.10008.5.1.4.1.1.66", "raw data or registration object"),
+                         ("1.2.840.10008.5.1.4.1.1.88.", "structured report or key object selection"),
+                         ("1.2.840.10008.5.1.4.1.1.104.", "encapsulated document (PDF or CDA)"),
+                         ("1.2.840.10008.5.1.4.1.1.481.", "radiotherapy object")):
+        if sop_class.startswith(prefix):
+            return kind
+    return "object without an image"
+
+
 def dicom_sop_class(head: bytes) -> str:
     """The Media Storage SOP Class UID of a DICOM file's meta information (group 0002, explicit VR little endian
     after the preamble and 'DICM'), from the file's first bytes; "" where it is not there to read."""
@@ -853,6 +867,12 @@ def _decode_dicom_data(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     except Exception as e:
         raise ImageError(label, f"corrupt DICOM header ({str(e) or type(e).__name__})") from e
     if not has_pixels:
+        classes = [str(c) for c in ((meta.get("MediaStorageSOPClassUID") if meta is not None else None),
+                                    ds.get("SOPClassUID")) if c]
+        sop = next((c for c in classes if c.startswith(NON_IMAGE_SOP_CLASSES)), "")
+        if sop:  # a PACS router posts every object of a study: no "corrupt" image
+            raise ImageError(label, f"not an image: a DICOM {_non_image_kind(sop)} (SOP class {sop}), which holds "
+                                    "no picture to classify")
         raise ImageError(label, "DICOM has no pixel data")
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality in NOT_RADIOGRAPHS:

@@ -412,6 +412,8 @@ def run_prediction(engine: Engine, data: bytes, name: str, *, heatmap: bool = Tr
     except ImageError as e:
         if not marked and e.reason.startswith("not a DICOM file"):  # no DICOM data set in it after all
             raise HttpError(415, f"{name}: not an image (content is not JPEG, PNG or DICOM: {e.reason})") from None
+        if e.reason.startswith("not an image"):  # a DICOMDIR, a report, a PDF: a non-image, not a damaged one
+            raise HttpError(415, str(e)) from None
         raise HttpError(422, str(e)) from None
     t1 = time.perf_counter()
     # In fp32 the heatmap's pass gives the probability too (an Engine of another backend has no such method)
