@@ -652,6 +652,10 @@ def test_dicom_multiframe_gives_first_frame():
     out = read_grayscale(dicom_bytes(frames))
     np.testing.assert_array_equal(out, read_grayscale(dicom_bytes(RAW12)))
     assert not np.array_equal(out, read_grayscale(dicom_bytes(frames[1])))
+    # A blank first frame is said to be the first frame, not "blank image" of a file a viewer shows an X-ray in
+    frames[0] = 0
+    with pytest.raises(ImageError, match="frame 1 of 3 is blank .* the first frame of a multi-frame DICOM"):
+        read_grayscale(dicom_bytes(frames))
 
 
 def test_dicom_8bit_and_named_by_content():

@@ -905,6 +905,9 @@ def _decode_dicom_data(data: bytes, label: str, max_pixels: int) -> np.ndarray:
 
     if arr.ndim == (3 if samples == 1 else 4):  # all frames decoded (pydicom < 3)
         arr = arr[0]
+    if frames > 1 and arr.min() == arr.max():  # "blank image" of a file whose viewer shows an X-ray on frame 2
+        raise ImageError(label, f"frame 1 of {frames} is blank (every pixel has the same value): cxr classifies the "
+                                "first frame of a multi-frame DICOM; export the frame to classify as a file of its own")
     bits = int(ds.get("BitsStored") or 8)
     if str(ts) in _DCT_JPEG_SYNTAXES and 1 < bits <= 16 and _last_block_row_grey(arr, arr.shape[0], 1 << (bits - 1)):
         raise ImageError(label, "DICOM pixel data: " + _CUT_SHORT.replace("save it as PNG", "export it uncompressed"))
