@@ -1721,6 +1721,21 @@ def test_predict_interrupted_keeps_the_predictions_it_made(tmp_path, caplog, mon
     assert "stopped after 4 of 5 file(s): " in caplog.text
 
 
+def test_a_file_named_with_a_leading_dash_is_told_how_to_give(tmp_path, monkeypatch, capsys):
+    # "cxr predict -dash.jpeg" said "the following arguments are required: PATH" of a command that named one.
+    from cxr.cli import main as cxr_main
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(next((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg")), tmp_path / "-dash.jpeg")
+    for argv in (["predict", "-dash.jpeg"], ["predict", "-dash.jpeg", "--output", "p.csv"]):
+        with pytest.raises(SystemExit) as stopped:
+            cxr_main(argv)
+        assert stopped.value.code == 2
+        assert "-dash.jpeg is a file whose name begins with '-': write it ./-dash.jpeg, or put -- before it" in \
+            capsys.readouterr().err
+    assert cxr_main(["predict", "--", "-dash.jpeg"]) == 0
+
+
 def test_demo_refuses_to_replace_a_run_that_is_not_a_demo(tmp_path, tiny_dataset):
     # `cxr demo --output DIR` replaces an earlier demo there; it used to delete any run directory (last.pt and
     # split.csv), evaluations stored inside it included.

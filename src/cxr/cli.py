@@ -31,12 +31,21 @@ class _Parser(argparse.ArgumentParser):
         if self.prog == "cxr train" and re.search(r"unrecognized arguments:.*--threshold\b(?!-)", message):
             message += ("; train chooses the threshold on validation (--threshold-policy says how): give --threshold "
                         "to evaluate, predict, explain or serve")
+        # A file whose name begins with "-" is read as a flag: "the following arguments are required: PATH" had been
+        # said of a command that named one.
+        dashed = [a for a in _ARGV if a.startswith("-") and a != "-" and os.path.isfile(a)]
+        if dashed:
+            message += (f"; {dashed[0]} is a file whose name begins with '-': write it ./{dashed[0]}, or put -- "
+                        "before it")
         # Under torchrun every process parses the same flags: rank 0 alone says what is wrong.
         # display_name: file names among unrecognized arguments had reached the terminal with their escape sequences
         from cxr.fileio import display_name
 
         self.exit(2, f"{self.prog}: error: {display_name(message)} (see {self.prog} --help)\n" if _first_rank()
                   else None)
+
+
+_ARGV: list[str] = []  # the arguments being parsed, for the parser's errors to look at
 
 
 def _first_rank() -> bool:
@@ -724,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
+    _ARGV[:] = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args, extra = parser.parse_known_args(argv)
     if extra:
         _refuse_unknown(parser, args.command, extra, sys.argv[1:] if argv is None else list(argv))
