@@ -564,3 +564,27 @@ def test_an_onnx_export_from_python_keeps_the_exporters_chatter_out_of_the_users
         export_model(tmp_path / "r.pt", "onnx", tmp_path / "r.onnx")
     assert not [r.name for r in caplog.records if not r.name.startswith("cxr")], caplog.text
     assert [logging.getLogger(n).level for n in ("onnxscript", "onnx_ir")] == [logging.NOTSET] * 2  # as they were
+
+
+def test_a_files_hash_is_remembered_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    # One command names one model several times (its id, the bundled model's, a fine-tune's start): hashed once. A
+    # file rewritten in place, same size, is hashed again.
+    import hashlib
+
+    from cxr.export import file_sha256
+
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"a" * 1000)
+    opened = []
+    real_open = open
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    assert file_sha256(path) == file_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert opened.count(str(path)) == 1
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(1, 1))  # another modification time, whatever the clock's resolution
+    assert file_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import numbers
@@ -757,7 +756,9 @@ def _is_the_bundled_model(path: Path) -> bool:
             return False
         if path.resolve() == BUNDLED_MODEL.resolve():
             return True
-        return hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(BUNDLED_MODEL.read_bytes()).digest()
+        from cxr.export import file_sha256
+
+        return file_sha256(path) == file_sha256(BUNDLED_MODEL)  # remembered: not hashed again at each look
     except OSError:
         return False
 

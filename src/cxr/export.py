@@ -17,6 +17,7 @@ Research software, not a medical device: predictions are not a diagnosis.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -66,7 +67,14 @@ LIMITATIONS = [
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, in hex."""
+    """SHA-256 of a file's bytes, in hex; remembered for the file as it is (its device, inode, size and modification
+    time): one command names the same model several times (its id, the bundled model's, a fine-tune's start)."""
+    st = os.stat(path)
+    return _sha256_of(os.fspath(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_of(path: str, stat: tuple[int, int, int, int]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
