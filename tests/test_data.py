@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -1165,6 +1166,37 @@ def test_prepare_shared_without_a_builder_or_with_a_damaged_copy(tmp_path, tiny_
         again = prepare_shared(split, cfg, build=False)
     assert "ignoring the damaged shared copy" in caplog.text and "no shared copy" in caplog.text
     np.testing.assert_array_equal(again.images, expected.images)
+
+
+def test_prepare_shared_never_maps_pixels_changed_on_disk(tmp_path, tiny_dataset, caplog):
+    # The file every rank trains from had no checksum: zeroed in place (its size kept), it gave all-blank training
+    # images and the run ended well.
+    from cxr.data import prepare_shared
+
+    cfg = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "cache")})
+    split = scan(tiny_dataset / "test")["test"]
+    expected = prepare(split, cfg, workers=1)
+    prepare_shared(split, cfg, build=True)
+    (npy,) = (data.cache_folder(cfg) / "splits").glob("*.npy")
+    for build in (False, True):  # another rank prepares its own; the node's first one makes the file again
+        on_disk = np.load(npy, mmap_mode="r+")
+        on_disk[:] = 0
+        on_disk.flush()
+        del on_disk
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cxr.data"):
+            got = prepare_shared(split, cfg, build=build)
+        assert "ignoring the damaged shared copy" in caplog.text and "CRC-32 differs" in caplog.text
+        np.testing.assert_array_equal(got.images, expected.images)
+    np.testing.assert_array_equal(np.load(npy)[:len(expected.labels)], expected.images)  # made again, whole
+    (meta,) = (data.cache_folder(cfg) / "splits").glob("*.json")
+    record = json.loads(meta.read_text())
+    del record["crc32"]  # a file of a cxr before the checksum is made again, not taken on trust
+    meta.write_text(json.dumps(record))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cxr.data"):
+        np.testing.assert_array_equal(prepare_shared(split, cfg, build=True).images, expected.images)
+    assert "no checksum" in caplog.text and "crc32" in json.loads(meta.read_text())
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -1314,7 +1314,8 @@ def prepare_shared(split: Split, cfg: Config, *, build: bool) -> Prepared:
     try:
         prepared = prepare(split, cfg, out=npy)
         index = {s.path: i for i, s in enumerate(split.samples)}
-        record = {"kept": [[index[s.path], s.digest] for s in prepared.samples], "failures": prepared.failures}
+        record = {"kept": [[index[s.path], s.digest] for s in prepared.samples], "failures": prepared.failures,
+                  "crc32": _pixels_crc(prepared.images)}
         with atomic_path(meta, fsync=False) as tmp:  # written last: its presence says the .npy is whole
             tmp.write_text(json.dumps(record), encoding="utf-8")
     except WriteError as e:  # a full disk, say: each process prepares its own copy, as without torchrun
@@ -1327,7 +1328,13 @@ def prepare_shared(split: Split, cfg: Config, *, build: bool) -> Prepared:
 
 
 def _open_shared(split: Split, cfg: Config, npy: Path, meta: Path) -> Prepared | None:
-    """The split as :func:`prepare_shared` stored it, mapped; None when it is not there or not whole."""
+    """The split as :func:`prepare_shared` stored it, mapped; None when it is not there or not whole.
+
+    Every process checks the pixels against the CRC-32 recorded beside them, reading the file once: bytes changed on
+    disk with the size kept had been trained on as they were (a zeroed file gave all-blank images, and the run ended
+    well). ``zlib.crc32`` ran at 2.3 GB/s over 100 MB in memory (one core of a shared 2-core machine): 0.1 s for
+    Kermany's 5,216 training images at 224 px, about 20 s a process for a million (plus reading them from disk).
+    """
     try:
         record = json.loads(meta.read_text(encoding="utf-8"))
         images = np.load(npy, mmap_mode="c")
@@ -1335,12 +1342,25 @@ def _open_shared(split: Split, cfg: Config, npy: Path, meta: Path) -> Prepared |
         failures = [(path, reason) for path, reason in record["failures"]]
         if images.shape[1:] != (cfg.image_size, cfg.image_size) or len(images) < len(kept):
             raise ValueError(f"it holds an array of shape {images.shape}")
+        images = images[:len(kept)]
+        if "crc32" not in record:  # made by a cxr before the checksum: nothing to tell its pixels by
+            raise ValueError("it has no checksum (made by an earlier cxr): it is made again")
+        if _pixels_crc(images) != record["crc32"]:
+            raise ValueError("its pixels are not what was written: their CRC-32 differs")
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         log.warning("ignoring the damaged shared copy %s (%s)", npy, e)
         return None
-    return Prepared(split.name, images[:len(kept)], np.array([s.label for s in kept], np.int64), kept, failures)
+    return Prepared(split.name, images, np.array([s.label for s in kept], np.int64), kept, failures)
+
+
+def _pixels_crc(images: np.ndarray) -> str:
+    """CRC-32 of a split's pixels, as 8 hex digits, read a few thousand rows at a time (a mapped file stays mapped)."""
+    crc = 0
+    for start in range(0, len(images), 4096):
+        crc = zlib.crc32(np.ascontiguousarray(images[start:start + 4096]), crc)
+    return f"{crc:08x}"
 
 
 def _pack_is_whole(pack: Path, read: tuple[np.ndarray, np.ndarray]) -> bool:
