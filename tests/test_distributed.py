@@ -175,6 +175,60 @@ def test_a_dataset_error_under_torchrun_is_one_line_on_every_rank(tmp_path):
     assert ours.count("cxr train: error:") == 2, ours
 
 
+# Rank 1 sees other data than rank 0, as a second node with its own copy of --data can: one training image fewer, or a
+# validation split without PNEUMONIA.
+OTHER_DATA_CXR = """
+import dataclasses
+import os
+import sys
+import cxr.train
+from cxr.cli import main
+
+split_dataset = cxr.train.split_dataset
+
+def other_data(*args, **kwargs):
+    splits = split_dataset(*args, **kwargs)
+    if os.environ["RANK"] == "1":
+        name = sys.argv[1]
+        kept = splits[name].samples[1:] if name == "train" else [s for s in splits[name].samples if s.label == 0]
+        splits[name] = dataclasses.replace(splits[name], samples=kept)
+    return splits
+
+cxr.train.split_dataset = other_data
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("lost", "said"), [
+    ("train", "process 1 prepared a different train split: 23 images against rank 0's 24 images"),
+    ("val", "process 1 prepared a different val split: 4 images against rank 0's 8 images")])
+def test_ranks_that_prepared_different_data_stop_alike_before_training(tmp_path, lost, said):
+    # Each node prepares its own copy of --data and nothing compared them: a node with an extra image trained on
+    # another split (exit 0); a node whose val split lost a class stopped with one line while rank 0 died with gloo's
+    # "Connection closed by peer" traceback.
+    script = tmp_path / "other_data.py"
+    script.write_text(OTHER_DATA_CXR)
+    data = make_dataset(tmp_path / "data")
+    (tmp_path / "tiny.yaml").write_text(CONFIG)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.Popen([*launcher, str(script), lost, "train", "--data", str(data), "--output",
+                             str(tmp_path / "run"), "--config", str(tmp_path / "tiny.yaml"), *FLAGS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "CXR_DIST_TIMEOUT": "60"})
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the job hung")
+    assert proc.returncode != 0
+    ours = stderr[:stderr.find("torch/distributed/elastic")]
+    assert ours.count(f"cxr train: error: {said}; the data differ between nodes") == 2, ours  # rank 0 and rank 1
+    assert "Traceback" not in ours and "Connection closed" not in ours, ours
+    assert "epoch 1/2" not in ours  # nothing trained
+    assert not (tmp_path / "run").exists()  # a new run refused for its data leaves no run directory
+
+
 # A rank that fails in the middle of training: here rank 1's third optimiser step.
 FAILING_RANK_CXR = """
 import os

@@ -188,6 +188,22 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_ints(values: list[int]) -> list[list[int]]:
+    """Every rank's ``values`` (as many on every rank), in rank order, on every rank; ``[values]`` without a group.
+
+    Integers in a tensor, not pickled objects: every rank can compare what each prepared and so stop alike."""
+    if not _started():
+        return [values]
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    every = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, t)
+    return [e.tolist() for e in every]
+
+
 def broadcast_floats(values: list[float], device: torch.device) -> list[float]:
     """Rank 0's values on every rank, so decisions taken from them (early stopping) are the same everywhere."""
     if not _started():

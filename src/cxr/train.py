@@ -19,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import errno
+import hashlib
 import itertools
 import json
 import logging
@@ -40,6 +41,7 @@ from cxr.data import (
     EMPTY_DIGEST,
     PATTERN_PATIENT,
     PREPROCESS_VERSION,
+    SPLITS,
     Prepared,
     Sample,
     Split,
@@ -57,7 +59,15 @@ from cxr.data import (
     train_transform,
     write_split_csv,
 )
-from cxr.distributed import DistInfo, all_reduce_sum, barrier, broadcast_floats, env_info, local_main_first
+from cxr.distributed import (
+    DistInfo,
+    all_gather_ints,
+    all_reduce_sum,
+    barrier,
+    broadcast_floats,
+    env_info,
+    local_main_first,
+)
 from cxr.distributed import init as init_distributed
 from cxr.distributed import shutdown as shutdown_distributed
 from cxr.errors import ConfigError, CxrError, DataError, UsageError, WriteError
@@ -959,6 +969,56 @@ def warn_if_cpu_contended(threads: int) -> bool:
     return True
 
 
+def _data_fingerprint(prepared: dict[str, Prepared], data: str) -> list[int]:
+    """What this rank prepared, as integers to compare between ranks: for each split its image count (-1: no such
+    split), its count of unreadable images and 16 bytes of a SHA-256 over its images' paths, labels and contents
+    (paths relative to the data's folder: nodes may mount it in other places). The class weights follow from the
+    training labels."""
+    root = data if os.path.isdir(data) else os.path.dirname(data)
+
+    def relative(path: str) -> str:
+        try:
+            return os.path.relpath(path, root)
+        except ValueError:  # another drive (Windows)
+            return path
+
+    values: list[int] = []
+    for name in SPLITS:
+        p = prepared.get(name)
+        if p is None:
+            values += [-1, 0, 0, 0]
+            continue
+        h = hashlib.sha256(json.dumps([[[relative(s.path), s.label, s.digest] for s in p.samples],
+                                       sorted(relative(f) for f, _ in p.failures)]).encode()).digest()
+        values += [len(p.samples), len(p.failures), int.from_bytes(h[:8], "big", signed=True),
+                   int.from_bytes(h[8:16], "big", signed=True)]
+    return values
+
+
+def _check_every_rank_has_the_same_data(prepared: dict[str, Prepared], data: str, info: DistInfo) -> None:
+    """Raise the same DataError on every rank when any prepared other splits than rank 0 (a no-op for one process)."""
+    if not info.active:
+        return
+    every = all_gather_ints(_data_fingerprint(prepared, data))
+    for rank, theirs in enumerate(every[1:], 1):
+        for k, name in enumerate(SPLITS):
+            (n0, bad0, *h0), (n, bad, *h) = every[0][4 * k:4 * k + 4], theirs[4 * k:4 * k + 4]
+            if n != n0:
+                what = f"{_images(n)} against rank 0's {_images(n0)}"
+            elif bad != bad0:
+                what = f"{bad} unreadable image(s) against rank 0's {bad0}"
+            elif h != h0:
+                what = f"as many images as rank 0's ({n}), but other files, contents or labels"
+            else:
+                continue
+            raise DataError(f"process {rank} prepared a different {name} split: {what}; the data differ between "
+                            "nodes (or changed while the processes read them)")
+
+
+def _images(n: int) -> str:
+    return "none" if n < 0 else f"{n} images"
+
+
 def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo, device: torch.device, resumed: bool,
            t_start: float) -> Path:
     if cfg.batch_size % info.world:
@@ -1010,6 +1070,10 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
                             for name, split in splits.items()}
             else:
                 prepared = {name: prepare(split, cfg) for name, split in splits.items()}
+        # Before the class check, which every rank then takes alike, and before any step: each node scans and
+        # prepares its own copy of the data, and one with an extra image had trained on another split without a word
+        # (one with an unreadable image hung in the first all-reduce for CXR_DIST_TIMEOUT).
+        _check_every_rank_has_the_same_data(prepared, cfg.data, info)
         if info.main:
             _warn_of_changed_images(splits, prepared, run_dir)
         for name in ("train", "val"):
