@@ -274,6 +274,42 @@ def test_a_rank_that_fails_mid_run_ends_the_job_at_once(tmp_path):
     assert "injected on rank 1" in stderr
 
 
+# Rank 1's second batch becomes NaN (its inputs, as a bad image or an overflow would make them).
+NAN_ON_RANK_1_CXR = """
+import os
+import sys
+import cxr.train
+from cxr.cli import main
+
+normalize = cxr.train.normalize
+calls = []
+
+def poisoned(x, *args, **kwargs):
+    calls.append(1)
+    out = normalize(x, *args, **kwargs)
+    return out * float("nan") if os.environ["RANK"] == "1" and len(calls) == 2 else out
+
+cxr.train.normalize = poisoned
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_nan_loss_on_one_rank_is_said_as_nan_on_every_rank(tmp_path):
+    # Rank 0, whose own loss was finite, had said "the training loss became 1.2839770317077637 at epoch 1, step 2".
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_ON_RANK_1_CXR)
+    data = make_dataset(tmp_path / "data")
+    (tmp_path / "tiny.yaml").write_text(CONFIG)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run([*launcher, str(script), "train", "--data", str(data), "--output", str(tmp_path / "run"),
+                           "--config", str(tmp_path / "tiny.yaml"), *FLAGS], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200",
+                                            "CXR_DIST_TIMEOUT": "60"})
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if "the training loss became" in line]
+    assert len(said) == 2 and all("became nan at epoch 1, step 2;" in line for line in said), said
+
+
 def test_one_image_per_process_is_refused_where_batch_norm_is_per_process(tmp_path):
     data = make_dataset(tmp_path / "data")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]

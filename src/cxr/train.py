@@ -356,13 +356,15 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, op
                 logits = model(x)
             summed = criterion(logits.float(), y)
             weight = criterion.weight[y].sum() if criterion.weight is not None else torch.tensor(float(len(y)))
+            # The loss summed over ranks too: a rank whose own loss was finite had reported it as the non-finite one
+            # ("the training loss became 1.28...") when another rank's was NaN.
             shared = all_reduce_sum(torch.stack([weight.detach().float().to(device),
-                                                 (~torch.isfinite(summed.detach())).float()]))
+                                                 (~torch.isfinite(summed.detach())).float(), summed.detach()]))
             bad = shared[1] > 0  # decided alike on every rank, so no rank is left waiting in a collective
             if bad and not skip_bad:
-                raise TrainingError(f"the training loss became {summed.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                    f"stopped{_KEPT}; train again into a new --output with a lower --lr, or with "
-                                    "nan_policy: skip in a --config file")
+                raise TrainingError(f"the training loss became {shared[2].item()} at epoch {epoch + 1}, step "
+                                    f"{step + 1}; stopped{_KEPT}; train again into a new --output with a lower "
+                                    "--lr, or with nan_policy: skip in a --config file")
             optimizer.zero_grad(set_to_none=True)
             if not bad:
                 loss = summed * world / shared[0]
@@ -376,7 +378,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.CrossEntropyLoss, op
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 log.warning("epoch %d, step %d: non-finite loss or gradient (loss %s); batch skipped "
-                            "(nan_policy: skip)", epoch + 1, step + 1, summed.item())
+                            "(nan_policy: skip)", epoch + 1, step + 1, shared[2].item())
                 t_data = time.perf_counter()
                 continue
             optimizer.step()
