@@ -310,6 +310,33 @@ def test_a_nan_loss_on_one_rank_is_said_as_nan_on_every_rank(tmp_path):
     assert len(said) == 2 and all("became nan at epoch 1, step 2;" in line for line in said), said
 
 
+# Rank 1 finds no shared copy of the splits (as where its node's first rank could not write one).
+NO_SHARED_COPY_ON_RANK_1_CXR = """
+import os
+import sys
+import cxr.data
+from cxr.cli import main
+
+open_shared = cxr.data._open_shared
+cxr.data._open_shared = lambda *a, **kw: None if os.environ["RANK"] == "1" else open_shared(*a, **kw)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_warnings_every_rank_finds_alike_are_said_once_and_a_ranks_own_with_its_rank(tmp_path):
+    # Non-main ranks logged from WARNING: "1 unreadable image(s) skipped" came once per process.
+    script = tmp_path / "no_shared_copy.py"
+    script.write_text(NO_SHARED_COPY_ON_RANK_1_CXR)
+    data = make_dataset(tmp_path / "data")
+    (data / "train" / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "tiny.yaml").write_text(CONFIG)
+    proc = _run(["train", "--data", data, "--output", tmp_path / "run", "--config", tmp_path / "tiny.yaml", *FLAGS,
+                 "--epochs", "1"], nproc=2, script=script)
+    assert proc.stderr.count("1 unreadable image(s) skipped") == 1, proc.stderr
+    assert proc.stderr.count("no shared copy of the train split") == 1
+    assert "rank 1: no shared copy of the train split" in proc.stderr
+
+
 def test_one_image_per_process_is_refused_where_batch_norm_is_per_process(tmp_path):
     data = make_dataset(tmp_path / "data")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]

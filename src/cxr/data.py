@@ -37,6 +37,7 @@ import numpy as np
 import yaml
 
 from cxr.config import CLASS_NAMES, DEFAULT_MAX_PIXELS, Config, usable_cores
+from cxr.distributed import own_warning
 from cxr.errors import CxrError, DataError, UsageError, WriteError
 from cxr.fileio import CSV_READ, CSV_TEXT, FORMULA_START, _umask, atomic_path, npz_row, valid_utf8
 from cxr.images import (
@@ -710,7 +711,7 @@ class DigestMemo:
     def _unusable(self, e: Exception) -> None:
         if str(self.path) not in _memo_warned:
             _memo_warned.add(str(self.path))
-            log.warning("digest memo %s not usable (%s): hashing every file instead", self.path, e)
+            own_warning(log, "digest memo %s not usable (%s): hashing every file instead", self.path, e)
 
     def get(self, paths: Sequence[str]) -> dict[str, tuple[StatKey, str]]:
         """The remembered (stat key, digest) of each of ``paths`` the memo holds."""
@@ -1016,8 +1017,8 @@ def cache_lookup(folder: Path, size: int, digests: set[str]) -> dict[str, tuple[
             log.debug("cache pack %s cannot be read now (%s): skipped", path, e)
             continue
         if pack is None:  # cut short (or not a pack): said and removed, as a pack whose checksum fails is (README)
-            log.warning("cache pack %s is damaged (not a whole pack: cut short?): removed; any of its images needed "
-                        "are decoded again", path)
+            own_warning(log, "cache pack %s is damaged (not a whole pack: cut short?): removed; any of its images "
+                        "needed are decoded again", path)
             with contextlib.suppress(OSError):
                 path.unlink()
             continue
@@ -1111,7 +1112,7 @@ def _cache_writable(folder: Path) -> bool:
         cache = str(folder.parent if folder.name == "splits" else folder)  # the packs' folder, or its splits/ inside
         if cache not in _unwritable_warned:
             _unwritable_warned.add(cache)
-            log.warning("cannot write to the image cache %s (%s): decoding without it, so again on every run; set "
+            own_warning(log, "cannot write to the image cache %s (%s): decoding without it, so again on every run; set "
                         "--cache-dir or CXR_CACHE_DIR to a writable folder", folder, e.strerror or e)
         return False
     return True
@@ -1199,7 +1200,7 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
             continue
         if not whole:
             # Damaged on disk (or gone since the lookup): its images are decoded again, into a new pack.
-            log.warning("cache pack %s is damaged (its checksum or size is not what was written): its %d image(s) "
+            own_warning(log, "cache pack %s is damaged (its checksum or size is not what was written): its %d image(s) "
                         "are decoded again", pack, len(rows))
             with contextlib.suppress(OSError):
                 pack.unlink()
@@ -1245,7 +1246,7 @@ def _fill(split: Split, cfg: Config, images: np.ndarray, workers: int | None) ->
                     elif stored:  # no writable cache: the pixels came back with the outcome
                         if store and str(folder) not in _full_warned:  # once a process, not once a split
                             _full_warned.add(str(folder))
-                            log.warning("could not write to the image cache %s (disk full?): decoding without it "
+                            own_warning(log, "could not write to the image cache %s (disk full?): decoding without it "
                                         "where it fails; free space or set --cache-dir", folder)
                         for i, row in stored:
                             images[i], ok[i] = pixels[row], True
@@ -1309,7 +1310,7 @@ def prepare_shared(split: Split, cfg: Config, *, build: bool) -> Prepared:
     if shared is not None:  # built by this node's first process, or by an earlier run of the same split
         return shared
     if not build:
-        log.warning("no shared copy of the %s split in %s: preparing it in this process", split.name, npy.parent)
+        own_warning(log, "no shared copy of the %s split in %s: preparing it in this process", split.name, npy.parent)
         return prepare(split, cfg)
     try:
         prepared = prepare(split, cfg, out=npy)
@@ -1319,8 +1320,8 @@ def prepare_shared(split: Split, cfg: Config, *, build: bool) -> Prepared:
         with atomic_path(meta, fsync=False) as tmp:  # written last: its presence says the .npy is whole
             tmp.write_text(json.dumps(record), encoding="utf-8")
     except WriteError as e:  # a full disk, say: each process prepares its own copy, as without torchrun
-        log.warning("cannot write the shared copy of the %s split (%s): every process prepares its own", split.name,
-                    e)
+        own_warning(log, "cannot write the shared copy of the %s split (%s): every process prepares its own",
+                    split.name, e)
         with contextlib.suppress(OSError):
             npy.unlink()
         return prepare(split, cfg)
@@ -1350,7 +1351,7 @@ def _open_shared(split: Split, cfg: Config, npy: Path, meta: Path) -> Prepared |
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        log.warning("ignoring the damaged shared copy %s (%s)", npy, e)
+        own_warning(log, "ignoring the damaged shared copy %s (%s)", npy, e)
         return None
     return Prepared(split.name, images, np.array([s.label for s in kept], np.int64), kept, failures)
 

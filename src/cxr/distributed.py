@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import math
 import os
 import sys
@@ -47,6 +48,28 @@ def env_info() -> DistInfo:
                         int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError:
         raise UsageError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+
+
+# The level the ranks other than rank 0 log from: above WARNING, below ERROR. A warning every rank finds alike (the
+# unreadable images of the data they share) is said once, by rank 0, as README says: under WARNING, "2 unreadable
+# image(s) skipped" had been said once per process. One about this process alone (its node's cache disk full, say) is
+# logged at this level by own_warning, with its rank; errors are said by every rank. A name of its own: naming it
+# WARNING as well made logging take "WARNING" for this level (caplog.at_level("WARNING") then missed warnings).
+OWN_WARNING = logging.WARNING + 5
+logging.addLevelName(OWN_WARNING, "RANK_WARNING")
+
+
+def own_warning(logger: logging.Logger, msg: str, *args: object) -> None:
+    """Log a warning about this process alone, not one every rank finds alike: under torchrun every rank that has it
+    says it (non-main ranks log from :data:`OWN_WARNING`), prefixed "rank N: "."""
+    try:
+        info = env_info()
+    except UsageError:  # not a torchrun rank's environment: the warning is what matters here
+        info = DistInfo()
+    if info.active:
+        logger.log(OWN_WARNING, f"rank {info.rank}: {msg}", *args, stacklevel=2)
+    else:
+        logger.warning(msg, *args, stacklevel=2)  # the record names its caller (data.py), not this function
 
 
 def _started() -> bool:

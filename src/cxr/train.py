@@ -60,6 +60,7 @@ from cxr.data import (
     write_split_csv,
 )
 from cxr.distributed import (
+    OWN_WARNING,
     DistInfo,
     all_gather_ints,
     all_reduce_sum,
@@ -1031,8 +1032,8 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         raise ConfigError(f"--batch-size {cfg.batch_size} over {info.world} processes is "
                           f"{cfg.batch_size // info.world} image per process; batch norm needs two: use --batch-size "
                           f"{2 * info.world} or more")
-    if not info.main:
-        logging.getLogger("cxr").setLevel(logging.WARNING)  # one log, from rank 0
+    if not info.main:  # one log, from rank 0; the others say only what happened to them alone, and errors
+        logging.getLogger("cxr").setLevel(OWN_WARNING)
     made_folders: list[Path] = []  # what a new run that fails its data checks removes again: only what it created
     made_files: list[Path] = []
     if info.main:
