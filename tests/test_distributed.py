@@ -348,6 +348,27 @@ def test_one_image_per_process_is_refused_where_batch_norm_is_per_process(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("batch", "said"), [
+    (5, "this run's global batch (5, in its config.yaml) cannot be split over 2 processes; resume it with a process "
+        "count that divides 5"),
+    (2, "this run's global batch (2, in its config.yaml) over 2 processes is 1 image per process; batch norm needs "
+        "two: resume it with at most 1 process(es), a count that divides 2")])
+def test_a_resume_whose_batch_does_not_split_over_the_processes_asks_for_another_count(tmp_path, batch, said):
+    # It had asked for another --batch-size, which --resume refuses.
+    from cxr.config import load_config, save_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "data").mkdir()
+    save_config(load_config(overrides={"data": str(tmp_path / "data"), "output": str(run), "batch_size": batch,
+                                       "weights": "none", "device": "cpu"}), run / "config.yaml")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run([*launcher, "-m", "cxr", "train", "--resume", str(run)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"cxr train: error: {said}") == 1, proc.stderr  # said by rank 0
+
+
 def test_the_process_group_waits_for_a_rank_building_the_cache(monkeypatch):
     # NCCL gives up on a collective after 10 minutes by default, while local rank 0 may build the cache alone for 20:
     # the group is made with CXR_DIST_TIMEOUT seconds (two hours by default).

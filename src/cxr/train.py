@@ -1024,11 +1024,21 @@ def _images(n: int) -> str:
 
 def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo, device: torch.device, resumed: bool,
            t_start: float) -> Path:
+    # A resumed run keeps its global batch (--resume refuses another --batch-size): the process count is what changes.
+    # "--batch-size 5 must divide by the 2 processes" had asked a resume for a flag it would refuse.
+    kept = f"this run's global batch ({cfg.batch_size}, in its config.yaml)"
     if cfg.batch_size % info.world:
+        if resumed:
+            raise ConfigError(f"{kept} cannot be split over {info.world} processes; resume it with a process count "
+                              f"that divides {cfg.batch_size}")
         raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {info.world} processes")
     if info.active and device.type != "cuda" and cfg.batch_size // info.world < 2:
         # Batch norm is per process off CUDA (SyncBatchNorm needs NCCL): one image a process stopped every rank with
         # "Expected more than 1 value per channel", or, at larger sizes, trained batch norm on single images.
+        if resumed:
+            raise ConfigError(f"{kept} over {info.world} processes is {cfg.batch_size // info.world} image per "
+                              f"process; batch norm needs two: resume it with at most {cfg.batch_size // 2} "
+                              f"process(es), a count that divides {cfg.batch_size}")
         raise ConfigError(f"--batch-size {cfg.batch_size} over {info.world} processes is "
                           f"{cfg.batch_size // info.world} image per process; batch norm needs two: use --batch-size "
                           f"{2 * info.world} or more")
