@@ -1385,6 +1385,34 @@ def test_a_resume_says_images_added_since_the_split_are_left_out(tmp_path, tiny_
     assert [s.path for s in resumed["train"].samples] == [s.path for s in again["train"].samples]  # split kept
 
 
+def test_an_image_changed_while_a_new_run_reads_it_is_recorded_as_it_was_read(tmp_path, tiny_dataset, monkeypatch,
+                                                                               caplog):
+    # split.csv kept the digest hashed before the cache build, which decoded the new content: `cxr evaluate` then
+    # counted that image, trained on, as never seen.
+    import cxr.train
+    from cxr.data import read_split_csv
+
+    from .conftest import TINY_TRAIN
+
+    real = cxr.train.split_dataset
+    edited = []
+
+    def edit_after_the_split(cfg, run_dir, *args, **kwargs):
+        splits = real(cfg, run_dir, *args, **kwargs)
+        path = Path(splits["train"].samples[0].path)
+        path.write_bytes(path.read_bytes() + b"\0edited")  # still a JPEG, another content
+        edited.append(path)
+        return splits
+
+    monkeypatch.setattr(cxr.train, "split_dataset", edit_after_the_split)
+    run = cxr.train.train(load_config(overrides={**TINY_TRAIN, "epochs": 1, "data": str(tiny_dataset),
+                                                 "output": str(tmp_path / "run"),
+                                                 "cache_dir": str(tmp_path / "cache")}))
+    recorded = {s.path: s.digest for v in read_split_csv(run / "split.csv").values() for s in v}
+    assert recorded[str(edited[0])] == hashlib.sha256(edited[0].read_bytes()).hexdigest()
+    assert "1 image(s) changed while the run read them" in caplog.text
+
+
 def test_a_resume_whose_split_lists_an_explain_picture_says_why_it_cannot_go_on(tmp_path, tiny_dataset):
     # An earlier cxr scanned *_gradcam.png as an X-ray, and split.csv lists it; scans leave it out now, and the
     # resume had said the file was "gone", beside the file itself.

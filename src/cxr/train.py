@@ -268,6 +268,21 @@ def _warn_of_changed_images(splits: dict[str, Split], prepared: dict[str, Prepar
                         name, len(changed), run_dir / "split.csv", changed[0])
 
 
+def _record_what_was_read(splits: dict[str, Split], prepared: dict[str, Prepared], run_dir: Path) -> None:
+    """A new run's split.csv with the digests of the bytes its cache build decoded, where an image changed between
+    the split's hashing and its decoding: split.csv had kept the old content's digest, and ``cxr evaluate`` then
+    counted the image trained on as never seen (``n_seen_in_training`` 0)."""
+    read = {s.path: s.digest for p in prepared.values() for s in p.samples if s.digest}
+    changed = [s.path for split in splits.values() for s in split.samples
+               if s.digest and read.get(s.path, s.digest) != s.digest]
+    if not changed:
+        return
+    log.warning("%d image(s) changed while the run read them, e.g. %s: %s records what was trained on", len(changed),
+                changed[0], run_dir / "split.csv")
+    write_split_csv(run_dir / "split.csv", {name: [dataclasses.replace(s, digest=read.get(s.path, s.digest))
+                                                   for s in split.samples] for name, split in splits.items()})
+
+
 def _below_class_folder(path: str) -> str:
     parts = Path(path).parts
     at = max((i for i, p in enumerate(parts) if class_of_folder(p) is not None), default=len(parts) - 2)
@@ -1089,6 +1104,8 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
         _check_every_rank_has_the_same_data(prepared, cfg.data, info)
         if info.main:
             _warn_of_changed_images(splits, prepared, run_dir)
+            if not (resumed and state is not None):
+                _record_what_was_read(splits, prepared, run_dir)
         for name in ("train", "val"):
             if len(prepared[name].labels) == 0 or len(set(prepared[name].labels.tolist())) < 2:
                 raise DataError(f"the {name} split has too few readable images of each class "
