@@ -2017,6 +2017,28 @@ def test_every_train_flag_of_a_config_field_names_its_default():
     assert not missing, missing
 
 
+def test_a_run_whose_folder_is_deleted_and_taken_over_while_it_trains_stops(tmp_path, tiny_dataset, monkeypatch):
+    # The folder deleted under a training run (its writes made it again) and a second run started there: both exited
+    # 0, one's config.yaml beside the other's checkpoints.
+    import cxr.train as train_mod
+
+    run = tmp_path / "run"
+    real_validate = train_mod.validate
+
+    def taken_over(*args, **kwargs):
+        result = real_validate(*args, **kwargs)
+        shutil.rmtree(run)
+        run.mkdir()
+        (run / ".cxr-train.lock").write_text("")  # the other run's
+        return result
+
+    monkeypatch.setattr(train_mod, "validate", taken_over)
+    with pytest.raises(UsageError, match="its lock file .cxr-train.lock was removed or replaced while this run"):
+        train_mod.train(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(run),
+                                               "cache_dir": str(tmp_path / "cache")}))
+    assert sorted(p.name for p in run.iterdir()) == [".cxr-train.lock"]  # nothing written, the other's lock kept
+
+
 def test_an_evaluation_or_report_folder_in_use_is_refused(trained_run, tmp_path, tiny_dataset):
     # Two `cxr evaluate --output F` at once left one model's metrics.json beside the other's predictions and report,
     # each saying only "wrote"; a `cxr report F` during an evaluation reported the mix.

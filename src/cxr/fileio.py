@@ -407,7 +407,8 @@ def release_lock(fd: int, path: Path | None = None) -> None:
         return
     if path is not None:  # removed while still held, then released: no other process can take the old file meanwhile
         with contextlib.suppress(OSError):
-            path.unlink()
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not another holder's, made after this one was removed
+                path.unlink()
     os.close(fd)
 
 

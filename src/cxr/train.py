@@ -731,6 +731,25 @@ def folder_in_use(run_dir: str | os.PathLike) -> bool:
     return False
 
 
+_HELD_RUNS: dict[str, int] = {}  # run folder -> the descriptor holding its lock, in this process
+
+
+def _check_still_held(run_dir: Path) -> None:
+    """Refuse to write into a run folder whose lock is no longer this run's: the folder deleted while the run
+    trained (its writes had made it again) and another run started there, both exiting 0 with one's config beside the
+    other's checkpoints."""
+    fd = _HELD_RUNS.get(str(run_dir))
+    if fd is None:
+        return
+    try:
+        ours = os.stat(run_dir / _LOCK_NAME).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        ours = False
+    if not ours:
+        raise ConfigError(f"{run_dir}: its lock file {_LOCK_NAME} was removed or replaced while this run trained (the "
+                          "folder deleted, or another run started in it): stopped, so as not to mix two runs' files")
+
+
 @contextlib.contextmanager
 def _run_folder_lock(run_dir: Path, info: DistInfo, device: torch.device | None = None,
                      check: Callable[[], None] | None = None):
@@ -787,10 +806,13 @@ def _run_folder_lock(run_dir: Path, info: DistInfo, device: torch.device | None 
     if refused:
         raise ConfigError(f"{run_dir} is in use by another cxr train (it holds {path}); wait for it to end, or pick "
                           "another --output")
+    if fd is not None:
+        _HELD_RUNS[str(run_dir)] = fd
     try:
         yield
     finally:
         if fd is not None:
+            _HELD_RUNS.pop(str(run_dir), None)
             _release(fd, path)
             remove_empty_folders(made)  # a run that failed before writing anything leaves no folder of its own
 
@@ -1384,6 +1406,7 @@ def _save_epoch(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimize
                 state: dict) -> None:
     """best.pt when validation improved, then last.pt (with optimiser state, the sessions that trained the run and,
     while averaging, the running average: ``state``), then history.csv: each atomic."""
+    _check_still_held(run_dir)
     weights_now = model.state_dict()
     if improved:
         save_checkpoint(Checkpoint(cfg.arch, weights_now, cfg, epoch=row["epoch"], val_loss=row["val_loss"]),
