@@ -493,6 +493,11 @@ def resolve_model_path(model: str | os.PathLike, *, flag: str = "--model") -> Pa
         with contextlib.suppress(OSError, UnicodeDecodeError):  # an epoch in history.csv: trained, too
             trained = trained or len((p / "history.csv").read_text(encoding="utf-8").strip().splitlines()) > 1
         if (p / "config.yaml").is_file() and not trained:
+            from cxr.train import folder_in_use
+
+            if folder_in_use(p):  # "it stopped" had been said of a run in its first epoch, and --resume refused
+                raise CheckpointError(f"{p}: a run still in its first epoch, without a model yet; wait for an epoch "
+                                      "to end")
             # a run stopped before its first epoch ended
             raise CheckpointError(f"{p}: a run without a model yet (it stopped before its first epoch ended); cxr "
                                   f"train --resume {p} trains it")
