@@ -2060,6 +2060,22 @@ def test_an_evaluation_or_report_folder_in_use_is_refused(trained_run, tmp_path,
     # Its holder gone (however it ended), the folder is free; one process's evaluation and report nest.
     assert cxr("evaluate", "--model", run, "--data", tiny_dataset / "test", "--output", out, "--no-report")
     assert (out / "metrics.json").is_file() and not (out / ".cxr-output.lock").exists()
+    # A `cxr report` watching a run as it ends: the run's own report is skipped, said, and the run exits 0 (it had
+    # exited 2 after every result was written), with or without --no-report.
+    for report in ([], ["--no-report"]):
+        new = tmp_path / f"run{len(report)}"
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cxr.fileio import output_lock\n"
+                                   f"with output_lock({str(new)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            proc = cxr("train", "--data", tiny_dataset, "--output", new, *_flags({**TINY_TRAIN, "epochs": 1}),
+                       *report, check=False)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert proc.returncode == 0, proc.stderr
+        assert "another cxr report is writing into" in proc.stderr and (new / "best.pt").is_file()
 
 
 def test_a_run_folder_in_use_or_holding_a_model_is_refused(trained_run, tmp_path, tiny_dataset):

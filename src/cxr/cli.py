@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cxr import __version__
 from cxr.config import MAX_PER_GROUP, MAX_UPLOAD_MB, MAX_VIDEO_IMAGES, Config
-from cxr.errors import ConfigError, CxrError, DataError, UsageError
+from cxr.errors import ConfigError, CxrError, DataError, FolderInUse, UsageError
 
 log = logging.getLogger("cxr")
 
@@ -391,6 +391,9 @@ def _report_after(folder, **kwargs) -> None:
     try:
         with output_lock(folder):  # a `cxr report` of the folder meanwhile had mixed its pictures with this one's
             make_report(folder, **kwargs)
+    except FolderInUse:  # a `cxr report` watching the run: not a failure of the run (it had exited 2), nor its report
+        log.warning("no report made: another cxr report is writing into %s now; when it ends, cxr report %s makes "
+                    "one of these results", folder, folder)
     except Exception as e:  # a fault of the report's own (a bug, too) must not turn a finished run into a failure
         cause = str(e) if isinstance(e, CxrError) else f"{type(e).__name__}: {e}"
         log.debug("the report failed", exc_info=True)
@@ -407,8 +410,13 @@ def _no_report(folder, failed: bool = False) -> None:
 
     if not env_info().main:
         return
-    with output_lock(folder):
-        removed = remove_report(folder)
+    try:
+        with output_lock(folder):
+            removed = remove_report(folder)
+    except FolderInUse:  # its own report, which describes these results or earlier ones: said, and left to it
+        log.warning("another cxr report is writing into %s now: a report there may describe earlier results; cxr "
+                    "report %s makes one of these", folder, folder)
+        return
     if removed:
         if failed:  # "the earlier report" had been said of the pictures the failed one had just made
             log.info("removed the report files in %s (those the failed report made, and any earlier report's)", folder)

@@ -19,6 +19,10 @@ class ConfigError(UsageError):
     """Flags or config values that cannot work: every torchrun process finds them alike, so the first alone says so."""
 
 
+class FolderInUse(UsageError):
+    """A folder another cxr process is writing its results into (its lock is held)."""
+
+
 class DataError(CxrError):
     """A dataset that cannot be used as given (missing class folder, one class only, no readable images)."""
 

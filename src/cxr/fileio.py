@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from cxr.errors import UsageError, WriteError
+from cxr.errors import FolderInUse, UsageError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -451,8 +451,8 @@ def output_lock(folder: str | os.PathLike, what: str = "cxr evaluate or cxr repo
         fd = -1
     if fd is None:
         remove_empty_folders(made)
-        raise UsageError(f"{folder} is in use by another {what} (it holds {path}); wait for it to end, or give "
-                         "another folder")
+        raise FolderInUse(f"{folder} is in use by another {what} (it holds {path}); wait for it to end, or give "
+                          "another folder")
     _HELD[key] = (fd, 1)
     try:
         yield
