@@ -918,3 +918,35 @@ def test_an_output_on_a_full_disk_is_refused_before_the_work(tmpfs):
             assert check_writable(ram / "p.csv") == ram / "p.csv"
         finally:
             subprocess.run(["umount", "-l", str(ram)], capture_output=True)
+
+
+def test_an_output_folder_held_by_one_thread_is_refused_to_another(tmp_path):
+    # The lock nests within a process (evaluate, then its report): it had nested across threads too, letting a second
+    # thread in and removing the lock file under it when the first left.
+    import threading
+
+    from cxr.errors import FolderInUse
+    from cxr.fileio import output_lock
+
+    held, release, seen = threading.Event(), threading.Event(), []
+
+    def first():
+        with output_lock(tmp_path / "out"):
+            with output_lock(tmp_path / "out"):  # the same thread: nested
+                held.set()
+                release.wait(30)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert held.wait(30)
+    try:
+        with output_lock(tmp_path / "out"):
+            seen.append("entered")
+    except FolderInUse as e:
+        seen.append(str(e))
+    release.set()
+    t.join(30)
+    assert len(seen) == 1 and "is in use by another" in seen[0]
+    assert not (tmp_path / "out" / ".cxr-output.lock").exists()
+    with output_lock(tmp_path / "out"):  # free again
+        pass

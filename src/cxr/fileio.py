@@ -412,7 +412,9 @@ def release_lock(fd: int, path: Path | None = None) -> None:
     os.close(fd)
 
 
-_HELD: dict[str, tuple[int, int]] = {}  # the output locks this process holds: real path -> (descriptor, depth)
+# The output locks this process holds, by thread: (thread, real path) -> (descriptor, depth). Per thread, not per
+# process: a second thread had been let into a folder the first held, and its lock removed under it.
+_HELD: dict[tuple[int, str], tuple[int, int]] = {}
 OUTPUT_LOCK = ".cxr-output.lock"
 
 
@@ -422,8 +424,10 @@ def output_lock(folder: str | os.PathLike, what: str = "cxr evaluate or cxr repo
     is refused (a UsageError), as a second ``cxr train`` into a run folder is. Two at once had left one model's
     metrics.json beside the other's predictions and report, each saying only "wrote". Held again by this process
     (evaluate, then its report) it nests. On a file system without locks the work goes on, said."""
+    import threading
+
     folder = Path(folder)
-    key = os.path.realpath(folder)
+    key = (threading.get_ident(), os.path.realpath(folder))
     if key in _HELD:
         fd, depth = _HELD[key]
         _HELD[key] = (fd, depth + 1)
