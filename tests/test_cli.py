@@ -2279,9 +2279,10 @@ def test_what_to_do_with_a_finished_or_unstarted_run_is_said(tmp_path):
     from cxr.distributed import DistInfo
     from cxr.train import _run_folder_lock
 
-    with _run_folder_lock(unstarted, DistInfo()):  # still in its first epoch: not "stopped", nor told to --resume
-        with pytest.raises(CheckpointError, match="a run still in its first epoch, without a model yet; wait"):
-            resolve_model_path(unstarted)
+    # still in its first epoch: not "stopped", nor told to --resume
+    with _run_folder_lock(unstarted, DistInfo()), \
+            pytest.raises(CheckpointError, match="a run still in its first epoch, without a model yet; wait"):
+        resolve_model_path(unstarted)
     (finished / "last.pt").unlink()  # a trained run whose checkpoints were moved: not "stopped before its first epoch"
     with pytest.raises(CheckpointError, match=r"a run whose checkpoints \(best.pt, last.pt\) are gone"):
         resolve_model_path(finished)

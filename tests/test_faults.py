@@ -931,10 +931,9 @@ def test_an_output_folder_held_by_one_thread_is_refused_to_another(tmp_path):
     held, release, seen = threading.Event(), threading.Event(), []
 
     def first():
-        with output_lock(tmp_path / "out"):
-            with output_lock(tmp_path / "out"):  # the same thread: nested
-                held.set()
-                release.wait(30)
+        with output_lock(tmp_path / "out"), output_lock(tmp_path / "out"):  # the same thread: nested
+            held.set()
+            release.wait(30)
 
     t = threading.Thread(target=first)
     t.start()

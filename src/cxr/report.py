@@ -400,7 +400,10 @@ def _split_label(name: str, limit: int = 28) -> str:
 def _split_labels(names: Sequence[str], limit: int = 28) -> dict[str, str]:
     """:func:`_split_label` of each split a picture shows together, told apart: where two would read alike when
     shortened (``cohort_2024_hospital_A_external_test_set`` and ``..._B_...``), longer, up to whole."""
-    longest = max((len(n) for n in names), default=0)
+    from cxr.video import drawable
+
+    # as drawn: a character the font lacks is drawn as its escape (\u91ab), six characters for one
+    longest = max((len(drawable(display_name(n))) for n in names), default=0)
     for n in range(limit, max(limit, longest) + 1):  # at the longest, every name whole
         labels = {name: _split_label(name, n) for name in names}
         if len(set(labels.values())) == len(labels):
