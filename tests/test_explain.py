@@ -672,3 +672,108 @@ def test_pictures_explained_into_a_class_folder_are_no_xrays_to_train_or_evaluat
     caplog.clear()
     assert scan(data)["test"].counts() == {"NORMAL": 3, "PNEUMONIA": 3}
     assert "left out 3 Grad-CAM picture(s) written by cxr explain" in caplog.text
+
+
+def _threshold_03_checkpoint(path) -> None:
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.3), path)
+
+
+def test_with_bf16_the_heatmap_explains_the_class_the_threshold_gives(tmp_path, monkeypatch):
+    # With bf16 (or channels_last) the maps take a pass of their own: at P 0.4 and threshold 0.3 the picture says
+    # PNEUMONIA, and a map asked for no class at all would explain the larger logit's, NORMAL. Its flat map's title
+    # says which way the output leans, as a map that is not flat says it.
+    import cxr.evaluate
+    import cxr.explain
+
+    _threshold_03_checkpoint(tmp_path / "m.pt")
+    targets, titles = [], []
+
+    def maps(net, images, **kw):
+        targets.append(None if kw["target"] is None else np.asarray(kw["target"]).tolist())
+        return np.zeros((len(images), 32, 32), np.float32), np.full(len(images), 0.4)
+
+    monkeypatch.setattr(cxr.explain, "heatmaps_for_images", maps)
+    monkeypatch.setattr(cxr.evaluate.Inference, "probs", lambda self, images, **kw: np.full(len(images), 0.4))
+    monkeypatch.setattr(cxr.explain, "_explanation_figure", lambda image, heat, *, title, path, cells:
+                        titles.append(title) or path.write_bytes(b"png"))
+    explain_files(tmp_path / "m.pt", FILES[:1], tmp_path / "out", device="cpu", amp="on")
+    assert targets == [[1]]
+    _, said, heatmap = titles[0].splitlines()
+    assert said.startswith("predicted PNEUMONIA ")
+    assert heatmap == "heatmap: flat, no region raised the score of PNEUMONIA; the output leans NORMAL"
+
+
+def test_a_heatmap_of_another_class_than_the_label_keeps_the_label_in_the_listing(tmp_path, monkeypatch):
+    # --target NORMAL explains NORMAL's map, but the model still says PNEUMONIA (P 0.4 >= threshold 0.3): the listing
+    # had to give the label, not the class the map is of, in one pass (fp32) and in two (bf16).
+    import cxr.evaluate
+    import cxr.explain
+
+    _threshold_03_checkpoint(tmp_path / "m.pt")
+    targets = []
+
+    def maps(net, images, **kw):
+        targets.append(kw["target"])
+        return np.zeros((len(images), 32, 32), np.float32), np.full(len(images), 0.4)
+
+    monkeypatch.setattr(cxr.explain, "heatmaps_for_images", maps)
+    monkeypatch.setattr(cxr.evaluate.Inference, "probs", lambda self, images, **kw: np.full(len(images), 0.4))
+    for amp in ("off", "on"):
+        explain_files(tmp_path / "m.pt", FILES, tmp_path / amp, device="cpu", amp=amp, target="NORMAL")
+        with open(tmp_path / amp / "explanations.csv", newline="") as f:
+            assert [r["predicted"] for r in csv.DictReader(f)] == ["PNEUMONIA"] * len(FILES), amp
+    assert targets == [0, 0]
+
+
+class _OneBlockNet(torch.nn.Module):
+    """``layer4`` (as a ResNet's, what Grad-CAM explains) is ``block``; the logits are ``head`` of its mean."""
+
+    def __init__(self, block: torch.nn.Module, head: list[list[float]]) -> None:
+        super().__init__()
+        self.layer4 = block
+        self.fc = torch.nn.Linear(len(head[0]), 2, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor(head))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer4(x).mean(dim=(2, 3)))
+
+
+def test_a_map_where_nothing_raised_the_score_is_all_zeros_not_evidence_everywhere():
+    # Every activation is >= 0 and PNEUMONIA's log-odds fall with each: no place speaks for it. A flat map is all ones
+    # where the whole grid raised the score alike; this one must be all zeros (nothing shown), not all ones.
+    net = _OneBlockNet(torch.nn.ReLU(), [[1.0], [-1.0]])
+    x = torch.rand(2, 1, 4, 4) + 0.1
+    cam, logits = grad_cam(net, x, target=1)
+    assert cam.shape == (2, 4, 4) and (logits[:, 1] < logits[:, 0]).all()
+    np.testing.assert_array_equal(cam, np.zeros((2, 4, 4), np.float32))
+    uniform, _ = grad_cam(net, torch.ones(1, 1, 4, 4), target=0)  # evidence everywhere, alike: all ones
+    np.testing.assert_array_equal(uniform, np.ones((1, 4, 4), np.float32))
+
+
+def test_a_grid_alike_to_float_rounding_gives_a_uniform_map_not_stretched_noise():
+    # Two cells of 1.0 and 1.0000001 (one float32 step apart): their difference is rounding, not a region that
+    # stands out. Stretched to [0, 1] it had been drawn as half the picture's "evidence".
+    grid = torch.ones(1, 1, 2, 2)
+    grid[0, 0, 0, 0] = 1.0 + 1e-7
+    assert grid[0, 0, 0, 0] > 1.0
+    cam, _ = grad_cam(_OneBlockNet(torch.nn.Identity(), [[0.0], [1.0]]), grid, target=1)
+    np.testing.assert_array_equal(cam, np.ones((1, 2, 2), np.float32))
+    grid[0, 0, 0, 0] = 1.01  # a real difference is still stretched
+    cam, _ = grad_cam(_OneBlockNet(torch.nn.Identity(), [[0.0], [1.0]]), grid, target=1)
+    assert cam[0, 0, 0] == 1.0 and cam[0, 1, 1] == 0.0
+
+
+def test_picture_names_that_differ_only_in_case_are_told_apart_in_either_order():
+    # On macOS and Windows Scan_gradcam.png and scan_gradcam.png are one file: the second picture overwrote the first.
+    from pathlib import Path
+
+    from cxr.explain import _unique_name
+
+    used: set[str] = set()
+    assert [_unique_name(Path(p), used) for p in ("a/Scan.png", "b/scan.png", "c/SCAN.PNG", "d/scan_2.png")] == \
+        ["Scan_gradcam.png", "scan_2_gradcam.png", "SCAN_3_gradcam.png", "scan_2_2_gradcam.png"]
+    used = set()
+    assert [_unique_name(Path(p), used) for p in ("scan.png", "Scan.png")] == ["scan_gradcam.png",
+                                                                             "Scan_2_gradcam.png"]
