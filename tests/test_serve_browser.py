@@ -173,13 +173,15 @@ def test_the_page_shows_a_probability_and_threshold_as_cxr_predict_does(browser_
     cases = [(0.5745, 0.57463), (0.57455, 0.57463), (0.57463, 0.57463), (0.5749, 0.57463), (0.123, 0.5),
              (0.99999, 0.5), (0.00001, 0.5), (0.57405, 0.5741), (0.5742, 0.5741), (0.89999, 0.9),
              (0.3, 0.99996), (0.3, 0.0002), (0.03099999949336052, 0.031),  # never "1.000"/"0.000"; float32 below
-             (0.5625, 0.1), (0.0625, 0.9), (0.3125, 0.4375), (0.6875, 0.5)]  # exact ties at 3 decimals: to even
+             (0.5625, 0.1), (0.0625, 0.9), (0.3125, 0.4375), (0.6875, 0.5),  # exact ties at 3 decimals: to even
+             (0.9995, 0.5), (0.0005, 0.5)]  # the double 0.9995, a little above the decimal, had read "1.000" in both
     js = page.evaluate("cases => cases.map(([p, t]) => { const d = thresholdDecimals(t, p); "
                        "return [probText(p, t, d), fixed(t, d)]; })", cases)
     py = [[prob_text(p, t, d), f"{t:.{d}f}"] for p, t in cases for d in [threshold_decimals(t, [p])]]
     assert js == py
     assert py[1] == ["0.5746", "0.57463"] and py[12][1] == "0.031000000"
     assert py[13][0] == "0.562" and py[16][0] == "0.688"  # 0.5625 to even (down), 0.6875 to even (up)
+    assert [py[17][0], py[18][0]] == [">0.999", "0.001"]
     assert page.evaluate("ts => ts.map(thresholdText)", [0.57463, 0.99996, 1.0]) == ["0.575", "0.99996", "1.000"]
     # Metrics: never 1.000 below 1 (the bundled model's AUROC 0.9996 read so), alike in the page and in Python.
     from cxr.predict import score_text

@@ -140,6 +140,32 @@ def test_probabilities_never_read_as_certain():
     assert prob_text(0.5) == "0.500"
 
 
+def test_probabilities_at_the_edge_of_three_decimals_never_read_as_certain():
+    # 0.9995 as a double is a little above 0.9995: it had read "1.000" (alone, and beside a threshold), where 0.9996
+    # read ">0.999". What is shown is judged, not the number: nothing below 1 reads 1.000, nothing above 0 reads 0.000.
+    for t in (None, 0.5, 0.99):
+        assert [prob_text(p, t) for p in (0.9995, 0.9996, 0.99949999)] == [">0.999", ">0.999", "0.999"], t
+        assert [prob_text(p, t) for p in (0.0005, 0.0004, 0.0004999)] == ["0.001", "<0.001", "<0.001"], t
+    assert prob_text(1.0) == ">0.999" and prob_text(0.0) == "<0.001"
+    import random
+
+    rng = random.Random(0)
+    for p in [rng.uniform(0.999, 1) for _ in range(2000)] + [rng.uniform(0, 0.001) for _ in range(2000)]:
+        assert prob_text(p) not in ("1.000", "0.000") and prob_text(p, 0.5) not in ("1.000", "0.000"), p
+
+
+def test_rates_scores_and_leanings_at_their_edges():
+    # A running accuracy of 99,999 in 100,000 needs three decimals, not ">99.99%"; an AUROC 1e-13 below 1 is float
+    # rounding of a perfect one (no count of images makes it), not ">0.999999"; P exactly 0.5 leans neither way, so a
+    # map of either class is not said to be of a class the output leans away from.
+    from cxr.predict import leans_away, percent_text, score_text
+
+    assert [percent_text(x) for x in (0.99999, 0.00001, 0.999999)] == ["99.999%", "0.001%", "99.9999%"]
+    assert [score_text(x) for x in (1 - 1e-13, 1e-13, 1 - 1e-11)] == ["1.000", "0.000", ">0.999999"]
+    assert [leans_away(0.5, 1), leans_away(0.5, 0), leans_away(0.4999, 1), leans_away(0.5001, 0)] == \
+        [False, False, True, True]
+
+
 def test_a_probability_and_its_threshold_shown_compare_as_they_do():
     # At three decimals, the bundled model's threshold 0.57463 showed as 0.575 and P = 0.5746 as 0.575, labelled
     # NORMAL: "P 0.575 < threshold 0.575". Both now get the decimals it takes, in every picture that shows both.

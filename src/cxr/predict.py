@@ -129,9 +129,10 @@ def prob_text(p: float, threshold: float | None = None, decimals: int = 3) -> st
 
     Beside a ``threshold`` shown with ``decimals`` (:func:`threshold_decimals`), with as many more as it takes for the
     two numbers shown to compare as the two compare: never "P 0.575" below a threshold shown as 0.575."""
-    if p > 0.9995:
+    # Judged on the text shown, not on the number: the double 0.9995 lies just above the decimal and had read "1.000".
+    if float(f"{p:.3f}") >= 1:
         return ">0.999"
-    if p < 0.0005:
+    if float(f"{p:.3f}") <= 0:
         return "<0.001"
     if threshold is None:
         return f"{p:.3f}"

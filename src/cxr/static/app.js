@@ -58,8 +58,9 @@ function thresholdText(t) {
 // A probability as `cxr predict` shows it (cxr.predict.prob_text): three decimals that never claim certainty;
 // beside a threshold shown with `d` decimals, as many more as it takes for the two to compare as they do.
 function probText(p, t = null, d = 3) {
-  if (p > 0.9995) return ">0.999";
-  if (p < 0.0005) return "<0.001";
+  // Judged on the text shown, as in Python: the double 0.9995 lies just above the decimal and had read "1.000".
+  if (Number(fmt(p)) >= 1) return ">0.999";
+  if (Number(fmt(p)) <= 0) return "<0.001";
   if (t === null) return fmt(p);
   const shownT = Number(fixed(t, d));
   for (let k = 3; k <= d; k++) {
