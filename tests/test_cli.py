@@ -1392,6 +1392,45 @@ def test_under_torchrun_a_flag_error_is_said_by_the_first_rank_only(monkeypatch,
     assert "cxr train: error:" in capsys.readouterr().err
 
 
+def test_merge_refuses_shards_that_hold_fewer_rows_than_their_list(tmp_path):
+    # Shard 1's file cut short (an edit, a copy interrupted): every shard saw the same 4 files, but 3 rows are merged,
+    # and the lost file would have been reported nowhere.
+    from cxr.predict import (
+        Prediction,
+        merge_shards,
+        select_shard,
+        shard_path,
+        write_predictions_file,
+        write_shard_manifest,
+    )
+
+    files = [Path(f"x{i}.jpeg") for i in range(4)]
+    out = tmp_path / "p.csv"
+    for i in range(2):
+        part = shard_path(out, (i, 2))
+        rows = [Prediction(str(f), 0.25, "NORMAL") for f in select_shard(files, (i, 2))]
+        write_predictions_file(part, rows[:1] if i == 1 else rows)
+        write_shard_manifest(part, files)
+    with pytest.raises(UsageError, match="the shard files hold 3 predictions for a list of 4 files"):
+        merge_shards(out)
+    assert not out.exists()
+
+
+def test_predict_of_paths_none_of_which_exists_stops_before_the_model_and_writes_nothing(tmp_path, monkeypatch):
+    # A typo in the one folder given had loaded the model and written a file of error rows, exit 0 for every shard.
+    import cxr.evaluate
+    from cxr.cli import main as cxr_main
+    from cxr.predict import predict_files
+
+    monkeypatch.setattr(cxr.evaluate, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UsageError, match=r"nope: no such file or directory$"):
+        predict_files("unused.pt", [tmp_path / "nope"], device="cpu")
+    with pytest.raises(UsageError, match=r"^none of the 2 paths given exists, e\.g\. .*nope: no such file"):
+        predict_files("unused.pt", [tmp_path / "nope", tmp_path / "nope2"], device="cpu")
+    assert cxr_main(["predict", str(tmp_path / "nope"), "--output", str(tmp_path / "p.csv")]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_merge_of_a_torchrun_takes_its_own_shard_count_only(tmp_path):
     # An earlier `--shard 0/3` beside it had made a torchrun of 2 predict everything, then refuse to merge.
     from cxr.predict import Prediction, merge_shards, shard_path, write_predictions_file
