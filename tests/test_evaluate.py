@@ -829,3 +829,94 @@ def test_evaluate_reads_patients_by_the_models_own_pattern_or_the_one_given(tmp_
     np.savez(tmp_path / "d.npz", test_images=np.zeros((2, 28, 28), np.uint8), test_labels=np.array([0, 1]))
     with pytest.raises(UsageError, match="--patient-pattern reads image paths below class folders; d.npz has none"):
         evaluate_model(tmp_path / "m.pt", tmp_path / "d.npz", tmp_path / "o", device="cpu", patient_pattern="")
+
+
+def test_a_rate_over_patients_alike_to_the_last_image_is_wilsons_interval_of_the_images():
+    # Three patients of one right and one wrong image each: no spread between patients (a design effect of 0), so
+    # the images count as independent; dividing by that 0 had been a ZeroDivisionError in the middle of evaluate.
+    from scipy.stats import binomtest
+
+    from cxr.evaluate import _wilson
+
+    expected = binomtest(3, 6).proportion_ci(confidence_level=0.95, method="wilson")
+    got = _wilson(np.array([1, 0, 1, 0, 1, 0]), np.array([0, 0, 1, 1, 2, 2]), 0.95)
+    assert got == [expected.low, expected.high] and got == [pytest.approx(0.18761, abs=1e-5),
+                                                             pytest.approx(0.81239, abs=1e-5)]
+
+
+def test_f1_of_a_set_without_pneumonia_is_undefined_not_zero():
+    # No PNEUMONIA image: no positive to find, so F1 is undefined (None, as sensitivity), where a false alarm had
+    # made it 0, read as a model that finds nothing.
+    m = compute_metrics(np.array([0, 0, 0]), np.array([0.9, 0.1, 0.2]), 0.5)
+    assert m["f1"] is None and m["sensitivity"] is None and m["specificity"] == pytest.approx(2 / 3)
+    assert compute_metrics(np.array([0, 1, 1]), np.array([0.9, 0.1, 0.8]), 0.5)["f1"] == pytest.approx(0.5)
+
+
+def test_intervals_resample_patients_from_five_a_class_on():
+    # Four patients a class (of three images each) are too few to resample: the intervals had come from a handful of
+    # distinct resamples, and read as measured.
+    from cxr.evaluate import CI_METHOD_PATIENTS, interval_patients
+
+    for per_class, resampled in ((4, False), (5, True)):
+        labels = np.repeat([0, 1], 3 * per_class)
+        patients = [f"{y}-{i // 3}" for i, y in enumerate(labels)]
+        chosen, method = interval_patients("test", labels, patients)
+        if resampled:
+            assert (chosen, method) == (patients, CI_METHOD_PATIENTS)
+        else:
+            assert chosen is None and "too few patients (fewer than 5 in a class)" in method
+
+
+def test_evaluate_says_whether_its_threshold_was_the_models_or_given(tmp_path):
+    # A --threshold given had been recorded as the model's: a report read it as the one chosen on validation.
+    from cxr.config import load_config
+    from cxr.demo import SAMPLE_DIR
+    from cxr.evaluate import evaluate_model
+    from cxr.model import Checkpoint, build_model, save_checkpoint
+
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, threshold=0.5),
+                    tmp_path / "m.pt")
+    for threshold, source in ((0.3, "given"), (None, "model")):
+        out = tmp_path / f"out-{source}"
+        metrics = evaluate_model(tmp_path / "m.pt", SAMPLE_DIR / "test", out, device="cpu", threshold=threshold)
+        assert metrics["test"]["threshold_source"] == source
+        on_disk = json.loads((out / "metrics.json").read_text())["test"]
+        assert (on_disk["threshold_source"], on_disk["threshold"]) == (source, threshold or 0.5)
+
+
+@pytest.mark.parametrize("left", ["best.pt", "last.pt", "history.csv"])
+def test_evaluate_refuses_a_folder_holding_any_file_of_a_training_run(tmp_path, left):
+    # A run's folder with its metrics.json already gone (or not yet written) still holds a run: any one of its
+    # files says so.
+    from cxr.errors import UsageError
+    from cxr.evaluate import evaluate_model
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / left).write_bytes(b"")
+    with pytest.raises(UsageError, match=r"--output .*run: a training run's folder, whose metrics.json"):
+        evaluate_model("unused.pt", tmp_path / "data", tmp_path / "run", device="cpu")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [left]
+
+
+def test_a_folder_name_is_judged_by_its_longest_result_name_flythrough_name_mp4(tmp_path, monkeypatch):
+    # flythrough_<name>.mp4 of a 216-byte name is 231 bytes, over the 230 an output's name may take: refused before
+    # the work; at 214 bytes it is evaluated.
+    import shutil
+
+    import cxr.data
+    from cxr.demo import SAMPLE_DIR
+    from cxr.errors import UsageError
+    from cxr.evaluate import evaluate_model
+
+    class Started(Exception):
+        pass
+
+    monkeypatch.setattr(cxr.data, "prepare", lambda *a, **k: (_ for _ in ()).throw(Started()))
+    for length, refused in ((216, True), (214, False)):
+        folder = tmp_path / ("S" * length)
+        shutil.copytree(SAMPLE_DIR / "test", folder)
+        with pytest.raises(UsageError if refused else Started) as e:
+            evaluate_model("default", folder, tmp_path / f"out{length}", device="cpu")
+        if refused:
+            assert "(flythrough_SSSSSSSSS...: 231 bytes, at most 230)" in str(e.value)
