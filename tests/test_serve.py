@@ -876,3 +876,97 @@ def test_the_default_threads_share_the_cores_and_keep_to_omp_num_threads(monkeyp
     for value, threads in (("1", 1), ("3", 3), ("16", 4), ("", 4), ("0", 4), ("two", 4)):
         monkeypatch.setenv("OMP_NUM_THREADS", value)
         assert cxr.serve.default_threads(2) == threads, value
+
+
+def test_uploads_read_at_once_cannot_all_slip_past_a_full_queue():
+    # The queue is checked before an upload is read and again after: three uploads that all passed the first check
+    # (the service idle), then arrived together, had all been admitted to a queue of none behind one worker.
+    engine = SlowEngine(0.5)
+    app = create_app(engine, max_concurrency=1, max_queue=0)
+    boundary = "cxrboundary7d1f"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpeg\"\r\n\r\n").encode() \
+        + NORMAL[0].read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+
+    async def three_at_once():
+        waiting, gate = [], asyncio.Event()
+
+        async def one():
+            sent, answer = [], {}
+
+            async def receive():
+                if sent:  # the body is in: later calls (is the client still there?) wait as a live client's would
+                    await asyncio.Event().wait()
+                sent.append(True)
+                waiting.append(True)  # past the first check: it reads the body
+                if len(waiting) == 3:
+                    gate.set()
+                await gate.wait()
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    answer["status"], answer["headers"] = message["status"], dict(message["headers"])
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": PREDICT, "raw_path": PREDICT.encode(), "query_string": b"heatmap=false",
+                     "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
+                     "headers": [(b"host", b"test"), (b"content-length", str(len(body)).encode()),
+                                 (b"content-type", f"multipart/form-data; boundary={boundary}".encode())]}
+            await app(scope, receive, send)
+            return answer
+
+        return await asyncio.wait_for(asyncio.gather(one(), one(), one()), 30)
+
+    answers = asyncio.run(three_at_once())
+    assert sorted(a["status"] for a in answers) == [200, 503, 503]
+    assert all(b"retry-after" in a["headers"] for a in answers if a["status"] == 503)
+
+
+class OutOfMemoryEngine(BrokenEngine):
+    def predict_uint8(self, images):
+        raise MemoryError
+
+
+def test_a_prediction_out_of_memory_is_503_to_retry_not_500(caplog):
+    # Memory runs short under load and comes back: 503 with Retry-After tells a client to try again, where 500 said
+    # the image could not be processed.
+    with TestClient(create_app(OutOfMemoryEngine()), raise_server_exceptions=False) as c:
+        r = upload(c, NORMAL[0].read_bytes(), params="?heatmap=false")
+    assert r.status_code == 503 and r.json() == {"detail": "out of memory: retry later"}
+    assert int(r.headers["retry-after"]) >= 1
+    assert "prediction failed" in caplog.text
+
+
+def test_an_upload_limit_over_what_the_service_can_hold_is_refused():
+    # 5000 MB of one upload held in memory, per worker: refused when the app is made, not when memory runs out.
+    from cxr.config import MAX_UPLOAD_MB
+
+    with pytest.raises(UsageError, match=rf"max_upload_mb must be > 0 and <= {MAX_UPLOAD_MB}"):
+        create_app(BrokenEngine(), max_upload_mb=5000)
+    assert create_app(BrokenEngine(), max_upload_mb=MAX_UPLOAD_MB).title
+
+
+def test_serve_gives_each_prediction_the_default_threads_unless_told(monkeypatch):
+    # `cxr serve` without --threads had given each of its predictions every core (and overridden OMP_NUM_THREADS).
+    import cxr.serve
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def recording(model, **kw):
+        seen.append(kw["threads"])
+        raise Stop
+
+    monkeypatch.setattr(cxr.serve, "usable_cores", lambda: 8)
+    monkeypatch.setattr(cxr.serve, "_listen", lambda host, port: [])
+    monkeypatch.setattr(cxr.serve, "create_app", recording)
+    for omp, threads, concurrency in ((None, None, 2), ("1", None, 2), (None, None, 3), (None, 5, 2)):
+        if omp is None:
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OMP_NUM_THREADS", omp)
+        with pytest.raises(Stop):
+            cxr.serve.serve(BrokenEngine(), port=0, max_concurrency=concurrency, threads=threads)
+    assert seen == [4, 1, 2, 5]
