@@ -588,3 +588,43 @@ def test_a_files_hash_is_remembered_only_while_the_file_is_unchanged(tmp_path, m
     path.write_bytes(b"b" * 1000)
     os.utime(path, ns=(1, 1))  # another modification time, whatever the clock's resolution
     assert file_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_a_model_card_json_beside_a_runs_best_pt_cannot_change_what_the_checkpoint_decides(tmp_path):
+    # model_card.json adds what a person writes (intended use, notes); had its threshold or model_id been taken, the
+    # service would show one threshold and decide by another, under the name of a model it is not.
+    from cxr.export import model_card, model_id
+
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny_checkpoint(run / "best.pt", "resnet18")
+    (run / "model_card.json").write_text(json.dumps({"threshold": 0.9, "model_id": "x", "class_names": ["A", "B"],
+                                                     "intended_use": "teaching only"}))
+    ckpt = load_checkpoint(run / "best.pt")
+    card = model_card(ckpt)
+    assert (card["threshold"], card["model_id"], card["class_names"]) == (THRESHOLD, model_id(ckpt),
+                                                                           ["NORMAL", "PNEUMONIA"])
+    assert card["intended_use"] == "teaching only"
+
+
+def test_a_cached_onnx_export_that_onnx_runtime_refuses_is_exported_again(exported, counted_exports, caplog):
+    # A cached file whose bytes are the ones written (its digest holds) but whose contract cxr refuses (edited, or a
+    # cache shared with another cxr) had stopped every `--backend onnx` start until the cache was cleared by hand.
+    load_onnx_predictor(exported["ckpt"])
+    (cached,) = (Path(os.environ["CXR_CACHE_DIR"]) / "onnx").glob("*.onnx")
+    proto = onnx.load(str(cached))
+    entry = next(p for p in proto.metadata_props if p.key == CONTRACT_KEY)
+    entry.value = json.dumps({**json.loads(entry.value), "draft": "yes"})
+    data = proto.SerializeToString()
+    cached.unlink()
+    refused = cached.with_name(f"{cached.name.rsplit('-', 1)[0]}-{hashlib.sha256(data).hexdigest()[:16]}.onnx")
+    refused.write_bytes(data)
+    with pytest.raises(CheckpointError, match="draft 'yes'"):
+        OnnxPredictor(refused)
+    with caplog.at_level(logging.WARNING, logger="cxr"):
+        again = load_onnx_predictor(exported["ckpt"])
+    assert f"the cached ONNX export {refused} is unusable (" in caplog.text
+    assert f"draft 'yes'): damaged or edited by hand; export it again with cxr export): exporting {exported['ckpt']} " \
+        "again" in caplog.text
+    assert counted_exports == [str(exported["ckpt"])] * 2 and not refused.exists()
+    assert np.abs(again.predict_uint8(exported["images"][:4]) - exported["probs"][:4]).max() < 1e-4
