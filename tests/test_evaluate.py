@@ -899,9 +899,9 @@ def test_evaluate_refuses_a_folder_holding_any_file_of_a_training_run(tmp_path, 
     assert [p.name for p in (tmp_path / "run").iterdir()] == [left]
 
 
-def test_a_folder_name_is_judged_by_its_longest_result_name_flythrough_name_mp4(tmp_path, monkeypatch):
-    # flythrough_<name>.mp4 of a 216-byte name is 231 bytes, over the 230 an output's name may take: refused before
-    # the work; at 214 bytes it is evaluated.
+def test_a_folder_name_is_judged_by_its_longest_result_name(tmp_path, monkeypatch):
+    # predictions_<name>.csv (one byte longer than flythrough_<name>.mp4) of a 216-byte name is 232 bytes, over the
+    # 230 an output's name may take: refused before the work; at 214 bytes it is evaluated.
     import shutil
 
     import cxr.data
@@ -919,4 +919,4 @@ def test_a_folder_name_is_judged_by_its_longest_result_name_flythrough_name_mp4(
         with pytest.raises(UsageError if refused else Started) as e:
             evaluate_model("default", folder, tmp_path / f"out{length}", device="cpu")
         if refused:
-            assert "(flythrough_SSSSSSSSS...: 231 bytes, at most 230)" in str(e.value)
+            assert "(predictions_SSSSSSSS...: 232 bytes, at most 230)" in str(e.value)

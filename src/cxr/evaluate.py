@@ -836,7 +836,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
         pattern = ckpt.config.patient_pattern if patient_pattern is None else patient_pattern
         splits = scan(data, require_both_classes=False, patient_pattern=pattern)
         for name in splits:  # a split's name is its folder's, and names the output files: checked before the work
-            longest = f"flythrough_{name}.mp4"
+            longest = f"predictions_{name}.csv"  # one byte longer than flythrough_<name>.mp4
             if len(os.fsencode(longest)) > MAX_NAME_BYTES:
                 raise UsageError(f"{data}: the folder name {name[:40]}... is too long for the file names of its "
                                  f"results ({longest[:20]}...: {len(os.fsencode(longest))} bytes, at most "
