@@ -1758,6 +1758,9 @@ def test_predict_interrupted_keeps_the_predictions_it_made(tmp_path, caplog, mon
     rows = read_csv(tmp_path / "p.partial.csv")
     assert [r["path"] for r in rows] == list(map(str, files[:4])) and all(r["label"] for r in rows)
     assert "stopped after 4 of 5 file(s): " in caplog.text
+    monkeypatch.setattr(cxr.predict, "load_image", real)  # the whole job, run again: the part is gone with its word
+    assert cxr_main(["predict", *map(str, files), "--output", str(out), "--backend", backend]) == 0
+    assert len(read_csv(out)) == 5 and not (tmp_path / "p.partial.csv").exists()
 
 
 def test_a_file_named_with_a_leading_dash_is_told_how_to_give(tmp_path, monkeypatch, capsys):

@@ -479,6 +479,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         collect_files,
         merge_shards,
         parse_shard,
+        partial_path,
         predict_files,
         select_shard,
         shard_path,
@@ -544,6 +545,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         if args.output:
             out = shard_path(args.output, shard) if shard else Path(args.output)
             write_predictions_file(out, preds)
+            if partial_path(out).is_file():  # an interrupted run's, now left behind by the whole job
+                partial_path(out).unlink(missing_ok=True)
+                log.info("removed %s, an interrupted run's part of this job", partial_path(out))
             if shard:
                 write_shard_manifest(out, files)
             if not nothing:
