@@ -1776,6 +1776,14 @@ def test_a_file_named_with_a_leading_dash_is_told_how_to_give(tmp_path, monkeypa
         assert "-dash.jpeg is a file whose name begins with '-': write it ./-dash.jpeg, or put -- before it" in \
             capsys.readouterr().err
     assert cxr_main(["predict", "--", "-dash.jpeg"]) == 0
+    # Not added to another error, nor after --; and for a flag's value, the form that works
+    for argv, said in ((["predict", "--threshold", "abc", "--", "-dash.jpeg"], None),
+                       (["evaluate", "--data", "-dash.jpeg", "--output", "o"],
+                        "write --data=-dash.jpeg or --data ./-dash.jpeg")):
+        with pytest.raises(SystemExit):
+            cxr_main(argv)
+        err = capsys.readouterr().err
+        assert ("begins with '-'" in err) is (said is not None) and (said is None or said in err), err
 
 
 def test_demo_refuses_to_replace_a_run_that_is_not_a_demo(tmp_path, tiny_dataset):

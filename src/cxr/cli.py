@@ -33,8 +33,13 @@ class _Parser(argparse.ArgumentParser):
                         "to evaluate, predict, explain or serve")
         # A file whose name begins with "-" is read as a flag: "the following arguments are required: PATH" had been
         # said of a command that named one.
-        dashed = [a for a in _ARGV if a.startswith("-") and a != "-" and os.path.isfile(a)]
-        if dashed:
+        given = _ARGV[:_ARGV.index("--")] if "--" in _ARGV else _ARGV  # after --, names are names already
+        dashed = [a for a in given if a.startswith("-") and a != "-" and os.path.exists(a)]
+        value = re.match(r"argument (--[\w-]+): expected one argument", message)
+        if dashed and value:  # the value of a flag: -- cannot help there
+            message += (f"; {dashed[0]} is a file whose name begins with '-': write {value.group(1)}={dashed[0]} or "
+                        f"{value.group(1)} ./{dashed[0]}")
+        elif dashed and ("required" in message or "unrecognized arguments" in message):
             message += (f"; {dashed[0]} is a file whose name begins with '-': write it ./{dashed[0]}, or put -- "
                         "before it")
         # Under torchrun every process parses the same flags: rank 0 alone says what is wrong.
