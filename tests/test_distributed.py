@@ -349,10 +349,13 @@ def test_one_image_per_process_is_refused_where_batch_norm_is_per_process(tmp_pa
 
 
 @pytest.mark.parametrize(("batch", "said"), [
-    (5, "this run's global batch (5, in its config.yaml) cannot be split over 2 processes; resume it with a process "
-        "count that divides 5"),
+    # the counts that work, not "a count that divides 5", which led to 5 processes of 1 image, refused in turn
+    (5, "this run's global batch (5, in its config.yaml) cannot be split over 2 processes; resume it with a single "
+        "process"),
     (2, "this run's global batch (2, in its config.yaml) over 2 processes is 1 image per process; batch norm needs "
-        "two: resume it with at most 1 process(es), a count that divides 2")])
+        "two: resume it with a single process"),
+    (9, "this run's global batch (9, in its config.yaml) cannot be split over 2 processes; resume it with 1 or 3 "
+        "processes")])
 def test_a_resume_whose_batch_does_not_split_over_the_processes_asks_for_another_count(tmp_path, batch, said):
     # It had asked for another --batch-size, which --resume refuses.
     from cxr.config import load_config, save_config

@@ -1064,18 +1064,21 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
     # A resumed run keeps its global batch (--resume refuses another --batch-size): the process count is what changes.
     # "--batch-size 5 must divide by the 2 processes" had asked a resume for a flag it would refuse.
     kept = f"this run's global batch ({cfg.batch_size}, in its config.yaml)"
+    # The process counts a resume can use: those that divide the batch, with two images a process off CUDA (the advice
+    # "a count that divides 5" had led to 5 processes, then to "at most 2", which none of 5's divisors but 1 is).
+    counts = [n for n in range(1, cfg.batch_size + 1) if cfg.batch_size % n == 0
+              and (device.type == "cuda" or n == 1 or cfg.batch_size // n >= 2)]
+    can = "a single process" if counts == [1] else f"{', '.join(map(str, counts[:-1]))} or {counts[-1]} processes"
     if cfg.batch_size % info.world:
         if resumed:
-            raise ConfigError(f"{kept} cannot be split over {info.world} processes; resume it with a process count "
-                              f"that divides {cfg.batch_size}")
+            raise ConfigError(f"{kept} cannot be split over {info.world} processes; resume it with {can}")
         raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {info.world} processes")
     if info.active and device.type != "cuda" and cfg.batch_size // info.world < 2:
         # Batch norm is per process off CUDA (SyncBatchNorm needs NCCL): one image a process stopped every rank with
         # "Expected more than 1 value per channel", or, at larger sizes, trained batch norm on single images.
         if resumed:
             raise ConfigError(f"{kept} over {info.world} processes is {cfg.batch_size // info.world} image per "
-                              f"process; batch norm needs two: resume it with at most {cfg.batch_size // 2} "
-                              f"process(es), a count that divides {cfg.batch_size}")
+                              f"process; batch norm needs two: resume it with {can}")
         raise ConfigError(f"--batch-size {cfg.batch_size} over {info.world} processes is "
                           f"{cfg.batch_size // info.world} image per process; batch norm needs two: use --batch-size "
                           f"{2 * info.world} or more")
