@@ -2067,6 +2067,28 @@ def test_every_train_flag_of_a_config_field_names_its_default():
     assert not missing, missing
 
 
+def test_a_resume_whose_run_another_session_trained_meanwhile_is_refused(trained_run, tmp_path, monkeypatch):
+    # A resume read last.pt, then waited (a slow torchrun rendezvous) while another --resume trained the run further:
+    # it went on from the old last.pt and replaced the other's epochs, both exiting 0.
+    import cxr.train as train_mod
+
+    _, finished, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy, ignore=shutil.ignore_patterns("report*"))
+    real_init = train_mod.init_distributed
+
+    def meanwhile(device):
+        last = copy / "last.pt"
+        last.write_bytes(last.read_bytes())  # the other session's last.pt, written anew
+        return real_init(device)
+
+    monkeypatch.setattr(train_mod, "init_distributed", meanwhile)
+    before = (copy / "history.csv").read_text()
+    with pytest.raises(UsageError, match="another cxr train went on with this run since its last.pt was read"):
+        train_mod.train(resume=copy, overrides={"epochs": 3})
+    assert (copy / "history.csv").read_text() == before
+
+
 def test_a_run_whose_folder_is_deleted_and_taken_over_while_it_trains_stops(tmp_path, tiny_dataset, monkeypatch):
     # The folder deleted under a training run (its writes made it again) and a second run started there: both exited
     # 0, one's config.yaml beside the other's checkpoints.

@@ -654,8 +654,15 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         raise ConfigError(f"{run_dir} is in use by another cxr train (it holds {run_dir / _LOCK_NAME}); wait for it "
                           "to end, or pick another --output")
 
+    read = _file_identity(run_dir / "last.pt") if resume is not None else None
+
     def occupied() -> None:
         _refuse_occupied(run_dir, resume is not None)
+        # A resume read last.pt before it held the folder: another session that trained the run meanwhile (while a
+        # slow torchrun rendezvous waited) had had its epochs replaced by this one's, both exiting 0.
+        if resume is not None and _file_identity(run_dir / "last.pt") != read:
+            raise UsageError(f"--resume {run_dir}: another cxr train went on with this run since its last.pt was read "
+                             f"here; run the --resume again to go on from where that one stopped")
 
     occupied()
     info, device = init_distributed(resolve_device(cfg.device))
@@ -687,6 +694,15 @@ def _refuse_occupied(run_dir: Path, resumed: bool) -> None:
         # last.pt deleted to save its space (3x best.pt's): the finished run's model and results had been replaced
         raise UsageError(f"{run_dir} holds a trained model (best.pt or its results); pick another --output, or delete "
                          "the folder to start over there")
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """A file's device, inode, size and modification time, or None where it is not there: whether it changed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _read_summary(run_dir: Path) -> dict:
