@@ -1168,6 +1168,42 @@ def test_prepare_shared_without_a_builder_or_with_a_damaged_copy(tmp_path, tiny_
     np.testing.assert_array_equal(again.images, expected.images)
 
 
+def test_a_shared_split_build_that_fails_leaves_another_builds_file(tmp_path, tiny_dataset, monkeypatch):
+    # Two containers sharing a cache volume (alike process ids) built one split file: the loser's failed rename
+    # removed the winner's finished .npy. A build that put no file in place removes none; its temporary name is
+    # random, so two builds never write one file.
+    import cxr.data
+    from cxr.data import prepare_shared
+    from cxr.errors import WriteError
+
+    cfg = load_config(overrides={"image_size": 32, "cache_dir": str(tmp_path / "cache")})
+    split = scan(tiny_dataset / "test")["test"]
+    prepare_shared(split, cfg, build=True)
+    (npy,) = (data.cache_folder(cfg) / "splits").glob("*.npy")
+    npy.with_suffix(".json").unlink()  # the winner's, its record not yet written
+    winner = npy.read_bytes()
+    real = cxr.data.prepare
+
+    def losing(split, cfg, *args, out=None, **kwargs):
+        if out is None:
+            return real(split, cfg, *args, **kwargs)
+        raise WriteError.from_os_error(out, FileNotFoundError(2, "No such file or directory"))
+
+    monkeypatch.setattr(cxr.data, "prepare", losing)
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    got = prepare_shared(split, cfg, build=True)
+    assert len(got.labels) == 8 and npy.read_bytes() == winner
+    monkeypatch.setattr(cxr.data, "prepare", real)
+    made, open_memmap = [], np.lib.format.open_memmap
+    monkeypatch.setattr(np.lib.format, "open_memmap", lambda f, *a, **k: made.append(Path(f).name) or
+                        open_memmap(f, *a, **k))
+    for _ in range(2):
+        npy.unlink(missing_ok=True)
+        prepare_shared(split, cfg, build=True)
+    temporaries = {n for n in made if n.endswith(".tmp")}
+    assert len(temporaries) == 2 and all(n.startswith(f".{npy.name}.1.") for n in temporaries), made
+
+
 def test_prepare_shared_never_maps_pixels_changed_on_disk(tmp_path, tiny_dataset, caplog):
     # The file every rank trains from had no checksum: zeroed in place (its size kept), it gave all-blank training
     # images and the run ended well.

@@ -26,6 +26,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+import uuid
 import zlib
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -1135,7 +1136,9 @@ def prepare(split: Split, cfg: Config, *, workers: int | None = None, out: Path 
     # Every image goes straight into one preallocated array, so the peak is the data's size once, not twice.
     if out is None or n == 0:
         return _fill(split, cfg, np.empty((n, size, size), np.uint8), workers)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # never read: not a finished .npy name
+    # Never read: not a finished .npy name. Random, not the process id alone, which containers sharing a cache volume
+    # have alike: one build's file had been truncated by the other's, and the loser removed the winner's .npy.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size))
@@ -1312,8 +1315,10 @@ def prepare_shared(split: Split, cfg: Config, *, build: bool) -> Prepared:
     if not build:
         own_warning(log, "no shared copy of the %s split in %s: preparing it in this process", split.name, npy.parent)
         return prepare(split, cfg)
+    written = False  # the .npy put in place by this process: only then is it this process's to remove
     try:
         prepared = prepare(split, cfg, out=npy)
+        written = True
         index = {s.path: i for i, s in enumerate(split.samples)}
         record = {"kept": [[index[s.path], s.digest] for s in prepared.samples], "failures": prepared.failures,
                   "crc32": _pixels_crc(prepared.images)}
@@ -1322,8 +1327,9 @@ def prepare_shared(split: Split, cfg: Config, *, build: bool) -> Prepared:
     except WriteError as e:  # a full disk, say: each process prepares its own copy, as without torchrun
         own_warning(log, "cannot write the shared copy of the %s split (%s): every process prepares its own",
                     split.name, e)
-        with contextlib.suppress(OSError):
-            npy.unlink()
+        if written:
+            with contextlib.suppress(OSError):
+                npy.unlink()
         return prepare(split, cfg)
     return prepared
 
