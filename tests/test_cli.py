@@ -1758,7 +1758,11 @@ def test_predict_interrupted_keeps_the_predictions_it_made(tmp_path, caplog, mon
     rows = read_csv(tmp_path / "p.partial.csv")
     assert [r["path"] for r in rows] == list(map(str, files[:4])) and all(r["label"] for r in rows)
     assert "stopped after 4 of 5 file(s): " in caplog.text
-    monkeypatch.setattr(cxr.predict, "load_image", real)  # the whole job, run again: the part is gone with its word
+    monkeypatch.setattr(cxr.predict, "load_image", real)
+    # Another job to the same name keeps it, said (any later predict there had removed the only copy) ...
+    assert cxr_main(["predict", str(files[4]), "--output", str(out), "--backend", backend]) == 0
+    assert (tmp_path / "p.partial.csv").is_file() and "is kept: this run did not predict every file" in caplog.text
+    # ... and the whole job, run again, removes it
     assert cxr_main(["predict", *map(str, files), "--output", str(out), "--backend", backend]) == 0
     assert len(read_csv(out)) == 5 and not (tmp_path / "p.partial.csv").exists()
 
@@ -1778,6 +1782,7 @@ def test_a_file_named_with_a_leading_dash_is_told_how_to_give(tmp_path, monkeypa
     assert cxr_main(["predict", "--", "-dash.jpeg"]) == 0
     # Not added to another error, nor after --; and for a flag's value, the form that works
     for argv, said in ((["predict", "--threshold", "abc", "--", "-dash.jpeg"], None),
+                       (["predict", "-dash.jpeg", "--threshold"], None),  # a value missing, not a file name
                        (["evaluate", "--data", "-dash.jpeg", "--output", "o"],
                         "write --data=-dash.jpeg or --data ./-dash.jpeg")):
         with pytest.raises(SystemExit):

@@ -36,6 +36,9 @@ class _Parser(argparse.ArgumentParser):
         given = _ARGV[:_ARGV.index("--")] if "--" in _ARGV else _ARGV  # after --, names are names already
         dashed = [a for a in given if a.startswith("-") and a != "-" and os.path.exists(a)]
         value = re.match(r"argument (--[\w-]+): expected one argument", message)
+        # the flag's own value only where the name follows it (`-x.jpeg --threshold` lacks a value, not a file name)
+        value = value if value and any(given[i - 1] == value.group(1) for i, a in enumerate(given)
+                                       if i and a in dashed) else None
         if dashed and value:  # the value of a flag: -- cannot help there
             message += (f"; {dashed[0]} is a file whose name begins with '-': write {value.group(1)}={dashed[0]} or "
                         f"{value.group(1)} ./{dashed[0]}")
@@ -48,6 +51,11 @@ class _Parser(argparse.ArgumentParser):
 
         self.exit(2, f"{self.prog}: error: {display_name(message)} (see {self.prog} --help)\n" if _first_rank()
                   else None)
+
+
+def _batch_help(default: int) -> str:
+    return (f"images per forward pass (default {default}; with the torch backend on the CPU at most 8 at 224 px, "
+            "which is faster there)")
 
 
 _ARGV: list[str] = []  # the arguments being parsed, for the parser's errors to look at
@@ -217,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decision threshold (default: the model's, chosen on validation)")
     p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--cache-dir", help=_CACHE_DIR_HELP)
-    p.add_argument("--batch-size", type=_count(1), default=64, help="images per forward pass (default 64)")
+    p.add_argument("--batch-size", type=_count(1), default=64, help=_batch_help(64))
     p.add_argument("--amp", choices=["auto", "on", "off"], default="off",
                    help="bf16 autocast for the predictions (default off: fp32, so that bf16 does not move the "
                    "metrics on machines that have it; auto: bf16 where it is fast, as in training)")
@@ -239,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: onnx for an .onnx model, else torch)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (torch backend)")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help=_INFERENCE_AMP_HELP)
-    p.add_argument("--batch-size", type=_count(1), default=32, help="images per forward pass (default 32)")
+    p.add_argument("--batch-size", type=_count(1), default=32, help=_batch_help(32))
     p.add_argument("--threads", type=_count(0, MAX_THREADS), default=0, help="CPU threads (0: the library's default)")
     p.add_argument("--shard", metavar="I/N",
                    help="predict only the I-th of N contiguous blocks of the files (0-based; for job arrays); "
@@ -285,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the class whose evidence is shown: predicted (default), PNEUMONIA or NORMAL")
     p.add_argument("--threshold", type=_probability, help=_THRESHOLD_HELP)
     p.add_argument("--device", default="auto", help=_DEVICE_HELP)
-    p.add_argument("--batch-size", type=_count(1), default=8, help="images per forward pass (default 8)")
+    p.add_argument("--batch-size", type=_count(1), default=8, help=_batch_help(8))
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast for the probabilities shown (default auto: bf16 where the device is fast at "
                    "it; off: fp32, the probabilities `cxr evaluate` gives by default); the heatmaps never use bf16")
@@ -484,7 +492,6 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         collect_files,
         merge_shards,
         parse_shard,
-        partial_path,
         predict_files,
         select_shard,
         shard_path,
@@ -550,9 +557,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         if args.output:
             out = shard_path(args.output, shard) if shard else Path(args.output)
             write_predictions_file(out, preds)
-            if partial_path(out).is_file():  # an interrupted run's, now left behind by the whole job
-                partial_path(out).unlink(missing_ok=True)
-                log.info("removed %s, an interrupted run's part of this job", partial_path(out))
+            _drop_partial_done(out, preds, nothing)
             if shard:
                 write_shard_manifest(out, files)
             if not nothing:
@@ -813,6 +818,28 @@ def _main(argv: list[str] | None) -> int:
         print(display_name(f"cxr {args.command}: error: {where}{e.strerror or e}"), file=sys.stderr)
         return 1
     return 0
+
+
+def _drop_partial_done(output: Path, preds, nothing: bool) -> None:
+    """Remove an interrupted run's ``<output>.partial.csv`` once this run has predicted every file it lists: left
+    behind by the whole job. Kept (and said) otherwise: it is the only copy of those predictions, and any later
+    predict to the same name had removed it, one that read nothing or predicted other files too."""
+    from cxr.predict import partial_path, read_predictions_file
+
+    part = partial_path(output)
+    if not part.is_file():
+        return
+    try:
+        listed = {p.path for p in read_predictions_file(part)}
+    except CxrError:
+        listed = None
+    done = {p.path for p in preds if p.error is None}
+    if not nothing and listed is not None and listed <= done:
+        part.unlink(missing_ok=True)
+        log.info("removed %s, an interrupted run's part of this job, which this run has done whole", part)
+    else:
+        log.warning("%s, an interrupted run's predictions, is kept: this run did not predict every file it lists",
+                    part)
 
 
 def _keep_partial(stopped, output: str | os.PathLike | None) -> None:

@@ -105,6 +105,21 @@ def _as_array(images: object) -> np.ndarray | torch.Tensor:
         raise UsageError(f"expected uint8 grey images of one size (N, S, S): {e}") from None
 
 
+# Pixels in one forward pass on the CPU, at most: 8 images at 224 px (24 at 128, 3 at 320). DenseNet-121 ran 1.4-1.9x
+# faster per image there than at the 32-64 images of a user's batch, whose activations spill out of the caches
+# (BENCHMARKS.md, figure 14); below 8 images at 224 px it was slower again.
+CPU_FORWARD_PIXELS = 8 * 224 * 224
+
+
+def forward_batch(batch_size: int, device: torch.device, image_size: int) -> int:
+    """Images per forward pass: ``batch_size``, and on the CPU at most :data:`CPU_FORWARD_PIXELS` pixels' worth. The
+    predictions depend on the pass size by float rounding alone (fp32 kernels differ with it: 3e-8 between a pass of
+    one image and one of eight)."""
+    if device.type != "cpu":
+        return batch_size
+    return max(1, min(batch_size, CPU_FORWARD_PIXELS // max(1, image_size * image_size)))
+
+
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, *, mean: float, std: float,
                    device: torch.device, batch_size: int = 64, bf16: bool = False,
@@ -116,8 +131,9 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, *,
     images = torch.as_tensor(images)
     model.eval()
     out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].unsqueeze(1).to(device, non_blocking=True)
+    step = forward_batch(batch_size, device, images.shape[-1])
+    for start in range(0, len(images), step):
+        x = images[start:start + step].unsqueeze(1).to(device, non_blocking=True)
         with autocast(device, bf16):
             out.append(model(normalize(x, mean, std, channels_last)).float().cpu())
     return torch.cat(out) if out else torch.zeros((0, 2))

@@ -173,7 +173,10 @@ def heatmaps_for_images(model: nn.Module, images: np.ndarray, *, mean: float, st
         # The decision rule of predict and evaluate, on the same float64 probabilities they compare.
         return torch.from_numpy((probabilities(logits.cpu()) >= threshold).astype(np.int64))
 
+    from cxr.evaluate import forward_batch
+
     maps, probs = [], []
+    batch_size = forward_batch(batch_size, device, np.shape(images)[-1])  # as predictions run on the CPU
     for start in range(0, len(images), batch_size):
         x = torch.as_tensor(np.asarray(images[start:start + batch_size]))[:, None].to(device)
         if target is None:
