@@ -920,3 +920,20 @@ def test_a_folder_name_is_judged_by_its_longest_result_name(tmp_path, monkeypatc
             evaluate_model("default", folder, tmp_path / f"out{length}", device="cpu")
         if refused:
             assert "(predictions_SSSSSSSS...: 232 bytes, at most 230)" in str(e.value)
+
+
+def test_a_forward_pass_on_the_cpu_holds_at_most_eight_images_of_224_px():
+    # A user's batch of 32-64 went through DenseNet-121 at once: 1.4-1.9x slower per image on the CPU than passes of 8
+    # (BENCHMARKS.md, figure 14). Capped by pixels: small images keep large passes, where those are faster.
+    import torch
+
+    from cxr.evaluate import forward_batch, predict_logits
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [forward_batch(64, cpu, s) for s in (224, 128, 320, 64, 2000)] == [8, 24, 3, 64, 1]
+    assert forward_batch(4, cpu, 224) == 4 and forward_batch(64, cuda, 224) == 64
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    predict_logits(model, np.zeros((20, 224, 224), np.uint8), mean=0.5, std=0.25, device=cpu, batch_size=64)
+    assert seen == [8, 8, 4]
