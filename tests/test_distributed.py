@@ -250,20 +250,27 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _scripted_run(tmp_path: Path, name: str, text: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a 2-process ``train`` run by ``text`` (a script standing in for cxr, with a
+    fault injected) on a tiny dataset in ``tmp_path``."""
+    script = tmp_path / name
+    script.write_text(text)
+    data = make_dataset(tmp_path / "data")
+    (tmp_path / "tiny.yaml").write_text(CONFIG)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    argv = [*launcher, str(script), "train", "--data", str(data), "--output", str(tmp_path / "run"), "--config",
+            str(tmp_path / "tiny.yaml"), *FLAGS]
+    return argv, {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "CXR_DIST_TIMEOUT": "60"}
+
+
 def test_a_rank_that_fails_mid_run_ends_the_job_at_once(tmp_path):
     # The failing rank waited at shutdown's barrier while the other waited in the gradients' all-reduce: the job hung,
     # without a word, for CXR_DIST_TIMEOUT (two hours by default). Now the failing rank leaves and torchrun ends
     # the other at once; a hang here runs into the test's 90 s limit.
-    script = tmp_path / "failing.py"
-    script.write_text(FAILING_RANK_CXR)
-    data = make_dataset(tmp_path / "data")
-    (tmp_path / "tiny.yaml").write_text(CONFIG)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    argv, env = _scripted_run(tmp_path, "failing.py", FAILING_RANK_CXR)
     # Its own process group, so that a hang (the regression) is ended whole: the ranks are torchrun's children.
-    proc = subprocess.Popen([*launcher, str(script), "train", "--data", str(data), "--output", str(tmp_path / "run"),
-                             "--config", str(tmp_path / "tiny.yaml"), *FLAGS], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "CXR_DIST_TIMEOUT": "60"})
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=env)
     try:
         _, stderr = proc.communicate(timeout=90)  # about 8 s when it works
     except subprocess.TimeoutExpired:
@@ -296,15 +303,8 @@ sys.exit(main(sys.argv[1:]))
 
 def test_a_nan_loss_on_one_rank_is_said_as_nan_on_every_rank(tmp_path):
     # Rank 0, whose own loss was finite, had said "the training loss became 1.2839770317077637 at epoch 1, step 2".
-    script = tmp_path / "nan.py"
-    script.write_text(NAN_ON_RANK_1_CXR)
-    data = make_dataset(tmp_path / "data")
-    (tmp_path / "tiny.yaml").write_text(CONFIG)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    proc = subprocess.run([*launcher, str(script), "train", "--data", str(data), "--output", str(tmp_path / "run"),
-                           "--config", str(tmp_path / "tiny.yaml"), *FLAGS], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200",
-                                            "CXR_DIST_TIMEOUT": "60"})
+    argv, env = _scripted_run(tmp_path, "nan.py", NAN_ON_RANK_1_CXR)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0
     said = [line for line in proc.stderr.splitlines() if "the training loss became" in line]
     assert len(said) == 2 and all("became nan at epoch 1, step 2;" in line for line in said), said
