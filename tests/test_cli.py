@@ -1765,6 +1765,14 @@ def test_predict_interrupted_keeps_the_predictions_it_made(tmp_path, caplog, mon
     # ... and the whole job, run again, removes it
     assert cxr_main(["predict", *map(str, files), "--output", str(out), "--backend", backend]) == 0
     assert len(read_csv(out)) == 5 and not (tmp_path / "p.partial.csv").exists()
+    # An unreadable file's row is done as well: a part that listed one had been kept for good
+    from cxr.cli import _drop_partial_done
+    from cxr.predict import Prediction, write_predictions_file
+
+    rows = [Prediction(str(files[0]), 0.2, "NORMAL"), Prediction("bad.jpeg", error="bad.jpeg: truncated")]
+    write_predictions_file(tmp_path / "p.partial.csv", rows)
+    _drop_partial_done(out, rows, nothing=False)
+    assert not (tmp_path / "p.partial.csv").exists()
 
 
 def test_a_file_named_with_a_leading_dash_is_told_how_to_give(tmp_path, monkeypatch, capsys):

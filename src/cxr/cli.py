@@ -521,15 +521,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             check_writable(shard_path(args.output, shard) if shard else args.output)  # now, not after the work
             check_not_an_input(args.output, files)
         mine = select_shard(files, shard)
-        if _backend(args) == "onnx":
-            if args.device not in ("auto", "cpu"):  # as `cxr serve`: not ignored in silence
-                raise UsageError("--backend onnx runs on the CPU; drop --device or use --device cpu")
-            if args.amp == "on":
-                raise UsageError("--backend onnx computes in fp32; drop --amp on")
         try:
             if _backend(args) == "onnx":
                 from cxr.onnx_backend import predict_files_onnx  # no torch for an .onnx file
 
+                if args.device not in ("auto", "cpu"):  # as `cxr serve`: not ignored in silence
+                    raise UsageError("--backend onnx runs on the CPU; drop --device or use --device cpu")
+                if args.amp == "on":
+                    raise UsageError("--backend onnx computes in fp32; drop --amp on")
                 preds = predict_files_onnx(args.model, mine, threshold=args.threshold, batch_size=args.batch_size,
                                            threads=args.threads, listed=True)
             else:
@@ -651,8 +650,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
         w, h = (int(v) for v in args.frame_size.lower().split("x"))
     except ValueError:
         raise UsageError(f"--frame-size {args.frame_size!r}: use WIDTHxHEIGHT, e.g. 640x360") from None
-    if not Path(args.run_dir).is_dir():  # said by make_report, before a lock would make the folder
-        make_report(args.run_dir)
+    if not Path(args.run_dir).is_dir():  # said before the lock would make the folder
+        raise UsageError(f"{args.run_dir}: no such run directory")
     with output_lock(args.output or args.run_dir):
         make_report(args.run_dir, output=args.output, model=args.model, video=args.video, heatmaps=args.heatmaps,
                     grid_split=args.split, grid_per_group=args.per_group, video_split=args.split,
@@ -758,7 +757,7 @@ def _main(argv: list[str] | None) -> int:
     _ARGV[:] = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args, extra = parser.parse_known_args(argv)
     if extra:
-        _refuse_unknown(parser, args.command, extra, sys.argv[1:] if argv is None else list(argv))
+        _refuse_unknown(parser, args.command, extra, _ARGV)
     # cxr's own messages at INFO; other libraries' only from WARNING (onnxscript, say, logs a dozen INFO lines per
     # export).
     from cxr.fileio import PrintableFormatter, display_name
@@ -833,7 +832,7 @@ def _drop_partial_done(output: Path, preds, nothing: bool) -> None:
         listed = {p.path for p in read_predictions_file(part)}
     except CxrError:
         listed = None
-    done = {p.path for p in preds if p.error is None}
+    done = {p.path for p in preds}  # an unreadable file's row is done too: it had kept the part for good
     if not nothing and listed is not None and listed <= done:
         part.unlink(missing_ok=True)
         log.info("removed %s, an interrupted run's part of this job, which this run has done whole", part)
