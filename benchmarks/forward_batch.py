@@ -8,17 +8,20 @@ arithmetic of ``cxr evaluate``) and, where the CPU is fast at it, in bf16 with c
 probabilities are compared first (fp32: equal to float rounding; bf16: the labels agree).
 
     python benchmarks/forward_batch.py --rounds 5 --images 64
+    python benchmarks/forward_batch.py --memory --rounds 3 --images 64   # peak memory: a fresh process per variant
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import subprocess
 import sys
 
 import numpy as np
 import torch
-from common import REPO, header, interleaved, loadavg, print_table, timed
+from common import REPO, header, interleaved, loadavg, peak_rss_mb, print_table, timed
 
 import cxr.evaluate
 from cxr.evaluate import load_for_inference, predict_logits, probabilities
@@ -32,8 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--images", type=int, default=64, help="images predicted per variant per round")
+    ap.add_argument("--memory", action="store_true", help="peak resident memory of each variant, in a fresh process")
+    ap.add_argument("--one", nargs=3, type=int, metavar=("BATCH", "CAPPED", "BF16"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     load_before = loadavg()
+    if args.memory:
+        return memory(argv, args)
 
     run = load_for_inference("default", device="cpu", amp="off")
     files = sorted(SAMPLE.glob("*/*.jpeg"))
@@ -50,6 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             cxr.evaluate.CPU_FORWARD_PIXELS = cap
 
+    if args.one:  # a fresh process of --memory: one prediction of the images, then its peak memory
+        batch, capped, fast = args.one
+        logits(batch, bool(capped), bool(fast))
+        print(json.dumps({"peak_mb": peak_rss_mb()}))
+        return None
     cases = [("fp32, batch 64 (evaluate)", 64, False)] + ([("bf16, batch 32 (predict)", 32, True)] if bf16 else [])
     checks = []
     for name, batch, fast in cases:
@@ -70,6 +82,30 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch threads: {torch.get_num_threads()}; {args.images} images of 224 px; " + "; ".join(checks))
     print_table(results, {f"before ({name.split(',')[0]})": f"{name}, {batch} a pass (before)"
                           for name, batch, _ in cases})
+
+
+def memory(argv: list[str] | None, args: argparse.Namespace) -> None:
+    """Peak resident memory of one prediction of the images per variant, each in a fresh process (the model and the
+    images are in both), the variants in turn within each round."""
+    load_before = loadavg()
+    from cxr.config import Config
+
+    fast = use_bf16(Config(amp="auto"), torch.device("cpu"))
+    cases = [("fp32, batch 64", 64, 0)] + ([("bf16, batch 32", 32, 1)] if fast else [])
+    peaks: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        for name, batch, bf16 in cases:
+            for capped in (1, 0):
+                label = f"{name}, {'8 a pass (shipped)' if capped else f'{batch} a pass (before)'}"
+                out = subprocess.run([sys.executable, __file__, "--images", str(args.images), "--one", str(batch),
+                                      str(capped), str(bf16)], capture_output=True, text=True, check=True)
+                peaks.setdefault(label, []).append(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f} MB" for k, v in peaks.items()),
+              file=sys.stderr, flush=True)
+    header(argv, "forward_batch.py", args.rounds, load_before)
+    print(f"{args.images} images of 224 px, one prediction in a fresh process per variant")
+    print_table(peaks, {f"before ({name.split(',')[0]})": f"{name}, {batch} a pass (before)"
+                        for name, batch, _ in cases}, unit="peak MB")
 
 
 if __name__ == "__main__":
