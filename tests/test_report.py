@@ -9,6 +9,7 @@ import base64
 import contextlib
 import csv
 import io
+import itertools
 import json
 import re
 import shutil
@@ -324,7 +325,10 @@ def test_report_video_decodes(report):
 
 def test_report_for_an_evaluation_folder(tmp_path, report, caplog):
     """`cxr evaluate` output: metrics (naming the model) and predictions only; the model may be gone since."""
+    from cxr.export import model_id
+
     run = report.parent
+    real = model_id(load_checkpoint(run / "best.pt"))
     for with_model in (True, False):
         folder = tmp_path / f"eval-{with_model}"
         folder.mkdir()
@@ -332,7 +336,7 @@ def test_report_for_an_evaluation_folder(tmp_path, report, caplog):
             shutil.copy(f, folder)
         # As `cxr evaluate` writes it; model_id is absent from the files of earlier versions.
         model = run / "best.pt" if with_model else tmp_path / "deleted.pt"
-        named = {"model": str(model), **({"model_id": "0123456789ab", "data": "/xrays/test"} if with_model else {})}
+        named = {"model": str(model), **({"model_id": real, "data": "/xrays/test"} if with_model else {})}
         metrics = {s: {**m, **named} for s, m in json.loads((run / "metrics.json").read_text()).items()}
         (folder / "metrics.json").write_text(json.dumps(metrics))
         text = make_report(folder, video=False, device="cpu").read_text()
@@ -340,7 +344,8 @@ def test_report_for_an_evaluation_folder(tmp_path, report, caplog):
         assert "Examples" in text and "ROC and precision-recall" in text
         assert "Wilson score for accuracy" in text  # how write_evaluation's intervals were made
         assert ("without heatmaps" in text) is not with_model
-        assert f"model evaluated: {model}" + (" (model_id 0123456789ab)" if with_model else "") in text
+        assert f"model evaluated: {model}" + (f" (model_id {real})" if with_model else "") in text
+        assert "another model" not in text
         assert ("data evaluated: /xrays/test" in text) is with_model
         # The config comes from the model's checkpoint when it is there, and says it is the training run's: its data
         # and output are not the evaluation's. It was shown as "resolved config (config.yaml)".
@@ -355,19 +360,18 @@ def test_report_for_an_evaluation_folder(tmp_path, report, caplog):
     assert "heatmaps from" not in caplog.text and "heatmaps off" in text and "Grad-CAM" not in text
     assert "Training configuration of the model" in text
 
-    # --model names another model than the one measured (model_id 0123456789ab): said, on the page and in the log.
-    from cxr.export import model_id
-
-    real = model_id(load_checkpoint(run / "best.pt"))
-    for measured in ("0123456789ab", real):
+    # --model names another model than the one measured (model_id 0123456789ab), or the file the evaluation named
+    # has changed since (a run resumed): said, on the page and in the log. The second had been drawn without a word.
+    for measured, given in itertools.product(("0123456789ab", real), (run / "best.pt", None)):
         folder = tmp_path / "eval-True"
         metrics = json.loads((folder / "metrics.json").read_text())
         (folder / "metrics.json").write_text(json.dumps({s: {**m, "model_id": measured} for s, m in metrics.items()}))
         caplog.clear()
         with caplog.at_level("INFO", logger="cxr.report"):
-            text = make_report(folder, model=run / "best.pt", video=False, heatmaps=False, device="cpu").read_text()
+            text = make_report(folder, model=given, video=False, heatmaps=False, device="cpu").read_text()
         other = measured != real
         assert ("is not the model that" in caplog.text) is other
+        assert ("the file the evaluation named, now" in caplog.text) is (other and given is None)
         assert (f"images drawn with another model</strong>: {run / 'best.pt'} (model_id {real})" in text) is other
         assert ("Training configuration of the model" in text) is not other  # not the other model's config
 

@@ -727,14 +727,16 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
     net = ckpt.build(resolve_device(device)) if heatmaps else None
     other = None
     measured = sorted({m["model_id"] for m in art.metrics.values() if isinstance(m, dict) and m.get("model_id")})
-    if model is not None and measured:  # an evaluation's report, drawn with a --model given: the same one?
+    if measured:  # an evaluation's report: is the model drawn (--model, or the file it names) the one it measured?
         from cxr.export import model_id
 
         mid = model_id(ckpt)
         if mid not in measured:
             other = mid
-            log.warning("report: --model %s (model_id %s) is not the model that %s measured (model_id %s): its "
-                        "heatmaps and preprocessing are shown beside another model's figures", source, mid, art.root,
+            # The file an evaluation names can change after it (a run resumed): it had been drawn without a word.
+            what = f"--model {source}" if model is not None else f"{source}, the file the evaluation named, now"
+            log.warning("report: %s (model_id %s) is not the model that %s measured (model_id %s): its heatmaps and "
+                        "preprocessing are shown beside another model's figures", what, mid, art.root,
                         ", ".join(measured))
     if art.config is None and other is None:  # an evaluation's model: its training config (never another model's)
         art.config = cfg.to_dict()
