@@ -535,6 +535,13 @@ def test_patient_ids_from_subfolders_the_pattern_and_the_path(tmp_path):
     # A group that took no part, or matched nothing: the other rules (it was a TypeError, or one patient for all).
     assert file_patient_id(kermany, kermany.parent, r"^(?:(p\d+)/)?") == "person3"
     assert file_patient_id(kermany, kermany.parent, r"(\d*)") == "person3"
+    # One patient's folder written by macOS (NFD) and by Linux (NFC): one patient, by every rule. The two had gone one
+    # to train and one to validation, and the split was said to be patient-disjoint.
+    nfc, nfd = "Zo\u00eb", "Zoe\u0308"
+    folder = tmp_path / "x" / "NORMAL"
+    for rule, pattern in (("pattern", r"^([^/]+)/"), ("path", "")):
+        ids = {file_patient_id(folder / name / "IMG_1.png", folder, pattern) for name in (nfc, nfd)}
+        assert ids == ({f"pattern:{nfc}"} if rule == "pattern" else {f"{nfc}/IMG_1"}), rule
     from cxr.config import load_config
 
     with pytest.raises(UsageError, match="patient_pattern is not a regular expression"):

@@ -26,6 +26,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+import unicodedata
 import uuid
 import zlib
 from collections.abc import Iterable, Sequence
@@ -156,7 +157,14 @@ def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = ""
        makes (not OsiriX's bare ``IM-<series>-<n>``);
     4. else the file is one patient, named by its path below ``class_dir`` without its image extension. The folders
        are part of it: ``IMG_0001.jpg`` of two patients' folders is two patients, not one.
+
+    The id is in Unicode's NFC form: a folder ``Zoë`` written by macOS (NFD) and one written on Linux (NFC) are one
+    patient (they had gone one to train, one to validation, and the split was said to be patient-disjoint).
     """
+    return unicodedata.normalize("NFC", _file_patient_id(path, class_dir, pattern))
+
+
+def _file_patient_id(path: Path, class_dir: Path | None, pattern: str) -> str:
     below = path.relative_to(class_dir).as_posix() if class_dir is not None else path.name
     if pattern:
         m = re.search(pattern, below)
