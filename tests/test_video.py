@@ -326,11 +326,13 @@ def test_the_disclaimer_is_clear_of_a_players_controls_and_no_text_overlaps(monk
     monkeypatch.setattr(ImageDraw.ImageDraw, "text", record)
     # A split folder's long name as the title had pushed the counter off the frame: the title gives way.
     for heat, title in ((np.eye(64, dtype=np.float32), "test"), (None, "test"),
-                        (None, "hospital_A_external_validation_cohort_2024_full_resolution")):
+                        (None, "hospital_A_external_validation_cohort_2024_full_resolution"),
+                        (None, "test\nb")):  # a newline in a split folder's name had lost the whole video
         boxes.clear()
         render_frame(VideoItem("a.png", 1, 0.38, np.zeros((64, 64), np.uint8), heat), index=0, total=1, right=1,
                      wrong=0, threshold=0.31, history=[True], size=size, title=title)
         assert boxes[0][0].startswith(title[:4]) and boxes[0][0].endswith("  ·  image 1 of 1"), boxes[0]
+        assert "\n" not in boxes[0][0] and ("\\n" in boxes[0][0]) is ("\n" in title)
         note = [box for text, box in boxes if "research software" in text or "medical device" in text]
         assert note and max(box[3] for box in note) < size[1] / 2, boxes
         assert all(b[0] >= 0 and b[1] >= 0 and b[2] <= size[0] and b[3] <= size[1] for _, b in boxes), boxes

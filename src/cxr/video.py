@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError, VideoError
-from cxr.fileio import atomic_path, image_name
+from cxr.fileio import atomic_path, display_name, image_name
 from cxr.images import HEATMAP_CMAP, overlay
 from cxr.predict import leans_away, percent_text, prob_text, threshold_decimals
 from cxr.progress import progress_bar
@@ -147,7 +147,8 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     # The counter whole, the title shortened in its middle to the room left: a split folder's long name had pushed
     # "image 1 of 6" off every frame.
     counter = f"image {index + 1} of {total}"
-    head = (f"{_fit(draw, drawable(title), small, panel_w - round(draw.textlength('  ·  ' + counter, font=small)))}"
+    # A newline in a split folder's name had lost the video ("can't measure length of multiline text"): escaped.
+    head = (f"{_fit(draw, drawable(display_name(title)), small, panel_w - round(draw.textlength('  ·  ' + counter, font=small)))}"
             f"  ·  {counter}" if title else counter)
     draw.text((x0, y), head, font=small, fill=DIM)
     y += round(unit * 1.05)
