@@ -1652,6 +1652,11 @@ def test_hostile_file_names_are_neither_formulas_in_the_csv_nor_commands_to_the_
     assert set(rows) == {"./" + formula, "./@SUM(1+1).png", "a\x1b[31mred\x1b]2;title\x07\u202eb.jpeg"}
     assert rows["./@SUM(1+1).png"]["error"].startswith("./@SUM(1+1).png: not an image")
     assert all(Path(p).is_file() for p in rows)  # the same files
+    # explain's pictures are paths too: "./=HYPERLINK(...)_gradcam.png", the picture (had been "'=HYPERLINK...").
+    assert cxr_main(["explain", formula, "--output", "."]) == 0
+    (row,) = read_csv(tmp_path / "explanations.csv")
+    assert row["path"] == "./" + formula and row["output"].startswith("./=HYPERLINK(")
+    assert Path(row["output"]).is_file()
 
 
 def test_predict_table_names_every_file_in_a_narrow_terminal(tmp_path, capsys, monkeypatch):

@@ -408,5 +408,7 @@ def _write_explanations(out_dir: Path, rows: list[Explanation], threshold: float
         w.writerow(["path", "prob_pneumonia", "predicted", "output", "error", "threshold", "model_id", "note"])
         for e in rows:  # probabilities to the last bit, as `cxr predict` writes them
             prob = "" if e.prob_pneumonia is None else repr(e.prob_pneumonia)
-            path, output, error = spreadsheet_cells(e.path, e.output or "", e.error or "")
+            path, error = spreadsheet_cells(e.path, e.error or "")
+            # The picture's path is a path too: "./=1+1_gradcam.png" (it had been "'=1+1_gradcam.png", no file)
+            output = spreadsheet_cells(e.output)[0] if e.output else ""
             w.writerow([path, prob, e.predicted or "", output, error, repr(float(threshold)), mid, DISCLAIMER])
