@@ -873,6 +873,14 @@ def test_names_and_values_from_the_files_of_a_run_are_text_in_the_page(tmp_path)
     (run / "summary.json").write_text(json.dumps(summary))
     page = make_report(run, video=False, heatmaps=False, device="cpu").read_text()  # not a TypeError in the curves
     assert "<script>alert" not in page and "weight averaging: epochs" not in page  # left out, said in the log
+    # A right-to-left override in a folder's name (the run's, a split's) had reversed the title and the tables' rows
+    # on the page: shown as its escape, as the terminal and the pictures show it.
+    from cxr.report import _table
+
+    shutil.move(run, tmp_path / "run\u202eevil")
+    page = make_report(tmp_path / "run\u202eevil", video=False, heatmaps=False, device="cpu").read_text()
+    assert "\u202e" not in page and "<title>cxr report: run\\u202eevil</title>" in page
+    assert _table(["split"], [["a\u202eb\n"]]).count("<th scope='row'>a\\u202eb\\n</th>") == 1
 
 
 def test_a_bins_wilson_interval_counts_its_positives_by_rounding_not_truncating():

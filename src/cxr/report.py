@@ -839,9 +839,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence], numeric_from: int = 
     """A table whose first column names its rows (``<th scope=row>``), in a box that scrolls sideways where the page
     is narrower than the table (on a phone the metrics' columns ran off the page)."""
     head = "".join(f"<th scope='col'>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<th scope='row'>{_fmt(c)}</th>" if j == 0 and numeric_from > 0 else
-                                    f"<td class='{'num' if j >= numeric_from else ''}'>{_fmt(c)}</td>"
-                                    for j, c in enumerate(r)) + "</tr>" for r in rows)
+    # A row's name is a split's (a folder's): its bidirectional overrides and control codes shown as escapes.
+    def cell(j: int, c) -> str:
+        if j == 0 and numeric_from > 0:
+            return f"<th scope='row'>{_fmt(display_name(c) if isinstance(c, str) else c)}</th>"
+        return f"<td class='{'num' if j >= numeric_from else ''}'>{_fmt(c)}</td>"
+
+    body = "".join("<tr>" + "".join(cell(j, c) for j, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<div class='table'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
@@ -882,7 +886,7 @@ video::-webkit-media-controls{display:none!important}
 
 
 def _html(art: RunArtifacts, sections: list[tuple[str, str, str]], model_note: str) -> str:
-    title = f"cxr report: {art.root.name}"
+    title = f"cxr report: {display_name(art.root.name)}"  # a folder's name: U+202E had reversed the title
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     nav = " · ".join(f"<a href='#{sid}'>{html.escape(name)}</a>" for sid, name, _ in sections)
     body = "".join(f"<section id='{sid}'><h2>{html.escape(name)}</h2>{content}</section>"
@@ -892,7 +896,7 @@ def _html(art: RunArtifacts, sections: list[tuple[str, str, str]], model_note: s
             f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body><main><h1>{html.escape(title)}</h1>"
             f"<p class='note' role='note'>{html.escape(DISCLAIMER)}</p>"
-            f"<p class='meta'>{html.escape(str(art.root.resolve()))} · generated {html.escape(now)} · "
+            f"<p class='meta'>{html.escape(display_name(str(art.root.resolve())))} · generated {html.escape(now)} · "
             f"{html.escape(model_note)}</p><nav class='meta'>{nav}</nav>{body}"
             f"<p class='note'>{html.escape(DISCLAIMER)}</p></main>"
             # A printout shows what closed <details> hold (the unreadable files, the config): no CSS opens them in
@@ -986,7 +990,7 @@ def _data_html(art: RunArtifacts, explainer: _Explainer, own_config: bool) -> st
     for key, name in (("stop_reason", "stopped"), ("epochs_run", "epochs run"), ("best_epoch", "best epoch"),
                       ("device", "device"), ("wall_seconds_this_session", wall), ("data", "data")):
         if summary.get(key) is not None:
-            facts.append(f"<li>{html.escape(name)}: {html.escape(str(summary[key]))}</li>")
+            facts.append(f"<li>{html.escape(name)}: {html.escape(display_name(str(summary[key])))}</li>")
     swa = summary.get("swa")
     if swa:
         # escaped: a summary.json from elsewhere is text like any other (its epochs had gone into the page as HTML)
@@ -1163,10 +1167,10 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
         m = art.metrics.get(s)
         if m and "confusion_matrix" in m:
             path = made(_save(plot_confusion(m["confusion_matrix"], s), pics / f"confusion_{s}.png"))
-            cms.append(_figure_html(path, f"confusion matrix for {s}",
-                                    f"{html.escape(s)}: rows are the true class, columns the prediction at threshold "
-                                    f"{shown_threshold}. Row-normalised: the diagonal is specificity (NORMAL) and "
-                                    "sensitivity (PNEUMONIA)."))
+            cms.append(_figure_html(path, f"confusion matrix for {display_name(s)}",
+                                    f"{html.escape(display_name(s))}: rows are the true class, columns the "
+                                    f"prediction at threshold {shown_threshold}. Row-normalised: the diagonal is "
+                                    "specificity (NORMAL) and sensitivity (PNEUMONIA)."))
     if cms:
         sections.append(("confusion", "Confusion matrices", "".join(cms)))
 
@@ -1243,7 +1247,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                          vsplit)
                 sections.append(("video", "Fly-through video", (
                     f"<p class='meta'>No video: {html.escape(video_select)} selects no image of "
-                    f"{html.escape(vsplit)}{' (no prediction there is wrong)' if video_select == 'errors' else ''}."
+                    f"{html.escape(display_name(vsplit))}"
+                    f"{' (no prediction there is wrong)' if video_select == 'errors' else ''}."
                     "</p>")))
             if path is not None:
                 shown_for = max(1, round(seconds_per_image * fps)) / fps  # whole frames: what the video shows
@@ -1252,7 +1257,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                     f"<figure><video controls muted playsinline preload='auto' width='{frame_size[0]}' "
                     f"poster='{_data_uri(path.with_suffix('.png'), 'image/png')}' "
                     f"src='{_data_uri(path, 'video/mp4')}'></video><figcaption>{len(items)} images from "
-                    f"{html.escape(vsplit)} ("
+                    f"{html.escape(display_name(vsplit))} ("
                     # "sample" of a split the video shows whole had read as a part of it
                     f"{'all of them' if len(items) == len(p.paths) else html.escape(video_select)}), "
                     f"{shown_for:g} s each, "
