@@ -777,3 +777,7 @@ def test_picture_names_that_differ_only_in_case_are_told_apart_in_either_order()
     used = set()
     assert [_unique_name(Path(p), used) for p in ("scan.png", "Scan.png")] == ["scan_gradcam.png",
                                                                              "Scan_2_gradcam.png"]
+    # And on macOS café in NFC and in NFD (a folder copied from Linux beside one made on the Mac) is one name too.
+    used = set()
+    assert [_unique_name(Path(p), used) for p in ("a/caf\u00e9.png", "b/cafe\u0301.png")] == \
+        ["caf\u00e9_gradcam.png", "cafe\u0301_2_gradcam.png"]

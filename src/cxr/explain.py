@@ -19,6 +19,7 @@ import logging
 import numbers
 import os
 import threading
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,11 +212,15 @@ def _unique_name(path: Path, used: set[str]) -> str:
     # Path.stem had cut its last, and a study's files all came out as 1.2.826.0.1.3680043.8.498_<n>_gradcam.png.
     stem = image_stem(path.name)
     name, n = fit_name(stem, EXPLAIN_SUFFIX), 1  # an input's name of 240 bytes, plus the suffix, was too long to write
-    # Compared without case: on macOS and Windows Scan_gradcam.png and scan_gradcam.png are one file.
-    while name.casefold() in used:
+    # Compared without case and in one Unicode form: on macOS and Windows Scan_gradcam.png and scan_gradcam.png are
+    # one file, and on macOS café_gradcam.png in NFC and in NFD too.
+    def key(text: str) -> str:
+        return unicodedata.normalize("NFC", text).casefold()
+
+    while key(name) in used:
         n += 1
         name = fit_name(stem, f"_{n}{EXPLAIN_SUFFIX}")
-    used.add(name.casefold())
+    used.add(key(name))
     return name
 
 

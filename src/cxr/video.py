@@ -148,8 +148,8 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     # "image 1 of 6" off every frame.
     counter = f"image {index + 1} of {total}"
     # A newline in a split folder's name had lost the video ("can't measure length of multiline text"): escaped.
-    head = (f"{_fit(draw, drawable(display_name(title)), small, panel_w - round(draw.textlength('  ·  ' + counter, font=small)))}"
-            f"  ·  {counter}" if title else counter)
+    room = panel_w - round(draw.textlength("  ·  " + counter, font=small))
+    head = f"{_fit(draw, drawable(display_name(title)), small, room)}  ·  {counter}" if title else counter
     draw.text((x0, y), head, font=small, fill=DIM)
     y += round(unit * 1.05)
     draw.text((x0, y), _fit(draw, drawable(image_name(item.path)), small, panel_w), font=small, fill=DIM)
