@@ -628,3 +628,19 @@ def test_a_cached_onnx_export_that_onnx_runtime_refuses_is_exported_again(export
         "again" in caplog.text
     assert counted_exports == [str(exported["ckpt"])] * 2 and not refused.exists()
     assert np.abs(again.predict_uint8(exported["images"][:4]) - exported["probs"][:4]).max() < 1e-4
+
+
+def test_a_checkpoint_loaded_by_a_relative_path_still_names_its_file_after_a_chdir(exported, tmp_path, monkeypatch):
+    # A notebook loads runs/x/best.pt, then changes folder: the Checkpoint's relative path had named no file, so its
+    # model_id became a hash of the weights, and export over the checkpoint itself was no longer refused.
+    from cxr.export import model_id
+
+    monkeypatch.chdir(exported["ckpt"].parent)
+    ckpt = load_checkpoint(exported["ckpt"].name)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert Path(ckpt.path) == exported["ckpt"] and model_id(ckpt) == exported["id"]
+    before = exported["ckpt"].read_bytes()
+    with pytest.raises(UsageError, match="input"):
+        export_model(ckpt, "torchscript", exported["ckpt"])
+    assert exported["ckpt"].read_bytes() == before

@@ -571,7 +571,10 @@ def _checkpoint_from(obj: dict[str, Any], path: Path) -> Checkpoint:
             arch=obj["arch"], state_dict=obj["state_dict"], config=config,
             class_names=list(obj["class_names"]), threshold=float(obj["threshold"]),
             threshold_policy=obj.get("threshold_policy", "default"), epoch=int(obj.get("epoch", 0)),
-            val_loss=float(obj.get("val_loss", float("nan"))), extra=obj.get("extra", {}), path=str(path),
+            # Absolute: a relative one, read after a notebook's os.chdir, named no file (another model_id, no check
+            # of the run's own images, and export could write over the checkpoint it was given).
+            val_loss=float(obj.get("val_loss", float("nan"))), extra=obj.get("extra", {}),
+            path=str(Path(path).absolute()),
         )
     except (KeyError, TypeError, ValueError, CxrError) as e:
         raise CheckpointError(f"{path}: damaged cxr checkpoint ({e.__class__.__name__}: {e})") from None
