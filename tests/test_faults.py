@@ -26,7 +26,7 @@ import torch
 import cxr.train
 from cxr.cli import main as cxr_main
 from cxr.config import load_config
-from cxr.errors import CheckpointError, WriteError
+from cxr.errors import CheckpointError, UsageError, WriteError
 from cxr.fileio import atomic_write_text
 from cxr.model import Checkpoint, build_model, load_checkpoint, read_state_dict_file, save_checkpoint
 from cxr.train import TrainingError, train, train_one_epoch
@@ -653,6 +653,30 @@ def test_train_puts_the_process_back_as_it_was(tmp_path, tiny_dataset):
     assert (random.random(), np.random.random(), torch.rand(1).item()) == expected
     assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     assert load_config(alone / "config.yaml").data == str(tiny_dataset)
+    # A second run from another thread while one runs is refused: the two had shared the random generators (neither
+    # the model it trains alone) and one's end switched the other's deterministic mode off mid-run.
+    import threading
+
+    import cxr.train
+
+    held, done = threading.Event(), threading.Event()
+
+    def other_run():  # stands for a train() in progress in another thread
+        with cxr.train._RUNNING:
+            held.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(UsageError, match="already running in this process"):
+            train(tiny(tiny_dataset, tmp_path / "second", epochs=1))
+        assert not (tmp_path / "second").exists()
+    finally:
+        done.set()
+        thread.join()
+    assert train(resume=alone).is_dir()  # and once it has ended, a run goes on
 
 
 def test_a_file_held_open_on_windows_is_waited_for_then_named(tmp_path, monkeypatch):

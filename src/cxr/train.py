@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -565,7 +566,8 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
 
     The process's torch settings (deterministic algorithms, cuDNN benchmark), ``CUBLAS_WORKSPACE_CONFIG`` and the
     random generators of Python, NumPy and torch (CUDA's too where CUDA was in use before the call) are put back as
-    they were when it returns or fails: a notebook that trains goes on as it was. (The CLI's report is not written
+    they were when it returns or fails: a notebook that trains goes on as it was. So one call runs at a time in a
+    process: a second, from another thread, raises :class:`~cxr.errors.UsageError`. (The CLI's report is not written
     here: call :func:`cxr.report.make_report`.)
 
     Args:
@@ -581,8 +583,20 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
                          f"{cfg!r:.80}")
     if resume is None and overrides:  # they were ignored without a word
         cfg = load_config(overrides=overrides, base=cfg)
-    with _process_state_kept():
-        return _train_run(cfg, resume, overrides)
+    # One run at a time in a process: two from threads had shared the global random generators (each gave another
+    # model than alone) and one run's end put back the other's deterministic mode mid-run, then left it on for good.
+    if not _RUNNING.acquire(blocking=False):
+        raise UsageError("train() is already running in this process (another thread): a run sets process-wide "
+                         "state (random generators, deterministic mode, threads) that two runs would share; run them "
+                         "one after another, or in separate processes")
+    try:
+        with _process_state_kept():
+            return _train_run(cfg, resume, overrides)
+    finally:
+        _RUNNING.release()
+
+
+_RUNNING = threading.Lock()  # held by the train() call running in this process
 
 
 @contextlib.contextmanager
