@@ -781,3 +781,18 @@ def test_picture_names_that_differ_only_in_case_are_told_apart_in_either_order()
     used = set()
     assert [_unique_name(Path(p), used) for p in ("a/caf\u00e9.png", "b/cafe\u0301.png")] == \
         ["caf\u00e9_gradcam.png", "cafe\u0301_2_gradcam.png"]
+
+
+def test_grad_cam_leaves_a_model_in_the_mode_it_found_it_in():
+    # A model in training (a callback drawing maps between epochs) had been left in eval mode: its batch norm's
+    # running statistics frozen and dropout off for the rest of the training. A module kept in eval stays so.
+    from cxr.explain import grad_cam
+    from cxr.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", "none").train()
+    net.bn1.eval()
+    before = {name: m.training for name, m in net.named_modules()}
+    maps, _ = grad_cam(net, torch.randn(2, 1, 32, 32), 1)
+    assert {name: m.training for name, m in net.named_modules()} == before and maps.shape == (2, 32, 32)
+    assert net.training and not net.bn1.training

@@ -62,7 +62,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor,
     """Grad-CAM heatmaps for a batch of normalised inputs.
 
     Args:
-        model: a two-class classifier; it is put in eval mode and its parameters get no gradients.
+        model: a two-class classifier; it runs in eval mode, its parameters get no gradients, and it is left in the
+            mode it was in (a model in training had been left in eval mode: batch norm's statistics frozen).
         x: (B, 1, H, W) float input, normalised as for the model, on the model's device.
         target: class index to explain (an int, or a (B,) tensor of indices); None explains each image's
             predicted class (argmax of the logits); a callable is given the (B, C) float32 logits of this forward
@@ -73,7 +74,6 @@ def grad_cam(model: nn.Module, x: torch.Tensor,
         ``(heatmaps, logits)``: (B, H, W) float32 maps scaled to [0, 1] per image (min-max; all zeros where the
         map is flat, e.g. nothing speaks for the target), and the (B, C) float32 logits of the same forward pass.
     """
-    model.eval()
     layer = layer if layer is not None else target_layer(model)
     captured: list[torch.Tensor] = []
 
@@ -90,7 +90,9 @@ def grad_cam(model: nn.Module, x: torch.Tensor,
     with _GRAD_CAM_LOCK:
         handle = layer.register_forward_hook(start_the_graph_here)
         wanted = [p.requires_grad for p in model.parameters()]
+        modes = [(m, m.training) for m in model.modules()]  # each module's: a fine-tune may keep batch norm in eval
         try:
+            model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
             # Works when called under torch.inference_mode() or no_grad() too: this needs a graph.
@@ -111,6 +113,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor,
                 (grads,) = torch.autograd.grad(score, activations)
         finally:
             handle.remove()
+            for m, mode in modes:
+                m.training = mode
             for p, w in zip(model.parameters(), wanted, strict=True):
                 p.requires_grad_(w)
     weights = grads.mean(dim=(2, 3), keepdim=True)
@@ -131,7 +135,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor,
 
 
 def heatmaps_for_images(model: nn.Module, images: np.ndarray, *, mean: float, std: float,
-                        target: int | np.ndarray | None = None, batch_size: int = 16,
+                        target: int | str | np.ndarray | None = None, batch_size: int = 16,
                         threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps and P(PNEUMONIA) for uint8 model inputs (N, S, S), in batches.
 
