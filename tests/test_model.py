@@ -550,3 +550,20 @@ def test_library_calls_with_arguments_of_the_wrong_kind_raise_usage_errors(tmp_p
     with pytest.raises(UsageError) as refused:  # a NumPy array is a size: refused for what the folder lacks instead
         make_report(tmp_path, frame_size=np.array([640, 360]))
     assert "frame_size" not in str(refused.value)
+
+
+def test_default_is_the_bundled_model_only_as_the_word(tmp_path, monkeypatch, caplog):
+    # Path("default") of a run folder named after its config had given the bundled model's predictions; the word
+    # "default" with such a folder here says which it takes.
+    from cxr.model import BUNDLED_MODEL, resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("default") == BUNDLED_MODEL and "./default" not in caplog.text
+    (tmp_path / "default").mkdir()
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), load_config()),
+                    tmp_path / "default" / "best.pt")
+    assert resolve_model_path(Path("default")) == Path("default") / "best.pt"
+    assert resolve_model_path("./default") == Path("default") / "best.pt"
+    with caplog.at_level("WARNING", logger="cxr.model"):
+        assert resolve_model_path("default") == BUNDLED_MODEL
+    assert "give ./default for that one" in caplog.text

@@ -475,9 +475,12 @@ def resolve_model_path(model: str | os.PathLike, *, flag: str = "--model") -> Pa
     if not isinstance(model, (str, os.PathLike)):  # None or a module: a TypeError of pathlib's
         raise UsageError(f"{flag}: 'default', a checkpoint file or a run directory (or a loaded cxr Checkpoint), got "
                          f"{type(model).__name__}")
-    if str(model) == "default":
+    # The word, not a path: Path("default") of a run folder named so had given the bundled model's predictions.
+    if isinstance(model, str) and model == "default":
         if not BUNDLED_MODEL.is_file():
             raise CheckpointError(f"the bundled model {BUNDLED_MODEL.name} is not installed; pass {flag} PATH")
+        if os.path.exists("default"):
+            log.warning("%s default is the bundled model, not ./default here (give ./default for that one)", flag)
         return BUNDLED_MODEL
     p = Path(model)
     if p.is_dir():
