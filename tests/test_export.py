@@ -32,6 +32,7 @@ from cxr.export import (  # noqa: E402
 )
 from cxr.images import load_image  # noqa: E402
 from cxr.model import Checkpoint, build_model, load_checkpoint, save_checkpoint  # noqa: E402
+from cxr.predict import predict_files  # noqa: E402
 
 SIZE = 64
 THRESHOLD = 0.42
@@ -644,3 +645,11 @@ def test_a_checkpoint_loaded_by_a_relative_path_still_names_its_file_after_a_chd
     with pytest.raises(UsageError, match="input"):
         export_model(ckpt, "torchscript", exported["ckpt"])
     assert exported["ckpt"].read_bytes() == before
+
+
+def test_files_already_listed_may_be_one_path(exported):
+    # predict_files(..., listed=True) with one path had taken each of its characters for a file ("d: no such file").
+    one = str(FILES[0])
+    (torch_pred,) = predict_files(exported["ckpt"], one, device="cpu", listed=True)
+    (onnx_pred,) = predict_files_onnx(exported["onnx"], Path(one), listed=True)
+    assert torch_pred.path == onnx_pred.path == one and torch_pred.error is None is onnx_pred.error

@@ -166,10 +166,10 @@ def predict_files_onnx(model: str | os.PathLike, paths: list[str | os.PathLike],
     Returns:
         ``list[cxr.predict.Prediction]`` in input order; unreadable files get an ``error``.
     """
-    from cxr.predict import check_inference_args, collect_files, predict_in_batches, select_shard
+    from cxr.predict import check_inference_args, collect_files, listed_files, predict_in_batches, select_shard
 
     check_inference_args(threshold=threshold, batch_size=batch_size)
-    files = select_shard([Path(p) for p in paths] if listed else collect_files(paths), shard)
+    files = select_shard(listed_files(paths) if listed else collect_files(paths), shard)
     predictor = load_onnx_predictor(model, threads=threads, warn_threshold=threshold is None)
     t = predictor.threshold if threshold is None else float(threshold)
     return predict_in_batches(files, lambda images: predictor.predict_uint8(images, batch_size),

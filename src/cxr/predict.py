@@ -149,6 +149,12 @@ def _is_pattern(path: str | os.PathLike) -> bool:
     return any(c in str(path) for c in "*?[") and not os.path.exists(path)
 
 
+def listed_files(paths: list[str | os.PathLike] | str | os.PathLike) -> list[Path]:
+    """Files :func:`collect_files` listed, taken as they are (one path alone is one file: a string had been taken as
+    its characters, each "no such file")."""
+    return [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+
+
 def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
                   skip: Path | None = None) -> list[Path]:
     """Files as given (a name that is no file too, where another path given exists: its reading fails, and says so;
@@ -240,7 +246,7 @@ def predict_files(model: str | os.PathLike, paths: list[str | os.PathLike], *, d
     from cxr.export import model_id
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
-    files = select_shard([Path(p) for p in paths] if listed else collect_files(paths), shard)
+    files = select_shard(listed_files(paths) if listed else collect_files(paths), shard)
     # bf16 where the device is fast at it (auto): the speed of training's numerics. `cxr evaluate` computes in fp32
     # unless told otherwise; `--amp off` here gives its probabilities to the last bit.
     run = load_for_inference(model, device=device, amp=amp, threshold=threshold)
