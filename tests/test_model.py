@@ -533,6 +533,9 @@ def test_library_calls_with_arguments_of_the_wrong_kind_raise_usage_errors(tmp_p
     # README: wrong arguments raise UsageError. These had raised pathlib's TypeError, an AttributeError deep in train
     # ("'str' object has no attribute 'data'"), or matplotlib's and the writer's own errors.
     from cxr.demo import SAMPLE_DIR
+    from cxr.evaluate import evaluate_model
+    from cxr.explain import explain_files
+    from cxr.export import export_model
     from cxr.predict import predict_files
     from cxr.report import make_report
     from cxr.train import train
@@ -544,7 +547,15 @@ def test_library_calls_with_arguments_of_the_wrong_kind_raise_usage_errors(tmp_p
                        (lambda: train("data"), "cfg must be a cxr.config.Config"),
                        (lambda: load_config(overrides=[("lr", 1)]), "overrides must be a mapping"),
                        (lambda: make_report(tmp_path, frame_size=(640,)), "frame_size must be"),
-                       (lambda: make_report(tmp_path, fps="x"), "fps numbers")):
+                       (lambda: make_report(tmp_path, fps="x"), "fps numbers"),
+                       # pathlib's and torch's TypeErrors had come out of these
+                       (lambda: predict_files("default", [xray], device=None), "device: 'auto'"),
+                       (lambda: predict_files("default", [xray, b"x.png"]), r"paths\[1\]: a path .* got bytes"),
+                       (lambda: evaluate_model("default", SAMPLE_DIR, None), "output: a path"),
+                       (lambda: evaluate_model("default", None, tmp_path / "e"), "data: a path"),
+                       (lambda: explain_files("default", [xray], None), "output_dir: a path"),
+                       (lambda: export_model("default", "onnx", None), "output: a path"),
+                       (lambda: make_report(None), "run_dir: a path .* got NoneType")):
         with pytest.raises(UsageError, match=says):
             call()
     with pytest.raises(UsageError) as refused:  # a NumPy array is a size: refused for what the folder lacks instead

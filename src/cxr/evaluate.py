@@ -819,9 +819,10 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     from cxr.config import compiles_as_regex, default_cache_dir
     from cxr.data import check_output_outside_data, prepare, scan
     from cxr.export import model_id
-    from cxr.fileio import check_writable, output_lock
+    from cxr.fileio import check_paths, check_writable, output_lock
     from cxr.predict import check_inference_args
 
+    check_paths(data=data, output=output)  # None had been pathlib's TypeError
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
     if patient_pattern is not None and not isinstance(patient_pattern, str) or patient_pattern \
             and not compiles_as_regex(patient_pattern):

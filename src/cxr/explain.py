@@ -297,7 +297,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     from cxr.errors import DataError
     from cxr.evaluate import load_for_inference
     from cxr.export import model_id
-    from cxr.fileio import check_writable
+    from cxr.fileio import check_paths, check_writable
     from cxr.model import load_checkpoint
     from cxr.predict import (
         EXPLAIN_SUFFIX,
@@ -310,6 +310,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     from cxr.video import drawable
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
+    check_paths(output_dir=output_dir)
     if not isinstance(target, str):
         raise UsageError(f"target {target!r}: use predicted, NORMAL or PNEUMONIA")
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)  # a generator, read once, is kept

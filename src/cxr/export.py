@@ -32,7 +32,7 @@ from torch import nn
 
 from cxr import __version__
 from cxr.errors import CheckpointError, UsageError
-from cxr.fileio import atomic_path, check_not_an_input, check_writable
+from cxr.fileio import atomic_path, check_not_an_input, check_paths, check_writable
 from cxr.model import Checkpoint, load_checkpoint, threshold_unchosen, warn_if_threshold_unchosen
 from cxr.onnx_backend import (  # noqa: F401 - re-exported: ONNX Runtime inference lives there, without torch
     CONTRACT_KEY,
@@ -382,6 +382,7 @@ def export_model(model: str | os.PathLike | Checkpoint, fmt: str, output: str | 
     """
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: use {' or '.join(FORMATS)}")
+    check_paths(output=output)
     out = Path(output)
     if out.is_dir():
         raise UsageError(f"--output {out}: is a directory; give a file name")

@@ -55,6 +55,14 @@ def display_name(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def check_paths(**named: object) -> None:
+    """A :class:`UsageError` for each argument that should name a file or folder and does not (``None``, bytes, a
+    PIL image), naming its type: pathlib's TypeError had come out of the library's functions instead."""
+    for name, value in named.items():
+        if not isinstance(value, (str, os.PathLike)):
+            raise UsageError(f"{name}: a path (str or os.PathLike), got {type(value).__name__}")
+
+
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes Excel or LibreOffice read a cell as a formula
 
 

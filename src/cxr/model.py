@@ -227,6 +227,10 @@ def _say_mps_is_unused() -> None:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str):  # None: torch's TypeError had come out
+        raise UsageError(f"device: 'auto', 'cpu', 'cuda' or 'cuda:N' (or a torch.device), got {type(name).__name__}")
     if name == "auto":
         if not torch.cuda.is_available():
             _say_mps_is_unused()

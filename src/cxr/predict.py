@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.errors import UsageError
-from cxr.fileio import CSV_READ, CSV_TEXT, atomic_path, atomic_write_text, spreadsheet_cells
+from cxr.fileio import CSV_READ, CSV_TEXT, atomic_path, atomic_write_text, check_paths, spreadsheet_cells
 from cxr.images import EXPLAIN_SUFFIX, ImageError, is_image_file, load_image  # noqa: F401 - EXPLAIN_SUFFIX lived here
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
     # A generator (Path.glob) had lost the files the existence check below consumed; a NumPy array raised NumPy's
     # "truth value is ambiguous".
     paths = list(paths)
+    check_paths(**{f"paths[{i}]": p for i, p in enumerate(paths) if not isinstance(p, (str, os.PathLike))})
     if sys.platform == "win32":  # cmd and PowerShell hand `scans\*.jpeg` over as it is: expanded here, as a shell would
         paths = [m for p in paths for m in (sorted(glob.glob(str(p))) if _is_pattern(p) else [p]) or [p]]
     if paths and not any(os.path.lexists(p) for p in paths):  # a typo in the one folder given: said now, not after

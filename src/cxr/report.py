@@ -43,6 +43,7 @@ from cxr.fileio import (
     CSV_READ,
     atomic_path,
     atomic_write_text,
+    check_paths,
     check_writable,
     display_name,
     ensure_dir,
@@ -1078,6 +1079,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
     from cxr.errors import VideoError
     from cxr.video import VideoItem, even_frame_size, write_flythrough
 
+    check_paths(run_dir=run_dir, **({} if output is None else {"output": output}))
     _check_count("grid_per_group", grid_per_group, MAX_PER_GROUP)  # -2 had been "all but two" (a slice's end)
     _check_count("video_max_images", video_max_images, MAX_VIDEO_IMAGES)
     if video:
