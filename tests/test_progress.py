@@ -60,3 +60,33 @@ def test_without_a_terminal_a_long_job_logs_every_tenth(monkeypatch, caplog, tot
     if lines:
         assert logged[0].startswith(f"decode: {total // 10}/{total} img,") and "img/s" in logged[0]
         assert logged[0].endswith("loss 0.1")
+
+
+def test_evaluation_shows_its_progress(monkeypatch, caplog, tmp_path):
+    # cxr evaluate of Kermany's 5,232 images had said nothing for 13 minutes: its forward passes have a bar, and
+    # without a terminal a line at every tenth.
+    import numpy as np
+    import torch
+
+    from cxr.demo import SAMPLE_DIR
+    from cxr.evaluate import evaluate_model, predict_logits
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setattr(progress, "_in_notebook", lambda: False)
+    monkeypatch.delenv("RANK", raising=False)
+    caplog.set_level(logging.INFO, logger="cxr")
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 2))
+    images = np.zeros((600, 16, 16), np.uint8)
+    logits = predict_logits(net, images, mean=0.5, std=0.25, device=torch.device("cpu"), batch_size=7,
+                            progress="evaluating test")
+    assert logits.shape == (600, 2)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluating test:")]
+    assert len(logged) == 9 and logged[0].startswith("evaluating test: 63/600 img")  # 9 passes of 7, then a tenth
+    caplog.clear()
+    predict_logits(net, images, mean=0.5, std=0.25, device=torch.device("cpu"))
+    assert not caplog.records  # none asked for (training's validation, predict's own batches)
+    shown = []
+    real = progress.progress_bar
+    monkeypatch.setattr(progress, "progress_bar", lambda name, *a, **k: shown.append(name) or real(name, *a, **k))
+    evaluate_model("default", SAMPLE_DIR / "test", tmp_path / "ev", device="cpu")
+    assert "evaluating test" in shown

@@ -1535,7 +1535,8 @@ def finish(run_dir: Path, prepared: dict[str, Prepared], cfg: Config,
                             "files)", name)
                 continue
             logits = predict_logits(model, p.images, mean=cfg.mean, std=cfg.std, device=device,
-                                    batch_size=cfg.eval_batch_size, bf16=False, channels_last=channels_last)
+                                    batch_size=cfg.eval_batch_size, bf16=False, channels_last=channels_last,
+                                    progress=f"evaluating {name}")
             results.append(SplitResult(name, [s.path for s in p.samples], p.labels, probabilities(logits),
                                        patients_of(p.samples)))
     val = next(r for r in results if r.name == "val")
