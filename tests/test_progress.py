@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import types
@@ -90,3 +91,24 @@ def test_evaluation_shows_its_progress(monkeypatch, caplog, tmp_path):
     monkeypatch.setattr(progress, "progress_bar", lambda name, *a, **k: shown.append(name) or real(name, *a, **k))
     evaluate_model("default", SAMPLE_DIR / "test", tmp_path / "ev", device="cpu")
     assert "evaluating test" in shown
+
+
+def test_explaining_shows_its_progress(monkeypatch, tmp_path):
+    # cxr explain of 50 files had said nothing for minutes: a bar, advanced for each file, readable or not.
+    from cxr.demo import SAMPLE_DIR
+    from cxr.explain import explain_files
+
+    advanced = []
+    real = progress.progress_bar
+
+    @contextlib.contextmanager
+    def spy(name, total, *a, **k):
+        with real(name, total, *a, **k) as bar:
+            monkeypatch.setattr(bar, "advance", lambda n=1, info=None: advanced.append((name, total, n)))
+            yield bar
+
+    monkeypatch.setattr(progress, "progress_bar", spy)
+    files = sorted((SAMPLE_DIR / "test" / "NORMAL").iterdir())[:2]
+    (tmp_path / "bad.jpeg").write_bytes(b"not an image")
+    explain_files("default", [*files, tmp_path / "bad.jpeg"], tmp_path / "out", device="cpu")
+    assert advanced == [("explain", 3, 1)] * 3

@@ -14,6 +14,7 @@ Research software, not a medical device: a heatmap is not a finding.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import numbers
@@ -307,6 +308,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
         prob_text,
         threshold_decimals,
     )
+    from cxr.progress import progress_bar
     from cxr.video import drawable
 
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
@@ -342,6 +344,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     indexed: list[tuple[int, Explanation]] = []  # by position in `files`: a file named twice is two rows in place
     mid = model_id(ckpt)
     cells = grid_cells(net, cfg.image_size)
+    shown = contextlib.ExitStack()  # 50 pictures had taken minutes without a word (drawing them, most of it)
+    bar = shown.enter_context(progress_bar("explain", len(files), unit="img"))
     try:
         for start in range(0, len(files), batch_size):
             images, good = [], []
@@ -352,6 +356,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                 except ImageError as e:
                     log.warning("skipping unreadable image: %s", e)
                     indexed.append((i, Explanation(str(f), None, None, None, error=str(e))))
+                    bar.advance()
             if not images:
                 continue
             stack = np.stack(images)
@@ -384,9 +389,11 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                             if leans_away(prob, cls) else f"heatmap: evidence for {ckpt.class_names[cls]}"))
                 _explanation_figure(im, heat, title=title, path=out, cells=cells)
                 indexed.append((i, Explanation(str(f), str(out), float(prob), ckpt.class_names[pred])))
+                bar.advance()
     except BaseException:
         # Interrupted (Ctrl-C) or failed: the pictures made so far are listed, not left beside no explanations.csv
         # (or beside an earlier run's, which describes other files).
+        shown.close()
         if indexed:
             try:
                 _write_explanations(out_dir, [e for _, e in sorted(indexed, key=lambda r: r[0])], t, mid)
@@ -397,6 +404,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                 log.warning("stopped after %d of %d file(s): %s lists those", len(indexed), len(files),
                             out_dir / "explanations.csv")
         raise
+    finally:
+        shown.close()
     rows = [e for _, e in sorted(indexed, key=lambda r: r[0])]
     _write_explanations(out_dir, rows, t, mid)
     done = [e for e in rows if e.error is None]
