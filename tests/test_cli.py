@@ -2594,3 +2594,24 @@ def test_main_called_from_python_leaves_the_process_as_it_found_it(tmp_path, mon
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # one the user set stays theirs
     cxr_main(["-q", "merge", str(tmp_path / "missing.csv")])
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_predict_of_more_files_than_a_table_shows_needs_an_output(tmp_path, monkeypatch, capsys):
+    # 500 files and no --output: every prediction made, then shown nowhere (the table stops at 200), exit 0. Refused
+    # now before the model is loaded; --table prints them.
+    import cxr.cli
+    from cxr.cli import main as cxr_main
+
+    monkeypatch.setattr(cxr.cli, "TABLE_MAX", 2)
+    files = sorted((SAMPLE_DIR / "test" / "NORMAL").iterdir())[:3]
+    loaded = []
+    monkeypatch.setattr("cxr.evaluate.load_for_inference", lambda *a, **k: loaded.append(a))
+    assert cxr_main(["predict", *map(str, files)]) == 2
+    assert "3 files and no --output" in capsys.readouterr().err and not loaded
+    monkeypatch.undo()
+    monkeypatch.setattr(cxr.cli, "TABLE_MAX", 2)
+    monkeypatch.setenv("COLUMNS", "400")
+    assert cxr_main(["predict", *map(str, files), "--table"]) == 0
+    out = capsys.readouterr().out
+    assert all(f.name in out for f in files)
+    assert cxr_main(["predict", *map(str, files[:2])]) == 0  # as many as the table shows: printed

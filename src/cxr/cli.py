@@ -133,6 +133,7 @@ def _positive_upto(maximum: float):
 
 
 MAX_THREADS = 1024  # more than any machine's cores; 100,000 crashed predict (segmentation fault)
+TABLE_MAX = 200  # predict prints a table of its results up to this many, unless told (--table / --no-table)
 
 
 _DEVICE_HELP = "auto (default: CUDA where there is one, else the CPU), cpu, cuda or cuda:N"
@@ -253,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict only the I-th of N contiguous blocks of the files (0-based; for job arrays); "
                         "with --output, writes OUTPUT's shard file. Under torchrun the rank picks the shard.")
     p.add_argument("--table", action=argparse.BooleanOptionalAction, default=None,
-                   help="print a table of every result (default: when there are at most 200)")
+                   help=f"print a table of every result (default: when there are at most {TABLE_MAX}; more, without "
+                        "--output, are refused before the work, as they would be shown nowhere)")
 
     p = sub.add_parser("merge", help="merge the shard files of `cxr predict --shard` into one predictions file")
     p.add_argument("output", metavar="OUTPUT", nargs="+",
@@ -521,6 +523,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             check_writable(shard_path(args.output, shard) if shard else args.output)  # now, not after the work
             check_not_an_input(args.output, files)
         mine = select_shard(files, shard)
+        if not args.output and args.table is None and len(mine) > TABLE_MAX:
+            # The work had been done, then shown nowhere (a table of more than 200 is not printed), exit 0.
+            raise UsageError(f"{len(mine)} files and no --output: more than {TABLE_MAX} results are not printed, so "
+                             "they would be shown nowhere; give --output preds.csv (or --table to print them)")
         try:
             if _backend(args) == "onnx":
                 from cxr.onnx_backend import predict_files_onnx  # no torch for an .onnx file
@@ -541,7 +547,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         except Interrupted as e:
             _keep_partial(e, shard_path(args.output, shard) if args.output and shard else args.output)
             raise
-        show = args.table if args.table is not None else len(preds) <= 200
+        show = args.table if args.table is not None else len(preds) <= TABLE_MAX
         if show and not info.active:
             _print_predictions(preds, DISCLAIMER)
         bad = sum(p.error is not None for p in preds)
