@@ -1067,6 +1067,12 @@ def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
     ("swa_lr: 0\n", "swa_lr must be > 0"),
     ("std: 0\n", "std must be > 0"),
     ("seed: -5\n", r"seed must be from 0 to 2\*\*32 - 1"),
+    ("seed: 4294967296\n", r"seed must be from 0 to 2\*\*32 - 1"),  # torch.manual_seed's limit, one past it
+    ("split_seed: 4294967296\n", r"split_seed must be from 0 to 2\*\*32 - 1"),
+    ("scale_min: 0\n", "scale_min must be > 0"),  # a crop of no area
+    ("plateau_factor: 1.0\n", "plateau_factor must be between 0 and 1"),  # a plateau that never lowers the rate
+    ("target_sensitivity: 0.0\n", r"target_sensitivity must be in \(0, 1\]"),
+    ("max_pixels: 0\n", "max_pixels must be >= 1"),  # every image refused, after the data had been listed
 ])
 def test_config_values_that_cannot_work_are_refused(tmp_path, tiny_dataset, yaml_text, says):
     from cxr.config import load_config
@@ -1087,6 +1093,30 @@ def test_a_bad_config_value_names_the_flags_only_where_some_were_given(tmp_path)
         load_config(tmp_path / "c.yaml", overrides={"epochs": None, "data": None})
     with pytest.raises(UsageError, match=r"\(settings read from .*c.yaml and the flags given\)$"):
         load_config(tmp_path / "c.yaml", overrides={"epochs": 3, "data": None})
+
+
+def test_flags_win_over_the_config_file_and_a_flag_not_given_leaves_the_files_value(tmp_path):
+    # Defaults, then the file, then the flags: `--epochs 5` with a file saying `epochs: 2` trains 5 epochs, and the
+    # file's other values (and a flag given as None, not given) are kept.
+    from cxr.config import load_config
+
+    (tmp_path / "c.yaml").write_text("epochs: 2\nlr: 0.1\n")
+    cfg = load_config(tmp_path / "c.yaml", {"epochs": 5, "lr": None})
+    assert (cfg.epochs, cfg.lr) == (5, 0.1)
+
+
+def test_the_cache_is_under_xdg_cache_home_unless_cxr_cache_dir_is_set(tmp_path, monkeypatch):
+    from cxr.config import Config
+
+    monkeypatch.delenv("CXR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert Config().cache_dir == str(tmp_path / "xdg" / "cxr")
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "mine"))
+    assert Config().cache_dir == str(tmp_path / "mine")
+    monkeypatch.delenv("CXR_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert Config().cache_dir == str(tmp_path / "home" / ".cache" / "cxr")
 
 
 def test_config_files_that_are_no_utf8_text_or_a_folder_and_home_paths(tmp_path, monkeypatch):
@@ -2495,6 +2525,10 @@ def test_config_values_at_the_edge_of_their_range_are_accepted(tmp_path):
     (tmp_path / "c.yaml").write_text("image_size: 4096\nscale_min: 1.0\nscale_max: 1.0\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert (cfg.image_size, cfg.scale_min, cfg.scale_max) == (4096, 1.0, 1.0)
+    # the other closed ends: half the patients for validation, and the largest seeds torch and NumPy take
+    (tmp_path / "c.yaml").write_text("val_fraction: 0.5\nseed: 4294967295\nsplit_seed: 4294967295\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.val_fraction, cfg.seed, cfg.split_seed) == (0.5, 2**32 - 1, 2**32 - 1)
 
 
 def test_an_output_that_is_a_link_to_an_input_under_another_name_is_refused(tmp_path, capsys):
