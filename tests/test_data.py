@@ -206,6 +206,16 @@ def test_empty_class_folder_is_named(tiny_dataset):
         scan(tiny_dataset)
 
 
+def test_a_split_whose_class_folders_are_both_empty_names_them_even_where_one_class_may_be_missing(tiny_dataset):
+    # evaluate takes a split of one class; of none, the empty folders are what to say, not a split of no images.
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for f in (tiny_dataset / "test" / cls).iterdir():
+            f.unlink()
+    with pytest.raises(DataError, match=r"test/NORMAL: class folder holds no image files; .*test/PNEUMONIA: class "
+                                        r"folder holds no image files$"):
+        scan(tiny_dataset / "test", require_both_classes=False)
+
+
 def test_path_that_does_not_exist(tmp_path):
     with pytest.raises(UsageError, match="no such file or directory"):
         scan(tmp_path / "nope")
@@ -250,6 +260,10 @@ def test_scan_npz_rejects_bad_labels(tmp_path):
     np.savez(path, train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.array([0, 3]))
     with pytest.raises(DataError, match="must be 0"):
         scan(path)
+    # 2: a third class (a three-class MedMNIST set), one step past the two there are
+    np.savez(path, train_images=np.zeros((3, 8, 8), np.uint8), train_labels=np.array([0, 1, 2]))
+    with pytest.raises(DataError, match=r"must be 0 \(NORMAL\) or 1 \(PNEUMONIA\)"):
+        scan(path)
 
 
 def _npz_pixels_of(tmp_path, images) -> np.ndarray:
@@ -278,6 +292,23 @@ def test_scan_npz_maps_every_pixel_type_onto_0_255(tmp_path):
     pil = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in rgb])
     assert np.abs(_npz_pixels_of(tmp_path, rgb).astype(int) - pil).max() <= 1
     np.testing.assert_array_equal(_npz_pixels_of(tmp_path, grey[..., None]), grey)
+    # Signed integers below 0 (within -255..255) are stretched, not cast: -100 had become 0, like 0 beside it.
+    signed = np.array([[[-100, 0], [100, 200]]] * 2, np.int16)
+    np.testing.assert_array_equal(_npz_pixels_of(tmp_path, signed)[0], [[0, 85], [170, 255]])
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_npz_pixels_of_more_images_than_one_chunk_are_each_images_own(dtype):
+    # Images are converted 256 at a time: each row, at either side of a chunk's edge and in the last, short chunk,
+    # must be what that image alone gives.
+    from cxr.data import npz_pixels
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((300, 6, 6)) * 3000 + np.arange(300)[:, None, None] * 50).astype(dtype)
+    out = npz_pixels(images, "x")
+    assert out.shape == (300, 6, 6)
+    for i in (0, 254, 255, 256, 257, 299):
+        np.testing.assert_array_equal(out[i], npz_pixels(images[i:i + 1], "x")[0], err_msg=f"row {i}")
 
 
 @pytest.mark.parametrize("images, labels, message", [
@@ -653,6 +684,7 @@ def test_cache_ignores_damaged_packs_and_temporary_files(tmp_path, tiny_dataset,
     (folder / ".half.123.tmp").write_bytes(b"\x93NUMPY")  # a build killed mid-write leaves such a file
     (folder / "stray.npy").write_bytes(b"not a pack")
     (folder / "empty.npy").write_bytes(b"")  # a file never written out before a power cut: it had ended the run
+    np.save(folder / "whole.npy", np.zeros(1000, np.uint8))  # a whole .npy of bytes, fewer than one image's row
     decoded = _count_decodes(monkeypatch)
     prepare(found["train"], cfg, workers=1)
     assert decoded == []  # the train pack is intact
@@ -660,7 +692,8 @@ def test_cache_ignores_damaged_packs_and_temporary_files(tmp_path, tiny_dataset,
     assert len(decoded) == len(found["test"].samples) == 8  # the damaged pack's images, decoded again
     # Said and removed, as a pack whose checksum fails is (it had been skipped at debug level, read on every run)
     assert f"cache pack {damaged} is damaged (not a whole pack: cut short?): removed" in caplog.text
-    assert not (folder / "stray.npy").exists() and not (folder / "empty.npy").exists()
+    assert f"cache pack {folder / 'whole.npy'} is damaged" in caplog.text  # not a reshape's ValueError
+    assert not any((folder / name).exists() for name in ("stray.npy", "empty.npy", "whole.npy"))
     assert all(p.stat().st_size > 5000 for p in folder.glob("*.npy"))
     np.testing.assert_array_equal(again.images[0], resize_square(read_grayscale(again.samples[0].path), 48))
 
@@ -845,6 +878,30 @@ def test_train_transform_keeps_shape_dtype_and_varies(tiny_dataset):
     assert big[len(big) - 1][0].shape == (1, 64, 64)
     plain = XrayDataset(prepared)[0][0]
     assert torch.equal(plain[0], torch.from_numpy(prepared.images[0]))
+
+
+def test_identical_images_in_one_epoch_are_augmented_differently():
+    # The seed of an image's augmentation takes its index: without it, every image of an epoch got the same rotation,
+    # shift and jitter, and two copies of one image in the split came out alike.
+    from cxr.data import Prepared, XrayDataset, train_transform
+
+    image = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    prepared = Prepared("train", np.stack([image, image]), np.array([0, 1]), [])
+    ds = XrayDataset(prepared, train_transform(load_config(overrides={"image_size": 32})), seed=0)
+    ds.set_epoch(3)
+    assert not torch.equal(ds[0][0], ds[1][0])
+
+
+def test_train_transform_flips_horizontally_only_when_hflip_is_set():
+    # Off by default: a mirrored chest (heart on the right) is no image the model will be shown.
+    from cxr.config import Config
+    from cxr.data import train_transform
+
+    def flips(cfg):
+        return [t for t in train_transform(cfg).transforms if type(t).__name__ == "RandomHorizontalFlip"]
+
+    assert flips(Config()) == []
+    assert len(flips(Config(hflip=True))) == 1
 
 
 def _epoch_batches(prepared, workers: int, epoch: int = 1):
