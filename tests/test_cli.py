@@ -2479,6 +2479,25 @@ def test_a_lock_taken_on_a_lock_file_its_holder_removed_is_taken_again(tmp_path,
         os.close(fd)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="an open file cannot be removed on Windows")
+def test_a_holder_of_a_removed_lock_file_leaves_the_next_holders_file_when_it_ends(tmp_path):
+    # A's lock file removed under it, B made a new one and holds it: A ending must not remove B's file, or a third
+    # process makes another and runs beside B.
+    from cxr.fileio import release_lock, try_lock
+
+    path = tmp_path / ".cxr-train.lock"
+    a = try_lock(path)
+    path.unlink()
+    b = try_lock(path)
+    assert a is not None and b is not None
+    release_lock(a, path)
+    try:
+        assert path.exists() and try_lock(path) is None  # still B's
+    finally:
+        release_lock(b, path)
+    assert not path.exists()
+
+
 def test_a_shard_number_out_of_range_says_shards_count_from_zero():
     from cxr.predict import parse_shard
 

@@ -705,6 +705,18 @@ def test_a_file_held_open_on_windows_is_waited_for_then_named(tmp_path, monkeypa
     assert (tmp_path / "history.csv").read_text() == "epoch\n" and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_stale_temporary_files_are_removed_and_a_users_tmp_file_is_not(tmp_path):
+    # On resume, the run folder's hidden .NAME.XXXX.tmp files (a write killed midway) are removed; a file of the
+    # user's that merely ends in .tmp is none of cxr's.
+    from cxr.fileio import remove_stale_temps
+
+    (tmp_path / "notes.tmp").write_text("mine")
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half")
+    (tmp_path / ".folder.tmp").mkdir()
+    assert remove_stale_temps(tmp_path) == [tmp_path / ".last.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".folder.tmp", "notes.tmp"]
+
+
 def test_an_output_that_is_a_link_is_written_where_it_points(tmp_path):
     # `ln -s shared/preds.csv preds.csv; cxr predict ... --output preds.csv`: the link had become a file of its own
     # and shared/preds.csv kept the old predictions.
