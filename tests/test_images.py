@@ -566,6 +566,10 @@ def test_dicom_pixel_padding_is_black_and_left_out_of_the_stretch():
     out = read_grayscale(dicom_bytes(ranged, PixelPaddingValue=0, PixelPaddingRangeLimit=99))
     assert out[:8].max() == 0
     np.testing.assert_array_equal(out[8:24, 8:32], stretched(inner))
+    # Padding and nothing else (values 0..99, all within the range): a blank image, said so
+    border = (np.arange(32 * 40) % 100).reshape(32, 40).astype(np.uint16)
+    with pytest.raises(ImageError, match=r"^x.dcm: blank image \(every pixel has the same value\)"):
+        read_grayscale(dicom_bytes(border, PixelPaddingValue=0, PixelPaddingRangeLimit=99), name="x.dcm")
 
 
 def test_dicom_palette_colour_shows_its_palette_not_its_indices():
@@ -656,6 +660,16 @@ def test_dicom_multiframe_gives_first_frame():
     frames[0] = 0
     with pytest.raises(ImageError, match="frame 1 of 3 is blank .* the first frame of a multi-frame DICOM"):
         read_grayscale(dicom_bytes(frames))
+
+
+def test_a_dicom_whose_preamble_starts_like_a_jpeg_is_read_as_dicom():
+    # The 128-byte preamble is free-form (a TIFF or JPEG header, in dual-format files): the DICM marker after it
+    # decides, before the JPEG magic at the start.
+    from cxr.images import sniff
+
+    data = b"\xff\xd8\xff\xe0" + dicom_bytes(RAW12)[4:]
+    assert sniff(data) == "dicom"
+    np.testing.assert_array_equal(read_grayscale(data, name="x.jpeg"), read_grayscale(dicom_bytes(RAW12)))
 
 
 def test_dicom_8bit_and_named_by_content():
