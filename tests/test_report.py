@@ -268,6 +268,12 @@ def test_pick_video_indices(report):
     wrong = pick_video_indices(run_like, THRESHOLD, "errors", max_images=100)
     assert wrong and all((run_like.probs[i] >= THRESHOLD) != run_like.labels[i] for i in wrong)
     assert pick_video_indices(run_like, THRESHOLD, "all") == list(range(len(run_like.paths)))
+    # "all" with a limit given keeps to it (it had made an 87-minute video of 5,216 images given 20), and without
+    # one to the 10,000 any video may hold; the others take 60 unless told.
+    assert pick_video_indices(run_like, THRESHOLD, "all", max_images=3) == [0, 1, 2]
+    many = SplitPredictions("x", ["a"] * 10_050, np.zeros(10_050, np.int64), np.full(10_050, 0.9))
+    assert len(pick_video_indices(many, THRESHOLD, "all")) == 10_000
+    assert [len(pick_video_indices(many, THRESHOLD, s)) for s in ("sample", "errors")] == [60, 60]
     with pytest.raises(UsageError):
         pick_video_indices(run_like, THRESHOLD, "best")
 

@@ -275,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-select", choices=["sample", "errors", "all"], default="sample",
                    help="which images the video shows: a random sample, whose running tally estimates the accuracy "
                         "(default); the errors; or all")
-    p.add_argument("--video-max-images", type=_count(1, MAX_VIDEO_IMAGES), default=60,
-                   help="images in the video at most (default 60)")
+    p.add_argument("--video-max-images", type=_count(1, MAX_VIDEO_IMAGES), default=None,
+                   help=f"images in the video at most (default 60; with --video-select all, {MAX_VIDEO_IMAGES:,})")
     p.add_argument("--seconds-per-image", type=_positive_upto(60), default=1.0,
                    help="how long the video shows each image (default 1, at most 60)")
     p.add_argument("--frame-size", default="640x360", metavar="WxH",

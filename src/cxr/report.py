@@ -795,17 +795,24 @@ def _gather(pred: SplitPredictions, indices: Sequence[int], pixels: _PixelSource
     return [known[i] if i in known else made[i] for i in indices if i in known or i in made]
 
 
-def pick_video_indices(pred: SplitPredictions, threshold: float, select: str = "sample", max_images: int = 60,
-                       seed: int = 0) -> list[int]:
+def pick_video_indices(pred: SplitPredictions, threshold: float, select: str = "sample",
+                       max_images: int | None = None, seed: int = 0) -> list[int]:
     """Which images the video shows, in order.
 
-    ``sample``: up to ``max_images`` drawn at random (seeded), in random order, so the tally mixes both classes;
-    ``errors``: the wrong predictions, up to ``max_images``, in file order; ``all``: every image in file order.
+    ``sample``: up to ``max_images`` (default 60) drawn at random (seeded), in random order, so the tally mixes both
+    classes; ``errors``: the wrong predictions, up to ``max_images`` (default 60), in file order; ``all``: every
+    image in file order, up to ``max_images`` (default :data:`MAX_VIDEO_IMAGES`; it had ignored both, and made an
+    87-minute video of 5,216 images given 20).
     """
+    if max_images is None:
+        max_images = MAX_VIDEO_IMAGES if select == "all" else 60
     _check_count("max_images", max_images, MAX_VIDEO_IMAGES)
     n = len(pred.paths)
     if select == "all":
-        return list(range(n))
+        if n > max_images:
+            log.warning("report: the video shows the first %d of the %d images (at most %d)", max_images, n,
+                        max_images)
+        return list(range(min(n, max_images)))
     if select == "errors":
         wrong = np.flatnonzero((pred.probs >= threshold).astype(np.int64) != pred.labels)
         return [int(i) for i in wrong[:max_images]]
@@ -1054,7 +1061,7 @@ def _metrics_html(art: RunArtifacts, splits: Sequence[str], own_config: bool, sh
 def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None = None,
                 model: str | os.PathLike | None = None, video: bool = True, heatmaps: bool = True,
                 grid_split: str | None = None, grid_per_group: int = 4, video_split: str | None = None,
-                video_select: str = "sample", video_max_images: int = 60, seconds_per_image: float = 1.0,
+                video_select: str = "sample", video_max_images: int | None = None, seconds_per_image: float = 1.0,
                 frame_size: tuple[int, int] = (640, 360), fps: float = 5.0, device: str = "auto",
                 seed: int = 0) -> Path:
     """Make every picture of a run (or an evaluation folder) from its artifacts, and ``report.html`` with them.
@@ -1068,7 +1075,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
         grid_split, video_split: which split's images to show (default test, else val, else the last one).
         grid_per_group: images per grid row group (most confident right / wrong, borderline).
         video_select: ``sample`` | ``errors`` | ``all`` (see :func:`pick_video_indices`).
-        video_max_images: at most this many images in the video (``sample`` and ``errors``).
+        video_max_images: at most this many images in the video (default 60; with ``all``, 10,000).
         seconds_per_image, frame_size, fps: the video's timing and (width, height) in pixels.
         device: where the model runs for the heatmaps.
         seed: for the video's random sample.
@@ -1081,7 +1088,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
 
     check_paths(run_dir=run_dir, **({} if output is None else {"output": output}))
     _check_count("grid_per_group", grid_per_group, MAX_PER_GROUP)  # -2 had been "all but two" (a slice's end)
-    _check_count("video_max_images", video_max_images, MAX_VIDEO_IMAGES)
+    if video_max_images is not None:
+        _check_count("video_max_images", video_max_images, MAX_VIDEO_IMAGES)
     if video:
         if isinstance(frame_size, np.ndarray):  # np.array([640, 360]) was a size before, and stays one
             frame_size = tuple(frame_size.tolist())
@@ -1254,6 +1262,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                     "</p>")))
             if path is not None:
                 shown_for = max(1, round(seconds_per_image * fps)) / fps  # whole frames: what the video shows
+                which = ("all of them" if len(items) == len(p.paths) else
+                         "the first, in file order" if video_select == "all" else html.escape(video_select))
                 size_mb = path.stat().st_size / 1e6
                 sections.append(("video", "Fly-through video", (
                     f"<figure><video controls muted playsinline preload='auto' width='{frame_size[0]}' "
@@ -1261,7 +1271,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                     f"src='{_data_uri(path, 'video/mp4')}'></video><figcaption>{len(items)} images from "
                     f"{html.escape(display_name(vsplit))} ("
                     # "sample" of a split the video shows whole had read as a part of it
-                    f"{'all of them' if len(items) == len(p.paths) else html.escape(video_select)}), "
+                    f"{which}), "
                     f"{shown_for:g} s each, "
                     f"{'with heatmap, ' if explainer.net is not None else ''}"
                     f"prediction, probability, truth and a running tally. Also saved as "
