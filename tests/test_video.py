@@ -231,7 +231,9 @@ def test_a_video_of_more_images_than_its_strip_has_pixels_is_drawn():
 
 def test_the_progress_strip_colours_each_images_cell_as_a_rectangle_per_image_did():
     # Drawn by column now (a rectangle per image so far, in every frame, was quadratic in the video's length): the
-    # same pixels as the rectangles drawn in order, later cells over earlier, for cells wider and narrower than 1 px.
+    # same pixels as the rectangles drawn, the wrong ones over the right ones, for cells wider and narrower than 1 px.
+    # (Drawn in order, later over earlier, a column shared by several images had hidden their errors: 2 of 29 were
+    # to be seen in a video of 5,216 images.)
     from PIL import Image, ImageDraw
 
     item = VideoItem("a.png", 1, 0.9, np.zeros((64, 64), np.uint8))
@@ -246,11 +248,16 @@ def test_the_progress_strip_colours_each_images_cell_as_a_rectangle_per_image_di
             frame = render_frame(item, history=history, **kw)
             im = Image.fromarray(render_frame(item, history=[], **kw))  # the frame with an empty strip
             draw, cell = ImageDraw.Draw(im), (w - 2 * margin) / total
-            for i, good in enumerate(history):
+            for i, good in sorted(enumerate(history), key=lambda c: not c[1]):  # the right ones first
                 left = margin + round(i * cell)
                 draw.rectangle([left, sy + 1, max(left, margin + round((i + 1) * cell) - 1), sy + strip_h - 1],
                                fill=RIGHT_COLOUR if good else WRONG_COLOUR)
             assert (frame != np.asarray(im)).sum() == 0, f"{size}, {n} of {total}"
+    # One wrong image among thousands is still to be seen.
+    history = [True] * 5216
+    history[1234] = False
+    frame = render_frame(item, history=history, index=5215, total=5216, right=5215, wrong=1, threshold=0.5)
+    assert sum(tuple(c) == tuple(WRONG_COLOUR[:3]) for c in frame[-12]) == 1
 
 
 def test_a_row_of_an_npz_is_named_by_its_file_and_row(monkeypatch):

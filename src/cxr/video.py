@@ -229,15 +229,21 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     frame = np.array(im)
     if len(history):
         # Cell i spans columns edges[i] .. max(edges[i], edges[i + 1] - 1); below 1 px a cell (a video of 615 images
-        # or more) shares its column, and the later cell shows. Coloured by column, not by a rectangle per cell: one
+        # or more) shares its column, which shows wrong where any of its cells is (the later cell had shown: 2 of 29
+        # errors were to be seen in a video of 5,216 images). Coloured by column, not by a rectangle per cell: one
         # per image so far, in every frame, had made a video's drawing quadratic in its length.
         cell = (w - 2 * margin) / max(total, 1)
         n = len(history)
         edges = margin + np.round(np.arange(n + 1) * cell).astype(np.int64)
-        columns = np.arange(margin, max(edges[n - 1], edges[n] - 1) + 1)
-        owner = np.searchsorted(edges[:n], columns, side="right") - 1
-        good = np.asarray(history, dtype=bool)[owner]
-        frame[sy + 1:sy + strip_h, columns] = np.where(good[:, None], RIGHT_COLOUR, WRONG_COLOUR).astype(np.uint8)
+        first, last = edges[:n], np.maximum(edges[:n], edges[1:] - 1)
+        columns = np.arange(margin, last[-1] + 1)
+        wrong = ~np.asarray(history, dtype=bool)
+        # each wrong cell's columns, counted with a running sum: a column is wrong where the count is above 0
+        count = np.zeros(len(columns) + 1, np.int64)
+        np.add.at(count, first[wrong] - margin, 1)
+        np.add.at(count, last[wrong] + 1 - margin, -1)
+        bad = np.cumsum(count[:-1]) > 0
+        frame[sy + 1:sy + strip_h, columns] = np.where(bad[:, None], WRONG_COLOUR, RIGHT_COLOUR).astype(np.uint8)
     return frame
 
 
