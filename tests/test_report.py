@@ -897,3 +897,16 @@ def test_a_bins_wilson_interval_counts_its_positives_by_rounding_not_truncating(
     lo, hi = bin_intervals(np.array([29 / 100]), np.array([100]))
     ci = binomtest(29, 100).proportion_ci(method="wilson")
     assert (lo[0], hi[0]) == pytest.approx((ci.low, ci.high), abs=1e-12)
+
+
+def test_the_grid_keeps_to_six_columns_however_many_images_a_group_has(tmp_path, report, monkeypatch):
+    # --per-group 50 had drawn one strip of 50 tiles, shown at 23 px a tile on the page: a group of more than six
+    # takes several rows.
+    import cxr.report
+
+    seen, real = [], cxr.report.plot_grid
+    monkeypatch.setattr(cxr.report, "plot_grid", lambda tiles, *a, columns, **k: seen.append(
+        (columns, max(len(t) for t in tiles.values()))) or real(tiles, *a, columns=columns, **k))
+    make_report(report.parent, output=tmp_path / "out", video=False, heatmaps=False, grid_per_group=8, device="cpu")
+    ((columns, largest),) = seen
+    assert largest > 6 and columns == 6

@@ -564,6 +564,9 @@ class GridTile:
     path: str
 
 
+GRID_COLUMNS = 6  # tiles in a row of the report's grid, at most: wider, a page showed them too small to read
+
+
 def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, columns: int = 4, decimals: int = 3):
     """Rows of example images (one row per group, e.g. most confident right), each captioned with truth,
     prediction and probability, framed blue when right and vermillion when wrong, heatmap overlaid. ``decimals``: those
@@ -1209,8 +1212,10 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             groups = select_examples(p.labels, p.probs, threshold, grid_per_group)
             tiles = {name: _gather(p, idx, pixels, explainer, threshold, grid_tiles, remember=True)
                      for name, idx in groups.items()}
-            # No wider than the largest group: --per-group 100000 had drawn 100,000 columns, for good.
-            columns = max(1, min(grid_per_group, max((len(t) for t in tiles.values()), default=1)))
+            # No wider than the largest group (--per-group 100000 had drawn 100,000 columns, for good), nor than
+            # GRID_COLUMNS: --per-group 50 had drawn one strip of 50, shown at 23 px a tile on the page. A group of
+            # more takes several rows.
+            columns = max(1, min(grid_per_group, GRID_COLUMNS, max((len(t) for t in tiles.values()), default=1)))
             grid = plot_grid(tiles, threshold, gsplit, columns=columns, decimals=decimals)
             path = made(_save(grid, pics / f"grid_{gsplit}.png"))
             sections.append(("examples", "Examples", _figure_html(
