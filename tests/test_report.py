@@ -910,3 +910,42 @@ def test_the_grid_keeps_to_six_columns_however_many_images_a_group_has(tmp_path,
     make_report(report.parent, output=tmp_path / "out", video=False, heatmaps=False, grid_per_group=8, device="cpu")
     ((columns, largest),) = seen
     assert largest > 6 and columns == 6
+
+
+def test_what_the_pictures_show_reaches_a_screen_reader_and_the_keyboard(report):
+    # The confusion counts and which examples were wrong had been pixels only ("confusion matrix for test"); the
+    # video was read as "video"; and on a phone the figures and tables scrolled in regions the keyboard could not
+    # reach (axe: scrollable-region-focusable), the captions scrolling out of view with the pictures.
+    page = report.read_text()
+    metrics = json.loads((report.parent / "metrics.json").read_text())
+    (tn, fp), (fn, tp) = metrics["test"]["confusion_matrix"]
+    assert (f"alt='confusion matrix for test: true NORMAL, {tn} predicted NORMAL and {fp} predicted PNEUMONIA; true "
+            f"PNEUMONIA, {fn} predicted NORMAL and {tp} predicted PNEUMONIA'") in page
+    table = page[page.index("These examples as a table"):]
+    table = table[:table.index("</details>")]
+    shown = len(re.findall(r"<tr><th scope='row'>", table))
+    assert shown >= 3 and table.count(">right</td>") + table.count(">wrong</td>") == shown
+    assert re.search(r"<video [^>]*aria-label='fly-through video of \d+ images from test", page)
+    assert page.count("<figure><div class='scroll' tabindex='0' role='region'") == page.count("<img ")
+    assert "<div class='table'>" not in page and "<div class='table' tabindex='0' role='region'" in page
+    assert "@media screen and (max-width:700px){.scroll{overflow-x:auto}" in page
+
+
+def test_the_grids_wrong_captions_are_dark_enough_to_read():
+    # "✗ wrong" was drawn in the frame's vermillion, 3.9:1 on white: below WCAG's 4.5:1 for text.
+    from matplotlib.colors import to_rgb
+
+    from cxr.report import WRONG_TEXT, GridTile, plot_grid
+
+    def luminance(colour):
+        c = np.array(to_rgb(colour))
+        c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    tiles = {"most confident wrong": [GridTile(np.zeros((32, 32), np.uint8), None, 0, 0.9, "a.png")],
+             "most confident right": [GridTile(np.zeros((32, 32), np.uint8), None, 1, 0.9, "b.png")]}
+    fig = plot_grid(tiles, 0.5, "test")
+    titles = [ax.title for sub in fig.subfigs for ax in sub.axes if ax.get_title()]
+    assert len(titles) == 2 and any(t.get_color() == WRONG_TEXT for t in titles)
+    for t in titles:
+        assert 1.05 / (luminance(t.get_color()) + 0.05) >= 4.5, t.get_text()

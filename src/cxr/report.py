@@ -67,6 +67,9 @@ OKABE_ITO = {"orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow"
 SPLIT_STYLE = {"train": (OKABE_ITO["orange"], "--", "o"), "val": (OKABE_ITO["blue"], "-", "s"),
                "test": (OKABE_ITO["green"], "-.", "^")}
 RIGHT_COLOUR, WRONG_COLOUR = OKABE_ITO["blue"], OKABE_ITO["vermillion"]
+# Text in the wrong colour: vermillion darkened to 5.9:1 on white (the frame's #D55E00 is 3.9:1, below WCAG's 4.5:1
+# for the grid's "✗ wrong" captions, the most important labels in it).
+WRONG_TEXT = "#A84800"
 MATRIX_CMAP = "cividis"
 _RC = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5, "axes.grid": True,
        "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False, "savefig.facecolor": "white",
@@ -564,6 +567,19 @@ class GridTile:
     path: str
 
 
+def _grid_table(groups: dict[str, list[GridTile]], threshold: float, decimals: int) -> str:
+    """The example grid's images as a table, folded: what the picture shows (which files, right or wrong) had been
+    pixels only, out of a screen reader's reach."""
+    rows = [[name, display_name(image_name(t.path)), CLASS_NAMES[t.label], CLASS_NAMES[int(t.prob >= threshold)],
+             "right" if int(t.prob >= threshold) == t.label else "wrong", prob_text(t.prob, threshold, decimals)]
+            for name, tiles in groups.items() for t in tiles]
+    if not rows:
+        return ""
+    return ("<details><summary>These examples as a table</summary>"
+            + _table(["group", "file", "true", "predicted", "result", "P(pneumonia)"], rows, numeric_from=5,
+                     label="example images") + "</details>")
+
+
 GRID_COLUMNS = 6  # tiles in a row of the report's grid, at most: wider, a page showed them too small to read
 
 
@@ -624,7 +640,7 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
                              # short: the tile's width (a longer line ran into the next tile)
                              + (f"\nmap of {CLASS_NAMES[pred]}; leans {CLASS_NAMES[1 - pred]}"
                                 if tile.heatmap is not None and not flat and leans_away(tile.prob, pred) else ""),
-                             fontsize=9.5, color=colour if not ok else "black")
+                             fontsize=9.5, color=WRONG_TEXT if not ok else "black")
                 ax.set_xlabel(shorten_middle(drawable(caption(tile.path)), 30), fontsize=7.5,
                               color=OKABE_ITO["grey"], parse_math=False)
         subfigs[-1].text(0.5, 0.5, DISCLAIMER, ha="center", va="center", fontsize=7.5, color=OKABE_ITO["grey"])
@@ -846,9 +862,10 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence], numeric_from: int = 1) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence], numeric_from: int = 1, label: str = "table") -> str:
     """A table whose first column names its rows (``<th scope=row>``), in a box that scrolls sideways where the page
-    is narrower than the table (on a phone the metrics' columns ran off the page)."""
+    is narrower than the table (on a phone the metrics' columns ran off the page): a region named ``label`` that the
+    keyboard can reach, to scroll it (axe: scrollable-region-focusable)."""
     head = "".join(f"<th scope='col'>{html.escape(h)}</th>" for h in header)
     # A row's name is a split's (a folder's): its bidirectional overrides and control codes shown as escapes.
     def cell(j: int, c) -> str:
@@ -857,12 +874,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence], numeric_from: int = 
         return f"<td class='{'num' if j >= numeric_from else ''}'>{_fmt(c)}</td>"
 
     body = "".join("<tr>" + "".join(cell(j, c) for j, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<div class='table'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+    return (f"<div class='table' tabindex='0' role='region' aria-label='{html.escape(label)}'><table><thead><tr>"
+            f"{head}</tr></thead><tbody>{body}</tbody></table></div>")
 
 
-def _figure_html(path: Path, alt: str, caption: str) -> str:
-    return (f"<figure><img src='{_data_uri(path, 'image/png')}' alt='{html.escape(alt)}'>"
-            f"<figcaption>{caption}</figcaption></figure>")
+def _figure_html(path: Path, alt: str, caption: str, more: str = "") -> str:
+    """A picture and its caption, and ``more`` (HTML) below them. On a narrow screen the picture alone scrolls
+    sideways, in a region the keyboard can reach; the whole figure had, and its caption scrolled out of view."""
+    return (f"<figure><div class='scroll' tabindex='0' role='region' aria-label='{html.escape(alt)}'>"
+            f"<img src='{_data_uri(path, 'image/png')}' alt='{html.escape(alt)}'></div>"
+            f"<figcaption>{caption}</figcaption>{more}</figure>")
 
 
 _CSS = """
@@ -884,7 +905,7 @@ tbody th{background:white;font-weight:600}
 li{overflow-wrap:anywhere}
 .ci{color:#666;font-size:.78rem;white-space:nowrap}
 pre{background:#f3f3f3;padding:.7rem;overflow:auto;font-size:.85rem}
-@media screen and (max-width:700px){figure{overflow-x:auto}figure img{width:640px;max-width:none}}
+@media screen and (max-width:700px){.scroll{overflow-x:auto}figure img{width:640px;max-width:none}}
 @media print{
 body{background:white}main{max-width:none;padding:0}
 h2{break-after:avoid;page-break-after:avoid}
@@ -1010,7 +1031,8 @@ def _data_html(art: RunArtifacts, explainer: _Explainer, own_config: bool) -> st
             f"{_number(swa['lr'], '.2g')}; validation loss of the average {_number(swa['val_loss'], '.4f')} against "
             f"{_number(swa['best_epoch_val_loss'], '.4f')} for the best single epoch, so the model is "
             f"{'the average' if swa['kept'] else 'that epoch'}") + "</li>")
-    data_html = _table(["split", "NORMAL", "PNEUMONIA", "total", "unreadable"], rows) if rows else \
+    data_html = _table(["split", "NORMAL", "PNEUMONIA", "total", "unreadable"], rows, label="images per split") \
+        if rows else \
         "<p>No data counts recorded.</p>"
     bad = [(s, u) for s, items in unreadable.items() for u in items]
     if bad:
@@ -1054,7 +1076,7 @@ def _metrics_html(art: RunArtifacts, splits: Sequence[str], own_config: bool, sh
     elif not given and any(m.get("n_run_val") for m in art.metrics.values()):  # evaluate of the run's own split
         chosen += (", on images that are here too (the run's own validation images: see Data), so their rows are "
                    "optimistic, which their intervals do not count")
-    return (_table(header, metric_rows) +
+    return (_table(header, metric_rows, label="metrics") +
             f"<p class='meta'>At decision threshold P(pneumonia) ≥ {shown_threshold}, {chosen}. "
             "Sensitivity = recall of PNEUMONIA, specificity = recall of NORMAL; AUROC and AUPRC do not "
             "depend on the threshold; ECE = expected calibration error (10 bins). "
@@ -1180,7 +1202,10 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
         m = art.metrics.get(s)
         if m and "confusion_matrix" in m:
             path = made(_save(plot_confusion(m["confusion_matrix"], s), pics / f"confusion_{s}.png"))
-            cms.append(_figure_html(path, f"confusion matrix for {display_name(s)}",
+            (tn, fp), (fn, tp) = m["confusion_matrix"]  # what the picture shows, for a screen reader too
+            cms.append(_figure_html(path, f"confusion matrix for {display_name(s)}: true NORMAL, {tn} predicted "
+                                    f"NORMAL and {fp} predicted PNEUMONIA; true PNEUMONIA, {fn} predicted NORMAL and "
+                                    f"{tp} predicted PNEUMONIA",
                                     f"{html.escape(display_name(s))}: rows are the true class, columns the "
                                     f"prediction at threshold {shown_threshold}. Row-normalised: the diagonal is "
                                     "specificity (NORMAL) and sensitivity (PNEUMONIA)."))
@@ -1219,7 +1244,7 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             grid = plot_grid(tiles, threshold, gsplit, columns=columns, decimals=decimals)
             path = made(_save(grid, pics / f"grid_{gsplit}.png"))
             sections.append(("examples", "Examples", _figure_html(
-                path, f"example images from {gsplit}",
+                path, f"example images from {display_name(gsplit)} (listed in the table below the picture)",
                 f"Images from {html.escape(gsplit)}: the most confident right and wrong predictions (half from each "
                 "true class where possible) and the ones nearest the threshold (only those nearer to it than to 0 "
                 "or 1, and not already among the wrong); the right row takes the most confident of the others, so on "
@@ -1229,7 +1254,8 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                    "which regions raised that class's score; it is not a segmentation of disease."
                    if explainer.net is not None else "")
                 # One split is pictured: a train split's only error had gone unseen, with nothing said of it.
-                + _other_splits_note(art.predictions, gsplit, threshold))))
+                + _other_splits_note(art.predictions, gsplit, threshold),
+                _grid_table(tiles, threshold, decimals))))
 
         path = None
         if video and vsplit is not None:
@@ -1272,6 +1298,9 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                 size_mb = path.stat().st_size / 1e6
                 sections.append(("video", "Fly-through video", (
                     f"<figure><video controls muted playsinline preload='auto' width='{frame_size[0]}' "
+                    # a name for a screen reader ("video" alone had been read); its text: the predictions files
+                    f"aria-label='fly-through video of {len(items)} images from {html.escape(display_name(vsplit))}, "
+                    "each with its prediction, probability and truth' "
                     f"poster='{_data_uri(path.with_suffix('.png'), 'image/png')}' "
                     f"src='{_data_uri(path, 'video/mp4')}'></video><figcaption>{len(items)} images from "
                     f"{html.escape(display_name(vsplit))} ("
