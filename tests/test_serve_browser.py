@@ -123,6 +123,13 @@ def test_pick_xrays_and_read_the_predictions(browser_page, checkpoint, tmp_path)
     expect(page.get_by_test_id("disclaimer")).to_contain_text("not a medical device")
     expect(page.get_by_test_id("model-info")).to_contain_text("threshold 0.500")
     expect(page.get_by_test_id("model-info")).to_contain_text("validation (n 40): accuracy 0.900, AUROC 0.950")
+    # The intended use and the limitations on the page, not in a tooltip keyboard and touch users never saw.
+    use = page.get_by_test_id("model-use")
+    expect(use).to_be_visible()
+    use.locator("summary").click()
+    expect(use).to_contain_text("Not for diagnosis")
+    expect(use).to_contain_text("paediatric (1 to 5 years)")
+    assert page.get_by_test_id("model-info").get_attribute("title") is None
 
     not_an_image = tmp_path / "notes.txt"
     not_an_image.write_text("this is not an X-ray")

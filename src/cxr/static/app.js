@@ -85,7 +85,17 @@ async function loadModelInfo() {
       parts.splice(3, 0, `validation (n ${val.n}): accuracy ${score(val.accuracy)}, AUROC ${score(val.auroc)}`);
     }
     info.textContent = parts.join(" · ");
-    if (m.intended_use) info.title = `Intended use: ${m.intended_use}`;
+    // Shown, not in a tooltip: keyboard and touch users never saw it, nor the limitations (children of 1 to 5 years,
+    // one hospital) that someone uploading an adult's X-ray needs.
+    const use = $("[data-testid=model-use]");
+    $(".intended", use).textContent = m.intended_use || "";
+    const limits = $(".limits", use);
+    limits.replaceChildren(...(Array.isArray(m.limitations) ? m.limitations : []).map((text) => {
+      const li = document.createElement("li");
+      li.textContent = String(text);
+      return li;
+    }));
+    use.hidden = !(m.intended_use || limits.children.length);
   } catch (e) {
     info.textContent = `Model information unavailable (${e.message}).`;
   }
