@@ -2602,9 +2602,37 @@ def test_a_resume_keeps_early_stoppings_reference_loss_with_min_delta(tmp_path, 
                                                "epochs": 4, "patience": 2, "min_delta": 0.1,
                                                "max_train_batches": 1}))
     assert load_checkpoint(run / "last.pt").epoch == 2
+    # --epochs 3: below the schedule's 4 but above the 2 done. Refused as a number below the epochs done is (only that
+    # case was tested; accepted, the cosine schedule would shrink mid-run).
+    config = (run / "config.yaml").read_text()
+    with pytest.raises(UsageError, match=r"schedule is 4 epochs \(2 done\) and cannot be shortened"):
+        train_mod.train(resume=run, overrides={"epochs": 3})
+    assert (run / "config.yaml").read_text() == config and load_checkpoint(run / "last.pt").epoch == 2
     calls["n"] = 2
     summary = json.loads((train_mod.train(resume=run) / "summary.json").read_text())
     assert (summary["epochs_run"], summary["stop_reason"]) == (4, "finished 4 epochs")
+
+
+def test_early_stopping_counts_a_fall_smaller_than_min_delta_as_none(tmp_path, tiny_dataset, monkeypatch):
+    # Pinned: min_delta 0.1, patience 1, validation losses 1.0, 0.99, 0.98, 0.97 (scripted). No epoch improves on the
+    # first by 0.1, so the run stops after epoch 2 of 4 (min_delta added, not subtracted, would take any loss below 1.1
+    # as an improvement and run all 4; no test had a loss that fell by less than min_delta).
+    import cxr.train as train_mod
+
+    real_validate, losses = train_mod.validate, [1.0, 0.99, 0.98, 0.97]
+
+    def scripted(*args, **kwargs):
+        return {**real_validate(*args, **kwargs), "val_loss": losses.pop(0)}
+
+    monkeypatch.setattr(train_mod, "validate", scripted)
+    run = train_mod.train(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "epochs": 4, "patience": 1,
+                                                 "min_delta": 0.1, "max_train_batches": 1,
+                                                 "output": str(tmp_path / "run")}))
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["epochs_run"], summary["stop_reason"]) == (2, "early stopping: no better validation loss for 1 "
+                                                                  "epochs")
+    # best.pt is the lowest loss all the same: min_delta is early stopping's alone.
+    assert load_checkpoint(run / "best.pt").epoch == 2
 
 
 def test_a_resume_that_trains_no_epoch_records_no_session(tmp_path, tiny_dataset, monkeypatch):

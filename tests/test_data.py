@@ -929,6 +929,18 @@ def test_loader_workers_give_the_main_process_batches():
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
+def test_max_train_batches_caps_the_steps_of_an_epoch_and_never_adds_any():
+    # 64 images in batches of 8 are 8 steps; max_train_batches 2 makes them 2 (a max() had made them 8, or 100 given
+    # 100: more steps than the loader has, and a cosine schedule stretched over batches never drawn).
+    from cxr.train import TrainBatches
+
+    prepared = _random_split(64)
+    steps = [TrainBatches(prepared, load_config(overrides={"image_size": 32, "batch_size": 8, "num_workers": 0,
+                                                           "max_train_batches": cap})).steps_per_epoch
+             for cap in (0, 2, 100)]
+    assert steps == [8, 2, 8]
+
+
 def test_num_workers_auto_is_none_on_the_cpu_and_most_cores_per_process_on_cuda(monkeypatch, tmp_path):
     from cxr.train import TrainBatches, loader_workers
 

@@ -796,6 +796,48 @@ def test_training_accuracy_calls_a_tie_pneumonia_as_validation_and_every_command
     labels = torch.cat([y for _, y in loader])
     assert 0 < labels.float().mean() < 1
     assert row["train_acc"] == pytest.approx(float(labels.float().mean()))
+    # validate() too: its argmax had called the tie NORMAL, giving the share of NORMAL (4 of 12) as val_acc.
+    from cxr.data import Prepared
+    from cxr.train import validate
+
+    val = Prepared("val", prepared.images[pick], prepared.labels[pick], samples=[])
+    out = validate(model, val, torch.nn.CrossEntropyLoss(reduction="sum"), cfg=cfg, device=torch.device("cpu"),
+                   bf16=False, channels_last=False)
+    assert out["val_acc"] == pytest.approx(float(labels.float().mean())) == pytest.approx(8 / 12)
+
+
+def test_the_step_and_validation_losses_are_trainings_class_weighted_smoothed_mean():
+    # Pinned: a step's loss is the class-weighted mean, the weighted sum over the batch's weight sum (over len(y) it
+    # would be off by the weights' mean), and validate() uses training's class weights and label smoothing (without
+    # either, val_loss, which picks best.pt and stops early, would be another loss than train_loss). No test had
+    # unequal weights with smoothing: here two images of each class, weights 2 and 2/3, smoothing 0.2.
+    from cxr.data import Prepared
+    from cxr.model import normalize
+    from cxr.train import validate
+
+    cfg = load_config(overrides={"epochs": 1, "batch_size": 4, "scheduler": "none", "eval_batch_size": 8})
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    x, y = torch.randint(0, 256, (4, 1, 4, 4), dtype=torch.uint8), torch.tensor([0, 0, 1, 1])
+    weight = torch.tensor([2.0, 2 / 3])
+    with torch.no_grad():
+        logits = model(normalize(x, cfg.mean, cfg.std))
+    criterion = torch.nn.CrossEntropyLoss(weight=weight, reduction="sum")
+    row = train_one_epoch(model, [(x, y)], criterion, torch.optim.SGD(model.parameters(), lr=0.0), cfg=cfg,
+                          device=torch.device("cpu"), bf16=False, channels_last=False, epoch=0, steps_per_epoch=1,
+                          total_steps=1)
+    expect = torch.nn.functional.cross_entropy(logits, y, weight=weight).item()
+    assert row["train_loss"] == pytest.approx(expect, rel=1e-5)
+    assert expect != pytest.approx(criterion(logits, y).item() / len(y), rel=1e-3)
+    smoothed = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.2, reduction="sum")
+    out = validate(model, Prepared("val", x.squeeze(1).numpy(), y.numpy(), samples=[]), smoothed, cfg=cfg,
+                   device=torch.device("cpu"), bf16=False, channels_last=False)
+    expect = torch.nn.functional.cross_entropy(logits, y, weight=weight, label_smoothing=0.2).item()
+    assert out["val_loss"] == pytest.approx(expect, rel=1e-5)
+    # Neither leaving the weights nor the smoothing out gives that number.
+    for other in (torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.2),
+                  torch.nn.functional.cross_entropy(logits, y, weight=weight)):
+        assert other.item() != pytest.approx(expect, rel=1e-3)
 
 
 def test_outputs_are_written_with_the_permissions_the_umask_gives(tmp_path):
