@@ -286,16 +286,19 @@ def test_a_checkpoint_of_a_newer_format_is_refused_in_both_kinds(tmp_path, monke
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("threshold", [float("nan"), 5.0, -0.1])
+@pytest.mark.parametrize("threshold", [float("nan"), 5.0, -0.1, True])
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_a_checkpoint_whose_threshold_is_no_probability_is_refused(tmp_path, threshold, suffix):
-    # NaN or 5 labelled every image NORMAL, with exit 0.
+def test_a_checkpoint_whose_threshold_is_no_probability_is_refused(tmp_path, monkeypatch, threshold, suffix):
+    # NaN or 5 labelled every image NORMAL, with exit 0. True (a file edited by hand or written by another tool) is a
+    # number to Python, 1, but no probability: refused too (pinned: no test had a boolean there).
+    import cxr.model
     from cxr.model import save_safetensors
 
-    ckpt = _checkpoint(tmp_path)
-    ckpt.threshold = threshold
+    real = cxr.model._meta_fields  # the writers store float(threshold): the file's field as it is given here
+    monkeypatch.setattr(cxr.model, "_meta_fields", lambda ckpt: {**real(ckpt), "threshold": threshold})
     path = tmp_path / f"m{suffix}"
-    (save_checkpoint if suffix == ".pt" else save_safetensors)(ckpt, path)
+    (save_checkpoint if suffix == ".pt" else save_safetensors)(_checkpoint(tmp_path), path)
+    monkeypatch.undo()
     with pytest.raises(CheckpointError, match=r"threshold .* is no probability"):
         load_checkpoint(path)
 
