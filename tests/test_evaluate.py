@@ -101,7 +101,7 @@ def test_calibration_error_refuses_what_is_no_probability(tmp_path):
             with pytest.raises(ValueError, match=r"\[0, 1\]"):
                 calibration(np.array([1, 0, 1]), np.array([bad, 0.2, 0.9]))
     f = tmp_path / "predictions_test.csv"
-    for bad in ("nan", "-0.2", "high"):
+    for bad in ("nan", "-0.2", "high", "1.5"):  # 1.5: the upper bound, unpinned before
         f.write_text(f"path,label,prob_pneumonia,predicted\na.png,NORMAL,{bad},NORMAL\n")
         with pytest.raises(UsageError, match=f"prob_pneumonia '{bad}' for a.png is not a probability"):
             read_predictions(f, "test")

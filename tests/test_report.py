@@ -254,6 +254,24 @@ def test_select_examples_in_small_sets_keep_borderline_and_confident_apart():
     assert sorted(groups["most confident wrong"]) == [2, 3] and groups["borderline"] == []
 
 
+def test_an_image_at_exactly_the_threshold_is_pneumonia_in_the_grid_the_roc_marker_and_the_errors_counted():
+    # Youden's threshold is always one of the validation probabilities, so a val image sits on it. The PNEUMONIA image
+    # at P 0.6 with threshold 0.6 is right (P >= threshold), as metrics.json counts it, in the example grid's groups,
+    # the ROC curve's operating point and the "N wrong of M" of the splits not pictured (pinned: each has its own
+    # comparison, and none had been given a tie).
+    from cxr.evaluate import compute_metrics
+    from cxr.report import _operating_point, _other_splits_note
+
+    labels, probs = np.array([1, 0, 0, 1, 1, 0]), np.array([0.6, 0.2, 0.9, 0.8, 0.3, 0.1])
+    groups = select_examples(labels, probs, 0.6, per_group=4)
+    assert sorted(groups["most confident wrong"]) == [2, 4] and groups["borderline"] == [0]
+    m = compute_metrics(labels, probs, 0.6)
+    assert _operating_point(labels, probs, 0.6) == pytest.approx((1 - m["specificity"], m["recall"], m["precision"]))
+    assert _operating_point(labels, probs, 0.6) == pytest.approx((1 / 3, 2 / 3, 2 / 3))
+    both = {name: SplitPredictions(name, [f"{i}.jpeg" for i in range(6)], labels, probs) for name in ("val", "test")}
+    assert "Not pictured here: val (2 wrong of 6);" in _other_splits_note(both, "test", 0.6)
+
+
 def test_select_examples_with_no_wrong_predictions():
     groups = select_examples(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8]), 0.5, per_group=4)
     assert groups["most confident wrong"] == []
@@ -274,6 +292,12 @@ def test_pick_video_indices(report):
     many = SplitPredictions("x", ["a"] * 10_050, np.zeros(10_050, np.int64), np.full(10_050, 0.9))
     assert len(pick_video_indices(many, THRESHOLD, "all")) == 10_000
     assert [len(pick_video_indices(many, THRESHOLD, s)) for s in ("sample", "errors")] == [60, 60]
+    # The default, sample, draws at random: a split listed 100 NORMAL then 100 PNEUMONIA (as a folder scan lists it)
+    # gives both classes among the 60 (pinned: the first 60 in file order would be NORMAL alone).
+    labels = np.repeat([0, 1], 100)
+    ordered = SplitPredictions("x", [f"{i}.jpeg" for i in range(200)], labels, np.full(200, 0.4))
+    picked = pick_video_indices(ordered, 0.5)
+    assert len(picked) == len(set(picked)) == 60 and 10 < labels[picked].sum() < 50
     with pytest.raises(UsageError):
         pick_video_indices(run_like, THRESHOLD, "best")
 
@@ -320,6 +344,34 @@ def test_report_html_is_self_contained(report):
         wrong[split] = (sum(r["predicted"] != r["label"] for r in rows), len(rows))
     assert (f"Not pictured here: train ({wrong['train'][0]} wrong of {wrong['train'][1]}), val ({wrong['val'][0]} "
             f"wrong of {wrong['val'][1]}); <code>cxr report DIR --split NAME</code>") in page
+
+
+def test_the_metrics_table_shows_every_interval_and_says_how_the_threshold_was_set(tmp_path, report):
+    # Pinned: every metric with an interval in metrics.json shows it in its cell (sensitivity's is stored under
+    # "sensitivity", the table's column under "recall": a lookup by the column's name alone leaves it out), a training
+    # run's page says its val row is optimistic, and an evaluation with --threshold says the threshold was set by hand.
+    from cxr.predict import score_text
+    from cxr.report import _metrics_html
+
+    art = load_artifacts(report.parent)
+    page = _metrics_html(art, ["train", "val", "test"], True, "0.600")
+    rows = dict(re.findall(r"<tr><th scope='row'>(\w+)</th>(.*?)</tr>", page))
+    columns = ("n", "accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "auprc", "ece")
+    for split in ("train", "val", "test"):
+        cells = dict(zip(columns, re.findall(r"<td class='num'>(.*?)</td>", rows[split]), strict=True))
+        ci95 = art.metrics[split]["ci95"]
+        assert {"sensitivity", "specificity", "auroc"} <= set(ci95)
+        for key, (lo, hi) in ci95.items():
+            assert f"<span class='ci'>{score_text(lo)}–{score_text(hi)}</span>" in cells[key], (split, key)
+    assert "chosen on this run's validation split, so the val row is optimistic" in page
+    labels = np.array([0] * 5 + [1] * 5)
+    write_evaluation(tmp_path, [SplitResult(s, [f"/x/{s}{i}.jpeg" for i in range(10)], labels,
+                                            np.linspace(0.05, 0.95, 10)) for s in ("val", "test")], 0.3, n_boot=10,
+                     extra={s: {"threshold_source": "given"} for s in ("val", "test")})
+    for own_config in (True, False):
+        page = _metrics_html(load_artifacts(tmp_path), ["val", "test"], own_config, "0.300")
+        assert "At decision threshold P(pneumonia) ≥ 0.300, set by hand (--threshold). " in page
+        assert "optimistic" not in page
 
 
 def test_report_video_decodes(report):
@@ -612,6 +664,9 @@ def test_video_caption_gives_the_time_each_image_is_shown_and_an_empty_selection
                      n_boot=20)
     page = make_report(tmp_path / "ev", heatmaps=False, video_select="errors", **VIDEO).read_text()
     assert "No video: errors selects no image of test (no prediction there is wrong)." in page
+    # A sample (at most 5) of a split of 4 shows it whole: said so, where "(sample)" read as a part of it (pinned).
+    page = make_report(tmp_path / "ev", heatmaps=False, **VIDEO).read_text()
+    assert "4 images from test (all of them), 0.4 s each" in page
 
 
 def test_bad_video_timing_is_refused_before_any_work(tmp_path):
@@ -887,6 +942,20 @@ def test_names_and_values_from_the_files_of_a_run_are_text_in_the_page(tmp_path)
     page = make_report(tmp_path / "run\u202eevil", video=False, heatmaps=False, device="cpu").read_text()
     assert "\u202e" not in page and "<title>cxr report: run\\u202eevil</title>" in page
     assert _table(["split"], [["a\u202eb\n"]]).count("<th scope='row'>a\\u202eb\\n</th>") == 1
+
+
+def test_the_weight_averaging_line_names_the_model_kept():
+    # Pinned: summary.json's swa.kept says whether best.pt is the average or the best single epoch; the Data section
+    # says which (no test had read the line).
+    from cxr.report import RunArtifacts, _data_html, _Explainer
+
+    for kept, model in ((True, "the average"), (False, "that epoch")):
+        swa = {"first_epoch": 2, "last_epoch": 3, "lr": 3e-4, "val_loss": 0.30 if kept else 0.50,
+               "best_epoch_val_loss": 0.45, "kept": kept}
+        art = RunArtifacts(Path("run"), summary={"swa": swa, "counts": {}})
+        page = _data_html(art, _Explainer(None, 64, 0.5, 0.25), False)
+        assert (f"weight averaging: epochs 2-3 at learning rate 0.0003; validation loss of the average "
+                f"{swa['val_loss']:.4f} against 0.4500 for the best single epoch, so the model is {model}</li>") in page
 
 
 def test_a_bins_wilson_interval_counts_its_positives_by_rounding_not_truncating():
