@@ -608,6 +608,18 @@ def test_split_csv_round_trip(tmp_path):
     assert read_split_csv(tmp_path / "excel.csv") == back
 
 
+def test_split_csv_patients_of_an_earlier_run_are_read_in_nfc(tmp_path):
+    # An earlier run wrote a macOS folder's NFD name as its patient; ids are NFC now, and evaluate's count of test
+    # images of training patients had missed them.
+    from cxr.data import read_split_csv
+
+    (tmp_path / "split.csv").write_text("split,path,label,patient,sha256\n"
+                                        "train,/d/x.png,NORMAL,pattern:Zoe\u0308,ab\n"
+                                        "val,/d/y.png,NORMAL,'=Zoe\u0308,cd\n", encoding="utf-8")
+    rows = read_split_csv(tmp_path / "split.csv")
+    assert [s.patient for s in rows["train"] + rows["val"]] == ["pattern:Zo\u00eb", "=Zo\u00eb"]
+
+
 def test_split_csv_patients_are_text_to_a_spreadsheet(tmp_path):
     # A file that is its own patient gives the patient column its name: `=HYPERLINK(...)` was a formula in Excel.
     patients = ['=HYPERLINK("http://x")', "+1", "-a", "@b", "'quoted", "''", "plain"]

@@ -558,7 +558,11 @@ def test_library_calls_with_arguments_of_the_wrong_kind_raise_usage_errors(tmp_p
                        (lambda: evaluate_model("default", None, tmp_path / "e"), "data: a path"),
                        (lambda: explain_files("default", [xray], None), "output_dir: a path"),
                        (lambda: export_model("default", "onnx", None), "output: a path"),
-                       (lambda: make_report(None), "run_dir: a path .* got NoneType")):
+                       (lambda: make_report(None), "run_dir: a path .* got NoneType"),
+                       (lambda: explain_files("default", None, tmp_path / "x"), "paths: a file or folder"),
+                       (lambda: predict_files("default", [b"x.png"], listed=True), r"paths\[0\]: a path"),
+                       (lambda: evaluate_model("default", SAMPLE_DIR, tmp_path / "e", cache_dir=b"/tmp/x"),
+                        "cache_dir: a path")):
         with pytest.raises(UsageError, match=says):
             call()
     with pytest.raises(UsageError) as refused:  # a NumPy array is a size: refused for what the folder lacks instead
@@ -574,6 +578,10 @@ def test_default_is_the_bundled_model_only_as_the_word(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     assert resolve_model_path("default") == BUNDLED_MODEL and "./default" not in caplog.text
     (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "locale").write_text("LANG=C\n")  # as /etc/default: no model, and no word of it
+    with caplog.at_level("WARNING", logger="cxr.model"):
+        assert resolve_model_path("default") == BUNDLED_MODEL
+    assert "./default" not in caplog.text
     save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), load_config()),
                     tmp_path / "default" / "best.pt")
     assert resolve_model_path(Path("default")) == Path("default") / "best.pt"

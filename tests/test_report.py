@@ -430,6 +430,11 @@ def test_report_for_an_evaluation_folder(tmp_path, report, caplog):
         other = measured != real
         assert ("is not the model that" in caplog.text) is other
         assert ("the file the evaluation named, now" in caplog.text) is (other and given is None)
+        assert ("the file the evaluation named, changed since" in text) is (other and given is None)
+        assert ("given by --model" in text) is (other and given is not None)
+        from cxr.report import _model_name
+
+        assert _model_name(Path("default")) == "default" != _model_name("default")  # a folder, and the word
         assert (f"images drawn with another model</strong>: {run / 'best.pt'} (model_id {real})" in text) is other
         assert ("Training configuration of the model" in text) is not other  # not the other model's config
 
@@ -941,6 +946,14 @@ def test_names_and_values_from_the_files_of_a_run_are_text_in_the_page(tmp_path)
     shutil.move(run, tmp_path / "run\u202eevil")
     page = make_report(tmp_path / "run\u202eevil", video=False, heatmaps=False, device="cpu").read_text()
     assert "\u202e" not in page and "<title>cxr report: run\\u202eevil</title>" in page
+    # And an evaluation of such a folder, with its grid and video: the captions, the data and model evaluated.
+    from cxr.demo import SAMPLE_DIR
+    from cxr.evaluate import evaluate_model
+
+    shutil.copytree(SAMPLE_DIR / "test", tmp_path / "ab\u202ecd")
+    evaluate_model(tmp_path / "run\u202eevil" / "best.pt", tmp_path / "ab\u202ecd", tmp_path / "ev", device="cpu")
+    page = make_report(tmp_path / "ev", heatmaps=False, device="cpu", **VIDEO).read_text()
+    assert "\u202e" not in page and "Images from ab\\u202ecd:" in page and "flythrough_ab\\u202ecd.mp4" in page
     assert _table(["split"], [["a\u202eb\n"]]).count("<th scope='row'>a\\u202eb\\n</th>") == 1
 
 

@@ -925,7 +925,9 @@ def read_split_csv(path: str | os.PathLike) -> dict[str, list[Sample]]:
                 raise UsageError(f"{path}, line {reader.line_num}: not a row of a split.csv (split, path, label "
                                  f"NORMAL or PNEUMONIA, patient, sha256), got {list(row.values())!r}")
             split, file, label, patient, digest = cells
-            patient = patient[1:] if patient.startswith("'") else patient
+            # NFC, as file_patient_id gives them now: a run of before wrote a macOS folder's NFD name, and its test
+            # images of those training patients had gone uncounted.
+            patient = unicodedata.normalize("NFC", patient[1:] if patient.startswith("'") else patient)
             out.setdefault(split, []).append(Sample(file, CLASS_NAMES.index(label), patient, digest))
     return out
 

@@ -831,7 +831,8 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     from cxr.fileio import check_paths, check_writable, output_lock
     from cxr.predict import check_inference_args
 
-    check_paths(data=data, output=output)  # None had been pathlib's TypeError
+    # None had been pathlib's TypeError; a cache_dir of bytes, a folder named "b'/tmp/x'" here
+    check_paths(data=data, output=output, **({} if cache_dir is None else {"cache_dir": cache_dir}))
     check_inference_args(threshold=threshold, amp=amp, batch_size=batch_size)
     if patient_pattern is not None and not isinstance(patient_pattern, str) or patient_pattern \
             and not compiles_as_regex(patient_pattern):

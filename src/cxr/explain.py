@@ -305,6 +305,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
         check_inference_args,
         collect_files,
         leans_away,
+        path_list,
         prob_text,
         threshold_decimals,
     )
@@ -315,7 +316,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
     check_paths(output_dir=output_dir)
     if not isinstance(target, str):
         raise UsageError(f"target {target!r}: use predicted, NORMAL or PNEUMONIA")
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)  # a generator, read once, is kept
+    paths = path_list(paths)  # a generator, read once, is kept; None is a UsageError
     out = Path(output_dir)
     if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".csv", ".pdf") and not out.is_dir():
         # `--output x.png` had made a folder named x.png

@@ -483,7 +483,8 @@ def resolve_model_path(model: str | os.PathLike, *, flag: str = "--model") -> Pa
     if isinstance(model, str) and model == "default":
         if not BUNDLED_MODEL.is_file():
             raise CheckpointError(f"the bundled model {BUNDLED_MODEL.name} is not installed; pass {flag} PATH")
-        if os.path.exists("default"):
+        # Only where ./default could be a model: /etc/default (shell settings) had been warned of on every command.
+        if any(os.path.isfile(p) for p in ("default", "default/best.pt", "default/last.pt")):
             log.warning("%s default is the bundled model, not ./default here (give ./default for that one)", flag)
         return BUNDLED_MODEL
     p = Path(model)

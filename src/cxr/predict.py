@@ -149,10 +149,23 @@ def _is_pattern(path: str | os.PathLike) -> bool:
     return any(c in str(path) for c in "*?[") and not os.path.exists(path)
 
 
+def path_list(paths: list[str | os.PathLike] | str | os.PathLike) -> list[str | os.PathLike]:
+    """The paths given, as a list: one path alone is one (not its characters: an absolute one had walked "/" first),
+    a generator is read once (Path.glob had lost the files an existence check consumed), and anything that is no path
+    (None, bytes, a NumPy array, an image) is a UsageError naming its type."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [paths]
+    if paths is None or isinstance(paths, bytes) or not isinstance(paths, Iterable):
+        raise UsageError(f"paths: a file or folder, or a list of them, got {type(paths).__name__}")
+    paths = list(paths)
+    check_paths(**{f"paths[{i}]": p for i, p in enumerate(paths) if not isinstance(p, (str, os.PathLike))})
+    return paths
+
+
 def listed_files(paths: list[str | os.PathLike] | str | os.PathLike) -> list[Path]:
     """Files :func:`collect_files` listed, taken as they are (one path alone is one file: a string had been taken as
     its characters, each "no such file")."""
-    return [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+    return [Path(p) for p in path_list(paths)]
 
 
 def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
@@ -166,14 +179,7 @@ def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
     X-rays. Named one by one, they are taken."""
     from cxr.data import walk_files
 
-    if isinstance(paths, (str, os.PathLike)):  # one path, not its characters (an absolute one walked "/" first)
-        paths = [paths]
-    elif paths is None or not isinstance(paths, Iterable):
-        raise UsageError(f"paths: a file or folder, or a list of them, got {type(paths).__name__}")
-    # A generator (Path.glob) had lost the files the existence check below consumed; a NumPy array raised NumPy's
-    # "truth value is ambiguous".
-    paths = list(paths)
-    check_paths(**{f"paths[{i}]": p for i, p in enumerate(paths) if not isinstance(p, (str, os.PathLike))})
+    paths = path_list(paths)
     if sys.platform == "win32":  # cmd and PowerShell hand `scans\*.jpeg` over as it is: expanded here, as a shell would
         paths = [m for p in paths for m in (sorted(glob.glob(str(p))) if _is_pattern(p) else [p]) or [p]]
     if paths and not any(os.path.lexists(p) for p in paths):  # a typo in the one folder given: said now, not after

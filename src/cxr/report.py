@@ -705,6 +705,7 @@ class _Explainer:
     draft: bool = False  # the model's JPEG decoding (cfg.draft), so that its images are the inputs it was measured on
     max_pixels: int = DEFAULT_MAX_PIXELS
     other_model_id: str | None = None  # that checkpoint's model_id, when it is not the model the metrics measured
+    given: bool = False  # the checkpoint came from --model (else from the run, or the file the evaluation named)
 
     def heatmaps(self, images: np.ndarray, classes: np.ndarray) -> list[np.ndarray | None]:
         if self.net is None or not len(images):
@@ -724,7 +725,7 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
     mean, std = float(config.get("mean", default.mean)), float(config.get("std", default.std))
     draft = bool(config.get("draft", default.draft))
     max_pixels = int(config.get("max_pixels", default.max_pixels))
-    source = model
+    source, named = model, False
     if source is None:
         try:
             source = resolve_model_path(art.root)
@@ -737,7 +738,7 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
                                 "--model)", source, why)
                 source = None
             elif source is not None and heatmaps:  # with heatmaps off the model only gives the image size
-                log.info("report: heatmaps from %s, the model evaluated", source)
+                named = True  # said below, once it is known to be the model measured
     if source is None:
         if heatmaps:
             log.info("report: no model found for %s, images are shown without heatmaps", art.root)
@@ -760,8 +761,10 @@ def _explainer(art: RunArtifacts, model: str | os.PathLike | None, device: str, 
                         ", ".join(measured))
     if art.config is None and other is None:  # an evaluation's model: its training config (never another model's)
         art.config = cfg.to_dict()
+    if named and other is None:
+        log.info("report: heatmaps from %s, the model evaluated", source)
     return _Explainer(net, cfg.image_size, cfg.mean, cfg.std, source=str(source), draft=cfg.draft,
-                      max_pixels=cfg.max_pixels, other_model_id=other)
+                      max_pixels=cfg.max_pixels, other_model_id=other, given=model is not None)
 
 
 def _interval_note(metrics: dict) -> str:
@@ -793,7 +796,8 @@ def _interval_note(metrics: dict) -> str:
 
 
 def _model_name(ref: str | os.PathLike | None, model_id: str | None = None) -> str:
-    name = "the bundled model (default)" if str(ref) == "default" else str(ref)
+    # the word only, as resolve_model_path takes it: Path("default") is a folder of that name
+    name = "the bundled model (default)" if isinstance(ref, str) and ref == "default" else str(ref)
     return f"{name} (model_id {model_id})" if model_id else name
 
 
@@ -970,14 +974,16 @@ def _data_html(art: RunArtifacts, explainer: _Explainer, own_config: bool) -> st
     evaluated = list(dict.fromkeys(_model_name(m["model"], m.get("model_id")) for m in art.metrics.values()
                                    if m.get("model")))
     if evaluated:
-        facts.append(f"<li>model evaluated: {html.escape(', '.join(evaluated))}</li>")
+        facts.append(f"<li>model evaluated: {html.escape(display_name(', '.join(evaluated)))}</li>")
     if explainer.other_model_id:
         facts.append(f"<li><strong>images drawn with another model</strong>: "
-                     f"{html.escape(_model_name(explainer.source, explainer.other_model_id))}, given by --model; its "
-                     "heatmaps are not those of the model evaluated</li>")
+                     f"{html.escape(display_name(_model_name(explainer.source, explainer.other_model_id)))}, "
+                     # the file an evaluation named may have changed since (a run resumed): no --model then
+                     f"{'given by --model' if explainer.given else 'the file the evaluation named, changed since'}; "
+                     "its heatmaps are not those of the model evaluated</li>")
     sources = list(dict.fromkeys(m["data"] for m in art.metrics.values() if m.get("data") and "model" in m))
     if sources:
-        facts.append(f"<li>data evaluated: {html.escape(', '.join(sources))}</li>")
+        facts.append(f"<li>data evaluated: {html.escape(display_name(', '.join(sources)))}</li>")
     seen = [f"{display_name(s)} {m['n_seen_in_training']} of {m['n']}" for s, m in art.metrics.items()
             if m.get("n_seen_in_training")]
     if seen:
@@ -1245,10 +1251,10 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
             path = made(_save(grid, pics / f"grid_{gsplit}.png"))
             sections.append(("examples", "Examples", _figure_html(
                 path, f"example images from {display_name(gsplit)} (listed in the table below the picture)",
-                f"Images from {html.escape(gsplit)}: the most confident right and wrong predictions (half from each "
-                "true class where possible) and the ones nearest the threshold (only those nearer to it than to 0 "
-                "or 1, and not already among the wrong); the right row takes the most confident of the others, so on "
-                "a small split it can hold images near the threshold too. Blue frame and ✓: "
+                f"Images from {html.escape(display_name(gsplit))}: the most confident right and wrong predictions "
+                "(half from each true class where possible) and the ones nearest the threshold (only those nearer to "
+                "it than to 0 or 1, and not already among the wrong); the right row takes the most confident of the "
+                "others, so on a small split it can hold images near the threshold too. Blue frame and ✓: "
                 "right; vermillion frame and ✗: wrong. "
                 + ("The heatmap (Grad-CAM on the last convolutional block, explaining the predicted class) shows "
                    "which regions raised that class's score; it is not a segmentation of disease."
@@ -1309,14 +1315,15 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                     f"{shown_for:g} s each, "
                     f"{'with heatmap, ' if explainer.net is not None else ''}"
                     f"prediction, probability, truth and a running tally. Also saved as "
-                    f"{html.escape(str(path.relative_to(out)))} ({size_mb:.1f} MB). "
+                    f"{html.escape(display_name(str(path.relative_to(out))))} ({size_mb:.1f} MB). "
                     f"{html.escape(DISCLAIMER)}</figcaption></figure>")))
     finally:
         pixels.close()
     if pixels.failed:
         missing = (f"<p class='note'>{len(pixels.failed)} image(s) could not be read for the pictures, e.g. "
-                   f"{html.escape(next(iter(pixels.failed)))}. Paths are as recorded in the predictions files; "
-                   f"relative ones are taken from the current directory ({html.escape(os.getcwd())}).</p>")
+                   f"{html.escape(display_name(next(iter(pixels.failed))))}. Paths are as recorded in the predictions "
+                   "files; relative ones are taken from the current directory "
+                   f"({html.escape(display_name(os.getcwd()))}).</p>")
         sections.append(("missing", "Images not found", missing))
 
     if art.config:
@@ -1328,9 +1335,10 @@ def make_report(run_dir: str | os.PathLike, *, output: str | os.PathLike | None 
                              f"<details><summary>resolved config (config.yaml)</summary>{config}</details>"))
         else:
             sections.append(("config", "Training configuration of the model", (
-                f"<p class='meta'>From the checkpoint {html.escape(_model_name(explainer.source))}: how that model was "
-                "trained. Its data and output are the training run's, not this evaluation's (the images evaluated "
-                "are in the predictions files).</p><details><summary>training config (from the checkpoint)</summary>"
+                f"<p class='meta'>From the checkpoint {html.escape(display_name(_model_name(explainer.source)))}: how "
+                "that model was trained. Its data and output are the training run's, not this evaluation's (the "
+                "images evaluated are in the predictions files).</p>"
+                "<details><summary>training config (from the checkpoint)</summary>"
                 f"{config}</details>")))
 
     report = out / "report.html"
