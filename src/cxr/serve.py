@@ -1089,8 +1089,19 @@ def _server_class() -> type:
         def capture_signals(self):
             # only the default action's kill is spared: a handler of the caller's own (serve() from Python) still runs
             default = signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+            # SIGHUP (the terminal or ssh session closed, a supervisor's reload) stops as SIGTERM does: it had killed
+            # the process at once, requests in flight dropped without an answer and nothing logged.
+            hangup = getattr(signal, "SIGHUP", None)
+            hup_default = (hangup is not None and threading.current_thread() is threading.main_thread()
+                           and signal.getsignal(hangup) in (signal.SIG_DFL, None))
             with super().capture_signals():
-                yield
+                if hup_default:
+                    signal.signal(hangup, lambda _sig, frame: self.handle_exit(signal.SIGTERM, frame))
+                try:
+                    yield
+                finally:
+                    if hup_default:
+                        signal.signal(hangup, signal.SIG_DFL)
                 caught = getattr(self, "_captured_signals", None)
                 if default and isinstance(caught, list):
                     caught[:] = [s for s in caught if s != signal.SIGTERM]
