@@ -463,6 +463,26 @@ def test_ctrl_c_during_the_onnx_export_is_an_interrupt(exported, tmp_path, monke
     assert not out.exists()
 
 
+def test_an_onnx_export_that_fails_says_why_in_one_line(exported, tmp_path, monkeypatch, capsys):
+    # On a read-only file system the exporter failed ("No usable temporary directory"), and `cxr serve --backend onnx`
+    # ended in 122 lines of its traceback asking for a PyTorch issue. Its error type is stood in for by a RuntimeError.
+    from cxr.cli import main
+
+    def failed_export(*args, **kwargs):
+        try:
+            raise FileNotFoundError("No usable temporary directory found in ['/tmp', '/var/tmp']")
+        except FileNotFoundError as e:
+            raise RuntimeError("Failed to export the model with torch.export. Create an issue") from e
+
+    monkeypatch.setattr(torch.onnx, "export", failed_export)
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--model", str(exported["ckpt"]), "--format", "onnx", "--output", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "the ONNX export failed (FileNotFoundError: No usable temporary directory" in line
+    assert "Traceback" not in line
+    assert not out.exists()
+
+
 def test_an_onnx_file_needs_its_suffix_and_runs_on_onnx_runtime(exported, tmp_path, capsys):
     from cxr.cli import main
 

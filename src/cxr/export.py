@@ -275,7 +275,15 @@ def onnx_model_bytes(model: str | os.PathLike | Checkpoint) -> bytes:
             # The exporter wraps whatever stops it, Ctrl-C included, in its own TorchExportError.
             if _interrupted(e):
                 raise KeyboardInterrupt from None
-            raise
+            # A read-only file system ("No usable temporary directory") had ended `cxr serve --backend onnx` in 122
+            # lines of the exporter's traceback, asking for a PyTorch issue: its root cause, said in one.
+            root = e
+            while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+                root = root.__cause__ or root.__context__
+            first = (str(root).strip().splitlines() or [""])[0][:300]
+            raise CheckpointError(f"{ckpt.path or 'the model'}: the ONNX export failed ({type(root).__name__}: "
+                                  f"{first}); where it can run (a writable temporary folder), `cxr export --format "
+                                  "onnx --output model.onnx` writes a file to serve or predict with") from e
         finally:
             for logger, level in zip(chatty, levels, strict=True):
                 logger.setLevel(level)
