@@ -384,8 +384,10 @@ def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
     """uint8 (N, H, W) pixels from an ``.npz`` array of N images, (N, H, W) or channels-last (N, H, W, 1 | 3).
 
     The whole array decides how values become 0..255: uint8 as it is; other integers within 0..255 cast; floats
-    within 0..1 (torchvision's ``ToTensor`` convention) times 255; anything else (16-bit, wider integers, other
-    floats) stretched per image as a 16-bit PNG or DICOM file of it would be (:func:`cxr.images.stretch_range`).
+    within 0..1 (torchvision's ``ToTensor`` convention) times 255, and floats within 0..255 cast, each allowing 5 %
+    of the range beyond either end (a bicubic resize overshoots: clipped; it had sent a whole array to the per-image
+    stretch, and moved sensitivity from 0.73 to 0.93); anything else (16-bit, wider integers, other floats) stretched
+    per image as a 16-bit PNG or DICOM file of it would be (:func:`cxr.images.stretch_range`), and said so.
     Three channels become grey with ITU-R 601 luma, as PIL converts colour files. ``where`` names the array in errors.
     """
     if images.ndim == 4 and images.shape[-1] in (1, 3):
@@ -407,10 +409,14 @@ def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
         raise DataError(f"{where}: pixel values include NaN or infinity")
     if images.dtype.kind in "ui" and lo >= 0 and hi <= 255:
         mode, scale = "cast", 1.0
-    elif images.dtype.kind == "f" and lo >= 0 and hi <= 1:
+    elif images.dtype.kind == "f" and lo >= -0.05 and hi <= 1.05:
         mode, scale = "cast", 255.0
+    elif images.dtype.kind == "f" and lo >= -12.75 and hi <= 267.75:
+        mode, scale = "cast", 1.0
     else:
         mode, scale = "stretch", 1.0
+        log.warning("%s: pixel values from %g to %g, neither 0..255 nor 0..1: each image is stretched to its own "
+                    "range, as a 16-bit PNG or DICOM file is read", where, float(lo), float(hi))
     out = np.empty(images.shape[:3], np.uint8)
     for k in range(0, len(images), 256):  # float32 working copies of a bounded number of images
         x = images[k:k + 256].astype(np.float32)
