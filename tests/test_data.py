@@ -1878,3 +1878,18 @@ def test_npz_pixels_say_when_each_image_is_stretched(caplog):
         npz_pixels(np.full((2, 4, 4), 0.5, np.float32), "y.npz: test_images")
         npz_pixels(np.full((2, 4, 4), 200, np.int64), "z.npz: test_images")
     assert "stretched" not in caplog.text
+
+
+def test_npz_keys_cxr_does_not_read_are_named(tmp_path, caplog):
+    # test_image (a typo) or validation_images: their split had gone without a word.
+    images, labels = np.zeros((4, 8, 8), np.uint8), np.array([0, 1, 0, 1])
+    images[:, 0, 0] = np.arange(4)
+    np.savez(tmp_path / "d.npz", val_images=images, val_labels=labels, test_image=images, test_labels=labels)
+    with caplog.at_level("WARNING", logger="cxr.data"):
+        assert list(scan(tmp_path / "d.npz")) == ["val"]
+    assert "ignoring test_image, test_labels" in caplog.text
+    caplog.clear()
+    np.savez(tmp_path / "e.npz", val_images=images, val_labels=labels)
+    with caplog.at_level("WARNING", logger="cxr.data"):
+        scan(tmp_path / "e.npz")
+    assert "ignoring" not in caplog.text

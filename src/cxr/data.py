@@ -515,6 +515,14 @@ def _scan_npz(path: Path) -> dict[str, Split]:
         raise DataError(f"{path}: holds one array (a .npy file), not the named arrays of an .npz (train_images, "
                         "train_labels, ...)")
     with npz:
+        # A key cxr does not read (test_image, validation_images) had been passed over without a word, and its split
+        # with it.
+        known = {f"{name}_{kind}" for name in SPLITS for kind in ("images", "labels")}
+        other = sorted(k for k in npz.files if k not in known
+                       or k.endswith("_labels") and k.removesuffix("_labels") + "_images" not in npz.files)
+        if other:
+            log.warning("%s: ignoring %s (cxr reads %s)", path, ", ".join(other),
+                        ", ".join(f"{name}_images/_labels" for name in SPLITS))
         for name in SPLITS:
             if f"{name}_images" not in npz.files:
                 continue
