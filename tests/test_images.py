@@ -1234,3 +1234,15 @@ def test_a_decoders_long_reason_is_cut_after_a_whole_word():
     assert len(cut) <= 202 and cut.endswith(" …") and reason.startswith(kept)
     assert reason[len(kept)] in " ;,:"  # cut where a word ends, not inside one
     assert _clip_words("short", 200) == "short"
+
+
+def test_a_numpy_file_given_as_an_image_says_where_its_images_are_scored(tmp_path):
+    # `cxr predict d.npz` had said "not an image (content is not JPEG, PNG or DICOM)", nothing of cxr evaluate.
+    np.savez(tmp_path / "d.npz", test_images=np.zeros((2, 8, 8), np.uint8), test_labels=np.array([0, 1]))
+    np.save(tmp_path / "d.npy", np.zeros((8, 8), np.uint8))
+    for name in ("d.npz", "d.npy"):
+        with pytest.raises(ImageError, match=r"a NumPy file, not an image: `cxr evaluate --data FILE\.npz`"):
+            load_image(tmp_path / name, 64)
+    (tmp_path / "z.zip").write_bytes((tmp_path / "d.npz").read_bytes())  # a zip is not said to be an .npz
+    with pytest.raises(ImageError, match=r"content is not JPEG, PNG or DICOM"):
+        load_image(tmp_path / "z.zip", 64)

@@ -413,6 +413,10 @@ def _decode(data: bytes, label: str, max_pixels: int, draft_size: int | None) ->
         gray = _decode_pil(data, kind.upper(), label, max_pixels, draft_size)
     elif os.path.splitext(label)[1].lower() in _DICOM_EXTENSIONS:
         gray = _decode_dicom(data, label, max_pixels)
+    elif data[:6] == b"\x93NUMPY" or data[:2] == b"PK" and os.path.splitext(label)[1].lower() == ".npz":
+        # a MedMNIST-style array file, given to predict or explain: where its images can be scored, said
+        raise ImageError(label, "a NumPy file, not an image: `cxr evaluate --data FILE.npz` scores the images of an "
+                                ".npz (train_images/_labels, val_..., test_...)")
     else:
         raise ImageError(label, "not an image (content is not JPEG, PNG or DICOM)")
     check_not_blank(gray, label)
