@@ -937,3 +937,18 @@ def test_a_forward_pass_on_the_cpu_holds_at_most_eight_images_of_224_px():
     model.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
     predict_logits(model, np.zeros((20, 224, 224), np.uint8), mean=0.5, std=0.25, device=cpu, batch_size=64)
     assert seen == [8, 8, 4]
+
+
+def test_rows_of_an_npz_are_not_counted_unseen_by_a_check_of_file_names(tmp_path):
+    # The bundled model's training images are known by file name; rows of an .npz have none, and PneumoniaMNIST's
+    # val rows (Kermany training images) had been recorded as 0 seen in training: now not told, as it cannot be.
+    import json
+
+    from cxr.evaluate import evaluate_model
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "t.npz", test_images=rng.integers(0, 256, (4, 32, 32), dtype=np.uint8),
+             test_labels=np.array([0, 1, 0, 1]))
+    evaluate_model("default", tmp_path / "t.npz", tmp_path / "ev", device="cpu")
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert "n_seen_in_training" not in metrics["test"] and metrics["test"]["n"] == 4
