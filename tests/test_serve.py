@@ -970,3 +970,22 @@ def test_serve_gives_each_prediction_the_default_threads_unless_told(monkeypatch
         with pytest.raises(Stop):
             cxr.serve.serve(BrokenEngine(), port=0, max_concurrency=concurrency, threads=threads)
     assert seen == [4, 1, 2, 5]
+
+
+def test_a_service_that_cannot_predict_does_not_start(ckpt_path, monkeypatch):
+    # On a read-only root file system the heatmap's first use of matplotlib failed: every default prediction was
+    # answered 500 while the health check said "ok". A first prediction, heatmap included, is made before the start.
+    import cxr.serve
+    from cxr.errors import CxrError
+
+    def unwritable(self, image, target):
+        raise OSError("Matplotlib requires access to a writable cache directory, but there is none; set the "
+                      "MPLCONFIGDIR environment variable to a writable directory")
+
+    monkeypatch.setattr(cxr.serve.TorchEngine, "heatmap_png", unwritable)
+    served = []
+    monkeypatch.setattr(cxr.serve, "_server_class", lambda: served.append(1))
+    with pytest.raises(CxrError, match=r"cannot predict here: a first prediction failed \(OSError: Matplotlib .* "
+                                       r"\(set MPLCONFIGDIR to a writable folder\)"):
+        cxr.serve.serve(ckpt_path, port=0, device="cpu")
+    assert not served

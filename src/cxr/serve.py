@@ -52,7 +52,7 @@ from starlette.requests import ClientDisconnect
 
 from cxr import __version__
 from cxr.config import MAX_UPLOAD_MB, usable_cores
-from cxr.errors import UsageError
+from cxr.errors import CxrError, UsageError
 from cxr.fileio import display_name, shorten_middle
 from cxr.images import ImageError, load_image, sniff
 from cxr.predict import DISCLAIMER, leans_away, prob_text
@@ -994,6 +994,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
                          max_queue=max_queue, device=device, threads=threads, max_pixels=max_pixels, amp=amp,
                          upload_timeout=upload_timeout, allowed_hosts=allowed_hosts)
         engine = app.state.engine
+        _first_prediction(engine)
         port = socks[0].getsockname()[1]  # the one the system chose, for --port 0
         log.info("serving model %s (%s backend, %s, %d x %d threads) on http://%s:%d/  (API docs at /docs). %s",
                  engine.model_id, engine.backend, engine.inference_dtype, max_concurrency, threads,
@@ -1075,6 +1076,26 @@ def _cut_off_quietly(app: Any) -> Callable:
                     await send({"type": "http.response.body", "body": body})
 
     return quiet
+
+
+def _first_prediction(engine: Engine) -> None:
+    """One prediction, with its heatmap, of a made-up image before the service is announced: on a read-only root file
+    system (a hardened container) the heatmap's first use of matplotlib failed, and every default prediction was
+    answered 500 while the health check said "ok", so a load balancer kept the broken replica in rotation. Now the
+    start fails, in one line. Also makes the first real request no slower than the rest."""
+    side = engine.image_size
+    image = (np.add.outer(np.arange(side), np.arange(side)) % 256).astype(np.uint8)
+    try:
+        engine.predict_uint8(image[None])
+        if engine.heatmap_unavailable is None:
+            engine.heatmap_png(image, 1)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        log.debug("the first prediction failed", exc_info=True)
+        hint = " (set MPLCONFIGDIR to a writable folder)" if "MPLCONFIGDIR" in str(e) else ""
+        raise CxrError(f"the service cannot predict here: a first prediction failed ({type(e).__name__}: "
+                       f"{(str(e).strip().splitlines() or [''])[0][:300]}){hint}") from e
 
 
 def _server_class() -> type:
