@@ -79,6 +79,80 @@ def test_frame_has_the_requested_size_and_tally():
     assert np.abs(right[strip_y, 320].astype(int) - WRONG_COLOUR).max() > 50
 
 
+def _record_texts(monkeypatch) -> list[str]:
+    from PIL import ImageDraw
+
+    drawn, real_text = [], ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: drawn.append(text)
+                        or real_text(self, xy, text, *a, **k))
+    return drawn
+
+
+def test_a_videos_tally_accuracy_strip_and_poster_follow_its_images(monkeypatch, tmp_path):
+    # Nothing had checked the running tally and accuracy: wrong answers uncounted, right and wrong swapped, accuracy
+    # of all the video's images rather than those so far, an image exactly at the threshold called NORMAL (in the
+    # frame or in the tally), every image right in the strip, or the poster the last frame, all went unseen.
+    drawn = _record_texts(monkeypatch)
+    items = [VideoItem(str(f), label, prob, load_image(f, 64))
+             for f, label, prob in zip(FILES, (1, 0, 0), (0.5, 0.9, 0.1), strict=True)]  # right at 0.5, wrong, right
+    out = write_flythrough(items, tmp_path / "fly.mp4", threshold=0.5, frame_size=(320, 180), seconds_per_image=1,
+                           fps=1, poster=tmp_path / "poster.png")
+    assert [t for t in drawn if t.startswith("so far")] == \
+        ["so far: 1 right, 0 wrong", "so far: 1 right, 1 wrong", "so far: 2 right, 1 wrong"], drawn
+    assert [t for t in drawn if t.startswith("accuracy")] == ["accuracy 100.0%", "accuracy 50.0%", "accuracy 66.7%"]
+    assert [t for t in drawn if t[:1] in "✓✗"] == ["✓ RIGHT", "✗ WRONG", "✓ RIGHT"], drawn
+    first = drawn[:drawn.index("image 2 of 3")]
+    i = first.index("truth")
+    assert first[i:i + 4] == ["truth", "PNEUMONIA", "predicted", "PNEUMONIA"], first
+    # The last frame's strip shows the second image's cell wrong, the others right.
+    frames = _decoded_frames(out)
+    assert len(frames) == 3
+    row = frames[-1][180 - 8 // 2 - 6 // 2]  # inside the strip: margin 8, strip 6 px at 180 px high
+    cell = (320 - 2 * 8) / 3
+    for k, expected in ((0, RIGHT_COLOUR), (1, WRONG_COLOUR), (2, RIGHT_COLOUR)):
+        pixel = row[round(8 + (k + 0.5) * cell)].astype(int)
+        assert np.abs(pixel - np.array(expected)).max() < 40, (k, pixel, expected)
+    # The poster is the first frame, not a later one.
+    from PIL import Image
+
+    poster = np.asarray(Image.open(tmp_path / "poster.png")).astype(int)
+    assert np.abs(poster - frames[0]).mean() < 2 < np.abs(poster - frames[-1]).mean()
+
+
+def test_a_frame_says_truth_prediction_and_verdict_and_draws_p_and_the_threshold_where_they_are(monkeypatch):
+    # Truth and prediction swapped, the prediction shown as the truth, the verdict's words swapped, the bar filled to
+    # 1 - P, or the threshold's mark at 0.5 whatever the threshold: none of these had failed a test.
+    from PIL import ImageDraw
+
+    from cxr.video import THRESHOLD_COLOUR
+
+    drawn = _record_texts(monkeypatch)
+    lines, rectangles = [], []
+    real_line, real_rectangle = ImageDraw.ImageDraw.line, ImageDraw.ImageDraw.rectangle
+    monkeypatch.setattr(ImageDraw.ImageDraw, "line", lambda self, xy, *a, **k: lines.append((xy, k.get("fill")))
+                        or real_line(self, xy, *a, **k))
+    monkeypatch.setattr(ImageDraw.ImageDraw, "rectangle", lambda self, xy, *a, **k: rectangles.append((xy, k))
+                        or real_rectangle(self, xy, *a, **k))
+    image = np.zeros((64, 64), np.uint8)
+    for label, prob, threshold, truth, predicted, verdict in ((0, 0.9, 0.8, "NORMAL", "PNEUMONIA", "✗ WRONG"),
+                                                              (1, 0.3, 0.2, "PNEUMONIA", "PNEUMONIA", "✓ RIGHT"),
+                                                              (1, 0.7, 0.75, "PNEUMONIA", "NORMAL", "✗ WRONG")):
+        for recorded in (drawn, lines, rectangles):
+            recorded.clear()
+        render_frame(VideoItem("a.png", label, prob, image), index=0, total=1, right=1, wrong=0, threshold=threshold,
+                     history=[True])
+        i = drawn.index("truth")
+        assert drawn[i:i + 4] == ["truth", truth, "predicted", predicted], drawn
+        assert verdict in drawn and ({"✓ RIGHT", "✗ WRONG"} - {verdict}).isdisjoint(drawn), drawn
+        # The bar: its outline (the first outlined rectangle), then its fill, from x0 to x0 + bar_w * P.
+        (x0, y0, x1, _), _ = next(r for r in rectangles if r[1].get("outline") is not None)
+        bar_w = x1 - x0
+        fill = next(r[0] for r in rectangles if r[0][0] == x0 and r[0][1] == y0 and r[1].get("fill") is not None)
+        assert fill[2] - x0 == round(bar_w * prob), (fill, x0, bar_w, prob)
+        marks = [xy for xy, colour in lines if colour == THRESHOLD_COLOUR]
+        assert len(marks) == 1 and marks[0][0] == marks[0][2] == x0 + round(bar_w * threshold), (marks, x0, bar_w)
+
+
 def test_a_failed_video_leaves_nothing_behind(tmp_path):
     items = _items()
     items[2].image = np.zeros((5,), np.uint8)  # not an image: drawing the third frame fails
@@ -116,6 +190,12 @@ def test_a_video_ffmpeg_could_not_finish_is_an_error_and_no_file(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.mp4"]
     (tmp_path / "empty.mp4").write_bytes(b"")
     assert not whole_mp4(tmp_path / "empty.mp4") and not whole_mp4(tmp_path / "none.mp4")
+    # Boxes that end at the file's end are not enough: without the index (moov) no player opens it.
+    ftyp = (24).to_bytes(4, "big") + b"ftypisom" + bytes(12)
+    mdat = (0).to_bytes(4, "big") + b"mdat" + b"x" * 100  # size 0: the box runs to the end of the file
+    (tmp_path / "no-index.mp4").write_bytes(ftyp + mdat)
+    (tmp_path / "indexed.mp4").write_bytes(ftyp + (8).to_bytes(4, "big") + b"moov" + mdat)
+    assert not whole_mp4(tmp_path / "no-index.mp4") and whole_mp4(tmp_path / "indexed.mp4")
 
 
 def test_bad_settings_are_refused(tmp_path):
@@ -132,6 +212,16 @@ def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(UsageError, match="no images"):
         write_flythrough([], tmp_path / "x.mp4", threshold=0.5)
     assert even_frame_size(641, 361) == (640, 360)
+    # Too low though wide enough, and a square frame (landscape includes it): each had passed unchecked.
+    with pytest.raises(UsageError, match=r"^video frame size 1000x100 is too small"):
+        even_frame_size(1000, 100)
+    assert even_frame_size(400, 400) == (400, 400)
+    # A rate or duration of 0: refused, not a video of one frame an image or an ffmpeg error.
+    item = VideoItem("a.png", 1, 0.9, np.zeros((64, 64), np.uint8))
+    for kw in ({"fps": 0.0}, {"seconds_per_image": 0.0}):
+        with pytest.raises(UsageError, match="must be > 0"):
+            write_flythrough([item], tmp_path / "x.mp4", threshold=0.5, frame_size=(320, 180), **kw)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_probabilities_never_read_as_certain():
@@ -386,3 +476,7 @@ def test_an_image_is_shown_for_the_rounded_number_of_frames_the_report_says(tmp_
     out = write_flythrough(items, tmp_path / "fly.mp4", threshold=0.5, frame_size=(320, 180), seconds_per_image=0.3,
                            fps=5)
     assert probe_video(out)["frames"] == 3 * round(0.3 * 5) == 6
+    # 0.05 s an image at 5 fps rounds to 0 frames: each image still gets one (none at all had made an empty video).
+    out = write_flythrough(items, tmp_path / "short.mp4", threshold=0.5, frame_size=(320, 180),
+                           seconds_per_image=0.05, fps=5)
+    assert probe_video(out)["frames"] == 3
