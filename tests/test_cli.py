@@ -898,6 +898,36 @@ def test_a_shard_whose_files_are_all_gone_writes_their_rows(tmp_path):
     assert not rows[0]["error"] and rows[1]["error"].endswith("missing.jpeg: no such file")
 
 
+def test_predict_and_report_take_what_they_say_they_take(tmp_path, monkeypatch):
+    # None of these had been tried: --device cpu with an .onnx model (what the refusal of a GPU there advises),
+    # --threads on the torch backend (it had set nothing), an output named P.CSV, and a report's --frame-size 640X360.
+    import cxr.onnx_backend
+    import cxr.predict
+    import cxr.report
+    from cxr.cli import main as cxr_main
+    from cxr.predict import Prediction
+
+    image = str(next((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg")))
+    ran = []
+
+    def predict(model, files, **kwargs):
+        ran.append(model)
+        return [Prediction(str(files[0]), 0.2, "NORMAL")]
+
+    monkeypatch.setattr(cxr.onnx_backend, "predict_files_onnx", predict)
+    monkeypatch.setattr(cxr.predict, "predict_files", predict)
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert cxr_main(["predict", image, "--model", str(tmp_path / "m.onnx"), "--device", "cpu"]) == 0
+    assert ran == [str(tmp_path / "m.onnx")] and threads == []
+    assert cxr_main(["predict", image, "--threads", "2"]) == 0 and threads == [2]
+    assert cxr_main(["predict", image, "--output", str(tmp_path / "P.CSV")]) == 0
+    assert read_csv(tmp_path / "P.CSV")[0]["path"] == image
+    made = []
+    monkeypatch.setattr(cxr.report, "make_report", lambda run, **kwargs: made.append(kwargs["frame_size"]))
+    assert cxr_main(["report", str(tmp_path), "--frame-size", "640X360"]) == 0 and made == [(640, 360)]
+
+
 def test_predict_on_onnx_runtime_refuses_a_gpu_instead_of_ignoring_it(tmp_path, tiny_dataset):
     image = next((tiny_dataset / "test" / "NORMAL").iterdir())
     _one_line_error(cxr("predict", "--model", tmp_path / "m.onnx", "--device", "cuda", image, check=False),
@@ -997,6 +1027,40 @@ def test_wrong_usage_is_one_line_and_non_zero(args, tmp_path):
     proc = cxr(*args, check=False)
     _one_line_error(proc)
     assert proc.returncode == 2
+
+
+@pytest.mark.parametrize(("argv", "refused"), [
+    (["predict", "x.jpeg", "--threshold", "0"], None),  # a probability: 0 and 1 are ones
+    (["predict", "x.jpeg", "--threshold", "1"], None),
+    (["predict", "x.jpeg", "--threshold", "100"], "100 is not a probability from 0 to 1 (1?)"),  # 100 meant as %
+    (["predict", "x.jpeg", "--batch-size", "1"], None),
+    (["predict", "x.jpeg", "--threads", "1025"], "1025 is above 1,024"),
+    (["report", "r", "--seed", "0"], None),
+    (["report", "r", "--per-group", "50"], None),
+    (["report", "r", "--per-group", "51"], "51 is above 50"),
+    (["report", "r", "--video-max-images", "10000"], None),
+    (["report", "r", "--video-max-images", "10001"], "10001 is above 10,000"),
+    (["report", "r", "--fps", "60"], None),
+    (["report", "r", "--fps", "61"], "61 is above 60"),
+    (["serve", "--port", "0"], None),  # any free port
+    (["serve", "--port", "65536"], "65536 is not a TCP port (0 to 65535)"),
+    (["serve", "--upload-timeout", "inf"], "inf is not a number above 0"),
+    (["serve", "--upload-timeout", "0"], "0 is not a number above 0"),
+    (["serve", "--max-upload-mb", "1000"], None),
+    (["serve", "--max-queue", "0"], None),  # no waiting: busy at once
+])
+def test_flag_values_at_the_edges_of_their_ranges(argv, refused, monkeypatch, capsys):
+    # Each bound as the help says it, both sides: none had been tried at its edge.
+    import cxr.cli
+
+    monkeypatch.setattr(cxr.cli, "_ARGV", list(argv))
+    parser = cxr.cli.build_parser()
+    if refused is None:
+        assert getattr(parser.parse_args(argv), argv[-2][2:].replace("-", "_")) == float(argv[-1])
+        return
+    with pytest.raises(SystemExit) as stopped:
+        parser.parse_args(argv)
+    assert stopped.value.code == 2 and f"argument {argv[-2]}: {refused} (see" in capsys.readouterr().err
 
 
 def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
@@ -1368,7 +1432,8 @@ def test_merge_without_usable_manifests_warns_and_merges(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("command", [["evaluate", "--data", "d", "--output", "o"], ["explain", "x.jpeg", "--output",
-                                     "o"], ["report", "r"], ["export", "--format", "onnx", "--output", "m.onnx"]])
+                                     "o"], ["report", "r"], ["export", "--format", "onnx", "--output", "m.onnx"],
+                                     ["merge", "p.csv"]])
 def test_commands_that_run_in_one_process_refuse_torchrun(command, monkeypatch, capsys, tmp_path):
     # `torchrun ... -m cxr evaluate` ran the whole evaluation in every process, each writing the same files.
     from cxr.cli import main as cxr_main
@@ -1980,6 +2045,7 @@ def test_wildcards_are_expanded_where_the_shell_does_not(tmp_path, monkeypatch):
     (["--target-sensitivity", "0.9"], "--target-sensitivity applies only with --threshold-policy sensitivity"),
     (["--swa-lr", "0.5"], "--swa-lr applies only with --swa-epochs N"),
     (["--val-source", "folder", "--val-fraction", "0.4"], "--val-fraction applies only with --val-source carve"),
+    (["--resume", "r", "--config", "c.yaml"], "--resume uses the run's own config.yaml; drop --config"),
 ])
 def test_train_flags_without_effect_are_refused_not_ignored(tmp_path, capsys, flags, message):
     from cxr.cli import main as cxr_main
@@ -2067,6 +2133,8 @@ def test_metrics_never_read_as_certain_unless_they_are():
     (RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried "
                   "to allocate 9633792000 bytes."), True),
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), True),
+    (torch.OutOfMemoryError("Tried to allocate 20.00 GiB"), True),  # by its type, whatever its words
+    (MemoryError(), True),  # Python's own: 1, as the others (not 2, the status of wrong usage)
     (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),  # a bug: its traceback, as before
 ])
 def test_torch_out_of_memory_is_one_line(monkeypatch, capsys, raised, one_line):
@@ -2087,6 +2155,23 @@ def test_torch_out_of_memory_is_one_line(monkeypatch, capsys, raised, one_line):
     assert main(["predict", str(image)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cxr predict: error: out of memory (") and "--batch-size" in err[0]
+
+
+def test_a_file_system_error_no_one_foresaw_is_one_line_and_status_1(monkeypatch, capsys):
+    # A full disk mid-run (an OSError cxr does not catch itself): one line naming the file, status 1 (as the other
+    # errors of the run's own; 2 is wrong usage).
+    import errno
+
+    import cxr.predict
+    from cxr.cli import main
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "p.csv")
+
+    monkeypatch.setattr(cxr.predict, "predict_files", disk_full)
+    image = next((SAMPLE_DIR / "test" / "NORMAL").iterdir())
+    assert main(["predict", str(image)]) == 1
+    assert capsys.readouterr().err == "cxr predict: error: p.csv: No space left on device\n"
 
 
 def test_the_predictions_table_tells_apart_what_its_threshold_does_and_keeps_rows_whole(capsys):
