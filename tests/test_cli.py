@@ -872,6 +872,19 @@ def test_predict_with_nothing_to_predict_exits_non_zero_in_one_line(tmp_path):
     assert rows[1]["path"] == str(tmp_path / "gone.jpeg") and rows[1]["error"].endswith("gone.jpeg: no such file")
 
 
+def test_predict_with_some_files_unreadable_says_how_many_and_writes_the_rest(tmp_path, caplog):
+    # One unreadable file among readable ones is no "nothing predicted": the count of unreadable ones is said, and
+    # the file written and said to be (taken for nothing read, both had gone unsaid, exit 0).
+    from cxr.cli import main as cxr_main
+
+    image = next((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))
+    (tmp_path / "bad.jpeg").write_bytes(b"")
+    out = tmp_path / "p.csv"
+    assert cxr_main(["predict", str(image), str(tmp_path / "bad.jpeg"), "--output", str(out)]) == 0
+    assert "1 of 2 file(s) could not be read" in caplog.text and f"wrote {out}" in caplog.text, caplog.text
+    assert [bool(r["error"]) for r in read_csv(out)] == [False, True]
+
+
 def test_shards_that_read_nothing_pass_and_their_merge_says_so(tmp_path):
     # A shard alone may hold only bad files and is not judged; the merged whole is, as one unsharded run would be.
     bad = [tmp_path / "a.jpeg", tmp_path / "b.png"]
@@ -1076,9 +1089,12 @@ def test_an_unknown_flag_is_named_by_its_subcommand(capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert capsys.readouterr().err == "cxr: error: unrecognized arguments: --bogus (see cxr --help)\n"
-    with pytest.raises(SystemExit):
-        main(["evaluate", "--data", "x", "--output", "y", "-q"])
-    assert "-q goes before the command: cxr -q evaluate" in capsys.readouterr().err
+    for flag in ("-q", "--quiet"):  # the long form too had been left without the hint
+        with pytest.raises(SystemExit):
+            main(["evaluate", "--data", "x", "--output", "y", flag])
+        assert f"{flag} goes before the command: cxr {flag} evaluate" in capsys.readouterr().err
+    # No command at all: the help, and the status of wrong usage (0 had read as success to a script)
+    assert main([]) == 2 and "usage: cxr" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("yaml_text, says", [
@@ -1840,16 +1856,22 @@ def test_predict_interrupted_keeps_the_predictions_it_made(tmp_path, caplog, mon
     import cxr.predict
     from cxr.cli import main as cxr_main
 
-    files = sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:5]
-    real, calls = cxr.predict.load_image, []
+    (tmp_path / "in").mkdir()  # copies: a later run finds them unreadable
+    files = [Path(shutil.copy(f, tmp_path / "in")) for f in sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:5]]
+    real = cxr.predict.load_image
 
-    def stop_at_the_fifth(*args, **kwargs):
-        calls.append(args[0])
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def stop_at(n: int) -> None:  # Ctrl-C as the n-th image is read
+        calls = []
 
-    monkeypatch.setattr(cxr.predict, "load_image", stop_at_the_fifth)
+        def load(*args, **kwargs):
+            calls.append(args[0])
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(cxr.predict, "load_image", load)
+
+    stop_at(5)
     out = tmp_path / "p.csv"
     monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))  # the ONNX export of the bundled model goes there
     assert cxr_main(["predict", *map(str, files), "--batch-size", "2", "--output", str(out), "--backend",
@@ -1862,6 +1884,17 @@ def test_predict_interrupted_keeps_the_predictions_it_made(tmp_path, caplog, mon
     # Another job to the same name keeps it, said (any later predict there had removed the only copy) ...
     assert cxr_main(["predict", str(files[4]), "--output", str(out), "--backend", backend]) == 0
     assert (tmp_path / "p.partial.csv").is_file() and "is kept: this run did not predict every file" in caplog.text
+    # ... as does one of some of its files (any one of them done had removed it), and a rerun that could read none
+    # of them (the share gone, say): it had been taken for done
+    caplog.clear()
+    assert cxr_main(["predict", str(files[0]), "--output", str(out), "--backend", backend]) == 0
+    assert (tmp_path / "p.partial.csv").is_file() and "is kept" in caplog.text
+    for f in files[:4]:
+        f.write_bytes(b"")
+    assert cxr_main(["predict", *map(str, files[:4]), "--output", str(out), "--backend", backend]) == 2
+    assert (tmp_path / "p.partial.csv").is_file() and len(read_csv(tmp_path / "p.partial.csv")) == 4
+    for f in files[:4]:
+        shutil.copy(SAMPLE_DIR / "test" / "NORMAL" / f.name, f)
     # ... and the whole job, run again, removes it
     assert cxr_main(["predict", *map(str, files), "--output", str(out), "--backend", backend]) == 0
     assert len(read_csv(out)) == 5 and not (tmp_path / "p.partial.csv").exists()
@@ -1873,6 +1906,22 @@ def test_predict_interrupted_keeps_the_predictions_it_made(tmp_path, caplog, mon
     write_predictions_file(tmp_path / "p.partial.csv", rows)
     _drop_partial_done(out, rows, nothing=False)
     assert not (tmp_path / "p.partial.csv").exists()
+    # Ctrl-C before the first prediction: no partial file of no predictions
+    stop_at(1)
+    assert cxr_main(["predict", *map(str, files), "--output", str(out), "--backend", backend]) == 130
+    assert not (tmp_path / "p.partial.csv").exists()
+    # A shard's partial file is the shard's (the whole output's name had been taken by each shard interrupted)
+    stop_at(2)
+    assert cxr_main(["predict", *map(str, files), "--shard", "0/2", "--batch-size", "1", "--output", str(out),
+                     "--backend", backend]) == 130
+    assert [p.name for p in tmp_path.glob("*.partial.csv")] == ["p.shard-00000-of-00002.partial.csv"]
+    (tmp_path / "p.shard-00000-of-00002.partial.csv").unlink()
+    # A partial file that cannot be read is kept, said, not taken for done
+    monkeypatch.setattr(cxr.predict, "load_image", real)
+    (tmp_path / "p.partial.csv").write_text("path,prob_pneumonia,label,error\n/x/scan.jpeg,not-a-number,NORMAL,\n")
+    caplog.clear()
+    assert cxr_main(["predict", str(files[0]), "--output", str(out), "--backend", backend]) == 0
+    assert (tmp_path / "p.partial.csv").is_file() and "is kept" in caplog.text
 
 
 def test_a_file_named_with_a_leading_dash_is_told_how_to_give(tmp_path, monkeypatch, capsys):
@@ -1890,6 +1939,9 @@ def test_a_file_named_with_a_leading_dash_is_told_how_to_give(tmp_path, monkeypa
     assert cxr_main(["predict", "--", "-dash.jpeg"]) == 0
     # Not added to another error, nor after --; and for a flag's value, the form that works
     for argv, said in ((["predict", "--threshold", "abc", "--", "-dash.jpeg"], None),
+                       (["predict", "--bogus", "--", "-dash.jpeg"], None),  # a name after -- is no flag
+                       # after a path, it is no PATH missing but an unknown argument: the hint all the same
+                       (["predict", "a.jpeg", "-dash.jpeg"], "write it ./-dash.jpeg, or put -- before it"),
                        (["predict", "-dash.jpeg", "--threshold"], None),  # a value missing, not a file name
                        (["evaluate", "--data", "-dash.jpeg", "--output", "o"],
                         "write --data=-dash.jpeg or --data ./-dash.jpeg")):
@@ -2431,6 +2483,11 @@ def test_flags_are_not_abbreviated_and_home_folders_in_paths_are_expanded(tmp_pa
     assert e.value.code == 2 and "unrecognized arguments: --threshold 0.5; train chooses the threshold" in err
     with pytest.raises(SystemExit):
         cxr_main(["train", "--data", "d", "--target", "0.9"])  # not --target-sensitivity
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a flag that begins with "--threshold" is not --threshold: no hint of it
+        cxr_main(["train", "--data", "d", "--threshold-sensitivity", "0.9"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --threshold-sensitivity" in err and "train chooses the threshold" not in err, err
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
@@ -2783,3 +2840,5 @@ def test_predict_of_more_files_than_a_table_shows_needs_an_output(tmp_path, monk
     out = capsys.readouterr().out
     assert all(f.name in out for f in files)
     assert cxr_main(["predict", *map(str, files[:2])]) == 0  # as many as the table shows: printed
+    out = capsys.readouterr().out
+    assert all(f.name in out for f in files[:2]), out
