@@ -2071,6 +2071,7 @@ def test_serve_stopped_by_sigterm_ends_in_its_grace_period_with_status_0(trained
         stalled.close()
         rest = server.stderr.read()
         assert "Traceback" not in rest and "ASGI" not in rest and "cut off by the stop" in rest, rest
+
     finally:
         server.kill()
         server.wait(timeout=60)
@@ -2842,3 +2843,23 @@ def test_predict_of_more_files_than_a_table_shows_needs_an_output(tmp_path, monk
     assert cxr_main(["predict", *map(str, files[:2])]) == 0  # as many as the table shows: printed
     out = capsys.readouterr().out
     assert all(f.name in out for f in files[:2]), out
+
+
+def test_the_services_log_lines_carry_their_time_and_level(monkeypatch):
+    # A log shipper filtering on ERROR had seen nothing of a failed prediction, and no line said when; the other
+    # commands' lines stay as they were (a message alone). The handler main() installs formats a record so.
+    import logging
+    import re
+
+    import cxr.cli
+    from cxr.cli import main as cxr_main
+
+    handlers = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **k: handlers.extend(k["handlers"]))
+    monkeypatch.setattr(cxr.cli, "_cmd_serve", lambda args: 0)
+    monkeypatch.setattr(cxr.cli, "_cmd_merge", lambda args: 0)
+    assert cxr_main(["serve"]) == 0 and cxr_main(["merge", "p.csv"]) == 0
+    record = logging.LogRecord("cxr.serve", logging.ERROR, __file__, 1, "prediction failed: %s", ("x",), None)
+    serve, merge = (h.format(record) for h in handlers)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR cxr\.serve: prediction failed: x", serve)
+    assert merge == "prediction failed: x"

@@ -542,6 +542,8 @@ def test_internal_error_is_500_without_internals_and_the_service_recovers(caplog
         assert r.json() == {"detail": "internal error: the image could not be processed"}
         assert_no_internals(r)
         assert "CUDA exploded" in caplog.text  # the operator still sees it
+        # and on the error's first line, not only at the foot of its traceback (a log shipper takes lines)
+        assert "prediction failed: RuntimeError: CUDA exploded at /secret/server/path/model.py line 42" in caplog.text
         again = upload(c, NORMAL[0].read_bytes(), params="?heatmap=false")
         assert again.status_code == 200 and again.json()["label"] == "PNEUMONIA"
 

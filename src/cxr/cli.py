@@ -773,7 +773,11 @@ def _main(argv: list[str] | None) -> int:
             stream.reconfigure(errors="backslashreplace")
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(PrintableFormatter("%(message)s"))  # a file name's ESC codes are shown, not obeyed
+    # A file name's ESC codes are shown, not obeyed. The service's lines carry their time and level: a log shipper
+    # filtering on ERROR had seen nothing of a failed prediction, and no line said when.
+    service = args.command == "serve"
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s" if service
+                                            else "%(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     if args.command is None:

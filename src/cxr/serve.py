@@ -783,7 +783,9 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
             raise
         except Exception as e:
             # The traceback goes to the server's log; the client gets one line without internals.
-            log.error("prediction failed", exc_info=e)
+            # what failed on the first line: the traceback's last line had been the only one to say it
+            log.error("prediction failed: %s: %s", type(e).__name__, (str(e).strip().splitlines() or [""])[0][:300],
+                      exc_info=e)
             if isinstance(e, MemoryError):
                 raise HttpError(503, "out of memory: retry later", {"Retry-After": retry_after()}) from None
             raise HttpError(500, "internal error: the image could not be processed") from None
