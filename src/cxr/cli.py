@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads per prediction (default: cores / max-concurrency, at most OMP_NUM_THREADS "
                         "where it is set)")
     p.add_argument("--max-connections", type=_count(1), default=128,
-                   help="open connections, uploads in progress included; 503 beyond (default 128)")
+                   help="requests in progress at once, uploads still arriving included; 503 beyond (default 128)")
     p.add_argument("--max-pixels", type=_count(1),
                    help="larger images are refused before decoding (default: the model config's, 100 million)")
     p.add_argument("--upload-timeout", type=_positive, default=30.0,

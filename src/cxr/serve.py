@@ -849,6 +849,7 @@ def http_protocol(header_timeout: float | None) -> type | str:
     class HeaderTimeoutH11Protocol(H11Protocol):
         _header_timer: Any = None  # an asyncio.TimerHandle while the request's headers are awaited
         refusals: Refusals | None = None  # beyond --max-connections, counted for the log
+        admitted: list[int] | None = None  # the server's requests in progress past the limit's check
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -860,7 +861,9 @@ def http_protocol(header_timeout: float | None) -> type | str:
                 self.limit_concurrency = None
                 if HeaderTimeoutH11Protocol.refusals is None:  # one count for the server's connections
                     HeaderTimeoutH11Protocol.refusals = Refusals(limit)
-                self.app = _connection_limit(self.app, self, limit, HeaderTimeoutH11Protocol.refusals)
+                    HeaderTimeoutH11Protocol.admitted = [0]
+                self.app = _connection_limit(self.app, self, limit, HeaderTimeoutH11Protocol.refusals,
+                                             HeaderTimeoutH11Protocol.admitted)
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -926,22 +929,33 @@ class Refusals:
         self.count, self.said = 0, now
 
 
-def _connection_limit(app: Any, protocol: Any, limit: int, refusals: Refusals) -> Callable:
-    """``app`` behind uvicorn's ``limit_concurrency`` check (the connections, or the requests in progress, at the
-    limit), whose refusal is the API's: a JSON ``ErrorOut``, 503 with Retry-After, the service's headers."""
+def _connection_limit(app: Any, protocol: Any, limit: int, refusals: Refusals,
+                      admitted: list[int] | None = None) -> Callable:
+    """``app`` behind ``limit_concurrency`` (``--max-connections``): at most ``limit`` requests in progress at once,
+    uploads still arriving included, the rest refused as the API refuses: a JSON ``ErrorOut``, 503 with Retry-After,
+    the service's headers. ``admitted`` counts the server's requests in progress (one list for all its
+    connections).
+
+    Counted by the requests let in, not the connections open (uvicorn's check): every request of a burst saw the
+    burst's connections, the ones being refused included, and a burst of 12 at a limit of 10 had 11 refused."""
+    admitted = admitted if admitted is not None else [0]
 
     async def limited(scope: dict, receive: Callable, send: Callable) -> None:
-        # This request's own connection and task are counted (uvicorn's own check, ">=", served limit - 1 connections,
-        # and none at --max-connections 1).
         # The health check is answered at the limit: a burst of slow uploads had had a working service's every
         # check answered 503, and a load balancer would have pulled it.
         health = scope.get("method") in ("GET", "HEAD") and scope.get("path", "").endswith(f"{API}/health")
-        if scope["type"] == "http" and not health and (len(protocol.connections) > limit
-                                                       or len(protocol.tasks) > limit):
+        if scope["type"] != "http" or health:
+            await app(scope, receive, send)
+            return
+        if admitted[0] >= limit:
             refusals.add(protocol.loop)
             await SecurityHeaders(_too_many_connections)(scope, receive, send)
             return
-        await app(scope, receive, send)
+        admitted[0] += 1  # one event loop: no lock
+        try:
+            await app(scope, receive, send)
+        finally:
+            admitted[0] -= 1
 
     return limited
 
@@ -962,11 +976,11 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
           allowed_hosts: Sequence[str] | None = None, root_path: str = "", access_log: bool = False) -> None:
     """Run the service with uvicorn until interrupted (``cxr serve``). The port is taken first, then the model loads.
 
-    ``max_connections`` caps the connections served at once, uploads still arriving included (uvicorn answers 503
-    beyond it): the queue bounds the requests being predicted, this bounds the memory held by slow uploads
-    (at most about ``max_connections * max_upload_mb``). ``upload_timeout`` frees the connection of an upload that
-    stalls, or of a connection that does not send a request's headers in that time (:func:`http_protocol`), which
-    would otherwise hold it for good.
+    ``max_connections`` caps the requests in progress at once, uploads still arriving included (503 beyond it,
+    :func:`_connection_limit`): the queue bounds the requests being predicted, this bounds the memory held by slow
+    uploads (at most about ``max_connections * max_upload_mb``). ``upload_timeout`` frees the connection of an upload
+    that stalls, or of a connection that does not send a request's headers in that time (:func:`http_protocol`),
+    which would otherwise hold it for good.
 
     Arguments as :func:`create_app`, except ``threads``: None (default) gives each of the ``max_concurrency``
     predictions an equal share of the cores, at most ``OMP_NUM_THREADS`` (:func:`default_threads`). Letting each
