@@ -306,6 +306,9 @@ def test_scan_npz_maps_every_pixel_type_onto_0_255(tmp_path):
     over = dim.copy()
     over[0, 1, 1], over[1, 1, 1] = -6.0, 260.0
     np.testing.assert_array_equal(_npz_pixels_of(tmp_path, over), expected)
+    # Floats of a small range (z-scores, or 0..1 overshooting more than 5 %) are stretched, not cast to black.
+    for small in ((dim - dim.mean()) / dim.std(), dim / 255.0 * 1.08):
+        assert _npz_pixels_of(tmp_path, small).mean() > 60  # cast, it had been black: a mean of 0.4
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32])

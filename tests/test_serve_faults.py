@@ -499,7 +499,7 @@ def test_refusals_beyond_max_connections_are_counted_in_the_log_not_one_line_eac
 
     monkeypatch.setattr(cxr.serve.time, "monotonic", lambda: clock[0])
     refusals = cxr.serve.Refusals(4)
-    with caplog.at_level("WARNING", logger="uvicorn.error"):
+    with caplog.at_level("WARNING", logger="cxr.serve"):
         for _ in range(500):
             refusals.add(Loop())
         assert len(timers) == 1 and timers[0][0] == 110.0  # the rest of the burst: said 10 s after the first line
@@ -511,7 +511,7 @@ def test_refusals_beyond_max_connections_are_counted_in_the_log_not_one_line_eac
         refusals.flush()  # nothing left: nothing said
         clock[0] = 200.0
         refusals.add(Loop())  # long after: said at once
-    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "cxr.serve"]
     assert lines == ["Exceeded concurrency limit (--max-connections 4): 1 request(s) answered 503 so far",
                      "Exceeded concurrency limit (--max-connections 4): 499 request(s) answered 503 in the last 10 s",
                      "Exceeded concurrency limit (--max-connections 4): 1 request(s) answered 503 in the last 3 s",

@@ -384,10 +384,11 @@ def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
     """uint8 (N, H, W) pixels from an ``.npz`` array of N images, (N, H, W) or channels-last (N, H, W, 1 | 3).
 
     The whole array decides how values become 0..255: uint8 as it is; other integers within 0..255 cast; floats
-    within 0..1 (torchvision's ``ToTensor`` convention) times 255, and floats within 0..255 cast, each allowing 5 %
-    of the range beyond either end (a bicubic resize overshoots: clipped; it had sent a whole array to the per-image
-    stretch, and moved sensitivity from 0.73 to 0.93); anything else (16-bit, wider integers, other floats) stretched
-    per image as a 16-bit PNG or DICOM file of it would be (:func:`cxr.images.stretch_range`), and said so.
+    within 0..1 (torchvision's ``ToTensor`` convention) times 255, and floats within 0..255 reaching at least 127.5
+    cast, each allowing 5 % of the range beyond either end (a bicubic resize overshoots: clipped; it had sent a
+    whole array to the per-image stretch, and moved sensitivity from 0.73 to 0.93); anything else (16-bit, wider
+    integers, other floats) stretched per image as a 16-bit PNG or DICOM file of it would be
+    (:func:`cxr.images.stretch_range`), and said so.
     Three channels become grey with ITU-R 601 luma, as PIL converts colour files. ``where`` names the array in errors.
     """
     if images.ndim == 4 and images.shape[-1] in (1, 3):
@@ -411,7 +412,9 @@ def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
         mode, scale = "cast", 1.0
     elif images.dtype.kind == "f" and lo >= -0.05 and hi <= 1.05:
         mode, scale = "cast", 255.0
-    elif images.dtype.kind == "f" and lo >= -12.75 and hi <= 267.75:
+    elif images.dtype.kind == "f" and lo >= -12.75 and 127.5 <= hi <= 267.75:
+        # 8-bit values as floats; an array of a small range (z-scores, 0..2) is no such thing, and had been cast to
+        # black (AUROC 0.500), where before it was stretched
         mode, scale = "cast", 1.0
     else:
         mode, scale = "stretch", 1.0

@@ -923,7 +923,7 @@ class Refusals:
             return
         now = time.monotonic()
         since = "so far" if self.said == -math.inf else f"in the last {now - self.said:.0f} s"
-        logging.getLogger("uvicorn.error").warning(
+        log.warning(  # cxr's logger, whose lines carry their time: "in the last 10 s" can be placed
             "Exceeded concurrency limit (--max-connections %d): %d request(s) answered 503 %s", self.limit,
             self.count, since)
         self.count, self.said = 0, now
@@ -1132,8 +1132,8 @@ def _server_class() -> type:
             hup_default = (hangup is not None and threading.current_thread() is threading.main_thread()
                            and signal.getsignal(hangup) in (signal.SIG_DFL, None))
             with super().capture_signals():
-                if hup_default:
-                    signal.signal(hangup, lambda _sig, frame: self.handle_exit(signal.SIGTERM, frame))
+                if hup_default:  # a stop, recorded as no signal: a caller's own SIGTERM handler is not run for it
+                    signal.signal(hangup, lambda _sig, _frame: setattr(self, "should_exit", True))
                 try:
                     yield
                 finally:
