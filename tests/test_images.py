@@ -1246,3 +1246,14 @@ def test_a_numpy_file_given_as_an_image_says_where_its_images_are_scored(tmp_pat
     (tmp_path / "z.zip").write_bytes((tmp_path / "d.npz").read_bytes())  # a zip is not said to be an .npz
     with pytest.raises(ImageError, match=r"content is not JPEG, PNG or DICOM"):
         load_image(tmp_path / "z.zip", 64)
+
+
+@pytest.mark.parametrize("tag", [b"\x02\x00\x02\x00UI", b"\x08\x00\x16\x00UI", b"\x08\x00\x60\x00CS"])
+def test_a_dicom_without_pixels_whose_class_or_modality_cannot_be_decoded_is_an_image_error(tag):
+    # A damaged VR ("U\0") in the file's SOP class, found by the fuzz tests, had raised pydicom's NotImplementedError
+    # out of the loader where a file without pixels is named; likewise the modality's, read after the pixels.
+    data = dicom_bytes(np.zeros((4, 4), np.uint8), no_pixel_data=tag[4:] == b"UI")
+    assert data.count(tag) == 1
+    data = data.replace(tag, tag[:4] + b"U\x00")
+    with pytest.raises(ImageError, match="x.dcm"):
+        load_image(data, 32, name="x.dcm")

@@ -405,6 +405,18 @@ def dicom_sop_class(head: bytes) -> str:
     return ""
 
 
+def _element(ds: object, keyword: str) -> object:
+    """A DICOM element's value, or None where it is absent or cannot be decoded (a damaged VR or value)."""
+    if ds is None:
+        return None
+    try:
+        return ds.get(keyword)
+    except MemoryError:
+        raise
+    except Exception:
+        return None
+
+
 def _decode(data: bytes, label: str, max_pixels: int, draft_size: int | None) -> np.ndarray:
     kind = sniff(data)
     if kind == "dicom":
@@ -871,14 +883,15 @@ def _decode_dicom_data(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     except Exception as e:
         raise ImageError(label, f"corrupt DICOM header ({str(e) or type(e).__name__})") from e
     if not has_pixels:
-        classes = [str(c) for c in ((meta.get("MediaStorageSOPClassUID") if meta is not None else None),
-                                    ds.get("SOPClassUID")) if c]
+        # read leniently: a damaged element here (a VR of "U\0", found by the fuzz tests) had raised pydicom's
+        # NotImplementedError out of the loader
+        classes = [str(c) for c in (_element(meta, "MediaStorageSOPClassUID"), _element(ds, "SOPClassUID")) if c]
         sop = next((c for c in classes if c.startswith(NON_IMAGE_SOP_CLASSES)), "")
         if sop:  # a PACS router posts every object of a study: no "corrupt" image
             raise ImageError(label, f"not an image: a DICOM {_non_image_kind(sop)} (SOP class {sop}), which holds "
                                     "no picture to classify")
         raise ImageError(label, "DICOM has no pixel data")
-    modality = str(ds.get("Modality", "") or "").strip().upper()
+    modality = str(_element(ds, "Modality") or "").strip().upper()
     if modality in NOT_RADIOGRAPHS:
         # A study's export mixes objects: a CT slice had been called NORMAL, an MR image and an RT dose grid PNEUMONIA
         raise ImageError(label, f"DICOM of modality {modality} ({NOT_RADIOGRAPHS[modality]}), not a radiograph: cxr "
