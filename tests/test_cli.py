@@ -2050,9 +2050,11 @@ def test_serve_stopped_by_sigterm_ends_in_its_grace_period_with_status_0(trained
     from cxr.serve import SHUTDOWN_GRACE_S
 
     _, run, _ = trained_run
+    # SIGHUP as a terminal sends it: a test run under nohup passes SIG_IGN on, which the service keeps (as it should)
     server = subprocess.Popen([sys.executable, "-m", "cxr", "-q", "serve", "--model", str(run), "--port", "0",
                                "--device", "cpu", "--upload-timeout", "120"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+                              stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         said, port = [], None
         while port is None:
