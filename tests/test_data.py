@@ -264,6 +264,16 @@ def test_scan_npz_rejects_bad_labels(tmp_path):
     np.savez(path, train_images=np.zeros((3, 8, 8), np.uint8), train_labels=np.array([0, 1, 2]))
     with pytest.raises(DataError, match=r"must be 0 \(NORMAL\) or 1 \(PNEUMONIA\)"):
         scan(path)
+    # One-hot labels (or ChestMNIST's 14 columns) had been "2 train_images but 4 train_labels"; (N, 1) is MedMNIST's.
+    np.savez(path, train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.array([[1, 0], [0, 1]]))
+    with pytest.raises(DataError, match=r"train_labels has shape \(2, 2\): cxr needs one label per image"):
+        scan(path)
+    np.savez(path, train_images=np.arange(2 * 64, dtype=np.uint8).reshape(2, 8, 8), train_labels=np.array([[0], [1]]))
+    assert [s.label for s in scan(path)["train"].samples] == [0, 1]
+    # An unreadable array is named, not "train_images / train_labels".
+    np.savez(path, train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.array([0, None], dtype=object))
+    with pytest.raises(DataError, match=r"cannot read train_labels \("):
+        scan(path)
 
 
 def _npz_pixels_of(tmp_path, images) -> np.ndarray:

@@ -531,11 +531,18 @@ def _scan_npz(path: Path) -> dict[str, Split]:
                 continue
             if f"{name}_labels" not in npz.files:
                 raise DataError(f"{path}: has {name}_images but no {name}_labels")
-            try:  # members are read (and decompressed) here: a damaged archive shows up now
-                images = np.asarray(npz[f"{name}_images"])
-                labels = np.asarray(npz[f"{name}_labels"]).reshape(-1)
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-                raise DataError(f"{path}: cannot read {name}_images / {name}_labels ({e})") from None
+            arrays = {}
+            for key in (f"{name}_images", f"{name}_labels"):
+                try:  # members are read (and decompressed) here: a damaged archive shows up now, named
+                    arrays[key] = np.asarray(npz[key])
+                except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                    raise DataError(f"{path}: cannot read {key} ({e})") from None
+            images, labels = arrays[f"{name}_images"], arrays[f"{name}_labels"]
+            if labels.ndim > 1 and labels.size != len(labels):
+                # one-hot or multi-label (ChestMNIST's 14 columns) had been "N images but 2N labels"
+                raise DataError(f"{path}: {name}_labels has shape {labels.shape}: cxr needs one label per image, 0 "
+                                "(NORMAL) or 1 (PNEUMONIA), shaped (N,) or (N, 1)")
+            labels = labels.reshape(-1)
             if images.ndim == 0:  # len() of a 0-d array had ended in a traceback
                 raise DataError(f"{path}: {name}_images is a single value, not an array of images")
             if len(images) != len(labels):
