@@ -929,8 +929,7 @@ class Refusals:
         self.count, self.said = 0, now
 
 
-def _connection_limit(app: Any, protocol: Any, limit: int, refusals: Refusals,
-                      admitted: list[int] | None = None) -> Callable:
+def _connection_limit(app: Any, protocol: Any, limit: int, refusals: Refusals, admitted: list[int]) -> Callable:
     """``app`` behind ``limit_concurrency`` (``--max-connections``): at most ``limit`` requests in progress at once,
     uploads still arriving included, the rest refused as the API refuses: a JSON ``ErrorOut``, 503 with Retry-After,
     the service's headers. ``admitted`` counts the server's requests in progress (one list for all its
@@ -938,7 +937,6 @@ def _connection_limit(app: Any, protocol: Any, limit: int, refusals: Refusals,
 
     Counted by the requests let in, not the connections open (uvicorn's check): every request of a burst saw the
     burst's connections, the ones being refused included, and a burst of 12 at a limit of 10 had 11 refused."""
-    admitted = admitted if admitted is not None else [0]
 
     async def limited(scope: dict, receive: Callable, send: Callable) -> None:
         # The health check is answered at the limit: a burst of slow uploads had had a working service's every
