@@ -561,6 +561,29 @@ def test_copies_by_name_and_shared_patients_of_a_runs_images_are_counted_whereve
                                                     "n_sharing_patients": 1}
 
 
+def test_rows_of_an_npz_have_no_names_to_match(tmp_path):
+    # A row's index is no file name: the withheld PneumoniaMNIST test rows 524..623 had been said to "have the file
+    # names of images in the train or val split" of a run trained on train_images (rows 524..4707 held once).
+    from cxr.config import load_config
+    from cxr.data import Sample, write_split_csv
+    from cxr.evaluate import count_development, development_images
+    from cxr.model import Checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_split_csv(run / "split.csv", {
+        "train": [Sample(f"/d/m.npz#train/{i}", i % 2, f"train/{i}", f"t{i}") for i in range(6)],
+        "val": [Sample(f"/d/m.npz#val/{i}", i % 2, f"val/{i}", f"v{i}") for i in range(2)]})
+    ckpt = Checkpoint("resnet18", {}, load_config(overrides={"image_size": 32, "arch": "resnet18"}),
+                      path=str(run / "best.pt"))
+    dev = development_images(ckpt, "0123456789ab")
+    test = [Sample(f"/e/withheld.npz#test/{i}", i % 2, f"test/{i}", f"s{i}") for i in range(6)]
+    assert count_development(dev, "test", test) == {"n_seen_in_training": 0}  # by name: cannot be told
+    # a row with the pixels of a training row is still found, by its digest
+    test[5] = Sample("/e/withheld.npz#test/5", 1, "test/5", "t3")
+    assert count_development(dev, "test", test)["n_seen_in_training"] == 1
+
+
 def test_images_the_model_saw_are_found_in_any_format_and_through_fine_tuning(tmp_path):
     # The bundled model's training images were matched by their exact file name: the same X-ray saved as DICOM or
     # PNG went uncounted (4 of 16 Kermany val images found). And a model fine-tuned from a run (--weights RUN) was
