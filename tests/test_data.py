@@ -1533,6 +1533,50 @@ def test_a_resume_says_images_added_since_the_split_are_left_out(tmp_path, tiny_
     assert [s.path for s in resumed["train"].samples] == [s.path for s in again["train"].samples]  # split kept
 
 
+def test_an_npz_runs_rows_are_found_by_their_pixels_after_the_arrays_are_reordered(tmp_path, caplog):
+    # A resume mapped split.csv's rows by index: with the arrays reordered since, it went on with other images, its
+    # validation split among those it had trained on, under a warning that they had "changed". And a run's split.csv
+    # of an .npz could not be scored again (`cxr evaluate --data RUN/split.csv` refused it).
+    from cxr.train import split_dataset
+
+    from .conftest import TINY_TRAIN
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), np.arange(40) % 2
+    np.savez(tmp_path / "d.npz", train_images=images, train_labels=labels)
+    run = tmp_path / "run"
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tmp_path / "d.npz"), "output": str(run)})
+    first = split_dataset(cfg, run, resume=False)
+
+    def pixels(splits):
+        return {name: sorted(bytes(im) for im in split.images) for name, split in splits.items()}
+
+    again = scan(run / "split.csv")  # scored again, as it is
+    assert pixels(again) == pixels(first) and {n: s.counts() for n, s in again.items()} == \
+        {n: s.counts() for n, s in first.items()}
+    order = rng.permutation(40)
+    np.savez(tmp_path / "d.npz", train_images=images[order], train_labels=labels[order])
+    caplog.clear()
+    assert pixels(scan(run / "split.csv")) == pixels(first)
+    assert "at other indices" in caplog.text
+    caplog.clear()
+    resumed = split_dataset(cfg, run, resume=True)
+    assert pixels(resumed) == pixels(first) and "at other indices" in caplog.text and "not what" not in caplog.text
+    for split in resumed.values():  # each row's label with it
+        assert all(s.label == labels[order][int(s.path.rpartition("/")[2])] for s in split.samples)
+    caplog.clear()
+    assert pixels(split_dataset(cfg, run, resume=True)) == pixels(first)  # split.csv followed them
+    assert "at other indices" not in caplog.text
+    # Reordered, and a row's pixels gone: its index means nothing now.
+    changed = images[order].copy()
+    changed[0] = 255 - changed[0]
+    np.savez(tmp_path / "d.npz", train_images=changed[::-1], train_labels=labels[order][::-1])
+    with pytest.raises(DataError, match="found nowhere in it now"):
+        split_dataset(cfg, run, resume=True)
+    with pytest.raises(DataError, match="found nowhere in it now"):
+        scan(run / "split.csv")
+
+
 def test_an_image_changed_while_a_new_run_reads_it_is_recorded_as_it_was_read(tmp_path, tiny_dataset, monkeypatch,
                                                                                caplog):
     # split.csv kept the digest hashed before the cache build, which decoded the new content: `cxr evaluate` then

@@ -437,6 +437,47 @@ def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
     return out
 
 
+def refind_rows(recorded: dict[str, list[Sample]], found: dict[str, Split]) -> tuple[dict[str, list[Sample]], int]:
+    """A run's recorded rows of an ``.npz`` found again by their pixels' digest where the row at the recorded index
+    holds other pixels now (the arrays reordered, or rows taken out, since): mapped by index, a resumed run had gone
+    on with other images than it had, images it had trained on in its validation split, under a warning that they
+    "changed". Returns the rows (each at the path of the row that holds its pixels now) and how many moved.
+
+    Rows whose pixels are nowhere in ``found`` stay as recorded (said to have changed, as an edited file is), unless
+    others moved: then a row's index means nothing, and that is a :class:`DataError`.
+    """
+    here = {s.path: s.digest for split in found.values() for s in split.samples}
+
+    def in_place(s: Sample) -> bool:
+        return not s.digest or here.get(s.path) == s.digest
+
+    every = [s for samples in recorded.values() for s in samples]
+    taken = {s.path for s in every if in_place(s)}
+    free: dict[tuple[str, str], list[str]] = {}  # (file, digest) -> the rows holding those pixels, not yet taken
+    for split in found.values():
+        for s in split.samples:
+            row = npz_row(s.path)
+            if row is not None and s.path not in taken:
+                free.setdefault((row[0], s.digest), []).append(s.path)
+    moved, lost = 0, []
+    out: dict[str, list[Sample]] = {}
+    for name, samples in recorded.items():
+        out[name] = []
+        for s in samples:
+            row = npz_row(s.path)
+            if row is not None and not in_place(s):
+                if free.get((row[0], s.digest)):
+                    s = replace(s, path=free[(row[0], s.digest)].pop(0))
+                    moved += 1
+                else:
+                    lost.append(s.path)
+            out[name].append(s)
+    if moved and lost:
+        raise DataError(f"{npz_row(lost[0])[0]}: its rows are in another order than the run recorded, and {len(lost)} "
+                        f"recorded row(s) hold pixels found nowhere in it now (e.g. {lost[0]}): start a new run")
+    return out, moved
+
+
 def _scan_split_csv(path: Path) -> dict[str, Split]:
     """The splits a run recorded in its ``split.csv``: a carved validation split is no folder, and this is the one way
     to score it again (with another model, threshold or machine). The files are read and hashed afresh."""
@@ -447,9 +488,10 @@ def _scan_split_csv(path: Path) -> dict[str, Split]:
                          f"{type(e).__name__}: {e}") from None
     if not recorded:
         raise DataError(f"{path}: lists no images")
-    if any(npz_row(s.path) is not None for samples in recorded.values() for s in samples):
-        raise UsageError(f"{path}: its rows are rows of an .npz; give the .npz itself as --data")
     recorded = follow_moved_data(path, recorded)
+    files = {row[0] for samples in recorded.values() for s in samples if (row := npz_row(s.path)) is not None}
+    if files:
+        return _scan_recorded_rows(path, recorded, files)
     every = [s.path for samples in recorded.values() for s in samples]
     if not any(_may_be_there(p) for p in every):  # one line, not one warning an image and "none could be read"
         raise DataError(f"{path}: none of its {len(every)} images is where it says (e.g. {every[0]}); if the data "
@@ -460,6 +502,38 @@ def _scan_split_csv(path: Path) -> dict[str, Split]:
     # said to have changed: `recorded`).
     return {name: Split(name, [replace(s, digest="") for s in recorded[name]],
                         recorded={s.path: s.digest for s in recorded[name] if s.digest}) for name in order}
+
+
+def _scan_recorded_rows(path: Path, recorded: dict[str, list[Sample]], files: set[str]) -> dict[str, Split]:
+    """A split.csv of a run trained on an ``.npz``: its rows read from the ``.npz`` again, found by their pixels'
+    digests where the arrays were reordered since (a carved validation split can be scored again this way only;
+    this had been refused)."""
+    every = [s for samples in recorded.values() for s in samples]
+    if len(files) > 1 or any(npz_row(s.path) is None for s in every):
+        raise UsageError(f"{path}: lists rows of {len(files)} .npz file(s) and other files; a run's split.csv lists "
+                         "images of one data set")
+    (file,) = files
+    if not os.path.isfile(file):
+        raise DataError(f"{path}: its images are rows of {file}, which is not there; if the data moved, set data: in "
+                        f"{path.parent / 'config.yaml'} to where it is now, and they are read there")
+    found = _scan_npz(Path(file))
+    recorded, moved = refind_rows(recorded, found)
+    if moved:
+        log.warning("%s: %d of its rows are at other indices in %s now (the arrays reordered since): each is read "
+                    "where its pixels are", path, moved, file)
+    by_path = {s.path: (name, i) for name, split in found.items() for i, s in enumerate(split.samples)}
+    missing = [s.path for samples in recorded.values() for s in samples if s.path not in by_path]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} of its rows are not in {file} now (it holds fewer), e.g. "
+                        f"{missing[0]}")
+    order = [n for n in SPLITS if n in recorded] + sorted(set(recorded) - set(SPLITS))
+    splits = {}
+    for name in order:
+        sources = [by_path[s.path] for s in recorded[name]]
+        images = np.stack([found[src].images[i] for src, i in sources]) if sources else None
+        splits[name] = Split(name, [found[src].samples[i] for src, i in sources], images,
+                             recorded={s.path: s.digest for s in recorded[name] if s.digest})
+    return splits
 
 
 def _may_be_there(path: str) -> bool:
@@ -662,7 +736,7 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
 
 
 def add_digests(split: Split, cache_dir: str | os.PathLike | None = None) -> Split:
-    """Fill in each file sample's content digest (array sources keep an empty digest).
+    """Fill in each file sample's content digest (array sources carry theirs from :func:`scan`: their pixels').
 
     With ``cache_dir``, a file whose ``stat()`` has not changed since it was hashed takes its digest from the
     cache's :class:`DigestMemo` instead of being read again, and the digests computed here are remembered there. A

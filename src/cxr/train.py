@@ -56,6 +56,7 @@ from cxr.data import (
     prepare_shared,
     read_split_csv,
     rebase,
+    refind_rows,
     scan,
     train_transform,
     write_split_csv,
@@ -159,6 +160,7 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
             # rewritten, and a dataset moved into a folder of its own (data/ into data/data/) was moved twice there.
             recorded = {name: [s if s.path in by_path else dataclasses.replace(s, path=rebase(s.path, old, new))
                                for s in samples] for name, samples in recorded.items()}
+        recorded, moved = refind_rows(recorded, found)
         missing = [s.path for samples in recorded.values() for s in samples if s.path not in by_path]
         if missing:
             there = [m for m in missing if os.path.isfile(m)]
@@ -173,6 +175,10 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
         if old != new and write:
             write_split_csv(split_csv, recorded)  # `cxr evaluate --data RUN/split.csv` finds them there too
             log.info("the data moved from %s to %s: %s follows it", old, new, split_csv)
+        if moved and write:
+            write_split_csv(split_csv, recorded)
+            log.warning("%d of the rows %s recorded are at other indices in %s now (its arrays reordered since): "
+                        "each is found by its pixels, and %s follows them", moved, split_csv, cfg.data, split_csv.name)
         known = {s.path for samples in recorded.values() for s in samples}
         added = [path for path in by_path if path not in known]
         if added and write:  # a resume keeps its split: images added since were left out without a word
