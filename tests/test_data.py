@@ -444,7 +444,7 @@ def test_too_few_patients_because_file_names_repeat_in_every_patients_folder_say
         carve_validation(pool, 0.2, seed=0)
     kermany = [Sample(f"/d/{split}/PNEUMONIA/person{p}_virus_{k}.jpeg", 1, f"person{p}", digest=f"{p}{k}")
                for p in range(3) for k, split in enumerate(("train", "val"))]  # one folder name: no such hint
-    with pytest.raises(DataError, match=r"only 0 NORMAL patients") as info:
+    with pytest.raises(DataError, match=r"no NORMAL image among the 6") as info:
         carve_validation(kermany, 0.2, seed=0)
     assert "span several folders" not in str(info.value)
 
@@ -610,6 +610,14 @@ def test_npz_rows_carry_their_digest_so_duplicates_stay_on_one_side(tmp_path):
     np.savez(tmp_path / "d.npz", train_images=images, train_labels=np.arange(40) % 2)
     samples = scan(tmp_path / "d.npz")["train"].samples
     assert samples[7].digest == samples[3].digest and len({s.digest for s in samples}) == 39
+
+
+def test_a_pool_of_one_class_is_said_to_be_so(tmp_path):
+    # A one-class .npz had been told of "only 0 NORMAL patients: too few to carve ... 1 of 2 folds".
+    np.savez(tmp_path / "d.npz", train_images=np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8),
+             train_labels=np.ones(20, int))
+    with pytest.raises(DataError, match="no NORMAL image among the 20 to carve a validation split from"):
+        carve_validation(scan(tmp_path / "d.npz")["train"].samples, 0.2, seed=0)
 
 
 def test_the_carve_of_an_npz_does_not_advise_patient_pattern(tmp_path, caplog):

@@ -952,6 +952,9 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
     per_class = [len(np.unique(groups[labels == label])) for label in range(len(CLASS_NAMES))]
     n_val_folds, n_splits = validation_folds(fraction, max_folds=min(per_class))
     for cls, n_groups in zip(CLASS_NAMES, per_class, strict=True):
+        if not n_groups:  # a one-class .npz had been told of "only 0 NORMAL patients" and folds
+            raise DataError(f"no {cls} image among the {len(pool)} to carve a validation split from: training needs "
+                            "images of both classes")
         # Too few patients for folds near the fraction asked (1 of 4 for 1/7, say) is refused, not carved as another.
         # (1e-9: 1/5 - 0.15 is 0.05000000000000002, and 5 patients a class had been refused for 0.15)
         if n_groups < n_splits or abs(n_val_folds / n_splits - fraction) > 0.05 + 1e-9:
