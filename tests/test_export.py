@@ -3,6 +3,7 @@ ONNX Runtime backend serves ``cxr predict --backend onnx`` and the web service. 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -520,6 +521,11 @@ def test_the_bundled_model_card_belongs_to_the_bundled_model():
     assert val["ci95_method"] == CI_METHOD_PATIENTS and val["n_patients"] == 409
     assert [round(x, 3) for x in val["ci95"]["specificity"]] == [0.978, 1.0]
     assert [round(x, 4) for x in val["ci95"]["auroc"]] == [0.9989, 0.9999]
+    # The service's page shows the limitations: the first had said "the data set named under training_data".
+    assert card["limitations"][0].startswith("Trained on the data set kermany-224; ")
+    assert not any("{" in text or "training_data" in text for text in card["limitations"])
+    unnamed = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, data=""), extra={}, path=None)
+    assert model_card(unnamed)["limitations"][0].startswith("Trained on a data set it does not name; ")
 
 
 def test_export_model_itself_refuses_a_suffix_of_the_other_format(exported, tmp_path):

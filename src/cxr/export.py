@@ -52,7 +52,7 @@ ONNX_CACHE_KEEP = 8  # exports of checkpoints kept in the cache folder (about 28
 INTENDED_USE = ("Research and teaching: studying how a convolutional network separates NORMAL from PNEUMONIA "
                 "chest X-rays. Not for diagnosis, triage, screening or any other clinical decision.")
 LIMITATIONS = [
-    "Trained on the data set named under training_data; the Kermany chest X-ray set that cxr is built around "
+    "Trained on {data}; the Kermany chest X-ray set that cxr is built around "
     "holds paediatric (1 to 5 years) anterior-posterior images from a single hospital in Guangzhou, so adult "
     "images, other projections and other sites are outside what the model has seen.",
     "Two classes only: it says nothing about any other finding, and does not separate bacterial from viral "
@@ -149,6 +149,12 @@ def model_card(ckpt: Checkpoint, *, id_: str | None = None) -> dict[str, Any]:
         overrides.append(_read_json(here / "model_card.json"))
     for extra in overrides:
         card.update({k: v for k, v in (extra or {}).items() if k not in ("model_id", "threshold", "class_names")})
+    if card["limitations"] is LIMITATIONS:  # the first names the data (the service's page had shown "the data set
+        # named under training_data", a key of this JSON)
+        data = card.get("training_data")
+        name = data.get("name") if isinstance(data, dict) else None
+        card["limitations"] = [LIMITATIONS[0].format(data=f"the data set {name}" if isinstance(name, str) and name
+                                                     else "a data set it does not name"), *LIMITATIONS[1:]]
     return card
 
 
