@@ -804,6 +804,7 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         return {"status": "ok", "model_id": engine.model_id, "backend": engine.backend, "version": __version__,
                 "uptime_s": round(time.monotonic() - started, 1), "busy": busy, "waiting": admitted[0] - busy}
 
+    @app.head(f"{API}/model", include_in_schema=False)  # a check of which model is up, as for health
     @app.get(f"{API}/model", summary="The model card: training data, metrics, threshold, intended use")
     async def model_card() -> dict[str, Any]:
         return {**engine.card, "model_id": engine.model_id, "threshold": engine.threshold,
