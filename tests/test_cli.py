@@ -182,12 +182,12 @@ def test_a_carved_validation_split_is_scored_again_from_split_csv(trained_run, t
     assert "test split: 1 of its images are not what" in proc.stderr and first.name in proc.stderr
     _one_line_error(cxr("train", "--data", copy / "split.csv", "--output", tmp_path / "t", check=False),
                     "a run's split.csv is for cxr evaluate")
-    # A labels file of one's own had been called "a run's split.csv": the message says how to lay the images out.
-    _one_line_error(cxr("train", "--data", tmp_path / "labels.csv", "--output", tmp_path / "t", check=False),
-                    "cxr trains on images in class folders, not on a CSV of labels")
-    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
-    _one_line_error(cxr("evaluate", "--data", tmp_path / "notes.csv", "--output", tmp_path / "x", check=False),
-                    "not a split.csv of a cxr run")
+    # A labels file of one's own had been called "a run's split.csv": the message says what a CSV of images holds.
+    (tmp_path / "labels.csv").write_text("filename,label\nx.png,NORMAL\n")
+    for command in ("train", "evaluate"):
+        _one_line_error(cxr(command, "--data", tmp_path / "labels.csv", "--output", tmp_path / "t", check=False),
+                        "a CSV of images needs the columns path and label (split and patient if wished), or is a "
+                        "run's split.csv; it has 'filename', 'label'")
 
 
 def test_a_test_split_that_shares_images_or_patients_with_train_is_said_to(tmp_path, tiny_dataset):

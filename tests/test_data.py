@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -601,6 +602,90 @@ def test_patient_ids_from_subfolders_the_pattern_and_the_path(tmp_path):
 
     with pytest.raises(UsageError, match="patient_pattern is not a regular expression"):
         load_config(overrides={"patient_pattern": "(patient"})
+
+
+def _flat_copy(tiny_dataset: Path, folder: Path) -> list[tuple[Path, int, str]]:
+    """The tiny dataset's files in one folder, as a PACS export or a spreadsheet of labels leaves them: (file, label,
+    split)."""
+    folder.mkdir()
+    out = []
+    for f in sorted(tiny_dataset.rglob("*.jpeg")):
+        shutil.copy(f, folder / f.name)
+        out.append((folder / f.name, int(f.parent.name == "PNEUMONIA"), f.parent.parent.name))
+    return out
+
+
+def test_a_csv_listing_images_is_read_as_class_folders_are(tmp_path, tiny_dataset):
+    # Images kept where they are, labels in a spreadsheet: they had to be laid out in class folders of links first.
+    from cxr.data import LISTED_PATIENT, patient_from_name_only
+
+    files = _flat_copy(tiny_dataset, tmp_path / "export")
+    lines = ["Path,LABEL, Split ,Patient,reader notes"]
+    for k, (f, label, split) in enumerate(files):
+        path = f"export/{f.name}" if k % 2 else str(f)  # relative to the CSV's folder, or absolute
+        name = (["normal", "PNEUMONIA "], ["0", "1"])[k % 3 == 0][label]
+        patient = f"p-{k // 2}" if split == "train" and not label else ""  # two NORMAL images a patient
+        lines.append(f"{path},{name},{'' if split == 'train' and k % 4 else split},{patient},x")
+    (tmp_path / "labels.csv").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # Excel's BOM
+    splits = scan(tmp_path / "labels.csv")
+    assert list(splits) == ["train", "test"]
+    folders = scan(tiny_dataset)
+    for name in splits:
+        assert sorted((Path(s.path).name, s.label) for s in splits[name].samples) == \
+            sorted((Path(s.path).name, s.label) for s in folders[name].samples)
+        assert all(Path(s.path).is_absolute() and Path(s.path).parent == tmp_path / "export"
+                   for s in splits[name].samples)
+    every = [s for split in splits.values() for s in split.samples]
+    listed = [s for s in every if s.patient.startswith(LISTED_PATIENT)]
+    assert sorted({s.patient for s in listed}) == sorted(f"{LISTED_PATIENT}p-{i}" for i in range(4, 12))
+    assert len(listed) == 16 and not any(patient_from_name_only(s) for s in listed)
+    by_name = {Path(s.path).name: s.patient for s in every if s not in listed}
+    assert by_name and all(p == patient_id(name) for name, p in by_name.items())  # from Kermany names, as in folders
+    # The listed patients keep their images on one side of a carved split.
+    train, val = carve_validation(splits["train"].samples, 0.25, seed=0)
+    assert not {s.patient for s in train} & {s.patient for s in val} and val
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ("export/{a},sick,", "line 3: label 'sick': expected NORMAL or PNEUMONIA (any case), or 0 or 1"),
+    ("export/{a},NORMAL,holdout", "line 3: split 'holdout': expected train, val or test"),
+    ("export/./{b},NORMAL,", "lines 2 and 3: export/./{b} is listed twice"),
+    (",NORMAL,", "line 3: no image path"),
+    ("export/{a}\0,NORMAL,", "line 3: a NUL character in the path"),
+])
+def test_a_csv_listing_images_names_the_line_it_cannot_use(tmp_path, tiny_dataset, row, message):
+    files = _flat_copy(tiny_dataset, tmp_path / "export")
+    a, b = files[0][0].name, files[1][0].name
+    (tmp_path / "labels.csv").write_text(f"path,label,split\nexport/{b},PNEUMONIA,\n{row.format(a=a, b=b)}\n")
+    with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'labels.csv'}, {message.format(a=a, b=b)}")):
+        scan(tmp_path / "labels.csv")
+
+
+def test_a_csv_listing_images_none_of_which_are_there_says_where_it_looked(tmp_path):
+    (tmp_path / "labels.csv").write_text("path,label\nimgs/a.png,NORMAL\nimgs/b.png,PNEUMONIA\n")
+    with pytest.raises(DataError, match=re.escape(f"none of its 2 images is there (e.g. {tmp_path / 'imgs' / 'a.png'}; "
+                                                  f"a relative path is read from the CSV's folder, {tmp_path})")):
+        scan(tmp_path / "labels.csv")
+    (tmp_path / "other.csv").write_text("file,diagnosis\na.png,NORMAL\n")
+    with pytest.raises(UsageError, match="needs the columns path and label .* it has 'file', 'diagnosis'"):
+        scan(tmp_path / "other.csv")
+
+
+def test_a_run_trains_on_a_csv_listing_images(tmp_path, tiny_dataset):
+    from cxr.train import split_dataset
+
+    from .conftest import TINY_TRAIN
+
+    files = _flat_copy(tiny_dataset, tmp_path / "export")
+    (tmp_path / "labels.csv").write_text("path,label,split\n" + "".join(
+        f"export/{f.name},{label},{split}\n" for f, label, split in files))
+    run = tmp_path / "run"
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tmp_path / "labels.csv"), "output": str(run)})
+    splits = split_dataset(cfg, run, resume=False)
+    assert [len(splits[n].samples) for n in ("train", "val", "test")] == [24, 8, 8]
+    resumed = split_dataset(cfg, run, resume=True)
+    assert {n: [s.path for s in split.samples] for n, split in resumed.items()} == \
+        {n: [s.path for s in split.samples] for n, split in splits.items()}
 
 
 def test_npz_rows_carry_their_digest_so_duplicates_stay_on_one_side(tmp_path):

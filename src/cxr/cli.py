@@ -147,7 +147,8 @@ _D = Config()  # the defaults each train flag's help names: taken from the confi
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="dataset root (train/val/test with NORMAL/PNEUMONIA), or a MedMNIST-style .npz")
+    p.add_argument("--data", help="dataset root (train/val/test with NORMAL/PNEUMONIA), a MedMNIST-style .npz, or a "
+                   "CSV listing images (columns path, label; split, patient if wished)")
     p.add_argument("--output", help="run directory (default runs/cxr)")
     p.add_argument("--config", help="YAML file of config fields; flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint, or "
@@ -220,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics and predictions of a model on a dataset")
     p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
     p.add_argument("--data", required=True,
-                   help="dataset root, a split folder with class folders, an .npz, or a run's split.csv")
+                   help="dataset root, a split folder with class folders, an .npz, a CSV listing images, or a run's "
+                   "split.csv")
     p.add_argument("--output", required=True, help="folder for metrics.json and predictions_<split>.csv")
     p.add_argument("--threshold", type=_probability,
                    help="decision threshold (default: the model's, chosen on validation)")

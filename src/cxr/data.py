@@ -9,7 +9,8 @@ Layouts read by :func:`scan`:
 * a dataset root ``DIR/{train,val,test}/{NORMAL,PNEUMONIA}/...`` (any subset of splits; names case-insensitive);
 * a single split folder ``DIR/{NORMAL,PNEUMONIA}/...``, keyed by its own name (e.g. ``test``);
 * a MedMNIST-style ``.npz`` with ``<split>_images`` and ``<split>_labels`` for any of the three splits;
-* a run's ``split.csv``: the splits it trained, validated and tested on, carved validation split included.
+* a run's ``split.csv``: the splits it trained, validated and tested on, carved validation split included;
+* a CSV listing images (:func:`scan_image_list`): ``path`` and ``label``, ``split`` and ``patient`` if wished.
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ def patient_id(filename: str) -> str:
 
 _DICOM_PATIENT = "dicom:"  # before a patient id read from a DICOM header's PatientID
 PATTERN_PATIENT = "pattern:"  # before a patient id matched by the config's patient_pattern
+SPLIT_CSV_COLUMNS = ("split", "path", "label", "patient", "sha256")  # a run's split.csv
+LISTED_PATIENT = "listed:"  # before a patient id given in the patient column of a CSV listing images
 
 
 def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = "") -> str:
@@ -192,7 +195,7 @@ def _name_patient(filename: str) -> str | None:
 def patient_from_name_only(sample: Sample) -> bool:
     """Whether a sample's patient id is merely its own file's name or path (rule 4 of :func:`file_patient_id`)."""
     return (_name_patient(Path(sample.path).name) is None
-            and not sample.patient.startswith((_DICOM_PATIENT, PATTERN_PATIENT)))
+            and not sample.patient.startswith((_DICOM_PATIENT, PATTERN_PATIENT, LISTED_PATIENT)))
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -435,6 +438,86 @@ def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
             x *= scale
         out[k:k + 256] = np.clip(np.rint(x), 0, 255)
     return out
+
+
+def _csv_columns(path: Path) -> list[str]:
+    """The column names of a CSV file's first line (a byte-order mark left out)."""
+    try:
+        with open(path, **CSV_READ) as f:
+            return next(csv.reader(f), [])
+    except (OSError, ValueError, csv.Error) as e:  # not text: UnicodeDecodeError
+        raise UsageError(f"{path}: not a readable CSV file ({type(e).__name__}: {e})") from None
+
+
+def is_split_csv(path: str | os.PathLike) -> bool:
+    """Whether a CSV file is a run's ``split.csv`` (by its columns), not a list of images of one's own."""
+    return set(SPLIT_CSV_COLUMNS) <= set(_csv_columns(Path(path)))
+
+
+def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "") -> dict[str, Split]:
+    """The splits of a CSV listing images, one a row: a spreadsheet of labels, or images kept in one folder per
+    patient or study, used where they are (no class folders of links to make).
+
+    Columns (names in any case; others are left alone):
+
+    * ``path``: the image file, relative to the CSV's folder or absolute;
+    * ``label``: NORMAL or PNEUMONIA (any case), or 0 / 1;
+    * ``split`` (if wished): train, val (or validation) or test; train where the column or cell is empty;
+    * ``patient`` (if wished): the patient's id, which keeps a patient's images on one side of a carved validation
+      split; where the column or cell is empty, the id is found as for a file in a class folder
+      (:func:`file_patient_id`, the CSV's folder in the place of the class folder).
+
+    A row that cannot be read, or a file listed twice, is a :class:`UsageError` naming its line. A listed file that
+    is not there is skipped with a warning where it is decoded, as an unreadable image is; none there is an error.
+    """
+    path = Path(path).absolute()
+    base = path.parent
+    out: dict[str, list[Sample]] = {}
+    lines: dict[str, int] = {}
+    try:
+        with open(path, **CSV_READ) as f:
+            reader = csv.DictReader(f)
+            names = {c.strip().lower(): c for c in reader.fieldnames or ()}
+            for row in reader:
+                line = reader.line_num
+
+                def cell(column: str, row: dict = row) -> str:
+                    value = row.get(names[column]) if column in names else None
+                    return value if isinstance(value, str) else ""  # a short row: None; a long one's rest: a list
+
+                file, label = cell("path"), cell("label").strip().upper()
+                if not file or "\0" in file:
+                    raise UsageError(f"{path}, line {line}: no image path" if not file else
+                                     f"{path}, line {line}: a NUL character in the path")
+                if label in ("0", "1"):
+                    label = CLASS_NAMES[int(label)]
+                if label not in CLASS_NAMES:
+                    raise UsageError(f"{path}, line {line}: label {cell('label')!r}: expected NORMAL or PNEUMONIA "
+                                     "(any case), or 0 or 1")
+                split = _split_of(cell("split")) if cell("split").strip() else "train"
+                if split is None:
+                    raise UsageError(f"{path}, line {line}: split {cell('split')!r}: expected train, val or test")
+                full = Path(file) if Path(file).is_absolute() else base / file
+                key = os.path.normpath(full)
+                if key in lines:  # two labels, or one image twice in the training data
+                    raise UsageError(f"{path}, lines {lines[key]} and {line}: {file} is listed twice")
+                lines[key] = line
+                patient = unicodedata.normalize("NFC", cell("patient").strip())
+                if patient:
+                    patient = LISTED_PATIENT + patient
+                else:
+                    below = key.startswith(os.path.join(os.path.normpath(base), ""))
+                    patient = file_patient_id(Path(key), base if below else None, patient_pattern)
+                out.setdefault(split, []).append(Sample(key, CLASS_NAMES.index(label), patient))
+    except (OSError, ValueError, csv.Error) as e:
+        raise UsageError(f"{path}: not a readable CSV file ({type(e).__name__}: {e})") from None
+    if not out:
+        raise DataError(f"{path}: lists no images")
+    every = [s.path for samples in out.values() for s in samples]
+    if not any(_may_be_there(p) for p in every):
+        raise DataError(f"{path}: none of its {len(every)} images is there (e.g. {every[0]}; a relative path is read "
+                        f"from the CSV's folder, {base})")
+    return {name: Split(name, out[name]) for name in SPLITS if name in out}
 
 
 def refind_rows(recorded: dict[str, list[Sample]], found: dict[str, Split]) -> tuple[dict[str, list[Sample]], int]:
@@ -702,9 +785,15 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
     root = root.absolute()
     if root.is_file():
         if root.suffix.lower() == ".csv":
-            return _scan_split_csv(root)
+            if is_split_csv(root):
+                return _scan_split_csv(root)
+            columns = _csv_columns(root)
+            if {"path", "label"} <= {c.strip().lower() for c in columns}:
+                return scan_image_list(root, patient_pattern=patient_pattern)
+            raise UsageError(f"{root}: a CSV of images needs the columns path and label (split and patient if wished), "
+                             f"or is a run's split.csv; it has {', '.join(map(repr, columns)) or 'none'}")
         if root.suffix.lower() != ".npz":
-            raise UsageError(f"{root}: expected a folder, an .npz file or a run's split.csv")
+            raise UsageError(f"{root}: expected a folder, an .npz file, a CSV listing images or a run's split.csv")
         return _scan_npz(root)
     subdirs = sorted(c for c in root.iterdir() if c.is_dir())
     split_dirs: dict[str, Path] = {}
@@ -971,8 +1060,8 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
     unnamed = sum(patient_from_name_only(s) for s in pool)
     rows = sum(npz_row(s.path) is not None for s in pool)
     if not unnamed:
-        log.info("every patient id comes from a Kermany-style file name, a DICOM PatientID or patient_pattern: the "
-                 "validation split is patient-disjoint")
+        log.info("every patient id comes from a Kermany-style file name, a DICOM PatientID, patient_pattern or a "
+                 "CSV's patient column: the validation split is patient-disjoint")
     elif rows == unnamed:  # patient_pattern reads paths, and an array's rows have none
         log.warning("the %d images of an .npz carry no patient ids, so the carved validation split is only "
                     "image-disjoint (byte-identical images are kept together), and validation results will be "
@@ -983,8 +1072,8 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
                     "DICOM file's PatientID or the config's patient_pattern: each is taken as its own patient, so for "
                     "them the carved validation split is only image-disjoint (byte-identical images are kept "
                     "together), and validation results will be optimistic where one patient has several images. Set "
-                    "patient_pattern (\"^([^/]+)/\" for one folder per patient), or split by patient yourself and use "
-                    "--val-source folder", unnamed, len(pool))
+                    "patient_pattern (\"^([^/]+)/\" for one folder per patient), list the images in a CSV with a "
+                    "patient column, or split by patient yourself and use --val-source folder", unnamed, len(pool))
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     folds = splitter.split(np.zeros(len(pool)), labels, groups)
     val_idx = set(np.concatenate([next(folds)[1] for _ in range(n_val_folds)]).tolist())
@@ -996,7 +1085,7 @@ def write_split_csv(path: str | os.PathLike, splits: dict[str, list[Sample]]) ->
     """Record which image went to which split, so that a run can be repeated (``RUN_DIR/split.csv``)."""
     with atomic_path(path) as tmp, open(tmp, "w", **CSV_TEXT) as f:
         w = csv.writer(f)
-        w.writerow(["split", "path", "label", "patient", "sha256"])
+        w.writerow(SPLIT_CSV_COLUMNS)
         for name, samples in splits.items():
             for s in samples:
                 w.writerow([name, s.path, CLASS_NAMES[s.label], _patient_cell(s.patient), s.digest])
@@ -1016,11 +1105,11 @@ def read_split_csv(path: str | os.PathLike) -> dict[str, list[Sample]]:
     out: dict[str, list[Sample]] = {}
     with open(path, **CSV_READ) as f:
         reader = csv.DictReader(f)
-        if not {"split", "path", "label", "patient", "sha256"} <= set(reader.fieldnames or ()):
+        if not set(SPLIT_CSV_COLUMNS) <= set(reader.fieldnames or ()):
             raise UsageError(f"{path}: not a split.csv of a cxr run (columns split, path, label, patient, sha256; it "
                              f"has {', '.join(reader.fieldnames or ()) or 'none'})")
         for row in reader:
-            cells = [row.get(k) for k in ("split", "path", "label", "patient", "sha256")]
+            cells = [row.get(k) for k in SPLIT_CSV_COLUMNS]
             if any(c is None for c in cells) or not cells[0] or not cells[1] or "\0" in cells[1] \
                     or cells[2] not in CLASS_NAMES:
                 raise UsageError(f"{path}, line {reader.line_num}: not a row of a split.csv (split, path, label "

@@ -849,7 +849,8 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     if patient_pattern is not None and Path(data).suffix.lower() in (".csv", ".npz"):
         # It had been ignored without a word: a split.csv carries the run's own patients, an .npz's rows no paths
         raise UsageError(f"--patient-pattern reads image paths below class folders; {Path(data).name} has none to "
-                         "read (a run's split.csv carries its patients, an .npz's rows have no paths): drop it")
+                         "read (a CSV carries its patients, in a patient column; an .npz's rows have no paths): drop "
+                         "it")
     check_output_outside_data(output, data)  # its pictures among the images would be X-rays the next time
     check_writable(output, folder=True)  # now, not after the predictions
     check_writable(Path(output) / "metrics.json")  # a folder of that name failed only after predicting everything

@@ -51,6 +51,7 @@ from cxr.data import (
     carve_validation,
     check_output_outside_data,
     class_of_folder,
+    is_split_csv,
     patient_from_name_only,
     prepare,
     prepare_shared,
@@ -649,12 +650,10 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
     for name in ("output", "cache_dir"):  # "" is the current folder: a run's files, or its cache, written there unasked
         if not str(getattr(cfg, name)).strip():
             raise ConfigError(f"invalid config: {name} must name a folder (an empty one is the current folder)")
-    if Path(cfg.data).suffix.lower() == ".csv":
-        # scan() reads a run's split.csv for `cxr evaluate`; for training it was taken, and its val carved anew. A
-        # labels file of the user's own (filename,label) had been called "a run's split.csv" too.
-        raise UsageError(f"--data {cfg.data}: cxr trains on images in class folders, not on a CSV of labels (a run's "
-                         "split.csv is for cxr evaluate): lay the images out as DIR/train/NORMAL/ and "
-                         "DIR/train/PNEUMONIA/ (links to the files will do) and give --data DIR, or an .npz")
+    if Path(cfg.data).suffix.lower() == ".csv" and os.path.isfile(cfg.data) and is_split_csv(cfg.data):
+        # scan() reads a run's split.csv for `cxr evaluate`; for training it was taken, and its val carved anew.
+        raise UsageError(f"--data {cfg.data}: a run's split.csv is for cxr evaluate; to train on images listed in a "
+                         "CSV, give one with the columns path and label (split and patient if wished)")
     cfg.validate()
     if resume is None:
         # Recorded as an absolute path, so that `--resume` works from any folder (split.csv's paths are absolute too).
