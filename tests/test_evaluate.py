@@ -35,7 +35,9 @@ def test_the_areas_lie_within_their_intervals_and_never_above_one():
         m, ci = compute_metrics(labels, probs, 0.5), confidence_intervals(labels, probs, 0.5, n_boot=50)
         assert m["auprc"] <= 1 and m["auroc"] <= 1
         assert m["auprc"] == pytest.approx(skm.average_precision_score(labels, probs), abs=1e-12)
-        outside += sum(not ci[k][0] <= m[k] <= ci[k][1] for k in ("auroc", "auprc"))
+        # none where every resample is alike (the first case, ranked without an error)
+        assert (ci["auroc"] is None) == (m["auroc"] == 1)
+        outside += sum(ci[k] is not None and not ci[k][0] <= m[k] <= ci[k][1] for k in ("auroc", "auprc"))
     assert outside == 0
 
 
@@ -349,7 +351,7 @@ def test_bootstrap_ci_of_a_metric_undefined_in_every_resample_is_none():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy's All-NaN warning before the fix
         ci = bootstrap_ci(labels, probs, 0.5, n_boot=50)
-    assert ci["precision"] is None and ci["sensitivity"] == [0.0, 0.0]
+    assert ci["precision"] is None and ci["sensitivity"] is None  # 0 in every resample: the bootstrap says nothing
     assert "NaN" not in json.dumps(ci)
 
 
@@ -658,6 +660,61 @@ def test_too_few_patients_or_one_id_on_every_image_resample_the_images_and_say_s
     assert interval_patients("x", labels, enough)[0] == enough
     ci = confidence_intervals(labels, probs, 0.5, n_boot=200)
     assert ci["auroc"][1] - ci["auroc"][0] > 0.01
+
+
+def test_an_interval_every_resample_gives_alike_is_none_not_one_point():
+    # A small split ranked without an error: AUROC's and F1's "95 %" intervals read [1, 1], which held the true AUROC
+    # in 16-43 % of simulated splits of 45-100 images. With one image, F1's had been [1, 1] beside Wilson's [0.21, 1].
+    from cxr.evaluate import bootstrap_ci, confidence_intervals
+
+    labels = np.repeat([0, 1], 6)
+    probs = np.r_[np.linspace(0.05, 0.3, 6), np.linspace(0.7, 0.95, 6)]
+    ci = confidence_intervals(labels, probs, 0.5, n_boot=200)
+    assert ci["auroc"] is None and ci["f1"] is None and ci["auprc"] is None
+    assert ci["accuracy"][0] < 0.8 and ci["accuracy"][1] == 1.0  # the rates keep Wilson's
+    assert bootstrap_ci(np.array([1]), np.array([0.9]), 0.5, n_boot=50)["f1"] is None
+    probs[0] = 0.8  # one NORMAL image ranked above two pneumonias and called PNEUMONIA: intervals again
+    ci = confidence_intervals(labels, probs, 0.5, n_boot=200)
+    assert ci["auroc"][0] < ci["auroc"][1] and ci["f1"][0] < ci["f1"][1]
+
+
+def test_copies_of_an_image_of_no_known_patient_are_one_in_the_intervals(tmp_path):
+    # 64 images of 32 X-rays, each under two names: intervals of 64 independent images, without a word.
+    from cxr.data import Sample
+    from cxr.evaluate import SplitResult, confidence_intervals, patients_of, write_evaluation
+
+    samples = [Sample(f"/d/test/{'PNEUMONIA' if i % 2 else 'NORMAL'}/scan{i // 2}{'_copy' * c}.jpeg", i % 2,
+                      f"scan{i // 2}{'_copy' * c}", f"digest{i}") for i in range(32) for c in (0, 1)]
+    patients = patients_of(samples)
+    assert len(set(patients)) == 32 and patients[0] == patients[1] == "image:digest0"
+    labels = np.array([s.label for s in samples])
+    probs = np.where(labels == 1, 0.9, 0.1)
+    probs[[2, 3, 4, 5]] = [0.1, 0.1, 0.9, 0.9]  # two X-rays wrong (a pneumonia, a NORMAL), each under both names
+    result = SplitResult("test", [s.path for s in samples], labels, probs, patients)
+    got = write_evaluation(tmp_path, [result], 0.5, n_boot=200)["test"]["ci95"]
+    once = confidence_intervals(labels[::2], probs[::2], 0.5, n_boot=200)
+    twice = confidence_intervals(labels, probs, 0.5, n_boot=200)
+    # about as wide as the 32 X-rays once, not as narrow as 64 independent images
+    for k in ("accuracy", "sensitivity", "specificity"):
+        width = got[k][1] - got[k][0]
+        assert width >= 0.95 * (once[k][1] - once[k][0]) > twice[k][1] - twice[k][0], k
+
+
+def test_too_few_patients_to_resample_still_count_in_the_rates_intervals(tmp_path):
+    # 4 NORMAL patients: the bootstrap resamples images, but the rates' Wilson intervals had taken the images of
+    # the 20 PNEUMONIA patients (3 alike images each) as independent too (sensitivity's held the truth 76 % of the
+    # time, 94 % counted by patients).
+    from cxr.evaluate import CI_METHOD_FEW_PATIENTS, SplitResult, confidence_intervals, write_evaluation
+
+    labels = np.r_[np.zeros(12, int), np.ones(60, int)]
+    patients = [f"n{i // 3}" for i in range(12)] + [f"p{i // 3}" for i in range(60)]
+    probs = np.r_[np.full(12, 0.2), np.where(np.arange(60) // 3 % 5 == 0, 0.3, 0.8)]  # 4 of 20 patients missed
+    result = SplitResult("test", [f"/d/{i}.png" for i in range(72)], labels, probs, patients)
+    metrics = write_evaluation(tmp_path, [result], 0.5, n_boot=200)["test"]
+    assert metrics["ci95_method"] == CI_METHOD_FEW_PATIENTS
+    by_patient = confidence_intervals(labels, probs, 0.5, n_boot=200, patients=patients)["sensitivity"]
+    alone = confidence_intervals(labels, probs, 0.5, n_boot=200)["sensitivity"]
+    assert metrics["ci95"]["sensitivity"] == by_patient and by_patient[1] - by_patient[0] > alone[1] - alone[0]
 
 
 def test_a_rate_of_one_over_patients_counts_the_patients():

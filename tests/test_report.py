@@ -835,17 +835,22 @@ def test_the_report_reads_the_rows_of_an_npz_in_a_folder_with_a_hash_in_its_name
 def test_the_interval_note_says_which_splits_resampled_images_for_want_of_patients():
     # A fallback's method ("...; images resampled as if independent: too few patients ...") names patients too, and
     # the report had called it a bootstrap of the patients.
-    from cxr.evaluate import CI_METHOD, CI_METHOD_PATIENTS
+    from cxr.evaluate import CI_METHOD, CI_METHOD_FEW_PATIENTS, CI_METHOD_PATIENTS
     from cxr.report import _interval_note
 
     ci = {"ci95": {"auroc": [0.8, 0.9]}}
-    fallback = CI_METHOD + "; images resampled as if independent: too few patients (fewer than 5 in a class)"
-    note = _interval_note({"test": {**ci, "ci95_method": fallback}})
-    assert "bootstrap of the images" in note and "count patients" not in note
-    assert "test: patients have several images, but the images were resampled" in note
+    # cxr before session 26 took the images as independent in the rates too; since, the rates count patients
+    old = CI_METHOD + "; images resampled as if independent: too few patients (fewer than 5 in a class)"
+    for fallback, rates in ((old, False), (CI_METHOD_FEW_PATIENTS, True)):
+        note = _interval_note({"test": {**ci, "ci95_method": fallback}})
+        assert "bootstrap of the images" in note and "resamples patients" not in note
+        assert ("the rates' Wilson intervals count the effective number of images" in note) is rates
+        assert "test: patients have several images, but the bootstrap resampled the images" in note
+        assert "the F1, AUROC and AUPRC intervals are too narrow" in note
     note = _interval_note({"val": {**ci, "ci95_method": CI_METHOD_PATIENTS}})
-    assert "bootstrap of the patients" in note and "count patients" in note and "too narrow" not in note
-    note = _interval_note({"val": {**ci, "ci95_method": CI_METHOD_PATIENTS}, "test": {**ci, "ci95_method": fallback}})
+    assert "bootstrap of the patients" in note and "the bootstrap resamples patients" in note
+    assert "effective number of images" in note and "too narrow" not in note
+    note = _interval_note({"val": {**ci, "ci95_method": CI_METHOD_PATIENTS}, "test": {**ci, "ci95_method": old}})
     assert "in the splits whose patients have several images" in note and "test: patients have several" in note
     assert "bootstrap of the images for F1" in _interval_note({"test": {**ci, "ci95_method": CI_METHOD}})
 

@@ -779,15 +779,18 @@ def _interval_note(metrics: dict) -> str:
                 else "patients (each with all of its images) in the splits whose patients have several images, else of "
                 "the images")
         note = ("Below each value: its 95 % interval, Wilson score for accuracy, sensitivity, specificity and "
-                f"precision, a BCa bootstrap of the {unit} for F1, AUROC and AUPRC (which reads 1.000–1.000 when "
-                "every resample is perfect: no error seen in these images, not certainty).")
-        if any(by_patient):
-            note += " Where patients have several images, these intervals count patients, not images."
+                f"precision, a BCa bootstrap of the {unit} for F1, AUROC and AUPRC (none where every resample gives "
+                "the same value, as when no image is classified or ranked wrongly: no error seen in these images, "
+                "which is not certainty).")
+        if any(by_patient) or any("effective number" in m for m in methods):
+            note += (" Where patients have several images, the rates' Wilson intervals count the effective number of "
+                     "images (n over the design effect of the patients' several images)"
+                     + (", and the bootstrap resamples patients." if any(by_patient) else "."))
         fallbacks = [name for name, m in metrics.items() if "as if independent" in m.get("ci95_method", "")]
         if fallbacks:
             named = html.escape(", ".join(display_name(n) for n in fallbacks))  # split names are a folder's: text
-            note += (f" {named}: patients have several images, but the images were resampled as if independent (too "
-                     "few patients in a class), so these intervals are too narrow.")
+            note += (f" {named}: patients have several images, but the bootstrap resampled the images as if "
+                     "independent (too few patients in a class), so the F1, AUROC and AUPRC intervals are too narrow.")
         return note
     if any(methods):  # metrics.json of cxr before 12/2026, session 20
         return ("Below each value: its 95 % interval, Wilson score for accuracy, sensitivity, specificity and "
