@@ -607,7 +607,7 @@ def test_patient_ids_from_subfolders_the_pattern_and_the_path(tmp_path):
 def _flat_copy(tiny_dataset: Path, folder: Path) -> list[tuple[Path, int, str]]:
     """The tiny dataset's files in one folder, as a PACS export or a spreadsheet of labels leaves them: (file, label,
     split)."""
-    folder.mkdir()
+    folder.mkdir(parents=True)
     out = []
     for f in sorted(tiny_dataset.rglob("*.jpeg")):
         shutil.copy(f, folder / f.name)
@@ -663,12 +663,87 @@ def test_a_csv_listing_images_names_the_line_it_cannot_use(tmp_path, tiny_datase
 
 def test_a_csv_listing_images_none_of_which_are_there_says_where_it_looked(tmp_path):
     (tmp_path / "labels.csv").write_text("path,label\nimgs/a.png,NORMAL\nimgs/b.png,PNEUMONIA\n")
-    with pytest.raises(DataError, match=re.escape(f"none of its 2 images is there (e.g. {tmp_path / 'imgs' / 'a.png'}; "
-                                                  f"a relative path is read from the CSV's folder, {tmp_path})")):
+    with pytest.raises(DataError, match=re.escape("none of its 2 images can be read (line 2: imgs/a.png: No such file "
+                                                  f"or directory; a relative path is read from the CSV's folder, "
+                                                  f"{tmp_path})")):
         scan(tmp_path / "labels.csv")
     (tmp_path / "other.csv").write_text("file,diagnosis\na.png,NORMAL\n")
     with pytest.raises(UsageError, match="needs the columns path and label .* it has 'file', 'diagnosis'"):
         scan(tmp_path / "other.csv")
+
+
+def test_a_csv_listing_images_as_spreadsheets_write_them(tmp_path, tiny_dataset, caplog):
+    # A review's real spreadsheets: a semicolon CSV (Excel where the decimal mark is a comma), rows of empty cells
+    # Excel leaves, a "Patient ID" column (ignored without a word: one patient's images in train and val), Windows
+    # paths, a space after a path, a folder, a FIFO (the scan had hung) and a missing file among the rows.
+    files = _flat_copy(tiny_dataset, tmp_path / "export")
+    os.mkfifo(tmp_path / "export" / "fifo.jpeg")
+    rows = [f"export\\{f.name}{' ' if k == 3 else ''};{label};;{'P' + str(k // 4)}" for k, (f, label, _) in
+            enumerate(files)]
+    rows += ["export/fifo.jpeg;0;;", "export;1;;", "export/gone.jpeg;1;;", ";;;", " ; ; ; "]
+    (tmp_path / "l.csv").write_text("Path;Label;Split;Patient ID\r\n" + "\r\n".join(rows) + "\r\n")
+    with caplog.at_level("WARNING"):
+        splits = scan(tmp_path / "l.csv")
+    assert len(splits["train"].samples) == len(files)
+    assert {s.patient for s in splits["train"].samples} == {f"listed:P{k}" for k in range(len(files) // 4)}
+    assert all(os.path.isfile(s.path) for s in splits["train"].samples)
+    assert f"3 of its {len(files) + 3} listed images are left out, not there or no regular files (line " \
+        f"{len(files) + 2}: export/fifo.jpeg: not a regular file)" in caplog.text
+    (tmp_path / "two.csv").write_text("path,label,Patient,MRN\nexport/x.jpeg,0,a,b\n")
+    with pytest.raises(UsageError, match="columns 'Patient' and 'MRN' both give the patient: keep one"):
+        scan(tmp_path / "two.csv")
+    (tmp_path / "book.csv").write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(UsageError, match="an Excel workbook .* save it as \"CSV UTF-8\""):
+        scan(tmp_path / "book.csv")
+    (tmp_path / "u16.csv").write_text("path,label\n", encoding="utf-16")
+    with pytest.raises(UsageError, match="UTF-16 text"):
+        scan(tmp_path / "u16.csv")
+
+
+def test_a_csv_listing_images_reads_them_from_its_real_folder_and_knows_a_file_by_any_path(tmp_path, tiny_dataset):
+    # "../img" from a CSV reached through a link to its folder had been read below the link's parent; and one file
+    # listed through a link to its folder, under two labels, was taken twice.
+    files = _flat_copy(tiny_dataset, tmp_path / "proj" / "img")
+    (tmp_path / "proj" / "lists").mkdir()
+    (tmp_path / "proj" / "lists" / "l.csv").write_text(
+        "path,label\n" + "".join(f"../img/{f.name},{label}\n" for f, label, _ in files))
+    (tmp_path / "link").symlink_to(tmp_path / "proj" / "lists")
+    splits = scan(tmp_path / "link" / "l.csv")
+    assert all(Path(s.path).parent == tmp_path / "proj" / "img" for s in splits["train"].samples)
+    (tmp_path / "proj" / "imglink").symlink_to(tmp_path / "proj" / "img")
+    name = files[0][0].name
+    (tmp_path / "proj" / "twice.csv").write_text(f"path,label\nimg/{name},NORMAL\nimglink/{name},PNEUMONIA\n")
+    with pytest.raises(UsageError, match=f"lines 2 and 3: imglink/{name} is listed twice"):
+        scan(tmp_path / "proj" / "twice.csv")
+
+
+def test_a_resume_of_a_run_on_a_csv_listing_images(tmp_path, tiny_dataset, caplog):
+    # Moved with its images (and data: set anew in config.yaml), the run had found every image gone; a label edited
+    # since was trained on without a word while split.csv kept the old one; a row removed was "left out of the scan".
+    from cxr.train import split_dataset
+
+    from .conftest import TINY_TRAIN
+
+    files = _flat_copy(tiny_dataset, tmp_path / "ds" / "export")
+    text = "path,label,split\n" + "".join(f"export/{f.name},{label},{split}\n" for f, label, split in files)
+    (tmp_path / "ds" / "l.csv").write_text(text)
+    run = tmp_path / "run"
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tmp_path / "ds" / "l.csv"), "output": str(run)})
+    first = split_dataset(cfg, run, resume=False)
+    shutil.move(tmp_path / "ds", tmp_path / "ds2")
+    moved = dataclasses.replace(cfg, data=str(tmp_path / "ds2" / "l.csv"))
+    again = split_dataset(moved, run, resume=True, recorded_data=cfg.data)
+    assert {n: [Path(s.path).name for s in split.samples] for n, split in again.items()} == \
+        {n: [Path(s.path).name for s in split.samples] for n, split in first.items()}
+    assert all(str(tmp_path / "ds2") in s.path for split in again.values() for s in split.samples)
+    lines = text.splitlines(keepends=True)
+    flipped = lines[1].replace(",0,", ",1,") if ",0," in lines[1] else lines[1].replace(",1,", ",0,")
+    (tmp_path / "ds2" / "l.csv").write_text("".join([lines[0], flipped, *lines[2:]]))
+    with pytest.raises(DataError, match="1 recorded image.s. have another label in .* now"):
+        split_dataset(moved, run, resume=True)
+    (tmp_path / "ds2" / "l.csv").write_text("".join([lines[0], *lines[2:]]))
+    with pytest.raises(DataError, match="1 recorded image.s. are not listed in .*l.csv now, or not there"):
+        split_dataset(moved, run, resume=True)
 
 
 def test_a_run_trains_on_a_csv_listing_images(tmp_path, tiny_dataset):

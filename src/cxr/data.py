@@ -24,6 +24,7 @@ import numbers
 import os
 import re
 import sqlite3
+import stat
 import sys
 import tempfile
 import time
@@ -440,13 +441,32 @@ def npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
     return out
 
 
-def _csv_columns(path: Path) -> list[str]:
-    """The column names of a CSV file's first line (a byte-order mark left out)."""
+def _csv_dialect(path: Path) -> tuple[list[str], str]:
+    """The column names of a CSV file's first line (a byte-order mark left out) and its delimiter: a comma, or the
+    semicolon or tab of a header that holds no comma (Excel's CSV in locales whose decimal mark is a comma, a
+    tab-separated file named .csv). A workbook or UTF-16 text saved under a .csv name is said to be one."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK\x03\x04"):
+            raise UsageError(f"{path}: an Excel workbook (or another zip file), not a CSV: save it as \"CSV UTF-8\"")
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise UsageError(f"{path}: UTF-16 text (Excel's \"Unicode Text\"), not a CSV in UTF-8: save it as \"CSV "
+                             "UTF-8\"")
         with open(path, **CSV_READ) as f:
-            return next(csv.reader(f), [])
-    except (OSError, ValueError, csv.Error) as e:  # not text: UnicodeDecodeError
+            first = f.readline()
+    except (OSError, ValueError) as e:  # not text: UnicodeDecodeError
         raise UsageError(f"{path}: not a readable CSV file ({type(e).__name__}: {e})") from None
+    delimiter = next((d for d in (";", "\t") if "," not in first and d in first), ",")
+    try:
+        return next(csv.reader([first], delimiter=delimiter), []), delimiter
+    except csv.Error as e:
+        raise UsageError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def _csv_columns(path: Path) -> list[str]:
+    """The column names of a CSV file's first line."""
+    return _csv_dialect(path)[0]
 
 
 def is_split_csv(path: str | os.PathLike) -> bool:
@@ -454,30 +474,52 @@ def is_split_csv(path: str | os.PathLike) -> bool:
     return set(SPLIT_CSV_COLUMNS) <= set(_csv_columns(Path(path)))
 
 
+# The columns of a CSV listing images, by their names with case, spaces and punctuation left out ("Patient ID" is
+# patientid): a patient column named otherwise had been ignored without a word, and one patient's images carved into
+# both train and val.
+_LIST_COLUMNS = {"path": "path", "label": "label", "split": "split", "patient": "patient", "patientid": "patient",
+                 "mrn": "patient"}
+
+
+def _list_column(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
 def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "") -> dict[str, Split]:
     """The splits of a CSV listing images, one a row: a spreadsheet of labels, or images kept in one folder per
     patient or study, used where they are (no class folders of links to make).
 
-    Columns (names in any case; others are left alone):
+    Columns (names in any case, spaces and punctuation aside; others are left alone):
 
-    * ``path``: the image file, relative to the CSV's folder or absolute;
+    * ``path``: the image file, relative to the CSV's folder (a link to it followed) or absolute; a relative path
+      with backslashes (written on Windows) is read with slashes where only that is there;
     * ``label``: NORMAL or PNEUMONIA (any case), or 0 / 1;
     * ``split`` (if wished): train, val (or validation) or test; train where the column or cell is empty;
-    * ``patient`` (if wished): the patient's id, which keeps a patient's images on one side of a carved validation
-      split; where the column or cell is empty, the id is found as for a file in a class folder
-      (:func:`file_patient_id`, the CSV's folder in the place of the class folder).
+    * ``patient`` (or ``patient id``, ``mrn``; if wished): the patient's id, which keeps a patient's images on one
+      side of a carved validation split; where the column or cell is empty, the id is found as for a file in a class
+      folder (:func:`file_patient_id`, the CSV's folder in the place of the class folder).
 
-    A row that cannot be read, or a file listed twice, is a :class:`UsageError` naming its line. A listed file that
-    is not there is skipped with a warning where it is decoded, as an unreadable image is; none there is an error.
+    A row that cannot be read, a file listed twice (by any path to it), or two columns of one meaning is a
+    :class:`UsageError` naming its line or columns; rows of empty cells are passed over (Excel writes ``,,,`` for
+    rows once used). Listed files that are not there, or are no regular files, are counted in one warning, naming
+    the first's line, and skipped where they are decoded, as an unreadable image is; none there is an error.
     """
     path = Path(path).absolute()
-    base = path.parent
+    base = Path(os.path.realpath(path.parent))  # "../img" from the CSV's real folder, as opening it goes
+    columns, delimiter = _csv_dialect(path)
+    names: dict[str, str] = {}
+    for c in columns:
+        meaning = _LIST_COLUMNS.get(_list_column(c))
+        if meaning in names:
+            raise UsageError(f"{path}: columns {names[meaning]!r} and {c!r} both give the {meaning}: keep one")
+        if meaning:
+            names[meaning] = c
     out: dict[str, list[Sample]] = {}
     lines: dict[str, int] = {}
+    absent: list[tuple[int, str, str]] = []
     try:
         with open(path, **CSV_READ) as f:
-            reader = csv.DictReader(f)
-            names = {c.strip().lower(): c for c in reader.fieldnames or ()}
+            reader = csv.DictReader(f, delimiter=delimiter)
             for row in reader:
                 line = reader.line_num
 
@@ -485,9 +527,11 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "") -> di
                     value = row.get(names[column]) if column in names else None
                     return value if isinstance(value, str) else ""  # a short row: None; a long one's rest: a list
 
+                if not any(isinstance(v, str) and v.strip() for v in row.values()):
+                    continue
                 file, label = cell("path"), cell("label").strip().upper()
-                if not file or "\0" in file:
-                    raise UsageError(f"{path}, line {line}: no image path" if not file else
+                if not file.strip() or "\0" in file:
+                    raise UsageError(f"{path}, line {line}: no image path" if not file.strip() else
                                      f"{path}, line {line}: a NUL character in the path")
                 if label in ("0", "1"):
                     label = CLASS_NAMES[int(label)]
@@ -497,27 +541,54 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "") -> di
                 split = _split_of(cell("split")) if cell("split").strip() else "train"
                 if split is None:
                     raise UsageError(f"{path}, line {line}: split {cell('split')!r}: expected train, val or test")
-                full = Path(file) if Path(file).is_absolute() else base / file
-                key = os.path.normpath(full)
-                if key in lines:  # two labels, or one image twice in the training data
-                    raise UsageError(f"{path}, lines {lines[key]} and {line}: {file} is listed twice")
-                lines[key] = line
+                key = _listed_file(base, file)
+                real = os.path.realpath(key)
+                if real in lines:  # two labels, or one image twice in the training data
+                    raise UsageError(f"{path}, lines {lines[real]} and {line}: {file} is listed twice")
+                lines[real] = line
+                try:
+                    if not stat.S_ISREG(os.stat(key).st_mode):  # a folder; a FIFO or device had hung the scan
+                        absent.append((line, file, "not a regular file"))
+                        continue
+                except OSError as e:
+                    absent.append((line, file, e.strerror or "not there"))
+                    continue
                 patient = unicodedata.normalize("NFC", cell("patient").strip())
                 if patient:
                     patient = LISTED_PATIENT + patient
                 else:
-                    below = key.startswith(os.path.join(os.path.normpath(base), ""))
+                    below = key.startswith(os.path.join(str(base), ""))
                     patient = file_patient_id(Path(key), base if below else None, patient_pattern)
                 out.setdefault(split, []).append(Sample(key, CLASS_NAMES.index(label), patient))
     except (OSError, ValueError, csv.Error) as e:
         raise UsageError(f"{path}: not a readable CSV file ({type(e).__name__}: {e})") from None
-    if not out:
+    listed = sum(map(len, out.values())) + len(absent)
+    if not listed:
         raise DataError(f"{path}: lists no images")
-    every = [s.path for samples in out.values() for s in samples]
-    if not any(_may_be_there(p) for p in every):
-        raise DataError(f"{path}: none of its {len(every)} images is there (e.g. {every[0]}; a relative path is read "
-                        f"from the CSV's folder, {base})")
-    return {name: Split(name, out[name]) for name in SPLITS if name in out}
+    if not any(out.values()):
+        line, file, why = absent[0]
+        raise DataError(f"{path}: none of its {listed} images can be read (line {line}: {file}: {why}; a relative "
+                        f"path is read from the CSV's folder, {base})")
+    if absent:
+        line, file, why = absent[0]
+        log.warning("%s: %d of its %d listed images are left out, not there or no regular files (line %d: %s: %s)",
+                    path, len(absent), listed, line, file, why)
+    return {name: Split(name, out[name]) for name in SPLITS if out.get(name)}
+
+
+def _listed_file(base: Path, file: str) -> str:
+    """The file a CSV listing images names: relative to ``base``, or absolute; with slashes for a Windows path's
+    backslashes, or without spaces around it, where only that is there."""
+    def full(name: str) -> str:
+        return os.path.normpath(name if os.path.isabs(name) else base / name)
+
+    first = full(file)
+    if os.path.lexists(first):
+        return first
+    for other in (file.strip(), file.replace("\\", "/"), file.strip().replace("\\", "/")):
+        if other != file and os.path.lexists(full(other)):
+            return full(other)
+    return first
 
 
 def refind_rows(recorded: dict[str, list[Sample]], found: dict[str, Split]) -> tuple[dict[str, list[Sample]], int]:
@@ -631,7 +702,11 @@ def _may_be_there(path: str) -> bool:
 
 
 def rebase(path: str, old: str, new: str) -> str:
-    """``path`` below the folder ``old`` as the same path below ``new`` (a data set that moved); others as they are."""
+    """``path`` below the folder ``old`` as the same path below ``new`` (a data set that moved); others as they are.
+    For CSV files listing images, ``path`` below the folder of ``old`` as below the folder of ``new`` (moved with its
+    images, a run had found them all gone)."""
+    if old.lower().endswith(".csv") and new.lower().endswith(".csv"):
+        old, new = os.path.dirname(old), os.path.realpath(os.path.dirname(new))
     rest = path[len(old):]
     return new + rest if path.startswith(old) and rest[:1] in ("/", "\\", "#") else path
 

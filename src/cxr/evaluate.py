@@ -859,7 +859,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     P(PNEUMONIA) of the bundled model by up to 0.014 and turned one of 748 validation labels (MODEL_CARD.md).
     """
     from cxr.config import compiles_as_regex, default_cache_dir
-    from cxr.data import check_output_outside_data, prepare, scan
+    from cxr.data import check_output_outside_data, is_split_csv, prepare, scan
     from cxr.export import model_id
     from cxr.fileio import check_paths, check_writable, output_lock
     from cxr.predict import check_inference_args
@@ -870,11 +870,11 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
     if patient_pattern is not None and not isinstance(patient_pattern, str) or patient_pattern \
             and not compiles_as_regex(patient_pattern):
         raise UsageError(f"--patient-pattern {patient_pattern!r}: not a regular expression Python can compile")
-    if patient_pattern is not None and Path(data).suffix.lower() in (".csv", ".npz"):
+    if patient_pattern is not None and (Path(data).suffix.lower() == ".npz" or Path(data).suffix.lower() == ".csv"
+                                        and os.path.isfile(data) and is_split_csv(data)):
         # It had been ignored without a word: a split.csv carries the run's own patients, an .npz's rows no paths
         raise UsageError(f"--patient-pattern reads image paths below class folders; {Path(data).name} has none to "
-                         "read (a CSV carries its patients, in a patient column; an .npz's rows have no paths): drop "
-                         "it")
+                         "read (a run's split.csv carries its patients, an .npz's rows have no paths): drop it")
     check_output_outside_data(output, data)  # its pictures among the images would be X-rays the next time
     check_writable(output, folder=True)  # now, not after the predictions
     check_writable(Path(output) / "metrics.json")  # a folder of that name failed only after predicting everything

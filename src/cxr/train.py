@@ -146,7 +146,8 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
                         f"{run_dir / 'config.yaml'} to where it is now, and the run follows it")
     found = scan(cfg.data, patient_pattern=cfg.patient_pattern)
     if "train" not in found:
-        raise DataError(f"{cfg.data}: no train split (expected a train/ folder or train_images in the .npz)")
+        raise DataError(f"{cfg.data}: no train split (expected a train/ folder, train_images in the .npz, or rows of "
+                        "split train, or no split, in a CSV listing images)")
     arrays = {name: s.images for name, s in found.items()}
     split_csv = run_dir / "split.csv"
     if resume and split_csv.is_file():
@@ -163,6 +164,10 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
                                for s in samples] for name, samples in recorded.items()}
         recorded, moved = refind_rows(recorded, found)
         missing = [s.path for samples in recorded.values() for s in samples if s.path not in by_path]
+        if missing and Path(cfg.data).suffix.lower() == ".csv":  # a CSV listing images: a row removed, or its file
+            raise DataError(f"{split_csv}: {len(missing)} recorded image(s) are not listed in {cfg.data} now, or not "
+                            f"there, e.g. {missing[0]}; list them (and put them back) to go on with this run's split, "
+                            "or start a new run")
         if missing:
             there = [m for m in missing if os.path.isfile(m)]
             if there:  # there, but left out of the scan (as explain pictures are, which an earlier cxr had listed)
@@ -173,6 +178,14 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
             raise DataError(f"{split_csv}: {len(missing)} recorded image(s) are gone, e.g. {missing[0]}; put them "
                             "back to go on with this run's split (if the data moved, set data: in its config.yaml), "
                             "or start a new run")
+        # A label changed since (a CSV's cell edited, an .npz's labels): the resumed run had trained on the new one
+        # without a word, and split.csv kept the old, which `cxr evaluate` of it then scored against.
+        relabelled = [s for samples in recorded.values() for s in samples
+                      if found[by_path[s.path][0]].samples[by_path[s.path][1]].label != s.label]
+        if relabelled:
+            raise DataError(f"{split_csv}: {len(relabelled)} recorded image(s) have another label in {cfg.data} now, "
+                            f"e.g. {relabelled[0].path} (recorded as {CLASS_NAMES[relabelled[0].label]}): this run "
+                            "cannot go on with its split; start a new run")
         if old != new and write:
             write_split_csv(split_csv, recorded)  # `cxr evaluate --data RUN/split.csv` finds them there too
             log.info("the data moved from %s to %s: %s follows it", old, new, split_csv)
