@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -1848,6 +1849,35 @@ def test_predict_on_a_folder_leaves_out_pictures_explain_wrote_there(tmp_path, c
     # Named one by one, a picture is still predicted.
     assert cxr_main(["predict", str(pictures[0]), "--output", str(out)]) == 0
     assert [r["path"] for r in read_csv(out)] == [str(pictures[0])]
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_a_command_stopped_by_sigterm_or_sighup_ends_as_ctrl_c_does(tmp_path, stop):
+    # A batch system's time limit (SIGTERM) or a closed ssh session (SIGHUP) had killed predict outright: every
+    # prediction lost, no word; only serve handled them.
+    (tmp_path / "in").mkdir()
+    files = [Path(shutil.copy(f, tmp_path / "in")) for f in sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:5]]
+    script = f"""
+import os, signal, sys
+import cxr.predict
+from cxr.cli import main
+real, calls = cxr.predict.load_image, []
+def load(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 5:
+        os.kill(os.getpid(), signal.{stop})
+    return real(*args, **kwargs)
+cxr.predict.load_image = load
+sys.exit(main(["predict", *sys.argv[1:], "--batch-size", "2", "--output", {str(tmp_path / "p.csv")!r}]))
+"""
+    env = {**os.environ, "CXR_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, files)], capture_output=True, text=True, env=env,
+                          start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    assert proc.returncode == 128 + getattr(signal, stop), proc.stderr
+    assert f"cxr predict: stopped by {stop}" in proc.stderr and "stopped after 4 of 5 file(s)" in proc.stderr
+    assert [r["path"] for r in read_csv(tmp_path / "p.partial.csv")] == list(map(str, files[:4]))
+    assert not (tmp_path / "p.csv").exists()
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])

@@ -791,6 +791,7 @@ def _main(argv: list[str] | None) -> int:
         # policy made no difference to it (BENCHMARKS.md, "OpenMP threads on a busy machine"). Training is left at
         # OpenMP's default: there, passive waiting cost up to 22 % on an idle machine. An explicit setting wins.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    stopped_by: list[int] = []
     commands = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "merge": _cmd_merge,
                 "report": _cmd_report, "explain": _cmd_explain, "serve": _cmd_serve, "export": _cmd_export,
                 "demo": _cmd_demo}
@@ -802,7 +803,8 @@ def _main(argv: list[str] | None) -> int:
         _expand_home(args)
         if args.command not in ("train", "predict"):
             _refuse_torchrun(args.command)
-        commands[args.command](args)
+        with _stop_signals_interrupt(args.command != "serve", stopped_by):  # serve stops on them by itself
+            commands[args.command](args)
     except CxrError as e:  # messages name files: their control characters shown, not obeyed (display_name)
         # Under torchrun, wrong usage is the same in every process: said once, by rank 0, not 32 times on 32 GPUs.
         # Other errors (a file one node cannot read) may be a process's own, and each says its own.
@@ -810,6 +812,12 @@ def _main(argv: list[str] | None) -> int:
             print(display_name(f"cxr {args.command}: error: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        if stopped_by:
+            import signal
+
+            name = signal.Signals(stopped_by[0]).name
+            print(f"cxr {args.command}: stopped by {name}{_how_to_go_on(args)}", file=sys.stderr)
+            return 128 + stopped_by[0]
         print(f"cxr {args.command}: interrupted{_how_to_go_on(args)}", file=sys.stderr)
         return 130
     except MemoryError:
@@ -829,6 +837,45 @@ def _main(argv: list[str] | None) -> int:
         print(display_name(f"cxr {args.command}: error: {where}{e.strerror or e}"), file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt(enabled: bool, stopped_by: list[int]):
+    """SIGTERM (a batch system's time limit, ``scancel``, ``docker stop``) and SIGHUP (a closed terminal or ssh
+    session) stop a command as Ctrl-C does: predict keeps its ``.partial.csv``, train names ``--resume``, evaluate
+    leaves no report of other results. They had killed it outright, its finished predictions lost and a folder of
+    explain pictures mixed with another model's. The signal is recorded in ``stopped_by`` (exit status 128 + its
+    number, as a shell reports it). A signal ignored (``nohup``) or handled by a caller of cxr from Python is left as
+    it is; so is everything under torchrun, whose agent ends its workers with SIGTERM (a worker waiting in a
+    collective would run no handler). Forked workers (data loading, the cache build) keep the signal's own action."""
+    import signal
+    import threading
+
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    if not enabled or threading.current_thread() is not threading.main_thread() or "LOCAL_RANK" in os.environ:
+        yield
+        return
+    main = os.getpid()
+
+    def stop(signum, _frame):
+        if os.getpid() != main:  # a forked worker process: the signal's own action
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if not stopped_by:
+            stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {}
+    for name in names:
+        sig = getattr(signal, name)
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _drop_partial_done(output: Path, preds, nothing: bool) -> None:
