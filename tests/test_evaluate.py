@@ -156,6 +156,16 @@ def test_write_evaluation_files(tmp_path, scores):
     # Exact to the last bit: the report and anyone re-thresholding the file get the labels of metrics.json. With six
     # decimals, the validation image that the Youden threshold sits on flipped about half the time.
     assert [float(r["prob_pneumonia"]) for r in rows] == probs.tolist()
+    # An earlier report goes with the earlier metrics: an evaluation stopped before its own report had left one of
+    # another model beside these results. A page cxr did not write stays.
+    from cxr.report import GENERATOR
+
+    (tmp_path / "report.html").write_text(f"<meta name='generator' content='{GENERATOR}'>")
+    write_evaluation(tmp_path, [SplitResult("test", paths, labels, probs)], 0.5, n_boot=0)
+    assert not (tmp_path / "report.html").exists()
+    (tmp_path / "report.html").write_text("<title>my own notes</title>")
+    write_evaluation(tmp_path, [SplitResult("test", paths, labels, probs)], 0.5, n_boot=0)
+    assert (tmp_path / "report.html").exists()
 
 
 def test_the_image_at_the_threshold_keeps_its_label_in_the_file(tmp_path):

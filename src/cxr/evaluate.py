@@ -617,6 +617,11 @@ def write_evaluation(out_dir: str | os.PathLike, results: list[SplitResult], thr
                                   threshold)
         with contextlib.suppress(FileNotFoundError):
             (out / "metrics.json").unlink()
+        # ... and the report of the earlier results with it: stopped before the new report, an evaluation (or a
+        # lengthened run) had left a report of another model beside these results.
+        from cxr.report import remove_report
+
+        remove_report(out)
     atomic_write_text(out / "metrics.json", text)
     written = [out / f"predictions_{r.name}.csv" for r in results]
     for split in sorted(earlier - set(metrics)):  # only files cxr wrote: a predictions_x.csv of `cxr predict` stays
