@@ -1225,10 +1225,15 @@ def end_with_parent(main: int | None = None) -> None:
     their queue for good, 400 MB each, holding the run's lock (inherited by fork): ``--resume`` was refused until
     they were found and killed. Linux ends them at once (``PR_SET_PDEATHSIG``); elsewhere a thread sees the parent
     gone within half a second. ``main``: the process that made the pool, watched too: under the forkserver start
-    method (Python 3.14's default on Linux) a worker's parent is the fork server, which outlived it."""
+    method (Python 3.14's default on Linux) a worker's parent is the fork server, which outlived it.
+
+    Ctrl-C is the main process's to handle (it cancels the work, and the workers end with it): a worker that took
+    the terminal's SIGINT had died with a traceback, and its broken pool could reach the main process before its own
+    KeyboardInterrupt, said as a worker "killed (out of memory?)", exit 1 (3 of 19 tries)."""
     import signal
     import threading
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
