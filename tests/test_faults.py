@@ -970,6 +970,39 @@ def test_cache_workers_leave_ctrl_c_to_the_main_process():
     assert not _sigint_ignored()  # the main process's own is untouched
 
 
+def _closed_in_a_loader_worker(fds: list[int]) -> list[bool]:
+    from cxr.train import loader_worker_init
+
+    loader_worker_init(0)
+    closed = []
+    for fd in fds:
+        try:
+            os.fstat(fd)
+            closed.append(False)
+        except OSError:
+            closed.append(True)
+    return closed
+
+
+def test_data_loading_workers_give_up_the_locks_they_inherit(tmp_path, monkeypatch):
+    # The main process killed alone (the OOM killer), its forked data-loading workers had held the run's lock some
+    # 6 s more: a --resume meanwhile was refused as if another run trained there.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import cxr.train
+    from cxr.fileio import held_lock_descriptors, output_lock
+
+    run_fd = os.open(tmp_path / "run.lock", os.O_RDONLY | os.O_CREAT)
+    monkeypatch.setitem(cxr.train._HELD_RUNS, str(tmp_path), run_fd)
+    with output_lock(tmp_path / "out"):
+        (out_fd,) = held_lock_descriptors()
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+            assert pool.submit(_closed_in_a_loader_worker, [out_fd, run_fd]).result(timeout=60) == [True, True]
+        os.fstat(out_fd)  # the main process's own are held still
+    os.close(run_fd)
+
+
 def test_a_torchscript_export_to_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, tmpfs):
     # torch.jit.save wrote the file itself: a full disk aborted the process in C++ (exit 134, 21 frames of its stack)
     # and left the temporary file. In a process of its own, as that abort ends the process.

@@ -426,6 +426,11 @@ _HELD: dict[tuple[int, str], tuple[int, int]] = {}
 OUTPUT_LOCK = ".cxr-output.lock"
 
 
+def held_lock_descriptors() -> list[int]:
+    """The descriptors of the output locks this process holds (a forked worker closes its copies)."""
+    return [fd for fd, _ in _HELD.values() if fd >= 0]
+
+
 @contextlib.contextmanager
 def output_lock(folder: str | os.PathLike, what: str = "cxr evaluate or cxr report") -> Iterator[None]:
     """Hold ``folder`` for writing cxr's results into it: another ``cxr evaluate`` or ``cxr report`` into it meanwhile

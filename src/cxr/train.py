@@ -905,7 +905,21 @@ class TrainBatches:
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler,
                                            drop_last=self.drop_last, num_workers=workers,
                                            pin_memory=self.pin_memory, persistent_workers=False,
-                                           multiprocessing_context=loader_start_method() if workers else None)
+                                           multiprocessing_context=loader_start_method() if workers else None,
+                                           worker_init_fn=loader_worker_init if workers else None)
+
+
+def loader_worker_init(_worker_id: int) -> None:
+    """A data-loading worker gives up the locks it inherited by fork (the run folder's, an output folder's) and ends
+    with the process that started it: the main process killed alone (the OOM killer), its workers had held the run's
+    lock some 6 s more, and a ``--resume`` meanwhile was refused as if another run trained there."""
+    from cxr.data import end_with_parent
+    from cxr.fileio import held_lock_descriptors
+
+    for fd in held_lock_descriptors() + list(_HELD_RUNS.values()):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    end_with_parent()
 
 
 def sampler_seed(seed: int) -> int:
