@@ -1851,6 +1851,42 @@ def test_predict_on_a_folder_leaves_out_pictures_explain_wrote_there(tmp_path, c
     assert [r["path"] for r in read_csv(out)] == [str(pictures[0])]
 
 
+def test_a_second_interrupted_predict_adds_to_the_first_ones_part(tmp_path, caplog, monkeypatch):
+    # A second Ctrl-C, sooner than the first, had written its fewer rows over the first's part: 384 predictions gone.
+    import cxr.predict
+    from cxr.cli import main as cxr_main
+
+    (tmp_path / "in").mkdir()
+    files = [Path(shutil.copy(f, tmp_path / "in")) for f in sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:5]]
+    real = cxr.predict.load_image
+
+    def stop_at(n: int) -> None:
+        calls = []
+
+        def load(*args, **kwargs):
+            calls.append(args[0])
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(cxr.predict, "load_image", load)
+
+    out = tmp_path / "p.csv"
+    stop_at(5)
+    assert cxr_main(["predict", *map(str, files), "--batch-size", "2", "--output", str(out)]) == 130
+    first = read_csv(tmp_path / "p.partial.csv")
+    stop_at(3)
+    assert cxr_main(["predict", *map(str, files[::-1]), "--batch-size", "2", "--output", str(out)]) == 130
+    rows = read_csv(tmp_path / "p.partial.csv")
+    assert sorted(r["path"] for r in rows) == sorted(map(str, files)) and "and 3 of an earlier" in caplog.text
+    assert [r for r in rows if r["path"] in map(str, files[:3])] == first[:3]
+    # another model's part is replaced, not mixed in
+    stop_at(3)
+    assert cxr_main(["predict", *map(str, files), "--batch-size", "2", "--output", str(out), "--threshold",
+                     "0.25"]) == 130
+    assert [r["path"] for r in read_csv(tmp_path / "p.partial.csv")] == list(map(str, files[:2]))
+
+
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
 def test_a_command_stopped_by_sigterm_or_sighup_ends_as_ctrl_c_does(tmp_path, stop):
     # A batch system's time limit (SIGTERM) or a closed ssh session (SIGHUP) had killed predict outright: every

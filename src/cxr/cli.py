@@ -903,19 +903,31 @@ def _drop_partial_done(output: Path, preds, nothing: bool) -> None:
 def _keep_partial(stopped, output: str | os.PathLike | None) -> None:
     """Write the predictions an interrupted ``cxr predict`` had made (a :class:`cxr.predict.Interrupted`) beside its
     output, as ``<name>.partial.csv``: Ctrl-C an hour into a long job had lost them all."""
-    from cxr.predict import partial_path, write_predictions_file
+    from cxr.predict import partial_path, read_predictions_file, write_predictions_file
 
     if not output or not stopped.predictions:
         return
     out = partial_path(output)
+    rows = list(stopped.predictions)
+    # An earlier interrupted run's part of the same model and threshold is kept in it: a second Ctrl-C, sooner, had
+    # written its fewer rows over the first's (384 finished predictions gone). Another model's part is replaced.
     try:
-        write_predictions_file(out, stopped.predictions)
+        earlier = read_predictions_file(out) if out.is_file() else []
+    except CxrError:
+        earlier = []
+    rule = {(p.model_id, p.threshold) for p in rows}
+    done = {p.path for p in rows}
+    kept = [p for p in earlier if (p.model_id, p.threshold) in rule and p.path not in done]
+    rows = kept + rows
+    try:
+        write_predictions_file(out, rows)
     except (OSError, CxrError) as e:  # a full disk, say: the interruption is what is said
         log.warning("stopped after %d of %d file(s), which could not be written: %s", len(stopped.predictions),
                     stopped.total, e)
     else:
-        log.warning("stopped after %d of %d file(s): %s holds their predictions (not %s, which is for a whole run)",
-                    len(stopped.predictions), stopped.total, out, output)
+        log.warning("stopped after %d of %d file(s): %s holds their predictions (not %s, which is for a whole run)%s",
+                    len(stopped.predictions), stopped.total, out, output,
+                    f", and {len(kept)} of an earlier interrupted run's" if kept else "")
 
 
 def _how_to_go_on(args: argparse.Namespace) -> str:
