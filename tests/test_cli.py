@@ -1851,6 +1851,28 @@ def test_predict_on_a_folder_leaves_out_pictures_explain_wrote_there(tmp_path, c
     assert [r["path"] for r in read_csv(out)] == [str(pictures[0])]
 
 
+def test_a_training_stopped_by_a_full_disk_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    # "cannot write best.pt: No space left on device" had said nothing of --resume, which finished the run.
+    import errno
+
+    import cxr.cli
+    from cxr.cli import main as cxr_main
+    from cxr.errors import WriteError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 3\n")
+    (run / "last.pt").write_bytes(b"")
+
+    def full(args):
+        raise WriteError.from_os_error(run / "best.pt", OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(cxr.cli, "_cmd_train", full)
+    assert cxr_main(["train", "--data", str(tmp_path), "--output", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and f"cxr train --resume {run} goes on from there" in err
+
+
 def test_a_second_interrupted_predict_adds_to_the_first_ones_part(tmp_path, caplog, monkeypatch):
     # A second Ctrl-C, sooner than the first, had written its fewer rows over the first's part: 384 predictions gone.
     import cxr.predict

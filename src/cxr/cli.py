@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cxr import __version__
 from cxr.config import MAX_PER_GROUP, MAX_UPLOAD_MB, MAX_VIDEO_IMAGES, Config
-from cxr.errors import ConfigError, CxrError, DataError, FolderInUse, UsageError
+from cxr.errors import ConfigError, CxrError, DataError, FolderInUse, UsageError, WriteError
 
 log = logging.getLogger("cxr")
 
@@ -809,7 +809,9 @@ def _main(argv: list[str] | None) -> int:
         # Under torchrun, wrong usage is the same in every process: said once, by rank 0, not 32 times on 32 GPUs.
         # Other errors (a file one node cannot read) may be a process's own, and each says its own.
         if _first_rank() or not isinstance(e, ConfigError):
-            print(display_name(f"cxr {args.command}: error: {e}"), file=sys.stderr)
+            # a full disk in training: what is kept and how to go on, as after Ctrl-C (it had said neither)
+            more = _how_to_go_on(args) if isinstance(e, WriteError) else ""
+            print(display_name(f"cxr {args.command}: error: {e}{more}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         if stopped_by:
