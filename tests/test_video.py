@@ -161,6 +161,24 @@ def test_a_failed_video_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ffmpeg_stopping_is_said_in_one_line(tmp_path, monkeypatch):
+    # Under a file-size limit imageio-ffmpeg's error went on with ffmpeg's whole command line: "...(\n\nFFMPEG
+    # COMMAND:\n/.../ffmpeg-linux-x86_64 -y -f rawvideo ...)" in a one-line warning.
+    import imageio_ffmpeg
+
+    from cxr.errors import VideoError
+
+    def stops(path, *args, **kwargs):
+        yield
+        raise OSError("[Errno 27] File too large\n\nFFMPEG COMMAND:\n/x/ffmpeg -y -f rawvideo\n\nFFMPEG STDERR:\n")
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", stops)
+    with pytest.raises(VideoError) as info:
+        write_flythrough(_items(), tmp_path / "fly.mp4", threshold=0.5, frame_size=(320, 180), fps=2)
+    assert "(" + "[Errno 27] File too large): is there an H.264" in str(info.value)
+    assert "\n" not in str(info.value) and "FFMPEG" not in str(info.value)
+
+
 def test_a_video_ffmpeg_could_not_finish_is_an_error_and_no_file(tmp_path, monkeypatch):
     # ffmpeg out of room for the file's end ("Error writing trailer: No space left on device") exits non-zero, which
     # imageio-ffmpeg does not look at: the cut file had been put in place and the report said it was written.

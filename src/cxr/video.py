@@ -285,7 +285,7 @@ def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, thr
                                "+faststart", "-f", "mp4"])
             writer.send(None)  # starts ffmpeg
         except (OSError, RuntimeError) as e:  # no ffmpeg at all (imageio-ffmpeg ships one; a path set wrong, say)
-            raise VideoError(f"cannot run ffmpeg for {path.name} ({e}); without it, leave the video out "
+            raise VideoError(f"cannot run ffmpeg for {path.name} ({_first_line(e)}); without it, leave the video out "
                              "(--no-video)") from None
         right = wrong = 0
         history: list[bool] = []
@@ -307,8 +307,8 @@ def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, thr
                         for _ in range(repeat):
                             writer.send(data)
                     except OSError as e:  # ffmpeg stopped: no H.264 encoder in this build, or no room for the file
-                        raise VideoError(f"ffmpeg stopped while encoding {path.name} ({e}): is there an H.264 "
-                                         "(libx264) encoder, and room for the file? Or leave the video out "
+                        raise VideoError(f"ffmpeg stopped while encoding {path.name} ({_first_line(e)}): is there an "
+                                         "H.264 (libx264) encoder, and room for the file? Or leave the video out "
                                          "(--no-video)") from None
                     bar.advance(info=f"{right} right, {wrong} wrong")
         finally:
@@ -320,6 +320,13 @@ def write_flythrough(items: Sequence[VideoItem], path: str | os.PathLike, *, thr
             raise VideoError(f"ffmpeg did not finish {path.name} (its index is missing: was there room for the "
                              "file?); nothing was written. Or leave the video out (--no-video)")
     return path
+
+
+def _first_line(e: BaseException) -> str:
+    """An error's first line: imageio-ffmpeg's go on with ffmpeg's whole command line and its log (a warning of one
+    line had been hundreds of characters of "FFMPEG COMMAND: ...")."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def whole_mp4(path: str | os.PathLike) -> bool:
