@@ -34,6 +34,9 @@ def test_no_bar_on_other_ranks_or_under_quiet(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(logging.getLogger("cxr"), "level", logging.WARNING)  # what `cxr -q` sets
     assert _bar_disabled(monkeypatch, tty=True)
+    # `cxr` without -q sets INFO: bars stay on there (only a level above INFO, -q, turns them off)
+    monkeypatch.setattr(logging.getLogger("cxr"), "level", logging.INFO)
+    assert not _bar_disabled(monkeypatch, tty=True)
 
 
 def test_a_notebook_without_ipywidgets_gets_no_bar(monkeypatch):
@@ -61,6 +64,23 @@ def test_without_a_terminal_a_long_job_logs_every_tenth(monkeypatch, caplog, tot
     if lines:
         assert logged[0].startswith(f"decode: {total // 10}/{total} img,") and "img/s" in logged[0]
         assert logged[0].endswith("loss 0.1")
+
+
+def test_a_log_line_gives_the_rate_and_the_time_left_and_the_bar_its_free_text(monkeypatch, caplog):
+    # The line at every tenth is all a log has of a long job: its rate and ETA must be of the items done and left,
+    # and the bar's free text (training's running loss) must reach the bar, not only the log line.
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setattr(progress, "_in_notebook", lambda: False)
+    monkeypatch.delenv("RANK", raising=False)
+    caplog.set_level(logging.INFO, logger="cxr")
+    clock = [0.0]
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    with progress.progress_bar("decode", 1000, unit="img") as bar:
+        clock[0] = 1.0  # 100 images in a second
+        bar.advance(100, info="loss 0.25")
+        assert bar._progress.tasks[0].fields["info"] == "loss 0.25"
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decode:")]
+    assert logged == ["decode: 100/1000 img, 100.0 img/s, eta 9 s loss 0.25"]
 
 
 def test_evaluation_shows_its_progress(monkeypatch, caplog, tmp_path):
