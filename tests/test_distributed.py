@@ -393,10 +393,93 @@ def test_the_process_group_waits_for_a_rank_building_the_cache(monkeypatch):
     assert calls == [("gloo", {"timeout": datetime.timedelta(hours=2)})]
     monkeypatch.setenv("CXR_DIST_TIMEOUT", "90")
     assert d.dist_timeout() == datetime.timedelta(seconds=90)
+    monkeypatch.setenv("CXR_DIST_TIMEOUT", str(d.MAX_DIST_TIMEOUT))  # the bound itself is allowed, as the error says
+    assert d.dist_timeout() == datetime.timedelta(weeks=1)
     for bad in ("0", "soon", "nan", "9.3e9"):  # the last passed, then broke torch's store with a C++ trace
         monkeypatch.setenv("CXR_DIST_TIMEOUT", bad)
         with pytest.raises(UsageError, match="CXR_DIST_TIMEOUT"):
             d.dist_timeout()
+
+
+def test_a_rank_on_cuda_joins_with_nccl_on_its_local_gpu_and_its_group_is_cxrs_to_end(monkeypatch):
+    # A second node's rank 3 (local rank 1) takes its node's GPU 1, not GPU 3 (no such GPU there), joins with NCCL,
+    # and the group it started is cxr's: shutdown() waits for the others, then ends it (with failed=True at once).
+    import torch.distributed as dist
+
+    import cxr.distributed as d
+
+    calls = []
+    monkeypatch.setattr(d, "_OURS", False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(str(device)))
+    for name, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    info, device = d.init(torch.device("cuda"))
+    assert (info, str(device), calls) == (d.DistInfo(3, 4, 1), "cuda:1", ["cuda:1", "nccl"]) and d._OURS
+    monkeypatch.setattr(d, "_started", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    calls.clear()
+    d.shutdown()
+    assert calls == ["barrier", "destroy"] and not d._OURS
+    d._OURS = True
+    calls.clear()
+    d.shutdown(failed=True)  # the others wait in another collective: a barrier would never end
+    assert calls == ["destroy"]
+
+
+def test_a_second_nodes_first_rank_prepares_its_nodes_data_and_does_not_write(monkeypatch):
+    # The node's local rank 0 runs the block first, whatever its global rank, and says when it failed; only global
+    # rank 0 writes. Global ranks in their place had been right on one node only.
+    import cxr.distributed as d
+    from cxr.errors import CxrError
+
+    for name, value in (("RANK", "2"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    info = d.env_info()
+    assert info == d.DistInfo(2, 4, 0) and info.active and not info.main
+    events = []
+    failed_somewhere = [False]
+    monkeypatch.setattr(d, "_any_rank", lambda flag: events.append(flag) or flag or failed_somewhere[0])
+    with d.local_main_first(info):
+        events.append("block")
+    assert events == ["block", False]  # first the block, then the collective the others wait in
+    events.clear()
+    with pytest.raises(ValueError), d.local_main_first(info):
+        events.append("block")
+        raise ValueError("a dataset it cannot use")
+    assert events == ["block", True]  # the others are told
+    events.clear()
+    second = d.DistInfo(3, 4, 1)
+    with d.local_main_first(second):
+        events.append("block")
+    assert events == [False, "block"]  # after the node's first rank
+    failed_somewhere[0] = True
+    with pytest.raises(CxrError, match="rank 3: stopping, because a node's first rank could not prepare"), \
+            d.local_main_first(second):
+        events.append("not run")
+    assert "not run" not in events
+
+
+def test_a_ranks_own_warning_names_its_rank_on_rank_0_too(monkeypatch, caplog):
+    # Under torchrun every rank's own warning says which rank had it, rank 0's as well (its node's disk, say).
+    import logging
+
+    import cxr.distributed as d
+
+    logger = logging.getLogger("cxr.test_own_warning")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with caplog.at_level(logging.INFO, logger="cxr"):
+        d.own_warning(logger, "cache disk full on %s", "node0")
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert said == [(d.OWN_WARNING, "rank 0: cache disk full on node0")]
+    caplog.clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with caplog.at_level(logging.INFO, logger="cxr"):
+        d.own_warning(logger, "cache disk full")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.WARNING, "cache disk full")]
 
 
 def test_a_process_group_cxr_did_not_start_is_left_alone(monkeypatch):
@@ -440,6 +523,9 @@ def test_each_predicting_rank_takes_its_own_gpu(monkeypatch):
     assert [rank_device(d) for d in ("auto", "cuda", "cuda:2", "cpu")] == ["cuda:1", "cuda:1", "cuda:2", "cpu"]
     monkeypatch.setenv("LOCAL_RANK", "3")  # four processes, two GPUs: they share them
     assert rank_device("auto") == "cuda:1"
+    for name, value in (("RANK", "3"), ("LOCAL_RANK", "0")):  # a second node's first rank: its node's GPU 0
+        monkeypatch.setenv(name, value)
+    assert rank_device("auto") == "cuda:0"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert rank_device("auto") == "auto"
     monkeypatch.setenv("WORLD_SIZE", "1")
