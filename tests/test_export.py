@@ -93,6 +93,9 @@ def test_onnx_file_carries_the_preprocessing_contract(exported):
     assert contract["class_names"] == ["NORMAL", "PNEUMONIA"]
     assert contract["model_id"] == exported["id"]
     assert "Not for diagnosis" in contract["model_card"]["intended_use"]
+    # the rule a consumer applies, ties included, and the class it names (a tie had to be read from cxr's source)
+    assert contract["decision"] == "PNEUMONIA when probabilities[:, -1] >= threshold"
+    assert contract["model_card"]["positive_class"] == "PNEUMONIA"
     (inp,) = model.graph.input
     assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = [d.dim_value or d.dim_param for d in inp.type.tensor_type.shape.dim]
@@ -321,6 +324,13 @@ def test_the_onnx_cache_keeps_the_newest_exports(exported, counted_exports, tmp_
     assert len(counted_exports) == 4
     data, hit = cxr.export.cached_onnx_model_bytes(tmp_path / "t3.pt")
     assert hit is not None and len(counted_exports) == 4, "the newest export was pruned"
+    # Kept by use, not by when written: t2, read again, outlives t3 when a fifth export prunes (a cache in use by
+    # one model had lost it to every other model exported once since)
+    assert cxr.export.cached_onnx_model_bytes(tmp_path / "t2.pt")[1] is not None and len(counted_exports) == 4
+    save_checkpoint(Checkpoint(ckpt.arch, ckpt.state_dict, ckpt.config, threshold=0.9), tmp_path / "t4.pt")
+    cxr.export.cached_onnx_model_bytes(tmp_path / "t4.pt")
+    assert cxr.export.cached_onnx_model_bytes(tmp_path / "t2.pt")[1] is not None and len(counted_exports) == 5
+    assert cxr.export.cached_onnx_model_bytes(tmp_path / "t3.pt")[1] is None and len(counted_exports) == 6
 
 
 def test_bad_inputs_are_refused(exported, tmp_path):
@@ -632,6 +642,23 @@ def test_a_model_card_json_beside_a_runs_best_pt_cannot_change_what_the_checkpoi
     assert (card["threshold"], card["model_id"], card["class_names"]) == (THRESHOLD, model_id(ckpt),
                                                                            ["NORMAL", "PNEUMONIA"])
     assert card["intended_use"] == "teaching only"
+
+
+def test_a_runs_model_card_has_its_metrics_only_when_taken_at_the_checkpoints_threshold(tmp_path):
+    # metrics.json beside a run's best.pt gives the card its figures, those the card keeps, when they were computed at
+    # the checkpoint's threshold; at another (a re-evaluation with --threshold) they are not this model's decisions.
+    from cxr.export import model_card
+
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny_checkpoint(run / "best.pt", "resnet18")
+    ckpt = load_checkpoint(run / "best.pt")
+    (run / "summary.json").write_text(json.dumps({"counts": {"train": {"NORMAL": 3}}}))
+    for threshold, metrics in ((THRESHOLD, {"val": {"threshold": THRESHOLD, "auroc": 0.9, "n": 8}}), (0.5, None)):
+        (run / "metrics.json").write_text(json.dumps({"val": {"threshold": threshold, "auroc": 0.9, "n": 8,
+                                                              "confusion": [[1, 2], [3, 4]]}}))
+        card = model_card(ckpt)
+        assert card["metrics"] == metrics and card["training_data"]["counts"] == {"train": {"NORMAL": 3}}
 
 
 def test_a_cached_onnx_export_that_onnx_runtime_refuses_is_exported_again(exported, counted_exports, caplog):
