@@ -540,10 +540,33 @@ def test_the_bundled_model_card_belongs_to_the_bundled_model():
 
 def test_export_model_itself_refuses_a_suffix_of_the_other_format(exported, tmp_path):
     # The check was the CLI's only: from Python, a TorchScript file named *.onnx went to ONNX Runtime later.
-    for fmt, name in (("torchscript", "ts.onnx"), ("onnx", "model.pt")):
+    for fmt, name in (("torchscript", "ts.onnx"), ("torchscript", "TS.ONNX"), ("onnx", "model.pt")):  # any case:
+        # predict and serve take MODEL.ONNX for ONNX as well
         with pytest.raises(UsageError, match=r"name an ONNX file \*\.onnx"):
             export_model(exported["ckpt"], fmt, tmp_path / name)
         assert not (tmp_path / name).exists()
+
+
+def test_an_export_cut_short_leaves_the_file_it_was_replacing(exported, tmp_path, monkeypatch):
+    # A disk that fills during `cxr export --output model.onnx` must leave the model.onnx a service loads as it was:
+    # written in place, a half file took its name.
+    import errno
+
+    import cxr.export
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the model in service")
+    monkeypatch.setattr(cxr.export, "onnx_model_bytes", lambda ckpt: bytes(1000))
+
+    def disk_full(self, data):
+        with open(self, "wb") as f:
+            f.write(bytes(data)[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(exported["ckpt"], "onnx", out)
+    assert out.read_bytes() == b"the model in service" and [f.name for f in tmp_path.iterdir()] == ["model.onnx"]
 
 
 def test_an_export_of_a_run_whose_threshold_was_never_chosen_warns_and_so_do_its_users(tmp_path, caplog):
