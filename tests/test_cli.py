@@ -1526,6 +1526,11 @@ def test_merge_refuses_shards_that_hold_fewer_rows_than_their_list(tmp_path):
     with pytest.raises(UsageError, match="the shard files hold 3 predictions for a list of 4 files"):
         merge_shards(out)
     assert not out.exists()
+    # ... and more: a row repeated (a part appended to twice) is no whole job either
+    write_predictions_file(part, rows + rows[:1])
+    with pytest.raises(UsageError, match="the shard files hold 5 predictions for a list of 4 files"):
+        merge_shards(out)
+    assert not out.exists()
 
 
 def test_predict_of_paths_none_of_which_exists_stops_before_the_model_and_writes_nothing(tmp_path, monkeypatch):
@@ -1567,6 +1572,48 @@ def test_merge_refuses_shards_of_different_models(tmp_path):
     with pytest.raises(UsageError, match="different models or thresholds"):
         merge_shards(out)
     assert not out.exists()
+
+
+def test_predictions_come_in_input_order_over_batches_ties_are_positive_and_the_bar_counts_every_file(
+        tmp_path, monkeypatch):
+    # Unreadable files among readable ones, over several batches: rows in the order given; a probability equal to the
+    # threshold is PNEUMONIA (the contract's ">="); the bar's total is the files, and it reaches it, unreadable ones
+    # counted (it had stopped short of its total where some could not be read).
+    import cxr.progress
+    from cxr.predict import predict_in_batches
+
+    good = sorted((SAMPLE_DIR / "test").glob("*/*.jpeg"))[:3]
+    files = [good[0], tmp_path / "gone.jpeg", good[1], good[2], tmp_path / "gone2.jpeg"]
+    bars = []
+    real = cxr.progress.progress_bar
+
+    @contextlib.contextmanager
+    def spy(name, total, *a, **k):
+        with real(name, total, *a, **k) as bar:
+            bars.append([total])
+            monkeypatch.setattr(bar, "advance", lambda n=1, info=None: bars[-1].append(n))
+            yield bar
+
+    monkeypatch.setattr(cxr.progress, "progress_bar", spy)
+    rows = predict_in_batches(files, lambda images: np.full(len(images), 0.375), image_size=16, max_pixels=10**8,
+                              class_names=["NORMAL", "PNEUMONIA"], threshold=0.375, batch_size=2)
+    assert [r.path for r in rows] == list(map(str, files))
+    assert [r.label for r in rows] == ["PNEUMONIA", None, "PNEUMONIA", "PNEUMONIA", None]
+    assert [bool(r.error) for r in rows] == [False, True, False, False, True]
+    (bar,) = bars
+    assert bar[0] == 5 and sum(bar[1:]) == 5
+
+
+def test_a_predictions_file_that_cannot_be_written_whole_leaves_the_one_it_was_replacing(tmp_path):
+    # A write that stops halfway (a Ctrl-C, a full disk, here a row that cannot be written) leaves the earlier file.
+    from cxr.predict import Prediction, read_predictions_file, write_predictions_file
+
+    out = tmp_path / "p.csv"
+    write_predictions_file(out, [Prediction("a.jpeg", 0.25, "NORMAL")])
+    with pytest.raises(ValueError):
+        write_predictions_file(out, [Prediction("b.jpeg", 0.25, "NORMAL"), Prediction("c.jpeg", "not a number")])
+    assert [p.path for p in read_predictions_file(out)] == ["a.jpeg"] and [f.name for f in tmp_path.iterdir()] == [
+        "p.csv"]
 
 
 def test_shards_are_contiguous_and_cover_everything():
