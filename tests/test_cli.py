@@ -942,6 +942,21 @@ def test_predict_and_report_take_what_they_say_they_take(tmp_path, monkeypatch):
     assert cxr_main(["report", str(tmp_path), "--frame-size", "640X360"]) == 0 and made == [(640, 360)]
 
 
+def test_library_callers_get_the_flags_checks():
+    # predict_files, evaluate and the service check what the CLI's flags check: a batch size of 0 had been range()'s
+    # ValueError, a threshold of True taken as 1. The bounds themselves are allowed.
+    from cxr.predict import check_inference_args
+
+    for threshold in (0, 1, 0.5, np.float32(0.25)):
+        check_inference_args(threshold=threshold, amp="off", batch_size=1)
+    for kwargs, said in (({"threshold": True}, "threshold"), ({"threshold": float("nan")}, "threshold"),
+                         ({"threshold": 1.0001}, "threshold"), ({"amp": "On"}, "amp"),
+                         ({"batch_size": 0}, "batch_size"), ({"batch_size": 2.0}, "batch_size"),
+                         ({"batch_size": True}, "batch_size")):
+        with pytest.raises(UsageError, match=f"^{said} must be"):
+            check_inference_args(**kwargs)
+
+
 def test_predict_on_onnx_runtime_refuses_a_gpu_instead_of_ignoring_it(tmp_path, tiny_dataset):
     image = next((tiny_dataset / "test" / "NORMAL").iterdir())
     _one_line_error(cxr("predict", "--model", tmp_path / "m.onnx", "--device", "cuda", image, check=False),
