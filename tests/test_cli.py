@@ -1587,6 +1587,11 @@ def test_merge_refuses_shards_of_different_models(tmp_path):
     with pytest.raises(UsageError, match="different models or thresholds"):
         merge_shards(out)
     assert not out.exists()
+    # a shard whose files were all unreadable still names its model: its rows belong to no other model's file
+    write_predictions_file(shard_path(out, (0, 2)), [Prediction("x0.jpeg", None, None, "unreadable", 0.5,
+                                                                "aaaaaaaaaaaa")])
+    with pytest.raises(UsageError, match="different models or thresholds"):
+        merge_shards(out)
 
 
 def test_predictions_come_in_input_order_over_batches_ties_are_positive_and_the_bar_counts_every_file(
