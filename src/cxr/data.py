@@ -731,7 +731,8 @@ def follow_moved_data(split_csv: Path, recorded: dict[str, list[Sample]]) -> dic
     if found <= sum(os.path.exists(p) for p in every):
         return recorded
     log.info("%s: its images are read below %s, where the run's config.yaml says its data is now (it was %s)",
-             split_csv, new, old)
+             split_csv, os.path.dirname(new) if new.lower().endswith(".csv") else new,
+             os.path.dirname(old) if old.lower().endswith(".csv") else old)
     return moved
 
 
