@@ -199,6 +199,7 @@ def test_a_dcm_upload_without_preamble_is_read_as_the_command_line_reads_it(clie
     without = upload(client, dicom(pixels, preamble=False), "a_nopre.dcm")
     assert with_preamble.status_code == without.status_code == 200, without.text
     assert without.json()["probability"] == with_preamble.json()["probability"]
+    assert with_preamble.json()["format"] == without.json()["format"] == "dicom"
     # Whatever its name: its first element says DICOM (a UID-named file of an old PACS had been "not an image").
     named_otherwise = upload(client, dicom(pixels, preamble=False), "1.2.840.113619.2.55.jpeg")
     assert named_otherwise.status_code == 200, named_otherwise.text
@@ -214,9 +215,10 @@ def test_a_dcm_upload_without_preamble_is_read_as_the_command_line_reads_it(clie
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=False, implicit_vr=True, little_endian=True)  # no preamble, no file meta
     long_name = ".".join(["1.2.840.113619.2.55.3.604688119.971.1234567890"] * 3) + ".dcm"
-    for name in ("x.dcm", long_name):
+    for name in ("x.dcm", "x.DICOM", long_name):  # .dicom as the command line takes it
         r = upload(client, buf.getvalue(), name)
         assert r.status_code == 200 and r.json()["probability"] == with_preamble.json()["probability"], r.text
+        assert r.json()["format"] == "dicom"  # sniff found no marker: said as what it was read as, not null
     assert len(r.json()["filename"]) == 120 and r.json()["filename"].endswith("1234567890.dcm")
     # A DICOM data set that does not decode is 422 as with its preamble, not "not DICOM" (415).
     blank = upload(client, dicom(np.full((8, 8), 5, np.uint16), preamble=False), "blank.dcm")
@@ -487,6 +489,21 @@ def test_a_heatmap_of_a_label_the_output_leans_away_from_says_so():
         body = upload(c, NORMAL[0].read_bytes()).json()
     assert body["label"] == "PNEUMONIA" and body["heatmap"]["flat"] is False
     assert "raised PNEUMONIA" in body["heatmap_note"] and "leans NORMAL" in body["heatmap_note"]
+
+
+class TieEngine(LeaningEngine):
+    """P exactly at the threshold of 0.3."""
+
+    def predict_uint8(self, images):
+        return np.full(len(images), 0.3)
+
+
+def test_a_probability_exactly_at_the_threshold_is_pneumonia():
+    # As the model card and cxr predict say (probability >= threshold): a tie had been untested here.
+    with TestClient(create_app(TieEngine())) as c:
+        body = upload(c, NORMAL[0].read_bytes()).json()
+    assert body["probability"] == body["threshold"] == 0.3
+    assert body["label"] == body["heatmap"]["target"] == "PNEUMONIA"
 
 
 class RecordingEngine(FlatEngine):
