@@ -229,6 +229,11 @@ def test_wrong_request_content_type_is_415(client):
     r = client.post(PREDICT, content=NORMAL[0].read_bytes(), headers={"content-type": "image/jpeg"})
     assert r.status_code == 415
     assert "multipart/form-data" in r.json()["detail"]
+    # multipart without its boundary (a client that set the header by hand) cannot be parsed: 415 too, not a 500
+    body = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n\r\nx\r\n--b--\r\n'
+    for ctype in ("multipart/form-data", "multipart/form-data; boundary=", "multipart/form-data; charset=utf-8"):
+        r = client.post(PREDICT, content=body, headers={"content-type": ctype})
+        assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"], (ctype, r.text)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own warning on the bomb's header
@@ -312,6 +317,14 @@ def test_multipart_bodies_built_to_cost_memory_are_400(client, monkeypatch):
     r = client.post(PREDICT, content=long_name + extra + b"\r\n" + NORMAL[0].read_bytes() + b"\r\n--b--\r\n",
                     headers=headers)
     assert r.status_code == 200, r.text
+    # Up to 16,000 bytes of a part's header names and values are taken, one more is not (the limit had been untested
+    # at its edge).
+    disp = b'form-data; name="file"; filename="x.jpeg"'
+    for headers_size, status in ((16_000, 200), (16_001, 400)):
+        pad = headers_size - len(b"Content-Disposition" + disp + b"x-pad")
+        r = client.post(PREDICT, content=b"--b\r\nContent-Disposition: " + disp + b"\r\nx-pad: " + b"a" * pad
+                        + b"\r\n\r\n" + NORMAL[0].read_bytes() + b"\r\n--b--\r\n", headers=headers)
+        assert r.status_code == status, (headers_size, r.text)
     for length in (17_000, 70_000):
         r = client.post(PREDICT, content=b'--b\r\nContent-Disposition: form-data; name="file"; filename="'
                         + b"n" * length + b'"\r\n\r\nx\r\n--b--\r\n', headers=headers)
@@ -859,6 +872,21 @@ def test_an_upload_one_byte_over_max_upload_mb_is_413_and_one_at_it_is_read(clie
     assert over.status_code == 413 and "over the 0.2 MB limit" in over.json()["detail"], over.text
     at = upload(client, b"\xff\xd8\xff" + b"\0" * (200_000 - 3))
     assert at.status_code == 422, at.text  # read, and refused as the broken JPEG it is
+
+
+def test_a_body_exactly_at_the_limit_with_its_multipart_overhead_is_read(client):
+    # The body may be the file's limit plus 64 kB of multipart overhead: both its checks (the Content-Length given, the
+    # bytes counted as they arrive) had been untested at that edge, where ">=" would refuse a body the limit allows.
+    image = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n\r\n' \
+        + NORMAL[0].read_bytes() + b"\r\n"
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    limit = 200_000 + 64 * 1024  # the client fixture's 0.2 MB, and the overhead
+    for size, status in ((limit, 200), (limit + 1, 413)):
+        note = b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n'
+        body = note + b"x" * (size - len(note + b"\r\n" + image + b"--b--\r\n")) + b"\r\n" + image + b"--b--\r\n"
+        assert len(body) == size
+        r = client.post(PREDICT, content=body, headers=headers)
+        assert r.status_code == status, (size, r.text)
 
 
 def test_in_fp32_one_pass_gives_the_probability_and_heatmap_of_two_and_explains_the_thresholds_class(ckpt_path,
