@@ -336,7 +336,7 @@ def test_multipart_bodies_built_to_cost_memory_are_400(client, monkeypatch):
     assert_no_internals(r)
 
 
-def test_a_service_on_the_loopback_answers_to_its_own_names_only(engine):
+def test_a_service_on_the_loopback_answers_to_its_own_names_only(engine, caplog):
     # A web page could point a name of its own at 127.0.0.1 (DNS rebinding) and use the service through a browser.
     from cxr.serve import API, LOOPBACK_HOSTS, host_name, resolve_allowed_hosts
 
@@ -357,13 +357,17 @@ def test_a_service_on_the_loopback_answers_to_its_own_names_only(engine):
     for base in ("http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000"):
         with TestClient(app, base_url=base) as c:
             assert c.get(f"{API}/health").status_code == 200, base
-    with TestClient(app, base_url="http://attacker.example:8000") as c:
+    with caplog.at_level("WARNING", logger="cxr.serve"), TestClient(app, base_url="http://attacker.example:8000") as c:
         r = c.get(f"{API}/model")
         assert r.status_code == 400 and r.json()["detail"] == (
             "this service answers to 127.0.0.1, ::1, localhost, not to 'attacker.example': if a proxy forwards that "
             "name, start it with --allowed-hosts attacker.example")
         assert r.headers["x-frame-options"] == "DENY"  # the security headers on this answer too
         assert c.get("/").status_code == 400
+    # Logged once for the name, not once per request (a page polling the service would fill the log)
+    assert [rec.getMessage() for rec in caplog.records if "refused a request" in rec.getMessage()] == [
+        "refused a request for host 'attacker.example' (400): if a proxy forwards that name, start it with "
+        "--allowed-hosts attacker.example"]
     # No Host at all (an HTTP/1.0 health check of a load balancer): let through; browsers always send one.
     import anyio
 
