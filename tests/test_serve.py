@@ -988,6 +988,23 @@ def test_a_prediction_out_of_memory_is_503_to_retry_not_500(caplog):
     assert "prediction failed" in caplog.text
 
 
+class CardOutOfMemoryEngine(BrokenEngine):
+    @property
+    def card(self):
+        raise MemoryError
+
+
+def test_out_of_memory_outside_a_prediction_is_503_to_retry_too(caplog):
+    # The last-resort handler answers MemoryError as predict does (503, Retry-After), not as an internal error (500):
+    # that mapping had been untested.
+    with TestClient(create_app(CardOutOfMemoryEngine()), raise_server_exceptions=False) as c:
+        r = c.get("/api/v1/model")
+        assert r.status_code == 503 and r.json() == {"detail": "out of memory: retry later"}
+        assert int(r.headers["retry-after"]) >= 1
+        assert c.get("/api/v1/health").status_code == 200
+    assert "internal error on GET /api/v1/model" in caplog.text
+
+
 def test_an_upload_limit_over_what_the_service_can_hold_is_refused():
     # 5000 MB of one upload held in memory, per worker: refused when the app is made, not when memory runs out.
     from cxr.config import MAX_UPLOAD_MB
