@@ -738,6 +738,8 @@ def test_bad_settings_are_refused(ckpt_path):
         load_engine(ckpt_path, "tensorflow")
     with pytest.raises(UsageError, match="--backend onnx"):
         load_engine(ckpt_path.with_suffix(".onnx"), "torch")
+    with pytest.raises(UsageError, match="runs on the CPU"):  # ONNX Runtime's CPU provider only: not silently
+        load_engine(ckpt_path.with_suffix(".onnx"), "onnx", device="cuda")
     with pytest.raises(UsageError):
         create_app(BrokenEngine(), max_concurrency=0)
     # From Python: NaN had passed (then int(nan) in the limits), max_pixels 0 meant the default, -1 refused everything.
