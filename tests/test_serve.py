@@ -1059,3 +1059,36 @@ def test_a_service_that_cannot_predict_does_not_start(ckpt_path, monkeypatch):
                                        r"\(set MPLCONFIGDIR to a writable folder\)"):
         cxr.serve.serve(ckpt_path, port=0, device="cpu")
     assert not served
+    # Out of memory in that first prediction is itself, not "cannot predict here" (which sends one to the machine's
+    # setup): cxr's own out-of-memory message and exit
+    from cxr.serve import _first_prediction
+
+    with pytest.raises(MemoryError):
+        _first_prediction(OutOfMemoryEngine())
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="no SIGHUP on this platform")
+def test_the_servers_signals_stop_it_and_leave_the_handlers_as_they_were():
+    # SIGHUP stops the server as SIGTERM does, and afterwards is back to its default action (a handler left behind
+    # would set a stopped server's flag, and a later SIGHUP would be ignored); a SIGTERM handler of the caller's own
+    # (serve() from Python) still runs after a stop by SIGTERM (only the default action's kill is spared).
+    import signal
+
+    import uvicorn
+
+    from cxr.serve import _server_class
+
+    got = []
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+    try:
+        server = _server_class()(uvicorn.Config(lambda scope, receive, send: None))
+        with server.capture_signals():
+            signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
+        assert server.should_exit and got == [] and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        server = _server_class()(uvicorn.Config(lambda scope, receive, send: None))
+        with server.capture_signals():
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert server.should_exit and got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGHUP, before[0])
+        signal.signal(signal.SIGTERM, before[1])
