@@ -517,3 +517,36 @@ def test_refusals_beyond_max_connections_are_counted_in_the_log_not_one_line_eac
                      "Exceeded concurrency limit (--max-connections 4): 1 request(s) answered 503 in the last 3 s",
                      "Exceeded concurrency limit (--max-connections 4): 1 request(s) answered 503 in the last 87 s"]
     assert timers == []
+
+
+def test_a_request_cut_off_by_the_stop_is_answered_503_where_nothing_was_sent_yet(caplog):
+    # A request still in progress when a stop's grace period ends is cancelled by uvicorn: answered 503 (retry) when
+    # nothing of its answer has gone out, left alone when some has (a second start would break the HTTP stream), and
+    # logged in one line. Not HTTP (the lifespan): the cancellation goes on.
+    import asyncio
+
+    from cxr.serve import _cut_off_quietly
+
+    async def cut_off(scope, receive, send):
+        raise asyncio.CancelledError
+
+    async def cut_off_while_answering(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise asyncio.CancelledError
+
+    def sent_by(app, kind: str = "http") -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(_cut_off_quietly(app)({"type": kind}, None, send))
+        return sent
+
+    first, body = sent_by(cut_off)
+    assert first["status"] == 503 and (b"content-type", b"application/json") in first["headers"]
+    assert json.loads(body["body"]) == {"detail": "the service stopped before this request was done; retry"}
+    assert [m["status"] for m in sent_by(cut_off_while_answering)] == [200]
+    assert caplog.text.count("a request still in progress was cut off by the stop") == 2
+    with pytest.raises(asyncio.CancelledError):
+        sent_by(cut_off, "lifespan")
