@@ -642,6 +642,19 @@ def test_queue_full_is_503_with_retry_after():
     # Retry-After estimates when the admitted work is done: two requests (one running, one waiting) on one worker,
     # at the first estimate of a second each. It was a fixed 1, whatever the backlog.
     assert busy.headers["retry-after"] == "2" and "busy" in busy.json()["detail"]
+    # After a quick prediction the estimate moves toward its time (about 0.8 s a request): two requests' 1.6 s are
+    # rounded up to 2, not down to 1 (a client told to come back too soon meets another 503).
+    engine = SlowEngine(0.0)
+    app = create_app(engine, max_concurrency=1, max_queue=1)
+
+    async def quick_then_burst():
+        first = await _post_many(app, 1)
+        engine.seconds = 0.5
+        return first + await _post_many(app, 4)
+
+    responses = asyncio.run(quick_then_burst())
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 503, 503]
+    assert {r.headers["retry-after"] for r in responses if r.status_code == 503} == {"2"}
 
 
 # ----------------------------------------------------------------------------------------------- other endpoints
