@@ -358,6 +358,28 @@ def test_beyond_max_connections_the_answer_is_the_apis_json_503(engine):
         server.stop()
 
 
+def test_a_request_that_fails_or_is_cut_off_gives_its_place_under_max_connections_back():
+    # The count of requests in progress is taken back however a request ends: one that raised (Starlette raises an
+    # app's error again after its 500) or was cancelled (a stop, a client gone) would otherwise hold its place for
+    # good, and --max-connections of them would have every later request refused.
+    import asyncio
+
+    from cxr.serve import Refusals, _connection_limit
+
+    async def failing(scope, receive, send):
+        raise RuntimeError("boom")
+
+    async def cancelled(scope, receive, send):
+        raise asyncio.CancelledError
+
+    admitted = [0]
+    for app, error in ((failing, RuntimeError), (cancelled, asyncio.CancelledError)):
+        limited = _connection_limit(app, types.SimpleNamespace(loop=None), 1, Refusals(1), admitted)
+        with pytest.raises(error):
+            asyncio.run(limited({"type": "http", "method": "POST", "path": PREDICT}, None, None))
+        assert admitted == [0]
+
+
 def test_many_concurrent_uploads_get_200_or_503_never_an_error(server):
     """48 uploads at once against 2 workers and a queue of 6: each answer is 200 or 503 with Retry-After, nothing
     else; the service then answers the next request normally."""
