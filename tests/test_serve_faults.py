@@ -541,6 +541,27 @@ def test_refusals_beyond_max_connections_are_counted_in_the_log_not_one_line_eac
     assert timers == []
 
 
+def test_the_refusals_not_yet_said_are_said_when_the_service_stops(engine, monkeypatch, caplog):
+    # The count of a last burst beyond --max-connections waits for its timer; a service stopped before it fires says
+    # it on the way out (it had been lost).
+    import cxr.serve
+
+    class StoppedServer:
+        started = True
+
+        def __init__(self, config):
+            self.config = config
+
+        def run(self, sockets):
+            refusals = self.config.http.refusals = cxr.serve.Refusals(4)
+            refusals.count, refusals.said = 3, time.monotonic()  # said a moment ago: the rest waits for the timer
+
+    monkeypatch.setattr(cxr.serve, "_server_class", lambda: StoppedServer)
+    with caplog.at_level("WARNING", logger="cxr.serve"):
+        cxr.serve.serve(engine, port=0, max_connections=4)
+    assert "Exceeded concurrency limit (--max-connections 4): 3 request(s) answered 503 in the last 0 s" in caplog.text
+
+
 def test_a_request_cut_off_by_the_stop_is_answered_503_where_nothing_was_sent_yet(caplog):
     # A request still in progress when a stop's grace period ends is cancelled by uvicorn: answered 503 (retry) when
     # nothing of its answer has gone out, left alone when some has (a second start would break the HTTP stream), and
