@@ -202,6 +202,10 @@ def test_an_onnx_model_of_a_draft_model_decodes_in_draft_mode(exported, tmp_path
     onnx.save(proto, tmp_path / "odd.onnx")
     with pytest.raises(CheckpointError, match="draft 'yes'"):
         OnnxPredictor(tmp_path / "odd.onnx")
+    # An export of a cxr whose contract did not name the decoding yet: not draft mode, the default
+    entry.value = json.dumps({k: v for k, v in contract.items() if k != "draft"})
+    onnx.save(proto, tmp_path / "older.onnx")
+    assert OnnxPredictor(tmp_path / "older.onnx").draft is False
 
 
 def test_onnx_backend_in_the_service(exported):
@@ -349,17 +353,27 @@ def test_bad_inputs_are_refused(exported, tmp_path):
     with pytest.raises(CheckpointError, match="without a cxr contract"):
         OnnxPredictor(tmp_path / "foreign.onnx")
     # Ours, with its contract edited by hand: one line when loaded, not a traceback at the first prediction.
-    for edit in ({"max_pixels": None}, {"image_size": SIZE + 8}, {"threshold": 7}, {"threshold": -0.1}):
+    for edit in ({"max_pixels": None}, {"max_pixels": 0}, {"max_pixels": -1}, {"image_size": SIZE + 8},
+                 {"threshold": 7}, {"threshold": -0.1}):
         model = onnx.load(exported["onnx"])
         prop = next(p for p in model.metadata_props if p.key == CONTRACT_KEY)
         prop.value = json.dumps({**json.loads(prop.value), **edit})
         onnx.save(model, tmp_path / "edited.onnx")
         with pytest.raises(CheckpointError, match="edited.onnx: its cxr contract does not fit the model"):
             OnnxPredictor(tmp_path / "edited.onnx")
+    for edit in ({"threshold": 0}, {"threshold": 1}):  # the ends of the range are thresholds, as --threshold takes them
+        model = onnx.load(exported["onnx"])
+        prop = next(p for p in model.metadata_props if p.key == CONTRACT_KEY)
+        prop.value = json.dumps({**json.loads(prop.value), **edit})
+        onnx.save(model, tmp_path / "edge.onnx")
+        assert OnnxPredictor(tmp_path / "edge.onnx").threshold == edit["threshold"]
     # A graph that takes floats, or gives probabilities of one class or three: refused when loaded (it failed at the
     # first prediction with a traceback, or labelled every image alike).
     contract_text = next(p for p in onnx.load(exported["onnx"]).metadata_props if p.key == CONTRACT_KEY).value
-    for dtype, width in ((onnx.TensorProto.FLOAT, 2), (onnx.TensorProto.UINT8, 1), (onnx.TensorProto.UINT8, 3)):
+    three_names = json.dumps({**json.loads(contract_text), "class_names": ["NORMAL", "VIRAL", "BACTERIAL"]})
+    for dtype, width, contract in ((onnx.TensorProto.FLOAT, 2, contract_text), (onnx.TensorProto.UINT8, 1,
+                                   contract_text), (onnx.TensorProto.UINT8, 3, contract_text),
+                                   (onnx.TensorProto.UINT8, 3, three_names)):  # three classes, both sides agreeing
         image = onnx.helper.make_tensor_value_info("image", dtype, ["N", 1, SIZE, SIZE])
         probs = onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [1, width])
         const = onnx.helper.make_node("Constant", [], ["probabilities"], value=onnx.helper.make_tensor(
@@ -367,7 +381,7 @@ def test_bad_inputs_are_refused(exported, tmp_path):
         odd = onnx.helper.make_model(onnx.helper.make_graph([const], "g", [image], [probs]),
                                      opset_imports=[onnx.helper.make_opsetid("", 18)])
         entry = odd.metadata_props.add()
-        entry.key, entry.value = CONTRACT_KEY, contract_text
+        entry.key, entry.value = CONTRACT_KEY, contract
         onnx.save(odd, tmp_path / "odd.onnx")
         with pytest.raises(CheckpointError, match="odd.onnx: its cxr contract does not fit the model"):
             OnnxPredictor(tmp_path / "odd.onnx")
