@@ -314,6 +314,23 @@ def test_an_unwritable_onnx_cache_costs_time_not_results(exported, counted_expor
     assert np.abs(predictor.predict_uint8(exported["images"][:2]) - exported["probs"][:2]).max() < 1e-4
 
 
+def test_an_export_onnx_runtime_refuses_is_said_in_one_line_without_a_cache(exported, monkeypatch):
+    # With no cache file to blame (an unwritable cache), the export's own refusal is the error: the retry for a
+    # cached file had met None there (AttributeError).
+    import cxr.export
+
+    monkeypatch.setattr(cxr.export, "cached_onnx_model_bytes", lambda ckpt: (b"not an onnx model", None))
+    with pytest.raises(CheckpointError, match=f"{exported['ckpt']}: not a readable ONNX model"):
+        load_onnx_predictor(exported["ckpt"])
+
+
+def test_the_onnx_predictor_runs_on_the_threads_it_is_given(exported):
+    # serve shares the cores among its predictions through this count (BENCHMARKS.md); it had been untested.
+    for threads in (1, 3):
+        assert OnnxPredictor(exported["onnx"], threads=threads).session.get_session_options().intra_op_num_threads \
+            == threads
+
+
 def test_the_onnx_cache_keeps_the_newest_exports(exported, counted_exports, tmp_path, monkeypatch):
     import cxr.export
 
