@@ -1067,7 +1067,9 @@ def _metrics_html(art: RunArtifacts, splits: Sequence[str], own_config: bool, sh
         for c in cols:
             key = "sensitivity" if c == "recall" else c
             value, interval = m.get(c), ci.get(key)
-            if value is not None and interval and None not in interval:
+            # a bootstrap interval of one point (every resample alike, as metrics.json of cxr before session 26
+            # recorded it: [1, 1]) is none, as the note says
+            if value is not None and interval and None not in interval and interval[0] != interval[1]:
                 cells.append(_Html(f"{score_text(value)}<br><span class='ci'>{score_text(interval[0])}–"
                                    f"{score_text(interval[1])}</span>"))
             else:
