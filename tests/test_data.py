@@ -746,6 +746,67 @@ def test_a_resume_of_a_run_on_a_csv_listing_images(tmp_path, tiny_dataset, caplo
         split_dataset(moved, run, resume=True)
 
 
+def test_a_run_on_a_csv_reached_through_a_link_or_listing_by_dotdot_follows_it_when_moved(tmp_path, tiny_dataset):
+    # Its rows are recorded below the CSV's real folder (or above it, by ../): the move, told by the CSV's path, had
+    # matched none of them, and resume and evaluate of its split.csv found every image gone.
+    from cxr.train import split_dataset
+
+    from .conftest import TINY_TRAIN
+
+    files = _flat_copy(tiny_dataset, tmp_path / "proj" / "images")
+    (tmp_path / "proj" / "labels").mkdir()
+    (tmp_path / "proj" / "labels" / "l.csv").write_text("path,label,split\n" + "".join(
+        f"../images/{f.name},{label},{split}\n" for f, label, split in files))
+    (tmp_path / "link").symlink_to(tmp_path / "proj")
+    run = tmp_path / "run"
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tmp_path / "link" / "labels" / "l.csv"),
+                                 "output": str(run)})
+    first = split_dataset(cfg, run, resume=False)
+    (run / "summary.json").write_text(json.dumps({"data": cfg.data}))
+    (tmp_path / "link").unlink()
+    shutil.move(tmp_path / "proj", tmp_path / "moved")
+    moved = dataclasses.replace(cfg, data=str(tmp_path / "moved" / "labels" / "l.csv"))
+    (run / "config.yaml").write_text(f"data: {moved.data}\n")
+    evaluated = scan(run / "split.csv")  # cxr evaluate --data RUN/split.csv, before any resume
+    assert all(os.path.isfile(s.path) for split in evaluated.values() for s in split.samples)
+    again = split_dataset(moved, run, resume=True, recorded_data=cfg.data)
+    for name in first:
+        names = [Path(s.path).name for s in first[name].samples]
+        assert [Path(s.path).name for s in again[name].samples] == names
+        assert [Path(s.path).name for s in evaluated[name].samples] == names
+    assert all(str(tmp_path / "moved") in s.path for split in again.values() for s in split.samples)
+
+
+def test_an_npz_runs_split_csv_is_scored_where_the_npz_moved(tmp_path):
+    # follow_moved_data asked whether "x.npz#train/3" exists, which no row does: evaluate refused the moved .npz.
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", train_images=rng.integers(0, 256, (20, 8, 8), dtype=np.uint8),
+             train_labels=np.arange(20) % 2)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_split_csv(run / "split.csv", {"train": scan(tmp_path / "d.npz")["train"].samples})
+    (run / "summary.json").write_text(json.dumps({"data": str(tmp_path / "d.npz")}))
+    (tmp_path / "moved").mkdir()
+    shutil.move(tmp_path / "d.npz", tmp_path / "moved" / "d.npz")
+    (run / "config.yaml").write_text(f"data: {tmp_path / 'moved' / 'd.npz'}\n")
+    assert len(scan(run / "split.csv")["train"].samples) == 20
+
+
+def test_images_a_csv_lists_outside_its_folder_are_patients_by_their_whole_path(tmp_path, tiny_dataset):
+    # By their file name alone, img0.jpeg of 20 patients' folders had been one patient (across classes), and a
+    # pattern for the patient's folder never matched.
+    files = _flat_copy(tiny_dataset, tmp_path / "src")
+    for k, (f, _, _) in enumerate(files[:8]):
+        (tmp_path / "pats" / f"p{k}").mkdir(parents=True)
+        shutil.copy(f, tmp_path / "pats" / f"p{k}" / "img0.jpeg")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "l.csv").write_text("path,label\n" + "".join(
+        f"{tmp_path / 'pats' / f'p{k}' / 'img0.jpeg'},{label}\n" for k, (_, label, _) in enumerate(files[:8])))
+    assert len({s.patient for s in scan(tmp_path / "lists" / "l.csv")["train"].samples}) == 8
+    patients = {s.patient for s in scan(tmp_path / "lists" / "l.csv", patient_pattern="/(p[0-9]+)/")["train"].samples}
+    assert patients == {f"pattern:p{k}" for k in range(8)}
+
+
 def test_a_run_trains_on_a_csv_listing_images(tmp_path, tiny_dataset):
     from cxr.train import split_dataset
 

@@ -974,7 +974,9 @@ def _closed_in_a_loader_worker(fds: list[int]) -> list[bool]:
     from cxr.train import loader_worker_init
 
     loader_worker_init(0)
-    closed = []
+    import signal
+
+    closed = [signal.getsignal(signal.SIGTERM) == signal.SIG_IGN == signal.getsignal(signal.SIGHUP)]
     for fd in fds:
         try:
             os.fstat(fd)
@@ -998,7 +1000,7 @@ def test_data_loading_workers_give_up_the_locks_they_inherit(tmp_path, monkeypat
     with output_lock(tmp_path / "out"):
         (out_fd,) = held_lock_descriptors()
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
-            assert pool.submit(_closed_in_a_loader_worker, [out_fd, run_fd]).result(timeout=60) == [True, True]
+            assert pool.submit(_closed_in_a_loader_worker, [out_fd, run_fd]).result(timeout=60) == [True, True, True]
         os.fstat(out_fd)  # the main process's own are held still
     os.close(run_fd)
 

@@ -556,9 +556,9 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "") -> di
                 patient = unicodedata.normalize("NFC", cell("patient").strip())
                 if patient:
                     patient = LISTED_PATIENT + patient
-                else:
+                else:  # a file elsewhere (absolute, or by ../) by its whole path: its name alone had been its id
                     below = key.startswith(os.path.join(str(base), ""))
-                    patient = file_patient_id(Path(key), base if below else None, patient_pattern)
+                    patient = file_patient_id(Path(key), base if below else Path(Path(key).anchor), patient_pattern)
                 out.setdefault(split, []).append(Sample(key, CLASS_NAMES.index(label), patient))
     except (OSError, ValueError, csv.Error) as e:
         raise UsageError(f"{path}: not a readable CSV file ({type(e).__name__}: {e})") from None
@@ -589,6 +589,33 @@ def _listed_file(base: Path, file: str) -> str:
         if other != file and os.path.lexists(full(other)):
             return full(other)
     return first
+
+
+def refind_files(recorded: dict[str, list[Sample]], found: dict[str, Split],
+                 cache_dir: str | os.PathLike | None = None) -> tuple[dict[str, list[Sample]], int]:
+    """Recorded image files that are not where split.csv says, found again among ``found`` by their content digest:
+    a CSV listing images moved with them, where the move cannot be told from the paths (the CSV reached through a
+    link, or listing them by ``../``; a run had found them all gone). ``found``'s files are hashed only when some are
+    missing (through the digest memo of ``cache_dir``). Returns the rows and how many moved."""
+    here = {s.path for split in found.values() for s in split.samples}
+    if all(s.path in here or not s.digest for samples in recorded.values() for s in samples):
+        return recorded, 0
+    taken = {s.path for samples in recorded.values() for s in samples if s.path in here}
+    free: dict[str, list[str]] = {}
+    for split in found.values():
+        for s in add_digests(split, cache_dir).samples:
+            if s.path not in taken and s.digest and s.digest != EMPTY_DIGEST:
+                free.setdefault(s.digest, []).append(s.path)
+    moved = 0
+    out: dict[str, list[Sample]] = {}
+    for name, samples in recorded.items():
+        out[name] = []
+        for s in samples:
+            if s.path not in here and free.get(s.digest):
+                s = replace(s, path=free[s.digest].pop(0))
+                moved += 1
+            out[name].append(s)
+    return out, moved
 
 
 def refind_rows(recorded: dict[str, list[Sample]], found: dict[str, Split]) -> tuple[dict[str, list[Sample]], int]:
@@ -715,8 +742,12 @@ def follow_moved_data(split_csv: Path, recorded: dict[str, list[Sample]]) -> dic
     """A run's split.csv whose images are not where it says, read where the run's ``config.yaml`` now says its data
     is (edited after the data moved), from where its ``summary.json`` says the data was: as ``cxr train --resume``
     follows it, which writes split.csv anew; before any resume, evaluate had found every image gone."""
+    def there(path: str) -> bool:  # a row of an .npz is there where its file is (its own "path" never exists)
+        row = npz_row(path)
+        return os.path.exists(row[0] if row is not None else path)
+
     every = [s.path for samples in recorded.values() for s in samples]
-    if all(os.path.exists(p) for p in every):
+    if all(there(p) for p in every):
         return recorded
     try:
         old = json.loads((split_csv.parent / "summary.json").read_text(encoding="utf-8"))["data"]
@@ -727,8 +758,12 @@ def follow_moved_data(split_csv: Path, recorded: dict[str, list[Sample]]) -> dic
     if old == new or not os.path.exists(new):
         return recorded
     moved = {name: [replace(s, path=rebase(s.path, old, new)) for s in samples] for name, samples in recorded.items()}
-    found = sum(os.path.exists(s.path) for samples in moved.values() for s in samples)
-    if found <= sum(os.path.exists(p) for p in every):
+    if new.lower().endswith(".csv") and not is_split_csv(new):
+        # listed through a link, or by ../: where the files went cannot be told from the paths; found by content
+        with contextlib.suppress(CxrError):
+            moved, _ = refind_files(moved, scan_image_list(new))
+    found = sum(there(s.path) for samples in moved.values() for s in samples)
+    if found <= sum(there(p) for p in every):
         return recorded
     log.info("%s: its images are read below %s, where the run's config.yaml says its data is now (it was %s)",
              split_csv, os.path.dirname(new) if new.lower().endswith(".csv") else new,

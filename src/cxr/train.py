@@ -57,6 +57,7 @@ from cxr.data import (
     prepare_shared,
     read_split_csv,
     rebase,
+    refind_files,
     refind_rows,
     scan,
     train_transform,
@@ -163,8 +164,15 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
             recorded = {name: [s if s.path in by_path else dataclasses.replace(s, path=rebase(s.path, old, new))
                                for s in samples] for name, samples in recorded.items()}
         recorded, moved = refind_rows(recorded, found)
+        listing = Path(cfg.data).suffix.lower() == ".csv"
+        if listing:  # moved through a link, or listed by ../: found by content
+            recorded, refound = refind_files(recorded, found, cfg.cache_dir)
+            if refound and write:
+                write_split_csv(split_csv, recorded)
+                log.info("%d of the images %s recorded are found elsewhere now, by their content: %s follows them",
+                         refound, split_csv, split_csv.name)
         missing = [s.path for samples in recorded.values() for s in samples if s.path not in by_path]
-        if missing and Path(cfg.data).suffix.lower() == ".csv":  # a CSV listing images: a row removed, or its file
+        if missing and listing:  # a CSV listing images: a row removed, or its file
             raise DataError(f"{split_csv}: {len(missing)} recorded image(s) are not listed in {cfg.data} now, or not "
                             f"there, e.g. {missing[0]}; list them (and put them back) to go on with this run's split, "
                             "or start a new run")
@@ -920,6 +928,14 @@ def loader_worker_init(_worker_id: int) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     end_with_parent()
+    # SIGTERM and SIGHUP sent to the whole process group (scancel, a closed terminal) are the main process's to
+    # handle, as Ctrl-C is: a worker that died of one had torch print a DataLoader traceback before cxr's own line.
+    # (A worker that does not end when told is ended by its loader's terminate() no longer, but with the process.)
+    import signal
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def sampler_seed(seed: int) -> int:
