@@ -960,11 +960,10 @@ def test_cache_workers_leave_ctrl_c_to_the_main_process():
     # A worker that took the terminal's SIGINT died with a traceback, and its broken pool could reach the main process
     # before its own KeyboardInterrupt: "killed (out of memory?)", exit 1, in 3 of 19 Ctrl-C's of a cache build.
     import multiprocessing
+    import signal
     from concurrent.futures import ProcessPoolExecutor
 
     from cxr.data import end_with_parent
-
-    import signal
 
     # Python's own Ctrl-C handler in the main process, as in a terminal (a background job of a shell without job
     # control, as CI runs the suite, ignores SIGINT from the start, and its workers with it)
