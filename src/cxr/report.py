@@ -780,8 +780,8 @@ def _interval_note(metrics: dict) -> str:
                 "the images")
         note = ("Below each value: its 95 % interval, Wilson score for accuracy, sensitivity, specificity and "
                 f"precision, a BCa bootstrap of the {unit} for F1, AUROC and AUPRC (none where every resample gives "
-                "the same value, as when no image is classified or ranked wrongly: no error seen in these images, "
-                "which is not certainty).")
+                "the same value, as when no image is classified or ranked wrongly, which is no certainty, or every "
+                "score is the same).")
         if any(by_patient) or any("effective number" in m for m in methods):
             note += (" Where patients have several images, the rates' Wilson intervals count the effective number of "
                      "images (n over the design effect of the patients' several images)"
