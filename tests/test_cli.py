@@ -1940,37 +1940,39 @@ def test_a_training_stopped_by_a_full_disk_says_how_to_go_on(tmp_path, monkeypat
     assert "No space left on device" in err and f"cxr train --resume {run} goes on from there" in err
 
 
+def _ctrl_c_at(monkeypatch, n: int) -> None:
+    """Ctrl-C as ``cxr predict`` reads its n-th image."""
+    import cxr.predict
+
+    real, calls = cxr.predict.load_image, []
+
+    def load(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cxr.predict, "load_image", load)
+
+
 def test_a_second_interrupted_predict_adds_to_the_first_ones_part(tmp_path, caplog, monkeypatch):
     # A second Ctrl-C, sooner than the first, had written its fewer rows over the first's part: 384 predictions gone.
-    import cxr.predict
     from cxr.cli import main as cxr_main
 
     (tmp_path / "in").mkdir()
     files = [Path(shutil.copy(f, tmp_path / "in")) for f in sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:5]]
-    real = cxr.predict.load_image
-
-    def stop_at(n: int) -> None:
-        calls = []
-
-        def load(*args, **kwargs):
-            calls.append(args[0])
-            if len(calls) == n:
-                raise KeyboardInterrupt
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(cxr.predict, "load_image", load)
 
     out = tmp_path / "p.csv"
-    stop_at(5)
+    _ctrl_c_at(monkeypatch, 5)
     assert cxr_main(["predict", *map(str, files), "--batch-size", "2", "--output", str(out)]) == 130
     first = read_csv(tmp_path / "p.partial.csv")
-    stop_at(3)
+    _ctrl_c_at(monkeypatch, 3)
     assert cxr_main(["predict", *map(str, files[::-1]), "--batch-size", "2", "--output", str(out)]) == 130
     rows = read_csv(tmp_path / "p.partial.csv")
     assert sorted(r["path"] for r in rows) == sorted(map(str, files)) and "and 3 of an earlier" in caplog.text
     assert [r for r in rows if r["path"] in map(str, files[:3])] == first[:3]
     # another model's part is replaced, not mixed in
-    stop_at(3)
+    _ctrl_c_at(monkeypatch, 3)
     assert cxr_main(["predict", *map(str, files), "--batch-size", "2", "--output", str(out), "--threshold",
                      "0.25"]) == 130
     assert [r["path"] for r in read_csv(tmp_path / "p.partial.csv")] == list(map(str, files[:2]))
@@ -2015,18 +2017,7 @@ def test_predict_interrupted_keeps_the_predictions_it_made(tmp_path, caplog, mon
     files = [Path(shutil.copy(f, tmp_path / "in")) for f in sorted((SAMPLE_DIR / "test" / "NORMAL").glob("*.jpeg"))[:5]]
     real = cxr.predict.load_image
 
-    def stop_at(n: int) -> None:  # Ctrl-C as the n-th image is read
-        calls = []
-
-        def load(*args, **kwargs):
-            calls.append(args[0])
-            if len(calls) == n:
-                raise KeyboardInterrupt
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(cxr.predict, "load_image", load)
-
-    stop_at(5)
+    _ctrl_c_at(monkeypatch, 5)
     out = tmp_path / "p.csv"
     monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))  # the ONNX export of the bundled model goes there
     assert cxr_main(["predict", *map(str, files), "--batch-size", "2", "--output", str(out), "--backend",
@@ -2062,11 +2053,11 @@ def test_predict_interrupted_keeps_the_predictions_it_made(tmp_path, caplog, mon
     _drop_partial_done(out, rows, nothing=False)
     assert not (tmp_path / "p.partial.csv").exists()
     # Ctrl-C before the first prediction: no partial file of no predictions
-    stop_at(1)
+    _ctrl_c_at(monkeypatch, 1)
     assert cxr_main(["predict", *map(str, files), "--output", str(out), "--backend", backend]) == 130
     assert not (tmp_path / "p.partial.csv").exists()
     # A shard's partial file is the shard's (the whole output's name had been taken by each shard interrupted)
-    stop_at(2)
+    _ctrl_c_at(monkeypatch, 2)
     assert cxr_main(["predict", *map(str, files), "--shard", "0/2", "--batch-size", "1", "--output", str(out),
                      "--backend", backend]) == 130
     assert [p.name for p in tmp_path.glob("*.partial.csv")] == ["p.shard-00000-of-00002.partial.csv"]
