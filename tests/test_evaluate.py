@@ -701,6 +701,9 @@ def test_copies_of_an_image_of_no_known_patient_are_one_in_the_intervals(tmp_pat
     named = [dataclasses.replace(samples[0], path="/d/test/NORMAL/person7_virus_1.jpeg", patient="person7"),
              samples[1]]
     assert patients_of(named) == ["person7", "person7"]
+    from cxr.evaluate import count_copies
+
+    assert count_copies(samples) == 32 and count_copies(samples[::2]) == 0
     labels = np.array([s.label for s in samples])
     probs = np.where(labels == 1, 0.9, 0.1)
     probs[[2, 3, 4, 5]] = [0.1, 0.1, 0.9, 0.9]  # two X-rays wrong (a pneumonia, a NORMAL), each under both names

@@ -91,6 +91,14 @@ def patients_of(samples) -> list[str]:
     return [root(i) for i in ids]
 
 
+def count_copies(samples) -> int:
+    """How many of ``samples`` are byte-identical copies of an earlier one (by content digest; empty files aside)."""
+    from cxr.data import EMPTY_DIGEST
+
+    digests = [s.digest for s in samples if s.digest and s.digest != EMPTY_DIGEST]
+    return len(digests) - len(set(digests))
+
+
 # Fewer patients than this in a class: resampling them says nothing (every resample holds the one patient). Five
 # until session 26, when a simulation (60 PNEUMONIA patients and 2-5 NORMAL ones, three alike images each, 300
 # splits) had F1's interval hold the truth in 0.75 / 0.71 / 0.70 of splits with 2 / 3 / 4 NORMAL patients by the
@@ -956,6 +964,12 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
                                     "threshold_source": "model" if threshold is None else "given",
                                     "model": model_ref, "model_id": mid, "data": str(Path(data).resolve()),
                                     "inference_dtype": "bfloat16" if run.bf16 else "float32"}
+            copies = count_copies(prepared.samples)
+            if copies:  # counted once in the intervals (patients_of), and said: nothing had
+                failures[split.name]["n_copies"] = copies
+                log.warning("%s split: %d of its %d images are byte-identical copies of others in it: each set counts "
+                            "once in the intervals (its metrics count every image)", split.name, copies,
+                            len(prepared.samples))
             if developed_on is not None:
                 failures[split.name].update(count_development(developed_on, split.name, prepared.samples))
                 # The run's own train and val images (`--data RUN/split.csv`, or the data it was trained on): its report
