@@ -667,6 +667,10 @@ def test_a_csv_listing_images_none_of_which_are_there_says_where_it_looked(tmp_p
                                                   f"or directory; a relative path is read from the CSV's folder, "
                                                   f"{tmp_path})")):
         scan(tmp_path / "labels.csv")
+    # column names as scan_image_list reads them, punctuation aside: scan() had sent "Path_" to the wrong message
+    (tmp_path / "punct.csv").write_text("Path_,Label.\nimgs/a.png,NORMAL\n")
+    with pytest.raises(DataError, match="none of its 1 images can be read"):
+        scan(tmp_path / "punct.csv")
     (tmp_path / "other.csv").write_text("file,diagnosis\na.png,NORMAL\n")
     with pytest.raises(UsageError, match="needs the columns path and label .* it has 'file', 'diagnosis'"):
         scan(tmp_path / "other.csv")

@@ -758,10 +758,12 @@ def follow_moved_data(split_csv: Path, recorded: dict[str, list[Sample]]) -> dic
     if old == new or not os.path.exists(new):
         return recorded
     moved = {name: [replace(s, path=rebase(s.path, old, new)) for s in samples] for name, samples in recorded.items()}
-    if new.lower().endswith(".csv") and not is_split_csv(new):
-        # listed through a link, or by ../: where the files went cannot be told from the paths; found by content
+    if new.lower().endswith(".csv"):
+        # listed through a link, or by ../: where the files went cannot be told from the paths; found by content (a
+        # CSV that cannot be read is said where it is read as data, not here)
         with contextlib.suppress(CxrError):
-            moved, _ = refind_files(moved, scan_image_list(new))
+            if not is_split_csv(new):
+                moved, _ = refind_files(moved, scan_image_list(new))
     found = sum(there(s.path) for samples in moved.values() for s in samples)
     if found <= sum(there(p) for p in every):
         return recorded
@@ -899,7 +901,7 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
             if is_split_csv(root):
                 return _scan_split_csv(root)
             columns = _csv_columns(root)
-            if {"path", "label"} <= {c.strip().lower() for c in columns}:
+            if {"path", "label"} <= {_LIST_COLUMNS.get(_list_column(c)) for c in columns}:  # as scan_image_list reads
                 return scan_image_list(root, patient_pattern=patient_pattern)
             raise UsageError(f"{root}: a CSV of images needs the columns path and label (split and patient if wished), "
                              f"or is a run's split.csv; it has {', '.join(map(repr, columns)) or 'none'}")
