@@ -168,9 +168,10 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
         if listing:  # moved through a link, or listed by ../: found by content
             recorded, refound = refind_files(recorded, found, cfg.cache_dir)
             if refound and write:
-                write_split_csv(split_csv, recorded)
                 log.info("%d of the images %s recorded are found elsewhere now, by their content: %s follows them",
                          refound, split_csv, split_csv.name)
+        else:
+            refound = 0
         missing = [s.path for samples in recorded.values() for s in samples if s.path not in by_path]
         if missing and listing:  # a CSV listing images: a row removed, or its file
             raise DataError(f"{split_csv}: {len(missing)} recorded image(s) are not listed in {cfg.data} now, or not "
@@ -194,11 +195,11 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
             raise DataError(f"{split_csv}: {len(relabelled)} recorded image(s) have another label in {cfg.data} now, "
                             f"e.g. {relabelled[0].path} (recorded as {CLASS_NAMES[relabelled[0].label]}): this run "
                             "cannot go on with its split; start a new run")
+        if (old != new or moved or refound) and write:  # `cxr evaluate --data RUN/split.csv` finds them there too
+            write_split_csv(split_csv, recorded)
         if old != new and write:
-            write_split_csv(split_csv, recorded)  # `cxr evaluate --data RUN/split.csv` finds them there too
             log.info("the data moved from %s to %s: %s follows it", old, new, split_csv)
         if moved and write:
-            write_split_csv(split_csv, recorded)
             log.warning("%d of the rows %s recorded are at other indices in %s now (its arrays reordered since): "
                         "each is found by its pixels, and %s follows them", moved, split_csv, cfg.data, split_csv.name)
         known = {s.path for samples in recorded.values() for s in samples}
