@@ -1105,3 +1105,58 @@ def test_the_servers_signals_stop_it_and_leave_the_handlers_as_they_were():
     finally:
         signal.signal(signal.SIGHUP, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+def test_pages_of_the_origins_given_may_call_the_api_and_no_others(engine):
+    # No CORS at all had been possible: a viewer on another origin could not read a prediction from the browser.
+    from cxr.errors import UsageError
+    from cxr.serve import API, resolve_cors_origins
+
+    assert resolve_cors_origins(["https://Viewer.Example:443/", "http://localhost:3000", "*"]) == (
+        "https://viewer.example", "http://localhost:3000", "*")
+    assert resolve_cors_origins("http://a.example:80") == ("http://a.example",) and resolve_cors_origins(None) == ()
+    for bad in ("viewer.example", "https://viewer.example/app", "ftp://viewer.example"):
+        with pytest.raises(UsageError, match="an origin is a scheme and a host"):
+            resolve_cors_origins([bad])
+    viewer, other = {"Origin": "https://viewer.example"}, {"Origin": "https://other.example"}
+    preflight = {"Access-Control-Request-Method": "POST"}
+    with TestClient(create_app(engine, cors_origins=["https://viewer.example:443"])) as c:
+        r = c.options(f"{API}/predict", headers={**viewer, **preflight})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://viewer.example"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        r = c.options(f"{API}/predict", headers={**other, **preflight})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = c.post(f"{API}/predict", files={"file": ("x.jpeg", NORMAL[0].read_bytes())}, headers=viewer)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://viewer.example"
+        assert r.headers["x-content-type-options"] == "nosniff"  # the security headers still on it
+        # An error is readable by the page too, with what the client needs to wait
+        r = c.post(f"{API}/predict", files={"file": ("x.txt", b"text")}, headers=viewer)
+        assert r.status_code == 415 and r.headers["access-control-allow-origin"] == "https://viewer.example"
+        assert "retry-after" in r.headers["access-control-expose-headers"].lower()
+        assert "access-control-allow-origin" not in c.get(f"{API}/health", headers=other).headers
+    with TestClient(create_app(engine)) as c:  # by default, none
+        r = c.get(f"{API}/health", headers=viewer)
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    with TestClient(create_app(engine, cors_origins="*")) as c:
+        assert c.get(f"{API}/health", headers=other).headers["access-control-allow-origin"] == "*"
+    # A host refused by --allowed-hosts says why to a page allowed to call it
+    with TestClient(create_app(engine, allowed_hosts="pacs.local", cors_origins=["https://viewer.example"]),
+                    base_url="http://other.example") as c:
+        r = c.get(f"{API}/health", headers=viewer)
+        assert r.status_code == 400 and r.headers["access-control-allow-origin"] == "https://viewer.example"
+
+
+def test_cors_origins_flag_reaches_the_service_and_a_bare_name_is_refused_before_the_port_is_taken(monkeypatch):
+    import cxr.serve
+    from cxr.cli import main
+    from cxr.errors import UsageError
+
+    with pytest.raises(UsageError, match="viewer.example"):
+        cxr.serve.serve(Path("unused.pt"), port=0, cors_origins=["viewer.example"])
+    monkeypatch.setattr(cxr.serve, "_listen", lambda *a: pytest.fail("the port was taken"))
+    with pytest.raises(UsageError):
+        cxr.serve.serve(Path("unused.pt"), port=0, cors_origins="pacs")
+    seen = {}
+    monkeypatch.setattr(cxr.serve, "serve", lambda *a, **k: seen.update(k))
+    assert main(["serve", "--cors-origins", "https://a.example, http://localhost:3000,"]) in (0, None)
+    assert seen["cors_origins"] == ["https://a.example", "http://localhost:3000"]

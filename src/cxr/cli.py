@@ -329,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated host names requests may be addressed to (the Host header), e.g. the name a "
                         "proxy forwards, besides localhost, 127.0.0.1 and ::1; * for any (default: those three on "
                         "the loopback address, against DNS rebinding; any elsewhere)")
+    p.add_argument("--cors-origins", type=lambda v: [h.strip() for h in v.split(",") if h.strip()],
+                   metavar="ORIGINS",
+                   help="comma-separated origins whose web pages may call the API from a browser (CORS), e.g. "
+                        "https://viewer.hospital.example; * for any (default: none, only the service's own page)")
     p.add_argument("--root-path", default="", metavar="PATH",
                    help="the path a reverse proxy serves the service under, e.g. /cxr (for the API docs and "
                         "redirects; the proxy strips it before passing requests on)")
@@ -683,7 +687,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
           max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, threads=args.threads,
           max_connections=args.max_connections, max_pixels=args.max_pixels, amp=args.amp,
           upload_timeout=args.upload_timeout, allowed_hosts=args.allowed_hosts, root_path=args.root_path,
-          access_log=args.access_log)
+          access_log=args.access_log, cors_origins=args.cors_origins)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

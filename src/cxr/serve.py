@@ -43,6 +43,7 @@ import anyio
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -511,6 +512,32 @@ def resolve_allowed_hosts(host: str, given: Sequence[str] | None) -> Sequence[st
     return tuple(sorted(set(LOOPBACK_HOSTS) | {own}))  # and the name it was started with (127.0.0.2 refused itself)
 
 
+def resolve_cors_origins(given: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The origins ``--cors-origins`` lets call the API from their pages, as browsers write them in ``Origin``.
+
+    An origin is a scheme and a host (``https://viewer.hospital.example``, a port where not the scheme's own); ``*``
+    allows any. Written as browsers send it: lower case, no trailing slash, no default port (``:443`` had never
+    matched). A bare host name is refused rather than never matching.
+    """
+    if given is None:
+        return ()
+    origins = []
+    for g in [given] if isinstance(given, str) else list(given):
+        g = str(g).strip()
+        if g == "*":
+            origins.append("*")
+            continue
+        match = re.fullmatch(r"(https?)://([^/?#\s@]+?)(?::(\d+))?/?", g, flags=re.I)
+        if not match:
+            raise UsageError(f"--cors-origins {g!r}: an origin is a scheme and a host name, with a port where it is "
+                             "not the scheme's own, such as https://viewer.hospital.example or http://localhost:3000 "
+                             "(or * for any)")
+        scheme, name, port = match[1].lower(), match[2].lower(), match[3]
+        default = {"http": "80", "https": "443"}[scheme]
+        origins.append(f"{scheme}://{name}" + (f":{int(port)}" if port and int(port) != int(default) else ""))
+    return tuple(dict.fromkeys(origins))
+
+
 def _is_loopback(host: str) -> bool:
     """Whether ``host`` is, or resolves only to, loopback addresses (127.0.0.0/8, ::1, ::ffff:127.x.y.z): 127.0.0.2, a
     name of /etc/hosts for 127.0.1.1 (Ubuntu's own host name) and 127.1 had gone unprotected."""
@@ -666,7 +693,7 @@ def _check_limits(max_upload_mb: Any, max_concurrency: Any, max_queue: Any, uplo
 def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = "torch", max_upload_mb: float = 20.0,
                max_concurrency: int = 2, max_queue: int = 32, device: str = "auto", threads: int = 0,
                max_pixels: int | None = None, amp: str = "auto", upload_timeout: float | None = 30.0,
-               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+               allowed_hosts: Sequence[str] | None = None, cors_origins: Sequence[str] | None = None) -> FastAPI:
     """The FastAPI application serving one model.
 
     Args:
@@ -685,7 +712,10 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         allowed_hosts: the host names requests may be addressed to (400 for others; see :class:`AllowedHosts`),
             read as ``--allowed-hosts`` reads them (:func:`resolve_allowed_hosts`: ``*`` any, URLs as their host
             names, the loopback names always); None: any.
+        cors_origins: the origins whose pages may call the API from a browser (CORS; see
+            :func:`resolve_cors_origins`: ``https://viewer.example``, ``*`` any); None: none, the page's own only.
     """
+    cors_origins = resolve_cors_origins(cors_origins)
     _check_limits(max_upload_mb, max_concurrency, max_queue, upload_timeout, max_pixels)
     # An Engine as it is; a file, run directory, name or loaded Checkpoint through load_engine (which imports torch
     # only for the torch backend: an ONNX service runs without it).
@@ -826,6 +856,12 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if allowed_hosts is not None:
         app.add_middleware(AllowedHosts, names=allowed_hosts)
+    if cors_origins:
+        # Outside the host check, so a page allowed to call the service can read why a request was refused (a 400 for
+        # its Host, a 413, a 503 and its Retry-After) rather than see a bare network error. No credentials: the API
+        # has no cookies or logins.
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "HEAD", "POST"],
+                           expose_headers=["Retry-After"], max_age=600)
     # Outermost, so error responses and static files get the headers too.
     app.add_middleware(SecurityHeaders)
     return app
@@ -972,7 +1008,8 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
           max_upload_mb: float = 20.0, max_concurrency: int = 2, max_queue: int = 32, device: str = "auto",
           threads: int | None = None, max_pixels: int | None = None, log_level: str = "info",
           max_connections: int = 128, amp: str = "auto", upload_timeout: float | None = 30.0,
-          allowed_hosts: Sequence[str] | None = None, root_path: str = "", access_log: bool = False) -> None:
+          allowed_hosts: Sequence[str] | None = None, root_path: str = "", access_log: bool = False,
+          cors_origins: Sequence[str] | None = None) -> None:
     """Run the service with uvicorn until interrupted (``cxr serve``). The port is taken first, then the model loads.
 
     ``max_connections`` caps the requests in progress at once, uploads still arriving included (503 beyond it,
@@ -993,6 +1030,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     import uvicorn
 
     allowed_hosts = resolve_allowed_hosts(host, allowed_hosts)
+    cors_origins = resolve_cors_origins(cors_origins)
     if root_path and not root_path.startswith("/"):
         raise UsageError(f"--root-path {root_path}: a path from the root of the proxy's address, such as /cxr")
     _check_limits(max_upload_mb, max_concurrency, max_queue, upload_timeout, max_pixels)
@@ -1007,7 +1045,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
     try:
         app = create_app(model, backend=backend, max_upload_mb=max_upload_mb, max_concurrency=max_concurrency,
                          max_queue=max_queue, device=device, threads=threads, max_pixels=max_pixels, amp=amp,
-                         upload_timeout=upload_timeout, allowed_hosts=allowed_hosts)
+                         upload_timeout=upload_timeout, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
         engine = app.state.engine
         _first_prediction(engine)
         port = socks[0].getsockname()[1]  # the one the system chose, for --port 0
@@ -1016,6 +1054,9 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
                  host if ":" not in host else f"[{host}]", port, DISCLAIMER)
         if allowed_hosts is not None:
             log.info("answering requests for %s only (--allowed-hosts)", ", ".join(allowed_hosts))
+        if cors_origins:
+            log.info("the API may be called from pages of %s (--cors-origins)",
+                     "any origin" if "*" in cors_origins else ", ".join(cors_origins))
         protocol = http_protocol(upload_timeout)
         config = uvicorn.Config(_cut_off_quietly(app), host=host, port=port, log_level=log_level, server_header=False,
                                 access_log=access_log, limit_concurrency=max_connections,
