@@ -1050,3 +1050,20 @@ def test_rows_of_an_npz_are_not_counted_unseen_by_a_check_of_file_names(tmp_path
     evaluate_model("default", tmp_path / "t.npz", tmp_path / "ev", device="cpu")
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert "n_seen_in_training" not in metrics["test"] and metrics["test"]["n"] == 4
+
+
+def test_rows_of_a_csv_listing_without_a_split_are_named_after_the_csv(tmp_path):
+    # They had been reported as split "train", which a report reads as the images the model learnt from.
+    from cxr.demo import SAMPLE_DIR
+    from cxr.evaluate import evaluate_model
+
+    files = sorted((SAMPLE_DIR / "test").glob("*/*"))[:4] + sorted((SAMPLE_DIR / "test").glob("*/*"))[-4:]
+    (tmp_path / "ward7.csv").write_text("path,label\n" + "".join(f"{f},{f.parent.name}\n" for f in files))
+    metrics = evaluate_model("default", tmp_path / "ward7.csv", tmp_path / "out", device="cpu")
+    assert set(metrics) == {"ward7"} and metrics["ward7"]["n"] == 8
+    assert (tmp_path / "out" / "predictions_ward7.csv").is_file()
+    # With the column, its rows keep their split; an empty cell is named after the CSV too
+    (tmp_path / "mixed.csv").write_text("path,label,split\n" + "".join(
+        f"{f},{f.parent.name},{'test' if i % 2 else ''}\n" for i, f in enumerate(files)))
+    metrics = evaluate_model("default", tmp_path / "mixed.csv", tmp_path / "out2", device="cpu")
+    assert {k: v["n"] for k, v in metrics.items() if k in ("mixed", "test")} == {"mixed": 4, "test": 4}

@@ -485,7 +485,7 @@ def _list_column(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "") -> dict[str, Split]:
+def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unsplit: str = "train") -> dict[str, Split]:
     """The splits of a CSV listing images, one a row: a spreadsheet of labels, or images kept in one folder per
     patient or study, used where they are (no class folders of links to make).
 
@@ -494,7 +494,8 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "") -> di
     * ``path``: the image file, relative to the CSV's folder (a link to it followed) or absolute; a relative path
       with backslashes (written on Windows) is read with slashes where only that is there;
     * ``label``: NORMAL or PNEUMONIA (any case), or 0 / 1;
-    * ``split`` (if wished): train, val (or validation) or test; train where the column or cell is empty;
+    * ``split`` (if wished): train, val (or validation) or test; ``unsplit`` (train) where the column or cell is
+      empty (``cxr evaluate`` names those rows after the CSV, as a folder of class folders is named after itself);
     * ``patient`` (or ``patient id``, ``mrn``; if wished): the patient's id, which keeps a patient's images on one
       side of a carved validation split; where the column or cell is empty, the id is found as for a file in a class
       folder (:func:`file_patient_id`, the CSV's folder in the place of the class folder).
@@ -538,7 +539,7 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "") -> di
                 if label not in CLASS_NAMES:
                     raise UsageError(f"{path}, line {line}: label {cell('label')!r}: expected NORMAL or PNEUMONIA "
                                      "(any case), or 0 or 1")
-                split = _split_of(cell("split")) if cell("split").strip() else "train"
+                split = _split_of(cell("split")) if cell("split").strip() else unsplit
                 if split is None:
                     raise UsageError(f"{path}, line {line}: split {cell('split')!r}: expected train, val or test")
                 key = _listed_file(base, file)
@@ -573,7 +574,7 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "") -> di
         line, file, why = absent[0]
         log.warning("%s: %d of its %d listed images are left out, not there or no regular files (line %d: %s: %s)",
                     path, len(absent), listed, line, file, why)
-    return {name: Split(name, out[name]) for name in SPLITS if out.get(name)}
+    return {name: Split(name, out[name]) for name in [*SPLITS, *sorted(set(out) - set(SPLITS))] if out.get(name)}
 
 
 def _listed_file(base: Path, file: str) -> str:
@@ -888,9 +889,11 @@ def _children(folder: Path) -> list[Path]:
         return []
 
 
-def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_pattern: str = "") -> dict[str, Split]:
+def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_pattern: str = "",
+         unsplit: str = "train") -> dict[str, Split]:
     """Find the splits of a dataset root, a single split folder or an ``.npz`` (see the module docstring).
-    ``patient_pattern``: see :func:`file_patient_id`."""
+    ``patient_pattern``: see :func:`file_patient_id`; ``unsplit``: the split of a CSV listing's rows that name none
+    (:func:`scan_image_list`)."""
     root = Path(root)
     if not root.exists():
         raise UsageError(f"{root}: no such file or directory")
@@ -902,7 +905,7 @@ def scan(root: str | os.PathLike, *, require_both_classes: bool = True, patient_
                 return _scan_split_csv(root)
             columns = _csv_columns(root)
             if {"path", "label"} <= {_LIST_COLUMNS.get(_list_column(c)) for c in columns}:  # as scan_image_list reads
-                return scan_image_list(root, patient_pattern=patient_pattern)
+                return scan_image_list(root, patient_pattern=patient_pattern, unsplit=unsplit)
             raise UsageError(f"{root}: a CSV of images needs the columns path and label (split and patient if wished), "
                              f"or is a run's split.csv; it has {', '.join(map(repr, columns)) or 'none'}")
         if root.suffix.lower() != ".npz":

@@ -26,7 +26,7 @@ import torch
 
 from cxr.config import CLASS_NAMES, Config
 from cxr.errors import CxrError, DataError, UsageError
-from cxr.fileio import CSV_TEXT, MAX_NAME_BYTES, atomic_path, atomic_write_text, ensure_dir, npz_row
+from cxr.fileio import CSV_TEXT, MAX_NAME_BYTES, atomic_path, atomic_write_text, ensure_dir, npz_row, valid_utf8
 from cxr.images import image_stem
 from cxr.model import (
     Checkpoint,
@@ -932,7 +932,10 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
         # The cache is this machine's, not the one recorded by whoever trained the model.
         cfg = dataclasses.replace(run.cfg, cache_dir=cache_dir or default_cache_dir())
         pattern = ckpt.config.patient_pattern if patient_pattern is None else patient_pattern
-        splits = scan(data, require_both_classes=False, patient_pattern=pattern)
+        # A CSV listing's rows with no split are named after it, as a folder of class folders is (they had been
+        # "train", which a report reads as the images a model learnt from).
+        splits = scan(data, require_both_classes=False, patient_pattern=pattern,
+                      unsplit=valid_utf8(Path(os.path.abspath(data)).stem))
         for name in splits:  # a split's name is its folder's, and names the output files: checked before the work
             longest = f"predictions_{name}.csv"  # one byte longer than flythrough_<name>.mp4
             if len(os.fsencode(longest)) > MAX_NAME_BYTES:
@@ -941,7 +944,7 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
                                  f"{MAX_NAME_BYTES}); give --data a link to it with a shorter name")
         t = run.threshold
         developed_on = development_images(ckpt, mid)
-        results, failures = [], {}
+        results, failures, unusable = [], {}, (Path(data).name, 0, "no images")
         for split in splits.values():
             prepared = prepare(split, cfg)
             if split.recorded:
