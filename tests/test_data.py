@@ -455,8 +455,10 @@ def test_a_carve_far_from_the_fraction_asked_is_refused_and_folds_reach_100():
     # (README: refused where that is more than 0.05 off); nothing had tested between 0.05 and 0.10 off.
     pool = [Sample(f"/d/{'PNEUMONIA' if c else 'NORMAL'}/p{c}{i}.png", c, f"pattern:p{c}{i}", digest=f"{c}{i}")
             for c in (0, 1) for i in range(4)]
-    with pytest.raises(DataError, match="only 4 NORMAL patients: too few to carve a validation split of 15%"):
+    with pytest.raises(DataError, match="only 4 NORMAL patients: too few to carve a validation split of 15%") as e:
         carve_validation(pool, 0.15, seed=0)
+    # in the terms of each source: a CSV listing had been told of "the dataset's own val folder"
+    assert "val/ folder, val_images in an .npz, or rows of split val in a CSV listing" in str(e.value)
     assert validation_folds(0.01, max_folds=100) == (1, 100)  # round(1 / fraction) folds, up to the rarer class's
 
 

@@ -808,7 +808,7 @@ def test_a_resumed_runs_report_marks_the_resume_and_names_its_wall_time(tmp_path
     page = make_report(folder, device="cpu", video=False, heatmaps=False).read_text()
     assert "wall time of the last of 2 sessions (s)" in page and "resumed after epoch 1" in page
     assert "Dashed grey lines: where the run was resumed" in page
-    assert "val: carved from the train and val folders together, patient-disjoint (15% of the patients" in page
+    assert "val: carved from the train and val splits together, patient-disjoint (15% of the patients" in page
 
 
 def test_a_run_stopped_in_its_first_session_is_said_to_be_unfinished(report, tmp_path):

@@ -1170,7 +1170,8 @@ def carve_validation(pool: Sequence[Sample], fraction: float, seed: int) -> tupl
                 if from_headers else _merged_by_name_hint(pool)
             raise DataError(f"only {n_groups} {cls} patients: too few to carve a validation split of {fraction:.0%} "
                             f"({n_val_folds} of {n_splits} folds, each holding patients of both classes; use the "
-                            f"dataset's own val folder with --val-source folder){hint}")
+                            "dataset's own val split with --val-source folder: a val/ folder, val_images in an .npz, "
+                            f"or rows of split val in a CSV listing){hint}")
     # Counted whether or not such ids collide: unrelated patients' IMG_0001.jpg had once shared an id, which hid this
     # warning while one patient's images landed on both sides.
     unnamed = sum(patient_from_name_only(s) for s in pool)

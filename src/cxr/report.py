@@ -969,10 +969,10 @@ def _data_html(art: RunArtifacts, explainer: _Explainer, own_config: bool) -> st
     # release), and a val row of 46 beside a val folder of 16 had gone unexplained.
     if own_config and art.config and "val" in counts:
         if art.config.get("val_source", "carve") == "carve":
-            facts.append("<li>val: carved from the train and val folders together, patient-disjoint "
+            facts.append("<li>val: carved from the train and val splits together, patient-disjoint "
                          f"({float(art.config.get('val_fraction', 0.15)):.0%} of the patients; the rest is train)</li>")
         else:
-            facts.append("<li>val: the dataset's own val folder (--val-source folder)</li>")
+            facts.append("<li>val: the dataset's own val split (--val-source folder)</li>")
     # `cxr evaluate` names its model in each split's metrics (model_id in later versions); training's metrics do not.
     evaluated = list(dict.fromkeys(_model_name(m["model"], m.get("model_id")) for m in art.metrics.values()
                                    if m.get("model")))
