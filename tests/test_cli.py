@@ -2375,6 +2375,45 @@ def test_a_file_system_error_no_one_foresaw_is_one_line_and_status_1(monkeypatch
     assert capsys.readouterr().err == "cxr predict: error: p.csv: No space left on device\n"
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_predict_says_before_the_work_that_its_results_will_not_fit_on_the_disk(tmp_path, monkeypatch, capsys,
+                                                                                suffix):
+    # A nearly full disk passed the check of one byte, and lost the whole job when the results were written at its end.
+    import os
+    import types
+
+    import cxr.predict
+    from cxr.cli import main
+    from cxr.predict import Prediction, predictions_file_size, write_predictions_file
+
+    images = sorted((SAMPLE_DIR / "test").glob("*/*"))
+    out = tmp_path / f"p{suffix}"
+    # The estimate holds what is written, with long paths and an error or two (read back from a real write)
+    long = [str(tmp_path / ("deep_folder_" * 12) / f"{i:06d}_{f.name}") for i, f in enumerate(images * 30)]
+    preds = [Prediction(p, 0.123456789 + i * 1e-9, "PNEUMONIA", None if i % 50 else "not a JPEG file", 0.5746,
+                        "4d466379740f") for i, p in enumerate(long)]
+    write_predictions_file(out, preds)
+    assert os.path.getsize(out) <= predictions_file_size(out, long) <= 1.5 * os.path.getsize(out)
+    out.unlink()
+    real = os.statvfs
+
+    def nearly_full(path, free_bytes):
+        space = real(path)
+        return types.SimpleNamespace(f_blocks=space.f_blocks, f_bfree=1000, f_frsize=space.f_frsize,
+                                     f_bavail=free_bytes // space.f_frsize)
+
+    monkeypatch.setattr(cxr.predict, "predict_files", lambda *a, **k: pytest.fail("the work started"))
+    monkeypatch.setattr(os, "statvfs", lambda path: nearly_full(path, predictions_file_size(out, images) - 4096))
+    assert main(["predict", *map(str, images), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {out}: No space left on device: the results need about" in err and "are free there" in err
+    assert not out.exists()
+    # With room (or on a file system that counts no blocks) it goes on to the work
+    monkeypatch.setattr(os, "statvfs", lambda path: nearly_full(path, predictions_file_size(out, images) + 4096))
+    with pytest.raises(pytest.fail.Exception, match="the work started"):
+        main(["predict", *map(str, images), "--output", str(out)])
+
+
 def test_the_predictions_table_tells_apart_what_its_threshold_does_and_keeps_rows_whole(capsys):
     # 0.1143936 and 0.1143933 about a threshold of 0.11439343 both read 0.114, one PNEUMONIA and one NORMAL; and in a
     # file or a pipe rich folded paths at 80 columns, so grep found none of the rows.

@@ -494,7 +494,7 @@ def _print_metrics(metrics: dict) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from cxr.distributed import barrier, env_info, init, rank_device, shutdown
-    from cxr.fileio import check_not_an_input, check_writable
+    from cxr.fileio import check_free_space, check_not_an_input, check_writable
     from cxr.predict import (
         DISCLAIMER,
         Interrupted,
@@ -502,6 +502,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         merge_shards,
         parse_shard,
         predict_files,
+        predictions_file_size,
         select_shard,
         shard_path,
         write_predictions_file,
@@ -526,10 +527,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         files = collect_files(args.paths)
         if not files:
             raise UsageError(f"no image files in {', '.join(map(str, args.paths))}")
-        if args.output:
-            check_writable(shard_path(args.output, shard) if shard else args.output)  # now, not after the work
-            check_not_an_input(args.output, files)
         mine = select_shard(files, shard)
+        if args.output:
+            out = shard_path(args.output, shard) if shard else Path(args.output)
+            check_writable(out)  # now, not after the work
+            check_not_an_input(args.output, files)
+            # and room for the results: one byte had been the check, and a nearly full disk lost a whole job at its
+            # end (a shard's own; a merge that does not fit loses nothing, its shards stay)
+            check_free_space(out, predictions_file_size(out, mine))
         if not args.output and args.table is None and len(mine) > TABLE_MAX:
             # The work had been done, then shown nowhere (a table of more than 200 is not printed), exit 0.
             raise UsageError(f"{len(mine)} files and no --output: more than {TABLE_MAX} results are not printed, so "

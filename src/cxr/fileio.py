@@ -278,6 +278,30 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
     return target
 
 
+def check_free_space(path: str | os.PathLike, need: int) -> None:
+    """Fail now where the folder of the output file ``path`` has less than ``need`` bytes free (for whoever runs
+    this, not counting the blocks kept for root), with a :class:`~cxr.errors.WriteError` saying both. A nearly full disk
+    had passed :func:`check_writable`'s one byte, and a 20-hour ``cxr predict`` was lost when its results did not fit.
+    File systems that count no blocks (ramfs, an unlimited tmpfs) are not judged."""
+    where = Path(path).parent
+    if not hasattr(os, "statvfs"):
+        return
+    try:
+        space = os.statvfs(where)
+    except OSError:
+        return  # said by the write itself
+    free = space.f_bavail * space.f_frsize
+    if space.f_blocks > 0 and free < need:
+        error = WriteError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the results need about "
+                                         f"{_size(need)} and {_size(free)} are free there", str(path))
+        error.replacing = False
+        raise error
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB" if n >= 1000 else f"{n} bytes"
+
+
 def check_not_an_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], flag: str = "--output") -> None:
     """Refuse an output file that is one of the inputs: it would be replaced by the results (a checkpoint exported
     over itself, an image overwritten by the predictions file), and the input lost."""

@@ -15,7 +15,7 @@ import operator
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -321,6 +321,14 @@ def _check_suffix(path: str | os.PathLike) -> str:
     if suffix not in (".csv", ".json"):
         raise UsageError(f"{path}: a predictions file is named .csv or .json")
     return suffix
+
+
+def predictions_file_size(path: str | os.PathLike, files: Sequence[str | os.PathLike]) -> int:
+    """About the most bytes :func:`write_predictions_file` writes to ``path`` for ``files`` (errors aside, whose
+    messages vary), so that a disk without room for them is said before the work
+    (:func:`cxr.fileio.check_free_space`)."""
+    per_row = 160 if _check_suffix(path) == ".csv" else 230  # the disclaimer on each CSV row; JSON's keys and indents
+    return 1024 + sum(len(os.fsencode(os.fspath(f))) + per_row for f in files)
 
 
 def write_predictions_file(path: str | os.PathLike, predictions: list[Prediction]) -> None:
