@@ -536,7 +536,8 @@ CI_METHOD_FEW_PATIENTS = ("Wilson score for accuracy, sensitivity, specificity a
                           f"independent: too few patients (fewer than {MIN_PATIENTS_PER_CLASS} in a class)")
 CI_METHOD_PATIENTS = ("Wilson score for accuracy, sensitivity, specificity and precision, over the effective number of "
                       "images (design effect of the patients' several images; as many as the patients for a rate of "
-                      "0 or 1); BCa bootstrap of the patients, each with all of its images, for f1, auroc and auprc")
+                      "0 or 1); BCa bootstrap of the patients, each with all of its images, for f1, auroc and auprc "
+                      "(byte-identical copies of an image are one patient's in both)")
 
 
 def confidence_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, *, patients=None,
