@@ -2185,3 +2185,35 @@ def test_npz_keys_cxr_does_not_read_are_named(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="cxr.data"):
         scan(tmp_path / "e.npz")
     assert "ignoring" not in caplog.text
+
+
+def test_a_patient_named_in_a_csv_cell_and_in_a_dicom_header_is_one_patient(tmp_path, caplog):
+    # A patient column filled on some rows only: the others took the header's PatientID, "dicom:MRN-1" beside
+    # "listed:MRN-1", and one patient's images went to train and val under a log calling the split patient-disjoint;
+    # a test image of a training patient was not said to share one.
+    from cxr.data import Split, _groups, patient_key
+    from cxr.evaluate import patients_of
+    from cxr.train import _warn_of_ids_and_overlap
+
+    from .test_images import dicom_bytes
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(12):
+        for k in range(3):
+            name = f"{p}-{k}.dcm"
+            (tmp_path / name).write_bytes(dicom_bytes(rng.integers(0, 256, (8, 8), dtype=np.uint8),
+                                                      PatientID=f"MRN-{p}"))
+            rows.append(f"{name},{p % 2},{'test' if k == 2 else 'train'},{f'MRN-{p}' if k == 0 else ''}\n")
+    (tmp_path / "list.csv").write_text("path,label,split,MRN\n" + "".join(rows))
+    splits = scan(tmp_path / "list.csv")
+    train = splits["train"].samples
+    assert {s.patient.split(":")[0] for s in train} == {"listed", "dicom"}  # as given: split.csv shows the source
+    assert patient_key("listed:MRN-3") == patient_key("dicom:MRN-3") != patient_key("pattern:MRN-3")
+    assert len(set(_groups(train))) == 12 and len(set(patients_of(train))) == 12
+    tr, va = carve_validation(train, 0.25, seed=0)
+    assert not {patient_key(s.patient) for s in tr} & {patient_key(s.patient) for s in va}
+    _warn_of_ids_and_overlap({"train": Split("train", tr), "val": Split("val", va), "test": splits["test"]},
+                   load_config(overrides={"data": str(tmp_path / "list.csv")}))
+    assert "test split: 0 of its 12 images are byte-identical to images in train or val, and 12 belong to patients" \
+        in caplog.text

@@ -571,6 +571,10 @@ def test_copies_by_name_and_shared_patients_of_a_runs_images_are_counted_whereve
     assert dev.own("test", own) == {} and dev.own("val", other) == {}  # a copy elsewhere: counted as seen, above
     assert count_development(dev, "test", own) == {"n_seen_in_training": 2, "n_named_as_training": 0,
                                                     "n_sharing_patients": 1}
+    # A patient of the run's DICOM headers named in a CSV's patient cell now (or the other way): one patient, as
+    # "listed:x1" and "dicom:x1" had not been
+    listed = [Sample("/o/export/1.dcm", 0, "listed:x1", "zzz4"), Sample("/o/export/2.dcm", 0, "listed:x9", "zzz5")]
+    assert count_development(dev, "test", listed)["n_sharing_patients"] == 1
 
 
 def test_rows_of_an_npz_have_no_names_to_match(tmp_path):

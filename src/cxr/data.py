@@ -149,6 +149,17 @@ SPLIT_CSV_COLUMNS = ("split", "path", "label", "patient", "sha256")  # a run's s
 LISTED_PATIENT = "listed:"  # before a patient id given in the patient column of a CSV listing images
 
 
+def patient_key(patient: str) -> str:
+    """The id that tells one patient from another whatever source gave it: a CSV listing's patient cell and a DICOM
+    header's PatientID both name a hospital's id (an MRN), so ``listed:X`` and ``dicom:X`` are one patient. (A
+    patient column filled on some rows only, the header read for the others, had put one patient's images in train
+    and val under a log that called the split patient-disjoint.)"""
+    for prefix in (LISTED_PATIENT, _DICOM_PATIENT):
+        if patient.startswith(prefix):
+            return "id:" + patient[len(prefix):]
+    return patient
+
+
 def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = "") -> str:
     """The patient id of an image file, by the first rule that gives one:
 
@@ -1079,7 +1090,7 @@ def _groups(samples: Sequence[Sample]) -> np.ndarray:
     first: dict[tuple[str, str], int] = {}
     for i, s in enumerate(samples):
         named = _unambiguous_kermany_patient(Path(s.path).name) if s.patient.startswith(_DICOM_PATIENT) else None
-        for key in (("patient", s.patient), ("digest", s.digest), ("patient", named or "")):
+        for key in (("patient", patient_key(s.patient)), ("digest", s.digest), ("patient", named or "")):
             if key[1] in ("", EMPTY_DIGEST):  # empty files are alike, and no picture of anyone
                 continue
             j = first.setdefault(key, i)

@@ -66,9 +66,9 @@ def patients_of(samples) -> list[str]:
     own name says nothing of who it shows, and byte-identical copies under two names had counted as two patients (64
     images of 32 X-rays, each twice, gave intervals of 64). Copies go with each other whatever their ids: one named
     as a Kermany patient's and one named otherwise are that patient's (a known id is kept over an unknown one)."""
-    from cxr.data import EMPTY_DIGEST, patient_from_name_only
+    from cxr.data import EMPTY_DIGEST, patient_from_name_only, patient_key
 
-    ids = [f"{_UNKNOWN_PATIENT}{s.path}" if patient_from_name_only(s) else s.patient for s in samples]
+    ids = [f"{_UNKNOWN_PATIENT}{s.path}" if patient_from_name_only(s) else patient_key(s.patient) for s in samples]
     parent = {i: i for i in ids}
 
     def root(i: str) -> str:
@@ -713,7 +713,7 @@ def development_images(ckpt, mid: str) -> Development | None:
     """
     import gzip
 
-    from cxr.data import follow_moved_data, patient_from_name_only, read_split_csv
+    from cxr.data import follow_moved_data, patient_from_name_only, patient_key, read_split_csv
     from cxr.export import file_sha256
     from cxr.model import BUNDLED_MODEL
 
@@ -753,7 +753,7 @@ def development_images(ckpt, mid: str) -> Development | None:
                 continue
             key = _name_key(Path(s.path).name)
             name_counts[key] = name_counts.get(key, 0) + 1
-        patients |= {s.patient for s in development if not patient_from_name_only(s)}
+        patients |= {patient_key(s.patient) for s in development if not patient_from_name_only(s)}
         # A base run's images count in every split (a fine-tuned run's carved val held the base run's images, and
         # scored 1.000 without a word).
         checks.append((lambda split: True, lambda s, seen=seen: s.digest in seen,
@@ -804,7 +804,7 @@ def development_images(ckpt, mid: str) -> Development | None:
         judged = others(split, samples)
         if judged is None or not patients:
             return None
-        return sum(not patient_from_name_only(s) and s.patient in patients for s in judged)
+        return sum(not patient_from_name_only(s) and patient_key(s.patient) in patients for s in judged)
 
     return Development(count, what, named, sharing, own)
 

@@ -53,6 +53,7 @@ from cxr.data import (
     class_of_folder,
     is_split_csv,
     patient_from_name_only,
+    patient_key,
     prepare,
     prepare_shared,
     read_split_csv,
@@ -264,10 +265,10 @@ def _warn_of_ids_and_overlap(splits: dict[str, Split], cfg: Config) -> None:
             continue
         development = [s for other in earlier for s in splits[other].samples]
         digests = {s.digest for s in development if s.digest} - {EMPTY_DIGEST}
-        patients = {s.patient for s in development if not patient_from_name_only(s)}
+        patients = {patient_key(s.patient) for s in development if not patient_from_name_only(s)}
         later = splits[name].samples
         copies = sum(bool(s.digest) and s.digest in digests for s in later)
-        shared = sum(not patient_from_name_only(s) and s.patient in patients for s in later)
+        shared = sum(not patient_from_name_only(s) and patient_key(s.patient) in patients for s in later)
         if copies or shared:
             log.warning("%s split: %d of its %d images are byte-identical to images in %s, and %d belong to patients "
                         "who also have images there (split.csv lists the patient ids): its metrics will overstate how "
