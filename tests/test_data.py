@@ -2217,3 +2217,16 @@ def test_a_patient_named_in_a_csv_cell_and_in_a_dicom_header_is_one_patient(tmp_
                    load_config(overrides={"data": str(tmp_path / "list.csv")}))
     assert "test split: 0 of its 12 images are byte-identical to images in train or val, and 12 belong to patients" \
         in caplog.text
+
+
+def test_a_carve_far_from_the_fraction_asked_says_why(caplog):
+    # 40 of 60 images under one PatientID (an anonymiser's placeholder) carved 3 images for validation, without a word.
+    pool = [Sample(f"/d/{i}.dcm", i % 2, "dicom:ANONYMOUS" if i < 40 else f"dicom:P{i}", digest=f"{i:064x}")
+            for i in range(60)]
+    tr, va = carve_validation(pool, 0.15, seed=0)
+    assert len(va) < 6
+    assert (f"the carved validation split holds {len(va)} of the 60 images" in caplog.text
+            and "the largest, dicom:ANONYMOUS, has 40 images (67%) of both classes" in caplog.text)
+    caplog.clear()
+    carve_validation(_pool(40, 2), 0.15, seed=0)  # patients alike: near the fraction, nothing said
+    assert "carved validation split holds" not in caplog.text
