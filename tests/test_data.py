@@ -649,8 +649,8 @@ def test_a_csv_listing_images_is_read_as_class_folders_are(tmp_path, tiny_datase
 
 
 @pytest.mark.parametrize(("row", "message"), [
-    ("export/{a},sick,", "line 3: label 'sick': expected NORMAL or PNEUMONIA (any case), or 0 or 1"),
-    ("export/{a},NORMAL,holdout", "line 3: split 'holdout': expected train, val or test"),
+    ("export/{a},sick,", ": label 'sick' on 1 row (line 3): expected NORMAL or PNEUMONIA (any case), or 0 or 1"),
+    ("export/{a},NORMAL,holdout", ": split 'holdout' on 1 row (line 3): expected train, val or test"),
     ("export/./{b},NORMAL,", "lines 2 and 3: export/./{b} is listed twice"),
     (",NORMAL,", "line 3: no image path"),
     ("export/{a}\0,NORMAL,", "line 3: a NUL character in the path"),
@@ -659,8 +659,28 @@ def test_a_csv_listing_images_names_the_line_it_cannot_use(tmp_path, tiny_datase
     files = _flat_copy(tiny_dataset, tmp_path / "export")
     a, b = files[0][0].name, files[1][0].name
     (tmp_path / "labels.csv").write_text(f"path,label,split\nexport/{b},PNEUMONIA,\n{row.format(a=a, b=b)}\n")
-    with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'labels.csv'}, {message.format(a=a, b=b)}")):
+    message = message.format(a=a, b=b)
+    csv_path = f"{tmp_path / 'labels.csv'}{'' if message.startswith(':') else ', '}"
+    with pytest.raises(UsageError, match=re.escape(csv_path + message)):
         scan(tmp_path / "labels.csv")
+
+
+def test_a_csv_listing_images_names_every_bad_label_and_split_at_once(tmp_path):
+    # An NIH-style file ('No Finding', 'Pneumonia|Effusion') had been refused at its first bad line only: the next
+    # bad value, or a bad split further down, was found on the next run.
+    rows = [f"img/{k}.png,{'Pneumonia|Effusion' if k % 3 == 0 else 'No Finding'},{'holdout' if k == 40 else ''}"
+            for k in range(47)]
+    (tmp_path / "nih.csv").write_text("path,label,split\nimg/ok.png,1,train\n" + "\n".join(rows) + "\n")
+    with pytest.raises(UsageError, match=re.escape(
+            f"{tmp_path / 'nih.csv'}: label 'Pneumonia|Effusion' on 16 rows (first line 3), 'No Finding' on 31 (first "
+            "line 4): expected NORMAL or PNEUMONIA (any case), or 0 or 1; split 'holdout' on 1 row (line 43): expected "
+            "train, val or test")):
+        scan(tmp_path / "nih.csv")
+    (tmp_path / "many.csv").write_text("path,label\n" + "".join(f"img/{c}.png,{c}\n" for c in "abcdefg"))
+    with pytest.raises(UsageError, match=re.escape(
+            f"{tmp_path / 'many.csv'}: label 'a' on 1 row (line 2), 'b' on 1 (line 3), 'c' on 1 (line 4), 'd' on 1 "
+            "(line 5), 'e' on 1 (line 6), and 2 more: expected NORMAL")):
+        scan(tmp_path / "many.csv")
 
 
 def test_a_csv_listing_images_none_of_which_are_there_says_where_it_looked(tmp_path):

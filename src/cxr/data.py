@@ -512,9 +512,11 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
       folder (:func:`file_patient_id`, the CSV's folder in the place of the class folder).
 
     A row that cannot be read, a file listed twice (by any path to it), or two columns of one meaning is a
-    :class:`UsageError` naming its line or columns; rows of empty cells are passed over (Excel writes ``,,,`` for
-    rows once used). Listed files that are not there, or are no regular files, are counted in one warning, naming
-    the first's line, and skipped where they are decoded, as an unreadable image is; none there is an error.
+    :class:`UsageError` naming its line or columns; labels and splits it cannot read are gathered over the whole file
+    and refused at once, each value with its count of rows and first line. Rows of empty cells are passed over (Excel
+    writes ``,,,`` for rows once used). Listed files that are not there, or are no regular files, are counted in one
+    warning, naming the first's line, and skipped where they are decoded, as an unreadable image is; none there is an
+    error.
     """
     path = Path(path).absolute()
     base = Path(os.path.realpath(path.parent))  # "../img" from the CSV's real folder, as opening it goes
@@ -529,6 +531,7 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
     out: dict[str, list[Sample]] = {}
     lines: dict[str, int] = {}
     absent: list[tuple[int, str, str]] = []
+    bad: dict[str, dict[str, list[int]]] = {"label": {}, "split": {}}  # each bad value's rows and first line
     try:
         with open(path, **CSV_READ) as f:
             reader = csv.DictReader(f, delimiter=delimiter)
@@ -547,12 +550,12 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
                                      f"{path}, line {line}: a NUL character in the path")
                 if label in ("0", "1"):
                     label = CLASS_NAMES[int(label)]
-                if label not in CLASS_NAMES:
-                    raise UsageError(f"{path}, line {line}: label {cell('label')!r}: expected NORMAL or PNEUMONIA "
-                                     "(any case), or 0 or 1")
                 split = _split_of(cell("split")) if cell("split").strip() else unsplit
-                if split is None:
-                    raise UsageError(f"{path}, line {line}: split {cell('split')!r}: expected train, val or test")
+                if label not in CLASS_NAMES or split is None:  # gathered, and said at once (the next had waited a run)
+                    for column, wrong in (("label", label not in CLASS_NAMES), ("split", split is None)):
+                        if wrong:
+                            bad[column].setdefault(cell(column), [0, line])[0] += 1
+                    continue
                 key = _listed_file(base, file)
                 real = os.path.realpath(key)
                 if real in lines:  # two labels, or one image twice in the training data
@@ -574,6 +577,10 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
                 out.setdefault(split, []).append(Sample(key, CLASS_NAMES.index(label), patient))
     except (OSError, ValueError, csv.Error) as e:
         raise UsageError(f"{path}: not a readable CSV file ({type(e).__name__}: {e})") from None
+    refused = [_bad_values(column, bad[column], expected) for column, expected in
+               (("label", "NORMAL or PNEUMONIA (any case), or 0 or 1"), ("split", "train, val or test")) if bad[column]]
+    if refused:
+        raise UsageError(f"{path}: {'; '.join(refused)}")
     listed = sum(map(len, out.values())) + len(absent)
     if not listed:
         raise DataError(f"{path}: lists no images")
@@ -586,6 +593,18 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
         log.warning("%s: %d of its %d listed images are left out, not there or no regular files (line %d: %s: %s)",
                     path, len(absent), listed, line, file, why)
     return {name: Split(name, out[name]) for name in [*SPLITS, *sorted(set(out) - set(SPLITS))] if out.get(name)}
+
+
+def _bad_values(column: str, values: dict[str, list[int]], expected: str, most: int = 5) -> str:
+    """The bad values of a column of a CSV listing images, each with its count of rows and first line (at most
+    ``most`` named), and what was expected: ``label 'No Finding' on 31 rows (first line 4), ...: expected ...``."""
+    said = []
+    for value, (rows, line) in list(values.items())[:most]:
+        where = f"(first line {line})" if rows > 1 else f"(line {line})"
+        said.append(f"{value!r} on {rows} {where}" if said else
+                    f"{column} {value!r} on {rows} row{'s' if rows > 1 else ''} {where}")
+    more = f", and {len(values) - most} more" if len(values) > most else ""
+    return f"{', '.join(said)}{more}: expected {expected}"
 
 
 def _listed_file(base: Path, file: str) -> str:
