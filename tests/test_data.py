@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from cxr import config, data
-from cxr.config import load_config
+from cxr.config import CLASS_NAMES, load_config
 from cxr.data import (
     Sample,
     add_digests,
@@ -651,7 +651,8 @@ def test_a_csv_listing_images_is_read_as_class_folders_are(tmp_path, tiny_datase
 @pytest.mark.parametrize(("row", "message"), [
     ("export/{a},sick,", ": label 'sick' on 1 row (line 3): expected NORMAL or PNEUMONIA (any case), or 0 or 1"),
     ("export/{a},NORMAL,holdout", ": split 'holdout' on 1 row (line 3): expected train, val or test"),
-    ("export/./{b},NORMAL,", "lines 2 and 3: export/./{b} is listed twice"),
+    ("export/./{b},NORMAL,", ": 1 row lists a file already listed with another label, split or patient (lines 2 and "
+                             "3: export/./{b} is listed twice, label PNEUMONIA then NORMAL)"),
     (",NORMAL,", "line 3: no image path"),
     ("export/{a}\0,NORMAL,", "line 3: a NUL character in the path"),
 ])
@@ -681,6 +682,38 @@ def test_a_csv_listing_images_names_every_bad_label_and_split_at_once(tmp_path):
             f"{tmp_path / 'many.csv'}: label 'a' on 1 row (line 2), 'b' on 1 (line 3), 'c' on 1 (line 4), 'd' on 1 "
             "(line 5), 'e' on 1 (line 6), and 2 more: expected NORMAL")):
         scan(tmp_path / "many.csv")
+
+
+def test_a_csv_listing_images_takes_rows_repeating_a_file_once_and_names_every_conflict_at_once(tmp_path, tiny_dataset,
+                                                                                                  caplog):
+    # RSNA-style files list an image once a finding box: two boxes, two rows of one label. They had been refused pair
+    # by pair ("lines 2 and 3: X is listed twice"), and rows of another label, split or patient one pair a run.
+    files = _flat_copy(tiny_dataset, tmp_path / "export")
+    names = [f"export/{f.name}" for f, _, _ in files]
+    labels = [label for _, label, _ in files]
+    rows = [f"export/{f.name},{label},,p{k}" for k, (f, label, _) in enumerate(files)]
+    rows += [f"{names[1]},{labels[1]},,p1", f"./{names[1]},{labels[1]},train,p1 ", f"{names[4]},{labels[4]},,p4",
+             "export/gone.jpeg,1,,", "export/gone.jpeg,1,,"]
+    (tmp_path / "rsna.csv").write_text("path,label,split,patient\n" + "\n".join(rows) + "\n")
+    with caplog.at_level("WARNING"):
+        splits = scan(tmp_path / "rsna.csv")
+    assert sorted(s.path for s in splits["train"].samples) == sorted(str(f) for f, _, _ in files)
+    n = len(files)
+    assert f"4 rows list a file already listed with the same label, split and patient (first: line {n + 2}, as line " \
+        "3): each file is taken once" in caplog.text
+    assert f"1 of its {n + 1} listed images are left out" in caplog.text
+    caplog.clear()
+    rows += [f"{names[2]},{1 - labels[2]},,p2", f"{names[3]},{labels[3]},test,p3", f"{names[5]},{labels[5]},,q",
+             f"{names[0]},{labels[0]},,p0", "export/gone.jpeg,sick,,"]
+    (tmp_path / "rsna.csv").write_text("path,label,split,patient\n" + "\n".join(rows) + "\n")
+    with pytest.raises(UsageError, match=re.escape(
+            f"{tmp_path / 'rsna.csv'}: label 'sick' on 1 row (line {n + 11}): expected NORMAL or PNEUMONIA (any case), "
+            "or 0 or 1; 3 rows list a file already listed with another label, split or patient (lines 4 and "
+            f"{n + 7}: {names[2]} is listed twice, label {CLASS_NAMES[labels[2]]} then {CLASS_NAMES[1 - labels[2]]}; "
+            f"lines 5 and {n + 8}: {names[3]} is listed twice, split train then test; and 1 more): a file has one "
+            "label, split and patient")):
+        scan(tmp_path / "rsna.csv")
+    assert "already listed with the same label" not in caplog.text
 
 
 def test_a_csv_listing_images_none_of_which_are_there_says_where_it_looked(tmp_path):

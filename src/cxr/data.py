@@ -511,12 +511,13 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
       side of a carved validation split; where the column or cell is empty, the id is found as for a file in a class
       folder (:func:`file_patient_id`, the CSV's folder in the place of the class folder).
 
-    A row that cannot be read, a file listed twice (by any path to it), or two columns of one meaning is a
-    :class:`UsageError` naming its line or columns; labels and splits it cannot read are gathered over the whole file
-    and refused at once, each value with its count of rows and first line. Rows of empty cells are passed over (Excel
-    writes ``,,,`` for rows once used). Listed files that are not there, or are no regular files, are counted in one
-    warning, naming the first's line, and skipped where they are decoded, as an unreadable image is; none there is an
-    error.
+    A row that cannot be read, or two columns of one meaning, is a :class:`UsageError` naming its line or columns;
+    labels and splits it cannot read are gathered over the whole file and refused at once, each value with its count
+    of rows and first line, as are rows listing a file again (by any path to it) with another label, split or patient.
+    Rows listing a file again with the same label, split and patient (RSNA's files have a row a finding box) are
+    counted in one warning, the file taken once. Rows of empty cells are passed over (Excel writes ``,,,`` for rows
+    once used). Listed files that are not there, or are no regular files, are counted in one warning, naming the
+    first's line, and skipped where they are decoded, as an unreadable image is; none there is an error.
     """
     path = Path(path).absolute()
     base = Path(os.path.realpath(path.parent))  # "../img" from the CSV's real folder, as opening it goes
@@ -529,7 +530,9 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
         if meaning:
             names[meaning] = c
     out: dict[str, list[Sample]] = {}
-    lines: dict[str, int] = {}
+    first: dict[str, tuple[int, str, str, str]] = {}  # each file's (by its real path) first line, label, split, patient
+    again: list[tuple[int, int]] = []  # (line, first line) of a row repeating its file's first one
+    conflicts: list[tuple[int, int, str, str]] = []  # (first line, line, path, what differs) of one file's rows
     absent: list[tuple[int, str, str]] = []
     bad: dict[str, dict[str, list[int]]] = {"label": {}, "split": {}}  # each bad value's rows and first line
     try:
@@ -558,9 +561,19 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
                     continue
                 key = _listed_file(base, file)
                 real = os.path.realpath(key)
-                if real in lines:  # two labels, or one image twice in the training data
-                    raise UsageError(f"{path}, lines {lines[real]} and {line}: {file} is listed twice")
-                lines[real] = line
+                listed_patient = unicodedata.normalize("NFC", cell("patient").strip())
+                if real in first:  # RSNA's row a finding box; or two labels, or one image twice in the training data
+                    line0, label0, split0, patient0 = first[real]
+                    differ = [said for said, same in ((f"label {label0} then {label}", label0 == label),
+                                                      (f"split {split0} then {split}", split0 == split),
+                                                      (f"patient {patient0!r} then {listed_patient!r}",
+                                                       patient0 == listed_patient)) if not same]
+                    if differ:
+                        conflicts.append((line0, line, file, ", ".join(differ)))
+                    else:
+                        again.append((line, line0))
+                    continue
+                first[real] = (line, label, split, listed_patient)
                 try:
                     if not stat.S_ISREG(os.stat(key).st_mode):  # a folder; a FIFO or device had hung the scan
                         absent.append((line, file, "not a regular file"))
@@ -568,7 +581,7 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
                 except OSError as e:
                     absent.append((line, file, e.strerror or "not there"))
                     continue
-                patient = unicodedata.normalize("NFC", cell("patient").strip())
+                patient = listed_patient
                 if patient:
                     patient = LISTED_PATIENT + patient
                 else:  # a file elsewhere (absolute, or by ../) by its whole path: its name alone had been its id
@@ -579,8 +592,18 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
         raise UsageError(f"{path}: not a readable CSV file ({type(e).__name__}: {e})") from None
     refused = [_bad_values(column, bad[column], expected) for column, expected in
                (("label", "NORMAL or PNEUMONIA (any case), or 0 or 1"), ("split", "train, val or test")) if bad[column]]
+    if conflicts:
+        named = "; ".join(f"lines {a} and {b}: {file} is listed twice, {what}" for a, b, file, what in conflicts[:2])
+        more = f"; and {len(conflicts) - 2} more" if len(conflicts) > 2 else ""
+        refused.append(f"{len(conflicts)} row{'s list' if len(conflicts) > 1 else ' lists'} a file already listed with "
+                       f"another label, split or patient ({named}{more}): a file has one label, split and patient")
     if refused:
         raise UsageError(f"{path}: {'; '.join(refused)}")
+    if again:
+        line, line0 = again[0]
+        log.warning("%s: %d row%s a file already listed with the same label, split and patient (first: line %d, as "
+                    "line %d): each file is taken once", path, len(again), "s list" if len(again) > 1 else " lists",
+                    line, line0)
     listed = sum(map(len, out.values())) + len(absent)
     if not listed:
         raise DataError(f"{path}: lists no images")
