@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -714,6 +715,59 @@ def test_a_csv_listing_images_takes_rows_repeating_a_file_once_and_names_every_c
             "label, split and patient")):
         scan(tmp_path / "rsna.csv")
     assert "already listed with the same label" not in caplog.text
+
+
+def test_a_csv_listing_dicoms_says_where_their_headers_name_other_patients(tmp_path, caplog):
+    # A spreadsheet sorted on one column only moves its patient cells (its labels maybe too) onto other files: the
+    # DICOM header's own PatientID, which disagreed, had been ignored without a word.
+    import threading
+
+    from .test_images import dicom_bytes
+
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    (tmp_path / "x").mkdir()
+    for k, name in enumerate(["P0", "P1", "P2", "P3", "Zoe\u0308", "P5"]):  # Zoë in NFD, as macOS writes it
+        (tmp_path / "x" / f"{k}.dcm").write_bytes(dicom_bytes(pixels + k, PatientID=name,
+                                                              SpecificCharacterSet="ISO_IR 192"))  # UTF-8
+    (tmp_path / "x" / "6.dcm").write_bytes(dicom_bytes(pixels))  # no PatientID: nothing to compare
+    (tmp_path / "x" / "7.png").write_bytes(dicom_bytes(pixels, PatientID="Q"))  # named as a PNG: no header read
+    os.mkfifo(tmp_path / "x" / "8.dcm")  # never opened: reading it had hung the scan
+    cells = ["P0", "P2", "P1", " P3 ", "Zo\u00eb", "", "P6", "P7", "P8"]
+    (tmp_path / "l.csv").write_text("path,label,patient\n" + "".join(
+        f"x/{k}.{'png' if k == 7 else 'dcm'},{k % 2},{cell}\n" for k, cell in enumerate(cells)), encoding="utf-8")
+    opened, done = [], threading.Event()
+
+    def let_a_reader_go() -> None:  # a reader of the FIFO let go, and counted, rather than the test hanging
+        while not done.wait(0.05):
+            with contextlib.suppress(OSError):
+                os.close(os.open(tmp_path / "x" / "8.dcm", os.O_WRONLY | os.O_NONBLOCK))
+                opened.append(1)
+
+    watcher = threading.Thread(target=let_a_reader_go, daemon=True)
+    watcher.start()
+    try:
+        with caplog.at_level("WARNING"):
+            splits = scan(tmp_path / "l.csv")
+    finally:
+        done.set()
+        watcher.join()
+    assert not opened
+    assert len(splits["train"].samples) == 8
+    assert "the DICOM header's PatientID differs from the patient cell on 2 of its 5 rows compared (first: line 3, " \
+        "cell 'P2', header 'P1'): a spreadsheet sorted on one column only moves cells off their files (labels too?); " \
+        "the patient cell is used" in caplog.text
+    caplog.clear()
+    (tmp_path / "anon.csv").write_text("path,label,patient\n" + "".join(f"x/{k}.dcm,0,A{k}\n" for k in range(4)))
+    with caplog.at_level("WARNING"):
+        scan(tmp_path / "anon.csv")
+    assert "differs from the patient cell on every one of its 4 rows compared (first: line 2, cell 'A0', header " \
+        "'P0'): as in an export whose header ids were replaced (anonymised), probably harmless; the patient cell is " \
+        "used" in caplog.text
+    caplog.clear()
+    (tmp_path / "same.csv").write_text("path,label,patient\n" + "".join(f"x/{k}.dcm,0,P{k}\n" for k in range(4)))
+    with caplog.at_level("WARNING"):
+        scan(tmp_path / "same.csv")
+    assert "PatientID" not in caplog.text
 
 
 def test_a_csv_listing_images_none_of_which_are_there_says_where_it_looked(tmp_path):

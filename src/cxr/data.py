@@ -509,7 +509,9 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
       empty (``cxr evaluate`` names those rows after the CSV, as a folder of class folders is named after itself);
     * ``patient`` (or ``patient id``, ``mrn``; if wished): the patient's id, which keeps a patient's images on one
       side of a carved validation split; where the column or cell is empty, the id is found as for a file in a class
-      folder (:func:`file_patient_id`, the CSV's folder in the place of the class folder).
+      folder (:func:`file_patient_id`, the CSV's folder in the place of the class folder). A DICOM header's own
+      PatientID (read for a file not named ``.jpg``/``.jpeg``/``.png``) that is not the cell's is counted in one
+      warning, the cell used: a spreadsheet sorted on one column only moves cells off their files.
 
     A row that cannot be read, or two columns of one meaning, is a :class:`UsageError` naming its line or columns;
     labels and splits it cannot read are gathered over the whole file and refused at once, each value with its count
@@ -534,6 +536,8 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
     again: list[tuple[int, int]] = []  # (line, first line) of a row repeating its file's first one
     conflicts: list[tuple[int, int, str, str]] = []  # (first line, line, path, what differs) of one file's rows
     absent: list[tuple[int, str, str]] = []
+    compared = 0  # rows of a patient cell whose DICOM header names a patient
+    other_id: list[tuple[int, str, str]] = []  # (line, cell, header id) of those naming another
     bad: dict[str, dict[str, list[int]]] = {"label": {}, "split": {}}  # each bad value's rows and first line
     try:
         with open(path, **CSV_READ) as f:
@@ -583,6 +587,12 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
                     continue
                 patient = listed_patient
                 if patient:
+                    if Path(key).suffix.lower() not in (".jpg", ".jpeg", ".png"):  # a regular file (above): no FIFO
+                        header = dicom_patient_id(key)
+                        if header is not None:
+                            compared += 1
+                            if unicodedata.normalize("NFC", header) != patient:
+                                other_id.append((line, patient, header))
                     patient = LISTED_PATIENT + patient
                 else:  # a file elsewhere (absolute, or by ../) by its whole path: its name alone had been its id
                     below = key.startswith(os.path.join(str(base), ""))
@@ -604,6 +614,14 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
         log.warning("%s: %d row%s a file already listed with the same label, split and patient (first: line %d, as "
                     "line %d): each file is taken once", path, len(again), "s list" if len(again) > 1 else " lists",
                     line, line0)
+    if other_id:  # a spreadsheet sorted on one column only: its patients, and maybe labels, on other files
+        line, in_cell, in_header = other_id[0]
+        every = len(other_id) == compared > 1
+        log.warning("%s: the DICOM header's PatientID differs from the patient cell on %s %d rows compared (first: "
+                    "line %d, cell %r, header %r): %s; the patient cell is used", path,
+                    "every one of its" if every else f"{len(other_id)} of its", compared, line, in_cell, in_header,
+                    "as in an export whose header ids were replaced (anonymised), probably harmless" if every else
+                    "a spreadsheet sorted on one column only moves cells off their files (labels too?)")
     listed = sum(map(len, out.values())) + len(absent)
     if not listed:
         raise DataError(f"{path}: lists no images")
