@@ -937,6 +937,43 @@ def test_a_run_trains_on_a_csv_listing_images(tmp_path, tiny_dataset):
         {n: [s.path for s in split.samples] for n, split in splits.items()}
 
 
+def test_files_a_csv_lists_that_are_not_there_are_listed_in_the_results(tmp_path, tiny_dataset):
+    # One warning named the first alone; summary.json and metrics.json had a smaller n and no word of the others.
+    import json
+
+    from cxr.evaluate import evaluate_model
+    from cxr.train import split_dataset, train
+
+    from .conftest import TINY_TRAIN
+
+    files = _flat_copy(tiny_dataset, tmp_path / "export")
+    (tmp_path / "labels.csv").write_text("path,label,split\n" + "".join(
+        f"export/{f.name},{label},{split}\n" for f, label, split in files)
+        + "gone/a.png,NORMAL,train\ngone/b.png,PNEUMONIA,train\nexport,NORMAL,test\n")
+    lines = len(files) + 2
+    run = tmp_path / "run"
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tmp_path / "labels.csv"), "output": str(run),
+                                 "epochs": 1})
+    splits = split_dataset(cfg, run, resume=False, write=False)
+    gone = str(tmp_path / "gone")
+    assert splits["train"].not_found == [(f"{gone}/a.png", f"line {lines}: No such file or directory"),
+                                         (f"{gone}/b.png", f"line {lines + 1}: No such file or directory")]
+    assert splits["val"].not_found == [] and splits["test"].not_found == [
+        (str(tmp_path / "export"), f"line {lines + 2}: not a regular file")]
+    train(cfg)
+    summary = json.loads((run / "summary.json").read_text())
+    assert [x["path"] for x in summary["not_found"]["train"]] == [f"{gone}/a.png", f"{gone}/b.png"]
+    assert summary["not_found"]["test"] == [{"path": str(tmp_path / "export"),
+                                             "reason": f"line {lines + 2}: not a regular file"}]
+    metrics = evaluate_model(run, tmp_path / "labels.csv", tmp_path / "eval", device="cpu")
+    assert metrics["train"]["n_not_found"] == 2 and metrics["train"]["not_found"][1]["path"] == f"{gone}/b.png"
+    assert metrics["test"]["n_not_found"] == 1 and set(metrics) == {"train", "test"}
+    from cxr.report import make_report
+
+    page = make_report(tmp_path / "eval").read_text()
+    assert "listed in the CSV but not there, left out (3)" in page and f"{gone}/b.png: line {lines + 1}" in page
+
+
 def test_npz_rows_carry_their_digest_so_duplicates_stay_on_one_side(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8)

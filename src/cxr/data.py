@@ -98,6 +98,9 @@ class Split:
     samples: list[Sample]
     images: np.ndarray | None = None
     recorded: dict[str, str] | None = None  # path -> SHA-256, as a run's split.csv recorded them
+    # (path, reason) of the files a CSV listing gives this split that are not there, or are no regular files: said
+    # in metrics.json and summary.json, not only in one warning naming the first
+    not_found: list[tuple[str, str]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """Images per class name."""
@@ -535,7 +538,7 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
     first: dict[str, tuple[int, str, str, str]] = {}  # each file's (by its real path) first line, label, split, patient
     again: list[tuple[int, int]] = []  # (line, first line) of a row repeating its file's first one
     conflicts: list[tuple[int, int, str, str]] = []  # (first line, line, path, what differs) of one file's rows
-    absent: list[tuple[int, str, str]] = []
+    absent: list[tuple[int, str, str, str]] = []  # (line, file, why, split)
     compared = 0  # rows of a patient cell whose DICOM header names a patient
     other_id: list[tuple[int, str, str]] = []  # (line, cell, header id) of those naming another
     bad: dict[str, dict[str, list[int]]] = {"label": {}, "split": {}}  # each bad value's rows and first line
@@ -580,10 +583,10 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
                 first[real] = (line, label, split, listed_patient)
                 try:
                     if not stat.S_ISREG(os.stat(key).st_mode):  # a folder; a FIFO or device had hung the scan
-                        absent.append((line, file, "not a regular file"))
+                        absent.append((line, file, "not a regular file", split))
                         continue
                 except OSError as e:
-                    absent.append((line, file, e.strerror or "not there"))
+                    absent.append((line, file, e.strerror or "not there", split))
                     continue
                 patient = listed_patient
                 if patient:
@@ -626,14 +629,19 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
     if not listed:
         raise DataError(f"{path}: lists no images")
     if not any(out.values()):
-        line, file, why = absent[0]
+        line, file, why, _ = absent[0]
         raise DataError(f"{path}: none of its {listed} images can be read (line {line}: {file}: {why}; a relative "
                         f"path is read from the CSV's folder, {base})")
     if absent:
-        line, file, why = absent[0]
-        log.warning("%s: %d of its %d listed images are left out, not there or no regular files (line %d: %s: %s)",
-                    path, len(absent), listed, line, file, why)
-    return {name: Split(name, out[name]) for name in [*SPLITS, *sorted(set(out) - set(SPLITS))] if out.get(name)}
+        line, file, why, _ = absent[0]
+        log.warning("%s: %d of its %d listed images are left out, not there or no regular files (line %d: %s: %s); "
+                    "each is listed under not_found in summary.json or metrics.json", path, len(absent), listed,
+                    line, file, why)
+    splits = {name: Split(name, out[name]) for name in [*SPLITS, *sorted(set(out) - set(SPLITS))] if out.get(name)}
+    for line, file, why, split in absent:  # one of a split with no file there: said in the warning alone
+        if split in splits:
+            splits[split].not_found.append((_listed_file(base, file), f"line {line}: {why}"))
+    return splits
 
 
 def _bad_values(column: str, values: dict[str, list[int]], expected: str, most: int = 5) -> str:

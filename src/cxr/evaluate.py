@@ -968,6 +968,9 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
                                     "threshold_source": "model" if threshold is None else "given",
                                     "model": model_ref, "model_id": mid, "data": str(Path(data).resolve()),
                                     "inference_dtype": "bfloat16" if run.bf16 else "float32"}
+            if split.not_found:  # listed by a CSV, not there: n had been smaller without a word in the results
+                failures[split.name].update({"n_not_found": len(split.not_found),
+                                             "not_found": [{"path": f, "reason": r} for f, r in split.not_found]})
             copies = count_copies(prepared.samples)
             if copies:  # counted once in the intervals (patients_of), and said: nothing had
                 failures[split.name]["n_copies"] = copies

@@ -1049,6 +1049,16 @@ def _data_html(art: RunArtifacts, explainer: _Explainer, own_config: bool) -> st
             f"<li>{html.escape(display_name(s))}: {html.escape(display_name(u.get('path', '')))}: "
             f"{html.escape(display_name(u.get('reason', '').removeprefix(u.get('path', '') + ': ')))}</li>"
             for s, u in bad) + "</ul></details>"  # the reason names the file too: once is enough
+    # files a CSV listing names that are not there: n had been smaller with no word of why
+    not_found = summary.get("not_found") or {s: m["not_found"] for s, m in art.metrics.items()
+                                             if isinstance(m.get("not_found"), list)}
+    missing = [(s, u) for s, items in not_found.items() for u in items]
+    if missing:
+        data_html += ("<details><summary>listed in the CSV but not there, left out (" + str(len(missing))
+                      + ")</summary><ul>" + "".join(
+                          f"<li>{html.escape(display_name(s))}: {html.escape(display_name(u.get('path', '')))}: "
+                          f"{html.escape(display_name(u.get('reason', '')))}</li>" for s, u in missing)
+                      + "</ul></details>")
     return data_html + (f"<ul>{''.join(facts)}</ul>" if facts else "")
 
 

@@ -217,6 +217,7 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
                 images = np.stack([arrays[src][i] for src, i in sources]) if sources else None
             splits[name] = Split(name, [found[src].samples[i] for src, i in sources], images,
                                  recorded={s.path: s.digest for s in samples if s.digest})
+        _listed_not_found(splits, found, cfg)
         return splits
 
     train = add_digests(found["train"], cfg.cache_dir)
@@ -243,12 +244,22 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
         splits = {"train": Split("train", tr, pick(tr)), "val": Split("val", va, pick(va))}
     if test is not None:
         splits["test"] = add_digests(test, cfg.cache_dir)
+    _listed_not_found(splits, found, cfg)
     _check_classes("train", splits["train"].samples)
     _check_classes("val", splits["val"].samples)
     if write:
         _warn_of_ids_and_overlap(splits, cfg)
         write_split_csv(split_csv, {name: s.samples for name, s in splits.items()})
     return splits
+
+
+def _listed_not_found(splits: dict[str, Split], found: dict[str, Split], cfg: Config) -> None:
+    """Give ``splits`` the files a CSV listing names for them that are not there: a carved train split those of the
+    pool it was carved from (train and val rows), for summary.json to list."""
+    pooled = ("train", "val") if cfg.val_source != "folder" else ("train",)
+    for name, split in splits.items():
+        sources = pooled if name == "train" else () if name == "val" and cfg.val_source != "folder" else (name,)
+        split.not_found = [x for source in sources if source in found for x in found[source].not_found]
 
 
 def _warn_of_ids_and_overlap(splits: dict[str, Split], cfg: Config) -> None:
@@ -1230,6 +1241,10 @@ def _train(cfg: Config, state: Checkpoint | None, run_dir: Path, info: DistInfo,
                    for n, p in prepared.items()},
         "unreadable": {n: [{"path": f, "reason": r} for f, r in p.failures] for n, p in prepared.items()},
     }
+    not_found = {n: [{"path": f, "reason": r} for f, r in split.not_found] for n, split in splits.items()
+                 if split.not_found}
+    if not_found:  # files a CSV listing names that are not there (the console's warning had named the first alone)
+        summary["not_found"] = not_found
     log.info("data: %s", ", ".join(f"{n} {sum(c.values())} ({c['NORMAL']} NORMAL / {c['PNEUMONIA']} PNEUMONIA)"
                                    for n, c in summary["counts"].items()))
     n_bad = sum(len(v) for v in summary["unreadable"].values())
