@@ -716,7 +716,7 @@ def test_resume_through_the_cli(trained_run, tmp_path):
     assert load_checkpoint(run / "last.pt").epoch == 3
     bad = cxr("train", "--resume", run, "--lr", "0.5", check=False)
     assert bad.returncode == 2
-    assert "only --epochs, --device, --swa-epochs, --swa-lr and --num-workers may change" in bad.stderr
+    assert "only --epochs, --device, --swa-epochs, --swa-lr, --num-workers and --cache-dir may change" in bad.stderr
     # Weight averaging added to a finished run: one more epoch, averaged, and a model chosen. The loader's worker count
     # may change on resuming (it changes no batch): a GPU machine wants more than the CPU run had.
     proc = cxr("train", "--resume", run, "--swa-epochs", "1", "--num-workers", "1", "--no-report")
@@ -1213,6 +1213,29 @@ def test_the_cache_is_under_xdg_cache_home_unless_cxr_cache_dir_is_set(tmp_path,
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert Config().cache_dir == str(tmp_path / "home" / ".cache" / "cxr")
+
+
+def test_a_runs_cache_folder_is_the_machines_unless_given_and_may_change_on_resume(tmp_path, monkeypatch):
+    # config.yaml recorded the default cache folder, which then beat $CXR_CACHE_DIR on another machine's --resume or
+    # --config (a path made there unasked), and --resume refused --cache-dir.
+    import yaml
+
+    from cxr.config import load_config, save_config
+    from cxr.train import _resolve_resume
+
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "here"))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config(overrides={"data": "d", "output": str(run)}), run / "config.yaml")
+    assert "cache_dir" not in yaml.safe_load((run / "config.yaml").read_text())
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "there"))
+    assert load_config(run / "config.yaml").cache_dir == str(tmp_path / "there")
+    assert _resolve_resume(run, {})[0].cache_dir == str(tmp_path / "there")
+    assert _resolve_resume(run, {"cache_dir": str(tmp_path / "flag")})[0].cache_dir == str(tmp_path / "flag")
+    # One given is the run's, and kept
+    save_config(load_config(overrides={"data": "d", "output": str(run), "cache_dir": str(tmp_path / "mine")}),
+                run / "config.yaml")
+    assert load_config(run / "config.yaml").cache_dir == str(tmp_path / "mine")
 
 
 def test_config_files_that_are_no_utf8_text_or_a_folder_and_home_paths(tmp_path, monkeypatch):

@@ -152,8 +152,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="run directory (default runs/cxr)")
     p.add_argument("--config", help="YAML file of config fields; flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint, or "
-                   "extend one (of the run's settings only --epochs, --device, --swa-epochs, --swa-lr and "
-                   "--num-workers may change; --no-report applies as usual)")
+                   "extend one (of the run's settings only --epochs, --device, --swa-epochs, --swa-lr, "
+                   "--num-workers and --cache-dir may change; --no-report applies as usual)")
     p.add_argument("--epochs", type=int, help=f"epochs of the learning-rate schedule (default {_D.epochs})")
     p.add_argument("--batch-size", type=int, help="images per optimiser step, over all processes under torchrun "
                    f"(the global batch; default {_D.batch_size})")

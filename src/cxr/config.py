@@ -360,4 +360,9 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML."""
     from cxr.fileio import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    fields = cfg.to_dict()
+    if os.path.abspath(fields["cache_dir"]) == os.path.abspath(default_cache_dir()):
+        # The default is this machine's ($CXR_CACHE_DIR, else the XDG cache), not the run's: recorded, it had beaten
+        # $CXR_CACHE_DIR on another machine's --resume or --config, and decoded into a path made there unasked.
+        del fields["cache_dir"]
+    atomic_write_text(path, yaml.safe_dump(fields, sort_keys=False))

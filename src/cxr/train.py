@@ -484,8 +484,8 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 # What ``--resume`` may change: more epochs (the cosine schedule stretches to the new end), another device, weight
 # averaging added after the schedule (e.g. to a finished run), and the loader's worker count, which changes no batch
-# (each image's augmentation is seeded by seed, epoch and index).
-RESUMABLE = ("device", "epochs", "swa_epochs", "swa_lr", "num_workers")
+# (each image's augmentation is seeded by seed, epoch and index), and the cache folder, which changes no pixel.
+RESUMABLE = ("device", "epochs", "swa_epochs", "swa_lr", "num_workers", "cache_dir")
 
 
 def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config, Checkpoint | None]:
@@ -504,8 +504,8 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
     changed = sorted(k for k in given if not _same_setting(k, getattr(as_given, k), getattr(cfg, k)))
     if changed:
         raise UsageError(f"--resume continues a run as configured; only --epochs, --device, --swa-epochs, "
-                         f"--swa-lr and --num-workers may change (got {', '.join(changed)}, which differ from "
-                         f"{run_dir / 'config.yaml'})")
+                         f"--swa-lr, --num-workers and --cache-dir may change (got {', '.join(changed)}, which differ "
+                         f"from {run_dir / 'config.yaml'})")
     # Through load_config, so that the flags' values are read as the fields' types (--num-workers 4 is "4" there)
     cfg = load_config(overrides={"output": str(run_dir), **{k: overrides[k] for k in RESUMABLE
                                                              if overrides.get(k) is not None}}, base=cfg)
