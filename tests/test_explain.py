@@ -168,7 +168,7 @@ def test_explain_files_writes_one_picture_per_readable_image(tmp_path, caplog):
     assert not (tmp_path / "out-empty").exists()
 
 
-def test_explain_amp_gives_the_probabilities_of_predict_amp(tmp_path):
+def test_explain_amp_gives_the_probabilities_of_predict_amp(tmp_path, monkeypatch):
     # --amp as in `cxr predict`: on (bf16, emulated where the CPU lacks it) and off (fp32) each give predict's numbers
     # for the same setting, and differ from each other, so the setting is not ignored.
     from cxr.predict import predict_files
@@ -182,9 +182,18 @@ def test_explain_amp_gives_the_probabilities_of_predict_amp(tmp_path):
         explain_files(tmp_path / "model.pt", FILES[:2], tmp_path / amp, device="cpu", amp=amp)
         rows = list(csv.DictReader((tmp_path / amp / "explanations.csv").read_text().splitlines()))
         probs[amp] = np.array([float(r["prob_pneumonia"]) for r in rows])
+        # said, as beside the report's fp32 figures they differ in their last digits, and nothing had said which
+        assert {r["inference_dtype"] for r in rows} == {"bfloat16" if amp == "on" else "float32"}
         expected = [p.prob_pneumonia for p in predict_files(tmp_path / "model.pt", FILES[:2], device="cpu", amp=amp)]
         assert probs[amp] == pytest.approx(expected, abs=1e-6)
     assert np.abs(probs["on"] - probs["off"]).max() > 1e-5
+    import cxr.explain
+
+    shown, real = [], cxr.explain._explanation_figure
+    monkeypatch.setattr(cxr.explain, "_explanation_figure", lambda *a, **k: (shown.append(k["title"]), real(*a, **k)))
+    for amp in ("on", "off"):
+        explain_files(tmp_path / "model.pt", FILES[:1], tmp_path / f"t{amp}", device="cpu", amp=amp)
+    assert "(bf16)" in shown[0].splitlines()[1] and "(bf16)" not in shown[1]
 
 
 def test_a_draft_model_is_given_draft_decoded_images_everywhere(tmp_path):
@@ -796,3 +805,21 @@ def test_grad_cam_leaves_a_model_in_the_mode_it_found_it_in():
     maps, _ = grad_cam(net, torch.randn(2, 1, 32, 32), 1)
     assert {name: m.training for name, m in net.named_modules()} == before and maps.shape == (2, 32, 32)
     assert net.training and not net.bn1.training
+
+
+def test_every_colour_bar_shows_the_heat_as_the_overlay_lays_it_over_grey(tmp_path):
+    # The bars drew the bare colour map (viridis' purple at 0), while the overlay's opacity grows with the heat: low
+    # heat is hardly coloured, and no picture had the bar's purples and blues.
+    import re
+
+    from cxr.images import LEGEND_GREY, heat_legend, heat_legend_cmap, overlay
+    from cxr.serve import STATIC_DIR
+
+    legend = heat_legend(5)
+    grey = np.full((1, 5), LEGEND_GREY, np.uint8)
+    assert np.array_equal(legend, overlay(grey, np.linspace(0, 1, 5, dtype=np.float32)[None])[0])
+    assert tuple(legend[0]) == (LEGEND_GREY,) * 3  # no heat: the X-ray as it is
+    assert np.allclose(heat_legend_cmap()(1.0)[:3], heat_legend()[-1] / 255)
+    css = (STATIC_DIR / "style.css").read_text()
+    ramp = re.search(r"\.scale \.ramp \{[^}]*linear-gradient\(to right, ([^)]*)\)", css)[1]
+    assert [c.strip() for c in ramp.split(",")] == ["#" + bytes(c.tolist()).hex() for c in heat_legend(10)]

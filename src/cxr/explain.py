@@ -35,6 +35,7 @@ from cxr.fileio import CSV_TEXT, atomic_path, display_name, fit_name, shorten_mi
 from cxr.images import (  # noqa: F401 - overlay and HEATMAP_CMAP re-exported: they lived here
     HEATMAP_CMAP,
     ImageError,
+    heat_legend_cmap,
     image_stem,
     load_image,
     overlay,
@@ -208,6 +209,7 @@ class Explanation:
     prob_pneumonia: float | None
     predicted: str | None
     error: str | None = None  # why the file could not be read; the other fields are then None
+    inference_dtype: str | None = None  # of the probability: bfloat16 (as `cxr predict --amp`) or float32
 
 
 def _unique_name(path: Path, used: set[str]) -> str:
@@ -261,8 +263,8 @@ def _explanation_figure(image: np.ndarray, heat: np.ndarray, *, title: str, path
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(cm.ScalarMappable(colors.Normalize(0, 1), HEATMAP_CMAP), ax=axes[1], shrink=0.8,
-                 label="relative importance (Grad-CAM)")
+    fig.colorbar(cm.ScalarMappable(colors.Normalize(0, 1), heat_legend_cmap()), ax=axes[1], shrink=0.8,
+                 label="relative importance (Grad-CAM),\nas laid over mid grey")
     fig.suptitle(title, fontsize=11, parse_math=False)  # a "$" in a file name is not TeX
     fig.text(0.5, 0.005, DISCLAIMER, ha="center", va="bottom", fontsize=7.5, color="#555555")
     fig.get_layout_engine().set(rect=(0, 0.035, 1, 0.965))  # room below the pictures: the line was drawn over them
@@ -361,6 +363,7 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
             if not images:
                 continue
             stack = np.stack(images)
+            dtype = "bfloat16" if run.bf16 else "float32"
             # The prediction uses the checkpoint's threshold, so the explained class is the one the user is shown.
             fixed = None if target == "predicted" else names.index(target.upper())
             if run.bf16 or run.channels_last:
@@ -380,7 +383,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                 # Three lines: on two, a flat map's note ran past both edges of the picture, and "flat" was cut off.
                 # the name in its start and end: a long one had run off both edges, neither end of it to be seen
                 title = (f"{shorten_middle(drawable(display_name(f.name)), 80)}\npredicted {ckpt.class_names[pred]}   "
-                         f"P(pneumonia) {prob_text(prob, t, d)}   threshold {t:.{d}f}\n"
+                         f"P(pneumonia) {prob_text(prob, t, d)}{' (bf16)' if run.bf16 else ''}   "
+                         f"threshold {t:.{d}f}\n"
                          + (f"heatmap: flat, no region raised the score of {ckpt.class_names[cls]}"
                             + (f"; the output leans {ckpt.class_names[1 - cls]}" if leans_away(prob, cls) else "")
                             if not heat.any() else
@@ -389,7 +393,8 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                             f"heatmap of {ckpt.class_names[cls]}; the output leans {ckpt.class_names[1 - cls]}"
                             if leans_away(prob, cls) else f"heatmap: evidence for {ckpt.class_names[cls]}"))
                 _explanation_figure(im, heat, title=title, path=out, cells=cells)
-                indexed.append((i, Explanation(str(f), str(out), float(prob), ckpt.class_names[pred])))
+                indexed.append((i, Explanation(str(f), str(out), float(prob), ckpt.class_names[pred],
+                                               inference_dtype=dtype)))
                 bar.advance()
     except BaseException:
         # Interrupted (Ctrl-C) or failed: the pictures made so far are listed, not left beside no explanations.csv
@@ -425,10 +430,14 @@ def _write_explanations(out_dir: Path, rows: list[Explanation], threshold: float
     """``explanations.csv``: one row per file, in input order."""
     with atomic_path(out_dir / "explanations.csv") as tmp, open(tmp, "w", **CSV_TEXT) as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "prob_pneumonia", "predicted", "output", "error", "threshold", "model_id", "note"])
+        # inference_dtype: a bf16 probability differs in its last digits from `cxr evaluate`'s fp32 one, as in the
+        # report beside it (0.134 against 0.137), and nothing had said which this is
+        w.writerow(["path", "prob_pneumonia", "predicted", "output", "error", "threshold", "model_id",
+                    "inference_dtype", "note"])
         for e in rows:  # probabilities to the last bit, as `cxr predict` writes them
             prob = "" if e.prob_pneumonia is None else repr(e.prob_pneumonia)
             path, error = spreadsheet_cells(e.path, e.error or "")
             # The picture's path is a path too: "./=1+1_gradcam.png" (it had been "'=1+1_gradcam.png", no file)
             output = spreadsheet_cells(e.output)[0] if e.output else ""
-            w.writerow([path, prob, e.predicted or "", output, error, repr(float(threshold)), mid, DISCLAIMER])
+            w.writerow([path, prob, e.predicted or "", output, error, repr(float(threshold)), mid,
+                        e.inference_dtype or "", DISCLAIMER])

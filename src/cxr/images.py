@@ -998,3 +998,21 @@ def overlay(image: np.ndarray, heatmap: np.ndarray | None, *, alpha: float = 0.5
     colour = colormaps[cmap](heat)[..., :3].astype(np.float32)
     a = (alpha * heat)[..., None]
     return (((1 - a) * base + a * colour).clip(0, 1) * 255).round().astype(np.uint8)
+
+
+LEGEND_GREY = 128  # the grey the colour bars show the heat laid over
+
+
+def heat_legend(n: int = 256, grey: int = LEGEND_GREY) -> np.ndarray:
+    """(n, 3) uint8 RGB: heat from 0 to 1 as :func:`overlay` lays it over an X-ray of one ``grey``, for the colour
+    bars. The overlay's opacity grows with the heat, so low heat is hardly coloured: a bar of the bare colour map
+    (viridis' purples and blues at full strength) had shown colours that no overlay has."""
+    ramp = np.linspace(0.0, 1.0, n, dtype=np.float32)[None, :]
+    return overlay(np.full((1, n), grey, np.uint8), ramp)[0]
+
+
+def heat_legend_cmap():
+    """:func:`heat_legend` as a matplotlib colour map, for colour bars beside overlays."""
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(heat_legend() / 255.0, name="cxr-heat-over-grey")

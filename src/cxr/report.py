@@ -590,7 +590,7 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
     import matplotlib as mpl
     from matplotlib import cm, colors
 
-    from cxr.images import HEATMAP_CMAP, overlay
+    from cxr.images import heat_legend_cmap, overlay
     from cxr.video import drawable
 
     rows = [(name, tiles) for name, tiles in groups.items()]
@@ -606,9 +606,9 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
     heights = [math.ceil(len(t) / columns) if t else 0.2 for _, t in rows]
     with_heat = any(t.heatmap is not None for _, tiles in rows for t in tiles)
     with mpl.rc_context({**_RC, "axes.grid": False}):
-        fig = _figure(figsize=(2.55 * columns + 0.4, 3.05 * sum(heights) + (0.9 if with_heat else 0.2) + 0.3))
+        fig = _figure(figsize=(2.55 * columns + 0.4, 3.05 * sum(heights) + (1.15 if with_heat else 0.2) + 0.3))
         # One sub-figure per group (its own heading), a thin one for the heatmap's colour scale, one for the notice.
-        ratios = [3.05 * h for h in heights] + ([0.75] if with_heat else []) + [0.3]
+        ratios = [3.05 * h for h in heights] + ([1.0] if with_heat else []) + [0.3]  # the scale's label: two lines
         subfigs = list(np.atleast_1d(fig.subfigures(len(ratios), 1, height_ratios=ratios)))
         for sub, (name, tiles) in zip(subfigs[:len(rows)], rows, strict=True):
             sub.suptitle(f"{name} ({_split_label(split, 60)})", fontsize=12, fontweight="bold", x=0.02, ha="left",
@@ -645,10 +645,13 @@ def plot_grid(groups: dict[str, list[GridTile]], threshold: float, split: str, c
                               color=OKABE_ITO["grey"], parse_math=False)
         subfigs[-1].text(0.5, 0.5, DISCLAIMER, ha="center", va="center", fontsize=7.5, color=OKABE_ITO["grey"])
         if with_heat:
-            cax = subfigs[-2].add_axes((0.3, 0.55, 0.4, 0.2))
-            subfigs[-2].colorbar(cm.ScalarMappable(colors.Normalize(0, 1), HEATMAP_CMAP), cax=cax,
+            cax = subfigs[-2].add_axes((0.3, 0.66, 0.4, 0.15))
+            # as the overlay shows it over mid grey (the bare colour map's purples appear on no picture), and on what:
+            # the model's square input, which a clinician had no word of (a chest 1.2-1.6x wider squashed to square)
+            subfigs[-2].colorbar(cm.ScalarMappable(colors.Normalize(0, 1), heat_legend_cmap()), cax=cax,
                                  orientation="horizontal",
-                                 label="heatmap: relative importance for the predicted class (Grad-CAM)")
+                                 label="heatmap: relative importance for the predicted class (Grad-CAM), as laid over "
+                                       "mid grey\non the model's square input (the X-ray's aspect ratio not kept)")
     return fig
 
 

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from cxr.config import CLASS_NAMES
 from cxr.errors import UsageError, VideoError
 from cxr.fileio import atomic_path, display_name, image_name
-from cxr.images import HEATMAP_CMAP, overlay
+from cxr.images import heat_legend, overlay
 from cxr.predict import leans_away, percent_text, prob_text, threshold_decimals
 from cxr.progress import progress_bar
 
@@ -158,6 +158,9 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
     # controls covered it whenever the video was paused (the report's page, its printout, VLC).
     note = "research software, not a medical device"
     lines = [note] if draw.textlength(note, font=small) <= panel_w else ["research software,", "not a medical device"]
+    if h >= 300:  # what the picture is: a chest 1.2-1.6x wider than tall, squashed, had been shown without a word
+        lines += [t for t in ("the model's input: squashed to square", "input squashed to square")
+                  if draw.textlength(t, font=small) <= panel_w][:1]
     line_step = max(round(unit * 0.8), round(small.size * 1.2))  # 0.8 units overlapped at the smallest font
     for line in lines:
         draw.text((x0, y), line, font=small, fill=DIM)
@@ -194,8 +197,6 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
 
     # Heatmap legend, bottom of the panel (only when there is a heatmap).
     if item.heatmap is not None:
-        from matplotlib import colormaps
-
         legend_y = margin + side - round(unit * 3.4) + line_step * len(lines)  # down to where the disclaimer was
         # Below the accuracy line whatever the frame (from 180 to 234 px high the legend was drawn over it), and above
         # the progress strip (at 320x190 its "low" and "high" had run into it): on the smallest frames without them.
@@ -203,7 +204,7 @@ def render_frame(item: VideoItem, *, index: int, total: int, right: int, wrong: 
         lowest = y + round(unit * 0.95)
         labels = lowest <= sy - 2 - ramp_h - 1 - label_h
         legend_y = min(max(legend_y, lowest), sy - 2 - ramp_h - (1 + label_h if labels else 0))
-        ramp = (colormaps[HEATMAP_CMAP](np.linspace(0, 1, max(2, panel_w // 2)))[:, :3] * 255).astype(np.uint8)
+        ramp = heat_legend(max(2, panel_w // 2))  # as the overlay lays it over mid grey, not the bare colour map
         strip = Image.fromarray(np.repeat(ramp[None], ramp_h, axis=0))
         # All zeros: nothing raised the explained class's score (Grad-CAM's map is flat after its ReLU), which happens
         # when P lies between 0.5 and the threshold. Said, so that a plain image is not misread.
