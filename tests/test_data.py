@@ -974,6 +974,30 @@ def test_files_a_csv_lists_that_are_not_there_are_listed_in_the_results(tmp_path
     assert "listed in the CSV but not there, left out (3)" in page and f"{gone}/b.png: line {lines + 1}" in page
 
 
+def test_a_data_sets_own_val_split_pooled_into_the_carve_is_said(tmp_path, tiny_dataset, caplog):
+    # A user's own val/ folder was pooled with train and partly trained on, and only README said so (the help had
+    # said "carve ... from train").
+    import logging
+
+    from cxr.train import split_dataset
+
+    from .conftest import TINY_TRAIN
+
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (tiny_dataset / "val" / cls).mkdir(parents=True)
+        for f in sorted((tiny_dataset / "train" / cls).iterdir())[:3]:
+            f.rename(tiny_dataset / "val" / cls / f.name)
+    cfg = load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(tmp_path / "run")})
+    with caplog.at_level(logging.INFO, logger="cxr"):
+        split_dataset(cfg, tmp_path / "run", resume=False)
+    assert "the data set's own val split (6 images) is pooled with train" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cxr"):
+        split_dataset(load_config(overrides={**TINY_TRAIN, "data": str(tiny_dataset), "output": str(tmp_path / "r2"),
+                                             "val_source": "folder"}), tmp_path / "r2", resume=False)
+    assert "is pooled" not in caplog.text
+
+
 def test_npz_rows_carry_their_digest_so_duplicates_stay_on_one_side(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8)

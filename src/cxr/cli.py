@@ -165,10 +165,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=f"for the weights, the batches and the augmentation (default {_D.seed})")
     p.add_argument("--device", help="auto | cpu | cuda (default auto)")
     p.add_argument("--val-source", choices=["carve", "folder"],
-                   help="carve a patient-disjoint val split from train (default) or use the dataset's own val split "
-                        "(a val/ folder, val_images in an .npz, rows of split val in a CSV listing)")
+                   help="carve a patient-disjoint val split from train and the dataset's own val split pooled "
+                        "(default), or use the dataset's own val split as it is (a val/ folder, val_images in an "
+                        ".npz, rows of split val in a CSV listing)")
     p.add_argument("--val-fraction", type=float,
-                   help=f"share of train patients carved out for validation (default {_D.val_fraction:g})")
+                   help=f"share of the pooled train and val patients carved out for validation (default "
+                        f"{_D.val_fraction:g})")
     p.add_argument("--patient-pattern", help="regular expression searched in each image's path below its class folder; "
                    "its first group is the patient id, e.g. '^([^/]+)/' for one folder per patient")
     p.add_argument("--cache-dir", help=_CACHE_DIR_HELP)

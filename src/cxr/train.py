@@ -229,6 +229,9 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
     else:
         # The given val folder (16 images in the Kermany release) joins the pool the validation split is carved from.
         pool = train.samples + (add_digests(found["val"], cfg.cache_dir).samples if "val" in found else [])
+        if "val" in found and write:  # said: a user's own val folder had been partly trained on without a word
+            log.info("the data set's own val split (%d images) is pooled with train and the validation split carved "
+                     "from both; --val-source folder keeps it as the validation split", len(found["val"].samples))
         images = None
         if train.images is not None:
             sources = [train.images] + ([found["val"].images] if "val" in found else [])
