@@ -1015,6 +1015,17 @@ def test_a_pool_of_one_class_is_said_to_be_so(tmp_path):
         carve_validation(scan(tmp_path / "d.npz")["train"].samples, 0.2, seed=0)
 
 
+def test_training_on_an_npz_refuses_a_patient_pattern(tmp_path):
+    # Accepted, it had warned of matching none of the "paths", e.g. "0" (a row's index); evaluate refused it already.
+    from cxr.train import train
+
+    np.savez(tmp_path / "d.npz", train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.arange(4) % 2)
+    with pytest.raises(UsageError, match="the rows of d.npz have none to read: drop it"):
+        train(load_config(overrides={"data": str(tmp_path / "d.npz"), "output": str(tmp_path / "run"),
+                                     "patient_pattern": "^(x)"}))
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_carve_of_an_npz_does_not_advise_patient_pattern(tmp_path, caplog):
     # An array's rows have no paths for a pattern to read: the warning had said to set one.
     rng = np.random.default_rng(0)

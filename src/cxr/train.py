@@ -683,7 +683,7 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
     if resume is not None:
         cfg, state = _resolve_resume(resume, overrides or {})
     if cfg is None or not cfg.data:
-        raise UsageError("no data: pass --data DIR (a dataset folder or an .npz file)")
+        raise UsageError("no data: pass --data DIR (a dataset folder, an .npz file or a CSV listing images)")
     for name in ("output", "cache_dir"):  # "" is the current folder: a run's files, or its cache, written there unasked
         if not str(getattr(cfg, name)).strip():
             raise ConfigError(f"invalid config: {name} must name a folder (an empty one is the current folder)")
@@ -691,6 +691,10 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         # scan() reads a run's split.csv for `cxr evaluate`; for training it was taken, and its val carved anew.
         raise UsageError(f"--data {cfg.data}: a run's split.csv is for cxr evaluate; to train on images listed in a "
                          "CSV, give one with the columns path and label (split and patient if wished)")
+    if cfg.patient_pattern and Path(cfg.data).suffix.lower() == ".npz" and resume is None:
+        # as `cxr evaluate` refuses it: accepted, it warned of matching none of the "paths", e.g. "0", a row's index
+        raise UsageError(f"--patient-pattern reads image paths; the rows of {Path(cfg.data).name} have none to read: "
+                         "drop it")
     cfg.validate()
     if resume is None:
         # Recorded as an absolute path, so that `--resume` works from any folder (split.csv's paths are absolute too).
