@@ -3073,3 +3073,22 @@ def test_the_services_log_lines_carry_their_time_and_level(monkeypatch):
     serve, merge = (h.format(record) for h in handlers)
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR cxr\.serve: prediction failed: x", serve)
     assert merge == "prediction failed: x"
+
+
+def test_predict_and_evaluate_say_which_images_their_dicom_headers_call_lateral(tmp_path, caplog):
+    # A PACS export's lateral views, scored and counted as frontal ones without a word.
+    from cxr.cli import main
+    from cxr.evaluate import evaluate_model
+
+    from .test_images import dicom_bytes
+
+    pixels = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        (tmp_path / "d" / cls / "pa.dcm").write_bytes(dicom_bytes(pixels, ViewPosition="PA", PatientID=f"{cls}1"))
+        (tmp_path / "d" / cls / "lat.dcm").write_bytes(dicom_bytes(pixels + 1, ViewPosition="RL",
+                                                                   PatientID=f"{cls}1"))
+    assert main(["predict", str(tmp_path / "d"), "--output", str(tmp_path / "p.csv")]) == 0
+    assert "cxr predict: 2 of 4 image(s) are, by their DICOM headers, no frontal chest X-ray" in caplog.text
+    metrics = evaluate_model("default", tmp_path / "d", tmp_path / "ev", device="cpu")
+    assert metrics["d"]["n_not_frontal"] == 2

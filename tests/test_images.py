@@ -1257,3 +1257,29 @@ def test_a_dicom_without_pixels_whose_class_or_modality_cannot_be_decoded_is_an_
     data = data.replace(tag, tag[:4] + b"U\x00")
     with pytest.raises(ImageError, match="x.dcm"):
         load_image(data, 32, name="x.dcm")
+
+
+def test_a_dicom_header_that_says_lateral_oblique_or_another_body_part_is_noted(tmp_path, caplog):
+    # A PACS export holds a study's lateral beside its PA view: the lateral had been scored as if it were one.
+    from cxr.images import dicom_view_note, warn_of_views
+
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    cases = {"pa.dcm": ({"ViewPosition": "PA", "BodyPartExamined": "CHEST"}, None),
+             "unsaid.dcm": ({}, None),
+             "port.dcm": ({"ViewPosition": "AP", "BodyPartExamined": "PORT CHEST"}, None),
+             "lat.dcm": ({"ViewPosition": "LL "}, "a lateral view (ViewPosition LL)"),
+             "obl.dcm": ({"ViewPosition": "RAO"}, "an oblique view (ViewPosition RAO)"),
+             "hand": ({"BodyPartExamined": "HAND"}, "body part HAND (BodyPartExamined), not the chest")}
+    for name, (tags, expected) in cases.items():
+        (tmp_path / name).write_bytes(dicom_bytes(pixels, **tags))
+        assert dicom_view_note(tmp_path / name) == expected, name
+        assert dicom_view_note((tmp_path / name).read_bytes()) == expected, name  # an upload's bytes alike
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    os.mkfifo(tmp_path / "fifo.dcm")  # not opened: it would block
+    assert dicom_view_note(tmp_path / "x.png") is None and dicom_view_note(tmp_path / "fifo.dcm") is None
+    paths = sorted(tmp_path.iterdir())
+    found = warn_of_views(paths, "test split")
+    assert [Path(p).name for p, _ in found] == ["hand", "lat.dcm", "obl.dcm"]
+    assert ("test split: 3 of 8 image(s) are, by their DICOM headers, no frontal chest X-ray (first: "
+            f"{tmp_path / 'hand'}, body part HAND (BodyPartExamined), not the chest): the model learnt from frontal "
+            "(PA or AP) chest X-rays, so their results mean little") in caplog.text

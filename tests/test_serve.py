@@ -1160,3 +1160,17 @@ def test_cors_origins_flag_reaches_the_service_and_a_bare_name_is_refused_before
     monkeypatch.setattr(cxr.serve, "serve", lambda *a, **k: seen.update(k))
     assert main(["serve", "--cors-origins", "https://a.example, http://localhost:3000,"]) in (0, None)
     assert seen["cors_origins"] == ["https://a.example", "http://localhost:3000"]
+
+
+def test_an_upload_whose_dicom_header_says_lateral_is_answered_with_a_caution(client):
+    # A PACS router posts a study's lateral beside its PA view: it was scored as if it were one, without a word.
+    from .test_images import dicom_bytes
+
+    pixels = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+    r = upload(client, dicom_bytes(pixels, ViewPosition="LL"), "lat.dcm")
+    assert r.status_code == 200 and r.json()["label"] in ("NORMAL", "PNEUMONIA")
+    assert r.json()["input_note"] == ("by its DICOM header, a lateral view (ViewPosition LL): the model learnt from "
+                                      "frontal (PA or AP) chest X-rays, so this prediction means little")
+    assert upload(client, dicom_bytes(pixels, ViewPosition="PA"), "pa.dcm").json()["input_note"] is None
+    assert upload(client, NORMAL[0].read_bytes(), "x.jpeg").json()["input_note"] is None
+    assert "input_note" in client.get("/openapi.json").json()["components"]["schemas"]["PredictionOut"]["properties"]

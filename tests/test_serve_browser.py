@@ -21,6 +21,7 @@ uvicorn = pytest.importorskip("uvicorn")
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (Debian: apt-get install chromium)")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cxr.config import load_config  # noqa: E402
@@ -164,12 +165,29 @@ def test_pick_xrays_and_read_the_predictions(browser_page, checkpoint, tmp_path)
         assert picture.get_attribute("alt") == f"{f.name}: the X-ray as the model saw it"
         toggle.check()
         assert picture.get_attribute("src") == with_heat
+        expect(card.get_by_test_id("input-note")).to_be_hidden()  # a JPEG: its header says nothing of its view
 
     bad = cards.filter(has=page.get_by_test_id("filename").get_by_text("notes.txt", exact=True))
     expect(bad.get_by_test_id("error")).to_contain_text("415")
     expect(bad.get_by_test_id("error")).to_contain_text("not an image")
     assert outside == []
     assert errors == [] or all("415" in e for e in errors)  # the browser logs the refused upload; nothing else
+
+
+def test_a_lateral_views_caution_is_shown_with_its_prediction(browser_page, tmp_path):
+    # A study's lateral beside its PA view had been shown as any other prediction.
+    from .test_images import dicom_bytes
+
+    page, outside, errors = browser_page
+    lateral = tmp_path / "lat.dcm"
+    lateral.write_bytes(dicom_bytes((np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8), ViewPosition="LL"))
+    page.get_by_test_id("file-input").set_input_files([lateral])
+    card = page.get_by_test_id("result")
+    sync_api.expect(card.get_by_test_id("status")).to_have_text("Done", timeout=30_000)
+    sync_api.expect(card.get_by_test_id("input-note")).to_have_text(
+        "Caution: by its DICOM header, a lateral view (ViewPosition LL): the model learnt from frontal (PA or AP) "
+        "chest X-rays, so this prediction means little.")
+    assert outside == [] and errors == []
 
 
 def test_the_page_shows_a_probability_and_threshold_as_cxr_predict_does(browser_page):

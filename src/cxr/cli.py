@@ -497,6 +497,7 @@ def _print_metrics(metrics: dict) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from cxr.distributed import barrier, env_info, init, rank_device, shutdown
     from cxr.fileio import check_free_space, check_not_an_input, check_writable
+    from cxr.images import warn_of_views
     from cxr.predict import (
         DISCLAIMER,
         Interrupted,
@@ -530,6 +531,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         if not files:
             raise UsageError(f"no image files in {', '.join(map(str, args.paths))}")
         mine = select_shard(files, shard)
+        warn_of_views(mine, "cxr predict")  # a study's lateral beside its PA view, scored as if it were one
         if args.output:
             out = shard_path(args.output, shard) if shard else Path(args.output)
             check_writable(out)  # now, not after the work

@@ -27,7 +27,7 @@ import torch
 from cxr.config import CLASS_NAMES, Config
 from cxr.errors import CxrError, DataError, UsageError
 from cxr.fileio import CSV_TEXT, MAX_NAME_BYTES, atomic_path, atomic_write_text, ensure_dir, npz_row, valid_utf8
-from cxr.images import image_stem
+from cxr.images import image_stem, warn_of_views
 from cxr.model import (
     Checkpoint,
     autocast,
@@ -968,6 +968,9 @@ def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, output: st
                                     "threshold_source": "model" if threshold is None else "given",
                                     "model": model_ref, "model_id": mid, "data": str(Path(data).resolve()),
                                     "inference_dtype": "bfloat16" if run.bf16 else "float32"}
+            views = warn_of_views([s.path for s in prepared.samples if not npz_row(s.path)], f"{split.name} split")
+            if views:  # a study's lateral beside its PA view: scored, and counted, as if it were one
+                failures[split.name]["n_not_frontal"] = len(views)
             if split.not_found:  # listed by a CSV, not there: n had been smaller without a word in the results
                 failures[split.name].update({"n_not_found": len(split.not_found),
                                              "not_found": [{"path": f, "reason": r} for f, r in split.not_found]})

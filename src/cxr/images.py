@@ -36,6 +36,7 @@ import stat
 import struct
 import threading
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -318,6 +319,73 @@ def dicom_patient_id(path: str | os.PathLike) -> str | None:
     except Exception:  # pydicom raises many types for a damaged header
         return None
     return value or None
+
+
+# ViewPosition (0018,5101) values of no frontal projection: the model learnt from frontal (PA/AP) chest X-rays
+_LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL"})
+_OBLIQUE_VIEWS = frozenset({"LAO", "RAO", "LPO", "RPO", "LLO", "RLO", "OBLIQUE"})
+_CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "THORACIC", "RIB", "PORT")  # BodyPartExamined of a chest (or unsaid)
+
+
+def dicom_view_note(source: str | os.PathLike | bytes) -> str | None:
+    """What a DICOM file's header says against it being a frontal chest radiograph, or None (frontal, not said, or no
+    DICOM): a lateral or oblique ``ViewPosition``, or a ``BodyPartExamined`` other than the chest. A PACS export holds
+    a study's lateral beside its PA view, and the lateral had been scored as if it were one (the model knows
+    frontal views only). Only the header is read; ``source`` is a file or its bytes."""
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            head = bytes(source[:132])
+            named_dicom = False
+        else:
+            if not stat.S_ISREG(os.stat(source).st_mode):  # a FIFO would block the open
+                return None
+            with open(source, "rb") as f:
+                head = f.read(132)
+            named_dicom = os.path.splitext(str(source))[1].lower() in _DICOM_EXTENSIONS
+        if sniff(head) != "dicom" and not named_dicom:
+            return None
+        import pydicom
+
+        marked = head[128:132] == b"DICM"
+        with _quiet_pydicom(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview))
+                                 else source, stop_before_pixels=True,
+                                 specific_tags=["ViewPosition", "BodyPartExamined"], force=not marked)
+        view = str(ds.get("ViewPosition", "") or "").strip().upper()
+        part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    except MemoryError:
+        raise
+    except Exception:  # a damaged header: its decode says so
+        return None
+    if view in _LATERAL_VIEWS:
+        return f"a lateral view (ViewPosition {view})"
+    if view in _OBLIQUE_VIEWS:
+        return f"an oblique view (ViewPosition {view})"
+    if part and not any(c in part for c in _CHEST_PARTS):
+        return f"body part {part} (BodyPartExamined), not the chest"
+    return None
+
+
+VIEW_ADVICE = "the model learnt from frontal (PA or AP) chest X-rays"
+
+
+def warn_of_views(paths: Sequence[str | os.PathLike], what: str) -> list[tuple[str, str]]:
+    """Log one warning for the files of ``paths`` whose DICOM headers say they are no frontal chest radiograph
+    (:func:`dicom_view_note`), naming the count and the first; returns them. Files named as JPEG or PNG are not read."""
+    found = []
+    for p in paths:
+        if os.path.splitext(str(p))[1].lower() in (".jpg", ".jpeg", ".png"):
+            continue
+        note = dicom_view_note(p)
+        if note:
+            found.append((str(p), note))
+    if found:
+        logging.getLogger(__name__).warning(
+            "%s: %d of %d image(s) are, by their DICOM headers, no frontal chest X-ray (first: %s, %s): %s, so their "
+            "results mean little", what,
+            len(found), len(paths), found[0][0], found[0][1], VIEW_ADVICE)
+    return found
 
 
 def image_stem(name: str) -> str:

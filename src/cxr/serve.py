@@ -55,7 +55,7 @@ from cxr import __version__
 from cxr.config import MAX_UPLOAD_MB, usable_cores
 from cxr.errors import CxrError, UsageError
 from cxr.fileio import display_name, shorten_middle
-from cxr.images import ImageError, load_image, sniff
+from cxr.images import VIEW_ADVICE, ImageError, dicom_view_note, load_image, sniff
 from cxr.predict import DISCLAIMER, leans_away, prob_text
 
 log = logging.getLogger(__name__)
@@ -456,6 +456,9 @@ def run_prediction(engine: Engine, data: bytes, name: str, *, heatmap: bool = Tr
         "model": {"id": engine.model_id, "version": __version__, "backend": engine.backend},
         "heatmap": overlay,
         "heatmap_note": note,
+        # a study's lateral beside its PA view: scored all the same, but said (the model knows frontal views only)
+        "input_note": (f"by its DICOM header, {view}: {VIEW_ADVICE}, so this prediction means little"
+                       if (view := dicom_view_note(data) if kind != "jpeg" and kind != "png" else None) else None),
         "image_png_base64": base64.b64encode(_png(image)).decode("ascii") if include_image else None,
         "format": kind or "dicom",  # None: a .dcm without preamble, read as DICOM
         "timing_ms": {"decode": round(1e3 * (t1 - t0), 2), "inference": round(1e3 * (t2 - t1), 2),
@@ -645,6 +648,9 @@ class PredictionOut(BaseModel):
     heatmap: HeatmapOut | None
     heatmap_note: str | None = Field(description="why heatmap is null, that it is flat, or that the "
                                             "model's output leans away from the label the map explains")
+    input_note: str | None = Field(None, description="what the DICOM header says against the upload being a frontal "
+                                   "chest X-ray (a lateral or oblique view, another body part), and so against the "
+                                   "prediction; null where it says nothing of the kind")
     image_png_base64: str | None = Field(description="the model's input as PNG, with include_image=true")
     format: str = Field(description="jpeg, png or dicom")
     timing_ms: dict[str, float] = Field(description="upload, queue, decode, inference, heatmap, total (server side); "

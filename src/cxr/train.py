@@ -92,13 +92,14 @@ from cxr.fileio import (
     check_writable,
     ensure_dir,
     missing_folders,
+    npz_row,
     remove_empty_folders,
     remove_stale_temps,
 )
 from cxr.fileio import NO_LOCKS as _NO_LOCKS
 from cxr.fileio import release_lock as _release
 from cxr.fileio import try_lock as _try_lock
-from cxr.images import EXPLAIN_SUFFIX
+from cxr.images import EXPLAIN_SUFFIX, warn_of_views
 from cxr.model import (
     Checkpoint,
     autocast,
@@ -252,6 +253,8 @@ def split_dataset(cfg: Config, run_dir: Path, resume: bool, write: bool = True,
     _check_classes("val", splits["val"].samples)
     if write:
         _warn_of_ids_and_overlap(splits, cfg)
+        for name, split in splits.items():  # a study's lateral beside its PA view, learnt from as if it were one
+            warn_of_views([s.path for s in split.samples if not npz_row(s.path)], f"{name} split")
         write_split_csv(split_csv, {name: s.samples for name, s in splits.items()})
     return splits
 

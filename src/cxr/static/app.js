@@ -161,6 +161,11 @@ function render(card, res) {
   $(".mark", bar).style.left = `${(100 * res.threshold).toFixed(1)}%`;
   $(".threshold", card).textContent =
     `Predicted PNEUMONIA when P(pneumonia) ≥ ${fixed(res.threshold, d)} (the model's threshold).`;
+  if (res.input_note) { // a lateral view, say, by its DICOM header: scored all the same, but the result means little
+    const caution = $(".caution", card);
+    caution.hidden = false;
+    caution.textContent = `Caution: ${res.input_note}.`;
+  }
   $(".meta", card).textContent =
     `model ${res.model.id} (${res.model.backend}), cxr ${res.model.version}, ${res.format.toUpperCase()}, ` +
     `${Math.round(res.timing_ms.total)} ms`;
