@@ -755,6 +755,8 @@ def test_a_csv_listing_dicoms_says_where_their_headers_name_other_patients(tmp_p
     assert len(splits["train"].samples) == 8
     assert "the DICOM header's PatientID differs from the patient cell on 2 of its 5 rows compared (first: line 3, " \
         "cell 'P2', header 'P1'): a spreadsheet sorted on one column only moves cells off their files (labels too?); " \
+        "and the 1 row without a cell takes the header's PatientID, which the cells do not match: one patient's " \
+        "images may fall on both sides of the carved validation split; fill the column on every row, or on none; " \
         "the patient cell is used" in caplog.text
     caplog.clear()
     (tmp_path / "anon.csv").write_text("path,label,patient\n" + "".join(f"x/{k}.dcm,0,A{k}\n" for k in range(4)))
@@ -2409,3 +2411,32 @@ def test_a_carve_far_from_the_fraction_asked_says_why(caplog):
     caplog.clear()
     carve_validation(_pool(40, 2), 0.15, seed=0)  # patients alike: near the fraction, nothing said
     assert "carved validation split holds" not in caplog.text
+
+
+def test_patient_ids_a_spreadsheet_wrote_without_leading_zeros_are_the_headers(tmp_path, caplog):
+    # Excel writes the header's 00003 as 3: "listed:3" and "dicom:00003" had been two patients, five of twelve on both
+    # sides of the carve, under a warning that called it "probably harmless".
+    from cxr.data import _groups, hospital_id
+
+    from .test_images import dicom_bytes
+
+    assert hospital_id("00003") == hospital_id("3") == "3" and hospital_id("0000") == "0"
+    assert hospital_id(" MRN-7 ") == hospital_id("mrn-7") and hospital_id("007a") == "007a"
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(12):
+        for k in range(2):
+            (tmp_path / f"{p}-{k}.dcm").write_bytes(dicom_bytes(rng.integers(0, 256, (8, 8), dtype=np.uint8),
+                                                                PatientID=f"{p:05d}"))
+            rows.append(f"{p}-{k}.dcm,{p % 2},{p if k == 0 else ''}\n")
+    (tmp_path / "excel.csv").write_text("path,label,patient\n" + "".join(rows))
+    train = scan(tmp_path / "excel.csv")["train"].samples
+    assert len(set(_groups(train))) == 12 and "differs from the patient cell" not in caplog.text
+    # Ids that do not meet (cells replaced by other ids) beside rows taking the header's: said as a split at risk
+    (tmp_path / "other.csv").write_text("path,label,patient\n" + "".join(
+        r.replace(f",{p}\n", f",P{p}\n") for r, p in zip(rows, [p for p in range(12) for _ in range(2)], strict=True)))
+    scan(tmp_path / "other.csv")
+    assert ("differs from the patient cell on every one of its 12 rows compared (first: line 2, cell 'P0', header "
+            "'00000'): as in an export whose header ids were replaced (anonymised); and the 12 rows without a cell "
+            "take the header's PatientID, which the cells do not match: one patient's images may fall on both sides") \
+        in caplog.text and "probably harmless" not in caplog.text

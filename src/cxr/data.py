@@ -159,8 +159,15 @@ def patient_key(patient: str) -> str:
     and val under a log that called the split patient-disjoint.)"""
     for prefix in (LISTED_PATIENT, _DICOM_PATIENT):
         if patient.startswith(prefix):
-            return "id:" + patient[len(prefix):]
+            return "id:" + hospital_id(patient[len(prefix):])
     return patient
+
+
+def hospital_id(value: str) -> str:
+    """A hospital's patient id as two spellings of it compare: NFC, case and spaces aside, and an all-digit id without
+    its leading zeros (a spreadsheet writes the header's ``00003`` as ``3``: they had been two patients)."""
+    value = unicodedata.normalize("NFC", value).strip().casefold()
+    return (value.lstrip("0") or "0") if value.isdigit() else value
 
 
 def file_patient_id(path: Path, class_dir: Path | None = None, pattern: str = "") -> str:
@@ -540,6 +547,7 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
     conflicts: list[tuple[int, int, str, str]] = []  # (first line, line, path, what differs) of one file's rows
     absent: list[tuple[int, str, str, str]] = []  # (line, file, why, split)
     compared = 0  # rows of a patient cell whose DICOM header names a patient
+    from_header = 0  # rows without a patient cell whose DICOM header names one
     other_id: list[tuple[int, str, str]] = []  # (line, cell, header id) of those naming another
     bad: dict[str, dict[str, list[int]]] = {"label": {}, "split": {}}  # each bad value's rows and first line
     try:
@@ -594,12 +602,13 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
                         header = dicom_patient_id(key)
                         if header is not None:
                             compared += 1
-                            if unicodedata.normalize("NFC", header) != patient:
+                            if hospital_id(header) != hospital_id(patient):
                                 other_id.append((line, patient, header))
                     patient = LISTED_PATIENT + patient
                 else:  # a file elsewhere (absolute, or by ../) by its whole path: its name alone had been its id
                     below = key.startswith(os.path.join(str(base), ""))
                     patient = file_patient_id(Path(key), base if below else Path(Path(key).anchor), patient_pattern)
+                    from_header += patient.startswith(_DICOM_PATIENT)
                 out.setdefault(split, []).append(Sample(key, CLASS_NAMES.index(label), patient))
     except (OSError, ValueError, csv.Error) as e:
         raise UsageError(f"{path}: not a readable CSV file ({type(e).__name__}: {e})") from None
@@ -620,11 +629,19 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
     if other_id:  # a spreadsheet sorted on one column only: its patients, and maybe labels, on other files
         line, in_cell, in_header = other_id[0]
         every = len(other_id) == compared > 1
+        why = ("as in an export whose header ids were replaced (anonymised)" if every else
+               "a spreadsheet sorted on one column only moves cells off their files (labels too?)")
+        if from_header:  # two sets of ids, which meet nowhere: one patient's images on both sides of the carve
+            n = from_header
+            why += (f"; and the {n} row{'s' if n > 1 else ''} without a cell take{'' if n > 1 else 's'} the header's "
+                    "PatientID, which the cells do not match: one patient's images may fall on both sides of the "
+                    "carved validation split; fill the column on every row, or on none")
+        elif every:
+            why += ", probably harmless"
         log.warning("%s: the DICOM header's PatientID differs from the patient cell on %s %d rows compared (first: "
                     "line %d, cell %r, header %r): %s; the patient cell is used", path,
                     "every one of its" if every else f"{len(other_id)} of its", compared, line, in_cell, in_header,
-                    "as in an export whose header ids were replaced (anonymised), probably harmless" if every else
-                    "a spreadsheet sorted on one column only moves cells off their files (labels too?)")
+                    why)
     listed = sum(map(len, out.values())) + len(absent)
     if not listed:
         raise DataError(f"{path}: lists no images")
