@@ -327,8 +327,12 @@ def predictions_file_size(path: str | os.PathLike, files: Sequence[str | os.Path
     """About the most bytes :func:`write_predictions_file` writes to ``path`` for ``files`` (errors aside, whose
     messages vary), so that a disk without room for them is said before the work
     (:func:`cxr.fileio.check_free_space`)."""
-    per_row = 160 if _check_suffix(path) == ".csv" else 230  # the disclaimer on each CSV row; JSON's keys and indents
-    return 1024 + sum(len(os.fsencode(os.fspath(f))) + per_row for f in files)
+    # Generous, since a refusal costs less than a lost job: each row's path twice (an unreadable file's error repeats
+    # it), as JSON escapes it (\\uXXXX, six bytes a character beyond ASCII), and room for an error's reason.
+    csv_file = _check_suffix(path) == ".csv"
+    per_row = (160 if csv_file else 230) + 200  # the disclaimer on each CSV row, or JSON's keys and indents; a reason
+    size = (lambda f: len(os.fsencode(f))) if csv_file else (lambda f: len(json.dumps(f)))
+    return 1024 + sum(2 * size(os.fspath(f)) + per_row for f in files)
 
 
 def write_predictions_file(path: str | os.PathLike, predictions: list[Prediction]) -> None:
