@@ -1118,6 +1118,9 @@ def test_pages_of_the_origins_given_may_call_the_api_and_no_others(engine):
     for bad in ("viewer.example", "https://viewer.example/app", "ftp://viewer.example"):
         with pytest.raises(UsageError, match="an origin is a scheme and a host"):
             resolve_cors_origins([bad])
+    for bad in ("https://*.hospital.example", "http://x.example:99999", "http://x.example:0"):  # had never matched
+        with pytest.raises(UsageError, match="never matches the Origin a browser sends"):
+            resolve_cors_origins([bad])
     viewer, other = {"Origin": "https://viewer.example"}, {"Origin": "https://other.example"}
     preflight = {"Access-Control-Request-Method": "POST"}
     with TestClient(create_app(engine, cors_origins=["https://viewer.example:443"])) as c:

@@ -593,3 +593,34 @@ def test_a_request_cut_off_by_the_stop_is_answered_503_where_nothing_was_sent_ye
     assert caplog.text.count("a request still in progress was cut off by the stop") == 2
     with pytest.raises(asyncio.CancelledError):
         sent_by(cut_off, "lifespan")
+
+
+def test_beyond_max_connections_a_page_allowed_by_cors_origins_can_read_the_503(engine):
+    # The refusal is answered outside the app, and had no CORS headers: a page of an allowed origin saw a network
+    # error, not the 503 and its Retry-After.
+    from http.client import HTTPConnection
+
+    from cxr.serve import http_protocol
+
+    body, headers = multipart(XRAY)
+    upload = (f"POST {PREDICT}?heatmap=false HTTP/1.1\r\nHost: x\r\nContent-Type: {headers['Content-Type']}\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n").encode() + body[:100]
+    origins = ["https://viewer.example"]
+    server = Server(create_app(engine, cors_origins=origins), http=http_protocol(5.0, origins), limit_concurrency=1)
+    held = None
+    try:
+        held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        held.sendall(upload)
+        time.sleep(0.2)
+        conn = HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/api/v1/model", headers={"Origin": "https://viewer.example"})
+        answer = conn.getresponse()
+        assert answer.status == 503 and answer.getheader("Retry-After") == "2"
+        assert answer.getheader("Access-Control-Allow-Origin") == "https://viewer.example"
+        assert "retry-after" in answer.getheader("Access-Control-Expose-Headers").lower()
+        assert answer.getheader("X-Content-Type-Options") == "nosniff"
+        conn.close()
+    finally:
+        if held is not None:
+            held.close()
+        server.stop()

@@ -536,9 +536,19 @@ def resolve_cors_origins(given: Sequence[str] | str | None) -> tuple[str, ...]:
                              "not the scheme's own, such as https://viewer.hospital.example or http://localhost:3000 "
                              "(or * for any)")
         scheme, name, port = match[1].lower(), match[2].lower(), match[3]
+        if "*" in name or (port and not 0 < int(port) <= 65535):  # browsers send neither: it had never matched
+            raise UsageError(f"--cors-origins {g!r}: {'a host name with * ' if '*' in name else 'a port beyond 65535 '}"
+                             "never matches the Origin a browser sends; name each origin (or * alone for any)")
         default = {"http": "80", "https": "443"}[scheme]
         origins.append(f"{scheme}://{name}" + (f":{int(port)}" if port and int(port) != int(default) else ""))
     return tuple(dict.fromkeys(origins))
+
+
+def _cors_settings(origins: Sequence[str]) -> dict[str, Any]:
+    """starlette's CORSMiddleware's settings for ``--cors-origins``: the app's, and the refusal beyond
+    ``--max-connections`` (:func:`_connection_limit`), whose 503 a page had been unable to read."""
+    return {"allow_origins": list(origins), "allow_methods": ["GET", "HEAD", "POST"], "expose_headers": ["Retry-After"],
+            "max_age": 600}
 
 
 def _is_loopback(host: str) -> bool:
@@ -866,14 +876,13 @@ def create_app(model: str | os.PathLike | Engine = "default", *, backend: str = 
         # Outside the host check, so a page allowed to call the service can read why a request was refused (a 400 for
         # its Host, a 413, a 503 and its Retry-After) rather than see a bare network error. No credentials: the API
         # has no cookies or logins.
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "HEAD", "POST"],
-                           expose_headers=["Retry-After"], max_age=600)
+        app.add_middleware(CORSMiddleware, **_cors_settings(cors_origins))
     # Outermost, so error responses and static files get the headers too.
     app.add_middleware(SecurityHeaders)
     return app
 
 
-def http_protocol(header_timeout: float | None) -> type | str:
+def http_protocol(header_timeout: float | None, cors_origins: Sequence[str] = ()) -> type | str:
     """uvicorn's h11 protocol, closing a connection whose request headers have not all arrived ``header_timeout``
     seconds after it opened, or after the first byte of a later request.
 
@@ -881,7 +890,8 @@ def http_protocol(header_timeout: float | None) -> type | str:
     that sent nothing, or half its headers, held one of ``--max-connections`` for good, and enough of them had every
     request answered 503, health checks included. (h11 rather than httptools, whose state this reads.) "auto" where
     this uvicorn lacks what the subclass uses. It also answers beyond ``limit_concurrency`` (``--max-connections``) as
-    the API answers a full queue (:func:`_connection_limit`), with or without ``header_timeout``.
+    the API answers a full queue (:func:`_connection_limit`), with or without ``header_timeout``, with the CORS
+    headers of ``cors_origins`` (``--cors-origins``).
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -906,7 +916,7 @@ def http_protocol(header_timeout: float | None) -> type | str:
                     HeaderTimeoutH11Protocol.refusals = Refusals(limit)
                     HeaderTimeoutH11Protocol.admitted = [0]
                 self.app = _connection_limit(self.app, self, limit, HeaderTimeoutH11Protocol.refusals,
-                                             HeaderTimeoutH11Protocol.admitted)
+                                             HeaderTimeoutH11Protocol.admitted, cors_origins)
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -972,7 +982,8 @@ class Refusals:
         self.count, self.said = 0, now
 
 
-def _connection_limit(app: Any, protocol: Any, limit: int, refusals: Refusals, admitted: list[int]) -> Callable:
+def _connection_limit(app: Any, protocol: Any, limit: int, refusals: Refusals, admitted: list[int],
+                      cors_origins: Sequence[str] = ()) -> Callable:
     """``app`` behind ``limit_concurrency`` (``--max-connections``): at most ``limit`` requests in progress at once,
     uploads still arriving included, the rest refused as the API refuses: a JSON ``ErrorOut``, 503 with Retry-After,
     the service's headers. ``admitted`` counts the server's requests in progress (one list for all its
@@ -980,6 +991,8 @@ def _connection_limit(app: Any, protocol: Any, limit: int, refusals: Refusals, a
 
     Counted by the requests let in, not the connections open (uvicorn's check): every request of a burst saw the
     burst's connections, the ones being refused included, and a burst of 12 at a limit of 10 had 11 refused."""
+    refusal = SecurityHeaders(CORSMiddleware(_too_many_connections, **_cors_settings(cors_origins)) if cors_origins
+                              else _too_many_connections)
 
     async def limited(scope: dict, receive: Callable, send: Callable) -> None:
         # The health check is answered at the limit: a burst of slow uploads had had a working service's every
@@ -990,7 +1003,7 @@ def _connection_limit(app: Any, protocol: Any, limit: int, refusals: Refusals, a
             return
         if admitted[0] >= limit:
             refusals.add(protocol.loop)
-            await SecurityHeaders(_too_many_connections)(scope, receive, send)
+            await refusal(scope, receive, send)
             return
         admitted[0] += 1  # one event loop: no lock
         try:
@@ -1063,7 +1076,7 @@ def serve(model: str | os.PathLike = "default", host: str = "127.0.0.1", port: i
         if cors_origins:
             log.info("the API may be called from pages of %s (--cors-origins)",
                      "any origin" if "*" in cors_origins else ", ".join(cors_origins))
-        protocol = http_protocol(upload_timeout)
+        protocol = http_protocol(upload_timeout, cors_origins)
         config = uvicorn.Config(_cut_off_quietly(app), host=host, port=port, log_level=log_level, server_header=False,
                                 access_log=access_log, limit_concurrency=max_connections,
                                 http=protocol, root_path=root_path.rstrip("/"),
