@@ -939,7 +939,7 @@ def test_a_run_trains_on_a_csv_listing_images(tmp_path, tiny_dataset):
         {n: [s.path for s in split.samples] for n, split in splits.items()}
 
 
-def test_files_a_csv_lists_that_are_not_there_are_listed_in_the_results(tmp_path, tiny_dataset):
+def test_files_a_csv_lists_that_are_not_there_are_listed_in_the_results(tmp_path, tiny_dataset, caplog):
     # One warning named the first alone; summary.json and metrics.json had a smaller n and no word of the others.
     import json
 
@@ -957,6 +957,7 @@ def test_files_a_csv_lists_that_are_not_there_are_listed_in_the_results(tmp_path
     cfg = load_config(overrides={**TINY_TRAIN, "data": str(tmp_path / "labels.csv"), "output": str(run),
                                  "epochs": 1})
     splits = split_dataset(cfg, run, resume=False, write=False)
+    assert "each is listed under not_found in summary.json or metrics.json" in caplog.text
     gone = str(tmp_path / "gone")
     assert splits["train"].not_found == [(f"{gone}/a.png", f"line {lines}: No such file or directory"),
                                          (f"{gone}/b.png", f"line {lines + 1}: No such file or directory")]
@@ -974,6 +975,13 @@ def test_files_a_csv_lists_that_are_not_there_are_listed_in_the_results(tmp_path
 
     page = make_report(tmp_path / "eval").read_text()
     assert "listed in the CSV but not there, left out (3)" in page and f"{gone}/b.png: line {lines + 1}" in page
+    # Those of a split with no file there: no split to list them under, so named in the warning, every one
+    (tmp_path / "more.csv").write_text((tmp_path / "labels.csv").read_text() + "gone/c.png,NORMAL,val\n")
+    caplog.clear()
+    scan(tmp_path / "more.csv")
+    assert f"4 of its {lines + 2} listed images are left out" in caplog.text
+    assert (f"1 of them, of split val with no file there, are named here only (line {lines + 3}: gone/c.png), the "
+            "others under not_found") in caplog.text
 
 
 def test_a_data_sets_own_val_split_pooled_into_the_carve_is_said(tmp_path, tiny_dataset, caplog):

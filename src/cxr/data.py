@@ -649,15 +649,22 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
         line, file, why, _ = absent[0]
         raise DataError(f"{path}: none of its {listed} images can be read (line {line}: {file}: {why}; a relative "
                         f"path is read from the CSV's folder, {base})")
-    if absent:
-        line, file, why, _ = absent[0]
-        log.warning("%s: %d of its %d listed images are left out, not there or no regular files (line %d: %s: %s); "
-                    "each is listed under not_found in summary.json or metrics.json", path, len(absent), listed,
-                    line, file, why)
     splits = {name: Split(name, out[name]) for name in [*SPLITS, *sorted(set(out) - set(SPLITS))] if out.get(name)}
-    for line, file, why, split in absent:  # one of a split with no file there: said in the warning alone
+    for line, file, why, split in absent:
         if split in splits:
             splits[split].not_found.append((_listed_file(base, file), f"line {line}: {why}"))
+    if absent:
+        line, file, why, _ = absent[0]
+        # Those of a split with no file there have no split to be listed under: named here, every one (the warning
+        # had said all were listed in the results)
+        alone = [(line, file, split) for line, file, _, split in absent if split not in splits]
+        unlisted = ("; each is listed under not_found in summary.json or metrics.json" if not alone else
+                    f"; {len(alone)} of them, of split{'s' if len({a[2] for a in alone}) > 1 else ''} "
+                    f"{', '.join(sorted({a[2] for a in alone}))} with no file there, are named here only "
+                    f"({', '.join(f'line {n}: {f}' for n, f, _ in alone[:5])}{', ...' if len(alone) > 5 else ''}), "
+                    "the others under not_found in summary.json or metrics.json")
+        log.warning("%s: %d of its %d listed images are left out, not there or no regular files (line %d: %s: %s)%s",
+                    path, len(absent), listed, line, file, why, unlisted)
     return splits
 
 
