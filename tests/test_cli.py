@@ -1215,7 +1215,7 @@ def test_the_cache_is_under_xdg_cache_home_unless_cxr_cache_dir_is_set(tmp_path,
     assert Config().cache_dir == str(tmp_path / "home" / ".cache" / "cxr")
 
 
-def test_a_runs_cache_folder_is_the_machines_unless_given_and_may_change_on_resume(tmp_path, monkeypatch):
+def test_a_runs_cache_folder_is_the_machines_unless_given_and_may_change_on_resume(tmp_path, monkeypatch, caplog):
     # config.yaml recorded the default cache folder, which then beat $CXR_CACHE_DIR on another machine's --resume or
     # --config (a path made there unasked), and --resume refused --cache-dir.
     import yaml
@@ -1236,6 +1236,28 @@ def test_a_runs_cache_folder_is_the_machines_unless_given_and_may_change_on_resu
     save_config(load_config(overrides={"data": "d", "output": str(run), "cache_dir": str(tmp_path / "mine")}),
                 run / "config.yaml")
     assert load_config(run / "config.yaml").cache_dir == str(tmp_path / "mine")
+    # A run of an earlier cxr recorded the default of the machine it began on: said, and --cache-dir changes it
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="cxr"):
+        assert _resolve_resume(run, {})[0].cache_dir == str(tmp_path / "mine")
+    assert (f"the cache folder is {tmp_path / 'mine'}, as {run / 'config.yaml'} records it (this machine's default is "
+            f"{tmp_path / 'there'}; --cache-dir changes it)") in caplog.text
+    # A relative --cache-dir on a resume is recorded whole, as a new run's is (a later resume elsewhere had made a new
+    # cache there)
+    from cxr.train import _train_run
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def stop(cfg):
+        seen.append(cfg.cache_dir)
+        raise KeyError("stopped")
+
+    monkeypatch.setattr("cxr.train._check_starting_weights", stop)
+    with pytest.raises(KeyError):
+        _train_run(None, run, {"cache_dir": "relcache"})
+    assert seen == [str(tmp_path / "relcache")]
 
 
 def test_config_files_that_are_no_utf8_text_or_a_folder_and_home_paths(tmp_path, monkeypatch):

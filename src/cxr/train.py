@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr.config import CLASS_NAMES, Config, load_config, save_config, usable_cores
+from cxr.config import CLASS_NAMES, Config, default_cache_dir, load_config, save_config, usable_cores
 from cxr.data import (
     EMPTY_DIGEST,
     PATTERN_PATIENT,
@@ -512,6 +512,11 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
         raise UsageError(f"--resume continues a run as configured; only --epochs, --device, --swa-epochs, "
                          f"--swa-lr, --num-workers and --cache-dir may change (got {', '.join(changed)}, which differ "
                          f"from {run_dir / 'config.yaml'})")
+    if overrides.get("cache_dir") is None and os.path.abspath(cfg.cache_dir) != os.path.abspath(default_cache_dir()):
+        # A run of cxr before 12/2026 recorded the default cache folder of the machine it began on, which a resume
+        # elsewhere created unasked: said, with the way to this machine's
+        log.info("the cache folder is %s, as %s records it (this machine's default is %s; --cache-dir changes it)",
+                 cfg.cache_dir, run_dir / "config.yaml", default_cache_dir())
     # Through load_config, so that the flags' values are read as the fields' types (--num-workers 4 is "4" there)
     cfg = load_config(overrides={"output": str(run_dir), **{k: overrides[k] for k in RESUMABLE
                                                              if overrides.get(k) is not None}}, base=cfg)
@@ -704,10 +709,11 @@ def _train_run(cfg: Config | None, resume: str | os.PathLike | None, overrides: 
         # So are starting weights from a file or run: `cxr evaluate` follows them back to the runs the model was
         # fine-tuned from, from whatever folder it runs in.
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).absolute()))
-        # The cache too: a relative one, resumed from another folder, was a new cache there (inside the data, even)
-        cfg = dataclasses.replace(cfg, cache_dir=str(Path(cfg.cache_dir).expanduser().absolute()))
         if cfg.weights not in ("none", "imagenet", "default") and Path(cfg.weights).exists():
             cfg = dataclasses.replace(cfg, weights=str(Path(cfg.weights).absolute()))
+    # The cache too, and on a resume too (where --cache-dir may change it): a relative one, resumed from another folder,
+    # was a new cache there (inside the data, even)
+    cfg = dataclasses.replace(cfg, cache_dir=str(Path(cfg.cache_dir).expanduser().absolute()))
     if state is None:
         # Before the data is hashed and cached, not after (a resumed run needs no starting weights: see _train).
         _check_starting_weights(cfg)
