@@ -1269,7 +1269,11 @@ def test_a_dicom_header_that_says_lateral_oblique_or_another_body_part_is_noted(
              "port.dcm": ({"ViewPosition": "AP", "BodyPartExamined": "PORT CHEST"}, None),
              "lat.dcm": ({"ViewPosition": "LL "}, "a lateral view (ViewPosition LL)"),
              "obl.dcm": ({"ViewPosition": "RAO"}, "an oblique view (ViewPosition RAO)"),
-             "hand": ({"BodyPartExamined": "HAND"}, "body part HAND (BodyPartExamined), not the chest")}
+             "hand": ({"BodyPartExamined": "HAND"}, "body part HAND (BodyPartExamined), not the chest"),
+             # a chest in another language, or a site's own word: not called "not the chest"
+             "torax.dcm": ({"BodyPartExamined": "TORAX", "ViewPosition": "PA"}, None),
+             "pecho.dcm": ({"BodyPartExamined": "PECHO"}, None),
+             "cspine.dcm": ({"BodyPartExamined": "C SPINE"}, "body part C SPINE (BodyPartExamined), not the chest")}
     for name, (tags, expected) in cases.items():
         (tmp_path / name).write_bytes(dicom_bytes(pixels, **tags))
         assert dicom_view_note(tmp_path / name) == expected, name
@@ -1279,7 +1283,7 @@ def test_a_dicom_header_that_says_lateral_oblique_or_another_body_part_is_noted(
     assert dicom_view_note(tmp_path / "x.png") is None and dicom_view_note(tmp_path / "fifo.dcm") is None
     paths = sorted(tmp_path.iterdir())
     found = warn_of_views(paths, "test split")
-    assert [Path(p).name for p, _ in found] == ["hand", "lat.dcm", "obl.dcm"]
-    assert ("test split: 3 of 8 image(s) are, by their DICOM headers, no frontal chest X-ray (first: "
-            f"{tmp_path / 'hand'}, body part HAND (BodyPartExamined), not the chest): the model learnt from frontal "
-            "(PA or AP) chest X-rays, so their results mean little") in caplog.text
+    assert [Path(p).name for p, _ in found] == ["cspine.dcm", "hand", "lat.dcm", "obl.dcm"]
+    assert ("test split: 4 of 11 image(s) are, by their DICOM headers, no frontal chest X-ray (first: "
+            f"{tmp_path / 'cspine.dcm'}, body part C SPINE (BodyPartExamined), not the chest): the model learnt from "
+            "frontal (PA or AP) chest X-rays, so their results mean little") in caplog.text

@@ -277,8 +277,9 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                   batch_size: int = 8, amp: str = "auto") -> list[Path]:
     """Write one Grad-CAM picture (input beside overlay, with the prediction) per readable image file.
 
-    Also writes ``explanations.csv`` (path, prob_pneumonia, predicted, output, error, threshold, model_id, note) in
-    ``output_dir``, one row per file in input order: an unreadable file is logged, and listed there with its error.
+    Also writes ``explanations.csv`` (path, prob_pneumonia, predicted, output, error, threshold, model_id,
+    inference_dtype, note) in ``output_dir``, one row per file in input order: an unreadable file is logged, and
+    listed there with its error.
 
     Args:
         model: a checkpoint file or a run directory.

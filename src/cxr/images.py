@@ -324,7 +324,13 @@ def dicom_patient_id(path: str | os.PathLike) -> str | None:
 # ViewPosition (0018,5101) values of no frontal projection: the model learnt from frontal (PA/AP) chest X-rays
 _LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL"})
 _OBLIQUE_VIEWS = frozenset({"LAO", "RAO", "LPO", "RPO", "LLO", "RLO", "OBLIQUE"})
-_CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "THORACIC", "RIB", "PORT")  # BodyPartExamined of a chest (or unsaid)
+# BodyPartExamined values (DICOM's defined terms, and plain words) of regions that are no chest: only these are said, so
+# that a chest written in another language (TORAX, PECHO, TORACE) or a site's own term is never called "not the chest"
+_OTHER_PARTS = frozenset({
+    "ABDOMEN", "PELVIS", "SKULL", "HEAD", "BRAIN", "FACE", "JAW", "TMJ", "SINUS", "NECK", "CSPINE", "LSPINE", "SSPINE",
+    "SPINE", "SACRUM", "COCCYX", "HAND", "FINGER", "WRIST", "FOREARM", "ELBOW", "ARM", "HUMERUS", "SHOULDER",
+    "CLAVICLE", "HIP", "FEMUR", "LEG", "KNEE", "PATELLA", "TIBIA", "FIBULA", "ANKLE", "FOOT", "TOE", "HEEL",
+    "EXTREMITY", "UPRLIMB", "LOWRLIMB", "BREAST", "KIDNEY", "BLADDER", "ABDOMENPELVIS"})
 
 
 def dicom_view_note(source: str | os.PathLike | bytes) -> str | None:
@@ -362,7 +368,7 @@ def dicom_view_note(source: str | os.PathLike | bytes) -> str | None:
         return f"a lateral view (ViewPosition {view})"
     if view in _OBLIQUE_VIEWS:
         return f"an oblique view (ViewPosition {view})"
-    if part and not any(c in part for c in _CHEST_PARTS):
+    if re.sub(r"[^A-Z]", "", part) in _OTHER_PARTS:  # "C-SPINE", "C SPINE" as CSPINE
         return f"body part {part} (BodyPartExamined), not the chest"
     return None
 
