@@ -584,6 +584,20 @@ def test_the_write_check_survives_another_shard_removing_the_folder_it_just_made
     monkeypatch.setattr(fileio.tempfile, "mkstemp", racing_mkstemp)
     fileio.check_writable(tmp_path / "new" / "preds.shard-0-of-2.csv")
     assert len(calls) == 2 and not (tmp_path / "new").exists()
+    # ... or between mkdir's EEXIST and its own look, which Python's mkdir(exist_ok=True) then calls "File exists"
+    # (two threads explaining into one new folder had met it)
+    real_mkdir, made = Path.mkdir, []
+
+    def racing_mkdir(self, *args, **kwargs):
+        made.append(self)
+        if len(made) == 1:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", real)
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    fileio.check_writable(tmp_path / "other" / "explanations.csv")
+    assert len(made) == 2 and not (tmp_path / "other").exists()
 
 
 def test_a_run_no_longer_than_its_warm_up_still_decays(tiny_dataset, monkeypatch):

@@ -250,13 +250,16 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
         existing = next((p for p in (where, *where.parents) if p.exists()), None)
         if existing is not None and not existing.is_dir():  # mkdir would say only "File exists"
             raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder")
-        for attempt in range(3):
-            where.mkdir(parents=True, exist_ok=True)
+        for attempt in range(5):
             try:
+                where.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=".cxr-write-check.", suffix=_TEMP_SUFFIX, dir=where)
                 break
-            except FileNotFoundError:  # another process's probe (a torchrun shard) removed the folder just now
-                if attempt == 2:
+            # Another probe (a torchrun shard, another thread's call) removed the folder just now: between mkstemp's
+            # look and its file, or between mkdir's EEXIST and its own look (FileExistsError, "File exists", which
+            # two threads explaining into one new folder had met)
+            except (FileNotFoundError, FileExistsError):
+                if attempt == 4:
                     raise
         try:
             # A byte, not an empty file, and the file system's free blocks: a full disk allows an empty file, and
