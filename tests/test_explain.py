@@ -823,3 +823,23 @@ def test_every_colour_bar_shows_the_heat_as_the_overlay_lays_it_over_grey(tmp_pa
     css = (STATIC_DIR / "style.css").read_text()
     ramp = re.search(r"\.scale \.ramp \{[^}]*linear-gradient\(to right, ([^)]*)\)", css)[1]
     assert [c.strip() for c in ramp.split(",")] == ["#" + bytes(c.tolist()).hex() for c in heat_legend(10)]
+
+
+def test_heatmaps_of_images_of_another_size_than_the_models_are_refused_and_inference_gives_them_whole():
+    # A 64 px image for the 224 px bundled model had given a map and P 0.987 (1.000 at 224) without a word, where
+    # Inference.probs refused it; Inference.heatmaps passes the model's size, mean, std and threshold itself.
+    from cxr.errors import UsageError
+    from cxr.evaluate import load_for_inference
+    from cxr.images import load_image
+
+    inf = load_for_inference("default", device="cpu")
+    small = load_image(FILES[0], 64)[None]
+    with pytest.raises(UsageError, match=r"shape \(N, 224, 224\)"):
+        heatmaps_for_images(inf.net, small, mean=inf.cfg.mean, std=inf.cfg.std, image_size=inf.cfg.image_size)
+    with pytest.raises(UsageError, match=r"shape \(N, 224, 224\)"):
+        inf.heatmaps(small)
+    images = np.stack([load_image(f, 224) for f in FILES[:2]])
+    heats, probs = inf.heatmaps(images)
+    expected = heatmaps_for_images(inf.net, images, mean=inf.cfg.mean, std=inf.cfg.std, threshold=inf.threshold)
+    assert np.array_equal(heats, expected[0]) and np.array_equal(probs, expected[1])
+    assert np.array_equal(probs, inf.probs(images)) and heats.shape == (2, 224, 224)

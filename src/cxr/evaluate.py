@@ -216,6 +216,16 @@ class Inference:
                                     progress=progress)
         return probabilities(logits)
 
+    def heatmaps(self, images: np.ndarray, target: int | str | np.ndarray | None = None,
+                 batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """Grad-CAM maps (N, S, S) in [0, 1] and P(PNEUMONIA) (N,) of uint8 images (N, S, S), with this model's
+        size, normalisation and threshold: ``target`` None explains each image's class at the threshold, as
+        ``cxr explain`` does (:func:`cxr.explain.heatmaps_for_images`, in fp32 whatever ``amp``)."""
+        from cxr.explain import heatmaps_for_images
+
+        return heatmaps_for_images(self.net, _as_array(images), mean=self.cfg.mean, std=self.cfg.std, target=target,
+                                   batch_size=batch_size, threshold=self.threshold, image_size=self.cfg.image_size)
+
 
 def load_for_inference(model: str | os.PathLike | Checkpoint, *, device: str = "auto", amp: str = "off",
                        threshold: float | None = None) -> Inference:

@@ -138,7 +138,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor,
 
 def heatmaps_for_images(model: nn.Module, images: np.ndarray, *, mean: float, std: float,
                         target: int | str | np.ndarray | None = None, batch_size: int = 16,
-                        threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        threshold: float | None = None, image_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps and P(PNEUMONIA) for uint8 model inputs (N, S, S), in batches.
 
     Both come from one forward pass, in fp32 (TF32 off on CUDA): the probabilities are those of ``cxr predict
@@ -150,6 +150,9 @@ def heatmaps_for_images(model: nn.Module, images: np.ndarray, *, mean: float, st
             image's predicted class.
         threshold: with ``target`` None, the predicted class is PNEUMONIA where P(PNEUMONIA) >= threshold (the
             model's decision rule); without it, the larger logit (threshold 0.5, ties to the first class).
+        image_size: the model's (``cfg.image_size``): images of another size are refused, as ``Inference.probs``
+            refuses them (a 64 px image for a 224 px model had given a map and a probability, 0.987 against 1.000).
+            :meth:`cxr.evaluate.Inference.heatmaps` passes it, with the model's mean, std and threshold.
 
     Returns:
         ``(heatmaps (N, S, S) float32 in [0, 1], probs (N,) float64)``.
@@ -157,7 +160,7 @@ def heatmaps_for_images(model: nn.Module, images: np.ndarray, *, mean: float, st
     from cxr.evaluate import probabilities
     from cxr.model import check_model_inputs, exact_fp32, normalize
 
-    check_model_inputs(images, batch_size)
+    check_model_inputs(images, batch_size, image_size)
     if isinstance(target, str):
         if target.upper() not in CLASS_NAMES:
             raise UsageError(f"target {target!r}: not a class ({', '.join(CLASS_NAMES)})")
@@ -372,9 +375,11 @@ def explain_files(model: str | os.PathLike, paths: list[str | os.PathLike], outp
                 # last digits): the maps, in fp32 and the default memory format, take a pass of their own.
                 probs = run.probs(stack)
                 heats, _ = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, batch_size=batch_size,
+                                               image_size=cfg.image_size,
                                                target=(probs >= t).astype(np.int64) if fixed is None else fixed)
             else:  # fp32: the maps' forward pass gives predict's probabilities too, to the bit (one pass, not two)
                 heats, probs = heatmaps_for_images(net, stack, mean=cfg.mean, std=cfg.std, target=fixed, threshold=t,
+                                                   image_size=cfg.image_size,
                                                    batch_size=batch_size)
             predicted = (probs >= t).astype(np.int64)
             classes = predicted if fixed is None else np.full(len(stack), fixed)

@@ -716,7 +716,7 @@ class _Explainer:
         from cxr.explain import heatmaps_for_images
 
         maps, _ = heatmaps_for_images(self.net, images, mean=self.mean, std=self.std, target=classes,
-                                      batch_size=self.batch_size)
+                                      batch_size=self.batch_size, image_size=self.size)
         return list(maps)
 
 

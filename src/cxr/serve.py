@@ -189,7 +189,7 @@ class TorchEngine:
         t0 = time.perf_counter()  # the wait for the lock counts as the pass's, not as the overlay's drawing
         with self._cam_lock:
             heats, probs = heatmaps_for_images(self._cam_net, image[None], mean=cfg.mean, std=cfg.std,
-                                               threshold=self.threshold)
+                                               threshold=self.threshold, image_size=cfg.image_size)
             return Explained(float(probs[0]), heats[0], time.perf_counter() - t0)
 
 
