@@ -760,3 +760,19 @@ def test_files_already_listed_may_be_one_path(exported):
     (torch_pred,) = predict_files(exported["ckpt"], one, device="cpu", listed=True)
     (onnx_pred,) = predict_files_onnx(exported["onnx"], Path(one), listed=True)
     assert torch_pred.path == onnx_pred.path == one and torch_pred.error is None is onnx_pred.error
+
+
+def test_a_checkpoint_whose_weights_changed_in_memory_is_not_named_after_its_file(tmp_path):
+    # A loaded checkpoint perturbed in place kept its file's model_id: its predictions were filed under another model.
+    from cxr.export import model_id
+    from cxr.model import load_checkpoint
+
+    ckpt = load_checkpoint("default")
+    from_file = model_id(ckpt)
+    assert from_file == model_id(load_checkpoint("default")) and len(from_file) == 12
+    name = next(iter(ckpt.state_dict))
+    ckpt.state_dict[name].add_(1)  # in place
+    changed = model_id(ckpt)
+    assert changed != from_file
+    ckpt.state_dict[name] = ckpt.state_dict[name].clone()  # replaced
+    assert model_id(ckpt) == changed  # named by its weights, as a checkpoint never saved is

@@ -33,7 +33,7 @@ from torch import nn
 from cxr import __version__
 from cxr.errors import CheckpointError, UsageError
 from cxr.fileio import atomic_path, check_not_an_input, check_paths, check_writable
-from cxr.model import Checkpoint, load_checkpoint, threshold_unchosen, warn_if_threshold_unchosen
+from cxr.model import Checkpoint, load_checkpoint, threshold_unchosen, warn_if_threshold_unchosen, weights_state
 from cxr.onnx_backend import (  # noqa: F401 - re-exported: ONNX Runtime inference lives there, without torch
     CONTRACT_KEY,
     CONTRACT_VERSION,
@@ -85,9 +85,12 @@ def _sha256_of(path: str, stat: tuple[int, int, int, int]) -> str:
 def model_id(ckpt: Checkpoint) -> str:
     """A short, stable name for a model: the first 12 hex digits of its checkpoint file's SHA-256.
 
-    A checkpoint that was never saved (no ``path``) is named from a hash of its weights instead.
+    A checkpoint that was never saved (no ``path``), or whose weights were changed in memory since
+    :func:`cxr.model.load_checkpoint` read them, is named from a hash of its weights instead (a perturbed model had
+    been given its file's name, its predictions filed under another model's).
     """
-    if ckpt.path and Path(ckpt.path).is_file():
+    loaded = getattr(ckpt, "_as_loaded", None)
+    if ckpt.path and Path(ckpt.path).is_file() and (loaded is None or loaded == weights_state(ckpt.state_dict)):
         return file_sha256(ckpt.path)[:12]
     h = hashlib.sha256()
     for k, v in sorted(ckpt.state_dict.items()):

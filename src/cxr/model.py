@@ -527,7 +527,18 @@ def load_checkpoint(model: str | os.PathLike | Checkpoint) -> Checkpoint:
     """
     if isinstance(model, Checkpoint):
         return model
-    path = resolve_model_path(model)
+    ckpt = _load_checkpoint_file(resolve_model_path(model))
+    ckpt._as_loaded = weights_state(ckpt.state_dict)
+    return ckpt
+
+
+def weights_state(state_dict: dict[str, torch.Tensor]) -> tuple:
+    """Which tensors a state dict holds, and how often each was changed in place (torch's version counter): cheap, and
+    enough to tell weights changed in memory since their file was read (cxr.export.model_id)."""
+    return tuple((k, id(v), getattr(v, "_version", 0)) for k, v in state_dict.items())
+
+
+def _load_checkpoint_file(path: Path) -> Checkpoint:
     if _is_safetensors(path):
         return _load_safetensors(path)
     if path.suffix.lower() == ".onnx":
