@@ -1103,3 +1103,14 @@ def test_an_output_folder_held_by_one_thread_is_refused_to_another(tmp_path):
     assert not (tmp_path / "out" / ".cxr-output.lock").exists()
     with output_lock(tmp_path / "out"):  # free again
         pass
+
+
+def test_train_returns_the_run_directory_whole(tmp_path, monkeypatch):
+    # A relative output came back relative, and named another folder after a notebook's os.chdir.
+    from pathlib import Path
+
+    import cxr.train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cxr.train, "_train_run", lambda *a: Path("runs/a"))
+    assert cxr.train.train(load_config(overrides={"data": "d", "output": "runs/a"})) == tmp_path / "runs" / "a"

@@ -628,7 +628,7 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
         overrides: with ``resume``, flags that may change (:data:`RESUMABLE`); without it, applied to ``cfg``.
 
     Returns:
-        The run directory.
+        The run directory, as an absolute path.
     """
     if cfg is not None and not isinstance(cfg, Config):  # a folder's name: an AttributeError deep inside
         raise UsageError(f"cfg must be a cxr.config.Config (cxr.config.load_config(...)), got {type(cfg).__name__} "
@@ -643,7 +643,8 @@ def train(cfg: Config | None = None, *, resume: str | os.PathLike | None = None,
                          "one after another, or in separate processes")
     try:
         with _process_state_kept():
-            return _train_run(cfg, resume, overrides)
+            # whole, as data and cache_dir are recorded: relative, it named another folder after an os.chdir
+            return _train_run(cfg, resume, overrides).absolute()
     finally:
         _RUNNING.release()
 
