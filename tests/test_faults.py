@@ -1114,3 +1114,22 @@ def test_train_returns_the_run_directory_whole(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cxr.train, "_train_run", lambda *a: Path("runs/a"))
     assert cxr.train.train(load_config(overrides={"data": "d", "output": "runs/a"})) == tmp_path / "runs" / "a"
+
+
+def test_a_run_stopped_between_its_first_best_pt_and_last_pt_is_pointed_to_resume(tmp_path):
+    # A fresh run into it was told to delete the folder, where --resume starts it again.
+    from cxr.config import save_config
+    from cxr.errors import UsageError
+    from cxr.model import Checkpoint, build_model, save_checkpoint
+    from cxr.train import _refuse_occupied
+
+    cfg = load_config(overrides={"image_size": 32, "arch": "resnet18"})
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg, epoch=1), run / "best.pt")
+    with pytest.raises(UsageError, match=f"stopped in its first epoch .*start it again with --resume {run}"):
+        _refuse_occupied(run, False)
+    (run / "history.csv").write_text("epoch,train_loss\n1,0.5\n2,0.4\n")  # trained further: not to be restarted
+    with pytest.raises(UsageError, match="holds a trained model"):
+        _refuse_occupied(run, False)

@@ -762,6 +762,11 @@ def _refuse_occupied(run_dir: Path, resumed: bool) -> None:
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --output")
     if not resumed and any((run_dir / name).is_file() for name in ("best.pt", "metrics.json", "summary.json")):
         # last.pt deleted to save its space (3x best.pt's): the finished run's model and results had been replaced
+        if (run_dir / "best.pt").is_file() and (run_dir / "config.yaml").is_file() \
+                and _trained_past_epoch_1(run_dir) is None:
+            # stopped between its first best.pt and last.pt: --resume starts it again, which the advice had not said
+            raise UsageError(f"{run_dir} holds a run stopped in its first epoch (a best.pt, no last.pt); start it "
+                             f"again with --resume {run_dir}, or pick another --output")
         raise UsageError(f"{run_dir} holds a trained model (best.pt or its results); pick another --output, or delete "
                          "the folder to start over there")
 
