@@ -182,7 +182,7 @@ def test_a_lateral_views_caution_is_shown_with_its_prediction(browser_page, tmp_
     lateral = tmp_path / "lat.dcm"
     lateral.write_bytes(dicom_bytes((np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8), ViewPosition="LL"))
     page.get_by_test_id("file-input").set_input_files([lateral])
-    card = page.get_by_test_id("result")
+    card = page.get_by_test_id("result").filter(has=page.get_by_test_id("filename").get_by_text("lat.dcm", exact=True))
     sync_api.expect(card.get_by_test_id("status")).to_have_text("Done", timeout=30_000)
     sync_api.expect(card.get_by_test_id("input-note")).to_have_text(
         "Caution: by its DICOM header, a lateral view (ViewPosition LL): the model learnt from frontal (PA or AP) "

@@ -512,11 +512,6 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
         raise UsageError(f"--resume continues a run as configured; only --epochs, --device, --swa-epochs, "
                          f"--swa-lr, --num-workers and --cache-dir may change (got {', '.join(changed)}, which differ "
                          f"from {run_dir / 'config.yaml'})")
-    if overrides.get("cache_dir") is None and os.path.abspath(cfg.cache_dir) != os.path.abspath(default_cache_dir()):
-        # A run of cxr before 12/2026 recorded the default cache folder of the machine it began on, which a resume
-        # elsewhere created unasked: said, with the way to this machine's
-        log.info("the cache folder is %s, as %s records it (this machine's default is %s; --cache-dir changes it)",
-                 cfg.cache_dir, run_dir / "config.yaml", default_cache_dir())
     # Through load_config, so that the flags' values are read as the fields' types (--num-workers 4 is "4" there)
     cfg = load_config(overrides={"output": str(run_dir), **{k: overrides[k] for k in RESUMABLE
                                                              if overrides.get(k) is not None}}, base=cfg)
@@ -558,6 +553,11 @@ def _resolve_resume(resume: str | os.PathLike, overrides: dict) -> tuple[Config,
         if stop_reason.startswith("early stopping"):
             raise UsageError(f"--resume {run_dir} --epochs {cfg.epochs}: this run stopped early ({stop_reason}), so "
                              "more epochs would not train it further; start a new run")
+    if overrides.get("cache_dir") is None and os.path.abspath(cfg.cache_dir) != os.path.abspath(default_cache_dir()):
+        # A run of cxr before 12/2026 recorded the default cache folder of the machine it began on, which a resume
+        # elsewhere created unasked: said (once the resume is known to go on), with the way to this machine's
+        log.info("the cache folder is %s, as %s records it (this machine's default is %s; --cache-dir changes it)",
+                 cfg.cache_dir, run_dir / "config.yaml", default_cache_dir())
     return cfg, state
 
 
