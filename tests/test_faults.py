@@ -870,6 +870,27 @@ def test_outputs_are_written_with_the_permissions_the_umask_gives(tmp_path):
     assert stat.S_IMODE((tmp_path / "group.json").stat().st_mode) == 0o640
 
 
+def test_writing_a_file_never_sets_the_process_umask_to_0(tmp_path, monkeypatch):
+    # The umask was read by setting it to 0 and back on every write (outputs and cache packs): files that other
+    # threads of the process created in that instant came out group- and world-writable. Linux shows it unchanged.
+    import stat
+
+    from cxr.data import _write_pack
+
+    set_to, real = [], os.umask
+    old = real(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: set_to.append(mask) or real(mask))
+        atomic_write_text(tmp_path / "metrics.json", "{}")
+        pack = _write_pack(tmp_path / "cache", ["00" * 32], [np.zeros((4, 4), np.uint8)])
+    finally:
+        real(old)
+    if sys.platform.startswith("linux"):
+        assert 0 not in set_to
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o640  # still the mode a plain open() gives
+    assert stat.S_IMODE(pack.stat().st_mode) == 0o640
+
+
 def test_a_line_break_in_a_file_name_forges_no_log_line(capsys):
     # The formatter kept every line break of a formatted message, those of its arguments too: a file named
     # "bad\nINFO fake.jpeg" printed a second, forged line. The template's own line breaks stay.

@@ -364,6 +364,16 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the system shows it (Linux: ``/proc/self/status``).
+    Setting it to 0 and back, as the fallback must, had made the files other threads created in that instant group-
+    and world-writable (a notebook's, or a DataLoader thread's)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
