@@ -438,6 +438,17 @@ def test_bomb_over_max_pixels_checked_before_decoding():
     assert read_grayscale(save_bytes(Image.fromarray(ramp()), "PNG"), max_pixels=64 * 48).shape == (48, 64)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_pils_bomb_warning_below_max_pixels_is_not_shown(monkeypatch, fmt):
+    # Above PIL's limit and within max_pixels, PIL warns of a bomb that cxr's own limit decides on: kept quiet, now by
+    # the header's size (around every decode, catch_warnings had been a process-wide side effect).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 64x48 = 3,072 pixels: PIL warns, and would refuse at 4,000
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert read_grayscale(save_bytes(Image.fromarray(ramp()), fmt), max_pixels=4000).shape == (48, 64)
+    assert [str(w.message) for w in shown if issubclass(w.category, Image.DecompressionBombWarning)] == []
+
+
 def test_max_pixels_above_pils_own_limit_is_honoured(monkeypatch):
     # PIL refuses from 179 million pixels on, inside Image.open: a larger max_pixels (cxr serve --max-pixels) was
     # ignored ("image too large to decode safely"). The patched header claims 180 million pixels.
@@ -994,6 +1005,38 @@ def test_decoding_in_threads_leaves_the_processs_warning_filters_as_they_were():
             assert warnings.filters == before
     finally:
         sys.setswitchinterval(switch)
+
+
+def test_decoding_an_ordinary_image_leaves_the_warnings_machinery_alone(monkeypatch):
+    # catch_warnings around every decode (for PIL's DecompressionBombWarning, of images over 89.5 M pixels) reset the
+    # registries, so that a notebook's warning that shows once showed again after each image, and put back the filters
+    # it had saved, losing one another thread added meanwhile. It is entered now only for such an image.
+    images = [save_bytes(Image.fromarray(ramp()), fmt) for fmt in ("PNG", "JPEG")]
+
+    def warn():
+        warnings.warn("a notebook's warning", UserWarning, stacklevel=1)
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        warn()
+        for data in images:
+            load_image(data, 16)
+        warn()
+        assert [str(w.message) for w in shown] == ["a notebook's warning"]
+        # A filter added while an image is opened (by another thread, say) is kept.
+        real_open = Image.open
+
+        def open_meanwhile(*args, **kwargs):
+            warnings.filterwarnings("ignore", message="added meanwhile")
+            return real_open(*args, **kwargs)
+
+        monkeypatch.setattr(Image, "open", open_meanwhile)
+        filters = warnings.filters
+        for data in images:
+            load_image(data, 16)
+            added = [f for f in warnings.filters if f[1] is not None and f[1].pattern == "added meanwhile"]
+            assert warnings.filters is filters and len(added) == 1
+            filters.remove(added[0])
 
 
 @pytest.mark.parametrize("draft", [False, True])

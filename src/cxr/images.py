@@ -36,7 +36,7 @@ import stat
 import struct
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -526,20 +526,41 @@ def _open_within(data: bytes, fmt: str, max_pixels: int) -> Image.Image:
     never put back: the caller's own ``Image.open`` lost its protection.
 
     All under one lock, which only a header's read holds: ``catch_warnings`` saves and puts back the process's
-    warning filters, and two of the service's threads interleaving it had left the "ignore" in place for good.
+    warning filters, and two of the service's threads interleaving it had left the "ignore" in place for good. It is
+    entered only where PIL will warn, by the header's size (or where that is not found): around every decode it had
+    lost another thread's new filters, and shown a caller's warnings that show once again after each image.
     """
-    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    pixels = _header_pixels(data, fmt)
+    with _PIL_LIMIT_LOCK, contextlib.ExitStack() as quiet:
         # Read under the lock, which every raise holds until it is put back: never another call's raised value, which
         # would then be "put back" for good.
         limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and max_pixels > 2 * limit:
+        raised = limit is not None and max_pixels > 2 * limit
+        warned_from = max_pixels if raised else limit  # PIL's limit in the open below
+        if warned_from is not None and (pixels is None or pixels > warned_from):
+            quiet.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if raised:
             Image.MAX_IMAGE_PIXELS = max_pixels
             try:
                 return Image.open(io.BytesIO(data), formats=[fmt])
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
         return Image.open(io.BytesIO(data), formats=[fmt])
+
+
+def _header_pixels(data: bytes, fmt: str) -> int | None:
+    """Width x height as PIL's bomb check counts them (each at least 1), from a PNG's IHDR or a JPEG's frame header
+    (the largest, where a damaged file has several), or None where none is found."""
+    if fmt == "PNG":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            return None
+        return max(1, int.from_bytes(data[16:20], "big")) * max(1, int.from_bytes(data[20:24], "big"))
+    if fmt == "JPEG":  # height, then width, after the frame header's precision
+        sizes = [max(1, int.from_bytes(data[p + 5:p + 7], "big")) * max(1, int.from_bytes(data[p + 7:p + 9], "big"))
+                 for p in _jpeg_frames(data) if p + 9 <= len(data)]
+        return max(sizes, default=None)
+    return None
 
 
 def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:
@@ -626,6 +647,11 @@ def _last_block_row_grey(pixels: np.ndarray | Image.Image, height: int, grey: in
 
 def _jpeg_precision(data: bytes) -> int | None:
     """Bits per sample in a JPEG's start-of-frame segment, or None where none is found before the scan."""
+    return next((data[pos + 4] for pos in _jpeg_frames(data)), None)
+
+
+def _jpeg_frames(data: bytes) -> Iterator[int]:
+    """Where each start-of-frame segment of a JPEG's header begins (its marker), up to the scan."""
     pos = 2
     while pos + 4 < len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
@@ -633,11 +659,10 @@ def _jpeg_precision(data: bytes) -> int | None:
             pos += 1
             continue
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return data[pos + 4] if pos + 4 < len(data) else None
-        if marker == 0xDA:  # start of scan: no frame header before it
-            return None
+            yield pos
+        elif marker == 0xDA:  # start of scan: no frame header after it
+            return
         pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return None
 
 
 # IHDR colour types 2 (RGB), 4 (grey + alpha) and 6 (RGBA): at 16 bits PIL keeps only each sample's high byte, so a
