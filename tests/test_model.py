@@ -195,6 +195,30 @@ def test_torch_file_without_marker(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
 
 
+def test_loading_a_checkpoint_leaves_the_warnings_machinery_alone(tmp_path):
+    # catch_warnings around every torch.load (for torch's warning of a foreign pickle protocol) reset the process's
+    # registries: a notebook's warning that shows once showed again after each model loaded. Entered now only for a
+    # file of another protocol, whose warning is still kept out.
+    import warnings
+
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "cxr.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "p3.pt", pickle_protocol=3)
+
+    def warn():
+        warnings.warn("a notebook's warning", UserWarning, stacklevel=1)
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        warn()
+        with pytest.raises(CheckpointError, match="format marker"):
+            load_checkpoint(tmp_path / "cxr.pt")
+        warn()
+        assert [str(w.message) for w in shown] == ["a notebook's warning"]
+        with pytest.raises(CheckpointError, match="format marker"):
+            load_checkpoint(tmp_path / "p3.pt")
+    assert not any("pickle protocol" in str(w.message) for w in shown), [str(w.message) for w in shown]
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['CXR_PWNED']}",))

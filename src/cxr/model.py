@@ -16,6 +16,7 @@ import pickle
 import re
 import threading
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,20 @@ def _torch_load(path: str | os.PathLike) -> Any:
     safetensors, whatever the file holds (a checkpoint so named had been unreadable)."""
     with open(path, "rb") as f:
         return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def _torch_save_protocol(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a torch zip file whose one pickle has torch.save's protocol (2), of which ``torch.load``
+    does not warn; False for anything else (another protocol, torch's legacy format, a damaged file)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.rpartition("/")[2] == "data.pkl"]
+            if len(pickles) != 1:
+                return False
+            with archive.open(pickles[0]) as f:
+                return f.read(2) == b"\x80\x02"
+    except Exception:  # zipfile raises many types for a damaged archive
+        return False
 
 
 def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -550,8 +565,13 @@ def _load_checkpoint_file(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: a TorchScript file (cxr export writes them for other runtimes); give cxr the "
                               "checkpoint or the .safetensors file it was exported from")
     try:
-        with warnings.catch_warnings():  # a foreign pickle's protocol, warned of in two lines before cxr's one
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        with contextlib.ExitStack() as quiet:
+            # A foreign pickle's protocol, warned of in two lines before cxr's one. Not around torch.save's own files:
+            # catch_warnings resets the process's warning registries (a notebook's warning that shows once showed
+            # again after each model loaded) and puts back the filters it saved (another thread's new one lost).
+            if not _torch_save_protocol(path):
+                quiet.enter_context(warnings.catch_warnings())
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             obj = _torch_load(path)
     except pickle.UnpicklingError as e:
         # torch's message always mentions weights_only; only an unsupported global or class means objects that
