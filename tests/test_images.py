@@ -1267,6 +1267,59 @@ def test_pydicoms_own_warnings_stay_out_of_the_output_while_cxr_decodes(tmp_path
     assert proc.returncode == 0 and "pydicom" not in proc.stderr and "after" in proc.stderr, proc.stderr
 
 
+def test_decoding_a_dicom_puts_the_processs_showwarning_back(monkeypatch):
+    # cxr's showwarning, which keeps pydicom's warnings out while it decodes, had stayed the process's for good after
+    # its first DICOM. Now put back as the last decode of any thread ends (one still going in another thread keeps it),
+    # and pydicom's warnings are still kept out meanwhile.
+    import threading
+
+    import cxr.images
+
+    with warnings.catch_warnings():  # pydicom warns of the encoding as it writes the file, too
+        warnings.simplefilter("ignore")
+        data = dicom_bytes(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64), SpecificCharacterSet="ISO_IR 999",
+                           PatientName="Ünïcode^Näme")
+    monkeypatch.setattr(cxr.images, "_SET_OVER_QUIET", None)  # as it was, after the test
+    before = warnings.showwarning
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert load_image(data, 32).shape == (32, 32)
+        assert warnings.showwarning is before
+        entered, leave = threading.Event(), threading.Event()
+
+        def decoding_elsewhere():
+            with cxr.images._quiet_pydicom():
+                entered.set()
+                leave.wait(5)
+
+        other = threading.Thread(target=decoding_elsewhere)
+        other.start()
+        entered.wait(5)
+        load_image(data, 32)
+        assert warnings.showwarning is cxr.images._quiet_showwarning  # the other thread's decode still needs it
+        leave.set()
+        other.join(5)
+        assert warnings.showwarning is before
+        # A caller's own, set meanwhile, may call cxr's: it is never wrapped by cxr's (each would call the other).
+        entered.clear(), leave.clear()
+        other = threading.Thread(target=decoding_elsewhere)
+        other.start()
+        entered.wait(5)
+        previous, calls = warnings.showwarning, []
+
+        def mine(*args, **kwargs):
+            calls.append(str(args[0]))
+            previous(*args, **kwargs)
+
+        warnings.showwarning = mine
+        leave.set()
+        other.join(5)
+        load_image(data, 32)
+        warnings.warn("after", UserWarning, stacklevel=1)
+        assert warnings.showwarning is mine and calls[-1] == "after"
+    assert not [str(w.message) for w in shown if "pydicom" in w.filename], [str(w.message) for w in shown]
+
+
 def test_a_decoders_long_reason_is_cut_after_a_whole_word():
     # pydicom's reasons were cut at 200 characters: "... requires gdcm>=3.0.10; p)", in the CLI and the service.
     from cxr.images import _clip_words

@@ -269,21 +269,35 @@ def _quiet_pydicom():
         logger = logging.getLogger(name)
         if _not_while_quiet not in logger.filters:
             logger.addFilter(_not_while_quiet)
+    global _SHOWWARNING_USERS, _SET_OVER_QUIET
     with _SHOWWARNING_LOCK:
-        # Once, and again where a `catch_warnings` block (a caller's, or _open_within's in another thread) put back
-        # the function it wraps: installed inside one, it had been undone for good. A caller's own wrapper of it is
+        # In place while any thread is in here, and put back when the last one leaves: it had stayed for the rest of
+        # the process after one DICOM. Set again where a `catch_warnings` block (a caller's, in another thread) put
+        # back the function it wraps: installed inside one, it had been undone. A caller's own wrapper of it is
         # theirs to keep (set again over a wrapper that calls it, each had called the other to the recursion limit).
-        if not hasattr(_quiet_showwarning, "shown") or warnings.showwarning is _quiet_showwarning.shown:
-            _quiet_showwarning.shown = warnings.showwarning  # what showed warnings before: called for all others
+        current = warnings.showwarning
+        if current is not _quiet_showwarning and (current is getattr(_quiet_showwarning, "shown", None)
+                                                  or not _SHOWWARNING_USERS and current is not _SET_OVER_QUIET):
+            _quiet_showwarning.shown = current  # what showed warnings before: called for all others
             warnings.showwarning = _quiet_showwarning
+        _SHOWWARNING_USERS += 1
     _PYDICOM_QUIET.depth = getattr(_PYDICOM_QUIET, "depth", 0) + 1
     try:
         yield
     finally:
         _PYDICOM_QUIET.depth -= 1
+        with _SHOWWARNING_LOCK:
+            _SHOWWARNING_USERS -= 1
+            if not _SHOWWARNING_USERS:
+                if warnings.showwarning is _quiet_showwarning:
+                    warnings.showwarning = _quiet_showwarning.shown
+                elif warnings.showwarning is not _quiet_showwarning.shown:
+                    _SET_OVER_QUIET = warnings.showwarning  # set while it was in place: it may call it
 
 
 _SHOWWARNING_LOCK = threading.Lock()
+_SHOWWARNING_USERS = 0  # _quiet_pydicom blocks open, in all threads: the last to end puts warnings.showwarning back
+_SET_OVER_QUIET = None  # a caller's showwarning set over _quiet_showwarning, never to be wrapped by it again
 
 
 def _quiet_showwarning(message, category, filename, lineno, file=None, line=None):
