@@ -3124,3 +3124,29 @@ def test_predict_and_evaluate_say_which_images_their_dicom_headers_call_lateral(
     assert "cxr predict: 2 of 4 image(s) are, by their DICOM headers, no frontal chest X-ray" in caplog.text
     metrics = evaluate_model("default", tmp_path / "d", tmp_path / "ev", device="cpu")
     assert metrics["d"]["n_not_frontal"] == 2
+
+
+def test_predict_reads_a_worklist_csv_of_images(tmp_path, capsys):
+    # A hospital's worklist (a spreadsheet of paths) had been "not an image"; RSNA lists a patientId, its file's stem;
+    # and training/testing name splits as train and test do.
+    from cxr.cli import main
+    from cxr.data import scan
+
+    from .conftest import read_csv
+
+    images = sorted((SAMPLE_DIR / "test").glob("*/*"))[:3]
+    for i, f in enumerate(images):
+        shutil.copy(f, tmp_path / (f"id{i}.dcm" if i == 2 else f"id{i}.jpeg"))
+    (tmp_path / "id2.dcm").write_bytes(b"not a DICOM file")
+    (tmp_path / "work.csv").write_text("Path;Label;note\nid1.jpeg;;x\nid0.jpeg;NORMAL;\n;;\nid2;;\ngone.png;;\n")
+    assert main(["predict", str(tmp_path / "work.csv"), "--output", str(tmp_path / "p.csv")]) == 0
+    rows = read_csv(tmp_path / "p.csv")
+    assert [Path(r["path"]).name for r in rows] == ["id1.jpeg", "id0.jpeg", "id2.dcm", "gone.png"]
+    assert [bool(r["label"]) for r in rows] == [True, True, False, False] and "gone.png" in rows[3]["error"]
+    assert main(["predict", str(tmp_path / "work.csv"), "--output", str(tmp_path / "work.csv")]) == 2
+    assert "that is an input" in capsys.readouterr().err
+    (tmp_path / "nopath.csv").write_text("file,label\nid0.jpeg,NORMAL\n")
+    assert main(["predict", str(tmp_path / "nopath.csv")]) == 2
+    assert "needs a path column; it has 'file', 'label'" in capsys.readouterr().err
+    (tmp_path / "s.csv").write_text("path,label,split\nid0.jpeg,NORMAL,Training\nid1.jpeg,PNEUMONIA,testing\n")
+    assert {k: len(v.samples) for k, v in scan(tmp_path / "s.csv").items()} == {"train": 1, "test": 1}

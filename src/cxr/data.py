@@ -63,7 +63,8 @@ from cxr.tv import import_torchvision
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test"}
 
 # Bumped whenever decoding, resizing or the cache's layout changes, so that old cache entries are never trusted.
 # 2: images stored in packs, not one file each. 3: 16-bit colour and grey + alpha PNGs refused (PIL had kept each
@@ -680,6 +681,27 @@ def _bad_values(column: str, values: dict[str, list[int]], expected: str, most: 
     return f"{', '.join(said)}{more}: expected {expected}"
 
 
+def listed_files(path: str | os.PathLike) -> list[str]:
+    """The files a CSV lists in its ``path`` column (read as :func:`scan_image_list` reads it, relative to the CSV's
+    folder; other columns, a label among them, left alone), in its order: ``cxr predict worklist.csv``. Files not
+    there are listed all the same (their rows say so when they are read)."""
+    path = Path(path).absolute()
+    base = Path(os.path.realpath(path.parent))
+    columns, delimiter = _csv_dialect(path)
+    column = next((c for c in columns if _LIST_COLUMNS.get(_list_column(c)) == "path"), None)
+    if column is None:
+        raise UsageError(f"{path}: a CSV of images to predict needs a path column; it has "
+                         f"{', '.join(map(repr, columns)) or 'none'}")
+    try:
+        with open(path, **CSV_READ) as f:
+            cells = [(row.get(column) or "") for row in csv.DictReader(f, delimiter=delimiter)]
+    except (OSError, ValueError, csv.Error) as e:
+        raise UsageError(f"{path}: not a readable CSV file ({type(e).__name__}: {e})") from None
+    if any("\0" in c for c in cells):
+        raise UsageError(f"{path}: a NUL character in a path")
+    return [_listed_file(base, c) for c in cells if c.strip()]
+
+
 def _listed_file(base: Path, file: str) -> str:
     """The file a CSV listing images names: relative to ``base``, or absolute; with slashes for a Windows path's
     backslashes, or without spaces around it, where only that is there."""
@@ -692,6 +714,9 @@ def _listed_file(base: Path, file: str) -> str:
     for other in (file.strip(), file.replace("\\", "/"), file.strip().replace("\\", "/")):
         if other != file and os.path.lexists(full(other)):
             return full(other)
+    # RSNA's files list a patientId, the stem of its file: "<id>.dcm"
+    if not os.path.splitext(file.strip())[1] and os.path.lexists(full(file.strip().replace("\\", "/") + ".dcm")):
+        return full(file.strip().replace("\\", "/") + ".dcm")
     return first
 
 

@@ -176,7 +176,8 @@ def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
     hidden files and folders skipped; linked folders followed). ``skip``: a folder whose files are not collected (an
     output folder inside an input folder). Grad-CAM pictures (``*_gradcam.png``, what ``cxr explain`` writes) found in
     a folder are left out with a warning: predicting a folder after explaining into it would otherwise read them as
-    X-rays. Named one by one, they are taken."""
+    X-rays. Named one by one, they are taken. A ``.csv`` file given is a list of images: the files of its ``path``
+    column (:func:`cxr.data.listed_files`)."""
     from cxr.data import walk_files
 
     paths = path_list(paths)
@@ -188,6 +189,11 @@ def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
                          f"none of the {len(paths)} paths given exists, e.g. {paths[0]}: no such file or directory")
     files: list[Path] = []
     for p in map(Path, paths):
+        if p.suffix.lower() == ".csv" and p.is_file():  # a worklist: the files of its path column, in its order
+            from cxr.data import listed_files
+
+            files += map(Path, listed_files(p))
+            continue
         if p.is_dir():
             everything = walk_files(p, skip=skip)
             found = [f for f in everything if is_image_file(f)]
