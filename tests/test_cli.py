@@ -2483,6 +2483,13 @@ def test_the_predictions_table_tells_apart_what_its_threshold_does_and_keeps_row
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines() if ".png" in line}
     assert rows[long[1:] + "a.png"] != rows["elsewhere/b.png"], rows
     assert "threshold 0.1143934" in out
+    # An unreadable file's reason below the table, whole: in its cell, the longest one had padded every line of a
+    # pipe to its width (1,719 characters in a review)
+    why = "x" * 300
+    _print_predictions([*preds, Prediction("/data/c.png", None, None, f"/data/c.png: {why}")], "note")
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines() if ".png" in line and "│" in line) < 200
+    assert f"  /data/c.png: {why}\n" in out and "unreadable (1):" in out
 
 
 def test_every_train_flag_of_a_config_field_names_its_default():

@@ -633,15 +633,21 @@ def _print_predictions(preds, caption: str) -> None:
     table.add_column("label")
     for p in preds:
         path = _shown(os.path.relpath(p.path, common) if common else str(p.path))
-        if p.error:
-            table.add_row(path, "-", f"[red]unreadable: {_shown(p.error)}[/red]")
+        if p.error:  # why, below the table: in its cell, the longest error had padded every line of a pipe to its width
+            table.add_row(path, "-", "[red]unreadable (below)[/red]")
         else:
             table.add_row(path, prob_text(p.prob_pneumonia, t, decimals) if t is not None else
                           prob_text(p.prob_pneumonia), p.label)
     # Into a file or a pipe, a row per line: at rich's 80 columns there, paths were folded mid-name, and grep found
     # none of them. In a terminal, its width.
     console = Console()
-    (console if console.is_terminal else Console(width=100_000)).print(table)
+    console = console if console.is_terminal else Console(width=100_000)
+    console.print(table)
+    errors = [p.error for p in preds if p.error]
+    if errors:
+        console.print(f"unreadable ({len(errors)}):", style="red")
+        for error in errors:
+            console.print(f"  {_shown(error)}", soft_wrap=True, markup=False, highlight=False)
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
