@@ -269,16 +269,14 @@ def _quiet_pydicom():
         logger = logging.getLogger(name)
         if _not_while_quiet not in logger.filters:
             logger.addFilter(_not_while_quiet)
-    global _SHOWWARNING_USERS, _SET_OVER_QUIET
+    global _SHOWWARNING_USERS
     with _SHOWWARNING_LOCK:
         # In place while any thread is in here, and put back when the last one leaves: it had stayed for the rest of
-        # the process after one DICOM. Set again where a `catch_warnings` block (a caller's, in another thread) put
-        # back the function it wraps: installed inside one, it had been undone. A caller's own wrapper of it is
-        # theirs to keep (set again over a wrapper that calls it, each had called the other to the recursion limit).
-        current = warnings.showwarning
-        if current is not _quiet_showwarning and (current is getattr(_quiet_showwarning, "shown", None)
-                                                  or not _SHOWWARNING_USERS and current is not _SET_OVER_QUIET):
-            _quiet_showwarning.shown = current  # what showed warnings before: called for all others
+        # the process after one DICOM. Set again where a `catch_warnings` block (a caller's, in another thread), or a
+        # caller, put another in its place meanwhile: that one is wrapped in turn (a wrapper of this one included;
+        # _quiet_showwarning does not recurse into itself).
+        if warnings.showwarning is not _quiet_showwarning:
+            _quiet_showwarning.shown = warnings.showwarning  # what showed warnings before: called for all others
             warnings.showwarning = _quiet_showwarning
         _SHOWWARNING_USERS += 1
     _PYDICOM_QUIET.depth = getattr(_PYDICOM_QUIET, "depth", 0) + 1
@@ -288,16 +286,13 @@ def _quiet_pydicom():
         _PYDICOM_QUIET.depth -= 1
         with _SHOWWARNING_LOCK:
             _SHOWWARNING_USERS -= 1
-            if not _SHOWWARNING_USERS:
-                if warnings.showwarning is _quiet_showwarning:
-                    warnings.showwarning = _quiet_showwarning.shown
-                elif warnings.showwarning is not _quiet_showwarning.shown:
-                    _SET_OVER_QUIET = warnings.showwarning  # set while it was in place: it may call it
+            if not _SHOWWARNING_USERS and warnings.showwarning is _quiet_showwarning:
+                warnings.showwarning = _quiet_showwarning.shown
 
 
 _SHOWWARNING_LOCK = threading.Lock()
 _SHOWWARNING_USERS = 0  # _quiet_pydicom blocks open, in all threads: the last to end puts warnings.showwarning back
-_SET_OVER_QUIET = None  # a caller's showwarning set over _quiet_showwarning, never to be wrapped by it again
+_SHOWING = threading.local()  # set while _quiet_showwarning passes a warning on, in this thread
 
 
 def _quiet_showwarning(message, category, filename, lineno, file=None, line=None):
@@ -306,7 +301,16 @@ def _quiet_showwarning(message, category, filename, lineno, file=None, line=None
     ("Unknown encoding 'ISO_IR 999'"), with their source lines, under ``-q`` too."""
     if getattr(_PYDICOM_QUIET, "depth", 0) > 0 and f"{os.sep}pydicom{os.sep}" in str(filename):
         return
-    _quiet_showwarning.shown(message, category, filename, lineno, file, line)
+    if getattr(_SHOWING, "on", False):
+        # A caller's wrapper of this function, wrapped by it in turn: each had called the other to the recursion
+        # limit. Python's own shows it.
+        warnings._showwarning_orig(message, category, filename, lineno, file, line)
+        return
+    _SHOWING.on = True
+    try:
+        _quiet_showwarning.shown(message, category, filename, lineno, file, line)
+    finally:
+        _SHOWING.on = False
 
 
 def dicom_patient_id(path: str | os.PathLike) -> str | None:
@@ -324,8 +328,9 @@ def dicom_patient_id(path: str | os.PathLike) -> str | None:
             f.seek(0)
             # A damaged header is said once, by its decode (or the file name serves): not here too, where pydicom
             # would warn and log on its own, read as they are before the run has begun.
-            with _quiet_pydicom(), warnings.catch_warnings():  # run before the work starts, in one thread
-                warnings.simplefilter("ignore")
+            # pydicom's warnings dropped in this thread by _quiet_pydicom: a catch_warnings here, process-wide, had let
+            # two threads reading headers leave "ignore" in place for every warning, for good
+            with _quiet_pydicom():
                 ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"], force=not marked)
         value = str(ds.get("PatientID", "") or "").strip()
     except MemoryError:
@@ -367,8 +372,7 @@ def dicom_view_note(source: str | os.PathLike | bytes) -> str | None:
         import pydicom
 
         marked = head[128:132] == b"DICM"
-        with _quiet_pydicom(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet_pydicom():  # not catch_warnings: see dicom_patient_id
             ds = pydicom.dcmread(io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview))
                                  else source, stop_before_pixels=True,
                                  specific_tags=["ViewPosition", "BodyPartExamined"], force=not marked)
