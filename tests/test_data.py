@@ -2448,6 +2448,12 @@ def test_patient_ids_a_spreadsheet_wrote_without_leading_zeros_are_the_headers(t
     (tmp_path / "excel.csv").write_text("path,label,patient\n" + "".join(rows))
     train = scan(tmp_path / "excel.csv")["train"].samples
     assert len(set(_groups(train))) == 12 and "differs from the patient cell" not in caplog.text
+    # ... only where a cell meets its own file's header: two cells "A12" and "a12", or "007" and "7", are two patients
+    # (a site may mean two; they had been merged, and test images said to share training patients)
+    from cxr.data import patient_key
+
+    assert patient_key("listed:A12") != patient_key("listed:a12") and patient_key("listed:007") != \
+        patient_key("dicom:7") and patient_key("listed:00003") == patient_key("dicom:00003")
     # Ids that do not meet (cells replaced by other ids) beside rows taking the header's: said as a split at risk
     (tmp_path / "other.csv").write_text("path,label,patient\n" + "".join(
         r.replace(f",{p}\n", f",P{p}\n") for r, p in zip(rows, [p for p in range(12) for _ in range(2)], strict=True)))

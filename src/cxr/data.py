@@ -160,13 +160,14 @@ def patient_key(patient: str) -> str:
     and val under a log that called the split patient-disjoint.)"""
     for prefix in (LISTED_PATIENT, _DICOM_PATIENT):
         if patient.startswith(prefix):
-            return "id:" + hospital_id(patient[len(prefix):])
+            return "id:" + patient[len(prefix):]
     return patient
 
 
 def hospital_id(value: str) -> str:
-    """A hospital's patient id as two spellings of it compare: NFC, case and spaces aside, and an all-digit id without
-    its leading zeros (a spreadsheet writes the header's ``00003`` as ``3``: they had been two patients)."""
+    """A hospital's patient id as a patient cell and its own file's DICOM header are compared: NFC, case and spaces
+    aside, and an all-digit id without its leading zeros (a spreadsheet writes the header's ``00003`` as ``3``). Only
+    for that link: two cells ``A12`` and ``a12``, or ``007`` and ``7``, stay two patients (a site may mean two)."""
     value = unicodedata.normalize("NFC", value).strip().casefold()
     return (value.lstrip("0") or "0") if value.isdigit() else value
 
@@ -605,6 +606,9 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
                             compared += 1
                             if hospital_id(header) != hospital_id(patient):
                                 other_id.append((line, patient, header))
+                            elif header != patient:  # the header's own spelling of it (00003 for a cell's 3), so
+                                # that the rows that take the header's id meet this one: they had been two patients
+                                patient = header
                     patient = LISTED_PATIENT + patient
                 else:  # a file elsewhere (absolute, or by ../) by its whole path: its name alone had been its id
                     below = key.startswith(os.path.join(str(base), ""))
