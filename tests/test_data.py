@@ -2462,3 +2462,13 @@ def test_patient_ids_a_spreadsheet_wrote_without_leading_zeros_are_the_headers(t
             "'00000'): as in an export whose header ids were replaced (anonymised); and the 12 rows without a cell "
             "take the header's PatientID, which the cells do not match: one patient's images may fall on both sides") \
         in caplog.text and "probably harmless" not in caplog.text
+
+
+def test_folders_named_training_or_testing_are_not_taken_for_splits(tmp_path, tiny_dataset):
+    # Only a CSV's split cells read them so: a testing/ of unlabelled images beside train/ had been refused as a split
+    # without class folders, and test/ beside testing/ as two test splits.
+    import shutil
+
+    (tiny_dataset / "testing").mkdir()
+    shutil.copy(next((tiny_dataset / "train" / "NORMAL").iterdir()), tiny_dataset / "testing" / "x.jpeg")
+    assert set(scan(tiny_dataset)) == {"train", "test"}

@@ -63,8 +63,10 @@ from cxr.tv import import_torchvision
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                  "test": "test", "testing": "test"}
+_SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+# A CSV listing's split cells may also say training and testing: not folder names, where a testing/ of unlabelled
+# images beside train/ had then been refused as a split without class folders
+_LISTED_SPLIT_ALIASES = {**_SPLIT_ALIASES, "training": "train", "testing": "test"}
 
 # Bumped whenever decoding, resizing or the cache's layout changes, so that old cache entries are never trusted.
 # 2: images stored in packs, not one file each. 3: 16-bit colour and grey + alpha PNGs refused (PIL had kept each
@@ -570,7 +572,7 @@ def scan_image_list(path: str | os.PathLike, *, patient_pattern: str = "", unspl
                                      f"{path}, line {line}: a NUL character in the path")
                 if label in ("0", "1"):
                     label = CLASS_NAMES[int(label)]
-                split = _split_of(cell("split")) if cell("split").strip() else unsplit
+                split = _LISTED_SPLIT_ALIASES.get(cell("split").strip().lower()) if cell("split").strip() else unsplit
                 if label not in CLASS_NAMES or split is None:  # gathered, and said at once (the next had waited a run)
                     for column, wrong in (("label", label not in CLASS_NAMES), ("split", split is None)):
                         if wrong:
