@@ -3152,6 +3152,15 @@ def test_predict_reads_a_worklist_csv_of_images(tmp_path, capsys):
     assert [bool(r["label"]) for r in rows] == [True, True, False, False] and "gone.png" in rows[3]["error"]
     assert main(["predict", str(tmp_path / "work.csv"), "--output", str(tmp_path / "work.csv")]) == 2
     assert "that is an input" in capsys.readouterr().err
+    (tmp_path / "link.csv").symlink_to(tmp_path / "work.csv")  # given through a link: it had been overwritten
+    assert main(["predict", str(tmp_path / "link.csv"), "--output", str(tmp_path / "work.csv")]) == 2
+    assert "that is an input" in capsys.readouterr().err
+    # RSNA's rows a finding box: each file predicted once; a UID's stem looked for as <uid>.dcm
+    uid = "1.2.276.0.7230010.3.1.4.8323329.5597"
+    shutil.copy(images[0], tmp_path / f"{uid}.dcm")
+    (tmp_path / "rsna.csv").write_text(f"path\nid0.jpeg\nid0.jpeg\n{uid}\n")
+    assert main(["predict", str(tmp_path / "rsna.csv"), "--output", str(tmp_path / "r.csv")]) == 0
+    assert [Path(r["path"]).name for r in read_csv(tmp_path / "r.csv")] == ["id0.jpeg", f"{uid}.dcm"]
     (tmp_path / "nopath.csv").write_text("file,label\nid0.jpeg,NORMAL\n")
     assert main(["predict", str(tmp_path / "nopath.csv")]) == 2
     assert "needs a path column; it has 'file', 'label'" in capsys.readouterr().err

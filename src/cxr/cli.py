@@ -535,7 +535,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         if args.output:
             out = shard_path(args.output, shard) if shard else Path(args.output)
             check_writable(out)  # now, not after the work
-            check_not_an_input(args.output, [*args.paths, *files])  # a worklist CSV given too
+            # a worklist CSV given too, through a link or not (a link to it had been overwritten)
+            check_not_an_input(args.output, [*args.paths, *map(os.path.realpath, args.paths), *files])
             # and room for the results: one byte had been the check, and a nearly full disk lost a whole job at its
             # end (a shard's own; a merge that does not fit loses nothing, its shards stay)
             check_free_space(out, predictions_file_size(out, mine))

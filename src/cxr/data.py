@@ -705,7 +705,19 @@ def listed_files(path: str | os.PathLike) -> list[str]:
         raise UsageError(f"{path}: not a readable CSV file ({type(e).__name__}: {e})") from None
     if any("\0" in c for c in cells):
         raise UsageError(f"{path}: a NUL character in a path")
-    return [_listed_file(base, c) for c in cells if c.strip()]
+    files, seen, again = [], set(), 0
+    for c in cells:
+        if c.strip():
+            file = _listed_file(base, c)
+            real = os.path.realpath(file)
+            if real in seen:  # RSNA's row a finding box: predicted and counted twice
+                again += 1
+                continue
+            seen.add(real)
+            files.append(file)
+    if again:
+        log.warning("%s: %d row(s) list a file already listed: each file is predicted once", path, again)
+    return files
 
 
 def _listed_file(base: Path, file: str) -> str:
@@ -720,9 +732,10 @@ def _listed_file(base: Path, file: str) -> str:
     for other in (file.strip(), file.replace("\\", "/"), file.strip().replace("\\", "/")):
         if other != file and os.path.lexists(full(other)):
             return full(other)
-    # RSNA's files list a patientId, the stem of its file: "<id>.dcm"
-    if not os.path.splitext(file.strip())[1] and os.path.lexists(full(file.strip().replace("\\", "/") + ".dcm")):
-        return full(file.strip().replace("\\", "/") + ".dcm")
+    # RSNA's files list a patientId, the stem of its file: "<id>.dcm" (a UID's last part is no extension: image_stem)
+    stem = file.strip().replace("\\", "/")
+    if image_stem(stem) == stem and os.path.lexists(full(stem + ".dcm")):
+        return full(stem + ".dcm")
     return first
 
 
