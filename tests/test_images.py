@@ -1379,6 +1379,8 @@ def test_a_dicom_header_that_says_lateral_oblique_or_another_body_part_is_noted(
              # a chest in another language, or a site's own word: not called "not the chest"
              "torax.dcm": ({"BodyPartExamined": "TORAX", "ViewPosition": "PA"}, None),
              "pecho.dcm": ({"BodyPartExamined": "PECHO"}, None),
+             "xtable.dcm": ({"ViewPosition": "XTABLE LATERAL"}, "a lateral view (ViewPosition XTABLE LATERAL)"),
+             "tspine.dcm": ({"BodyPartExamined": "TSPINE"}, "body part TSPINE (BodyPartExamined), not the chest"),
              "cspine.dcm": ({"BodyPartExamined": "C SPINE"}, "body part C SPINE (BodyPartExamined), not the chest")}
     for name, (tags, expected) in cases.items():
         (tmp_path / name).write_bytes(dicom_bytes(pixels, **tags))
@@ -1389,8 +1391,8 @@ def test_a_dicom_header_that_says_lateral_oblique_or_another_body_part_is_noted(
     assert dicom_view_note(tmp_path / "x.png") is None and dicom_view_note(tmp_path / "fifo.dcm") is None
     paths = sorted(tmp_path.iterdir())
     found = warn_of_views(paths, "test split")
-    assert [Path(p).name for p, _ in found] == ["cspine.dcm", "hand", "lat.dcm", "obl.dcm"]
-    assert ("test split: 4 of 11 image(s) are, by their DICOM headers, no frontal chest X-ray (first: "
+    assert [Path(p).name for p, _ in found] == ["cspine.dcm", "hand", "lat.dcm", "obl.dcm", "tspine.dcm", "xtable.dcm"]
+    assert ("test split: 6 of 13 image(s) are, by their DICOM headers, no frontal chest X-ray (first: "
             f"{tmp_path / 'cspine.dcm'}, body part C SPINE (BodyPartExamined), not the chest): the model learnt from "
             "frontal (PA or AP) chest X-rays, so their results mean little") in caplog.text
 

@@ -349,7 +349,9 @@ _OTHER_PARTS = frozenset({
     "ABDOMEN", "PELVIS", "SKULL", "HEAD", "BRAIN", "FACE", "JAW", "TMJ", "SINUS", "NECK", "CSPINE", "LSPINE", "SSPINE",
     "SPINE", "SACRUM", "COCCYX", "HAND", "FINGER", "WRIST", "FOREARM", "ELBOW", "ARM", "HUMERUS", "SHOULDER",
     "CLAVICLE", "HIP", "FEMUR", "LEG", "KNEE", "PATELLA", "TIBIA", "FIBULA", "ANKLE", "FOOT", "TOE", "HEEL",
-    "EXTREMITY", "UPRLIMB", "LOWRLIMB", "BREAST", "KIDNEY", "BLADDER", "ABDOMENPELVIS"})
+    "EXTREMITY", "UPRLIMB", "LOWRLIMB", "BREAST", "KIDNEY", "BLADDER", "ABDOMENPELVIS", "TSPINE", "TLSPINE",
+    "CTSPINE", "LSSPINE", "WHOLESPINE", "ORBIT", "MANDIBLE", "ZYGOMA", "NOSE", "THUMB", "SCAPULA", "CALCANEUS",
+    "ACJOINT", "SIJOINT", "SCJOINT"})
 
 
 def dicom_view_note(source: str | os.PathLike | bytes) -> str | None:
@@ -382,9 +384,10 @@ def dicom_view_note(source: str | os.PathLike | bytes) -> str | None:
         raise
     except Exception:  # a damaged header: its decode says so
         return None
-    if view in _LATERAL_VIEWS:
+    words = set(re.split(r"[^A-Z]+", view))
+    if view in _LATERAL_VIEWS or words & {"LAT", "LATERAL", "SWIMMERS"}:  # XTABLE LATERAL, a cross-table lateral
         return f"a lateral view (ViewPosition {view})"
-    if view in _OBLIQUE_VIEWS:
+    if view in _OBLIQUE_VIEWS or words & {"OBLIQUE", "OBL"}:
         return f"an oblique view (ViewPosition {view})"
     if re.sub(r"[^A-Z]", "", part) in _OTHER_PARTS:  # "C-SPINE", "C SPINE" as CSPINE
         return f"body part {part} (BodyPartExamined), not the chest"
