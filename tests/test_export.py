@@ -776,3 +776,13 @@ def test_a_checkpoint_whose_weights_changed_in_memory_is_not_named_after_its_fil
     assert changed != from_file
     ckpt.state_dict[name] = ckpt.state_dict[name].clone()  # replaced
     assert model_id(ckpt) == changed  # named by its weights, as a checkpoint never saved is
+    # A copy with other weights (dataclasses.replace): the record of what was read goes with it (it had been dropped)
+    import dataclasses
+
+    fresh = load_checkpoint("default")
+    other = {k: v * 1.3 if k == name else v for k, v in fresh.state_dict.items()}
+    assert model_id(dataclasses.replace(fresh, state_dict=other)) != from_file
+    assert model_id(dataclasses.replace(fresh, threshold=0.3)) == from_file  # the same weights: the file's name
+    import pickle
+
+    assert model_id(pickle.loads(pickle.dumps(fresh))) == from_file  # a copy in another process: its file's name

@@ -86,11 +86,12 @@ def model_id(ckpt: Checkpoint) -> str:
     """A short, stable name for a model: the first 12 hex digits of its checkpoint file's SHA-256.
 
     A checkpoint that was never saved (no ``path``), or whose weights were changed in memory since
-    :func:`cxr.model.load_checkpoint` read them, is named from a hash of its weights instead (a perturbed model had
-    been given its file's name, its predictions filed under another model's).
+    :func:`cxr.model.load_checkpoint` read them (torch's in-place operations, or other tensors; not writes through
+    ``.data`` or ``.numpy()``, which torch does not count), is named from a hash of its weights instead (a perturbed
+    model had been given its file's name, its predictions filed under another model's).
     """
-    loaded = getattr(ckpt, "_as_loaded", None)
-    if ckpt.path and Path(ckpt.path).is_file() and (loaded is None or loaded == weights_state(ckpt.state_dict)):
+    if ckpt.path and Path(ckpt.path).is_file() and (ckpt.as_loaded is None
+                                                    or ckpt.as_loaded == weights_state(ckpt.state_dict)):
         return file_sha256(ckpt.path)[:12]
     h = hashlib.sha256()
     for k, v in sorted(ckpt.state_dict.items()):

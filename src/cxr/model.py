@@ -399,6 +399,13 @@ class Checkpoint:
     val_loss: float = float("nan")
     extra: dict[str, Any] = field(default_factory=dict)  # training state for --resume (optimizer, counters)
     path: str = ""
+    # weights_state() of the weights as read from ``path``: a field, so that dataclasses.replace carries it (an ad hoc
+    # attribute had been dropped by a copy with other weights, which then took the file's model_id); never saved
+    as_loaded: tuple | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # as_loaded names tensors by their identity in this process: a pickled copy has others, and trusts its path
+        return {**self.__dict__, "as_loaded": None}
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:  # a file edited by hand: no "pass --arch vgg" advice later
@@ -543,7 +550,7 @@ def load_checkpoint(model: str | os.PathLike | Checkpoint) -> Checkpoint:
     if isinstance(model, Checkpoint):
         return model
     ckpt = _load_checkpoint_file(resolve_model_path(model))
-    ckpt._as_loaded = weights_state(ckpt.state_dict)
+    ckpt.as_loaded = weights_state(ckpt.state_dict)
     return ckpt
 
 
