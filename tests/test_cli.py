@@ -3129,6 +3129,12 @@ def test_predict_and_evaluate_say_which_images_their_dicom_headers_call_lateral(
                                                                    PatientID=f"{cls}1"))
     assert main(["predict", str(tmp_path / "d"), "--output", str(tmp_path / "p.csv")]) == 0
     assert "cxr predict: 2 of 4 image(s) are, by their DICOM headers, no frontal chest X-ray" in caplog.text
+    from .conftest import read_csv
+
+    # ... and each such row says so (the warning had named the first alone; nothing set the others aside)
+    notes = {Path(r["path"]).name + Path(r["path"]).parent.name: r["input_note"] for r in read_csv(tmp_path / "p.csv")}
+    assert notes == {"lat.dcmNORMAL": "a lateral view (ViewPosition RL)", "pa.dcmNORMAL": "",
+                     "lat.dcmPNEUMONIA": "a lateral view (ViewPosition RL)", "pa.dcmPNEUMONIA": ""}
     metrics = evaluate_model("default", tmp_path / "d", tmp_path / "ev", device="cpu")
     assert metrics["d"]["n_not_frontal"] == 2
 

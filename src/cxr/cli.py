@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import json
 import logging
@@ -531,7 +532,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         if not files:
             raise UsageError(f"no image files in {', '.join(map(str, args.paths))}")
         mine = select_shard(files, shard)
-        warn_of_views(mine, "cxr predict")  # a study's lateral beside its PA view, scored as if it were one
+        # a study's lateral beside its PA view, scored as if it were one: said, and marked on its row
+        views = dict(warn_of_views(mine, "cxr predict"))
         if args.output:
             out = shard_path(args.output, shard) if shard else Path(args.output)
             check_writable(out)  # now, not after the work
@@ -564,6 +566,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         except Interrupted as e:
             _keep_partial(e, shard_path(args.output, shard) if args.output and shard else args.output)
             raise
+        if views:
+            preds = [dataclasses.replace(p, input_note=views[str(p.path)]) if str(p.path) in views else p
+                     for p in preds]
         show = args.table if args.table is not None else len(preds) <= TABLE_MAX
         if show and not info.active:
             _print_predictions(preds, DISCLAIMER)

@@ -44,6 +44,9 @@ class Prediction:
     error: str | None = None
     threshold: float | None = None
     model_id: str | None = None
+    # what the file's DICOM header says against its being a frontal chest X-ray (cxr.images.dicom_view_note), which
+    # `cxr predict` fills: one warning had named the first alone, and the results had nothing to set the others aside by
+    input_note: str | None = None
 
 
 
@@ -350,12 +353,12 @@ def write_predictions_file(path: str | os.PathLike, predictions: list[Prediction
         else:
             w = csv.writer(f)
             # note: the disclaimer on every row, so that no copy or filtered excerpt of the file loses it
-            w.writerow(["path", "prob_pneumonia", "label", "error", "threshold", "model_id", "note"])
+            w.writerow(["path", "prob_pneumonia", "label", "error", "threshold", "model_id", "input_note", "note"])
             for p in predictions:
                 prob = "" if p.prob_pneumonia is None else repr(float(p.prob_pneumonia))
                 t = "" if p.threshold is None else repr(float(p.threshold))
                 path, error = spreadsheet_cells(p.path, p.error or "")
-                w.writerow([path, prob, p.label or "", error, t, p.model_id or "", DISCLAIMER])
+                w.writerow([path, prob, p.label or "", error, t, p.model_id or "", p.input_note or "", DISCLAIMER])
 
 
 def read_predictions_file(path: str | os.PathLike) -> list[Prediction]:
@@ -368,7 +371,8 @@ def read_predictions_file(path: str | os.PathLike) -> list[Prediction]:
             # threshold and model_id: absent from the files of earlier cxr versions
             return [Prediction(r["path"], float(r["prob_pneumonia"]) if r["prob_pneumonia"] else None,
                                r["label"] or None, r["error"] or None,
-                               float(r["threshold"]) if r.get("threshold") else None, r.get("model_id") or None)
+                               float(r["threshold"]) if r.get("threshold") else None, r.get("model_id") or None,
+                               r.get("input_note") or None)
                     for r in csv.DictReader(f)]
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{path}: not a cxr predictions file ({e})") from None
