@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write OUT/report.html (plots, heatmap grid, video) (default: on)")
 
     p = sub.add_parser("predict", help="P(PNEUMONIA) for image files or folders")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, folders (searched recursively), or a .csv worklist (its path column's files)")
     p.add_argument("--model", default="default",
                    help="checkpoint, run directory, default (the bundled model), or an .onnx file from cxr export")
     p.add_argument("--output", help="also write the results to a .csv or .json file")
@@ -294,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_count(0), default=0, help="for the video's random sample (default 0)")
 
     p = sub.add_parser("explain", help="Grad-CAM heatmap overlays for image files")
-    p.add_argument("paths", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
+    p.add_argument("paths", nargs="+", metavar="IMAGE",
+                   help="image files, folders (searched recursively), or a .csv worklist (its path column's files)")
     p.add_argument("--model", default="default", help="checkpoint, run directory, or default (the bundled model)")
     p.add_argument("--output", required=True, help="folder for <name>_gradcam.png and explanations.csv")
     p.add_argument("--target", default="predicted",

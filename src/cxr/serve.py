@@ -1002,7 +1002,8 @@ def _connection_limit(app: Any, protocol: Any, limit: int, refusals: Refusals, a
             await app(scope, receive, send)
             return
         if admitted[0] >= limit:
-            refusals.add(protocol.loop)
+            if scope.get("method") != "OPTIONS":  # a CORS preflight is answered 200 by the refusal's CORS layer
+                refusals.add(protocol.loop)
             await refusal(scope, receive, send)
             return
         admitted[0] += 1  # one event loop: no lock
