@@ -192,7 +192,8 @@ def collect_files(paths: list[str | os.PathLike] | str | os.PathLike, *,
                          f"none of the {len(paths)} paths given exists, e.g. {paths[0]}: no such file or directory")
     files: list[Path] = []
     for p in map(Path, paths):
-        if p.suffix.lower() == ".csv" and p.is_file():  # a worklist: the files of its path column, in its order
+        # a worklist: the files of its path column, in its order (a picture named .csv, by its content, is a picture)
+        if p.suffix.lower() == ".csv" and p.is_file() and not is_image_file(p):
             from cxr.data import listed_files
 
             files += map(Path, listed_files(p))
