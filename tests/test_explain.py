@@ -843,3 +843,29 @@ def test_heatmaps_of_images_of_another_size_than_the_models_are_refused_and_infe
     expected = heatmaps_for_images(inf.net, images, mean=inf.cfg.mean, std=inf.cfg.std, threshold=inf.threshold)
     assert np.array_equal(heats, expected[0]) and np.array_equal(probs, expected[1])
     assert np.array_equal(probs, inf.probs(images)) and heats.shape == (2, 224, 224)
+
+
+def test_explain_the_report_and_the_video_draw_their_scales_as_the_overlay_shows_heat(tmp_path, monkeypatch):
+    # The function and the page's CSS were pinned, but each picture's bar could have gone back to the bare colour map.
+    import matplotlib.pyplot as plt
+
+    import cxr.images
+    from cxr.images import LEGEND_GREY, heat_legend_cmap
+    from cxr.report import GridTile, plot_grid
+    from cxr.video import VideoItem, render_frame
+
+    used = []
+    monkeypatch.setattr(cxr.images, "heat_legend_cmap", lambda: used.append(1) or heat_legend_cmap())
+    monkeypatch.setattr("cxr.explain.heat_legend_cmap", cxr.images.heat_legend_cmap)
+    torch.manual_seed(0)
+    cfg = load_config(overrides={"image_size": 64, "arch": "resnet18"})
+    save_checkpoint(Checkpoint("resnet18", build_model("resnet18", "none").state_dict(), cfg), tmp_path / "m.pt")
+    explain_files(tmp_path / "m.pt", FILES[:1], tmp_path / "ex", device="cpu", amp="off")
+    assert used == [1]  # explain's picture
+    image, heat = np.full((64, 64), 100, np.uint8), np.ones((64, 64), np.float32)
+    plt.close(plot_grid({"right": [GridTile(image, heat, 1, 0.9, "a.png")]}, 0.5, "val"))
+    assert used == [1, 1]  # the report's grid
+    frame = render_frame(VideoItem("a.png", 1, 0.9, image, heat), index=0, total=1, right=1, wrong=0, threshold=0.5,
+                         history=[True])
+    # the video's legend starts at heat 0 over mid grey: the grey itself (viridis' purple had been drawn)
+    assert (frame == LEGEND_GREY).all(axis=2).any() and not (frame == (68, 1, 84)).all(axis=2).any()
